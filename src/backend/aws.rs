@@ -1,0 +1,1 @@
+//! The `aws` backend: not yet built (see the open backend issues).

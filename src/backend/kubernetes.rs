@@ -1,0 +1,1 @@
+//! The `kubernetes` backend: not yet built (see the open backend issues).

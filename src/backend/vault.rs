@@ -1,0 +1,1 @@
+//! The `vault` backend: not yet built (see the open backend issues).

@@ -1,0 +1,52 @@
+//! The command line: one binary, five roles (DESIGN.md opening). Each role owns its flags; this
+//! file only wires them together.
+
+use clap::{Parser, Subcommand};
+
+use crate::telemetry::{self, LogFormat};
+
+#[derive(Parser, Debug)]
+#[command(name = "claudekey", version, about = "Anthropic Claude API keys, safe in Kubernetes")]
+pub struct Cli {
+    /// Log format: text for people, json for log pipelines.
+    #[arg(long, global = true, env = "CLAUDEKEY_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Reconcile ClaudeKeys: sync upstream keys, issue and rotate workload keys.
+    Controller(crate::controller::Args),
+    /// Serve the validating and mutating admission webhooks over HTTPS.
+    Webhook(crate::webhook::Args),
+    /// Run the proxy that enforces a ClaudeKey's scope in front of the Anthropic API.
+    Proxy(crate::proxy::Args),
+    /// Print the ClaudeKey CustomResourceDefinition as YAML.
+    Crd,
+    /// Check Kubernetes YAML or JSON for raw Anthropic keys, offline, with the webhook's rules.
+    Scan(crate::scan::Args),
+}
+
+/// Runs the chosen role to completion; the exit code is the process's.
+pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    use std::process::ExitCode;
+    match cli.command {
+        Command::Crd => {
+            print!("{}", crate::crd::crd_yaml());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Scan(args) => Ok(crate::scan::run(args)),
+        command => {
+            telemetry::init(cli.log_format);
+            match command {
+                Command::Controller(args) => crate::controller::run(args).await?,
+                Command::Webhook(args) => crate::webhook::run(args).await?,
+                Command::Proxy(args) => crate::proxy::run(args).await?,
+                Command::Crd | Command::Scan(_) => unreachable!("handled above"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! `ClaudeKey.spec`: what a platform team writes (DESIGN.md §2). Every doc comment here becomes
+//! `kubectl explain` text, so it is written for the user of the cluster, not for us.
+
+use chrono::{DateTime, Utc};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{ClaudeKeyStatus, GoDuration};
+
+/// A workload's Anthropic API access: where its upstream key lives, what a scoped workload key may
+/// do, how keys rotate and what the proxy protects.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "claudekey.io",
+    version = "v1alpha1",
+    kind = "ClaudeKey",
+    namespaced,
+    shortname = "ck",
+    category = "claudekey",
+    status = "ClaudeKeyStatus",
+    doc = "ClaudeKey keeps one workload's Anthropic API key safe: it syncs the upstream key from a secret backend, issues a scoped, rotating workload key, and configures the claudekey proxy that enforces scope, limits and data protection.",
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Source", type_ = "string", json_path = ".status.source"),
+    printcolumn(name = "Key", type_ = "string", json_path = ".status.workloadKey.fingerprint"),
+    printcolumn(name = "Upstream", type_ = "string", json_path = ".status.upstream.fingerprint"),
+    printcolumn(name = "Next Rotation", type_ = "date", json_path = ".status.nextRotationTime"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaudeKeySpec {
+    /// Where the upstream Anthropic API key is read from. Exactly one backend must be set.
+    pub source: SourceSpec,
+    /// What the workload key may call: models, endpoints and request size caps.
+    #[serde(default)]
+    pub scope: ScopeSpec,
+    /// Rate and token limits the proxy enforces for this ClaudeKey across all its pods.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+    /// How often the workload key is re-issued and how long the previous key stays valid.
+    #[serde(default)]
+    pub rotation: RotationSpec,
+    /// PII redaction and prompt-injection screening applied by the proxy.
+    #[serde(default)]
+    pub data_protection: DataProtectionSpec,
+    /// Optional end of life: after this time the workload key is no longer accepted
+    /// (contractor and temporary keys end by themselves). RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Optional: retire replaced upstream keys at Anthropic through the Admin API after the grace period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anthropic_admin: Option<AnthropicAdminSpec>,
+}
+
+/// Where the upstream key lives. Set exactly one of kubernetesSecret, awsSecretsManager, vault.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("[has(self.kubernetesSecret), has(self.awsSecretsManager), has(self.vault)].filter(x, x).size() == 1").message("set exactly one of kubernetesSecret, awsSecretsManager, vault"))]
+#[serde(rename_all = "camelCase")]
+pub struct SourceSpec {
+    /// A Kubernetes Secret in the claudekey operator's namespace (the embedded default backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes_secret: Option<KubernetesSecretSource>,
+    /// A secret in AWS Secrets Manager, read with the controller's AWS credentials (IRSA / Pod Identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_secrets_manager: Option<AwsSecretsManagerSource>,
+    /// A HashiCorp Vault (or OpenBao) KV version 2 secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vault: Option<VaultSource>,
+    /// How often the backend is polled for a new version of the upstream key, e.g. 5m.
+    #[serde(default = "default_refresh_interval")]
+    pub refresh_interval: GoDuration,
+}
+
+/// A key in a Secret in the operator's namespace. A ClaudeKey cannot read Secrets elsewhere.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct KubernetesSecretSource {
+    /// Name of the Secret in the operator's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key inside the Secret's data that holds the Anthropic API key.
+    #[serde(default = "default_secret_key")]
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+/// A secret in AWS Secrets Manager.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct AwsSecretsManagerSource {
+    /// Name or ARN of the secret, e.g. prod/claude/support-bot.
+    #[schemars(length(min = 1, max = 2048))]
+    pub secret_id: String,
+    /// AWS region of the secret; defaults to the controller's configured region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Version stage to read; defaults to AWSCURRENT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_stage: Option<String>,
+    /// When the secret value is a JSON object, the field that holds the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_field: Option<String>,
+}
+
+/// A HashiCorp Vault KV version 2 secret.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultSource {
+    /// Mount path of the KV v2 engine.
+    #[serde(default = "default_vault_mount")]
+    pub mount: String,
+    /// Path of the secret inside the mount, e.g. claude/support-bot.
+    #[schemars(length(min = 1))]
+    pub path: String,
+    /// Field of the secret that holds the key.
+    #[serde(default = "default_vault_field")]
+    pub field: String,
+    /// Vault Kubernetes-auth role to log in with; defaults to the controller's configured role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+}
+
+/// What a workload may call through the proxy. Anything not listed is refused.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScopeSpec {
+    /// Allowed model names as globs (`*` and `?`), e.g. claude-sonnet-4-*. Empty allows every model.
+    #[serde(default)]
+    #[schemars(inner(regex(pattern = r"^[A-Za-z0-9._:@*?-]+$"), length(min = 1, max = 256)))]
+    pub models: Vec<String>,
+    /// Allowed API endpoints. Batches and files are off unless listed; legacy completions never.
+    #[serde(default = "default_endpoints")]
+    pub endpoints: Vec<Endpoint>,
+    /// Requests whose max_tokens exceeds this are refused. Unset means no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_tokens: Option<u32>,
+    /// Requests whose system and message text together exceed this many characters are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_input_chars: Option<u64>,
+}
+
+/// An Anthropic API endpoint family the proxy can forward.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub enum Endpoint {
+    /// POST /v1/messages
+    Messages,
+    /// POST /v1/messages/count_tokens
+    CountTokens,
+    /// GET /v1/models and /v1/models/{id}
+    Models,
+    /// /v1/messages/batches (Message Batches API)
+    Batches,
+    /// /v1/files (Files API)
+    Files,
+}
+
+/// Limits shared by every pod and gateway replica serving this ClaudeKey (per proxy instance).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitsSpec {
+    /// Requests per minute. Unset means unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub requests_per_minute: Option<u32>,
+    /// Input plus output tokens per minute, reserved before forwarding and settled from real usage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub tokens_per_minute: Option<u64>,
+    /// Requests per hour per end user, keyed by the request's metadata.user_id (sliding window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub per_user_requests_per_hour: Option<u32>,
+}
+
+/// Rotation schedule of the workload key.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("duration(self.gracePeriod) < duration(self.interval)").message("gracePeriod must be shorter than interval"))]
+#[serde(rename_all = "camelCase")]
+pub struct RotationSpec {
+    /// The workload key is re-issued this often, e.g. 2160h (90 days).
+    #[serde(default = "default_rotation_interval")]
+    pub interval: GoDuration,
+    /// How long the previous key stays valid after a rotation, so no request fails mid-rotation.
+    #[serde(default = "default_grace_period")]
+    pub grace_period: GoDuration,
+}
+
+/// Data protection applied by the proxy to prompts and, optionally, completions.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DataProtectionSpec {
+    /// Built-in detectors whose matches are replaced by a placeholder before the request leaves the pod.
+    #[serde(default)]
+    pub redact: Vec<Detector>,
+    /// Additional named regular expressions (Rust regex syntax) to redact.
+    #[serde(default)]
+    pub custom_patterns: Vec<CustomPattern>,
+    /// Also redact model output, including text deltas inside streamed (SSE) responses.
+    #[serde(default)]
+    pub redact_responses: bool,
+    /// Prompt-injection screening: off, flag (mark in audit and metrics) or block (refuse the request).
+    #[serde(default)]
+    pub prompt_injection: PromptInjectionMode,
+}
+
+/// A built-in PII detector.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub enum Detector {
+    /// E-mail addresses.
+    Email,
+    /// US social security numbers.
+    Ssn,
+    /// Phone numbers.
+    Phone,
+    /// Payment card numbers (Luhn-checked).
+    CreditCard,
+}
+
+/// A named regular expression to redact.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CustomPattern {
+    /// Name shown in placeholders, audit counts and metrics, e.g. employee-id.
+    #[schemars(regex(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))]
+    pub name: String,
+    /// The regular expression, e.g. EMP-[0-9]{6}.
+    #[schemars(length(min = 1, max = 1024))]
+    pub regex: String,
+}
+
+/// What the proxy does with a request that looks like a prompt-injection attempt.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum PromptInjectionMode {
+    /// No screening.
+    Off,
+    /// Forward, but mark the request in the audit log and metrics.
+    #[default]
+    Flag,
+    /// Refuse the request.
+    Block,
+}
+
+/// Admin API access used to deactivate replaced upstream keys at Anthropic.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AnthropicAdminSpec {
+    /// Secret in the operator's namespace holding an Anthropic admin key (sk-ant-admin01-…).
+    pub admin_key_secret_ref: SecretKeyRef,
+}
+
+/// A key in a Secret in the operator's namespace.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key inside the Secret's data.
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+impl Default for ScopeSpec {
+    fn default() -> Self {
+        Self { models: Vec::new(), endpoints: default_endpoints(), max_tokens: None, max_input_chars: None }
+    }
+}
+
+impl Default for RotationSpec {
+    fn default() -> Self {
+        Self { interval: default_rotation_interval(), grace_period: default_grace_period() }
+    }
+}
+
+impl SourceSpec {
+    /// A short, non-secret description of the source for status and messages.
+    pub fn describe(&self) -> String {
+        if let Some(s) = &self.kubernetes_secret {
+            format!("kubernetes:{}", s.name)
+        } else if let Some(s) = &self.aws_secrets_manager {
+            format!("aws:{}", s.secret_id)
+        } else if let Some(s) = &self.vault {
+            format!("vault:{}/{}", s.mount, s.path)
+        } else {
+            "none".to_string()
+        }
+    }
+}
+
+fn default_refresh_interval() -> GoDuration {
+    "5m".parse().expect("valid literal")
+}
+fn default_rotation_interval() -> GoDuration {
+    "2160h".parse().expect("valid literal")
+}
+fn default_grace_period() -> GoDuration {
+    "15m".parse().expect("valid literal")
+}
+fn default_secret_key() -> String {
+    "api-key".to_string()
+}
+fn default_vault_mount() -> String {
+    "secret".to_string()
+}
+fn default_vault_field() -> String {
+    "api_key".to_string()
+}
+fn default_endpoints() -> Vec<Endpoint> {
+    vec![Endpoint::Messages, Endpoint::CountTokens, Endpoint::Models]
+}

@@ -1,0 +1,76 @@
+//! `ClaudeKey.status`: what the controller observed and did. Fingerprints only, never keys.
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Condition types on a ClaudeKey (metav1.Condition shape).
+pub mod condition {
+    /// Both Secrets hold a valid workload key and upstream key.
+    pub const READY: &str = "Ready";
+    /// A previous key is still inside its grace period.
+    pub const ROTATING: &str = "Rotating";
+    /// The backend or the Admin API failed; the last good keys are still served.
+    pub const DEGRADED: &str = "Degraded";
+    /// The workload key has reached its rotation interval or expiry.
+    pub const ROTATION_DUE: &str = "RotationDue";
+}
+
+/// Observed state of a ClaudeKey.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaudeKeyStatus {
+    /// Ready, Rotating, Degraded and RotationDue, in the standard Kubernetes condition shape.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The backend the upstream key is read from, e.g. kubernetes:anthropic-support-bot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The workload key claudekey issued (fingerprints only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_key: Option<WorkloadKeyStatus>,
+    /// The upstream key synced from the backend (fingerprints only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamStatus>,
+    /// When the workload key is next re-issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_rotation_time: Option<DateTime<Utc>>,
+}
+
+/// The current and previous workload key, by fingerprint.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadKeyStatus {
+    /// ck: followed by the first 8 hex digits of the key's SHA-256.
+    pub fingerprint: String,
+    /// When the current key was issued.
+    pub issued_at: DateTime<Utc>,
+    /// Fingerprint of the previous key while it is still accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_fingerprint: Option<String>,
+    /// The previous key is accepted until this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_valid_until: Option<DateTime<Utc>>,
+}
+
+/// The current and previous upstream key, by fingerprint and backend version.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamStatus {
+    /// The backend's version identifier of the current upstream key.
+    pub version: String,
+    /// up: followed by the first 8 hex digits of the key's SHA-256.
+    pub fingerprint: String,
+    /// When the upstream key was last read from the backend.
+    pub synced_at: DateTime<Utc>,
+    /// Fingerprint of the previous upstream key while it is still used as a fallback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_fingerprint: Option<String>,
+    /// The previous upstream key is used as a fallback until this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_valid_until: Option<DateTime<Utc>>,
+}

@@ -1,0 +1,14 @@
+//! claudekey: a Kubernetes operator, admission webhook and proxy that keep Anthropic API keys
+//! out of workloads. The modules mirror DESIGN.md: crd, controller, backend, webhook, proxy, scan.
+#![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod cli;
+pub mod controller;
+pub mod crd;
+pub mod keys;
+pub mod proxy;
+pub mod proxyconf;
+pub mod scan;
+pub mod telemetry;
+pub mod webhook;

@@ -1,0 +1,6 @@
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<std::process::ExitCode> {
+    claudekey::cli::run(claudekey::cli::Cli::parse()).await
+}
