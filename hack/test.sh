@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole test suite, the README's second command and what CI runs:
+#   unit tests, then integration tests against a real control plane (etcd, kube-apiserver,
+#   kube-controller-manager), moto server, an OpenBao dev server, helm and the official
+#   Anthropic Python SDK. Tools are built once into ~/.cache/claudekey by hack/tools.sh.
+# Everything this script starts it stops again, also on failure or Ctrl-C.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n== %s\n' "$*" >&2; }
+
+step "tools (built once into ${XDG_CACHE_HOME:-$HOME/.cache}/claudekey)"
+bash hack/tools.sh
+
+export CLAUDEKEY_STATE_DIR=${CLAUDEKEY_STATE_DIR:-$(mktemp -d /tmp/claudekey-test.XXXXXX)}
+trap 'bash hack/control-plane.sh stop >/dev/null 2>&1 || true' EXIT
+trap 'exit 130' INT TERM
+
+step "build"
+cargo build --all-targets --locked
+
+step "control plane and backends"
+bash hack/control-plane.sh start
+# shellcheck disable=SC1091
+source "$CLAUDEKEY_STATE_DIR/env"
+
+step "cargo test (unit + integration)"
+cargo test --all-targets --locked --no-fail-fast
+
+if [ -f hack/chart-test.sh ]; then
+  step "helm chart"
+  CLAUDEKEY_BIN=target/debug/claudekey bash hack/chart-test.sh
+fi
+step "all tests passed"
