@@ -33,7 +33,10 @@ async fn setup() -> (Client, Api<DynamicObject>, String) {
 
 /// Creates the object and returns the apiserver's refusal; panics if it was accepted.
 async fn refused(api: &Api<DynamicObject>, name: &str, spec: Value) -> Status {
-    match api.create(&PostParams::default(), &claudekey_json(name, spec)).await {
+    match api
+        .create(&PostParams::default(), &claudekey_json(name, spec))
+        .await
+    {
         Err(kube::Error::Api(status)) => *status,
         Err(other) => panic!("{name}: unexpected error {other}"),
         Ok(_) => panic!("{name}: the apiserver accepted an invalid ClaudeKey"),
@@ -55,26 +58,40 @@ async fn valid_claudekey_is_stored_with_defaults() {
         "dataProtection": { "redact": ["email", "ssn"], "customPatterns": [{ "name": "employee-id", "regex": "EMP-[0-9]{6}" }] },
         "expiresAt": "2027-03-01T00:00:00Z",
     });
-    api.create(&PostParams::default(), &claudekey_json("support-bot", spec)).await.expect("create");
+    api.create(&PostParams::default(), &claudekey_json("support-bot", spec))
+        .await
+        .expect("create");
 
     // Read back through the typed API: the schema's defaults were applied by the apiserver.
     let typed: Api<ClaudeKey> = Api::namespaced(client, &ns);
     let stored = typed.get("support-bot").await.expect("get typed");
     let spec = &stored.spec;
     assert_eq!(spec.source.refresh_interval.as_str(), "5m");
-    assert_eq!(spec.source.kubernetes_secret.as_ref().unwrap().key, "api-key");
+    assert_eq!(
+        spec.source.kubernetes_secret.as_ref().unwrap().key,
+        "api-key"
+    );
     assert_eq!(spec.scope.endpoints.len(), 3, "default endpoints");
-    assert_eq!(spec.data_protection.prompt_injection, claudekey::crd::PromptInjectionMode::Flag);
+    assert_eq!(
+        spec.data_protection.prompt_injection,
+        claudekey::crd::PromptInjectionMode::Flag
+    );
     assert_eq!(spec.rotation.grace_period.as_str(), "15m");
 }
 
 #[tokio::test]
 async fn minimal_claudekey_gets_every_default() {
     let (client, api, ns) = setup().await;
-    api.create(&PostParams::default(), &claudekey_json("minimal", json!({ "source": k8s_source() })))
+    api.create(
+        &PostParams::default(),
+        &claudekey_json("minimal", json!({ "source": k8s_source() })),
+    )
+    .await
+    .expect("create");
+    let stored = Api::<ClaudeKey>::namespaced(client, &ns)
+        .get("minimal")
         .await
-        .expect("create");
-    let stored = Api::<ClaudeKey>::namespaced(client, &ns).get("minimal").await.expect("get");
+        .expect("get");
     assert_eq!(stored.spec.rotation.interval.as_str(), "2160h");
     assert_eq!(stored.spec.scope, claudekey::crd::ScopeSpec::default());
 }
@@ -82,14 +99,19 @@ async fn minimal_claudekey_gets_every_default() {
 #[tokio::test]
 async fn printer_columns_are_served() {
     let (client, api, ns) = setup().await;
-    api.create(&PostParams::default(), &claudekey_json("columns", json!({ "source": k8s_source() })))
-        .await
-        .expect("create");
+    api.create(
+        &PostParams::default(),
+        &claudekey_json("columns", json!({ "source": k8s_source() })),
+    )
+    .await
+    .expect("create");
     // What `kubectl get ck` asks for: the server-side Table rendering.
-    let request = http::Request::get(format!("/apis/claudekey.io/v1alpha1/namespaces/{ns}/claudekeys"))
-        .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
-        .body(Vec::new())
-        .unwrap();
+    let request = http::Request::get(format!(
+        "/apis/claudekey.io/v1alpha1/namespaces/{ns}/claudekeys"
+    ))
+    .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+    .body(Vec::new())
+    .unwrap();
     let table: Value = client.request(request).await.expect("table");
     let columns: Vec<&str> = table["columnDefinitions"]
         .as_array()
@@ -97,7 +119,18 @@ async fn printer_columns_are_served() {
         .iter()
         .filter_map(|c| c["name"].as_str())
         .collect();
-    assert_eq!(columns, ["Name", "Ready", "Source", "Key", "Upstream", "Next Rotation", "Age"]);
+    assert_eq!(
+        columns,
+        [
+            "Name",
+            "Ready",
+            "Source",
+            "Key",
+            "Upstream",
+            "Next Rotation",
+            "Age"
+        ]
+    );
     assert_eq!(table["rows"].as_array().map(Vec::len), Some(1));
 }
 
@@ -110,9 +143,19 @@ async fn exactly_one_source_is_required() {
     });
     let err = refused(&api, "two-sources", json!({ "source": two })).await;
     assert_eq!(err.code, 422);
-    assert!(err.message.contains("set exactly one of kubernetesSecret, awsSecretsManager, vault"), "{}", err.message);
+    assert!(
+        err.message
+            .contains("set exactly one of kubernetesSecret, awsSecretsManager, vault"),
+        "{}",
+        err.message
+    );
 
-    let err = refused(&api, "no-source", json!({ "source": { "refreshInterval": "5m" } })).await;
+    let err = refused(
+        &api,
+        "no-source",
+        json!({ "source": { "refreshInterval": "5m" } }),
+    )
+    .await;
     assert!(err.message.contains("set exactly one"), "{}", err.message);
 }
 
@@ -122,7 +165,12 @@ async fn grace_period_must_be_shorter_than_interval() {
     for (name, grace) in [("grace-equal", "24h"), ("grace-longer", "25h")] {
         let spec = json!({ "source": k8s_source(), "rotation": { "interval": "24h", "gracePeriod": grace } });
         let err = refused(&api, name, spec).await;
-        assert!(err.message.contains("gracePeriod must be shorter than interval"), "{}", err.message);
+        assert!(
+            err.message
+                .contains("gracePeriod must be shorter than interval"),
+            "{}",
+            err.message
+        );
     }
 }
 
@@ -130,20 +178,58 @@ async fn grace_period_must_be_shorter_than_interval() {
 async fn malformed_values_are_refused_with_the_field_named() {
     let (_, api, _) = setup().await;
     let cases = [
-        ("negative-rpm", json!({ "limits": { "requestsPerMinute": -1 } }), "spec.limits.requestsPerMinute"),
-        ("zero-tokens", json!({ "scope": { "maxTokens": 0 } }), "spec.scope.maxTokens"),
-        ("bad-duration", json!({ "rotation": { "interval": "90 days" } }), "spec.rotation.interval"),
-        ("bad-glob", json!({ "scope": { "models": ["claude sonnet"] } }), "spec.scope.models[0]"),
-        ("bad-endpoint", json!({ "scope": { "endpoints": ["complete"] } }), "spec.scope.endpoints[0]"),
-        ("bad-detector", json!({ "dataProtection": { "redact": ["passport"] } }), "spec.dataProtection.redact[0]"),
-        ("bad-injection", json!({ "dataProtection": { "promptInjection": "maybe" } }), "spec.dataProtection.promptInjection"),
-        ("bad-expiry", json!({ "expiresAt": "next tuesday" }), "spec.expiresAt"),
+        (
+            "negative-rpm",
+            json!({ "limits": { "requestsPerMinute": -1 } }),
+            "spec.limits.requestsPerMinute",
+        ),
+        (
+            "zero-tokens",
+            json!({ "scope": { "maxTokens": 0 } }),
+            "spec.scope.maxTokens",
+        ),
+        (
+            "bad-duration",
+            json!({ "rotation": { "interval": "90 days" } }),
+            "spec.rotation.interval",
+        ),
+        (
+            "bad-glob",
+            json!({ "scope": { "models": ["claude sonnet"] } }),
+            "spec.scope.models[0]",
+        ),
+        (
+            "bad-endpoint",
+            json!({ "scope": { "endpoints": ["complete"] } }),
+            "spec.scope.endpoints[0]",
+        ),
+        (
+            "bad-detector",
+            json!({ "dataProtection": { "redact": ["passport"] } }),
+            "spec.dataProtection.redact[0]",
+        ),
+        (
+            "bad-injection",
+            json!({ "dataProtection": { "promptInjection": "maybe" } }),
+            "spec.dataProtection.promptInjection",
+        ),
+        (
+            "bad-expiry",
+            json!({ "expiresAt": "next tuesday" }),
+            "spec.expiresAt",
+        ),
     ];
     for (name, extra, field) in cases {
         let mut spec = json!({ "source": k8s_source() });
-        spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        spec.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         let err = refused(&api, name, spec).await;
         assert_eq!(err.code, 422, "{name}: {}", err.message);
-        assert!(err.message.contains(field), "{name}: message does not name {field}: {}", err.message);
+        assert!(
+            err.message.contains(field),
+            "{name}: message does not name {field}: {}",
+            err.message
+        );
     }
 }

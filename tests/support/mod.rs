@@ -21,6 +21,7 @@ pub const KUBECONFIG_ENV: &str = "CLAUDEKEY_TEST_KUBECONFIG";
 /// A client for the test control plane. Panics (fails the test) when there is none:
 /// cluster tests must never pass by skipping.
 pub async fn client() -> Client {
+    claudekey::crypto::install_default_provider();
     let path = std::env::var(KUBECONFIG_ENV).unwrap_or_else(|_| {
         panic!("{KUBECONFIG_ENV} is not set: run cluster tests through hack/test.sh, which starts the control plane")
     });
@@ -42,19 +43,35 @@ pub async fn install_crd(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd = ClaudeKey::crd();
     let name = crd.name_any();
-    crds.patch(&name, &PatchParams::apply("claudekey-tests").force(), &Patch::Apply(&crd))
-        .await
-        .expect("apply CRD");
-    tokio::time::timeout(Duration::from_secs(30), await_condition(crds, &name, conditions::is_crd_established()))
-        .await
-        .expect("CRD established in time")
-        .expect("watch CRD");
+    crds.patch(
+        &name,
+        &PatchParams::apply("claudekey-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("apply CRD");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        await_condition(crds, &name, conditions::is_crd_established()),
+    )
+    .await
+    .expect("CRD established in time")
+    .expect("watch CRD");
 }
 
 /// A fresh namespace with a unique name, so tests never see each other's objects.
 pub async fn namespace(client: &Client, prefix: &str) -> String {
-    let name = format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let ns = Namespace { metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() }, ..Default::default() };
+    let name = format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
     Api::<Namespace>::all(client.clone())
         .create(&PostParams::default(), &ns)
         .await
@@ -73,7 +90,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
