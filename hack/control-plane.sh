@@ -34,7 +34,6 @@ STATE=${CLAUDEKEY_STATE_DIR:-/tmp/claudekey-cp}
 PKI=$STATE/pki
 LOGS=$STATE/logs
 PIDS=$STATE/pids
-CACHE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/claudekey
 
 # Components in start order; stop goes in reverse.
 COMPONENTS=(etcd kube-apiserver kube-controller-manager moto openbao)
@@ -135,17 +134,17 @@ on_start_exit() {
   exit $((rc == 0 ? 1 : rc))
 }
 
-# wait_until NAME CHECK_CMD... — poll CHECK_CMD until it succeeds; fail if the
-# process dies or START_TIMEOUT passes.
+# wait_until NAME WHAT CHECK_CMD... — poll CHECK_CMD until it succeeds; fail
+# if the process dies or START_TIMEOUT passes. WHAT names the check in logs.
 wait_until() {
-  local name=$1; shift
+  local name=$1 what=$2; shift 2
   local deadline=$((SECONDS + START_TIMEOUT))
   until "$@" >/dev/null 2>&1; do
-    is_running "$name" || fail "$name" "process exited during startup"
-    ((SECONDS < deadline)) || fail "$name" "not ready after ${START_TIMEOUT}s"
+    is_running "$name" || fail "$name" "process exited during startup (waiting for $what)"
+    ((SECONDS < deadline)) || fail "$name" "$what not ready after ${START_TIMEOUT}s"
     sleep 0.25
   done
-  log "$name ready"
+  log "$name: $what ok"
 }
 
 # free_ports N — N distinct free loopback TCP ports. All sockets are held
@@ -242,14 +241,13 @@ start_etcd() {
     --initial-cluster="claudekey=$peer" \
     --unsafe-no-fsync=true
   # --unsafe-no-fsync: throwaway data, and fsync dominates apiserver latency.
-  wait_until etcd curl -fsS "$url/health"
+  wait_until etcd /health curl -fsS "$url/health"
 }
 
 start_apiserver() {
   launch kube-apiserver "$CLAUDEKEY_KUBE_APISERVER" \
     --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
     --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$APISERVER_PORT" \
-    --cert-dir="$STATE/apiserver-certs" \
     --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
     --client-ca-file="$PKI/ca.crt" \
     --service-account-issuer="https://127.0.0.1:$APISERVER_PORT/" \
@@ -264,7 +262,7 @@ start_apiserver() {
   # ServiceAccount admission is disabled as in envtest: it rejects pods until
   # the "default" ServiceAccount of a fresh namespace exists, which would make
   # tests race kube-controller-manager.
-  wait_until kube-apiserver curl -fsS --cacert "$PKI/ca.crt" \
+  wait_until kube-apiserver /readyz curl -fsS --cacert "$PKI/ca.crt" \
     --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
     "https://127.0.0.1:$APISERVER_PORT/readyz"
 }
@@ -275,10 +273,12 @@ start_controller_manager() {
   # ServiceAccount admission plugin that is disabled above.
   # No cloud provider and no --allocate-node-cidrs, so the cloud/IPAM
   # controllers in "*" stay idle.
+  # No --authentication/--authorization-kubeconfig: with them it looks up the
+  # front-proxy (requestheader) CA, which this apiserver does not have, and
+  # logs an error every few seconds; nothing here needs delegated auth on the
+  # controller manager's own port.
   launch kube-controller-manager "$CLAUDEKEY_KUBE_CONTROLLER_MANAGER" \
     --kubeconfig="$STATE/kubeconfig" \
-    --authentication-kubeconfig="$STATE/kubeconfig" \
-    --authorization-kubeconfig="$STATE/kubeconfig" \
     --bind-address=127.0.0.1 --secure-port="$KCM_PORT" \
     --cert-dir="$STATE/kcm-certs" \
     --leader-elect=false \
@@ -289,12 +289,12 @@ start_controller_manager() {
     --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key" \
     --service-cluster-ip-range="$SERVICE_CIDR"
   # /healthz is always allowed without authentication on the secure port.
-  wait_until kube-controller-manager curl -fsSk "https://127.0.0.1:$KCM_PORT/healthz"
+  wait_until kube-controller-manager /healthz curl -fsSk "https://127.0.0.1:$KCM_PORT/healthz"
 }
 
 start_moto() {
   launch moto "$CLAUDEKEY_MOTO_SERVER" -H 127.0.0.1 -p "$MOTO_PORT"
-  wait_until moto curl -fsS "http://127.0.0.1:$MOTO_PORT/moto-api/data.json"
+  wait_until moto /moto-api/data.json curl -fsS "http://127.0.0.1:$MOTO_PORT/moto-api/data.json"
 }
 
 start_openbao() {
@@ -306,9 +306,9 @@ start_openbao() {
     -dev-root-token-id="$VAULT_TOKEN" \
     -dev-listen-address="127.0.0.1:$VAULT_PORT" \
     -dev-no-store-token
-  wait_until openbao curl -fsS "http://127.0.0.1:$VAULT_PORT/v1/sys/health"
+  wait_until openbao /v1/sys/health curl -fsS "http://127.0.0.1:$VAULT_PORT/v1/sys/health"
   # Dev mode mounts KV v2 at secret/ asynchronously; wait until it answers.
-  wait_until openbao curl -fsS -H "X-Vault-Token: $VAULT_TOKEN" \
+  wait_until openbao "KV v2 at secret/" curl -fsS -H "X-Vault-Token: $VAULT_TOKEN" \
     "http://127.0.0.1:$VAULT_PORT/v1/secret/config"
 }
 
@@ -353,11 +353,11 @@ cmd_start() {
   rm -rf "$STATE"
   mkdir -p "$STATE" "$LOGS" "$PIDS"
 
-  # Build whatever is missing (a no-op in seconds once built), then take
-  # the binary paths it recorded.
-  "$HACK_DIR/tools.sh"
-  # shellcheck source=/dev/null
-  source "$CACHE_DIR/tools.env"
+  # Build whatever is missing (a no-op in seconds once built); it prints the
+  # CLAUDEKEY_<TOOL> binary paths as export lines.
+  local tool_env
+  tool_env=$("$HACK_DIR/tools.sh" --print-env)
+  eval "$tool_env"
 
   read -r ETCD_PORT ETCD_PEER_PORT APISERVER_PORT KCM_PORT MOTO_PORT VAULT_PORT < <(free_ports 6)
   # From here on, any exit (failure, set -e, Ctrl-C) before the end must not
