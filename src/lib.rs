@@ -6,6 +6,7 @@ pub mod backend;
 pub mod cli;
 pub mod controller;
 pub mod crd;
+pub mod fake_upstream;
 pub mod keys;
 pub mod proxy;
 pub mod proxyconf;

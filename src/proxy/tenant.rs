@@ -111,3 +111,10 @@ impl Tenant {
         self.expires_at.is_some_and(|at| now >= at)
     }
 }
+
+/// Names the ClaudeKey only: keys and compiled policy stay out of any debug output.
+impl std::fmt::Debug for Tenant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tenant").field("id", &self.id).finish_non_exhaustive()
+    }
+}
