@@ -74,6 +74,8 @@ struct Behavior {
     chunk_chars: usize,
     /// Answer the next N Messages requests with this status and error type.
     fail_next: Option<(u32, StatusCode, String)>,
+    /// Keep every request for [`FakeUpstream::received`]; off for long benchmark runs.
+    recording: bool,
 }
 
 #[derive(Debug, Default)]
@@ -136,6 +138,7 @@ impl FakeUpstream {
                 delta_delay: Duration::ZERO,
                 chunk_chars: 8,
                 fail_next: None,
+                recording: true,
             }),
         });
         let app = router(shared.clone());
@@ -203,6 +206,11 @@ impl FakeUpstream {
         self.shared.behavior().fail_next = Some((count, status, kind.to_string()));
     }
 
+    /// Whether requests are kept for [`FakeUpstream::received`] (on by default).
+    pub fn set_recording(&self, on: bool) {
+        self.shared.behavior().recording = on;
+    }
+
     /// Every request received so far.
     pub fn received(&self) -> Vec<Received> {
         self.shared.inner().received.clone()
@@ -232,6 +240,9 @@ async fn record(State(shared): State<Arc<Shared>>, request: Request, next: Next)
     let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024 * 1024).await else {
         return error(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", "Request too large");
     };
+    if !shared.behavior().recording {
+        return next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await;
+    }
     shared.inner().received.push(Received {
         method: parts.method.to_string(),
         path: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
