@@ -18,10 +18,24 @@ async fn official_python_sdk_through_the_proxy() {
          (it exports the venv's python with the anthropic SDK and pytest)",
     );
     let h = Harness::start(Mode::Gateway, &[UPSTREAM_A], |dir| {
-        kubelet_write(&dir.join("open"), &proxy_json("open", &[(UPSTREAM_A, None)], &[(WORKLOAD_A, None)],
-            json!({ "scope": { "models": ["claude-sonnet-4-*"] } })));
-        kubelet_write(&dir.join("limited"), &proxy_json("limited", &[(UPSTREAM_A, None)], &[(WORKLOAD_B, None)],
-            json!({ "limits": { "requestsPerMinute": 1 } })));
+        kubelet_write(
+            &dir.join("open"),
+            &proxy_json(
+                "open",
+                &[(UPSTREAM_A, None)],
+                &[(WORKLOAD_A, None)],
+                json!({ "scope": { "models": ["claude-sonnet-4-*"] } }),
+            ),
+        );
+        kubelet_write(
+            &dir.join("limited"),
+            &proxy_json(
+                "limited",
+                &[(UPSTREAM_A, None)],
+                &[(WORKLOAD_B, None)],
+                json!({ "limits": { "requestsPerMinute": 1 } }),
+            ),
+        );
     })
     .await;
     h.fake.set_reply(FakeReply::Text(REPLY.into()));
@@ -46,17 +60,34 @@ async fn official_python_sdk_through_the_proxy() {
         .unwrap_or_else(|e| panic!("failed to run {python}: {e}"));
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "pytest failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("8 passed"), "expected all 8 SDK tests to run:\n{stdout}");
+    assert!(
+        output.status.success(),
+        "pytest failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("8 passed"),
+        "expected all 8 SDK tests to run:\n{stdout}"
+    );
 
     // What the SDK sent, as the upstream saw it: the upstream key only, never the workload key.
     let seen = h.fake.received();
-    assert!(seen.len() >= 5, "{} requests reached the upstream", seen.len());
+    assert!(
+        seen.len() >= 5,
+        "{} requests reached the upstream",
+        seen.len()
+    );
     for r in &seen {
         assert_eq!(r.header("x-api-key"), Some(UPSTREAM_A));
         assert!(r.header("authorization").is_none());
-        assert!(r.header("anthropic-version").is_some(), "anthropic-version must pass through");
+        assert!(
+            r.header("anthropic-version").is_some(),
+            "anthropic-version must pass through"
+        );
     }
     let audit = h.audit_lines();
-    assert!(audit.iter().any(|l| l["status"] == 429 && l["claudeKey"] == "team-a/limited"));
+    assert!(
+        audit
+            .iter()
+            .any(|l| l["status"] == 429 && l["claudeKey"] == "team-a/limited")
+    );
 }

@@ -41,9 +41,17 @@ fn key_json(k: &ApiKey) -> Value {
     })
 }
 
-fn admin(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
+fn admin(shared: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let ok = credential(headers).is_some_and(|c| shared.inner().admin_keys.iter().any(|a| a == c));
-    if ok { Ok(()) } else { Err(error(StatusCode::UNAUTHORIZED, "authentication_error", "invalid x-api-key")) }
+    if ok {
+        Ok(())
+    } else {
+        Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid x-api-key",
+        )))
+    }
 }
 
 #[derive(Deserialize)]
@@ -54,22 +62,40 @@ pub(super) struct ListQuery {
     status: Option<KeyStatus>,
 }
 
-pub(super) async fn list(State(shared): State<Arc<Shared>>, headers: HeaderMap, Query(q): Query<ListQuery>) -> Response {
+pub(super) async fn list(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
     if let Err(r) = admin(&shared, &headers) {
-        return r;
+        return *r;
     }
     let limit = q.limit.unwrap_or(20).clamp(1, 1000);
     let inner = shared.inner();
-    let keys: Vec<&ApiKey> = inner.keys.iter().filter(|k| q.status.is_none_or(|s| k.status == s)).collect();
+    let keys: Vec<&ApiKey> = inner
+        .keys
+        .iter()
+        .filter(|k| q.status.is_none_or(|s| k.status == s))
+        .collect();
     let start = match &q.after_id {
-        Some(after) => keys.iter().position(|k| &k.id == after).map_or(keys.len(), |p| p + 1),
+        Some(after) => keys
+            .iter()
+            .position(|k| &k.id == after)
+            .map_or(keys.len(), |p| p + 1),
         None => 0,
     };
     let end = match &q.before_id {
-        Some(before) => keys.iter().position(|k| &k.id == before).unwrap_or(keys.len()),
+        Some(before) => keys
+            .iter()
+            .position(|k| &k.id == before)
+            .unwrap_or(keys.len()),
         None => keys.len(),
     };
-    let page: Vec<&ApiKey> = keys[start.min(end)..end].iter().take(limit).copied().collect();
+    let page: Vec<&ApiKey> = keys[start.min(end)..end]
+        .iter()
+        .take(limit)
+        .copied()
+        .collect();
     let has_more = start + page.len() < end;
     axum::Json(json!({
         "data": page.iter().map(|k| key_json(k)).collect::<Vec<_>>(),
@@ -80,13 +106,21 @@ pub(super) async fn list(State(shared): State<Arc<Shared>>, headers: HeaderMap, 
     .into_response()
 }
 
-pub(super) async fn get(State(shared): State<Arc<Shared>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+pub(super) async fn get(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     if let Err(r) = admin(&shared, &headers) {
-        return r;
+        return *r;
     }
     match shared.inner().keys.iter().find(|k| k.id == id) {
         Some(k) => axum::Json(key_json(k)).into_response(),
-        None => error(StatusCode::NOT_FOUND, "not_found_error", "API key not found"),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            "API key not found",
+        ),
     }
 }
 
@@ -103,17 +137,30 @@ pub(super) async fn update(
     body: Bytes,
 ) -> Response {
     if let Err(r) = admin(&shared, &headers) {
-        return r;
+        return *r;
     }
     let Ok(update) = serde_json::from_slice::<Update>(&body) else {
-        return error(StatusCode::BAD_REQUEST, "invalid_request_error", "body must be {name?, status?} with status active|inactive|archived");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "body must be {name?, status?} with status active|inactive|archived",
+        );
     };
     let mut inner = shared.inner();
     let Some(key) = inner.keys.iter_mut().find(|k| k.id == id) else {
-        return error(StatusCode::NOT_FOUND, "not_found_error", "API key not found");
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            "API key not found",
+        );
     };
-    if key.status == KeyStatus::Archived && update.status.is_some_and(|s| s != KeyStatus::Archived) {
-        return error(StatusCode::BAD_REQUEST, "invalid_request_error", "an archived key cannot be changed");
+    if key.status == KeyStatus::Archived && update.status.is_some_and(|s| s != KeyStatus::Archived)
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "an archived key cannot be changed",
+        );
     }
     if let Some(name) = update.name {
         key.name = name;
@@ -130,7 +177,10 @@ mod tests {
 
     #[test]
     fn hint_has_the_api_shape() {
-        assert_eq!(partial_key_hint("sk-ant-api03-R2Dxxxxxxxxxxxxxxxxxxxxxxxx-igAA"), "sk-ant-api03-R2D...igAA");
+        assert_eq!(
+            partial_key_hint("sk-ant-api03-R2Dxxxxxxxxxxxxxxxxxxxxxxxx-igAA"),
+            "sk-ant-api03-R2D...igAA"
+        );
         assert_eq!(partial_key_hint("short"), "...");
     }
 }

@@ -41,7 +41,12 @@ fn all_text(body: &Value) -> String {
     if let Some(system) = body.get("system") {
         push(system);
     }
-    for m in body.get("messages").and_then(Value::as_array).into_iter().flatten() {
+    for m in body
+        .get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         if let Some(c) = m.get("content") {
             push(c);
         }
@@ -53,30 +58,64 @@ fn last_user_text(body: &Value) -> String {
     let last = body
         .get("messages")
         .and_then(Value::as_array)
-        .and_then(|m| m.iter().rev().find(|m| m.get("role").and_then(Value::as_str) == Some("user")));
-    let Some(content) = last.and_then(|m| m.get("content")) else { return String::new() };
+        .and_then(|m| {
+            m.iter()
+                .rev()
+                .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        });
+    let Some(content) = last.and_then(|m| m.get("content")) else {
+        return String::new();
+    };
     match content {
         Value::String(s) => s.clone(),
-        Value::Array(blocks) => blocks.iter().filter_map(|b| b.get("text").and_then(Value::as_str)).collect(),
+        Value::Array(blocks) => blocks
+            .iter()
+            .filter_map(|b| b.get("text").and_then(Value::as_str))
+            .collect(),
         _ => String::new(),
     }
 }
 
 /// Checks the request as the API does: version header, JSON, model, max_tokens, messages.
-fn validate(headers: &HeaderMap, body: &Bytes, needs_max_tokens: bool) -> Result<Value, Response> {
+fn validate(
+    headers: &HeaderMap,
+    body: &Bytes,
+    needs_max_tokens: bool,
+) -> Result<Value, Box<Response>> {
     if headers.get("anthropic-version").is_none() {
-        return Err(error(StatusCode::BAD_REQUEST, "invalid_request_error", "anthropic-version: header is required"));
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "anthropic-version: header is required",
+        )));
     }
-    let json: Value = serde_json::from_slice(body)
-        .map_err(|_| error(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid JSON body"))?;
+    let json: Value = serde_json::from_slice(body).map_err(|_| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid JSON body",
+        ))
+    })?;
     if json.get("model").and_then(Value::as_str).is_none() {
-        return Err(error(StatusCode::BAD_REQUEST, "invalid_request_error", "model: Field required"));
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "model: Field required",
+        )));
     }
     if needs_max_tokens && json.get("max_tokens").and_then(Value::as_u64).is_none() {
-        return Err(error(StatusCode::BAD_REQUEST, "invalid_request_error", "max_tokens: Field required"));
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "max_tokens: Field required",
+        )));
     }
     if json.get("messages").and_then(Value::as_array).is_none() {
-        return Err(error(StatusCode::BAD_REQUEST, "invalid_request_error", "messages: Field required"));
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "messages: Field required",
+        )));
     }
     Ok(json)
 }
@@ -108,13 +147,17 @@ fn rate_limit_headers(headers: &mut HeaderMap, request_id: &str) {
     }
 }
 
-pub(super) async fn create(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(super) async fn create(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     if let Err(r) = authenticate(&shared, &headers) {
-        return r;
+        return *r;
     }
     let json = match validate(&headers, &body, true) {
         Ok(json) => json,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (reply, delay, chunk_chars) = {
         let mut b = shared.behavior();
@@ -133,7 +176,11 @@ pub(super) async fn create(State(shared): State<Arc<Shared>>, headers: HeaderMap
     let n = shared.next_id();
     let id = format!("msg_fake{n:06}");
     let request_id = format!("req_fake{n:06}");
-    let model = json.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
+    let model = json
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     let input_tokens = tokens(all_text(&json).chars().count());
     let output_tokens = tokens(text.chars().count());
     let stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
@@ -151,9 +198,14 @@ pub(super) async fn create(State(shared): State<Arc<Shared>>, headers: HeaderMap
                 }
             }
         });
-        let mut r = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).into_response();
-        r.headers_mut().insert("content-type", HeaderValue::from_static("text/event-stream; charset=utf-8"));
-        r.headers_mut().insert("cache-control", HeaderValue::from_static("no-cache"));
+        let mut r =
+            Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).into_response();
+        r.headers_mut().insert(
+            "content-type",
+            HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
+        r.headers_mut()
+            .insert("cache-control", HeaderValue::from_static("no-cache"));
         r
     } else {
         axum::Json(json!({
@@ -178,7 +230,14 @@ pub(super) async fn create(State(shared): State<Arc<Shared>>, headers: HeaderMap
 }
 
 /// The event sequence of one streamed message, each a complete `event:`/`data:` block.
-pub fn sse_events(id: &str, model: &str, text: &str, input_tokens: u64, output_tokens: u64, chunk_chars: usize) -> Vec<String> {
+pub fn sse_events(
+    id: &str,
+    model: &str,
+    text: &str,
+    input_tokens: u64,
+    output_tokens: u64,
+    chunk_chars: usize,
+) -> Vec<String> {
     let event = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
     let mut events = vec![
         event(
@@ -204,7 +263,10 @@ pub fn sse_events(id: &str, model: &str, text: &str, input_tokens: u64, output_t
             json!({ "type": "content_block_delta", "index": 0, "delta": { "type": "text_delta", "text": piece } }),
         ));
     }
-    events.push(event("content_block_stop", json!({ "type": "content_block_stop", "index": 0 })));
+    events.push(event(
+        "content_block_stop",
+        json!({ "type": "content_block_stop", "index": 0 }),
+    ));
     events.push(event(
         "message_delta",
         json!({ "type": "message_delta", "delta": { "stop_reason": "end_turn", "stop_sequence": null },
@@ -214,17 +276,23 @@ pub fn sse_events(id: &str, model: &str, text: &str, input_tokens: u64, output_t
     events
 }
 
-pub(super) async fn count_tokens(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(super) async fn count_tokens(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     if let Err(r) = authenticate(&shared, &headers) {
-        return r;
+        return *r;
     }
     match validate(&headers, &body, false) {
         Ok(json) => {
-            let mut r = axum::Json(json!({ "input_tokens": tokens(all_text(&json).chars().count()) })).into_response();
+            let mut r =
+                axum::Json(json!({ "input_tokens": tokens(all_text(&json).chars().count()) }))
+                    .into_response();
             rate_limit_headers(r.headers_mut(), "req_fake_count");
             r
         }
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
@@ -234,9 +302,12 @@ fn model_json(id: &str, name: &str) -> Value {
 
 pub(super) async fn list_models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     if let Err(r) = authenticate(&shared, &headers) {
-        return r;
+        return *r;
     }
-    let data: Vec<Value> = MODELS.iter().map(|(id, name)| model_json(id, name)).collect();
+    let data: Vec<Value> = MODELS
+        .iter()
+        .map(|(id, name)| model_json(id, name))
+        .collect();
     axum::Json(json!({
         "data": data,
         "has_more": false,
@@ -246,9 +317,13 @@ pub(super) async fn list_models(State(shared): State<Arc<Shared>>, headers: Head
     .into_response()
 }
 
-pub(super) async fn get_model(State(shared): State<Arc<Shared>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+pub(super) async fn get_model(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     if let Err(r) = authenticate(&shared, &headers) {
-        return r;
+        return *r;
     }
     match MODELS.iter().find(|(m, _)| *m == id) {
         Some((id, name)) => axum::Json(model_json(id, name)).into_response(),

@@ -63,7 +63,10 @@ pub struct Received {
 
 impl Received {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -178,13 +181,24 @@ impl FakeUpstream {
     }
 
     pub fn set_key_status(&self, value: &str, status: KeyStatus) {
-        for key in self.shared.inner().keys.iter_mut().filter(|k| k.value == value) {
+        for key in self
+            .shared
+            .inner()
+            .keys
+            .iter_mut()
+            .filter(|k| k.value == value)
+        {
             key.status = status;
         }
     }
 
     pub fn key_status(&self, value: &str) -> Option<KeyStatus> {
-        self.shared.inner().keys.iter().find(|k| k.value == value).map(|k| k.status)
+        self.shared
+            .inner()
+            .keys
+            .iter()
+            .find(|k| k.value == value)
+            .map(|k| k.status)
     }
 
     pub fn set_reply(&self, reply: Reply) {
@@ -228,7 +242,10 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/models", get(messages::list_models))
         .route("/v1/models/{id}", get(messages::get_model))
         .route("/v1/organizations/api_keys", get(admin::list))
-        .route("/v1/organizations/api_keys/{id}", get(admin::get).post(admin::update))
+        .route(
+            "/v1/organizations/api_keys/{id}",
+            get(admin::get).post(admin::update),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found_error", "Not found") })
         .layer(middleware::from_fn_with_state(shared.clone(), record))
         .with_state(shared)
@@ -238,22 +255,38 @@ fn router(shared: Arc<Shared>) -> Router {
 async fn record(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024 * 1024).await else {
-        return error(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", "Request too large");
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            "Request too large",
+        );
     };
     if !shared.behavior().recording {
-        return next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await;
+        return next
+            .run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+            .await;
     }
     shared.inner().received.push(Received {
         method: parts.method.to_string(),
-        path: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string(),
         headers: parts
             .headers
             .iter()
-            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect(),
         body: bytes.clone(),
     });
-    next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// The credential from `x-api-key` or `Authorization: Bearer`.
@@ -268,11 +301,23 @@ fn credential(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// 401 unless the request carries an active API key.
-fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
+fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let inner = shared.inner();
-    let ok = credential(headers)
-        .is_some_and(|c| inner.keys.iter().any(|k| k.value == c && k.status == KeyStatus::Active));
-    if ok { Ok(()) } else { Err(error(StatusCode::UNAUTHORIZED, "authentication_error", "invalid x-api-key")) }
+    let ok = credential(headers).is_some_and(|c| {
+        inner
+            .keys
+            .iter()
+            .any(|k| k.value == c && k.status == KeyStatus::Active)
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid x-api-key",
+        )))
+    }
 }
 
 /// An error in the API's shape.

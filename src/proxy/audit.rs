@@ -92,24 +92,32 @@ impl AuditSink {
             AuditTarget::Off => return Ok(Self::Off),
             AuditTarget::Memory(lines) => return Ok(Self::Memory(lines)),
             AuditTarget::Stdout => Box::new(std::io::stdout()),
-            AuditTarget::File(path) => {
-                Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?)
-            }
+            AuditTarget::File(path) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
         };
         let (tx, rx) = mpsc::channel::<String>();
-        std::thread::Builder::new().name("claudekey-audit".into()).spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let mut batch = first;
-                batch.push('\n');
-                while let Ok(line) = rx.try_recv() {
-                    batch.push_str(&line);
+        std::thread::Builder::new()
+            .name("claudekey-audit".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = first;
                     batch.push('\n');
+                    while let Ok(line) = rx.try_recv() {
+                        batch.push_str(&line);
+                        batch.push('\n');
+                    }
+                    if let Err(e) = writer
+                        .write_all(batch.as_bytes())
+                        .and_then(|()| writer.flush())
+                    {
+                        tracing::error!(error = %e, "failed to write audit log");
+                    }
                 }
-                if let Err(e) = writer.write_all(batch.as_bytes()).and_then(|()| writer.flush()) {
-                    tracing::error!(error = %e, "failed to write audit log");
-                }
-            }
-        })?;
+            })?;
         Ok(Self::Writer(tx))
     }
 
@@ -142,7 +150,11 @@ mod tests {
     fn writes_one_camel_case_line_per_record() {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = AuditSink::start(AuditTarget::Memory(lines.clone())).unwrap();
-        let mut record = AuditRecord { claude_key: "ns/a".into(), status: 200, ..Default::default() };
+        let mut record = AuditRecord {
+            claude_key: "ns/a".into(),
+            status: 200,
+            ..Default::default()
+        };
         record.redactions.insert("email".into(), 2);
         record.user_hash = Some(hash_user("user-1"));
         sink.write(&record);
@@ -160,7 +172,10 @@ mod tests {
         let path = dir.path().join("audit.log");
         let sink = AuditSink::start(AuditTarget::File(path.clone())).unwrap();
         for status in [200, 429] {
-            sink.write(&AuditRecord { status, ..Default::default() });
+            sink.write(&AuditRecord {
+                status,
+                ..Default::default()
+            });
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
@@ -169,7 +184,10 @@ mod tests {
                 assert!(text.lines().nth(1).unwrap().contains("\"status\":429"));
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "audit lines not written");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "audit lines not written"
+            );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
     }

@@ -47,12 +47,13 @@ pub fn authenticate<'a>(
         }
     }
     match found {
-        Some(tenant) if tenant.expired(now) => {
-            Err(ApiError::Authentication("this ClaudeKey has expired".into()))
-        }
+        Some(tenant) if tenant.expired(now) => Err(ApiError::Authentication(
+            "this ClaudeKey has expired".into(),
+        )),
         Some(tenant) => Ok(tenant),
         None if expired_match => Err(ApiError::Authentication(
-            "this workload key was rotated and its grace period has ended; use the current key".into(),
+            "this workload key was rotated and its grace period has ended; use the current key"
+                .into(),
         )),
         None => Err(ApiError::Authentication("invalid x-api-key".into())),
     }
@@ -81,7 +82,10 @@ mod tests {
 
     fn headers(name: &str, value: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+        h.insert(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            HeaderValue::from_str(value).unwrap(),
+        );
         h
     }
 
@@ -91,7 +95,10 @@ mod tests {
 
     #[test]
     fn both_header_styles_pick_the_right_claudekey() {
-        let tenants = [tenant("a", &[("ck_a", None)], None), tenant("b", &[("ck_b", None)], None)];
+        let tenants = [
+            tenant("a", &[("ck_a", None)], None),
+            tenant("b", &[("ck_b", None)], None),
+        ];
         let t = authenticate(&tenants, &headers("x-api-key", "ck_b"), now()).unwrap();
         assert_eq!(t.label, "ns/b");
         let t = authenticate(&tenants, &headers("authorization", "Bearer ck_a"), now()).unwrap();
@@ -100,7 +107,11 @@ mod tests {
 
     #[test]
     fn previous_key_until_valid_until() {
-        let tenants = [tenant("a", &[("new", None), ("old", Some("2026-12-01T10:15:00Z"))], None)];
+        let tenants = [tenant(
+            "a",
+            &[("new", None), ("old", Some("2026-12-01T10:15:00Z"))],
+            None,
+        )];
         assert!(authenticate(&tenants, &headers("x-api-key", "old"), now()).is_ok());
         let later: DateTime<Utc> = "2026-12-01T10:15:00Z".parse().unwrap();
         let err = authenticate(&tenants, &headers("x-api-key", "old"), later).unwrap_err();
@@ -111,7 +122,12 @@ mod tests {
     #[test]
     fn refusals_are_401() {
         let tenants = [tenant("a", &[("k", None)], Some("2026-11-01T00:00:00Z"))];
-        for h in [HeaderMap::new(), headers("x-api-key", "wrong"), headers("authorization", "Basic k"), headers("x-api-key", "k")] {
+        for h in [
+            HeaderMap::new(),
+            headers("x-api-key", "wrong"),
+            headers("authorization", "Basic k"),
+            headers("x-api-key", "k"),
+        ] {
             assert_eq!(authenticate(&tenants, &h, now()).unwrap_err().status(), 401);
         }
     }

@@ -12,7 +12,9 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// A body that is already complete.
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 use std::{
@@ -46,13 +48,25 @@ pub struct Observed<B> {
 }
 
 impl<B> Observed<B> {
-    pub fn new(inner: B, sse: Option<SseTransformer>, done: impl FnOnce(Summary) + Send + 'static) -> Self {
-        Self { inner, sse, done: Some(Box::new(done)), ended: false }
+    pub fn new(
+        inner: B,
+        sse: Option<SseTransformer>,
+        done: impl FnOnce(Summary) + Send + 'static,
+    ) -> Self {
+        Self {
+            inner,
+            sse,
+            done: Some(Box::new(done)),
+            ended: false,
+        }
     }
 
     fn report(&mut self, error: Option<String>) {
         if let Some(done) = self.done.take() {
-            let mut summary = Summary { error, ..Summary::default() };
+            let mut summary = Summary {
+                error,
+                ..Summary::default()
+            };
             if let Some(sse) = &mut self.sse {
                 summary.usage = sse.usage;
                 summary.counts = std::mem::take(&mut sse.counts);
@@ -77,7 +91,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         loop {
             if this.ended {
@@ -103,7 +120,11 @@ where
                 }
                 None => {
                     this.ended = true;
-                    let tail = this.sse.as_mut().map(SseTransformer::finish).unwrap_or_default();
+                    let tail = this
+                        .sse
+                        .as_mut()
+                        .map(SseTransformer::finish)
+                        .unwrap_or_default();
                     this.report(None);
                     if !tail.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(tail))));

@@ -28,7 +28,10 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("failed to read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// serde's message with quoted values removed, since a value could be a key.
     #[error("failed to parse {path}: {message}")]
     Parse { path: PathBuf, message: String },
@@ -37,7 +40,10 @@ pub enum ConfigError {
     #[error("failed to find {FILE_NAME} in {path}")]
     Missing { path: PathBuf },
     #[error("failed to watch {path}: {source}")]
-    Watch { path: PathBuf, source: notify::Error },
+    Watch {
+        path: PathBuf,
+        source: notify::Error,
+    },
 }
 
 /// The ClaudeKeys being served at one moment.
@@ -66,7 +72,12 @@ pub struct Outcome {
 
 impl Loader {
     pub fn new(dir: PathBuf, mode: Mode, limiters: Arc<Limiters>) -> Self {
-        Self { dir, mode, limiters, known: HashMap::new() }
+        Self {
+            dir,
+            mode,
+            limiters,
+            known: HashMap::new(),
+        }
     }
 
     /// The config files: `DIR/proxy.json`, or in gateway mode `DIR/*/proxy.json` when the
@@ -77,8 +88,10 @@ impl Loader {
         if direct.exists() || self.mode == Mode::Sidecar {
             return Ok(vec![direct]);
         }
-        let entries = std::fs::read_dir(&self.dir)
-            .map_err(|source| ConfigError::Read { path: self.dir.clone(), source })?;
+        let entries = std::fs::read_dir(&self.dir).map_err(|source| ConfigError::Read {
+            path: self.dir.clone(),
+            source,
+        })?;
         let mut files: Vec<PathBuf> = entries
             .filter_map(Result::ok)
             .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
@@ -87,7 +100,9 @@ impl Loader {
             .collect();
         files.sort();
         if files.is_empty() {
-            return Err(ConfigError::Missing { path: self.dir.clone() });
+            return Err(ConfigError::Missing {
+                path: self.dir.clone(),
+            });
         }
         Ok(files)
     }
@@ -133,21 +148,36 @@ impl Loader {
                 }
             }
         }
-        outcome.changed |= known.len() != self.known.len() || known.keys().any(|k| !self.known.contains_key(k));
+        outcome.changed |=
+            known.len() != self.known.len() || known.keys().any(|k| !self.known.contains_key(k));
         self.known = known;
         if !outcome.changed {
             return (None, outcome);
         }
-        let mut tenants: Vec<_> = self.known.iter().map(|(p, (_, t))| (p.clone(), t.clone())).collect();
+        let mut tenants: Vec<_> = self
+            .known
+            .iter()
+            .map(|(p, (_, t))| (p.clone(), t.clone()))
+            .collect();
         tenants.sort_by(|a, b| a.0.cmp(&b.0));
-        (Some(ConfigSet { tenants: tenants.into_iter().map(|(_, t)| t).collect() }), outcome)
+        (
+            Some(ConfigSet {
+                tenants: tenants.into_iter().map(|(_, t)| t).collect(),
+            }),
+            outcome,
+        )
     }
 
     fn compile(&self, path: &Path, bytes: &[u8]) -> Result<Tenant, ConfigError> {
-        let config: ProxyConfig = serde_json::from_slice(bytes)
-            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: scrub(&e.to_string()) })?;
-        Tenant::compile(&config, &self.limiters)
-            .map_err(|source| ConfigError::Compile { path: path.to_path_buf(), source })
+        let config: ProxyConfig =
+            serde_json::from_slice(bytes).map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: scrub(&e.to_string()),
+            })?;
+        Tenant::compile(&config, &self.limiters).map_err(|source| ConfigError::Compile {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 }
 
@@ -199,10 +229,16 @@ pub fn spawn_watcher(
             let _ = tx.send(());
         }
     })
-    .map_err(|source| ConfigError::Watch { path: loader.dir.clone(), source })?;
+    .map_err(|source| ConfigError::Watch {
+        path: loader.dir.clone(),
+        source,
+    })?;
     watcher
         .watch(&loader.dir, RecursiveMode::Recursive)
-        .map_err(|source| ConfigError::Watch { path: loader.dir.clone(), source })?;
+        .map_err(|source| ConfigError::Watch {
+            path: loader.dir.clone(),
+            source,
+        })?;
     Ok(tokio::spawn(async move {
         let _watcher = watcher;
         let mut ticker = tokio::time::interval(poll);
@@ -244,7 +280,11 @@ mod tests {
     #[test]
     fn loads_a_direct_file_and_skips_unchanged() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(FILE_NAME), config_json("a", "sk-ant-api03-x", "ck_live_a")).unwrap();
+        std::fs::write(
+            dir.path().join(FILE_NAME),
+            config_json("a", "sk-ant-api03-x", "ck_live_a"),
+        )
+        .unwrap();
         let mut l = loader(dir.path(), Mode::Sidecar);
         let (set, outcome) = l.reload();
         assert!(outcome.errors.is_empty());
@@ -258,11 +298,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for name in ["a", "b"] {
             std::fs::create_dir(dir.path().join(name)).unwrap();
-            std::fs::write(dir.path().join(name).join(FILE_NAME), config_json(name, "sk-ant-api03-x", name)).unwrap();
+            std::fs::write(
+                dir.path().join(name).join(FILE_NAME),
+                config_json(name, "sk-ant-api03-x", name),
+            )
+            .unwrap();
         }
         std::fs::create_dir(dir.path().join("..data")).unwrap();
         let (set, _) = loader(dir.path(), Mode::Gateway).reload();
-        let labels: Vec<_> = set.unwrap().tenants.iter().map(|t| t.label.clone()).collect();
+        let labels: Vec<_> = set
+            .unwrap()
+            .tenants
+            .iter()
+            .map(|t| t.label.clone())
+            .collect();
         assert_eq!(labels, ["team-a/a", "team-a/b"]);
     }
 
@@ -273,7 +322,11 @@ mod tests {
         std::fs::write(&file, config_json("a", "sk-ant-api03-good", "k")).unwrap();
         let mut l = loader(dir.path(), Mode::Sidecar);
         assert!(l.reload().0.is_some());
-        std::fs::write(&file, r#"{"claudeKey": {"namespace": "sk-ant-api03-leak", "name": 5}}"#).unwrap();
+        std::fs::write(
+            &file,
+            r#"{"claudeKey": {"namespace": "sk-ant-api03-leak", "name": 5}}"#,
+        )
+        .unwrap();
         let (set, outcome) = l.reload();
         assert!(set.is_none());
         let message = outcome.errors[0].to_string();
@@ -289,11 +342,18 @@ mod tests {
         std::fs::write(dir.path().join(FILE_NAME), bad).unwrap();
         let (set, outcome) = loader(dir.path(), Mode::Sidecar).reload();
         assert!(set.is_none());
-        assert!(outcome.errors[0].to_string().contains("workload key hash ck:1"));
+        assert!(
+            outcome.errors[0]
+                .to_string()
+                .contains("workload key hash ck:1")
+        );
     }
 
     #[test]
     fn scrub_removes_quoted_values() {
-        assert_eq!(scrub(r#"invalid type: string "sk-ant-x", expected u32 at line 1"#), r#"invalid type: string "…", expected u32 at line 1"#);
+        assert_eq!(
+            scrub(r#"invalid type: string "sk-ant-x", expected u32 at line 1"#),
+            r#"invalid type: string "…", expected u32 at line 1"#
+        );
     }
 }

@@ -25,7 +25,11 @@ pub enum ApiError {
     /// `retry_after` is when trying again can succeed; `retryable` is false when it never can
     /// (a request larger than the whole budget), so SDKs stop retrying at once.
     #[error("{message}")]
-    RateLimited { message: String, retry_after: Duration, retryable: bool },
+    RateLimited {
+        message: String,
+        retry_after: Duration,
+        retryable: bool,
+    },
     #[error("{0}")]
     BadGateway(String),
     #[error("{0}")]
@@ -73,12 +77,19 @@ impl ApiError {
         let mut response = Response::new(full(Bytes::from(body.to_string())));
         *response.status_mut() = status;
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let Ok(id) = HeaderValue::from_str(request_id) {
             headers.insert("request-id", id);
         }
         match &self {
-            Self::RateLimited { retry_after, retryable, .. } => {
+            Self::RateLimited {
+                retry_after,
+                retryable,
+                ..
+            } => {
                 let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
                 if !retryable {
@@ -141,13 +152,25 @@ mod tests {
     #[test]
     fn statuses_and_kinds() {
         let cases = [
-            (ApiError::InvalidRequest(String::new()), 400, "invalid_request_error"),
-            (ApiError::Authentication(String::new()), 401, "authentication_error"),
+            (
+                ApiError::InvalidRequest(String::new()),
+                400,
+                "invalid_request_error",
+            ),
+            (
+                ApiError::Authentication(String::new()),
+                401,
+                "authentication_error",
+            ),
             (ApiError::Permission(String::new()), 403, "permission_error"),
             (ApiError::NotFound(String::new()), 404, "not_found_error"),
             (ApiError::TooLarge(String::new()), 413, "request_too_large"),
             (ApiError::BadGateway(String::new()), 502, "api_error"),
-            (ApiError::GatewayTimeout(String::new()), 504, "timeout_error"),
+            (
+                ApiError::GatewayTimeout(String::new()),
+                504,
+                "timeout_error",
+            ),
         ];
         for (err, status, kind) in cases {
             assert_eq!(err.status().as_u16(), status);

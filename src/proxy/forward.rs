@@ -54,9 +54,13 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(url: &str, header_timeout: Duration) -> Result<Self, ForwardError> {
-        let parsed: Uri = url.parse().map_err(|_| ForwardError::Url { url: url.to_string() })?;
+        let parsed: Uri = url.parse().map_err(|_| ForwardError::Url {
+            url: url.to_string(),
+        })?;
         if !matches!(parsed.scheme_str(), Some("http" | "https")) || parsed.authority().is_none() {
-            return Err(ForwardError::Url { url: url.to_string() });
+            return Err(ForwardError::Url {
+                url: url.to_string(),
+            });
         }
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
@@ -72,7 +76,11 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
             .build(https);
-        Ok(Self { client, base: url.trim_end_matches('/').to_string(), header_timeout })
+        Ok(Self {
+            client,
+            base: url.trim_end_matches('/').to_string(),
+            header_timeout,
+        })
     }
 
     /// The request to the upstream: same method, path, query and headers (anthropic-version and
@@ -108,9 +116,13 @@ impl Upstream {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "upstream request failed");
-                Err(ApiError::BadGateway("the upstream Anthropic API could not be reached".into()))
+                Err(ApiError::BadGateway(
+                    "the upstream Anthropic API could not be reached".into(),
+                ))
             }
-            Err(_) => Err(ApiError::GatewayTimeout("the upstream Anthropic API did not answer in time".into())),
+            Err(_) => Err(ApiError::GatewayTimeout(
+                "the upstream Anthropic API did not answer in time".into(),
+            )),
         }
     }
 
@@ -130,7 +142,13 @@ pub fn copy_response_headers(from: &HeaderMap, to: &mut HeaderMap, body_changed:
     for (name, value) in from {
         let hop = matches!(
             name.as_str(),
-            "connection" | "keep-alive" | "proxy-connection" | "te" | "trailer" | "transfer-encoding" | "upgrade"
+            "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "te"
+                | "trailer"
+                | "transfer-encoding"
+                | "upgrade"
         );
         if hop || (body_changed && name == header::CONTENT_LENGTH) {
             continue;
@@ -161,7 +179,13 @@ mod tests {
         }
         let key = HeaderValue::from_static("sk-ant-api03-upstream");
         let req = upstream
-            .request(&Method::POST, "/v1/messages?beta=true", &headers, &key, full(Bytes::new()))
+            .request(
+                &Method::POST,
+                "/v1/messages?beta=true",
+                &headers,
+                &key,
+                full(Bytes::new()),
+            )
             .unwrap();
         assert_eq!(req.uri(), "http://127.0.0.1:9/v1/messages?beta=true");
         let h = req.headers();
@@ -169,7 +193,11 @@ mod tests {
         assert!(h.get("authorization").is_none());
         assert_eq!(h["anthropic-version"], "2023-06-01");
         assert_eq!(h["anthropic-beta"], "prompt-caching-2024-07-31");
-        assert!(h.get("accept-encoding").is_none() && h.get("connection").is_none() && h.get("host").is_none());
+        assert!(
+            h.get("accept-encoding").is_none()
+                && h.get("connection").is_none()
+                && h.get("host").is_none()
+        );
         assert_eq!(h.get_all("x-api-key").iter().count(), 1);
     }
 

@@ -111,22 +111,34 @@ impl KeyLimiter {
             None => None,
         };
         let new_level = match spec.tokens_per_minute {
-            Some(tpm) if reserve_tokens > 0 => Some(bucket(state.tokens, tpm, reserve_tokens, now)?),
+            Some(tpm) if reserve_tokens > 0 => {
+                Some(bucket(state.tokens, tpm, reserve_tokens, now)?)
+            }
             _ => None,
         };
         if let (Some(per_hour), Some(user)) = (spec.per_user_requests_per_hour, user) {
             let window = state.users.entry(user.to_owned()).or_default();
-            while window.front().is_some_and(|t| now.duration_since(*t) >= HOUR) {
+            while window
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= HOUR)
+            {
                 window.pop_front();
             }
             if window.len() >= per_hour as usize {
                 let oldest = window.front().copied().unwrap_or(now);
                 let retry_after = HOUR.saturating_sub(now.duration_since(oldest));
-                return Err(refuse(Limit::User, "this end user's requests per hour", retry_after, true));
+                return Err(refuse(
+                    Limit::User,
+                    "this end user's requests per hour",
+                    retry_after,
+                    true,
+                ));
             }
             window.push_back(now);
             if state.users.len() > MAX_IDLE_USERS {
-                state.users.retain(|_, w| w.back().is_some_and(|t| now.duration_since(*t) < HOUR));
+                state
+                    .users
+                    .retain(|_, w| w.back().is_some_and(|t| now.duration_since(*t) < HOUR));
             }
         }
         if let Some(tat) = new_tat {
@@ -139,7 +151,10 @@ impl KeyLimiter {
             }
             None => 0,
         };
-        Ok(Reservation { limiter: self.clone(), tokens: reserved })
+        Ok(Reservation {
+            limiter: self.clone(),
+            tokens: reserved,
+        })
     }
 }
 
@@ -150,14 +165,24 @@ fn gcra(tat: Option<Instant>, rpm: u32, now: Instant) -> Result<Instant, Refusal
     let tat = tat.map_or(now, |t| t.max(now));
     let ahead = tat.duration_since(now);
     if ahead > tolerance {
-        return Err(refuse(Limit::Requests, "requests per minute", ahead - tolerance, true));
+        return Err(refuse(
+            Limit::Requests,
+            "requests per minute",
+            ahead - tolerance,
+            true,
+        ));
     }
     Ok(tat + interval)
 }
 
 /// A bucket of `tpm` tokens refilled continuously over a minute: returns the level after the
 /// reservation.
-fn bucket(current: Option<(f64, Instant)>, tpm: u64, want: u64, now: Instant) -> Result<f64, Refusal> {
+fn bucket(
+    current: Option<(f64, Instant)>,
+    tpm: u64,
+    want: u64,
+    now: Instant,
+) -> Result<f64, Refusal> {
     let capacity = tpm as f64;
     let per_sec = capacity / MINUTE.as_secs_f64();
     let level = match current {
@@ -166,7 +191,12 @@ fn bucket(current: Option<(f64, Instant)>, tpm: u64, want: u64, now: Instant) ->
     };
     let want = want as f64;
     if want > capacity {
-        return Err(refuse(Limit::Tokens, "tokens per minute (this request alone needs more)", MINUTE, false));
+        return Err(refuse(
+            Limit::Tokens,
+            "tokens per minute (this request alone needs more)",
+            MINUTE,
+            false,
+        ));
     }
     if level < want {
         let wait = Duration::from_secs_f64(((want - level) / per_sec).max(0.001));
@@ -191,11 +221,17 @@ mod tests {
     use super::*;
 
     fn id(name: &str) -> ClaudeKeyRef {
-        ClaudeKeyRef { namespace: "ns".into(), name: name.into() }
+        ClaudeKeyRef {
+            namespace: "ns".into(),
+            name: name.into(),
+        }
     }
 
     fn rpm(n: u32) -> LimitsSpec {
-        LimitsSpec { requests_per_minute: Some(n), ..Default::default() }
+        LimitsSpec {
+            requests_per_minute: Some(n),
+            ..Default::default()
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -206,7 +242,14 @@ mod tests {
         }
         let refusal = limiter.admit(&rpm(3), None, 0).unwrap_err();
         assert_eq!(refusal.limit, Limit::Requests);
-        let ApiError::RateLimited { retry_after, retryable, .. } = refusal.error else { panic!() };
+        let ApiError::RateLimited {
+            retry_after,
+            retryable,
+            ..
+        } = refusal.error
+        else {
+            panic!()
+        };
         assert!(retryable);
         assert_eq!(retry_after, Duration::from_secs(20));
         tokio::time::advance(Duration::from_secs(20)).await;
@@ -226,7 +269,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn tokens_reserve_then_settle() {
         let limiter = Limiters::default().for_key(&id("a"));
-        let spec = LimitsSpec { tokens_per_minute: Some(1000), ..Default::default() };
+        let spec = LimitsSpec {
+            tokens_per_minute: Some(1000),
+            ..Default::default()
+        };
         let first = limiter.admit(&spec, None, 600).unwrap();
         // Concurrent request cannot overrun: 400 left.
         let refusal = limiter.admit(&spec, None, 600).unwrap_err();
@@ -236,7 +282,9 @@ mod tests {
         let second = limiter.admit(&spec, None, 600).unwrap();
         // Usage above the reservation is charged.
         second.settle(900);
-        let ApiError::RateLimited { retry_after, .. } = limiter.admit(&spec, None, 100).unwrap_err().error else {
+        let ApiError::RateLimited { retry_after, .. } =
+            limiter.admit(&spec, None, 100).unwrap_err().error
+        else {
             panic!()
         };
         // 1000 - 600 + 500 - 600 + (600 - 900) = 0 left; 100 tokens take 6 s to refill.
@@ -248,8 +296,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn request_larger_than_the_budget_is_not_retryable() {
         let limiter = Limiters::default().for_key(&id("a"));
-        let spec = LimitsSpec { tokens_per_minute: Some(1000), ..Default::default() };
-        let ApiError::RateLimited { retryable, .. } = limiter.admit(&spec, None, 1001).unwrap_err().error else {
+        let spec = LimitsSpec {
+            tokens_per_minute: Some(1000),
+            ..Default::default()
+        };
+        let ApiError::RateLimited { retryable, .. } =
+            limiter.admit(&spec, None, 1001).unwrap_err().error
+        else {
             panic!()
         };
         assert!(!retryable);
@@ -258,11 +311,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn per_user_sliding_hour() {
         let limiter = Limiters::default().for_key(&id("a"));
-        let spec = LimitsSpec { per_user_requests_per_hour: Some(2), ..Default::default() };
+        let spec = LimitsSpec {
+            per_user_requests_per_hour: Some(2),
+            ..Default::default()
+        };
         limiter.admit(&spec, Some("u1"), 0).unwrap();
         tokio::time::advance(Duration::from_secs(1800)).await;
         limiter.admit(&spec, Some("u1"), 0).unwrap();
-        assert_eq!(limiter.admit(&spec, Some("u1"), 0).unwrap_err().limit, Limit::User);
+        assert_eq!(
+            limiter.admit(&spec, Some("u1"), 0).unwrap_err().limit,
+            Limit::User
+        );
         // Other users and requests without a user are not affected.
         limiter.admit(&spec, Some("u2"), 0).unwrap();
         limiter.admit(&spec, None, 0).unwrap();

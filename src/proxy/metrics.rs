@@ -80,7 +80,9 @@ impl Usage {
 }
 
 fn latency_histogram() -> Histogram {
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.5, 14))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0005, 2.5, 14,
+    ))
 }
 
 impl Default for Metrics {
@@ -98,14 +100,42 @@ impl Default for Metrics {
             open_models: Mutex::default(),
             registry: Registry::default(),
         };
-        registry.register("requests", "Requests by ClaudeKey, model, endpoint and status class", m.requests.clone());
-        registry.register("tokens", "Tokens by ClaudeKey, model and direction", m.tokens.clone());
-        registry.register("request_duration_seconds", "Time to the end of the response", m.latency.clone());
-        registry.register("rate_limited", "Requests refused by a limit", m.rate_limited.clone());
+        registry.register(
+            "requests",
+            "Requests by ClaudeKey, model, endpoint and status class",
+            m.requests.clone(),
+        );
+        registry.register(
+            "tokens",
+            "Tokens by ClaudeKey, model and direction",
+            m.tokens.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time to the end of the response",
+            m.latency.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused by a limit",
+            m.rate_limited.clone(),
+        );
         registry.register("redactions", "Redactions by detector", m.redactions.clone());
-        registry.register("injection_flags", "Requests flagged as prompt injection, by action", m.injections.clone());
-        registry.register("upstream_errors", "Upstream failures by kind", m.upstream_errors.clone());
-        registry.register("config_reloads", "Config reloads by result", m.reloads.clone());
+        registry.register(
+            "injection_flags",
+            "Requests flagged as prompt injection, by action",
+            m.injections.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Upstream failures by kind",
+            m.upstream_errors.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads by result",
+            m.reloads.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -114,7 +144,9 @@ impl Metrics {
     /// The model as a label: named only when the scope allows it (an explicit allowlist is a
     /// bounded set), else "other".
     pub fn model_label(&self, tenant: &Tenant, model: Option<&str>) -> String {
-        let Some(model) = model else { return "none".into() };
+        let Some(model) = model else {
+            return "none".into();
+        };
         if !tenant.scope.model_allowed(model) {
             return "other".into();
         }
@@ -123,7 +155,9 @@ impl Metrics {
         }
         let plausible = model.len() <= 64
             && model.starts_with("claude-")
-            && model.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+            && model
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
         let mut seen = self.open_models.lock().unwrap_or_else(|p| p.into_inner());
         if plausible && (seen.contains(model) || seen.len() < MAX_OPEN_MODELS) {
             seen.insert(model.to_string());
@@ -133,7 +167,15 @@ impl Metrics {
         }
     }
 
-    pub fn request(&self, claudekey: &str, model: &str, endpoint: &str, status: u16, elapsed: Duration, usage: &Usage) {
+    pub fn request(
+        &self,
+        claudekey: &str,
+        model: &str,
+        endpoint: &str,
+        status: u16,
+        elapsed: Duration,
+        usage: &Usage,
+    ) {
         let class = match status {
             200..=299 => "2xx",
             400..=499 => "4xx",
@@ -149,7 +191,10 @@ impl Metrics {
             })
             .inc();
         self.latency
-            .get_or_create(&LatencyLabels { claudekey: claudekey.into(), endpoint: endpoint.into() })
+            .get_or_create(&LatencyLabels {
+                claudekey: claudekey.into(),
+                endpoint: endpoint.into(),
+            })
             .observe(elapsed.as_secs_f64());
         for (direction, n) in [
             ("input", usage.input),
@@ -159,14 +204,23 @@ impl Metrics {
         ] {
             if n > 0 {
                 self.tokens
-                    .get_or_create(&TokenLabels { claudekey: claudekey.into(), model: model.into(), direction })
+                    .get_or_create(&TokenLabels {
+                        claudekey: claudekey.into(),
+                        model: model.into(),
+                        direction,
+                    })
                     .inc_by(n);
             }
         }
     }
 
     fn kind(family: &Family<KindLabels, Counter>, claudekey: &str, kind: &str, n: u64) {
-        family.get_or_create(&KindLabels { claudekey: claudekey.into(), kind: kind.into() }).inc_by(n);
+        family
+            .get_or_create(&KindLabels {
+                claudekey: claudekey.into(),
+                kind: kind.into(),
+            })
+            .inc_by(n);
     }
 
     pub fn rate_limited(&self, claudekey: &str, limit: &str) {
@@ -186,7 +240,11 @@ impl Metrics {
     }
 
     pub fn config_reload(&self, ok: bool) {
-        self.reloads.get_or_create(&ResultLabels { result: if ok { "ok" } else { "error" } }).inc();
+        self.reloads
+            .get_or_create(&ResultLabels {
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
     }
 
     /// OpenMetrics text.
@@ -213,7 +271,10 @@ pub async fn serve_admin(
                 let metrics = metrics.clone();
                 async move {
                     (
-                        [(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                        [(
+                            http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
                         metrics.encode(),
                     )
                 }
@@ -228,12 +289,17 @@ pub async fn serve_admin(
                     if ready {
                         (StatusCode::OK, "ready")
                     } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "no proxy config loaded yet")
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "no proxy config loaded yet",
+                        )
                     }
                 }
             }),
         );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 #[cfg(test)]
@@ -243,13 +309,26 @@ mod tests {
     #[test]
     fn encodes_requests_and_tokens() {
         let m = Metrics::default();
-        let usage = Usage { input: 10, output: 5, ..Default::default() };
-        m.request("ns/a", "claude-x", "messages", 200, Duration::from_millis(3), &usage);
+        let usage = Usage {
+            input: 10,
+            output: 5,
+            ..Default::default()
+        };
+        m.request(
+            "ns/a",
+            "claude-x",
+            "messages",
+            200,
+            Duration::from_millis(3),
+            &usage,
+        );
         m.rate_limited("ns/a", "tokensPerMinute");
         let text = m.encode();
         assert!(text.contains(r#"claudekey_proxy_requests_total{claudekey="ns/a",model="claude-x",endpoint="messages",status="2xx"} 1"#), "{text}");
         assert!(text.contains(r#"claudekey_proxy_tokens_total{claudekey="ns/a",model="claude-x",direction="input"} 10"#));
-        assert!(text.contains(r#"claudekey_proxy_rate_limited_total{claudekey="ns/a",kind="tokensPerMinute"} 1"#));
+        assert!(text.contains(
+            r#"claudekey_proxy_rate_limited_total{claudekey="ns/a",kind="tokensPerMinute"} 1"#
+        ));
         assert!(text.contains("claudekey_proxy_request_duration_seconds_bucket"));
     }
 }

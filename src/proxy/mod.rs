@@ -57,7 +57,11 @@ pub struct Args {
     #[arg(long, env = "CLAUDEKEY_PROXY_LISTEN")]
     pub listen: SocketAddr,
     /// Base URL of the Anthropic API (without /v1).
-    #[arg(long, env = "CLAUDEKEY_PROXY_UPSTREAM", default_value = "https://api.anthropic.com")]
+    #[arg(
+        long,
+        env = "CLAUDEKEY_PROXY_UPSTREAM",
+        default_value = "https://api.anthropic.com"
+    )]
     pub upstream: String,
     /// Audit log: a file to append to, or `-` for stdout.
     #[arg(long, env = "CLAUDEKEY_PROXY_AUDIT_LOG", default_value = "-")]
@@ -115,9 +119,16 @@ impl Proxy {
         let mut loader = Loader::new(settings.config_dir.clone(), settings.mode, Arc::default());
         config::reload_into(&mut loader, &store, &metrics);
         // Runs until the proxy is dropped (the task is aborted then).
-        let watcher = config::spawn_watcher(loader, store.clone(), metrics.clone(), settings.poll_interval, std::future::pending())?;
+        let watcher = config::spawn_watcher(
+            loader,
+            store.clone(),
+            metrics.clone(),
+            settings.poll_interval,
+            std::future::pending(),
+        )?;
         let upstream = forward::Upstream::new(&settings.upstream, settings.upstream_timeout)?;
-        let audit = audit::AuditSink::start(settings.audit.clone()).context("failed to open the audit log")?;
+        let audit = audit::AuditSink::start(settings.audit.clone())
+            .context("failed to open the audit log")?;
         let shared = Arc::new(pipeline::Shared {
             store: store.clone(),
             upstream,
@@ -126,12 +137,21 @@ impl Proxy {
             mode: settings.mode,
             pod: settings.pod,
         });
-        Ok(Self { shared, metrics, store, watcher })
+        Ok(Self {
+            shared,
+            metrics,
+            store,
+            watcher,
+        })
     }
 
     /// Serves the traffic listener until `shutdown` resolves, then lets open requests finish
     /// (streams included) for up to 30 s.
-    pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
         let graceful = GracefulShutdown::new();
         let builder = auto::Builder::new(TokioExecutor::new());
         tokio::pin!(shutdown);
@@ -150,7 +170,9 @@ impl Proxy {
             let _ = stream.set_nodelay(true);
             let shared = self.shared.clone();
             let service = service_fn(move |req| pipeline::handle(shared.clone(), req));
-            let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
             let connection = graceful.watch(connection);
             tokio::spawn(async move {
                 if let Err(e) = connection.await {
@@ -158,14 +180,21 @@ impl Proxy {
                 }
             });
         }
-        if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
+            .await
+            .is_err()
+        {
             tracing::warn!("connections still open after 30 s; closing them");
         }
         Ok(())
     }
 
     /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves.
-    pub async fn serve_admin(&self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn serve_admin(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         metrics::serve_admin(listener, self.metrics.clone(), self.store.clone(), shutdown).await
     }
 }
@@ -177,7 +206,11 @@ impl Drop for Proxy {
 }
 
 /// In-process entry point for tests and benches: start and serve until `shutdown`.
-pub async fn serve(settings: ProxySettings, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn serve(
+    settings: ProxySettings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let proxy = Proxy::start(settings)?;
     proxy.serve(listener, shutdown).await?;
     Ok(())
@@ -187,7 +220,9 @@ pub async fn serve(settings: ProxySettings, listener: TcpListener, shutdown: imp
 /// because nothing outside the pod can connect.
 pub fn check_listen(mode: Mode, listen: SocketAddr) -> anyhow::Result<()> {
     if mode == Mode::Sidecar && !listen.ip().is_loopback() {
-        anyhow::bail!("sidecar mode accepts unauthenticated requests, so it listens only on a loopback address, not {listen}");
+        anyhow::bail!(
+            "sidecar mode accepts unauthenticated requests, so it listens only on a loopback address, not {listen}"
+        );
     }
     Ok(())
 }
@@ -200,11 +235,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         path => AuditTarget::File(path.into()),
     };
     let proxy = Proxy::start(settings)?;
-    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("failed to listen on {}", args.listen))?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("failed to listen on {}", args.listen))?;
     tracing::info!(listen = %args.listen, mode = ?args.mode, upstream = %args.upstream, "proxy listening");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(addr) = args.metrics_listen {
-        let admin = TcpListener::bind(addr).await.with_context(|| format!("failed to listen on {addr}"))?;
+        let admin = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("failed to listen on {addr}"))?;
         let admin_proxy_metrics = proxy.metrics.clone();
         let store = proxy.store.clone();
         let mut rx = stop_rx.clone();
@@ -226,13 +265,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -255,12 +295,26 @@ mod tests {
 
     #[test]
     fn flags_and_defaults() {
-        let cli = Cli::try_parse_from(["x", "--config-dir", "/etc/claudekey/proxy", "--listen", "127.0.0.1:8484", "--metrics-listen", "--mode", "sidecar"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "x",
+            "--config-dir",
+            "/etc/claudekey/proxy",
+            "--listen",
+            "127.0.0.1:8484",
+            "--metrics-listen",
+            "--mode",
+            "sidecar",
+        ])
+        .unwrap();
         assert_eq!(cli.args.upstream, "https://api.anthropic.com");
-        assert_eq!(cli.args.metrics_listen, Some(DEFAULT_METRICS_LISTEN.parse().unwrap()));
+        assert_eq!(
+            cli.args.metrics_listen,
+            Some(DEFAULT_METRICS_LISTEN.parse().unwrap())
+        );
         assert_eq!(cli.args.mode, Mode::Sidecar);
         assert_eq!(cli.args.audit_log, "-");
-        let cli = Cli::try_parse_from(["x", "--config-dir", "d", "--listen", "0.0.0.0:8484"]).unwrap();
+        let cli =
+            Cli::try_parse_from(["x", "--config-dir", "d", "--listen", "0.0.0.0:8484"]).unwrap();
         assert_eq!(cli.args.mode, Mode::Gateway);
         assert_eq!(cli.args.metrics_listen, None);
     }

@@ -51,7 +51,10 @@ impl Counts {
     }
 
     /// `(detector name, count)` for every detector that fired.
-    pub fn named<'a>(&'a self, redactor: &'a Redactor) -> impl Iterator<Item = (&'a str, u32)> + 'a {
+    pub fn named<'a>(
+        &'a self,
+        redactor: &'a Redactor,
+    ) -> impl Iterator<Item = (&'a str, u32)> + 'a {
         self.0
             .iter()
             .enumerate()
@@ -71,7 +74,12 @@ impl Redactor {
     pub fn new(spec: &DataProtectionSpec) -> Result<Self, RedactError> {
         let mut rules = Vec::new();
         // Order is priority when matches overlap: the most specific detectors first.
-        for detector in [Detector::CreditCard, Detector::Ssn, Detector::Email, Detector::Phone] {
+        for detector in [
+            Detector::CreditCard,
+            Detector::Ssn,
+            Detector::Email,
+            Detector::Phone,
+        ] {
             if spec.redact.contains(&detector) {
                 rules.push(builtin(detector));
             }
@@ -80,7 +88,10 @@ impl Redactor {
             let regex = RegexBuilder::new(&custom.regex)
                 .size_limit(REGEX_SIZE_LIMIT)
                 .build()
-                .map_err(|source| RedactError::Pattern { name: custom.name.clone(), source })?;
+                .map_err(|source| RedactError::Pattern {
+                    name: custom.name.clone(),
+                    source,
+                })?;
             rules.push(Rule {
                 placeholder: format!("[REDACTED:{}]", custom.name),
                 name: custom.name.clone(),
@@ -91,7 +102,10 @@ impl Redactor {
         let prefilter = RegexSetBuilder::new(rules.iter().map(|r| r.regex.as_str()))
             .size_limit(REGEX_SIZE_LIMIT * 4)
             .build()
-            .map_err(|source| RedactError::Pattern { name: "(all)".into(), source })?;
+            .map_err(|source| RedactError::Pattern {
+                name: "(all)".into(),
+                source,
+            })?;
         Ok(Self { rules, prefilter })
     }
 
@@ -121,7 +135,11 @@ impl Redactor {
                 if m.is_empty() || r.validate.is_some_and(|ok| !ok(m.as_str())) {
                     continue;
                 }
-                all.push(Found { start: m.start(), end: m.end(), rule });
+                all.push(Found {
+                    start: m.start(),
+                    end: m.end(),
+                    rule,
+                });
             }
         }
         all.sort_by_key(|f| (f.start, std::cmp::Reverse(f.end), f.rule));
@@ -151,7 +169,11 @@ impl Redactor {
     /// (so callers can forward the original bytes untouched).
     pub fn redact(&self, text: &str, counts: &mut Counts) -> Option<String> {
         let found = self.find(text);
-        if found.is_empty() { None } else { Some(self.apply(text, &found, counts)) }
+        if found.is_empty() {
+            None
+        } else {
+            Some(self.apply(text, &found, counts))
+        }
     }
 }
 
@@ -205,9 +227,16 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
+/// A check a regex cannot express.
+type Validator = fn(&str) -> bool;
+
 fn builtin(detector: Detector) -> Rule {
-    let (name, pattern, validate): (&str, &str, Option<fn(&str) -> bool>) = match detector {
-        Detector::Email => ("email", r"(?i)\b[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}\b", None),
+    let (name, pattern, validate): (&str, &str, Option<Validator>) = match detector {
+        Detector::Email => (
+            "email",
+            r"(?i)\b[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}\b",
+            None,
+        ),
         Detector::Ssn => ("ssn", r"\b\d{3}-\d{2}-\d{4}\b", Some(valid_ssn)),
         Detector::Phone => (
             "phone",
@@ -244,9 +273,15 @@ pub fn luhn_valid(s: &str) -> bool {
         .iter()
         .rev()
         .enumerate()
-        .map(|(i, &d)| if i % 2 == 1 { if d * 2 > 9 { d * 2 - 9 } else { d * 2 } } else { d })
+        .map(|(i, &d)| {
+            if i % 2 == 1 {
+                if d * 2 > 9 { d * 2 - 9 } else { d * 2 }
+            } else {
+                d
+            }
+        })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 #[cfg(test)]
@@ -256,26 +291,44 @@ mod tests {
 
     fn all() -> Redactor {
         Redactor::new(&DataProtectionSpec {
-            redact: vec![Detector::Email, Detector::Ssn, Detector::Phone, Detector::CreditCard],
-            custom_patterns: vec![CustomPattern { name: "employee-id".into(), regex: "EMP-[0-9]{6}".into() }],
+            redact: vec![
+                Detector::Email,
+                Detector::Ssn,
+                Detector::Phone,
+                Detector::CreditCard,
+            ],
+            custom_patterns: vec![CustomPattern {
+                name: "employee-id".into(),
+                regex: "EMP-[0-9]{6}".into(),
+            }],
             ..Default::default()
         })
         .unwrap()
     }
 
     fn redact(r: &Redactor, text: &str) -> String {
-        r.redact(text, &mut Counts::default()).unwrap_or_else(|| text.to_string())
+        r.redact(text, &mut Counts::default())
+            .unwrap_or_else(|| text.to_string())
     }
 
     #[test]
     fn redacts_each_detector() {
         let r = all();
-        assert_eq!(redact(&r, "mail jane.doe@example.com now"), "mail [REDACTED:email] now");
+        assert_eq!(
+            redact(&r, "mail jane.doe@example.com now"),
+            "mail [REDACTED:email] now"
+        );
         assert_eq!(redact(&r, "ssn 123-45-6789."), "ssn [REDACTED:ssn].");
         assert_eq!(redact(&r, "call (555) 123-4567"), "call [REDACTED:phone]");
         assert_eq!(redact(&r, "call +1 555-123-4567"), "call [REDACTED:phone]");
-        assert_eq!(redact(&r, "card 4111 1111 1111 1111 ok"), "card [REDACTED:creditCard] ok");
-        assert_eq!(redact(&r, "card 4111-1111-1111-1111"), "card [REDACTED:creditCard]");
+        assert_eq!(
+            redact(&r, "card 4111 1111 1111 1111 ok"),
+            "card [REDACTED:creditCard] ok"
+        );
+        assert_eq!(
+            redact(&r, "card 4111-1111-1111-1111"),
+            "card [REDACTED:creditCard]"
+        );
         assert_eq!(redact(&r, "id EMP-123456"), "id [REDACTED:employee-id]");
     }
 
@@ -283,10 +336,19 @@ mod tests {
     fn leaves_look_alikes_alone() {
         let r = all();
         // Fails Luhn.
-        assert_eq!(redact(&r, "order 4111 1111 1111 1112"), "order 4111 1111 1111 1112");
+        assert_eq!(
+            redact(&r, "order 4111 1111 1111 1112"),
+            "order 4111 1111 1111 1112"
+        );
         // Reserved SSN areas.
-        assert_eq!(redact(&r, "ref 000-12-3456 and 666-12-3456"), "ref 000-12-3456 and 666-12-3456");
-        assert!(r.redact("nothing to see here", &mut Counts::default()).is_none());
+        assert_eq!(
+            redact(&r, "ref 000-12-3456 and 666-12-3456"),
+            "ref 000-12-3456 and 666-12-3456"
+        );
+        assert!(
+            r.redact("nothing to see here", &mut Counts::default())
+                .is_none()
+        );
     }
 
     #[test]
@@ -301,20 +363,37 @@ mod tests {
 
     #[test]
     fn only_configured_detectors_run() {
-        let r = Redactor::new(&DataProtectionSpec { redact: vec![Detector::Email], ..Default::default() }).unwrap();
-        assert_eq!(redact(&r, "x@y.com 123-45-6789"), "[REDACTED:email] 123-45-6789");
-        assert!(Redactor::new(&DataProtectionSpec::default()).unwrap().is_empty());
+        let r = Redactor::new(&DataProtectionSpec {
+            redact: vec![Detector::Email],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            redact(&r, "x@y.com 123-45-6789"),
+            "[REDACTED:email] 123-45-6789"
+        );
+        assert!(
+            Redactor::new(&DataProtectionSpec::default())
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
     fn bad_custom_pattern_is_named() {
         let err = Redactor::new(&DataProtectionSpec {
-            custom_patterns: vec![CustomPattern { name: "broken".into(), regex: "(".into() }],
+            custom_patterns: vec![CustomPattern {
+                name: "broken".into(),
+                regex: "(".into(),
+            }],
             ..Default::default()
         })
         .err()
         .unwrap();
-        assert!(err.to_string().starts_with("failed to compile custom pattern broken"));
+        assert!(
+            err.to_string()
+                .starts_with("failed to compile custom pattern broken")
+        );
     }
 
     #[test]
@@ -339,8 +418,19 @@ mod tests {
     #[test]
     fn stream_catches_matches_split_across_pieces() {
         let r = all();
-        let (out, n) = stream(&r, &["write to jane.d", "oe@exam", "ple.com or call 555-", "123-4567 today"]);
-        assert_eq!(out, "write to [REDACTED:email] or call [REDACTED:phone] today");
+        let (out, n) = stream(
+            &r,
+            &[
+                "write to jane.d",
+                "oe@exam",
+                "ple.com or call 555-",
+                "123-4567 today",
+            ],
+        );
+        assert_eq!(
+            out,
+            "write to [REDACTED:email] or call [REDACTED:phone] today"
+        );
         assert_eq!(n, 2);
     }
 
@@ -360,7 +450,12 @@ mod tests {
     fn stream_handles_multibyte_text() {
         let r = all();
         let text = "é".repeat(200) + " a@b.io";
-        let pieces: Vec<String> = text.chars().collect::<Vec<_>>().chunks(7).map(|c| c.iter().collect()).collect();
+        let pieces: Vec<String> = text
+            .chars()
+            .collect::<Vec<_>>()
+            .chunks(7)
+            .map(|c| c.iter().collect())
+            .collect();
         let refs: Vec<&str> = pieces.iter().map(String::as_str).collect();
         let (out, n) = stream(&r, &refs);
         assert_eq!(out, "é".repeat(200) + " [REDACTED:email]");

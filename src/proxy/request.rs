@@ -21,8 +21,13 @@ pub struct Facts {
 }
 
 pub fn parse(body: &[u8]) -> Result<Value, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::InvalidRequest(format!("request body is not valid JSON (line {}, column {})", e.line(), e.column())))
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::InvalidRequest(format!(
+            "request body is not valid JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })
 }
 
 pub fn facts(body: &Value) -> Facts {
@@ -32,7 +37,10 @@ pub fn facts(body: &Value) -> Facts {
         model: body.get("model").and_then(Value::as_str).map(str::to_owned),
         max_tokens: body.get("max_tokens").and_then(Value::as_u64),
         stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
-        user_id: body.pointer("/metadata/user_id").and_then(Value::as_str).map(str::to_owned),
+        user_id: body
+            .pointer("/metadata/user_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
         input_chars,
     }
 }
@@ -50,12 +58,15 @@ pub fn batch_params(body: &Value) -> impl Iterator<Item = &Value> {
 /// content. Only `text` fields and string contents are visited, never ids, base64 data or JSON
 /// tool inputs, so redaction cannot corrupt them.
 pub fn visit_texts(body: &Value, with_system: bool, f: &mut dyn FnMut(&str)) {
-    if with_system {
-        if let Some(system) = body.get("system") {
-            visit_content(system, f);
-        }
+    if with_system && let Some(system) = body.get("system") {
+        visit_content(system, f);
     }
-    for message in body.get("messages").and_then(Value::as_array).into_iter().flatten() {
+    for message in body
+        .get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         if let Some(content) = message.get("content") {
             visit_content(content, f);
         }
@@ -156,7 +167,10 @@ mod tests {
         assert_eq!(f.max_tokens, Some(100));
         assert!(f.stream);
         assert_eq!(f.user_id.as_deref(), Some("u-1"));
-        assert_eq!(f.input_chars, ("sys".len() + "hello".len() + "hi".len() + "res".len()) as u64);
+        assert_eq!(
+            f.input_chars,
+            ("sys".len() + "hello".len() + "hi".len() + "res".len()) as u64
+        );
     }
 
     #[test]
@@ -167,7 +181,10 @@ mod tests {
         assert_eq!(body["system"][0]["text"], "SYS");
         assert_eq!(body["messages"][0]["content"], "HELLO");
         assert_eq!(body["messages"][1]["content"][1]["input"]["q"], "x");
-        assert_eq!(body["messages"][2]["content"][0]["content"][0]["text"], "RES");
+        assert_eq!(
+            body["messages"][2]["content"][0]["content"][0]["text"],
+            "RES"
+        );
         assert_eq!(body["messages"][2]["content"][1]["source"]["data"], "AAAA");
         assert!(!rewrite_texts(&mut body, &mut |_| None));
     }

@@ -10,7 +10,10 @@ use crate::crd::{Endpoint, ScopeSpec};
 #[derive(Debug, thiserror::Error)]
 pub enum ScopeError {
     #[error("failed to compile model glob {pattern:?}: {source}")]
-    Glob { pattern: String, source: globset::Error },
+    Glob {
+        pattern: String,
+        source: globset::Error,
+    },
 }
 
 /// What a request path is, before the scope is asked whether it is allowed.
@@ -81,7 +84,11 @@ pub fn classify(method: &Method, path_and_query: &str) -> Result<Route, ApiError
 /// Ids and names only: no empty, dot or percent-encoded segments that an upstream might
 /// normalize into a different, unchecked path.
 fn valid_segment(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.') && s != "." && s != ".."
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        && s != "."
+        && s != ".."
 }
 
 fn not_found(path: &str) -> ApiError {
@@ -104,13 +111,21 @@ impl Scope {
         } else {
             let mut builder = GlobSetBuilder::new();
             for pattern in &spec.models {
-                let glob = Glob::new(pattern)
-                    .map_err(|source| ScopeError::Glob { pattern: pattern.clone(), source })?;
+                let glob = Glob::new(pattern).map_err(|source| ScopeError::Glob {
+                    pattern: pattern.clone(),
+                    source,
+                })?;
                 builder.add(glob);
             }
-            Some(builder.build().map_err(|source| ScopeError::Glob { pattern: spec.models.join(","), source })?)
+            Some(builder.build().map_err(|source| ScopeError::Glob {
+                pattern: spec.models.join(","),
+                source,
+            })?)
         };
-        Ok(Self { endpoints: spec.endpoints.clone(), models })
+        Ok(Self {
+            endpoints: spec.endpoints.clone(),
+            models,
+        })
     }
 
     pub fn check_endpoint(&self, route: Route) -> Result<(), ApiError> {
@@ -139,7 +154,9 @@ impl Scope {
             Ok(())
         } else {
             let shown: String = model.chars().take(100).collect();
-            Err(ApiError::Permission(format!("model {shown} is not allowed by this ClaudeKey's scope")))
+            Err(ApiError::Permission(format!(
+                "model {shown} is not allowed by this ClaudeKey's scope"
+            )))
         }
     }
 }
@@ -159,13 +176,34 @@ mod tests {
 
     #[test]
     fn routes_ignore_the_query_string() {
-        assert_eq!(classify(&Method::POST, "/v1/messages?beta=true").unwrap(), Route::Messages);
-        assert_eq!(classify(&Method::POST, "/v1/messages/count_tokens?beta=true").unwrap(), Route::CountTokens);
-        assert_eq!(classify(&Method::GET, "/v1/models?limit=20").unwrap(), Route::Models);
-        assert_eq!(classify(&Method::GET, "/v1/models/claude-sonnet-4-5").unwrap(), Route::Models);
-        assert_eq!(classify(&Method::POST, "/v1/messages/batches").unwrap(), Route::BatchCreate);
-        assert_eq!(classify(&Method::GET, "/v1/messages/batches/msgbatch_1/results").unwrap(), Route::Batches);
-        assert_eq!(classify(&Method::DELETE, "/v1/files/file_1").unwrap(), Route::Files);
+        assert_eq!(
+            classify(&Method::POST, "/v1/messages?beta=true").unwrap(),
+            Route::Messages
+        );
+        assert_eq!(
+            classify(&Method::POST, "/v1/messages/count_tokens?beta=true").unwrap(),
+            Route::CountTokens
+        );
+        assert_eq!(
+            classify(&Method::GET, "/v1/models?limit=20").unwrap(),
+            Route::Models
+        );
+        assert_eq!(
+            classify(&Method::GET, "/v1/models/claude-sonnet-4-5").unwrap(),
+            Route::Models
+        );
+        assert_eq!(
+            classify(&Method::POST, "/v1/messages/batches").unwrap(),
+            Route::BatchCreate
+        );
+        assert_eq!(
+            classify(&Method::GET, "/v1/messages/batches/msgbatch_1/results").unwrap(),
+            Route::Batches
+        );
+        assert_eq!(
+            classify(&Method::DELETE, "/v1/files/file_1").unwrap(),
+            Route::Files
+        );
     }
 
     #[test]
@@ -190,7 +228,10 @@ mod tests {
     fn endpoints_by_scope() {
         let s = scope(&[], vec![Endpoint::Messages]);
         assert!(s.check_endpoint(Route::Messages).is_ok());
-        assert_eq!(s.check_endpoint(Route::CountTokens).unwrap_err().status(), 403);
+        assert_eq!(
+            s.check_endpoint(Route::CountTokens).unwrap_err().status(),
+            403
+        );
         assert_eq!(s.check_endpoint(Route::Files).unwrap_err().status(), 403);
         let s = scope(&[], vec![Endpoint::Batches]);
         assert!(s.check_endpoint(Route::BatchCreate).is_ok());

@@ -49,7 +49,14 @@ impl SseTransformer {
     /// `redact_with` is the tenant whose redactor rewrites text deltas, or `None` to pass them.
     pub fn new(redact_with: Option<Arc<Tenant>>) -> Self {
         let tenant = redact_with.filter(|t| t.redact_responses && !t.redactor.is_empty());
-        Self { buf: BytesMut::new(), tenant, blocks: Vec::new(), usage: Usage::default(), counts: Counts::default(), error: None }
+        Self {
+            buf: BytesMut::new(),
+            tenant,
+            blocks: Vec::new(),
+            usage: Usage::default(),
+            counts: Counts::default(),
+            error: None,
+        }
     }
 
     /// Adds upstream bytes; returns every complete event, ready to send (maybe empty).
@@ -117,7 +124,10 @@ impl SseTransformer {
                 }
             }
             Some("error") => {
-                let kind = json.pointer("/error/type").and_then(Value::as_str).unwrap_or("error");
+                let kind = json
+                    .pointer("/error/type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("error");
                 // Bounded: Anthropic's error types are short identifiers.
                 self.error = Some(kind.chars().take(64).collect());
             }
@@ -136,7 +146,9 @@ impl SseTransformer {
             out.extend_from_slice(raw);
             return;
         };
-        let Some(tenant) = self.tenant.clone() else { return };
+        let Some(tenant) = self.tenant.clone() else {
+            return;
+        };
         let block = match self.blocks.iter().position(|(i, _)| *i == index) {
             Some(p) => p,
             None => {
@@ -144,7 +156,9 @@ impl SseTransformer {
                 self.blocks.len() - 1
             }
         };
-        let safe = self.blocks[block].1.push(&tenant.redactor, text, &mut self.counts);
+        let safe = self.blocks[block]
+            .1
+            .push(&tenant.redactor, text, &mut self.counts);
         if !safe.is_empty() {
             *text = safe;
             write_event(out, "content_block_delta", &json);
@@ -153,9 +167,13 @@ impl SseTransformer {
 
     /// Sends a block's held-back text as one more delta, before its `content_block_stop`.
     fn flush_block(&mut self, index: u64, out: &mut BytesMut) {
-        let Some(p) = self.blocks.iter().position(|(i, _)| *i == index) else { return };
+        let Some(p) = self.blocks.iter().position(|(i, _)| *i == index) else {
+            return;
+        };
         let (_, mut carry) = self.blocks.swap_remove(p);
-        let Some(tenant) = self.tenant.clone() else { return };
+        let Some(tenant) = self.tenant.clone() else {
+            return;
+        };
         let rest = carry.finish(&tenant.redactor, &mut self.counts);
         if !rest.is_empty() {
             let json = serde_json::json!({
@@ -195,7 +213,9 @@ fn event_end(buf: &[u8]) -> Option<usize> {
 /// The `event:` name and the `data:` payload (multi-line data joined is not needed: the API
 /// sends one data line per event; the first is taken).
 fn parse_event(raw: &[u8]) -> (Option<&str>, Option<&str>) {
-    let Ok(text) = std::str::from_utf8(raw) else { return (None, None) };
+    let Ok(text) = std::str::from_utf8(raw) else {
+        return (None, None);
+    };
     let mut name = None;
     let mut data = None;
     for line in text.lines() {
@@ -238,8 +258,11 @@ mod tests {
             "policy": {}
         }))
         .unwrap();
-        config.policy.data_protection =
-            DataProtectionSpec { redact: vec![Detector::Email], redact_responses, ..Default::default() };
+        config.policy.data_protection = DataProtectionSpec {
+            redact: vec![Detector::Email],
+            redact_responses,
+            ..Default::default()
+        };
         Arc::new(Tenant::compile(&config, &Limiters::default()).unwrap())
     }
 
@@ -256,7 +279,11 @@ mod tests {
         sse.split("\n\n")
             .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
             .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-            .filter_map(|j| j.pointer("/delta/text").and_then(Value::as_str).map(str::to_owned))
+            .filter_map(|j| {
+                j.pointer("/delta/text")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
             .collect()
     }
 
@@ -265,7 +292,15 @@ mod tests {
         for chunk in [1, 7, 64, 10_000] {
             let mut t = SseTransformer::new(None);
             assert_eq!(run(&mut t, chunk), STREAM);
-            assert_eq!(t.usage, Usage { input: 25, output: 15, cache_creation: 0, cache_read: 3 });
+            assert_eq!(
+                t.usage,
+                Usage {
+                    input: 25,
+                    output: 15,
+                    cache_creation: 0,
+                    cache_read: 3
+                }
+            );
             assert!(t.error.is_none());
         }
     }

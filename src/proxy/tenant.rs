@@ -59,15 +59,24 @@ pub struct Tenant {
 
 impl Tenant {
     pub fn compile(config: &ProxyConfig, limiters: &Limiters) -> Result<Self, TenantError> {
-        let current = config.current_upstream().ok_or(TenantError::NoCurrentUpstream)?;
+        let current = config
+            .current_upstream()
+            .ok_or(TenantError::NoCurrentUpstream)?;
         let ordered = std::iter::once(current)
             .chain(config.upstream.iter().filter(|u| u.valid_until.is_some()));
         let upstream = ordered
             .map(|u| {
-                let mut header = HeaderValue::from_str(u.key.expose_secret())
-                    .map_err(|_| TenantError::UpstreamKey { fingerprint: u.fingerprint.clone() })?;
+                let mut header = HeaderValue::from_str(u.key.expose_secret()).map_err(|_| {
+                    TenantError::UpstreamKey {
+                        fingerprint: u.fingerprint.clone(),
+                    }
+                })?;
                 header.set_sensitive(true);
-                Ok(UpstreamKey { header, fingerprint: u.fingerprint.clone(), valid_until: u.valid_until })
+                Ok(UpstreamKey {
+                    header,
+                    fingerprint: u.fingerprint.clone(),
+                    valid_until: u.valid_until,
+                })
             })
             .collect::<Result<_, TenantError>>()?;
         let workload_keys = config
@@ -75,9 +84,16 @@ impl Tenant {
             .iter()
             .map(|w| {
                 let mut sha256 = [0u8; 32];
-                hex::decode_to_slice(w.sha256.trim(), &mut sha256)
-                    .map_err(|_| TenantError::Hash { fingerprint: w.fingerprint.clone() })?;
-                Ok(WorkloadHash { sha256, fingerprint: w.fingerprint.clone(), valid_until: w.valid_until })
+                hex::decode_to_slice(w.sha256.trim(), &mut sha256).map_err(|_| {
+                    TenantError::Hash {
+                        fingerprint: w.fingerprint.clone(),
+                    }
+                })?;
+                Ok(WorkloadHash {
+                    sha256,
+                    fingerprint: w.fingerprint.clone(),
+                    valid_until: w.valid_until,
+                })
             })
             .collect::<Result<_, TenantError>>()?;
         let policy = &config.policy;
@@ -104,7 +120,10 @@ impl Tenant {
 
     /// A previous upstream key still in its grace period, for one retry after a 401.
     pub fn previous_upstream(&self, now: DateTime<Utc>) -> Option<&UpstreamKey> {
-        self.upstream.iter().skip(1).find(|u| still_valid(u.valid_until, now))
+        self.upstream
+            .iter()
+            .skip(1)
+            .find(|u| still_valid(u.valid_until, now))
     }
 
     pub fn expired(&self, now: DateTime<Utc>) -> bool {
@@ -115,6 +134,8 @@ impl Tenant {
 /// Names the ClaudeKey only: keys and compiled policy stay out of any debug output.
 impl std::fmt::Debug for Tenant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tenant").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("Tenant")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }

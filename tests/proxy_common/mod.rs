@@ -32,7 +32,12 @@ pub const WORKLOAD_A: &str = "ck_live_workloadAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
 pub const WORKLOAD_B: &str = "ck_live_workloadBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB";
 
 /// A `proxy.json` as the controller writes it. `upstream` and `workload` are (key, validUntil).
-pub fn proxy_json(name: &str, upstream: &[(&str, Option<&str>)], workload: &[(&str, Option<&str>)], policy: Value) -> String {
+pub fn proxy_json(
+    name: &str,
+    upstream: &[(&str, Option<&str>)],
+    workload: &[(&str, Option<&str>)],
+    policy: Value,
+) -> String {
     let upstream: Vec<Value> = upstream
         .iter()
         .map(|(k, until)| json!({ "key": k, "fingerprint": format!("up:{}", &sha256_hex(k)[..8]), "validUntil": until }))
@@ -57,7 +62,10 @@ static GENERATION: AtomicU64 = AtomicU64::new(0);
 /// a symlink to `..data/proxy.json`. The old directory is removed afterwards.
 pub fn kubelet_write(dir: &Path, proxy_json: &str) {
     std::fs::create_dir_all(dir).unwrap();
-    let generation = format!("..2026_11_27_00_00_00.{}", GENERATION.fetch_add(1, Ordering::SeqCst));
+    let generation = format!(
+        "..2026_11_27_00_00_00.{}",
+        GENERATION.fetch_add(1, Ordering::SeqCst)
+    );
     std::fs::create_dir(dir.join(&generation)).unwrap();
     std::fs::write(dir.join(&generation).join("proxy.json"), proxy_json).unwrap();
     let old = std::fs::read_link(dir.join("..data")).ok();
@@ -114,7 +122,14 @@ impl Harness {
                 .await
                 .unwrap();
         });
-        Self { fake, proxy, addr, dir, audit, stop: Some(stop) }
+        Self {
+            fake,
+            proxy,
+            addr,
+            dir,
+            audit,
+            stop: Some(stop),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -122,7 +137,12 @@ impl Harness {
     }
 
     pub fn audit_lines(&self) -> Vec<Value> {
-        self.audit.lock().unwrap().iter().map(|l| serde_json::from_str(l).unwrap()).collect()
+        self.audit
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     /// Waits until the audit log has `n` lines (a streamed response is audited when it ends).
@@ -173,7 +193,11 @@ impl Reply {
     pub fn sse_text(&self) -> String {
         sse_events(&self.text())
             .iter()
-            .filter_map(|(_, d)| d.pointer("/delta/text").and_then(Value::as_str).map(str::to_owned))
+            .filter_map(|(_, d)| {
+                d.pointer("/delta/text")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
             .collect()
     }
 }
@@ -183,8 +207,15 @@ pub fn sse_events(body: &str) -> Vec<(String, Value)> {
     body.split("\n\n")
         .filter(|e| !e.trim().is_empty())
         .map(|e| {
-            let name = e.lines().find_map(|l| l.strip_prefix("event: ")).unwrap_or_default().to_string();
-            let data = e.lines().find_map(|l| l.strip_prefix("data: ")).unwrap_or("null");
+            let name = e
+                .lines()
+                .find_map(|l| l.strip_prefix("event: "))
+                .unwrap_or_default()
+                .to_string();
+            let data = e
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .unwrap_or("null");
             (name, serde_json::from_str(data).unwrap())
         })
         .collect()
@@ -192,7 +223,14 @@ pub fn sse_events(body: &str) -> Vec<(String, Value)> {
 
 /// Sends a request; `key` goes in `x-api-key` (or as a Bearer token when it starts with
 /// "Bearer ").
-pub async fn send(client: &HttpClient, base: &str, method: &str, path: &str, key: Option<&str>, body: Option<Value>) -> Reply {
+pub async fn send(
+    client: &HttpClient,
+    base: &str,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> Reply {
     let mut builder = http::Request::builder()
         .method(method)
         .uri(format!("{base}{path}"))
@@ -205,7 +243,10 @@ pub async fn send(client: &HttpClient, base: &str, method: &str, path: &str, key
         };
     }
     let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
-    let response = client.request(builder.body(Full::new(body)).unwrap()).await.unwrap();
+    let response = client
+        .request(builder.body(Full::new(body)).unwrap())
+        .await
+        .unwrap();
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     let mut body = response.into_body();
@@ -215,7 +256,11 @@ pub async fn send(client: &HttpClient, base: &str, method: &str, path: &str, key
             frames.push(data);
         }
     }
-    Reply { status, headers, frames }
+    Reply {
+        status,
+        headers,
+        frames,
+    }
 }
 
 /// A Messages request body.
