@@ -625,3 +625,33 @@ async fn rotation_under_load_fails_no_request() {
                 && r.header("x-api-key") != Some(WORKLOAD_B))
     );
 }
+
+#[tokio::test]
+async fn client_leaving_mid_stream_is_audited_and_settled() {
+    let policy = json!({ "limits": { "tokensPerMinute": 100000 } });
+    let h = Harness::start(Mode::Sidecar, &[UPSTREAM_A], |dir| {
+        kubelet_write(dir, &proxy_json("bot", &[(UPSTREAM_A, None)], &[], policy));
+    })
+    .await;
+    h.fake.set_reply(FakeReply::Text("word ".repeat(200)));
+    h.fake.set_chunk_chars(5);
+    h.fake.set_delta_delay(Duration::from_millis(20));
+    let request = http::Request::post(format!("{}/v1/messages", h.url()))
+        .header("anthropic-version", "2023-06-01")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            message("hi", true).to_string(),
+        )))
+        .unwrap();
+    let response = client().request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    // Read the first event or two, then hang up.
+    let _ = http_body_util::BodyExt::frame(&mut body).await;
+    drop(body);
+    let audit = h.wait_audit(1).await;
+    assert_eq!(audit[0]["error"], "client_disconnected");
+    assert!(
+        audit[0]["inputTokens"].as_u64().unwrap() > 0,
+        "usage from message_start is kept"
+    );
+}

@@ -332,3 +332,47 @@ mod tests {
         assert!(text.contains("claudekey_proxy_request_duration_seconds_bucket"));
     }
 }
+
+#[cfg(test)]
+mod label_tests {
+    use super::*;
+    use crate::{proxy::limits::Limiters, proxyconf::ProxyConfig};
+
+    fn tenant(models: &[&str]) -> Tenant {
+        let config: ProxyConfig = serde_json::from_value(serde_json::json!({
+            "claudeKey": { "namespace": "ns", "name": "a" },
+            "upstream": [{ "key": "sk-ant-api03-u", "fingerprint": "up:x", "validUntil": null }],
+            "workloadKeys": [],
+            "policy": { "scope": { "models": models } }
+        }))
+        .unwrap();
+        Tenant::compile(&config, &Limiters::default()).unwrap()
+    }
+
+    #[test]
+    fn model_labels_are_bounded() {
+        let m = Metrics::default();
+        let scoped = tenant(&["claude-haiku-*"]);
+        assert_eq!(
+            m.model_label(&scoped, Some("claude-haiku-4-5")),
+            "claude-haiku-4-5"
+        );
+        assert_eq!(m.model_label(&scoped, Some("claude-opus-4-1")), "other");
+        assert_eq!(m.model_label(&scoped, None), "none");
+        let open = tenant(&[]);
+        assert_eq!(m.model_label(&open, Some("not-a-claude-model")), "other");
+        assert_eq!(
+            m.model_label(&open, Some("claude-sonnet-4-5")),
+            "claude-sonnet-4-5"
+        );
+        for i in 0..100 {
+            m.model_label(&open, Some(&format!("claude-x-{i}")));
+        }
+        assert!(m.open_models.lock().unwrap().len() <= MAX_OPEN_MODELS);
+        assert_eq!(
+            m.model_label(&open, Some("claude-sonnet-4-5")),
+            "claude-sonnet-4-5"
+        );
+        assert_eq!(m.model_label(&open, Some("claude-new-99")), "other");
+    }
+}
