@@ -152,26 +152,7 @@ async fn pipeline(
         .to_string();
     let route = scope::classify(&method, &path)?;
     ctx(slot).audit.endpoint = route.label().into();
-    let config = shared
-        .store
-        .load_full()
-        .ok_or_else(|| ApiError::Unavailable("the proxy has no configuration loaded yet".into()))?;
-    let now = Utc::now();
-    let tenant = match shared.mode {
-        Mode::Gateway => auth::authenticate(&config.tenants, req.headers(), now)?.clone(),
-        Mode::Sidecar => {
-            let tenant = config
-                .tenants
-                .first()
-                .ok_or_else(|| ApiError::Unavailable("no ClaudeKey configured".into()))?;
-            if tenant.expired(now) {
-                return Err(ApiError::Authentication(
-                    "this ClaudeKey has expired".into(),
-                ));
-            }
-            tenant.clone()
-        }
-    };
+    let tenant = resolve_tenant(shared, req.headers())?;
     let c = ctx(slot);
     c.audit.claude_key = tenant.label.clone();
     c.audit.namespace = tenant.id.namespace.clone();
@@ -221,6 +202,31 @@ async fn pipeline(
     )
     .await?;
     Ok(respond(shared, &tenant, route, response, slot).await)
+}
+
+/// The ClaudeKey a request belongs to: by its workload key in gateway mode, the only one
+/// configured in sidecar mode.
+fn resolve_tenant(shared: &Shared, headers: &HeaderMap) -> Result<Arc<Tenant>, ApiError> {
+    let config = shared
+        .store
+        .load_full()
+        .ok_or_else(|| ApiError::Unavailable("the proxy has no configuration loaded yet".into()))?;
+    let now = Utc::now();
+    match shared.mode {
+        Mode::Gateway => Ok(auth::authenticate(&config.tenants, headers, now)?.clone()),
+        Mode::Sidecar => {
+            let tenant = config
+                .tenants
+                .first()
+                .ok_or_else(|| ApiError::Unavailable("no ClaudeKey configured".into()))?;
+            if tenant.expired(now) {
+                return Err(ApiError::Authentication(
+                    "this ClaudeKey has expired".into(),
+                ));
+            }
+            Ok(tenant.clone())
+        }
+    }
 }
 
 /// Scope, caps, limits, injection screen and redaction of a Messages-style body; returns the
