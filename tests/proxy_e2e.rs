@@ -655,3 +655,33 @@ async fn client_leaving_mid_stream_is_audited_and_settled() {
         "usage from message_start is kept"
     );
 }
+
+#[tokio::test]
+async fn error_event_after_200_passes_through_and_is_audited() {
+    let h = Harness::start(Mode::Sidecar, &[UPSTREAM_A], |dir| {
+        kubelet_write(
+            dir,
+            &proxy_json("bot", &[(UPSTREAM_A, None)], &[], json!({})),
+        );
+    })
+    .await;
+    h.fake.set_stream_error(Some((2, "overloaded_error")));
+    let r = send(
+        &client(),
+        &h.url(),
+        "POST",
+        "/v1/messages",
+        None,
+        Some(message("hi", true)),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let events = sse_events(&r.text());
+    let (name, data) = events.last().unwrap();
+    assert_eq!(name, "error");
+    assert_eq!(data["error"]["type"], "overloaded_error");
+    let audit = h.wait_audit(1).await;
+    assert_eq!(audit[0]["status"], 200);
+    assert_eq!(audit[0]["error"], "overloaded_error");
+    assert!(h.proxy.metrics.encode().contains(r#"kind="streamError""#));
+}

@@ -159,7 +159,7 @@ pub(super) async fn create(
         Ok(json) => json,
         Err(r) => return *r,
     };
-    let (reply, delay, chunk_chars) = {
+    let (reply, delay, chunk_chars, stream_error) = {
         let mut b = shared.behavior();
         if let Some((count, status, kind)) = b.fail_next.take() {
             if count > 1 {
@@ -167,7 +167,12 @@ pub(super) async fn create(
             }
             return error(status, &kind, "injected failure");
         }
-        (b.reply.clone(), b.delta_delay, b.chunk_chars)
+        (
+            b.reply.clone(),
+            b.delta_delay,
+            b.chunk_chars,
+            b.stream_error.clone(),
+        )
     };
     let text = match reply {
         Reply::Text(t) => t,
@@ -185,7 +190,13 @@ pub(super) async fn create(
     let output_tokens = tokens(text.chars().count());
     let stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let mut response = if stream {
-        let events = sse_events(&id, &model, &text, input_tokens, output_tokens, chunk_chars);
+        let mut events = sse_events(&id, &model, &text, input_tokens, output_tokens, chunk_chars);
+        if let Some((after, kind)) = stream_error {
+            // message_start, content_block_start, ping, then `after` deltas.
+            events.truncate(3 + after);
+            let data = json!({ "type": "error", "error": { "type": kind, "message": "injected stream error" } });
+            events.push(format!("event: error\ndata: {data}\n\n"));
+        }
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(4);
         tokio::spawn(async move {
             for (i, event) in events.into_iter().enumerate() {

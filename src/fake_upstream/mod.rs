@@ -6,6 +6,9 @@
 mod admin;
 mod messages;
 
+pub use admin::partial_key_hint;
+pub use messages::sse_events;
+
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard},
@@ -77,6 +80,8 @@ struct Behavior {
     chunk_chars: usize,
     /// Answer the next N Messages requests with this status and error type.
     fail_next: Option<(u32, StatusCode, String)>,
+    /// Streams end with an `error` event of this type after this many text deltas.
+    stream_error: Option<(usize, String)>,
     /// Keep every request for [`FakeUpstream::received`]; off for long benchmark runs.
     recording: bool,
 }
@@ -141,6 +146,7 @@ impl FakeUpstream {
                 delta_delay: Duration::ZERO,
                 chunk_chars: 8,
                 fail_next: None,
+                stream_error: None,
                 recording: true,
             }),
         });
@@ -223,6 +229,12 @@ impl FakeUpstream {
     /// Whether requests are kept for [`FakeUpstream::received`] (on by default).
     pub fn set_recording(&self, on: bool) {
         self.shared.behavior().recording = on;
+    }
+
+    /// Streamed replies stop after `after_deltas` text deltas with an `error` event of `kind`
+    /// (as the API does when it overloads mid-stream, after the 200); `None` turns it off.
+    pub fn set_stream_error(&self, error: Option<(usize, &str)>) {
+        self.shared.behavior().stream_error = error.map(|(n, kind)| (n, kind.to_string()));
     }
 
     /// Every request received so far.

@@ -37,6 +37,9 @@ pub struct Summary {
 
 type Done = Box<dyn FnOnce(Summary) + Send>;
 
+/// `Summary::error` when the client went away before the body ended.
+pub const CLIENT_DISCONNECTED: &str = "client_disconnected";
+
 /// An upstream body on its way to the client: passed frame by frame, through the SSE
 /// transformer when it is an event stream, and reported once when it ends, fails, or the client
 /// goes away (drop).
@@ -79,7 +82,7 @@ impl<B> Observed<B> {
 
 impl<B> Drop for Observed<B> {
     fn drop(&mut self) {
-        self.report(Some("client_disconnected".into()));
+        self.report(Some(CLIENT_DISCONNECTED.into()));
     }
 }
 

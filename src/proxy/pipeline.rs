@@ -14,7 +14,7 @@ use super::{
     Mode,
     audit::{AuditRecord, AuditSink, hash_user},
     auth,
-    body::{Observed, ProxyBody, full},
+    body::{CLIENT_DISCONNECTED, Observed, ProxyBody, full},
     config::Store,
     error::ApiError,
     forward::{Upstream, copy_response_headers},
@@ -437,7 +437,16 @@ async fn respond(
         .expect("context present until the response is built");
     let sse = is_sse.then(|| SseTransformer::new(Some(tenant.clone())));
     let shared = shared.clone();
+    let label = tenant.label.clone();
     let observed = Observed::new(body, sse, move |summary| {
+        // An `error` event after a 200, or a stream the upstream broke off.
+        if summary
+            .error
+            .as_deref()
+            .is_some_and(|e| e != CLIENT_DISCONNECTED)
+        {
+            shared.metrics.upstream_error(&label, "streamError");
+        }
         ctx.finish(
             &shared,
             status.as_u16(),
