@@ -568,7 +568,11 @@ async fn rotation_under_load_fails_no_request() {
             let c = client();
             let (mut ok, mut failed) = (0u32, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let key = *current.lock().unwrap();
+                let key = if i % 2 == 0 {
+                    *current.lock().unwrap()
+                } else {
+                    WORKLOAD_A
+                };
                 let r = send(
                     &c,
                     &url,
@@ -598,8 +602,20 @@ async fn rotation_under_load_fails_no_request() {
             json!({}),
         ),
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    // Half the clients get the new key (a restarted consumer); the rest keep the old one.
+    // Once the proxy has the new config, half the clients switch to the new key (restarted
+    // consumers); the rest keep the old one, which is in its grace period.
+    let probe = client();
+    let url = h.url();
+    for _ in 0..500 {
+        if send(&probe, &url, "GET", "/v1/models", Some(WORKLOAD_B), None)
+            .await
+            .status
+            == 200
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     *current.lock().unwrap() = WORKLOAD_B;
     tokio::time::sleep(Duration::from_millis(400)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
