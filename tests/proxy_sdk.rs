@@ -48,6 +48,8 @@ async fn official_python_sdk_through_the_proxy() {
         .env("ANTHROPIC_API_KEY", WORKLOAD_A)
         .env("CLAUDEKEY_LIMITED_API_KEY", WORKLOAD_B)
         .env("CLAUDEKEY_EXPECTED_REPLY", REPLY)
+        .env("CLAUDEKEY_FAKE_URL", h.fake.url())
+        .env("CLAUDEKEY_FAKE_KEY", UPSTREAM_A)
         .env_remove("ANTHROPIC_AUTH_TOKEN")
         .env_remove("ANTHROPIC_PROFILE")
         .env_remove("ANTHROPIC_CONFIG_DIR")
@@ -65,12 +67,27 @@ async fn official_python_sdk_through_the_proxy() {
         "pytest failed:\n{stdout}\n{stderr}"
     );
     assert!(
-        stdout.contains("8 passed"),
-        "expected all 8 SDK tests to run:\n{stdout}"
+        stdout.contains("9 passed"),
+        "expected all 9 SDK tests to run:\n{stdout}"
     );
 
     // What the SDK sent, as the upstream saw it: the upstream key only, never the workload key.
-    let seen = h.fake.received();
+    // Requests with an Authorization header reached the fake directly from the SDK (the proxy
+    // never forwards one): they show which header this SDK version uses. 2.x: Bearer.
+    let (direct, seen): (Vec<_>, Vec<_>) = h
+        .fake
+        .received()
+        .into_iter()
+        .partition(|r| r.header("authorization").is_some());
+    assert_eq!(direct.len(), 1, "expected one direct SDK request");
+    let style = match (
+        direct[0].header("authorization"),
+        direct[0].header("x-api-key"),
+    ) {
+        (Some(bearer), _) if bearer == format!("Bearer {UPSTREAM_A}") => "Authorization: Bearer",
+        _ => panic!("unexpected credential headers in {:?}", direct[0].headers),
+    };
+    eprintln!("the installed SDK sends its key as {style}");
     assert!(
         seen.len() >= 5,
         "{} requests reached the upstream",

@@ -70,3 +70,10 @@ def test_scope_refusal_is_a_permission_error():
 def test_unknown_key_is_an_authentication_error():
     with pytest.raises(anthropic.AuthenticationError):
         client(api_key="ck_live_not_a_key").messages.create(model=MODEL, max_tokens=16, messages=MESSAGES)
+
+
+def test_direct_to_fake_upstream_records_the_sdk_credential_header():
+    # Straight to the fake (not through the proxy), so the Rust side can see which header this
+    # SDK version puts the key in: 2.x sends "Authorization: Bearer", 0.x "x-api-key".
+    direct = client(base_url=os.environ["CLAUDEKEY_FAKE_URL"], api_key=os.environ["CLAUDEKEY_FAKE_KEY"])
+    direct.messages.count_tokens(model=MODEL, messages=MESSAGES)
