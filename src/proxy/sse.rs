@@ -86,8 +86,7 @@ impl SseTransformer {
 
     fn event(&mut self, raw: &[u8], out: &mut BytesMut) {
         let (name, data) = parse_event(raw);
-        let name = name.map(str::to_owned);
-        match name.as_deref() {
+        match name {
             Some("message_start") | Some("message_delta") | Some("error") | None => {
                 if let Some(json) = data.and_then(|d| serde_json::from_str::<Value>(d).ok()) {
                     self.observe(&json);
