@@ -7,6 +7,7 @@ pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod crypto;
+pub mod fake_upstream;
 pub mod keys;
 pub mod proxy;
 pub mod proxyconf;

@@ -1,10 +1,329 @@
-//! `claudekey proxy`: not yet built; see its open issue.
+//! `claudekey proxy` (DESIGN.md §6, §8): the server every Anthropic API request passes through,
+//! in sidecar mode (loopback, no workload key) or gateway mode (workload key per ClaudeKey).
 
-/// Flags of `claudekey proxy`.
+pub mod audit;
+pub mod auth;
+pub mod body;
+pub mod caps;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod injection;
+pub mod limits;
+pub mod metrics;
+mod pipeline;
+pub mod redact;
+pub mod request;
+pub mod scope;
+pub mod sse;
+pub mod tenant;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::{conn::auto, graceful::GracefulShutdown},
+};
+use tokio::net::TcpListener;
+
+pub use audit::AuditTarget;
+use config::{Loader, Store};
+use metrics::Metrics;
+
+/// Default port of the proxy's traffic listener (the webhook injects `127.0.0.1:8484`).
+pub const DEFAULT_PORT: u16 = 8484;
+/// Default admin (metrics, probes) address when `--metrics-listen` is given without a value.
+pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9484";
+
+/// How the proxy authenticates its clients.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// A shared proxy behind a Service: every request carries a workload key.
+    #[default]
+    Gateway,
+    /// Inside the pod: loopback only, no workload key (the app sends a placeholder).
+    Sidecar,
+}
+
+/// Flags of `claudekey proxy`; each has a `CLAUDEKEY_PROXY_*` environment twin.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// The mounted `<name>-proxy` Secret (or, in gateway mode, a directory of them).
+    #[arg(long, env = "CLAUDEKEY_PROXY_CONFIG_DIR")]
+    pub config_dir: PathBuf,
+    /// Address of the traffic listener, e.g. 127.0.0.1:8484.
+    #[arg(long, env = "CLAUDEKEY_PROXY_LISTEN")]
+    pub listen: SocketAddr,
+    /// Base URL of the Anthropic API (without /v1).
+    #[arg(
+        long,
+        env = "CLAUDEKEY_PROXY_UPSTREAM",
+        default_value = "https://api.anthropic.com"
+    )]
+    pub upstream: String,
+    /// Audit log: a file to append to, or `-` for stdout.
+    #[arg(long, env = "CLAUDEKEY_PROXY_AUDIT_LOG", default_value = "-")]
+    pub audit_log: String,
+    /// Address serving /metrics, /healthz and /readyz (0.0.0.0:9484 when given without a value).
+    #[arg(long, env = "CLAUDEKEY_PROXY_METRICS_LISTEN", num_args = 0..=1, default_missing_value = DEFAULT_METRICS_LISTEN)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// gateway (workload key required) or sidecar (loopback only, no key).
+    #[arg(long, env = "CLAUDEKEY_PROXY_MODE", value_enum, default_value_t)]
+    pub mode: Mode,
+}
 
-/// Fails until the role is built: a stub must never look like success.
-pub async fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("claudekey proxy is not yet built")
+/// Everything the proxy needs to start, for `run` and for in-process tests and benches.
+#[derive(Clone, Debug)]
+pub struct ProxySettings {
+    pub config_dir: PathBuf,
+    pub upstream: String,
+    pub mode: Mode,
+    pub audit: AuditTarget,
+    /// Shown in audit lines (from `POD_NAME`).
+    pub pod: Option<String>,
+    /// Re-read the config this often even without a file event.
+    pub poll_interval: Duration,
+    /// How long to wait for the upstream's response headers.
+    pub upstream_timeout: Duration,
+}
+
+impl ProxySettings {
+    pub fn new(config_dir: impl Into<PathBuf>, upstream: impl Into<String>, mode: Mode) -> Self {
+        Self {
+            config_dir: config_dir.into(),
+            upstream: upstream.into(),
+            mode,
+            audit: AuditTarget::Stdout,
+            pod: std::env::var("POD_NAME").ok(),
+            poll_interval: Duration::from_secs(10),
+            upstream_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A started proxy: config loaded (or waiting for one), watcher running.
+pub struct Proxy {
+    shared: Arc<pipeline::Shared>,
+    pub metrics: Arc<Metrics>,
+    pub store: Arc<Store>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Loads the config once, starts the directory watcher and the audit writer.
+    pub fn start(settings: ProxySettings) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::default());
+        let store = Arc::new(Store::empty());
+        let mut loader = Loader::new(settings.config_dir.clone(), settings.mode, Arc::default());
+        config::reload_into(&mut loader, &store, &metrics);
+        // Runs until the proxy is dropped (the task is aborted then).
+        let watcher = config::spawn_watcher(
+            loader,
+            store.clone(),
+            metrics.clone(),
+            settings.poll_interval,
+            std::future::pending(),
+        )?;
+        let upstream = forward::Upstream::new(&settings.upstream, settings.upstream_timeout)?;
+        let audit = audit::AuditSink::start(settings.audit.clone())
+            .context("failed to open the audit log")?;
+        let shared = Arc::new(pipeline::Shared {
+            store: store.clone(),
+            upstream,
+            metrics: metrics.clone(),
+            audit,
+            mode: settings.mode,
+            pod: settings.pod,
+        });
+        Ok(Self {
+            shared,
+            metrics,
+            store,
+            watcher,
+        })
+    }
+
+    /// Serves the traffic listener until `shutdown` resolves, then lets open requests finish
+    /// (streams included) for up to 30 s.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let graceful = GracefulShutdown::new();
+        let builder = auto::Builder::new(TokioExecutor::new());
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, _) = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "failed to accept a connection");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let shared = self.shared.clone();
+            let service = service_fn(move |req| pipeline::handle(shared.clone(), req));
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+        }
+        if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after 30 s; closing them");
+        }
+        Ok(())
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves.
+    pub async fn serve_admin(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        metrics::serve_admin(listener, self.metrics.clone(), self.store.clone(), shutdown).await
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+/// In-process entry point for tests and benches: start and serve until `shutdown`.
+pub async fn serve(
+    settings: ProxySettings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let proxy = Proxy::start(settings)?;
+    proxy.serve(listener, shutdown).await?;
+    Ok(())
+}
+
+/// Sidecar mode never listens beyond loopback: there the missing workload key is safe only
+/// because nothing outside the pod can connect.
+pub fn check_listen(mode: Mode, listen: SocketAddr) -> anyhow::Result<()> {
+    if mode == Mode::Sidecar && !listen.ip().is_loopback() {
+        anyhow::bail!(
+            "sidecar mode accepts unauthenticated requests, so it listens only on a loopback address, not {listen}"
+        );
+    }
+    Ok(())
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    check_listen(args.mode, args.listen)?;
+    let mut settings = ProxySettings::new(args.config_dir, args.upstream.clone(), args.mode);
+    settings.audit = match args.audit_log.as_str() {
+        "-" => AuditTarget::Stdout,
+        path => AuditTarget::File(path.into()),
+    };
+    let proxy = Proxy::start(settings)?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("failed to listen on {}", args.listen))?;
+    tracing::info!(listen = %args.listen, mode = ?args.mode, upstream = %args.upstream, "proxy listening");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(addr) = args.metrics_listen {
+        let admin = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("failed to listen on {addr}"))?;
+        let admin_proxy_metrics = proxy.metrics.clone();
+        let store = proxy.store.clone();
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            };
+            if let Err(e) = metrics::serve_admin(admin, admin_proxy_metrics, store, stop).await {
+                tracing::error!(error = %e, "admin listener failed");
+            }
+        });
+    }
+    proxy.serve(listener, shutdown_signal()).await?;
+    let _ = stop_tx.send(true);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn flags_and_defaults() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "--config-dir",
+            "/etc/claudekey/proxy",
+            "--listen",
+            "127.0.0.1:8484",
+            "--metrics-listen",
+            "--mode",
+            "sidecar",
+        ])
+        .unwrap();
+        assert_eq!(cli.args.upstream, "https://api.anthropic.com");
+        assert_eq!(
+            cli.args.metrics_listen,
+            Some(DEFAULT_METRICS_LISTEN.parse().unwrap())
+        );
+        assert_eq!(cli.args.mode, Mode::Sidecar);
+        assert_eq!(cli.args.audit_log, "-");
+        let cli =
+            Cli::try_parse_from(["x", "--config-dir", "d", "--listen", "0.0.0.0:8484"]).unwrap();
+        assert_eq!(cli.args.mode, Mode::Gateway);
+        assert_eq!(cli.args.metrics_listen, None);
+    }
+
+    #[test]
+    fn sidecar_refuses_non_loopback() {
+        assert!(check_listen(Mode::Sidecar, "0.0.0.0:8484".parse().unwrap()).is_err());
+        assert!(check_listen(Mode::Sidecar, "127.0.0.1:8484".parse().unwrap()).is_ok());
+        assert!(check_listen(Mode::Sidecar, "[::1]:8484".parse().unwrap()).is_ok());
+        assert!(check_listen(Mode::Gateway, "0.0.0.0:8484".parse().unwrap()).is_ok());
+    }
 }

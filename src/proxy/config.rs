@@ -1,0 +1,359 @@
+//! Loads `proxy.json` from the mounted `<name>-proxy` directory (or, in gateway mode, from each
+//! sub-directory of it), watches the directory (the kubelet swaps its `..data` symlink, so the
+//! file itself is never modified in place) and swaps the compiled set atomically. A file that
+//! cannot be read or compiled keeps its last good version, so a bad write never drops service.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use arc_swap::ArcSwapOption;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use super::{
+    Mode,
+    limits::Limiters,
+    metrics::Metrics,
+    tenant::{Tenant, TenantError},
+};
+use crate::proxyconf::{FILE_NAME, ProxyConfig};
+
+/// Events closer together than this are one reload: the kubelet's swap is several renames.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("failed to read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// serde's message with quoted values removed, since a value could be a key.
+    #[error("failed to parse {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("failed to compile {path}: {source}")]
+    Compile { path: PathBuf, source: TenantError },
+    #[error("failed to find {FILE_NAME} in {path}")]
+    Missing { path: PathBuf },
+    #[error("failed to watch {path}: {source}")]
+    Watch {
+        path: PathBuf,
+        source: notify::Error,
+    },
+}
+
+/// The ClaudeKeys being served at one moment.
+#[derive(Default)]
+pub struct ConfigSet {
+    pub tenants: Vec<Arc<Tenant>>,
+}
+
+/// The current set; `None` until a config was loaded once (`/readyz` says so).
+pub type Store = ArcSwapOption<ConfigSet>;
+
+/// Reads and compiles config files, remembering the last good version of each.
+pub struct Loader {
+    dir: PathBuf,
+    mode: Mode,
+    limiters: Arc<Limiters>,
+    known: HashMap<PathBuf, ([u8; 32], Arc<Tenant>)>,
+}
+
+/// What one reload did.
+#[derive(Default)]
+pub struct Outcome {
+    pub changed: bool,
+    pub errors: Vec<ConfigError>,
+}
+
+impl Loader {
+    pub fn new(dir: PathBuf, mode: Mode, limiters: Arc<Limiters>) -> Self {
+        Self {
+            dir,
+            mode,
+            limiters,
+            known: HashMap::new(),
+        }
+    }
+
+    /// The config files: `DIR/proxy.json`, or in gateway mode `DIR/*/proxy.json` when the
+    /// directory holds one mounted Secret per ClaudeKey. `..data` and other hidden entries are
+    /// the kubelet's own and skipped.
+    fn discover(&self) -> Result<Vec<PathBuf>, ConfigError> {
+        let direct = self.dir.join(FILE_NAME);
+        if direct.exists() || self.mode == Mode::Sidecar {
+            return Ok(vec![direct]);
+        }
+        let entries = std::fs::read_dir(&self.dir).map_err(|source| ConfigError::Read {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| e.path().join(FILE_NAME))
+            .filter(|p| p.exists())
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(ConfigError::Missing {
+                path: self.dir.clone(),
+            });
+        }
+        Ok(files)
+    }
+
+    /// Re-reads every file; returns the new set when anything changed.
+    pub fn reload(&mut self) -> (Option<ConfigSet>, Outcome) {
+        let mut outcome = Outcome::default();
+        let files = match self.discover() {
+            Ok(files) => files,
+            Err(e) => {
+                outcome.errors.push(e);
+                return (None, outcome);
+            }
+        };
+        let mut known = HashMap::new();
+        for path in files {
+            match std::fs::read(&path) {
+                Ok(bytes) => {
+                    let digest: [u8; 32] = Sha256::digest(&bytes).into();
+                    match self.known.get(&path) {
+                        Some((old, tenant)) if *old == digest => {
+                            known.insert(path, (digest, tenant.clone()));
+                        }
+                        previous => match self.compile(&path, &bytes) {
+                            Ok(tenant) => {
+                                outcome.changed = true;
+                                known.insert(path, (digest, Arc::new(tenant)));
+                            }
+                            Err(e) => {
+                                outcome.errors.push(e);
+                                if let Some(prev) = previous {
+                                    known.insert(path, prev.clone());
+                                }
+                            }
+                        },
+                    }
+                }
+                Err(source) => {
+                    if let Some(prev) = self.known.get(&path) {
+                        known.insert(path.clone(), prev.clone());
+                    }
+                    outcome.errors.push(ConfigError::Read { path, source });
+                }
+            }
+        }
+        outcome.changed |=
+            known.len() != self.known.len() || known.keys().any(|k| !self.known.contains_key(k));
+        self.known = known;
+        if !outcome.changed {
+            return (None, outcome);
+        }
+        let mut tenants: Vec<_> = self
+            .known
+            .iter()
+            .map(|(p, (_, t))| (p.clone(), t.clone()))
+            .collect();
+        tenants.sort_by(|a, b| a.0.cmp(&b.0));
+        (
+            Some(ConfigSet {
+                tenants: tenants.into_iter().map(|(_, t)| t).collect(),
+            }),
+            outcome,
+        )
+    }
+
+    fn compile(&self, path: &Path, bytes: &[u8]) -> Result<Tenant, ConfigError> {
+        let config: ProxyConfig =
+            serde_json::from_slice(bytes).map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: scrub(&e.to_string()),
+            })?;
+        Tenant::compile(&config, &self.limiters).map_err(|source| ConfigError::Compile {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// Removes every double-quoted part of a serde message: an "invalid type: string \"…\"" error
+/// would otherwise quote whatever value was in the file, keys included.
+fn scrub(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quoted = false;
+    for c in message.chars() {
+        if c == '"' {
+            if !quoted {
+                out.push_str("\"…\"");
+            }
+            quoted = !quoted;
+        } else if !quoted {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Loads once, stores the result, and logs why when something was refused.
+pub fn reload_into(loader: &mut Loader, store: &Store, metrics: &Metrics) {
+    let (set, outcome) = loader.reload();
+    for e in &outcome.errors {
+        tracing::warn!(error = %e, "keeping the last good proxy config");
+    }
+    if let Some(set) = set {
+        let names: Vec<&str> = set.tenants.iter().map(|t| t.label.as_str()).collect();
+        tracing::info!(claudekeys = ?names, "proxy config loaded");
+        store.store(Some(Arc::new(set)));
+    }
+    metrics.config_reload(outcome.errors.is_empty());
+}
+
+/// Watches the directory (recursively, for gateway sub-directories) and reloads on any change,
+/// plus every `poll` in case an event was missed. Runs until `shutdown` resolves.
+pub fn spawn_watcher(
+    mut loader: Loader,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    poll: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<()>, ConfigError> {
+    use notify::{RecursiveMode, Watcher};
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = tx.send(());
+        }
+    })
+    .map_err(|source| ConfigError::Watch {
+        path: loader.dir.clone(),
+        source,
+    })?;
+    watcher
+        .watch(&loader.dir, RecursiveMode::Recursive)
+        .map_err(|source| ConfigError::Watch {
+            path: loader.dir.clone(),
+            source,
+        })?;
+    Ok(tokio::spawn(async move {
+        let _watcher = watcher;
+        let mut ticker = tokio::time::interval(poll);
+        ticker.tick().await;
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                _ = ticker.tick() => {}
+                Some(()) = rx.recv() => {
+                    tokio::time::sleep(DEBOUNCE).await;
+                    while rx.try_recv().is_ok() {}
+                }
+            }
+            reload_into(&mut loader, &store, &metrics);
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::sha256_hex;
+
+    pub(crate) fn config_json(name: &str, upstream: &str, workload: &str) -> String {
+        serde_json::json!({
+            "claudeKey": { "namespace": "team-a", "name": name },
+            "upstream": [{ "key": upstream, "fingerprint": "up:1", "validUntil": null }],
+            "workloadKeys": [{ "sha256": sha256_hex(workload), "fingerprint": "ck:1", "validUntil": null }],
+            "policy": {}
+        })
+        .to_string()
+    }
+
+    fn loader(dir: &Path, mode: Mode) -> Loader {
+        Loader::new(dir.to_path_buf(), mode, Arc::default())
+    }
+
+    #[test]
+    fn loads_a_direct_file_and_skips_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(FILE_NAME),
+            config_json("a", "sk-ant-api03-x", "ck_live_a"),
+        )
+        .unwrap();
+        let mut l = loader(dir.path(), Mode::Sidecar);
+        let (set, outcome) = l.reload();
+        assert!(outcome.errors.is_empty());
+        assert_eq!(set.unwrap().tenants[0].label, "team-a/a");
+        let (set, outcome) = l.reload();
+        assert!(set.is_none() && !outcome.changed);
+    }
+
+    #[test]
+    fn gateway_loads_one_claudekey_per_subdirectory() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a", "b"] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+            std::fs::write(
+                dir.path().join(name).join(FILE_NAME),
+                config_json(name, "sk-ant-api03-x", name),
+            )
+            .unwrap();
+        }
+        std::fs::create_dir(dir.path().join("..data")).unwrap();
+        let (set, _) = loader(dir.path(), Mode::Gateway).reload();
+        let labels: Vec<_> = set
+            .unwrap()
+            .tenants
+            .iter()
+            .map(|t| t.label.clone())
+            .collect();
+        assert_eq!(labels, ["team-a/a", "team-a/b"]);
+    }
+
+    #[test]
+    fn bad_file_keeps_last_good_and_never_prints_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(FILE_NAME);
+        std::fs::write(&file, config_json("a", "sk-ant-api03-good", "k")).unwrap();
+        let mut l = loader(dir.path(), Mode::Sidecar);
+        assert!(l.reload().0.is_some());
+        std::fs::write(
+            &file,
+            r#"{"claudeKey": {"namespace": "sk-ant-api03-leak", "name": 5}}"#,
+        )
+        .unwrap();
+        let (set, outcome) = l.reload();
+        assert!(set.is_none());
+        let message = outcome.errors[0].to_string();
+        assert!(message.starts_with("failed to parse"), "{message}");
+        assert!(!message.contains("sk-ant-api03-leak"), "{message}");
+        assert_eq!(l.known.len(), 1);
+    }
+
+    #[test]
+    fn bad_hash_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = config_json("a", "sk-ant-api03-x", "k").replace(&sha256_hex("k"), "zz");
+        std::fs::write(dir.path().join(FILE_NAME), bad).unwrap();
+        let (set, outcome) = loader(dir.path(), Mode::Sidecar).reload();
+        assert!(set.is_none());
+        assert!(
+            outcome.errors[0]
+                .to_string()
+                .contains("workload key hash ck:1")
+        );
+    }
+
+    #[test]
+    fn scrub_removes_quoted_values() {
+        assert_eq!(
+            scrub(r#"invalid type: string "sk-ant-x", expected u32 at line 1"#),
+            r#"invalid type: string "…", expected u32 at line 1"#
+        );
+    }
+}

@@ -1,0 +1,223 @@
+//! The upstream side: one pooled hyper client (rustls for https, plain http for tests and local
+//! fakes, TCP_NODELAY), and the request rewrite that swaps the client's credential for the
+//! upstream key.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, header};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+
+use super::{
+    body::{ProxyBody, full},
+    error::ApiError,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("failed to parse upstream URL {url:?}: it must be http:// or https:// with a host")]
+    Url { url: String },
+    #[error("failed to set up TLS for the upstream: {source}")]
+    Tls { source: rustls::Error },
+}
+
+/// Headers that belong to one hop, or that the proxy sets itself.
+const DROPPED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "x-api-key",
+    "authorization",
+    // The proxy reads response bodies (usage, redaction), so they must come uncompressed.
+    "accept-encoding",
+];
+
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    /// `scheme://authority[/prefix]`, without a trailing slash.
+    base: String,
+    header_timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(url: &str, header_timeout: Duration) -> Result<Self, ForwardError> {
+        let parsed: Uri = url.parse().map_err(|_| ForwardError::Url {
+            url: url.to_string(),
+        })?;
+        if !matches!(parsed.scheme_str(), Some("http" | "https")) || parsed.authority().is_none() {
+            return Err(ForwardError::Url {
+                url: url.to_string(),
+            });
+        }
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(|source| ForwardError::Tls { source })?
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .build(https);
+        Ok(Self {
+            client,
+            base: url.trim_end_matches('/').to_string(),
+            header_timeout,
+        })
+    }
+
+    /// The request to the upstream: same method, path, query and headers (anthropic-version and
+    /// anthropic-beta included), minus hop-by-hop headers and the client's credential, plus the
+    /// upstream key as `x-api-key`.
+    pub fn request(
+        &self,
+        method: &Method,
+        path_and_query: &str,
+        headers: &HeaderMap,
+        key: &HeaderValue,
+        body: ProxyBody,
+    ) -> Result<Request<ProxyBody>, ApiError> {
+        let uri: Uri = format!("{}{}", self.base, path_and_query)
+            .parse()
+            .map_err(|_| ApiError::InvalidRequest("request path is not a valid URI".into()))?;
+        let mut request = Request::new(body);
+        *request.method_mut() = method.clone();
+        *request.uri_mut() = uri;
+        let out = request.headers_mut();
+        for (name, value) in headers {
+            if !is_dropped(name) {
+                out.append(name.clone(), value.clone());
+            }
+        }
+        out.insert(HeaderName::from_static("x-api-key"), key.clone());
+        Ok(request)
+    }
+
+    /// Sends one request; connection failures are 502, no response headers in time 504.
+    pub async fn send(&self, request: Request<ProxyBody>) -> Result<Response<Incoming>, ApiError> {
+        match tokio::time::timeout(self.header_timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "upstream request failed");
+                Err(ApiError::BadGateway(
+                    "the upstream Anthropic API could not be reached".into(),
+                ))
+            }
+            Err(_) => Err(ApiError::GatewayTimeout(
+                "the upstream Anthropic API did not answer in time".into(),
+            )),
+        }
+    }
+
+    /// A buffered body that can be sent twice (for the 401 retry).
+    pub fn body(bytes: &Bytes) -> ProxyBody {
+        full(bytes.clone())
+    }
+}
+
+fn is_dropped(name: &HeaderName) -> bool {
+    DROPPED.contains(&name.as_str())
+}
+
+/// Response headers to copy to the client: all but hop-by-hop ones, and `content-length` when
+/// the proxy changed the body.
+pub fn copy_response_headers(from: &HeaderMap, to: &mut HeaderMap, body_changed: bool) {
+    for (name, value) in from {
+        let hop = matches!(
+            name.as_str(),
+            "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "te"
+                | "trailer"
+                | "transfer-encoding"
+                | "upgrade"
+        );
+        if hop || (body_changed && name == header::CONTENT_LENGTH) {
+            continue;
+        }
+        to.append(name.clone(), value.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn swaps_credentials_and_keeps_api_headers() {
+        let upstream = Upstream::new("http://127.0.0.1:9/", Duration::from_secs(1)).unwrap();
+        let mut headers = HeaderMap::new();
+        for (k, v) in [
+            ("x-api-key", "ck_live_workload"),
+            ("authorization", "Bearer ck_live_workload"),
+            ("anthropic-version", "2023-06-01"),
+            ("anthropic-beta", "prompt-caching-2024-07-31"),
+            ("accept-encoding", "gzip"),
+            ("connection", "keep-alive"),
+            ("content-type", "application/json"),
+            ("host", "localhost"),
+        ] {
+            headers.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let key = HeaderValue::from_static("sk-ant-api03-upstream");
+        let req = upstream
+            .request(
+                &Method::POST,
+                "/v1/messages?beta=true",
+                &headers,
+                &key,
+                full(Bytes::new()),
+            )
+            .unwrap();
+        assert_eq!(req.uri(), "http://127.0.0.1:9/v1/messages?beta=true");
+        let h = req.headers();
+        assert_eq!(h["x-api-key"], "sk-ant-api03-upstream");
+        assert!(h.get("authorization").is_none());
+        assert_eq!(h["anthropic-version"], "2023-06-01");
+        assert_eq!(h["anthropic-beta"], "prompt-caching-2024-07-31");
+        assert!(
+            h.get("accept-encoding").is_none()
+                && h.get("connection").is_none()
+                && h.get("host").is_none()
+        );
+        assert_eq!(h.get_all("x-api-key").iter().count(), 1);
+    }
+
+    #[test]
+    fn rejects_bad_upstream_urls() {
+        for url in ["api.anthropic.com", "ftp://x", "http://"] {
+            assert!(Upstream::new(url, Duration::from_secs(1)).is_err(), "{url}");
+        }
+        assert!(Upstream::new("https://api.anthropic.com", Duration::from_secs(1)).is_ok());
+    }
+
+    #[test]
+    fn response_headers_lose_hop_by_hop_and_stale_length() {
+        let mut from = HeaderMap::new();
+        from.insert("content-length", HeaderValue::from_static("10"));
+        from.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        from.insert("request-id", HeaderValue::from_static("req_1"));
+        let mut to = HeaderMap::new();
+        copy_response_headers(&from, &mut to, true);
+        assert!(to.get("content-length").is_none() && to.get("transfer-encoding").is_none());
+        assert_eq!(to["request-id"], "req_1");
+    }
+}

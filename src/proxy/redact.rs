@@ -1,0 +1,485 @@
+//! PII redaction: built-in detectors (email, US SSN, phone, Luhn-checked card numbers) plus a
+//! ClaudeKey's custom regexes, compiled once per config, and a streaming form for SSE text deltas.
+
+use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
+
+use crate::crd::{DataProtectionSpec, Detector};
+
+/// A pattern may be at most this many bytes compiled, so a custom regex cannot exhaust memory.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// How much text the streaming redactor holds back, in bytes. A match longer than this that is
+/// split across deltas could be missed; every built-in detector's matches are shorter, except
+/// e-mail addresses longer than this, which are rare.
+pub const STREAM_HOLD_BYTES: usize = 128;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedactError {
+    #[error("failed to compile custom pattern {name}: {source}")]
+    Pattern { name: String, source: regex::Error },
+}
+
+struct Rule {
+    name: String,
+    placeholder: String,
+    regex: Regex,
+    /// Extra check a regex cannot express (Luhn, reserved SSN ranges).
+    validate: Option<fn(&str) -> bool>,
+}
+
+/// The compiled detectors of one policy. Built once per config load, shared by every request.
+pub struct Redactor {
+    rules: Vec<Rule>,
+    /// One pass over the text says which rules can match at all; most text matches none.
+    prefilter: RegexSet,
+}
+
+/// Redactions made, per rule index of the [`Redactor`] that made them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts(Vec<u32>);
+
+impl Counts {
+    fn add(&mut self, rule: usize) {
+        if self.0.len() <= rule {
+            self.0.resize(rule + 1, 0);
+        }
+        self.0[rule] += 1;
+    }
+
+    pub fn total(&self) -> u32 {
+        self.0.iter().sum()
+    }
+
+    /// `(detector name, count)` for every detector that fired.
+    pub fn named<'a>(
+        &'a self,
+        redactor: &'a Redactor,
+    ) -> impl Iterator<Item = (&'a str, u32)> + 'a {
+        self.0
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .filter_map(|(i, n)| redactor.rules.get(i).map(|r| (r.name.as_str(), *n)))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Found {
+    start: usize,
+    end: usize,
+    rule: usize,
+}
+
+impl Redactor {
+    pub fn new(spec: &DataProtectionSpec) -> Result<Self, RedactError> {
+        let mut rules = Vec::new();
+        // Order is priority when matches overlap: the most specific detectors first.
+        for detector in [
+            Detector::CreditCard,
+            Detector::Ssn,
+            Detector::Email,
+            Detector::Phone,
+        ] {
+            if spec.redact.contains(&detector) {
+                rules.push(builtin(detector));
+            }
+        }
+        for custom in &spec.custom_patterns {
+            let regex = RegexBuilder::new(&custom.regex)
+                .size_limit(REGEX_SIZE_LIMIT)
+                .build()
+                .map_err(|source| RedactError::Pattern {
+                    name: custom.name.clone(),
+                    source,
+                })?;
+            rules.push(Rule {
+                placeholder: format!("[REDACTED:{}]", custom.name),
+                name: custom.name.clone(),
+                regex,
+                validate: None,
+            });
+        }
+        let prefilter = RegexSetBuilder::new(rules.iter().map(|r| r.regex.as_str()))
+            .size_limit(REGEX_SIZE_LIMIT * 4)
+            .build()
+            .map_err(|source| RedactError::Pattern {
+                name: "(all)".into(),
+                source,
+            })?;
+        Ok(Self { rules, prefilter })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Names of the rules, by index, for audit lines and metrics.
+    pub fn rule_names(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|r| r.name.as_str())
+    }
+
+    /// Non-overlapping matches, in order; on overlap the earlier, then longer, then
+    /// higher-priority match wins.
+    fn find(&self, text: &str) -> Vec<Found> {
+        if self.rules.is_empty() {
+            return Vec::new();
+        }
+        let candidates = self.prefilter.matches(text);
+        if !candidates.matched_any() {
+            return Vec::new();
+        }
+        let mut all = Vec::new();
+        for rule in candidates.iter() {
+            let r = &self.rules[rule];
+            for m in r.regex.find_iter(text) {
+                if m.is_empty() || r.validate.is_some_and(|ok| !ok(m.as_str())) {
+                    continue;
+                }
+                all.push(Found {
+                    start: m.start(),
+                    end: m.end(),
+                    rule,
+                });
+            }
+        }
+        all.sort_by_key(|f| (f.start, std::cmp::Reverse(f.end), f.rule));
+        let mut kept: Vec<Found> = Vec::with_capacity(all.len());
+        for f in all {
+            if kept.last().is_none_or(|last| f.start >= last.end) {
+                kept.push(f);
+            }
+        }
+        kept
+    }
+
+    fn apply(&self, text: &str, found: &[Found], counts: &mut Counts) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut at = 0;
+        for f in found {
+            out.push_str(&text[at..f.start]);
+            out.push_str(&self.rules[f.rule].placeholder);
+            counts.add(f.rule);
+            at = f.end;
+        }
+        out.push_str(&text[at..]);
+        out
+    }
+
+    /// The text with every match replaced by `[REDACTED:<name>]`, or `None` when nothing matched
+    /// (so callers can forward the original bytes untouched).
+    pub fn redact(&self, text: &str, counts: &mut Counts) -> Option<String> {
+        let found = self.find(text);
+        if found.is_empty() {
+            None
+        } else {
+            Some(self.apply(text, &found, counts))
+        }
+    }
+}
+
+/// Redacts a text that arrives in pieces (SSE `text_delta`s): it holds back the last
+/// [`STREAM_HOLD_BYTES`] and any match that reaches into them, so a pattern split across deltas
+/// is still caught, and emits everything before that as soon as it is final.
+#[derive(Default)]
+pub struct StreamRedactor {
+    carry: String,
+}
+
+impl StreamRedactor {
+    /// Adds a piece and returns the text that is now safe to send (possibly empty).
+    pub fn push(&mut self, redactor: &Redactor, piece: &str, counts: &mut Counts) -> String {
+        self.carry.push_str(piece);
+        let found = redactor.find(&self.carry);
+        let mut cut = settle_point(&self.carry);
+        // A match reaching past the cut may still grow: hold it back whole.
+        if let Some(f) = found.iter().find(|f| f.end > cut) {
+            cut = cut.min(f.start);
+        }
+        let settled: Vec<Found> = found.into_iter().filter(|f| f.end <= cut).collect();
+        let out = redactor.apply(&self.carry[..cut], &settled, counts);
+        self.carry.drain(..cut);
+        out
+    }
+
+    /// The held-back rest, redacted, at the end of the text block.
+    pub fn finish(&mut self, redactor: &Redactor, counts: &mut Counts) -> String {
+        let rest = std::mem::take(&mut self.carry);
+        redactor.redact(&rest, counts).unwrap_or(rest)
+    }
+}
+
+/// Where the held-back tail starts: [`STREAM_HOLD_BYTES`] before the end, moved back to just
+/// after a whitespace when one is near, so the next match starts with the same left context
+/// (`\b`) it would have in the whole text.
+fn settle_point(text: &str) -> usize {
+    let cut = floor_char_boundary(text, text.len().saturating_sub(STREAM_HOLD_BYTES));
+    let window = floor_char_boundary(text, cut.saturating_sub(256));
+    match text[window..cut].rfind(char::is_whitespace) {
+        Some(i) => window + i + text[window + i..].chars().next().map_or(1, char::len_utf8),
+        None => cut,
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// A check a regex cannot express.
+type Validator = fn(&str) -> bool;
+
+fn builtin(detector: Detector) -> Rule {
+    let (name, pattern, validate): (&str, &str, Option<Validator>) = match detector {
+        Detector::Email => (
+            "email",
+            r"(?i)\b[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}\b",
+            None,
+        ),
+        Detector::Ssn => ("ssn", r"\b\d{3}-\d{2}-\d{4}\b", Some(valid_ssn)),
+        Detector::Phone => (
+            "phone",
+            r"(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)|\b\d{3})[ .-]?\d{3}[ .-]\d{4}\b",
+            None,
+        ),
+        Detector::CreditCard => ("creditCard", r"\b\d(?:[ -]?\d){12,18}\b", Some(luhn_valid)),
+    };
+    Rule {
+        name: name.to_string(),
+        placeholder: format!("[REDACTED:{name}]"),
+        regex: Regex::new(pattern).expect("built-in patterns compile"),
+        validate,
+    }
+}
+
+/// US SSNs never have area 000, 666 or 9xx, group 00 or serial 0000.
+fn valid_ssn(s: &str) -> bool {
+    let mut parts = s.split('-');
+    let (Some(area), Some(group), Some(serial)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    area != "000" && area != "666" && !area.starts_with('9') && group != "00" && serial != "0000"
+}
+
+/// The Luhn checksum every payment card number satisfies; it keeps order numbers and
+/// timestamps from being redacted as cards.
+pub fn luhn_valid(s: &str) -> bool {
+    let digits: Vec<u32> = s.chars().filter_map(|c| c.to_digit(10)).collect();
+    if !(13..=19).contains(&digits.len()) {
+        return false;
+    }
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &d)| {
+            if i % 2 == 1 {
+                if d * 2 > 9 { d * 2 - 9 } else { d * 2 }
+            } else {
+                d
+            }
+        })
+        .sum();
+    sum.is_multiple_of(10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::CustomPattern;
+
+    fn all() -> Redactor {
+        Redactor::new(&DataProtectionSpec {
+            redact: vec![
+                Detector::Email,
+                Detector::Ssn,
+                Detector::Phone,
+                Detector::CreditCard,
+            ],
+            custom_patterns: vec![CustomPattern {
+                name: "employee-id".into(),
+                regex: "EMP-[0-9]{6}".into(),
+            }],
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn redact(r: &Redactor, text: &str) -> String {
+        r.redact(text, &mut Counts::default())
+            .unwrap_or_else(|| text.to_string())
+    }
+
+    #[test]
+    fn redacts_each_detector() {
+        let r = all();
+        assert_eq!(
+            redact(&r, "mail jane.doe@example.com now"),
+            "mail [REDACTED:email] now"
+        );
+        assert_eq!(redact(&r, "ssn 123-45-6789."), "ssn [REDACTED:ssn].");
+        assert_eq!(redact(&r, "call (555) 123-4567"), "call [REDACTED:phone]");
+        assert_eq!(redact(&r, "call +1 555-123-4567"), "call [REDACTED:phone]");
+        assert_eq!(
+            redact(&r, "card 4111 1111 1111 1111 ok"),
+            "card [REDACTED:creditCard] ok"
+        );
+        assert_eq!(
+            redact(&r, "card 4111-1111-1111-1111"),
+            "card [REDACTED:creditCard]"
+        );
+        assert_eq!(redact(&r, "id EMP-123456"), "id [REDACTED:employee-id]");
+    }
+
+    #[test]
+    fn leaves_look_alikes_alone() {
+        let r = all();
+        // Fails Luhn.
+        assert_eq!(
+            redact(&r, "order 4111 1111 1111 1112"),
+            "order 4111 1111 1111 1112"
+        );
+        // Reserved SSN areas.
+        assert_eq!(
+            redact(&r, "ref 000-12-3456 and 666-12-3456"),
+            "ref 000-12-3456 and 666-12-3456"
+        );
+        assert!(
+            r.redact("nothing to see here", &mut Counts::default())
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn counts_per_detector() {
+        let r = all();
+        let mut counts = Counts::default();
+        r.redact("a@b.io c@d.io 123-45-6789", &mut counts).unwrap();
+        let named: Vec<_> = counts.named(&r).collect();
+        assert_eq!(named, vec![("ssn", 1), ("email", 2)]);
+        assert_eq!(counts.total(), 3);
+    }
+
+    #[test]
+    fn only_configured_detectors_run() {
+        let r = Redactor::new(&DataProtectionSpec {
+            redact: vec![Detector::Email],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            redact(&r, "x@y.com 123-45-6789"),
+            "[REDACTED:email] 123-45-6789"
+        );
+        assert!(
+            Redactor::new(&DataProtectionSpec::default())
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn bad_custom_pattern_is_named() {
+        let err = Redactor::new(&DataProtectionSpec {
+            custom_patterns: vec![CustomPattern {
+                name: "broken".into(),
+                regex: "(".into(),
+            }],
+            ..Default::default()
+        })
+        .err()
+        .unwrap();
+        assert!(
+            err.to_string()
+                .starts_with("failed to compile custom pattern broken")
+        );
+    }
+
+    #[test]
+    fn luhn() {
+        assert!(luhn_valid("4111111111111111"));
+        assert!(luhn_valid("5500 0000 0000 0004"));
+        assert!(!luhn_valid("4111111111111112"));
+        assert!(!luhn_valid("41111"));
+    }
+
+    fn stream(r: &Redactor, pieces: &[&str]) -> (String, u32) {
+        let mut s = StreamRedactor::default();
+        let mut counts = Counts::default();
+        let mut out = String::new();
+        for p in pieces {
+            out.push_str(&s.push(r, p, &mut counts));
+        }
+        out.push_str(&s.finish(r, &mut counts));
+        (out, counts.total())
+    }
+
+    #[test]
+    fn stream_catches_matches_split_across_pieces() {
+        let r = all();
+        let (out, n) = stream(
+            &r,
+            &[
+                "write to jane.d",
+                "oe@exam",
+                "ple.com or call 555-",
+                "123-4567 today",
+            ],
+        );
+        assert_eq!(
+            out,
+            "write to [REDACTED:email] or call [REDACTED:phone] today"
+        );
+        assert_eq!(n, 2);
+    }
+
+    #[test]
+    fn stream_emits_early_text_before_the_end() {
+        let r = all();
+        let mut s = StreamRedactor::default();
+        let mut counts = Counts::default();
+        let long = "word ".repeat(60);
+        let first = s.push(&r, &long, &mut counts);
+        assert!(!first.is_empty() && first.len() <= long.len() - STREAM_HOLD_BYTES + 4);
+        let rest = s.finish(&r, &mut counts);
+        assert_eq!(format!("{first}{rest}"), long);
+    }
+
+    #[test]
+    fn stream_handles_multibyte_text() {
+        let r = all();
+        let text = "é".repeat(200) + " a@b.io";
+        let pieces: Vec<String> = text
+            .chars()
+            .collect::<Vec<_>>()
+            .chunks(7)
+            .map(|c| c.iter().collect())
+            .collect();
+        let refs: Vec<&str> = pieces.iter().map(String::as_str).collect();
+        let (out, n) = stream(&r, &refs);
+        assert_eq!(out, "é".repeat(200) + " [REDACTED:email]");
+        assert_eq!(n, 1);
+    }
+
+    proptest::proptest! {
+        /// However the text is split into deltas, the stream gives the same result as redacting
+        /// the whole text at once.
+        #[test]
+        fn stream_equals_whole(cuts in proptest::collection::vec(0usize..340, 0..12)) {
+            let r = all();
+            let text = "Hi, I'm at jane@example.com, card 4111 1111 1111 1111, ssn 123-45-6789, phone (555) 123-4567, EMP-004211. ".repeat(3);
+            let text = text.as_str();
+            let mut points: Vec<usize> = cuts.into_iter().map(|c| c.min(text.len())).collect();
+            points.sort();
+            points.dedup();
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            for p in points { pieces.push(&text[at..p]); at = p; }
+            pieces.push(&text[at..]);
+            let (out, n) = stream(&r, &pieces);
+            proptest::prop_assert_eq!(out, redact(&r, text));
+            proptest::prop_assert_eq!(n, 15);
+        }
+    }
+}

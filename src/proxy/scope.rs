@@ -1,0 +1,251 @@
+//! Endpoint and model scope: default-deny routing of API paths (matched without their query
+//! string) and the model glob allowlist, compiled once per config.
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use http::Method;
+
+use super::error::ApiError;
+use crate::crd::{Endpoint, ScopeSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScopeError {
+    #[error("failed to compile model glob {pattern:?}: {source}")]
+    Glob {
+        pattern: String,
+        source: globset::Error,
+    },
+}
+
+/// What a request path is, before the scope is asked whether it is allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Messages,
+    CountTokens,
+    Models,
+    /// Creating a batch carries many requests; their models are checked too.
+    BatchCreate,
+    Batches,
+    Files,
+}
+
+impl Route {
+    pub fn endpoint(self) -> Endpoint {
+        match self {
+            Self::Messages => Endpoint::Messages,
+            Self::CountTokens => Endpoint::CountTokens,
+            Self::Models => Endpoint::Models,
+            Self::BatchCreate | Self::Batches => Endpoint::Batches,
+            Self::Files => Endpoint::Files,
+        }
+    }
+
+    /// Bounded label for audit lines and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Messages => "messages",
+            Self::CountTokens => "countTokens",
+            Self::Models => "models",
+            Self::BatchCreate | Self::Batches => "batches",
+            Self::Files => "files",
+        }
+    }
+
+    /// Whether the request body is a Messages-style JSON request the pipeline inspects.
+    pub fn has_message_body(self) -> bool {
+        matches!(self, Self::Messages | Self::CountTokens | Self::BatchCreate)
+    }
+}
+
+/// Maps a method and path (query already ignored) to a route; everything unknown is refused.
+pub fn classify(method: &Method, path_and_query: &str) -> Result<Route, ApiError> {
+    let path = path_and_query.split('?').next().unwrap_or_default();
+    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    if !segments.iter().all(|s| valid_segment(s)) {
+        return Err(not_found(path));
+    }
+    let is = |m: &Method| method == m;
+    match segments.as_slice() {
+        ["v1", "messages"] if is(&Method::POST) => Ok(Route::Messages),
+        ["v1", "messages", "count_tokens"] if is(&Method::POST) => Ok(Route::CountTokens),
+        ["v1", "models"] | ["v1", "models", _] if is(&Method::GET) => Ok(Route::Models),
+        ["v1", "messages", "batches"] if is(&Method::POST) => Ok(Route::BatchCreate),
+        ["v1", "messages", "batches", ..] => Ok(Route::Batches),
+        ["v1", "files", ..] => Ok(Route::Files),
+        ["v1", "complete"] => Err(ApiError::Permission(
+            "/v1/complete is not available through claudekey: legacy completions report no token usage".into(),
+        )),
+        ["v1", "organizations", ..] => Err(ApiError::Permission(
+            "the Admin API (/v1/organizations) is never available to workloads".into(),
+        )),
+        _ => Err(not_found(path)),
+    }
+}
+
+/// Ids and names only: no empty, dot or percent-encoded segments that an upstream might
+/// normalize into a different, unchecked path.
+fn valid_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        && s != "."
+        && s != ".."
+}
+
+fn not_found(path: &str) -> ApiError {
+    let shown: String = path.chars().take(100).collect();
+    ApiError::NotFound(format!("{shown} is not an endpoint claudekey forwards"))
+}
+
+/// The compiled scope of one ClaudeKey.
+#[derive(Debug)]
+pub struct Scope {
+    endpoints: Vec<Endpoint>,
+    /// `None` allows every model.
+    models: Option<GlobSet>,
+}
+
+impl Scope {
+    pub fn new(spec: &ScopeSpec) -> Result<Self, ScopeError> {
+        let models = if spec.models.is_empty() {
+            None
+        } else {
+            let mut builder = GlobSetBuilder::new();
+            for pattern in &spec.models {
+                let glob = Glob::new(pattern).map_err(|source| ScopeError::Glob {
+                    pattern: pattern.clone(),
+                    source,
+                })?;
+                builder.add(glob);
+            }
+            Some(builder.build().map_err(|source| ScopeError::Glob {
+                pattern: spec.models.join(","),
+                source,
+            })?)
+        };
+        Ok(Self {
+            endpoints: spec.endpoints.clone(),
+            models,
+        })
+    }
+
+    pub fn check_endpoint(&self, route: Route) -> Result<(), ApiError> {
+        if self.endpoints.contains(&route.endpoint()) {
+            Ok(())
+        } else {
+            Err(ApiError::Permission(format!(
+                "this ClaudeKey's scope does not include the {} endpoint",
+                route.label()
+            )))
+        }
+    }
+
+    /// Whether the allowlist names this model (an empty allowlist allows all).
+    pub fn model_allowed(&self, model: &str) -> bool {
+        self.models.as_ref().is_none_or(|set| set.is_match(model))
+    }
+
+    /// Whether the allowlist is explicit, so allowed model names are a bounded set of labels.
+    pub fn has_model_allowlist(&self) -> bool {
+        self.models.is_some()
+    }
+
+    pub fn check_model(&self, model: &str) -> Result<(), ApiError> {
+        if self.model_allowed(model) {
+            Ok(())
+        } else {
+            let shown: String = model.chars().take(100).collect();
+            Err(ApiError::Permission(format!(
+                "model {shown} is not allowed by this ClaudeKey's scope"
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope(models: &[&str], endpoints: Vec<Endpoint>) -> Scope {
+        Scope::new(&ScopeSpec {
+            models: models.iter().map(|s| s.to_string()).collect(),
+            endpoints,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn routes_ignore_the_query_string() {
+        assert_eq!(
+            classify(&Method::POST, "/v1/messages?beta=true").unwrap(),
+            Route::Messages
+        );
+        assert_eq!(
+            classify(&Method::POST, "/v1/messages/count_tokens?beta=true").unwrap(),
+            Route::CountTokens
+        );
+        assert_eq!(
+            classify(&Method::GET, "/v1/models?limit=20").unwrap(),
+            Route::Models
+        );
+        assert_eq!(
+            classify(&Method::GET, "/v1/models/claude-sonnet-4-5").unwrap(),
+            Route::Models
+        );
+        assert_eq!(
+            classify(&Method::POST, "/v1/messages/batches").unwrap(),
+            Route::BatchCreate
+        );
+        assert_eq!(
+            classify(&Method::GET, "/v1/messages/batches/msgbatch_1/results").unwrap(),
+            Route::Batches
+        );
+        assert_eq!(
+            classify(&Method::DELETE, "/v1/files/file_1").unwrap(),
+            Route::Files
+        );
+    }
+
+    #[test]
+    fn default_deny() {
+        for (method, path, status) in [
+            (Method::POST, "/v1/complete", 403),
+            (Method::GET, "/v1/organizations/api_keys", 403),
+            (Method::POST, "/v1/organizations/api_keys/k1", 403),
+            (Method::POST, "/v1/other", 404),
+            (Method::GET, "/v1/messages", 404),
+            (Method::POST, "/v1/messages/../organizations/api_keys", 404),
+            (Method::POST, "/v1//messages", 404),
+            (Method::POST, "/v1/messages%2Fcount_tokens", 404),
+            (Method::GET, "/", 404),
+        ] {
+            let err = classify(&method, path).unwrap_err();
+            assert_eq!(err.status().as_u16(), status, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn endpoints_by_scope() {
+        let s = scope(&[], vec![Endpoint::Messages]);
+        assert!(s.check_endpoint(Route::Messages).is_ok());
+        assert_eq!(
+            s.check_endpoint(Route::CountTokens).unwrap_err().status(),
+            403
+        );
+        assert_eq!(s.check_endpoint(Route::Files).unwrap_err().status(), 403);
+        let s = scope(&[], vec![Endpoint::Batches]);
+        assert!(s.check_endpoint(Route::BatchCreate).is_ok());
+    }
+
+    #[test]
+    fn model_globs() {
+        let s = scope(&["claude-sonnet-4-*", "claude-haiku-*"], vec![]);
+        assert!(s.check_model("claude-sonnet-4-5-20250929").is_ok());
+        assert!(s.check_model("claude-haiku-4-5").is_ok());
+        assert_eq!(s.check_model("claude-opus-4-1").unwrap_err().status(), 403);
+        assert!(s.has_model_allowlist());
+        let open = scope(&[], vec![]);
+        assert!(open.check_model("anything").is_ok());
+        assert!(!open.has_model_allowlist());
+    }
+}

@@ -1,0 +1,350 @@
+//! Server-sent events from the Messages API, passed through as they arrive: at most one partial
+//! event is held. Usage is read from `message_start` and `message_delta` (whose usage is
+//! cumulative: overwrite, never add); `error` events after a 200 are noted; `ping` and unknown
+//! events pass untouched; text deltas are redacted with a carry-over when the policy asks.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use serde_json::Value;
+
+use super::{
+    metrics::Usage,
+    redact::{Counts, StreamRedactor},
+    tenant::Tenant,
+};
+
+/// Reads the usage fields present in a `usage` object into `usage`, leaving absent ones as they
+/// were (a `message_delta` may carry only `output_tokens`).
+pub fn merge_usage(usage: &mut Usage, value: &Value) {
+    let field = |name: &str| value.get(name).and_then(Value::as_u64);
+    if let Some(n) = field("input_tokens") {
+        usage.input = n;
+    }
+    if let Some(n) = field("output_tokens") {
+        usage.output = n;
+    }
+    if let Some(n) = field("cache_creation_input_tokens") {
+        usage.cache_creation = n;
+    }
+    if let Some(n) = field("cache_read_input_tokens") {
+        usage.cache_read = n;
+    }
+}
+
+/// Turns upstream SSE bytes into client SSE bytes, event by event.
+pub struct SseTransformer {
+    buf: BytesMut,
+    /// Set when text deltas are redacted.
+    tenant: Option<Arc<Tenant>>,
+    /// One carry-over per content block index.
+    blocks: Vec<(u64, StreamRedactor)>,
+    pub usage: Usage,
+    pub counts: Counts,
+    /// `error.type` of an `error` event, if one came.
+    pub error: Option<String>,
+}
+
+impl SseTransformer {
+    /// `redact_with` is the tenant whose redactor rewrites text deltas, or `None` to pass them.
+    pub fn new(redact_with: Option<Arc<Tenant>>) -> Self {
+        let tenant = redact_with.filter(|t| t.redact_responses && !t.redactor.is_empty());
+        Self {
+            buf: BytesMut::new(),
+            tenant,
+            blocks: Vec::new(),
+            usage: Usage::default(),
+            counts: Counts::default(),
+            error: None,
+        }
+    }
+
+    /// Adds upstream bytes; returns every complete event, ready to send (maybe empty).
+    pub fn push(&mut self, chunk: &[u8]) -> Bytes {
+        self.buf.extend_from_slice(chunk);
+        let mut out = BytesMut::new();
+        while let Some(end) = event_end(&self.buf) {
+            let event = self.buf.split_to(end);
+            self.event(&event, &mut out);
+        }
+        out.freeze()
+    }
+
+    /// At the end of the stream: whatever partial event and held-back text remain.
+    pub fn finish(&mut self) -> Bytes {
+        let mut out = BytesMut::new();
+        let rest = std::mem::take(&mut self.buf);
+        if !rest.is_empty() {
+            self.event(&rest, &mut out);
+        }
+        let indexes: Vec<u64> = self.blocks.iter().map(|(i, _)| *i).collect();
+        for index in indexes {
+            self.flush_block(index, &mut out);
+        }
+        out.freeze()
+    }
+
+    fn event(&mut self, raw: &[u8], out: &mut BytesMut) {
+        let (name, data) = parse_event(raw);
+        match name {
+            Some("message_start") | Some("message_delta") | Some("error") | None => {
+                if let Some(json) = data.and_then(|d| serde_json::from_str::<Value>(d).ok()) {
+                    self.observe(&json);
+                }
+                out.extend_from_slice(raw);
+            }
+            Some("content_block_delta") if self.tenant.is_some() => match data {
+                Some(d) => self.delta(d, raw, out),
+                None => out.extend_from_slice(raw),
+            },
+            Some("content_block_stop") if self.tenant.is_some() => {
+                let index = data
+                    .and_then(|d| serde_json::from_str::<Value>(d).ok())
+                    .and_then(|j| j.get("index").and_then(Value::as_u64));
+                if let Some(index) = index {
+                    self.flush_block(index, out);
+                }
+                out.extend_from_slice(raw);
+            }
+            _ => out.extend_from_slice(raw),
+        }
+    }
+
+    fn observe(&mut self, json: &Value) {
+        match json.get("type").and_then(Value::as_str) {
+            Some("message_start") => {
+                if let Some(u) = json.pointer("/message/usage") {
+                    merge_usage(&mut self.usage, u);
+                }
+            }
+            Some("message_delta") => {
+                if let Some(u) = json.get("usage") {
+                    merge_usage(&mut self.usage, u);
+                }
+            }
+            Some("error") => {
+                let kind = json
+                    .pointer("/error/type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("error");
+                // Bounded: Anthropic's error types are short identifiers.
+                self.error = Some(kind.chars().take(64).collect());
+            }
+            _ => {}
+        }
+    }
+
+    fn delta(&mut self, data: &str, raw: &[u8], out: &mut BytesMut) {
+        let Ok(mut json) = serde_json::from_str::<Value>(data) else {
+            out.extend_from_slice(raw);
+            return;
+        };
+        let index = json.get("index").and_then(Value::as_u64).unwrap_or(0);
+        let Some(Value::String(text)) = json.pointer_mut("/delta/text") else {
+            // input_json_delta, thinking, signature: not text a person reads back.
+            out.extend_from_slice(raw);
+            return;
+        };
+        let Some(tenant) = self.tenant.clone() else {
+            return;
+        };
+        let block = match self.blocks.iter().position(|(i, _)| *i == index) {
+            Some(p) => p,
+            None => {
+                self.blocks.push((index, StreamRedactor::default()));
+                self.blocks.len() - 1
+            }
+        };
+        let safe = self.blocks[block]
+            .1
+            .push(&tenant.redactor, text, &mut self.counts);
+        if !safe.is_empty() {
+            *text = safe;
+            write_event(out, "content_block_delta", &json);
+        }
+    }
+
+    /// Sends a block's held-back text as one more delta, before its `content_block_stop`.
+    fn flush_block(&mut self, index: u64, out: &mut BytesMut) {
+        let Some(p) = self.blocks.iter().position(|(i, _)| *i == index) else {
+            return;
+        };
+        let (_, mut carry) = self.blocks.swap_remove(p);
+        let Some(tenant) = self.tenant.clone() else {
+            return;
+        };
+        let rest = carry.finish(&tenant.redactor, &mut self.counts);
+        if !rest.is_empty() {
+            let json = serde_json::json!({
+                "type": "content_block_delta",
+                "index": index,
+                "delta": { "type": "text_delta", "text": rest },
+            });
+            write_event(out, "content_block_delta", &json);
+        }
+    }
+}
+
+fn write_event(out: &mut BytesMut, name: &str, json: &Value) {
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    out.extend_from_slice(json.to_string().as_bytes());
+    out.extend_from_slice(b"\n\n");
+}
+
+/// Index just past the first blank line (`\n\n` or `\r\n\r\n`), i.e. the end of one event.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i < buf.len() {
+        if buf[i] == b'\n' {
+            match buf.get(i + 1) {
+                Some(b'\n') => return Some(i + 2),
+                Some(b'\r') if buf.get(i + 2) == Some(&b'\n') => return Some(i + 3),
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The `event:` name and the `data:` payload (multi-line data joined is not needed: the API
+/// sends one data line per event; the first is taken).
+fn parse_event(raw: &[u8]) -> (Option<&str>, Option<&str>) {
+    let Ok(text) = std::str::from_utf8(raw) else {
+        return (None, None);
+    };
+    let mut name = None;
+    let mut data = None;
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("event:") {
+            name = Some(v.trim());
+        } else if let Some(v) = line.strip_prefix("data:") {
+            data = data.or(Some(v.trim_start()));
+        }
+    }
+    (name, data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        crd::{DataProtectionSpec, Detector},
+        proxy::limits::Limiters,
+        proxyconf::ProxyConfig,
+    };
+
+    const STREAM: &str = concat!(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"usage\":{\"input_tokens\":25,\"output_tokens\":1,\"cache_read_input_tokens\":3}}}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: ping\ndata: {\"type\":\"ping\"}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"mail jane@exa\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"mple.com now\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":7}}\n\n",
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{},\"usage\":{\"output_tokens\":15}}\n\n",
+        "event: future_thing\ndata: {\"type\":\"future_thing\"}\n\n",
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+
+    fn tenant(redact_responses: bool) -> Arc<Tenant> {
+        let mut config: ProxyConfig = serde_json::from_value(serde_json::json!({
+            "claudeKey": { "namespace": "ns", "name": "a" },
+            "upstream": [{ "key": "sk-ant-api03-u", "fingerprint": "up:x", "validUntil": null }],
+            "workloadKeys": [],
+            "policy": {}
+        }))
+        .unwrap();
+        config.policy.data_protection = DataProtectionSpec {
+            redact: vec![Detector::Email],
+            redact_responses,
+            ..Default::default()
+        };
+        Arc::new(Tenant::compile(&config, &Limiters::default()).unwrap())
+    }
+
+    fn run(t: &mut SseTransformer, chunk_size: usize) -> String {
+        let mut out = Vec::new();
+        for chunk in STREAM.as_bytes().chunks(chunk_size) {
+            out.extend_from_slice(&t.push(chunk));
+        }
+        out.extend_from_slice(&t.finish());
+        String::from_utf8(out).unwrap()
+    }
+
+    fn texts(sse: &str) -> String {
+        sse.split("\n\n")
+            .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|j| {
+                j.pointer("/delta/text")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn passes_through_unchanged_and_reads_cumulative_usage() {
+        for chunk in [1, 7, 64, 10_000] {
+            let mut t = SseTransformer::new(None);
+            assert_eq!(run(&mut t, chunk), STREAM);
+            assert_eq!(
+                t.usage,
+                Usage {
+                    input: 25,
+                    output: 15,
+                    cache_creation: 0,
+                    cache_read: 3
+                }
+            );
+            assert!(t.error.is_none());
+        }
+    }
+
+    #[test]
+    fn never_holds_more_than_the_partial_event() {
+        let mut t = SseTransformer::new(None);
+        let first_event_len = STREAM.find("\n\n").unwrap() + 2;
+        let out = t.push(&STREAM.as_bytes()[..first_event_len + 5]);
+        assert_eq!(out.len(), first_event_len);
+        assert_eq!(t.buf.len(), 5);
+    }
+
+    #[test]
+    fn redacts_text_split_across_deltas() {
+        for chunk in [1, 13, 10_000] {
+            let mut t = SseTransformer::new(Some(tenant(true)));
+            let out = run(&mut t, chunk);
+            assert_eq!(texts(&out), "mail [REDACTED:email] now");
+            assert!(!out.contains("jane"));
+            assert_eq!(t.counts.total(), 1);
+            // Every other event is still there, in order.
+            assert!(out.contains("event: ping") && out.contains("event: future_thing"));
+            assert!(out.find("REDACTED").unwrap() < out.find("content_block_stop").unwrap());
+        }
+    }
+
+    #[test]
+    fn no_redaction_unless_the_policy_asks() {
+        let mut t = SseTransformer::new(Some(tenant(false)));
+        assert_eq!(run(&mut t, 10), STREAM);
+    }
+
+    #[test]
+    fn error_event_after_200_is_noted() {
+        let mut t = SseTransformer::new(None);
+        let ev = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+        assert_eq!(&t.push(ev.as_bytes())[..], ev.as_bytes());
+        assert_eq!(t.error.as_deref(), Some("overloaded_error"));
+    }
+
+    #[test]
+    fn crlf_events_are_split() {
+        let mut t = SseTransformer::new(None);
+        let out = t.push(b"event: ping\r\ndata: {}\r\n\r\nevent: pi");
+        assert_eq!(&out[..], b"event: ping\r\ndata: {}\r\n\r\n");
+    }
+}

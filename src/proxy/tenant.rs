@@ -1,0 +1,141 @@
+//! One ClaudeKey as the proxy serves it: `proxy.json` compiled once (hashes decoded, globs and
+//! regexes built, limiter looked up), so no request ever compiles or allocates policy.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use http::HeaderValue;
+use secrecy::ExposeSecret;
+
+use super::{caps::Caps, limits::KeyLimiter, limits::Limiters, redact::Redactor, scope::Scope};
+use crate::{
+    crd::{LimitsSpec, PromptInjectionMode},
+    proxyconf::{ClaudeKeyRef, ProxyConfig, still_valid},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TenantError {
+    #[error("failed to read workload key hash {fingerprint}: not 64 hex digits")]
+    Hash { fingerprint: String },
+    #[error("failed to use upstream key {fingerprint}: not a valid header value")]
+    UpstreamKey { fingerprint: String },
+    #[error("failed to find a current upstream key: no entry has validUntil null")]
+    NoCurrentUpstream,
+    #[error(transparent)]
+    Scope(#[from] super::scope::ScopeError),
+    #[error(transparent)]
+    Redact(#[from] super::redact::RedactError),
+}
+
+/// An upstream key ready to send: a sensitive header value (never logged by hyper or us).
+pub struct UpstreamKey {
+    pub header: HeaderValue,
+    pub fingerprint: String,
+    pub valid_until: Option<DateTime<Utc>>,
+}
+
+pub struct WorkloadHash {
+    pub sha256: [u8; 32],
+    pub fingerprint: String,
+    pub valid_until: Option<DateTime<Utc>>,
+}
+
+pub struct Tenant {
+    pub id: ClaudeKeyRef,
+    /// `namespace/name`, the metric label and audit field.
+    pub label: String,
+    /// Current first, then the previous keys still in their grace period.
+    pub upstream: Vec<UpstreamKey>,
+    pub workload_keys: Vec<WorkloadHash>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub scope: Scope,
+    pub caps: Caps,
+    pub limits: LimitsSpec,
+    pub limiter: Arc<KeyLimiter>,
+    pub redactor: Redactor,
+    pub redact_responses: bool,
+    pub injection: PromptInjectionMode,
+}
+
+impl Tenant {
+    pub fn compile(config: &ProxyConfig, limiters: &Limiters) -> Result<Self, TenantError> {
+        let current = config
+            .current_upstream()
+            .ok_or(TenantError::NoCurrentUpstream)?;
+        let ordered = std::iter::once(current)
+            .chain(config.upstream.iter().filter(|u| u.valid_until.is_some()));
+        let upstream = ordered
+            .map(|u| {
+                let mut header = HeaderValue::from_str(u.key.expose_secret()).map_err(|_| {
+                    TenantError::UpstreamKey {
+                        fingerprint: u.fingerprint.clone(),
+                    }
+                })?;
+                header.set_sensitive(true);
+                Ok(UpstreamKey {
+                    header,
+                    fingerprint: u.fingerprint.clone(),
+                    valid_until: u.valid_until,
+                })
+            })
+            .collect::<Result<_, TenantError>>()?;
+        let workload_keys = config
+            .workload_keys
+            .iter()
+            .map(|w| {
+                let mut sha256 = [0u8; 32];
+                hex::decode_to_slice(w.sha256.trim(), &mut sha256).map_err(|_| {
+                    TenantError::Hash {
+                        fingerprint: w.fingerprint.clone(),
+                    }
+                })?;
+                Ok(WorkloadHash {
+                    sha256,
+                    fingerprint: w.fingerprint.clone(),
+                    valid_until: w.valid_until,
+                })
+            })
+            .collect::<Result<_, TenantError>>()?;
+        let policy = &config.policy;
+        Ok(Self {
+            id: config.claude_key.clone(),
+            label: format!("{}/{}", config.claude_key.namespace, config.claude_key.name),
+            upstream,
+            workload_keys,
+            expires_at: policy.expires_at,
+            scope: Scope::new(&policy.scope)?,
+            caps: Caps::new(&policy.scope),
+            limits: policy.limits.clone(),
+            limiter: limiters.for_key(&config.claude_key),
+            redactor: Redactor::new(&policy.data_protection)?,
+            redact_responses: policy.data_protection.redact_responses,
+            injection: policy.data_protection.prompt_injection,
+        })
+    }
+
+    /// The key to try first.
+    pub fn current_upstream(&self) -> &UpstreamKey {
+        &self.upstream[0]
+    }
+
+    /// A previous upstream key still in its grace period, for one retry after a 401.
+    pub fn previous_upstream(&self, now: DateTime<Utc>) -> Option<&UpstreamKey> {
+        self.upstream
+            .iter()
+            .skip(1)
+            .find(|u| still_valid(u.valid_until, now))
+    }
+
+    pub fn expired(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at.is_some_and(|at| now >= at)
+    }
+}
+
+/// Names the ClaudeKey only: keys and compiled policy stay out of any debug output.
+impl std::fmt::Debug for Tenant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tenant")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
