@@ -170,11 +170,15 @@ impl Workload {
 /// A parse error safe to show: serde quotes offending values (`invalid type: string "sk-ant-…"`),
 /// and such a value may be the very key the rules exist to keep out of messages.
 pub fn scrub_parse_error(error: &serde_json::Error) -> String {
+    scrub_quoted(&error.to_string())
+}
+
+/// Replaces quoted values in a parser message with `"…"`, keeping short backticked field names.
+pub fn scrub_quoted(text: &str) -> String {
     static QUOTED: std::sync::LazyLock<regex::Regex> =
         std::sync::LazyLock::new(|| regex::Regex::new(r#""(?:[^"\\]|\\.)*"|`[^`]*`"#).expect("static regex"));
-    let text = error.to_string();
     QUOTED
-        .replace_all(&text, |c: &regex::Captures<'_>| {
+        .replace_all(text, |c: &regex::Captures<'_>| {
             let m = &c[0];
             let is_name = m.starts_with('`') && m.len() <= 42 && m[1..m.len() - 1].chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
             if is_name { m.to_string() } else { "\"…\"".to_string() }
@@ -290,8 +294,8 @@ impl Out<'_, '_> {
 
 fn encoded(encoding: Encoding) -> &'static str {
     match encoding {
-        Encoding::Plain => "",
-        Encoding::Base64 => " base64-encoded",
+        Encoding::Plain => "an",
+        Encoding::Base64 => "a base64-encoded",
     }
 }
 
@@ -300,7 +304,7 @@ fn check_env(out: &mut Out<'_, '_>) {
         let Some(value) = var.value.as_deref() else { continue };
         let field = format!("env {}", var.name);
         if let Some(found) = keyshape::find_key(value) {
-            let what = format!("holds a{} Anthropic key ({})", encoded(found.encoding), found.hint);
+            let what = format!("holds {} Anthropic key ({})", encoded(found.encoding), found.hint);
             out.push(RuleId::KeyInEnv, field, Some(found.hint), what, KEY_ADVICE);
         } else if keyshape::is_key_variable(&var.name) && !keyshape::is_allowed_literal(value) {
             let hint = crate::keys::masked_hint(value);
@@ -316,7 +320,7 @@ fn check_command(out: &mut Out<'_, '_>) {
         for (i, item) in items.iter().enumerate() {
             let field = format!("{list}[{i}]");
             if let Some(found) = keyshape::find_key(item) {
-                let what = format!("holds a{} Anthropic key ({})", encoded(found.encoding), found.hint);
+                let what = format!("holds {} Anthropic key ({})", encoded(found.encoding), found.hint);
                 out.push(RuleId::KeyInCommand, field, Some(found.hint), what, KEY_ADVICE);
             } else if let Some((var, hint)) = keyshape::find_key_assignments(item).into_iter().next() {
                 let what = format!("assigns a literal value to {var} ({hint})");
