@@ -10,6 +10,8 @@ pub mod validate;
 
 #[cfg(test)]
 mod rules_tests;
+#[cfg(test)]
+mod validate_tests;
 
 use std::collections::BTreeMap;
 use std::future::Future;
