@@ -74,6 +74,8 @@ struct Harness {
 
 impl Harness {
     async fn start(mode: Mode, prefix: &str) -> Self {
+        // Both ring and aws-lc-rs are compiled in (AWS SDK), so rustls needs to be told.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = support::client().await;
         support::install_crd(&client).await;
         let namespace = support::namespace(&client, prefix).await;
