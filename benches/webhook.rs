@@ -26,7 +26,11 @@ fn pod(env_value: &str, inject: bool) -> Value {
             })
         })
         .collect();
-    let annotations = if inject { json!({"claudekey.io/inject": "bot"}) } else { json!({}) };
+    let annotations = if inject {
+        json!({"claudekey.io/inject": "bot"})
+    } else {
+        json!({})
+    };
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "bench", "namespace": "team-a", "annotations": annotations},
@@ -50,15 +54,25 @@ fn review(object: Value) -> Vec<u8> {
 
 fn bench(c: &mut Criterion) {
     let claudekeys: Vec<(String, String)> = vec![("team-a".into(), "bot".into())];
-    let admission = Admission { mode: Mode::Enforce, sidecar: SidecarConfig::default(), claudekeys: Arc::new(claudekeys) };
+    let admission = Admission {
+        mode: Mode::Enforce,
+        sidecar: SidecarConfig::default(),
+        claudekeys: Arc::new(claudekeys),
+    };
     let key = format!("sk-ant-api03-{}AA", "b".repeat(93));
     let clean = review(pod("claudekey-sidecar", false));
     let leaky = review(pod(&key, false));
     let inject = review(pod("claudekey-sidecar", true));
     let mut group = c.benchmark_group("admission_review_10_containers");
-    group.bench_function("validate_clean", |b| b.iter(|| admission.validate(black_box(&clean))));
-    group.bench_function("validate_raw_keys", |b| b.iter(|| admission.validate(black_box(&leaky))));
-    group.bench_function("mutate_inject", |b| b.iter(|| admission.mutate(black_box(&inject))));
+    group.bench_function("validate_clean", |b| {
+        b.iter(|| admission.validate(black_box(&clean)))
+    });
+    group.bench_function("validate_raw_keys", |b| {
+        b.iter(|| admission.validate(black_box(&leaky)))
+    });
+    group.bench_function("mutate_inject", |b| {
+        b.iter(|| admission.mutate(black_box(&inject)))
+    });
     group.finish();
 }
 

@@ -39,7 +39,13 @@ fn stderr(o: &Output) -> String {
 #[test]
 fn clean_inputs_exit_zero() {
     let out = scan(&[&fixture("clean.yaml"), &fixture("pod.json")], None);
-    assert_eq!(out.status.code(), Some(0), "stdout: {}\nstderr: {}", stdout(&out), stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {}\nstderr: {}",
+        stdout(&out),
+        stderr(&out)
+    );
     assert_eq!(stdout(&out), "");
 }
 
@@ -65,14 +71,28 @@ fn lists_from_stdin_use_their_claudekeys() {
     let text = stdout(&out);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
-    assert!(lines[0].starts_with("-: Pod/snoop: container \"snoop\" envFrom loads Secret support-bot-proxy"), "{}", lines[0]);
+    assert!(
+        lines[0].starts_with(
+            "-: Pod/snoop: container \"snoop\" envFrom loads Secret support-bot-proxy"
+        ),
+        "{}",
+        lines[0]
+    );
     assert!(lines[1].starts_with("-: Job/once: container \"once\" env CLAUDE_API_KEY is a key variable set to a literal value"), "{}", lines[1]);
     assert!(!text.contains("not-a-real-key-but-a-literal"));
 }
 
 #[test]
 fn json_format_for_ci() {
-    let out = scan(&["--format", "json", &fixture("findings.yaml"), &fixture("clean.yaml")], None);
+    let out = scan(
+        &[
+            "--format",
+            "json",
+            &fixture("findings.yaml"),
+            &fixture("clean.yaml"),
+        ],
+        None,
+    );
     assert_eq!(out.status.code(), Some(1));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
     let findings = report["findings"].as_array().expect("findings array");
@@ -91,11 +111,19 @@ fn json_format_for_ci() {
 fn unparsable_or_missing_input_exits_two_with_the_reason() {
     let out = scan(&[&fixture("broken.yaml")], None);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("broken.yaml: document 1: failed to parse YAML"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("broken.yaml: document 1: failed to parse YAML"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = scan(&[&fixture("does-not-exist.yaml")], None);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("does-not-exist.yaml: failed to read"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("does-not-exist.yaml: failed to read"),
+        "{}",
+        stderr(&out)
+    );
 
     // Findings elsewhere do not hide an unreadable input: the scan cannot vouch for it.
     let out = scan(&[&fixture("findings.yaml"), &fixture("broken.yaml")], None);
@@ -105,8 +133,15 @@ fn unparsable_or_missing_input_exits_two_with_the_reason() {
 
 #[test]
 fn json_errors_are_reported_too() {
-    let out = scan(&["--format", "json", "-"], Some("{\"kind\": \"Pod\", \"apiVersion\": \"v1\", \"spec\": 3}"));
+    let out = scan(
+        &["--format", "json", "-"],
+        Some("{\"kind\": \"Pod\", \"apiVersion\": \"v1\", \"spec\": 3}"),
+    );
     assert_eq!(out.status.code(), Some(2));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
-    assert_eq!(report["errors"].as_array().map(Vec::len), Some(1), "{report}");
+    assert_eq!(
+        report["errors"].as_array().map(Vec::len),
+        Some(1),
+        "{report}"
+    );
 }

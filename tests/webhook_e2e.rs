@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -26,7 +28,10 @@ const IMAGE: &str = "registry.example/claudekey:e2e";
 const WAIT: Duration = Duration::from_secs(60);
 
 fn raw_key() -> String {
-    format!("sk-ant-api03-{}AA", "E2eTestKey_".repeat(9).chars().take(93).collect::<String>())
+    format!(
+        "sk-ant-api03-{}AA",
+        "E2eTestKey_".repeat(9).chars().take(93).collect::<String>()
+    )
 }
 
 /// A CA and a serving certificate for 127.0.0.1, as PEM.
@@ -47,7 +52,11 @@ fn new_pki(cn: &str) -> Pki {
         .expect("leaf params")
         .signed_by(&leaf_key, &ca)
         .expect("leaf cert");
-    Pki { ca_pem: ca.pem(), cert_pem: leaf.pem(), key_pem: leaf_key.serialize_pem() }
+    Pki {
+        ca_pem: ca.pem(),
+        cert_pem: leaf.pem(),
+        key_pem: leaf_key.serialize_pem(),
+    }
 }
 
 /// Writes cert and key the way a Secret volume update lands: each file replaced atomically.
@@ -81,7 +90,10 @@ impl Harness {
         let namespace = support::namespace(&client, prefix).await;
         let (store, driver) = webhook::claudekey_cache(client.clone());
         tokio::spawn(driver);
-        tokio::time::timeout(WAIT, store.wait_until_ready()).await.expect("cache ready in time").expect("cache");
+        tokio::time::timeout(WAIT, store.wait_until_ready())
+            .await
+            .expect("cache ready in time")
+            .expect("cache");
 
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = new_pki("claudekey e2e CA 1");
@@ -90,7 +102,10 @@ impl Harness {
         let port = listener.local_addr().expect("addr").port();
         let config = WebhookConfig {
             mode,
-            sidecar: SidecarConfig { image: IMAGE.to_string(), ..SidecarConfig::default() },
+            sidecar: SidecarConfig {
+                image: IMAGE.to_string(),
+                ..SidecarConfig::default()
+            },
             tls_cert_file: cert,
             tls_key_file: key,
         };
@@ -102,7 +117,14 @@ impl Harness {
             .await
             .expect("webhook serves");
         });
-        let harness = Self { client, name: format!("claudekey-e2e-{namespace}"), namespace, port, dir, _shutdown: tx };
+        let harness = Self {
+            client,
+            name: format!("claudekey-e2e-{namespace}"),
+            namespace,
+            port,
+            dir,
+            _shutdown: tx,
+        };
         harness.register(&pki.ca_pem).await;
         harness.wait_until_called().await;
         harness
@@ -137,9 +159,15 @@ impl Harness {
         ]);
         let pp = PatchParams::apply("claudekey-tests").force();
         let m = json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration", "metadata": {"name": self.name}, "webhooks": [mutating]});
-        Api::<MutatingWebhookConfiguration>::all(self.client.clone()).patch(&self.name, &pp, &Patch::Apply(&m)).await.expect("apply mutating webhook");
+        Api::<MutatingWebhookConfiguration>::all(self.client.clone())
+            .patch(&self.name, &pp, &Patch::Apply(&m))
+            .await
+            .expect("apply mutating webhook");
         let v = json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration", "metadata": {"name": self.name}, "webhooks": [validating]});
-        Api::<ValidatingWebhookConfiguration>::all(self.client.clone()).patch(&self.name, &pp, &Patch::Apply(&v)).await.expect("apply validating webhook");
+        Api::<ValidatingWebhookConfiguration>::all(self.client.clone())
+            .patch(&self.name, &pp, &Patch::Apply(&v))
+            .await
+            .expect("apply validating webhook");
     }
 
     /// The apiserver picks up webhook configurations asynchronously: wait until a dry-run
@@ -150,13 +178,28 @@ impl Harness {
         let path = format!("/apis/apps/v1/namespaces/{}/deployments", self.namespace);
         let client = self.client.clone();
         support::eventually(WAIT, "the apiserver to call the webhook", || {
-            let dry = PostParams { dry_run: true, ..PostParams::default() };
-            let request = kube::core::Request::new(path.clone()).create(&dry, body.clone()).expect("request");
+            let dry = PostParams {
+                dry_run: true,
+                ..PostParams::default()
+            };
+            let request = kube::core::Request::new(path.clone())
+                .create(&dry, body.clone())
+                .expect("request");
             let client = client.clone();
             async move {
-                let response = client.send(request.map(kube::client::Body::from)).await.ok()?;
-                let warned = response.headers().get_all("warning").iter().any(|w| String::from_utf8_lossy(w.as_bytes()).contains("claudekey:"));
-                let bytes = http_body_util::BodyExt::collect(response.into_body()).await.ok()?.to_bytes();
+                let response = client
+                    .send(request.map(kube::client::Body::from))
+                    .await
+                    .ok()?;
+                let warned = response
+                    .headers()
+                    .get_all("warning")
+                    .iter()
+                    .any(|w| String::from_utf8_lossy(w.as_bytes()).contains("claudekey:"));
+                let bytes = http_body_util::BodyExt::collect(response.into_body())
+                    .await
+                    .ok()?
+                    .to_bytes();
                 let denied = String::from_utf8_lossy(&bytes).contains("claudekey:");
                 (warned || denied).then_some(())
             }
@@ -187,8 +230,12 @@ impl Harness {
 
     async fn cleanup(self) {
         let dp = DeleteParams::default();
-        let _ = Api::<MutatingWebhookConfiguration>::all(self.client.clone()).delete(&self.name, &dp).await;
-        let _ = Api::<ValidatingWebhookConfiguration>::all(self.client.clone()).delete(&self.name, &dp).await;
+        let _ = Api::<MutatingWebhookConfiguration>::all(self.client.clone())
+            .delete(&self.name, &dp)
+            .await;
+        let _ = Api::<ValidatingWebhookConfiguration>::all(self.client.clone())
+            .delete(&self.name, &dp)
+            .await;
     }
 }
 
@@ -229,26 +276,47 @@ async fn enforce_denies_raw_keys_and_injects_the_sidecar() {
     let h = Harness::start(Mode::Enforce, "wh-enforce").await;
     let pp = PostParams::default();
 
-    let message = denial(h.deployments().create(&pp, &deployment("leaky", &raw_key())).await);
+    let message = denial(
+        h.deployments()
+            .create(&pp, &deployment("leaky", &raw_key()))
+            .await,
+    );
     assert!(
         message.contains("claudekey: Deployment/leaky: container \"app\" env ANTHROPIC_API_KEY holds an Anthropic key (sk-ant-api03-…AA)"),
         "{message}"
     );
     assert!(message.contains("claudekey.io/inject"), "{message}");
-    assert!(!message.contains(&raw_key()), "the denial leaks the key: {message}");
+    assert!(
+        !message.contains(&raw_key()),
+        "the denial leaks the key: {message}"
+    );
 
-    let clean = h.deployments().create(&pp, &deployment("clean", "claudekey-sidecar")).await.expect("clean Deployment admitted");
+    let clean = h
+        .deployments()
+        .create(&pp, &deployment("clean", "claudekey-sidecar"))
+        .await
+        .expect("clean Deployment admitted");
     assert_eq!(clean.metadata.name.as_deref(), Some("clean"));
 
     let message = denial(h.pods().create(&pp, &inject_pod("orphan", "missing")).await);
-    assert!(message.contains(&format!("ClaudeKey missing does not exist in namespace {}", h.namespace)), "{message}");
+    assert!(
+        message.contains(&format!(
+            "ClaudeKey missing does not exist in namespace {}",
+            h.namespace
+        )),
+        "{message}"
+    );
 
     h.create_claudekey("bot").await;
     // The reflector sees the ClaudeKey a moment after the API does.
     let pods = h.pods();
     let pod = support::eventually(WAIT, "the webhook cache to see ClaudeKey bot", || {
         let pods = pods.clone();
-        async move { pods.create(&PostParams::default(), &inject_pod("injected", "bot")).await.ok() }
+        async move {
+            pods.create(&PostParams::default(), &inject_pod("injected", "bot"))
+                .await
+                .ok()
+        }
     })
     .await;
     let spec = pod.spec.expect("spec");
@@ -256,17 +324,30 @@ async fn enforce_denies_raw_keys_and_injects_the_sidecar() {
     assert_eq!(sidecar.name, "claudekey-proxy");
     assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
     assert_eq!(sidecar.image.as_deref(), Some(IMAGE));
-    let env: Vec<(String, Option<String>)> =
-        spec.containers[0].env.iter().flatten().map(|e| (e.name.clone(), e.value.clone())).collect();
+    let env: Vec<(String, Option<String>)> = spec.containers[0]
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone()))
+        .collect();
     assert_eq!(
         env,
         [
-            ("ANTHROPIC_API_KEY".to_string(), Some("claudekey-sidecar".to_string())),
-            ("ANTHROPIC_BASE_URL".to_string(), Some("http://127.0.0.1:8484".to_string())),
+            (
+                "ANTHROPIC_API_KEY".to_string(),
+                Some("claudekey-sidecar".to_string())
+            ),
+            (
+                "ANTHROPIC_BASE_URL".to_string(),
+                Some("http://127.0.0.1:8484".to_string())
+            ),
         ]
     );
     let annotations = pod.metadata.annotations.expect("annotations");
-    assert_eq!(annotations.get("claudekey.io/injected").map(String::as_str), Some("bot"));
+    assert_eq!(
+        annotations.get("claudekey.io/injected").map(String::as_str),
+        Some("bot")
+    );
 
     // Another container reading the proxy Secret is refused by the validating webhook.
     let snoop: Pod = serde_json::from_value(json!({
@@ -275,7 +356,10 @@ async fn enforce_denies_raw_keys_and_injects_the_sidecar() {
     }))
     .expect("pod");
     let message = denial(h.pods().create(&pp, &snoop).await);
-    assert!(message.contains("envFrom loads Secret bot-proxy"), "{message}");
+    assert!(
+        message.contains("envFrom loads Secret bot-proxy"),
+        "{message}"
+    );
 
     let host: Pod = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -292,11 +376,22 @@ async fn enforce_denies_raw_keys_and_injects_the_sidecar() {
 async fn warn_mode_admits_with_warnings() {
     let h = Harness::start(Mode::Warn, "wh-warn").await;
     let body = serde_json::to_vec(&deployment("leaky", &raw_key())).expect("json");
-    let request = kube::core::Request::new(format!("/apis/apps/v1/namespaces/{}/deployments", h.namespace))
-        .create(&PostParams::default(), body)
-        .expect("request");
-    let response = h.client.send(request.map(kube::client::Body::from)).await.expect("apiserver answers");
-    assert!(response.status().is_success(), "warn mode admits: {}", response.status());
+    let request = kube::core::Request::new(format!(
+        "/apis/apps/v1/namespaces/{}/deployments",
+        h.namespace
+    ))
+    .create(&PostParams::default(), body)
+    .expect("request");
+    let response = h
+        .client
+        .send(request.map(kube::client::Body::from))
+        .await
+        .expect("apiserver answers");
+    assert!(
+        response.status().is_success(),
+        "warn mode admits: {}",
+        response.status()
+    );
     let warnings: Vec<String> = response
         .headers()
         .get_all("warning")
@@ -304,7 +399,9 @@ async fn warn_mode_admits_with_warnings() {
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
         .collect();
     assert!(
-        warnings.iter().any(|w| w.contains("Deployment/leaky") && w.contains("ANTHROPIC_API_KEY")),
+        warnings
+            .iter()
+            .any(|w| w.contains("Deployment/leaky") && w.contains("ANTHROPIC_API_KEY")),
         "{warnings:?}"
     );
     assert!(warnings.iter().all(|w| !w.contains(&raw_key())));
@@ -316,20 +413,33 @@ async fn healthz_with_ca(port: u16, ca_pem: &str) -> Result<String, String> {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
     let name = rustls_pki_types::ServerName::try_from("127.0.0.1").map_err(|e| e.to_string())?;
-    let mut tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
-    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await.map_err(|e| e.to_string())?;
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
     let mut out = String::new();
-    tls.read_to_string(&mut out).await.map_err(|e| e.to_string())?;
+    tls.read_to_string(&mut out)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(out)
 }
 
@@ -337,7 +447,10 @@ async fn healthz_with_ca(port: u16, ca_pem: &str) -> Result<String, String> {
 async fn replaced_certificate_files_are_served_without_restart() {
     let h = Harness::start(Mode::Enforce, "wh-rotate").await;
     let pki = new_pki("claudekey e2e CA 2");
-    assert!(healthz_with_ca(h.port, &pki.ca_pem).await.is_err(), "the new CA cannot verify the old certificate");
+    assert!(
+        healthz_with_ca(h.port, &pki.ca_pem).await.is_err(),
+        "the new CA cannot verify the old certificate"
+    );
 
     install_pki(h.dir.path(), &pki);
     h.register(&pki.ca_pem).await;
@@ -352,15 +465,29 @@ async fn replaced_certificate_files_are_served_without_restart() {
 
     // And the apiserver, now trusting only the new CA, reaches the same running server.
     let api = h.deployments();
-    let message = support::eventually(WAIT, "the apiserver to reach the webhook with the new CA", || {
-        let api = api.clone();
-        async move {
-            match api.create(&PostParams::default(), &deployment("after-rotation", &raw_key())).await {
-                Err(kube::Error::Api(e)) if e.message.contains("claudekey: Deployment/after-rotation") => Some(e.message),
-                _ => None,
+    let message = support::eventually(
+        WAIT,
+        "the apiserver to reach the webhook with the new CA",
+        || {
+            let api = api.clone();
+            async move {
+                match api
+                    .create(
+                        &PostParams::default(),
+                        &deployment("after-rotation", &raw_key()),
+                    )
+                    .await
+                {
+                    Err(kube::Error::Api(e))
+                        if e.message.contains("claudekey: Deployment/after-rotation") =>
+                    {
+                        Some(e.message)
+                    }
+                    _ => None,
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     assert!(!message.contains(&raw_key()));
     h.cleanup().await;

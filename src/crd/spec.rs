@@ -11,6 +11,8 @@ use super::{ClaudeKeyStatus, GoDuration};
 /// A workload's Anthropic API access: where its upstream key lives, what a scoped workload key may
 /// do, how keys rotate and what the proxy protects.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+// Each printcolumn repeats `type_`/`json_path`, which clippy mistakes for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[kube(
     group = "claudekey.io",
     version = "v1alpha1",

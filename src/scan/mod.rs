@@ -80,14 +80,25 @@ pub fn scan(inputs: &[(String, String)]) -> Report {
             Err(error) => report.errors.push(error),
         }
     }
-    let claudekeys: Vec<(Option<String>, String)> = objects.iter().filter_map(|o| claudekey_of(&o.value)).collect();
+    let claudekeys: Vec<(Option<String>, String)> = objects
+        .iter()
+        .filter_map(|o| claudekey_of(&o.value))
+        .collect();
     for object in objects {
         let workload = match Workload::from_manifest(object.value.clone()) {
             Ok(Some(w)) => w,
             Ok(None) => continue,
             Err(e) => {
-                let kind = object.value.get("kind").and_then(Value::as_str).unwrap_or("?");
-                let name = object.value.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("?");
+                let kind = object
+                    .value
+                    .get("kind")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?");
+                let name = object
+                    .value
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?");
                 report.errors.push(format!(
                     "{}: document {} ({kind}/{name}): failed to parse: {}",
                     object.file,
@@ -104,9 +115,15 @@ pub fn scan(inputs: &[(String, String)]) -> Report {
             .filter(|(ns, _)| ns.is_none() || namespace.is_none() || *ns == namespace)
             .map(|(_, name)| name.clone())
             .collect();
-        let ctx = Context { claudekeys: &names, sidecar_image: None };
+        let ctx = Context {
+            claudekeys: &names,
+            sidecar_image: None,
+        };
         for finding in rules::check(&workload, &ctx) {
-            report.findings.push(FileFinding { file: object.file.clone(), finding });
+            report.findings.push(FileFinding {
+                file: object.file.clone(),
+                finding,
+            });
         }
     }
     report
@@ -118,7 +135,10 @@ fn claudekey_of(value: &Value) -> Option<(Option<String>, String)> {
         return None;
     }
     let name = value.pointer("/metadata/name")?.as_str()?.to_string();
-    let namespace = value.pointer("/metadata/namespace").and_then(Value::as_str).map(str::to_string);
+    let namespace = value
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     Some((namespace, name))
 }
 
@@ -127,11 +147,19 @@ fn parse_documents(file: &str, text: &str) -> Result<Vec<Object>, String> {
     let mut objects = Vec::new();
     for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let number = i + 1;
-        let yaml = <serde_yaml::Value as serde::Deserialize>::deserialize(document).map_err(|e| {
-            format!("{file}: document {number}: failed to parse YAML: {}", rules::scrub_quoted(&e.to_string()))
+        let yaml =
+            <serde_yaml::Value as serde::Deserialize>::deserialize(document).map_err(|e| {
+                format!(
+                    "{file}: document {number}: failed to parse YAML: {}",
+                    rules::scrub_quoted(&e.to_string())
+                )
+            })?;
+        let value = serde_json::to_value(&yaml).map_err(|e| {
+            format!(
+                "{file}: document {number}: failed to convert to JSON: {}",
+                rules::scrub_parse_error(&e)
+            )
         })?;
-        let value = serde_json::to_value(&yaml)
-            .map_err(|e| format!("{file}: document {number}: failed to convert to JSON: {}", rules::scrub_parse_error(&e)))?;
         flatten(file, number, value, &mut objects)?;
     }
     Ok(objects)
@@ -141,7 +169,10 @@ fn flatten(file: &str, document: usize, value: Value, out: &mut Vec<Object>) -> 
     match value {
         Value::Null => Ok(()),
         Value::Object(ref map) => {
-            let is_list = map.get("kind").and_then(Value::as_str).is_some_and(|k| k.ends_with("List"));
+            let is_list = map
+                .get("kind")
+                .and_then(Value::as_str)
+                .is_some_and(|k| k.ends_with("List"));
             match (is_list, map.get("items")) {
                 (true, Some(Value::Array(items))) => {
                     for item in items.clone() {
@@ -150,14 +181,22 @@ fn flatten(file: &str, document: usize, value: Value, out: &mut Vec<Object>) -> 
                     Ok(())
                 }
                 (true, Some(Value::Null) | None) => Ok(()),
-                (true, Some(_)) => Err(format!("{file}: document {document}: items of a List must be an array")),
+                (true, Some(_)) => Err(format!(
+                    "{file}: document {document}: items of a List must be an array"
+                )),
                 (false, _) => {
-                    out.push(Object { file: file.to_string(), document, value });
+                    out.push(Object {
+                        file: file.to_string(),
+                        document,
+                        value,
+                    });
                     Ok(())
                 }
             }
         }
-        _ => Err(format!("{file}: document {document}: not a Kubernetes object (expected a mapping)")),
+        _ => Err(format!(
+            "{file}: document {document}: not a Kubernetes object (expected a mapping)"
+        )),
     }
 }
 
@@ -169,7 +208,9 @@ fn read_input(path: &std::path::Path) -> Result<(String, String), String> {
     } else {
         std::fs::read_to_string(path).map(|t| text = t)
     };
-    result.map(|()| (name.clone(), text)).map_err(|e| format!("{name}: failed to read: {e}"))
+    result
+        .map(|()| (name.clone(), text))
+        .map_err(|e| format!("{name}: failed to read: {e}"))
 }
 
 /// Runs `claudekey scan`; the exit code is the contract.

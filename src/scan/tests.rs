@@ -45,9 +45,17 @@ items:
     let report = scan_one(&text);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     let rules: Vec<_> = report.findings.iter().map(|f| f.finding.rule).collect();
-    assert_eq!(rules, [rules::RuleId::KeyInEnv, rules::RuleId::ProxySecretReference]);
+    assert_eq!(
+        rules,
+        [rules::RuleId::KeyInEnv, rules::RuleId::ProxySecretReference]
+    );
     assert_eq!(report.exit_code(), 1);
-    assert!(report.findings.iter().all(|f| !f.finding.message.contains(&key())));
+    assert!(
+        report
+            .findings
+            .iter()
+            .all(|f| !f.finding.message.contains(&key()))
+    );
 }
 
 #[test]
@@ -65,7 +73,11 @@ fn claudekeys_of_other_namespaces_do_not_protect() {
 fn unparsable_input_is_exit_two_without_values() {
     let report = scan_one("a: [unclosed\n");
     assert_eq!(report.exit_code(), 2);
-    assert!(report.errors[0].starts_with("in.yaml: document 1: failed to parse YAML"), "{:?}", report.errors);
+    assert!(
+        report.errors[0].starts_with("in.yaml: document 1: failed to parse YAML"),
+        "{:?}",
+        report.errors
+    );
     let bad_type = format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec: {{hostNetwork: \"{}\", containers: []}}\n",
         key()

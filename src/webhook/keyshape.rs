@@ -25,8 +25,10 @@ pub const SIDECAR_PLACEHOLDER: &str = "claudekey-sidecar";
 /// (`sk-ant-api03-…{93}AA`) and `anthropic-admin-api-key` (`sk-ant-admin01-…`) are special cases,
 /// as are OAuth tokens (`oat01`, `ort01`) and older `api01` keys.
 static KEY: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(&format!(r"sk-ant-[a-z]{{2,10}}[0-9]{{2}}-[A-Za-z0-9_-]{{{MIN_BODY},}}"))
-        .expect("static regex")
+    Regex::new(&format!(
+        r"sk-ant-[a-z]{{2,10}}[0-9]{{2}}-[A-Za-z0-9_-]{{{MIN_BODY},}}"
+    ))
+    .expect("static regex")
 });
 
 /// Runs long enough to be base64 of a credential (`sk-ant-api03-` + 32 bytes encode to > 60).
@@ -50,7 +52,12 @@ const KEY_VARIABLES: &[&str] = &[
 ];
 
 /// Suffixes that make any variable key-named (`SUPPORT_BOT_ANTHROPIC_KEY`).
-const KEY_SUFFIXES: &[&str] = &["_ANTHROPIC_KEY", "_CLAUDE_KEY", "_ANTHROPIC_API_KEY", "_CLAUDE_API_KEY"];
+const KEY_SUFFIXES: &[&str] = &[
+    "_ANTHROPIC_KEY",
+    "_CLAUDE_KEY",
+    "_ANTHROPIC_API_KEY",
+    "_CLAUDE_API_KEY",
+];
 
 /// How a credential was found in a value; decides the wording of the message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,10 +94,18 @@ pub fn is_allowed_literal(value: &str) -> bool {
 fn is_only_references(value: &str) -> bool {
     let mut rest = value;
     while !rest.is_empty() {
-        let Some(inner) = rest.strip_prefix("$(") else { return false };
-        let Some(end) = inner.find(')') else { return false };
+        let Some(inner) = rest.strip_prefix("$(") else {
+            return false;
+        };
+        let Some(end) = inner.find(')') else {
+            return false;
+        };
         let name = &inner[..end];
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.') {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        {
             return false;
         }
         rest = &inner[end + 1..];
@@ -101,13 +116,19 @@ fn is_only_references(value: &str) -> bool {
 /// Finds an Anthropic credential in `value`, plain or base64-encoded.
 pub fn find_key(value: &str) -> Option<KeyMatch> {
     if let Some(m) = KEY.find(value) {
-        return Some(KeyMatch { hint: crate::keys::masked_hint(m.as_str()), encoding: Encoding::Plain });
+        return Some(KeyMatch {
+            hint: crate::keys::masked_hint(m.as_str()),
+            encoding: Encoding::Plain,
+        });
     }
     for run in BASE64_RUN.find_iter(value) {
         if let Some(decoded) = decode_base64(run.as_str())
             && let Some(m) = KEY.find(&decoded)
         {
-            return Some(KeyMatch { hint: crate::keys::masked_hint(m.as_str()), encoding: Encoding::Base64 });
+            return Some(KeyMatch {
+                hint: crate::keys::masked_hint(m.as_str()),
+                encoding: Encoding::Base64,
+            });
         }
     }
     None
@@ -117,7 +138,10 @@ pub fn find_key(value: &str) -> Option<KeyMatch> {
 /// whatever surrounds it in the encoded blob may be anything).
 fn decode_base64(run: &str) -> Option<String> {
     let unpadded = run.trim_end_matches('=');
-    let bytes = STANDARD_NO_PAD.decode(unpadded).or_else(|_| URL_SAFE_NO_PAD.decode(unpadded)).ok()?;
+    let bytes = STANDARD_NO_PAD
+        .decode(unpadded)
+        .or_else(|_| URL_SAFE_NO_PAD.decode(unpadded))
+        .ok()?;
     Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 
@@ -150,7 +174,10 @@ mod tests {
     fn finds_plain_embedded_and_encoded_keys() {
         let key = api_key();
         assert_eq!(find_key(&key).unwrap().hint, "sk-ant-api03-…AA");
-        assert_eq!(find_key(&format!("Bearer {key}")).unwrap().encoding, Encoding::Plain);
+        assert_eq!(
+            find_key(&format!("Bearer {key}")).unwrap().encoding,
+            Encoding::Plain
+        );
         let encoded = STANDARD.encode(format!("{{\"token\":\"{key}\"}}"));
         let found = find_key(&format!("auth={encoded}")).unwrap();
         assert_eq!(found.encoding, Encoding::Base64);
@@ -167,7 +194,12 @@ mod tests {
 
     #[test]
     fn prose_and_truncated_examples_do_not_match() {
-        for text in ["keys start with sk-ant-", "sk-ant-api03-…", "sk-ant-api03-xxxx", "sk-ant-api03-" ] {
+        for text in [
+            "keys start with sk-ant-",
+            "sk-ant-api03-…",
+            "sk-ant-api03-xxxx",
+            "sk-ant-api03-",
+        ] {
             assert!(find_key(text).is_none(), "{text}");
         }
     }
@@ -192,7 +224,10 @@ mod tests {
     #[test]
     fn assignments_in_shell() {
         let found = find_key_assignments("export ANTHROPIC_API_KEY=hunter2222 && run");
-        assert_eq!(found, vec![("ANTHROPIC_API_KEY".to_string(), "…".to_string())]);
+        assert_eq!(
+            found,
+            vec![("ANTHROPIC_API_KEY".to_string(), "…".to_string())]
+        );
         assert!(find_key_assignments("ANTHROPIC_API_KEY=$KEY run").is_empty());
         assert!(find_key_assignments("OTHER=hunter2222 run").is_empty());
     }

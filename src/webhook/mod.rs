@@ -54,7 +54,11 @@ pub struct Args {
     #[arg(long, env = "CLAUDEKEY_PROXY_METRICS_PORT", default_value_t = 9484)]
     pub proxy_metrics_port: u16,
     /// The Anthropic API the sidecar forwards to.
-    #[arg(long, env = "CLAUDEKEY_PROXY_UPSTREAM", default_value = "https://api.anthropic.com")]
+    #[arg(
+        long,
+        env = "CLAUDEKEY_PROXY_UPSTREAM",
+        default_value = "https://api.anthropic.com"
+    )]
     pub proxy_upstream: String,
     /// CPU request of the sidecar.
     #[arg(long, env = "CLAUDEKEY_SIDECAR_CPU_REQUEST", default_value = "10m")]
@@ -140,18 +144,27 @@ async fn serve_with_metrics(
 ) -> Result<(), WebhookError> {
     let resolver = tls::ReloadingResolver::new(&config.tls_cert_file, &config.tls_key_file)?;
     let tls = tls::server_config(resolver)?;
-    let admission = Arc::new(Admission { mode: config.mode, sidecar: config.sidecar, claudekeys });
+    let admission = Arc::new(Admission {
+        mode: config.mode,
+        sidecar: config.sidecar,
+        claudekeys,
+    });
     server::serve_tls(server::router(admission, metrics), tls, listener, shutdown).await;
     Ok(())
 }
 
 /// A reflector cache of all ClaudeKeys and the future that keeps it current (spawn it).
 /// Requests are answered from the cache: no API call per AdmissionReview.
-pub fn claudekey_cache(client: Client) -> (Store<ClaudeKey>, impl Future<Output = ()> + Send + 'static) {
+pub fn claudekey_cache(
+    client: Client,
+) -> (Store<ClaudeKey>, impl Future<Output = ()> + Send + 'static) {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(Api::<ClaudeKey>::all(client), watcher::Config::default()))
-        .default_backoff()
-        .touched_objects();
+    let stream = reflector::reflector(
+        writer,
+        watcher(Api::<ClaudeKey>::all(client), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects();
     let driver = async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
@@ -187,7 +200,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let listener = TcpListener::bind(args.listen).await?;
     tracing::info!(listen = %args.listen, mode = ?args.mode, "serving admission webhooks");
-    serve_with_metrics(config, listener, Arc::new(store), metrics, shutdown_signal()).await?;
+    serve_with_metrics(
+        config,
+        listener,
+        Arc::new(store),
+        metrics,
+        shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }
 

@@ -52,8 +52,12 @@ impl Default for SidecarConfig {
             port: 8484,
             metrics_port: 9484,
             upstream: "https://api.anthropic.com".to_string(),
-            requests: [("cpu", "10m"), ("memory", "32Mi")].map(|(k, v)| (k.to_string(), v.to_string())).into(),
-            limits: [("memory", "128Mi")].map(|(k, v)| (k.to_string(), v.to_string())).into(),
+            requests: [("cpu", "10m"), ("memory", "32Mi")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .into(),
+            limits: [("memory", "128Mi")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .into(),
         }
     }
 }
@@ -62,10 +66,16 @@ impl Default for SidecarConfig {
 #[derive(thiserror::Error, Debug, PartialEq, Eq)]
 pub enum Refusal {
     /// The annotation is there but empty.
-    #[error("annotation {} is empty: set it to the name of a ClaudeKey in this namespace", annotations::INJECT)]
+    #[error(
+        "annotation {} is empty: set it to the name of a ClaudeKey in this namespace",
+        annotations::INJECT
+    )]
     EmptyAnnotation,
     /// No such ClaudeKey in the namespace.
-    #[error("ClaudeKey {name} does not exist in namespace {namespace}: create it first, or fix the {} annotation", annotations::INJECT)]
+    #[error(
+        "ClaudeKey {name} does not exist in namespace {namespace}: create it first, or fix the {} annotation",
+        annotations::INJECT
+    )]
     MissingClaudeKey {
         /// The annotation's value.
         name: String,
@@ -73,10 +83,14 @@ pub enum Refusal {
         namespace: String,
     },
     /// Loopback in a hostNetwork pod is the node's, so the sidecar would serve the whole node.
-    #[error("cannot inject the claudekey proxy into a hostNetwork pod (its 127.0.0.1 is the node's): use a gateway proxy and Secret {0}-client instead")]
+    #[error(
+        "cannot inject the claudekey proxy into a hostNetwork pod (its 127.0.0.1 is the node's): use a gateway proxy and Secret {0}-client instead"
+    )]
     HostNetwork(String),
     /// The pod already uses a name the sidecar needs.
-    #[error("the pod already has a {0} named {SIDECAR_NAME:?} or {PROXY_VOLUME:?}: rename it so the claudekey proxy can be injected")]
+    #[error(
+        "the pod already has a {0} named {SIDECAR_NAME:?} or {PROXY_VOLUME:?}: rename it so the claudekey proxy can be injected"
+    )]
     NameClash(&'static str),
 }
 
@@ -89,12 +103,19 @@ pub fn mutate(
     config: &SidecarConfig,
 ) -> Result<Option<Patch>, Refusal> {
     let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-    let Some(name) = annotations.get(annotations::INJECT).map(|n| n.trim().to_string()) else {
+    let Some(name) = annotations
+        .get(annotations::INJECT)
+        .map(|n| n.trim().to_string())
+    else {
         return Ok(None);
     };
-    let Some(spec) = pod.spec.as_ref() else { return Ok(None) };
+    let Some(spec) = pod.spec.as_ref() else {
+        return Ok(None);
+    };
     let init = spec.init_containers.as_deref().unwrap_or_default();
-    if annotations.contains_key(annotations::INJECTED) || init.iter().any(|c| c.name == SIDECAR_NAME) {
+    if annotations.contains_key(annotations::INJECTED)
+        || init.iter().any(|c| c.name == SIDECAR_NAME)
+    {
         return Ok(None);
     }
     if name.is_empty() {
@@ -104,12 +125,20 @@ pub fn mutate(
         return Err(Refusal::HostNetwork(name));
     }
     if !claudekey_exists(&name) {
-        return Err(Refusal::MissingClaudeKey { name, namespace: namespace.to_string() });
+        return Err(Refusal::MissingClaudeKey {
+            name,
+            namespace: namespace.to_string(),
+        });
     }
     if spec.containers.iter().any(|c| c.name == SIDECAR_NAME) {
         return Err(Refusal::NameClash("container"));
     }
-    if spec.volumes.iter().flatten().any(|v| v.name == PROXY_VOLUME) {
+    if spec
+        .volumes
+        .iter()
+        .flatten()
+        .any(|v| v.name == PROXY_VOLUME)
+    {
         return Err(Refusal::NameClash("volume"));
     }
 
@@ -129,7 +158,10 @@ pub fn mutate(
     for (i, container) in spec.containers.iter().enumerate() {
         env_ops(&mut ops, i, container, config);
     }
-    ops.push(add(&["metadata", "annotations", annotations::INJECTED], Value::String(name)));
+    ops.push(add(
+        &["metadata", "annotations", annotations::INJECTED],
+        Value::String(name),
+    ));
     Ok(Some(Patch(ops)))
 }
 
@@ -142,8 +174,14 @@ fn env_ops(ops: &mut Vec<PatchOperation>, i: usize, container: &Container, confi
         (API_KEY, SIDECAR_PLACEHOLDER.to_string()),
     ];
     let Some(env) = &container.env else {
-        let vars: Vec<Value> = wanted.iter().map(|(n, v)| to_value(&plain_env(n, v))).collect();
-        ops.push(add(&["spec", "containers", &idx, "env"], Value::Array(vars)));
+        let vars: Vec<Value> = wanted
+            .iter()
+            .map(|(n, v)| to_value(&plain_env(n, v)))
+            .collect();
+        ops.push(add(
+            &["spec", "containers", &idx, "env"],
+            Value::Array(vars),
+        ));
         return;
     };
     let mut removals = Vec::new();
@@ -163,11 +201,16 @@ fn env_ops(ops: &mut Vec<PatchOperation>, i: usize, container: &Container, confi
         }
     }
     for at in removals.iter().rev() {
-        ops.push(PatchOperation::Remove(RemoveOperation { path: pointer(&["spec", "containers", &idx, "env", at]) }));
+        ops.push(PatchOperation::Remove(RemoveOperation {
+            path: pointer(&["spec", "containers", &idx, "env", at]),
+        }));
     }
     for (w, (name, value)) in wanted.iter().enumerate() {
         if !present[w] {
-            ops.push(add(&["spec", "containers", &idx, "env", "-"], to_value(&plain_env(name, value))));
+            ops.push(add(
+                &["spec", "containers", &idx, "env", "-"],
+                to_value(&plain_env(name, value)),
+            ));
         }
     }
 }
@@ -177,11 +220,17 @@ fn pointer(tokens: &[&str]) -> PointerBuf {
 }
 
 fn add(tokens: &[&str], value: Value) -> PatchOperation {
-    PatchOperation::Add(AddOperation { path: pointer(tokens), value })
+    PatchOperation::Add(AddOperation {
+        path: pointer(tokens),
+        value,
+    })
 }
 
 fn replace(tokens: &[&str], value: Value) -> PatchOperation {
-    PatchOperation::Replace(ReplaceOperation { path: pointer(tokens), value })
+    PatchOperation::Replace(ReplaceOperation {
+        path: pointer(tokens),
+        value,
+    })
 }
 
 fn to_value<T: serde::Serialize>(v: &T) -> Value {
@@ -189,16 +238,34 @@ fn to_value<T: serde::Serialize>(v: &T) -> Value {
 }
 
 fn plain_env(name: &str, value: &str) -> EnvVar {
-    EnvVar { name: name.to_string(), value: Some(value.to_string()), value_from: None }
+    EnvVar {
+        name: name.to_string(),
+        value: Some(value.to_string()),
+        value_from: None,
+    }
 }
 
 fn field_env(name: &str, path: &str) -> EnvVar {
-    let field_ref = ObjectFieldSelector { field_path: path.to_string(), api_version: None };
-    EnvVar { name: name.to_string(), value: None, value_from: Some(EnvVarSource { field_ref: Some(field_ref), ..Default::default() }) }
+    let field_ref = ObjectFieldSelector {
+        field_path: path.to_string(),
+        api_version: None,
+    };
+    EnvVar {
+        name: name.to_string(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(field_ref),
+            ..Default::default()
+        }),
+    }
 }
 
 fn quantities(map: &BTreeMap<String, String>) -> Option<BTreeMap<String, Quantity>> {
-    (!map.is_empty()).then(|| map.iter().map(|(k, v)| (k.clone(), Quantity(v.clone()))).collect())
+    (!map.is_empty()).then(|| {
+        map.iter()
+            .map(|(k, v)| (k.clone(), Quantity(v.clone())))
+            .collect()
+    })
 }
 
 /// The proxy as a native sidecar: an init container with `restartPolicy: Always`, hardened.
@@ -234,8 +301,14 @@ pub fn sidecar_container(config: &SidecarConfig) -> Container {
         read_only_root_filesystem: Some(true),
         allow_privilege_escalation: Some(false),
         privileged: Some(false),
-        capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_string()]), add: None }),
-        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".to_string(), localhost_profile: None }),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_string()]),
+            add: None,
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_string(),
+            localhost_profile: None,
+        }),
         ..Default::default()
     };
     Container {
@@ -243,7 +316,10 @@ pub fn sidecar_container(config: &SidecarConfig) -> Container {
         image: Some(config.image.clone()),
         args: Some(args.to_vec()),
         restart_policy: Some("Always".to_string()),
-        env: Some(vec![field_env("POD_NAME", "metadata.name"), field_env("POD_NAMESPACE", "metadata.namespace")]),
+        env: Some(vec![
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+        ]),
         ports: Some(vec![k8s_openapi::api::core::v1::ContainerPort {
             name: Some("ck-metrics".to_string()),
             container_port: i32::from(config.metrics_port),

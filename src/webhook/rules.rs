@@ -91,8 +91,14 @@ pub enum Workload {
 impl Workload {
     /// Parses `value` as the workload `kind` of API `group` (`""` for core); `Ok(None)` for
     /// kinds the rules do not cover, an error when a covered kind does not parse.
-    pub fn from_parts(group: &str, kind: &str, value: serde_json::Value) -> Result<Option<Self>, serde_json::Error> {
-        fn boxed<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<Box<T>, serde_json::Error> {
+    pub fn from_parts(
+        group: &str,
+        kind: &str,
+        value: serde_json::Value,
+    ) -> Result<Option<Self>, serde_json::Error> {
+        fn boxed<T: serde::de::DeserializeOwned>(
+            v: serde_json::Value,
+        ) -> Result<Box<T>, serde_json::Error> {
             serde_json::from_value(v).map(Box::new)
         }
         Ok(Some(match (group, kind) {
@@ -109,9 +115,19 @@ impl Workload {
 
     /// Parses a manifest by its own `apiVersion` and `kind` (what `scan` reads).
     pub fn from_manifest(value: serde_json::Value) -> Result<Option<Self>, serde_json::Error> {
-        let api_version = value.get("apiVersion").and_then(|v| v.as_str()).unwrap_or_default();
-        let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or_default().to_string();
-        let group = api_version.rsplit_once('/').map_or("", |(g, _)| g).to_string();
+        let api_version = value
+            .get("apiVersion")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
+        let kind = value
+            .get("kind")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let group = api_version
+            .rsplit_once('/')
+            .map_or("", |(g, _)| g)
+            .to_string();
         Self::from_parts(&group, &kind, value)
     }
 
@@ -161,9 +177,16 @@ impl Workload {
             Self::DaemonSet(o) => o.spec.as_ref().map(|s| &s.template),
             Self::ReplicaSet(o) => o.spec.as_ref().and_then(|s| s.template.as_ref()),
             Self::Job(o) => o.spec.as_ref().map(|s| &s.template),
-            Self::CronJob(o) => o.spec.as_ref().and_then(|s| s.job_template.spec.as_ref()).map(|s| &s.template),
+            Self::CronJob(o) => o
+                .spec
+                .as_ref()
+                .and_then(|s| s.job_template.spec.as_ref())
+                .map(|s| &s.template),
         }?;
-        template.spec.as_ref().map(|s| (template.metadata.as_ref(), s))
+        template
+            .spec
+            .as_ref()
+            .map(|s| (template.metadata.as_ref(), s))
     }
 }
 
@@ -175,13 +198,22 @@ pub fn scrub_parse_error(error: &serde_json::Error) -> String {
 
 /// Replaces quoted values in a parser message with `"…"`, keeping short backticked field names.
 pub fn scrub_quoted(text: &str) -> String {
-    static QUOTED: std::sync::LazyLock<regex::Regex> =
-        std::sync::LazyLock::new(|| regex::Regex::new(r#""(?:[^"\\]|\\.)*"|`[^`]*`"#).expect("static regex"));
+    static QUOTED: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r#""(?:[^"\\]|\\.)*"|`[^`]*`"#).expect("static regex")
+    });
     QUOTED
         .replace_all(text, |c: &regex::Captures<'_>| {
             let m = &c[0];
-            let is_name = m.starts_with('`') && m.len() <= 42 && m[1..m.len() - 1].chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
-            if is_name { m.to_string() } else { "\"…\"".to_string() }
+            let is_name = m.starts_with('`')
+                && m.len() <= 42
+                && m[1..m.len() - 1]
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
+            if is_name {
+                m.to_string()
+            } else {
+                "\"…\"".to_string()
+            }
         })
         .into_owned()
 }
@@ -211,13 +243,21 @@ fn slice<T>(v: &Option<Vec<T>>) -> &[T] {
     v.as_deref().unwrap_or_default()
 }
 
-fn containers<'a>(meta: Option<&ObjectMeta>, spec: &'a PodSpec, ctx: &Context<'_>) -> Vec<ContainerView<'a>> {
-    let inject = meta.and_then(|m| m.annotations.as_ref()).and_then(|a| a.get(annotations::INJECT));
+fn containers<'a>(
+    meta: Option<&ObjectMeta>,
+    spec: &'a PodSpec,
+    ctx: &Context<'_>,
+) -> Vec<ContainerView<'a>> {
+    let inject = meta
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(annotations::INJECT));
     let mut views = Vec::new();
     for c in slice(&spec.init_containers) {
         let is_sidecar = c.name == SIDECAR_NAME
             && c.restart_policy.as_deref() == Some("Always")
-            && ctx.sidecar_image.is_none_or(|image| c.image.as_deref() == Some(image));
+            && ctx
+                .sidecar_image
+                .is_none_or(|image| c.image.as_deref() == Some(image));
         views.push(ContainerView {
             label: format!("init container \"{}\"", c.name),
             name: &c.name,
@@ -226,7 +266,9 @@ fn containers<'a>(meta: Option<&ObjectMeta>, spec: &'a PodSpec, ctx: &Context<'_
             command: slice(&c.command),
             args: slice(&c.args),
             mounts: slice(&c.volume_mounts),
-            exempt_secret: inject.filter(|_| is_sidecar).map(|ck| proxy_secret_name(ck)),
+            exempt_secret: inject
+                .filter(|_| is_sidecar)
+                .map(|ck| proxy_secret_name(ck)),
         });
     }
     for c in &spec.containers {
@@ -257,13 +299,25 @@ fn containers<'a>(meta: Option<&ObjectMeta>, spec: &'a PodSpec, ctx: &Context<'_
 }
 
 /// Runs rules (a)–(c) on one pod spec; `resource` is the `Kind/name` findings name.
-pub fn check_pod_spec(resource: &str, meta: Option<&ObjectMeta>, spec: &PodSpec, ctx: &Context<'_>) -> Vec<Finding> {
-    let protected: BTreeMap<String, &str> =
-        ctx.claudekeys.iter().map(|ck| (proxy_secret_name(ck), ck.as_str())).collect();
+pub fn check_pod_spec(
+    resource: &str,
+    meta: Option<&ObjectMeta>,
+    spec: &PodSpec,
+    ctx: &Context<'_>,
+) -> Vec<Finding> {
+    let protected: BTreeMap<String, &str> = ctx
+        .claudekeys
+        .iter()
+        .map(|ck| (proxy_secret_name(ck), ck.as_str()))
+        .collect();
     let secret_volumes = protected_volumes(spec, &protected);
     let mut findings = Vec::new();
     for view in containers(meta, spec, ctx) {
-        let mut out = Out { resource, view: &view, findings: &mut findings };
+        let mut out = Out {
+            resource,
+            view: &view,
+            findings: &mut findings,
+        };
         check_env(&mut out);
         check_command(&mut out);
         check_proxy_secret(&mut out, &protected, &secret_volumes);
@@ -279,8 +333,18 @@ struct Out<'a, 'b> {
 }
 
 impl Out<'_, '_> {
-    fn push(&mut self, rule: RuleId, field: String, hint: Option<String>, what: String, advice: &str) {
-        let message = format!("{}: {} {field} {what}; {advice}", self.resource, self.view.label);
+    fn push(
+        &mut self,
+        rule: RuleId,
+        field: String,
+        hint: Option<String>,
+        what: String,
+        advice: &str,
+    ) {
+        let message = format!(
+            "{}: {} {field} {what}; {advice}",
+            self.resource, self.view.label
+        );
         self.findings.push(Finding {
             rule,
             resource: self.resource.to_string(),
@@ -301,15 +365,27 @@ fn encoded(encoding: Encoding) -> &'static str {
 
 fn check_env(out: &mut Out<'_, '_>) {
     for var in out.view.env {
-        let Some(value) = var.value.as_deref() else { continue };
+        let Some(value) = var.value.as_deref() else {
+            continue;
+        };
         let field = format!("env {}", var.name);
         if let Some(found) = keyshape::find_key(value) {
-            let what = format!("holds {} Anthropic key ({})", encoded(found.encoding), found.hint);
+            let what = format!(
+                "holds {} Anthropic key ({})",
+                encoded(found.encoding),
+                found.hint
+            );
             out.push(RuleId::KeyInEnv, field, Some(found.hint), what, KEY_ADVICE);
         } else if keyshape::is_key_variable(&var.name) && !keyshape::is_allowed_literal(value) {
             let hint = crate::keys::masked_hint(value);
             let what = format!("is a key variable set to a literal value ({hint})");
-            out.push(RuleId::LiteralKeyVariable, field, Some(hint), what, KEY_ADVICE);
+            out.push(
+                RuleId::LiteralKeyVariable,
+                field,
+                Some(hint),
+                what,
+                KEY_ADVICE,
+            );
         }
     }
 }
@@ -320,9 +396,21 @@ fn check_command(out: &mut Out<'_, '_>) {
         for (i, item) in items.iter().enumerate() {
             let field = format!("{list}[{i}]");
             if let Some(found) = keyshape::find_key(item) {
-                let what = format!("holds {} Anthropic key ({})", encoded(found.encoding), found.hint);
-                out.push(RuleId::KeyInCommand, field, Some(found.hint), what, KEY_ADVICE);
-            } else if let Some((var, hint)) = keyshape::find_key_assignments(item).into_iter().next() {
+                let what = format!(
+                    "holds {} Anthropic key ({})",
+                    encoded(found.encoding),
+                    found.hint
+                );
+                out.push(
+                    RuleId::KeyInCommand,
+                    field,
+                    Some(found.hint),
+                    what,
+                    KEY_ADVICE,
+                );
+            } else if let Some((var, hint)) =
+                keyshape::find_key_assignments(item).into_iter().next()
+            {
                 let what = format!("assigns a literal value to {var} ({hint})");
                 out.push(RuleId::KeyInCommand, field, Some(hint), what, KEY_ADVICE);
             }
@@ -331,15 +419,27 @@ fn check_command(out: &mut Out<'_, '_>) {
 }
 
 /// Volume name → (protected Secret, its ClaudeKey) for Secret and projected volumes.
-fn protected_volumes<'a>(spec: &PodSpec, protected: &BTreeMap<String, &'a str>) -> BTreeMap<String, (String, &'a str)> {
+fn protected_volumes<'a>(
+    spec: &PodSpec,
+    protected: &BTreeMap<String, &'a str>,
+) -> BTreeMap<String, (String, &'a str)> {
     let mut out = BTreeMap::new();
     for volume in slice(&spec.volumes) {
         let mut names: Vec<&str> = Vec::new();
-        if let Some(name) = volume.secret.as_ref().and_then(|s| s.secret_name.as_deref()) {
+        if let Some(name) = volume
+            .secret
+            .as_ref()
+            .and_then(|s| s.secret_name.as_deref())
+        {
             names.push(name);
         }
         if let Some(projected) = &volume.projected {
-            names.extend(slice(&projected.sources).iter().filter_map(|s| s.secret.as_ref()).map(|s| s.name.as_str()));
+            names.extend(
+                slice(&projected.sources)
+                    .iter()
+                    .filter_map(|s| s.secret.as_ref())
+                    .map(|s| s.name.as_str()),
+            );
         }
         if let Some((secret, ck)) = names.into_iter().find_map(|n| protected.get_key_value(n)) {
             out.insert(volume.name.clone(), (secret.clone(), *ck));
@@ -357,9 +457,17 @@ fn check_proxy_secret(
     let allowed = |secret: &str| exempt.as_deref() == Some(secret);
     let mut hits: Vec<(String, String, &str)> = Vec::new();
     for var in out.view.env {
-        let secret = var.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).map(|r| r.name.as_str());
+        let secret = var
+            .value_from
+            .as_ref()
+            .and_then(|v| v.secret_key_ref.as_ref())
+            .map(|r| r.name.as_str());
         if let Some((secret, ck)) = secret.and_then(|s| protected.get_key_value(s)) {
-            hits.push((format!("env {}", var.name), format!("reads Secret {secret} (secretKeyRef)"), ck));
+            hits.push((
+                format!("env {}", var.name),
+                format!("reads Secret {secret} (secretKeyRef)"),
+                ck,
+            ));
         }
     }
     for source in out.view.env_from {

@@ -54,22 +54,44 @@ impl Default for Metrics {
         let duration = Family::<OperationLabel, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.0001, 2.0, 14))
         });
-        registry.register("admission_reviews", "AdmissionReviews answered, by operation and result", reviews.clone());
-        registry.register("admission_duration_seconds", "Time to answer one AdmissionReview", duration.clone());
-        Self { registry: Mutex::new(registry), reviews, duration }
+        registry.register(
+            "admission_reviews",
+            "AdmissionReviews answered, by operation and result",
+            reviews.clone(),
+        );
+        registry.register(
+            "admission_duration_seconds",
+            "Time to answer one AdmissionReview",
+            duration.clone(),
+        );
+        Self {
+            registry: Mutex::new(registry),
+            reviews,
+            duration,
+        }
     }
 }
 
 impl Metrics {
     fn record(&self, operation: &'static str, outcome: Outcome, elapsed: Duration) {
-        self.reviews.get_or_create(&ReviewLabels { operation, result: outcome.as_str() }).inc();
-        self.duration.get_or_create(&OperationLabel { operation }).observe(elapsed.as_secs_f64());
+        self.reviews
+            .get_or_create(&ReviewLabels {
+                operation,
+                result: outcome.as_str(),
+            })
+            .inc();
+        self.duration
+            .get_or_create(&OperationLabel { operation })
+            .observe(elapsed.as_secs_f64());
     }
 
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
             out.clear();
         }
@@ -96,14 +118,23 @@ pub fn router(admission: Arc<Admission>, metrics: Arc<Metrics>) -> Router {
 
 /// Only `/metrics`, for a plain-HTTP admin port.
 pub fn metrics_router(metrics: Arc<Metrics>) -> Router {
-    Router::new().route("/metrics", get(move || {
-        let metrics = metrics.clone();
-        async move { metrics_response(&metrics) }
-    }))
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move { metrics_response(&metrics) }
+        }),
+    )
 }
 
 fn metrics_response(metrics: &Metrics) -> Response {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.encode(),
+    )
         .into_response()
 }
 
@@ -157,13 +188,17 @@ pub async fn serve_tls(
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(router.clone());
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),
-                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-            };
+            let stream =
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),
+                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                };
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(error) = builder.serve_connection(TokioIo::new(stream), service).await {
+            if let Err(error) = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });

@@ -65,12 +65,18 @@ pub struct ReloadingResolver {
 
 impl std::fmt::Debug for ReloadingResolver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReloadingResolver").field("cert_path", &self.cert_path).field("key_path", &self.key_path).finish()
+        f.debug_struct("ReloadingResolver")
+            .field("cert_path", &self.cert_path)
+            .field("key_path", &self.key_path)
+            .finish()
     }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_path_buf(), source })
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn digest(cert: &[u8], key: &[u8]) -> [u8; 32] {
@@ -83,7 +89,10 @@ fn digest(cert: &[u8], key: &[u8]) -> [u8; 32] {
 
 impl ReloadingResolver {
     /// Loads the pair once; the first load must succeed, later failures keep the old pair.
-    pub fn new(cert_path: impl Into<PathBuf>, key_path: impl Into<PathBuf>) -> Result<Arc<Self>, TlsError> {
+    pub fn new(
+        cert_path: impl Into<PathBuf>,
+        key_path: impl Into<PathBuf>,
+    ) -> Result<Arc<Self>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let cert_path = cert_path.into();
         let key_path = key_path.into();
@@ -111,7 +120,9 @@ impl ReloadingResolver {
     }
 
     fn maybe_reload(&self) {
-        let Ok(mut last) = self.last_check.try_lock() else { return };
+        let Ok(mut last) = self.last_check.try_lock() else {
+            return;
+        };
         if last.elapsed() < CHECK_INTERVAL {
             return;
         }
@@ -122,22 +133,40 @@ impl ReloadingResolver {
     }
 }
 
-fn load(cert_path: &Path, key_path: &Path, cert: &[u8], key: &[u8], provider: &CryptoProvider) -> Result<Loaded, TlsError> {
+fn load(
+    cert_path: &Path,
+    key_path: &Path,
+    cert: &[u8],
+    key: &[u8],
+    provider: &CryptoProvider,
+) -> Result<Loaded, TlsError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
         .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::Parse { path: cert_path.to_path_buf(), reason: e.to_string() })?;
+        .map_err(|e| TlsError::Parse {
+            path: cert_path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
     if chain.is_empty() {
-        return Err(TlsError::Parse { path: cert_path.to_path_buf(), reason: "no certificate in file".into() });
+        return Err(TlsError::Parse {
+            path: cert_path.to_path_buf(),
+            reason: "no certificate in file".into(),
+        });
     }
     // The error of a key parse never includes the key bytes, only what kind of problem it was.
-    let private = PrivateKeyDer::from_pem_slice(key)
-        .map_err(|e| TlsError::Parse { path: key_path.to_path_buf(), reason: e.to_string() })?;
-    let certified = CertifiedKey::from_der(chain, private, provider).map_err(|source| TlsError::Rustls {
-        cert: cert_path.to_path_buf(),
-        key: key_path.to_path_buf(),
-        source,
+    let private = PrivateKeyDer::from_pem_slice(key).map_err(|e| TlsError::Parse {
+        path: key_path.to_path_buf(),
+        reason: e.to_string(),
     })?;
-    Ok(Loaded { key: Arc::new(certified), digest: digest(cert, key) })
+    let certified =
+        CertifiedKey::from_der(chain, private, provider).map_err(|source| TlsError::Rustls {
+            cert: cert_path.to_path_buf(),
+            key: key_path.to_path_buf(),
+            source,
+        })?;
+    Ok(Loaded {
+        key: Arc::new(certified),
+        digest: digest(cert, key),
+    })
 }
 
 impl ResolvesServerCert for ReloadingResolver {

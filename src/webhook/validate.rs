@@ -43,7 +43,10 @@ impl ClaudeKeyLookup for Store<ClaudeKey> {
 /// A fixed set of `(namespace, name)` pairs, for tests and benches.
 impl ClaudeKeyLookup for Vec<(String, String)> {
     fn names_in(&self, namespace: &str) -> Vec<String> {
-        self.iter().filter(|(ns, _)| ns == namespace).map(|(_, n)| n.clone()).collect()
+        self.iter()
+            .filter(|(ns, _)| ns == namespace)
+            .map(|(_, n)| n.clone())
+            .collect()
     }
 }
 
@@ -89,40 +92,69 @@ pub struct Admission {
 type Review = AdmissionReview<DynamicObject>;
 
 fn parse(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, String> {
-    let review: Review = serde_json::from_slice(body)
-        .map_err(|e| format!("failed to parse AdmissionReview: {}", rules::scrub_parse_error(&e)))?;
-    review.try_into().map_err(|_| "AdmissionReview has no request".to_string())
+    let review: Review = serde_json::from_slice(body).map_err(|e| {
+        format!(
+            "failed to parse AdmissionReview: {}",
+            rules::scrub_parse_error(&e)
+        )
+    })?;
+    review
+        .try_into()
+        .map_err(|_| "AdmissionReview has no request".to_string())
 }
 
 fn invalid(reason: String) -> (Review, Outcome) {
-    (AdmissionResponse::invalid(reason).into_review(), Outcome::Invalid)
+    (
+        AdmissionResponse::invalid(reason).into_review(),
+        Outcome::Invalid,
+    )
 }
 
 /// The object of the request as a covered workload, or None (not covered, or no object).
 fn workload(req: &AdmissionRequest<DynamicObject>) -> Result<Option<Workload>, String> {
-    let Some(object) = &req.object else { return Ok(None) };
+    let Some(object) = &req.object else {
+        return Ok(None);
+    };
     let value = serde_json::to_value(object).map_err(|e| format!("failed to read object: {e}"))?;
-    Workload::from_parts(&req.kind.group, &req.kind.kind, value)
-        .map_err(|e| format!("failed to parse {} {}: {}", req.kind.kind, req.name, rules::scrub_parse_error(&e)))
+    Workload::from_parts(&req.kind.group, &req.kind.kind, value).map_err(|e| {
+        format!(
+            "failed to parse {} {}: {}",
+            req.kind.kind,
+            req.name,
+            rules::scrub_parse_error(&e)
+        )
+    })
 }
 
 /// One sentence for a denial: the first findings in full, the rest counted.
 pub fn denial_message(findings: &[Finding]) -> String {
-    let mut parts: Vec<String> = findings.iter().take(MAX_LISTED).map(|f| f.message.clone()).collect();
+    let mut parts: Vec<String> = findings
+        .iter()
+        .take(MAX_LISTED)
+        .map(|f| f.message.clone())
+        .collect();
     if findings.len() > MAX_LISTED {
-        parts.push(format!("and {} more finding(s)", findings.len() - MAX_LISTED));
+        parts.push(format!(
+            "and {} more finding(s)",
+            findings.len() - MAX_LISTED
+        ));
     }
     format!("claudekey: {}", parts.join(" | "))
 }
 
 impl Admission {
-    fn apply_findings(&self, response: AdmissionResponse, findings: &[Finding]) -> (AdmissionResponse, Outcome) {
+    fn apply_findings(
+        &self,
+        response: AdmissionResponse,
+        findings: &[Finding],
+    ) -> (AdmissionResponse, Outcome) {
         match (findings.is_empty(), self.mode) {
             (true, _) => (response, Outcome::Allowed),
             (false, Mode::Enforce) => (response.deny(denial_message(findings)), Outcome::Denied),
             (false, Mode::Warn) => {
                 let mut response = response;
-                response.warnings = Some(findings.iter().map(|f| format!("claudekey: {f}")).collect());
+                response.warnings =
+                    Some(findings.iter().map(|f| format!("claudekey: {f}")).collect());
                 (response, Outcome::Warned)
             }
         }
@@ -131,7 +163,10 @@ impl Admission {
     fn findings(&self, req: &AdmissionRequest<DynamicObject>, workload: &Workload) -> Vec<Finding> {
         let namespace = req.namespace.clone().unwrap_or_default();
         let claudekeys = self.claudekeys.names_in(&namespace);
-        let ctx = rules::Context { claudekeys: &claudekeys, sidecar_image: Some(&self.sidecar.image) };
+        let ctx = rules::Context {
+            claudekeys: &claudekeys,
+            sidecar_image: Some(&self.sidecar.image),
+        };
         rules::check(workload, &ctx)
     }
 
@@ -196,7 +231,14 @@ impl Admission {
             return (response.into_review(), outcome);
         }
         match response.with_patch(patch) {
-            Ok(r) => (r.into_review(), if outcome == Outcome::Warned { outcome } else { Outcome::Patched }),
+            Ok(r) => (
+                r.into_review(),
+                if outcome == Outcome::Warned {
+                    outcome
+                } else {
+                    Outcome::Patched
+                },
+            ),
             Err(e) => invalid(format!("failed to serialize patch: {e}")),
         }
     }

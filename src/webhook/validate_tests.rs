@@ -19,7 +19,10 @@ fn admission(mode: Mode) -> Admission {
     let claudekeys: Vec<(String, String)> = vec![("team-a".into(), "bot".into())];
     Admission {
         mode,
-        sidecar: SidecarConfig { image: "claudekey:test".into(), ..SidecarConfig::default() },
+        sidecar: SidecarConfig {
+            image: "claudekey:test".into(),
+            ..SidecarConfig::default()
+        },
         claudekeys: Arc::new(claudekeys),
     }
 }
@@ -73,7 +76,12 @@ fn response(review: &kube::core::admission::AdmissionReview<kube::core::DynamicO
 
 #[test]
 fn raw_key_is_denied_with_a_masked_message() {
-    let (answer, outcome) = admission(Mode::Enforce).validate(&review("CREATE", "apps", "Deployment", deployment(&key())));
+    let (answer, outcome) = admission(Mode::Enforce).validate(&review(
+        "CREATE",
+        "apps",
+        "Deployment",
+        deployment(&key()),
+    ));
     assert_eq!(outcome, Outcome::Denied);
     let r = response(&answer);
     assert_eq!(r["uid"], UID);
@@ -83,22 +91,33 @@ fn raw_key_is_denied_with_a_masked_message() {
     assert!(!answer_text(&answer).contains(&key()));
 }
 
-fn answer_text(review: &kube::core::admission::AdmissionReview<kube::core::DynamicObject>) -> String {
+fn answer_text(
+    review: &kube::core::admission::AdmissionReview<kube::core::DynamicObject>,
+) -> String {
     serde_json::to_string(review).unwrap()
 }
 
 #[test]
 fn clean_object_is_allowed_and_warn_mode_warns() {
-    let (answer, outcome) = admission(Mode::Enforce).validate(&review("CREATE", "apps", "Deployment", deployment("claudekey-sidecar")));
+    let (answer, outcome) = admission(Mode::Enforce).validate(&review(
+        "CREATE",
+        "apps",
+        "Deployment",
+        deployment("claudekey-sidecar"),
+    ));
     assert_eq!(outcome, Outcome::Allowed);
     assert_eq!(response(&answer)["allowed"], true);
 
-    let (answer, outcome) = admission(Mode::Warn).validate(&review("UPDATE", "apps", "Deployment", deployment(&key())));
+    let (answer, outcome) =
+        admission(Mode::Warn).validate(&review("UPDATE", "apps", "Deployment", deployment(&key())));
     assert_eq!(outcome, Outcome::Warned);
     let r = response(&answer);
     assert_eq!(r["allowed"], true);
     let warning = r["warnings"][0].as_str().unwrap();
-    assert!(warning.contains("ANTHROPIC_API_KEY") && !warning.contains(&key()), "{warning}");
+    assert!(
+        warning.contains("ANTHROPIC_API_KEY") && !warning.contains(&key()),
+        "{warning}"
+    );
 }
 
 #[test]
@@ -112,7 +131,8 @@ fn garbage_is_invalid_and_delete_is_allowed() {
 
 #[test]
 fn mutate_answers_with_a_base64_json_patch() {
-    let (answer, outcome) = admission(Mode::Enforce).mutate(&review("CREATE", "", "Pod", inject_pod("bot", None)));
+    let (answer, outcome) =
+        admission(Mode::Enforce).mutate(&review("CREATE", "", "Pod", inject_pod("bot", None)));
     assert_eq!(outcome, Outcome::Patched);
     let r = response(&answer);
     assert_eq!(r["patchType"], "JSONPatch");
@@ -125,16 +145,29 @@ fn mutate_answers_with_a_base64_json_patch() {
 
 #[test]
 fn mutate_refuses_missing_claudekeys_and_raw_keys() {
-    let (answer, outcome) = admission(Mode::Enforce).mutate(&review("CREATE", "", "Pod", inject_pod("nope", None)));
+    let (answer, outcome) =
+        admission(Mode::Enforce).mutate(&review("CREATE", "", "Pod", inject_pod("nope", None)));
     assert_eq!(outcome, Outcome::Denied);
-    let message = response(&answer)["status"]["message"].as_str().unwrap().to_string();
-    assert!(message.contains("ClaudeKey nope does not exist in namespace team-a"), "{message}");
+    let message = response(&answer)["status"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("ClaudeKey nope does not exist in namespace team-a"),
+        "{message}"
+    );
 
-    let (answer, outcome) = admission(Mode::Enforce).mutate(&review("CREATE", "", "Pod", inject_pod("bot", Some(&key()))));
+    let (answer, outcome) = admission(Mode::Enforce).mutate(&review(
+        "CREATE",
+        "",
+        "Pod",
+        inject_pod("bot", Some(&key())),
+    ));
     assert_eq!(outcome, Outcome::Denied);
     assert!(!answer_text(&answer).contains(&key()));
 
-    let (answer, outcome) = admission(Mode::Warn).mutate(&review("CREATE", "", "Pod", inject_pod("nope", None)));
+    let (answer, outcome) =
+        admission(Mode::Warn).mutate(&review("CREATE", "", "Pod", inject_pod("nope", None)));
     assert_eq!(outcome, Outcome::Warned);
     assert_eq!(response(&answer)["allowed"], true);
 }
@@ -144,7 +177,8 @@ fn mutate_leaves_other_pods_and_updates_alone() {
     let plain = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{"name": "a", "image": "a"}]}});
     let (_, outcome) = admission(Mode::Enforce).mutate(&review("CREATE", "", "Pod", plain));
     assert_eq!(outcome, Outcome::Allowed);
-    let (_, outcome) = admission(Mode::Enforce).mutate(&review("UPDATE", "", "Pod", inject_pod("bot", None)));
+    let (_, outcome) =
+        admission(Mode::Enforce).mutate(&review("UPDATE", "", "Pod", inject_pod("bot", None)));
     assert_eq!(outcome, Outcome::Allowed);
 }
 
@@ -157,23 +191,43 @@ fn arb_json() -> impl Strategy<Value = Value> {
         "sk-ant-(api03|oat01)-[A-Za-z0-9_-]{30,40}".prop_map(Value::from),
     ];
     let names = prop_oneof![
-        Just("containers"), Just("initContainers"), Just("ephemeralContainers"), Just("env"), Just("name"),
-        Just("value"), Just("valueFrom"), Just("args"), Just("command"), Just("volumes"), Just("hostNetwork"),
-        Just("annotations"), Just("claudekey.io/inject"), Just("secretKeyRef"), Just("envFrom"), Just("image"),
+        Just("containers"),
+        Just("initContainers"),
+        Just("ephemeralContainers"),
+        Just("env"),
+        Just("name"),
+        Just("value"),
+        Just("valueFrom"),
+        Just("args"),
+        Just("command"),
+        Just("volumes"),
+        Just("hostNetwork"),
+        Just("annotations"),
+        Just("claudekey.io/inject"),
+        Just("secretKeyRef"),
+        Just("envFrom"),
+        Just("image"),
     ]
     .prop_map(str::to_string);
     leaf.prop_recursive(5, 96, 6, move |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..5).prop_map(Value::from),
-            prop::collection::btree_map(names.clone(), inner, 0..6).prop_map(|m| Value::Object(m.into_iter().collect())),
+            prop::collection::btree_map(names.clone(), inner, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
 }
 
 fn kinds() -> impl Strategy<Value = (&'static str, &'static str)> {
     prop_oneof![
-        Just(("", "Pod")), Just(("apps", "Deployment")), Just(("apps", "StatefulSet")), Just(("apps", "DaemonSet")),
-        Just(("apps", "ReplicaSet")), Just(("batch", "Job")), Just(("batch", "CronJob")), Just(("", "ConfigMap")),
+        Just(("", "Pod")),
+        Just(("apps", "Deployment")),
+        Just(("apps", "StatefulSet")),
+        Just(("apps", "DaemonSet")),
+        Just(("apps", "ReplicaSet")),
+        Just(("batch", "Job")),
+        Just(("batch", "CronJob")),
+        Just(("", "ConfigMap")),
     ]
 }
 
