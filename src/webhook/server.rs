@@ -204,3 +204,50 @@ pub async fn serve_tls(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::webhook::mutate::SidecarConfig;
+    use crate::webhook::validate::Mode;
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    fn app() -> (Router, Arc<Metrics>) {
+        let admission = Admission {
+            mode: Mode::Enforce,
+            sidecar: SidecarConfig::default(),
+            claudekeys: Arc::new(Vec::<(String, String)>::new()),
+        };
+        let metrics = Arc::new(Metrics::default());
+        (router(Arc::new(admission), metrics.clone()), metrics)
+    }
+
+    async fn call(router: &Router, method: &str, path: &str, body: Vec<u8>) -> (StatusCode, String) {
+        let request = axum::http::Request::builder().method(method).uri(path).body(Body::from(body)).unwrap();
+        let response = router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[tokio::test]
+    async fn routes_answer_and_metrics_count_by_operation_and_result() {
+        let (router, _) = app();
+        assert_eq!(call(&router, "GET", "/healthz", vec![]).await, (StatusCode::OK, "ok".to_string()));
+        let (status, body) = call(&router, "POST", "/validate", b"garbage".to_vec()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("\"allowed\":false"), "{body}");
+        let (_, body) = call(&router, "POST", "/mutate", b"{}".to_vec()).await;
+        assert!(body.contains("AdmissionReview"), "{body}");
+        let (status, metrics) = call(&router, "GET", "/metrics", vec![]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            metrics.contains("claudekey_webhook_admission_reviews_total{operation=\"validate\",result=\"invalid\"} 1"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("operation=\"mutate\",result=\"invalid\"} 1"), "{metrics}");
+        assert!(metrics.contains("claudekey_webhook_admission_duration_seconds_count{operation=\"validate\"} 1"));
+    }
+}

@@ -186,3 +186,57 @@ pub fn server_config(resolver: Arc<ReloadingResolver>) -> Result<Arc<ServerConfi
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(cn: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        let cert = params.self_signed(&key).expect("cert");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn served_der(resolver: &ReloadingResolver) -> Vec<u8> {
+        resolver.current.load().key.cert[0].to_vec()
+    }
+
+    #[test]
+    fn reloads_changed_files_and_keeps_the_last_good_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let (cert1, key1) = pair("one");
+        std::fs::write(&cert_path, &cert1).unwrap();
+        std::fs::write(&key_path, &key1).unwrap();
+        let resolver = ReloadingResolver::new(&cert_path, &key_path).expect("first load");
+        let first = served_der(&resolver);
+        assert!(!resolver.reload_if_changed().unwrap(), "unchanged files are not reloaded");
+
+        // A half-finished update (new certificate, old key) is refused; the old pair stays.
+        let (cert2, key2) = pair("two");
+        std::fs::write(&cert_path, &cert2).unwrap();
+        let error = resolver.reload_if_changed().unwrap_err();
+        assert!(matches!(error, TlsError::Rustls { .. }), "{error}");
+        assert_eq!(served_der(&resolver), first);
+
+        std::fs::write(&key_path, &key2).unwrap();
+        assert!(resolver.reload_if_changed().unwrap());
+        assert_ne!(served_der(&resolver), first);
+    }
+
+    #[test]
+    fn bad_files_fail_the_first_load_without_showing_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let (cert, _) = pair("x");
+        std::fs::write(&cert_path, &cert).unwrap();
+        std::fs::write(&key_path, "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n").unwrap();
+        let error = ReloadingResolver::new(&cert_path, &key_path).unwrap_err().to_string();
+        assert!(error.contains("tls.key") || error.contains("tls.crt"), "{error}");
+        assert!(!error.contains("bm90IGEga2V5"), "{error}");
+        let missing = ReloadingResolver::new(dir.path().join("nope.crt"), &key_path).unwrap_err();
+        assert!(missing.to_string().starts_with("failed to read"), "{missing}");
+    }
+}
