@@ -153,7 +153,7 @@ impl Harness {
         let mut validating = self.webhook("validate", ca_pem);
         validating["name"] = json!("keys.claudekey.io");
         validating["rules"] = json!([
-            {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["pods"]},
+            {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["pods", "pods/ephemeralcontainers"]},
             {"apiGroups": ["apps"], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["deployments", "statefulsets", "daemonsets", "replicasets"]},
             {"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["jobs", "cronjobs"]},
         ]);
@@ -360,6 +360,28 @@ async fn enforce_denies_raw_keys_and_injects_the_sidecar() {
         message.contains("envFrom loads Secret bot-proxy"),
         "{message}"
     );
+
+    // `kubectl debug` adds ephemeral containers through a subresource: checked as well.
+    let debug = json!({"spec": {"ephemeralContainers": [
+        {"name": "debugger", "image": "busybox", "env": [{"name": "K", "value": raw_key()}]}
+    ]}});
+    let result = h
+        .pods()
+        .patch_subresource(
+            "ephemeralcontainers",
+            "injected",
+            &PatchParams::default(),
+            &Patch::Strategic(&debug),
+        )
+        .await;
+    let message = denial(result);
+    assert!(
+        message.contains(
+            "Pod/injected: ephemeral container \"debugger\" env K holds an Anthropic key"
+        ),
+        "{message}"
+    );
+    assert!(!message.contains(&raw_key()));
 
     let host: Pod = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
