@@ -117,7 +117,7 @@ pub fn scan(inputs: &[(String, String)]) -> Report {
             .collect();
         let ctx = Context {
             claudekeys: &names,
-            sidecar_image: None,
+            sidecar: None,
         };
         for finding in rules::check(&workload, &ctx) {
             report.findings.push(FileFinding {

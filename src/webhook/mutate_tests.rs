@@ -180,7 +180,7 @@ fn injected_pod_passes_validation() {
     let claudekeys = vec!["bot".to_string()];
     let ctx = Context {
         claudekeys: &claudekeys,
-        sidecar_image: Some("registry.example/claudekey:test"),
+        sidecar: Some(&sidecar_container(&config())),
     };
     let findings = rules::check(&Workload::Pod(Box::new(patched)), &ctx);
     assert!(findings.is_empty(), "{findings:#?}");

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{EnvFromSource, EnvVar, Pod, PodSpec, VolumeMount};
+use k8s_openapi::api::core::v1::{Container, EnvFromSource, EnvVar, Pod, PodSpec, VolumeMount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
@@ -64,9 +64,11 @@ impl std::fmt::Display for Finding {
 pub struct Context<'a> {
     /// Names of the ClaudeKeys in the object's namespace, whose `-proxy` Secrets are protected.
     pub claudekeys: &'a [String],
-    /// The image the webhook injects; when set, a "sidecar" running another image is not exempt
-    /// from rule (c), so naming a container `claudekey-proxy` is no way around it.
-    pub sidecar_image: Option<&'a str>,
+    /// The sidecar the webhook injects. When set, only an init container that runs exactly it
+    /// (image, command, args, securityContext, no lifecycle hooks) is exempt from rule (c), so
+    /// a look-alike named `claudekey-proxy` cannot run other code with the proxy Secret mounted.
+    /// `scan` does not know it and exempts any native sidecar of that name.
+    pub sidecar: Option<&'a Container>,
 }
 
 /// The kinds whose pod specs the rules look at.
@@ -256,8 +258,8 @@ fn containers<'a>(
         let is_sidecar = c.name == SIDECAR_NAME
             && c.restart_policy.as_deref() == Some("Always")
             && ctx
-                .sidecar_image
-                .is_none_or(|image| c.image.as_deref() == Some(image));
+                .sidecar
+                .is_none_or(|expected| runs_injected_sidecar(c, expected));
         views.push(ContainerView {
             label: format!("init container \"{}\"", c.name),
             name: &c.name,
@@ -296,6 +298,15 @@ fn containers<'a>(
         });
     }
     views
+}
+
+/// True when `c` runs exactly the injected proxy (fields the apiserver does not default).
+fn runs_injected_sidecar(c: &Container, expected: &Container) -> bool {
+    c.image == expected.image
+        && c.command == expected.command
+        && c.args == expected.args
+        && c.security_context == expected.security_context
+        && c.lifecycle.is_none()
 }
 
 /// Runs rules (a)–(c) on one pod spec; `resource` is the `Kind/name` findings name.

@@ -5,6 +5,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::{Value, json};
 
+use super::mutate::{SidecarConfig, sidecar_container};
 use super::rules::{self, Context, RuleId, Workload};
 
 const KINDS: [&str; 7] = [
@@ -439,10 +440,18 @@ fn workload(kind: &str, list: &str, case: &Case) -> Workload {
         .expect("kind is covered")
 }
 
-fn context() -> (Vec<String>, Option<&'static str>) {
+fn injected() -> k8s_openapi::api::core::v1::Container {
+    let config = SidecarConfig {
+        image: IMAGE.to_string(),
+        ..SidecarConfig::default()
+    };
+    sidecar_container(&config)
+}
+
+fn context() -> (Vec<String>, Option<k8s_openapi::api::core::v1::Container>) {
     (
         CLAUDEKEYS.iter().map(|s| s.to_string()).collect(),
-        Some(IMAGE),
+        Some(injected()),
     )
 }
 
@@ -459,7 +468,7 @@ fn bad_specs_are_found_in_every_kind_and_list() {
     let (claudekeys, image) = context();
     let ctx = Context {
         claudekeys: &claudekeys,
-        sidecar_image: image,
+        sidecar: image.as_ref(),
     };
     for case in bad_cases() {
         for kind in KINDS {
@@ -512,7 +521,7 @@ fn good_specs_are_clean_in_every_kind_and_list() {
     let (claudekeys, image) = context();
     let ctx = Context {
         claudekeys: &claudekeys,
-        sidecar_image: image,
+        sidecar: image.as_ref(),
     };
     for case in good_cases() {
         for kind in KINDS {
@@ -533,7 +542,7 @@ fn key_hints_show_kind_and_tail_only() {
     let (claudekeys, image) = context();
     let ctx = Context {
         claudekeys: &claudekeys,
-        sidecar_image: image,
+        sidecar: image.as_ref(),
     };
     let case = bad("hint", env("X", &key("api03")), RuleId::KeyInEnv, "");
     let findings = rules::check(&workload("Pod", "containers", &case), &ctx);
@@ -541,11 +550,11 @@ fn key_hints_show_kind_and_tail_only() {
     assert!(findings[0].message.contains("(sk-ant-api03-…AA)"));
 }
 
-fn sidecar_pod(annotation: Option<&str>, image: &str, restart: Option<&str>) -> Workload {
-    let mut sidecar = json!({"name": "claudekey-proxy", "image": image, "volumeMounts": [{"name": "cfg", "mountPath": "/etc/claudekey/proxy"}]});
-    if let Some(restart) = restart {
-        sidecar["restartPolicy"] = json!(restart);
-    }
+/// A pod whose `claudekey-proxy` init container is the injected one, changed by `edit`.
+fn sidecar_pod(annotation: Option<&str>, edit: impl FnOnce(&mut Value)) -> Workload {
+    let mut sidecar = serde_json::to_value(injected()).unwrap();
+    sidecar["volumeMounts"] = json!([{"name": "cfg", "mountPath": "/etc/claudekey/proxy"}]);
+    edit(&mut sidecar);
     let mut metadata = json!({"name": "p"});
     if let Some(ck) = annotation {
         metadata["annotations"] = json!({"claudekey.io/inject": ck});
@@ -561,43 +570,71 @@ fn sidecar_pod(annotation: Option<&str>, image: &str, restart: Option<&str>) -> 
 #[test]
 fn only_the_real_sidecar_of_the_injected_claudekey_may_mount_its_secret() {
     let claudekeys = vec!["bot".to_string(), "other".to_string()];
+    let expected = injected();
     let ctx = Context {
         claudekeys: &claudekeys,
-        sidecar_image: Some(IMAGE),
+        sidecar: Some(&expected),
     };
-    assert!(rules::check(&sidecar_pod(Some("bot"), IMAGE, Some("Always")), &ctx).is_empty());
-    for (what, pod) in [
-        ("no annotation", sidecar_pod(None, IMAGE, Some("Always"))),
+    assert!(rules::check(&sidecar_pod(Some("bot"), |_| ()), &ctx).is_empty());
+    let cases: Vec<(&str, Workload)> = vec![
+        ("no annotation", sidecar_pod(None, |_| ())),
         (
             "another ClaudeKey's sidecar",
-            sidecar_pod(Some("other"), IMAGE, Some("Always")),
+            sidecar_pod(Some("other"), |_| ()),
         ),
         (
             "not a native sidecar",
-            sidecar_pod(Some("bot"), IMAGE, None),
+            sidecar_pod(Some("bot"), |c| c["restartPolicy"] = Value::Null),
         ),
         (
             "another image",
-            sidecar_pod(Some("bot"), "evil:1", Some("Always")),
+            sidecar_pod(Some("bot"), |c| c["image"] = json!("evil:1")),
         ),
-    ] {
+        (
+            "a command override",
+            sidecar_pod(Some("bot"), |c| {
+                c["command"] = json!(["/bin/sh", "-c", "cat /etc/claudekey/proxy/proxy.json"])
+            }),
+        ),
+        (
+            "other args",
+            sidecar_pod(Some("bot"), |c| {
+                c["args"] = json!(["proxy", "--mode", "gateway", "--listen", "0.0.0.0:8484"])
+            }),
+        ),
+        (
+            "a weaker securityContext",
+            sidecar_pod(Some("bot"), |c| {
+                c["securityContext"] = json!({"privileged": true})
+            }),
+        ),
+        (
+            "a lifecycle hook",
+            sidecar_pod(
+                Some("bot"),
+                |c| c["lifecycle"] = json!({"postStart": {"exec": {"command": ["cp", "-r", "/etc/claudekey", "/tmp"]}}}),
+            ),
+        ),
+    ];
+    for (what, pod) in cases {
         let findings = rules::check(&pod, &ctx);
         assert_eq!(findings.len(), 1, "{what}: {findings:#?}");
         assert_eq!(findings[0].rule, RuleId::ProxySecretReference, "{what}");
     }
-    // scan does not know the image: any native sidecar named claudekey-proxy is the sidecar.
+    // scan does not know the injected sidecar: any native sidecar named claudekey-proxy counts.
     let offline = Context {
         claudekeys: &claudekeys,
-        sidecar_image: None,
+        sidecar: None,
     };
-    assert!(rules::check(&sidecar_pod(Some("bot"), "any:1", Some("Always")), &offline).is_empty());
+    let other_image = sidecar_pod(Some("bot"), |c| c["image"] = json!("any:1"));
+    assert!(rules::check(&other_image, &offline).is_empty());
 }
 
 #[test]
 fn several_findings_in_one_container_are_all_reported() {
     let ctx = Context {
         claudekeys: &[],
-        sidecar_image: None,
+        sidecar: None,
     };
     let case = good(
         "many",

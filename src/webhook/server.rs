@@ -224,8 +224,17 @@ mod tests {
         (router(Arc::new(admission), metrics.clone()), metrics)
     }
 
-    async fn call(router: &Router, method: &str, path: &str, body: Vec<u8>) -> (StatusCode, String) {
-        let request = axum::http::Request::builder().method(method).uri(path).body(Body::from(body)).unwrap();
+    async fn call(
+        router: &Router,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> (StatusCode, String) {
+        let request = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::from(body))
+            .unwrap();
         let response = router.clone().oneshot(request).await.unwrap();
         let status = response.status();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
@@ -235,7 +244,10 @@ mod tests {
     #[tokio::test]
     async fn routes_answer_and_metrics_count_by_operation_and_result() {
         let (router, _) = app();
-        assert_eq!(call(&router, "GET", "/healthz", vec![]).await, (StatusCode::OK, "ok".to_string()));
+        assert_eq!(
+            call(&router, "GET", "/healthz", vec![]).await,
+            (StatusCode::OK, "ok".to_string())
+        );
         let (status, body) = call(&router, "POST", "/validate", b"garbage".to_vec()).await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("\"allowed\":false"), "{body}");
@@ -247,7 +259,12 @@ mod tests {
             metrics.contains("claudekey_webhook_admission_reviews_total{operation=\"validate\",result=\"invalid\"} 1"),
             "{metrics}"
         );
-        assert!(metrics.contains("operation=\"mutate\",result=\"invalid\"} 1"), "{metrics}");
-        assert!(metrics.contains("claudekey_webhook_admission_duration_seconds_count{operation=\"validate\"} 1"));
+        assert!(
+            metrics.contains("operation=\"mutate\",result=\"invalid\"} 1"),
+            "{metrics}"
+        );
+        assert!(metrics.contains(
+            "claudekey_webhook_admission_duration_seconds_count{operation=\"validate\"} 1"
+        ));
     }
 }

@@ -193,8 +193,11 @@ mod tests {
 
     fn pair(cn: &str) -> (String, String) {
         let key = rcgen::KeyPair::generate().expect("key");
-        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
-        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        let mut params =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
         let cert = params.self_signed(&key).expect("cert");
         (cert.pem(), key.serialize_pem())
     }
@@ -212,7 +215,10 @@ mod tests {
         std::fs::write(&key_path, &key1).unwrap();
         let resolver = ReloadingResolver::new(&cert_path, &key_path).expect("first load");
         let first = served_der(&resolver);
-        assert!(!resolver.reload_if_changed().unwrap(), "unchanged files are not reloaded");
+        assert!(
+            !resolver.reload_if_changed().unwrap(),
+            "unchanged files are not reloaded"
+        );
 
         // A half-finished update (new certificate, old key) is refused; the old pair stays.
         let (cert2, key2) = pair("two");
@@ -232,11 +238,23 @@ mod tests {
         let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
         let (cert, _) = pair("x");
         std::fs::write(&cert_path, &cert).unwrap();
-        std::fs::write(&key_path, "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n").unwrap();
-        let error = ReloadingResolver::new(&cert_path, &key_path).unwrap_err().to_string();
-        assert!(error.contains("tls.key") || error.contains("tls.crt"), "{error}");
+        std::fs::write(
+            &key_path,
+            "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let error = ReloadingResolver::new(&cert_path, &key_path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("tls.key") || error.contains("tls.crt"),
+            "{error}"
+        );
         assert!(!error.contains("bm90IGEga2V5"), "{error}");
         let missing = ReloadingResolver::new(dir.path().join("nope.crt"), &key_path).unwrap_err();
-        assert!(missing.to_string().starts_with("failed to read"), "{missing}");
+        assert!(
+            missing.to_string().starts_with("failed to read"),
+            "{missing}"
+        );
     }
 }

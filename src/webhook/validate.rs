@@ -163,9 +163,11 @@ impl Admission {
     fn findings(&self, req: &AdmissionRequest<DynamicObject>, workload: &Workload) -> Vec<Finding> {
         let namespace = req.namespace.clone().unwrap_or_default();
         let claudekeys = self.claudekeys.names_in(&namespace);
+        // Rebuilt per request (a few small allocations) so Admission stays plain data.
+        let sidecar = mutate::sidecar_container(&self.sidecar);
         let ctx = rules::Context {
             claudekeys: &claudekeys,
-            sidecar_image: Some(&self.sidecar.image),
+            sidecar: Some(&sidecar),
         };
         rules::check(workload, &ctx)
     }
