@@ -94,3 +94,14 @@ fn empty_and_clean_inputs_are_exit_zero() {
     assert_eq!(scan_one("").exit_code(), 0);
     assert_eq!(scan_one("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: a, image: a}]}\n").exit_code(), 0);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 200, ..Default::default() })]
+
+    /// Whatever the input, scan answers with an exit code instead of panicking.
+    #[test]
+    fn arbitrary_text_never_panics(text in "(---\n|kind: (List|Pod|Deployment)\n|apiVersion: (v1|apps/v1)\n|items:\n|  - |spec: |containers: \\[\\]\n|[a-z{}:\\[\\], \"-]{0,12}\n){0,12}") {
+        let code = scan_one(&text).exit_code();
+        proptest::prop_assert!(code <= 2);
+    }
+}
