@@ -1,0 +1,270 @@
+//! HTTPS front of the webhook: axum routes over tokio-rustls, and its Prometheus metrics
+//! (reviews by operation and result, handler time by operation; labels are bounded enums).
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use super::validate::{Admission, Outcome};
+
+/// AdmissionReviews carry the object and the old object; etcd caps objects at 1.5 MiB.
+const MAX_BODY: usize = 8 * 1024 * 1024;
+/// A client that has not finished its handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReviewLabels {
+    operation: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabel {
+    operation: &'static str,
+}
+
+/// The webhook's metrics, prefixed `claudekey_webhook_`.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    reviews: Family<ReviewLabels, Counter>,
+    duration: Family<OperationLabel, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("claudekey_webhook");
+        let reviews = Family::<ReviewLabels, Counter>::default();
+        let duration = Family::<OperationLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 14))
+        });
+        registry.register(
+            "admission_reviews",
+            "AdmissionReviews answered, by operation and result",
+            reviews.clone(),
+        );
+        registry.register(
+            "admission_duration_seconds",
+            "Time to answer one AdmissionReview",
+            duration.clone(),
+        );
+        Self {
+            registry: Mutex::new(registry),
+            reviews,
+            duration,
+        }
+    }
+}
+
+impl Metrics {
+    fn record(&self, operation: &'static str, outcome: Outcome, elapsed: Duration) {
+        self.reviews
+            .get_or_create(&ReviewLabels {
+                operation,
+                result: outcome.as_str(),
+            })
+            .inc();
+        self.duration
+            .get_or_create(&OperationLabel { operation })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    admission: Arc<Admission>,
+    metrics: Arc<Metrics>,
+}
+
+/// The routes: `/validate`, `/mutate`, `/healthz`, `/metrics`.
+pub fn router(admission: Arc<Admission>, metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/validate", post(validate))
+        .route("/mutate", post(mutate))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics_handler))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(AppState { admission, metrics })
+}
+
+/// Only `/metrics`, for a plain-HTTP admin port.
+pub fn metrics_router(metrics: Arc<Metrics>) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move { metrics_response(&metrics) }
+        }),
+    )
+}
+
+fn metrics_response(metrics: &Metrics) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn metrics_handler(State(state): State<AppState>) -> Response {
+    metrics_response(&state.metrics)
+}
+
+fn respond(state: &AppState, operation: &'static str, body: &[u8]) -> Response {
+    let started = Instant::now();
+    let (review, outcome) = match operation {
+        "mutate" => state.admission.mutate(body),
+        _ => state.admission.validate(body),
+    };
+    state.metrics.record(operation, outcome, started.elapsed());
+    match serde_json::to_vec(&review) {
+        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn validate(State(state): State<AppState>, body: Bytes) -> Response {
+    respond(&state, "validate", &body)
+}
+
+async fn mutate(State(state): State<AppState>, body: Bytes) -> Response {
+    respond(&state, "mutate", &body)
+}
+
+/// Serves `router` over TLS on `listener` until `shutdown` resolves. Connections are handled
+/// on their own tasks; a failed handshake only ends that connection.
+pub async fn serve_tls(
+    router: Router,
+    tls: Arc<ServerConfig>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    tracing::warn!(%error, "failed to accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let service = TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),
+                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                };
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(error) = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::webhook::mutate::SidecarConfig;
+    use crate::webhook::validate::Mode;
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    fn app() -> (Router, Arc<Metrics>) {
+        let admission = Admission {
+            mode: Mode::Enforce,
+            sidecar: SidecarConfig::default(),
+            claudekeys: Arc::new(Vec::<(String, String)>::new()),
+        };
+        let metrics = Arc::new(Metrics::default());
+        (router(Arc::new(admission), metrics.clone()), metrics)
+    }
+
+    async fn call(
+        router: &Router,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> (StatusCode, String) {
+        let request = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::from(body))
+            .unwrap();
+        let response = router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[tokio::test]
+    async fn routes_answer_and_metrics_count_by_operation_and_result() {
+        let (router, _) = app();
+        assert_eq!(
+            call(&router, "GET", "/healthz", vec![]).await,
+            (StatusCode::OK, "ok".to_string())
+        );
+        let (status, body) = call(&router, "POST", "/validate", b"garbage".to_vec()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("\"allowed\":false"), "{body}");
+        let (_, body) = call(&router, "POST", "/mutate", b"{}".to_vec()).await;
+        assert!(body.contains("AdmissionReview"), "{body}");
+        let (status, metrics) = call(&router, "GET", "/metrics", vec![]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            metrics.contains("claudekey_webhook_admission_reviews_total{operation=\"validate\",result=\"invalid\"} 1"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("operation=\"mutate\",result=\"invalid\"} 1"),
+            "{metrics}"
+        );
+        assert!(metrics.contains(
+            "claudekey_webhook_admission_duration_seconds_count{operation=\"validate\"} 1"
+        ));
+    }
+}

@@ -1,0 +1,516 @@
+//! The webhook as the real kube-apiserver calls it: served in-process over TLS on a loopback
+//! port with a fresh CA, registered with `url: https://127.0.0.1:<port>/…` and the caBundle,
+//! scoped to a test namespace. Needs the test control plane (CLAUDEKEY_TEST_KUBECONFIG).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use claudekey::crd::ClaudeKey;
+use claudekey::webhook::{self, Mode, SidecarConfig, WebhookConfig};
+
+const IMAGE: &str = "registry.example/claudekey:e2e";
+const WAIT: Duration = Duration::from_secs(60);
+
+fn raw_key() -> String {
+    format!(
+        "sk-ant-api03-{}AA",
+        "E2eTestKey_".repeat(9).chars().take(93).collect::<String>()
+    )
+}
+
+/// A CA and a serving certificate for 127.0.0.1, as PEM.
+struct Pki {
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn new_pki(cn: &str) -> Pki {
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, cn);
+    let ca = CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA cert");
+    let leaf_key = KeyPair::generate().expect("leaf key");
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .expect("leaf params")
+        .signed_by(&leaf_key, &ca)
+        .expect("leaf cert");
+    Pki {
+        ca_pem: ca.pem(),
+        cert_pem: leaf.pem(),
+        key_pem: leaf_key.serialize_pem(),
+    }
+}
+
+/// Writes cert and key the way a Secret volume update lands: each file replaced atomically.
+fn install_pki(dir: &Path, pki: &Pki) -> (PathBuf, PathBuf) {
+    let cert = dir.join("tls.crt");
+    let key = dir.join("tls.key");
+    for (path, text) in [(&key, &pki.key_pem), (&cert, &pki.cert_pem)] {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).expect("write pem");
+        std::fs::rename(&tmp, path).expect("rename pem");
+    }
+    (cert, key)
+}
+
+/// One webhook server, its registrations and its namespace.
+struct Harness {
+    client: Client,
+    namespace: String,
+    port: u16,
+    dir: tempfile::TempDir,
+    name: String,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Harness {
+    async fn start(mode: Mode, prefix: &str) -> Self {
+        // Both ring and aws-lc-rs are compiled in (AWS SDK), so rustls needs to be told.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = support::client().await;
+        support::install_crd(&client).await;
+        let namespace = support::namespace(&client, prefix).await;
+        let (store, driver) = webhook::claudekey_cache(client.clone());
+        tokio::spawn(driver);
+        tokio::time::timeout(WAIT, store.wait_until_ready())
+            .await
+            .expect("cache ready in time")
+            .expect("cache");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = new_pki("claudekey e2e CA 1");
+        let (cert, key) = install_pki(dir.path(), &pki);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let config = WebhookConfig {
+            mode,
+            sidecar: SidecarConfig {
+                image: IMAGE.to_string(),
+                ..SidecarConfig::default()
+            },
+            tls_cert_file: cert,
+            tls_key_file: key,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            webhook::serve(config, listener, Arc::new(store), async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("webhook serves");
+        });
+        let harness = Self {
+            client,
+            name: format!("claudekey-e2e-{namespace}"),
+            namespace,
+            port,
+            dir,
+            _shutdown: tx,
+        };
+        harness.register(&pki.ca_pem).await;
+        harness.wait_until_called().await;
+        harness
+    }
+
+    fn webhook(&self, path: &str, ca_pem: &str) -> Value {
+        json!({
+            "clientConfig": {
+                "url": format!("https://127.0.0.1:{}/{path}", self.port),
+                "caBundle": base64::engine::general_purpose::STANDARD.encode(ca_pem),
+            },
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.namespace}},
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 10,
+        })
+    }
+
+    /// Server-side applies both configurations; re-running it swaps the caBundle.
+    async fn register(&self, ca_pem: &str) {
+        let mut mutating = self.webhook("mutate", ca_pem);
+        mutating["name"] = json!("inject.claudekey.io");
+        mutating["reinvocationPolicy"] = json!("Never");
+        mutating["rules"] = json!([{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}]);
+        let mut validating = self.webhook("validate", ca_pem);
+        validating["name"] = json!("keys.claudekey.io");
+        validating["rules"] = json!([
+            {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["pods", "pods/ephemeralcontainers"]},
+            {"apiGroups": ["apps"], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["deployments", "statefulsets", "daemonsets", "replicasets"]},
+            {"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["jobs", "cronjobs"]},
+        ]);
+        let pp = PatchParams::apply("claudekey-tests").force();
+        let m = json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration", "metadata": {"name": self.name}, "webhooks": [mutating]});
+        Api::<MutatingWebhookConfiguration>::all(self.client.clone())
+            .patch(&self.name, &pp, &Patch::Apply(&m))
+            .await
+            .expect("apply mutating webhook");
+        let v = json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration", "metadata": {"name": self.name}, "webhooks": [validating]});
+        Api::<ValidatingWebhookConfiguration>::all(self.client.clone())
+            .patch(&self.name, &pp, &Patch::Apply(&v))
+            .await
+            .expect("apply validating webhook");
+    }
+
+    /// The apiserver picks up webhook configurations asynchronously: wait until a dry-run
+    /// create of an offending Deployment reaches our server (a denial in enforce mode, a
+    /// warning in warn mode).
+    async fn wait_until_called(&self) {
+        let body = serde_json::to_vec(&deployment("probe", &raw_key())).expect("json");
+        let path = format!("/apis/apps/v1/namespaces/{}/deployments", self.namespace);
+        let client = self.client.clone();
+        support::eventually(WAIT, "the apiserver to call the webhook", || {
+            let dry = PostParams {
+                dry_run: true,
+                ..PostParams::default()
+            };
+            let request = kube::core::Request::new(path.clone())
+                .create(&dry, body.clone())
+                .expect("request");
+            let client = client.clone();
+            async move {
+                let response = client
+                    .send(request.map(kube::client::Body::from))
+                    .await
+                    .ok()?;
+                let warned = response
+                    .headers()
+                    .get_all("warning")
+                    .iter()
+                    .any(|w| String::from_utf8_lossy(w.as_bytes()).contains("claudekey:"));
+                let bytes = http_body_util::BodyExt::collect(response.into_body())
+                    .await
+                    .ok()?
+                    .to_bytes();
+                let denied = String::from_utf8_lossy(&bytes).contains("claudekey:");
+                (warned || denied).then_some(())
+            }
+        })
+        .await;
+    }
+
+    fn deployments(&self) -> Api<Deployment> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    async fn create_claudekey(&self, name: &str) {
+        let ck: ClaudeKey = serde_json::from_value(json!({
+            "apiVersion": "claudekey.io/v1alpha1", "kind": "ClaudeKey",
+            "metadata": {"name": name, "namespace": self.namespace},
+            "spec": {"source": {"kubernetesSecret": {"name": "anthropic-bot", "key": "api-key"}}},
+        }))
+        .expect("ClaudeKey");
+        Api::<ClaudeKey>::namespaced(self.client.clone(), &self.namespace)
+            .create(&PostParams::default(), &ck)
+            .await
+            .expect("create ClaudeKey");
+    }
+
+    async fn cleanup(self) {
+        let dp = DeleteParams::default();
+        let _ = Api::<MutatingWebhookConfiguration>::all(self.client.clone())
+            .delete(&self.name, &dp)
+            .await;
+        let _ = Api::<ValidatingWebhookConfiguration>::all(self.client.clone())
+            .delete(&self.name, &dp)
+            .await;
+    }
+}
+
+fn deployment(name: &str, key_value: &str) -> Deployment {
+    serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [
+                {"name": "app", "image": "example/app:1", "env": [{"name": "ANTHROPIC_API_KEY", "value": key_value}]}
+            ]}}
+        }
+    }))
+    .expect("deployment")
+}
+
+fn inject_pod(name: &str, claudekey: &str) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "annotations": {"claudekey.io/inject": claudekey}},
+        "spec": {"containers": [{"name": "app", "image": "example/app:1", "env": [
+            {"name": "ANTHROPIC_API_KEY", "valueFrom": {"secretKeyRef": {"name": "old", "key": "k"}}}
+        ]}]}
+    }))
+    .expect("pod")
+}
+
+fn denial(result: Result<impl std::fmt::Debug, kube::Error>) -> String {
+    match result {
+        Err(kube::Error::Api(status)) => status.message,
+        other => panic!("expected a denial, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn enforce_denies_raw_keys_and_injects_the_sidecar() {
+    let h = Harness::start(Mode::Enforce, "wh-enforce").await;
+    let pp = PostParams::default();
+
+    let message = denial(
+        h.deployments()
+            .create(&pp, &deployment("leaky", &raw_key()))
+            .await,
+    );
+    assert!(
+        message.contains("claudekey: Deployment/leaky: container \"app\" env ANTHROPIC_API_KEY holds an Anthropic key (sk-ant-api03-…AA)"),
+        "{message}"
+    );
+    assert!(message.contains("claudekey.io/inject"), "{message}");
+    assert!(
+        !message.contains(&raw_key()),
+        "the denial leaks the key: {message}"
+    );
+
+    let clean = h
+        .deployments()
+        .create(&pp, &deployment("clean", "claudekey-sidecar"))
+        .await
+        .expect("clean Deployment admitted");
+    assert_eq!(clean.metadata.name.as_deref(), Some("clean"));
+
+    let message = denial(h.pods().create(&pp, &inject_pod("orphan", "missing")).await);
+    assert!(
+        message.contains(&format!(
+            "ClaudeKey missing does not exist in namespace {}",
+            h.namespace
+        )),
+        "{message}"
+    );
+
+    h.create_claudekey("bot").await;
+    // The reflector sees the ClaudeKey a moment after the API does.
+    let pods = h.pods();
+    let pod = support::eventually(WAIT, "the webhook cache to see ClaudeKey bot", || {
+        let pods = pods.clone();
+        async move {
+            pods.create(&PostParams::default(), &inject_pod("injected", "bot"))
+                .await
+                .ok()
+        }
+    })
+    .await;
+    let spec = pod.spec.expect("spec");
+    let sidecar = &spec.init_containers.as_ref().expect("init containers")[0];
+    assert_eq!(sidecar.name, "claudekey-proxy");
+    assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+    assert_eq!(sidecar.image.as_deref(), Some(IMAGE));
+    let env: Vec<(String, Option<String>)> = spec.containers[0]
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone()))
+        .collect();
+    assert_eq!(
+        env,
+        [
+            (
+                "ANTHROPIC_API_KEY".to_string(),
+                Some("claudekey-sidecar".to_string())
+            ),
+            (
+                "ANTHROPIC_BASE_URL".to_string(),
+                Some("http://127.0.0.1:8484".to_string())
+            ),
+        ]
+    );
+    let annotations = pod.metadata.annotations.expect("annotations");
+    assert_eq!(
+        annotations.get("claudekey.io/injected").map(String::as_str),
+        Some("bot")
+    );
+
+    // Another container reading the proxy Secret is refused by the validating webhook.
+    let snoop: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "snoop"},
+        "spec": {"containers": [{"name": "snoop", "image": "x", "envFrom": [{"secretRef": {"name": "bot-proxy"}}]}]}
+    }))
+    .expect("pod");
+    let message = denial(h.pods().create(&pp, &snoop).await);
+    assert!(
+        message.contains("envFrom loads Secret bot-proxy"),
+        "{message}"
+    );
+
+    // `kubectl debug` adds ephemeral containers through a subresource: checked as well.
+    let debug = json!({"spec": {"ephemeralContainers": [
+        {"name": "debugger", "image": "busybox", "env": [{"name": "K", "value": raw_key()}]}
+    ]}});
+    let result = h
+        .pods()
+        .patch_subresource(
+            "ephemeralcontainers",
+            "injected",
+            &PatchParams::default(),
+            &Patch::Strategic(&debug),
+        )
+        .await;
+    let message = denial(result);
+    assert!(
+        message.contains(
+            "Pod/injected: ephemeral container \"debugger\" env K holds an Anthropic key"
+        ),
+        "{message}"
+    );
+    assert!(!message.contains(&raw_key()));
+
+    let host: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "host", "annotations": {"claudekey.io/inject": "bot"}},
+        "spec": {"hostNetwork": true, "containers": [{"name": "a", "image": "x"}]}
+    }))
+    .expect("pod");
+    let message = denial(h.pods().create(&pp, &host).await);
+    assert!(message.contains("hostNetwork"), "{message}");
+    h.cleanup().await;
+}
+
+#[tokio::test]
+async fn warn_mode_admits_with_warnings() {
+    let h = Harness::start(Mode::Warn, "wh-warn").await;
+    let body = serde_json::to_vec(&deployment("leaky", &raw_key())).expect("json");
+    let request = kube::core::Request::new(format!(
+        "/apis/apps/v1/namespaces/{}/deployments",
+        h.namespace
+    ))
+    .create(&PostParams::default(), body)
+    .expect("request");
+    let response = h
+        .client
+        .send(request.map(kube::client::Body::from))
+        .await
+        .expect("apiserver answers");
+    assert!(
+        response.status().is_success(),
+        "warn mode admits: {}",
+        response.status()
+    );
+    let warnings: Vec<String> = response
+        .headers()
+        .get_all("warning")
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("Deployment/leaky") && w.contains("ANTHROPIC_API_KEY")),
+        "{warnings:?}"
+    );
+    assert!(warnings.iter().all(|w| !w.contains(&raw_key())));
+    h.cleanup().await;
+}
+
+/// GET /healthz trusting only `ca_pem`: proves which certificate the server presents.
+async fn healthz_with_ca(port: u16, ca_pem: &str) -> Result<String, String> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").map_err(|e| e.to_string())?;
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    tls.read_to_string(&mut out)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+#[tokio::test]
+async fn replaced_certificate_files_are_served_without_restart() {
+    let h = Harness::start(Mode::Enforce, "wh-rotate").await;
+    let pki = new_pki("claudekey e2e CA 2");
+    assert!(
+        healthz_with_ca(h.port, &pki.ca_pem).await.is_err(),
+        "the new CA cannot verify the old certificate"
+    );
+
+    install_pki(h.dir.path(), &pki);
+    h.register(&pki.ca_pem).await;
+    let port = h.port;
+    let ca = pki.ca_pem.clone();
+    let answer = support::eventually(WAIT, "the server to present the new certificate", || {
+        let ca = ca.clone();
+        async move { healthz_with_ca(port, &ca).await.ok() }
+    })
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // And the apiserver, now trusting only the new CA, reaches the same running server.
+    let api = h.deployments();
+    let message = support::eventually(
+        WAIT,
+        "the apiserver to reach the webhook with the new CA",
+        || {
+            let api = api.clone();
+            async move {
+                match api
+                    .create(
+                        &PostParams::default(),
+                        &deployment("after-rotation", &raw_key()),
+                    )
+                    .await
+                {
+                    Err(kube::Error::Api(e))
+                        if e.message.contains("claudekey: Deployment/after-rotation") =>
+                    {
+                        Some(e.message)
+                    }
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+    assert!(!message.contains(&raw_key()));
+    h.cleanup().await;
+}
