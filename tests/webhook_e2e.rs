@@ -84,7 +84,7 @@ struct Harness {
 impl Harness {
     async fn start(mode: Mode, prefix: &str) -> Self {
         // Both ring and aws-lc-rs are compiled in (AWS SDK), so rustls needs to be told.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        claudekey::crypto::install_default_provider();
         let client = support::client().await;
         support::install_crd(&client).await;
         let namespace = support::namespace(&client, prefix).await;

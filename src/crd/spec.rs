@@ -13,8 +13,6 @@ use super::{ClaudeKeyStatus, GoDuration};
 // clippy reads the repeated `type_` of each printcolumn as a duplicated attribute.
 #[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-// Each printcolumn repeats `type_`/`json_path`, which clippy mistakes for duplicated attributes.
-#[allow(clippy::duplicated_attributes)]
 #[kube(
     group = "claudekey.io",
     version = "v1alpha1",

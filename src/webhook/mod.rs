@@ -178,9 +178,6 @@ pub fn claudekey_cache(
 
 /// Runs `claudekey webhook` until SIGTERM or Ctrl-C.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    // The AWS and Vault crates enable rustls' aws-lc-rs beside our ring, so rustls cannot pick
-    // a process default by itself; kube's client needs one. Ignore "already installed".
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = Client::try_default().await?;
     let (store, driver) = claudekey_cache(client);
     tokio::spawn(driver);
