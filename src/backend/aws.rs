@@ -1,1 +1,512 @@
-//! The `aws` backend: not yet built (see the open backend issues).
+//! The `aws` backend: upstream keys in AWS Secrets Manager, read with `GetSecretValue` using the
+//! controller's default credential chain (IRSA / EKS Pod Identity in production).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use aws_config::{BehaviorVersion, Region, SdkConfig, timeout::TimeoutConfig};
+use aws_sdk_secretsmanager::Client;
+use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_secretsmanager::operation::get_secret_value::GetSecretValueError;
+use futures::future::BoxFuture;
+use secrecy::SecretString;
+
+use super::{BackendError, SecretBackend, UpstreamKey};
+use crate::crd::{AwsSecretsManagerSource, SourceSpec};
+
+/// The stage read when a source names none. Always sent explicitly: moto (and some proxies)
+/// treat a missing stage differently from AWS.
+pub const DEFAULT_VERSION_STAGE: &str = "AWSCURRENT";
+
+/// How long one `GetSecretValue` (with its retries) may take before the reconcile gives up and
+/// backs off; a hung endpoint must not stall the controller.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Longest piece of an AWS error message we repeat; AWS messages name principals and ARNs, which
+/// help, but we keep status conditions short.
+const MAX_MESSAGE: usize = 300;
+
+/// Controller-wide settings for the AWS backend.
+#[derive(Clone, Debug, Default)]
+pub struct AwsSettings {
+    /// Region for sources that name none; otherwise the SDK's own chain (AWS_REGION, profile, IMDS).
+    pub region: Option<String>,
+    /// Secrets Manager endpoint override (moto server in tests, a VPC endpoint in production).
+    pub endpoint_url: Option<String>,
+}
+
+/// Reads upstream keys from AWS Secrets Manager, one SDK client per region.
+pub struct AwsSecretsManagerBackend {
+    base: SdkConfig,
+    clients: Mutex<HashMap<String, Client>>,
+}
+
+impl AwsSecretsManagerBackend {
+    /// Loads the default credential and region chain once, with `settings` applied on top.
+    pub async fn new(settings: &AwsSettings) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).timeout_config(
+            TimeoutConfig::builder()
+                .operation_timeout(OPERATION_TIMEOUT)
+                .build(),
+        );
+        if let Some(region) = &settings.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(url) = &settings.endpoint_url {
+            loader = loader.endpoint_url(url.clone());
+        }
+        Self::from_sdk_config(loader.load().await)
+    }
+
+    /// Uses an already loaded SDK configuration (tests pass static credentials this way).
+    pub fn from_sdk_config(base: SdkConfig) -> Self {
+        Self {
+            base,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The region a source is read from: its own, else the controller's.
+    fn region_for(&self, source: &AwsSecretsManagerSource) -> Result<String, BackendError> {
+        source
+            .region
+            .clone()
+            .or_else(|| self.base.region().map(|r| r.to_string()))
+            .ok_or_else(|| BackendError::NotConfigured {
+                backend: "aws",
+                detail: format!(
+                    "no region for secret {}: set spec.source.awsSecretsManager.region or start the \
+                     controller with --aws-region",
+                    source.secret_id
+                ),
+            })
+    }
+
+    /// The cached client for `region`, built on first use. Clients are cheap handles over a
+    /// shared connection pool, so caching one per region keeps connections warm.
+    fn client(&self, region: &str) -> Client {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        clients
+            .entry(region.to_string())
+            .or_insert_with(|| {
+                let conf = aws_sdk_secretsmanager::config::Builder::from(&self.base)
+                    .region(Region::new(region.to_string()))
+                    .build();
+                Client::from_conf(conf)
+            })
+            .clone()
+    }
+
+    async fn fetch_aws(
+        &self,
+        source: &AwsSecretsManagerSource,
+    ) -> Result<UpstreamKey, BackendError> {
+        let region = self.region_for(source)?;
+        let stage = source
+            .version_stage
+            .as_deref()
+            .unwrap_or(DEFAULT_VERSION_STAGE);
+        let at = Location {
+            secret_id: &source.secret_id,
+            region: &region,
+            stage,
+        };
+        let out = self
+            .client(&region)
+            .get_secret_value()
+            .secret_id(&source.secret_id)
+            .version_stage(stage)
+            .send()
+            .await
+            .map_err(|err| map_sdk_error(&at, &err))?;
+        let version = out
+            .version_id()
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| BackendError::Malformed {
+                source_name: at.name(),
+                detail: "Secrets Manager returned no VersionId".to_string(),
+            })?
+            .to_string();
+        let text = match (out.secret_string(), out.secret_binary()) {
+            (Some(s), _) => s,
+            (None, Some(b)) => std::str::from_utf8(b.as_ref()).map_err(|_| BackendError::Malformed {
+                source_name: at.name(),
+                detail: "the secret holds binary data that is not UTF-8 text; store the key as SecretString"
+                    .to_string(),
+            })?,
+            (None, None) => {
+                return Err(BackendError::Malformed {
+                    source_name: at.name(),
+                    detail: "the secret version holds no value".to_string(),
+                });
+            }
+        };
+        let value = extract_value(
+            text,
+            source.json_field.as_deref(),
+            "spec.source.awsSecretsManager.jsonField",
+        )
+        .map_err(|detail| BackendError::Malformed {
+            source_name: at.name(),
+            detail,
+        })?;
+        Ok(UpstreamKey { value, version })
+    }
+}
+
+impl SecretBackend for AwsSecretsManagerBackend {
+    fn name(&self) -> &'static str {
+        "aws"
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        source: &'a SourceSpec,
+    ) -> BoxFuture<'a, Result<UpstreamKey, BackendError>> {
+        Box::pin(async move {
+            let aws =
+                source
+                    .aws_secrets_manager
+                    .as_ref()
+                    .ok_or_else(|| BackendError::NotConfigured {
+                        backend: "aws",
+                        detail: format!(
+                            "source {} is not an awsSecretsManager source",
+                            source.describe()
+                        ),
+                    })?;
+            self.fetch_aws(aws).await
+        })
+    }
+}
+
+/// Where a read went, for messages.
+struct Location<'a> {
+    secret_id: &'a str,
+    region: &'a str,
+    stage: &'a str,
+}
+
+impl Location<'_> {
+    fn name(&self) -> String {
+        format!(
+            "AWS secret {} (stage {}) in {}",
+            self.secret_id, self.stage, self.region
+        )
+    }
+}
+
+/// Turns the stored text into the key: the text itself, or one string field of a JSON object.
+/// The error is a detail that never quotes the text (it may be the key, or hold it).
+pub(crate) fn extract_value(
+    text: &str,
+    json_field: Option<&str>,
+    field_setting: &str,
+) -> Result<SecretString, String> {
+    let trimmed = text.trim();
+    let value = match json_field {
+        Some(field) => {
+            let parsed: serde_json::Value = serde_json::from_str(trimmed).map_err(|e| {
+                format!(
+                    "{field_setting} is {field:?} but the value is not valid JSON ({:?} error at line {} column {}); \
+                     store a JSON object or unset {field_setting}",
+                    e.classify(),
+                    e.line(),
+                    e.column()
+                )
+            })?;
+            let object = parsed.as_object().ok_or_else(|| {
+                format!("{field_setting} is {field:?} but the value is JSON that is not an object")
+            })?;
+            match object.get(field) {
+                Some(serde_json::Value::String(s)) => s.trim().to_string(),
+                Some(_) => {
+                    return Err(format!("field {field:?} of the JSON value is not a string"));
+                }
+                None => {
+                    return Err(format!(
+                        "the JSON value has no field {field:?} (fields: {}); fix {field_setting}",
+                        field_list(object)
+                    ));
+                }
+            }
+        }
+        None => {
+            if trimmed.starts_with('{')
+                && let Ok(serde_json::Value::Object(object)) = serde_json::from_str(trimmed)
+            {
+                return Err(format!(
+                    "the value is a JSON object (fields: {}); set {field_setting} to the field that holds the key",
+                    field_list(&object)
+                ));
+            }
+            trimmed.to_string()
+        }
+    };
+    if value.is_empty() {
+        return Err("the key is empty".to_string());
+    }
+    Ok(SecretString::from(value))
+}
+
+/// Names (never values) of a JSON object's fields, bounded so a huge object stays a short message.
+fn field_list(object: &serde_json::Map<String, serde_json::Value>) -> String {
+    if object.is_empty() {
+        return "none".to_string();
+    }
+    let mut names: Vec<&str> = object.keys().map(String::as_str).take(10).collect();
+    if object.len() > 10 {
+        names.push("…");
+    }
+    names.join(", ")
+}
+
+/// Maps an SDK failure to a typed error that says what to fix. Only error codes, AWS error
+/// messages (which name principals and ARNs, never values) and transport errors are quoted.
+fn map_sdk_error<R>(at: &Location<'_>, err: &SdkError<GetSecretValueError, R>) -> BackendError
+where
+    R: std::fmt::Debug,
+{
+    match err {
+        SdkError::ServiceError(service) => {
+            let e = service.err();
+            classify_service_error(at, e.code(), e.message())
+        }
+        SdkError::TimeoutError(_) => BackendError::Unavailable {
+            source_name: at.name(),
+            detail: format!(
+                "Secrets Manager did not answer within {}s",
+                OPERATION_TIMEOUT.as_secs()
+            ),
+        },
+        SdkError::DispatchFailure(_) | SdkError::ConstructionFailure(_) => {
+            // Credential-chain failures land here ("no credentials", IRSA token unreadable);
+            // the context chain names which provider failed and why.
+            let context = truncate(&DisplayErrorContext(err).to_string());
+            if context.to_ascii_lowercase().contains("credential") {
+                BackendError::AccessDenied {
+                    source_name: at.name(),
+                    detail: format!(
+                        "the controller has no usable AWS credentials ({context}); configure IRSA or EKS \
+                         Pod Identity for its service account"
+                    ),
+                }
+            } else {
+                BackendError::Unavailable {
+                    source_name: at.name(),
+                    detail: format!("failed to reach Secrets Manager: {context}"),
+                }
+            }
+        }
+        // The body of an unparseable response is never quoted: it could hold the value.
+        _ => BackendError::Unavailable {
+            source_name: at.name(),
+            detail: "failed to read the Secrets Manager response".to_string(),
+        },
+    }
+}
+
+/// The decision behind [`map_sdk_error`] for errors the service returned, by error code.
+fn classify_service_error(
+    at: &Location<'_>,
+    code: Option<&str>,
+    message: Option<&str>,
+) -> BackendError {
+    let name = at.name();
+    let aws_says = message
+        .map(|m| format!(" (AWS: {})", truncate(m)))
+        .unwrap_or_default();
+    let code = code.unwrap_or("unknown");
+    match code {
+        "ResourceNotFoundException" => BackendError::NotFound {
+            source_name: name,
+            detail: format!(
+                "secret {} not found in {} with stage {}{aws_says}; check spec.source.awsSecretsManager \
+                 secretId, region and versionStage",
+                at.secret_id, at.region, at.stage
+            ),
+        },
+        "AccessDeniedException" => BackendError::AccessDenied {
+            source_name: name,
+            detail: format!(
+                "grant secretsmanager:GetSecretValue on {} to the controller's IAM role (and kms:Decrypt \
+                 on its KMS key if it uses a customer managed key){aws_says}",
+                at.secret_id
+            ),
+        },
+        "DecryptionFailure" => BackendError::AccessDenied {
+            source_name: name,
+            detail: format!(
+                "Secrets Manager could not decrypt the secret; grant kms:Decrypt on the secret's KMS key to \
+                 the controller's IAM role{aws_says}"
+            ),
+        },
+        "UnrecognizedClientException"
+        | "InvalidClientTokenId"
+        | "InvalidSignatureException"
+        | "SignatureDoesNotMatch"
+        | "ExpiredTokenException"
+        | "IncompleteSignature"
+        | "MissingAuthenticationToken" => BackendError::AccessDenied {
+            source_name: name,
+            detail: format!(
+                "AWS rejected the controller's credentials ({code}){aws_says}; check IRSA / EKS Pod \
+                 Identity for the controller's service account"
+            ),
+        },
+        "InvalidRequestException" => BackendError::NotFound {
+            source_name: name,
+            detail: format!(
+                "the secret cannot be read in its current state{aws_says}; it may be scheduled for deletion"
+            ),
+        },
+        "InvalidParameterException" | "ValidationException" => BackendError::Malformed {
+            source_name: name,
+            detail: format!(
+                "Secrets Manager refused the request ({code}){aws_says}; check secretId and versionStage"
+            ),
+        },
+        _ => BackendError::Unavailable {
+            source_name: name,
+            detail: format!("Secrets Manager returned {code}{aws_says}"),
+        },
+    }
+}
+
+fn truncate(s: &str) -> String {
+    if s.chars().count() <= MAX_MESSAGE {
+        s.to_string()
+    } else {
+        let cut: String = s.chars().take(MAX_MESSAGE).collect();
+        format!("{cut}…")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use secrecy::ExposeSecret;
+
+    use super::*;
+
+    const FIELD: &str = "jsonField";
+    const KEY: &str = "sk-ant-api03-unit-test-value-AA";
+
+    fn at() -> Location<'static> {
+        Location {
+            secret_id: "prod/claude/x",
+            region: "us-east-1",
+            stage: "AWSCURRENT",
+        }
+    }
+
+    #[test]
+    fn plain_text_is_the_key_trimmed() {
+        let v = extract_value(&format!(" {KEY}\n"), None, FIELD).expect("plain");
+        assert_eq!(v.expose_secret(), KEY);
+    }
+
+    #[test]
+    fn json_field_is_read() {
+        let text = format!(r#"{{"api_key":"{KEY}","other":"x"}}"#);
+        let v = extract_value(&text, Some("api_key"), FIELD).expect("json");
+        assert_eq!(v.expose_secret(), KEY);
+    }
+
+    #[test]
+    fn json_without_field_setting_is_refused_naming_fields_not_values() {
+        let text = format!(r#"{{"api_key":"{KEY}"}}"#);
+        let err = extract_value(&text, None, FIELD).expect_err("needs jsonField");
+        assert!(err.contains("api_key") && err.contains(FIELD), "{err}");
+        assert!(!err.contains(KEY), "{err}");
+    }
+
+    #[test]
+    fn missing_field_lists_fields_and_never_the_value() {
+        let text = format!(r#"{{"key":"{KEY}"}}"#);
+        let err = extract_value(&text, Some("api_key"), FIELD).expect_err("missing field");
+        assert!(
+            err.contains("no field \"api_key\"") && err.contains("key"),
+            "{err}"
+        );
+        assert!(!err.contains(KEY), "{err}");
+    }
+
+    #[test]
+    fn malformed_json_never_quotes_the_text() {
+        let text = format!(r#"{{"api_key":"{KEY}""#);
+        let err = extract_value(&text, Some("api_key"), FIELD).expect_err("malformed");
+        assert!(err.contains("not valid JSON"), "{err}");
+        assert!(!err.contains(KEY) && !err.contains("sk-ant"), "{err}");
+        // A bare key with jsonField set is the common misconfiguration.
+        let err = extract_value(KEY, Some("api_key"), FIELD).expect_err("bare key");
+        assert!(!err.contains("sk-ant"), "{err}");
+    }
+
+    #[test]
+    fn non_string_field_and_empty_values_are_refused() {
+        assert!(extract_value(r#"{"api_key":42}"#, Some("api_key"), FIELD).is_err());
+        assert!(extract_value(r#"{"api_key":"  "}"#, Some("api_key"), FIELD).is_err());
+        assert!(extract_value("   ", None, FIELD).is_err());
+        assert!(extract_value("[1]", Some("api_key"), FIELD).is_err());
+    }
+
+    #[test]
+    fn not_found_names_secret_region_and_stage() {
+        let e = classify_service_error(
+            &at(),
+            Some("ResourceNotFoundException"),
+            Some("Secrets Manager can't find the specified secret."),
+        );
+        assert!(matches!(e, BackendError::NotFound { .. }));
+        let msg = e.to_string();
+        assert!(
+            msg.contains("secret prod/claude/x not found in us-east-1"),
+            "{msg}"
+        );
+        assert!(!e.is_transient());
+    }
+
+    #[test]
+    fn access_denied_says_which_permission_to_grant() {
+        let e = classify_service_error(
+            &at(),
+            Some("AccessDeniedException"),
+            Some("User: arn:aws:sts::1:assumed-role/r is not authorized"),
+        );
+        assert!(matches!(e, BackendError::AccessDenied { .. }));
+        let msg = e.to_string();
+        assert!(
+            msg.contains("grant secretsmanager:GetSecretValue on prod/claude/x"),
+            "{msg}"
+        );
+        let e = classify_service_error(&at(), Some("DecryptionFailure"), None);
+        assert!(e.to_string().contains("kms:Decrypt"));
+        let e = classify_service_error(&at(), Some("UnrecognizedClientException"), None);
+        assert!(matches!(e, BackendError::AccessDenied { .. }));
+    }
+
+    #[test]
+    fn throttling_and_server_errors_are_transient() {
+        for code in [
+            "ThrottlingException",
+            "InternalServiceError",
+            "ServiceUnavailable",
+        ] {
+            assert!(
+                classify_service_error(&at(), Some(code), None).is_transient(),
+                "{code}"
+            );
+        }
+        assert!(
+            !classify_service_error(&at(), Some("InvalidParameterException"), None).is_transient()
+        );
+    }
+
+    #[test]
+    fn long_aws_messages_are_truncated() {
+        let long = "x".repeat(2000);
+        let e = classify_service_error(&at(), Some("ThrottlingException"), Some(&long));
+        assert!(e.to_string().len() < 600);
+    }
+}
