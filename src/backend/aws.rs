@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig, timeout::TimeoutConfig};
 use aws_sdk_secretsmanager::Client;
+use aws_sdk_secretsmanager::config::http::HttpResponse;
 use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_secretsmanager::operation::get_secret_value::GetSecretValueError;
 use futures::future::BoxFuture;
@@ -264,14 +265,14 @@ fn field_list(object: &serde_json::Map<String, serde_json::Value>) -> String {
 
 /// Maps an SDK failure to a typed error that says what to fix. Only error codes, AWS error
 /// messages (which name principals and ARNs, never values) and transport errors are quoted.
-fn map_sdk_error<R>(at: &Location<'_>, err: &SdkError<GetSecretValueError, R>) -> BackendError
-where
-    R: std::fmt::Debug,
-{
+fn map_sdk_error(
+    at: &Location<'_>,
+    err: &SdkError<GetSecretValueError, HttpResponse>,
+) -> BackendError {
     match err {
         SdkError::ServiceError(service) => {
             let e = service.err();
-            classify_service_error(at, e.code(), e.message())
+            classify_service_error(at, e.code(), e.message(), service.raw().status().as_u16())
         }
         SdkError::TimeoutError(_) => BackendError::Unavailable {
             source_name: at.name(),
@@ -307,17 +308,24 @@ where
     }
 }
 
-/// The decision behind [`map_sdk_error`] for errors the service returned, by error code.
+/// The decision behind [`map_sdk_error`] for errors the service returned: by error code, else
+/// by HTTP status (IAM denials from some endpoints come in a body the JSON protocol cannot parse).
 fn classify_service_error(
     at: &Location<'_>,
     code: Option<&str>,
     message: Option<&str>,
+    status: u16,
 ) -> BackendError {
     let name = at.name();
     let aws_says = message
         .map(|m| format!(" (AWS: {})", truncate(m)))
         .unwrap_or_default();
-    let code = code.unwrap_or("unknown");
+    let code = match (code, status) {
+        (Some(code), _) => code,
+        (None, 403) => "Forbidden",
+        (None, 404) => "ResourceNotFoundException",
+        (None, _) => "unknown",
+    };
     match code {
         "ResourceNotFoundException" => BackendError::NotFound {
             source_name: name,
@@ -327,11 +335,21 @@ fn classify_service_error(
                 at.secret_id, at.region, at.stage
             ),
         },
-        "AccessDeniedException" => BackendError::AccessDenied {
+        "AccessDeniedException" | "AccessDenied" => BackendError::AccessDenied {
             source_name: name,
             detail: format!(
                 "grant secretsmanager:GetSecretValue on {} to the controller's IAM role (and kms:Decrypt \
                  on its KMS key if it uses a customer managed key){aws_says}",
+                at.secret_id
+            ),
+        },
+        // A 403 whose body named no error code: a missing permission or bad credentials.
+        "Forbidden" => BackendError::AccessDenied {
+            source_name: name,
+            detail: format!(
+                "Secrets Manager answered 403: grant secretsmanager:GetSecretValue on {} to the \
+                 controller's IAM role (and kms:Decrypt on its KMS key if it uses a customer managed \
+                 key), and check that IRSA / EKS Pod Identity gives the controller valid credentials",
                 at.secret_id
             ),
         },
@@ -369,7 +387,7 @@ fn classify_service_error(
         },
         _ => BackendError::Unavailable {
             source_name: name,
-            detail: format!("Secrets Manager returned {code}{aws_says}"),
+            detail: format!("Secrets Manager returned {code} (HTTP {status}){aws_says}"),
         },
     }
 }
@@ -457,6 +475,7 @@ mod tests {
             &at(),
             Some("ResourceNotFoundException"),
             Some("Secrets Manager can't find the specified secret."),
+            400,
         );
         assert!(matches!(e, BackendError::NotFound { .. }));
         let msg = e.to_string();
@@ -473,6 +492,7 @@ mod tests {
             &at(),
             Some("AccessDeniedException"),
             Some("User: arn:aws:sts::1:assumed-role/r is not authorized"),
+            400,
         );
         assert!(matches!(e, BackendError::AccessDenied { .. }));
         let msg = e.to_string();
@@ -480,10 +500,13 @@ mod tests {
             msg.contains("grant secretsmanager:GetSecretValue on prod/claude/x"),
             "{msg}"
         );
-        let e = classify_service_error(&at(), Some("DecryptionFailure"), None);
+        let e = classify_service_error(&at(), Some("DecryptionFailure"), None, 400);
         assert!(e.to_string().contains("kms:Decrypt"));
-        let e = classify_service_error(&at(), Some("UnrecognizedClientException"), None);
+        let e = classify_service_error(&at(), Some("UnrecognizedClientException"), None, 400);
         assert!(matches!(e, BackendError::AccessDenied { .. }));
+        // A denial whose body the SDK could not parse is still a denial.
+        let e = classify_service_error(&at(), None, None, 403);
+        assert!(matches!(e, BackendError::AccessDenied { .. }), "{e}");
     }
 
     #[test]
@@ -494,19 +517,20 @@ mod tests {
             "ServiceUnavailable",
         ] {
             assert!(
-                classify_service_error(&at(), Some(code), None).is_transient(),
+                classify_service_error(&at(), Some(code), None, 400).is_transient(),
                 "{code}"
             );
         }
         assert!(
-            !classify_service_error(&at(), Some("InvalidParameterException"), None).is_transient()
+            !classify_service_error(&at(), Some("InvalidParameterException"), None, 400)
+                .is_transient()
         );
     }
 
     #[test]
     fn long_aws_messages_are_truncated() {
         let long = "x".repeat(2000);
-        let e = classify_service_error(&at(), Some("ThrottlingException"), Some(&long));
+        let e = classify_service_error(&at(), Some("ThrottlingException"), Some(&long), 400);
         assert!(e.to_string().len() < 600);
     }
 }
