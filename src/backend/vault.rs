@@ -173,6 +173,7 @@ impl VaultBackend {
             .token(token.expose_secret())
             .timeout(Some(REQUEST_TIMEOUT))
             .verify(true)
+            .identity(None)
             .ca_certs(
                 self.settings
                     .ca_cert
