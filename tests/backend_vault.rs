@@ -41,7 +41,10 @@ fn client_with_token(token: &str) -> VaultClient {
 }
 
 fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 fn test_key(tag: &str) -> String {
@@ -81,7 +84,10 @@ fn assert_error(err: &BackendError, needle: &str, secrets: &[&str]) {
     assert!(msg.contains(needle), "expected {needle:?} in: {msg}");
     let debug = format!("{err:?}");
     for s in secrets {
-        assert!(!msg.contains(s) && !debug.contains(s), "error quotes a secret: {msg}");
+        assert!(
+            !msg.contains(s) && !debug.contains(s),
+            "error quotes a secret: {msg}"
+        );
     }
 }
 
@@ -112,7 +118,10 @@ async fn missing_path_and_field_say_what_to_fix() {
     let err = fetch(&backend, &source(json!({ "path": path })))
         .await
         .expect_err("no secret there");
-    assert!(matches!(err, BackendError::NotFound { .. }) && !err.is_transient(), "{err}");
+    assert!(
+        matches!(err, BackendError::NotFound { .. }) && !err.is_transient(),
+        "{err}"
+    );
     assert_error(&err, &format!("no KV v2 secret at secret/data/{path}"), &[]);
 
     let key = test_key("field");
@@ -139,12 +148,21 @@ async fn a_bad_token_is_denied_and_a_replaced_token_file_is_picked_up() {
     let src = source(json!({ "path": path }));
 
     let err = fetch(&backend, &src).await.expect_err("bad token");
-    assert!(matches!(err, BackendError::AccessDenied { .. }) && !err.is_transient(), "{err}");
-    assert_error(&err, &format!(r#"path "secret/data/{path}" {{ capabilities = ["read"] }}"#), &[&key, &bad]);
+    assert!(
+        matches!(err, BackendError::AccessDenied { .. }) && !err.is_transient(),
+        "{err}"
+    );
+    assert_error(
+        &err,
+        &format!(r#"path "secret/data/{path}" {{ capabilities = ["read"] }}"#),
+        &[&key, &bad],
+    );
 
     // A Vault Agent (or a person) writes a good token: the same backend uses it, no restart.
     std::fs::write(&file, env(TOKEN_ENV)).expect("replace token file");
-    let got = fetch(&backend, &src).await.expect("new token read from the file");
+    let got = fetch(&backend, &src)
+        .await
+        .expect("new token read from the file");
     assert_eq!(got.value.expose_secret(), key);
 }
 
@@ -179,7 +197,9 @@ async fn the_documented_policy_is_enough_and_no_more() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (backend, _) = token_file_backend(dir.path(), &token);
 
-    let got = fetch(&backend, &source(json!({ "path": allowed }))).await.expect("allowed path");
+    let got = fetch(&backend, &source(json!({ "path": allowed })))
+        .await
+        .expect("allowed path");
     assert_eq!(got.value.expose_secret(), key);
     assert_eq!(got.version, "1");
     let err = fetch(&backend, &source(json!({ "path": other })))
@@ -254,16 +274,24 @@ async fn kubernetes_auth_logs_in_with_a_service_account_token() {
     let sa_name = "claudekey";
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
     let sa = ServiceAccount {
-        metadata: ObjectMeta { name: Some(sa_name.into()), ..Default::default() },
+        metadata: ObjectMeta {
+            name: Some(sa_name.into()),
+            ..Default::default()
+        },
         ..Default::default()
     };
-    sas.create(&PostParams::default(), &sa).await.expect("create service account");
+    sas.create(&PostParams::default(), &sa)
+        .await
+        .expect("create service account");
     // OpenBao reviews the login JWT with the JWT itself (no reviewer token configured), so the
     // service account needs TokenReview rights, as in a cluster where Vault runs outside it.
     let crbs: Api<ClusterRoleBinding> = Api::all(client.clone());
     let crb_name = unique("claudekey-vault-auth-test");
     let crb = ClusterRoleBinding {
-        metadata: ObjectMeta { name: Some(crb_name.clone()), ..Default::default() },
+        metadata: ObjectMeta {
+            name: Some(crb_name.clone()),
+            ..Default::default()
+        },
         role_ref: RoleRef {
             api_group: "rbac.authorization.k8s.io".into(),
             kind: "ClusterRole".into(),
@@ -276,9 +304,14 @@ async fn kubernetes_auth_logs_in_with_a_service_account_token() {
             ..Default::default()
         }]),
     };
-    crbs.create(&PostParams::default(), &crb).await.expect("bind auth-delegator");
+    crbs.create(&PostParams::default(), &crb)
+        .await
+        .expect("bind auth-delegator");
     let request = TokenRequest {
-        spec: TokenRequestSpec { expiration_seconds: Some(600), ..Default::default() },
+        spec: TokenRequestSpec {
+            expiration_seconds: Some(600),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let jwt = sas
@@ -360,7 +393,11 @@ async fn kubernetes_auth_logs_in_with_a_service_account_token() {
     .expect("valid settings");
 
     let result = fetch(&backend, &source(json!({ "path": path }))).await;
-    let err = fetch(&backend, &source(json!({ "path": path, "role": "elsewhere" }))).await;
+    let err = fetch(
+        &backend,
+        &source(json!({ "path": path, "role": "elsewhere" })),
+    )
+    .await;
     let _ = crbs.delete(&crb_name, &DeleteParams::default()).await;
 
     let got = result.expect("read through kubernetes auth");
