@@ -87,6 +87,7 @@ async fn fetch(
 /// The error must be of the expected kind, say `needle`, and quote none of `secrets`.
 fn assert_error(err: &BackendError, needle: &str, secrets: &[&str]) {
     let msg = err.to_string();
+    eprintln!("error as reported: {msg}");
     assert!(msg.contains(needle), "expected {needle:?} in: {msg}");
     let debug = format!("{err:?}");
     for s in secrets {
@@ -458,4 +459,22 @@ async fn access_denied_says_which_permission_to_grant() {
         .expect_err("unknown credentials");
     assert!(matches!(err, BackendError::AccessDenied { .. }), "{err}");
     assert_error(&err, "IRSA / EKS Pod Identity", &[&key, "nope"]);
+}
+
+/// With no credentials at all (no IRSA, no Pod Identity, nothing in the chain) the message says
+/// what to set up rather than "dispatch failure".
+#[tokio::test]
+async fn no_credentials_points_at_irsa() {
+    let _shared = MOTO_AUTH.read().await;
+    let config = SdkConfig::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(region()))
+        .endpoint_url(endpoint())
+        .build();
+    let backend = AwsSecretsManagerBackend::from_sdk_config(config);
+    let err = fetch(&backend, &source(json!({ "secretId": "prod/claude/x" })))
+        .await
+        .expect_err("no credentials");
+    assert!(matches!(err, BackendError::AccessDenied { .. }), "{err}");
+    assert_error(&err, "no usable AWS credentials", &[]);
 }

@@ -81,6 +81,7 @@ async fn fetch(backend: &VaultBackend, source: &SourceSpec) -> Result<UpstreamKe
 /// The error must say `needle` and quote none of `secrets`, in Display or Debug.
 fn assert_error(err: &BackendError, needle: &str, secrets: &[&str]) {
     let msg = err.to_string();
+    eprintln!("error as reported: {msg}");
     assert!(msg.contains(needle), "expected {needle:?} in: {msg}");
     let debug = format!("{err:?}");
     for s in secrets {
@@ -406,4 +407,36 @@ async fn kubernetes_auth_logs_in_with_a_service_account_token() {
     let err = err.expect_err("a role bound to another namespace");
     assert!(matches!(err, BackendError::AccessDenied { .. }), "{err}");
     assert_error(&err, "role \"elsewhere\" was refused", &[&key, &jwt]);
+}
+
+/// `--vault-ca-cert`: an HTTPS server signed by a private CA is reached only with that CA. The
+/// test control plane's kube-apiserver is such a server; it is not Vault, so the read is then
+/// refused by HTTP status, which proves the TLS handshake succeeded.
+#[tokio::test]
+async fn a_private_ca_file_is_trusted_for_https() {
+    let server = env("CLAUDEKEY_TEST_APISERVER");
+    let ca = PathBuf::from(env("CLAUDEKEY_TEST_CA"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("token");
+    std::fs::write(&file, "not-a-vault-token").expect("token file");
+    let backend = |ca_cert: Option<PathBuf>| {
+        VaultBackend::new(VaultSettings {
+            addr: server.clone(),
+            ca_cert,
+            auth: VaultAuth::TokenFile(file.clone()),
+        })
+        .expect("valid settings")
+    };
+    let src = source(json!({ "path": "claude/x" }));
+
+    let err = fetch(&backend(Some(ca)), &src)
+        .await
+        .expect_err("the apiserver is not Vault");
+    assert!(matches!(err, BackendError::AccessDenied { .. }), "TLS with the CA file: {err}");
+
+    let err = fetch(&backend(None), &src)
+        .await
+        .expect_err("untrusted certificate");
+    assert!(err.is_transient(), "{err}");
+    assert_error(&err, "failed to reach Vault at", &["not-a-vault-token"]);
 }

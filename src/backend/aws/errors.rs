@@ -2,7 +2,7 @@
 //! AWS messages (which name principals and ARNs) but never a response body or a value.
 
 use aws_sdk_secretsmanager::config::http::HttpResponse;
-use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_secretsmanager::operation::get_secret_value::GetSecretValueError;
 
 use super::OPERATION_TIMEOUT;
@@ -49,7 +49,7 @@ pub(super) fn map_sdk_error(
         SdkError::DispatchFailure(_) | SdkError::ConstructionFailure(_) => {
             // Credential-chain failures land here ("no credentials", IRSA token unreadable);
             // the context chain names which provider failed and why.
-            let context = truncate(&DisplayErrorContext(err).to_string());
+            let context = truncate(&error_chain(err));
             if context.to_ascii_lowercase().contains("credential") {
                 BackendError::AccessDenied {
                     source_name: at.name(),
@@ -155,6 +155,21 @@ fn classify_service_error(
             detail: format!("Secrets Manager returned {code} (HTTP {status}){aws_says}"),
         },
     }
+}
+
+/// The `Display` texts of an error and its sources ("dispatch failure: io error: …"): the
+/// transport's own words, without the SDK's `Debug` dump.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        let text = e.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+        cur = e.source();
+    }
+    parts.join(": ")
 }
 
 fn truncate(s: &str) -> String {
