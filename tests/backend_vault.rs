@@ -270,6 +270,9 @@ async fn kubernetes_auth_logs_in_with_a_service_account_token() {
         ConfigureKubernetesAuthRequest, CreateKubernetesRoleRequest,
     };
 
+    // rustls has both ring and aws-lc-rs compiled in (the AWS SDK brings the latter), so the kube
+    // client needs a process default; the binary installs the same one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = support::client().await;
     let ns = support::namespace(&client, "vault-auth").await;
     let sa_name = "claudekey";
@@ -432,7 +435,10 @@ async fn a_private_ca_file_is_trusted_for_https() {
     let err = fetch(&backend(Some(ca)), &src)
         .await
         .expect_err("the apiserver is not Vault");
-    assert!(matches!(err, BackendError::AccessDenied { .. }), "TLS with the CA file: {err}");
+    assert!(
+        matches!(err, BackendError::AccessDenied { .. }),
+        "TLS with the CA file: {err}"
+    );
 
     let err = fetch(&backend(None), &src)
         .await

@@ -24,7 +24,13 @@ pub(super) fn status_code(err: Option<&ClientError>) -> Option<u16> {
 fn vault_says(err: &ClientError) -> String {
     match err {
         ClientError::APIError { errors, .. } if !errors.is_empty() => {
-            let joined = errors.join("; ");
+            // Vault nests errors as "1 error occurred:\n\t* permission denied\n\n"; one line reads
+            // better in a condition message.
+            let joined = errors
+                .join("; ")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
             let cut: String = joined.chars().take(300).collect();
             format!(" (Vault: {cut})")
         }
