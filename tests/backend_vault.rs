@@ -18,7 +18,7 @@ const TOKEN_ENV: &str = "CLAUDEKEY_TEST_VAULT_TOKEN";
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
-        panic!("{name} is not set: start OpenBao with hack/control-plane.sh start and source its env file")
+        panic!("{name} is not set: start the test servers with hack/control-plane.sh start and source its env file")
     })
 }
 
