@@ -272,7 +272,7 @@ async fn kubernetes_auth_logs_in_with_a_service_account_token() {
 
     // rustls has both ring and aws-lc-rs compiled in (the AWS SDK brings the latter), so the kube
     // client needs a process default; the binary installs the same one.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    claudekey::crypto::install_default_provider();
     let client = support::client().await;
     let ns = support::namespace(&client, "vault-auth").await;
     let sa_name = "claudekey";
