@@ -54,12 +54,13 @@ usage() {
 
 # proc_starttime PID — kernel start time of PID (field 22 of /proc/PID/stat).
 # Stored with the pid so `stop` never signals an unrelated process that
-# reused the pid.
+# reused the pid. (No check of the state field: a Go program whose main
+# thread has exited shows "Z" while its other threads are still shutting down.)
 proc_starttime() {
   local stat
   stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-  stat=${stat##*) }            # drop "pid (comm) ", comm may contain spaces
-  awk '{print $20}' <<<"$stat"  # field 22 overall == field 20 after comm
+  stat=${stat##*) }  # drop "pid (comm) ", comm may contain spaces
+  awk '{print $20}' <<<"$stat"  # field 20 after comm == field 22 overall
 }
 
 # is_running NAME — true if the recorded process of NAME is still alive.
@@ -67,7 +68,7 @@ is_running() {
   local f=$PIDS/$1.pid pid st
   [[ -f $f ]] || return 1
   read -r pid st <"$f"
-  [[ $(proc_starttime "$pid" 2>/dev/null) == "$st" ]]
+  [[ -n $st && $(proc_starttime "$pid" 2>/dev/null) == "$st" ]]
 }
 
 # launch NAME CMD... — start CMD in the background in its own session
@@ -80,33 +81,55 @@ launch() {
   printf '%s %s\n' "$pid" "$(proc_starttime "$pid")" >"$PIDS/$name.pid"
 }
 
-# stop_component NAME — TERM, then KILL after 15 s.
-stop_component() {
-  local name=$1 f=$PIDS/$1.pid pid st i
-  [[ -f $f ]] || return 0
-  read -r pid st <"$f"
-  if is_running "$name"; then
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 150; i++)); do
-      is_running "$name" || break
-      sleep 0.1
-    done
+# pid_of NAME — the recorded pid of NAME.
+pid_of() { cut -d' ' -f1 "$PIDS/$1.pid"; }
+
+# stop_group NAME... — SIGTERM the running ones among NAME... at once, wait
+# up to 15 s for all of them together, SIGKILL whatever is left.
+stop_group() {
+  local name i running=()
+  for name in "$@"; do
     if is_running "$name"; then
-      log "$name (pid $pid) ignored SIGTERM; sending SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-      sleep 0.2
+      running+=("$name")
+      kill -TERM "$(pid_of "$name")" 2>/dev/null || true
     fi
-    log "stopped $name (pid $pid)"
-  fi
-  rm -f "$f"
+  done
+  for ((i = 0; i < 150; i++)); do
+    any_running "${running[@]}" || break
+    sleep 0.1
+  done
+  for name in "${running[@]}"; do
+    if is_running "$name"; then
+      log "$name (pid $(pid_of "$name")) ignored SIGTERM for 15s; sending SIGKILL"
+      kill -KILL "$(pid_of "$name")" 2>/dev/null || true
+    fi
+  done
+  for ((i = 0; i < 50; i++)); do
+    any_running "${running[@]}" || break
+    sleep 0.1
+  done
+  for name in "${running[@]}"; do
+    log "stopped $name (pid $(pid_of "$name"))"
+    rm -f "$PIDS/$name.pid"
+  done
 }
 
+# stop_all — stop everything that was started. Everything but etcd goes down
+# in parallel (the data is throwaway, so no ordered shutdown is needed); etcd
+# goes last, because kube-apiserver's graceful shutdown hangs for its full
+# timeout when etcd disappears under it.
 stop_all() {
-  local i
   [[ -d $PIDS ]] || return 0
-  for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
-    stop_component "${COMPONENTS[i]}"
-  done
+  stop_group kube-controller-manager kube-apiserver moto openbao
+  stop_group etcd
+  rm -f "$PIDS"/*.pid
+}
+
+# any_running NAME... — true if any of the named components is alive.
+any_running() {
+  local name
+  for name in "$@"; do is_running "$name" && return 0; done
+  return 1
 }
 
 # fail NAME MESSAGE — report a component that did not come up, with its log
@@ -396,7 +419,7 @@ cmd_status() {
   local name rc=0
   for name in "${COMPONENTS[@]}"; do
     if is_running "$name"; then
-      printf '%-24s running (pid %s)\n' "$name" "$(cut -d' ' -f1 "$PIDS/$name.pid")"
+      printf '%-24s running (pid %s)\n' "$name" "$(pid_of "$name")"
     else
       printf '%-24s not running\n' "$name"; rc=1
     fi

@@ -29,7 +29,7 @@ set -euo pipefail
 shopt -s inherit_errexit
 
 HACK_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=versions.env
+# shellcheck source-path=SCRIPTDIR source=versions.env
 source "$HACK_DIR/versions.env"
 
 CACHE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/claudekey
