@@ -281,7 +281,12 @@ start_apiserver() {
     --authorization-mode=RBAC \
     --enable-admission-plugins=NamespaceLifecycle,LimitRanger,DefaultTolerationSeconds,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy,ResourceQuota \
     --disable-admission-plugins=ServiceAccount \
+    --enable-aggregator-routing=true \
     --profiling=false
+  # --enable-aggregator-routing makes the apiserver reach webhook Services through their
+  # endpoints instead of the ClusterIP. With no kubelet there are no endpoints, so a
+  # Service-addressed webhook (the Helm chart's) fails closed at once, and no packet is ever
+  # sent to the service range, which is not on this machine.
   # ServiceAccount admission is disabled as in envtest: it rejects pods until
   # the "default" ServiceAccount of a fresh namespace exists, which would make
   # tests race kube-controller-manager.
@@ -357,6 +362,7 @@ export CLAUDEKEY_TEST_VAULT_TOKEN='$VAULT_TOKEN'
 export CLAUDEKEY_TEST_PYTHON='$CLAUDEKEY_PYTHON'
 export CLAUDEKEY_TEST_PYTHON_BIN='$(dirname "$CLAUDEKEY_PYTHON")'
 export CLAUDEKEY_TEST_HELM='$CLAUDEKEY_HELM'
+export CLAUDEKEY_TEST_KUBECTL='$CLAUDEKEY_KUBECTL'
 EOF
   mv -f "$STATE/env.tmp" "$STATE/env"
 }

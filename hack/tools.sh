@@ -8,7 +8,7 @@
 #                              lines on stdout (what hack/control-plane.sh uses)
 #
 # Cache layout (${XDG_CACHE_HOME:-$HOME/.cache}/claudekey):
-#   kubernetes-<ver>/bin/{kube-apiserver,kube-controller-manager}
+#   kubernetes-<ver>/bin/{kube-apiserver,kube-controller-manager,kubectl}
 #   etcd-<ver>/bin/etcd
 #   helm-<ver>/bin/helm
 #   openbao-<release>-<pseudo-ver>/bin/bao
@@ -143,7 +143,7 @@ install_bin() { chmod +x "$1"; mv -f "$1" "$2"; }
 # requires k8s.io/kubernetes and replaces each staging module with its published
 # v0.<minor>.<patch>; the list comes from that version's own go.mod.
 build_kubernetes() {
-  local want=("$@")  # binaries to build: kube-apiserver and/or kube-controller-manager
+  local want=("$@")  # binaries to build: any of kube-apiserver, kube-controller-manager, kubectl
   local base=$CACHE_DIR/kubernetes-$KUBERNETES_VERSION
   local src=$base/src bin=$base/bin logfile=$LOG_DIR/kubernetes-$KUBERNETES_VERSION.log
   local staging_version=v0.${KUBERNETES_VERSION#v1.}
@@ -344,6 +344,10 @@ main() {
     [[ -x $apiserver ]] || kube_missing+=(kube-apiserver)
   fi
   [[ -x $kcm ]] || kube_missing+=(kube-controller-manager)
+  # kubectl at the cluster's own version, so the demo and chart tests never depend on
+  # whichever kubectl the machine happens to have.
+  local kubectl=$kdir/kubectl
+  [[ -x $kubectl ]] || kube_missing+=(kubectl)
   status=cached
   ((${#kube_missing[@]} == 0)) || status=$(timed build_kubernetes "${kube_missing[@]}")
   if $from_assets; then
@@ -352,6 +356,7 @@ main() {
     summary kube-apiserver "$KUBERNETES_VERSION" "$apiserver" "$status"
   fi
   summary kube-controller-manager "$KUBERNETES_VERSION" "$kcm" "$status"
+  summary kubectl "$KUBERNETES_VERSION" "$kubectl" "$status"
 
   local helm=$CACHE_DIR/helm-$HELM_VERSION/bin/helm
   status=cached; [[ -x $helm ]] || status=$(timed build_helm)
@@ -375,6 +380,7 @@ main() {
 export CLAUDEKEY_ETCD='$etcd'
 export CLAUDEKEY_KUBE_APISERVER='$apiserver'
 export CLAUDEKEY_KUBE_CONTROLLER_MANAGER='$kcm'
+export CLAUDEKEY_KUBECTL='$kubectl'
 export CLAUDEKEY_HELM='$helm'
 export CLAUDEKEY_BAO='$bao'
 export CLAUDEKEY_PYTHON_VENV='$venv'
