@@ -20,9 +20,13 @@ fn read(rel: &str) -> String {
 
 /// Every YAML document of a file, skipping empty ones.
 fn docs(path: &Path) -> Vec<serde_yaml::Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap_or_else(|e| panic!("parse {}: {e}", path.display())))
+        .map(|d| {
+            serde_yaml::Value::deserialize(d)
+                .unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+        })
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -55,7 +59,11 @@ fn chart_crd_is_a_copy_of_the_generated_crd() {
         "charts/claudekey/crds/claudekey.io_claudekeys.yaml differs from crds/: \
          cp crds/claudekey.io_claudekeys.yaml charts/claudekey/crds/"
     );
-    assert_eq!(chart, claudekey::crd::crd_yaml(), "chart CRD differs from `claudekey crd`");
+    assert_eq!(
+        chart,
+        claudekey::crd::crd_yaml(),
+        "chart CRD differs from `claudekey crd`"
+    );
 }
 
 #[test]
@@ -72,17 +80,30 @@ fn samples_cover_every_backend_and_parse_as_claudekeys() {
             let src = &ck.spec.source;
             let set = [
                 src.kubernetes_secret.as_ref().map(|_| "kubernetesSecret"),
-                src.aws_secrets_manager.as_ref().map(|_| "awsSecretsManager"),
+                src.aws_secrets_manager
+                    .as_ref()
+                    .map(|_| "awsSecretsManager"),
                 src.vault.as_ref().map(|_| "vault"),
             ];
             let set: Vec<_> = set.into_iter().flatten().collect();
-            assert_eq!(set.len(), 1, "{}: exactly one source, got {set:?}", file.display());
+            assert_eq!(
+                set.len(),
+                1,
+                "{}: exactly one source, got {set:?}",
+                file.display()
+            );
             sources.insert(set[0]);
             let meta = &ck.metadata;
-            claudekeys.insert((meta.namespace.clone().expect("namespace"), meta.name.clone().expect("name")));
+            claudekeys.insert((
+                meta.namespace.clone().expect("namespace"),
+                meta.name.clone().expect("name"),
+            ));
         }
     }
-    assert_eq!(sources, BTreeSet::from(["awsSecretsManager", "kubernetesSecret", "vault"]));
+    assert_eq!(
+        sources,
+        BTreeSet::from(["awsSecretsManager", "kubernetesSecret", "vault"])
+    );
     assert!(claudekeys.contains(&("team-a".to_string(), "support-bot".to_string())));
 }
 
@@ -91,25 +112,47 @@ fn sample_upstream_secret_is_an_obvious_placeholder() {
     let docs = docs(&root().join("deploy/samples/10-upstream-key-secret.yaml"));
     let secret: Secret = serde_yaml::from_value(docs[0].clone()).expect("Secret");
     let value = &secret.string_data.as_ref().expect("stringData")["api-key"];
-    assert!(!value.starts_with("sk-ant"), "the sample must not look like a real key");
-    assert!(value.contains("REPLACE-ME"), "the placeholder should say what to do");
-    assert_eq!(secret.metadata.namespace.as_deref(), Some("claudekey-system"), "source Secrets live in the operator namespace");
+    assert!(
+        !value.starts_with("sk-ant"),
+        "the sample must not look like a real key"
+    );
+    assert!(
+        value.contains("REPLACE-ME"),
+        "the placeholder should say what to do"
+    );
+    assert_eq!(
+        secret.metadata.namespace.as_deref(),
+        Some("claudekey-system"),
+        "source Secrets live in the operator namespace"
+    );
 }
 
 fn deployment(file: &str) -> Deployment {
-    serde_yaml::from_value(docs(&root().join(file))[0].clone()).unwrap_or_else(|e| panic!("{file}: {e}"))
+    serde_yaml::from_value(docs(&root().join(file))[0].clone())
+        .unwrap_or_else(|e| panic!("{file}: {e}"))
 }
 
 #[test]
 fn inject_sample_names_an_existing_sample_claudekey_and_holds_no_key() {
     let d = deployment("deploy/samples/30-deployment-inject.yaml");
     let tmpl = d.spec.expect("spec").template;
-    let ann = tmpl.metadata.expect("template metadata").annotations.expect("annotations");
-    assert_eq!(ann.get(annotations::INJECT).map(String::as_str), Some("support-bot"));
+    let ann = tmpl
+        .metadata
+        .expect("template metadata")
+        .annotations
+        .expect("annotations");
+    assert_eq!(
+        ann.get(annotations::INJECT).map(String::as_str),
+        Some("support-bot")
+    );
     assert_eq!(d.metadata.namespace.as_deref(), Some("team-a"));
     for c in tmpl.spec.expect("pod spec").containers {
         for e in c.env.unwrap_or_default() {
-            assert!(!e.name.starts_with("ANTHROPIC_"), "the webhook sets {} itself", e.name);
+            assert!(
+                !e.name.starts_with("ANTHROPIC_"),
+                "the webhook sets {} itself",
+                e.name
+            );
         }
     }
 }
@@ -118,23 +161,39 @@ fn inject_sample_names_an_existing_sample_claudekey_and_holds_no_key() {
 fn gateway_consumer_reads_the_client_secret_and_declares_it() {
     let d = deployment("deploy/samples/31-deployment-gateway-consumer.yaml");
     let tmpl = d.spec.expect("spec").template;
-    let ann = tmpl.metadata.expect("template metadata").annotations.expect("annotations");
-    let name = ann.get(annotations::CONSUMES).expect("claudekey.io/consumes annotation");
+    let ann = tmpl
+        .metadata
+        .expect("template metadata")
+        .annotations
+        .expect("annotations");
+    let name = ann
+        .get(annotations::CONSUMES)
+        .expect("claudekey.io/consumes annotation");
     let refs: BTreeSet<(String, String)> = tmpl.spec.expect("pod spec").containers[0]
         .env
         .clone()
         .unwrap_or_default()
         .into_iter()
         .map(|e| {
-            assert!(e.value.is_none(), "{} must come from the Secret, not a literal", e.name);
-            let r = e.value_from.and_then(|v| v.secret_key_ref).expect("secretKeyRef");
+            assert!(
+                e.value.is_none(),
+                "{} must come from the Secret, not a literal",
+                e.name
+            );
+            let r = e
+                .value_from
+                .and_then(|v| v.secret_key_ref)
+                .expect("secretKeyRef");
             (r.name, r.key)
         })
         .collect();
     let secret = client_secret_name(name);
     assert_eq!(
         refs,
-        BTreeSet::from([(secret.clone(), "ANTHROPIC_API_KEY".into()), (secret, "ANTHROPIC_BASE_URL".into())])
+        BTreeSet::from([
+            (secret.clone(), "ANTHROPIC_API_KEY".into()),
+            (secret, "ANTHROPIC_BASE_URL".into())
+        ])
     );
 }
 
@@ -143,22 +202,49 @@ fn only_the_bad_sample_carries_a_raw_looking_key() {
     let re = raw_key_regex();
     for file in yaml_files("deploy/samples") {
         let text = std::fs::read_to_string(&file).expect("read");
-        assert!(!re.is_match(&text) && !text.contains("sk-ant-"), "{} must scan clean", file.display());
+        assert!(
+            !re.is_match(&text) && !text.contains("sk-ant-"),
+            "{} must scan clean",
+            file.display()
+        );
     }
     let bad = read("deploy/samples/bad/deployment-raw-key.yaml");
-    let key = re.find(&bad).expect("the bad sample must match the scanners' rule").as_str();
-    assert_eq!(key, format!("sk-ant-api03-{}AA", "X".repeat(93)), "keep the fake obviously fake");
+    let key = re
+        .find(&bad)
+        .expect("the bad sample must match the scanners' rule")
+        .as_str();
+    assert_eq!(
+        key,
+        format!("sk-ant-api03-{}AA", "X".repeat(93)),
+        "keep the fake obviously fake"
+    );
     let d = deployment("deploy/samples/bad/deployment-raw-key.yaml");
-    let env = d.spec.expect("spec").template.spec.expect("pod spec").containers[0].env.clone().expect("env");
+    let env = d
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod spec")
+        .containers[0]
+        .env
+        .clone()
+        .expect("env");
     assert_eq!(env[0].name, "ANTHROPIC_API_KEY");
-    assert_eq!(env[0].value.as_deref(), Some(key), "the key must be an env literal, the case the webhook refuses");
+    assert_eq!(
+        env[0].value.as_deref(),
+        Some(key),
+        "the key must be an env literal, the case the webhook refuses"
+    );
 }
 
 /// Metric names the README documents for the binaries to export.
 fn documented_metrics() -> BTreeSet<String> {
     let readme = read("deploy/monitoring/README.md");
     let re = Regex::new(r"^\| `([a-z_]+)` \|").expect("regex");
-    readme.lines().filter_map(|l| re.captures(l).map(|c| c[1].to_string())).collect()
+    readme
+        .lines()
+        .filter_map(|l| re.captures(l).map(|c| c[1].to_string()))
+        .collect()
 }
 
 /// Metric names a PromQL text mentions (claudekey's own and the apiserver's).
@@ -177,13 +263,21 @@ fn assert_promql_shape(expr: &str, what: &str) {
             (true, _) => {}
             (false, '(' | '{' | '[') => stack.push(ch),
             (false, ')' | '}' | ']') => {
-                let open = stack.pop().unwrap_or_else(|| panic!("{what}: unbalanced '{ch}' in {expr}"));
-                assert!(matches!((open, ch), ('(', ')') | ('{', '}') | ('[', ']')), "{what}: '{open}' closed by '{ch}'");
+                let open = stack
+                    .pop()
+                    .unwrap_or_else(|| panic!("{what}: unbalanced '{ch}' in {expr}"));
+                assert!(
+                    matches!((open, ch), ('(', ')') | ('{', '}') | ('[', ']')),
+                    "{what}: '{open}' closed by '{ch}'"
+                );
             }
             _ => {}
         }
     }
-    assert!(stack.is_empty() && !in_str, "{what}: unclosed {stack:?} in {expr}");
+    assert!(
+        stack.is_empty() && !in_str,
+        "{what}: unclosed {stack:?} in {expr}"
+    );
     let t = expr.trim();
     for op in ["and", "or", "unless", ">", "<", "/", "*", "+"] {
         assert!(!t.ends_with(op), "{what}: dangling '{op}'");
@@ -195,7 +289,10 @@ fn prometheus_rule_has_the_alerts_and_known_metrics() {
     let docs = docs(&root().join("deploy/monitoring/prometheusrule.yaml"));
     assert_eq!(docs.len(), 1);
     let rule = &docs[0];
-    assert_eq!(rule["apiVersion"].as_str(), Some("monitoring.coreos.com/v1"));
+    assert_eq!(
+        rule["apiVersion"].as_str(),
+        Some("monitoring.coreos.com/v1")
+    );
     assert_eq!(kind(rule), "PrometheusRule");
     let documented = documented_metrics();
     let mut alerts = BTreeSet::new();
@@ -205,10 +302,19 @@ fn prometheus_rule_has_the_alerts_and_known_metrics() {
             let expr = r["expr"].as_str().expect("expr");
             assert_promql_shape(expr, &name);
             for m in metrics_in(expr) {
-                assert!(documented.contains(&m), "{name} uses {m}, not listed in deploy/monitoring/README.md");
+                assert!(
+                    documented.contains(&m),
+                    "{name} uses {m}, not listed in deploy/monitoring/README.md"
+                );
             }
-            assert!(r["labels"]["severity"].as_str().is_some(), "{name}: severity");
-            assert!(r["annotations"]["summary"].as_str().is_some(), "{name}: summary");
+            assert!(
+                r["labels"]["severity"].as_str().is_some(),
+                "{name}: severity"
+            );
+            assert!(
+                r["annotations"]["summary"].as_str().is_some(),
+                "{name}: summary"
+            );
             alerts.insert(name);
         }
     }
@@ -226,13 +332,18 @@ fn prometheus_rule_has_the_alerts_and_known_metrics() {
     }
     // hack/chart-test.sh cuts the rules file out after `spec:`; that only works while it is last.
     let text = read("deploy/monitoring/prometheusrule.yaml");
-    let last_top = text.lines().filter(|l| l.chars().next().is_some_and(|c| c.is_ascii_alphabetic())).last();
+    let last_top = text
+        .lines()
+        .filter(|l| l.chars().next().is_some_and(|c| c.is_ascii_alphabetic()))
+        .last();
     assert_eq!(last_top, Some("spec:"));
 }
 
 #[test]
 fn dashboard_has_the_panels_and_known_metrics() {
-    let dash: serde_json::Value = serde_json::from_str(&read("deploy/monitoring/grafana-dashboard.json")).expect("dashboard JSON");
+    let dash: serde_json::Value =
+        serde_json::from_str(&read("deploy/monitoring/grafana-dashboard.json"))
+            .expect("dashboard JSON");
     let documented = documented_metrics();
     let mut used = BTreeSet::new();
     let mut titles = Vec::new();
@@ -245,15 +356,38 @@ fn dashboard_has_the_panels_and_known_metrics() {
         }
     }
     for m in &used {
-        assert!(documented.contains(m), "dashboard uses {m}, not listed in deploy/monitoring/README.md");
+        assert!(
+            documented.contains(m),
+            "dashboard uses {m}, not listed in deploy/monitoring/README.md"
+        );
     }
-    for want in ["claudekey_proxy_requests_total", "claudekey_proxy_tokens_total", "claudekey_proxy_rate_limited_total", "claudekey_key_age_seconds"] {
+    for want in [
+        "claudekey_proxy_requests_total",
+        "claudekey_proxy_tokens_total",
+        "claudekey_proxy_rate_limited_total",
+        "claudekey_key_age_seconds",
+    ] {
         assert!(used.contains(want), "dashboard does not show {want}");
     }
-    for want in ["requests", "tokens", "cost", "errors", "rate-limited", "key age"] {
-        assert!(titles.iter().any(|t| t.contains(want)), "no panel about {want}: {titles:?}");
+    for want in [
+        "requests",
+        "tokens",
+        "cost",
+        "errors",
+        "rate-limited",
+        "key age",
+    ] {
+        assert!(
+            titles.iter().any(|t| t.contains(want)),
+            "no panel about {want}: {titles:?}"
+        );
     }
-    let vars: Vec<_> = dash["templating"]["list"].as_array().expect("vars").iter().map(|v| v["name"].as_str().unwrap_or_default()).collect();
+    let vars: Vec<_> = dash["templating"]["list"]
+        .as_array()
+        .expect("vars")
+        .iter()
+        .map(|v| v["name"].as_str().unwrap_or_default())
+        .collect();
     for v in ["datasource", "claudekey", "input_price", "output_price"] {
         assert!(vars.contains(&v), "dashboard variable {v}");
     }

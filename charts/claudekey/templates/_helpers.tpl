@@ -59,15 +59,24 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{/* image reference from (dict "repository" "tag" "digest") with the chart image as fallback. */}}
+{{/*
+Image reference. Call with (dict "ctx" $) for the chart image, or (dict "ctx" $ "override"
+.Values.sidecar.image) where empty fields fall back to the chart image.
+*/}}
 {{- define "claudekey.image" -}}
 {{- $repo := .ctx.Values.image.repository }}
 {{- $tag := default .ctx.Chart.AppVersion .ctx.Values.image.tag }}
 {{- $digest := .ctx.Values.image.digest }}
 {{- with .override }}
-{{- if .repository }}{{ $repo = .repository }}{{ end }}
-{{- if .tag }}{{ $tag = .tag }}{{ end }}
+{{- /* Another repository is another image: it inherits neither the chart's tag nor digest. */}}
+{{- if .repository }}
+{{- $repo = .repository }}
+{{- $tag = default $.ctx.Chart.AppVersion .tag }}
+{{- $digest = .digest }}
+{{- else }}
+{{- if .tag }}{{ $tag = .tag }}{{ $digest = "" }}{{ end }}
 {{- if .digest }}{{ $digest = .digest }}{{ end }}
+{{- end }}
 {{- end }}
 {{- if $digest }}
 {{- printf "%s@%s" $repo $digest }}
@@ -109,19 +118,10 @@ app.kubernetes.io/component: {{ .component }}
 namespaceSelector of both webhooks: the exclusions above, ANDed with the optional opt-in selector.
 */}}
 {{- define "claudekey.namespaceSelector" -}}
-{{- $sel := .Values.webhook.namespaceSelector }}
-{{- with $sel.matchLabels }}
-matchLabels:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-matchExpressions:
-  - key: kubernetes.io/metadata.name
-    operator: NotIn
-    values:
-      {{- include "claudekey.excludedNamespaces" . | nindent 6 }}
-{{- with $sel.matchExpressions }}
-{{- toYaml . | nindent 2 }}
-{{- end }}
+{{- $sel := deepCopy .Values.webhook.namespaceSelector }}
+{{- $exclude := dict "key" "kubernetes.io/metadata.name" "operator" "NotIn" "values" (include "claudekey.excludedNamespaces" . | fromYamlArray) }}
+{{- $_ := set $sel "matchExpressions" (prepend (default (list) $sel.matchExpressions) $exclude) }}
+{{- toYaml $sel }}
 {{- end }}
 
 {{/* Pod-level hardening: non-root (distroless nonroot uid), RuntimeDefault seccomp. */}}
