@@ -6,20 +6,10 @@ use clap::{Parser, Subcommand};
 use crate::telemetry::{self, LogFormat};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "claudekey",
-    version,
-    about = "Anthropic Claude API keys, safe in Kubernetes"
-)]
+#[command(name = "claudekey", version, about = "Anthropic Claude API keys, safe in Kubernetes")]
 pub struct Cli {
     /// Log format: text for people, json for log pipelines.
-    #[arg(
-        long,
-        global = true,
-        env = "CLAUDEKEY_LOG_FORMAT",
-        value_enum,
-        default_value_t
-    )]
+    #[arg(long, global = true, env = "CLAUDEKEY_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,

@@ -54,10 +54,7 @@ pub fn masked_hint(key: &str) -> String {
     }
     let prefix_len = if key.starts_with("sk-ant-") {
         // sk-ant-<kind><digits>- : keep through the third dash, at most 16 chars.
-        key.match_indices('-')
-            .nth(2)
-            .map_or(7, |(i, _)| i + 1)
-            .min(16)
+        key.match_indices('-').nth(2).map_or(7, |(i, _)| i + 1).min(16)
     } else if key.starts_with(WORKLOAD_KEY_PREFIX) {
         WORKLOAD_KEY_PREFIX.len()
     } else {

@@ -104,10 +104,7 @@ mod tests {
     fn reads_the_design_format() {
         let config: ProxyConfig = serde_json::from_str(GOLDEN).unwrap();
         assert_eq!(config.claude_key.name, "support-bot");
-        assert_eq!(
-            config.current_upstream().unwrap().fingerprint,
-            "up:77d0b1aa"
-        );
+        assert_eq!(config.current_upstream().unwrap().fingerprint, "up:77d0b1aa");
         assert_eq!(config.policy.scope.max_tokens, Some(4096));
         assert_eq!(config.policy.limits.requests_per_minute, Some(50));
         assert!(config.policy.data_protection.redact_responses);

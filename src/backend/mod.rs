@@ -33,10 +33,7 @@ pub enum BackendError {
     #[error("failed to read {source_name}: {detail}")]
     Unavailable { source_name: String, detail: String },
     #[error("the {backend} backend is not configured in this controller: {detail}")]
-    NotConfigured {
-        backend: &'static str,
-        detail: String,
-    },
+    NotConfigured { backend: &'static str, detail: String },
 }
 
 impl BackendError {
@@ -52,10 +49,7 @@ pub trait SecretBackend: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// Reads the current upstream key for `source`.
-    fn fetch<'a>(
-        &'a self,
-        source: &'a SourceSpec,
-    ) -> BoxFuture<'a, Result<UpstreamKey, BackendError>>;
+    fn fetch<'a>(&'a self, source: &'a SourceSpec) -> BoxFuture<'a, Result<UpstreamKey, BackendError>>;
 }
 
 /// The backends this controller was started with, chosen per ClaudeKey by its source.

@@ -42,9 +42,7 @@ impl FromStr for GoDuration {
     type Err = DurationError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let err = || DurationError {
-            text: text.to_string(),
-        };
+        let err = || DurationError { text: text.to_string() };
         let mut total = 0f64;
         let mut rest = text;
         if rest.is_empty() {
@@ -56,9 +54,7 @@ impl FromStr for GoDuration {
                 .ok_or_else(err)?;
             let number: f64 = rest[..number_len].parse().map_err(|_| err())?;
             rest = &rest[number_len..];
-            let unit_len = rest
-                .find(|c: char| c.is_ascii_digit())
-                .unwrap_or(rest.len());
+            let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
             let seconds_per_unit = match &rest[..unit_len] {
                 "ns" => 1e-9,
                 "us" | "µs" => 1e-6,
@@ -72,10 +68,7 @@ impl FromStr for GoDuration {
             total += number * seconds_per_unit;
         }
         let value = Duration::try_from_secs_f64(total).map_err(|_| err())?;
-        Ok(Self {
-            text: text.to_string(),
-            value,
-        })
+        Ok(Self { text: text.to_string(), value })
     }
 }
 
@@ -117,9 +110,7 @@ mod tests {
     use super::*;
 
     fn secs(text: &str) -> Option<f64> {
-        text.parse::<GoDuration>()
-            .ok()
-            .map(|d| d.as_duration().as_secs_f64())
+        text.parse::<GoDuration>().ok().map(|d| d.as_duration().as_secs_f64())
     }
 
     #[test]

@@ -78,10 +78,7 @@ mod tests {
             .flatten()
             .map(|c| c.name.as_str())
             .collect();
-        assert_eq!(
-            columns,
-            ["Ready", "Source", "Key", "Upstream", "Next Rotation", "Age"]
-        );
+        assert_eq!(columns, ["Ready", "Source", "Key", "Upstream", "Next Rotation", "Age"]);
         assert!(version.subresources.as_ref().unwrap().status.is_some());
     }
 }

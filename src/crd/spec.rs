@@ -20,32 +20,12 @@ use super::{ClaudeKeyStatus, GoDuration};
     category = "claudekey",
     status = "ClaudeKeyStatus",
     doc = "ClaudeKey keeps one workload's Anthropic API key safe: it syncs the upstream key from a secret backend, issues a scoped, rotating workload key, and configures the claudekey proxy that enforces scope, limits and data protection.",
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Source", type_ = "string", json_path = ".status.source"),
-    printcolumn(
-        name = "Key",
-        type_ = "string",
-        json_path = ".status.workloadKey.fingerprint"
-    ),
-    printcolumn(
-        name = "Upstream",
-        type_ = "string",
-        json_path = ".status.upstream.fingerprint"
-    ),
-    printcolumn(
-        name = "Next Rotation",
-        type_ = "date",
-        json_path = ".status.nextRotationTime"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Key", type_ = "string", json_path = ".status.workloadKey.fingerprint"),
+    printcolumn(name = "Upstream", type_ = "string", json_path = ".status.upstream.fingerprint"),
+    printcolumn(name = "Next Rotation", type_ = "date", json_path = ".status.nextRotationTime"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ClaudeKeySpec {
@@ -287,21 +267,13 @@ pub struct SecretKeyRef {
 
 impl Default for ScopeSpec {
     fn default() -> Self {
-        Self {
-            models: Vec::new(),
-            endpoints: default_endpoints(),
-            max_tokens: None,
-            max_input_chars: None,
-        }
+        Self { models: Vec::new(), endpoints: default_endpoints(), max_tokens: None, max_input_chars: None }
     }
 }
 
 impl Default for RotationSpec {
     fn default() -> Self {
-        Self {
-            interval: default_rotation_interval(),
-            grace_period: default_grace_period(),
-        }
+        Self { interval: default_rotation_interval(), grace_period: default_grace_period() }
     }
 }
 
