@@ -101,30 +101,32 @@ expect_refused "an issuerRef without a name" --set certManager.enabled=true --se
 # ---------------------------------------------------------------------------
 # 4. render and scan
 # ---------------------------------------------------------------------------
-scan() { # label, then scan arguments; stdin passed through
-  local label=$1; shift
+SCANNED="| claudekey scan -"
+if [[ ${CHART_TEST_NO_SCAN:-} == 1 ]]; then
+  SCANNED="(NOT scanned)"
+  log "SKIP claudekey scan: CHART_TEST_NO_SCAN=1, so neither the rendered chart nor deploy/samples is scanned"
+elif [[ ! -x $CLAUDEKEY_BIN ]]; then
+  die "claudekey binary not found at $CLAUDEKEY_BIN (cargo build, or set CLAUDEKEY_BIN)"
+fi
+scan() { # scan arguments; stdin passed through
   if [[ ${CHART_TEST_NO_SCAN:-} == 1 ]]; then
-    log "SKIP claudekey scan ($label): CHART_TEST_NO_SCAN=1"
     cat >/dev/null
     return 0
   fi
   "$CLAUDEKEY_BIN" scan "$@"
 }
-if [[ ${CHART_TEST_NO_SCAN:-} != 1 && ! -x $CLAUDEKEY_BIN ]]; then
-  die "claudekey binary not found at $CLAUDEKEY_BIN (cargo build, or set CLAUDEKEY_BIN)"
-fi
 
 for s in "${scenarios[@]}"; do
   "$HELM" template "$RELEASE" "$CHART" -n "ck-$s" -f "$CHART/ci/$s-values.yaml" >"$WORK/$s.yaml" ||
     die "helm template ($s)"
   rc=0
-  scan "$s" - <"$WORK/$s.yaml" >"$WORK/$s.scan" 2>&1 || rc=$?
+  scan - <"$WORK/$s.yaml" >"$WORK/$s.scan" 2>&1 || rc=$?
   ((rc == 0)) || die "claudekey scan - of the rendered chart ($s) exited $rc:"$'\n'"$(cat "$WORK/$s.scan")"
-  log "ok   helm template ($s) | claudekey scan -"
+  log "ok   helm template ($s) $SCANNED"
 done
 
 rc=0
-scan "deploy/samples" "$ROOT"/deploy/samples/*.yaml </dev/null >"$WORK/samples.scan" 2>&1 || rc=$?
+scan "$ROOT"/deploy/samples/*.yaml </dev/null >"$WORK/samples.scan" 2>&1 || rc=$?
 ((rc == 0)) || die "claudekey scan deploy/samples/*.yaml exited $rc (want 0):"$'\n'"$(cat "$WORK/samples.scan")"
 if [[ ${CHART_TEST_NO_SCAN:-} != 1 ]]; then
   rc=0
@@ -177,6 +179,26 @@ check_default_install() { # namespace
   check_can_i no "$wh" patch claudekeys.claudekey.io -n team-x
   log "ok   RBAC least privilege (kubectl auth can-i as the controller and webhook ServiceAccounts)"
 
+  # Coverage, as the apiserver applies it: no webhook pod can run here, so with failurePolicy
+  # Fail a covered namespace refuses pods and Deployments, and an uncovered one admits them.
+  local probe=ck-probe out
+  kubectl create namespace "$probe" >/dev/null
+  for what in "run probe --image=example.invalid/app" "create deployment probe --image=example.invalid/app"; do
+    # shellcheck disable=SC2086 # $what is a kubectl subcommand with its arguments
+    if out=$(kubectl -n "$probe" $what --dry-run=server -o name 2>&1); then
+      die "the webhooks do not cover namespace $probe: '$what' was admitted"
+    fi
+    [[ $out == *'failed calling webhook "'*'.claudekey.io"'* ]] ||
+      die "'$what' in $probe refused, but not by a claudekey webhook: $out"
+    for uncovered in kube-system "$ns"; do
+      # shellcheck disable=SC2086
+      out=$(kubectl -n "$uncovered" $what --dry-run=server -o name 2>&1) ||
+        die "the webhooks cover namespace $uncovered ('$what' refused): $out"
+    done
+  done
+  kubectl delete namespace "$probe" --wait=false >/dev/null
+  log "ok   webhooks cover other namespaces (fail closed) and never kube-system or $ns"
+
   # Self-signed TLS: the caBundle must verify the serving certificate, and survive an upgrade.
   local ca1 ca2
   ca1=$(get validatingwebhookconfiguration "$RELEASE-webhook" -o 'jsonpath={.webhooks[0].clientConfig.caBundle}')
@@ -198,6 +220,8 @@ for s in "${scenarios[@]}"; do
   ns=ck-$s
   out=$("$HELM" install "$RELEASE" "$CHART" -n "$ns" --create-namespace \
     -f "$CHART/ci/$s-values.yaml" 2>&1) || die "helm install ($s):"$'\n'"$out"
+  [[ $out == *"NOTES:"*"kind: ClaudeKey"*"claudekey.io/inject"* ]] ||
+    die "($s) NOTES.txt does not tell the next steps (apply a ClaudeKey, annotate a pod):"$'\n'"$out"
   # What the apiserver stored: both webhooks, never covering kube-system or the release namespace.
   sel=$(get validatingwebhookconfiguration "$RELEASE-webhook" -o 'jsonpath={.webhooks[0].namespaceSelector.matchExpressions[0].values}')
   [[ $sel == *'"kube-system"'* && $sel == *"\"$ns\""* ]] ||
