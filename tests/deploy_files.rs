@@ -334,8 +334,7 @@ fn prometheus_rule_has_the_alerts_and_known_metrics() {
     let text = read("deploy/monitoring/prometheusrule.yaml");
     let last_top = text
         .lines()
-        .filter(|l| l.chars().next().is_some_and(|c| c.is_ascii_alphabetic()))
-        .last();
+        .rfind(|l| l.chars().next().is_some_and(|c| c.is_ascii_alphabetic()));
     assert_eq!(last_top, Some("spec:"));
 }
 
