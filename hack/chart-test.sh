@@ -11,7 +11,8 @@
 #      for the default scenario also `kubectl auth can-i` for least privilege and an upgrade that
 #      must keep the self-signed webhook certificate
 #   6. deploy/samples accepted by the apiserver (--dry-run=server: CRD schema and CEL rules)
-#   7. deploy/monitoring rules with `promtool check rules` and `promtool test rules`
+#   7. deploy/monitoring: every PromQL expression parsed (hack/check-promql.py), rules with
+#      `promtool check rules` and `promtool test rules`
 #
 # Environment:
 #   CLAUDEKEY_STATE_DIR   control-plane state dir; $CLAUDEKEY_STATE_DIR/env must exist (start it
@@ -19,6 +20,8 @@
 #   CLAUDEKEY_BIN         the claudekey binary for `scan` (default target/debug/claudekey)
 #   CLAUDEKEY_PROMTOOL    promtool (default: promtool on PATH). Step 7 is skipped, loudly, when
 #                         there is none: hack/tools.sh does not build it (yet).
+#   CLAUDEKEY_PROMQL_PYTHON  a python with the PyPI packages promql-parser and PyYAML for the
+#                         PromQL parse (default: the test venv); skipped, loudly, without one.
 #   CHART_TEST_NO_SCAN=1  skip step 4's scans, for branches where `claudekey scan` is not built;
 #                         say so in any report. Never set in CI.
 #   CHART_TEST_ONLY=name  run steps 2-5 for one scenario only (e.g. default)
@@ -264,6 +267,15 @@ log "ok   deploy/samples accepted by the apiserver (--dry-run=server)"
 # ---------------------------------------------------------------------------
 # 7. monitoring rules
 # ---------------------------------------------------------------------------
+# A real PromQL parse of every rule and dashboard query, when a Python with promql-parser is at
+# hand (CLAUDEKEY_PROMQL_PYTHON, or the test venv once hack/tools.sh pins promql-parser).
+PROMQL_PYTHON=${CLAUDEKEY_PROMQL_PYTHON:-${CLAUDEKEY_TEST_PYTHON:-python3}}
+if "$PROMQL_PYTHON" -c 'import promql_parser, yaml' 2>/dev/null; then
+  out=$("$PROMQL_PYTHON" "$ROOT/hack/check-promql.py" 2>&1) || die "PromQL parse:"$'\n'"$out"
+  log "ok   $out (promql-parser)"
+else
+  log "SKIP PromQL parse: no Python with promql-parser (set CLAUDEKEY_PROMQL_PYTHON)"
+fi
 PROMTOOL=${CLAUDEKEY_PROMTOOL:-$(command -v promtool || true)}
 if [[ -z $PROMTOOL ]]; then
   log "SKIP promtool: not found (set CLAUDEKEY_PROMTOOL); tests/chart.rs still checks the rules' shape"
