@@ -278,7 +278,7 @@ else
 fi
 PROMTOOL=${CLAUDEKEY_PROMTOOL:-$(command -v promtool || true)}
 if [[ -z $PROMTOOL ]]; then
-  log "SKIP promtool: not found (set CLAUDEKEY_PROMTOOL); tests/chart.rs still checks the rules' shape"
+  log "SKIP promtool: not found (set CLAUDEKEY_PROMTOOL); tests/deploy_files.rs still checks the rules' shape; alerts_test.yaml NOT run"
 else
   # The rule groups are the PrometheusRule's spec, its last top-level key.
   sed -n '/^spec:/,$p' "$ROOT/deploy/monitoring/prometheusrule.yaml" | tail -n +2 | sed 's/^  //' \
