@@ -1,0 +1,85 @@
+{{/*
+THE ONE PLACE where the chart spells the binary's command-line flags (each flag also has an env
+twin in the binary; the chart uses flags so `kubectl describe pod` shows the whole configuration).
+If a role's flags change, change them here only. Mount paths used by the flags are defined here too.
+*/}}
+
+{{- define "claudekey.paths.tls" -}}/etc/claudekey/tls{{- end }}
+{{- define "claudekey.paths.vaultToken" -}}/etc/claudekey/vault-token{{- end }}
+{{- define "claudekey.paths.vaultCA" -}}/etc/claudekey/vault-ca{{- end }}
+{{- define "claudekey.paths.proxyConfig" -}}/etc/claudekey/proxy{{- end }}
+
+{{/* claudekey controller */}}
+{{- define "claudekey.controller.args" -}}
+- --log-format={{ .Values.logFormat }}
+- controller
+- --namespace={{ .Release.Namespace }}
+- --gateway-url={{ include "claudekey.gatewayURL" . }}
+- --metrics-listen=0.0.0.0:{{ .Values.controller.metricsPort }}
+- --leader-election
+- --lease-name={{ .Values.controller.leaderElection.leaseName }}
+{{- with .Values.backends.aws }}
+{{- if .enabled }}
+- --aws-enabled
+{{- with .region }}
+- --aws-region={{ . }}
+{{- end }}
+{{- with .endpoint }}
+- --aws-endpoint-url={{ . }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- with .Values.backends.vault }}
+{{- if .address }}
+- --vault-addr={{ .address }}
+{{- if eq .auth.method "token" }}
+- --vault-token-file={{ include "claudekey.paths.vaultToken" $ }}/{{ .auth.tokenSecret.key }}
+{{- else }}
+- --vault-auth-role={{ .auth.kubernetes.role }}
+- --vault-auth-mount={{ .auth.kubernetes.mount }}
+{{- end }}
+{{- if .caSecret.name }}
+- --vault-ca-cert={{ include "claudekey.paths.vaultCA" $ }}/{{ .caSecret.key }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range .Values.controller.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* claudekey webhook */}}
+{{- define "claudekey.webhook.args" -}}
+- --log-format={{ .Values.logFormat }}
+- webhook
+- --listen=0.0.0.0:{{ .Values.webhook.port }}
+- --tls-cert-file={{ include "claudekey.paths.tls" . }}/tls.crt
+- --tls-key-file={{ include "claudekey.paths.tls" . }}/tls.key
+- --mode={{ .Values.webhook.mode }}
+- --proxy-image={{ include "claudekey.image" (dict "ctx" . "override" .Values.sidecar.image) }}
+- --proxy-port={{ .Values.sidecar.port }}
+- --proxy-metrics-port={{ .Values.sidecar.metricsPort }}
+- --proxy-upstream={{ .Values.upstreamURL }}
+{{- with .Values.sidecar.resources }}
+- {{ printf "--proxy-resources=%s" (toJson .) | quote }}
+{{- end }}
+- --metrics-listen=0.0.0.0:{{ .Values.webhook.metricsPort }}
+{{- range .Values.webhook.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* claudekey proxy in gateway mode */}}
+{{- define "claudekey.gateway.args" -}}
+- --log-format={{ .Values.logFormat }}
+- proxy
+- --mode=gateway
+- --config-dir={{ include "claudekey.paths.proxyConfig" . }}
+- --listen=0.0.0.0:{{ .Values.gateway.port }}
+- --upstream={{ .Values.upstreamURL }}
+- --audit-log=-
+- --metrics-listen=0.0.0.0:{{ .Values.gateway.metricsPort }}
+{{- range .Values.gateway.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}

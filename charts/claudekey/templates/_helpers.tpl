@@ -1,0 +1,216 @@
+{{/*
+Names, labels, images and pod hardening shared by every template.
+The command-line flags of each role live in _args.tpl, in one place.
+*/}}
+
+{{- define "claudekey.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Resource name prefix: the release name, or "<release>-claudekey". Truncated so suffixes fit. */}}
+{{- define "claudekey.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "claudekey.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "claudekey.labels" -}}
+helm.sh/chart: {{ include "claudekey.chart" . }}
+app.kubernetes.io/name: {{ include "claudekey.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: claudekey
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels of one component. Call with (dict "ctx" $ "component" "controller"). */}}
+{{- define "claudekey.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "claudekey.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "claudekey.componentLabels" -}}
+{{ include "claudekey.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* ServiceAccount name of one component. Call with (dict "ctx" $ "component" "controller"). */}}
+{{- define "claudekey.serviceAccountName" -}}
+{{- $sa := (index .ctx.Values .component).serviceAccount }}
+{{- if $sa.create }}
+{{- default (printf "%s-%s" (include "claudekey.fullname" .ctx) .component) $sa.name }}
+{{- else }}
+{{- default "default" $sa.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Image reference. Call with (dict "ctx" $) for the chart image, or (dict "ctx" $ "override"
+.Values.sidecar.image) where empty fields fall back to the chart image.
+*/}}
+{{- define "claudekey.image" -}}
+{{- $repo := .ctx.Values.image.repository }}
+{{- $tag := default .ctx.Chart.AppVersion .ctx.Values.image.tag }}
+{{- $digest := .ctx.Values.image.digest }}
+{{- with .override }}
+{{- /* Another repository is another image: it inherits neither the chart's tag nor digest. */}}
+{{- if .repository }}
+{{- $repo = .repository }}
+{{- $tag = default $.ctx.Chart.AppVersion .tag }}
+{{- $digest = .digest }}
+{{- else }}
+{{- if .tag }}{{ $tag = .tag }}{{ $digest = "" }}{{ end }}
+{{- if .digest }}{{ $digest = .digest }}{{ end }}
+{{- end }}
+{{- end }}
+{{- if $digest }}
+{{- printf "%s@%s" $repo $digest }}
+{{- else }}
+{{- printf "%s:%s" $repo $tag }}
+{{- end }}
+{{- end }}
+
+{{- define "claudekey.webhookServiceName" -}}
+{{- printf "%s-webhook" (include "claudekey.fullname" .) }}
+{{- end }}
+
+{{- define "claudekey.webhookTLSSecretName" -}}
+{{- printf "%s-webhook-tls" (include "claudekey.fullname" .) }}
+{{- end }}
+
+{{- define "claudekey.gatewayServiceName" -}}
+{{- printf "%s-gateway" (include "claudekey.fullname" .) }}
+{{- end }}
+
+{{- define "claudekey.gatewayURL" -}}
+{{- if .Values.controller.gatewayURL }}
+{{- .Values.controller.gatewayURL }}
+{{- else }}
+{{- printf "http://%s.%s.svc:%d" (include "claudekey.gatewayServiceName" .) .Release.Namespace (int .Values.gateway.port) }}
+{{- end }}
+{{- end }}
+
+{{/* Namespaces the webhooks never cover: kube-system, the release namespace, and any extra. */}}
+{{- define "claudekey.excludedNamespaces" -}}
+{{- $ns := list "kube-system" .Release.Namespace }}
+{{- range .Values.webhook.excludeNamespaces }}
+{{- $ns = append $ns . }}
+{{- end }}
+{{- toYaml (uniq $ns) }}
+{{- end }}
+
+{{/*
+namespaceSelector of both webhooks: the exclusions above, ANDed with the optional opt-in selector.
+*/}}
+{{- define "claudekey.namespaceSelector" -}}
+{{- $sel := deepCopy .Values.webhook.namespaceSelector }}
+{{- $exclude := dict "key" "kubernetes.io/metadata.name" "operator" "NotIn" "values" (include "claudekey.excludedNamespaces" . | fromYamlArray) }}
+{{- $_ := set $sel "matchExpressions" (prepend (default (list) $sel.matchExpressions) $exclude) }}
+{{- toYaml $sel }}
+{{- end }}
+
+{{/* Pod-level hardening: non-root (distroless nonroot uid), RuntimeDefault seccomp. */}}
+{{- define "claudekey.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Container-level hardening. */}}
+{{- define "claudekey.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+privileged: false
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Downward-API env every role gets: identity for leader election, audit lines and Events. */}}
+{{- define "claudekey.podEnv" -}}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+{{- end }}
+
+{{/*
+Scheduling of one component: user affinity, or a preferred anti-affinity spreading replicas over
+nodes. Call with (dict "ctx" $ "component" "controller").
+*/}}
+{{- define "claudekey.scheduling" -}}
+{{- $v := index .ctx.Values .component }}
+{{- with $v.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+affinity:
+{{- if $v.affinity }}
+  {{- toYaml $v.affinity | nindent 2 }}
+{{- else }}
+  podAntiAffinity:
+    preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 100
+        podAffinityTerm:
+          topologyKey: kubernetes.io/hostname
+          labelSelector:
+            matchLabels:
+              {{- include "claudekey.selectorLabels" . | nindent 14 }}
+{{- end }}
+{{- end }}
+
+{{/* PodDisruptionBudget of one component. Call with (dict "ctx" $ "component" "controller"). */}}
+{{- define "claudekey.pdb" -}}
+{{- $v := index .ctx.Values .component }}
+{{- if $v.podDisruptionBudget.enabled }}
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ include "claudekey.fullname" .ctx }}-{{ .component }}
+  namespace: {{ .ctx.Release.Namespace }}
+  labels:
+    {{- include "claudekey.componentLabels" . | nindent 4 }}
+spec:
+  maxUnavailable: {{ $v.podDisruptionBudget.maxUnavailable }}
+  selector:
+    matchLabels:
+      {{- include "claudekey.selectorLabels" . | nindent 6 }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,292 @@
+#!/usr/bin/env bash
+# Tests the Helm chart and deploy/ against real tools and the test control plane:
+#
+#   1. the chart's CRD copy is identical to crds/ (the one source of truth)
+#   2. helm lint --strict, once per scenario in charts/claudekey/ci/*-values.yaml
+#   3. values.schema.json refuses bad values (each case must make `helm template` fail)
+#   4. helm template per scenario, piped through `claudekey scan -` (the chart must pass its own
+#      policy); deploy/samples/*.yaml scan clean and deploy/samples/bad/ is refused
+#   5. helm install per scenario into the test control plane (RBAC on, real admission; pods stay
+#      Pending without a kubelet), a few checks on what the apiserver stored, then uninstall;
+#      for the default scenario also `kubectl auth can-i` for least privilege and an upgrade that
+#      must keep the self-signed webhook certificate
+#   6. deploy/samples accepted by the apiserver (--dry-run=server: CRD schema and CEL rules)
+#   7. deploy/monitoring: every PromQL expression parsed (hack/check-promql.py), rules with
+#      `promtool check rules` and `promtool test rules`
+#
+# Environment:
+#   CLAUDEKEY_STATE_DIR   control-plane state dir; $CLAUDEKEY_STATE_DIR/env must exist (start it
+#                         with hack/control-plane.sh start). Default /tmp/claudekey-cp.
+#   CLAUDEKEY_BIN         the claudekey binary for `scan` (default target/debug/claudekey)
+#   CLAUDEKEY_PROMTOOL    promtool (default: promtool on PATH). Step 7 is skipped, loudly, when
+#                         there is none: hack/tools.sh does not build it (yet).
+#   CLAUDEKEY_PROMQL_PYTHON  a python with the PyPI packages promql-parser and PyYAML for the
+#                         PromQL parse (default: the test venv); skipped, loudly, without one.
+#   CHART_TEST_NO_SCAN=1  skip step 4's scans, for branches where `claudekey scan` is not built;
+#                         say so in any report. Never set in CI.
+#   CHART_TEST_ONLY=name  run steps 2-5 for one scenario only (e.g. default)
+#
+# Exit status: 0 when everything passed, 1 on the first failure (with what failed).
+set -euo pipefail
+shopt -s inherit_errexit
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CHART=$ROOT/charts/claudekey
+STATE=${CLAUDEKEY_STATE_DIR:-/tmp/claudekey-cp}
+ENV_FILE=$STATE/env
+CLAUDEKEY_BIN=${CLAUDEKEY_BIN:-$ROOT/target/debug/claudekey}
+RELEASE=claudekey
+
+log() { printf '[chart-test] %s\n' "$*" >&2; }
+die() { printf '[chart-test] FAIL: %s\n' "$*" >&2; exit 1; }
+
+if [[ ! -f $ENV_FILE ]]; then
+  die "no control plane env at $ENV_FILE: start one with
+    CLAUDEKEY_STATE_DIR=$STATE bash hack/control-plane.sh start"
+fi
+# shellcheck source=/dev/null
+source "$ENV_FILE"
+HELM=${CLAUDEKEY_TEST_HELM:-}
+[[ -n $HELM && -x $HELM ]] || die "helm not found (CLAUDEKEY_TEST_HELM='$HELM' from $ENV_FILE); run hack/tools.sh"
+command -v kubectl >/dev/null || die "kubectl not found on PATH"
+[[ -n ${KUBECONFIG:-} && -f $KUBECONFIG ]] || die "KUBECONFIG from $ENV_FILE does not exist"
+kubectl version >/dev/null 2>&1 || die "the control plane in $STATE does not answer (kubectl version)"
+
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+scenarios=()
+for f in "$CHART"/ci/*-values.yaml; do
+  name=$(basename "$f" -values.yaml)
+  [[ -z ${CHART_TEST_ONLY:-} || $name == "$CHART_TEST_ONLY" ]] && scenarios+=("$name")
+done
+((${#scenarios[@]})) || die "no scenario matches CHART_TEST_ONLY=${CHART_TEST_ONLY:-}"
+
+# ---------------------------------------------------------------------------
+# 1. CRD copy
+# ---------------------------------------------------------------------------
+# Helm installs CRDs only from the chart's crds/ directory and does not follow a symlink reliably
+# once packaged, so the chart carries a copy; this keeps it identical to the generated file.
+cmp -s "$ROOT/crds/claudekey.io_claudekeys.yaml" "$CHART/crds/claudekey.io_claudekeys.yaml" ||
+  die "charts/claudekey/crds/claudekey.io_claudekeys.yaml differs from crds/: cp crds/claudekey.io_claudekeys.yaml charts/claudekey/crds/"
+log "ok   CRD copy matches crds/"
+
+# ---------------------------------------------------------------------------
+# 2. lint
+# ---------------------------------------------------------------------------
+for s in "${scenarios[@]}"; do
+  out=$("$HELM" lint --strict "$CHART" -f "$CHART/ci/$s-values.yaml" 2>&1) ||
+    die "helm lint --strict ($s):"$'\n'"$out"
+  log "ok   helm lint --strict ($s)"
+done
+
+# ---------------------------------------------------------------------------
+# 3. the schema refuses bad values
+# ---------------------------------------------------------------------------
+expect_refused() { # description, then helm --set arguments
+  local what=$1; shift
+  if "$HELM" template "$RELEASE" "$CHART" "$@" >"$WORK/refused.out" 2>&1; then
+    die "values.schema.json accepted $what ($*)"
+  fi
+  log "ok   refused: $what"
+}
+expect_refused "an unknown webhook mode" --set webhook.mode=audit
+expect_refused "a misspelt key" --set controller.replica=2
+expect_refused "an unknown failurePolicy" --set webhook.failurePolicy.validate=Open
+expect_refused "the gateway without a ClaudeKey" --set gateway.enabled=true
+expect_refused "vault token auth without a token Secret" \
+  --set backends.vault.address=http://vault:8200 --set backends.vault.auth.method=token
+expect_refused "a non-URL upstream" --set upstreamURL=api.anthropic.com
+expect_refused "a webhook timeout over 30s" --set webhook.timeoutSeconds=31
+expect_refused "a negative replica count" --set controller.replicas=-1
+expect_refused "an issuerRef without a name" --set certManager.enabled=true --set certManager.issuerRef.kind=Issuer
+
+# ---------------------------------------------------------------------------
+# 4. render and scan
+# ---------------------------------------------------------------------------
+SCANNED="| claudekey scan -"
+if [[ ${CHART_TEST_NO_SCAN:-} == 1 ]]; then
+  SCANNED="(NOT scanned)"
+  log "SKIP claudekey scan: CHART_TEST_NO_SCAN=1, so neither the rendered chart nor deploy/samples is scanned"
+elif [[ ! -x $CLAUDEKEY_BIN ]]; then
+  die "claudekey binary not found at $CLAUDEKEY_BIN (cargo build, or set CLAUDEKEY_BIN)"
+fi
+scan() { # scan arguments; stdin passed through
+  if [[ ${CHART_TEST_NO_SCAN:-} == 1 ]]; then
+    cat >/dev/null
+    return 0
+  fi
+  "$CLAUDEKEY_BIN" scan "$@"
+}
+
+for s in "${scenarios[@]}"; do
+  "$HELM" template "$RELEASE" "$CHART" -n "ck-$s" -f "$CHART/ci/$s-values.yaml" >"$WORK/$s.yaml" ||
+    die "helm template ($s)"
+  rc=0
+  scan - <"$WORK/$s.yaml" >"$WORK/$s.scan" 2>&1 || rc=$?
+  ((rc == 0)) || die "claudekey scan - of the rendered chart ($s) exited $rc:"$'\n'"$(cat "$WORK/$s.scan")"
+  log "ok   helm template ($s) $SCANNED"
+done
+
+rc=0
+scan "$ROOT"/deploy/samples/*.yaml </dev/null >"$WORK/samples.scan" 2>&1 || rc=$?
+((rc == 0)) || die "claudekey scan deploy/samples/*.yaml exited $rc (want 0):"$'\n'"$(cat "$WORK/samples.scan")"
+if [[ ${CHART_TEST_NO_SCAN:-} != 1 ]]; then
+  rc=0
+  "$CLAUDEKEY_BIN" scan "$ROOT"/deploy/samples/bad/*.yaml >"$WORK/bad.scan" 2>&1 || rc=$?
+  ((rc == 1)) || die "claudekey scan deploy/samples/bad/*.yaml exited $rc (want 1: findings):"$'\n'"$(cat "$WORK/bad.scan")"
+  grep -q 'sk-ant-api03-XXXXXXXXXXXX' "$WORK/bad.scan" &&
+    die "claudekey scan printed the key itself, not a masked hint:"$'\n'"$(cat "$WORK/bad.scan")"
+  log "ok   claudekey scan: deploy/samples clean, deploy/samples/bad refused"
+fi
+
+# ---------------------------------------------------------------------------
+# 5. install into the control plane
+# ---------------------------------------------------------------------------
+kubectl apply --server-side -f "$ROOT/hack/testdata/stub-cert-manager-crds.yaml" >/dev/null
+kubectl apply --server-side -f "$ROOT/hack/testdata/stub-monitoring-crds.yaml" >/dev/null
+kubectl wait --for=condition=Established --timeout=60s \
+  crd/certificates.cert-manager.io crd/issuers.cert-manager.io crd/clusterissuers.cert-manager.io \
+  crd/servicemonitors.monitoring.coreos.com crd/podmonitors.monitoring.coreos.com \
+  crd/prometheusrules.monitoring.coreos.com >/dev/null
+
+# jsonpath of an object, or fail with what was missing.
+get() { kubectl get "$@" 2>&1 || die "kubectl get $*"; }
+
+check_can_i() { # want (yes|no), service account, then can-i arguments
+  local want=$1 sa=$2; shift 2
+  local got
+  got=$(kubectl auth can-i --as="system:serviceaccount:$sa" "$@" 2>/dev/null || true)
+  [[ $got == "$want" ]] || die "RBAC: $sa can-i $* = '$got', want '$want'"
+}
+
+check_default_install() { # namespace
+  local ns=$1
+  # Least privilege, as the apiserver's authorizer sees it.
+  local ctl=$ns:$RELEASE-controller wh=$ns:$RELEASE-webhook
+  check_can_i yes "$ctl" watch claudekeys.claudekey.io --all-namespaces
+  check_can_i yes "$ctl" patch claudekeys.claudekey.io --subresource=status -n team-x
+  check_can_i no "$ctl" update claudekeys.claudekey.io -n team-x
+  check_can_i yes "$ctl" create secrets -n team-x
+  check_can_i yes "$ctl" patch deployments.apps -n team-x
+  check_can_i no "$ctl" create deployments.apps -n team-x
+  check_can_i no "$ctl" create pods -n team-x
+  check_can_i yes "$ctl" create events.events.k8s.io -n team-x
+  check_can_i yes "$ctl" create leases.coordination.k8s.io -n "$ns"
+  check_can_i yes "$ctl" update leases.coordination.k8s.io/claudekey-controller -n "$ns"
+  check_can_i no "$ctl" update leases.coordination.k8s.io/someone-else -n "$ns"
+  check_can_i no "$ctl" create leases.coordination.k8s.io -n team-x
+  check_can_i yes "$wh" list claudekeys.claudekey.io --all-namespaces
+  check_can_i no "$wh" get secrets -n "$ns"
+  check_can_i no "$wh" get secrets -n team-x
+  check_can_i no "$wh" patch claudekeys.claudekey.io -n team-x
+  log "ok   RBAC least privilege (kubectl auth can-i as the controller and webhook ServiceAccounts)"
+
+  # Coverage, as the apiserver applies it: no webhook pod can run here, so with failurePolicy
+  # Fail a covered namespace refuses pods and Deployments, and an uncovered one admits them.
+  local probe=ck-probe out
+  kubectl create namespace "$probe" >/dev/null
+  for what in "run probe --image=example.invalid/app" "create deployment probe --image=example.invalid/app"; do
+    # shellcheck disable=SC2086 # $what is a kubectl subcommand with its arguments
+    if out=$(kubectl -n "$probe" $what --dry-run=server -o name 2>&1); then
+      die "the webhooks do not cover namespace $probe: '$what' was admitted"
+    fi
+    [[ $out == *'failed calling webhook "'*'.claudekey.io"'* ]] ||
+      die "'$what' in $probe refused, but not by a claudekey webhook: $out"
+    for uncovered in kube-system "$ns"; do
+      # shellcheck disable=SC2086
+      out=$(kubectl -n "$uncovered" $what --dry-run=server -o name 2>&1) ||
+        die "the webhooks cover namespace $uncovered ('$what' refused): $out"
+    done
+  done
+  kubectl delete namespace "$probe" --wait=false >/dev/null
+  log "ok   webhooks cover other namespaces (fail closed) and never kube-system or $ns"
+
+  # Self-signed TLS: the caBundle must verify the serving certificate, and survive an upgrade.
+  local ca1 ca2
+  ca1=$(get validatingwebhookconfiguration "$RELEASE-webhook" -o 'jsonpath={.webhooks[0].clientConfig.caBundle}')
+  [[ -n $ca1 ]] || die "self-signed mode: empty caBundle"
+  get secret -n "$ns" "$RELEASE-webhook-tls" -o 'jsonpath={.data.tls\.crt}' | base64 -d >"$WORK/tls.crt"
+  printf '%s' "$ca1" | base64 -d >"$WORK/ca.crt"
+  openssl verify -CAfile "$WORK/ca.crt" "$WORK/tls.crt" >/dev/null 2>&1 ||
+    die "the webhook certificate does not verify against the caBundle"
+  openssl x509 -in "$WORK/tls.crt" -noout -ext subjectAltName 2>/dev/null |
+    grep -q "DNS:$RELEASE-webhook.$ns.svc" || die "webhook certificate lacks DNS:$RELEASE-webhook.$ns.svc"
+  "$HELM" upgrade "$RELEASE" "$CHART" -n "$ns" -f "$CHART/ci/default-values.yaml" >/dev/null ||
+    die "helm upgrade (default)"
+  ca2=$(get mutatingwebhookconfiguration "$RELEASE-webhook" -o 'jsonpath={.webhooks[0].clientConfig.caBundle}')
+  [[ $ca1 == "$ca2" ]] || die "helm upgrade replaced the self-signed webhook CA (lookup reuse broken)"
+  log "ok   self-signed webhook TLS verifies and survives helm upgrade"
+}
+
+for s in "${scenarios[@]}"; do
+  ns=ck-$s
+  out=$("$HELM" install "$RELEASE" "$CHART" -n "$ns" --create-namespace \
+    -f "$CHART/ci/$s-values.yaml" 2>&1) || die "helm install ($s):"$'\n'"$out"
+  [[ $out == *"NOTES:"*"kind: ClaudeKey"*"claudekey.io/inject"* ]] ||
+    die "($s) NOTES.txt does not tell the next steps (apply a ClaudeKey, annotate a pod):"$'\n'"$out"
+  # What the apiserver stored: both webhooks, never covering kube-system or the release namespace.
+  sel=$(get validatingwebhookconfiguration "$RELEASE-webhook" -o 'jsonpath={.webhooks[0].namespaceSelector.matchExpressions[0].values}')
+  [[ $sel == *'"kube-system"'* && $sel == *"\"$ns\""* ]] ||
+    die "($s) webhook namespaceSelector does not exclude kube-system and $ns: $sel"
+  get mutatingwebhookconfiguration "$RELEASE-webhook" >/dev/null
+  get deployment -n "$ns" "$RELEASE-controller" "$RELEASE-webhook" >/dev/null
+  get pdb -n "$ns" "$RELEASE-webhook" >/dev/null
+  if [[ $s == default ]]; then check_default_install "$ns"; fi
+  if [[ $s == cert-manager* ]]; then
+    get certificate -n "$ns" "$RELEASE-webhook" >/dev/null
+    ann=$(get validatingwebhookconfiguration "$RELEASE-webhook" -o 'jsonpath={.metadata.annotations.cert-manager\.io/inject-ca-from}')
+    [[ $ann == "$ns/$RELEASE-webhook" ]] || die "($s) inject-ca-from is '$ann'"
+  fi
+  if [[ $s == gateway ]]; then
+    get service -n "$ns" "$RELEASE-gateway" >/dev/null
+    get servicemonitor -n "$ns" "$RELEASE-controller" >/dev/null
+  fi
+  "$HELM" uninstall "$RELEASE" -n "$ns" --wait --timeout 2m >/dev/null || die "helm uninstall ($s)"
+  # Cluster-scoped leftovers would break the next scenario (and a user's reinstall).
+  if kubectl get clusterrole "$RELEASE-controller" >/dev/null 2>&1 ||
+    kubectl get validatingwebhookconfiguration "$RELEASE-webhook" >/dev/null 2>&1; then
+    die "($s) helm uninstall left cluster-scoped objects behind"
+  fi
+  kubectl delete namespace "$ns" --wait=false >/dev/null
+  log "ok   helm install + uninstall ($s) in the control plane"
+done
+
+# ---------------------------------------------------------------------------
+# 6. samples accepted by the apiserver (no webhook installed now: schema and CEL only)
+# ---------------------------------------------------------------------------
+kubectl apply --server-side -f "$ROOT/crds/claudekey.io_claudekeys.yaml" >/dev/null
+kubectl wait --for=condition=Established --timeout=60s crd/claudekeys.claudekey.io >/dev/null
+kubectl apply -f "$ROOT/deploy/samples/00-namespaces.yaml" >/dev/null
+for f in "$ROOT"/deploy/samples/[1-9]*.yaml "$ROOT"/deploy/samples/bad/*.yaml; do
+  out=$(kubectl apply --dry-run=server -f "$f" 2>&1) || die "apiserver refused ${f#"$ROOT"/}:"$'\n'"$out"
+done
+kubectl delete -f "$ROOT/deploy/samples/00-namespaces.yaml" --wait=false >/dev/null
+log "ok   deploy/samples accepted by the apiserver (--dry-run=server)"
+
+# ---------------------------------------------------------------------------
+# 7. monitoring rules
+# ---------------------------------------------------------------------------
+# A real PromQL parse of every rule and dashboard query, when a Python with promql-parser is at
+# hand (CLAUDEKEY_PROMQL_PYTHON, or the test venv once hack/tools.sh pins promql-parser).
+PROMQL_PYTHON=${CLAUDEKEY_PROMQL_PYTHON:-${CLAUDEKEY_TEST_PYTHON:-python3}}
+if "$PROMQL_PYTHON" -c 'import promql_parser, yaml' 2>/dev/null; then
+  out=$("$PROMQL_PYTHON" "$ROOT/hack/check-promql.py" 2>&1) || die "PromQL parse:"$'\n'"$out"
+  log "ok   $out (promql-parser)"
+else
+  log "SKIP PromQL parse: no Python with promql-parser (set CLAUDEKEY_PROMQL_PYTHON)"
+fi
+PROMTOOL=${CLAUDEKEY_PROMTOOL:-$(command -v promtool || true)}
+if [[ -z $PROMTOOL ]]; then
+  log "SKIP promtool: not found (set CLAUDEKEY_PROMTOOL); tests/deploy_files.rs still checks the rules' shape; alerts_test.yaml NOT run"
+else
+  # The rule groups are the PrometheusRule's spec, its last top-level key.
+  sed -n '/^spec:/,$p' "$ROOT/deploy/monitoring/prometheusrule.yaml" | tail -n +2 | sed 's/^  //' \
+    >"$WORK/claudekey.rules.yaml"
+  cp "$ROOT/deploy/monitoring/alerts_test.yaml" "$WORK/"
+  out=$("$PROMTOOL" check rules "$WORK/claudekey.rules.yaml" 2>&1) || die "promtool check rules:"$'\n'"$out"
+  out=$(cd "$WORK" && "$PROMTOOL" test rules alerts_test.yaml 2>&1) || die "promtool test rules:"$'\n'"$out"
+  log "ok   promtool check rules + test rules (deploy/monitoring)"
+fi
+
+log "PASS"

@@ -1,0 +1,703 @@
+//! What the Helm chart renders, per scenario (charts/claudekey/ci/*-values.yaml): hardened pods,
+//! least-privilege RBAC, webhook wiring and the flags each role gets. Needs helm
+//! (CLAUDEKEY_TEST_HELM, from the control plane's env file); fails when it is missing.
+//! hack/chart-test.sh adds lint, scan and installation into the control plane.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Container, PodSpec, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+const NS: &str = "ck-test";
+const RELEASE: &str = "claudekey";
+
+fn chart() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("charts/claudekey")
+}
+
+fn helm() -> String {
+    std::env::var("CLAUDEKEY_TEST_HELM").unwrap_or_else(|_| {
+        panic!("CLAUDEKEY_TEST_HELM is not set: source the control plane's env file (hack/control-plane.sh), which names the helm built by hack/tools.sh")
+    })
+}
+
+/// `helm template` output for a ci/ scenario plus extra `--set`s, or the error text.
+fn try_render(scenario: &str, sets: &[&str]) -> Result<Vec<serde_yaml::Value>, String> {
+    let values = chart().join(format!("ci/{scenario}-values.yaml"));
+    let mut cmd = Command::new(helm());
+    cmd.args(["template", RELEASE])
+        .arg(chart())
+        .args(["-n", NS, "-f"])
+        .arg(values);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", helm()));
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    Ok(serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_yaml::Value::deserialize(d).expect("rendered YAML parses"))
+        .filter(|v| !v.is_null())
+        .collect())
+}
+
+fn render(scenario: &str) -> Vec<serde_yaml::Value> {
+    try_render(scenario, &[]).unwrap_or_else(|e| panic!("helm template ({scenario}): {e}"))
+}
+
+fn all<T: DeserializeOwned>(docs: &[serde_yaml::Value], kind: &str) -> Vec<T> {
+    docs.iter()
+        .filter(|d| d["kind"].as_str() == Some(kind))
+        .map(|d| serde_yaml::from_value(d.clone()).unwrap_or_else(|e| panic!("{kind}: {e}")))
+        .collect()
+}
+
+fn one<T: DeserializeOwned>(docs: &[serde_yaml::Value], kind: &str, name: &str) -> T {
+    let d = docs
+        .iter()
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind} {name}"));
+    serde_yaml::from_value(d.clone()).unwrap_or_else(|e| panic!("{kind} {name}: {e}"))
+}
+
+fn names(docs: &[serde_yaml::Value], kind: &str) -> BTreeSet<String> {
+    docs.iter()
+        .filter(|d| d["kind"].as_str() == Some(kind))
+        .map(|d| d["metadata"]["name"].as_str().expect("name").to_string())
+        .collect()
+}
+
+fn pod(d: &Deployment) -> &PodSpec {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod spec")
+}
+
+fn args(c: &Container) -> Vec<String> {
+    c.args.clone().unwrap_or_default()
+}
+
+fn assert_hardened(d: &Deployment) {
+    let name = d.metadata.name.as_deref().unwrap_or_default();
+    let p = pod(d);
+    let psc = p
+        .security_context
+        .as_ref()
+        .unwrap_or_else(|| panic!("{name}: pod securityContext"));
+    assert_eq!(psc.run_as_non_root, Some(true), "{name}: runAsNonRoot");
+    assert_eq!(
+        psc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+        Some("RuntimeDefault"),
+        "{name}: seccomp"
+    );
+    for c in p
+        .containers
+        .iter()
+        .chain(p.init_containers.iter().flatten())
+    {
+        let sc = c
+            .security_context
+            .as_ref()
+            .unwrap_or_else(|| panic!("{name}/{}: securityContext", c.name));
+        assert_eq!(
+            sc.allow_privilege_escalation,
+            Some(false),
+            "{name}/{}",
+            c.name
+        );
+        assert_eq!(
+            sc.read_only_root_filesystem,
+            Some(true),
+            "{name}/{}",
+            c.name
+        );
+        assert_eq!(sc.run_as_non_root, Some(true), "{name}/{}", c.name);
+        assert_eq!(sc.run_as_user, Some(65532), "{name}/{}", c.name);
+        let drop = sc
+            .capabilities
+            .as_ref()
+            .and_then(|c| c.drop.clone())
+            .unwrap_or_default();
+        assert_eq!(drop, vec!["ALL".to_string()], "{name}/{}: drop ALL", c.name);
+        let res = c
+            .resources
+            .as_ref()
+            .unwrap_or_else(|| panic!("{name}/{}: resources", c.name));
+        assert!(
+            res.requests
+                .as_ref()
+                .is_some_and(|r| r.contains_key("cpu") && r.contains_key("memory")),
+            "{name}/{}: requests",
+            c.name
+        );
+        assert!(
+            res.limits
+                .as_ref()
+                .is_some_and(|r| r.contains_key("memory")),
+            "{name}/{}: memory limit",
+            c.name
+        );
+        assert!(
+            c.liveness_probe.is_some() && c.readiness_probe.is_some(),
+            "{name}/{}: probes",
+            c.name
+        );
+    }
+}
+
+#[test]
+fn every_scenario_renders_hardened_pods_with_budgets() {
+    let dir = chart().join("ci");
+    let mut scenarios: Vec<String> = std::fs::read_dir(&dir)
+        .expect("ci dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter_map(|f| f.strip_suffix("-values.yaml").map(str::to_string))
+        .collect();
+    scenarios.sort();
+    assert!(scenarios.len() >= 8, "scenarios: {scenarios:?}");
+    for s in scenarios {
+        let docs = render(&s);
+        let deployments: Vec<Deployment> = all(&docs, "Deployment");
+        assert!(deployments.len() >= 2, "{s}: controller and webhook");
+        let pdbs = names(&docs, "PodDisruptionBudget");
+        for d in &deployments {
+            assert_hardened(d);
+            let name = d.metadata.name.clone().expect("name");
+            assert!(pdbs.contains(&name), "{s}: no PDB for {name}");
+            let sa = pod(d)
+                .service_account_name
+                .clone()
+                .expect("serviceAccountName");
+            assert!(
+                names(&docs, "ServiceAccount").contains(&sa),
+                "{s}: {name} uses missing ServiceAccount {sa}"
+            );
+        }
+        for d in &docs {
+            let ns = d["metadata"]["namespace"].as_str();
+            let cluster_scoped = [
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "ValidatingWebhookConfiguration",
+                "MutatingWebhookConfiguration",
+            ];
+            if !cluster_scoped.contains(&d["kind"].as_str().unwrap_or_default()) {
+                assert_eq!(
+                    ns,
+                    Some(NS),
+                    "{s}: {:?} {:?} must be in the release namespace",
+                    d["kind"],
+                    d["metadata"]["name"]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn defaults_two_replicas_leader_election_and_flags() {
+    let docs = render("default");
+    let ctl: Deployment = one(&docs, "Deployment", "claudekey-controller");
+    let wh: Deployment = one(&docs, "Deployment", "claudekey-webhook");
+    assert_eq!(ctl.spec.as_ref().and_then(|s| s.replicas), Some(2));
+    assert_eq!(wh.spec.as_ref().and_then(|s| s.replicas), Some(2));
+    let a = args(&pod(&ctl).containers[0]);
+    for want in [
+        "controller",
+        "--namespace=ck-test",
+        "--leader-election",
+        "--lease-name=claudekey-controller",
+        "--metrics-listen=0.0.0.0:8080",
+        "--gateway-url=http://claudekey-gateway.ck-test.svc:8080",
+    ] {
+        assert!(
+            a.contains(&want.to_string()),
+            "controller args {a:?} lack {want}"
+        );
+    }
+    assert!(
+        !a.iter()
+            .any(|x| x.starts_with("--aws") || x.starts_with("--vault")),
+        "backends off by default: {a:?}"
+    );
+    let a = args(&pod(&wh).containers[0]);
+    for want in [
+        "webhook",
+        "--listen=0.0.0.0:8443",
+        "--mode=enforce",
+        "--proxy-image=ghcr.io/claudekey/claudekey:0.1.0",
+        "--proxy-port=8484",
+        "--proxy-metrics-port=9484",
+        "--proxy-upstream=https://api.anthropic.com",
+        "--metrics-listen=0.0.0.0:9443",
+        "--tls-cert-file=/etc/claudekey/tls/tls.crt",
+        "--tls-key-file=/etc/claudekey/tls/tls.key",
+    ] {
+        assert!(
+            a.contains(&want.to_string()),
+            "webhook args {a:?} lack {want}"
+        );
+    }
+    assert!(
+        !a.iter().any(|x| x.starts_with("--proxy-resources")),
+        "no sidecar resources unless set"
+    );
+    assert!(
+        names(&docs, "Deployment").len() == 2,
+        "gateway off by default"
+    );
+}
+
+fn rules(r: &[PolicyRule]) -> BTreeSet<String> {
+    r.iter()
+        .flat_map(|p| {
+            let groups = p.api_groups.clone().unwrap_or_default();
+            let resources = p.resources.clone().unwrap_or_default();
+            let names = p.resource_names.clone().unwrap_or_default().join(",");
+            groups.into_iter().flat_map(move |g| {
+                let names = names.clone();
+                let verbs = p.verbs.clone();
+                resources.clone().into_iter().flat_map(move |r| {
+                    let (g, names) = (g.clone(), names.clone());
+                    verbs
+                        .clone()
+                        .into_iter()
+                        .map(move |v| format!("{g}/{r}[{names}]:{v}"))
+                })
+            })
+        })
+        .collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn rbac_is_exactly_least_privilege() {
+    let docs = render("default");
+    let ctl: ClusterRole = one(&docs, "ClusterRole", "claudekey-controller");
+    let mut want = set(&[
+        "claudekey.io/claudekeys[]:get",
+        "claudekey.io/claudekeys[]:list",
+        "claudekey.io/claudekeys[]:watch",
+        "claudekey.io/claudekeys/status[]:update",
+        "claudekey.io/claudekeys/status[]:patch",
+        "events.k8s.io/events[]:create",
+        "events.k8s.io/events[]:patch",
+        "/events[]:create",
+        "/events[]:patch",
+    ]);
+    for v in [
+        "get", "list", "watch", "create", "update", "patch", "delete",
+    ] {
+        want.insert(format!("/secrets[]:{v}"));
+    }
+    for r in ["deployments", "statefulsets", "daemonsets"] {
+        for v in ["get", "list", "watch", "patch"] {
+            want.insert(format!("apps/{r}[]:{v}"));
+        }
+    }
+    assert_eq!(rules(ctl.rules.as_deref().unwrap_or_default()), want);
+    let role: Role = one(&docs, "Role", "claudekey-controller");
+    assert_eq!(
+        rules(role.rules.as_deref().unwrap_or_default()),
+        set(&[
+            "/secrets[]:get",
+            "/secrets[]:list",
+            "/secrets[]:watch",
+            "coordination.k8s.io/leases[]:create",
+            "coordination.k8s.io/leases[claudekey-controller]:get",
+            "coordination.k8s.io/leases[claudekey-controller]:update",
+            "coordination.k8s.io/leases[claudekey-controller]:patch",
+        ])
+    );
+    let wh: ClusterRole = one(&docs, "ClusterRole", "claudekey-webhook");
+    assert_eq!(
+        rules(wh.rules.as_deref().unwrap_or_default()),
+        set(&[
+            "claudekey.io/claudekeys[]:get",
+            "claudekey.io/claudekeys[]:list",
+            "claudekey.io/claudekeys[]:watch"
+        ])
+    );
+    assert_eq!(
+        names(&docs, "ClusterRole"),
+        set(&["claudekey-controller", "claudekey-webhook"])
+    );
+    assert_eq!(names(&docs, "Role"), set(&["claudekey-controller"]));
+}
+
+#[test]
+fn webhooks_are_wired_with_self_signed_tls_by_default() {
+    let docs = render("default");
+    let v: ValidatingWebhookConfiguration =
+        one(&docs, "ValidatingWebhookConfiguration", "claudekey-webhook");
+    let m: MutatingWebhookConfiguration =
+        one(&docs, "MutatingWebhookConfiguration", "claudekey-webhook");
+    let vw = &v.webhooks.expect("webhooks")[0];
+    let mw = &m.webhooks.expect("webhooks")[0];
+    assert_eq!(vw.failure_policy.as_deref(), Some("Fail"));
+    assert_eq!(mw.failure_policy.as_deref(), Some("Fail"));
+    assert_eq!((vw.timeout_seconds, mw.timeout_seconds), (Some(5), Some(5)));
+    assert_eq!(vw.side_effects, "None");
+    let svc = |cc: &k8s_openapi::api::admissionregistration::v1::WebhookClientConfig| {
+        let s = cc.service.clone().expect("service");
+        (s.name, s.namespace, s.path.unwrap_or_default(), s.port)
+    };
+    assert_eq!(
+        svc(&vw.client_config),
+        (
+            "claudekey-webhook".into(),
+            NS.into(),
+            "/validate".into(),
+            Some(443)
+        )
+    );
+    assert_eq!(
+        svc(&mw.client_config),
+        (
+            "claudekey-webhook".into(),
+            NS.into(),
+            "/mutate".into(),
+            Some(443)
+        )
+    );
+    let vrules: BTreeSet<String> = vw
+        .rules
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|r| {
+            let ops = r.operations.unwrap_or_default().join("+");
+            r.resources
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |res| format!("{res}:{ops}"))
+        })
+        .collect();
+    let want: BTreeSet<String> = [
+        "pods",
+        "deployments",
+        "statefulsets",
+        "daemonsets",
+        "replicasets",
+        "jobs",
+        "cronjobs",
+    ]
+    .iter()
+    .map(|r| format!("{r}:CREATE+UPDATE"))
+    .collect();
+    assert_eq!(vrules, want);
+    let mrules = mw.rules.clone().unwrap_or_default();
+    assert_eq!(mrules.len(), 1);
+    assert_eq!(
+        mrules[0].resources.clone().unwrap_or_default(),
+        vec!["pods".to_string()]
+    );
+    assert_eq!(
+        mrules[0].operations.clone().unwrap_or_default(),
+        vec!["CREATE".to_string()]
+    );
+    for sel in [&vw.namespace_selector, &mw.namespace_selector] {
+        let expr = &sel
+            .as_ref()
+            .expect("namespaceSelector")
+            .match_expressions
+            .clone()
+            .expect("matchExpressions")[0];
+        assert_eq!(
+            (expr.key.as_str(), expr.operator.as_str()),
+            ("kubernetes.io/metadata.name", "NotIn")
+        );
+        let vals = expr.values.clone().unwrap_or_default();
+        assert!(
+            vals.contains(&"kube-system".to_string()) && vals.contains(&NS.to_string()),
+            "{vals:?}"
+        );
+    }
+    let ca = vw
+        .client_config
+        .ca_bundle
+        .clone()
+        .expect("caBundle in self-signed mode");
+    assert_eq!(
+        Some(ca),
+        mw.client_config.ca_bundle.clone(),
+        "one CA for both webhooks"
+    );
+    let tls: k8s_openapi::api::core::v1::Secret = one(&docs, "Secret", "claudekey-webhook-tls");
+    let data = tls.data.expect("data");
+    for k in ["ca.crt", "tls.crt", "tls.key"] {
+        assert!(
+            data.get(k).is_some_and(|v| !v.0.is_empty()),
+            "TLS Secret lacks {k}"
+        );
+    }
+    assert!(names(&docs, "Certificate").is_empty());
+}
+
+#[test]
+fn cert_manager_mode_uses_a_certificate_and_the_cainjector() {
+    let docs = render("cert-manager");
+    assert!(
+        names(&docs, "Secret").is_empty(),
+        "no chart-made TLS Secret with cert-manager"
+    );
+    let v: ValidatingWebhookConfiguration =
+        one(&docs, "ValidatingWebhookConfiguration", "claudekey-webhook");
+    let m: MutatingWebhookConfiguration =
+        one(&docs, "MutatingWebhookConfiguration", "claudekey-webhook");
+    let want = format!("{NS}/claudekey-webhook");
+    for ann in [
+        v.metadata.annotations.clone(),
+        m.metadata.annotations.clone(),
+    ] {
+        assert_eq!(
+            ann.expect("annotations")
+                .get("cert-manager.io/inject-ca-from"),
+            Some(&want)
+        );
+    }
+    assert!(
+        v.webhooks.expect("webhooks")[0]
+            .client_config
+            .ca_bundle
+            .is_none()
+    );
+    let cert = docs
+        .iter()
+        .find(|d| d["kind"].as_str() == Some("Certificate"))
+        .expect("Certificate");
+    assert_eq!(
+        cert["spec"]["secretName"].as_str(),
+        Some("claudekey-webhook-tls")
+    );
+    assert_eq!(
+        cert["spec"]["issuerRef"]["name"].as_str(),
+        Some("claudekey-selfsigned")
+    );
+    let dns: Vec<&str> = cert["spec"]["dnsNames"]
+        .as_sequence()
+        .expect("dnsNames")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(dns.contains(&"claudekey-webhook.ck-test.svc"), "{dns:?}");
+    assert_eq!(names(&docs, "Issuer"), set(&["claudekey-selfsigned"]));
+
+    let docs = render("cert-manager-issuer");
+    assert!(
+        names(&docs, "Issuer").is_empty(),
+        "an existing issuer needs no chart Issuer"
+    );
+    let cert = docs
+        .iter()
+        .find(|d| d["kind"].as_str() == Some("Certificate"))
+        .expect("Certificate");
+    assert_eq!(
+        cert["spec"]["issuerRef"]["kind"].as_str(),
+        Some("ClusterIssuer")
+    );
+}
+
+#[test]
+fn backends_become_flags_mounts_and_identity() {
+    let docs = render("aws");
+    let ctl: Deployment = one(&docs, "Deployment", "claudekey-controller");
+    let a = args(&pod(&ctl).containers[0]);
+    for want in [
+        "--aws-enabled",
+        "--aws-region=us-east-1",
+        "--aws-endpoint-url=http://moto.aws-test.svc:5000",
+    ] {
+        assert!(a.contains(&want.to_string()), "{a:?} lacks {want}");
+    }
+    let sa: ServiceAccount = one(&docs, "ServiceAccount", "claudekey-controller");
+    assert_eq!(
+        sa.metadata
+            .annotations
+            .expect("annotations")
+            .get("eks.amazonaws.com/role-arn")
+            .map(String::as_str),
+        Some("arn:aws:iam::123456789012:role/claudekey-controller")
+    );
+
+    let docs = render("vault-kubernetes");
+    let ctl: Deployment = one(&docs, "Deployment", "claudekey-controller");
+    let a = args(&pod(&ctl).containers[0]);
+    for want in [
+        "--vault-addr=https://vault.vault.svc:8200",
+        "--vault-auth-role=claudekey",
+        "--vault-auth-mount=kubernetes",
+        "--vault-ca-cert=/etc/claudekey/vault-ca/ca.crt",
+    ] {
+        assert!(a.contains(&want.to_string()), "{a:?} lacks {want}");
+    }
+    assert!(!a.iter().any(|x| x.starts_with("--vault-token-file")));
+
+    let docs = render("vault-token");
+    let ctl: Deployment = one(&docs, "Deployment", "claudekey-controller");
+    let p = pod(&ctl);
+    let a = args(&p.containers[0]);
+    assert!(
+        a.contains(&"--vault-token-file=/etc/claudekey/vault-token/token".to_string()),
+        "{a:?}"
+    );
+    assert!(!a.iter().any(|x| x.starts_with("--vault-auth-role")));
+    let vol = p
+        .volumes
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|v| v.name == "vault-token")
+        .expect("vault-token volume");
+    assert_eq!(
+        vol.secret.and_then(|s| s.secret_name).as_deref(),
+        Some("vault-token")
+    );
+    let mounts = p.containers[0].volume_mounts.clone().unwrap_or_default();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.mount_path == "/etc/claudekey/vault-token" && m.read_only == Some(true))
+    );
+}
+
+#[test]
+fn warn_scenario_changes_mode_policy_selector_and_sidecar() {
+    let docs = render("warn");
+    let wh: Deployment = one(&docs, "Deployment", "claudekey-webhook");
+    let a = args(&pod(&wh).containers[0]);
+    assert!(a.contains(&"--mode=warn".to_string()), "{a:?}");
+    assert!(
+        a.contains(&"--proxy-image=registry.example.com/claudekey:0.1.0-sidecar".to_string()),
+        "{a:?}"
+    );
+    let res = a
+        .iter()
+        .find_map(|x| x.strip_prefix("--proxy-resources="))
+        .expect("--proxy-resources");
+    let res: serde_json::Value = serde_json::from_str(res).expect("sidecar resources as JSON");
+    assert_eq!(res["limits"]["memory"], "64Mi");
+    assert_eq!(
+        pod(&wh).containers[0].image.as_deref(),
+        Some(format!("ghcr.io/claudekey/claudekey@sha256:{}", "0".repeat(64)).as_str())
+    );
+    let v: ValidatingWebhookConfiguration =
+        one(&docs, "ValidatingWebhookConfiguration", "claudekey-webhook");
+    let vw = &v.webhooks.expect("webhooks")[0];
+    assert_eq!(vw.failure_policy.as_deref(), Some("Ignore"));
+    let sel = vw.namespace_selector.clone().expect("selector");
+    assert_eq!(
+        sel.match_labels
+            .expect("opt-in label")
+            .get("claudekey.io/enabled")
+            .map(String::as_str),
+        Some("true")
+    );
+    let excluded = sel.match_expressions.expect("exprs")[0]
+        .values
+        .clone()
+        .unwrap_or_default();
+    assert_eq!(
+        excluded,
+        vec![
+            "kube-system".to_string(),
+            NS.to_string(),
+            "monitoring".to_string()
+        ]
+    );
+    let ctl: Deployment = one(&docs, "Deployment", "claudekey-controller");
+    assert!(args(&pod(&ctl).containers[0]).contains(&"--log-format=text".to_string()));
+}
+
+#[test]
+fn gateway_scenario_serves_one_claudekey_behind_a_service() {
+    let docs = render("gateway");
+    let gw: Deployment = one(&docs, "Deployment", "claudekey-gateway");
+    let p = pod(&gw);
+    assert_eq!(
+        p.automount_service_account_token,
+        Some(false),
+        "the gateway never calls the API"
+    );
+    let a = args(&p.containers[0]);
+    for want in [
+        "proxy",
+        "--mode=gateway",
+        "--config-dir=/etc/claudekey/proxy",
+        "--listen=0.0.0.0:8080",
+        "--audit-log=-",
+        "--metrics-listen=0.0.0.0:9484",
+    ] {
+        assert!(a.contains(&want.to_string()), "{a:?} lacks {want}");
+    }
+    let vol = p
+        .volumes
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|v| v.name == "proxy-config")
+        .expect("proxy-config");
+    assert_eq!(
+        vol.secret.and_then(|s| s.secret_name).as_deref(),
+        Some("shared-proxy")
+    );
+    let svc: k8s_openapi::api::core::v1::Service = one(&docs, "Service", "claudekey-gateway");
+    assert_eq!(svc.spec.and_then(|s| s.ports).expect("ports")[0].port, 8080);
+    assert_eq!(
+        names(&docs, "ServiceMonitor"),
+        set(&[
+            "claudekey-controller",
+            "claudekey-webhook",
+            "claudekey-gateway"
+        ])
+    );
+    assert_eq!(names(&docs, "PodMonitor").len(), 1);
+    // The gateway's ServiceAccount has no RBAC at all.
+    assert!(
+        !names(&docs, "ClusterRoleBinding")
+            .iter()
+            .any(|n| n.contains("gateway"))
+    );
+}
+
+#[test]
+fn schema_refuses_bad_values() {
+    for (what, sets) in [
+        ("unknown mode", vec!["webhook.mode=audit"]),
+        ("misspelt key", vec!["webhook.timeoutSecond=5"]),
+        ("gateway without claudeKey", vec!["gateway.enabled=true"]),
+        (
+            "vault token without Secret",
+            vec![
+                "backends.vault.address=http://v:8200",
+                "backends.vault.auth.method=token",
+            ],
+        ),
+        ("bad digest", vec!["image.digest=sha256:abc"]),
+        ("port out of range", vec!["sidecar.port=70000"]),
+    ] {
+        let err = try_render("default", &sets)
+            .err()
+            .unwrap_or_else(|| panic!("schema accepted {what}"));
+        assert!(
+            err.contains("schema") || err.contains("required"),
+            "{what}: unexpected error {err}"
+        );
+    }
+}
