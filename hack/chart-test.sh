@@ -48,7 +48,10 @@ fi
 source "$ENV_FILE"
 HELM=${CLAUDEKEY_TEST_HELM:-}
 [[ -n $HELM && -x $HELM ]] || die "helm not found (CLAUDEKEY_TEST_HELM='$HELM' from $ENV_FILE); run hack/tools.sh"
-command -v kubectl >/dev/null || die "kubectl not found on PATH"
+# The pinned kubectl that tools.sh builds, never whichever one the machine has.
+KUBECTL=${CLAUDEKEY_TEST_KUBECTL:-}
+[[ -n $KUBECTL && -x $KUBECTL ]] || die "kubectl not found (CLAUDEKEY_TEST_KUBECTL='$KUBECTL' from $ENV_FILE); run hack/tools.sh"
+kubectl() { "$KUBECTL" "$@"; }
 [[ -n ${KUBECONFIG:-} && -f $KUBECONFIG ]] || die "KUBECONFIG from $ENV_FILE does not exist"
 kubectl version >/dev/null 2>&1 || die "the control plane in $STATE does not answer (kubectl version)"
 
