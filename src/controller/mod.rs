@@ -1,4 +1,8 @@
-//! `claudekey controller`: not yet built; see its open issue.
+//! `claudekey controller` (DESIGN.md §3): issues, syncs and rotates keys for every ClaudeKey.
+
+pub mod decide;
+pub mod ledger;
+pub mod secrets;
 
 /// Flags of `claudekey controller`.
 #[derive(clap::Args, Debug)]
