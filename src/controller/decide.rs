@@ -256,3 +256,22 @@ fn current_upstream(key: &KeyId) -> UpstreamLedgerEntry {
 #[cfg(test)]
 #[path = "decide_tests.rs"]
 mod tests;
+
+/// Spec errors the schema cannot express. The reconcile reports them as Ready=False InvalidSpec
+/// and waits for a spec change instead of retrying.
+pub fn validate(spec: &ClaudeKeySpec) -> Result<(), String> {
+    for pattern in &spec.data_protection.custom_patterns {
+        regex::RegexBuilder::new(&pattern.regex)
+            .size_limit(1 << 20)
+            .build()
+            .map_err(|e| format!("dataProtection.customPatterns {:?}: the regex does not compile: {e}", pattern.name))?;
+    }
+    let second = std::time::Duration::from_secs(1);
+    if spec.rotation.interval.as_duration() < second {
+        return Err(format!("rotation.interval {} is shorter than 1s", spec.rotation.interval));
+    }
+    if spec.source.refresh_interval.as_duration() < second {
+        return Err(format!("source.refreshInterval {} is shorter than 1s", spec.source.refresh_interval));
+    }
+    Ok(())
+}

@@ -183,3 +183,16 @@ fn grace_ends_of_upstream_and_workload_keys_both_wake_the_controller() {
     let d2 = next(&s, Triggers { rotate: Some("r"), revoke: None }, &d1.ledger, Some(&up(2, "v2")), 3, now + TimeDelta::minutes(5));
     assert_eq!(d2.wake_at, Some(now + TimeDelta::minutes(15)));
 }
+
+#[test]
+fn spec_errors_the_schema_cannot_catch() {
+    assert_eq!(validate(&spec("")), Ok(()));
+    let bad = spec("dataProtection: { customPatterns: [{ name: broken, regex: \"EMP-[0-9\" }] }");
+    let err = validate(&bad).unwrap_err();
+    assert!(err.contains("broken") && err.contains("does not compile"), "{err}");
+    let hot = spec("").rotation.interval.as_str().to_string();
+    assert_eq!(hot, "24h");
+    let mut s = spec("");
+    s.rotation.interval = "500ms".parse().unwrap();
+    assert!(validate(&s).unwrap_err().contains("rotation.interval"));
+}

@@ -10,6 +10,8 @@ use super::{ClaudeKeyStatus, GoDuration};
 
 /// A workload's Anthropic API access: where its upstream key lives, what a scoped workload key may
 /// do, how keys rotate and what the proxy protects.
+// kube-derive takes one printcolumn(...) per column; clippy mistakes the repeated keys for duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "claudekey.io",
