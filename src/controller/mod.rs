@@ -135,6 +135,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .map(|n| n.trim().to_string())
         .filter(|n| !n.is_empty())
         .ok_or(RunError::NoNamespace)?;
+    // Both ring and aws-lc-rs are linked (the AWS SDK brings the latter): pick ring explicitly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = Client::try_default().await.map_err(RunError::Client)?;
     let mut config = ControllerConfig::new(&namespace);
     config.watch_namespace = args.watch_namespace;
