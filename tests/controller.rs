@@ -27,24 +27,47 @@ async fn apply_issues_both_secrets_with_owner_labels_and_ready_status() {
     let owned = wait_owned(&client, &ns, "bot", "both Secrets", |_| true).await;
     let uid = ck.metadata.uid.clone().unwrap();
     for secret in [&owned.client_secret, &owned.proxy_secret] {
-        let owner = &secret.metadata.owner_references.as_ref().expect("owner reference")[0];
-        assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("ClaudeKey", uid.as_str(), Some(true)));
+        let owner = &secret
+            .metadata
+            .owner_references
+            .as_ref()
+            .expect("owner reference")[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+            ("ClaudeKey", uid.as_str(), Some(true))
+        );
         let labels = secret.metadata.labels.as_ref().unwrap();
         assert_eq!(labels["app.kubernetes.io/managed-by"], "claudekey");
         assert_eq!(labels["claudekey.io/name"], "bot");
     }
     assert!(owned.workload_key.starts_with("ck_live_") && owned.workload_key.len() == 51);
     let base_url = &owned.client_secret.data.as_ref().unwrap()["ANTHROPIC_BASE_URL"];
-    assert_eq!(base_url, &ByteString(format!("http://claudekey-gateway.{ns}.svc:8080").into_bytes()));
-    assert_eq!(owned.proxy_secret.data.as_ref().unwrap().len(), 1, "-proxy holds exactly proxy.json");
+    assert_eq!(
+        base_url,
+        &ByteString(format!("http://claudekey-gateway.{ns}.svc:8080").into_bytes())
+    );
+    assert_eq!(
+        owned.proxy_secret.data.as_ref().unwrap().len(),
+        1,
+        "-proxy holds exactly proxy.json"
+    );
     assert_eq!(owned.workload_hashes(), [sha256_hex(&owned.workload_key)]);
     assert_eq!(owned.config.upstream.len(), 1);
-    assert_eq!(owned.config.upstream[0].fingerprint, fingerprint(KeyKind::Upstream, &upstream));
+    assert_eq!(
+        owned.config.upstream[0].fingerprint,
+        fingerprint(KeyKind::Upstream, &upstream)
+    );
     assert_eq!(owned.config.policy.scope.max_tokens, Some(512));
 
     let status = ck.status.as_ref().unwrap();
-    assert_eq!(fingerprint_of(&ck), fingerprint(KeyKind::Workload, &owned.workload_key));
-    assert_eq!(status.upstream.as_ref().unwrap().fingerprint, fingerprint(KeyKind::Upstream, &upstream));
+    assert_eq!(
+        fingerprint_of(&ck),
+        fingerprint(KeyKind::Workload, &owned.workload_key)
+    );
+    assert_eq!(
+        status.upstream.as_ref().unwrap().fingerprint,
+        fingerprint(KeyKind::Upstream, &upstream)
+    );
     assert_eq!(status.observed_generation, ck.metadata.generation);
     assert_eq!(status.source.as_deref(), Some("kubernetes:upstream"));
     assert!(status.next_rotation_time.is_some());
@@ -70,23 +93,60 @@ async fn rotate_annotation_overlaps_for_the_grace_period_then_drops_the_old_key(
     let first = owned(&client, &ns, "bot").await.unwrap();
 
     annotate(&client, &ns, "bot", "claudekey.io/rotate", "1").await;
-    let during = wait_owned(&client, &ns, "bot", "new key beside the old one", |o| o.workload_key != first.workload_key).await;
-    assert_eq!(during.workload_hashes(), [sha256_hex(&during.workload_key), sha256_hex(&first.workload_key)]);
+    let during = wait_owned(&client, &ns, "bot", "new key beside the old one", |o| {
+        o.workload_key != first.workload_key
+    })
+    .await;
+    assert_eq!(
+        during.workload_hashes(),
+        [
+            sha256_hex(&during.workload_key),
+            sha256_hex(&first.workload_key)
+        ]
+    );
     assert!(during.config.workload_keys[0].valid_until.is_none());
     assert!(during.config.workload_keys[1].valid_until.is_some());
     let ck = wait_claudekey(&client, &ns, "bot", "Rotating=True", |ck| {
         condition(ck, "Rotating").is_some_and(|c| c.0 == "True")
     })
     .await;
-    assert_eq!(fingerprint_of(&ck), fingerprint(KeyKind::Workload, &during.workload_key));
-    let previous = ck.status.as_ref().unwrap().workload_key.as_ref().unwrap().previous_fingerprint.clone();
-    assert_eq!(previous, Some(fingerprint(KeyKind::Workload, &first.workload_key)));
+    assert_eq!(
+        fingerprint_of(&ck),
+        fingerprint(KeyKind::Workload, &during.workload_key)
+    );
+    let previous = ck
+        .status
+        .as_ref()
+        .unwrap()
+        .workload_key
+        .as_ref()
+        .unwrap()
+        .previous_fingerprint
+        .clone();
+    assert_eq!(
+        previous,
+        Some(fingerprint(KeyKind::Workload, &first.workload_key))
+    );
 
     // After the 3 s grace, the controller wakes by itself (no event) and drops the old hash.
-    let after = wait_owned(&client, &ns, "bot", "old key dropped after grace", |o| o.workload_hashes().len() == 1).await;
-    assert_eq!(after.workload_key, during.workload_key, "no further rotation");
-    wait_claudekey(&client, &ns, "bot", "Rotating=False", |ck| condition(ck, "Rotating").is_some_and(|c| c.0 == "False")).await;
-    assert_no_leaks(&client, &ns, &[first.workload_key, during.workload_key, upstream]).await;
+    let after = wait_owned(&client, &ns, "bot", "old key dropped after grace", |o| {
+        o.workload_hashes().len() == 1
+    })
+    .await;
+    assert_eq!(
+        after.workload_key, during.workload_key,
+        "no further rotation"
+    );
+    wait_claudekey(&client, &ns, "bot", "Rotating=False", |ck| {
+        condition(ck, "Rotating").is_some_and(|c| c.0 == "False")
+    })
+    .await;
+    assert_no_leaks(
+        &client,
+        &ns,
+        &[first.workload_key, during.workload_key, upstream],
+    )
+    .await;
     controller.stop().await;
 }
 
@@ -101,14 +161,24 @@ async fn revoke_annotation_drops_the_old_key_at_once() {
     let first = owned(&client, &ns, "bot").await.unwrap();
 
     annotate(&client, &ns, "bot", "claudekey.io/revoke", "breach-1").await;
-    let revoked = wait_owned(&client, &ns, "bot", "revoked key", |o| o.workload_key != first.workload_key).await;
-    assert_eq!(revoked.workload_hashes(), [sha256_hex(&revoked.workload_key)], "the old key is gone, no grace");
+    let revoked = wait_owned(&client, &ns, "bot", "revoked key", |o| {
+        o.workload_key != first.workload_key
+    })
+    .await;
+    assert_eq!(
+        revoked.workload_hashes(),
+        [sha256_hex(&revoked.workload_key)],
+        "the old key is gone, no grace"
+    );
     let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns);
     support::eventually(Duration::from_secs(10), "KeyRevoked event", || {
         let events = events.clone();
         async move {
             let list = events.list(&Default::default()).await.ok()?;
-            list.items.iter().any(|e| e.reason.as_deref() == Some("KeyRevoked")).then_some(())
+            list.items
+                .iter()
+                .any(|e| e.reason.as_deref() == Some("KeyRevoked"))
+                .then_some(())
         }
     })
     .await;
@@ -129,16 +199,43 @@ async fn new_upstream_value_is_rolled_with_overlap() {
 
     let new = upstream_key();
     put_upstream(&client, &ns, "upstream", &new).await;
-    let rolled = wait_owned(&client, &ns, "bot", "new upstream key current", |o| o.config.upstream.len() == 2).await;
-    let fps: Vec<_> = rolled.config.upstream.iter().map(|u| (u.fingerprint.clone(), u.valid_until.is_some())).collect();
-    assert_eq!(fps, [(fingerprint(KeyKind::Upstream, &new), false), (fingerprint(KeyKind::Upstream, &old), true)]);
-    assert_eq!(rolled.workload_key, first.workload_key, "an upstream roll keeps the workload key");
+    let rolled = wait_owned(&client, &ns, "bot", "new upstream key current", |o| {
+        o.config.upstream.len() == 2
+    })
+    .await;
+    let fps: Vec<_> = rolled
+        .config
+        .upstream
+        .iter()
+        .map(|u| (u.fingerprint.clone(), u.valid_until.is_some()))
+        .collect();
+    assert_eq!(
+        fps,
+        [
+            (fingerprint(KeyKind::Upstream, &new), false),
+            (fingerprint(KeyKind::Upstream, &old), true)
+        ]
+    );
+    assert_eq!(
+        rolled.workload_key, first.workload_key,
+        "an upstream roll keeps the workload key"
+    );
     let ck = wait_claudekey(&client, &ns, "bot", "status shows the new upstream", |ck| {
-        ck.status.as_ref().and_then(|s| s.upstream.as_ref()).is_some_and(|u| u.fingerprint == fingerprint(KeyKind::Upstream, &new))
+        ck.status
+            .as_ref()
+            .and_then(|s| s.upstream.as_ref())
+            .is_some_and(|u| u.fingerprint == fingerprint(KeyKind::Upstream, &new))
     })
     .await;
     assert_ne!(ck.status.unwrap().upstream.unwrap().version, old_version);
-    wait_owned(&client, &ns, "bot", "old upstream dropped after grace", |o| o.config.upstream.len() == 1).await;
+    wait_owned(
+        &client,
+        &ns,
+        "bot",
+        "old upstream dropped after grace",
+        |o| o.config.upstream.len() == 1,
+    )
+    .await;
     assert_no_leaks(&client, &ns, &[old, new, first.workload_key]).await;
     controller.stop().await;
 }
@@ -153,14 +250,27 @@ async fn backend_outage_degrades_but_keeps_serving_the_last_good_key() {
     wait_claudekey(&client, &ns, "bot", "Ready", is_ready).await;
     let before = owned(&client, &ns, "bot").await.unwrap();
 
-    Api::<Secret>::namespaced(client.clone(), &ns).delete("upstream", &DeleteParams::default()).await.unwrap();
-    let ck = wait_claudekey(&client, &ns, "bot", "Degraded=True", |ck| condition(ck, "Degraded").is_some_and(|c| c.0 == "True")).await;
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .delete("upstream", &DeleteParams::default())
+        .await
+        .unwrap();
+    let ck = wait_claudekey(&client, &ns, "bot", "Degraded=True", |ck| {
+        condition(ck, "Degraded").is_some_and(|c| c.0 == "True")
+    })
+    .await;
     let (_, reason, message) = condition(&ck, "Degraded").unwrap();
     assert_eq!(reason, "BackendError");
-    assert!(message.contains(&format!("Secret {ns}/upstream not found")), "{message}");
+    assert!(
+        message.contains(&format!("Secret {ns}/upstream not found")),
+        "{message}"
+    );
     let during = owned(&client, &ns, "bot").await.unwrap();
     assert_eq!(during.config.upstream.len(), 1);
-    assert_eq!(during.config.upstream[0].fingerprint, fingerprint(KeyKind::Upstream, &upstream), "last good key kept");
+    assert_eq!(
+        during.config.upstream[0].fingerprint,
+        fingerprint(KeyKind::Upstream, &upstream),
+        "last good key kept"
+    );
     assert_eq!(during.workload_key, before.workload_key);
 
     put_upstream(&client, &ns, "upstream", &upstream).await;
@@ -168,7 +278,10 @@ async fn backend_outage_degrades_but_keeps_serving_the_last_good_key() {
         condition(ck, "Degraded").is_some_and(|c| c.0 == "False") && is_ready(ck)
     })
     .await;
-    assert_eq!(fingerprint_of(&ck), fingerprint(KeyKind::Workload, &before.workload_key));
+    assert_eq!(
+        fingerprint_of(&ck),
+        fingerprint(KeyKind::Workload, &before.workload_key)
+    );
     assert_no_leaks(&client, &ns, &[upstream, before.workload_key]).await;
     controller.stop().await;
 }
@@ -184,27 +297,38 @@ async fn hand_edited_proxy_secret_is_repaired_without_a_new_key() {
 
     // Someone adds an extra workload hash with no end, and a second data entry.
     let mut forged = before.config.clone();
-    forged.workload_keys.push(claudekey::proxyconf::WorkloadKeyEntry {
-        sha256: sha256_hex("ck_live_attacker"),
-        fingerprint: "ck:deadbeef".into(),
-        valid_until: None,
-    });
+    forged
+        .workload_keys
+        .push(claudekey::proxyconf::WorkloadKeyEntry {
+            sha256: sha256_hex("ck_live_attacker"),
+            fingerprint: "ck:deadbeef".into(),
+            valid_until: None,
+        });
     let patch = serde_json::json!({ "data": {
         "proxy.json": ByteString(serde_json::to_vec(&forged).unwrap()),
         "extra": ByteString(b"x".to_vec()),
     }});
     let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
-    secrets.patch("bot-proxy", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    secrets
+        .patch("bot-proxy", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
 
     let repaired = wait_owned(&client, &ns, "bot", "repaired -proxy", |o| {
         o.workload_hashes().len() == 1 && o.proxy_secret.data.as_ref().is_some_and(|d| d.len() == 1)
     })
     .await;
-    assert_eq!(repaired.workload_key, before.workload_key, "no new key issued");
+    assert_eq!(
+        repaired.workload_key, before.workload_key,
+        "no new key issued"
+    );
     assert_eq!(repaired.workload_hashes(), before.workload_hashes());
 
     // Deleting it outright is repaired the same way.
-    secrets.delete("bot-proxy", &DeleteParams::default()).await.unwrap();
+    secrets
+        .delete("bot-proxy", &DeleteParams::default())
+        .await
+        .unwrap();
     let restored = wait_owned(&client, &ns, "bot", "recreated -proxy", |_| true).await;
     assert_eq!(restored.workload_key, before.workload_key);
     assert_eq!(restored.workload_hashes(), before.workload_hashes());
@@ -213,7 +337,10 @@ async fn hand_edited_proxy_secret_is_repaired_without_a_new_key() {
         let events = events.clone();
         async move {
             let list = events.list(&Default::default()).await.ok()?;
-            list.items.iter().any(|e| e.reason.as_deref() == Some("TamperRepaired")).then_some(())
+            list.items
+                .iter()
+                .any(|e| e.reason.as_deref() == Some("TamperRepaired"))
+                .then_some(())
         }
     })
     .await;
@@ -225,14 +352,19 @@ async fn invalid_custom_pattern_is_reported_not_retried() {
     let (client, ns) = setup("ck-invalid").await;
     put_upstream(&client, &ns, "upstream", &upstream_key()).await;
     let controller = start(&client, config(&ns));
-    let spec = format!("{SPEC_FAST}  dataProtection:\n    customPatterns: [{{ name: broken, regex: \"EMP-[0-9\" }}]\n");
+    let spec = format!(
+        "{SPEC_FAST}  dataProtection:\n    customPatterns: [{{ name: broken, regex: \"EMP-[0-9\" }}]\n"
+    );
     apply_claudekey(&client, &ns, "bot", &spec).await;
     let ck = wait_claudekey(&client, &ns, "bot", "InvalidSpec", |ck| {
         condition(ck, "Ready").is_some_and(|c| c.1 == "InvalidSpec")
     })
     .await;
     assert!(condition(&ck, "Ready").unwrap().2.contains("broken"));
-    assert!(owned(&client, &ns, "bot").await.is_none(), "nothing issued for an invalid spec");
+    assert!(
+        owned(&client, &ns, "bot").await.is_none(),
+        "nothing issued for an invalid spec"
+    );
     // Fixing the spec is picked up.
     apply_claudekey(&client, &ns, "bot", SPEC_FAST).await;
     wait_claudekey(&client, &ns, "bot", "Ready after the fix", is_ready).await;
@@ -248,7 +380,10 @@ async fn deleting_the_claudekey_garbage_collects_its_secrets() {
     wait_claudekey(&client, &ns, "bot", "Ready", is_ready).await;
     assert!(owned(&client, &ns, "bot").await.is_some());
 
-    Api::<ClaudeKey>::namespaced(client.clone(), &ns).delete("bot", &DeleteParams::default()).await.unwrap();
+    Api::<ClaudeKey>::namespaced(client.clone(), &ns)
+        .delete("bot", &DeleteParams::default())
+        .await
+        .unwrap();
     let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
     support::eventually(Duration::from_secs(60), "Secrets garbage-collected", || {
         let secrets = secrets.clone();
@@ -259,6 +394,9 @@ async fn deleting_the_claudekey_garbage_collects_its_secrets() {
         }
     })
     .await;
-    assert!(secrets.get_opt("upstream").await.unwrap().is_some(), "the backend Secret is not owned");
+    assert!(
+        secrets.get_opt("upstream").await.unwrap().is_some(),
+        "the backend Secret is not owned"
+    );
     controller.stop().await;
 }

@@ -51,7 +51,9 @@ pub struct BackendCache {
 }
 
 fn latency_histogram() -> Histogram {
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 12))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.005, 2.0, 12,
+    ))
 }
 
 impl BackendCache {
@@ -59,14 +61,25 @@ impl BackendCache {
     /// `claudekey_backend_request_duration_seconds{backend}` in `registry`.
     pub fn new(backends: Backends, registry: &mut Registry) -> Self {
         let requests = Family::<RequestLabels, Counter>::default();
-        let latency = Family::<BackendLabel, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
-        registry.register("backend_requests", "Reads of upstream keys from secret backends", requests.clone());
+        let latency = Family::<BackendLabel, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "backend_requests",
+            "Reads of upstream keys from secret backends",
+            requests.clone(),
+        );
         registry.register(
             "backend_request_duration_seconds",
             "Latency of reads of upstream keys from secret backends",
             latency.clone(),
         );
-        Self { backends, entries: Mutex::default(), requests, latency }
+        Self {
+            backends,
+            entries: Mutex::default(),
+            requests,
+            latency,
+        }
     }
 
     /// The upstream key for `source`, from the cache while it is younger than `refreshInterval`.
@@ -80,17 +93,38 @@ impl BackendCache {
         let started = Instant::now();
         let result = backend.fetch(source).await;
         let name = backend.name();
-        self.latency.get_or_create(&BackendLabel { backend: name }).observe(started.elapsed().as_secs_f64());
-        self.requests.get_or_create(&RequestLabels { backend: name, result: result_label(&result) }).inc();
+        self.latency
+            .get_or_create(&BackendLabel { backend: name })
+            .observe(started.elapsed().as_secs_f64());
+        self.requests
+            .get_or_create(&RequestLabels {
+                backend: name,
+                result: result_label(&result),
+            })
+            .inc();
         let key = result?;
-        let entry = Entry { key: key.clone(), fetched: Instant::now(), synced_at: Utc::now() };
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).insert(id, entry.clone());
-        Ok(CachedKey { key, synced_at: entry.synced_at, refresh_in: refresh })
+        let entry = Entry {
+            key: key.clone(),
+            fetched: Instant::now(),
+            synced_at: Utc::now(),
+        };
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, entry.clone());
+        Ok(CachedKey {
+            key,
+            synced_at: entry.synced_at,
+            refresh_in: refresh,
+        })
     }
 
     /// Forgets a source, so the next fetch reads the backend (used after a failed read elsewhere).
     pub fn invalidate(&self, source: &SourceSpec) {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).remove(&source_id(source));
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&source_id(source));
     }
 
     fn lookup(&self, id: &str, refresh: Duration) -> Option<CachedKey> {
@@ -108,8 +142,12 @@ impl BackendCache {
 /// Where a source points, without its refresh interval: ClaudeKeys naming the same secret share
 /// one entry even when they poll at different rates.
 fn source_id(source: &SourceSpec) -> String {
-    serde_json::to_string(&(&source.kubernetes_secret, &source.aws_secrets_manager, &source.vault))
-        .expect("source specs always serialize")
+    serde_json::to_string(&(
+        &source.kubernetes_secret,
+        &source.aws_secrets_manager,
+        &source.vault,
+    ))
+    .expect("source specs always serialize")
 }
 
 fn result_label(result: &Result<UpstreamKey, BackendError>) -> &'static str {
@@ -140,22 +178,35 @@ mod tests {
         fn name(&self) -> &'static str {
             "kubernetes"
         }
-        fn fetch<'a>(&'a self, _: &'a SourceSpec) -> BoxFuture<'a, Result<UpstreamKey, BackendError>> {
+        fn fetch<'a>(
+            &'a self,
+            _: &'a SourceSpec,
+        ) -> BoxFuture<'a, Result<UpstreamKey, BackendError>> {
             let n = self.0.fetch_add(1, Ordering::SeqCst);
             Box::pin(async move {
-                Ok(UpstreamKey { value: SecretString::from(format!("sk-ant-{n}")), version: n.to_string() })
+                Ok(UpstreamKey {
+                    value: SecretString::from(format!("sk-ant-{n}")),
+                    version: n.to_string(),
+                })
             })
         }
     }
 
     fn source(name: &str, refresh: &str) -> SourceSpec {
-        serde_yaml::from_str(&format!("{{ kubernetesSecret: {{ name: {name} }}, refreshInterval: {refresh} }}")).unwrap()
+        serde_yaml::from_str(&format!(
+            "{{ kubernetesSecret: {{ name: {name} }}, refreshInterval: {refresh} }}"
+        ))
+        .unwrap()
     }
 
     #[tokio::test(start_paused = true)]
     async fn reads_each_source_once_per_refresh_interval_and_counts_reads() {
         let backend = Arc::new(Counting(AtomicUsize::new(0)));
-        let backends = Backends { kubernetes: backend.clone(), aws: None, vault: None };
+        let backends = Backends {
+            kubernetes: backend.clone(),
+            aws: None,
+            vault: None,
+        };
         let mut registry = Registry::with_prefix("claudekey");
         let cache = BackendCache::new(backends, &mut registry);
         let a = cache.fetch(&source("a", "60s")).await.unwrap();
@@ -172,16 +223,28 @@ mod tests {
         assert_eq!(fresh.key.version, "2");
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-        assert!(text.contains("claudekey_backend_requests_total{backend=\"kubernetes\",result=\"ok\"} 3"), "{text}");
-        assert!(text.contains("claudekey_backend_request_duration_seconds_count{backend=\"kubernetes\"} 3"));
+        assert!(
+            text.contains(
+                "claudekey_backend_requests_total{backend=\"kubernetes\",result=\"ok\"} 3"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "claudekey_backend_request_duration_seconds_count{backend=\"kubernetes\"} 3"
+        ));
         assert!(!text.contains("sk-ant"));
     }
 
     #[tokio::test]
     async fn unconfigured_backends_fail_without_being_cached() {
-        let backends = Backends { kubernetes: Arc::new(Counting(AtomicUsize::new(0))), aws: None, vault: None };
+        let backends = Backends {
+            kubernetes: Arc::new(Counting(AtomicUsize::new(0))),
+            aws: None,
+            vault: None,
+        };
         let cache = BackendCache::new(backends, &mut Registry::default());
-        let aws: SourceSpec = serde_yaml::from_str("{ awsSecretsManager: { secretId: x } }").unwrap();
+        let aws: SourceSpec =
+            serde_yaml::from_str("{ awsSecretsManager: { secretId: x } }").unwrap();
         let err = cache.fetch(&aws).await.unwrap_err();
         assert!(matches!(err, BackendError::NotConfigured { .. }));
     }

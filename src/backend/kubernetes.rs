@@ -20,30 +20,45 @@ pub struct KubernetesBackend {
 
 impl KubernetesBackend {
     pub fn new(client: Client, namespace: &str) -> Self {
-        Self { secrets: Api::namespaced(client, namespace), namespace: namespace.to_string() }
+        Self {
+            secrets: Api::namespaced(client, namespace),
+            namespace: namespace.to_string(),
+        }
     }
 
     async fn read(&self, source: &KubernetesSecretSource) -> Result<UpstreamKey, BackendError> {
         let source_name = format!("Secret {}/{}", self.namespace, source.name);
-        let secret = self.secrets.get_opt(&source.name).await.map_err(|e| match &e {
-            kube::Error::Api(status) if status.code == 403 => BackendError::AccessDenied {
-                source_name: source_name.clone(),
-                detail: "grant the controller get on Secrets in its namespace".to_string(),
-            },
-            _ => BackendError::Unavailable { source_name: source_name.clone(), detail: e.to_string() },
-        })?;
+        let secret = self
+            .secrets
+            .get_opt(&source.name)
+            .await
+            .map_err(|e| match &e {
+                kube::Error::Api(status) if status.code == 403 => BackendError::AccessDenied {
+                    source_name: source_name.clone(),
+                    detail: "grant the controller get on Secrets in its namespace".to_string(),
+                },
+                _ => BackendError::Unavailable {
+                    source_name: source_name.clone(),
+                    detail: e.to_string(),
+                },
+            })?;
         let Some(secret) = secret else {
             return Err(BackendError::NotFound {
                 source_name,
-                detail: format!("create it with the Anthropic key under data key {:?}", source.key),
+                detail: format!(
+                    "create it with the Anthropic key under data key {:?}",
+                    source.key
+                ),
             });
         };
-        let raw = secret.data.as_ref().and_then(|d| d.get(&source.key)).ok_or_else(|| {
-            BackendError::Malformed {
+        let raw = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&source.key))
+            .ok_or_else(|| BackendError::Malformed {
                 source_name: source_name.clone(),
                 detail: format!("it has no data key {:?}", source.key),
-            }
-        })?;
+            })?;
         let value = std::str::from_utf8(&raw.0)
             .map_err(|_| BackendError::Malformed {
                 source_name: source_name.clone(),
@@ -56,7 +71,10 @@ impl KubernetesBackend {
                 detail: format!("data key {:?} is empty", source.key),
             });
         }
-        Ok(UpstreamKey { version: value_version(value), value: SecretString::from(value.to_string()) })
+        Ok(UpstreamKey {
+            version: value_version(value),
+            value: SecretString::from(value.to_string()),
+        })
     }
 }
 
@@ -70,7 +88,10 @@ impl SecretBackend for KubernetesBackend {
         "kubernetes"
     }
 
-    fn fetch<'a>(&'a self, source: &'a SourceSpec) -> BoxFuture<'a, Result<UpstreamKey, BackendError>> {
+    fn fetch<'a>(
+        &'a self,
+        source: &'a SourceSpec,
+    ) -> BoxFuture<'a, Result<UpstreamKey, BackendError>> {
         Box::pin(async move {
             match &source.kubernetes_secret {
                 Some(s) => self.read(s).await,

@@ -53,14 +53,29 @@ pub struct Desired {
 }
 
 impl Desired {
-    pub fn new(type_: &'static str, status: bool, reason: &'static str, message: impl Into<String>) -> Self {
-        Self { type_, status, reason, message: message.into() }
+    pub fn new(
+        type_: &'static str,
+        status: bool,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            type_,
+            status,
+            reason,
+            message: message.into(),
+        }
     }
 }
 
 /// Merges desired conditions into the existing ones, keeping `lastTransitionTime` when a
 /// condition's status did not change (the metav1.Condition contract).
-pub fn merge(existing: &[Condition], desired: &[Desired], generation: Option<i64>, now: DateTime<Utc>) -> Vec<Condition> {
+pub fn merge(
+    existing: &[Condition],
+    desired: &[Desired],
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+) -> Vec<Condition> {
     desired
         .iter()
         .map(|d| {
@@ -83,25 +98,70 @@ pub fn merge(existing: &[Condition], desired: &[Desired], generation: Option<i64
 }
 
 /// The conditions of a reconcile that wrote both Secrets.
-pub fn healthy(ledger: &Ledger, expired: bool, next_rotation: Option<DateTime<Utc>>, backend_error: Option<&str>) -> Vec<Desired> {
+pub fn healthy(
+    ledger: &Ledger,
+    expired: bool,
+    next_rotation: Option<DateTime<Utc>>,
+    backend_error: Option<&str>,
+) -> Vec<Desired> {
     let ready = if expired {
-        Desired::new(condition::READY, false, reason::EXPIRED, "spec.expiresAt has passed; the workload key is no longer accepted")
+        Desired::new(
+            condition::READY,
+            false,
+            reason::EXPIRED,
+            "spec.expiresAt has passed; the workload key is no longer accepted",
+        )
     } else {
-        Desired::new(condition::READY, true, reason::KEYS_ISSUED, "workload key and upstream key are in place")
+        Desired::new(
+            condition::READY,
+            true,
+            reason::KEYS_ISSUED,
+            "workload key and upstream key are in place",
+        )
     };
     let in_grace = ledger.workload_keys.len() > 1 || ledger.upstream_keys.len() > 1;
     let rotating = if in_grace {
-        Desired::new(condition::ROTATING, true, reason::GRACE_PERIOD, "a previous key is accepted until its grace period ends")
+        Desired::new(
+            condition::ROTATING,
+            true,
+            reason::GRACE_PERIOD,
+            "a previous key is accepted until its grace period ends",
+        )
     } else {
-        Desired::new(condition::ROTATING, false, reason::NO_PREVIOUS_KEY, "only the current keys are accepted")
+        Desired::new(
+            condition::ROTATING,
+            false,
+            reason::NO_PREVIOUS_KEY,
+            "only the current keys are accepted",
+        )
     };
     let degraded = match backend_error {
-        Some(message) => Desired::new(condition::DEGRADED, true, reason::BACKEND_ERROR, format!("{message}; serving the last synced upstream key")),
-        None => Desired::new(condition::DEGRADED, false, reason::AS_EXPECTED, "the backend was read successfully"),
+        Some(message) => Desired::new(
+            condition::DEGRADED,
+            true,
+            reason::BACKEND_ERROR,
+            format!("{message}; serving the last synced upstream key"),
+        ),
+        None => Desired::new(
+            condition::DEGRADED,
+            false,
+            reason::AS_EXPECTED,
+            "the backend was read successfully",
+        ),
     };
     let due = match next_rotation {
-        Some(at) => Desired::new(condition::ROTATION_DUE, false, reason::SCHEDULED, format!("next rotation at {}", at.to_rfc3339())),
-        None => Desired::new(condition::ROTATION_DUE, true, reason::EXPIRED, "spec.expiresAt has passed; extend it to resume rotation"),
+        Some(at) => Desired::new(
+            condition::ROTATION_DUE,
+            false,
+            reason::SCHEDULED,
+            format!("next rotation at {}", at.to_rfc3339()),
+        ),
+        None => Desired::new(
+            condition::ROTATION_DUE,
+            true,
+            reason::EXPIRED,
+            "spec.expiresAt has passed; extend it to resume rotation",
+        ),
     };
     vec![ready, rotating, degraded, due]
 }
@@ -114,14 +174,21 @@ pub fn failed(ready_reason: &'static str, message: &str) -> Vec<Desired> {
         Desired::new(
             condition::DEGRADED,
             degraded,
-            if degraded { reason::BACKEND_ERROR } else { reason::AS_EXPECTED },
+            if degraded {
+                reason::BACKEND_ERROR
+            } else {
+                reason::AS_EXPECTED
+            },
             if degraded { message } else { "" },
         ),
     ]
 }
 
 /// `status.workloadKey` and `status.upstream` from the ledger.
-pub fn key_status(ledger: &Ledger, synced_at: DateTime<Utc>) -> (WorkloadKeyStatus, UpstreamStatus) {
+pub fn key_status(
+    ledger: &Ledger,
+    synced_at: DateTime<Utc>,
+) -> (WorkloadKeyStatus, UpstreamStatus) {
     let current = ledger.current_workload();
     let previous = ledger.previous_workload();
     let workload = WorkloadKeyStatus {
@@ -133,7 +200,10 @@ pub fn key_status(ledger: &Ledger, synced_at: DateTime<Utc>) -> (WorkloadKeyStat
     let up_previous = ledger.previous_upstream();
     let upstream = UpstreamStatus {
         version: ledger.upstream_version.clone(),
-        fingerprint: ledger.current_upstream().map(|c| c.fingerprint.clone()).unwrap_or_default(),
+        fingerprint: ledger
+            .current_upstream()
+            .map(|c| c.fingerprint.clone())
+            .unwrap_or_default(),
         synced_at,
         previous_fingerprint: up_previous.map(|p| p.fingerprint.clone()),
         previous_valid_until: up_previous.and_then(|p| p.valid_until),
@@ -156,7 +226,12 @@ pub struct StatusInput<'a> {
 /// Builds the status to apply; fields a failed reconcile cannot know are kept from before.
 pub fn build_status(input: StatusInput<'_>) -> ClaudeKeyStatus {
     let existing = input.existing.cloned().unwrap_or_default();
-    let mut conditions = merge(&existing.conditions, &input.conditions, input.generation, input.now);
+    let mut conditions = merge(
+        &existing.conditions,
+        &input.conditions,
+        input.generation,
+        input.now,
+    );
     // Keep conditions this reconcile did not speak about (e.g. Rotating while the backend is down).
     for old in &existing.conditions {
         if !conditions.iter().any(|c| c.type_ == old.type_) {
@@ -181,20 +256,32 @@ pub fn build_status(input: StatusInput<'_>) -> ClaudeKeyStatus {
         source: Some(input.source),
         workload_key,
         upstream,
-        next_rotation_time: if input.ledger.is_some() { input.next_rotation } else { existing.next_rotation_time },
+        next_rotation_time: if input.ledger.is_some() {
+            input.next_rotation
+        } else {
+            existing.next_rotation_time
+        },
     }
 }
 
 fn order(type_: &str) -> usize {
-    [condition::READY, condition::ROTATING, condition::DEGRADED, condition::ROTATION_DUE]
-        .iter()
-        .position(|t| *t == type_)
-        .unwrap_or(usize::MAX)
+    [
+        condition::READY,
+        condition::ROTATING,
+        condition::DEGRADED,
+        condition::ROTATION_DUE,
+    ]
+    .iter()
+    .position(|t| *t == type_)
+    .unwrap_or(usize::MAX)
 }
 
 /// chrono to the apimachinery Time (jiff inside), at second precision like metav1.Time.
 pub fn time(at: DateTime<Utc>) -> Time {
-    Time(k8s_openapi::jiff::Timestamp::from_second(at.timestamp()).unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH))
+    Time(
+        k8s_openapi::jiff::Timestamp::from_second(at.timestamp())
+            .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+    )
 }
 
 #[cfg(test)]
@@ -209,11 +296,41 @@ mod tests {
     fn transition_time_moves_only_when_status_changes() {
         let t0 = at("2026-11-27T10:00:00Z");
         let t1 = at("2026-11-27T11:00:00Z");
-        let first = merge(&[], &[Desired::new(condition::READY, true, reason::KEYS_ISSUED, "ok")], Some(1), t0);
-        let same = merge(&first, &[Desired::new(condition::READY, true, reason::KEYS_ISSUED, "ok")], Some(2), t1);
+        let first = merge(
+            &[],
+            &[Desired::new(
+                condition::READY,
+                true,
+                reason::KEYS_ISSUED,
+                "ok",
+            )],
+            Some(1),
+            t0,
+        );
+        let same = merge(
+            &first,
+            &[Desired::new(
+                condition::READY,
+                true,
+                reason::KEYS_ISSUED,
+                "ok",
+            )],
+            Some(2),
+            t1,
+        );
         assert_eq!(same[0].last_transition_time, time(t0));
         assert_eq!(same[0].observed_generation, Some(2));
-        let flipped = merge(&same, &[Desired::new(condition::READY, false, reason::BACKEND_ERROR, "x")], Some(2), t1);
+        let flipped = merge(
+            &same,
+            &[Desired::new(
+                condition::READY,
+                false,
+                reason::BACKEND_ERROR,
+                "x",
+            )],
+            Some(2),
+            t1,
+        );
         assert_eq!(flipped[0].last_transition_time, time(t1));
         assert_eq!(flipped[0].status, "False");
     }
@@ -222,8 +339,22 @@ mod tests {
     fn a_failed_reconcile_keeps_the_last_known_keys_and_other_conditions() {
         let now = at("2026-11-27T10:00:00Z");
         let before = ClaudeKeyStatus {
-            conditions: merge(&[], &[Desired::new(condition::ROTATING, true, reason::GRACE_PERIOD, "")], None, now),
-            workload_key: Some(WorkloadKeyStatus { fingerprint: "ck:1".into(), issued_at: now, ..Default::default() }),
+            conditions: merge(
+                &[],
+                &[Desired::new(
+                    condition::ROTATING,
+                    true,
+                    reason::GRACE_PERIOD,
+                    "",
+                )],
+                None,
+                now,
+            ),
+            workload_key: Some(WorkloadKeyStatus {
+                fingerprint: "ck:1".into(),
+                issued_at: now,
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let status = build_status(StatusInput {

@@ -20,20 +20,34 @@ use crate::crd::annotations::{CONSUMES, INJECT, RESTARTED_FOR};
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
     #[error("failed to list {kind}s in {namespace}: {source}")]
-    List { kind: &'static str, namespace: String, source: kube::Error },
+    List {
+        kind: &'static str,
+        namespace: String,
+        source: kube::Error,
+    },
     #[error("failed to restart {kind} {namespace}/{name}: {source}")]
-    Patch { kind: &'static str, namespace: String, name: String, source: kube::Error },
+    Patch {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
 }
 
 /// Whether a pod template must be rolled for workload key `fingerprint` of ClaudeKey `name`.
 /// Templates with the injected sidecar never are: their key changes inside the sidecar.
 pub fn needs_restart(template: Option<&PodTemplateSpec>, name: &str, fingerprint: &str) -> bool {
-    let Some(annotations) = template.and_then(|t| t.metadata.as_ref()).and_then(|m| m.annotations.as_ref()) else {
+    let Some(annotations) = template
+        .and_then(|t| t.metadata.as_ref())
+        .and_then(|m| m.annotations.as_ref())
+    else {
         return false;
     };
     annotations.get(CONSUMES).is_some_and(|c| c == name)
         && !annotations.contains_key(INJECT)
-        && annotations.get(RESTARTED_FOR).is_none_or(|f| f != fingerprint)
+        && annotations
+            .get(RESTARTED_FOR)
+            .is_none_or(|f| f != fingerprint)
 }
 
 /// A token bucket shared by all reconciles, so a wave of rotations cannot restart everything at once.
@@ -44,7 +58,10 @@ pub struct RestartLimiter {
 
 impl RestartLimiter {
     pub fn new(per_minute: u32) -> Self {
-        Self { per_minute: per_minute.max(1), state: Mutex::new((f64::from(per_minute.max(1)), Instant::now())) }
+        Self {
+            per_minute: per_minute.max(1),
+            state: Mutex::new((f64::from(per_minute.max(1)), Instant::now())),
+        }
     }
 
     /// Takes one restart, or says how long until one is available.
@@ -52,7 +69,8 @@ impl RestartLimiter {
         let rate = f64::from(self.per_minute) / 60.0;
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let tokens = (state.0 + now.duration_since(state.1).as_secs_f64() * rate).min(f64::from(self.per_minute));
+        let tokens = (state.0 + now.duration_since(state.1).as_secs_f64() * rate)
+            .min(f64::from(self.per_minute));
         *state = (tokens, now);
         if tokens >= 1.0 {
             state.0 -= 1.0;
@@ -81,10 +99,33 @@ pub async fn restart(
     limiter: &RestartLimiter,
 ) -> Result<Outcome, ConsumerError> {
     let mut outcome = Outcome::default();
-    let target = Target { namespace, name, fingerprint, limiter };
-    target.pass(Api::<Deployment>::namespaced(client.clone(), namespace), |d| d.spec.as_ref().map(|s| &s.template), &mut outcome).await?;
-    target.pass(Api::<StatefulSet>::namespaced(client.clone(), namespace), |d| d.spec.as_ref().map(|s| &s.template), &mut outcome).await?;
-    target.pass(Api::<DaemonSet>::namespaced(client.clone(), namespace), |d| d.spec.as_ref().map(|s| &s.template), &mut outcome).await?;
+    let target = Target {
+        namespace,
+        name,
+        fingerprint,
+        limiter,
+    };
+    target
+        .pass(
+            Api::<Deployment>::namespaced(client.clone(), namespace),
+            |d| d.spec.as_ref().map(|s| &s.template),
+            &mut outcome,
+        )
+        .await?;
+    target
+        .pass(
+            Api::<StatefulSet>::namespaced(client.clone(), namespace),
+            |d| d.spec.as_ref().map(|s| &s.template),
+            &mut outcome,
+        )
+        .await?;
+    target
+        .pass(
+            Api::<DaemonSet>::namespaced(client.clone(), namespace),
+            |d| d.spec.as_ref().map(|s| &s.template),
+            &mut outcome,
+        )
+        .await?;
     Ok(outcome)
 }
 
@@ -96,7 +137,12 @@ struct Target<'a> {
 }
 
 impl Target<'_> {
-    async fn pass<K>(&self, api: Api<K>, template: fn(&K) -> Option<&PodTemplateSpec>, outcome: &mut Outcome) -> Result<(), ConsumerError>
+    async fn pass<K>(
+        &self,
+        api: Api<K>,
+        template: fn(&K) -> Option<&PodTemplateSpec>,
+        outcome: &mut Outcome,
+    ) -> Result<(), ConsumerError>
     where
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     {
@@ -109,11 +155,19 @@ impl Target<'_> {
             "StatefulSet" => "StatefulSet",
             _ => "DaemonSet",
         };
-        let list = api
-            .list(&ListParams::default())
-            .await
-            .map_err(|source| ConsumerError::List { kind, namespace: self.namespace.to_string(), source })?;
-        for workload in list.items.iter().filter(|w| needs_restart(template(w), self.name, self.fingerprint)) {
+        let list =
+            api.list(&ListParams::default())
+                .await
+                .map_err(|source| ConsumerError::List {
+                    kind,
+                    namespace: self.namespace.to_string(),
+                    source,
+                })?;
+        for workload in list
+            .items
+            .iter()
+            .filter(|w| needs_restart(template(w), self.name, self.fingerprint))
+        {
             if let Err(wait) = self.limiter.try_take() {
                 outcome.deferred = Some(wait);
                 return Ok(());
@@ -122,8 +176,17 @@ impl Target<'_> {
             let patch = serde_json::json!({
                 "spec": { "template": { "metadata": { "annotations": { RESTARTED_FOR: self.fingerprint } } } }
             });
-            api.patch(&workload_name, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(|source| {
-                ConsumerError::Patch { kind, namespace: self.namespace.to_string(), name: workload_name.clone(), source }
+            api.patch(
+                &workload_name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map_err(|source| ConsumerError::Patch {
+                kind,
+                namespace: self.namespace.to_string(),
+                name: workload_name.clone(),
+                source,
             })?;
             outcome.restarted.push(format!("{kind}/{workload_name}"));
         }
@@ -140,18 +203,51 @@ mod tests {
     use super::*;
 
     fn template(pairs: &[(&str, &str)]) -> PodTemplateSpec {
-        let annotations: BTreeMap<_, _> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        PodTemplateSpec { metadata: Some(ObjectMeta { annotations: Some(annotations), ..Default::default() }), spec: None }
+        let annotations: BTreeMap<_, _> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        PodTemplateSpec {
+            metadata: Some(ObjectMeta {
+                annotations: Some(annotations),
+                ..Default::default()
+            }),
+            spec: None,
+        }
     }
 
     #[test]
     fn only_unstamped_consumers_without_a_sidecar_are_rolled() {
-        assert!(needs_restart(Some(&template(&[(CONSUMES, "bot")])), "bot", "ck:1"));
-        assert!(needs_restart(Some(&template(&[(CONSUMES, "bot"), (RESTARTED_FOR, "ck:0")])), "bot", "ck:1"));
-        assert!(!needs_restart(Some(&template(&[(CONSUMES, "bot"), (RESTARTED_FOR, "ck:1")])), "bot", "ck:1"));
-        assert!(!needs_restart(Some(&template(&[(CONSUMES, "other")])), "bot", "ck:1"));
-        assert!(!needs_restart(Some(&template(&[(CONSUMES, "bot"), (INJECT, "bot")])), "bot", "ck:1"));
-        assert!(!needs_restart(Some(&template(&[(INJECT, "bot")])), "bot", "ck:1"));
+        assert!(needs_restart(
+            Some(&template(&[(CONSUMES, "bot")])),
+            "bot",
+            "ck:1"
+        ));
+        assert!(needs_restart(
+            Some(&template(&[(CONSUMES, "bot"), (RESTARTED_FOR, "ck:0")])),
+            "bot",
+            "ck:1"
+        ));
+        assert!(!needs_restart(
+            Some(&template(&[(CONSUMES, "bot"), (RESTARTED_FOR, "ck:1")])),
+            "bot",
+            "ck:1"
+        ));
+        assert!(!needs_restart(
+            Some(&template(&[(CONSUMES, "other")])),
+            "bot",
+            "ck:1"
+        ));
+        assert!(!needs_restart(
+            Some(&template(&[(CONSUMES, "bot"), (INJECT, "bot")])),
+            "bot",
+            "ck:1"
+        ));
+        assert!(!needs_restart(
+            Some(&template(&[(INJECT, "bot")])),
+            "bot",
+            "ck:1"
+        ));
         assert!(!needs_restart(None, "bot", "ck:1"));
     }
 

@@ -67,20 +67,33 @@ impl Context {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let n = failures.entry(key.to_string()).or_insert(0);
         *n = n.saturating_add(1);
-        BACKOFF_MIN.saturating_mul(1u32 << (*n - 1).min(9)).min(BACKOFF_MAX)
+        BACKOFF_MIN
+            .saturating_mul(1u32 << (*n - 1).min(9))
+            .min(BACKOFF_MAX)
     }
 
     /// Forgets the failures of `key` after a clean reconcile.
     pub fn succeeded(&self, key: &str) {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
     }
 
     /// Publishes an Event on the ClaudeKey; a failure to record is logged, never fatal.
     pub async fn event(&self, ck: &ClaudeKey, type_: EventType, reason: &str, note: String) {
-        let event = Event { type_, reason: reason.to_string(), note: Some(note), action: "Reconcile".to_string(), secondary: None };
+        let event = Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(note),
+            action: "Reconcile".to_string(),
+            secondary: None,
+        };
         let reference = ck.object_ref(&());
         if let Err(error) = self.recorder.publish(&event, &reference).await {
-            let ObjectMeta { namespace, name, .. } = &ck.meta();
+            let ObjectMeta {
+                namespace, name, ..
+            } = &ck.meta();
             tracing::warn!(?namespace, ?name, %error, reason, "failed to record an Event");
         }
     }

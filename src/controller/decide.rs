@@ -130,8 +130,18 @@ pub fn decide(
                 if reason == RotationReason::Expired {
                     ledger.expiry_handled = spec.expires_at;
                 }
-                let grace = if reason.zero_grace() { TimeDelta::zero() } else { grace };
-                rotate_workload(&mut ledger, candidate, reason.zero_grace(), now + grace, grace);
+                let grace = if reason.zero_grace() {
+                    TimeDelta::zero()
+                } else {
+                    grace
+                };
+                rotate_workload(
+                    &mut ledger,
+                    candidate,
+                    reason.zero_grace(),
+                    now + grace,
+                    grace,
+                );
                 ledger.issued_at = now;
             }
             let rolled = roll_upstream(&mut ledger, upstream, now, grace)?;
@@ -143,7 +153,14 @@ pub fn decide(
     }
     let next_rotation = (!expired).then(|| ledger.issued_at + spec.rotation.interval.as_chrono());
     let wake_at = wake_at(&ledger, next_rotation, spec.expires_at.filter(|_| !expired));
-    Ok(Decision { ledger, rotation, upstream_rolled, next_rotation, expired, wake_at })
+    Ok(Decision {
+        ledger,
+        rotation,
+        upstream_rolled,
+        next_rotation,
+        expired,
+        wake_at,
+    })
 }
 
 fn rotation_reason(
@@ -203,7 +220,9 @@ fn rotate_workload(
             ledger.workload_keys.retain(|k| k.valid_until.is_none());
         }
     }
-    ledger.workload_keys.retain(|k| k.sha256 != candidate.sha256);
+    ledger
+        .workload_keys
+        .retain(|k| k.sha256 != candidate.sha256);
     ledger.workload_keys.insert(0, current_workload(candidate));
 }
 
@@ -215,9 +234,15 @@ fn roll_upstream(
     grace: TimeDelta,
 ) -> Result<bool, NoUpstreamKey> {
     let Some(upstream) = upstream else {
-        return ledger.current_upstream().map(|_| false).ok_or(NoUpstreamKey);
+        return ledger
+            .current_upstream()
+            .map(|_| false)
+            .ok_or(NoUpstreamKey);
     };
-    if ledger.current_upstream().is_some_and(|c| c.sha256 == upstream.id.sha256) {
+    if ledger
+        .current_upstream()
+        .is_some_and(|c| c.sha256 == upstream.id.sha256)
+    {
         return Ok(false);
     }
     for key in &mut ledger.upstream_keys {
@@ -228,7 +253,9 @@ fn roll_upstream(
     ledger
         .upstream_keys
         .retain(|k| k.sha256 != upstream.id.sha256 && k.valid_until.is_some_and(|t| now < t));
-    ledger.upstream_keys.insert(0, current_upstream(&upstream.id));
+    ledger
+        .upstream_keys
+        .insert(0, current_upstream(&upstream.id));
     Ok(true)
 }
 
@@ -246,11 +273,19 @@ fn wake_at(
 }
 
 fn current_workload(key: &KeyId) -> WorkloadKeyEntry {
-    WorkloadKeyEntry { sha256: key.sha256.clone(), fingerprint: key.fingerprint.clone(), valid_until: None }
+    WorkloadKeyEntry {
+        sha256: key.sha256.clone(),
+        fingerprint: key.fingerprint.clone(),
+        valid_until: None,
+    }
 }
 
 fn current_upstream(key: &KeyId) -> UpstreamLedgerEntry {
-    UpstreamLedgerEntry { sha256: key.sha256.clone(), fingerprint: key.fingerprint.clone(), valid_until: None }
+    UpstreamLedgerEntry {
+        sha256: key.sha256.clone(),
+        fingerprint: key.fingerprint.clone(),
+        valid_until: None,
+    }
 }
 
 #[cfg(test)]
@@ -264,14 +299,25 @@ pub fn validate(spec: &ClaudeKeySpec) -> Result<(), String> {
         regex::RegexBuilder::new(&pattern.regex)
             .size_limit(1 << 20)
             .build()
-            .map_err(|e| format!("dataProtection.customPatterns {:?}: the regex does not compile: {e}", pattern.name))?;
+            .map_err(|e| {
+                format!(
+                    "dataProtection.customPatterns {:?}: the regex does not compile: {e}",
+                    pattern.name
+                )
+            })?;
     }
     let second = std::time::Duration::from_secs(1);
     if spec.rotation.interval.as_duration() < second {
-        return Err(format!("rotation.interval {} is shorter than 1s", spec.rotation.interval));
+        return Err(format!(
+            "rotation.interval {} is shorter than 1s",
+            spec.rotation.interval
+        ));
     }
     if spec.source.refresh_interval.as_duration() < second {
-        return Err(format!("source.refreshInterval {} is shorter than 1s", spec.source.refresh_interval));
+        return Err(format!(
+            "source.refreshInterval {} is shorter than 1s",
+            spec.source.refresh_interval
+        ));
     }
     Ok(())
 }

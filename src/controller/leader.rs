@@ -25,7 +25,11 @@ pub struct LeaseConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum LeaderError {
     #[error("failed to read or write Lease {namespace}/{name}: {source}")]
-    Api { namespace: String, name: String, source: kube::Error },
+    Api {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
     #[error("lost Lease {namespace}/{name}: could not renew it within its duration")]
     Lost { namespace: String, name: String },
 }
@@ -38,7 +42,10 @@ pub struct Elector {
 
 impl Elector {
     pub fn new(client: Client, config: LeaseConfig) -> Self {
-        Self { api: Api::namespaced(client, &config.namespace), config }
+        Self {
+            api: Api::namespaced(client, &config.namespace),
+            config,
+        }
     }
 
     fn renew_every(&self) -> Duration {
@@ -83,23 +90,37 @@ impl Elector {
                 spec.holder_identity = None;
                 spec.renew_time = None;
                 spec.acquire_time = None;
-                let _ = self.api.replace(&self.config.name, &PostParams::default(), &lease).await;
+                let _ = self
+                    .api
+                    .replace(&self.config.name, &PostParams::default(), &lease)
+                    .await;
             }
         }
     }
 
     fn lost(&self) -> LeaderError {
-        LeaderError::Lost { namespace: self.config.namespace.clone(), name: self.config.name.clone() }
+        LeaderError::Lost {
+            namespace: self.config.namespace.clone(),
+            name: self.config.name.clone(),
+        }
     }
 
     fn api_error(&self, source: kube::Error) -> LeaderError {
-        LeaderError::Api { namespace: self.config.namespace.clone(), name: self.config.name.clone(), source }
+        LeaderError::Api {
+            namespace: self.config.namespace.clone(),
+            name: self.config.name.clone(),
+            source,
+        }
     }
 
     /// One round of the protocol; optimistic concurrency (resourceVersion) settles races.
     async fn try_acquire_or_renew(&self) -> Result<bool, LeaderError> {
         let now = Utc::now();
-        let existing = self.api.get_opt(&self.config.name).await.map_err(|e| self.api_error(e))?;
+        let existing = self
+            .api
+            .get_opt(&self.config.name)
+            .await
+            .map_err(|e| self.api_error(e))?;
         let Some(mut lease) = existing else {
             let lease = Lease {
                 metadata: ObjectMeta {
@@ -120,7 +141,11 @@ impl Elector {
             return Ok(false);
         }
         lease.spec = Some(self.claim(Some(&spec), now));
-        match self.api.replace(&self.config.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&self.config.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
             Err(e) => Err(self.api_error(e)),
@@ -128,14 +153,23 @@ impl Elector {
     }
 
     fn claim(&self, previous: Option<&LeaseSpec>, now: DateTime<Utc>) -> LeaseSpec {
-        let ours = previous.is_some_and(|p| p.holder_identity.as_deref() == Some(&self.config.identity));
+        let ours =
+            previous.is_some_and(|p| p.holder_identity.as_deref() == Some(&self.config.identity));
         let transitions = previous.and_then(|p| p.lease_transitions).unwrap_or(0);
         LeaseSpec {
             holder_identity: Some(self.config.identity.clone()),
             lease_duration_seconds: Some(self.config.lease_duration.as_secs().max(1) as i32),
-            acquire_time: if ours { previous.and_then(|p| p.acquire_time.clone()) } else { Some(micro(now)) },
+            acquire_time: if ours {
+                previous.and_then(|p| p.acquire_time.clone())
+            } else {
+                Some(micro(now))
+            },
             renew_time: Some(micro(now)),
-            lease_transitions: Some(if ours || previous.is_none() { transitions } else { transitions + 1 }),
+            lease_transitions: Some(if ours || previous.is_none() {
+                transitions
+            } else {
+                transitions + 1
+            }),
             ..Default::default()
         }
     }
@@ -147,9 +181,12 @@ pub fn may_take(spec: &LeaseSpec, identity: &str, now: DateTime<Utc>) -> bool {
         None | Some("") => true,
         Some(holder) if holder == identity => true,
         Some(_) => {
-            let Some(renewed) = spec.renew_time.as_ref() else { return true };
+            let Some(renewed) = spec.renew_time.as_ref() else {
+                return true;
+            };
             let duration = i64::from(spec.lease_duration_seconds.unwrap_or(15));
-            let renewed = DateTime::<Utc>::from_timestamp(renewed.0.as_second(), 0).unwrap_or_default();
+            let renewed =
+                DateTime::<Utc>::from_timestamp(renewed.0.as_second(), 0).unwrap_or_default();
             now >= renewed + chrono::TimeDelta::seconds(duration)
         }
     }
@@ -158,7 +195,8 @@ pub fn may_take(spec: &LeaseSpec, identity: &str, now: DateTime<Utc>) -> bool {
 fn micro(at: DateTime<Utc>) -> MicroTime {
     let micros = at.timestamp_micros();
     MicroTime(
-        k8s_openapi::jiff::Timestamp::from_microsecond(micros).unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        k8s_openapi::jiff::Timestamp::from_microsecond(micros)
+            .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
     )
 }
 

@@ -102,7 +102,10 @@ mod tests {
             upstream_version: "v1".into(),
             upstream_keys: vec![],
         };
-        assert_eq!(Ledger::from_annotation(&ledger.to_annotation()), Some(ledger));
+        assert_eq!(
+            Ledger::from_annotation(&ledger.to_annotation()),
+            Some(ledger)
+        );
         assert_eq!(Ledger::from_annotation("{not json"), None);
     }
 }

@@ -53,20 +53,51 @@ impl Metrics {
             consumer_restarts: Counter::default(),
             leader: Gauge::default(),
         };
-        registry.register("reconciles", "ClaudeKey reconciles started", metrics.reconciles.clone());
-        registry.register("reconcile_errors", "ClaudeKey reconciles that failed, by error kind", metrics.errors.clone());
-        registry.register("reconcile_duration_seconds", "Duration of ClaudeKey reconciles", metrics.duration.clone());
-        registry.register("rotations", "Workload and upstream key rotations, by reason and result", metrics.rotations.clone());
-        registry.register("workload_key_age_seconds", "Age of the current workload key per ClaudeKey", metrics.key_age.clone());
-        registry.register("consumer_restarts", "Gateway consumer workloads restarted for a new key", metrics.consumer_restarts.clone());
-        registry.register("leader", "1 while this replica holds the controller Lease", metrics.leader.clone());
+        registry.register(
+            "reconciles",
+            "ClaudeKey reconciles started",
+            metrics.reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "ClaudeKey reconciles that failed, by error kind",
+            metrics.errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of ClaudeKey reconciles",
+            metrics.duration.clone(),
+        );
+        registry.register(
+            "rotations",
+            "Workload and upstream key rotations, by reason and result",
+            metrics.rotations.clone(),
+        );
+        registry.register(
+            "workload_key_age_seconds",
+            "Age of the current workload key per ClaudeKey",
+            metrics.key_age.clone(),
+        );
+        registry.register(
+            "consumer_restarts",
+            "Gateway consumer workloads restarted for a new key",
+            metrics.consumer_restarts.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the controller Lease",
+            metrics.leader.clone(),
+        );
         metrics
     }
 
     /// Counts a reconcile and times it until the returned guard drops.
     pub fn start_reconcile(&self) -> ReconcileTimer<'_> {
         self.reconciles.inc();
-        ReconcileTimer { histogram: &self.duration, started: Instant::now() }
+        ReconcileTimer {
+            histogram: &self.duration,
+            started: Instant::now(),
+        }
     }
 }
 

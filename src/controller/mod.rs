@@ -50,7 +50,11 @@ pub struct Args {
     #[arg(long, env = "CLAUDEKEY_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_election: bool,
     /// Name of the leader-election Lease in the operator namespace.
-    #[arg(long, env = "CLAUDEKEY_LEASE_NAME", default_value = "claudekey-controller")]
+    #[arg(
+        long,
+        env = "CLAUDEKEY_LEASE_NAME",
+        default_value = "claudekey-controller"
+    )]
     pub lease_name: String,
     /// How long a Lease stays valid without renewal, e.g. 15s.
     #[arg(long, env = "CLAUDEKEY_LEASE_DURATION", default_value = "15s")]
@@ -59,7 +63,11 @@ pub struct Args {
     #[arg(long, env = "CLAUDEKEY_POD_NAME")]
     pub identity: Option<String>,
     /// At most this many gateway consumer workloads are restarted per minute.
-    #[arg(long, env = "CLAUDEKEY_CONSUMER_RESTARTS_PER_MINUTE", default_value_t = 10)]
+    #[arg(
+        long,
+        env = "CLAUDEKEY_CONSUMER_RESTARTS_PER_MINUTE",
+        default_value_t = 10
+    )]
     pub consumer_restarts_per_minute: u32,
 }
 
@@ -131,7 +139,9 @@ pub enum RunError {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let namespace = args
         .namespace
-        .or_else(|| std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace").ok())
+        .or_else(|| {
+            std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace").ok()
+        })
         .map(|n| n.trim().to_string())
         .filter(|n| !n.is_empty())
         .ok_or(RunError::NoNamespace)?;
@@ -140,9 +150,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let client = Client::try_default().await.map_err(RunError::Client)?;
     let mut config = ControllerConfig::new(&namespace);
     config.watch_namespace = args.watch_namespace;
-    config.gateway_url = args.gateway_url.unwrap_or_else(|| default_gateway_url(&namespace));
+    config.gateway_url = args
+        .gateway_url
+        .unwrap_or_else(|| default_gateway_url(&namespace));
     config.metrics_listen = Some(args.metrics_listen);
-    config.leader_election = args.leader_election.then(|| (args.lease_name, *args.lease_duration));
+    config.leader_election = args
+        .leader_election
+        .then(|| (args.lease_name, *args.lease_duration));
     if let Some(identity) = args.identity {
         config.identity = identity;
     }
@@ -156,13 +170,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -175,7 +190,11 @@ async fn shutdown_signal() {
 /// Runs the controller until `shutdown` resolves (then stops gracefully and releases the Lease)
 /// or the Lease is lost. Everything runs inside the returned future, so aborting its task is a
 /// faithful crash.
-pub async fn run_with(client: Client, config: ControllerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+pub async fn run_with(
+    client: Client,
+    config: ControllerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
     let mut registry = Registry::with_prefix("claudekey");
     let metrics = metrics::Metrics::new(&mut registry);
     let backends = Backends {
@@ -192,7 +211,10 @@ pub async fn run_with(client: Client, config: ControllerConfig, shutdown: impl F
             None => futures::future::pending().await,
         }
     };
-    let reporter = Reporter { controller: "claudekey-controller".to_string(), instance: Some(config.identity.clone()) };
+    let reporter = Reporter {
+        controller: "claudekey-controller".to_string(),
+        instance: Some(config.identity.clone()),
+    };
     let ctx = Arc::new(context::Context::new(
         client.clone(),
         config.namespace.clone(),
@@ -257,12 +279,24 @@ pub async fn run_with(client: Client, config: ControllerConfig, shutdown: impl F
 }
 
 /// The kube-runtime Controller over ClaudeKeys, owning their Secrets.
-async fn controller(client: &Client, config: &ControllerConfig, ctx: Arc<context::Context>, stop: impl Future<Output = ()> + Send + Sync + 'static) {
+async fn controller(
+    client: &Client,
+    config: &ControllerConfig,
+    ctx: Arc<context::Context>,
+    stop: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let (claudekeys, secrets): (Api<ClaudeKey>, Api<Secret>) = match &config.watch_namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    let owned = watcher::Config::default().labels(&format!("{}={}", annotations::MANAGED_BY_LABEL, annotations::MANAGER));
+    let owned = watcher::Config::default().labels(&format!(
+        "{}={}",
+        annotations::MANAGED_BY_LABEL,
+        annotations::MANAGER
+    ));
     Controller::new(claudekeys, watcher::Config::default())
         .owns(secrets, owned)
         .graceful_shutdown_on(stop)

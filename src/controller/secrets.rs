@@ -51,9 +51,17 @@ pub fn recover(client: Option<&Secret>, proxy: Option<&Secret>) -> Recovered {
         _ => false,
     };
     if consistent {
-        Recovered { ledger: client_ledger, client_key, upstream_values }
+        Recovered {
+            ledger: client_ledger,
+            client_key,
+            upstream_values,
+        }
     } else {
-        Recovered { ledger: proxy_ledger.or(client_ledger), client_key: None, upstream_values }
+        Recovered {
+            ledger: proxy_ledger.or(client_ledger),
+            client_key: None,
+            upstream_values,
+        }
     }
 }
 
@@ -80,13 +88,18 @@ pub fn render_config(
                 valid_until: entry.valid_until,
             }),
             None if entry.valid_until.is_none() => {
-                return Err(MissingUpstream { fingerprint: entry.fingerprint.clone() });
+                return Err(MissingUpstream {
+                    fingerprint: entry.fingerprint.clone(),
+                });
             }
             None => {}
         }
     }
     Ok(ProxyConfig {
-        claude_key: ClaudeKeyRef { namespace: ck.namespace().unwrap_or_default(), name: ck.name_any() },
+        claude_key: ClaudeKeyRef {
+            namespace: ck.namespace().unwrap_or_default(),
+            name: ck.name_any(),
+        },
         upstream,
         workload_keys: ledger.workload_keys.clone(),
         policy: Policy {
@@ -99,7 +112,12 @@ pub fn render_config(
 }
 
 /// The `-client` Secret: the workload key and where the gateway is, for consumers' env.
-pub fn build_client(ck: &ClaudeKey, key: &SecretString, gateway_url: &str, ledger: &Ledger) -> Secret {
+pub fn build_client(
+    ck: &ClaudeKey,
+    key: &SecretString,
+    gateway_url: &str,
+    ledger: &Ledger,
+) -> Secret {
     let mut data = BTreeMap::new();
     data.insert(API_KEY_ENTRY.to_string(), bytes(key.expose_secret()));
     data.insert(BASE_URL_ENTRY.to_string(), bytes(gateway_url));
@@ -114,13 +132,21 @@ pub fn build_proxy(ck: &ClaudeKey, config: &ProxyConfig, ledger: &Ledger) -> Sec
     owned_secret(ck, proxy_secret_name(&ck.name_any()), data, ledger)
 }
 
-fn owned_secret(ck: &ClaudeKey, name: String, data: BTreeMap<String, ByteString>, ledger: &Ledger) -> Secret {
+fn owned_secret(
+    ck: &ClaudeKey,
+    name: String,
+    data: BTreeMap<String, ByteString>,
+    ledger: &Ledger,
+) -> Secret {
     Secret {
         metadata: ObjectMeta {
             name: Some(name),
             namespace: ck.namespace(),
             labels: Some(labels(&ck.name_any())),
-            annotations: Some(BTreeMap::from([(LEDGER_ANNOTATION.to_string(), ledger.to_annotation())])),
+            annotations: Some(BTreeMap::from([(
+                LEDGER_ANNOTATION.to_string(),
+                ledger.to_annotation(),
+            )])),
             owner_references: ck.controller_owner_ref(&()).map(|r| vec![r]),
             ..Default::default()
         },
@@ -133,7 +159,10 @@ fn owned_secret(ck: &ClaudeKey, name: String, data: BTreeMap<String, ByteString>
 /// Labels on both owned Secrets; the controller's Secret watch selects on the first.
 pub fn labels(name: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (annotations::MANAGED_BY_LABEL.to_string(), annotations::MANAGER.to_string()),
+        (
+            annotations::MANAGED_BY_LABEL.to_string(),
+            annotations::MANAGER.to_string(),
+        ),
         (annotations::NAME_LABEL.to_string(), name.to_string()),
     ])
 }
@@ -154,7 +183,9 @@ pub enum Drift {
 /// Compares an existing Secret with the desired one. `proxy.json` is compared as JSON, so
 /// formatting alone is not drift.
 pub fn drift(existing: Option<&Secret>, desired: &Secret) -> Drift {
-    let Some(existing) = existing else { return Drift::Missing };
+    let Some(existing) = existing else {
+        return Drift::Missing;
+    };
     if ledger_of(existing) != ledger_of(desired) {
         return Drift::Progress;
     }
@@ -163,13 +194,18 @@ pub fn drift(existing: Option<&Secret>, desired: &Secret) -> Drift {
             .iter()
             .flatten()
             .map(|(k, v)| {
-                let value = serde_json::from_slice(&v.0)
-                    .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&v.0).into()));
+                let value = serde_json::from_slice(&v.0).unwrap_or_else(|_| {
+                    serde_json::Value::String(String::from_utf8_lossy(&v.0).into())
+                });
                 (k.clone(), value)
             })
             .collect()
     };
-    if as_json(existing) == as_json(desired) { Drift::None } else { Drift::Edited }
+    if as_json(existing) == as_json(desired) {
+        Drift::None
+    } else {
+        Drift::Edited
+    }
 }
 
 /// Data entries someone added by hand, which server-side apply would leave in place.
@@ -186,7 +222,10 @@ pub fn extra_entries(existing: Option<&Secret>, desired: &Secret) -> Vec<String>
 }
 
 fn ledger_of(secret: &Secret) -> Option<Ledger> {
-    secret.annotations().get(LEDGER_ANNOTATION).and_then(|a| Ledger::from_annotation(a))
+    secret
+        .annotations()
+        .get(LEDGER_ANNOTATION)
+        .and_then(|a| Ledger::from_annotation(a))
 }
 
 fn proxy_config_of(secret: &Secret) -> Option<ProxyConfig> {
@@ -196,7 +235,9 @@ fn proxy_config_of(secret: &Secret) -> Option<ProxyConfig> {
 
 fn data_str(secret: &Secret, key: &str) -> Option<SecretString> {
     let raw = secret.data.as_ref()?.get(key)?;
-    String::from_utf8(raw.0.clone()).ok().map(SecretString::from)
+    String::from_utf8(raw.0.clone())
+        .ok()
+        .map(SecretString::from)
 }
 
 fn bytes(s: &str) -> ByteString {

@@ -49,7 +49,12 @@ fn both() -> (Secret, Secret) {
     let ck = claudekey();
     let config = render_config(&ck, &ledger(), &values()).unwrap();
     (
-        build_client(&ck, &SecretString::from(WORKLOAD), "http://gw:8080", &ledger()),
+        build_client(
+            &ck,
+            &SecretString::from(WORKLOAD),
+            "http://gw:8080",
+            &ledger(),
+        ),
         build_proxy(&ck, &config, &ledger()),
     )
 }
@@ -58,7 +63,10 @@ fn both() -> (Secret, Secret) {
 fn secrets_carry_owner_labels_and_exactly_the_designed_entries() {
     let (client, proxy) = both();
     let owner = &client.metadata.owner_references.as_ref().unwrap()[0];
-    assert_eq!((owner.kind.as_str(), owner.controller), ("ClaudeKey", Some(true)));
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("ClaudeKey", Some(true))
+    );
     assert_eq!(client.labels()["app.kubernetes.io/managed-by"], "claudekey");
     assert_eq!(proxy.labels()["claudekey.io/name"], "bot");
     let client_keys: Vec<_> = client.data.as_ref().unwrap().keys().collect();
@@ -83,7 +91,10 @@ fn recovers_key_ledger_and_upstream_values() {
     let r = recover(Some(&client), Some(&proxy));
     assert_eq!(r.ledger, Some(ledger()));
     assert_eq!(r.client_key.unwrap().expose_secret(), WORKLOAD);
-    assert_eq!(r.upstream_values[&sha256_hex(UPSTREAM)].expose_secret(), UPSTREAM);
+    assert_eq!(
+        r.upstream_values[&sha256_hex(UPSTREAM)].expose_secret(),
+        UPSTREAM
+    );
 }
 
 #[test]
@@ -91,7 +102,11 @@ fn edited_or_missing_client_secret_loses_the_key_but_not_the_ledger() {
     let (mut client, proxy) = both();
     let r = recover(None, Some(&proxy));
     assert_eq!((r.ledger, r.client_key.is_none()), (Some(ledger()), true));
-    client.data.as_mut().unwrap().insert(API_KEY_ENTRY.into(), ByteString(b"ck_live_other".to_vec()));
+    client
+        .data
+        .as_mut()
+        .unwrap()
+        .insert(API_KEY_ENTRY.into(), ByteString(b"ck_live_other".to_vec()));
     let r = recover(Some(&client), Some(&proxy));
     assert_eq!((r.ledger, r.client_key.is_none()), (Some(ledger()), true));
 }
@@ -113,8 +128,16 @@ fn drift_tells_hand_edits_from_progress() {
     assert_eq!(drift(None, &proxy), Drift::Missing);
     assert_eq!(drift(Some(&proxy), &proxy), Drift::None);
     let mut edited = proxy.clone();
-    edited.data.as_mut().unwrap().insert("proxy.json".into(), ByteString(b"{}".to_vec()));
-    edited.data.as_mut().unwrap().insert("extra".into(), ByteString(b"x".to_vec()));
+    edited
+        .data
+        .as_mut()
+        .unwrap()
+        .insert("proxy.json".into(), ByteString(b"{}".to_vec()));
+    edited
+        .data
+        .as_mut()
+        .unwrap()
+        .insert("extra".into(), ByteString(b"x".to_vec()));
     assert_eq!(drift(Some(&edited), &proxy), Drift::Edited);
     assert_eq!(extra_entries(Some(&edited), &proxy), ["extra"]);
     let mut moved = ledger();

@@ -80,7 +80,9 @@ impl Running {
             let _ = tx.send(());
         }
         let result = tokio::time::timeout(Duration::from_secs(20), self.task).await;
-        let result = result.expect("controller stops in time").expect("controller task");
+        let result = result
+            .expect("controller stops in time")
+            .expect("controller task");
         result.expect("controller ends cleanly");
     }
 
@@ -102,8 +104,13 @@ pub fn metric(text: &str, name: &str) -> f64 {
 /// A plain HTTP/1.0 GET against the loopback admin port.
 pub async fn http_get(port: u16, path: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.ok()?;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await.ok()?;
     Some(response)
@@ -111,7 +118,11 @@ pub async fn http_get(port: u16, path: &str) -> Option<String> {
 
 /// A free loopback port for an admin listener.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The configuration tests use: namespace-scoped, no Lease unless a test asks for one.
@@ -130,34 +141,58 @@ pub fn start(client: &Client, config: ControllerConfig) -> Running {
     let task = tokio::spawn(run_with(client.clone(), config, async {
         let _ = rx.await;
     }));
-    Running { task, stop: Some(tx), metrics_port }
+    Running {
+        task,
+        stop: Some(tx),
+        metrics_port,
+    }
 }
 
 /// A realistic-looking upstream key that appears nowhere else.
 pub fn upstream_key() -> String {
-    format!("sk-ant-api03-{}-{}AA", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+    format!(
+        "sk-ant-api03-{}-{}AA",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
 }
 
 /// Creates or replaces the upstream-key Secret `name` (data key `api-key`) in `ns`.
 pub async fn put_upstream(client: &Client, ns: &str, name: &str, value: &str) {
     let secret = Secret {
-        metadata: ObjectMeta { name: Some(name.to_string()), ..Default::default() },
-        data: Some(BTreeMap::from([("api-key".to_string(), ByteString(value.as_bytes().to_vec()))])),
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            "api-key".to_string(),
+            ByteString(value.as_bytes().to_vec()),
+        )])),
         ..Default::default()
     };
     let body = serde_json::json!({ "apiVersion": "v1", "kind": "Secret", "metadata": secret.metadata, "data": secret.data });
     Api::<Secret>::namespaced(client.clone(), ns)
-        .patch(name, &PatchParams::apply("claudekey-tests").force(), &Patch::Apply(&body))
+        .patch(
+            name,
+            &PatchParams::apply("claudekey-tests").force(),
+            &Patch::Apply(&body),
+        )
         .await
         .expect("write upstream Secret");
 }
 
 /// Applies a ClaudeKey whose spec is given as YAML (indented two spaces under `spec:`).
 pub async fn apply_claudekey(client: &Client, ns: &str, name: &str, spec_yaml: &str) {
-    let yaml = format!("apiVersion: claudekey.io/v1alpha1\nkind: ClaudeKey\nmetadata:\n  name: {name}\nspec:\n{spec_yaml}");
+    let yaml = format!(
+        "apiVersion: claudekey.io/v1alpha1\nkind: ClaudeKey\nmetadata:\n  name: {name}\nspec:\n{spec_yaml}"
+    );
     let value: serde_json::Value = serde_yaml::from_str(&yaml).expect("test ClaudeKey YAML");
     Api::<ClaudeKey>::namespaced(client.clone(), ns)
-        .patch(name, &PatchParams::apply("claudekey-tests").force(), &Patch::Apply(&value))
+        .patch(
+            name,
+            &PatchParams::apply("claudekey-tests").force(),
+            &Patch::Apply(&value),
+        )
         .await
         .expect("apply ClaudeKey");
 }
@@ -181,7 +216,11 @@ pub struct Owned {
 
 impl Owned {
     pub fn workload_hashes(&self) -> Vec<String> {
-        self.config.workload_keys.iter().map(|k| k.sha256.clone()).collect()
+        self.config
+            .workload_keys
+            .iter()
+            .map(|k| k.sha256.clone())
+            .collect()
     }
 }
 
@@ -190,24 +229,55 @@ pub async fn owned(client: &Client, ns: &str, name: &str) -> Option<Owned> {
     let api = Api::<Secret>::namespaced(client.clone(), ns);
     let client_secret = api.get_opt(&format!("{name}-client")).await.ok()??;
     let proxy_secret = api.get_opt(&format!("{name}-proxy")).await.ok()??;
-    let workload_key = String::from_utf8(client_secret.data.as_ref()?.get("ANTHROPIC_API_KEY")?.0.clone()).ok()?;
+    let workload_key = String::from_utf8(
+        client_secret
+            .data
+            .as_ref()?
+            .get("ANTHROPIC_API_KEY")?
+            .0
+            .clone(),
+    )
+    .ok()?;
     let config = serde_json::from_slice(&proxy_secret.data.as_ref()?.get("proxy.json")?.0).ok()?;
-    Some(Owned { client_secret, proxy_secret, workload_key, config })
+    Some(Owned {
+        client_secret,
+        proxy_secret,
+        workload_key,
+        config,
+    })
 }
 
 /// Waits until `check` holds for the ClaudeKey (status included) and returns it.
-pub async fn wait_claudekey(client: &Client, ns: &str, name: &str, what: &str, check: impl Fn(&ClaudeKey) -> bool) -> ClaudeKey {
+pub async fn wait_claudekey(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    check: impl Fn(&ClaudeKey) -> bool,
+) -> ClaudeKey {
     let api = Api::<ClaudeKey>::namespaced(client.clone(), ns);
     support::eventually(Duration::from_secs(30), what, || {
         let api = api.clone();
         let check = &check;
-        async move { api.get_opt(name).await.ok().flatten().filter(|ck| check(ck)) }
+        async move {
+            api.get_opt(name)
+                .await
+                .ok()
+                .flatten()
+                .filter(|ck| check(ck))
+        }
     })
     .await
 }
 
 /// Waits until `check` holds for the owned Secrets and returns them.
-pub async fn wait_owned(client: &Client, ns: &str, name: &str, what: &str, check: impl Fn(&Owned) -> bool) -> Owned {
+pub async fn wait_owned(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    check: impl Fn(&Owned) -> bool,
+) -> Owned {
     support::eventually(Duration::from_secs(30), what, || {
         let check = &check;
         async move { owned(client, ns, name).await.filter(|o| check(o)) }
@@ -230,19 +300,37 @@ pub fn is_ready(ck: &ClaudeKey) -> bool {
 }
 
 pub fn fingerprint(ck: &ClaudeKey) -> Option<String> {
-    Some(ck.status.as_ref()?.workload_key.as_ref()?.fingerprint.clone())
+    Some(
+        ck.status
+            .as_ref()?
+            .workload_key
+            .as_ref()?
+            .fingerprint
+            .clone(),
+    )
 }
 
 /// Fails when any captured log line, any Event in `ns`, or any ClaudeKey status contains one of
 /// `secrets`.
 pub async fn assert_no_leaks(client: &Client, ns: &str, secrets: &[String]) {
     use k8s_openapi::api::events::v1::Event;
-    let events = Api::<Event>::namespaced(client.clone(), ns).list(&Default::default()).await.expect("list Events");
+    let events = Api::<Event>::namespaced(client.clone(), ns)
+        .list(&Default::default())
+        .await
+        .expect("list Events");
     let events = serde_json::to_string(&events.items).unwrap();
-    let statuses = Api::<ClaudeKey>::namespaced(client.clone(), ns).list(&Default::default()).await.expect("list ClaudeKeys");
-    let statuses = serde_json::to_string(&statuses.items.iter().map(|c| &c.status).collect::<Vec<_>>()).unwrap();
+    let statuses = Api::<ClaudeKey>::namespaced(client.clone(), ns)
+        .list(&Default::default())
+        .await
+        .expect("list ClaudeKeys");
+    let statuses =
+        serde_json::to_string(&statuses.items.iter().map(|c| &c.status).collect::<Vec<_>>())
+            .unwrap();
     let logs = logs();
-    assert!(!events.is_empty() && logs.contains("workload key issued"), "nothing was captured to check");
+    assert!(
+        !events.is_empty() && logs.contains("workload key issued"),
+        "nothing was captured to check"
+    );
     for secret in secrets {
         assert!(secret.len() > 20, "checking a real key");
         let body = &secret[12..];
