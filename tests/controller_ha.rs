@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use claudekey::controller::decide::RotationReason;
 use claudekey::keys::{KeyKind, fingerprint, sha256_hex};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::{Api, Client, api::PostParams};
@@ -26,8 +27,8 @@ async fn crash_between_secret_write_and_status_write_never_issues_twice() {
     let (reached_tx, mut reached) = mpsc::unbounded_channel();
     let mut cfg = config(&ns);
     let hook_armed = armed.clone();
-    cfg.after_secrets = Some(Arc::new(move || {
-        let armed = hook_armed.load(Ordering::SeqCst);
+    cfg.after_secrets = Some(Arc::new(move |rotation| {
+        let armed = hook_armed.load(Ordering::SeqCst) && rotation == Some(RotationReason::Rotate);
         let reached_tx = reached_tx.clone();
         Box::pin(async move {
             if armed {

@@ -37,9 +37,14 @@ impl KubernetesBackend {
                     source_name: source_name.clone(),
                     detail: "grant the controller get on Secrets in its namespace".to_string(),
                 },
+                // Only code and reason: a response that failed to parse may quote Secret data.
+                kube::Error::Api(status) => BackendError::Unavailable {
+                    source_name: source_name.clone(),
+                    detail: format!("HTTP {} {}", status.code, status.reason),
+                },
                 _ => BackendError::Unavailable {
                     source_name: source_name.clone(),
-                    detail: e.to_string(),
+                    detail: "the apiserver could not be reached or answered unreadably".to_string(),
                 },
             })?;
         let Some(secret) = secret else {

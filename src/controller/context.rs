@@ -11,13 +11,15 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Resource, api::ObjectMeta};
 
 use super::consumers::RestartLimiter;
+use super::decide::RotationReason;
 use super::metrics::Metrics;
 use crate::backend::cache::BackendCache;
 use crate::crd::ClaudeKey;
 
-/// A hook run after both Secrets are written and before status: tests use it to kill a
-/// controller at exactly that point and prove a restart never issues a second key.
-pub type Hook = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
+/// A hook run after both Secrets are written and before status, with the rotation (if any) that
+/// was just written: tests use it to kill a controller at exactly that point and prove a restart
+/// never issues a second key.
+pub type Hook = Arc<dyn Fn(Option<RotationReason>) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// Shared state of one running controller.
 pub struct Context {

@@ -1,6 +1,7 @@
 //! `claudekey controller` (DESIGN.md §3): issues, syncs and rotates keys for every ClaudeKey.
 //! `run` parses flags and builds a client; `run_with` is the in-process entry point tests use.
 
+pub mod apply;
 pub mod conditions;
 pub mod consumers;
 pub mod context;
@@ -10,6 +11,7 @@ pub mod leader;
 pub mod ledger;
 pub mod metrics;
 pub mod reconcile;
+pub mod report;
 pub mod secrets;
 
 use std::future::Future;

@@ -146,3 +146,34 @@ fn drift_tells_hand_edits_from_progress() {
     let newer = build_proxy(&ck, &render_config(&ck, &moved, &values()).unwrap(), &moved);
     assert_eq!(drift(Some(&proxy), &newer), Drift::Progress);
 }
+
+#[test]
+fn a_crash_between_the_two_writes_resumes_from_the_client_copy() {
+    let (_, old_proxy) = both();
+    let newer_key = "ck_live_ZYXWVUTSRQPONMLKJIHGFEDCBAzyxwvutsrqponmlkjihgf";
+    let mut newer = ledger();
+    newer.rotate_handled = Some("1".into());
+    newer.workload_keys[0].valid_until = Some("2026-11-27T10:15:00Z".parse().unwrap());
+    newer.workload_keys.insert(
+        0,
+        WorkloadKeyEntry {
+            sha256: sha256_hex(newer_key),
+            fingerprint: fingerprint(KeyKind::Workload, newer_key),
+            valid_until: None,
+        },
+    );
+    let new_client = build_client(
+        &claudekey(),
+        &SecretString::from(newer_key),
+        "http://gw",
+        &newer,
+    );
+    let r = recover(Some(&new_client), Some(&old_proxy));
+    assert_eq!(
+        r.ledger,
+        Some(newer),
+        "the -client write is the commit point"
+    );
+    assert_eq!(r.client_key.unwrap().expose_secret(), newer_key);
+    assert!(r.upstream_values.contains_key(&sha256_hex(UPSTREAM)));
+}
