@@ -400,3 +400,105 @@ async fn deleting_the_claudekey_garbage_collects_its_secrets() {
     );
     controller.stop().await;
 }
+
+async fn event_reasons(client: &kube::Client, ns: &str) -> Vec<String> {
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), ns);
+    let list = events.list(&Default::default()).await.unwrap();
+    list.items.into_iter().filter_map(|e| e.reason).collect()
+}
+
+#[tokio::test]
+async fn spec_change_rewrites_the_policy_without_a_new_key_or_a_tamper_event() {
+    let (client, ns) = setup("ck-respec").await;
+    put_upstream(&client, &ns, "upstream", &upstream_key()).await;
+    let controller = start(&client, config(&ns));
+    apply_claudekey(&client, &ns, "bot", SPEC_FAST).await;
+    wait_claudekey(&client, &ns, "bot", "Ready", is_ready).await;
+    let before = owned(&client, &ns, "bot").await.unwrap();
+
+    apply_claudekey(
+        &client,
+        &ns,
+        "bot",
+        &SPEC_FAST.replace("maxTokens: 512", "maxTokens: 64"),
+    )
+    .await;
+    let after = wait_owned(&client, &ns, "bot", "new policy", |o| {
+        o.config.policy.scope.max_tokens == Some(64)
+    })
+    .await;
+    assert_eq!(after.workload_key, before.workload_key);
+    let ck = wait_claudekey(&client, &ns, "bot", "observed the new generation", |ck| {
+        ck.status.as_ref().and_then(|s| s.observed_generation) == ck.metadata.generation
+    })
+    .await;
+    assert!(is_ready(&ck));
+    let reasons = event_reasons(&client, &ns).await;
+    assert!(
+        !reasons.iter().any(|r| r == "TamperRepaired"),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons.iter().filter(|r| *r == "KeyIssued").count(), 1);
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn interval_rotation_happens_on_schedule_without_any_event() {
+    let (client, ns) = setup("ck-interval").await;
+    put_upstream(&client, &ns, "upstream", &upstream_key()).await;
+    let controller = start(&client, config(&ns));
+    let spec = SPEC_FAST
+        .replace("interval: 24h", "interval: 3s")
+        .replace("gracePeriod: 3s", "gracePeriod: 1s")
+        .replace("refreshInterval: 1s", "refreshInterval: 1h");
+    apply_claudekey(&client, &ns, "bot", &spec).await;
+    wait_claudekey(&client, &ns, "bot", "Ready", is_ready).await;
+    let first = owned(&client, &ns, "bot").await.unwrap();
+    let rotated = wait_owned(&client, &ns, "bot", "scheduled rotation", |o| {
+        o.workload_key != first.workload_key
+    })
+    .await;
+    assert!(
+        rotated
+            .workload_hashes()
+            .contains(&sha256_hex(&rotated.workload_key))
+    );
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn expiry_retires_the_key_and_reports_it() {
+    let (client, ns) = setup("ck-expiry").await;
+    put_upstream(&client, &ns, "upstream", &upstream_key()).await;
+    let controller = start(&client, config(&ns));
+    let expires = (chrono::Utc::now() + chrono::TimeDelta::seconds(4))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    apply_claudekey(
+        &client,
+        &ns,
+        "bot",
+        &format!("{SPEC_FAST}  expiresAt: \"{expires}\"\n"),
+    )
+    .await;
+    wait_claudekey(&client, &ns, "bot", "Ready", is_ready).await;
+    let first = owned(&client, &ns, "bot").await.unwrap();
+    let ck = wait_claudekey(&client, &ns, "bot", "Ready=False Expired", |ck| {
+        condition(ck, "Ready").is_some_and(|c| c.1 == "Expired")
+    })
+    .await;
+    assert_eq!(condition(&ck, "RotationDue").unwrap().0, "True");
+    let after = owned(&client, &ns, "bot").await.unwrap();
+    assert_ne!(
+        after.workload_key, first.workload_key,
+        "the expired key is retired"
+    );
+    assert_eq!(after.workload_hashes().len(), 1, "with zero grace");
+    assert!(after.config.policy.expires_at.is_some());
+    assert!(
+        event_reasons(&client, &ns)
+            .await
+            .iter()
+            .any(|r| r == "KeyExpired")
+    );
+    controller.stop().await;
+}

@@ -14,6 +14,8 @@ use crate::proxyconf::{self, ClaudeKeyRef, Policy, ProxyConfig, UpstreamEntry};
 
 /// Data key of the workload key in the `-client` Secret.
 pub const API_KEY_ENTRY: &str = "ANTHROPIC_API_KEY";
+/// Annotation with the digest of the data the controller wrote, to recognise hand edits.
+pub const CONTENT_ANNOTATION: &str = "claudekey.io/content-sha256";
 /// Data key of the gateway URL in the `-client` Secret.
 pub const BASE_URL_ENTRY: &str = "ANTHROPIC_BASE_URL";
 
@@ -143,10 +145,10 @@ fn owned_secret(
             name: Some(name),
             namespace: ck.namespace(),
             labels: Some(labels(&ck.name_any())),
-            annotations: Some(BTreeMap::from([(
-                LEDGER_ANNOTATION.to_string(),
-                ledger.to_annotation(),
-            )])),
+            annotations: Some(BTreeMap::from([
+                (LEDGER_ANNOTATION.to_string(), ledger.to_annotation()),
+                (CONTENT_ANNOTATION.to_string(), content_digest(Some(&data))),
+            ])),
             owner_references: ck.controller_owner_ref(&()).map(|r| vec![r]),
             ..Default::default()
         },
@@ -180,32 +182,38 @@ pub enum Drift {
     Edited,
 }
 
-/// Compares an existing Secret with the desired one. `proxy.json` is compared as JSON, so
-/// formatting alone is not drift.
+/// Compares an existing Secret with the desired one. Each Secret carries a digest of the data
+/// the controller wrote ([`CONTENT_ANNOTATION`]), so a hand edit (data no longer matching its own
+/// stamp) is told apart from a change the controller makes itself (a new spec, a rotation, an
+/// interrupted write being finished).
 pub fn drift(existing: Option<&Secret>, desired: &Secret) -> Drift {
     let Some(existing) = existing else {
         return Drift::Missing;
     };
-    if ledger_of(existing) != ledger_of(desired) {
-        return Drift::Progress;
-    }
-    let as_json = |s: &Secret| -> BTreeMap<String, serde_json::Value> {
-        s.data
-            .iter()
-            .flatten()
-            .map(|(k, v)| {
-                let value = serde_json::from_slice(&v.0).unwrap_or_else(|_| {
-                    serde_json::Value::String(String::from_utf8_lossy(&v.0).into())
-                });
-                (k.clone(), value)
-            })
-            .collect()
-    };
-    if as_json(existing) == as_json(desired) {
+    let stamp = existing.annotations().get(CONTENT_ANNOTATION);
+    let actual = content_digest(existing.data.as_ref());
+    if stamp != Some(&actual) {
+        Drift::Edited
+    } else if actual == content_digest(desired.data.as_ref())
+        && ledger_of(existing) == ledger_of(desired)
+    {
         Drift::None
     } else {
-        Drift::Edited
+        Drift::Progress
     }
+}
+
+/// SHA-256 over the sorted data entries: the stamp the controller puts on what it writes.
+pub fn content_digest(data: Option<&BTreeMap<String, ByteString>>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for (key, value) in data.into_iter().flatten() {
+        hasher.update((key.len() as u64).to_be_bytes());
+        hasher.update(key.as_bytes());
+        hasher.update((value.0.len() as u64).to_be_bytes());
+        hasher.update(&value.0);
+    }
+    hex::encode(hasher.finalize())
 }
 
 /// Data entries someone added by hand, which server-side apply would leave in place.

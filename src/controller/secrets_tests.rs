@@ -128,23 +128,25 @@ fn drift_tells_hand_edits_from_progress() {
     assert_eq!(drift(None, &proxy), Drift::Missing);
     assert_eq!(drift(Some(&proxy), &proxy), Drift::None);
     let mut edited = proxy.clone();
-    edited
-        .data
-        .as_mut()
-        .unwrap()
-        .insert("proxy.json".into(), ByteString(b"{}".to_vec()));
-    edited
-        .data
-        .as_mut()
-        .unwrap()
-        .insert("extra".into(), ByteString(b"x".to_vec()));
+    let data = edited.data.as_mut().unwrap();
+    data.insert("proxy.json".into(), ByteString(b"{}".to_vec()));
     assert_eq!(drift(Some(&edited), &proxy), Drift::Edited);
-    assert_eq!(extra_entries(Some(&edited), &proxy), ["extra"]);
+    let mut added = proxy.clone();
+    let data = added.data.as_mut().unwrap();
+    data.insert("extra".into(), ByteString(b"x".to_vec()));
+    assert_eq!(drift(Some(&added), &proxy), Drift::Edited);
+    assert_eq!(extra_entries(Some(&added), &proxy), ["extra"]);
+    // A new upstream version, or a new policy from a spec change, is the controller's own doing.
+    let ck = claudekey();
     let mut moved = ledger();
     moved.upstream_version = "v2".into();
-    let ck = claudekey();
     let newer = build_proxy(&ck, &render_config(&ck, &moved, &values()).unwrap(), &moved);
     assert_eq!(drift(Some(&proxy), &newer), Drift::Progress);
+    let mut respecced = claudekey();
+    respecced.spec.scope.max_tokens = Some(200);
+    let config = render_config(&respecced, &ledger(), &values()).unwrap();
+    let new_policy = build_proxy(&respecced, &config, &ledger());
+    assert_eq!(drift(Some(&proxy), &new_policy), Drift::Progress);
 }
 
 #[test]
