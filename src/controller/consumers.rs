@@ -15,22 +15,23 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
+use super::apply::safe_reason;
 use crate::crd::annotations::{CONSUMES, INJECT, RESTARTED_FOR};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
-    #[error("failed to list {kind}s in {namespace}: {source}")]
+    #[error("failed to list {kind}s in {namespace}: {reason}")]
     List {
         kind: &'static str,
         namespace: String,
-        source: kube::Error,
+        reason: String,
     },
-    #[error("failed to restart {kind} {namespace}/{name}: {source}")]
+    #[error("failed to restart {kind} {namespace}/{name}: {reason}")]
     Patch {
         kind: &'static str,
         namespace: String,
         name: String,
-        source: kube::Error,
+        reason: String,
     },
 }
 
@@ -107,6 +108,7 @@ pub async fn restart(
     };
     target
         .pass(
+            "Deployment",
             Api::<Deployment>::namespaced(client.clone(), namespace),
             |d| d.spec.as_ref().map(|s| &s.template),
             &mut outcome,
@@ -114,6 +116,7 @@ pub async fn restart(
         .await?;
     target
         .pass(
+            "StatefulSet",
             Api::<StatefulSet>::namespaced(client.clone(), namespace),
             |d| d.spec.as_ref().map(|s| &s.template),
             &mut outcome,
@@ -121,6 +124,7 @@ pub async fn restart(
         .await?;
     target
         .pass(
+            "DaemonSet",
             Api::<DaemonSet>::namespaced(client.clone(), namespace),
             |d| d.spec.as_ref().map(|s| &s.template),
             &mut outcome,
@@ -139,6 +143,7 @@ struct Target<'a> {
 impl Target<'_> {
     async fn pass<K>(
         &self,
+        kind: &'static str,
         api: Api<K>,
         template: fn(&K) -> Option<&PodTemplateSpec>,
         outcome: &mut Outcome,
@@ -149,20 +154,14 @@ impl Target<'_> {
         if outcome.deferred.is_some() {
             return Ok(());
         }
-        let kind = K::kind(&()).into_owned();
-        let kind: &'static str = match kind.as_str() {
-            "Deployment" => "Deployment",
-            "StatefulSet" => "StatefulSet",
-            _ => "DaemonSet",
-        };
-        let list =
-            api.list(&ListParams::default())
-                .await
-                .map_err(|source| ConsumerError::List {
-                    kind,
-                    namespace: self.namespace.to_string(),
-                    source,
-                })?;
+        let list = api
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| ConsumerError::List {
+                kind,
+                namespace: self.namespace.to_string(),
+                reason: safe_reason(&e),
+            })?;
         for workload in list
             .items
             .iter()
@@ -182,11 +181,11 @@ impl Target<'_> {
                 &Patch::Merge(&patch),
             )
             .await
-            .map_err(|source| ConsumerError::Patch {
+            .map_err(|e| ConsumerError::Patch {
                 kind,
                 namespace: self.namespace.to_string(),
                 name: workload_name.clone(),
-                source,
+                reason: safe_reason(&e),
             })?;
             outcome.restarted.push(format!("{kind}/{workload_name}"));
         }

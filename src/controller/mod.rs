@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::runtime::{Controller, events::Recorder, events::Reporter, watcher};
+use kube::runtime::{
+    Controller, events::Recorder, events::Reporter, reflector::ObjectRef, watcher,
+};
 use kube::{Api, Client};
 use prometheus_client::registry::Registry;
 
@@ -299,14 +301,65 @@ async fn controller(
         annotations::MANAGED_BY_LABEL,
         annotations::MANAGER
     ));
-    Controller::new(claudekeys, watcher::Config::default())
+    let controller = Controller::new(claudekeys, watcher::Config::default())
         .owns(secrets, owned)
-        .graceful_shutdown_on(stop)
+        .graceful_shutdown_on(stop);
+    let store = controller.store();
+    let metrics = ctx.metrics.clone();
+    let run = controller
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "reconcile loop");
             }
-        })
-        .await;
+        });
+    let sweep = async move {
+        loop {
+            tokio::time::sleep(KEY_AGE_SWEEP).await;
+            metrics.retain_key_ages(|namespace, name| {
+                store.get(&ObjectRef::new(name).within(namespace)).is_some()
+            });
+        }
+    };
+    tokio::select! {
+        () = run => {}
+        () = sweep => {}
+    }
+}
+
+/// How often key-age series of deleted ClaudeKeys are dropped.
+const KEY_AGE_SWEEP: Duration = Duration::from_secs(60);
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::cli::{Cli, Command};
+
+    fn args(argv: &[&str]) -> super::Args {
+        let mut full = vec!["claudekey", "controller"];
+        full.extend_from_slice(argv);
+        match Cli::try_parse_from(full).expect("flags parse").command {
+            Command::Controller(args) => args,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn flags_have_the_documented_defaults() {
+        let a = args(&["--namespace", "claudekey-system"]);
+        assert_eq!(a.namespace.as_deref(), Some("claudekey-system"));
+        assert_eq!(a.metrics_listen.to_string(), "0.0.0.0:8080");
+        assert!(a.leader_election);
+        assert_eq!(a.lease_name, "claudekey-controller");
+        assert_eq!(a.consumer_restarts_per_minute, 10);
+        assert_eq!(a.gateway_url, None);
+        let off = args(&["--leader-election", "false", "--gateway-url", "http://gw:8080"]);
+        assert!(!off.leader_election);
+        assert_eq!(off.gateway_url.as_deref(), Some("http://gw:8080"));
+        assert_eq!(
+            super::default_gateway_url("ops"),
+            "http://claudekey-gateway.ops.svc:8080"
+        );
+    }
 }

@@ -20,7 +20,7 @@ use super::apply::{get_secret, write_secret, write_status};
 use super::conditions::{self, Desired, event, reason};
 use super::context::Context;
 use super::decide::{self, Decision, FetchedUpstream, KeyId, Observed, Triggers};
-use super::metrics::{ErrorLabels, KeyLabels};
+use super::metrics::ErrorLabels;
 use super::report;
 use super::secrets::{self, Recovered};
 use crate::backend::cache::CachedKey;
@@ -102,8 +102,7 @@ pub async fn reconcile(ck: Arc<ClaudeKey>, ctx: Arc<Context>) -> Result<Action, 
     );
     write_status(&ck, &ctx.client, desired, Some(&decision), cached.as_ref()).await?;
     let age = (Utc::now() - decision.ledger.issued_at).num_milliseconds() as f64 / 1000.0;
-    let labels = KeyLabels { namespace, name };
-    ctx.metrics.key_age.get_or_create(&labels).set(age);
+    ctx.metrics.set_key_age(&namespace, &name, age);
 
     // 6. Requeue at the earliest deadline.
     let failed = backend_error.is_some() || consumer_error.is_some();
