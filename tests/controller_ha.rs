@@ -315,3 +315,47 @@ async fn admin_port_serves_metrics_health_and_readiness() {
     assert!(!text.contains(&key[8..]));
     controller.stop().await;
 }
+
+#[tokio::test]
+async fn the_binary_reconciles_and_releases_its_lease_on_sigterm() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let (client, ns) = setup("ck-binary").await;
+    put_upstream(&client, &ns, "upstream", &upstream_key()).await;
+    let port = free_port();
+    let kubeconfig = std::env::var(support::KUBECONFIG_ENV).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_claudekey"))
+        .args(["controller", "--namespace", &ns, "--watch-namespace", &ns])
+        .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+        .args(["--lease-duration", "5s", "--identity", "binary-test"])
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start claudekey controller");
+    apply_claudekey(&client, &ns, "bot", SPEC_FAST).await;
+    wait_claudekey(&client, &ns, "bot", "Ready", is_ready).await;
+    let leases = Api::<Lease>::namespaced(client.clone(), &ns);
+    let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity);
+    let lease = leases.get("claudekey-controller").await.unwrap();
+    assert_eq!(holder(lease).as_deref(), Some("binary-test"));
+    assert!(
+        http_get(port, "/healthz")
+            .await
+            .unwrap()
+            .starts_with("HTTP/1.0 200")
+    );
+
+    let pid = child.id().expect("running").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "graceful exit, got {status}");
+    let lease = leases.get("claudekey-controller").await.unwrap();
+    assert_eq!(holder(lease), None, "the Lease is released for a successor");
+}
