@@ -502,3 +502,35 @@ async fn expiry_retires_the_key_and_reports_it() {
     );
     controller.stop().await;
 }
+
+#[tokio::test]
+async fn a_foreign_secret_with_an_owned_name_is_never_taken_over() {
+    let (client, ns) = setup("ck-conflict").await;
+    put_upstream(&client, &ns, "upstream", &upstream_key()).await;
+    put_upstream(
+        &client,
+        &ns,
+        "bot-client",
+        "someone else's data, not a key at all",
+    )
+    .await;
+    let controller = start(&client, config(&ns));
+    apply_claudekey(&client, &ns, "bot", SPEC_FAST).await;
+    let ck = wait_claudekey(&client, &ns, "bot", "SecretConflict", |ck| {
+        condition(ck, "Ready").is_some_and(|c| c.1 == "SecretConflict")
+    })
+    .await;
+    assert!(condition(&ck, "Ready").unwrap().2.contains("bot-client"));
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    let untouched = secrets.get("bot-client").await.unwrap();
+    assert!(untouched.metadata.owner_references.is_none());
+    assert!(untouched.data.unwrap().contains_key("api-key"));
+    assert!(secrets.get_opt("bot-proxy").await.unwrap().is_none());
+
+    secrets
+        .delete("bot-client", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_claudekey(&client, &ns, "bot", "Ready once the name is free", is_ready).await;
+    controller.stop().await;
+}

@@ -214,7 +214,8 @@ async fn gateway_consumers_roll_once_per_key_also_across_a_restart() {
     let mut cfg = config(&ns);
     cfg.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], free_port())));
     let controller = start(&client, cfg);
-    apply_claudekey(&client, &ns, "bot", SPEC_FAST).await;
+    let spec = SPEC_FAST.replace("gracePeriod: 3s", "gracePeriod: 20s");
+    apply_claudekey(&client, &ns, "bot", &spec).await;
     wait_claudekey(&client, &ns, "bot", "Ready", is_ready).await;
     let first = owned(&client, &ns, "bot").await.unwrap();
     let fp1 = fingerprint(KeyKind::Workload, &first.workload_key);
@@ -230,6 +231,7 @@ async fn gateway_consumers_roll_once_per_key_also_across_a_restart() {
     let mut cfg = config(&ns);
     let port = free_port();
     cfg.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], port)));
+    cfg.consumer_restart_delay = Duration::from_secs(3);
     let restarted = start(&client, cfg);
     support::eventually(
         Duration::from_secs(20),
@@ -260,6 +262,12 @@ async fn gateway_consumers_roll_once_per_key_also_across_a_restart() {
     })
     .await;
     let fp2 = fingerprint(KeyKind::Workload, &second.workload_key);
+    // Not at once: the old key is still valid, so gateway proxies get time to learn the new one.
+    assert_eq!(
+        template_state(&deployments.get("gateway-user").await.unwrap()),
+        stamped,
+        "rolled before the restart delay"
+    );
     let rolled = support::eventually(
         Duration::from_secs(20),
         "consumer stamped for the new key",

@@ -16,6 +16,8 @@ pub mod reason {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     /// Ready=False / Degraded=True: the backend could not be read.
     pub const BACKEND_ERROR: &str = "BackendError";
+    /// Ready=False: a Secret with the name of an owned Secret belongs to someone else.
+    pub const SECRET_CONFLICT: &str = "SecretConflict";
     /// Ready=False / RotationDue=True: `spec.expiresAt` has passed.
     pub const EXPIRED: &str = "Expired";
     /// Rotating=True: a previous key is inside its grace period.
@@ -40,6 +42,7 @@ pub mod event {
     pub const BACKEND_ERROR: &str = "BackendError";
     pub const TAMPER_REPAIRED: &str = "TamperRepaired";
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const SECRET_CONFLICT: &str = "SecretConflict";
     pub const CONSUMERS_RESTARTED: &str = "ConsumersRestarted";
 }
 

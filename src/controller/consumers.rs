@@ -15,7 +15,10 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
+use chrono::{DateTime, TimeDelta, Utc};
+
 use super::apply::safe_reason;
+use super::ledger::Ledger;
 use crate::crd::annotations::{CONSUMES, INJECT, RESTARTED_FOR};
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +52,18 @@ pub fn needs_restart(template: Option<&PodTemplateSpec>, name: &str, fingerprint
         && annotations
             .get(RESTARTED_FOR)
             .is_none_or(|f| f != fingerprint)
+}
+
+/// When the consumers of the current key may be rolled. While a previous key is still in its
+/// grace period, wait `delay` (at most half the grace): gateway proxies read the `-proxy` Secret
+/// through a volume the kubelet refreshes only periodically, so pods started at once with the new
+/// key could be refused. With no previous key (first issue, revoke) there is nothing to wait for.
+pub fn restart_at(ledger: &Ledger, delay: Duration) -> DateTime<Utc> {
+    let delay = TimeDelta::from_std(delay).unwrap_or(TimeDelta::MAX);
+    match ledger.previous_workload().and_then(|p| p.valid_until) {
+        Some(until) => ledger.issued_at + delay.min((until - ledger.issued_at) / 2),
+        None => ledger.issued_at,
+    }
 }
 
 /// A token bucket shared by all reconciles, so a wave of rotations cannot restart everything at once.
@@ -248,6 +263,42 @@ mod tests {
             "ck:1"
         ));
         assert!(!needs_restart(None, "bot", "ck:1"));
+    }
+
+    #[test]
+    fn consumers_wait_for_the_proxies_only_while_the_old_key_still_works() {
+        use crate::proxyconf::WorkloadKeyEntry;
+        let issued: DateTime<Utc> = "2026-11-27T10:00:00Z".parse().unwrap();
+        let entry = |until: Option<DateTime<Utc>>| WorkloadKeyEntry {
+            sha256: String::new(),
+            fingerprint: String::new(),
+            valid_until: until,
+        };
+        let mut ledger = Ledger {
+            issued_at: issued,
+            rotate_handled: None,
+            revoke_handled: None,
+            expiry_handled: None,
+            workload_keys: vec![entry(None)],
+            upstream_version: String::new(),
+            upstream_keys: vec![],
+        };
+        let delay = Duration::from_secs(90);
+        assert_eq!(
+            restart_at(&ledger, delay),
+            issued,
+            "first issue or revoke: at once"
+        );
+        ledger
+            .workload_keys
+            .push(entry(Some(issued + TimeDelta::minutes(15))));
+        assert_eq!(restart_at(&ledger, delay), issued + TimeDelta::seconds(90));
+        ledger.workload_keys[1].valid_until = Some(issued + TimeDelta::seconds(60));
+        assert_eq!(
+            restart_at(&ledger, delay),
+            issued + TimeDelta::seconds(30),
+            "half the grace"
+        );
     }
 
     #[tokio::test(start_paused = true)]

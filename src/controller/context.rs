@@ -31,6 +31,8 @@ pub struct Context {
     pub metrics: Metrics,
     pub recorder: Recorder,
     pub limiter: RestartLimiter,
+    /// How long consumers wait for gateway proxies to see a new key; see `consumers::restart_at`.
+    pub consumer_restart_delay: Duration,
     pub after_secrets: Option<Hook>,
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -49,6 +51,7 @@ impl Context {
         metrics: Metrics,
         recorder: Recorder,
         limiter: RestartLimiter,
+        consumer_restart_delay: Duration,
         after_secrets: Option<Hook>,
     ) -> Self {
         Self {
@@ -59,6 +62,7 @@ impl Context {
             metrics,
             recorder,
             limiter,
+            consumer_restart_delay,
             after_secrets,
             failures: Mutex::default(),
         }

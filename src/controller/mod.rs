@@ -66,6 +66,10 @@ pub struct Args {
     /// This replica's identity in the Lease and in Events; defaults to the host (pod) name.
     #[arg(long, env = "CLAUDEKEY_POD_NAME")]
     pub identity: Option<String>,
+    /// After a rotation with grace, wait this long (at most half the grace period) before
+    /// restarting gateway consumers, so gateway proxies have picked up the new key first.
+    #[arg(long, env = "CLAUDEKEY_CONSUMER_RESTART_DELAY", default_value = "90s")]
+    pub consumer_restart_delay: humantime::Duration,
     /// At most this many gateway consumer workloads are restarted per minute.
     #[arg(
         long,
@@ -89,6 +93,7 @@ pub struct ControllerConfig {
     pub leader_election: Option<(String, Duration)>,
     pub identity: String,
     pub consumer_restarts_per_minute: u32,
+    pub consumer_restart_delay: Duration,
     /// The AWS and Vault backends, when this controller was configured with them.
     pub aws: Option<Arc<dyn SecretBackend>>,
     pub vault: Option<Arc<dyn SecretBackend>>,
@@ -107,6 +112,7 @@ impl ControllerConfig {
             leader_election: Some(("claudekey-controller".to_string(), Duration::from_secs(15))),
             identity: default_identity(),
             consumer_restarts_per_minute: 10,
+            consumer_restart_delay: Duration::from_secs(90),
             aws: None,
             vault: None,
             after_secrets: None,
@@ -165,6 +171,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         config.identity = identity;
     }
     config.consumer_restarts_per_minute = args.consumer_restarts_per_minute;
+    config.consumer_restart_delay = *args.consumer_restart_delay;
     run_with(client, config, shutdown_signal()).await?;
     Ok(())
 }
@@ -227,6 +234,7 @@ pub async fn run_with(
         metrics.clone(),
         Recorder::new(client.clone(), reporter),
         consumers::RestartLimiter::new(config.consumer_restarts_per_minute),
+        config.consumer_restart_delay,
         config.after_secrets.clone(),
     ));
     let elector = config.leader_election.as_ref().map(|(name, duration)| {
@@ -354,7 +362,12 @@ mod tests {
         assert_eq!(a.lease_name, "claudekey-controller");
         assert_eq!(a.consumer_restarts_per_minute, 10);
         assert_eq!(a.gateway_url, None);
-        let off = args(&["--leader-election", "false", "--gateway-url", "http://gw:8080"]);
+        let off = args(&[
+            "--leader-election",
+            "false",
+            "--gateway-url",
+            "http://gw:8080",
+        ]);
         assert!(!off.leader_election);
         assert_eq!(off.gateway_url.as_deref(), Some("http://gw:8080"));
         assert_eq!(

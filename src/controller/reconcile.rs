@@ -18,6 +18,7 @@ use tracing::{instrument, warn};
 pub use super::apply::Error;
 use super::apply::{get_secret, write_secret, write_status};
 use super::conditions::{self, Desired, event, reason};
+use super::consumers;
 use super::context::Context;
 use super::decide::{self, Decision, FetchedUpstream, KeyId, Observed, Triggers};
 use super::metrics::ErrorLabels;
@@ -39,6 +40,23 @@ pub async fn reconcile(ck: Arc<ClaudeKey>, ctx: Arc<Context>) -> Result<Action, 
     // 1. Read what was issued before, validate what the schema cannot, read the upstream key.
     let client_secret = get_secret(&api, &namespace, &client_secret_name(&name)).await?;
     let proxy_secret = get_secret(&api, &namespace, &proxy_secret_name(&name)).await?;
+    if let Some(foreign) = [&client_secret, &proxy_secret]
+        .into_iter()
+        .flatten()
+        .find(|s| !secrets::controlled_by(s, &ck))
+    {
+        let message = format!(
+            "Secret {namespace}/{} exists and is not owned by this ClaudeKey; delete or rename it",
+            foreign.name_any()
+        );
+        warn!(%message, "refusing to take over a Secret");
+        let note = message.clone();
+        ctx.event(&ck, EventType::Warning, event::SECRET_CONFLICT, note)
+            .await;
+        let desired = conditions::failed(reason::SECRET_CONFLICT, &message);
+        write_status(&ck, &ctx.client, desired, None, None).await?;
+        return Ok(Action::requeue(ctx.backoff(&object_key)));
+    }
     let recovered = secrets::recover(client_secret.as_ref(), proxy_secret.as_ref());
     if let Err(message) = decide::validate(&ck.spec) {
         warn!(%message, "invalid ClaudeKey spec");
@@ -92,7 +110,11 @@ pub async fn reconcile(ck: Arc<ClaudeKey>, ctx: Arc<Context>) -> Result<Action, 
         .current_workload()
         .map(|c| c.fingerprint.clone())
         .unwrap_or_default();
-    let (deferred, consumer_error) = report::restart_consumers(&ck, &ctx, &fingerprint).await;
+    let restart_at = consumers::restart_at(&decision.ledger, ctx.consumer_restart_delay);
+    let (deferred, consumer_error) = match (restart_at - Utc::now()).to_std() {
+        Ok(wait) if !wait.is_zero() => (Some(wait), None),
+        _ => report::restart_consumers(&ck, &ctx, &fingerprint).await,
+    };
 
     // 5. Status, through the status subresource, after the Secrets.
     let desired = healthy_conditions(

@@ -158,6 +158,16 @@ fn owned_secret(
     }
 }
 
+/// Whether `secret` is controlled by this very ClaudeKey (same uid): a Secret of the same name
+/// that someone else created is never taken over or read as state.
+pub fn controlled_by(secret: &Secret, ck: &ClaudeKey) -> bool {
+    let uid = ck.uid();
+    secret
+        .owner_references()
+        .iter()
+        .any(|r| r.controller == Some(true) && uid.as_deref() == Some(r.uid.as_str()))
+}
+
 /// Labels on both owned Secrets; the controller's Secret watch selects on the first.
 pub fn labels(name: &str) -> BTreeMap<String, String> {
     BTreeMap::from([

@@ -179,3 +179,15 @@ fn a_crash_between_the_two_writes_resumes_from_the_client_copy() {
     assert_eq!(r.client_key.unwrap().expose_secret(), newer_key);
     assert!(r.upstream_values.contains_key(&sha256_hex(UPSTREAM)));
 }
+
+#[test]
+fn only_secrets_controlled_by_this_claudekey_count_as_owned() {
+    let (client, _) = both();
+    assert!(controlled_by(&client, &claudekey()));
+    let mut recreated = claudekey();
+    recreated.metadata.uid = Some("u-2".into());
+    assert!(!controlled_by(&client, &recreated));
+    let mut foreign = client.clone();
+    foreign.metadata.owner_references = None;
+    assert!(!controlled_by(&foreign, &claudekey()));
+}

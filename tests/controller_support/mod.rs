@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use claudekey::controller::{ControllerConfig, RunError, run_with};
 use claudekey::crd::ClaudeKey;
+use claudekey::keys::sha256_hex;
 use claudekey::proxyconf::ProxyConfig;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -270,7 +271,9 @@ pub async fn wait_claudekey(
     .await
 }
 
-/// Waits until `check` holds for the owned Secrets and returns them.
+/// Waits until `check` holds for the owned Secrets, read at a moment when they agree (the
+/// `-client` key is the current key in `proxy.json`: the controller writes `-client` first), and
+/// returns them.
 pub async fn wait_owned(
     client: &Client,
     ns: &str,
@@ -280,7 +283,12 @@ pub async fn wait_owned(
 ) -> Owned {
     support::eventually(Duration::from_secs(30), what, || {
         let check = &check;
-        async move { owned(client, ns, name).await.filter(|o| check(o)) }
+        async move {
+            owned(client, ns, name)
+                .await
+                .filter(|o| o.workload_hashes().first() == Some(&sha256_hex(&o.workload_key)))
+                .filter(|o| check(o))
+        }
     })
     .await
 }
