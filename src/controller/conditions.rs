@@ -26,6 +26,8 @@ pub mod reason {
     pub const NO_PREVIOUS_KEY: &str = "NoPreviousKey";
     /// Degraded=False.
     pub const AS_EXPECTED: &str = "AsExpected";
+    /// Degraded=True: a replaced upstream key could not be retired through the Admin API.
+    pub const ADMIN_API_ERROR: &str = "AdminApiError";
     /// Degraded=True: gateway consumers could not be restarted for the new key.
     pub const CONSUMER_RESTART_FAILED: &str = "ConsumerRestartFailed";
     /// RotationDue=False: the next rotation is scheduled.
@@ -43,6 +45,8 @@ pub mod event {
     pub const TAMPER_REPAIRED: &str = "TamperRepaired";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const SECRET_CONFLICT: &str = "SecretConflict";
+    pub const UPSTREAM_RETIRED: &str = "UpstreamKeyRetired";
+    pub const ADMIN_API_ERROR: &str = "AdminApiError";
     pub const CONSUMERS_RESTARTED: &str = "ConsumersRestarted";
 }
 

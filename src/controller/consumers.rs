@@ -282,6 +282,7 @@ mod tests {
             workload_keys: vec![entry(None)],
             upstream_version: String::new(),
             upstream_keys: vec![],
+            retiring: vec![],
         };
         let delay = Duration::from_secs(90);
         assert_eq!(

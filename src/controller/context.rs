@@ -33,6 +33,8 @@ pub struct Context {
     pub limiter: RestartLimiter,
     /// How long consumers wait for gateway proxies to see a new key; see `consumers::restart_at`.
     pub consumer_restart_delay: Duration,
+    /// Admin API client used to retire replaced upstream keys.
+    pub admin: super::admin::AdminClient,
     pub after_secrets: Option<Hook>,
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -52,6 +54,7 @@ impl Context {
         recorder: Recorder,
         limiter: RestartLimiter,
         consumer_restart_delay: Duration,
+        admin: super::admin::AdminClient,
         after_secrets: Option<Hook>,
     ) -> Self {
         Self {
@@ -63,6 +66,7 @@ impl Context {
             recorder,
             limiter,
             consumer_restart_delay,
+            admin,
             after_secrets,
             failures: Mutex::default(),
         }

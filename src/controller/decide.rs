@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, TimeDelta, Utc};
 
-use super::ledger::{Ledger, UpstreamLedgerEntry};
+use super::ledger::{Ledger, Retiring, UpstreamLedgerEntry};
 use crate::crd::ClaudeKeySpec;
 use crate::proxyconf::WorkloadKeyEntry;
 
@@ -62,6 +62,8 @@ pub struct KeyId {
 pub struct FetchedUpstream {
     pub id: KeyId,
     pub version: String,
+    /// The Admin API's partial hint of the key, kept so the key can be retired later.
+    pub hint: Option<String>,
 }
 
 /// What the controller found in its Secrets.
@@ -117,7 +119,8 @@ pub fn decide(
                 expiry_handled: spec.expires_at.filter(|_| expired),
                 workload_keys: vec![current_workload(candidate)],
                 upstream_version: upstream.version.clone(),
-                upstream_keys: vec![current_upstream(&upstream.id)],
+                upstream_keys: vec![current_upstream(upstream)],
+                retiring: Vec::new(),
             };
             (ledger, Some(RotationReason::Initial), false)
         }
@@ -145,6 +148,9 @@ pub fn decide(
                 ledger.issued_at = now;
             }
             let rolled = roll_upstream(&mut ledger, upstream, now, grace)?;
+            if spec.anthropic_admin.is_some() {
+                queue_retirement(&mut ledger, previous);
+            }
             (ledger, rotation, rolled)
         }
     };
@@ -253,10 +259,26 @@ fn roll_upstream(
     ledger
         .upstream_keys
         .retain(|k| k.sha256 != upstream.id.sha256 && k.valid_until.is_some_and(|t| now < t));
-    ledger
-        .upstream_keys
-        .insert(0, current_upstream(&upstream.id));
+    ledger.upstream_keys.insert(0, current_upstream(upstream));
     Ok(true)
+}
+
+/// Queues every upstream key that left the ledger (its grace ended, or it was replaced with
+/// zero grace) for deactivation at Anthropic.
+fn queue_retirement(ledger: &mut Ledger, previous: &Ledger) {
+    for gone in &previous.upstream_keys {
+        let still_used = ledger.upstream_keys.iter().any(|k| k.sha256 == gone.sha256);
+        let queued = ledger
+            .retiring
+            .iter()
+            .any(|r| r.fingerprint == gone.fingerprint);
+        if let (false, false, Some(hint)) = (still_used, queued, &gone.hint) {
+            ledger.retiring.push(Retiring {
+                fingerprint: gone.fingerprint.clone(),
+                hint: hint.clone(),
+            });
+        }
+    }
 }
 
 fn wake_at(
@@ -280,11 +302,12 @@ fn current_workload(key: &KeyId) -> WorkloadKeyEntry {
     }
 }
 
-fn current_upstream(key: &KeyId) -> UpstreamLedgerEntry {
+fn current_upstream(upstream: &FetchedUpstream) -> UpstreamLedgerEntry {
     UpstreamLedgerEntry {
-        sha256: key.sha256.clone(),
-        fingerprint: key.fingerprint.clone(),
+        sha256: upstream.id.sha256.clone(),
+        fingerprint: upstream.id.fingerprint.clone(),
         valid_until: None,
+        hint: upstream.hint.clone(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! `claudekey controller` (DESIGN.md §3): issues, syncs and rotates keys for every ClaudeKey.
 //! `run` parses flags and builds a client; `run_with` is the in-process entry point tests use.
 
+pub mod admin;
 pub mod apply;
 pub mod conditions;
 pub mod consumers;
@@ -70,6 +71,13 @@ pub struct Args {
     /// restarting gateway consumers, so gateway proxies have picked up the new key first.
     #[arg(long, env = "CLAUDEKEY_CONSUMER_RESTART_DELAY", default_value = "90s")]
     pub consumer_restart_delay: humantime::Duration,
+    /// Base URL of the Anthropic Admin API, used to retire replaced upstream keys.
+    #[arg(
+        long,
+        env = "CLAUDEKEY_ANTHROPIC_ADMIN_URL",
+        default_value = "https://api.anthropic.com"
+    )]
+    pub anthropic_admin_url: String,
     /// At most this many gateway consumer workloads are restarted per minute.
     #[arg(
         long,
@@ -94,6 +102,8 @@ pub struct ControllerConfig {
     pub identity: String,
     pub consumer_restarts_per_minute: u32,
     pub consumer_restart_delay: Duration,
+    /// Base URL of the Anthropic Admin API (a fake in tests).
+    pub anthropic_admin_url: String,
     /// The AWS and Vault backends, when this controller was configured with them.
     pub aws: Option<Arc<dyn SecretBackend>>,
     pub vault: Option<Arc<dyn SecretBackend>>,
@@ -113,6 +123,7 @@ impl ControllerConfig {
             identity: default_identity(),
             consumer_restarts_per_minute: 10,
             consumer_restart_delay: Duration::from_secs(90),
+            anthropic_admin_url: "https://api.anthropic.com".to_string(),
             aws: None,
             vault: None,
             after_secrets: None,
@@ -172,6 +183,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     config.consumer_restarts_per_minute = args.consumer_restarts_per_minute;
     config.consumer_restart_delay = *args.consumer_restart_delay;
+    config.anthropic_admin_url = args.anthropic_admin_url;
     run_with(client, config, shutdown_signal()).await?;
     Ok(())
 }
@@ -235,6 +247,7 @@ pub async fn run_with(
         Recorder::new(client.clone(), reporter),
         consumers::RestartLimiter::new(config.consumer_restarts_per_minute),
         config.consumer_restart_delay,
+        admin::AdminClient::new(&config.anthropic_admin_url),
         config.after_secrets.clone(),
     ));
     let elector = config.leader_election.as_ref().map(|(name, duration)| {

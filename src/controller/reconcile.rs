@@ -15,6 +15,7 @@ use kube::{
 use secrecy::{ExposeSecret, SecretString};
 use tracing::{instrument, warn};
 
+use super::admin;
 pub use super::apply::Error;
 use super::apply::{get_secret, write_secret, write_status};
 use super::conditions::{self, Desired, event, reason};
@@ -71,9 +72,14 @@ pub async fn reconcile(ck: Arc<ClaudeKey>, ctx: Arc<Context>) -> Result<Action, 
 
     // 2. Decide (pure), with a fresh candidate key that is used only if a rotation is due.
     let candidate_key = keys::generate_workload_key();
-    let Ok(decision) = decide_next(&ck, &recovered, cached.as_ref(), &candidate_key) else {
+    let (retired, admin_error) = admin::retire_queued(&ck, &ctx, recovered.ledger.as_ref()).await;
+    let Ok(mut decision) = decide_next(&ck, &recovered, cached.as_ref(), &candidate_key) else {
         return not_ready(&ck, &ctx, &object_key, backend_error).await;
     };
+    decision
+        .ledger
+        .retiring
+        .retain(|r| !retired.contains(&r.fingerprint));
 
     // 3. Write -client first: it commits the raw key together with its ledger.
     let workload_key = match (decision.rotation, &recovered.client_key) {
@@ -117,17 +123,19 @@ pub async fn reconcile(ck: Arc<ClaudeKey>, ctx: Arc<Context>) -> Result<Action, 
     };
 
     // 5. Status, through the status subresource, after the Secrets.
-    let desired = healthy_conditions(
-        &decision,
-        backend_error.as_deref(),
-        consumer_error.as_deref(),
-    );
+    let other_error = admin_error
+        .clone()
+        .map(|m| (reason::ADMIN_API_ERROR, m))
+        .or(consumer_error
+            .clone()
+            .map(|m| (reason::CONSUMER_RESTART_FAILED, m)));
+    let desired = healthy_conditions(&decision, backend_error.as_deref(), other_error.as_ref());
     write_status(&ck, &ctx.client, desired, Some(&decision), cached.as_ref()).await?;
     let age = (Utc::now() - decision.ledger.issued_at).num_milliseconds() as f64 / 1000.0;
     ctx.metrics.set_key_age(&namespace, &name, age);
 
     // 6. Requeue at the earliest deadline.
-    let failed = backend_error.is_some() || consumer_error.is_some();
+    let failed = backend_error.is_some() || other_error.is_some();
     let backoff = if failed {
         Some(ctx.backoff(&object_key))
     } else {
@@ -135,7 +143,13 @@ pub async fn reconcile(ck: Arc<ClaudeKey>, ctx: Arc<Context>) -> Result<Action, 
         None
     };
     let refresh = cached.as_ref().map(|c| c.refresh_in);
-    Ok(requeue(&decision, [refresh, deferred, backoff]))
+    // Keys queued for retirement just now are retired by the next reconcile.
+    let retire_soon =
+        (!failed && !decision.ledger.retiring.is_empty()).then_some(Duration::from_secs(1));
+    Ok(requeue(
+        &decision,
+        [refresh, deferred, backoff, retire_soon],
+    ))
 }
 
 /// Reads the upstream key through the cache; a failure becomes a message, an Event and a
@@ -163,6 +177,7 @@ fn decide_next(
     let upstream = cached.map(|c| FetchedUpstream {
         id: key_id(KeyKind::Upstream, &c.key.value),
         version: c.key.version.clone(),
+        hint: Some(admin::hint_of(c.key.value.expose_secret())).filter(|h| !h.is_empty()),
     });
     let annotation = |key| ck.annotations().get(key).map(String::as_str);
     let triggers = Triggers {
@@ -187,7 +202,7 @@ fn decide_next(
 fn healthy_conditions(
     decision: &Decision,
     backend_error: Option<&str>,
-    consumer_error: Option<&str>,
+    other_error: Option<&(&'static str, String)>,
 ) -> Vec<Desired> {
     let mut desired = conditions::healthy(
         &decision.ledger,
@@ -195,17 +210,12 @@ fn healthy_conditions(
         decision.next_rotation,
         backend_error,
     );
-    if let (None, Some(message)) = (backend_error, consumer_error) {
+    if let (None, Some((why, message))) = (backend_error, other_error) {
         for c in desired
             .iter_mut()
             .filter(|c| c.type_ == condition::DEGRADED)
         {
-            *c = Desired::new(
-                condition::DEGRADED,
-                true,
-                reason::CONSUMER_RESTART_FAILED,
-                message,
-            );
+            *c = Desired::new(condition::DEGRADED, true, why, message.clone());
         }
     }
     desired
@@ -213,7 +223,7 @@ fn healthy_conditions(
 
 /// The earliest of the decision's deadline and the other waits; never a fixed poll. A deadline
 /// that is already due still waits a moment, so clock skew cannot make it spin.
-fn requeue(decision: &Decision, others: [Option<Duration>; 3]) -> Action {
+fn requeue(decision: &Decision, others: [Option<Duration>; 4]) -> Action {
     let until_wake = decision
         .wake_at
         .map(|t| (t - Utc::now()).to_std().unwrap_or(Duration::ZERO));

@@ -37,7 +37,9 @@ fn ledger() -> Ledger {
             sha256: sha256_hex(UPSTREAM),
             fingerprint: fingerprint(KeyKind::Upstream, UPSTREAM),
             valid_until: None,
+            hint: None,
         }],
+        retiring: vec![],
     }
 }
 
