@@ -291,7 +291,9 @@ async fn hand_edited_proxy_secret_is_repaired_without_a_new_key() {
     let (client, ns) = setup("ck-tamper").await;
     put_upstream(&client, &ns, "upstream", &upstream_key()).await;
     let controller = start(&client, config(&ns));
-    apply_claudekey(&client, &ns, "bot", SPEC_FAST).await;
+    // No backend refresh within the test: only the owned-Secret watch can trigger the repairs.
+    let spec = SPEC_FAST.replace("refreshInterval: 1s", "refreshInterval: 1h");
+    apply_claudekey(&client, &ns, "bot", &spec).await;
     wait_claudekey(&client, &ns, "bot", "Ready", is_ready).await;
     let before = owned(&client, &ns, "bot").await.unwrap();
 
@@ -332,6 +334,18 @@ async fn hand_edited_proxy_secret_is_repaired_without_a_new_key() {
     let restored = wait_owned(&client, &ns, "bot", "recreated -proxy", |_| true).await;
     assert_eq!(restored.workload_key, before.workload_key);
     assert_eq!(restored.workload_hashes(), before.workload_hashes());
+
+    // An owner reference stripped from -client by hand comes back, with the same key.
+    let strip = serde_json::json!({ "metadata": { "ownerReferences": null } });
+    secrets
+        .patch("bot-client", &PatchParams::default(), &Patch::Merge(&strip))
+        .await
+        .unwrap();
+    let readopted = wait_owned(&client, &ns, "bot", "owner reference restored", |o| {
+        o.client_secret.metadata.owner_references.is_some()
+    })
+    .await;
+    assert_eq!(readopted.workload_key, before.workload_key);
     let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns);
     support::eventually(Duration::from_secs(10), "TamperRepaired event", || {
         let events = events.clone();

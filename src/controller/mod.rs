@@ -26,7 +26,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::{
     Controller, events::Recorder, events::Reporter, reflector::ObjectRef, watcher,
 };
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use prometheus_client::registry::Registry;
 
 pub use context::Hook;
@@ -323,7 +323,7 @@ async fn controller(
         annotations::MANAGER
     ));
     let controller = Controller::new(claudekeys, watcher::Config::default())
-        .owns(secrets, owned)
+        .watches(secrets, owned, owning_claudekey)
         .graceful_shutdown_on(stop);
     let store = controller.store();
     let metrics = ctx.metrics.clone();
@@ -346,6 +346,13 @@ async fn controller(
         () = run => {}
         () = sweep => {}
     }
+}
+
+/// The ClaudeKey a managed Secret belongs to, by its `claudekey.io/name` label rather than its
+/// owner reference, so a Secret whose owner reference was stripped by hand is still repaired.
+fn owning_claudekey(secret: Secret) -> Option<ObjectRef<ClaudeKey>> {
+    let name = secret.labels().get(annotations::NAME_LABEL)?;
+    Some(ObjectRef::new(name).within(&secret.namespace()?))
 }
 
 /// How often key-age series of deleted ClaudeKeys are dropped.

@@ -158,14 +158,22 @@ fn owned_secret(
     }
 }
 
-/// Whether `secret` is controlled by this very ClaudeKey (same uid): a Secret of the same name
-/// that someone else created is never taken over or read as state.
+/// Whether `secret` belongs to this very ClaudeKey: controlled by its uid, or carrying our
+/// labels with its owner reference stripped by hand (repaired like any other edit). A Secret of
+/// the same name that someone else created, or that an earlier ClaudeKey of the same name still
+/// owns, is never taken over or read as state.
 pub fn controlled_by(secret: &Secret, ck: &ClaudeKey) -> bool {
     let uid = ck.uid();
-    secret
+    let controller = secret
         .owner_references()
         .iter()
-        .any(|r| r.controller == Some(true) && uid.as_deref() == Some(r.uid.as_str()))
+        .find(|r| r.controller == Some(true));
+    match controller {
+        Some(owner) => uid.as_deref() == Some(owner.uid.as_str()),
+        None => labels(&ck.name_any())
+            .iter()
+            .all(|(k, v)| secret.labels().get(k) == Some(v)),
+    }
 }
 
 /// Labels on both owned Secrets; the controller's Secret watch selects on the first.
@@ -202,7 +210,15 @@ pub fn drift(existing: Option<&Secret>, desired: &Secret) -> Drift {
     };
     let stamp = existing.annotations().get(CONTENT_ANNOTATION);
     let actual = content_digest(existing.data.as_ref());
-    if stamp != Some(&actual) {
+    let labels_kept = desired
+        .labels()
+        .iter()
+        .all(|(k, v)| existing.labels().get(k) == Some(v));
+    let owner_kept = desired
+        .owner_references()
+        .iter()
+        .all(|r| existing.owner_references().contains(r));
+    if stamp != Some(&actual) || !labels_kept || !owner_kept {
         Drift::Edited
     } else if actual == content_digest(desired.data.as_ref())
         && ledger_of(existing) == ledger_of(desired)

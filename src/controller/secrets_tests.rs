@@ -138,6 +138,12 @@ fn drift_tells_hand_edits_from_progress() {
     data.insert("extra".into(), ByteString(b"x".to_vec()));
     assert_eq!(drift(Some(&added), &proxy), Drift::Edited);
     assert_eq!(extra_entries(Some(&added), &proxy), ["extra"]);
+    let mut unlabelled = proxy.clone();
+    unlabelled.metadata.labels = None;
+    assert_eq!(drift(Some(&unlabelled), &proxy), Drift::Edited);
+    let mut orphaned = proxy.clone();
+    orphaned.metadata.owner_references = None;
+    assert_eq!(drift(Some(&orphaned), &proxy), Drift::Edited);
     // A new upstream version, or a new policy from a spec change, is the controller's own doing.
     let ck = claudekey();
     let mut moved = ledger();
@@ -189,7 +195,13 @@ fn only_secrets_controlled_by_this_claudekey_count_as_owned() {
     let mut recreated = claudekey();
     recreated.metadata.uid = Some("u-2".into());
     assert!(!controlled_by(&client, &recreated));
-    let mut foreign = client.clone();
-    foreign.metadata.owner_references = None;
+    let mut stripped = client.clone();
+    stripped.metadata.owner_references = None;
+    assert!(
+        controlled_by(&stripped, &claudekey()),
+        "our labels, owner stripped: repair it"
+    );
+    let mut foreign = stripped.clone();
+    foreign.metadata.labels = None;
     assert!(!controlled_by(&foreign, &claudekey()));
 }
