@@ -349,3 +349,10 @@ pub async fn assert_no_leaks(client: &Client, ns: &str, secrets: &[String]) {
 }
 
 pub const SPEC_FAST: &str = "  source:\n    kubernetesSecret: { name: upstream, key: api-key }\n    refreshInterval: 1s\n  rotation: { interval: 24h, gracePeriod: 3s }\n  scope: { models: [\"claude-haiku-*\"], maxTokens: 512 }\n";
+
+/// Reasons of the Events recorded in `ns`.
+pub async fn event_reasons(client: &kube::Client, ns: &str) -> Vec<String> {
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), ns);
+    let list = events.list(&Default::default()).await.unwrap();
+    list.items.into_iter().filter_map(|e| e.reason).collect()
+}
