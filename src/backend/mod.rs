@@ -2,6 +2,7 @@
 //! backend. Only the controller reads backends; errors say what to fix and never carry the value.
 
 pub mod aws;
+pub mod cache;
 pub mod config;
 pub mod kubernetes;
 pub mod vault;

@@ -1,10 +1,400 @@
-//! `claudekey controller`: not yet built; see its open issue.
+//! `claudekey controller` (DESIGN.md §3): issues, syncs and rotates keys for every ClaudeKey.
+//! `run` parses flags and builds a client; `run_with` is the in-process entry point tests use.
 
-/// Flags of `claudekey controller`.
+pub mod admin;
+pub mod apply;
+pub mod conditions;
+pub mod consumers;
+pub mod context;
+pub mod decide;
+pub mod http;
+pub mod leader;
+pub mod ledger;
+pub mod metrics;
+pub mod reconcile;
+pub mod report;
+pub mod secrets;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::{
+    Controller, events::Recorder, events::Reporter, reflector::ObjectRef, watcher,
+};
+use kube::{Api, Client, ResourceExt};
+use prometheus_client::registry::Registry;
+
+pub use context::Hook;
+
+use crate::backend::{Backends, SecretBackend, cache::BackendCache, kubernetes::KubernetesBackend};
+use crate::crd::{ClaudeKey, annotations};
+
+/// Flags of `claudekey controller`; each has an environment twin.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// The operator namespace: kubernetesSecret sources and admin-key Secrets are read only here,
+    /// and the leader Lease lives here. Defaults to the pod's own namespace in a cluster.
+    #[arg(long, env = "CLAUDEKEY_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Reconcile ClaudeKeys in this namespace only; all namespaces when unset.
+    #[arg(long, env = "CLAUDEKEY_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// ANTHROPIC_BASE_URL written into `<name>-client` Secrets
+    /// [default: http://claudekey-gateway.<namespace>.svc:8080].
+    #[arg(long, env = "CLAUDEKEY_GATEWAY_URL")]
+    pub gateway_url: Option<String>,
+    /// Address of the admin port serving /metrics, /healthz and /readyz.
+    #[arg(long, env = "CLAUDEKEY_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
+    pub metrics_listen: SocketAddr,
+    /// Elect a leader through a coordination.k8s.io Lease, so only one replica reconciles.
+    #[arg(long, env = "CLAUDEKEY_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// Name of the leader-election Lease in the operator namespace.
+    #[arg(
+        long,
+        env = "CLAUDEKEY_LEASE_NAME",
+        default_value = "claudekey-controller"
+    )]
+    pub lease_name: String,
+    /// How long a Lease stays valid without renewal, e.g. 15s.
+    #[arg(long, env = "CLAUDEKEY_LEASE_DURATION", default_value = "15s")]
+    pub lease_duration: humantime::Duration,
+    /// This replica's identity in the Lease and in Events; defaults to the host (pod) name.
+    #[arg(long, env = "CLAUDEKEY_POD_NAME")]
+    pub identity: Option<String>,
+    /// After a rotation with grace, wait this long (at most half the grace period) before
+    /// restarting gateway consumers, so gateway proxies have picked up the new key first.
+    #[arg(long, env = "CLAUDEKEY_CONSUMER_RESTART_DELAY", default_value = "90s")]
+    pub consumer_restart_delay: humantime::Duration,
+    /// Base URL of the Anthropic Admin API, used to retire replaced upstream keys.
+    #[arg(
+        long,
+        env = "CLAUDEKEY_ANTHROPIC_ADMIN_URL",
+        default_value = "https://api.anthropic.com"
+    )]
+    pub anthropic_admin_url: String,
+    /// At most this many gateway consumer workloads are restarted per minute.
+    #[arg(
+        long,
+        env = "CLAUDEKEY_CONSUMER_RESTARTS_PER_MINUTE",
+        default_value_t = 10
+    )]
+    pub consumer_restarts_per_minute: u32,
+    /// Where the AWS Secrets Manager and Vault backends are (the Kubernetes backend is always on).
+    #[command(flatten)]
+    pub backends: crate::backend::config::BackendArgs,
+}
 
-/// Fails until the role is built: a stub must never look like success.
-pub async fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("claudekey controller is not yet built")
+/// Everything `run_with` needs besides a client.
+#[derive(Clone)]
+pub struct ControllerConfig {
+    /// The operator namespace.
+    pub namespace: String,
+    /// Reconcile only this namespace when set.
+    pub watch_namespace: Option<String>,
+    pub gateway_url: String,
+    /// Admin port; `None` serves none (in-process tests that read metrics otherwise).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Lease name and duration; `None` disables leader election.
+    pub leader_election: Option<(String, Duration)>,
+    pub identity: String,
+    pub consumer_restarts_per_minute: u32,
+    pub consumer_restart_delay: Duration,
+    /// Base URL of the Anthropic Admin API (a fake in tests).
+    pub anthropic_admin_url: String,
+    /// The AWS and Vault backends, when this controller was configured with them.
+    pub aws: Option<Arc<dyn SecretBackend>>,
+    pub vault: Option<Arc<dyn SecretBackend>>,
+    /// Test seam: runs after both Secrets are written, before status.
+    pub after_secrets: Option<Hook>,
+}
+
+impl ControllerConfig {
+    /// Defaults for an operator namespace: the in-cluster gateway URL, leader election on.
+    pub fn new(namespace: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            watch_namespace: None,
+            gateway_url: default_gateway_url(namespace),
+            metrics_listen: None,
+            leader_election: Some(("claudekey-controller".to_string(), Duration::from_secs(15))),
+            identity: default_identity(),
+            consumer_restarts_per_minute: 10,
+            consumer_restart_delay: Duration::from_secs(90),
+            anthropic_admin_url: "https://api.anthropic.com".to_string(),
+            aws: None,
+            vault: None,
+            after_secrets: None,
+        }
+    }
+}
+
+/// The gateway Service of the Helm chart in the operator namespace.
+pub fn default_gateway_url(namespace: &str) -> String {
+    format!("http://claudekey-gateway.{namespace}.svc:8080")
+}
+
+fn default_identity() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("claudekey-{}", uuid::Uuid::new_v4().simple()))
+}
+
+/// Why the controller stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("failed to determine the operator namespace: set --namespace or CLAUDEKEY_NAMESPACE")]
+    NoNamespace,
+    #[error(transparent)]
+    Leader(#[from] leader::LeaderError),
+    #[error(transparent)]
+    Admin(#[from] http::ServeError),
+    #[error("failed to build a Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+}
+
+/// Builds a client from the environment (in-cluster or KUBECONFIG) and runs until SIGTERM/SIGINT.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let namespace = args
+        .namespace
+        .or_else(|| {
+            std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace").ok()
+        })
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .ok_or(RunError::NoNamespace)?;
+    let client = Client::try_default().await.map_err(RunError::Client)?;
+    let mut config = ControllerConfig::new(&namespace);
+    config.watch_namespace = args.watch_namespace;
+    config.gateway_url = args
+        .gateway_url
+        .unwrap_or_else(|| default_gateway_url(&namespace));
+    config.metrics_listen = Some(args.metrics_listen);
+    config.leader_election = args
+        .leader_election
+        .then(|| (args.lease_name, *args.lease_duration));
+    if let Some(identity) = args.identity {
+        config.identity = identity;
+    }
+    config.consumer_restarts_per_minute = args.consumer_restarts_per_minute;
+    config.consumer_restart_delay = *args.consumer_restart_delay;
+    config.anthropic_admin_url = args.anthropic_admin_url;
+    (config.aws, config.vault) = crate::backend::config::build(&args.backends).await?;
+    run_with(client, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Runs the controller until `shutdown` resolves (then stops gracefully and releases the Lease)
+/// or the Lease is lost. Everything runs inside the returned future, so aborting its task is a
+/// faithful crash.
+pub async fn run_with(
+    client: Client,
+    config: ControllerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let mut registry = Registry::with_prefix("claudekey");
+    let metrics = metrics::Metrics::new(&mut registry);
+    let backends = Backends {
+        kubernetes: Arc::new(KubernetesBackend::new(client.clone(), &config.namespace)),
+        aws: config.aws.clone(),
+        vault: config.vault.clone(),
+    };
+    let cache = BackendCache::new(backends, &mut registry);
+    let registry = Arc::new(registry);
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = async {
+        match config.metrics_listen {
+            Some(addr) => http::serve(addr, registry.clone(), ready.clone()).await,
+            None => futures::future::pending().await,
+        }
+    };
+    let reporter = Reporter {
+        controller: "claudekey-controller".to_string(),
+        instance: Some(config.identity.clone()),
+    };
+    let ctx = Arc::new(context::Context::new(
+        client.clone(),
+        config.namespace.clone(),
+        config.gateway_url.clone(),
+        cache,
+        metrics.clone(),
+        Recorder::new(client.clone(), reporter),
+        consumers::RestartLimiter::new(config.consumer_restarts_per_minute),
+        config.consumer_restart_delay,
+        admin::AdminClient::new(&config.anthropic_admin_url),
+        config.after_secrets.clone(),
+    ));
+    let elector = config.leader_election.as_ref().map(|(name, duration)| {
+        leader::Elector::new(
+            client.clone(),
+            leader::LeaseConfig {
+                name: name.clone(),
+                namespace: config.namespace.clone(),
+                identity: config.identity.clone(),
+                lease_duration: *duration,
+            },
+        )
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let work = async {
+        ready.store(true, Ordering::SeqCst);
+        if let Some(elector) = &elector {
+            tokio::select! {
+                result = elector.acquire() => result?,
+                _ = stopped(stop_rx.clone()) => return Ok(()),
+            }
+            tracing::info!(identity = config.identity, "acquired the controller Lease");
+            metrics.leader.set(1);
+        }
+        let controller = controller(&client, &config, ctx.clone(), stopped(stop_rx.clone()));
+        let result = match &elector {
+            Some(elector) => tokio::select! {
+                () = controller => Ok(()),
+                lost = elector.hold() => Err(RunError::Leader(lost)),
+            },
+            None => {
+                controller.await;
+                Ok(())
+            }
+        };
+        metrics.leader.set(0);
+        if let Some(elector) = &elector {
+            elector.release().await;
+        }
+        result
+    };
+    tokio::select! {
+        result = work => result,
+        result = admin => result.map_err(RunError::from),
+        () = async { shutdown.await; futures::future::pending::<()>().await } => unreachable!("pending never resolves"),
+    }
+}
+
+/// The kube-runtime Controller over ClaudeKeys, owning their Secrets.
+async fn controller(
+    client: &Client,
+    config: &ControllerConfig,
+    ctx: Arc<context::Context>,
+    stop: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (claudekeys, secrets): (Api<ClaudeKey>, Api<Secret>) = match &config.watch_namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let owned = watcher::Config::default().labels(&format!(
+        "{}={}",
+        annotations::MANAGED_BY_LABEL,
+        annotations::MANAGER
+    ));
+    let controller = Controller::new(claudekeys, watcher::Config::default())
+        .watches(secrets, owned, owning_claudekey)
+        .graceful_shutdown_on(stop);
+    let store = controller.store();
+    let metrics = ctx.metrics.clone();
+    let run = controller
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "reconcile loop");
+            }
+        });
+    let sweep = async move {
+        loop {
+            tokio::time::sleep(KEY_AGE_SWEEP).await;
+            metrics.retain_key_ages(|namespace, name| {
+                store.get(&ObjectRef::new(name).within(namespace)).is_some()
+            });
+        }
+    };
+    tokio::select! {
+        () = run => {}
+        () = sweep => {}
+    }
+}
+
+/// The ClaudeKey a managed Secret belongs to, by its `claudekey.io/name` label rather than its
+/// owner reference, so a Secret whose owner reference was stripped by hand is still repaired.
+fn owning_claudekey(secret: Secret) -> Option<ObjectRef<ClaudeKey>> {
+    let name = secret.labels().get(annotations::NAME_LABEL)?;
+    Some(ObjectRef::new(name).within(&secret.namespace()?))
+}
+
+/// How often key-age series of deleted ClaudeKeys are dropped.
+const KEY_AGE_SWEEP: Duration = Duration::from_secs(60);
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::cli::{Cli, Command};
+
+    fn args(argv: &[&str]) -> super::Args {
+        let mut full = vec!["claudekey", "controller"];
+        full.extend_from_slice(argv);
+        match Cli::try_parse_from(full).expect("flags parse").command {
+            Command::Controller(args) => args,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn flags_have_the_documented_defaults() {
+        let a = args(&["--namespace", "claudekey-system"]);
+        assert_eq!(a.namespace.as_deref(), Some("claudekey-system"));
+        assert_eq!(a.metrics_listen.to_string(), "0.0.0.0:8080");
+        assert!(a.leader_election);
+        assert_eq!(a.lease_name, "claudekey-controller");
+        assert_eq!(a.consumer_restarts_per_minute, 10);
+        assert_eq!(a.gateway_url, None);
+        let off = args(&[
+            "--leader-election",
+            "false",
+            "--gateway-url",
+            "http://gw:8080",
+        ]);
+        assert!(!off.leader_election);
+        assert_eq!(off.gateway_url.as_deref(), Some("http://gw:8080"));
+        assert_eq!(
+            super::default_gateway_url("ops"),
+            "http://claudekey-gateway.ops.svc:8080"
+        );
+    }
 }

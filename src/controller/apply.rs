@@ -1,0 +1,160 @@
+//! The API ends of the pipeline: reading and server-side applying the owned Secrets and the
+//! ClaudeKey status. Errors keep names and API reasons but never a response or request body,
+//! since either may quote Secret data.
+
+use chrono::Utc;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+};
+
+use super::conditions::{self, StatusInput};
+use super::decide::Decision;
+use super::secrets::{self, Drift};
+use crate::backend::cache::CachedKey;
+use crate::crd::{ClaudeKey, ClaudeKeyStatus, annotations};
+
+/// Why a reconcile failed. Messages carry names and API reasons, never Secret contents.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to read Secret {namespace}/{name}: {reason}")]
+    ReadSecret {
+        namespace: String,
+        name: String,
+        reason: String,
+    },
+    #[error("failed to write Secret {namespace}/{name}: {reason}")]
+    WriteSecret {
+        namespace: String,
+        name: String,
+        reason: String,
+    },
+    #[error("failed to write status of ClaudeKey {namespace}/{name}: {reason}")]
+    WriteStatus {
+        namespace: String,
+        name: String,
+        reason: String,
+    },
+    #[error("ClaudeKey has no namespace")]
+    NoNamespace,
+}
+
+impl Error {
+    /// Bounded label for `claudekey_reconcile_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ReadSecret { .. } => "readSecret",
+            Self::WriteSecret { .. } => "writeSecret",
+            Self::WriteStatus { .. } => "writeStatus",
+            Self::NoNamespace => "noNamespace",
+        }
+    }
+}
+
+/// A kube error reduced to what is safe to log: HTTP code and reason for API errors, the
+/// error class otherwise (a deserialization error can quote the payload, i.e. Secret data).
+pub fn safe_reason(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => format!("HTTP {} {}", status.code, status.reason),
+        kube::Error::SerdeError(_) => "the apiserver's response could not be parsed".to_string(),
+        kube::Error::HyperError(e) => format!("connection error: {e}"),
+        kube::Error::Service(e) => format!("connection error: {e}"),
+        _ => "request failed".to_string(),
+    }
+}
+
+pub async fn get_secret(
+    api: &Api<Secret>,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Secret>, Error> {
+    api.get_opt(name).await.map_err(|e| Error::ReadSecret {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        reason: safe_reason(&e),
+    })
+}
+
+/// Server-side applies `desired` when it differs, and removes data entries added by hand
+/// (which server-side apply would leave, being owned by another field manager).
+pub async fn write_secret(
+    api: &Api<Secret>,
+    namespace: &str,
+    existing: Option<&Secret>,
+    desired: &Secret,
+) -> Result<Drift, Error> {
+    let name = desired.name_any();
+    let fail = |e: kube::Error| Error::WriteSecret {
+        namespace: namespace.to_string(),
+        name: name.clone(),
+        reason: safe_reason(&e),
+    };
+    let drift = secrets::drift(existing, desired);
+    let extra = secrets::extra_entries(existing, desired);
+    if drift == Drift::None && extra.is_empty() {
+        return Ok(drift);
+    }
+    let body = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": desired.metadata,
+        "type": desired.type_,
+        "data": desired.data,
+    });
+    let params = PatchParams::apply(annotations::MANAGER).force();
+    api.patch(&name, &params, &Patch::Apply(&body))
+        .await
+        .map_err(fail)?;
+    if !extra.is_empty() {
+        let removal: serde_json::Map<String, serde_json::Value> = extra
+            .into_iter()
+            .map(|k| (k, serde_json::Value::Null))
+            .collect();
+        let patch = serde_json::json!({ "data": removal });
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(fail)?;
+    }
+    Ok(drift)
+}
+
+/// Applies the status through the status subresource (server-side apply, field manager
+/// claudekey); skipped when nothing changed, so a status write never triggers another one.
+pub async fn write_status(
+    ck: &ClaudeKey,
+    client: &kube::Client,
+    desired: Vec<conditions::Desired>,
+    decision: Option<&Decision>,
+    cached: Option<&CachedKey>,
+) -> Result<(), Error> {
+    let namespace = ck.namespace().unwrap_or_default();
+    let status: ClaudeKeyStatus = conditions::build_status(StatusInput {
+        existing: ck.status.as_ref(),
+        generation: ck.meta().generation,
+        source: ck.spec.source.describe(),
+        conditions: desired,
+        ledger: decision.map(|d| &d.ledger),
+        synced_at: cached.map(|c| c.synced_at),
+        next_rotation: decision.and_then(|d| d.next_rotation),
+        now: Utc::now(),
+    });
+    if ck.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let api: Api<ClaudeKey> = Api::namespaced(client.clone(), &namespace);
+    let body = serde_json::json!({
+        "apiVersion": "claudekey.io/v1alpha1",
+        "kind": "ClaudeKey",
+        "status": status,
+    });
+    let params = PatchParams::apply(annotations::MANAGER).force();
+    api.patch_status(&ck.name_any(), &params, &Patch::Apply(&body))
+        .await
+        .map_err(|e| Error::WriteStatus {
+            namespace,
+            name: ck.name_any(),
+            reason: safe_reason(&e),
+        })?;
+    Ok(())
+}

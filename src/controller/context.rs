@@ -1,0 +1,110 @@
+//! What every reconcile shares: the client, the backend cache, metrics, the Event recorder, the
+//! consumer-restart limiter and per-object failure counts for backoff.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use kube::Client;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Resource, api::ObjectMeta};
+
+use super::consumers::RestartLimiter;
+use super::decide::RotationReason;
+use super::metrics::Metrics;
+use crate::backend::cache::BackendCache;
+use crate::crd::ClaudeKey;
+
+/// A hook run after both Secrets are written and before status, with the rotation (if any) that
+/// was just written: tests use it to kill a controller at exactly that point and prove a restart
+/// never issues a second key.
+pub type Hook = Arc<dyn Fn(Option<RotationReason>) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// Shared state of one running controller.
+pub struct Context {
+    pub client: Client,
+    /// The operator namespace (backend and admin-key Secrets are read only there).
+    pub namespace: String,
+    pub gateway_url: String,
+    pub cache: BackendCache,
+    pub metrics: Metrics,
+    pub recorder: Recorder,
+    pub limiter: RestartLimiter,
+    /// How long consumers wait for gateway proxies to see a new key; see `consumers::restart_at`.
+    pub consumer_restart_delay: Duration,
+    /// Admin API client used to retire replaced upstream keys.
+    pub admin: super::admin::AdminClient,
+    pub after_secrets: Option<Hook>,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+/// Shortest and longest waits after a failure.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+impl Context {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Client,
+        namespace: String,
+        gateway_url: String,
+        cache: BackendCache,
+        metrics: Metrics,
+        recorder: Recorder,
+        limiter: RestartLimiter,
+        consumer_restart_delay: Duration,
+        admin: super::admin::AdminClient,
+        after_secrets: Option<Hook>,
+    ) -> Self {
+        Self {
+            client,
+            namespace,
+            gateway_url,
+            cache,
+            metrics,
+            recorder,
+            limiter,
+            consumer_restart_delay,
+            admin,
+            after_secrets,
+            failures: Mutex::default(),
+        }
+    }
+
+    /// Records one more failure of `key` and returns how long to wait: 1 s doubling to 5 min.
+    pub fn backoff(&self, key: &str) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        BACKOFF_MIN
+            .saturating_mul(1u32 << (*n - 1).min(9))
+            .min(BACKOFF_MAX)
+    }
+
+    /// Forgets the failures of `key` after a clean reconcile.
+    pub fn succeeded(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    /// Publishes an Event on the ClaudeKey; a failure to record is logged, never fatal.
+    pub async fn event(&self, ck: &ClaudeKey, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(note),
+            action: "Reconcile".to_string(),
+            secondary: None,
+        };
+        let reference = ck.object_ref(&());
+        if let Err(error) = self.recorder.publish(&event, &reference).await {
+            let ObjectMeta {
+                namespace, name, ..
+            } = &ck.meta();
+            tracing::warn!(?namespace, ?name, %error, reason, "failed to record an Event");
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! The rotation decision (DESIGN.md §3 step 2 and 5) as a pure function of the spec, the trigger
+//! annotations, the durable ledger, the upstream key just read and `now`. No I/O here.
+
+use chrono::{DateTime, TimeDelta, Utc};
+
+use super::ledger::{Ledger, Retiring, UpstreamLedgerEntry};
+use crate::crd::ClaudeKeySpec;
+use crate::proxyconf::WorkloadKeyEntry;
+
+/// Why a new workload key is issued. `as_str` values are the bounded `reason` metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RotationReason {
+    /// No key existed yet.
+    Initial,
+    /// The key reached `spec.rotation.interval`.
+    Interval,
+    /// The `claudekey.io/rotate` annotation changed.
+    Rotate,
+    /// The `claudekey.io/revoke` annotation changed: zero grace.
+    Revoke,
+    /// `spec.expiresAt` passed: the key is retired with zero grace.
+    Expired,
+    /// The `-client` Secret holding the raw key was deleted or edited by hand; its key cannot be
+    /// recovered from hashes, so a new one is issued and the old one gets the normal grace.
+    ClientLost,
+}
+
+impl RotationReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Initial => "initial",
+            Self::Interval => "interval",
+            Self::Rotate => "rotate",
+            Self::Revoke => "revoke",
+            Self::Expired => "expired",
+            Self::ClientLost => "clientLost",
+        }
+    }
+
+    /// Revocation and expiry end the old key at once, and with it any older key still in grace.
+    pub fn zero_grace(self) -> bool {
+        matches!(self, Self::Revoke | Self::Expired)
+    }
+}
+
+/// The values of the trigger annotations on the ClaudeKey.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Triggers<'a> {
+    pub rotate: Option<&'a str>,
+    pub revoke: Option<&'a str>,
+}
+
+/// A key identified by hash only: a freshly generated candidate or the upstream key just read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyId {
+    pub sha256: String,
+    pub fingerprint: String,
+}
+
+/// The upstream key the backend returned this time, by hash, with its backend version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchedUpstream {
+    pub id: KeyId,
+    pub version: String,
+    /// The Admin API's partial hint of the key, kept so the key can be retired later.
+    pub hint: Option<String>,
+}
+
+/// What the controller found in its Secrets.
+#[derive(Clone, Copy, Debug)]
+pub struct Observed<'a> {
+    /// The committed ledger, if any Secret held a readable one.
+    pub ledger: Option<&'a Ledger>,
+    /// Whether the raw current workload key is available (the `-client` Secret matches the ledger).
+    pub client_key_present: bool,
+}
+
+/// The outcome: the ledger to write and what happened, for Events, metrics and requeue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub ledger: Ledger,
+    /// Set when the candidate key becomes the current workload key.
+    pub rotation: Option<RotationReason>,
+    /// Whether a new upstream key became current.
+    pub upstream_rolled: bool,
+    /// When the key is next rotated on schedule; `None` once the ClaudeKey has expired.
+    pub next_rotation: Option<DateTime<Utc>>,
+    /// Whether `spec.expiresAt` has passed.
+    pub expired: bool,
+    /// The earliest time something changes without outside events (rotation, end of a grace
+    /// period, expiry). Backend refreshes are added by the caller, which owns the cache.
+    pub wake_at: Option<DateTime<Utc>>,
+}
+
+/// Nothing can be written: there is no upstream key, neither from the backend nor from before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("no upstream key has been synced yet")]
+pub struct NoUpstreamKey;
+
+/// Decides the next ledger. `candidate` is a freshly generated key the caller uses only when
+/// `rotation` is set, which keeps key generation (I/O) out of this function.
+pub fn decide(
+    spec: &ClaudeKeySpec,
+    triggers: Triggers<'_>,
+    observed: Observed<'_>,
+    upstream: Option<&FetchedUpstream>,
+    candidate: &KeyId,
+    now: DateTime<Utc>,
+) -> Result<Decision, NoUpstreamKey> {
+    let grace = spec.rotation.grace_period.as_chrono();
+    let expired = spec.expires_at.is_some_and(|t| now >= t);
+    let (mut ledger, rotation, upstream_rolled) = match observed.ledger {
+        None => {
+            let upstream = upstream.ok_or(NoUpstreamKey)?;
+            let ledger = Ledger {
+                issued_at: now,
+                rotate_handled: triggers.rotate.map(str::to_string),
+                revoke_handled: triggers.revoke.map(str::to_string),
+                expiry_handled: spec.expires_at.filter(|_| expired),
+                workload_keys: vec![current_workload(candidate)],
+                upstream_version: upstream.version.clone(),
+                upstream_keys: vec![current_upstream(upstream)],
+                retiring: Vec::new(),
+            };
+            (ledger, Some(RotationReason::Initial), false)
+        }
+        Some(previous) => {
+            let mut ledger = prune(previous, now);
+            let rotation = rotation_reason(spec, triggers, observed, previous, now);
+            ledger.rotate_handled = triggers.rotate.map(str::to_string);
+            ledger.revoke_handled = triggers.revoke.map(str::to_string);
+            if let Some(reason) = rotation {
+                if reason == RotationReason::Expired {
+                    ledger.expiry_handled = spec.expires_at;
+                }
+                let grace = if reason.zero_grace() {
+                    TimeDelta::zero()
+                } else {
+                    grace
+                };
+                rotate_workload(
+                    &mut ledger,
+                    candidate,
+                    reason.zero_grace(),
+                    now + grace,
+                    grace,
+                );
+                ledger.issued_at = now;
+            }
+            let rolled = roll_upstream(&mut ledger, upstream, now, grace)?;
+            if spec.anthropic_admin.is_some() {
+                queue_retirement(&mut ledger, previous);
+            }
+            (ledger, rotation, rolled)
+        }
+    };
+    if let Some(upstream) = upstream {
+        ledger.upstream_version = upstream.version.clone();
+    }
+    let next_rotation = (!expired).then(|| ledger.issued_at + spec.rotation.interval.as_chrono());
+    let wake_at = wake_at(&ledger, next_rotation, spec.expires_at.filter(|_| !expired));
+    Ok(Decision {
+        ledger,
+        rotation,
+        upstream_rolled,
+        next_rotation,
+        expired,
+        wake_at,
+    })
+}
+
+fn rotation_reason(
+    spec: &ClaudeKeySpec,
+    triggers: Triggers<'_>,
+    observed: Observed<'_>,
+    ledger: &Ledger,
+    now: DateTime<Utc>,
+) -> Option<RotationReason> {
+    let changed = |value: Option<&str>, handled: &Option<String>| {
+        value.is_some_and(|v| handled.as_deref() != Some(v))
+    };
+    let expires_now = spec
+        .expires_at
+        .filter(|t| now >= *t && ledger.expiry_handled != Some(*t));
+    let expired = spec.expires_at.is_some_and(|t| now >= t);
+    if changed(triggers.revoke, &ledger.revoke_handled) {
+        Some(RotationReason::Revoke)
+    } else if expires_now.is_some() {
+        Some(RotationReason::Expired)
+    } else if !observed.client_key_present || ledger.current_workload().is_none() {
+        Some(RotationReason::ClientLost)
+    } else if changed(triggers.rotate, &ledger.rotate_handled) {
+        Some(RotationReason::Rotate)
+    } else if !expired && now >= ledger.issued_at + spec.rotation.interval.as_chrono() {
+        Some(RotationReason::Interval)
+    } else {
+        None
+    }
+}
+
+/// Drops every previous entry whose grace period has ended.
+fn prune(ledger: &Ledger, now: DateTime<Utc>) -> Ledger {
+    let alive = |until: Option<DateTime<Utc>>| until.is_none_or(|t| now < t);
+    let mut ledger = ledger.clone();
+    ledger.workload_keys.retain(|k| alive(k.valid_until));
+    ledger.upstream_keys.retain(|k| alive(k.valid_until));
+    ledger
+}
+
+fn rotate_workload(
+    ledger: &mut Ledger,
+    candidate: &KeyId,
+    zero_grace: bool,
+    until: DateTime<Utc>,
+    grace: TimeDelta,
+) {
+    if zero_grace {
+        ledger.workload_keys.clear();
+    } else {
+        for key in &mut ledger.workload_keys {
+            if key.valid_until.is_none() {
+                key.valid_until = Some(until);
+            }
+        }
+        if grace <= TimeDelta::zero() {
+            ledger.workload_keys.retain(|k| k.valid_until.is_none());
+        }
+    }
+    ledger
+        .workload_keys
+        .retain(|k| k.sha256 != candidate.sha256);
+    ledger.workload_keys.insert(0, current_workload(candidate));
+}
+
+/// Makes a new upstream key current with the same overlap as a workload rotation.
+fn roll_upstream(
+    ledger: &mut Ledger,
+    upstream: Option<&FetchedUpstream>,
+    now: DateTime<Utc>,
+    grace: TimeDelta,
+) -> Result<bool, NoUpstreamKey> {
+    let Some(upstream) = upstream else {
+        return ledger
+            .current_upstream()
+            .map(|_| false)
+            .ok_or(NoUpstreamKey);
+    };
+    if ledger
+        .current_upstream()
+        .is_some_and(|c| c.sha256 == upstream.id.sha256)
+    {
+        return Ok(false);
+    }
+    for key in &mut ledger.upstream_keys {
+        if key.valid_until.is_none() {
+            key.valid_until = Some(now + grace);
+        }
+    }
+    ledger
+        .upstream_keys
+        .retain(|k| k.sha256 != upstream.id.sha256 && k.valid_until.is_some_and(|t| now < t));
+    ledger.upstream_keys.insert(0, current_upstream(upstream));
+    Ok(true)
+}
+
+/// Queues every upstream key that left the ledger (its grace ended, or it was replaced with
+/// zero grace) for deactivation at Anthropic.
+fn queue_retirement(ledger: &mut Ledger, previous: &Ledger) {
+    for gone in &previous.upstream_keys {
+        let still_used = ledger.upstream_keys.iter().any(|k| k.sha256 == gone.sha256);
+        let queued = ledger
+            .retiring
+            .iter()
+            .any(|r| r.fingerprint == gone.fingerprint);
+        if let (false, false, Some(hint)) = (still_used, queued, &gone.hint) {
+            ledger.retiring.push(Retiring {
+                fingerprint: gone.fingerprint.clone(),
+                hint: hint.clone(),
+            });
+        }
+    }
+}
+
+fn wake_at(
+    ledger: &Ledger,
+    next_rotation: Option<DateTime<Utc>>,
+    expires_at: Option<DateTime<Utc>>,
+) -> Option<DateTime<Utc>> {
+    let grace_ends = ledger
+        .workload_keys
+        .iter()
+        .filter_map(|k| k.valid_until)
+        .chain(ledger.upstream_keys.iter().filter_map(|k| k.valid_until));
+    grace_ends.chain(next_rotation).chain(expires_at).min()
+}
+
+fn current_workload(key: &KeyId) -> WorkloadKeyEntry {
+    WorkloadKeyEntry {
+        sha256: key.sha256.clone(),
+        fingerprint: key.fingerprint.clone(),
+        valid_until: None,
+    }
+}
+
+fn current_upstream(upstream: &FetchedUpstream) -> UpstreamLedgerEntry {
+    UpstreamLedgerEntry {
+        sha256: upstream.id.sha256.clone(),
+        fingerprint: upstream.id.fingerprint.clone(),
+        valid_until: None,
+        hint: upstream.hint.clone(),
+    }
+}
+
+#[cfg(test)]
+#[path = "decide_tests.rs"]
+mod tests;
+
+/// Spec errors the schema cannot express. The reconcile reports them as Ready=False InvalidSpec
+/// and waits for a spec change instead of retrying.
+pub fn validate(spec: &ClaudeKeySpec) -> Result<(), String> {
+    for pattern in &spec.data_protection.custom_patterns {
+        regex::RegexBuilder::new(&pattern.regex)
+            .size_limit(1 << 20)
+            .build()
+            .map_err(|e| {
+                format!(
+                    "dataProtection.customPatterns {:?}: the regex does not compile: {e}",
+                    pattern.name
+                )
+            })?;
+    }
+    let second = std::time::Duration::from_secs(1);
+    if spec.rotation.interval.as_duration() < second {
+        return Err(format!(
+            "rotation.interval {} is shorter than 1s",
+            spec.rotation.interval
+        ));
+    }
+    if spec.source.refresh_interval.as_duration() < second {
+        return Err(format!(
+            "source.refreshInterval {} is shorter than 1s",
+            spec.source.refresh_interval
+        ));
+    }
+    Ok(())
+}

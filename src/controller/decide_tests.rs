@@ -1,0 +1,420 @@
+//! Unit tests of the rotation decision: every trigger, the grace overlap, expiry and requeue.
+
+use chrono::{DateTime, TimeDelta, Utc};
+
+use super::*;
+use crate::crd::ClaudeKeySpec;
+
+fn t(s: &str) -> DateTime<Utc> {
+    s.parse().unwrap()
+}
+
+fn spec(extra: &str) -> ClaudeKeySpec {
+    let yaml = format!(
+        "source: {{ kubernetesSecret: {{ name: up }}, refreshInterval: 5m }}\nrotation: {{ interval: 24h, gracePeriod: 15m }}\n{extra}"
+    );
+    serde_yaml::from_str(&yaml).unwrap()
+}
+
+fn key(n: u8) -> KeyId {
+    KeyId {
+        sha256: format!("{n:02x}").repeat(32),
+        fingerprint: format!("ck:{n:02x}{n:02x}{n:02x}{n:02x}"),
+    }
+}
+
+fn up(n: u8, version: &str) -> FetchedUpstream {
+    FetchedUpstream {
+        id: key(100 + n),
+        version: version.to_string(),
+        hint: Some(format!("sk-ant-api03-{n:03}...{n:04}")),
+    }
+}
+
+const T0: &str = "2026-11-27T10:00:00Z";
+
+fn initial(spec: &ClaudeKeySpec, triggers: Triggers<'_>) -> Decision {
+    let observed = Observed {
+        ledger: None,
+        client_key_present: false,
+    };
+    decide(spec, triggers, observed, Some(&up(1, "v1")), &key(1), t(T0)).unwrap()
+}
+
+fn next(
+    spec: &ClaudeKeySpec,
+    triggers: Triggers<'_>,
+    ledger: &Ledger,
+    upstream: Option<&FetchedUpstream>,
+    candidate: u8,
+    now: DateTime<Utc>,
+) -> Decision {
+    let observed = Observed {
+        ledger: Some(ledger),
+        client_key_present: true,
+    };
+    decide(spec, triggers, observed, upstream, &key(candidate), now).unwrap()
+}
+
+fn hashes(d: &Decision) -> Vec<(String, Option<DateTime<Utc>>)> {
+    d.ledger
+        .workload_keys
+        .iter()
+        .map(|k| (k.fingerprint.clone(), k.valid_until))
+        .collect()
+}
+
+#[test]
+fn first_reconcile_issues_and_records_existing_triggers() {
+    let s = spec("");
+    let d = initial(
+        &s,
+        Triggers {
+            rotate: Some("a"),
+            revoke: Some("b"),
+        },
+    );
+    assert_eq!(d.rotation, Some(RotationReason::Initial));
+    assert_eq!(hashes(&d), vec![(key(1).fingerprint, None)]);
+    assert_eq!(d.ledger.rotate_handled.as_deref(), Some("a"));
+    assert_eq!(d.ledger.revoke_handled.as_deref(), Some("b"));
+    assert_eq!(d.ledger.upstream_version, "v1");
+    assert_eq!(d.next_rotation, Some(t("2026-11-28T10:00:00Z")));
+    assert_eq!(d.wake_at, d.next_rotation);
+}
+
+#[test]
+fn without_any_upstream_key_nothing_can_be_written() {
+    let observed = Observed {
+        ledger: None,
+        client_key_present: false,
+    };
+    let err = decide(
+        &spec(""),
+        Triggers::default(),
+        observed,
+        None,
+        &key(1),
+        t(T0),
+    );
+    assert_eq!(err, Err(NoUpstreamKey));
+}
+
+#[test]
+fn steady_state_is_a_fixed_point() {
+    let s = spec("");
+    let d0 = initial(&s, Triggers::default());
+    let later = t(T0) + TimeDelta::hours(1);
+    let d1 = next(
+        &s,
+        Triggers::default(),
+        &d0.ledger,
+        Some(&up(1, "v1")),
+        2,
+        later,
+    );
+    assert_eq!(d1.rotation, None);
+    assert!(!d1.upstream_rolled);
+    assert_eq!(d1.ledger, d0.ledger);
+    // The backend being down changes nothing either.
+    let d2 = next(&s, Triggers::default(), &d0.ledger, None, 3, later);
+    assert_eq!(d2.ledger, d0.ledger);
+}
+
+#[test]
+fn rotate_annotation_rotates_once_with_grace() {
+    let s = spec("");
+    let d0 = initial(
+        &s,
+        Triggers {
+            rotate: Some("1"),
+            revoke: None,
+        },
+    );
+    let now = t(T0) + TimeDelta::hours(1);
+    let triggers = Triggers {
+        rotate: Some("2"),
+        revoke: None,
+    };
+    let d1 = next(&s, triggers, &d0.ledger, Some(&up(1, "v1")), 2, now);
+    assert_eq!(d1.rotation, Some(RotationReason::Rotate));
+    let until = now + TimeDelta::minutes(15);
+    assert_eq!(
+        hashes(&d1),
+        vec![
+            (key(2).fingerprint, None),
+            (key(1).fingerprint, Some(until))
+        ]
+    );
+    assert_eq!(d1.ledger.issued_at, now);
+    assert_eq!(d1.wake_at, Some(until));
+    // Same annotation again (e.g. after a controller restart): no second key.
+    let d2 = next(
+        &s,
+        triggers,
+        &d1.ledger,
+        Some(&up(1, "v1")),
+        3,
+        now + TimeDelta::minutes(1),
+    );
+    assert_eq!(d2.rotation, None);
+    assert_eq!(d2.ledger, d1.ledger);
+    // After grace the previous key is gone.
+    let d3 = next(&s, triggers, &d1.ledger, Some(&up(1, "v1")), 4, until);
+    assert_eq!(hashes(&d3), vec![(key(2).fingerprint, None)]);
+    assert_eq!(d3.wake_at, Some(now + TimeDelta::hours(24)));
+}
+
+#[test]
+fn revoke_drops_every_older_key_at_once() {
+    let s = spec("");
+    let d0 = initial(&s, Triggers::default());
+    let now = t(T0) + TimeDelta::hours(1);
+    let d1 = next(
+        &s,
+        Triggers {
+            rotate: Some("x"),
+            revoke: None,
+        },
+        &d0.ledger,
+        None,
+        2,
+        now,
+    );
+    assert_eq!(d1.ledger.workload_keys.len(), 2);
+    let both = Triggers {
+        rotate: Some("y"),
+        revoke: Some("breach"),
+    };
+    let d2 = next(&s, both, &d1.ledger, None, 3, now + TimeDelta::minutes(1));
+    assert_eq!(d2.rotation, Some(RotationReason::Revoke));
+    assert_eq!(hashes(&d2), vec![(key(3).fingerprint, None)]);
+    assert_eq!(
+        d2.ledger.rotate_handled.as_deref(),
+        Some("y"),
+        "revoke also covers a rotate"
+    );
+}
+
+#[test]
+fn interval_rotation_happens_at_the_deadline_not_before() {
+    let s = spec("");
+    let d0 = initial(&s, Triggers::default());
+    let due = t(T0) + TimeDelta::hours(24);
+    let before = next(
+        &s,
+        Triggers::default(),
+        &d0.ledger,
+        None,
+        2,
+        due - TimeDelta::seconds(1),
+    );
+    assert_eq!(before.rotation, None);
+    let at = next(&s, Triggers::default(), &d0.ledger, None, 2, due);
+    assert_eq!(at.rotation, Some(RotationReason::Interval));
+    assert_eq!(at.next_rotation, Some(due + TimeDelta::hours(24)));
+}
+
+#[test]
+fn expiry_retires_the_key_once_and_stops_scheduling() {
+    let s = spec("expiresAt: \"2026-11-27T12:00:00Z\"");
+    let d0 = initial(&s, Triggers::default());
+    assert_eq!(
+        d0.wake_at,
+        Some(t("2026-11-27T12:00:00Z")),
+        "expiry comes before the rotation"
+    );
+    let d1 = next(
+        &s,
+        Triggers::default(),
+        &d0.ledger,
+        None,
+        2,
+        t("2026-11-27T12:00:00Z"),
+    );
+    assert_eq!(d1.rotation, Some(RotationReason::Expired));
+    assert_eq!(hashes(&d1), vec![(key(2).fingerprint, None)]);
+    assert!(d1.expired);
+    assert_eq!(d1.next_rotation, None);
+    assert_eq!(d1.wake_at, None);
+    let d2 = next(
+        &s,
+        Triggers::default(),
+        &d1.ledger,
+        None,
+        3,
+        t("2026-12-30T00:00:00Z"),
+    );
+    assert_eq!(d2.rotation, None, "no interval rotations after expiry");
+}
+
+#[test]
+fn new_upstream_version_rolls_with_overlap() {
+    let s = spec("");
+    let d0 = initial(&s, Triggers::default());
+    let now = t(T0) + TimeDelta::hours(1);
+    let d1 = next(
+        &s,
+        Triggers::default(),
+        &d0.ledger,
+        Some(&up(2, "v2")),
+        2,
+        now,
+    );
+    assert!(d1.upstream_rolled);
+    assert_eq!(
+        d1.rotation, None,
+        "an upstream roll leaves the workload key alone"
+    );
+    let fps: Vec<_> = d1
+        .ledger
+        .upstream_keys
+        .iter()
+        .map(|k| (k.sha256.clone(), k.valid_until))
+        .collect();
+    let until = now + TimeDelta::minutes(15);
+    assert_eq!(
+        fps,
+        vec![(key(102).sha256, None), (key(101).sha256, Some(until))]
+    );
+    assert_eq!(d1.ledger.upstream_version, "v2");
+    assert_eq!(d1.wake_at, Some(until));
+    // A new version with the same value only updates the recorded version.
+    let d2 = next(
+        &s,
+        Triggers::default(),
+        &d1.ledger,
+        Some(&up(2, "v3")),
+        3,
+        now,
+    );
+    assert!(!d2.upstream_rolled);
+    assert_eq!(d2.ledger.upstream_version, "v3");
+}
+
+#[test]
+fn lost_client_secret_issues_a_new_key_with_grace() {
+    let s = spec("");
+    let d0 = initial(&s, Triggers::default());
+    let now = t(T0) + TimeDelta::hours(1);
+    let observed = Observed {
+        ledger: Some(&d0.ledger),
+        client_key_present: false,
+    };
+    let d1 = decide(&s, Triggers::default(), observed, None, &key(2), now).unwrap();
+    assert_eq!(d1.rotation, Some(RotationReason::ClientLost));
+    assert_eq!(
+        d1.ledger.workload_keys[1].valid_until,
+        Some(now + TimeDelta::minutes(15))
+    );
+}
+
+#[test]
+fn grace_ends_of_upstream_and_workload_keys_both_wake_the_controller() {
+    let s = spec("");
+    let d0 = initial(&s, Triggers::default());
+    let now = t(T0) + TimeDelta::hours(1);
+    let d1 = next(
+        &s,
+        Triggers {
+            rotate: Some("r"),
+            revoke: None,
+        },
+        &d0.ledger,
+        None,
+        2,
+        now,
+    );
+    let d2 = next(
+        &s,
+        Triggers {
+            rotate: Some("r"),
+            revoke: None,
+        },
+        &d1.ledger,
+        Some(&up(2, "v2")),
+        3,
+        now + TimeDelta::minutes(5),
+    );
+    assert_eq!(d2.wake_at, Some(now + TimeDelta::minutes(15)));
+}
+
+#[test]
+fn spec_errors_the_schema_cannot_catch() {
+    assert_eq!(validate(&spec("")), Ok(()));
+    let bad = spec("dataProtection: { customPatterns: [{ name: broken, regex: \"EMP-[0-9\" }] }");
+    let err = validate(&bad).unwrap_err();
+    assert!(
+        err.contains("broken") && err.contains("does not compile"),
+        "{err}"
+    );
+    let hot = spec("").rotation.interval.as_str().to_string();
+    assert_eq!(hot, "24h");
+    let mut s = spec("");
+    s.rotation.interval = "500ms".parse().unwrap();
+    assert!(validate(&s).unwrap_err().contains("rotation.interval"));
+}
+
+#[test]
+fn replaced_upstream_keys_are_queued_for_retirement_after_grace_only_with_admin_access() {
+    let with_admin = spec("anthropicAdmin: { adminKeySecretRef: { name: admin, key: admin-key } }");
+    let d0 = initial(&with_admin, Triggers::default());
+    let now = t(T0) + TimeDelta::hours(1);
+    let d1 = next(
+        &with_admin,
+        Triggers::default(),
+        &d0.ledger,
+        Some(&up(2, "v2")),
+        2,
+        now,
+    );
+    assert!(d1.ledger.retiring.is_empty(), "still in its grace period");
+    let after = now + TimeDelta::minutes(15);
+    let d2 = next(
+        &with_admin,
+        Triggers::default(),
+        &d1.ledger,
+        Some(&up(2, "v2")),
+        3,
+        after,
+    );
+    let queued: Vec<_> = d2
+        .ledger
+        .retiring
+        .iter()
+        .map(|r| (r.fingerprint.clone(), r.hint.clone()))
+        .collect();
+    assert_eq!(
+        queued,
+        [(key(101).fingerprint, "sk-ant-api03-001...0001".to_string())]
+    );
+    // Queued once, however often the controller looks again.
+    let d3 = next(
+        &with_admin,
+        Triggers::default(),
+        &d2.ledger,
+        Some(&up(2, "v2")),
+        4,
+        after,
+    );
+    assert_eq!(d3.ledger.retiring.len(), 1);
+    // Without spec.anthropicAdmin nothing is queued.
+    let plain = spec("");
+    let p1 = next(
+        &plain,
+        Triggers::default(),
+        &d0.ledger,
+        Some(&up(2, "v2")),
+        2,
+        now,
+    );
+    let p2 = next(
+        &plain,
+        Triggers::default(),
+        &p1.ledger,
+        Some(&up(2, "v2")),
+        3,
+        after,
+    );
+    assert!(p2.ledger.retiring.is_empty());
+}
