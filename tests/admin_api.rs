@@ -37,7 +37,11 @@ async fn lists_every_page() {
         .filter(|r| r.path.starts_with("/v1/organizations/api_keys"))
         .count();
     assert_eq!(pages, 3, "100 per page");
-    assert!(fake.received().iter().all(|r| r.header("anthropic-version").is_some()));
+    assert!(
+        fake.received()
+            .iter()
+            .all(|r| r.header("anthropic-version").is_some())
+    );
 }
 
 #[tokio::test]
@@ -53,7 +57,8 @@ async fn get_update_and_typed_errors() {
         admin.get_key("apikey_missing").await,
         Err(AdminError::NotFound { .. })
     ));
-    let wrong = AdminClient::new(&fake.url(), SecretString::from("sk-ant-admin01-wrongwrong")).unwrap();
+    let wrong =
+        AdminClient::new(&fake.url(), SecretString::from("sk-ant-admin01-wrongwrong")).unwrap();
     let err = wrong.list_keys().await.unwrap_err();
     assert!(matches!(err, AdminError::Unauthorized), "{err}");
     assert!(!err.to_string().contains("wrongwrong"));
@@ -84,14 +89,20 @@ async fn retires_a_unique_key_and_the_drill_sees_it_dead() {
     let old = SecretString::from(key(110));
     assert_eq!(probe_key(&fake.url(), &old).await, DrillResult::Live);
     let outcome = retire_after_grace(&admin, &old).await;
-    assert!(matches!(&outcome, RetireOutcome::Retired { .. }), "{outcome:?}");
+    assert!(
+        matches!(&outcome, RetireOutcome::Retired { .. }),
+        "{outcome:?}"
+    );
     assert_eq!(fake.key_status(&key(110)), Some(FakeStatus::Inactive));
     assert_eq!(fake.key_status(&key(111)), Some(FakeStatus::Active));
     assert_eq!(probe_key(&fake.url(), &old).await, DrillResult::Dead);
     // Second time: already inactive, a success with no update sent.
     fake.clear_received();
     let again = retire(&admin, &old, None).await;
-    assert!(matches!(again, RetireOutcome::AlreadyInactive { .. }), "{again:?}");
+    assert!(
+        matches!(again, RetireOutcome::AlreadyInactive { .. }),
+        "{again:?}"
+    );
     assert!(again.is_success());
     assert!(fake.received().iter().all(|r| r.method == "GET"));
 }
@@ -114,7 +125,8 @@ async fn ambiguous_and_missing_hints_change_nothing() {
     assert_eq!(fake.key_status(b), Some(FakeStatus::Active));
     let none = retire(&admin, &SecretString::from(key(999)), None).await;
     assert_eq!(none, RetireOutcome::NotFound);
-    let wrong = AdminClient::new(&fake.url(), SecretString::from("sk-ant-admin01-nope-nope")).unwrap();
+    let wrong =
+        AdminClient::new(&fake.url(), SecretString::from("sk-ant-admin01-nope-nope")).unwrap();
     let failed = retire(&wrong, &SecretString::from(key(0)), None).await;
     assert!(matches!(failed, RetireOutcome::Failed { .. }), "{failed:?}");
     assert_eq!(fake.key_status(&key(0)), Some(FakeStatus::Active));
@@ -123,7 +135,13 @@ async fn ambiguous_and_missing_hints_change_nothing() {
 #[tokio::test]
 async fn usage_report_feeds_the_gauges() {
     let (fake, admin) = fake_with(2).await;
-    let ids: Vec<String> = admin.list_keys().await.unwrap().into_iter().map(|k| k.id).collect();
+    let ids: Vec<String> = admin
+        .list_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
     fake.add_usage(UsageRecord {
         api_key_id: ids[0].clone(),
         model: "claude-sonnet-4-5".into(),
@@ -162,7 +180,10 @@ async fn usage_report_feeds_the_gauges() {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     assert!(text.contains(r#"claudekey_upstream_usage_tokens{namespace="team-a",name="support-bot",kind="input"} 1000010"#), "{text}");
-    assert!(text.contains("claudekey_upstream_cost_usd_estimate{"), "{text}");
+    assert!(
+        text.contains("claudekey_upstream_cost_usd_estimate{"),
+        "{text}"
+    );
     assert!(!text.contains("apikey_"), "no key ids in labels");
     metrics.remove("team-a", "support-bot");
     let mut text = String::new();
