@@ -165,8 +165,13 @@ pub async fn revoke(args: RevokeArgs) -> anyhow::Result<ExitCode> {
         old.as_deref().unwrap_or("none")
     );
     let previous = previous_upstream_keys(&client, &ns, &c.name).await?;
-    let admin =
-        admin_client_for(&client, &c.operator_namespace, &ck.spec, &c.anthropic_url).await?;
+    // The workload key is already replaced: a missing admin key must not hide that success.
+    let admin = admin_client_for(&client, &c.operator_namespace, &ck.spec, &c.anthropic_url)
+        .await
+        .unwrap_or_else(|e| {
+            eprintln!("warning: {e}");
+            None
+        });
     match (admin, previous.is_empty()) {
         (Some(admin), false) => {
             let mut all_ok = true;

@@ -4,11 +4,13 @@
 pub mod cli;
 pub mod client;
 pub mod hint;
+pub mod metrics;
 pub mod retire;
 pub mod usage;
 
 pub use client::{AdminClient, AdminError, ApiKey, KeyStatus};
 pub use hint::{Match, find_by_hint, partial_key_hint};
+pub use metrics::AdminMetrics;
 pub use retire::{
     AdminKeyError, CONDITION_RETIRED_KEY_LIVE, DrillResult, RetireOutcome, RetiredKeyStatus,
     admin_client_for, probe_key, reason, retire, retire_after_grace,
