@@ -39,6 +39,10 @@ pub enum Command {
     Crd,
     /// Check Kubernetes YAML or JSON for raw Anthropic keys, offline, with the webhook's rules.
     Scan(crate::scan::Args),
+    /// Breach playbook: replace the workload key with zero grace and retire the old upstream key.
+    Revoke(crate::admin::cli::RevokeArgs),
+    /// Check that a retired upstream key is really dead (GET /v1/models answers 401).
+    Drill(crate::admin::cli::DrillArgs),
 }
 
 /// Runs the chosen role to completion; the exit code is the process's.
@@ -51,13 +55,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Scan(args) => Ok(crate::scan::run(args)),
+        Command::Revoke(args) => crate::admin::cli::revoke(args).await,
+        Command::Drill(args) => crate::admin::cli::drill(args).await,
         command => {
             telemetry::init(cli.log_format);
             match command {
                 Command::Controller(args) => crate::controller::run(args).await?,
                 Command::Webhook(args) => crate::webhook::run(args).await?,
                 Command::Proxy(args) => crate::proxy::run(args).await?,
-                Command::Crd | Command::Scan(_) => unreachable!("handled above"),
+                Command::Crd | Command::Scan(_) | Command::Revoke(_) | Command::Drill(_) => {
+                    unreachable!("handled above")
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

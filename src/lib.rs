@@ -2,6 +2,7 @@
 //! out of workloads. The modules mirror DESIGN.md: crd, controller, backend, webhook, proxy, scan.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod backend;
 pub mod cli;
 pub mod controller;

@@ -41,7 +41,7 @@ fn key_json(k: &ApiKey) -> Value {
     })
 }
 
-fn admin(shared: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {
+pub(super) fn require_admin(shared: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let ok = credential(headers).is_some_and(|c| shared.inner().admin_keys.iter().any(|a| a == c));
     if ok {
         Ok(())
@@ -67,7 +67,7 @@ pub(super) async fn list(
     headers: HeaderMap,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    if let Err(r) = admin(&shared, &headers) {
+    if let Err(r) = require_admin(&shared, &headers) {
         return *r;
     }
     let limit = q.limit.unwrap_or(20).clamp(1, 1000);
@@ -111,7 +111,7 @@ pub(super) async fn get(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(r) = admin(&shared, &headers) {
+    if let Err(r) = require_admin(&shared, &headers) {
         return *r;
     }
     match shared.inner().keys.iter().find(|k| k.id == id) {
@@ -136,7 +136,7 @@ pub(super) async fn update(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = admin(&shared, &headers) {
+    if let Err(r) = require_admin(&shared, &headers) {
         return *r;
     }
     let Ok(update) = serde_json::from_slice::<Update>(&body) else {

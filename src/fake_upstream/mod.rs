@@ -5,9 +5,11 @@
 
 mod admin;
 mod messages;
+mod usage;
 
 pub use admin::partial_key_hint;
 pub use messages::sse_events;
+pub use usage::UsageRecord;
 
 use std::{
     net::SocketAddr,
@@ -92,6 +94,7 @@ struct Inner {
     admin_keys: Vec<String>,
     received: Vec<Received>,
     next_id: u64,
+    usage: Vec<UsageRecord>,
 }
 
 #[derive(Debug)]
@@ -257,6 +260,10 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/v1/organizations/api_keys/{id}",
             get(admin::get).post(admin::update),
+        )
+        .route(
+            "/v1/organizations/usage_report/messages",
+            get(usage::messages_report),
         )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found_error", "Not found") })
         .layer(middleware::from_fn_with_state(shared.clone(), record))
