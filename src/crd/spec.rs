@@ -40,7 +40,8 @@ use super::{ClaudeKeyStatus, GoDuration};
     ),
     printcolumn(
         name = "Next Rotation",
-        type_ = "date",
+        // A future time: kubectl renders "date" columns as an age, and a future age as <invalid>.
+        type_ = "string",
         json_path = ".status.nextRotationTime"
     ),
     printcolumn(
