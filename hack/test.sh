@@ -31,4 +31,15 @@ if [ -f hack/chart-test.sh ]; then
   step "helm chart"
   CLAUDEKEY_BIN=target/debug/claudekey bash hack/chart-test.sh
 fi
+step "the README's first command (hack/demo.sh, non-interactive)"
+demo_dir=$(mktemp -d /tmp/claudekey-demo-test.XXXXXX)
+if ! CLAUDEKEY_DEMO_EXIT=1 CLAUDEKEY_DEMO_DIR=$demo_dir bash hack/demo.sh >"$demo_dir.log" 2>&1; then
+  tail -40 "$demo_dir.log" >&2
+  echo "hack/demo.sh failed (log: $demo_dir.log)" >&2
+  exit 1
+fi
+grep -q "after grace:  new key -> HTTP 200, old key -> HTTP 401" "$demo_dir.log" \
+  || { tail -40 "$demo_dir.log" >&2; echo "hack/demo.sh did not show the rotation" >&2; exit 1; }
+echo "demo ok (log: $demo_dir.log)"
+
 step "all tests passed"
