@@ -89,7 +89,7 @@ async fn replaced_upstream_key_is_deactivated_after_its_grace_period() {
     put_upstream(&client, &ns, "upstream", &old).await;
     put_upstream(&client, &ns, "anthropic-admin", &admin_key).await;
     let mut cfg = config(&ns);
-    cfg.anthropic_admin_url = url;
+    cfg.anthropic_url = url;
     let controller = start(&client, cfg);
     let spec = format!(
         "{SPEC_FAST}  anthropicAdmin:\n    adminKeySecretRef: {{ name: anthropic-admin, key: api-key }}\n"
@@ -143,10 +143,86 @@ async fn replaced_upstream_key_is_deactivated_after_its_grace_period() {
     })
     .await;
     let ck = wait_claudekey(&client, &ns, "bot", "healthy", |ck| {
-        condition(ck, "Degraded").is_some_and(|c| c.0 == "False")
+        let retired = ck
+            .status
+            .as_ref()
+            .and_then(|s| s.upstream.as_ref())
+            .is_some_and(|u| u.retired.is_some());
+        retired && condition(ck, "Degraded").is_some_and(|c| c.0 == "False")
     })
     .await;
     assert!(is_ready(&ck));
+    let retired = ck
+        .status
+        .as_ref()
+        .and_then(|s| s.upstream.as_ref())
+        .and_then(|u| u.retired.clone())
+        .expect("status.upstream.retired is recorded");
+    assert_eq!(retired.key_id.as_deref(), Some("apikey_old"));
+    assert_eq!(retired.outcome, "UpstreamKeyRetired");
+    assert_eq!(retired.hint, console_hint(&old));
+    assert_no_leaks(&client, &ns, &[old, new, admin_key]).await;
+    controller.stop().await;
+}
+
+/// Never guess: when two active keys share the replaced key's hint, neither is touched; the
+/// ClaudeKey is Degraded with the ambiguity and the key stays queued.
+#[tokio::test]
+async fn ambiguous_hint_changes_nothing_and_degrades() {
+    let (client, ns) = setup("ck-admin-ambig").await;
+    let old = upstream_key();
+    let new = upstream_key();
+    let admin_key = format!("sk-ant-admin01-{}", uuid::Uuid::new_v4().simple());
+    let state: Shared = Arc::default();
+    state.lock().unwrap().keys = vec![
+        ("apikey_a".into(), console_hint(&old), "active".into()),
+        ("apikey_b".into(), console_hint(&old), "active".into()),
+        ("apikey_new".into(), console_hint(&new), "active".into()),
+    ];
+    let url = fake_admin(state.clone()).await;
+    put_upstream(&client, &ns, "upstream", &old).await;
+    put_upstream(&client, &ns, "anthropic-admin", &admin_key).await;
+    let mut cfg = config(&ns);
+    cfg.anthropic_url = url;
+    let controller = start(&client, cfg);
+    let spec = format!(
+        "{SPEC_FAST}  anthropicAdmin:\n    adminKeySecretRef: {{ name: anthropic-admin, key: api-key }}\n"
+    );
+    apply_claudekey(&client, &ns, "bot", &spec).await;
+    wait_claudekey(&client, &ns, "bot", "Ready", is_ready).await;
+    put_upstream(&client, &ns, "upstream", &new).await;
+
+    let ck = wait_claudekey(&client, &ns, "bot", "Degraded by ambiguity", |ck| {
+        condition(ck, "Degraded").is_some_and(|c| c.0 == "True" && c.1 == "UpstreamKeyAmbiguous")
+    })
+    .await;
+    let retired = ck
+        .status
+        .as_ref()
+        .and_then(|s| s.upstream.as_ref())
+        .and_then(|u| u.retired.clone())
+        .expect("status.upstream.retired is recorded");
+    assert_eq!(retired.outcome, "UpstreamKeyAmbiguous");
+    assert_eq!(retired.key_id, None);
+    assert!(
+        event_reasons(&client, &ns)
+            .await
+            .iter()
+            .any(|r| r == "UpstreamKeyAmbiguous")
+    );
+    {
+        let state = state.lock().unwrap();
+        assert!(
+            state.keys.iter().all(|k| k.2 == "active"),
+            "no key was changed"
+        );
+    }
+    let owned = wait_owned(&client, &ns, "bot", "still queued", |_| true).await;
+    assert!(
+        owned.proxy_secret.metadata.annotations.as_ref().unwrap()["claudekey.io/ledger"]
+            .contains("retiring"),
+        "the key stays queued for retirement"
+    );
     assert_no_leaks(&client, &ns, &[old, new, admin_key]).await;
     controller.stop().await;
 }

@@ -13,6 +13,6 @@ pub use hint::{Match, find_by_hint, partial_key_hint};
 pub use metrics::AdminMetrics;
 pub use retire::{
     AdminKeyError, CONDITION_RETIRED_KEY_LIVE, DrillResult, RetireOutcome, RetiredKeyStatus,
-    admin_client_for, probe_key, reason, retire, retire_after_grace,
+    admin_client_for, probe_key, reason, retire, retire_after_grace, retire_hint,
 };
 pub use usage::{KeyUsage, UsageMetrics};

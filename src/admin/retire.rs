@@ -141,6 +141,16 @@ pub async fn retire(
     let Some(hint) = partial_key_hint(old_key.expose_secret()) else {
         return RetireOutcome::NotFound;
     };
+    retire_hint(admin, &hint, workspace).await
+}
+
+/// [`retire`] by a recorded `partial_key_hint` instead of the key: the controller keeps only
+/// hints in its ledger, so a queued retirement survives the key leaving `proxy.json`.
+pub async fn retire_hint(
+    admin: &AdminClient,
+    hint: &str,
+    workspace: Option<Option<&str>>,
+) -> RetireOutcome {
     let keys = match admin.list_keys().await {
         Ok(keys) => keys,
         Err(e) => {
@@ -149,7 +159,7 @@ pub async fn retire(
             };
         }
     };
-    match decide(find_by_hint(&keys, &hint, workspace)) {
+    match decide(find_by_hint(&keys, hint, workspace)) {
         RetireAction::Deactivate(key_id) => {
             match admin.set_status(&key_id, KeyStatus::Inactive).await {
                 Ok(k) if k.status == KeyStatus::Inactive => RetireOutcome::Retired { key_id },

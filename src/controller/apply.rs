@@ -12,6 +12,7 @@ use kube::{
 use super::conditions::{self, StatusInput};
 use super::decide::Decision;
 use super::secrets::{self, Drift};
+use crate::admin::RetiredKeyStatus;
 use crate::backend::cache::CachedKey;
 use crate::crd::{ClaudeKey, ClaudeKeyStatus, annotations};
 
@@ -127,6 +128,7 @@ pub async fn write_status(
     desired: Vec<conditions::Desired>,
     decision: Option<&Decision>,
     cached: Option<&CachedKey>,
+    retired: Option<RetiredKeyStatus>,
 ) -> Result<(), Error> {
     let namespace = ck.namespace().unwrap_or_default();
     let status: ClaudeKeyStatus = conditions::build_status(StatusInput {
@@ -137,6 +139,7 @@ pub async fn write_status(
         ledger: decision.map(|d| &d.ledger),
         synced_at: cached.map(|c| c.synced_at),
         next_rotation: decision.and_then(|d| d.next_rotation),
+        retired,
         now: Utc::now(),
     });
     if ck.status.as_ref() == Some(&status) {

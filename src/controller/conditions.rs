@@ -7,6 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use crate::crd::{ClaudeKeyStatus, UpstreamStatus, WorkloadKeyStatus, condition};
 
 use super::ledger::Ledger;
+use crate::admin::RetiredKeyStatus;
 
 /// Reasons on the four conditions.
 pub mod reason {
@@ -45,7 +46,6 @@ pub mod event {
     pub const TAMPER_REPAIRED: &str = "TamperRepaired";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const SECRET_CONFLICT: &str = "SecretConflict";
-    pub const UPSTREAM_RETIRED: &str = "UpstreamKeyRetired";
     pub const ADMIN_API_ERROR: &str = "AdminApiError";
     pub const CONSUMERS_RESTARTED: &str = "ConsumersRestarted";
 }
@@ -214,6 +214,7 @@ pub fn key_status(
         synced_at,
         previous_fingerprint: up_previous.map(|p| p.fingerprint.clone()),
         previous_valid_until: up_previous.and_then(|p| p.valid_until),
+        retired: None,
     };
     (workload, upstream)
 }
@@ -227,6 +228,8 @@ pub struct StatusInput<'a> {
     pub ledger: Option<&'a Ledger>,
     pub synced_at: Option<DateTime<Utc>>,
     pub next_rotation: Option<DateTime<Utc>>,
+    /// The retirement this reconcile attempted, if any; otherwise the previous record is kept.
+    pub retired: Option<RetiredKeyStatus>,
     pub now: DateTime<Utc>,
 }
 
@@ -252,7 +255,10 @@ pub fn build_status(input: StatusInput<'_>) -> ClaudeKeyStatus {
                 .synced_at
                 .or(existing.upstream.as_ref().map(|u| u.synced_at))
                 .unwrap_or(input.now);
-            let (w, u) = key_status(ledger, synced);
+            let (w, mut u) = key_status(ledger, synced);
+            u.retired = input
+                .retired
+                .or_else(|| existing.upstream.as_ref().and_then(|u| u.retired.clone()));
             (Some(w), Some(u))
         }
         None => (existing.workload_key, existing.upstream),
@@ -372,6 +378,7 @@ mod tests {
             ledger: None,
             synced_at: None,
             next_rotation: None,
+            retired: None,
             now,
         });
         let types: Vec<_> = status.conditions.iter().map(|c| c.type_.as_str()).collect();

@@ -33,8 +33,10 @@ pub struct Context {
     pub limiter: RestartLimiter,
     /// How long consumers wait for gateway proxies to see a new key; see `consumers::restart_at`.
     pub consumer_restart_delay: Duration,
-    /// Admin API client used to retire replaced upstream keys.
-    pub admin: super::admin::AdminClient,
+    /// Base URL of the Anthropic API, for retiring replaced upstream keys via `crate::admin`.
+    pub anthropic_url: String,
+    /// Retirement outcomes, registered in the controller's registry.
+    pub admin_metrics: crate::admin::AdminMetrics,
     pub after_secrets: Option<Hook>,
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -54,7 +56,8 @@ impl Context {
         recorder: Recorder,
         limiter: RestartLimiter,
         consumer_restart_delay: Duration,
-        admin: super::admin::AdminClient,
+        anthropic_url: String,
+        admin_metrics: crate::admin::AdminMetrics,
         after_secrets: Option<Hook>,
     ) -> Self {
         Self {
@@ -66,7 +69,8 @@ impl Context {
             recorder,
             limiter,
             consumer_restart_delay,
-            admin,
+            anthropic_url,
+            admin_metrics,
             after_secrets,
             failures: Mutex::default(),
         }

@@ -71,13 +71,14 @@ pub struct Args {
     /// restarting gateway consumers, so gateway proxies have picked up the new key first.
     #[arg(long, env = "CLAUDEKEY_CONSUMER_RESTART_DELAY", default_value = "90s")]
     pub consumer_restart_delay: humantime::Duration,
-    /// Base URL of the Anthropic Admin API, used to retire replaced upstream keys.
+    /// Base URL of the Anthropic API, whose Admin API retires replaced upstream keys (the same
+    /// flag and variable as the `revoke`/`drill` CLI).
     #[arg(
         long,
-        env = "CLAUDEKEY_ANTHROPIC_ADMIN_URL",
+        env = "CLAUDEKEY_ANTHROPIC_URL",
         default_value = "https://api.anthropic.com"
     )]
-    pub anthropic_admin_url: String,
+    pub anthropic_url: String,
     /// At most this many gateway consumer workloads are restarted per minute.
     #[arg(
         long,
@@ -105,8 +106,8 @@ pub struct ControllerConfig {
     pub identity: String,
     pub consumer_restarts_per_minute: u32,
     pub consumer_restart_delay: Duration,
-    /// Base URL of the Anthropic Admin API (a fake in tests).
-    pub anthropic_admin_url: String,
+    /// Base URL of the Anthropic API (a fake in tests).
+    pub anthropic_url: String,
     /// The AWS and Vault backends, when this controller was configured with them.
     pub aws: Option<Arc<dyn SecretBackend>>,
     pub vault: Option<Arc<dyn SecretBackend>>,
@@ -126,7 +127,7 @@ impl ControllerConfig {
             identity: default_identity(),
             consumer_restarts_per_minute: 10,
             consumer_restart_delay: Duration::from_secs(90),
-            anthropic_admin_url: "https://api.anthropic.com".to_string(),
+            anthropic_url: "https://api.anthropic.com".to_string(),
             aws: None,
             vault: None,
             after_secrets: None,
@@ -184,7 +185,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     config.consumer_restarts_per_minute = args.consumer_restarts_per_minute;
     config.consumer_restart_delay = *args.consumer_restart_delay;
-    config.anthropic_admin_url = args.anthropic_admin_url;
+    config.anthropic_url = args.anthropic_url;
     (config.aws, config.vault) = crate::backend::config::build(&args.backends).await?;
     run_with(client, config, shutdown_signal()).await?;
     Ok(())
@@ -228,6 +229,7 @@ pub async fn run_with(
         vault: config.vault.clone(),
     };
     let cache = BackendCache::new(backends, &mut registry);
+    let admin_metrics = crate::admin::AdminMetrics::register(&mut registry);
     let registry = Arc::new(registry);
     let ready = Arc::new(AtomicBool::new(false));
     let admin = async {
@@ -249,7 +251,8 @@ pub async fn run_with(
         Recorder::new(client.clone(), reporter),
         consumers::RestartLimiter::new(config.consumer_restarts_per_minute),
         config.consumer_restart_delay,
-        admin::AdminClient::new(&config.anthropic_admin_url),
+        config.anthropic_url.clone(),
+        admin_metrics,
         config.after_secrets.clone(),
     ));
     let elector = config.leader_election.as_ref().map(|(name, duration)| {

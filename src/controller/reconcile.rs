@@ -55,7 +55,7 @@ pub async fn reconcile(ck: Arc<ClaudeKey>, ctx: Arc<Context>) -> Result<Action, 
         ctx.event(&ck, EventType::Warning, event::SECRET_CONFLICT, note)
             .await;
         let desired = conditions::failed(reason::SECRET_CONFLICT, &message);
-        write_status(&ck, &ctx.client, desired, None, None).await?;
+        write_status(&ck, &ctx.client, desired, None, None, None).await?;
         return Ok(Action::requeue(ctx.backoff(&object_key)));
     }
     let recovered = secrets::recover(client_secret.as_ref(), proxy_secret.as_ref());
@@ -65,21 +65,21 @@ pub async fn reconcile(ck: Arc<ClaudeKey>, ctx: Arc<Context>) -> Result<Action, 
         ctx.event(&ck, EventType::Warning, event::INVALID_SPEC, note)
             .await;
         let desired = conditions::failed(reason::INVALID_SPEC, &message);
-        write_status(&ck, &ctx.client, desired, None, None).await?;
+        write_status(&ck, &ctx.client, desired, None, None, None).await?;
         return Ok(Action::await_change());
     }
     let (cached, backend_error) = read_upstream(&ck, &ctx).await;
 
     // 2. Decide (pure), with a fresh candidate key that is used only if a rotation is due.
     let candidate_key = keys::generate_workload_key();
-    let (retired, admin_error) = admin::retire_queued(&ck, &ctx, recovered.ledger.as_ref()).await;
+    let retirements = admin::retire_queued(&ck, &ctx, recovered.ledger.as_ref()).await;
     let Ok(mut decision) = decide_next(&ck, &recovered, cached.as_ref(), &candidate_key) else {
         return not_ready(&ck, &ctx, &object_key, backend_error).await;
     };
     decision
         .ledger
         .retiring
-        .retain(|r| !retired.contains(&r.fingerprint));
+        .retain(|r| !retirements.done.contains(&r.fingerprint));
 
     // 3. Write -client first: it commits the raw key together with its ledger.
     let workload_key = match (decision.rotation, &recovered.client_key) {
@@ -123,14 +123,20 @@ pub async fn reconcile(ck: Arc<ClaudeKey>, ctx: Arc<Context>) -> Result<Action, 
     };
 
     // 5. Status, through the status subresource, after the Secrets.
-    let other_error = admin_error
+    let other_error = retirements.error.clone().or(consumer_error
         .clone()
-        .map(|m| (reason::ADMIN_API_ERROR, m))
-        .or(consumer_error
-            .clone()
-            .map(|m| (reason::CONSUMER_RESTART_FAILED, m)));
+        .map(|m| (reason::CONSUMER_RESTART_FAILED, m)));
     let desired = healthy_conditions(&decision, backend_error.as_deref(), other_error.as_ref());
-    write_status(&ck, &ctx.client, desired, Some(&decision), cached.as_ref()).await?;
+    let retired = retirements.last.clone();
+    write_status(
+        &ck,
+        &ctx.client,
+        desired,
+        Some(&decision),
+        cached.as_ref(),
+        retired,
+    )
+    .await?;
     let age = (Utc::now() - decision.ledger.issued_at).num_milliseconds() as f64 / 1000.0;
     ctx.metrics.set_key_age(&namespace, &name, age);
 
@@ -177,7 +183,7 @@ fn decide_next(
     let upstream = cached.map(|c| FetchedUpstream {
         id: key_id(KeyKind::Upstream, &c.key.value),
         version: c.key.version.clone(),
-        hint: Some(admin::hint_of(c.key.value.expose_secret())).filter(|h| !h.is_empty()),
+        hint: crate::admin::partial_key_hint(c.key.value.expose_secret()),
     });
     let annotation = |key| ck.annotations().get(key).map(String::as_str);
     let triggers = Triggers {
@@ -242,7 +248,7 @@ async fn not_ready(
 ) -> Result<Action, Error> {
     let message = message.unwrap_or_else(|| "no upstream key has been synced yet".to_string());
     let desired = conditions::failed(reason::BACKEND_ERROR, &message);
-    write_status(ck, &ctx.client, desired, None, None).await?;
+    write_status(ck, &ctx.client, desired, None, None, None).await?;
     Ok(Action::requeue(ctx.backoff(object_key)))
 }
 
