@@ -13,5 +13,6 @@ pub mod keys;
 pub mod proxy;
 pub mod proxyconf;
 pub mod scan;
+pub mod shutdown;
 pub mod telemetry;
 pub mod webhook;

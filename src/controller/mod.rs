@@ -187,30 +187,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.consumer_restart_delay = *args.consumer_restart_delay;
     config.anthropic_url = args.anthropic_url;
     (config.aws, config.vault) = crate::backend::config::build(&args.backends).await?;
-    run_with(client, config, shutdown_signal()).await?;
+    run_with(client, config, crate::shutdown::signal()).await?;
     Ok(())
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 /// Runs the controller until `shutdown` resolves (then stops gracefully and releases the Lease)

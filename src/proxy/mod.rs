@@ -256,30 +256,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
         });
     }
-    proxy.serve(listener, shutdown_signal()).await?;
+    proxy.serve(listener, crate::shutdown::signal()).await?;
     let _ = stop_tx.send(true);
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 #[cfg(test)]
