@@ -258,7 +258,8 @@ done
 # ---------------------------------------------------------------------------
 # 6. samples accepted by the apiserver (no webhook installed now: schema and CEL only)
 # ---------------------------------------------------------------------------
-kubectl apply --server-side -f "$ROOT/crds/claudekey.io_claudekeys.yaml" >/dev/null
+# --force-conflicts: the Rust tests applied the same CRD before, under their own field manager.
+kubectl apply --server-side --force-conflicts -f "$ROOT/crds/claudekey.io_claudekeys.yaml" >/dev/null
 kubectl wait --for=condition=Established --timeout=60s crd/claudekeys.claudekey.io >/dev/null
 kubectl apply -f "$ROOT/deploy/samples/00-namespaces.yaml" >/dev/null
 for f in "$ROOT"/deploy/samples/[1-9]*.yaml "$ROOT"/deploy/samples/bad/*.yaml; do
