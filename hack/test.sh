@@ -25,7 +25,8 @@ bash hack/control-plane.sh start
 source "$CLAUDEKEY_STATE_DIR/env"
 
 step "cargo test (unit + integration)"
-cargo test --all-targets --locked --no-fail-fast
+cargo_log=$CLAUDEKEY_STATE_DIR/cargo-test.log
+cargo test --all-targets --locked --no-fail-fast 2>&1 | tee "$cargo_log"
 
 if [ -f hack/chart-test.sh ]; then
   step "helm chart"
@@ -43,3 +44,6 @@ grep -q "after grace:  new key -> HTTP 200, old key -> HTTP 401" "$demo_dir.log"
 echo "demo ok (log: $demo_dir.log)"
 
 step "all tests passed"
+# One closing line for the whole run (cargo prints one per test binary, the last of which may be
+# a target with no tests).
+awk '/^test result:/ { passed += $4; failed += $6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' "$cargo_log"
