@@ -154,6 +154,11 @@ impl FakeUpstream {
             }),
         });
         let app = router(shared.clone());
+        // TCP_NODELAY like the real API's edge: without it a paced SSE stream shows Nagle's
+        // ~40 ms stalls (small writes waiting for a delayed ACK) in every measurement.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(error = %e, "fake upstream stopped");
