@@ -127,7 +127,19 @@ pub async fn reconcile(ck: Arc<ClaudeKey>, ctx: Arc<Context>) -> Result<Action, 
         .clone()
         .map(|m| (reason::CONSUMER_RESTART_FAILED, m)));
     let desired = healthy_conditions(&decision, backend_error.as_deref(), other_error.as_ref());
-    let retired = retirements.last.clone();
+    let retired = match retirements.last.clone() {
+        Some(record) => Some(record),
+        // The cached object may predate the status write that recorded the last retirement;
+        // read it back, so a reconcile that retires nothing never erases that record.
+        None if ck.spec.anthropic_admin.is_some() => {
+            Api::<ClaudeKey>::namespaced(ctx.client.clone(), &namespace)
+                .get_status(&name)
+                .await
+                .ok()
+                .and_then(|fresh| fresh.status?.upstream?.retired)
+        }
+        None => None,
+    };
     write_status(
         &ck,
         &ctx.client,
