@@ -176,16 +176,16 @@ async fn usage_report_feeds_the_gauges() {
 
     let mut registry = prometheus_client::registry::Registry::with_prefix("claudekey");
     let metrics = UsageMetrics::register(&mut registry);
-    metrics.set("team-a", "support-bot", u);
+    metrics.set("team-a/support-bot", u);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-    assert!(text.contains(r#"claudekey_upstream_usage_tokens{namespace="team-a",name="support-bot",kind="input"} 1000010"#), "{text}");
+    assert!(text.contains(r#"claudekey_upstream_usage_tokens{claudekey="team-a/support-bot",kind="input"} 1000010"#), "{text}");
     assert!(
         text.contains("claudekey_upstream_cost_usd_estimate{"),
         "{text}"
     );
     assert!(!text.contains("apikey_"), "no key ids in labels");
-    metrics.remove("team-a", "support-bot");
+    metrics.remove("team-a/support-bot");
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     assert!(!text.contains("support-bot"));

@@ -8,7 +8,13 @@ use prometheus_client::{
 };
 
 use super::retire::{DrillResult, RetireOutcome};
-use super::usage::KeyLabels;
+
+/// A ClaudeKey by namespace and name, like the controller's other per-key gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLabels {
+    pub namespace: String,
+    pub name: String,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {

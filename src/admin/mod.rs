@@ -15,4 +15,4 @@ pub use retire::{
     AdminKeyError, CONDITION_RETIRED_KEY_LIVE, DrillResult, RetireOutcome, RetiredKeyStatus,
     admin_client_for, probe_key, reason, retire, retire_after_grace, retire_hint,
 };
-pub use usage::{KeyUsage, UsageMetrics};
+pub use usage::{KeyUsage, Unmatched, UsageMetrics, report_window, resolve_hints};

@@ -1,20 +1,24 @@
 //! Per-key usage from the Admin API's messages usage report, exported as token and estimated
-//! cost gauges labelled by ClaudeKey (namespace/name: bounded by the objects that exist).
+//! cost gauges labelled by ClaudeKey (`claudekey="namespace/name"`, as on the proxy's metrics:
+//! bounded by the objects that exist). The report counts every request made with the upstream
+//! key, so traffic that bypassed the proxy shows up here and not in the proxy's counters.
 //! Anthropic's cost report cannot group by API key, so cost is estimated from list prices.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, TimeDelta, Timelike, Utc};
 use http::Method;
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use serde::Deserialize;
 
-use super::client::{AdminClient, AdminError, urlencode};
+use super::client::{AdminClient, AdminError, ApiKey, urlencode};
+use super::hint::{Match, find_by_hint};
 
 /// Tokens of one API key over a period.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -101,6 +105,18 @@ fn fold(rows: impl IntoIterator<Item = ResultRow>, into: &mut BTreeMap<String, K
     }
 }
 
+/// The coarsest bucket that still fits the window, so short windows stay exact and long ones
+/// take few pages (the API allows 1440 minute, 168 hour and 31 day buckets per request).
+fn bucket_width(window: TimeDelta) -> &'static str {
+    if window <= TimeDelta::hours(24) {
+        "1m"
+    } else if window <= TimeDelta::days(7) {
+        "1h"
+    } else {
+        "1d"
+    }
+}
+
 impl AdminClient {
     /// Usage per API key between `from` and `to`, grouped by `api_key_id` and `model` (for the
     /// price), optionally only for `key_ids`. Follows `next_page`.
@@ -111,9 +127,10 @@ impl AdminClient {
         key_ids: &[String],
     ) -> Result<BTreeMap<String, KeyUsage>, AdminError> {
         let mut base = format!(
-            "/v1/organizations/usage_report/messages?starting_at={}&ending_at={}&bucket_width=1d&group_by[]=api_key_id&group_by[]=model",
+            "/v1/organizations/usage_report/messages?starting_at={}&ending_at={}&bucket_width={}&group_by[]=api_key_id&group_by[]=model",
             urlencode(&from.to_rfc3339_opts(SecondsFormat::Secs, true)),
             urlencode(&to.to_rfc3339_opts(SecondsFormat::Secs, true)),
+            bucket_width(to - from),
         );
         for id in key_ids {
             base.push_str(&format!("&api_key_ids[]={}", urlencode(id)));
@@ -140,26 +157,92 @@ impl AdminClient {
     }
 }
 
+/// The report window the gauges cover: the last hour of complete minutes before `now`.
+/// An hour is short enough to show a leak within one poll and long enough to smooth the
+/// report's few minutes of lag; `claudekey_upstream_usage_tokens / 3600` is a rate.
+pub fn report_window(now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+    let to = now
+        .with_second(0)
+        .and_then(|t| t.with_nanosecond(0))
+        .unwrap_or(now);
+    (to - TimeDelta::hours(1), to)
+}
+
+impl KeyUsage {
+    /// Adds another key's usage: a ClaudeKey in its grace period has two upstream keys.
+    pub fn add(&mut self, other: &KeyUsage) {
+        self.uncached_input_tokens += other.uncached_input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cache_read_input_tokens += other.cache_read_input_tokens;
+        self.cache_creation_input_tokens += other.cache_creation_input_tokens;
+        self.cost_usd += other.cost_usd;
+    }
+
+    /// The summed usage of `ids` in a report (keys without rows used nothing).
+    pub fn of(ids: &[String], report: &BTreeMap<String, KeyUsage>) -> KeyUsage {
+        let mut sum = KeyUsage::default();
+        for usage in ids.iter().filter_map(|id| report.get(id)) {
+            sum.add(usage);
+        }
+        sum
+    }
+}
+
+/// Why a ClaudeKey's upstream keys could not be told apart at Anthropic: its usage is not
+/// exported rather than guessed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unmatched {
+    #[error("no key at Anthropic has the hint {0}")]
+    NotFound(String),
+    #[error("several keys at Anthropic have the hint {hint}: {}", ids.join(", "))]
+    Ambiguous { hint: String, ids: Vec<String> },
+}
+
+/// The Admin API ids of the keys with these hints; every hint must name exactly one key.
+pub fn resolve_hints(keys: &[ApiKey], hints: &[String]) -> Result<Vec<String>, Unmatched> {
+    hints
+        .iter()
+        .map(|hint| match find_by_hint(keys, hint, None) {
+            Match::Unique(key) => Ok(key.id),
+            Match::None => Err(Unmatched::NotFound(hint.clone())),
+            Match::Ambiguous(ids) => Err(Unmatched::Ambiguous {
+                hint: hint.clone(),
+                ids,
+            }),
+        })
+        .collect()
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KeyLabels {
-    pub namespace: String,
-    pub name: String,
+    /// `namespace/name`, as on the proxy's metrics, so one query can join both.
+    pub claudekey: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
-    pub namespace: String,
-    pub name: String,
+    pub claudekey: String,
     /// input, output, cache_read or cache_creation.
     pub kind: &'static str,
 }
 
-/// Gauges of what Anthropic reports for each ClaudeKey's upstream key over the report window,
-/// including traffic that bypassed the proxy.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PollLabels {
+    /// ok, unmatched (hint not unique at Anthropic) or error (Admin API or admin key).
+    pub result: &'static str,
+}
+
+const TOKEN_KINDS: [&str; 4] = ["input", "output", "cache_read", "cache_creation"];
+
+/// Gauges of what Anthropic reports for each ClaudeKey's upstream keys over the last hour
+/// ([`report_window`]), including traffic that bypassed the proxy.
 #[derive(Clone, Default)]
 pub struct UsageMetrics {
     pub tokens: Family<TokenLabels, Gauge<u64, AtomicU64>>,
     pub cost_usd: Family<KeyLabels, Gauge<f64, AtomicU64>>,
+    pub polls: Family<PollLabels, Counter>,
+    /// The ClaudeKeys that have series, so those of deleted ones can be dropped.
+    exported: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl UsageMetrics {
@@ -167,53 +250,80 @@ impl UsageMetrics {
         let m = Self::default();
         registry.register(
             "upstream_usage_tokens",
-            "Tokens Anthropic reports for the ClaudeKey's upstream key over the report window",
+            "Tokens Anthropic reports for the ClaudeKey's upstream keys over the last hour",
             m.tokens.clone(),
         );
         registry.register(
             "upstream_cost_usd_estimate",
-            "Estimated USD at list prices for the ClaudeKey's upstream key over the report window",
+            "Estimated USD at list prices for the ClaudeKey's upstream keys over the last hour",
             m.cost_usd.clone(),
+        );
+        registry.register(
+            "upstream_usage_polls",
+            "Usage report reads per ClaudeKey by result",
+            m.polls.clone(),
         );
         m
     }
 
-    pub fn set(&self, namespace: &str, name: &str, usage: &KeyUsage) {
-        for (kind, value) in [
-            ("input", usage.uncached_input_tokens),
-            ("output", usage.output_tokens),
-            ("cache_read", usage.cache_read_input_tokens),
-            ("cache_creation", usage.cache_creation_input_tokens),
-        ] {
+    /// Counts one ClaudeKey's poll result.
+    pub fn polled(&self, result: &'static str) {
+        self.polls.get_or_create(&PollLabels { result }).inc();
+    }
+
+    /// Exports `usage` for the ClaudeKey `claudekey` (`namespace/name`).
+    pub fn set(&self, claudekey: &str, usage: &KeyUsage) {
+        for (kind, value) in TOKEN_KINDS.into_iter().zip([
+            usage.uncached_input_tokens,
+            usage.output_tokens,
+            usage.cache_read_input_tokens,
+            usage.cache_creation_input_tokens,
+        ]) {
             self.tokens
                 .get_or_create(&TokenLabels {
-                    namespace: namespace.to_string(),
-                    name: name.to_string(),
+                    claudekey: claudekey.to_string(),
                     kind,
                 })
                 .set(value);
         }
         self.cost_usd
             .get_or_create(&KeyLabels {
-                namespace: namespace.to_string(),
-                name: name.to_string(),
+                claudekey: claudekey.to_string(),
             })
             .set(usage.cost_usd);
+        self.exported_set().insert(claudekey.to_string());
     }
 
-    /// Drops a deleted ClaudeKey's series, so labels stay bounded by live objects.
-    pub fn remove(&self, namespace: &str, name: &str) {
-        for kind in ["input", "output", "cache_read", "cache_creation"] {
+    /// Drops a ClaudeKey's series: deleted, no admin key any more, or no longer matched.
+    pub fn remove(&self, claudekey: &str) {
+        for kind in TOKEN_KINDS {
             self.tokens.remove(&TokenLabels {
-                namespace: namespace.to_string(),
-                name: name.to_string(),
+                claudekey: claudekey.to_string(),
                 kind,
             });
         }
         self.cost_usd.remove(&KeyLabels {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
+            claudekey: claudekey.to_string(),
         });
+        self.exported_set().remove(claudekey);
+    }
+
+    /// Drops the series of every ClaudeKey `keep` rejects, so labels stay bounded by live
+    /// objects.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        let gone: Vec<String> = self
+            .exported_set()
+            .iter()
+            .filter(|k| !keep(k))
+            .cloned()
+            .collect();
+        for claudekey in gone {
+            self.remove(&claudekey);
+        }
+    }
+
+    fn exported_set(&self) -> MutexGuard<'_, BTreeSet<String>> {
+        self.exported.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -243,5 +353,120 @@ mod tests {
             Some((0.8, 4.0))
         );
         assert_eq!(price_per_mtok("claude-opus-4-1"), Some((15.0, 75.0)));
+    }
+
+    #[test]
+    fn window_is_the_last_hour_of_whole_minutes() {
+        let now = DateTime::parse_from_rfc3339("2026-11-28T10:15:42.5Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let (from, to) = report_window(now);
+        assert_eq!(to.to_rfc3339(), "2026-11-28T10:15:00+00:00");
+        assert_eq!(from.to_rfc3339(), "2026-11-28T09:15:00+00:00");
+        assert_eq!(bucket_width(to - from), "1m");
+        assert_eq!(bucket_width(TimeDelta::days(2)), "1h");
+        assert_eq!(bucket_width(TimeDelta::days(30)), "1d");
+    }
+
+    fn key(id: &str, hint: &str, status: &str) -> ApiKey {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "name": id, "status": status, "partial_key_hint": hint
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn hints_resolve_only_to_unique_keys() {
+        let keys = [
+            key("k1", "sk-ant-api03-aaa...1111", "active"),
+            key("k2", "sk-ant-api03-bbb...2222", "inactive"),
+            key("k3", "sk-ant-api03-ccc...3333", "active"),
+            key("k4", "sk-ant-api03-ccc...3333", "active"),
+            key("k5", "sk-ant-api03-ddd...4444", "archived"),
+        ];
+        let hints = |h: &[&str]| h.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            resolve_hints(
+                &keys,
+                &hints(&["sk-ant-api03-aaa...1111", "sk-ant-api03-bbb...2222"])
+            ),
+            Ok(vec!["k1".to_string(), "k2".to_string()]),
+            "an inactive key in its grace period still has usage"
+        );
+        assert_eq!(
+            resolve_hints(
+                &keys,
+                &hints(&["sk-ant-api03-aaa...1111", "sk-ant-api03-ccc...3333"])
+            ),
+            Err(Unmatched::Ambiguous {
+                hint: "sk-ant-api03-ccc...3333".into(),
+                ids: vec!["k3".into(), "k4".into()]
+            })
+        );
+        assert_eq!(
+            resolve_hints(&keys, &hints(&["sk-ant-api03-ddd...4444"])),
+            Err(Unmatched::NotFound("sk-ant-api03-ddd...4444".into()))
+        );
+        assert_eq!(resolve_hints(&keys, &[]), Ok(vec![]));
+    }
+
+    #[test]
+    fn usage_of_several_keys_is_summed() {
+        let report = BTreeMap::from([
+            (
+                "k1".to_string(),
+                KeyUsage {
+                    uncached_input_tokens: 10,
+                    output_tokens: 1,
+                    cost_usd: 0.5,
+                    ..KeyUsage::default()
+                },
+            ),
+            (
+                "k2".to_string(),
+                KeyUsage {
+                    uncached_input_tokens: 5,
+                    cache_read_input_tokens: 3,
+                    cost_usd: 0.25,
+                    ..KeyUsage::default()
+                },
+            ),
+        ]);
+        let ids = ["k1".to_string(), "k2".to_string(), "k9".to_string()];
+        let sum = KeyUsage::of(&ids, &report);
+        assert_eq!(sum.uncached_input_tokens, 15);
+        assert_eq!(sum.output_tokens, 1);
+        assert_eq!(sum.cache_read_input_tokens, 3);
+        assert!((sum.cost_usd - 0.75).abs() < 1e-12);
+        assert_eq!(KeyUsage::of(&[], &report), KeyUsage::default());
+    }
+
+    fn encode(registry: &Registry) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn gauges_are_dropped_for_claudekeys_that_are_gone() {
+        let mut registry = Registry::with_prefix("claudekey");
+        let m = UsageMetrics::register(&mut registry);
+        let usage = KeyUsage {
+            output_tokens: 42,
+            ..KeyUsage::default()
+        };
+        m.set("team-a/bot", &usage);
+        m.set("team-b/bot", &usage);
+        let text = encode(&registry);
+        assert!(
+            text.contains(
+                r#"claudekey_upstream_usage_tokens{claudekey="team-a/bot",kind="output"} 42"#
+            ),
+            "{text}"
+        );
+        m.retain(|k| k == "team-b/bot");
+        let text = encode(&registry);
+        assert!(!text.contains("team-a/bot"), "{text}");
+        assert!(text.contains("team-b/bot"), "{text}");
     }
 }

@@ -37,6 +37,8 @@ pub struct Context {
     pub anthropic_url: String,
     /// Retirement outcomes, registered in the controller's registry.
     pub admin_metrics: crate::admin::AdminMetrics,
+    /// Per-key usage gauges, filled by [`super::usage`].
+    pub usage_metrics: crate::admin::UsageMetrics,
     pub after_secrets: Option<Hook>,
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -58,6 +60,7 @@ impl Context {
         consumer_restart_delay: Duration,
         anthropic_url: String,
         admin_metrics: crate::admin::AdminMetrics,
+        usage_metrics: crate::admin::UsageMetrics,
         after_secrets: Option<Hook>,
     ) -> Self {
         Self {
@@ -71,6 +74,7 @@ impl Context {
             consumer_restart_delay,
             anthropic_url,
             admin_metrics,
+            usage_metrics,
             after_secrets,
             failures: Mutex::default(),
         }

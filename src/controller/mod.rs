@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod reconcile;
 pub mod report;
 pub mod secrets;
+pub mod usage;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -79,6 +80,10 @@ pub struct Args {
         default_value = "https://api.anthropic.com"
     )]
     pub anthropic_url: String,
+    /// How often the leader reads Anthropic's usage report for ClaudeKeys with
+    /// `spec.anthropicAdmin` (the `claudekey_upstream_*` gauges); 0s turns it off.
+    #[arg(long, env = "CLAUDEKEY_USAGE_INTERVAL", default_value = "5m")]
+    pub usage_interval: humantime::Duration,
     /// At most this many gateway consumer workloads are restarted per minute.
     #[arg(
         long,
@@ -108,6 +113,8 @@ pub struct ControllerConfig {
     pub consumer_restart_delay: Duration,
     /// Base URL of the Anthropic API (a fake in tests).
     pub anthropic_url: String,
+    /// How often the Admin API usage report is read; `None` never.
+    pub usage_interval: Option<Duration>,
     /// The AWS and Vault backends, when this controller was configured with them.
     pub aws: Option<Arc<dyn SecretBackend>>,
     pub vault: Option<Arc<dyn SecretBackend>>,
@@ -128,6 +135,7 @@ impl ControllerConfig {
             consumer_restarts_per_minute: 10,
             consumer_restart_delay: Duration::from_secs(90),
             anthropic_url: "https://api.anthropic.com".to_string(),
+            usage_interval: Some(Duration::from_secs(300)),
             aws: None,
             vault: None,
             after_secrets: None,
@@ -186,6 +194,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.consumer_restarts_per_minute = args.consumer_restarts_per_minute;
     config.consumer_restart_delay = *args.consumer_restart_delay;
     config.anthropic_url = args.anthropic_url;
+    config.usage_interval = Some(*args.usage_interval).filter(|d| !d.is_zero());
     (config.aws, config.vault) = crate::backend::config::build(&args.backends).await?;
     run_with(client, config, crate::shutdown::signal()).await?;
     Ok(())
@@ -208,6 +217,7 @@ pub async fn run_with(
     };
     let cache = BackendCache::new(backends, &mut registry);
     let admin_metrics = crate::admin::AdminMetrics::register(&mut registry);
+    let usage_metrics = crate::admin::UsageMetrics::register(&mut registry);
     let registry = Arc::new(registry);
     let ready = Arc::new(AtomicBool::new(false));
     let admin = async {
@@ -231,6 +241,7 @@ pub async fn run_with(
         config.consumer_restart_delay,
         config.anthropic_url.clone(),
         admin_metrics,
+        usage_metrics,
         config.after_secrets.clone(),
     ));
     let elector = config.leader_election.as_ref().map(|(name, duration)| {
@@ -310,6 +321,15 @@ async fn controller(
         .graceful_shutdown_on(stop);
     let store = controller.store();
     let metrics = ctx.metrics.clone();
+    let usage = {
+        let (store, ctx) = (store.clone(), ctx.clone());
+        async move {
+            match config.usage_interval {
+                Some(interval) => usage::poll_forever(store, ctx, interval).await,
+                None => futures::future::pending().await,
+            }
+        }
+    };
     let run = controller
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {
@@ -328,6 +348,7 @@ async fn controller(
     tokio::select! {
         () = run => {}
         () = sweep => {}
+        () = usage => {}
     }
 }
 

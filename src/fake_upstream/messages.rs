@@ -152,9 +152,10 @@ pub(super) async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = authenticate(&shared, &headers) {
-        return *r;
-    }
+    let key_id = match authenticate(&shared, &headers) {
+        Ok(id) => id,
+        Err(r) => return *r,
+    };
     let json = match validate(&headers, &body, true) {
         Ok(json) => json,
         Err(r) => return *r,
@@ -188,6 +189,7 @@ pub(super) async fn create(
         .to_string();
     let input_tokens = tokens(all_text(&json).chars().count());
     let output_tokens = tokens(text.chars().count());
+    shared.record_usage(&key_id, &model, input_tokens, output_tokens);
     let stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let mut response = if stream {
         let mut events = sse_events(&id, &model, &text, input_tokens, output_tokens, chunk_chars);

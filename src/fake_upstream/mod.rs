@@ -324,24 +324,24 @@ fn credential(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.strip_prefix("Bearer "))
 }
 
-/// 401 unless the request carries an active API key.
-fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {
+/// 401 unless the request carries an active API key; the key's Admin API id otherwise.
+fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<String, Box<Response>> {
     let inner = shared.inner();
-    let ok = credential(headers).is_some_and(|c| {
-        inner
-            .keys
-            .iter()
-            .any(|k| k.value == c && k.status == KeyStatus::Active)
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(Box::new(error(
-            StatusCode::UNAUTHORIZED,
-            "authentication_error",
-            "invalid x-api-key",
-        )))
-    }
+    credential(headers)
+        .and_then(|c| {
+            inner
+                .keys
+                .iter()
+                .find(|k| k.value == c && k.status == KeyStatus::Active)
+        })
+        .map(|k| k.id.clone())
+        .ok_or_else(|| {
+            Box::new(error(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid x-api-key",
+            ))
+        })
 }
 
 /// An error in the API's shape.

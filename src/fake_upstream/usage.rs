@@ -1,6 +1,8 @@
 //! The fake's Admin API usage report (`GET /v1/organizations/usage_report/messages`): one time
-//! bucket holding what tests recorded with [`FakeUpstream::add_usage`], grouped by the
-//! `group_by[]` dimensions asked for (`api_key_id`, `model`), filtered by `api_key_ids[]`.
+//! bucket holding every Messages request it answered (per key and model, as the real report
+//! attributes usage to the key that was sent) plus what tests added with
+//! [`FakeUpstream::add_usage`], grouped by the `group_by[]` dimensions asked for (`api_key_id`,
+//! `model`), filtered by `api_key_ids[]`.
 
 use std::sync::Arc;
 
@@ -22,6 +24,31 @@ pub struct UsageRecord {
     pub output_tokens: u64,
     pub cache_read_input_tokens: u64,
     pub cache_creation_5m_input_tokens: u64,
+}
+
+impl Shared {
+    /// Adds one answered request's tokens to its (key, model) total: bounded memory however
+    /// long a benchmark runs.
+    pub(super) fn record_usage(&self, api_key_id: &str, model: &str, input: u64, output: u64) {
+        let mut inner = self.inner();
+        match inner
+            .usage
+            .iter_mut()
+            .find(|r| r.api_key_id == api_key_id && r.model == model)
+        {
+            Some(r) => {
+                r.uncached_input_tokens += input;
+                r.output_tokens += output;
+            }
+            None => inner.usage.push(UsageRecord {
+                api_key_id: api_key_id.to_string(),
+                model: model.to_string(),
+                uncached_input_tokens: input,
+                output_tokens: output,
+                ..UsageRecord::default()
+            }),
+        }
+    }
 }
 
 impl FakeUpstream {
