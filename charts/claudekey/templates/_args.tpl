@@ -18,6 +18,8 @@ If a role's flags change, change them here only. Mount paths used by the flags a
 - --metrics-listen=0.0.0.0:{{ .Values.controller.metricsPort }}
 - --leader-election
 - --lease-name={{ .Values.controller.leaderElection.leaseName }}
+- --anthropic-url={{ .Values.controller.anthropicAdmin.url }}
+- --usage-interval={{ .Values.controller.anthropicAdmin.usageInterval }}
 {{- with .Values.backends.aws }}
 {{- if .enabled }}
 - --aws-enabled
