@@ -30,8 +30,12 @@ struct Args {
     #[arg(long, default_value_t = 32)]
     streams: usize,
     /// Streams open at once.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 1)]
     concurrency: usize,
+    /// Streams run first and not counted, so every measured stream reuses a warm connection
+    /// (a TCP handshake through the proxy to the upstream is not time-to-first-byte).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
 }
 
 const BODY: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":true,"messages":[{"role":"user","content":"Write a short story about a lighthouse keeper."}]}"#;
@@ -117,6 +121,9 @@ async fn main() -> anyhow::Result<()> {
     let mut ttfbs = Vec::new();
     let mut gaps = Vec::new();
     let mut deltas = Vec::new();
+    for _ in 0..args.warmup {
+        one(&client, &args.url, &args.key).await?;
+    }
     let mut remaining = args.streams;
     while remaining > 0 {
         let batch = remaining.min(args.concurrency.max(1));

@@ -12,8 +12,9 @@
 # Rows: (1) proxy overhead vs direct, nginx and LiteLLM with oha at c=1/16/64 and an open-loop
 # rate sweep; (2) streaming TTFB and per-delta gaps through a paced upstream; (3) RSS idle, at
 # 1k req/s and after a soak; (4) webhook handler time (criterion) and Deployment create latency
-# through the real apiserver with and without the webhooks; (5) controller scale (not on this
-# branch); (6) redaction and key-scan throughput (criterion).
+# through the real apiserver with and without the webhooks; (5) controller scale: 1,000
+# ClaudeKeys applied at once, time to all Ready, API requests per reconcile, controller RSS;
+# (6) redaction and key-scan throughput (criterion).
 #
 # CPUs: proxies run on core 0, the load generator and the upstream on core 1 (taskset).
 # Everything listens on 127.0.0.1 and everything started here is stopped on exit.
@@ -45,10 +46,10 @@ while [ $# -gt 0 ]; do
 done
 if [ "$SMOKE" = 1 ]; then
   REPS=1 SOAK=1
-  CELL=0.5 SWEEP_STEP=0.5 STREAMS=2 ADMISSION_N=3
+  CELL=0.5 SWEEP_STEP=0.5 STREAMS=2 ADMISSION_N=3 SCALE_N=20
   CRITERION=(--warm-up-time 0.1 --measurement-time 0.3 --sample-size 10)
 else
-  CELL=3 SWEEP_STEP=2 STREAMS=32 ADMISSION_N=20
+  CELL=3 SWEEP_STEP=2 STREAMS=16 ADMISSION_N=20 SCALE_N=1000
   CRITERION=(--warm-up-time 1 --measurement-time 4)
 fi
 
@@ -154,12 +155,12 @@ fi
 if [ "${BENCH_PROFILE:-release}" = dev ]; then
   log "dev build (figures will be meaningless)"
   [ "${BENCH_SKIP_BUILD:-0}" = 1 ] || nice cargo build --locked --bin claudekey \
-    --example fake_upstream --example bench_stream --example bench_admission
+    --example fake_upstream --example bench_stream --example bench_admission --example bench_controller
   BIN=target/debug
 else
   log "release build (nice)"
   nice cargo build --release --locked --bin claudekey \
-    --example fake_upstream --example bench_stream --example bench_admission
+    --example fake_upstream --example bench_stream --example bench_admission --example bench_controller
   BIN=target/release
 fi
 CK=$BIN/claudekey
@@ -393,7 +394,7 @@ for rep in $(seq 1 "$REPS"); do
       claudekey-redact) url=http://127.0.0.1:$P_CKR key=$WKEY ;;
     esac
     line=$(taskset -c 1 "$BIN/examples/bench_stream" --url "$url" --key "$key" \
-      --streams "$STREAMS" --concurrency 16)
+      --streams "$STREAMS" --concurrency 1 --warmup 2)
     echo "{\"row\":\"stream\",\"target\":\"$t\",\"rep\":$rep,\"m\":$line}" >>"$RAW/results.jsonl"
   done
 done
@@ -473,6 +474,36 @@ if [ "$USE_WEBHOOK" = 1 ]; then
       || { log "bench_admission failed:"; tail -20 "$WORK/admission.log" >&2; exit 1; }
     echo "{\"row\":\"admission\",\"file\":\"admission.json\"}" >>"$RAW/results.jsonl"
   fi
+fi
+
+# ---------------------------------------------------------------------------
+# row 5: controller scale (same control plane as row 4)
+# ---------------------------------------------------------------------------
+if [ "$USE_WEBHOOK" = 1 ] && [ -n "${KCFG:-}" ]; then
+  OPNS=claudekey-bench
+  kubectl create namespace "$OPNS" >/dev/null 2>&1 || true
+  P_CM=$(free_port)
+  start controller 0 "$CK" controller --namespace "$OPNS" --leader-election false \
+    --metrics-listen "127.0.0.1:$P_CM" --usage-interval 0s --gateway-url http://gateway.bench:8080
+  wait_http "http://127.0.0.1:$P_CM/healthz"
+  sleep 2
+  echo "{\"row\":\"rss\",\"target\":\"controller\",\"phase\":\"idle\",\"kib\":$(rss_kib "$PID_controller")}" >>"$RAW/results.jsonl"
+  log "row 5: $SCALE_N ClaudeKeys applied at once, $(( REPS < 3 ? REPS : 3 )) rounds"
+  (
+    while kill -0 "$PID_controller" 2>/dev/null; do rss_kib "$PID_controller"; sleep 0.5; done
+  ) >"$RAW/controller-rss.txt" &
+  SAMPLER=$!
+  PIDS+=("$SAMPLER")
+  for rep in $(seq 1 $(( REPS < 3 ? REPS : 3 ))); do
+    line=$(taskset -c 1 "$BIN/examples/bench_controller" --operator-namespace "$OPNS" \
+      --controller-metrics "http://127.0.0.1:$P_CM/metrics" --count "$SCALE_N" 2>"$WORK/scale.log") \
+      || { log "bench_controller failed:"; tail -20 "$WORK/scale.log" >&2; exit 1; }
+    echo "{\"row\":\"scale\",\"rep\":$rep,\"m\":$line}" >>"$RAW/results.jsonl"
+    sleep 5   # namespaces of the round are deleted in the background
+  done
+  kill "$SAMPLER" 2>/dev/null || true
+  echo "{\"row\":\"rss\",\"target\":\"controller\",\"phase\":\"peak\",\"kib\":$(sort -n "$RAW/controller-rss.txt" | tail -1)}" >>"$RAW/results.jsonl"
+  echo "{\"row\":\"rss\",\"target\":\"controller\",\"phase\":\"after\",\"kib\":$(rss_kib "$PID_controller")}" >>"$RAW/results.jsonl"
 fi
 
 # ---------------------------------------------------------------------------

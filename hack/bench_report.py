@@ -177,6 +177,8 @@ def report(args):
                 "bytes": tp,
             }
 
+    scale = [r["m"] for r in records if r["row"] == "scale"]
+
     admission = None
     ad = next((r for r in records if r["row"] == "admission"), None)
     if ad:
@@ -250,7 +252,14 @@ def report(args):
         f"{'n/a' if not worst else '%.1f µs' % (worst['ns'] / 1000)} | p99 <= 1 ms | "
         f"{verdict(worst and worst['hi'] / 1e6, 1)} |"
     )
-    w("| 1,000 ClaudeKeys Ready | not measured (controller not merged on this branch) | <= 60 s | not measured |")
+    if scale:
+        ready = med([m["ready_s"] for m in scale])
+        w(
+            f"| {scale[0]['count']:,} ClaudeKeys applied at once: all Ready | {fmt(ready, ' s', 1, 1)} | <= 60 s | "
+            f"{verdict(ready[2] if scale[0]['count'] >= 1000 else None, 60)} |"
+        )
+    else:
+        w("| 1,000 ClaudeKeys Ready | not measured (no control plane) | <= 60 s | not measured |")
     w("")
 
     w("## 1. Proxy overhead (non-streaming Messages request, ~1 KB prompt)")
@@ -338,7 +347,11 @@ def report(args):
         if (t, "idle") in rss:
             w(f"| {TARGET_NAMES[t]} | {kib(rss.get((t, 'idle')))} | | {kib(rss.get((t, 'after')))} |")
     w(f"| claudekey webhook | {kib(rss.get(('webhook', 'idle')))} | | |")
-    w("| claudekey controller | not measured (controller not merged on this branch) | | |")
+    ci, cp, ca = (rss.get(("controller", p)) for p in ("idle", "peak", "after"))
+    if ci:
+        w(f"| claudekey controller | {kib(ci)} | {kib(cp)} (peak while reconciling {scale[0]['count'] if scale else '?'} ClaudeKeys) | {kib(ca)} |")
+    else:
+        w("| claudekey controller | not measured (no control plane) | | |")
     if soak_summary:
         w("")
         w(
@@ -372,7 +385,28 @@ def report(args):
 
     w("## 5. Controller scale")
     w("")
-    w("Not measured: the controller is not merged on this branch (TODO: 1,000 ClaudeKeys applied at once; time to all Ready, API requests per reconcile, controller RSS).")
+    if scale:
+        w(
+            "`examples/bench_controller` creates the ClaudeKeys (32 creates in flight, over 10 namespaces, all "
+            "reading one kubernetesSecret upstream key) against the real kube-apiserver while a `claudekey controller` "
+            "process reconciles them, and follows them with one watch. API requests are the apiserver's "
+            "`apiserver_request_total` growth minus the benchmark's own requests: an upper bound, since "
+            "kube-controller-manager's background requests are in it too."
+        )
+        w("")
+        w("| Measure | median (min..max) |")
+        w("| --- | --- |")
+        w(f"| ClaudeKeys | {scale[0]['count']:,} in {scale[0]['namespaces']} namespaces |")
+        w(f"| time to create them all | {fmt(med([m['apply_s'] for m in scale]), ' s', 1, 1)} |")
+        w(f"| time until all are Ready (from the first create) | {fmt(med([m['ready_s'] for m in scale]), ' s', 1, 1)} |")
+        w(f"| reconciles | {fmt(med([m['reconciles'] for m in scale]))} |")
+        w(f"| API requests by the controller | {fmt(med([m['api_requests'] for m in scale]))} |")
+        per = med([m["api_requests"] / m["reconciles"] for m in scale if m["reconciles"]])
+        w(f"| API requests per reconcile | {fmt(per, '', 1, 1)} |")
+        per_key = med([m["api_requests"] / m["count"] for m in scale])
+        w(f"| API requests per ClaudeKey | {fmt(per_key, '', 1, 1)} |")
+    else:
+        w("Not measured: no control plane in this run.")
     w("")
 
     w("## 6. Redaction and key scan throughput (one core, criterion)")

@@ -18,10 +18,10 @@
 #   CLAUDEKEY_STATE_DIR   control-plane state dir; $CLAUDEKEY_STATE_DIR/env must exist (start it
 #                         with hack/control-plane.sh start). Default /tmp/claudekey-cp.
 #   CLAUDEKEY_BIN         the claudekey binary for `scan` (default target/debug/claudekey)
-#   CLAUDEKEY_PROMTOOL    promtool (default: promtool on PATH). Step 7 is skipped, loudly, when
-#                         there is none: hack/tools.sh does not build it (yet).
+#   CLAUDEKEY_PROMTOOL    promtool (default: the one hack/tools.sh built, CLAUDEKEY_TEST_PROMTOOL
+#                         from the env file). Step 7 fails without it.
 #   CLAUDEKEY_PROMQL_PYTHON  a python with the PyPI packages promql-parser and PyYAML for the
-#                         PromQL parse (default: the test venv); skipped, loudly, without one.
+#                         PromQL parse (default: the test venv, which has both).
 #   CHART_TEST_NO_SCAN=1  skip step 4's scans, for branches where `claudekey scan` is not built;
 #                         say so in any report. Never set in CI.
 #   CHART_TEST_ONLY=name  run steps 2-5 for one scenario only (e.g. default)
@@ -271,26 +271,21 @@ log "ok   deploy/samples accepted by the apiserver (--dry-run=server)"
 # ---------------------------------------------------------------------------
 # 7. monitoring rules
 # ---------------------------------------------------------------------------
-# A real PromQL parse of every rule and dashboard query, when a Python with promql-parser is at
-# hand (CLAUDEKEY_PROMQL_PYTHON, or the test venv once hack/tools.sh pins promql-parser).
+# A real PromQL parse of every rule and dashboard query, then promtool's own check and the alert
+# unit tests. Both tools come from hack/tools.sh; missing ones fail the step.
 PROMQL_PYTHON=${CLAUDEKEY_PROMQL_PYTHON:-${CLAUDEKEY_TEST_PYTHON:-python3}}
-if "$PROMQL_PYTHON" -c 'import promql_parser, yaml' 2>/dev/null; then
-  out=$("$PROMQL_PYTHON" "$ROOT/hack/check-promql.py" 2>&1) || die "PromQL parse:"$'\n'"$out"
-  log "ok   $out (promql-parser)"
-else
-  log "SKIP PromQL parse: no Python with promql-parser (set CLAUDEKEY_PROMQL_PYTHON)"
-fi
-PROMTOOL=${CLAUDEKEY_PROMTOOL:-$(command -v promtool || true)}
-if [[ -z $PROMTOOL ]]; then
-  log "SKIP promtool: not found (set CLAUDEKEY_PROMTOOL); tests/deploy_files.rs still checks the rules' shape; alerts_test.yaml NOT run"
-else
-  # The rule groups are the PrometheusRule's spec, its last top-level key.
-  sed -n '/^spec:/,$p' "$ROOT/deploy/monitoring/prometheusrule.yaml" | tail -n +2 | sed 's/^  //' \
-    >"$WORK/claudekey.rules.yaml"
-  cp "$ROOT/deploy/monitoring/alerts_test.yaml" "$WORK/"
-  out=$("$PROMTOOL" check rules "$WORK/claudekey.rules.yaml" 2>&1) || die "promtool check rules:"$'\n'"$out"
-  out=$(cd "$WORK" && "$PROMTOOL" test rules alerts_test.yaml 2>&1) || die "promtool test rules:"$'\n'"$out"
-  log "ok   promtool check rules + test rules (deploy/monitoring)"
-fi
+"$PROMQL_PYTHON" -c 'import promql_parser, yaml' 2>/dev/null \
+  || die "no Python with promql-parser and PyYAML ($PROMQL_PYTHON); run hack/tools.sh"
+out=$("$PROMQL_PYTHON" "$ROOT/hack/check-promql.py" 2>&1) || die "PromQL parse:"$'\n'"$out"
+log "ok   $out (promql-parser)"
+PROMTOOL=${CLAUDEKEY_PROMTOOL:-${CLAUDEKEY_TEST_PROMTOOL:-}}
+[[ -n $PROMTOOL && -x $PROMTOOL ]] || die "promtool not found (CLAUDEKEY_TEST_PROMTOOL='$PROMTOOL'); run hack/tools.sh"
+# The rule groups are the PrometheusRule's spec, its last top-level key.
+sed -n '/^spec:/,$p' "$ROOT/deploy/monitoring/prometheusrule.yaml" | tail -n +2 | sed 's/^  //' \
+  >"$WORK/claudekey.rules.yaml"
+cp "$ROOT/deploy/monitoring/alerts_test.yaml" "$WORK/"
+out=$("$PROMTOOL" check rules "$WORK/claudekey.rules.yaml" 2>&1) || die "promtool check rules:"$'\n'"$out"
+out=$(cd "$WORK" && "$PROMTOOL" test rules alerts_test.yaml 2>&1) || die "promtool test rules:"$'\n'"$out"
+log "ok   promtool check rules + test rules (deploy/monitoring)"
 
 log "PASS"

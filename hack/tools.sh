@@ -11,8 +11,10 @@
 #   kubernetes-<ver>/bin/{kube-apiserver,kube-controller-manager,kubectl}
 #   etcd-<ver>/bin/etcd
 #   helm-<ver>/bin/helm
+#   prometheus-<ver>/bin/promtool
 #   openbao-<release>-<pseudo-ver>/bin/bao
-#   python-<hash of pins>/                       virtualenv: moto[server], anthropic, pytest
+#   python-<hash of pins>/                       virtualenv: moto[server], anthropic, pytest,
+#                                                promql-parser, PyYAML
 #   <tool>-<ver>/src/                            generated Go wrapper module (never in the repo)
 #   logs/<tool>-<ver>.log                        build output
 #   tools.env                                    the --print-env lines of the latest run
@@ -233,6 +235,24 @@ build_helm() {
 }
 
 # ---------------------------------------------------------------------------
+# promtool
+# ---------------------------------------------------------------------------
+# github.com/prometheus/prometheus has no replace directives either. About 5 minutes on 2 idle
+# cores.
+build_promtool() {
+  local base=$CACHE_DIR/prometheus-$PROMETHEUS_VERSION
+  local bin=$base/bin logfile=$LOG_DIR/prometheus-$PROMETHEUS_VERSION.log
+  mkdir -p "$bin"
+  : >"$logfile"
+  local tmpbin=$base/gobin.tmp
+  rm -rf "$tmpbin"
+  run_logged "$logfile" env GOBIN="$tmpbin" go install -ldflags "-s -w" \
+    "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION"
+  install_bin "$tmpbin/promtool" "$bin/promtool"
+  rm -rf "$tmpbin"
+}
+
+# ---------------------------------------------------------------------------
 # OpenBao (bao)
 # ---------------------------------------------------------------------------
 # The root package of github.com/openbao/openbao is the bao binary. Its go.mod
@@ -269,7 +289,8 @@ build_openbao() {
 # Python virtualenv (moto server, anthropic SDK, pytest)
 # ---------------------------------------------------------------------------
 python_requirements() {
-  printf '%s\n' "moto[server]==$MOTO_VERSION" "anthropic==$ANTHROPIC_SDK_VERSION" "pytest==$PYTEST_VERSION"
+  printf '%s\n' "moto[server]==$MOTO_VERSION" "anthropic==$ANTHROPIC_SDK_VERSION" "pytest==$PYTEST_VERSION" \
+    "promql-parser==$PROMQL_PARSER_VERSION" "PyYAML==$PYYAML_VERSION"
 }
 
 python_venv_dir() {
@@ -362,6 +383,10 @@ main() {
   status=cached; [[ -x $helm ]] || status=$(timed build_helm)
   summary helm "$HELM_VERSION" "$helm" "$status"
 
+  local promtool=$CACHE_DIR/prometheus-$PROMETHEUS_VERSION/bin/promtool
+  status=cached; [[ -x $promtool ]] || status=$(timed build_promtool)
+  summary promtool "$PROMETHEUS_VERSION" "$promtool" "$status"
+
   local bao=$CACHE_DIR/openbao-$OPENBAO_RELEASE-$OPENBAO_VERSION/bin/bao
   status=cached; [[ -x $bao ]] || status=$(timed build_openbao)
   summary bao "openbao $OPENBAO_RELEASE" "$bao" "$status"
@@ -382,6 +407,7 @@ export CLAUDEKEY_KUBE_APISERVER='$apiserver'
 export CLAUDEKEY_KUBE_CONTROLLER_MANAGER='$kcm'
 export CLAUDEKEY_KUBECTL='$kubectl'
 export CLAUDEKEY_HELM='$helm'
+export CLAUDEKEY_PROMTOOL='$promtool'
 export CLAUDEKEY_BAO='$bao'
 export CLAUDEKEY_PYTHON_VENV='$venv'
 export CLAUDEKEY_PYTHON='$venv/bin/python'

@@ -1,12 +1,14 @@
 //! The audit trail: one JSON line per request with who, what, how much and what was done to it —
-//! never a prompt, a completion or a key. Lines are written by a background task so a slow disk
-//! never slows a request.
+//! never a prompt, a completion or a key. Lines are written by a background thread so a slow disk
+//! never slows a request, and that thread writes at most every [`COALESCE`]: a busy proxy does
+//! not wake it (and, on a one-core pod, get preempted by it) once per request.
 
 use std::{
     collections::BTreeMap,
     io::Write,
     path::PathBuf,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use chrono::{DateTime, Utc};
@@ -76,19 +78,30 @@ pub enum AuditTarget {
     Off,
 }
 
+/// How long the writer waits after a write before it writes again: lines of requests that end
+/// meanwhile go out together. Also the most a line can lag behind its request.
+pub const COALESCE: Duration = Duration::from_millis(10);
+
+/// What the writer thread receives.
+pub enum Message {
+    Line(String),
+    /// Write everything queued before this, then answer.
+    Flush(mpsc::SyncSender<()>),
+}
+
 /// The sending side; cheap to clone.
 #[derive(Clone)]
 pub enum AuditSink {
     Off,
     Memory(Arc<Mutex<Vec<String>>>),
     /// Lines go to a writer thread, which batches and flushes them.
-    Writer(mpsc::Sender<String>),
+    Writer(mpsc::Sender<Message>),
 }
 
 impl AuditSink {
     /// Opens the target and starts its writer thread.
     pub fn start(target: AuditTarget) -> std::io::Result<Self> {
-        let mut writer: Box<dyn Write + Send> = match target {
+        let writer: Box<dyn Write + Send> = match target {
             AuditTarget::Off => return Ok(Self::Off),
             AuditTarget::Memory(lines) => return Ok(Self::Memory(lines)),
             AuditTarget::Stdout => Box::new(std::io::stdout()),
@@ -99,26 +112,21 @@ impl AuditSink {
                     .open(path)?,
             ),
         };
-        let (tx, rx) = mpsc::channel::<String>();
+        let (tx, rx) = mpsc::channel::<Message>();
         std::thread::Builder::new()
             .name("claudekey-audit".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut batch = first;
-                    batch.push('\n');
-                    while let Ok(line) = rx.try_recv() {
-                        batch.push_str(&line);
-                        batch.push('\n');
-                    }
-                    if let Err(e) = writer
-                        .write_all(batch.as_bytes())
-                        .and_then(|()| writer.flush())
-                    {
-                        tracing::error!(error = %e, "failed to write audit log");
-                    }
-                }
-            })?;
+            .spawn(move || write_lines(rx, writer))?;
         Ok(Self::Writer(tx))
+    }
+
+    /// Waits (up to 5 s) until every line written so far is in the target: at shutdown.
+    pub fn flush(&self) {
+        if let Self::Writer(tx) = self {
+            let (ack, done) = mpsc::sync_channel(1);
+            if tx.send(Message::Flush(ack)).is_ok() {
+                let _ = done.recv_timeout(Duration::from_secs(5));
+            }
+        }
     }
 
     pub fn write(&self, record: &AuditRecord) {
@@ -136,8 +144,39 @@ impl AuditSink {
             Self::Off => {}
             Self::Memory(lines) => lines.lock().unwrap_or_else(|p| p.into_inner()).push(line),
             Self::Writer(tx) => {
-                let _ = tx.send(line);
+                let _ = tx.send(Message::Line(line));
             }
+        }
+    }
+}
+
+/// The writer thread: blocks only when nothing is queued, so while requests keep coming the
+/// senders never have to wake it.
+fn write_lines(rx: mpsc::Receiver<Message>, mut writer: Box<dyn Write + Send>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = String::new();
+        let mut acks = Vec::new();
+        for message in std::iter::once(first).chain(rx.try_iter()) {
+            match message {
+                Message::Line(line) => {
+                    batch.push_str(&line);
+                    batch.push('\n');
+                }
+                Message::Flush(ack) => acks.push(ack),
+            }
+        }
+        if let Err(e) = writer
+            .write_all(batch.as_bytes())
+            .and_then(|()| writer.flush())
+        {
+            tracing::error!(error = %e, "failed to write audit log");
+        }
+        let flushing = !acks.is_empty();
+        for ack in acks {
+            let _ = ack.send(());
+        }
+        if !flushing {
+            std::thread::sleep(COALESCE);
         }
     }
 }
@@ -164,6 +203,23 @@ mod tests {
         assert_eq!(json["redactions"]["email"], 2);
         assert_eq!(json["userHash"].as_str().unwrap().len(), 16);
         assert!(!line.contains("user-1"));
+    }
+
+    #[test]
+    fn flush_writes_every_queued_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let sink = AuditSink::start(AuditTarget::File(path.clone())).unwrap();
+        for status in 0..100 {
+            sink.write(&AuditRecord {
+                status,
+                ..Default::default()
+            });
+        }
+        sink.flush();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 100, "all lines written by flush");
+        assert!(text.lines().last().unwrap().contains("\"status\":99"));
     }
 
     #[test]

@@ -186,6 +186,8 @@ impl Proxy {
         {
             tracing::warn!("connections still open after 30 s; closing them");
         }
+        let audit = self.shared.audit.clone();
+        let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
         Ok(())
     }
 

@@ -2,7 +2,14 @@
 //! model scope → caps → limits → injection screen → redaction → forward → response (streamed or
 //! buffered) → settle tokens → audit line and metrics.
 
-use std::{convert::Infallible, sync::Arc, time::Instant};
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
 
 use bytes::Bytes;
 use chrono::Utc;
@@ -102,7 +109,7 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let audit = AuditRecord {
         time: Utc::now(),
-        request_id: format!("req_ck_{}", uuid::Uuid::new_v4().simple()),
+        request_id: request_id(),
         pod: shared.pod.clone(),
         method: req.method().to_string(),
         endpoint: "unknown".into(),
@@ -132,6 +139,16 @@ pub async fn handle(
             Ok(error.into_response(&request_id))
         }
     }
+}
+
+/// `req_ck_` and 32 hex digits, unique per request: a random per-process half and a counter, so
+/// no request pays for a call to the kernel's random source.
+fn request_id() -> String {
+    static PROCESS: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let process = *PROCESS.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("req_ck_{process:016x}{n:016x}")
 }
 
 fn ctx(slot: &mut Option<Ctx>) -> &mut Ctx {

@@ -124,10 +124,12 @@ impl Redactor {
         if self.rules.is_empty() {
             return Vec::new();
         }
-        let candidates = self.prefilter.matches(text);
-        if !candidates.matched_any() {
+        // `is_match` stops at the first hit and needs no overlapping search, so the common case
+        // (no PII at all) costs one fast pass; only then ask which rules matched.
+        if !self.prefilter.is_match(text) {
             return Vec::new();
         }
+        let candidates = self.prefilter.matches(text);
         let mut all = Vec::new();
         for rule in candidates.iter() {
             let r = &self.rules[rule];

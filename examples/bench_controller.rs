@@ -1,0 +1,203 @@
+//! Controller scale benchmark for `hack/bench.sh` (issue 9, row 5): applies `--count`
+//! ClaudeKeys at once to the real kube-apiserver (KUBECONFIG) while a `claudekey controller`
+//! process (started by the script) reconciles them, and prints one JSON object:
+//! `{"count":…,"apply_s":…,"ready_s":…,"api_requests":…,"reconciles":…}`.
+//!
+//! - `ready_s`: from the first create until every ClaudeKey has `Ready=True` (seen through one
+//!   watch, so polling adds no load).
+//! - `api_requests`: the apiserver's `apiserver_request_total` growth over the run minus this
+//!   client's own requests (creates, the watch, the two metric reads): what the controller
+//!   asked for. With `reconciles` (from the controller's `/metrics`) it gives requests per
+//!   reconcile.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use futures::{StreamExt, TryStreamExt, stream};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{DeleteParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+use claudekey::crd::ClaudeKey;
+
+#[derive(Parser)]
+#[command(about = "Time until N ClaudeKeys applied at once are Ready, and API requests per reconcile")]
+struct Args {
+    /// The controller's operator namespace (the upstream-key Secret is created there).
+    #[arg(long)]
+    operator_namespace: String,
+    /// The controller's metrics URL, e.g. http://127.0.0.1:9090/metrics.
+    #[arg(long)]
+    controller_metrics: String,
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
+    /// Spread over this many namespaces.
+    #[arg(long, default_value_t = 10)]
+    namespaces: usize,
+    /// Creates in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    #[arg(long, default_value = "300s")]
+    timeout: humantime::Duration,
+}
+
+const LABEL: &str = "claudekey.io/bench";
+
+fn ready(ck: &ClaudeKey) -> bool {
+    ck.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
+}
+
+/// Sum of every series of `name` in a Prometheus text exposition.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn apiserver_requests(client: &Client) -> anyhow::Result<f64> {
+    let request = http::Request::get("/metrics").body(Vec::new())?;
+    let text = client.request_text(request).await?;
+    Ok(metric_sum(&text, "apiserver_request_total"))
+}
+
+async fn controller_reconciles(url: &str) -> anyhow::Result<f64> {
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let response = client.get(url.parse()?).await?;
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await?
+        .to_bytes();
+    Ok(metric_sum(
+        &String::from_utf8_lossy(&body),
+        "claudekey_reconciles_total",
+    ))
+}
+
+fn claudekey(name: &str) -> anyhow::Result<ClaudeKey> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "claudekey.io/v1alpha1", "kind": "ClaudeKey",
+        "metadata": { "name": name, "labels": { LABEL: "1" } },
+        "spec": {
+            "source": { "kubernetesSecret": { "name": "bench-upstream", "key": "api-key" } },
+            "scope": { "models": ["claude-haiku-*"], "maxTokens": 1024 },
+        }
+    }))?)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    claudekey::crypto::install_default_provider();
+    let client = Client::try_default().await.context("KUBECONFIG")?;
+    let run = uuid::Uuid::new_v4().simple().to_string()[..6].to_string();
+    let namespaces: Vec<String> = (0..args.namespaces)
+        .map(|i| format!("bench-{run}-{i}"))
+        .collect();
+    for ns in &namespaces {
+        let body: Namespace = serde_json::from_value(json!({ "metadata": { "name": ns } }))?;
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &body)
+            .await?;
+    }
+    let upstream: Secret = serde_json::from_value(json!({
+        "metadata": { "name": "bench-upstream" },
+        "stringData": { "api-key": format!("sk-ant-api03-{}AA", "BenchUpstream_".repeat(7)) },
+    }))?;
+    let secrets = Api::<Secret>::namespaced(client.clone(), &args.operator_namespace);
+    let _ = secrets
+        .delete("bench-upstream", &DeleteParams::default())
+        .await;
+    secrets.create(&PostParams::default(), &upstream).await?;
+
+    // Everything above is set-up; the counters start here.
+    let requests_before = apiserver_requests(&client).await?;
+    let reconciles_before = controller_reconciles(&args.controller_metrics).await?;
+    let all = Api::<ClaudeKey>::all(client.clone());
+    let watch = watcher(all, watcher::Config::default().labels(&format!("{LABEL}=1")))
+        .applied_objects()
+        .try_filter(|ck| futures::future::ready(ready(ck)))
+        .map_ok(|ck| format!("{}/{}", ck.namespace().unwrap_or_default(), ck.name_any()));
+    let mut watch = Box::pin(watch);
+
+    let start = Instant::now();
+    let names: Vec<(String, String)> = (0..args.count)
+        .map(|i| (namespaces[i % namespaces.len()].clone(), format!("ck-{i:04}")))
+        .collect();
+    stream::iter(names.iter().cloned())
+        .map(|(ns, name)| {
+            let client = client.clone();
+            async move {
+                Api::<ClaudeKey>::namespaced(client, &ns)
+                    .create(&PostParams::default(), &claudekey(&name)?)
+                    .await
+                    .with_context(|| format!("create {ns}/{name}"))
+            }
+        })
+        .buffer_unordered(args.concurrency)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let apply_s = start.elapsed().as_secs_f64();
+
+    let mut seen = HashSet::new();
+    let deadline = start + *args.timeout;
+    while seen.len() < args.count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, watch.next()).await {
+            Ok(Some(Ok(id))) if namespaces.iter().any(|n| id.starts_with(&format!("{n}/"))) => {
+                seen.insert(id);
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(e))) => eprintln!("watch: {e}"),
+            Ok(None) => bail!("the watch ended"),
+            Err(_) => bail!(
+                "only {} of {} ClaudeKeys Ready after {}",
+                seen.len(),
+                args.count,
+                args.timeout
+            ),
+        }
+    }
+    let ready_s = start.elapsed().as_secs_f64();
+    drop(watch);
+    // Let the last status writes and Events land before reading the counters.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let requests_after = apiserver_requests(&client).await?;
+    let reconciles_after = controller_reconciles(&args.controller_metrics).await?;
+    // Our own: the creates, one list + watch, and the metrics read that ends the window.
+    let own = args.count as f64 + 2.0 + 1.0;
+    let api_requests = requests_after - requests_before - own;
+    let reconciles = reconciles_after - reconciles_before;
+    println!(
+        "{}",
+        json!({
+            "count": args.count,
+            "namespaces": args.namespaces,
+            "apply_s": apply_s,
+            "ready_s": ready_s,
+            "api_requests": api_requests,
+            "reconciles": reconciles,
+        })
+    );
+    for ns in &namespaces {
+        let _ = Api::<Namespace>::all(client.clone())
+            .delete(ns, &DeleteParams::background())
+            .await;
+    }
+    let _ = secrets
+        .delete("bench-upstream", &DeleteParams::default())
+        .await;
+    Ok(())
+}
