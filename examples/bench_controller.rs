@@ -25,7 +25,9 @@ use serde_json::json;
 use claudekey::crd::ClaudeKey;
 
 #[derive(Parser)]
-#[command(about = "Time until N ClaudeKeys applied at once are Ready, and API requests per reconcile")]
+#[command(
+    about = "Time until N ClaudeKeys applied at once are Ready, and API requests per reconcile"
+)]
 struct Args {
     /// The controller's operator namespace (the upstream-key Secret is created there).
     #[arg(long)]
@@ -126,15 +128,23 @@ async fn main() -> anyhow::Result<()> {
     let requests_before = apiserver_requests(&client).await?;
     let reconciles_before = controller_reconciles(&args.controller_metrics).await?;
     let all = Api::<ClaudeKey>::all(client.clone());
-    let watch = watcher(all, watcher::Config::default().labels(&format!("{LABEL}=1")))
-        .applied_objects()
-        .try_filter(|ck| futures::future::ready(ready(ck)))
-        .map_ok(|ck| format!("{}/{}", ck.namespace().unwrap_or_default(), ck.name_any()));
+    let watch = watcher(
+        all,
+        watcher::Config::default().labels(&format!("{LABEL}=1")),
+    )
+    .applied_objects()
+    .try_filter(|ck| futures::future::ready(ready(ck)))
+    .map_ok(|ck| format!("{}/{}", ck.namespace().unwrap_or_default(), ck.name_any()));
     let mut watch = Box::pin(watch);
 
     let start = Instant::now();
     let names: Vec<(String, String)> = (0..args.count)
-        .map(|i| (namespaces[i % namespaces.len()].clone(), format!("ck-{i:04}")))
+        .map(|i| {
+            (
+                namespaces[i % namespaces.len()].clone(),
+                format!("ck-{i:04}"),
+            )
+        })
         .collect();
     stream::iter(names.iter().cloned())
         .map(|(ns, name)| {

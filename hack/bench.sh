@@ -316,9 +316,16 @@ target_pid() {
   esac
 }
 
+# anon_kib PID — the anonymous part of the resident set (heap and stacks: what the process
+# itself allocated). The rest of VmRSS is pages of the executable, shared and reclaimable.
+anon_kib() {
+  awk '/^RssAnon:/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0
+}
+
 # rss_line TARGET PHASE — one RSS record for the target's process (tree).
 rss_line() {
-  echo "{\"row\":\"rss\",\"target\":\"$1\",\"phase\":\"$2\",\"kib\":$(rss_kib "$(target_pid "$1")")}" >>"$RAW/results.jsonl"
+  local pid; pid=$(target_pid "$1")
+  echo "{\"row\":\"rss\",\"target\":\"$1\",\"phase\":\"$2\",\"kib\":$(rss_kib "$pid"),\"anon_kib\":$(anon_kib "$pid")}" >>"$RAW/results.jsonl"
 }
 # Idle RSS right after start, before any traffic.
 for t in "${TARGETS[@]}"; do if [ "$t" != direct ]; then rss_line "$t" idle; fi; done

@@ -143,6 +143,7 @@ def report(args):
 
     # ---- row 3: footprint
     rss = {(r["target"], r["phase"]): r["kib"] for r in records if r["row"] == "rss"}
+    anon = {(r["target"], r["phase"]): r.get("anon_kib") for r in records if r["row"] == "rss"}
     soak = next((r for r in records if r["row"] == "soak"), None)
     soak_summary, rss_1k, rss_growth, soak_cpu = None, None, None, None
     if soak:
@@ -240,7 +241,12 @@ def report(args):
     g99 = s_added("gap_p99_us")
     w(f"| streaming added gap between deltas p99 (response redaction off) | {fmt(g99, ' µs')} | (no Nagle: far below 40 ms) | |")
     idle = rss.get(("claudekey", "idle"))
-    w(f"| proxy RSS idle | {'n/a' if idle is None else f'{idle / 1024:.1f} MiB'} | <= 15 MB | {verdict(idle and idle / 1024, 15)} |")
+    idle_anon = anon.get(("claudekey", "idle"))
+    w(
+        f"| proxy RSS idle | {'n/a' if idle is None else f'{idle / 1024:.1f} MiB'}"
+        f"{'' if not idle_anon else f' (anonymous: {idle_anon / 1024:.1f} MiB; the rest is pages of the executable)'} | <= 15 MB | "
+        f"{verdict(idle and idle / 1024, 15)} |"
+    )
     w(
         f"| proxy RSS at 1k req/s | {fmt(rss_1k, ' MiB', 1 / 1024, 1)} | <= 30 MB | "
         f"{verdict(rss_1k and rss_1k[2] / 1024, 30)} |"
