@@ -172,7 +172,7 @@ UPKEY=sk-ant-api03-bench-upstream-key-0123456789abcdefghijklmnop
 WKEY=ck-bench-workload-key-0123456789abcdefghijklmnopqrstuv
 MASTER=sk-bench-litellm-master-key
 P_UP=$(free_port); P_UPS=$(free_port); P_CK=$(free_port); P_CKS=$(free_port)
-P_CKR=$(free_port); P_NG=$(free_port); P_LL=$(free_port)
+P_CKR=$(free_port); P_NG=$(free_port); P_NGS=$(free_port); P_LL=$(free_port)
 
 # 64 deltas of 8 characters.
 PACED_REPLY=$(python3 -c 'print(("The lighthouse keeper counted the ships. " * 13)[:512])')
@@ -235,6 +235,18 @@ http {
     location / {
       proxy_pass http://fake;
       proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header x-api-key $UPKEY;
+    }
+  }
+  # The paced SSE upstream, unbuffered: the streaming row's reference for what a bare proxy adds.
+  upstream fake_paced { server 127.0.0.1:$P_UPS; keepalive 16; }
+  server {
+    listen 127.0.0.1:$P_NGS;
+    location / {
+      proxy_pass http://fake_paced;
+      proxy_http_version 1.1;
+      proxy_buffering off;
       proxy_set_header Connection "";
       proxy_set_header x-api-key $UPKEY;
     }
@@ -394,9 +406,10 @@ done
 # ---------------------------------------------------------------------------
 log "row 2: streaming through a paced upstream (64 deltas, 20 ms apart), with and without response redaction"
 for rep in $(seq 1 "$REPS"); do
-  for t in $(shuffled direct claudekey claudekey-redact); do
+  for t in $(shuffled direct claudekey claudekey-redact $([ "$USE_NGINX" = 1 ] && echo nginx)); do
     case $t in
       direct) url=http://127.0.0.1:$P_UPS key=$UPKEY ;;
+      nginx) url=http://127.0.0.1:$P_NGS key=$UPKEY ;;
       claudekey) url=http://127.0.0.1:$P_CKS key=$WKEY ;;
       claudekey-redact) url=http://127.0.0.1:$P_CKR key=$WKEY ;;
     esac
