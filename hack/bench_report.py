@@ -296,7 +296,7 @@ def report(args):
             )
     w("")
     w(
-        "Open loop (oha -q, constant arrival rate, latency corrected for coordinated omission): the highest "
+        "Open loop (oha -q with 32 connections, constant arrival rate, latency corrected for coordinated omission): the highest "
         "rate of the sweep whose p99 stayed <= 5 ms with >= 95% of the rate achieved and no failed request. "
         "The direct row is the ceiling of the load-generator core."
     )
