@@ -1,72 +1,21 @@
 //! Retiring a replaced upstream key through the Anthropic Admin API, against the real control
-//! plane and a small fake of the Admin API's key list and update endpoints.
+//! plane and the shared fake upstream's Admin API (key list and update).
 
 mod controller_support;
 mod support;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::{
-    Json, Router,
-    extract::{Path, State},
-    http::HeaderMap,
-    routing::{get, post},
-};
-use serde_json::{Value, json};
+use claudekey::fake_upstream::{FakeUpstream, KeyStatus, partial_key_hint};
 
 use controller_support::*;
 
-#[derive(Default)]
-struct FakeAdmin {
-    /// (id, partial_key_hint, status)
-    keys: Vec<(String, String, String)>,
-    admin_keys_seen: Vec<String>,
-}
-
-type Shared = Arc<Mutex<FakeAdmin>>;
-
-fn console_hint(key: &str) -> String {
-    format!("{}...{}", &key[..16], &key[key.len() - 4..])
-}
-
-async fn list(State(state): State<Shared>, headers: HeaderMap) -> Json<Value> {
-    let mut state = state.lock().unwrap();
-    let seen = headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    state.admin_keys_seen.push(seen.to_string());
-    let data: Vec<Value> = state
-        .keys
-        .iter()
-        .map(|(id, hint, status)| json!({ "id": id, "type": "api_key", "partial_key_hint": hint, "status": status, "name": id }))
-        .collect();
-    Json(json!({ "data": data, "has_more": false, "first_id": null, "last_id": null }))
-}
-
-async fn update(
-    State(state): State<Shared>,
-    Path(id): Path<String>,
-    Json(body): Json<Value>,
-) -> Json<Value> {
-    let mut state = state.lock().unwrap();
-    let status = body["status"].as_str().unwrap_or_default().to_string();
-    for key in state.keys.iter_mut().filter(|k| k.0 == id) {
-        key.2 = status.clone();
-    }
-    Json(json!({ "id": id, "type": "api_key", "status": status }))
-}
-
-async fn fake_admin(state: Shared) -> String {
-    let app = Router::new()
-        .route("/v1/organizations/api_keys", get(list))
-        .route("/v1/organizations/api_keys/{id}", post(update))
-        .with_state(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}")
+/// The fake upstream with these active keys and an admin key; returns it and the keys' ids.
+async fn fake_admin(keys: &[&str], admin_key: &str) -> (FakeUpstream, Vec<String>) {
+    let fake = FakeUpstream::start(&[]).await.expect("fake upstream");
+    let ids = keys.iter().map(|k| fake.add_key(k)).collect();
+    fake.add_admin_key(admin_key);
+    (fake, ids)
 }
 
 #[tokio::test]
@@ -74,18 +23,10 @@ async fn replaced_upstream_key_is_deactivated_after_its_grace_period() {
     let (client, ns) = setup("ck-admin-api").await;
     let old = upstream_key();
     let new = upstream_key();
+    let other = upstream_key();
     let admin_key = format!("sk-ant-admin01-{}", uuid::Uuid::new_v4().simple());
-    let state: Shared = Arc::default();
-    state.lock().unwrap().keys = vec![
-        ("apikey_old".into(), console_hint(&old), "active".into()),
-        ("apikey_new".into(), console_hint(&new), "active".into()),
-        (
-            "apikey_other".into(),
-            "sk-ant-api03-zzz...zzzz".into(),
-            "active".into(),
-        ),
-    ];
-    let url = fake_admin(state.clone()).await;
+    let (fake, ids) = fake_admin(&[&old, &new, &other], &admin_key).await;
+    let url = fake.url();
     put_upstream(&client, &ns, "upstream", &old).await;
     put_upstream(&client, &ns, "anthropic-admin", &admin_key).await;
     let mut cfg = config(&ns);
@@ -103,31 +44,42 @@ async fn replaced_upstream_key_is_deactivated_after_its_grace_period() {
     })
     .await;
     assert_eq!(
-        state.lock().unwrap().keys[0].2,
-        "active",
+        fake.key_status(&old),
+        Some(KeyStatus::Active),
         "not retired during its grace period"
     );
 
     support::eventually(Duration::from_secs(30), "old key deactivated", || async {
-        (state.lock().unwrap().keys[0].2 == "inactive").then_some(())
+        (fake.key_status(&old) == Some(KeyStatus::Inactive)).then_some(())
     })
     .await;
-    {
-        let state = state.lock().unwrap();
-        assert_eq!(state.keys[1].2, "active", "the current key stays active");
-        assert_eq!(state.keys[2].2, "active", "unrelated keys are left alone");
-        assert!(state.admin_keys_seen.iter().all(|k| *k == admin_key));
-    }
+    assert_eq!(
+        fake.key_status(&new),
+        Some(KeyStatus::Active),
+        "the current key stays active"
+    );
+    assert_eq!(
+        fake.key_status(&other),
+        Some(KeyStatus::Active),
+        "unrelated keys are left alone"
+    );
+    assert!(
+        fake.received()
+            .iter()
+            .filter(|r| r.path.starts_with("/v1/organizations/"))
+            .all(|r| r.header("x-api-key") == Some(admin_key.as_str())),
+        "the Admin API is called with the admin key only"
+    );
     let events = kube::Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns);
     support::eventually(Duration::from_secs(10), "UpstreamKeyRetired event", || {
-        let events = events.clone();
+        let (events, old_id) = (events.clone(), ids[0].clone());
         async move {
             let list = events.list(&Default::default()).await.ok()?;
             list.items
                 .iter()
                 .any(|e| {
                     e.reason.as_deref() == Some("UpstreamKeyRetired")
-                        && e.note.as_deref().is_some_and(|n| n.contains("apikey_old"))
+                        && e.note.as_deref().is_some_and(|n| n.contains(&old_id))
                 })
                 .then_some(())
         }
@@ -158,10 +110,10 @@ async fn replaced_upstream_key_is_deactivated_after_its_grace_period() {
         .and_then(|s| s.upstream.as_ref())
         .and_then(|u| u.retired.clone())
         .expect("status.upstream.retired is recorded");
-    assert_eq!(retired.key_id.as_deref(), Some("apikey_old"));
+    assert_eq!(retired.key_id.as_deref(), Some(ids[0].as_str()));
     assert_eq!(retired.outcome, "UpstreamKeyRetired");
-    assert_eq!(retired.hint, console_hint(&old));
-    assert_no_leaks(&client, &ns, &[old, new, admin_key]).await;
+    assert_eq!(retired.hint, partial_key_hint(&old));
+    assert_no_leaks(&client, &ns, &[old, new, other, admin_key]).await;
     controller.stop().await;
 }
 
@@ -172,14 +124,10 @@ async fn ambiguous_hint_changes_nothing_and_degrades() {
     let (client, ns) = setup("ck-admin-ambig").await;
     let old = upstream_key();
     let new = upstream_key();
+    let twin = hint_twin(&old);
     let admin_key = format!("sk-ant-admin01-{}", uuid::Uuid::new_v4().simple());
-    let state: Shared = Arc::default();
-    state.lock().unwrap().keys = vec![
-        ("apikey_a".into(), console_hint(&old), "active".into()),
-        ("apikey_b".into(), console_hint(&old), "active".into()),
-        ("apikey_new".into(), console_hint(&new), "active".into()),
-    ];
-    let url = fake_admin(state.clone()).await;
+    let (fake, _) = fake_admin(&[&old, &twin, &new], &admin_key).await;
+    let url = fake.url();
     put_upstream(&client, &ns, "upstream", &old).await;
     put_upstream(&client, &ns, "anthropic-admin", &admin_key).await;
     let mut cfg = config(&ns);
@@ -210,10 +158,10 @@ async fn ambiguous_hint_changes_nothing_and_degrades() {
             .iter()
             .any(|r| r == "UpstreamKeyAmbiguous")
     );
-    {
-        let state = state.lock().unwrap();
-        assert!(
-            state.keys.iter().all(|k| k.2 == "active"),
+    for key in [&old, &twin, &new] {
+        assert_eq!(
+            fake.key_status(key),
+            Some(KeyStatus::Active),
             "no key was changed"
         );
     }
@@ -223,6 +171,6 @@ async fn ambiguous_hint_changes_nothing_and_degrades() {
             .contains("retiring"),
         "the key stays queued for retirement"
     );
-    assert_no_leaks(&client, &ns, &[old, new, admin_key]).await;
+    assert_no_leaks(&client, &ns, &[old, twin, new, admin_key]).await;
     controller.stop().await;
 }

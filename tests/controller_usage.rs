@@ -44,14 +44,6 @@ fn series(text: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// The same hint as `key` (prefix, three characters, last four) but another key.
-fn hint_twin(key: &str) -> String {
-    let mut chars: Vec<char> = key.chars().collect();
-    let middle = chars.len() / 2;
-    chars[middle] = if chars[middle] == 'x' { 'y' } else { 'x' };
-    chars.into_iter().collect()
-}
-
 #[tokio::test]
 async fn upstream_usage_is_exported_per_claudekey_and_never_guessed() {
     let (client, ns) = setup("ck-usage").await;

@@ -158,6 +158,20 @@ pub fn upstream_key() -> String {
     )
 }
 
+/// Another upstream key with the same Admin API hint as `key` (prefix, three characters, last
+/// four): the "hint matches two keys" case.
+pub fn hint_twin(key: &str) -> String {
+    let mut chars: Vec<char> = key.chars().collect();
+    let middle = chars.len() / 2;
+    chars[middle] = if chars[middle] == 'x' { 'y' } else { 'x' };
+    let twin: String = chars.into_iter().collect();
+    assert_eq!(
+        claudekey::fake_upstream::partial_key_hint(&twin),
+        claudekey::fake_upstream::partial_key_hint(key)
+    );
+    twin
+}
+
 /// Creates or replaces the upstream-key Secret `name` (data key `api-key`) in `ns`.
 pub async fn put_upstream(client: &Client, ns: &str, name: &str, value: &str) {
     let secret = Secret {
