@@ -394,6 +394,9 @@ SWEEP_REPS=$(( REPS < 2 ? REPS : 2 ))
 log "row 1: open-loop sweep, $SWEEP_REPS repetitions"
 for rep in $(seq 1 "$SWEEP_REPS"); do
   for t in $(shuffled "${TARGETS[@]}"); do
+    # The sweep measures a proxy in service: one closed-loop second first, so its upstream
+    # connection pool and heap are warm (the closed-loop cells may have ended minutes ago).
+    oha_run "$WORK/sweep-warm.json" "$t" -c 32 -z 1s || true
     for rate in $(sweep_rates "$t"); do
       f="sweep-$t-q$rate-r$rep.json"
       oha_run "$RAW/$f" "$t" -c 32 -q "$rate" -z "${SWEEP_STEP}s" --latency-correction || true
