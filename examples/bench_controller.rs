@@ -22,7 +22,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use claudekey::crd::ClaudeKey;
+use claudekey::crd::{ClaudeKey, condition};
 
 #[derive(Parser)]
 #[command(
@@ -53,7 +53,7 @@ fn ready(ck: &ClaudeKey) -> bool {
     ck.status.as_ref().is_some_and(|s| {
         s.conditions
             .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
+            .any(|c| c.type_ == condition::READY && c.status == "True")
     })
 }
 

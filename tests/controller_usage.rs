@@ -37,13 +37,6 @@ async fn bypass_call(base: &str, key: &str) -> Value {
     serde_json::from_slice(&bytes).unwrap()
 }
 
-/// The value of the metric line that starts with `series` (name and labels), if present.
-fn series(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 #[tokio::test]
 async fn upstream_usage_is_exported_per_claudekey_and_never_guessed() {
     let (client, ns) = setup("ck-usage").await;

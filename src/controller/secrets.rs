@@ -255,7 +255,8 @@ pub fn extra_entries(existing: Option<&Secret>, desired: &Secret) -> Vec<String>
         .collect()
 }
 
-fn ledger_of(secret: &Secret) -> Option<Ledger> {
+/// The ledger annotation of an owned Secret, if it parses.
+pub fn ledger_of(secret: &Secret) -> Option<Ledger> {
     secret
         .annotations()
         .get(LEDGER_ANNOTATION)

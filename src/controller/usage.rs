@@ -18,7 +18,7 @@ use kube::runtime::reflector::Store;
 use kube::{Api, ResourceExt};
 
 use super::context::Context;
-use super::ledger::{LEDGER_ANNOTATION, Ledger};
+use super::secrets::ledger_of;
 use crate::admin::{
     AdminClient, KeyUsage, Unmatched, UsageMetrics, admin_client_for, report_window, resolve_hints,
 };
@@ -171,10 +171,7 @@ async fn upstream_hints(ctx: &Context, ck: &ClaudeKey) -> Vec<String> {
         .get_opt(&proxy_secret_name(&ck.name_any()))
         .await;
     let ledger = match secret {
-        Ok(Some(secret)) => secret
-            .annotations()
-            .get(LEDGER_ANNOTATION)
-            .and_then(|a| Ledger::from_annotation(a)),
+        Ok(Some(secret)) => ledger_of(&secret),
         Ok(None) => None,
         Err(error) => {
             tracing::debug!(%error, namespace = ns, name = ck.name_any(), "usage: cannot read the -proxy Secret");

@@ -96,10 +96,14 @@ impl Running {
 
 /// The value of an unlabelled metric line, 0 when absent.
 pub fn metric(text: &str, name: &str) -> f64 {
+    series(text, name).unwrap_or(0.0)
+}
+
+/// The value of the metric line that starts with `series` (name, and labels if any).
+pub fn series(text: &str, series: &str) -> Option<f64> {
     text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// A plain HTTP/1.0 GET against the loopback admin port.
