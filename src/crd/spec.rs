@@ -192,7 +192,8 @@ pub struct LimitsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub tokens_per_minute: Option<u64>,
-    /// Requests per hour per end user, keyed by the request's metadata.user_id (sliding window).
+    /// Requests per hour per end user, keyed by the request's metadata.user_id (sliding window
+    /// of one-minute buckets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub per_user_requests_per_hour: Option<u32>,

@@ -1,9 +1,9 @@
 //! Rate and token limits per ClaudeKey identity (so a key rotation never resets a window):
 //! requests/min by GCRA, tokens/min as a bucket that reserves before forwarding and settles on
-//! real usage, and requests/hour per end user as a sliding window.
+//! real usage, and requests/hour per end user as a sliding window of one-minute buckets.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
@@ -14,7 +14,6 @@ use super::error::ApiError;
 use crate::{crd::LimitsSpec, proxyconf::ClaudeKeyRef};
 
 const MINUTE: Duration = Duration::from_secs(60);
-const HOUR: Duration = Duration::from_secs(3600);
 /// Past this many tracked end users, idle ones are dropped so memory stays bounded.
 const MAX_IDLE_USERS: usize = 10_000;
 
@@ -68,7 +67,7 @@ struct State {
     tat: Option<Instant>,
     /// Token bucket: level at `tokens_at`; may go below zero when usage exceeded a reservation.
     tokens: Option<(f64, Instant)>,
-    users: HashMap<String, VecDeque<Instant>>,
+    users: HashMap<String, HourWindow>,
 }
 
 /// Tokens held for one request until its real usage is known.
@@ -117,16 +116,11 @@ impl KeyLimiter {
             _ => None,
         };
         if let (Some(per_hour), Some(user)) = (spec.per_user_requests_per_hour, user) {
-            let window = state.users.entry(user.to_owned()).or_default();
-            while window
-                .front()
-                .is_some_and(|t| now.duration_since(*t) >= HOUR)
-            {
-                window.pop_front();
-            }
-            if window.len() >= per_hour as usize {
-                let oldest = window.front().copied().unwrap_or(now);
-                let retry_after = HOUR.saturating_sub(now.duration_since(oldest));
+            let window = state
+                .users
+                .entry(user.to_owned())
+                .or_insert_with(|| HourWindow::new(now));
+            if let Err(retry_after) = window.admit(per_hour, now) {
                 return Err(refuse(
                     Limit::User,
                     "this end user's requests per hour",
@@ -134,11 +128,8 @@ impl KeyLimiter {
                     true,
                 ));
             }
-            window.push_back(now);
             if state.users.len() > MAX_IDLE_USERS {
-                state
-                    .users
-                    .retain(|_, w| w.back().is_some_and(|t| now.duration_since(*t) < HOUR));
+                state.users.retain(|_, w| !w.is_idle(now));
             }
         }
         if let Some(tat) = new_tat {
@@ -155,6 +146,63 @@ impl KeyLimiter {
             limiter: self.clone(),
             tokens: reserved,
         })
+    }
+}
+
+/// One end user's requests over the last hour, counted in 60 one-minute buckets: memory is
+/// fixed per user whatever the limit (a log of timestamps grows with it), and a request leaves
+/// the window between 59 and 60 minutes after it was made.
+#[derive(Debug)]
+struct HourWindow {
+    origin: Instant,
+    /// Requests per minute, indexed by minute (since `origin`) modulo 60.
+    counts: [u32; 60],
+    /// The newest minute the buckets describe; older buckets belong to the 59 before it.
+    newest: u64,
+}
+
+impl HourWindow {
+    fn new(now: Instant) -> Self {
+        Self {
+            origin: now,
+            counts: [0; 60],
+            newest: 0,
+        }
+    }
+
+    fn minute(&self, now: Instant) -> u64 {
+        now.duration_since(self.origin).as_secs() / 60
+    }
+
+    /// Moves the window to `now`'s minute, emptying the buckets of minutes that left the hour.
+    fn advance(&mut self, now: Instant) -> u64 {
+        let minute = self.minute(now);
+        let stale = (minute - self.newest).min(60);
+        for m in minute + 1 - stale..=minute {
+            self.counts[(m % 60) as usize] = 0;
+        }
+        self.newest = minute;
+        minute
+    }
+
+    /// Counts one request, or refuses it with the time until the oldest counted minute leaves.
+    fn admit(&mut self, per_hour: u32, now: Instant) -> Result<(), Duration> {
+        let minute = self.advance(now);
+        let total: u64 = self.counts.iter().map(|&c| u64::from(c)).sum();
+        if total >= u64::from(per_hour) {
+            let oldest = (minute.saturating_sub(59)..=minute)
+                .find(|m| self.counts[(m % 60) as usize] > 0)
+                .unwrap_or(minute);
+            let leaves = self.origin + MINUTE * (oldest + 60) as u32;
+            return Err(leaves.duration_since(now));
+        }
+        let bucket = &mut self.counts[(minute % 60) as usize];
+        *bucket = bucket.saturating_add(1);
+        Ok(())
+    }
+
+    fn is_idle(&self, now: Instant) -> bool {
+        self.minute(now) >= self.newest + 60
     }
 }
 
@@ -327,6 +375,46 @@ mod tests {
         limiter.admit(&spec, None, 0).unwrap();
         tokio::time::advance(Duration::from_secs(1800)).await;
         limiter.admit(&spec, Some("u1"), 0).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hour_window_refuses_until_the_oldest_minute_leaves() {
+        let start = Instant::now();
+        let mut window = HourWindow::new(start);
+        window.admit(2, start + Duration::from_secs(90)).unwrap(); // minute 1
+        window.admit(2, start + Duration::from_secs(600)).unwrap(); // minute 10
+        // Minute 1 leaves the hour at 61:00.
+        let at = start + Duration::from_secs(3000);
+        assert_eq!(
+            window.admit(2, at).unwrap_err(),
+            Duration::from_secs(61 * 60 - 3000)
+        );
+        assert!(window.admit(2, start + Duration::from_secs(61 * 60 - 1)).is_err());
+        window.admit(2, start + Duration::from_secs(61 * 60)).unwrap();
+        // Now minutes 10 and 61 are counted: full again until minute 10 leaves.
+        assert_eq!(
+            window.admit(2, start + Duration::from_secs(62 * 60)).unwrap_err(),
+            Duration::from_secs(8 * 60)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hour_window_counts_a_flood_in_fixed_memory() {
+        let start = Instant::now();
+        let mut window = HourWindow::new(start);
+        for i in 0..200_000u64 {
+            window
+                .admit(200_000, start + Duration::from_millis(i * 10))
+                .unwrap();
+        }
+        // 200,000 requests over 33 minutes: the limit is reached, not one more fits.
+        let at = start + Duration::from_secs(2000);
+        assert!(window.admit(200_000, at).is_err());
+        assert!(!window.is_idle(at));
+        // An hour after the last minute, nothing is left and the user counts as idle.
+        let later = start + Duration::from_secs(2000 + 3600);
+        assert!(window.is_idle(later));
+        window.admit(1, later).unwrap();
     }
 
     #[tokio::test(start_paused = true)]
