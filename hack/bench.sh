@@ -155,12 +155,12 @@ fi
 if [ "${BENCH_PROFILE:-release}" = dev ]; then
   log "dev build (figures will be meaningless)"
   [ "${BENCH_SKIP_BUILD:-0}" = 1 ] || nice cargo build --locked --bin claudekey \
-    --example fake_upstream --example bench_stream --example bench_admission --example bench_controller
+    --example fake_upstream --example bench_stream --example bench_admission --example bench_controller --example bench_wake
   BIN=target/debug
 else
   log "release build (nice)"
   nice cargo build --release --locked --bin claudekey \
-    --example fake_upstream --example bench_stream --example bench_admission --example bench_controller
+    --example fake_upstream --example bench_stream --example bench_admission --example bench_controller --example bench_wake
   BIN=target/release
 fi
 CK=$BIN/claudekey
@@ -179,6 +179,9 @@ PACED_REPLY=$(python3 -c 'print(("The lighthouse keeper counted the ships. " * 1
 start upstream 1 "$BIN/examples/fake_upstream" --listen "127.0.0.1:$P_UP" --key "$UPKEY"
 start upstream-paced 1 "$BIN/examples/fake_upstream" --listen "127.0.0.1:$P_UPS" --key "$UPKEY" \
   --delta-delay-ms 20 --chunk-chars 8 --reply "$PACED_REPLY"
+# A bare echo on the proxy's core: the round trip any extra hop pays here (streaming row).
+P_ECHO=$(free_port)
+start echo 0 "$BIN/examples/bench_wake" serve --listen "127.0.0.1:$P_ECHO"
 
 # Full gateway policy: auth, scope (model globs, endpoints, max_tokens, input cap), all three
 # limits set far above what the benchmark sends (so they are checked and accounted, never hit),
@@ -422,6 +425,12 @@ for rep in $(seq 1 "$REPS"); do
       --streams "$STREAMS" --concurrency 1 --warmup 2)
     echo "{\"row\":\"stream\",\"target\":\"$t\",\"rep\":$rep,\"m\":$line}" >>"$RAW/results.jsonl"
   done
+  # The floor: a round trip to the echo on the proxy's core, back to back and after the pace.
+  for idle in 0 20; do
+    line=$(taskset -c 1 "$BIN/examples/bench_wake" probe --addr "127.0.0.1:$P_ECHO" --idle-ms "$idle" \
+      --samples "$([ "$SMOKE" = 1 ] && echo 20 || echo 200)")
+    echo "{\"row\":\"wake\",\"rep\":$rep,\"m\":$line}" >>"$RAW/results.jsonl"
+  done
 done
 
 # ---------------------------------------------------------------------------
@@ -538,6 +547,9 @@ VERSIONS=$(
   echo "claudekey $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty'), $(rustc --version)"
   echo "oha $OHA_VERSION; $(nginx -v 2>&1 | sed 's/.*: //' || true); litellm $LITELLM_VERSION ($($LITELLM_VENV/bin/python --version 2>&1 || true))"
   echo "$(uname -sr), $(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')"
+  echo "cpuidle: $(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo unknown)$(
+    [ -r /sys/module/haltpoll/parameters/guest_halt_poll_ns ] &&
+      echo ", guest_halt_poll_ns=$(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns)")"
 )
 if [ "$SMOKE" = 1 ]; then OUT=$WORK/benchmarks.md; fi
 python3 hack/bench_report.py --raw "$RAW" --out "$OUT" --command "$COMMAND" \

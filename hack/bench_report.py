@@ -141,6 +141,15 @@ def report(args):
     def s_abs(t, field):
         return med([stream[(t, rep)][field] for rep in s_reps if (t, rep) in stream])
 
+    # The floor under row 2: a round trip to a bare echo on the proxy's core, by idle gap.
+    wake = {}
+    for r in records:
+        if r["row"] == "wake":
+            wake.setdefault(r["m"]["idle_ms"], []).append(r["m"])
+
+    def wake_fig(idle_ms, field):
+        return med([m[field] for m in wake.get(idle_ms, [])])
+
     # ---- row 3: footprint
     rss = {(r["target"], r["phase"]): r["kib"] for r in records if r["row"] == "rss"}
     anon = {(r["target"], r["phase"]): r.get("anon_kib") for r in records if r["row"] == "rss"}
@@ -241,6 +250,9 @@ def report(args):
     t99n = s_added("ttfb_p99_us", "nginx")
     if t99n:
         w(f"| streaming added TTFB p99 through nginx, unbuffered (reference: the floor of one extra hop here) | {fmt(t99n, ' µs')} | | |")
+    w99 = wake_fig(20, "p99_us")
+    if w99:
+        w(f"| round trip to a bare echo on the proxy's core after 20 ms idle, p99 (reference: what waking an idle vCPU costs here) | {fmt(w99, ' µs')} | | |")
     g99 = s_added("gap_p99_us")
     w(f"| streaming added gap between deltas p99 (response redaction off) | {fmt(g99, ' µs')} | (no Nagle: far below 40 ms) | |")
     idle = rss.get(("claudekey", "idle"))
@@ -332,6 +344,16 @@ def report(args):
         w(f"| gaps > 30 ms per run (the Nagle signature is ~40 ms) | {row('gaps_over_30ms')} |")
         w(f"| fewest delta events seen in one stream (upstream sends 64) | {row('min_deltas')} |")
         w("")
+        if wake:
+            w("The floor of one extra hop: a round trip from the streaming client's core to a bare TCP echo "
+              "on the proxy's core (`examples/bench_wake`), back to back and after the stream's 20 ms pace.")
+            w("")
+            w("| echo round trip | p50 | p99 | max |")
+            w("| --- | --- | --- | --- |")
+            for idle_ms in sorted(wake):
+                w(f"| after {idle_ms} ms idle | {fmt(wake_fig(idle_ms, 'p50_us'), ' µs')} | "
+                  f"{fmt(wake_fig(idle_ms, 'p99_us'), ' µs')} | {fmt(wake_fig(idle_ms, 'max_us'), ' µs')} |")
+            w("")
         w(
             "Streams run one at a time after two warm-up streams, so every measured stream reuses warm "
             "connections; between streams the cores sit idle, and waking an idle vCPU on this virtual machine "

@@ -26,6 +26,9 @@ pub enum ForwardError {
     Tls { source: rustls::Error },
 }
 
+/// Idle upstream connections kept after a burst: enough for a gateway's steady concurrency.
+const MAX_IDLE_UPSTREAM_CONNECTIONS: usize = 32;
+
 /// Headers that belong to one hop, or that the proxy sets itself.
 const DROPPED: &[&str] = &[
     "connection",
@@ -72,9 +75,11 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
+        // Busy connections are never capped; the idle cap only decides how much of a burst's
+        // pool (each connection holds its TLS state and buffers) outlives the burst.
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
+            .pool_max_idle_per_host(MAX_IDLE_UPSTREAM_CONNECTIONS)
             .build(https);
         Ok(Self {
             client,

@@ -389,11 +389,19 @@ mod tests {
             window.admit(2, at).unwrap_err(),
             Duration::from_secs(61 * 60 - 3000)
         );
-        assert!(window.admit(2, start + Duration::from_secs(61 * 60 - 1)).is_err());
-        window.admit(2, start + Duration::from_secs(61 * 60)).unwrap();
+        assert!(
+            window
+                .admit(2, start + Duration::from_secs(61 * 60 - 1))
+                .is_err()
+        );
+        window
+            .admit(2, start + Duration::from_secs(61 * 60))
+            .unwrap();
         // Now minutes 10 and 61 are counted: full again until minute 10 leaves.
         assert_eq!(
-            window.admit(2, start + Duration::from_secs(62 * 60)).unwrap_err(),
+            window
+                .admit(2, start + Duration::from_secs(62 * 60))
+                .unwrap_err(),
             Duration::from_secs(8 * 60)
         );
     }
