@@ -328,9 +328,10 @@ mod tests {
 
     use super::*;
 
-    const KEY: &str = "sk-ant-api03-unit-test-value-AA";
+    /// Shared with the error-mapping tests in `vault/errors.rs`.
+    pub(super) const KEY: &str = "sk-ant-api03-unit-test-value-AA";
 
-    fn source() -> VaultSource {
+    pub(super) fn source() -> VaultSource {
         VaultSource {
             mount: "secret".into(),
             path: "claude/x".into(),
@@ -339,7 +340,7 @@ mod tests {
         }
     }
 
-    fn settings(auth: VaultAuth) -> VaultSettings {
+    pub(super) fn settings(auth: VaultAuth) -> VaultSettings {
         VaultSettings {
             addr: "http://127.0.0.1:8200".into(),
             ca_cert: None,

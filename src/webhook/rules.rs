@@ -245,6 +245,24 @@ fn slice<T>(v: &Option<Vec<T>>) -> &[T] {
     v.as_deref().unwrap_or_default()
 }
 
+/// The view of one container of any of the three lists: `Container` and `EphemeralContainer`
+/// share these fields but no trait.
+macro_rules! view {
+    ($what:literal, $c:expr, $exempt_secret:expr) => {{
+        let c = $c;
+        ContainerView {
+            label: format!(concat!($what, " \"{}\""), c.name),
+            name: &c.name,
+            env: slice(&c.env),
+            env_from: slice(&c.env_from),
+            command: slice(&c.command),
+            args: slice(&c.args),
+            mounts: slice(&c.volume_mounts),
+            exempt_secret: $exempt_secret,
+        }
+    }};
+}
+
 fn containers<'a>(
     meta: Option<&ObjectMeta>,
     spec: &'a PodSpec,
@@ -260,42 +278,16 @@ fn containers<'a>(
             && ctx
                 .sidecar
                 .is_none_or(|expected| runs_injected_sidecar(c, expected));
-        views.push(ContainerView {
-            label: format!("init container \"{}\"", c.name),
-            name: &c.name,
-            env: slice(&c.env),
-            env_from: slice(&c.env_from),
-            command: slice(&c.command),
-            args: slice(&c.args),
-            mounts: slice(&c.volume_mounts),
-            exempt_secret: inject
-                .filter(|_| is_sidecar)
-                .map(|ck| proxy_secret_name(ck)),
-        });
+        let exempt = inject
+            .filter(|_| is_sidecar)
+            .map(|ck| proxy_secret_name(ck));
+        views.push(view!("init container", c, exempt));
     }
     for c in &spec.containers {
-        views.push(ContainerView {
-            label: format!("container \"{}\"", c.name),
-            name: &c.name,
-            env: slice(&c.env),
-            env_from: slice(&c.env_from),
-            command: slice(&c.command),
-            args: slice(&c.args),
-            mounts: slice(&c.volume_mounts),
-            exempt_secret: None,
-        });
+        views.push(view!("container", c, None));
     }
     for c in slice(&spec.ephemeral_containers) {
-        views.push(ContainerView {
-            label: format!("ephemeral container \"{}\"", c.name),
-            name: &c.name,
-            env: slice(&c.env),
-            env_from: slice(&c.env_from),
-            command: slice(&c.command),
-            args: slice(&c.args),
-            mounts: slice(&c.volume_mounts),
-            exempt_secret: None,
-        });
+        views.push(view!("ephemeral container", c, None));
     }
     views
 }

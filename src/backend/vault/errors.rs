@@ -143,26 +143,8 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{KEY, settings, source};
     use super::*;
-
-    const KEY: &str = "sk-ant-api03-unit-test-value-AA";
-
-    fn source() -> VaultSource {
-        VaultSource {
-            mount: "secret".into(),
-            path: "claude/x".into(),
-            field: "api_key".into(),
-            role: None,
-        }
-    }
-
-    fn settings(auth: VaultAuth) -> VaultSettings {
-        VaultSettings {
-            addr: "http://127.0.0.1:8200".into(),
-            ca_cert: None,
-            auth,
-        }
-    }
 
     fn api(code: u16, errors: &[&str]) -> ClientError {
         ClientError::APIError {
