@@ -84,6 +84,16 @@ pub struct Args {
     /// `spec.anthropicAdmin` (the `claudekey_upstream_*` gauges); 0s turns it off.
     #[arg(long, env = "CLAUDEKEY_USAGE_INTERVAL", default_value = "5m")]
     pub usage_interval: humantime::Duration,
+    /// At most this many ClaudeKeys are reconciled at once (each reconcile holds a few API
+    /// requests in flight), so applying thousands at once neither floods the apiserver nor
+    /// balloons the controller's memory.
+    #[arg(
+        long,
+        env = "CLAUDEKEY_MAX_CONCURRENT_RECONCILES",
+        default_value_t = 16,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pub max_concurrent_reconciles: u16,
     /// At most this many gateway consumer workloads are restarted per minute.
     #[arg(
         long,
@@ -115,6 +125,7 @@ pub struct ControllerConfig {
     pub anthropic_url: String,
     /// How often the Admin API usage report is read; `None` never.
     pub usage_interval: Option<Duration>,
+    pub max_concurrent_reconciles: u16,
     /// The AWS and Vault backends, when this controller was configured with them.
     pub aws: Option<Arc<dyn SecretBackend>>,
     pub vault: Option<Arc<dyn SecretBackend>>,
@@ -136,6 +147,7 @@ impl ControllerConfig {
             consumer_restart_delay: Duration::from_secs(90),
             anthropic_url: "https://api.anthropic.com".to_string(),
             usage_interval: Some(Duration::from_secs(300)),
+            max_concurrent_reconciles: 16,
             aws: None,
             vault: None,
             after_secrets: None,
@@ -195,6 +207,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.consumer_restart_delay = *args.consumer_restart_delay;
     config.anthropic_url = args.anthropic_url;
     config.usage_interval = Some(*args.usage_interval).filter(|d| !d.is_zero());
+    config.max_concurrent_reconciles = args.max_concurrent_reconciles;
     (config.aws, config.vault) = crate::backend::config::build(&args.backends).await?;
     run_with(client, config, crate::shutdown::signal()).await?;
     Ok(())
@@ -316,8 +329,12 @@ async fn controller(
         annotations::MANAGED_BY_LABEL,
         annotations::MANAGER
     ));
+    let runtime_config = kube::runtime::controller::Config::default()
+        .concurrency(config.max_concurrent_reconciles)
+        .debounce(RECONCILE_DEBOUNCE);
     let controller = Controller::new(claudekeys, watcher::Config::default())
         .watches(secrets, owned, owning_claudekey)
+        .with_config(runtime_config)
         .graceful_shutdown_on(stop);
     let store = controller.store();
     let metrics = ctx.metrics.clone();
@@ -359,6 +376,10 @@ fn owning_claudekey(secret: Secret) -> Option<ObjectRef<ClaudeKey>> {
     Some(ObjectRef::new(name).within(&secret.namespace()?))
 }
 
+/// A reconcile writes two Secrets and the status, and each write comes back as a watch event
+/// that asks for another reconcile; waiting this long after the last trigger folds those into one.
+const RECONCILE_DEBOUNCE: Duration = Duration::from_millis(200);
+
 /// How often key-age series of deleted ClaudeKeys are dropped.
 const KEY_AGE_SWEEP: Duration = Duration::from_secs(60);
 
@@ -385,7 +406,18 @@ mod tests {
         assert!(a.leader_election);
         assert_eq!(a.lease_name, "claudekey-controller");
         assert_eq!(a.consumer_restarts_per_minute, 10);
+        assert_eq!(a.max_concurrent_reconciles, 16);
         assert_eq!(a.gateway_url, None);
+        assert!(
+            Cli::try_parse_from([
+                "claudekey",
+                "controller",
+                "--max-concurrent-reconciles",
+                "0"
+            ])
+            .is_err(),
+            "0 would mean unbounded to kube-runtime"
+        );
         let off = args(&[
             "--leader-election",
             "false",

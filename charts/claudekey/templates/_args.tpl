@@ -20,6 +20,7 @@ If a role's flags change, change them here only. Mount paths used by the flags a
 - --lease-name={{ .Values.controller.leaderElection.leaseName }}
 - --anthropic-url={{ .Values.controller.anthropicAdmin.url }}
 - --usage-interval={{ .Values.controller.anthropicAdmin.usageInterval }}
+- --max-concurrent-reconciles={{ .Values.controller.maxConcurrentReconciles }}
 {{- with .Values.backends.aws }}
 {{- if .enabled }}
 - --aws-enabled
