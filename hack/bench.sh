@@ -49,7 +49,7 @@ if [ "$SMOKE" = 1 ]; then
   CELL=0.5 SWEEP_STEP=0.5 STREAMS=2 ADMISSION_N=3 SCALE_N=20
   CRITERION=(--warm-up-time 0.1 --measurement-time 0.3 --sample-size 10)
 else
-  CELL=3 SWEEP_STEP=3 STREAMS=16 ADMISSION_N=20 SCALE_N=1000
+  CELL=3 SWEEP_STEP=3 STREAMS=16 ADMISSION_N=100 SCALE_N=1000
   CRITERION=(--warm-up-time 1 --measurement-time 4)
 fi
 
