@@ -16,8 +16,8 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
 
 use chart_support::*;
 
-#[test]
-fn every_scenario_renders_hardened_pods_with_budgets() {
+/// The scenarios: one per charts/claudekey/ci/<name>-values.yaml.
+fn scenarios() -> Vec<String> {
     let dir = chart().join("ci");
     let mut scenarios: Vec<String> = std::fs::read_dir(&dir)
         .expect("ci dir")
@@ -26,7 +26,30 @@ fn every_scenario_renders_hardened_pods_with_budgets() {
         .collect();
     scenarios.sort();
     assert!(scenarios.len() >= 8, "scenarios: {scenarios:?}");
-    for s in scenarios {
+    scenarios
+}
+
+#[test]
+fn every_scenario_passes_flags_the_binary_accepts() {
+    use clap::Parser;
+    for s in scenarios() {
+        for d in all::<Deployment>(&render(&s), "Deployment") {
+            for c in &pod(&d).containers {
+                let argv = std::iter::once("claudekey".to_string()).chain(args(c));
+                if let Err(e) = claudekey::cli::Cli::try_parse_from(argv) {
+                    panic!(
+                        "{s}: container {} gets flags the binary refuses: {e}",
+                        c.name
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_scenario_renders_hardened_pods_with_budgets() {
+    for s in scenarios() {
         let docs = render(&s);
         let deployments: Vec<Deployment> = all(&docs, "Deployment");
         assert!(deployments.len() >= 2, "{s}: controller and webhook");
@@ -110,7 +133,7 @@ fn defaults_two_replicas_leader_election_and_flags() {
         );
     }
     assert!(
-        !a.iter().any(|x| x.starts_with("--proxy-resources")),
+        !a.iter().any(|x| x.starts_with("--sidecar-")),
         "no sidecar resources unless set"
     );
     assert!(
@@ -413,6 +436,12 @@ fn backends_become_flags_mounts_and_identity() {
 #[test]
 fn warn_scenario_changes_mode_policy_selector_and_sidecar() {
     let docs = render("warn");
+    let ctl: Deployment = one(&docs, "Deployment", "claudekey-controller");
+    assert_eq!(
+        args(&pod(&ctl).containers[0]).last().map(String::as_str),
+        Some("--consumer-restarts-per-minute=5"),
+        "extraArgs come after the chart's own flags"
+    );
     let wh: Deployment = one(&docs, "Deployment", "claudekey-webhook");
     let a = args(&pod(&wh).containers[0]);
     assert!(a.contains(&"--mode=warn".to_string()), "{a:?}");
@@ -420,12 +449,19 @@ fn warn_scenario_changes_mode_policy_selector_and_sidecar() {
         a.contains(&"--proxy-image=registry.example.com/claudekey:0.1.0-sidecar".to_string()),
         "{a:?}"
     );
-    let res = a
+    let sidecar: Vec<&str> = a
         .iter()
-        .find_map(|x| x.strip_prefix("--proxy-resources="))
-        .expect("--proxy-resources");
-    let res: serde_json::Value = serde_json::from_str(res).expect("sidecar resources as JSON");
-    assert_eq!(res["limits"]["memory"], "64Mi");
+        .filter(|x| x.starts_with("--sidecar-"))
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        sidecar,
+        [
+            "--sidecar-cpu-request=10m",
+            "--sidecar-memory-request=16Mi",
+            "--sidecar-memory-limit=64Mi"
+        ]
+    );
     assert_eq!(
         pod(&wh).containers[0].image.as_deref(),
         Some(format!("ghcr.io/claudekey/claudekey@sha256:{}", "0".repeat(64)).as_str())
@@ -524,6 +560,14 @@ fn schema_refuses_bad_values() {
         ),
         ("bad digest", vec!["image.digest=sha256:abc"]),
         ("port out of range", vec!["sidecar.port=70000"]),
+        (
+            "sidecar resource the webhook cannot set",
+            vec!["sidecar.resources.limits.ephemeral-storage=1Gi"],
+        ),
+        (
+            "zero concurrent reconciles",
+            vec!["controller.maxConcurrentReconciles=0"],
+        ),
     ] {
         let err = try_render("default", &sets)
             .err()

@@ -53,7 +53,15 @@ pub struct Args {
     #[arg(long, env = "CLAUDEKEY_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
     pub metrics_listen: SocketAddr,
     /// Elect a leader through a coordination.k8s.io Lease, so only one replica reconciles.
-    #[arg(long, env = "CLAUDEKEY_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    /// A bare `--leader-election` means true, as the chart passes it.
+    #[arg(
+        long,
+        env = "CLAUDEKEY_LEADER_ELECTION",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
     pub leader_election: bool,
     /// Name of the leader-election Lease in the operator namespace.
     #[arg(
@@ -425,6 +433,10 @@ mod tests {
             "http://gw:8080",
         ]);
         assert!(!off.leader_election);
+        assert!(!args(&["--leader-election=false"]).leader_election);
+        let bare = args(&["--leader-election", "--lease-name=x"]);
+        assert!(bare.leader_election);
+        assert_eq!(bare.lease_name, "x");
         assert_eq!(off.gateway_url.as_deref(), Some("http://gw:8080"));
         assert_eq!(
             super::default_gateway_url("ops"),

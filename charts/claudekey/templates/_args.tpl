@@ -63,8 +63,21 @@ If a role's flags change, change them here only. Mount paths used by the flags a
 - --proxy-port={{ .Values.sidecar.port }}
 - --proxy-metrics-port={{ .Values.sidecar.metricsPort }}
 - --proxy-upstream={{ .Values.upstreamURL }}
-{{- with .Values.sidecar.resources }}
-- {{ printf "--proxy-resources=%s" (toJson .) | quote }}
+{{- with .Values.sidecar.resources.requests }}
+{{- with .cpu }}
+- --sidecar-cpu-request={{ . }}
+{{- end }}
+{{- with .memory }}
+- --sidecar-memory-request={{ . }}
+{{- end }}
+{{- end }}
+{{- with .Values.sidecar.resources.limits }}
+{{- with .cpu }}
+- --sidecar-cpu-limit={{ . }}
+{{- end }}
+{{- with .memory }}
+- --sidecar-memory-limit={{ . }}
+{{- end }}
 {{- end }}
 - --metrics-listen=0.0.0.0:{{ .Values.webhook.metricsPort }}
 {{- range .Values.webhook.extraArgs }}
