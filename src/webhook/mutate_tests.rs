@@ -292,3 +292,14 @@ fn empty_annotation_and_name_clashes_are_refused() {
         Err(Refusal::NameClash("container"))
     );
 }
+
+#[test]
+fn the_injected_sidecar_gets_flags_the_binary_accepts() {
+    use clap::Parser;
+    let args = sidecar_container(&config()).args.expect("args");
+    let argv = std::iter::once("claudekey".to_string()).chain(args);
+    match crate::cli::Cli::try_parse_from(argv) {
+        Ok(cli) => assert!(matches!(cli.command, crate::cli::Command::Proxy(_))),
+        Err(e) => panic!("the proxy refuses the sidecar's flags: {e}"),
+    }
+}
