@@ -47,6 +47,62 @@ fn every_scenario_passes_flags_the_binary_accepts() {
     }
 }
 
+/// The webhook's probes ask the listener behind their port for a path it serves: a probe that
+/// gets 404 would keep the webhook unready (and, failing closed, block every pod create) or
+/// restart it forever.
+#[tokio::test]
+async fn webhook_probes_hit_routes_the_webhook_serves() {
+    use std::sync::Arc;
+
+    use claudekey::webhook::{
+        mutate::SidecarConfig,
+        server::{Metrics, metrics_router, router},
+        validate::{Admission, Mode},
+    };
+    use tower::ServiceExt;
+
+    let metrics = Arc::new(Metrics::default());
+    let admission = Arc::new(Admission {
+        mode: Mode::Enforce,
+        sidecar: SidecarConfig::default(),
+        claudekeys: Arc::new(Vec::<(String, String)>::new()),
+    });
+    let https = router(admission, metrics.clone());
+    let plain = metrics_router(metrics);
+    for s in scenarios() {
+        let wh: Deployment = one(&render(&s), "Deployment", "claudekey-webhook");
+        let c = &pod(&wh).containers[0];
+        for (kind, probe) in [
+            ("liveness", &c.liveness_probe),
+            ("readiness", &c.readiness_probe),
+        ] {
+            let get = probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .unwrap_or_else(|| panic!("{s}: webhook {kind} probe is not httpGet"));
+            let port = match &get.port {
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(name) => name,
+                other => panic!("{s}: probe port {other:?} is not named"),
+            };
+            let listener = match port.as_str() {
+                "https" => https.clone(),
+                "metrics" => plain.clone(),
+                other => panic!("{s}: probe on unknown port {other}"),
+            };
+            let path = get.path.clone().unwrap_or_default();
+            let request = http::Request::get(&path)
+                .body(axum::body::Body::empty())
+                .expect("request");
+            let status = listener.oneshot(request).await.expect("router").status();
+            assert_eq!(
+                status,
+                http::StatusCode::OK,
+                "{s}: webhook {kind} probe GET {path} on port {port}"
+            );
+        }
+    }
+}
+
 #[test]
 fn every_scenario_renders_hardened_pods_with_budgets() {
     for s in scenarios() {

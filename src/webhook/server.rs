@@ -105,26 +105,31 @@ struct AppState {
     metrics: Arc<Metrics>,
 }
 
-/// The routes: `/validate`, `/mutate`, `/healthz`, `/metrics`.
+/// The routes: `/validate`, `/mutate`, `/healthz`, `/readyz`, `/metrics`. Readiness is asked
+/// over HTTPS: a pod that answers there has its certificate loaded and can take reviews.
 pub fn router(admission: Arc<Admission>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/validate", post(validate))
         .route("/mutate", post(mutate))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }))
         .route("/metrics", get(metrics_handler))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(AppState { admission, metrics })
 }
 
-/// Only `/metrics`, for a plain-HTTP admin port.
+/// The plain-HTTP admin port: `/metrics`, and `/healthz` for a liveness probe that does not
+/// depend on the certificate.
 pub fn metrics_router(metrics: Arc<Metrics>) -> Router {
-    Router::new().route(
-        "/metrics",
-        get(move || {
-            let metrics = metrics.clone();
-            async move { metrics_response(&metrics) }
-        }),
-    )
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move { metrics_response(&metrics) }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
 }
 
 fn metrics_response(metrics: &Metrics) -> Response {
