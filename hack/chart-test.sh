@@ -8,8 +8,9 @@
 #      policy); deploy/samples/*.yaml scan clean and deploy/samples/bad/ is refused
 #   5. helm install per scenario into the test control plane (RBAC on, real admission; pods stay
 #      Pending without a kubelet), a few checks on what the apiserver stored, then uninstall;
-#      for the default scenario also `kubectl auth can-i` for least privilege and an upgrade that
-#      must keep the self-signed webhook certificate
+#      for the default scenario also `kubectl auth can-i` for least privilege, the controller
+#      binary run as its ServiceAccount (it must make a ClaudeKey Ready and never be refused), and
+#      an upgrade that must keep the self-signed webhook certificate
 #   6. deploy/samples accepted by the apiserver (--dry-run=server: CRD schema and CEL rules)
 #   7. deploy/monitoring: every PromQL expression parsed (hack/check-promql.py), rules with
 #      `promtool check rules` and `promtool test rules`
@@ -184,6 +185,46 @@ check_default_install() { # namespace
   check_can_i no "$wh" get secrets -n team-x
   check_can_i no "$wh" patch claudekeys.claudekey.io -n team-x
   log "ok   RBAC least privilege (kubectl auth can-i as the controller and webhook ServiceAccounts)"
+
+  # The chart's RBAC is enough for the real controller: the binary runs as the controller's
+  # ServiceAccount (a TokenRequest token), with leader election, and must make a ClaudeKey in
+  # another namespace Ready from a source Secret in the release namespace, never refused.
+  local team=ck-rbac-team kc=$WORK/controller-sa.kubeconfig ctl_pid port
+  kubectl create namespace "$team" >/dev/null
+  kubectl -n "$ns" create secret generic rbac-upstream \
+    --from-literal=api-key="sk-ant-api03-chart-rbac-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')AA" >/dev/null
+  kubectl config view --raw --minify >"$kc"
+  KUBECONFIG=$kc kubectl config set-credentials controller-sa \
+    --token="$(kubectl create token "$RELEASE-controller" -n "$ns")" >/dev/null
+  KUBECONFIG=$kc kubectl config set-context --current --user=controller-sa >/dev/null
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  KUBECONFIG=$kc "$CLAUDEKEY_BIN" controller --namespace "$ns" --metrics-listen "127.0.0.1:$port" \
+    --usage-interval 0s >"$WORK/controller-sa.log" 2>&1 &
+  ctl_pid=$!
+  kubectl apply -f - >/dev/null <<EOF
+apiVersion: claudekey.io/v1alpha1
+kind: ClaudeKey
+metadata: { name: rbac-probe, namespace: $team }
+spec:
+  source:
+    kubernetesSecret: { name: rbac-upstream, key: api-key }
+  scope: { models: ["claude-haiku-*"] }
+EOF
+  if ! kubectl -n "$team" wait claudekey/rbac-probe --for=condition=Ready --timeout=90s >/dev/null; then
+    kill "$ctl_pid" 2>/dev/null || true
+    tail -20 "$WORK/controller-sa.log" >&2
+    die "the controller, as its ServiceAccount, did not make a ClaudeKey Ready"
+  fi
+  get secret -n "$team" rbac-probe-client rbac-probe-proxy >/dev/null
+  get lease -n "$ns" claudekey-controller >/dev/null
+  kill "$ctl_pid" 2>/dev/null || true
+  wait "$ctl_pid" 2>/dev/null || true
+  if grep -qiE 'forbidden|cannot (get|list|watch|create|patch|update)' "$WORK/controller-sa.log"; then
+    grep -iE 'forbidden|cannot' "$WORK/controller-sa.log" | head -5 >&2
+    die "the controller, as its ServiceAccount, was refused something"
+  fi
+  kubectl delete namespace "$team" --wait=false >/dev/null
+  log "ok   the controller binary, as its ServiceAccount, makes a ClaudeKey Ready (leader election on)"
 
   # Coverage, as the apiserver applies it: no webhook pod can run here, so with failurePolicy
   # Fail a covered namespace refuses pods and Deployments, and an uncovered one admits them.
