@@ -189,7 +189,7 @@ check_default_install() { # namespace
   # The chart's RBAC is enough for the real controller: the binary runs as the controller's
   # ServiceAccount (a TokenRequest token), with leader election, and must make a ClaudeKey in
   # another namespace Ready from a source Secret in the release namespace, never refused.
-  local team=ck-rbac-team kc=$WORK/controller-sa.kubeconfig ctl_pid port
+  local team=ck-rbac-team kc=$WORK/controller-sa.kubeconfig ctl_pid
   kubectl create namespace "$team" >/dev/null
   kubectl -n "$ns" create secret generic rbac-upstream \
     --from-literal=api-key="sk-ant-api03-chart-rbac-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')AA" >/dev/null
@@ -197,8 +197,7 @@ check_default_install() { # namespace
   KUBECONFIG=$kc kubectl config set-credentials controller-sa \
     --token="$(kubectl create token "$RELEASE-controller" -n "$ns")" >/dev/null
   KUBECONFIG=$kc kubectl config set-context --current --user=controller-sa >/dev/null
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  KUBECONFIG=$kc "$CLAUDEKEY_BIN" controller --namespace "$ns" --metrics-listen "127.0.0.1:$port" \
+  KUBECONFIG=$kc "$CLAUDEKEY_BIN" controller --namespace "$ns" --metrics-listen 127.0.0.1:0 \
     --usage-interval 0s >"$WORK/controller-sa.log" 2>&1 &
   ctl_pid=$!
   kubectl apply -f - >/dev/null <<EOF
@@ -210,15 +209,16 @@ spec:
     kubernetesSecret: { name: rbac-upstream, key: api-key }
   scope: { models: ["claude-haiku-*"] }
 EOF
-  if ! kubectl -n "$team" wait claudekey/rbac-probe --for=condition=Ready --timeout=90s >/dev/null; then
-    kill "$ctl_pid" 2>/dev/null || true
+  local ready=0
+  kubectl -n "$team" wait claudekey/rbac-probe --for=condition=Ready --timeout=90s >/dev/null && ready=1
+  kill "$ctl_pid" 2>/dev/null || true
+  wait "$ctl_pid" 2>/dev/null || true
+  if [[ $ready != 1 ]]; then
     tail -20 "$WORK/controller-sa.log" >&2
     die "the controller, as its ServiceAccount, did not make a ClaudeKey Ready"
   fi
   get secret -n "$team" rbac-probe-client rbac-probe-proxy >/dev/null
   get lease -n "$ns" claudekey-controller >/dev/null
-  kill "$ctl_pid" 2>/dev/null || true
-  wait "$ctl_pid" 2>/dev/null || true
   if grep -qiE 'forbidden|cannot (get|list|watch|create|patch|update)' "$WORK/controller-sa.log"; then
     grep -iE 'forbidden|cannot' "$WORK/controller-sa.log" | head -5 >&2
     die "the controller, as its ServiceAccount, was refused something"

@@ -98,7 +98,7 @@ pub struct Args {
     #[arg(
         long,
         env = "CLAUDEKEY_MAX_CONCURRENT_RECONCILES",
-        default_value_t = 16,
+        default_value_t = MAX_CONCURRENT_RECONCILES,
         value_parser = clap::value_parser!(u16).range(1..)
     )]
     pub max_concurrent_reconciles: u16,
@@ -155,7 +155,7 @@ impl ControllerConfig {
             consumer_restart_delay: Duration::from_secs(90),
             anthropic_url: "https://api.anthropic.com".to_string(),
             usage_interval: Some(Duration::from_secs(300)),
-            max_concurrent_reconciles: 16,
+            max_concurrent_reconciles: MAX_CONCURRENT_RECONCILES,
             aws: None,
             vault: None,
             after_secrets: None,
@@ -383,6 +383,9 @@ fn owning_claudekey(secret: Secret) -> Option<ObjectRef<ClaudeKey>> {
     let name = secret.labels().get(annotations::NAME_LABEL)?;
     Some(ObjectRef::new(name).within(&secret.namespace()?))
 }
+
+/// The default of `--max-concurrent-reconciles`.
+const MAX_CONCURRENT_RECONCILES: u16 = 16;
 
 /// A reconcile writes two Secrets and the status, and each write comes back as a watch event
 /// that asks for another reconcile; waiting this long after the last trigger folds those into one.
