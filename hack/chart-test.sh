@@ -223,6 +223,7 @@ EOF
     grep -iE 'forbidden|cannot' "$WORK/controller-sa.log" | head -5 >&2
     die "the controller, as its ServiceAccount, was refused something"
   fi
+  ! grep -q 'sk-ant-' "$WORK/controller-sa.log" || die "the controller logged an upstream key"
   kubectl delete namespace "$team" --wait=false >/dev/null
   log "ok   the controller binary, as its ServiceAccount, makes a ClaudeKey Ready (leader election on)"
 
