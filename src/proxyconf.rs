@@ -19,6 +19,10 @@ pub struct ProxyConfig {
     pub upstream: Vec<UpstreamEntry>,
     /// Accepted workload keys by SHA-256, current first.
     pub workload_keys: Vec<WorkloadKeyEntry>,
+    /// Key of the HMAC that hashes end-user ids in the audit log (64 hex digits), stable per
+    /// ClaudeKey, so a user id cannot be recovered from a dictionary. Absent in older files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_salt: Option<String>,
     pub policy: Policy,
 }
 

@@ -14,7 +14,10 @@ use kube::{
 use secrecy::SecretString;
 
 use super::retire::{CONDITION_RETIRED_KEY_LIVE, DrillResult, admin_client_for, probe_key, retire};
-use crate::crd::{ClaudeKey, annotations, proxy_secret_name};
+use crate::crd::{
+    AnthropicAdminSpec, ClaudeKey, ClusterClaudeKeySource, SourceKind, annotations,
+    gateway_config_secret_name, proxy_secret_name,
+};
 use crate::keys::masked_hint;
 use crate::proxyconf::{FILE_NAME, ProxyConfig};
 
@@ -82,15 +85,22 @@ async fn setup(common: &Common) -> anyhow::Result<(Client, Api<ClaudeKey>, Claud
     Ok((client, api, ck, ns))
 }
 
-/// Upstream keys in the `-proxy` Secret that are no longer current (the replaced ones).
+/// Upstream keys in the ClaudeKey's `proxy.json` (its `-proxy` Secret, or its gateway config
+/// Secret in the operator namespace) that are no longer current (the replaced ones).
 async fn previous_upstream_keys(
     client: &Client,
     ns: &str,
     name: &str,
+    operator_ns: &str,
 ) -> anyhow::Result<Vec<SecretString>> {
-    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+    let mut secret = Api::<Secret>::namespaced(client.clone(), ns)
         .get_opt(&proxy_secret_name(name))
         .await?;
+    if secret.is_none() {
+        secret = Api::<Secret>::namespaced(client.clone(), operator_ns)
+            .get_opt(&gateway_config_secret_name(ns, name))
+            .await?;
+    }
     let Some(bytes) = secret
         .and_then(|s| s.data)
         .and_then(|d| d.get(FILE_NAME).cloned())
@@ -105,6 +115,18 @@ async fn previous_upstream_keys(
         .filter(|u| u.valid_until.is_some())
         .map(|u| u.key)
         .collect())
+}
+
+/// The `anthropicAdmin` of the ClaudeKey's ClusterClaudeKeySource: only the platform's source
+/// decides what may be deactivated at Anthropic.
+async fn source_admin(client: &Client, ck: &ClaudeKey) -> anyhow::Result<Option<AnthropicAdminSpec>> {
+    if ck.spec.source_ref.kind != SourceKind::ClusterClaudeKeySource {
+        return Ok(None);
+    }
+    Ok(Api::<ClusterClaudeKeySource>::all(client.clone())
+        .get_opt(&ck.spec.source_ref.name)
+        .await?
+        .and_then(|s| s.spec.anthropic_admin))
 }
 
 async fn publish(client: &Client, ck: &ClaudeKey, warning: bool, reason: &str, note: String) {
@@ -164,14 +186,15 @@ pub async fn revoke(args: RevokeArgs) -> anyhow::Result<ExitCode> {
         "workload key replaced: {} -> {new_fp}; the old one is no longer accepted",
         old.as_deref().unwrap_or("none")
     );
-    let previous = previous_upstream_keys(&client, &ns, &c.name).await?;
+    let previous = previous_upstream_keys(&client, &ns, &c.name, &c.operator_namespace).await?;
     // The workload key is already replaced: a missing admin key must not hide that success.
-    let admin = admin_client_for(&client, &c.operator_namespace, &ck.spec, &c.anthropic_url)
-        .await
-        .unwrap_or_else(|e| {
-            eprintln!("warning: {e}");
-            None
-        });
+    let admin = match source_admin(&client, &ck).await? {
+        Some(spec) => admin_client_for(&client, &c.operator_namespace, &spec, &c.anthropic_url)
+            .await
+            .map_err(|e| eprintln!("warning: {e}"))
+            .ok(),
+        None => None,
+    };
     match (admin, previous.is_empty()) {
         (Some(admin), false) => {
             let mut all_ok = true;
@@ -197,8 +220,8 @@ pub async fn revoke(args: RevokeArgs) -> anyhow::Result<ExitCode> {
         }
         (None, false) => {
             println!(
-                "the replaced upstream key is still in {}: deactivate it in the Anthropic Console (or set spec.anthropicAdmin and run revoke again)",
-                proxy_secret_name(&c.name)
+                "the replaced upstream key of {} is not deactivated: deactivate it in the Anthropic Console (or set anthropicAdmin on its ClusterClaudeKeySource and run revoke again)",
+                c.name
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -220,7 +243,7 @@ pub async fn drill(args: DrillArgs) -> anyhow::Result<ExitCode> {
         std::io::stdin().read_line(&mut line)?;
         vec![SecretString::from(line.trim().to_string())]
     } else {
-        previous_upstream_keys(&client, &ns, &c.name).await?
+        previous_upstream_keys(&client, &ns, &c.name, &c.operator_namespace).await?
     };
     if keys.is_empty() {
         anyhow::bail!(

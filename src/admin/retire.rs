@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::client::{AdminClient, AdminError, KeyStatus};
 use super::hint::{RetireAction, RetireRefusal, decide, find_by_hint, partial_key_hint};
-use crate::crd::ClaudeKeySpec;
+use crate::crd::AnthropicAdminSpec;
 
 /// Event reasons (and `status.upstream.retired.outcome` values), one per outcome.
 pub mod reason {
@@ -277,17 +277,14 @@ pub enum AdminKeyError {
     },
 }
 
-/// The Admin API client for a ClaudeKey, or `None` when `spec.anthropicAdmin` is not set. The
-/// admin key is read from the Secret in the operator namespace that the spec names.
+/// The Admin API client of a ClusterClaudeKeySource's `anthropicAdmin`. The admin key is read
+/// from the Secret in the operator namespace that it names.
 pub async fn admin_client_for(
     client: &Client,
     operator_ns: &str,
-    spec: &ClaudeKeySpec,
+    admin: &AnthropicAdminSpec,
     base_url: &str,
-) -> Result<Option<AdminClient>, AdminKeyError> {
-    let Some(admin) = &spec.anthropic_admin else {
-        return Ok(None);
-    };
+) -> Result<AdminClient, AdminKeyError> {
     let r = &admin.admin_key_secret_ref;
     let secret = Api::<Secret>::namespaced(client.clone(), operator_ns)
         .get(&r.name)
@@ -309,9 +306,7 @@ pub async fn admin_client_for(
             name: r.name.clone(),
             key: r.key.clone(),
         })?;
-    AdminClient::new(base_url, SecretString::from(value))
-        .map(Some)
-        .map_err(|source| AdminKeyError::Client {
+    AdminClient::new(base_url, SecretString::from(value)).map_err(|source| AdminKeyError::Client {
             namespace: operator_ns.to_string(),
             name: r.name.clone(),
             source,

@@ -139,10 +139,12 @@ impl BackendCache {
     }
 }
 
-/// Where a source points, without its refresh interval: ClaudeKeys naming the same secret share
-/// one entry even when they poll at different rates.
+/// Where a source points, without its refresh interval: sources naming the same secret share
+/// one entry even when they poll at different rates. The namespace of a kubernetesSecret is part
+/// of it: a team's Secret never answers for the operator namespace's Secret of the same name.
 fn source_id(source: &SourceSpec) -> String {
     serde_json::to_string(&(
+        &source.secret_namespace,
         &source.kubernetes_secret,
         &source.aws_secrets_manager,
         &source.vault,
@@ -158,6 +160,7 @@ fn result_label(result: &Result<UpstreamKey, BackendError>) -> &'static str {
         Err(BackendError::Malformed { .. }) => "malformed",
         Err(BackendError::Unavailable { .. }) => "unavailable",
         Err(BackendError::NotConfigured { .. }) => "notConfigured",
+        Err(BackendError::NotAnUpstreamKey { .. }) => "notAnUpstreamKey",
     }
 }
 
@@ -233,6 +236,26 @@ mod tests {
             "claudekey_backend_request_duration_seconds_count{backend=\"kubernetes\"} 3"
         ));
         assert!(!text.contains("sk-ant"));
+    }
+
+    #[tokio::test]
+    async fn a_teams_secret_never_shares_an_entry_with_the_operator_namespace() {
+        let backend = Arc::new(Counting(AtomicUsize::new(0)));
+        let backends = Backends {
+            kubernetes: backend.clone(),
+            aws: None,
+            vault: None,
+        };
+        let cache = BackendCache::new(backends, &mut Registry::default());
+        let operator = cache.fetch(&source("support", "60s")).await.unwrap();
+        let mut team = source("support", "60s");
+        team.secret_namespace = Some("team-a".into());
+        let theirs = cache.fetch(&team).await.unwrap();
+        assert_ne!(
+            operator.key.value.expose_secret(),
+            theirs.key.value.expose_secret()
+        );
+        assert_eq!(backend.0.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

@@ -1,4 +1,6 @@
-//! The embedded-default backend: the upstream key in a Secret in the operator's namespace.
+//! The embedded-default backend: the upstream key in a Secret in the operator's namespace
+//! (labelled `claudekey.io/upstream-key: "true"`), or in a team's own namespace for a
+//! namespaced ClaudeKeySource.
 //!
 //! Version: `sha256:` and the first 16 hex digits of the value's SHA-256, not the Secret's
 //! resourceVersion, so relabelling or annotating the Secret never looks like a new key.
@@ -9,33 +11,38 @@ use kube::{Api, Client};
 use secrecy::SecretString;
 
 use super::{BackendError, SecretBackend, UpstreamKey};
-use crate::crd::{KubernetesSecretSource, SourceSpec};
+use crate::crd::{KubernetesSecretSource, SourceSpec, annotations::UPSTREAM_KEY_LABEL};
 use crate::keys::sha256_hex;
 
-/// Reads `spec.source.kubernetesSecret` from the operator namespace only.
+/// Reads a source's kubernetesSecret: from the operator namespace only when the Secret carries
+/// the upstream-key label, or from the namespace a ClaudeKeySource lives in.
 pub struct KubernetesBackend {
-    secrets: Api<Secret>,
+    client: Client,
     namespace: String,
 }
 
 impl KubernetesBackend {
     pub fn new(client: Client, namespace: &str) -> Self {
         Self {
-            secrets: Api::namespaced(client, namespace),
+            client,
             namespace: namespace.to_string(),
         }
     }
 
-    async fn read(&self, source: &KubernetesSecretSource) -> Result<UpstreamKey, BackendError> {
-        let source_name = format!("Secret {}/{}", self.namespace, source.name);
-        let secret = self
-            .secrets
+    async fn read(
+        &self,
+        source: &KubernetesSecretSource,
+        team_namespace: Option<&str>,
+    ) -> Result<UpstreamKey, BackendError> {
+        let namespace = team_namespace.unwrap_or(&self.namespace);
+        let source_name = format!("Secret {namespace}/{}", source.name);
+        let secret = Api::<Secret>::namespaced(self.client.clone(), namespace)
             .get_opt(&source.name)
             .await
             .map_err(|e| match &e {
                 kube::Error::Api(status) if status.code == 403 => BackendError::AccessDenied {
                     source_name: source_name.clone(),
-                    detail: "grant the controller get on Secrets in its namespace".to_string(),
+                    detail: "grant the controller get on Secrets in that namespace".to_string(),
                 },
                 // Only code and reason: a response that failed to parse may quote Secret data.
                 kube::Error::Api(status) => BackendError::Unavailable {
@@ -56,6 +63,9 @@ impl KubernetesBackend {
                 ),
             });
         };
+        if team_namespace.is_none() && !carries_upstream_label(&secret) {
+            return Err(BackendError::NotAnUpstreamKey { source_name });
+        }
         let raw = secret
             .data
             .as_ref()
@@ -83,6 +93,16 @@ impl KubernetesBackend {
     }
 }
 
+/// Whether a Secret of the operator namespace was marked by the platform team as an upstream key.
+fn carries_upstream_label(secret: &Secret) -> bool {
+    secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(UPSTREAM_KEY_LABEL))
+        .is_some_and(|v| v == "true")
+}
+
 /// The version this backend reports for a value.
 pub fn value_version(value: &str) -> String {
     format!("sha256:{}", &sha256_hex(value)[..16])
@@ -99,7 +119,7 @@ impl SecretBackend for KubernetesBackend {
     ) -> BoxFuture<'a, Result<UpstreamKey, BackendError>> {
         Box::pin(async move {
             match &source.kubernetes_secret {
-                Some(s) => self.read(s).await,
+                Some(s) => self.read(s, source.secret_namespace.as_deref()).await,
                 None => Err(BackendError::NotConfigured {
                     backend: "kubernetes",
                     detail: "spec.source.kubernetesSecret is not set".to_string(),

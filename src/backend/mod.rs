@@ -34,6 +34,12 @@ pub enum BackendError {
     Malformed { source_name: String, detail: String },
     #[error("failed to read {source_name}: {detail}")]
     Unavailable { source_name: String, detail: String },
+    /// A Secret of the operator namespace without the upstream-key label: never read, so no
+    /// source can copy the admin key or a TLS key out of the operator namespace.
+    #[error(
+        "{source_name} is not labelled claudekey.io/upstream-key=true; only Secrets the platform team labelled so can be a source"
+    )]
+    NotAnUpstreamKey { source_name: String },
     #[error("the {backend} backend is not configured in this controller: {detail}")]
     NotConfigured {
         backend: &'static str,

@@ -2,19 +2,18 @@
 //! ClaudeKey status. Errors keep names and API reasons but never a response or request body,
 //! since either may quote Secret data.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Resource, ResourceExt,
-    api::{Patch, PatchParams},
+    api::{DeleteParams, Patch, PatchParams},
 };
 
 use super::conditions::{self, StatusInput};
 use super::decide::Decision;
+use super::plan::SecretRef;
 use super::secrets::{self, Drift};
-use crate::admin::RetiredKeyStatus;
-use crate::backend::cache::CachedKey;
-use crate::crd::{ClaudeKey, ClaudeKeyStatus, annotations};
+use crate::crd::{API_VERSION, ClaudeKey, ClaudeKeyStatus, Placement, annotations};
 
 /// Why a reconcile failed. Messages carry names and API reasons, never Secret contents.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +36,24 @@ pub enum Error {
         name: String,
         reason: String,
     },
+    #[error("failed to read {kind} {name}: {reason}")]
+    ReadSource {
+        kind: &'static str,
+        name: String,
+        reason: String,
+    },
+    #[error("failed to delete Secret {namespace}/{name}: {reason}")]
+    DeleteSecret {
+        namespace: String,
+        name: String,
+        reason: String,
+    },
+    #[error("failed to update the finalizer of ClaudeKey {namespace}/{name}: {reason}")]
+    Finalizer {
+        namespace: String,
+        name: String,
+        reason: String,
+    },
     #[error("ClaudeKey has no namespace")]
     NoNamespace,
 }
@@ -48,6 +65,9 @@ impl Error {
             Self::ReadSecret { .. } => "readSecret",
             Self::WriteSecret { .. } => "writeSecret",
             Self::WriteStatus { .. } => "writeStatus",
+            Self::ReadSource { .. } => "readSource",
+            Self::DeleteSecret { .. } => "deleteSecret",
+            Self::Finalizer { .. } => "finalizer",
             Self::NoNamespace => "noNamespace",
         }
     }
@@ -120,26 +140,35 @@ pub async fn write_secret(
     Ok(drift)
 }
 
+/// What a reconcile wants the status to say.
+pub struct StatusUpdate<'a> {
+    pub conditions: Vec<conditions::Desired>,
+    pub decision: Option<&'a Decision>,
+    pub source: &'a str,
+    pub placement: Option<Placement>,
+    pub synced_at: Option<DateTime<Utc>>,
+    pub consumers_restarted_for: Option<String>,
+}
+
 /// Applies the status through the status subresource (server-side apply, field manager
 /// claudekey); skipped when nothing changed, so a status write never triggers another one.
 pub async fn write_status(
     ck: &ClaudeKey,
     client: &kube::Client,
-    desired: Vec<conditions::Desired>,
-    decision: Option<&Decision>,
-    cached: Option<&CachedKey>,
-    retired: Option<RetiredKeyStatus>,
+    update: StatusUpdate<'_>,
 ) -> Result<(), Error> {
     let namespace = ck.namespace().unwrap_or_default();
     let status: ClaudeKeyStatus = conditions::build_status(StatusInput {
         existing: ck.status.as_ref(),
         generation: ck.meta().generation,
-        source: ck.spec.source.describe(),
-        conditions: desired,
-        ledger: decision.map(|d| &d.ledger),
-        synced_at: cached.map(|c| c.synced_at),
-        next_rotation: decision.and_then(|d| d.next_rotation),
-        retired,
+        source: update.source.to_string(),
+        placement: update.placement,
+        consumers_restarted_for: update.consumers_restarted_for,
+        conditions: update.conditions,
+        ledger: update.decision.map(|d| &d.ledger),
+        synced_at: update.synced_at,
+        next_rotation: update.decision.and_then(|d| d.next_rotation),
+        retired: None,
         now: Utc::now(),
     });
     if ck.status.as_ref() == Some(&status) {
@@ -147,7 +176,7 @@ pub async fn write_status(
     }
     let api: Api<ClaudeKey> = Api::namespaced(client.clone(), &namespace);
     let body = serde_json::json!({
-        "apiVersion": "claudekey.io/v1alpha1",
+        "apiVersion": API_VERSION,
         "kind": "ClaudeKey",
         "status": status,
     });
@@ -160,4 +189,18 @@ pub async fn write_status(
             reason: safe_reason(&e),
         })?;
     Ok(())
+}
+
+/// Deletes a Secret this controller wrote; one already gone is fine.
+pub async fn delete_secret(client: &kube::Client, target: &SecretRef) -> Result<(), Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), &target.namespace);
+    match api.delete(&target.name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(Error::DeleteSecret {
+            namespace: target.namespace.clone(),
+            name: target.name.clone(),
+            reason: safe_reason(&e),
+        }),
+    }
 }

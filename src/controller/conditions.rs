@@ -33,6 +33,13 @@ pub mod reason {
     pub const CONSUMER_RESTART_FAILED: &str = "ConsumerRestartFailed";
     /// RotationDue=False: the next rotation is scheduled.
     pub const SCHEDULED: &str = "Scheduled";
+    /// Ready=False: the ClusterClaudeKeySource does not allow this namespace.
+    pub const SOURCE_NOT_ALLOWED: &str = "SourceNotAllowed";
+    /// Ready=False: the sourceRef names no source (in this namespace, for a ClaudeKeySource).
+    pub const SOURCE_NOT_FOUND: &str = "SourceNotFound";
+    /// Ready=False: the source names a Secret of the operator namespace that is not labelled
+    /// claudekey.io/upstream-key=true.
+    pub const UPSTREAM_KEY_LABEL_MISSING: &str = "UpstreamKeyLabelMissing";
 }
 
 /// Reasons of the Events the controller records on a ClaudeKey.
@@ -48,6 +55,10 @@ pub mod event {
     pub const SECRET_CONFLICT: &str = "SecretConflict";
     pub const ADMIN_API_ERROR: &str = "AdminApiError";
     pub const CONSUMERS_RESTARTED: &str = "ConsumersRestarted";
+    /// Warning: the source may not be used; every upstream key was removed from this namespace.
+    pub const SOURCE_NOT_ALLOWED: &str = "SourceNotAllowed";
+    /// Warning: a Secret's bookkeeping failed its HMAC; nothing it claimed was acted on.
+    pub const LEDGER_TAMPERED: &str = "LedgerTampered";
 }
 
 /// One condition as decided, before timestamps.
@@ -224,6 +235,9 @@ pub struct StatusInput<'a> {
     pub existing: Option<&'a ClaudeKeyStatus>,
     pub generation: Option<i64>,
     pub source: String,
+    pub placement: Option<crate::crd::Placement>,
+    /// The key gateway consumers were last rolled for; `None` keeps the previous record.
+    pub consumers_restarted_for: Option<String>,
     pub conditions: Vec<Desired>,
     pub ledger: Option<&'a Ledger>,
     pub synced_at: Option<DateTime<Utc>>,
@@ -267,6 +281,10 @@ pub fn build_status(input: StatusInput<'_>) -> ClaudeKeyStatus {
         conditions,
         observed_generation: input.generation,
         source: Some(input.source),
+        placement: input.placement.or(existing.placement),
+        consumers_restarted_for: input
+            .consumers_restarted_for
+            .or(existing.consumers_restarted_for),
         workload_key,
         upstream,
         next_rotation_time: if input.ledger.is_some() {
@@ -374,6 +392,8 @@ mod tests {
             existing: Some(&before),
             generation: Some(3),
             source: "kubernetes:x".into(),
+            placement: None,
+            consumers_restarted_for: None,
             conditions: failed(reason::BACKEND_ERROR, "Secret ns/x not found"),
             ledger: None,
             synced_at: None,

@@ -2,6 +2,7 @@
 //! `claudekey.io/consumes: <name>` are rolled once per workload key, by stamping the key's
 //! fingerprint into `claudekey.io/restartedFor`. Converging on that stamp makes it idempotent.
 
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -66,27 +67,31 @@ pub fn restart_at(ledger: &Ledger, delay: Duration) -> DateTime<Utc> {
     }
 }
 
-/// A token bucket shared by all reconciles, so a wave of rotations cannot restart everything at once.
+/// One token bucket per namespace, shared by all reconciles: a wave of rotations cannot restart
+/// everything at once, and one namespace rotating often cannot use up the restarts of others.
 pub struct RestartLimiter {
     per_minute: u32,
-    state: Mutex<(f64, Instant)>,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
 }
 
 impl RestartLimiter {
     pub fn new(per_minute: u32) -> Self {
         Self {
             per_minute: per_minute.max(1),
-            state: Mutex::new((f64::from(per_minute.max(1)), Instant::now())),
+            buckets: Mutex::default(),
         }
     }
 
-    /// Takes one restart, or says how long until one is available.
-    pub fn try_take(&self) -> Result<(), Duration> {
-        let rate = f64::from(self.per_minute) / 60.0;
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+    /// Takes one restart in `namespace`, or says how long until one is available there.
+    pub fn try_take(&self, namespace: &str) -> Result<(), Duration> {
+        let full = f64::from(self.per_minute);
+        let rate = full / 60.0;
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let tokens = (state.0 + now.duration_since(state.1).as_secs_f64() * rate)
-            .min(f64::from(self.per_minute));
+        let state = buckets
+            .entry(namespace.to_string())
+            .or_insert((full, now));
+        let tokens = (state.0 + now.duration_since(state.1).as_secs_f64() * rate).min(full);
         *state = (tokens, now);
         if tokens >= 1.0 {
             state.0 -= 1.0;
@@ -182,7 +187,7 @@ impl Target<'_> {
             .iter()
             .filter(|w| needs_restart(template(w), self.name, self.fingerprint))
         {
-            if let Err(wait) = self.limiter.try_take() {
+            if let Err(wait) = self.limiter.try_take(self.namespace) {
                 outcome.deferred = Some(wait);
                 return Ok(());
             }
@@ -282,7 +287,6 @@ mod tests {
             workload_keys: vec![entry(None)],
             upstream_version: String::new(),
             upstream_keys: vec![],
-            retiring: vec![],
         };
         let delay = Duration::from_secs(90);
         assert_eq!(
@@ -305,11 +309,22 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn limiter_refills_at_the_configured_rate() {
         let limiter = RestartLimiter::new(2);
-        assert!(limiter.try_take().is_ok());
-        assert!(limiter.try_take().is_ok());
-        let wait = limiter.try_take().unwrap_err();
+        assert!(limiter.try_take("a").is_ok());
+        assert!(limiter.try_take("a").is_ok());
+        let wait = limiter.try_take("a").unwrap_err();
         assert_eq!(wait, Duration::from_secs(30));
         tokio::time::advance(Duration::from_secs(30)).await;
-        assert!(limiter.try_take().is_ok());
+        assert!(limiter.try_take("a").is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_namespace_cannot_use_up_the_restarts_of_another() {
+        let limiter = RestartLimiter::new(2);
+        for _ in 0..2 {
+            limiter.try_take("noisy").unwrap();
+        }
+        assert!(limiter.try_take("noisy").is_err());
+        assert!(limiter.try_take("quiet").is_ok());
+        assert!(limiter.try_take("quiet").is_ok());
     }
 }

@@ -13,6 +13,9 @@ use kube::{Resource, api::ObjectMeta};
 use super::consumers::RestartLimiter;
 use super::decide::RotationReason;
 use super::metrics::Metrics;
+use super::retire::{KeysInUse, SourceKeys};
+use super::seal::Sealer;
+use super::secrets::GatewayEndpoint;
 use crate::backend::cache::BackendCache;
 use crate::crd::ClaudeKey;
 
@@ -24,9 +27,16 @@ pub type Hook = Arc<dyn Fn(Option<RotationReason>) -> BoxFuture<'static, ()> + S
 /// Shared state of one running controller.
 pub struct Context {
     pub client: Client,
-    /// The operator namespace (backend and admin-key Secrets are read only there).
+    /// The operator namespace (source and admin-key Secrets, gateway configs, the HMAC key).
     pub namespace: String,
-    pub gateway_url: String,
+    /// What `-client` Secrets say about the gateway.
+    pub gateway: GatewayEndpoint,
+    /// Signs and verifies the bookkeeping on Secrets.
+    pub sealer: Sealer,
+    /// Which upstream keys each ClaudeKey uses, for retirement.
+    pub keys_in_use: KeysInUse,
+    /// Records cluster sources' current keys in their status.
+    pub source_keys: SourceKeys,
     pub cache: BackendCache,
     pub metrics: Metrics,
     pub recorder: Recorder,
@@ -52,7 +62,8 @@ impl Context {
     pub fn new(
         client: Client,
         namespace: String,
-        gateway_url: String,
+        gateway: GatewayEndpoint,
+        sealer: Sealer,
         cache: BackendCache,
         metrics: Metrics,
         recorder: Recorder,
@@ -66,7 +77,10 @@ impl Context {
         Self {
             client,
             namespace,
-            gateway_url,
+            gateway,
+            sealer,
+            keys_in_use: KeysInUse::default(),
+            source_keys: SourceKeys::default(),
             cache,
             metrics,
             recorder,

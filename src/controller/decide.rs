@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, TimeDelta, Utc};
 
-use super::ledger::{Ledger, Retiring, UpstreamLedgerEntry};
+use super::ledger::{Ledger, UpstreamLedgerEntry};
 use crate::crd::ClaudeKeySpec;
 use crate::proxyconf::WorkloadKeyEntry;
 
@@ -120,7 +120,6 @@ pub fn decide(
                 workload_keys: vec![current_workload(candidate)],
                 upstream_version: upstream.version.clone(),
                 upstream_keys: vec![current_upstream(upstream)],
-                retiring: Vec::new(),
             };
             (ledger, Some(RotationReason::Initial), false)
         }
@@ -148,9 +147,6 @@ pub fn decide(
                 ledger.issued_at = now;
             }
             let rolled = roll_upstream(&mut ledger, upstream, now, grace)?;
-            if spec.anthropic_admin.is_some() {
-                queue_retirement(&mut ledger, previous);
-            }
             (ledger, rotation, rolled)
         }
     };
@@ -263,24 +259,6 @@ fn roll_upstream(
     Ok(true)
 }
 
-/// Queues every upstream key that left the ledger (its grace ended, or it was replaced with
-/// zero grace) for deactivation at Anthropic.
-fn queue_retirement(ledger: &mut Ledger, previous: &Ledger) {
-    for gone in &previous.upstream_keys {
-        let still_used = ledger.upstream_keys.iter().any(|k| k.sha256 == gone.sha256);
-        let queued = ledger
-            .retiring
-            .iter()
-            .any(|r| r.fingerprint == gone.fingerprint);
-        if let (false, false, Some(hint)) = (still_used, queued, &gone.hint) {
-            ledger.retiring.push(Retiring {
-                fingerprint: gone.fingerprint.clone(),
-                hint: hint.clone(),
-            });
-        }
-    }
-}
-
 fn wake_at(
     ledger: &Ledger,
     next_rotation: Option<DateTime<Utc>>,
@@ -334,12 +312,6 @@ pub fn validate(spec: &ClaudeKeySpec) -> Result<(), String> {
         return Err(format!(
             "rotation.interval {} is shorter than 1s",
             spec.rotation.interval
-        ));
-    }
-    if spec.source.refresh_interval.as_duration() < second {
-        return Err(format!(
-            "source.refreshInterval {} is shorter than 1s",
-            spec.source.refresh_interval
         ));
     }
     Ok(())

@@ -11,7 +11,7 @@ fn t(s: &str) -> DateTime<Utc> {
 
 fn spec(extra: &str) -> ClaudeKeySpec {
     let yaml = format!(
-        "source: {{ kubernetesSecret: {{ name: up }}, refreshInterval: 5m }}\nrotation: {{ interval: 24h, gracePeriod: 15m }}\n{extra}"
+        "sourceRef: {{ kind: ClusterClaudeKeySource, name: up }}\nrotation: {{ interval: 24h, gracePeriod: 15m }}\n{extra}"
     );
     serde_yaml::from_str(&yaml).unwrap()
 }
@@ -353,68 +353,4 @@ fn spec_errors_the_schema_cannot_catch() {
     let mut s = spec("");
     s.rotation.interval = "500ms".parse().unwrap();
     assert!(validate(&s).unwrap_err().contains("rotation.interval"));
-}
-
-#[test]
-fn replaced_upstream_keys_are_queued_for_retirement_after_grace_only_with_admin_access() {
-    let with_admin = spec("anthropicAdmin: { adminKeySecretRef: { name: admin, key: admin-key } }");
-    let d0 = initial(&with_admin, Triggers::default());
-    let now = t(T0) + TimeDelta::hours(1);
-    let d1 = next(
-        &with_admin,
-        Triggers::default(),
-        &d0.ledger,
-        Some(&up(2, "v2")),
-        2,
-        now,
-    );
-    assert!(d1.ledger.retiring.is_empty(), "still in its grace period");
-    let after = now + TimeDelta::minutes(15);
-    let d2 = next(
-        &with_admin,
-        Triggers::default(),
-        &d1.ledger,
-        Some(&up(2, "v2")),
-        3,
-        after,
-    );
-    let queued: Vec<_> = d2
-        .ledger
-        .retiring
-        .iter()
-        .map(|r| (r.fingerprint.clone(), r.hint.clone()))
-        .collect();
-    assert_eq!(
-        queued,
-        [(key(101).fingerprint, "sk-ant-api03-001...0001".to_string())]
-    );
-    // Queued once, however often the controller looks again.
-    let d3 = next(
-        &with_admin,
-        Triggers::default(),
-        &d2.ledger,
-        Some(&up(2, "v2")),
-        4,
-        after,
-    );
-    assert_eq!(d3.ledger.retiring.len(), 1);
-    // Without spec.anthropicAdmin nothing is queued.
-    let plain = spec("");
-    let p1 = next(
-        &plain,
-        Triggers::default(),
-        &d0.ledger,
-        Some(&up(2, "v2")),
-        2,
-        now,
-    );
-    let p2 = next(
-        &plain,
-        Triggers::default(),
-        &p1.ledger,
-        Some(&up(2, "v2")),
-        3,
-        after,
-    );
-    assert!(p2.ledger.retiring.is_empty());
 }

@@ -34,18 +34,6 @@ pub struct Ledger {
     pub upstream_version: String,
     /// Upstream keys by hash, current first; their values live only in `proxy.json`.
     pub upstream_keys: Vec<UpstreamLedgerEntry>,
-    /// Replaced upstream keys whose grace ended and that still have to be set inactive through
-    /// the Admin API (only with `spec.anthropicAdmin`). Kept here so a crash cannot forget them.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub retiring: Vec<Retiring>,
-}
-
-/// An upstream key to deactivate at Anthropic, by the partial hint the Admin API shows.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct Retiring {
-    pub fingerprint: String,
-    pub hint: String,
 }
 
 /// An upstream key as the ledger knows it: by hash.
@@ -116,7 +104,6 @@ mod tests {
             }],
             upstream_version: "v1".into(),
             upstream_keys: vec![],
-            retiring: vec![],
         };
         assert_eq!(
             Ledger::from_annotation(&ledger.to_annotation()),

@@ -1,19 +1,23 @@
 //! `claudekey controller` (DESIGN.md §3): issues, syncs and rotates keys for every ClaudeKey.
 //! `run` parses flags and builds a client; `run_with` is the in-process entry point tests use.
 
-pub mod admin;
 pub mod apply;
 pub mod conditions;
 pub mod consumers;
 pub mod context;
 pub mod decide;
+pub mod finalizer;
 pub mod http;
 pub mod leader;
 pub mod ledger;
 pub mod metrics;
+pub mod plan;
 pub mod reconcile;
 pub mod report;
+pub mod retire;
+pub mod seal;
 pub mod secrets;
+pub mod source;
 pub mod usage;
 
 use std::future::Future;
@@ -23,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::runtime::{
     Controller, events::Recorder, events::Reporter, reflector::ObjectRef, watcher,
 };
@@ -33,7 +37,7 @@ use prometheus_client::registry::Registry;
 pub use context::Hook;
 
 use crate::backend::{Backends, SecretBackend, cache::BackendCache, kubernetes::KubernetesBackend};
-use crate::crd::{ClaudeKey, annotations};
+use crate::crd::{ClaudeKey, ClaudeKeySource, ClusterClaudeKeySource, SourceKind, annotations};
 
 /// Flags of `claudekey controller`; each has an environment twin.
 #[derive(clap::Args, Debug)]
@@ -45,10 +49,14 @@ pub struct Args {
     /// Reconcile ClaudeKeys in this namespace only; all namespaces when unset.
     #[arg(long, env = "CLAUDEKEY_WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,
-    /// ANTHROPIC_BASE_URL written into `<name>-client` Secrets
-    /// [default: http://claudekey-gateway.<namespace>.svc:8080].
+    /// ANTHROPIC_BASE_URL written into `<name>-client` Secrets: the gateway's https URL
+    /// [default: https://claudekey-gateway.<namespace>.svc:8443].
     #[arg(long, env = "CLAUDEKEY_GATEWAY_URL")]
     pub gateway_url: Option<String>,
+    /// PEM bundle that verifies the gateway's serving certificate, written as `ca.crt` into the
+    /// `-client` Secrets of ClaudeKeys placed at the gateway.
+    #[arg(long, env = "CLAUDEKEY_GATEWAY_CA_FILE")]
+    pub gateway_ca_file: Option<std::path::PathBuf>,
     /// Address of the admin port serving /metrics, /healthz and /readyz.
     #[arg(long, env = "CLAUDEKEY_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
     pub metrics_listen: SocketAddr,
@@ -122,6 +130,8 @@ pub struct ControllerConfig {
     /// Reconcile only this namespace when set.
     pub watch_namespace: Option<String>,
     pub gateway_url: String,
+    /// PEM bundle of the gateway's CA, for `ca.crt` in `-client` Secrets.
+    pub gateway_ca: Option<String>,
     /// Admin port; `None` serves none (in-process tests that read metrics otherwise).
     pub metrics_listen: Option<SocketAddr>,
     /// Lease name and duration; `None` disables leader election.
@@ -148,6 +158,7 @@ impl ControllerConfig {
             namespace: namespace.to_string(),
             watch_namespace: None,
             gateway_url: default_gateway_url(namespace),
+            gateway_ca: None,
             metrics_listen: None,
             leader_election: Some(("claudekey-controller".to_string(), Duration::from_secs(15))),
             identity: default_identity(),
@@ -165,7 +176,7 @@ impl ControllerConfig {
 
 /// The gateway Service of the Helm chart in the operator namespace.
 pub fn default_gateway_url(namespace: &str) -> String {
-    format!("http://claudekey-gateway.{namespace}.svc:8080")
+    format!("https://claudekey-gateway.{namespace}.svc:8443")
 }
 
 fn default_identity() -> String {
@@ -186,6 +197,13 @@ pub enum RunError {
     Admin(#[from] http::ServeError),
     #[error("failed to build a Kubernetes client: {0}")]
     Client(#[source] kube::Error),
+    #[error(transparent)]
+    Seal(#[from] seal::SealError),
+    #[error("failed to read --gateway-ca-file {path}: {source}")]
+    GatewayCa {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Builds a client from the environment (in-cluster or KUBECONFIG) and runs until SIGTERM/SIGINT.
@@ -204,6 +222,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.gateway_url = args
         .gateway_url
         .unwrap_or_else(|| default_gateway_url(&namespace));
+    if let Some(path) = args.gateway_ca_file {
+        let pem = std::fs::read_to_string(&path).map_err(|source| RunError::GatewayCa {
+            path: path.clone(),
+            source,
+        })?;
+        config.gateway_ca = Some(pem);
+    }
     config.metrics_listen = Some(args.metrics_listen);
     config.leader_election = args
         .leader_election
@@ -251,10 +276,16 @@ pub async fn run_with(
         controller: "claudekey-controller".to_string(),
         instance: Some(config.identity.clone()),
     };
+    let sealer = seal::Sealer::load_or_create(&client, &config.namespace).await?;
+    let gateway = secrets::GatewayEndpoint {
+        url: config.gateway_url.clone(),
+        ca: config.gateway_ca.clone(),
+    };
     let ctx = Arc::new(context::Context::new(
         client.clone(),
         config.namespace.clone(),
-        config.gateway_url.clone(),
+        gateway,
+        sealer,
         cache,
         metrics.clone(),
         Recorder::new(client.clone(), reporter),
@@ -340,11 +371,40 @@ async fn controller(
     let runtime_config = kube::runtime::controller::Config::default()
         .concurrency(config.max_concurrent_reconciles)
         .debounce(RECONCILE_DEBOUNCE);
-    let controller = Controller::new(claudekeys, watcher::Config::default())
+    let controller = Controller::new(claudekeys, watcher::Config::default());
+    let store = controller.store();
+    let mut controller = controller
         .watches(secrets, owned, owning_claudekey)
+        .watches(
+            Api::<ClusterClaudeKeySource>::all(client.clone()),
+            watcher::Config::default(),
+            users_of(store.clone(), |ck, s: &ClusterClaudeKeySource| {
+                refers_to(ck, SourceKind::ClusterClaudeKeySource, &s.name_any())
+            }),
+        );
+    controller = match &config.watch_namespace {
+        Some(ns) => controller.watches(
+            Api::<ClaudeKeySource>::namespaced(client.clone(), ns),
+            watcher::Config::default(),
+            users_of(store.clone(), namespaced_user),
+        ),
+        None => controller
+            .watches(
+                Api::<ClaudeKeySource>::all(client.clone()),
+                watcher::Config::default(),
+                users_of(store.clone(), namespaced_user),
+            )
+            .watches(
+                Api::<Namespace>::all(client.clone()),
+                watcher::Config::default(),
+                users_of(store.clone(), |ck, ns: &Namespace| {
+                    ck.namespace() == Some(ns.name_any())
+                }),
+            ),
+    };
+    let controller = controller
         .with_config(runtime_config)
         .graceful_shutdown_on(stop);
-    let store = controller.store();
     let metrics = ctx.metrics.clone();
     let usage = {
         let (store, ctx) = (store.clone(), ctx.clone());
@@ -352,6 +412,16 @@ async fn controller(
             match config.usage_interval {
                 Some(interval) => usage::poll_forever(store, ctx, interval).await,
                 None => futures::future::pending().await,
+            }
+        }
+    };
+    let retire = {
+        let (store, ctx) = (store.clone(), ctx.clone());
+        async move {
+            // "No ClaudeKey anywhere uses it" cannot be known while watching one namespace.
+            match config.watch_namespace {
+                None => retire::retire_forever(store, ctx).await,
+                Some(_) => futures::future::pending().await,
             }
         }
     };
@@ -374,12 +444,42 @@ async fn controller(
         () = run => {}
         () = sweep => {}
         () = usage => {}
+        () = retire => {}
     }
+}
+
+/// A watch mapper: every ClaudeKey in the store for which `uses` holds.
+fn users_of<K>(
+    store: kube::runtime::reflector::Store<ClaudeKey>,
+    uses: impl Fn(&ClaudeKey, &K) -> bool + Send + Sync + 'static,
+) -> impl Fn(K) -> Vec<ObjectRef<ClaudeKey>> + Send + Sync + 'static {
+    move |changed: K| {
+        store
+            .state()
+            .iter()
+            .filter(|ck| uses(ck, &changed))
+            .map(|ck| ObjectRef::from_obj(ck.as_ref()))
+            .collect()
+    }
+}
+
+fn refers_to(ck: &ClaudeKey, kind: SourceKind, name: &str) -> bool {
+    ck.spec.source_ref.kind == kind && ck.spec.source_ref.name == name
+}
+
+fn namespaced_user(ck: &ClaudeKey, source: &ClaudeKeySource) -> bool {
+    ck.namespace() == source.namespace()
+        && refers_to(ck, SourceKind::ClaudeKeySource, &source.name_any())
 }
 
 /// The ClaudeKey a managed Secret belongs to, by its `claudekey.io/name` label rather than its
 /// owner reference, so a Secret whose owner reference was stripped by hand is still repaired.
+/// A gateway config Secret names its ClaudeKey in an annotation.
 fn owning_claudekey(secret: Secret) -> Option<ObjectRef<ClaudeKey>> {
+    if let Some(id) = secret.annotations().get(annotations::CLAUDEKEY_ANNOTATION) {
+        let (namespace, name) = id.split_once('/')?;
+        return Some(ObjectRef::new(name).within(namespace));
+    }
     let name = secret.labels().get(annotations::NAME_LABEL)?;
     Some(ObjectRef::new(name).within(&secret.namespace()?))
 }
@@ -443,7 +543,7 @@ mod tests {
         assert_eq!(off.gateway_url.as_deref(), Some("http://gw:8080"));
         assert_eq!(
             super::default_gateway_url("ops"),
-            "http://claudekey-gateway.ops.svc:8080"
+            "https://claudekey-gateway.ops.svc:8443"
         );
     }
 }

@@ -12,7 +12,7 @@ use super::context::Context;
 use super::decide::{Decision, RotationReason};
 use super::metrics::RotationLabels;
 use super::secrets::Drift;
-use crate::crd::{ClaudeKey, client_secret_name, proxy_secret_name};
+use crate::crd::ClaudeKey;
 
 /// Events and metrics for what this reconcile changed in the Secrets.
 pub async fn changes(
@@ -20,7 +20,7 @@ pub async fn changes(
     ctx: &Context,
     decision: &Decision,
     had_ledger: bool,
-    drifts: [Drift; 2],
+    drifts: &[(String, Drift)],
 ) {
     if let Some(rotation) = decision.rotation {
         rotated(ck, ctx, decision, rotation).await;
@@ -44,11 +44,7 @@ pub async fn changes(
         ctx.event(ck, EventType::Normal, event::UPSTREAM_ROTATED, note)
             .await;
     }
-    let names = [
-        client_secret_name(&ck.name_any()),
-        proxy_secret_name(&ck.name_any()),
-    ];
-    for (drift, secret) in drifts.into_iter().zip(names) {
+    for (secret, drift) in drifts {
         let tampered = match drift {
             Drift::Edited => true,
             Drift::Missing => had_ledger && decision.rotation.is_none(),

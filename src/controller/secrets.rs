@@ -8,7 +8,10 @@ use kube::{Resource, ResourceExt, api::ObjectMeta};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::ledger::{LEDGER_ANNOTATION, Ledger};
-use crate::crd::{ClaudeKey, annotations, client_secret_name, proxy_secret_name};
+use crate::crd::{
+    ClaudeKey, Placement, annotations, client_secret_name, gateway_config_secret_name,
+    proxy_secret_name,
+};
 use crate::keys::sha256_hex;
 use crate::proxyconf::{self, ClaudeKeyRef, Policy, ProxyConfig, UpstreamEntry};
 
@@ -18,34 +21,51 @@ pub const API_KEY_ENTRY: &str = "ANTHROPIC_API_KEY";
 pub const CONTENT_ANNOTATION: &str = "claudekey.io/content-sha256";
 /// Data key of the gateway URL in the `-client` Secret.
 pub const BASE_URL_ENTRY: &str = "ANTHROPIC_BASE_URL";
+/// Data key of the gateway's CA bundle in the `-client` Secret (placement gateway).
+pub const CA_ENTRY: &str = "ca.crt";
 
 /// The durable state recovered from the owned Secrets.
 #[derive(Clone, Debug, Default)]
 pub struct Recovered {
-    /// The committed ledger: the `-client` copy when it matches the key stored beside it,
-    /// otherwise the `-proxy` copy.
+    /// The committed ledger: the `-client` copy when it verifies and matches the key stored
+    /// beside it, otherwise the copy beside `proxy.json` when that verifies.
     pub ledger: Option<Ledger>,
     /// The raw current workload key, present only when it matches the committed ledger.
     pub client_key: Option<SecretString>,
-    /// Upstream key values found in the existing `proxy.json`, by SHA-256.
+    /// Upstream key values found in existing `proxy.json` files, by SHA-256.
     pub upstream_values: HashMap<String, SecretString>,
+    /// Names of Secrets whose bookkeeping failed verification: never acted on.
+    pub tampered: Vec<String>,
 }
 
-/// Reads the state back from the Secrets as found (either may be missing or edited by hand).
-pub fn recover(client: Option<&Secret>, proxy: Option<&Secret>) -> Recovered {
-    let client_ledger = client.and_then(ledger_of);
+/// Reads the state back from the Secrets as found (any may be missing or edited by hand).
+/// `configs` are the Secrets holding `proxy.json` (the `-proxy` Secret, the gateway config
+/// Secret); `verified` says whether a Secret's bookkeeping carries this controller's MAC. A
+/// ledger that does not verify is never used: the reconcile then issues afresh, with zero grace
+/// for whatever only that ledger claimed.
+pub fn recover(
+    client: Option<&Secret>,
+    configs: &[&Secret],
+    verified: impl Fn(&Secret) -> bool,
+) -> Recovered {
+    let mut tampered = Vec::new();
+    let mut trusted_ledger = |secret: &Secret| {
+        if verified(secret) {
+            ledger_of(secret)
+        } else {
+            tampered.push(secret.name_any());
+            None
+        }
+    };
+    let client_ledger = client.and_then(&mut trusted_ledger);
+    let config_ledger = configs.iter().filter_map(|s| trusted_ledger(s)).next();
     let client_key = client.and_then(|s| data_str(s, API_KEY_ENTRY));
-    let proxy_ledger = proxy.and_then(ledger_of);
-    let upstream_values = proxy
-        .and_then(proxy_config_of)
-        .map(|config| {
-            config
-                .upstream
-                .into_iter()
-                .map(|u| (sha256_hex(u.key.expose_secret()), u.key))
-                .collect()
-        })
-        .unwrap_or_default();
+    let upstream_values = configs
+        .iter()
+        .filter_map(|s| proxy_config_of(s))
+        .flat_map(|config| config.upstream)
+        .map(|u| (sha256_hex(u.key.expose_secret()), u.key))
+        .collect();
     let consistent = match (&client_ledger, &client_key) {
         (Some(ledger), Some(key)) => ledger
             .current_workload()
@@ -57,12 +77,14 @@ pub fn recover(client: Option<&Secret>, proxy: Option<&Secret>) -> Recovered {
             ledger: client_ledger,
             client_key,
             upstream_values,
+            tampered,
         }
     } else {
         Recovered {
-            ledger: proxy_ledger.or(client_ledger),
+            ledger: config_ledger.or(client_ledger),
             client_key: None,
             upstream_values,
+            tampered,
         }
     }
 }
@@ -80,6 +102,7 @@ pub fn render_config(
     ck: &ClaudeKey,
     ledger: &Ledger,
     upstream_values: &HashMap<String, SecretString>,
+    audit_salt: String,
 ) -> Result<ProxyConfig, MissingUpstream> {
     let mut upstream = Vec::new();
     for entry in &ledger.upstream_keys {
@@ -104,6 +127,7 @@ pub fn render_config(
         },
         upstream,
         workload_keys: ledger.workload_keys.clone(),
+        audit_salt: Some(audit_salt),
         policy: Policy {
             scope: ck.spec.scope.clone(),
             limits: ck.spec.limits.clone(),
@@ -113,25 +137,86 @@ pub fn render_config(
     })
 }
 
-/// The `-client` Secret: the workload key and where the gateway is, for consumers' env.
+/// Where gateway consumers send requests, and the CA bundle that verifies the gateway.
+#[derive(Clone, Debug, Default)]
+pub struct GatewayEndpoint {
+    pub url: String,
+    /// PEM; written as `ca.crt` for placement gateway.
+    pub ca: Option<String>,
+}
+
+/// The `-client` Secret: the workload key and where the gateway is, for consumers' env (and,
+/// placed at the gateway, for the injected forwarder, with the gateway's CA bundle).
 pub fn build_client(
     ck: &ClaudeKey,
     key: &SecretString,
-    gateway_url: &str,
+    gateway: &GatewayEndpoint,
+    placement: Placement,
     ledger: &Ledger,
 ) -> Secret {
     let mut data = BTreeMap::new();
     data.insert(API_KEY_ENTRY.to_string(), bytes(key.expose_secret()));
-    data.insert(BASE_URL_ENTRY.to_string(), bytes(gateway_url));
+    data.insert(BASE_URL_ENTRY.to_string(), bytes(&gateway.url));
+    if let (Placement::Gateway, Some(ca)) = (placement, &gateway.ca) {
+        data.insert(CA_ENTRY.to_string(), bytes(ca));
+    }
     owned_secret(ck, client_secret_name(&ck.name_any()), data, ledger)
 }
 
-/// The `-proxy` Secret: exactly one entry, `proxy.json`, so the proxy reloads a consistent whole.
+/// The `-proxy` Secret (placement namespace): exactly one entry, `proxy.json`, so the proxy
+/// reloads a consistent whole.
 pub fn build_proxy(ck: &ClaudeKey, config: &ProxyConfig, ledger: &Ledger) -> Secret {
+    owned_secret(
+        ck,
+        proxy_secret_name(&ck.name_any()),
+        config_data(config),
+        ledger,
+    )
+}
+
+/// The gateway config Secret (placement gateway), in the operator namespace where no
+/// namespace team can read it. It cannot carry an owner reference across namespaces: a
+/// finalizer on the ClaudeKey removes it.
+pub fn build_gateway_config(
+    ck: &ClaudeKey,
+    operator_namespace: &str,
+    config: &ProxyConfig,
+    ledger: &Ledger,
+) -> Secret {
+    let namespace = ck.namespace().unwrap_or_default();
+    let name = ck.name_any();
+    let data = config_data(config);
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(gateway_config_secret_name(&namespace, &name)),
+            namespace: Some(operator_namespace.to_string()),
+            labels: Some(BTreeMap::from([
+                (
+                    annotations::MANAGED_BY_LABEL.to_string(),
+                    annotations::MANAGER.to_string(),
+                ),
+                (annotations::CONFIG_LABEL.to_string(), "gateway".to_string()),
+                (annotations::NAMESPACE_LABEL.to_string(), namespace.clone()),
+            ])),
+            annotations: Some(BTreeMap::from([
+                (
+                    annotations::CLAUDEKEY_ANNOTATION.to_string(),
+                    format!("{namespace}/{name}"),
+                ),
+                (LEDGER_ANNOTATION.to_string(), ledger.to_annotation()),
+                (CONTENT_ANNOTATION.to_string(), content_digest(Some(&data))),
+            ])),
+            ..Default::default()
+        },
+        data: Some(data),
+        type_: Some("Opaque".to_string()),
+        ..Default::default()
+    }
+}
+
+fn config_data(config: &ProxyConfig) -> BTreeMap<String, ByteString> {
     let json = serde_json::to_string_pretty(config).expect("the proxy config always serializes");
-    let mut data = BTreeMap::new();
-    data.insert(proxyconf::FILE_NAME.to_string(), bytes(&json));
-    owned_secret(ck, proxy_secret_name(&ck.name_any()), data, ledger)
+    BTreeMap::from([(proxyconf::FILE_NAME.to_string(), bytes(&json))])
 }
 
 fn owned_secret(
@@ -263,7 +348,7 @@ pub fn ledger_of(secret: &Secret) -> Option<Ledger> {
         .and_then(|a| Ledger::from_annotation(a))
 }
 
-fn proxy_config_of(secret: &Secret) -> Option<ProxyConfig> {
+pub fn proxy_config_of(secret: &Secret) -> Option<ProxyConfig> {
     let raw = secret.data.as_ref()?.get(proxyconf::FILE_NAME)?;
     serde_json::from_slice(&raw.0).ok()
 }

@@ -6,6 +6,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::*;
 use crate::controller::ledger::UpstreamLedgerEntry;
+use crate::controller::seal::Sealer;
 use crate::keys::{KeyKind, fingerprint};
 use crate::proxyconf::WorkloadKeyEntry;
 
@@ -14,7 +15,7 @@ const UPSTREAM: &str = "sk-ant-api03-test-upstream-value-AA";
 
 fn claudekey() -> ClaudeKey {
     let mut ck: ClaudeKey = serde_yaml::from_str(
-        "apiVersion: claudekey.io/v1alpha1\nkind: ClaudeKey\nmetadata: { name: bot, namespace: team-a, uid: u-1 }\nspec:\n  source: { kubernetesSecret: { name: up } }\n  scope: { maxTokens: 100 }\n",
+        "apiVersion: claudekey.io/v1alpha2\nkind: ClaudeKey\nmetadata: { name: bot, namespace: team-a, uid: u-1 }\nspec:\n  sourceRef: { kind: ClusterClaudeKeySource, name: up }\n  scope: { maxTokens: 100 }\n",
     )
     .unwrap();
     ck.metadata.uid = Some("u-1".into());
@@ -39,7 +40,6 @@ fn ledger() -> Ledger {
             valid_until: None,
             hint: None,
         }],
-        retiring: vec![],
     }
 }
 
@@ -47,18 +47,43 @@ fn values() -> HashMap<String, SecretString> {
     HashMap::from([(sha256_hex(UPSTREAM), SecretString::from(UPSTREAM))])
 }
 
+fn sealer() -> Sealer {
+    Sealer::from_bytes(&[9; 32])
+}
+
+fn gateway() -> GatewayEndpoint {
+    GatewayEndpoint {
+        url: "https://gw:8443".into(),
+        ca: Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into()),
+    }
+}
+
+fn config() -> ProxyConfig {
+    render_config(&claudekey(), &ledger(), &values(), "ab".repeat(32)).unwrap()
+}
+
+fn sealed(mut secret: Secret) -> Secret {
+    sealer().seal("u-1", &mut secret);
+    secret
+}
+
 fn both() -> (Secret, Secret) {
     let ck = claudekey();
-    let config = render_config(&ck, &ledger(), &values()).unwrap();
     (
-        build_client(
+        sealed(build_client(
             &ck,
             &SecretString::from(WORKLOAD),
-            "http://gw:8080",
+            &gateway(),
+            Placement::Namespace,
             &ledger(),
-        ),
-        build_proxy(&ck, &config, &ledger()),
+        )),
+        sealed(build_proxy(&ck, &config(), &ledger())),
     )
+}
+
+fn recover_with(client: Option<&Secret>, configs: &[&Secret]) -> Recovered {
+    let sealer = sealer();
+    recover(client, configs, |s| sealer.verify("u-1", s))
 }
 
 #[test]
@@ -90,7 +115,7 @@ fn secrets_carry_owner_labels_and_exactly_the_designed_entries() {
 #[test]
 fn recovers_key_ledger_and_upstream_values() {
     let (client, proxy) = both();
-    let r = recover(Some(&client), Some(&proxy));
+    let r = recover_with(Some(&client), &[&proxy]);
     assert_eq!(r.ledger, Some(ledger()));
     assert_eq!(r.client_key.unwrap().expose_secret(), WORKLOAD);
     assert_eq!(
@@ -102,25 +127,25 @@ fn recovers_key_ledger_and_upstream_values() {
 #[test]
 fn edited_or_missing_client_secret_loses_the_key_but_not_the_ledger() {
     let (mut client, proxy) = both();
-    let r = recover(None, Some(&proxy));
+    let r = recover_with(None, &[&proxy]);
     assert_eq!((r.ledger, r.client_key.is_none()), (Some(ledger()), true));
     client
         .data
         .as_mut()
         .unwrap()
         .insert(API_KEY_ENTRY.into(), ByteString(b"ck_live_other".to_vec()));
-    let r = recover(Some(&client), Some(&proxy));
+    let r = recover_with(Some(&client), &[&proxy]);
     assert_eq!((r.ledger, r.client_key.is_none()), (Some(ledger()), true));
 }
 
 #[test]
 fn missing_proxy_secret_recovers_from_the_client_copy() {
     let (client, _) = both();
-    let r = recover(Some(&client), None);
+    let r = recover_with(Some(&client), &[]);
     assert_eq!(r.ledger, Some(ledger()));
     assert!(r.client_key.is_some());
     assert!(r.upstream_values.is_empty());
-    let err = render_config(&claudekey(), &ledger(), &r.upstream_values).unwrap_err();
+    let err = render_config(&claudekey(), &ledger(), &r.upstream_values, String::new()).unwrap_err();
     assert!(!err.to_string().contains(UPSTREAM));
 }
 
@@ -148,11 +173,11 @@ fn drift_tells_hand_edits_from_progress() {
     let ck = claudekey();
     let mut moved = ledger();
     moved.upstream_version = "v2".into();
-    let newer = build_proxy(&ck, &render_config(&ck, &moved, &values()).unwrap(), &moved);
+    let newer = build_proxy(&ck, &render_config(&ck, &moved, &values(), "ab".repeat(32)).unwrap(), &moved);
     assert_eq!(drift(Some(&proxy), &newer), Drift::Progress);
     let mut respecced = claudekey();
     respecced.spec.scope.max_tokens = Some(200);
-    let config = render_config(&respecced, &ledger(), &values()).unwrap();
+    let config = render_config(&respecced, &ledger(), &values(), "ab".repeat(32)).unwrap();
     let new_policy = build_proxy(&respecced, &config, &ledger());
     assert_eq!(drift(Some(&proxy), &new_policy), Drift::Progress);
 }
@@ -172,13 +197,14 @@ fn a_crash_between_the_two_writes_resumes_from_the_client_copy() {
             valid_until: None,
         },
     );
-    let new_client = build_client(
+    let new_client = sealed(build_client(
         &claudekey(),
         &SecretString::from(newer_key),
-        "http://gw",
+        &gateway(),
+        Placement::Namespace,
         &newer,
-    );
-    let r = recover(Some(&new_client), Some(&old_proxy));
+    ));
+    let r = recover_with(Some(&new_client), &[&old_proxy]);
     assert_eq!(
         r.ledger,
         Some(newer),
@@ -204,4 +230,80 @@ fn only_secrets_controlled_by_this_claudekey_count_as_owned() {
     let mut foreign = stripped.clone();
     foreign.metadata.labels = None;
     assert!(!controlled_by(&foreign, &claudekey()));
+}
+
+#[test]
+fn a_forged_ledger_is_never_recovered() {
+    let (client, proxy) = both();
+    let forge = |secret: &Secret| {
+        let mut forged = secret.clone();
+        let mut ledger = ledger();
+        ledger.workload_keys.push(WorkloadKeyEntry {
+            sha256: "ee".repeat(32),
+            fingerprint: "ck:backdoor".into(),
+            valid_until: Some("2099-01-01T00:00:00Z".parse().unwrap()),
+        });
+        forged
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(LEDGER_ANNOTATION.into(), ledger.to_annotation());
+        forged
+    };
+    // The -client copy forged: the -proxy copy (verified) wins; the forgery is reported.
+    let r = recover_with(Some(&forge(&client)), &[&proxy]);
+    assert_eq!(r.ledger, Some(ledger()));
+    assert_eq!(r.tampered, ["bot-client"]);
+    // Both forged: nothing is trusted, so the reconcile issues afresh (zero grace).
+    let r = recover_with(Some(&forge(&client)), &[&forge(&proxy)]);
+    assert_eq!(r.ledger, None);
+    assert_eq!(r.tampered.len(), 2);
+    // Unsigned bookkeeping counts as forged too.
+    let (unsigned_client, _) = (
+        build_client(
+            &claudekey(),
+            &SecretString::from(WORKLOAD),
+            &gateway(),
+            Placement::Namespace,
+            &ledger(),
+        ),
+        (),
+    );
+    let r = recover_with(Some(&unsigned_client), &[]);
+    assert_eq!(r.ledger, None);
+}
+
+#[test]
+fn gateway_placement_keeps_the_upstream_key_in_the_operator_namespace() {
+    let ck = claudekey();
+    let client = build_client(
+        &ck,
+        &SecretString::from(WORKLOAD),
+        &gateway(),
+        Placement::Gateway,
+        &ledger(),
+    );
+    let entries: Vec<_> = client.data.as_ref().unwrap().keys().collect();
+    assert_eq!(entries, ["ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "ca.crt"]);
+    let data = client.data.as_ref().unwrap();
+    assert!(!data.values().any(|v| String::from_utf8_lossy(&v.0).contains(UPSTREAM)));
+    let config = build_gateway_config(&ck, "claudekey-system", &config(), &ledger());
+    assert_eq!(config.namespace().as_deref(), Some("claudekey-system"));
+    assert!(config.name_any().starts_with("claudekey-gw-"));
+    assert_eq!(config.labels()["claudekey.io/config"], "gateway");
+    assert_eq!(config.labels()["claudekey.io/namespace"], "team-a");
+    assert_eq!(config.annotations()["claudekey.io/claudekey"], "team-a/bot");
+    assert!(config.metadata.owner_references.is_none());
+    let json = String::from_utf8(config.data.as_ref().unwrap()["proxy.json"].0.clone()).unwrap();
+    assert!(json.contains(UPSTREAM) && json.contains("auditSalt"));
+    // In placement namespace the CA bundle is not written.
+    let plain = build_client(
+        &ck,
+        &SecretString::from(WORKLOAD),
+        &gateway(),
+        Placement::Namespace,
+        &ledger(),
+    );
+    assert!(!plain.data.as_ref().unwrap().contains_key("ca.crt"));
 }

@@ -22,7 +22,10 @@ use super::secrets::ledger_of;
 use crate::admin::{
     AdminClient, KeyUsage, Unmatched, UsageMetrics, admin_client_for, report_window, resolve_hints,
 };
-use crate::crd::{ClaudeKey, proxy_secret_name};
+use crate::crd::{
+    AnthropicAdminSpec, ClaudeKey, ClusterClaudeKeySource, SourceKind, gateway_config_secret_name,
+    proxy_secret_name,
+};
 
 /// Event reasons of the poller, recorded when a ClaudeKey's result changes (not every poll).
 pub mod reason {
@@ -54,9 +57,9 @@ impl Outcome {
 /// A ClaudeKey with an admin key, and the hints of the upstream keys it holds now (the current
 /// one and any still in their grace period).
 struct Polled {
-    ck: Arc<ClaudeKey>,
     id: String,
     hints: Vec<String>,
+    admin: AnthropicAdminSpec,
 }
 
 /// Polls every `interval` until the controller stops (the caller drops this future).
@@ -75,12 +78,27 @@ pub async fn poll_forever(store: Store<ClaudeKey>, ctx: Arc<Context>, interval: 
 /// How soon after start the first poll runs.
 const FIRST_POLL: Duration = Duration::from_secs(5);
 
-/// Reads the report for every ClaudeKey with `spec.anthropicAdmin`, grouped by admin key.
+/// Reads the report for every ClaudeKey whose ClusterClaudeKeySource has `anthropicAdmin`,
+/// grouped by admin key.
 pub async fn poll_once(ctx: &Context, claudekeys: &[Arc<ClaudeKey>]) -> BTreeMap<String, Outcome> {
     // By admin-key Secret (name, key): one Admin API conversation each.
     let mut groups: BTreeMap<(String, String), Vec<Polled>> = BTreeMap::new();
+    let mut sources: HashMap<String, Option<AnthropicAdminSpec>> = HashMap::new();
     for ck in claudekeys {
-        let Some(admin) = &ck.spec.anthropic_admin else {
+        if ck.spec.source_ref.kind != SourceKind::ClusterClaudeKeySource {
+            continue;
+        }
+        let name = &ck.spec.source_ref.name;
+        if !sources.contains_key(name) {
+            let admin = Api::<ClusterClaudeKeySource>::all(ctx.client.clone())
+                .get_opt(name)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|s| s.spec.anthropic_admin);
+            sources.insert(name.clone(), admin);
+        }
+        let Some(Some(admin)) = sources.get(name) else {
             continue;
         };
         let hints = upstream_hints(ctx, ck).await;
@@ -91,9 +109,9 @@ pub async fn poll_once(ctx: &Context, claudekeys: &[Arc<ClaudeKey>]) -> BTreeMap
             ))
             .or_default()
             .push(Polled {
-                ck: ck.clone(),
                 id: claudekey_id(ck),
                 hints,
+                admin: admin.clone(),
             });
     }
     let mut outcomes = BTreeMap::new();
@@ -114,13 +132,12 @@ async fn poll_group(ctx: &Context, polled: &[Polled]) -> Vec<(String, Outcome)> 
     let admin: AdminClient = match admin_client_for(
         &ctx.client,
         &ctx.namespace,
-        &polled[0].ck.spec,
+        &polled[0].admin,
         &ctx.anthropic_url,
     )
     .await
     {
-        Ok(Some(admin)) => admin,
-        Ok(None) => return Vec::new(),
+        Ok(admin) => admin,
         Err(e) => return failed(e.to_string()),
     };
     let keys = match admin.list_keys().await {
@@ -161,18 +178,30 @@ async fn poll_group(ctx: &Context, polled: &[Polled]) -> Vec<(String, Outcome)> 
         .collect()
 }
 
-/// The partial hints of the upstream keys in the ClaudeKey's ledger, read from its `-proxy`
-/// Secret (the copy the proxies use; hints are what the Console shows, never keys).
+/// The partial hints of the upstream keys in the ClaudeKey's ledger, read from the Secret the
+/// proxies use: its gateway config Secret, else its `-proxy` Secret (hints are what the Console
+/// shows, never keys).
 async fn upstream_hints(ctx: &Context, ck: &ClaudeKey) -> Vec<String> {
     let Some(ns) = ck.namespace() else {
         return Vec::new();
     };
-    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
-        .get_opt(&proxy_secret_name(&ck.name_any()))
-        .await;
+    let gateway = gateway_config_secret_name(&ns, &ck.name_any());
+    let secret = match Api::<Secret>::namespaced(ctx.client.clone(), &ctx.namespace)
+        .get_opt(&gateway)
+        .await
+    {
+        Ok(Some(found)) => Ok(Some(found)),
+        _ => {
+            Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+                .get_opt(&proxy_secret_name(&ck.name_any()))
+                .await
+        }
+    };
     let ledger = match secret {
-        Ok(Some(secret)) => ledger_of(&secret),
-        Ok(None) => None,
+        Ok(Some(secret)) if ctx.sealer.verify(&ck.uid().unwrap_or_default(), &secret) => {
+            ledger_of(&secret)
+        }
+        Ok(_) => None,
         Err(error) => {
             tracing::debug!(%error, namespace = ns, name = ck.name_any(), "usage: cannot read the -proxy Secret");
             None

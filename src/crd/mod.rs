@@ -1,11 +1,14 @@
-//! The `ClaudeKey` custom resource (`claudekey.io/v1alpha1`): types, defaults and schema only.
-//! No I/O lives here; the controller, webhook and proxy all read these types.
+//! The custom resources (`claudekey.io/v1alpha2`): `ClaudeKey` and its sources
+//! (`ClusterClaudeKeySource`, `ClaudeKeySource`). Types, defaults and schema only: no I/O lives
+//! here; the controller, webhook and proxy all read these types.
 
 mod duration;
+mod source;
 mod spec;
 mod status;
 
 pub use duration::{DurationError, GoDuration};
+pub use source::*;
 pub use spec::*;
 pub use status::*;
 
@@ -13,6 +16,10 @@ use kube::CustomResourceExt;
 
 /// API group of every claudekey resource and annotation.
 pub const GROUP: &str = "claudekey.io";
+/// API version of every claudekey resource.
+pub const VERSION: &str = "v1alpha2";
+/// `apiVersion` of every claudekey resource.
+pub const API_VERSION: &str = "claudekey.io/v1alpha2";
 
 /// Annotations and labels that tools outside the code rely on (DESIGN.md §2, §3, §5).
 pub mod annotations {
@@ -30,6 +37,16 @@ pub mod annotations {
     pub const RESTARTED_FOR: &str = "claudekey.io/restartedFor";
     /// Label naming the ClaudeKey that owns a Secret.
     pub const NAME_LABEL: &str = "claudekey.io/name";
+    /// On a Secret in the operator namespace: `"true"` lets a kubernetesSecret source read it.
+    /// Nothing else there (the admin key, TLS keys) can ever be named as a source.
+    pub const UPSTREAM_KEY_LABEL: &str = "claudekey.io/upstream-key";
+    /// On a gateway config Secret: `gateway`; what the gateway selects on.
+    pub const CONFIG_LABEL: &str = "claudekey.io/config";
+    /// On a gateway config Secret: the namespace of its ClaudeKey.
+    pub const NAMESPACE_LABEL: &str = "claudekey.io/namespace";
+    /// On a gateway config Secret: `<namespace>/<name>` of its ClaudeKey (names can be longer
+    /// than a label value may be).
+    pub const CLAUDEKEY_ANNOTATION: &str = "claudekey.io/claudekey";
     /// Standard label on everything claudekey writes.
     pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
     /// Value of [`MANAGED_BY_LABEL`], also the server-side-apply field manager.
@@ -46,10 +63,33 @@ pub fn proxy_secret_name(claudekey: &str) -> String {
     format!("{claudekey}-proxy")
 }
 
-/// The CRD as multi-line YAML, exactly what `claudekey crd` prints and `crds/` holds.
-pub fn crd_yaml() -> String {
-    let yaml = serde_yaml::to_string(&ClaudeKey::crd()).expect("the CRD type always serializes");
+/// Name of the gateway config Secret of ClaudeKey `namespace/name` in the operator namespace:
+/// a digest, so every namespace/name pair fits in a Secret name.
+pub fn gateway_config_secret_name(namespace: &str, name: &str) -> String {
+    let digest = crate::keys::sha256_hex(&format!("{namespace}/{name}"));
+    format!("claudekey-gw-{}", &digest[..40])
+}
+
+/// Every CRD, in the order of their files in `crds/`.
+pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
+    vec![
+        ClaudeKey::crd(),
+        ClaudeKeySource::crd(),
+        ClusterClaudeKeySource::crd(),
+    ]
+}
+
+/// One CRD as YAML, exactly what its file in `crds/` holds.
+pub fn crd_document(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> String {
+    let yaml = serde_yaml::to_string(crd).expect("the CRD type always serializes");
     format!("---\n{yaml}")
+}
+
+/// Every CRD as multi-document YAML, exactly what `claudekey crd` prints and `crds/` holds.
+pub fn crd_yaml() -> String {
+    crds().iter().map(crd_document).collect()
 }
 
 #[cfg(test)]
@@ -57,11 +97,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn checked_in_crd_matches_generated() {
-        let checked_in = include_str!("../../crds/claudekey.io_claudekeys.yaml");
-        assert!(
-            checked_in == crd_yaml(),
-            "crds/claudekey.io_claudekeys.yaml is stale: run `cargo run -- crd > crds/claudekey.io_claudekeys.yaml`"
+    fn checked_in_crds_match_generated() {
+        let checked_in = [
+            include_str!("../../crds/claudekey.io_claudekeys.yaml"),
+            include_str!("../../crds/claudekey.io_claudekeysources.yaml"),
+            include_str!("../../crds/claudekey.io_clusterclaudekeysources.yaml"),
+        ];
+        for (file, crd) in checked_in.iter().zip(crds()) {
+            assert!(
+                *file == crd_document(&crd),
+                "crds/ is stale for {}: run `hack/crdgen.sh`",
+                crd.spec.names.kind
+            );
+        }
+    }
+
+    #[test]
+    fn gateway_config_names_fit_any_pair() {
+        let long = "a".repeat(253);
+        let name = gateway_config_secret_name(&"n".repeat(63), &long);
+        assert!(name.len() <= 63, "{name}");
+        // Neither part can hold a '/', so `namespace/name` names one pair only.
+        assert_ne!(
+            gateway_config_secret_name("team-a", "bot"),
+            gateway_config_secret_name("team-b", "bot")
         );
     }
 
@@ -71,7 +130,7 @@ mod tests {
         assert_eq!(crd.spec.group, GROUP);
         assert_eq!(crd.spec.names.short_names, Some(vec!["ck".to_string()]));
         let version = &crd.spec.versions[0];
-        assert_eq!(version.name, "v1alpha1");
+        assert_eq!(version.name, VERSION);
         let columns: Vec<_> = version
             .additional_printer_columns
             .iter()
@@ -80,7 +139,16 @@ mod tests {
             .collect();
         assert_eq!(
             columns,
-            ["Ready", "Source", "Key", "Upstream", "Next Rotation", "Age"]
+            [
+                "Ready",
+                "Reason",
+                "Source",
+                "Placement",
+                "Key",
+                "Upstream",
+                "Next Rotation",
+                "Age"
+            ]
         );
         assert!(version.subresources.as_ref().unwrap().status.is_some());
     }

@@ -15,19 +15,30 @@ use super::{ClaudeKeyStatus, GoDuration};
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "claudekey.io",
-    version = "v1alpha1",
+    version = "v1alpha2",
     kind = "ClaudeKey",
     namespaced,
     shortname = "ck",
     category = "claudekey",
     status = "ClaudeKeyStatus",
-    doc = "ClaudeKey keeps one workload's Anthropic API key safe: it syncs the upstream key from a secret backend, issues a scoped, rotating workload key, and configures the claudekey proxy that enforces scope, limits and data protection.",
+    doc = "ClaudeKey keeps one workload's Anthropic API key safe: it uses an upstream key from a source the platform granted to its namespace, issues a scoped, rotating workload key, and configures the claudekey proxy that enforces scope, limits and data protection.",
     printcolumn(
         name = "Ready",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
     printcolumn(name = "Source", type_ = "string", json_path = ".status.source"),
+    printcolumn(
+        name = "Placement",
+        type_ = "string",
+        json_path = ".status.placement",
+        priority = 1
+    ),
     printcolumn(
         name = "Key",
         type_ = "string",
@@ -52,8 +63,9 @@ use super::{ClaudeKeyStatus, GoDuration};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ClaudeKeySpec {
-    /// Where the upstream Anthropic API key is read from. Exactly one backend must be set.
-    pub source: SourceSpec,
+    /// The source of the upstream Anthropic key: a ClusterClaudeKeySource that grants this
+    /// namespace, or a ClaudeKeySource in this namespace.
+    pub source_ref: SourceRef,
     /// What the workload key may call: models, endpoints and request size caps.
     #[serde(default)]
     pub scope: ScopeSpec,
@@ -70,14 +82,30 @@ pub struct ClaudeKeySpec {
     /// (contractor and temporary keys end by themselves). RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
-    /// Optional: retire replaced upstream keys at Anthropic through the Admin API after the grace period.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub anthropic_admin: Option<AnthropicAdminSpec>,
 }
 
-/// Where the upstream key lives. Set exactly one of kubernetesSecret, awsSecretsManager, vault.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[x_kube(validation = Rule::new("[has(self.kubernetesSecret), has(self.awsSecretsManager), has(self.vault)].filter(x, x).size() == 1").message("set exactly one of kubernetesSecret, awsSecretsManager, vault"))]
+/// A reference to the source of a ClaudeKey's upstream key.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceRef {
+    /// ClusterClaudeKeySource (granted by the platform team through allowedNamespaces) or
+    /// ClaudeKeySource (in this ClaudeKey's namespace).
+    pub kind: SourceKind,
+    /// Name of the source.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// The kinds a sourceRef can name.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SourceKind {
+    ClusterClaudeKeySource,
+    ClaudeKeySource,
+}
+
+/// A source's backend as the backends read it: exactly one of kubernetesSecret,
+/// awsSecretsManager, vault. Not itself part of any CRD: each source kind carries these fields.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SourceSpec {
     /// A Kubernetes Secret in the claudekey operator's namespace (the embedded default backend).
@@ -92,13 +120,19 @@ pub struct SourceSpec {
     /// How often the backend is polled for a new version of the upstream key, e.g. 5m.
     #[serde(default = "default_refresh_interval")]
     pub refresh_interval: GoDuration,
+    /// Where a kubernetesSecret lives: `None` is the operator namespace, where only Secrets
+    /// labelled `claudekey.io/upstream-key: "true"` may be read; a namespaced ClaudeKeySource
+    /// sets its own namespace. Set by the controller from the source's kind, never by a user.
+    #[serde(skip)]
+    pub secret_namespace: Option<String>,
 }
 
-/// A key in a Secret in the operator's namespace. A ClaudeKey cannot read Secrets elsewhere.
+/// A key in a Secret: in the operator's namespace for a ClusterClaudeKeySource (labelled
+/// claudekey.io/upstream-key: "true"), in its own namespace for a ClaudeKeySource.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
 #[serde(rename_all = "camelCase")]
 pub struct KubernetesSecretSource {
-    /// Name of the Secret in the operator's namespace.
+    /// Name of the Secret.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Key inside the Secret's data that holds the Anthropic API key.
@@ -204,8 +238,10 @@ pub struct LimitsSpec {
 #[x_kube(validation = Rule::new("duration(self.gracePeriod) < duration(self.interval)").message("gracePeriod must be shorter than interval"))]
 #[serde(rename_all = "camelCase")]
 pub struct RotationSpec {
-    /// The workload key is re-issued this often, e.g. 2160h (90 days).
+    /// The workload key is re-issued this often (at least 10m), e.g. 2160h (90 days). Rotate
+    /// sooner on demand with the claudekey.io/rotate annotation.
     #[serde(default = "default_rotation_interval")]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('10m')").message("rotation.interval must be at least 10m"))]
     pub interval: GoDuration,
     /// How long the previous key stays valid after a rotation, so no request fails mid-rotation.
     #[serde(default = "default_grace_period")]

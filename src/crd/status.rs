@@ -15,6 +15,8 @@ pub mod condition {
     pub const DEGRADED: &str = "Degraded";
     /// The workload key has reached its rotation interval or expiry.
     pub const ROTATION_DUE: &str = "RotationDue";
+    /// On a source: its upstream key was read.
+    pub const SYNCED: &str = "Synced";
 }
 
 /// Observed state of a ClaudeKey.
@@ -27,9 +29,14 @@ pub struct ClaudeKeyStatus {
     /// The metadata.generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// The backend the upstream key is read from, e.g. kubernetes:anthropic-support-bot.
+    /// The source of the upstream key, e.g. ClusterClaudeKeySource/support (kubernetes:anthropic-support).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// Where the upstream key is placed: gateway (the claudekey gateway in the operator
+    /// namespace serves this ClaudeKey) or namespace (its <name>-proxy Secret, direct sidecar).
+    /// The webhook injects the matching sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<super::Placement>,
     /// The workload key claudekey issued (fingerprints only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_key: Option<WorkloadKeyStatus>,
@@ -39,6 +46,10 @@ pub struct ClaudeKeyStatus {
     /// When the workload key is next re-issued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_rotation_time: Option<DateTime<Utc>>,
+    /// Fingerprint of the workload key the gateway consumers (claudekey.io/consumes) were last
+    /// rolled for, so a steady-state reconcile need not look for them again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumers_restarted_for: Option<String>,
 }
 
 /// The current and previous workload key, by fingerprint.

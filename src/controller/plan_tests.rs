@@ -1,0 +1,259 @@
+//! Unit tests of the plan: given an observation, what is written, deleted and refused. Each
+//! reads "given this observation, the plan is this", with no cluster.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::*;
+use crate::backend::UpstreamKey;
+use crate::controller::ledger::LEDGER_ANNOTATION;
+use crate::crd::{ClaudeKeyStatus, Placement, SourceSpec};
+
+const UPSTREAM: &str = "sk-ant-api03-plan-test-upstream-key-AA";
+const OPERATOR_NS: &str = "claudekey-system";
+
+fn now() -> DateTime<Utc> {
+    "2026-12-01T10:00:00Z".parse().unwrap()
+}
+
+fn claudekey() -> ClaudeKey {
+    let mut ck: ClaudeKey = serde_yaml::from_str(
+        "apiVersion: claudekey.io/v1alpha2\nkind: ClaudeKey\nmetadata: { name: bot, namespace: team-a }\nspec:\n  sourceRef: { kind: ClusterClaudeKeySource, name: support }\n  rotation: { interval: 24h, gracePeriod: 15m }\n",
+    )
+    .unwrap();
+    ck.metadata.uid = Some("u-1".into());
+    ck
+}
+
+fn granted(placement: Placement) -> Resolution {
+    let backend: SourceSpec =
+        serde_yaml::from_str("{ kubernetesSecret: { name: anthropic-support } }").unwrap();
+    Resolution::Granted(Granted {
+        description: "ClusterClaudeKeySource/support (kubernetes:anthropic-support)".into(),
+        backend,
+        placement,
+        admin: None,
+        cluster_source: Some("support".into()),
+    })
+}
+
+fn upstream() -> CachedKey {
+    CachedKey {
+        key: UpstreamKey {
+            value: SecretString::from(UPSTREAM),
+            version: "v1".into(),
+        },
+        synced_at: now(),
+        refresh_in: Duration::from_secs(300),
+    }
+}
+
+fn observation(resolution: Resolution) -> Observation {
+    Observation {
+        resolution,
+        upstream: Some(upstream()),
+        backend_error: None,
+        client: None,
+        proxy: None,
+        gateway_config: None,
+    }
+}
+
+struct Fixture {
+    sealer: Sealer,
+    gateway: GatewayEndpoint,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self {
+            sealer: Sealer::from_bytes(&[3; 32]),
+            gateway: GatewayEndpoint {
+                url: "https://claudekey-gateway.claudekey-system.svc:8443".into(),
+                ca: Some("-----BEGIN CERTIFICATE-----\nX\n-----END CERTIFICATE-----\n".into()),
+            },
+        }
+    }
+
+    fn plan(&self, ck: &ClaudeKey, observed: &Observation, candidate: &str) -> Plan {
+        let settings = Settings {
+            operator_namespace: OPERATOR_NS,
+            gateway: &self.gateway,
+            sealer: &self.sealer,
+            consumer_restart_delay: Duration::from_secs(90),
+        };
+        plan(
+            ck,
+            observed,
+            &settings,
+            &SecretString::from(candidate.to_string()),
+            now(),
+        )
+    }
+}
+
+fn issue(plan: &Plan) -> &Issue {
+    match &plan.outcome {
+        Outcome::Issue(issue) => issue,
+        Outcome::Refused(retry) => panic!("refused ({retry:?}): {:?}", plan.conditions),
+    }
+}
+
+fn ready_reason(plan: &Plan) -> &'static str {
+    plan.conditions
+        .iter()
+        .find(|c| c.type_ == condition::READY)
+        .map(|c| c.reason)
+        .unwrap()
+}
+
+fn holds_upstream(secret: &Secret) -> bool {
+    secret
+        .data
+        .iter()
+        .flatten()
+        .any(|(_, v)| String::from_utf8_lossy(&v.0).contains(UPSTREAM))
+}
+
+const KEY_1: &str = "ck_live_00000000000000000000000000000000000000001";
+const KEY_2: &str = "ck_live_00000000000000000000000000000000000000002";
+
+#[test]
+fn gateway_placement_writes_the_upstream_key_only_in_the_operator_namespace() {
+    let f = Fixture::new();
+    let plan = f.plan(&claudekey(), &observation(granted(Placement::Gateway)), KEY_1);
+    let issue = issue(&plan);
+    let [client, config] = &issue.writes[..] else {
+        panic!("two writes")
+    };
+    assert_eq!(client.name_any(), "bot-client");
+    assert_eq!(client.namespace().as_deref(), Some("team-a"));
+    assert!(!holds_upstream(client));
+    assert!(client.data.as_ref().unwrap().contains_key("ca.crt"));
+    assert_eq!(config.namespace().as_deref(), Some(OPERATOR_NS));
+    assert!(holds_upstream(config));
+    assert!(issue.needs_finalizer);
+    assert_eq!(plan.placement, Some(Placement::Gateway));
+    // Both are signed for this ClaudeKey.
+    assert!(f.sealer.verify("u-1", client) && f.sealer.verify("u-1", config));
+}
+
+#[test]
+fn a_refused_source_removes_every_upstream_key_written_for_the_namespace() {
+    let f = Fixture::new();
+    let ck = claudekey();
+    let before = f.plan(&ck, &observation(granted(Placement::Namespace)), KEY_1);
+    let [client, proxy] = issue(&before).writes.clone().try_into().unwrap();
+    let mut observed = observation(Resolution::Refused {
+        reason: reason::SOURCE_NOT_ALLOWED,
+        message: "ClusterClaudeKeySource support does not allow namespace team-a".into(),
+    });
+    observed.upstream = None;
+    observed.client = Some(client);
+    observed.proxy = Some(proxy);
+    let plan = f.plan(&ck, &observed, KEY_2);
+    assert!(matches!(plan.outcome, Outcome::Refused(Retry::Slow)));
+    assert_eq!(ready_reason(&plan), reason::SOURCE_NOT_ALLOWED);
+    assert_eq!(
+        plan.deletes,
+        [SecretRef {
+            namespace: "team-a".into(),
+            name: "bot-proxy".into()
+        }]
+    );
+    assert_eq!(plan.events[0].reason, reason::SOURCE_NOT_ALLOWED);
+    assert!(plan.used.is_empty(), "it uses no upstream key any more");
+}
+
+#[test]
+fn an_unlabelled_operator_secret_is_refused_and_removed() {
+    let f = Fixture::new();
+    let mut observed = observation(granted(Placement::Gateway));
+    let first = f.plan(&claudekey(), &observed, KEY_1);
+    observed.gateway_config = Some(issue(&first).writes[1].clone());
+    observed.upstream = None;
+    observed.backend_error = Some(crate::backend::BackendError::NotAnUpstreamKey {
+        source_name: "Secret claudekey-system/anthropic-admin".into(),
+    });
+    let plan = f.plan(&claudekey(), &observed, KEY_2);
+    assert_eq!(ready_reason(&plan), reason::UPSTREAM_KEY_LABEL_MISSING);
+    assert_eq!(plan.deletes.len(), 1);
+    assert_eq!(plan.deletes[0].namespace, OPERATOR_NS);
+}
+
+#[test]
+fn a_forged_workload_key_hash_never_reaches_the_proxy() {
+    let f = Fixture::new();
+    let ck = claudekey();
+    let mut observed = observation(granted(Placement::Gateway));
+    let first = f.plan(&ck, &observed, KEY_1);
+    let [client, config] = issue(&first).writes.clone().try_into().unwrap();
+    // The namespace team edits the ledger on its -client Secret: a backdoor hash.
+    let mut forged = client.clone();
+    let annotations = forged.metadata.annotations.as_mut().unwrap();
+    let backdoor = "ff".repeat(32);
+    let ledger = annotations[LEDGER_ANNOTATION].replacen(
+        "\"workloadKeys\":[",
+        &format!("\"workloadKeys\":[{{\"sha256\":\"{backdoor}\",\"fingerprint\":\"ck:ffffffff\",\"validUntil\":\"2099-01-01T00:00:00Z\"}},"),
+        1,
+    );
+    annotations.insert(LEDGER_ANNOTATION.into(), ledger);
+    observed.client = Some(forged);
+    observed.gateway_config = Some(config);
+    let plan = f.plan(&ck, &observed, KEY_2);
+    let written = &issue(&plan).writes[1];
+    let json = String::from_utf8(written.data.as_ref().unwrap()["proxy.json"].0.clone()).unwrap();
+    assert!(!json.contains(&backdoor), "the forged hash is not accepted");
+    assert!(plan.events.iter().any(|e| e.reason == event::LEDGER_TAMPERED));
+    // The verified copy in the operator namespace still holds the real key: no rotation.
+    assert_eq!(issue(&plan).decision.rotation, Some(decide::RotationReason::ClientLost));
+}
+
+#[test]
+fn consumers_are_rolled_once_per_workload_key() {
+    let f = Fixture::new();
+    let mut ck = claudekey();
+    let first = f.plan(&ck, &observation(granted(Placement::Namespace)), KEY_1);
+    let (fingerprint, _) = issue(&first).consumers.clone().expect("first key: roll");
+    ck.status = Some(ClaudeKeyStatus {
+        consumers_restarted_for: Some(fingerprint),
+        ..Default::default()
+    });
+    let mut observed = observation(granted(Placement::Namespace));
+    let [client, proxy] = issue(&first).writes.clone().try_into().unwrap();
+    observed.client = Some(client);
+    observed.proxy = Some(proxy);
+    let steady = f.plan(&ck, &observed, KEY_2);
+    assert_eq!(issue(&steady).decision.rotation, None);
+    assert_eq!(issue(&steady).consumers, None, "no LIST in a steady state");
+}
+
+#[test]
+fn switching_placement_deletes_the_other_config() {
+    let f = Fixture::new();
+    let ck = claudekey();
+    let first = f.plan(&ck, &observation(granted(Placement::Namespace)), KEY_1);
+    let mut observed = observation(granted(Placement::Gateway));
+    let [client, proxy] = issue(&first).writes.clone().try_into().unwrap();
+    observed.client = Some(client);
+    observed.proxy = Some(proxy);
+    let plan = f.plan(&ck, &observed, KEY_2);
+    assert_eq!(issue(&plan).decision.rotation, None, "same workload key");
+    assert_eq!(plan.deletes[0].name, "bot-proxy");
+    assert_eq!(
+        issue(&plan).writes[1].namespace().as_deref(),
+        Some(OPERATOR_NS)
+    );
+}
+
+#[test]
+fn nothing_in_a_plan_prints_a_key() {
+    let f = Fixture::new();
+    let plan = f.plan(&claudekey(), &observation(granted(Placement::Gateway)), KEY_1);
+    let text = format!("{:?} {:?}", plan.events, plan.conditions);
+    assert!(!text.contains(UPSTREAM) && !text.contains(KEY_1));
+    assert!(!format!("{:?}", issue(&plan).decision).contains(UPSTREAM));
+    let _ = upstream().key.value.expose_secret();
+}

@@ -1,0 +1,309 @@
+//! Retiring upstream keys at Anthropic (DESIGN.md §10): only a ClusterClaudeKeySource's
+//! `anthropicAdmin` can, and only for a key that has left its source while no ClaudeKey anywhere
+//! still uses it (current or in grace). The queue is the source's `status.retiring`, which no
+//! namespace team can write; what each ClaudeKey uses comes from its verified ledger.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::Store;
+use kube::{Api, Resource, ResourceExt};
+
+use super::context::Context;
+use super::plan::UsedKey;
+use crate::admin::{RetireOutcome, admin_client_for, retire_hint};
+use crate::crd::{ClaudeKey, ClusterClaudeKeySource, SourceKeyStatus, SourceStatus};
+
+/// At most this many retirement records are kept in a source's status.
+const RETIRED_KEPT: usize = 5;
+/// How often the leader looks for keys that can be retired.
+pub const PASS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Which upstream keys each ClaudeKey uses, by uid, as its last reconcile found them.
+#[derive(Default)]
+pub struct KeysInUse {
+    by_uid: Mutex<HashMap<String, Vec<UsedKey>>>,
+}
+
+impl KeysInUse {
+    pub fn record(&self, ck: &ClaudeKey, used: Vec<UsedKey>) {
+        if let Some(uid) = ck.uid() {
+            self.lock().insert(uid, used);
+        }
+    }
+
+    pub fn forget(&self, ck: &ClaudeKey) {
+        if let Some(uid) = ck.uid() {
+            self.lock().remove(&uid);
+        }
+    }
+
+    /// Whether any of the `live` ClaudeKeys uses `fingerprint` at `now`; `None` while one of
+    /// them has not been reconciled since this controller started (nobody can say yet).
+    pub fn in_use(
+        &self,
+        fingerprint: &str,
+        live: &HashSet<String>,
+        now: DateTime<Utc>,
+    ) -> Option<bool> {
+        let mut map = self.lock();
+        map.retain(|uid, _| live.contains(uid));
+        if map.len() < live.len() {
+            return None;
+        }
+        Some(map.values().flatten().any(|k| {
+            k.fingerprint == fingerprint && k.until.is_none_or(|until| now < until)
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<UsedKey>>> {
+        self.by_uid.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The next status of a source that now serves `key`, or `None` when nothing changed. The key it
+/// replaced joins `retiring` when the source may retire keys (and it has a hint to find it by).
+pub fn record_key(
+    status: &SourceStatus,
+    key: &SourceKeyStatus,
+    backend: &str,
+    may_retire: bool,
+) -> Option<SourceStatus> {
+    if status.current.as_ref() == Some(key) && status.backend.as_deref() == Some(backend) {
+        return None;
+    }
+    let mut next = status.clone();
+    next.backend = Some(backend.to_string());
+    if let Some(old) = next.current.replace(key.clone()) {
+        let queued = next.retiring.iter().any(|r| r.fingerprint == old.fingerprint);
+        if may_retire && old.fingerprint != key.fingerprint && old.hint.is_some() && !queued {
+            next.retiring.push(old);
+        }
+    }
+    // A key that came back to its source is not retired.
+    next.retiring.retain(|r| r.fingerprint != key.fingerprint);
+    Some(next)
+}
+
+/// Records sources' current keys in their status, one writer at a time.
+#[derive(Default)]
+pub struct SourceKeys {
+    /// The last key recorded per source, so a steady state makes no API call.
+    seen: Mutex<HashMap<String, String>>,
+    write: tokio::sync::Mutex<()>,
+}
+
+impl SourceKeys {
+    /// Called by every reconcile that read a cluster source's key.
+    pub async fn observe(&self, ctx: &Context, source: &str, key: &SourceKeyStatus) {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner()).get(source).cloned();
+        if seen.as_deref() == Some(key.fingerprint.as_str()) {
+            return;
+        }
+        let _one = self.write.lock().await;
+        let api: Api<ClusterClaudeKeySource> = Api::all(ctx.client.clone());
+        let Ok(Some(fresh)) = api.get_opt(source).await else {
+            return;
+        };
+        let status = fresh.status.clone().unwrap_or_default();
+        let backend = fresh.spec.backend().describe();
+        let may_retire = fresh.spec.anthropic_admin.is_some();
+        if let Some(next) = record_key(&status, key, &backend, may_retire) {
+            if let Err(error) = patch_status(&api, &fresh, &next).await {
+                tracing::warn!(source, %error, "failed to record the source's key");
+                return;
+            }
+        }
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(source.to_string(), key.fingerprint.clone());
+    }
+}
+
+async fn patch_status(
+    api: &Api<ClusterClaudeKeySource>,
+    source: &ClusterClaudeKeySource,
+    status: &SourceStatus,
+) -> Result<(), kube::Error> {
+    let patch = serde_json::json!({
+        "metadata": { "resourceVersion": source.meta().resource_version },
+        "status": status,
+    });
+    api.patch_status(&source.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+}
+
+/// The leader's loop: waits for the ClaudeKey cache, then retires what can be retired.
+pub async fn retire_forever(store: Store<ClaudeKey>, ctx: Arc<Context>) {
+    if store.wait_until_ready().await.is_err() {
+        return;
+    }
+    loop {
+        tokio::time::sleep(PASS_INTERVAL).await;
+        if let Err(error) = retire_once(&store, &ctx).await {
+            tracing::warn!(%error, "retirement pass failed");
+        }
+    }
+}
+
+/// One pass over every cluster source that may retire keys and has some queued.
+pub async fn retire_once(store: &Store<ClaudeKey>, ctx: &Context) -> Result<(), kube::Error> {
+    let api: Api<ClusterClaudeKeySource> = Api::all(ctx.client.clone());
+    for source in api.list(&ListParams::default()).await? {
+        let queued = source.status.as_ref().map(|s| s.retiring.len()).unwrap_or(0);
+        if source.spec.anthropic_admin.is_some() && queued > 0 {
+            retire_source(store, ctx, &api, &source).await;
+        }
+    }
+    Ok(())
+}
+
+async fn retire_source(
+    store: &Store<ClaudeKey>,
+    ctx: &Context,
+    api: &Api<ClusterClaudeKeySource>,
+    source: &ClusterClaudeKeySource,
+) {
+    let live: HashSet<String> = store.state().iter().filter_map(|ck| ck.uid()).collect();
+    let now = Utc::now();
+    let status = source.status.clone().unwrap_or_default();
+    let free: Vec<&SourceKeyStatus> = status
+        .retiring
+        .iter()
+        .filter(|k| ctx.keys_in_use.in_use(&k.fingerprint, &live, now) == Some(false))
+        .collect();
+    if free.is_empty() {
+        return;
+    }
+    let Some(admin_spec) = &source.spec.anthropic_admin else {
+        return;
+    };
+    let admin = match admin_client_for(&ctx.client, &ctx.namespace, admin_spec, &ctx.anthropic_url)
+        .await
+    {
+        Ok(admin) => admin,
+        Err(e) => {
+            let note = e.to_string();
+            tracing::warn!(source = source.name_any(), %note, "cannot retire replaced upstream keys");
+            source_event(ctx, source, true, super::conditions::event::ADMIN_API_ERROR, note).await;
+            return;
+        }
+    };
+    let mut next = status.clone();
+    for key in free {
+        let Some(hint) = &key.hint else { continue };
+        let outcome = retire_hint(&admin, hint, None).await;
+        ctx.admin_metrics.retired(&outcome);
+        let shown = format!("{} ({hint})", key.fingerprint);
+        source_event(ctx, source, !outcome.is_success(), outcome.reason(), outcome.message(&shown)).await;
+        tracing::info!(source = source.name_any(), fingerprint = key.fingerprint, reason = outcome.reason(), "upstream key retirement");
+        next.retired.push(outcome.record(hint, Utc::now()));
+        if leaves_queue(&outcome) {
+            next.retiring.retain(|r| r.fingerprint != key.fingerprint);
+        }
+        if matches!(outcome, RetireOutcome::Failed { .. }) {
+            break;
+        }
+    }
+    let keep_from = next.retired.len().saturating_sub(RETIRED_KEPT);
+    next.retired.drain(..keep_from);
+    if let Err(error) = patch_status(api, source, &next).await {
+        tracing::warn!(source = source.name_any(), %error, "failed to record retirements");
+    }
+}
+
+/// Retired, already inactive and not found leave the queue (no retry could do better);
+/// ambiguous and failed stay queued: nothing was changed at Anthropic.
+fn leaves_queue(outcome: &RetireOutcome) -> bool {
+    matches!(
+        outcome,
+        RetireOutcome::Retired { .. } | RetireOutcome::AlreadyInactive { .. } | RetireOutcome::NotFound
+    )
+}
+
+async fn source_event(
+    ctx: &Context,
+    source: &ClusterClaudeKeySource,
+    warning: bool,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_: if warning { EventType::Warning } else { EventType::Normal },
+        reason: reason.to_string(),
+        note: Some(note),
+        action: "Retire".to_string(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &source.object_ref(&())).await {
+        tracing::warn!(%error, reason, "failed to record an Event on the source");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(fp: &str) -> SourceKeyStatus {
+        SourceKeyStatus {
+            fingerprint: fp.into(),
+            hint: Some(format!("sk-ant-api03-…{fp}")),
+        }
+    }
+
+    #[test]
+    fn a_replaced_key_is_queued_only_when_the_source_may_retire() {
+        let first = record_key(&SourceStatus::default(), &key("up:1"), "kubernetes:a", true).unwrap();
+        assert_eq!(first.current, Some(key("up:1")));
+        assert!(first.retiring.is_empty());
+        assert_eq!(record_key(&first, &key("up:1"), "kubernetes:a", true), None, "steady state");
+        let second = record_key(&first, &key("up:2"), "kubernetes:a", true).unwrap();
+        assert_eq!(second.retiring, vec![key("up:1")]);
+        let plain = record_key(&first, &key("up:2"), "kubernetes:a", false).unwrap();
+        assert!(plain.retiring.is_empty());
+        // Back to the old key: it is not retired.
+        let back = record_key(&second, &key("up:1"), "kubernetes:a", true).unwrap();
+        assert_eq!(back.retiring, vec![key("up:2")]);
+    }
+
+    fn ck(uid: &str) -> ClaudeKey {
+        let mut ck: ClaudeKey = serde_yaml::from_str(
+            "apiVersion: claudekey.io/v1alpha2\nkind: ClaudeKey\nmetadata: { name: x, namespace: n }\nspec:\n  sourceRef: { kind: ClusterClaudeKeySource, name: s }\n",
+        )
+        .unwrap();
+        ck.metadata.uid = Some(uid.into());
+        ck
+    }
+
+    #[test]
+    fn a_key_is_free_only_when_every_live_claudekey_was_seen_and_none_uses_it() {
+        let now: DateTime<Utc> = "2026-12-01T10:00:00Z".parse().unwrap();
+        let keys = KeysInUse::default();
+        let live: HashSet<String> = ["a".to_string(), "b".to_string()].into();
+        let used = |fp: &str, until: Option<DateTime<Utc>>| UsedKey {
+            fingerprint: fp.into(),
+            until,
+        };
+        keys.record(&ck("a"), vec![used("up:2", None)]);
+        assert_eq!(keys.in_use("up:1", &live, now), None, "b not seen yet");
+        keys.record(
+            &ck("b"),
+            vec![used("up:2", None), used("up:1", Some(now + chrono::TimeDelta::minutes(5)))],
+        );
+        assert_eq!(keys.in_use("up:1", &live, now), Some(true), "b's grace");
+        assert_eq!(
+            keys.in_use("up:1", &live, now + chrono::TimeDelta::minutes(5)),
+            Some(false),
+            "grace over"
+        );
+        // A deleted ClaudeKey no longer counts, and is dropped from the map.
+        keys.record(&ck("gone"), vec![used("up:1", None)]);
+        assert_eq!(keys.in_use("up:1", &live, now + chrono::TimeDelta::hours(1)), Some(false));
+    }
+}

@@ -1,0 +1,274 @@
+//! Which upstream key a ClaudeKey may use (DESIGN.md §10): its `sourceRef` resolved to a
+//! ClusterClaudeKeySource that grants its namespace, or a ClaudeKeySource in its own namespace.
+//! `authorize` is the rule, pure; `resolve` only gathers what it needs from the API.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{Api, Client, ResourceExt};
+
+use super::apply::{Error, safe_reason};
+use super::conditions::reason;
+use crate::crd::{
+    AnthropicAdminSpec, ClaudeKey, ClaudeKeySource, ClusterClaudeKeySource, Placement, SourceKind,
+    SourceRef, SourceSpec,
+};
+
+/// A source this ClaudeKey may use, in the form the rest of the reconcile needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Granted {
+    /// `Kind/name (backend)`, for status and messages.
+    pub description: String,
+    pub backend: SourceSpec,
+    pub placement: Placement,
+    /// Only cluster sources can retire keys at Anthropic.
+    pub admin: Option<AnthropicAdminSpec>,
+    /// The cluster source's name, whose status records its keys.
+    pub cluster_source: Option<String>,
+}
+
+/// The outcome of authorization: a grant, or why not and what to do about it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Resolution {
+    Granted(Granted),
+    Refused {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// What the API holds for a sourceRef.
+pub enum Found {
+    Cluster(ClusterClaudeKeySource),
+    Namespaced(ClaudeKeySource),
+    Missing,
+}
+
+/// The rule: a cluster source only for namespaces it allows, a namespaced source only in its own
+/// namespace (the lookup is namespaced, so another namespace's source is simply not found).
+pub fn authorize(
+    namespace: &str,
+    namespace_labels: &BTreeMap<String, String>,
+    source_ref: &SourceRef,
+    found: Found,
+) -> Resolution {
+    match found {
+        Found::Missing => Resolution::Refused {
+            reason: reason::SOURCE_NOT_FOUND,
+            message: match source_ref.kind {
+                SourceKind::ClusterClaudeKeySource => format!(
+                    "ClusterClaudeKeySource {} does not exist; ask the platform team for a source granted to namespace {namespace}",
+                    source_ref.name
+                ),
+                SourceKind::ClaudeKeySource => format!(
+                    "ClaudeKeySource {namespace}/{} does not exist; a ClaudeKey can only use a ClaudeKeySource of its own namespace",
+                    source_ref.name
+                ),
+            },
+        },
+        Found::Cluster(source) => {
+            let name = source.name_any();
+            if !source
+                .spec
+                .allowed_namespaces
+                .allows(namespace, namespace_labels)
+            {
+                return Resolution::Refused {
+                    reason: reason::SOURCE_NOT_ALLOWED,
+                    message: format!(
+                        "ClusterClaudeKeySource {name} does not allow namespace {namespace}: the platform team must add it to spec.allowedNamespaces.names or label the namespace to match spec.allowedNamespaces.selector"
+                    ),
+                };
+            }
+            let backend = source.spec.backend();
+            Resolution::Granted(Granted {
+                description: format!("ClusterClaudeKeySource/{name} ({})", backend.describe()),
+                backend,
+                placement: source.spec.placement,
+                admin: source.spec.anthropic_admin.clone(),
+                cluster_source: Some(name),
+            })
+        }
+        Found::Namespaced(source) => {
+            let backend = source.spec.backend(namespace);
+            Resolution::Granted(Granted {
+                description: format!(
+                    "ClaudeKeySource/{} ({})",
+                    source.name_any(),
+                    backend.describe()
+                ),
+                backend,
+                placement: Placement::Namespace,
+                admin: None,
+                cluster_source: None,
+            })
+        }
+    }
+}
+
+/// Reads the source a ClaudeKey names (and its namespace's labels when a selector needs them)
+/// and authorizes it.
+pub async fn resolve(client: &Client, ck: &ClaudeKey) -> Result<Resolution, Error> {
+    let namespace = ck.namespace().ok_or(Error::NoNamespace)?;
+    let source_ref = &ck.spec.source_ref;
+    let read = |kind: &'static str| {
+        let name = source_ref.name.clone();
+        move |e: kube::Error| Error::ReadSource {
+            kind,
+            name,
+            reason: safe_reason(&e),
+        }
+    };
+    let found = match source_ref.kind {
+        SourceKind::ClusterClaudeKeySource => {
+            Api::<ClusterClaudeKeySource>::all(client.clone())
+                .get_opt(&source_ref.name)
+                .await
+                .map_err(read("ClusterClaudeKeySource"))?
+                .map_or(Found::Missing, Found::Cluster)
+        }
+        SourceKind::ClaudeKeySource => Api::<ClaudeKeySource>::namespaced(client.clone(), &namespace)
+            .get_opt(&source_ref.name)
+            .await
+            .map_err(read("ClaudeKeySource"))?
+            .map_or(Found::Missing, Found::Namespaced),
+    };
+    let needs_labels = matches!(&found, Found::Cluster(s)
+        if s.spec.allowed_namespaces.selector.is_some()
+            && !s.spec.allowed_namespaces.names.contains(&namespace));
+    let labels = if needs_labels {
+        Api::<Namespace>::all(client.clone())
+            .get_opt(&namespace)
+            .await
+            .map_err(|e| Error::ReadSource {
+                kind: "Namespace",
+                name: namespace.clone(),
+                reason: safe_reason(&e),
+            })?
+            .map(|ns| ns.labels().clone())
+            .unwrap_or_default()
+    } else {
+        BTreeMap::new()
+    };
+    Ok(authorize(&namespace, &labels, source_ref, found))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{AllowedNamespaces, ClusterClaudeKeySourceSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+    fn cluster(allowed: AllowedNamespaces) -> Found {
+        let spec: ClusterClaudeKeySourceSpec = serde_json::from_value(serde_json::json!({
+            "kubernetesSecret": { "name": "anthropic-support", "key": "api-key" },
+        }))
+        .unwrap();
+        let mut source = ClusterClaudeKeySource::new(
+            "support",
+            ClusterClaudeKeySourceSpec {
+                allowed_namespaces: allowed,
+                ..spec
+            },
+        );
+        source.metadata.name = Some("support".into());
+        Found::Cluster(source)
+    }
+
+    fn cluster_ref() -> SourceRef {
+        SourceRef {
+            kind: SourceKind::ClusterClaudeKeySource,
+            name: "support".into(),
+        }
+    }
+
+    fn refused_reason(r: &Resolution) -> Option<&'static str> {
+        match r {
+            Resolution::Refused { reason, .. } => Some(reason),
+            Resolution::Granted(_) => None,
+        }
+    }
+
+    #[test]
+    fn a_cluster_source_serves_only_the_namespaces_it_allows() {
+        let by_name = AllowedNamespaces {
+            names: vec!["team-a".into()],
+            selector: None,
+        };
+        let none = BTreeMap::new();
+        let granted = authorize("team-a", &none, &cluster_ref(), cluster(by_name.clone()));
+        let Resolution::Granted(g) = granted else {
+            panic!("team-a is allowed")
+        };
+        assert_eq!(g.placement, Placement::Gateway);
+        assert_eq!(g.cluster_source.as_deref(), Some("support"));
+        assert_eq!(g.backend.secret_namespace, None);
+        let refused = authorize("team-b", &none, &cluster_ref(), cluster(by_name));
+        assert_eq!(refused_reason(&refused), Some(reason::SOURCE_NOT_ALLOWED));
+        let Resolution::Refused { message, .. } = refused else {
+            unreachable!()
+        };
+        assert!(message.contains("allowedNamespaces") && message.contains("team-b"));
+        // Nobody when nothing is granted.
+        let nobody = authorize(
+            "team-a",
+            &none,
+            &cluster_ref(),
+            cluster(AllowedNamespaces::default()),
+        );
+        assert_eq!(refused_reason(&nobody), Some(reason::SOURCE_NOT_ALLOWED));
+    }
+
+    #[test]
+    fn a_selector_grant_follows_the_namespace_labels() {
+        let by_label = AllowedNamespaces {
+            names: vec![],
+            selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([(
+                    "claudekey.io/source-support".to_string(),
+                    "allowed".to_string(),
+                )])),
+                match_expressions: None,
+            }),
+        };
+        let labelled = BTreeMap::from([(
+            "claudekey.io/source-support".to_string(),
+            "allowed".to_string(),
+        )]);
+        let yes = authorize("team-c", &labelled, &cluster_ref(), cluster(by_label.clone()));
+        assert_eq!(refused_reason(&yes), None);
+        let no = authorize("team-c", &BTreeMap::new(), &cluster_ref(), cluster(by_label));
+        assert_eq!(refused_reason(&no), Some(reason::SOURCE_NOT_ALLOWED));
+    }
+
+    #[test]
+    fn a_namespaced_source_reads_its_own_namespace_and_places_there() {
+        let spec = serde_json::from_value(serde_json::json!({
+            "kubernetesSecret": { "name": "my-key" }
+        }))
+        .unwrap();
+        let mut source = ClaudeKeySource::new("own", spec);
+        source.metadata.namespace = Some("team-b".into());
+        let r = authorize(
+            "team-b",
+            &BTreeMap::new(),
+            &SourceRef {
+                kind: SourceKind::ClaudeKeySource,
+                name: "own".into(),
+            },
+            Found::Namespaced(source),
+        );
+        let Resolution::Granted(g) = r else {
+            panic!("own source")
+        };
+        assert_eq!(g.placement, Placement::Namespace);
+        assert_eq!(g.backend.secret_namespace.as_deref(), Some("team-b"));
+        assert_eq!(g.admin, None);
+    }
+
+    #[test]
+    fn a_missing_source_says_what_to_ask_for() {
+        let r = authorize("team-a", &BTreeMap::new(), &cluster_ref(), Found::Missing);
+        assert_eq!(refused_reason(&r), Some(reason::SOURCE_NOT_FOUND));
+    }
+}
