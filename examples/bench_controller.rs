@@ -22,7 +22,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use claudekey::crd::{ClaudeKey, condition};
+use claudekey::crd::{ClaudeKey, ClusterClaudeKeySource, condition};
 
 #[derive(Parser)]
 #[command(
@@ -90,10 +90,10 @@ async fn controller_reconciles(url: &str) -> anyhow::Result<f64> {
 
 fn claudekey(name: &str) -> anyhow::Result<ClaudeKey> {
     Ok(serde_json::from_value(json!({
-        "apiVersion": "claudekey.io/v1alpha1", "kind": "ClaudeKey",
+        "apiVersion": "claudekey.io/v1alpha2", "kind": "ClaudeKey",
         "metadata": { "name": name, "labels": { LABEL: "1" } },
         "spec": {
-            "source": { "kubernetesSecret": { "name": "bench-upstream", "key": "api-key" } },
+            "sourceRef": { "kind": "ClusterClaudeKeySource", "name": "bench" },
             "scope": { "models": ["claude-haiku-*"], "maxTokens": 1024 },
         }
     }))?)
@@ -109,13 +109,24 @@ async fn main() -> anyhow::Result<()> {
         .map(|i| format!("bench-{run}-{i}"))
         .collect();
     for ns in &namespaces {
-        let body: Namespace = serde_json::from_value(json!({ "metadata": { "name": ns } }))?;
+        let body: Namespace =
+            serde_json::from_value(json!({ "metadata": { "name": ns, "labels": { LABEL: "1" } } }))?;
         Api::<Namespace>::all(client.clone())
             .create(&PostParams::default(), &body)
             .await?;
     }
+    let source: ClusterClaudeKeySource = serde_json::from_value(json!({
+        "metadata": { "name": "bench" },
+        "spec": {
+            "kubernetesSecret": { "name": "bench-upstream", "key": "api-key" },
+            "allowedNamespaces": { "selector": { "matchLabels": { LABEL: "1" } } },
+        },
+    }))?;
+    let sources = Api::<ClusterClaudeKeySource>::all(client.clone());
+    let _ = sources.delete("bench", &DeleteParams::default()).await;
+    sources.create(&PostParams::default(), &source).await?;
     let upstream: Secret = serde_json::from_value(json!({
-        "metadata": { "name": "bench-upstream" },
+        "metadata": { "name": "bench-upstream", "labels": { "claudekey.io/upstream-key": "true" } },
         "stringData": { "api-key": format!("sk-ant-api03-{}AA", "BenchUpstream_".repeat(7)) },
     }))?;
     let secrets = Api::<Secret>::namespaced(client.clone(), &args.operator_namespace);

@@ -193,6 +193,7 @@ check_default_install() { # namespace
   kubectl create namespace "$team" >/dev/null
   kubectl -n "$ns" create secret generic rbac-upstream \
     --from-literal=api-key="sk-ant-api03-chart-rbac-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')AA" >/dev/null
+  kubectl -n "$ns" label secret rbac-upstream claudekey.io/upstream-key=true >/dev/null
   kubectl config view --raw --minify >"$kc"
   KUBECONFIG=$kc kubectl config set-credentials controller-sa \
     --token="$(kubectl create token "$RELEASE-controller" -n "$ns")" >/dev/null
@@ -201,12 +202,18 @@ check_default_install() { # namespace
     --usage-interval 0s >"$WORK/controller-sa.log" 2>&1 &
   ctl_pid=$!
   kubectl apply -f - >/dev/null <<EOF
-apiVersion: claudekey.io/v1alpha1
+apiVersion: claudekey.io/v1alpha2
+kind: ClusterClaudeKeySource
+metadata: { name: rbac-probe }
+spec:
+  kubernetesSecret: { name: rbac-upstream, key: api-key }
+  allowedNamespaces: { names: [$team] }
+---
+apiVersion: claudekey.io/v1alpha2
 kind: ClaudeKey
 metadata: { name: rbac-probe, namespace: $team }
 spec:
-  source:
-    kubernetesSecret: { name: rbac-upstream, key: api-key }
+  sourceRef: { kind: ClusterClaudeKeySource, name: rbac-probe }
   scope: { models: ["claude-haiku-*"] }
 EOF
   local ready=0
@@ -217,7 +224,13 @@ EOF
     tail -20 "$WORK/controller-sa.log" >&2
     die "the controller, as its ServiceAccount, did not make a ClaudeKey Ready"
   fi
-  get secret -n "$team" rbac-probe-client rbac-probe-proxy >/dev/null
+  get secret -n "$team" rbac-probe-client >/dev/null
+  # Placement gateway: the upstream key went to the release namespace only.
+  [[ -n $(kubectl -n "$ns" get secret -l "claudekey.io/config=gateway,claudekey.io/namespace=$team" -o name) ]] \
+    || die "no gateway config Secret in $ns for the probe"
+  if kubectl -n "$team" get secret rbac-probe-proxy >/dev/null 2>&1; then
+    die "placement gateway wrote a -proxy Secret into $team"
+  fi
   get lease -n "$ns" claudekey-controller >/dev/null
   if grep -qiE 'forbidden|cannot (get|list|watch|create|patch|update)' "$WORK/controller-sa.log"; then
     grep -iE 'forbidden|cannot' "$WORK/controller-sa.log" | head -5 >&2
@@ -301,13 +314,15 @@ done
 # 6. samples accepted by the apiserver (no webhook installed now: schema and CEL only)
 # ---------------------------------------------------------------------------
 # --force-conflicts: the Rust tests applied the same CRD before, under their own field manager.
-kubectl apply --server-side --force-conflicts -f "$ROOT/crds/claudekey.io_claudekeys.yaml" >/dev/null
-kubectl wait --for=condition=Established --timeout=60s crd/claudekeys.claudekey.io >/dev/null
-kubectl apply -f "$ROOT/deploy/samples/00-namespaces.yaml" >/dev/null
-for f in "$ROOT"/deploy/samples/[1-9]*.yaml "$ROOT"/deploy/samples/bad/*.yaml; do
+kubectl apply --server-side --force-conflicts -f "$ROOT/crds/" >/dev/null
+kubectl wait --for=condition=Established --timeout=60s crd/claudekeys.claudekey.io \
+  crd/clusterclaudekeysources.claudekey.io crd/claudekeysources.claudekey.io >/dev/null
+kubectl get namespace claudekey-system >/dev/null 2>&1 || kubectl create namespace claudekey-system >/dev/null
+kubectl apply -f "$ROOT/deploy/samples/00-namespace-team-a.yaml" >/dev/null
+for f in "$ROOT"/deploy/samples/[1-9]*.yaml "$ROOT"/deploy/samples/backends/*.yaml "$ROOT"/deploy/samples/bad/*.yaml; do
   out=$(kubectl apply --dry-run=server -f "$f" 2>&1) || die "apiserver refused ${f#"$ROOT"/}:"$'\n'"$out"
 done
-kubectl delete -f "$ROOT/deploy/samples/00-namespaces.yaml" --wait=false >/dev/null
+kubectl delete -f "$ROOT/deploy/samples/00-namespace-team-a.yaml" --wait=false >/dev/null
 log "ok   deploy/samples accepted by the apiserver (--dry-run=server)"
 
 # ---------------------------------------------------------------------------

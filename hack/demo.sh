@@ -67,11 +67,13 @@ source "$CLAUDEKEY_STATE_DIR/env"
 kubectl() { "$CLAUDEKEY_TEST_KUBECTL" "$@"; }
 note "kube-apiserver at $CLAUDEKEY_TEST_APISERVER (kubeconfig: $KUBECONFIG)"
 
-say "Installing the ClaudeKey CRD and the sample namespaces"
+say "Installing the CRDs (ClaudeKey, ClusterClaudeKeySource, ClaudeKeySource) and the namespaces"
 kubectl apply --server-side -f crds/ >/dev/null
-kubectl wait --for=condition=Established crd/claudekeys.claudekey.io --timeout=60s >/dev/null
-kubectl apply -f deploy/samples/00-namespaces.yaml >/dev/null
-note "$(kubectl get crd claudekeys.claudekey.io -o name) established"
+kubectl wait --for=condition=Established crd/claudekeys.claudekey.io \
+  crd/clusterclaudekeysources.claudekey.io crd/claudekeysources.claudekey.io --timeout=60s >/dev/null
+kubectl create namespace "$OPERATOR_NS" >/dev/null
+kubectl apply -f deploy/samples/00-namespace-team-a.yaml >/dev/null
+note "$(kubectl get crd -o name | grep claudekey.io | tr '\n' ' ')established"
 
 # A made-up upstream key that only the fake upstream knows. It never leaves this machine and the
 # demo never prints it: everything below shows fingerprints.
@@ -82,9 +84,11 @@ UPSTREAM=http://127.0.0.1:$UPSTREAM_PORT
 wait_for "the fake Anthropic upstream" 30 curl -s -o /dev/null "$UPSTREAM/"
 note "fake Anthropic API at $UPSTREAM"
 
-say "Storing the upstream key in the embedded default backend: Secret $OPERATOR_NS/anthropic-support-bot"
-kubectl -n "$OPERATOR_NS" create secret generic anthropic-support-bot \
+say "Storing the upstream key in the embedded default backend: Secret $OPERATOR_NS/anthropic-support"
+note "labelled claudekey.io/upstream-key=true: the controller reads no other Secret of $OPERATOR_NS"
+kubectl -n "$OPERATOR_NS" create secret generic anthropic-support \
   --from-literal=api-key="$UPSTREAM_KEY" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl -n "$OPERATOR_NS" label secret anthropic-support claudekey.io/upstream-key=true >/dev/null
 
 GATEWAY_PORT=$(free_port)
 CONTROLLER_METRICS=$(free_port)
@@ -140,13 +144,19 @@ webhooks:
 EOF
 note "webhook serving https://127.0.0.1:$WEBHOOK_PORT (/validate, /mutate) for namespace $NS"
 
-say "Applying the sample ClaudeKey $NS/support-bot (grace period shortened to $GRACE for the demo)"
-sed "s/gracePeriod: 15m/gracePeriod: $GRACE/" deploy/samples/20-claudekey-kubernetes-secret.yaml | kubectl apply -f - >/dev/null
-kubectl -n "$NS" wait ck/support-bot --for=condition=Ready --timeout=60s >/dev/null
-kubectl -n "$NS" get ck support-bot
+say "The platform grants the source to $NS: ClusterClaudeKeySource support (placement gateway)"
+kubectl apply -f deploy/samples/15-cluster-source.yaml >/dev/null
+kubectl get ccks support
 note ""
-note "Secrets the controller wrote (keys never shown, only their fingerprints):"
+say "Applying the sample ClaudeKey $NS/support-bot (grace period shortened to $GRACE for the demo)"
+sed "s/gracePeriod: 15m/gracePeriod: $GRACE/" deploy/samples/20-claudekey.yaml | kubectl apply -f - >/dev/null
+kubectl -n "$NS" wait ck/support-bot --for=condition=Ready --timeout=60s >/dev/null
+kubectl -n "$NS" get ck support-bot -o wide
+note ""
+note "Secrets the controller wrote (keys never shown, only their fingerprints). In $NS, only the"
+note "workload key; the upstream key stays in $OPERATOR_NS, in the gateway's config Secret:"
 kubectl -n "$NS" get secrets -l app.kubernetes.io/managed-by=claudekey
+kubectl -n "$OPERATOR_NS" get secrets -l claudekey.io/config=gateway
 note "status.workloadKey: $(kubectl -n "$NS" get ck support-bot -o jsonpath='{.status.workloadKey}')"
 note "status.upstream:    $(kubectl -n "$NS" get ck support-bot -o jsonpath='{.status.upstream}')"
 
@@ -176,14 +186,15 @@ note "app env: $(kubectl -n "$NS" get pod support-bot-demo -o jsonpath='{range .
 note "(no kubelet here, so the pod stays Pending; on a real cluster it starts with the sidecar)"
 
 # The kubelet's job, done by hand: keep a directory in the kubelet's ..data layout in sync with
-# the -proxy Secret, so the proxy reloads rotated keys the way it does in a pod.
+# the gateway config Secret, so the proxy reloads rotated keys the way it does in a pod.
 PROXY_DIR=$DEMO/proxy-config
 sync_proxy_secret() {
   local stamp tmp
   stamp=$(date +%s%N)
   tmp=$PROXY_DIR/..$stamp
   mkdir -p "$tmp"
-  kubectl -n "$NS" get secret support-bot-proxy -o jsonpath='{.data.proxy\.json}' | base64 -d >"$tmp/proxy.json"
+  kubectl -n "$OPERATOR_NS" get secret -l "claudekey.io/config=gateway,claudekey.io/namespace=$NS" \
+    -o jsonpath='{.items[0].data.proxy\.json}' | base64 -d >"$tmp/proxy.json"
   ln -sfn "..$stamp" "$PROXY_DIR/..data_tmp" && mv -T "$PROXY_DIR/..data_tmp" "$PROXY_DIR/..data"
   ln -sfn ..data/proxy.json "$PROXY_DIR/proxy.json"
 }
@@ -226,7 +237,8 @@ kubectl -n "$NS" get ck support-bot
 
 say "Done. Next steps"
 note "On a real cluster: helm install claudekey charts/claudekey -n claudekey-system --create-namespace"
-note "then apply a ClaudeKey (deploy/samples/) and annotate pods with claudekey.io/inject: <name>."
+note "then grant a source (ClusterClaudeKeySource), apply a ClaudeKey (deploy/samples/) and"
+note "annotate pods with claudekey.io/inject: <name>."
 note "Check manifests offline: helm template ... | claudekey scan -"
 note "Logs of this run: $DEMO/*.log; kubeconfig: $KUBECONFIG"
 if [[ ${CLAUDEKEY_DEMO_EXIT:-0} == 1 ]]; then exit 0; fi

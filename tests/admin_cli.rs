@@ -37,13 +37,26 @@ async fn setup(client: &kube::Client) -> (String, String, Api<ClaudeKey>) {
     let ns = support::namespace(client, "admin-cli").await;
     let op = support::namespace(client, "admin-op").await;
     let cks: Api<ClaudeKey> = Api::namespaced(client.clone(), &ns);
-    let ck: ClaudeKey = serde_json::from_value(json!({
-        "apiVersion": "claudekey.io/v1alpha1", "kind": "ClaudeKey",
-        "metadata": { "name": "bot", "namespace": ns },
+    let source = format!("{ns}.bot");
+    let cluster_source: claudekey::crd::ClusterClaudeKeySource = serde_json::from_value(json!({
+        "apiVersion": "claudekey.io/v1alpha2", "kind": "ClusterClaudeKeySource",
+        "metadata": { "name": source },
         "spec": {
-            "source": { "kubernetesSecret": { "name": "up", "key": "api-key" } },
+            "kubernetesSecret": { "name": "up", "key": "api-key" },
+            "allowedNamespaces": { "names": [ns] },
+            "placement": "namespace",
             "anthropicAdmin": { "adminKeySecretRef": { "name": "anthropic-admin", "key": "admin-key" } }
         }
+    }))
+    .unwrap();
+    Api::<claudekey::crd::ClusterClaudeKeySource>::all(client.clone())
+        .create(&PostParams::default(), &cluster_source)
+        .await
+        .expect("create ClusterClaudeKeySource");
+    let ck: ClaudeKey = serde_json::from_value(json!({
+        "apiVersion": "claudekey.io/v1alpha2", "kind": "ClaudeKey",
+        "metadata": { "name": "bot", "namespace": ns },
+        "spec": { "sourceRef": { "kind": "ClusterClaudeKeySource", "name": source } }
     }))
     .unwrap();
     cks.create(&PostParams::default(), &ck)

@@ -1,5 +1,6 @@
-//! The generated ClaudeKey CRD against a real kube-apiserver: accepted, defaults applied, printer
-//! columns served, and invalid objects refused with a message a person can act on.
+//! The generated CRDs (ClaudeKey and its sources) against a real kube-apiserver: accepted,
+//! defaults applied, printer columns served, and invalid objects refused with a message a person
+//! can act on.
 
 mod support;
 
@@ -10,11 +11,11 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use claudekey::crd::ClaudeKey;
+use claudekey::crd::{ClaudeKey, ClusterClaudeKeySource};
 
 fn claudekey_json(name: &str, spec: Value) -> DynamicObject {
     serde_json::from_value(json!({
-        "apiVersion": "claudekey.io/v1alpha1",
+        "apiVersion": "claudekey.io/v1alpha2",
         "kind": "ClaudeKey",
         "metadata": { "name": name },
         "spec": spec,
@@ -44,14 +45,32 @@ async fn refused(api: &Api<DynamicObject>, name: &str, spec: Value) -> Status {
 }
 
 fn k8s_source() -> Value {
-    json!({ "kubernetesSecret": { "name": "anthropic-support-bot" } })
+    json!({ "kind": "ClusterClaudeKeySource", "name": "support" })
+}
+
+/// Creates a ClusterClaudeKeySource and returns the apiserver's answer.
+async fn create_source(client: &Client, name: &str, spec: Value) -> Result<(), Status> {
+    let resource = ApiResource::erase::<ClusterClaudeKeySource>(&());
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+    let object: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "claudekey.io/v1alpha2",
+        "kind": "ClusterClaudeKeySource",
+        "metadata": { "name": name },
+        "spec": spec,
+    }))
+    .unwrap();
+    match api.create(&PostParams::default(), &object).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) => Err(*status),
+        Err(other) => panic!("{name}: unexpected error {other}"),
+    }
 }
 
 #[tokio::test]
 async fn valid_claudekey_is_stored_with_defaults() {
     let (client, api, ns) = setup().await;
     let spec = json!({
-        "source": k8s_source(),
+        "sourceRef": k8s_source(),
         "scope": { "models": ["claude-sonnet-4-*", "claude-haiku-*"], "maxTokens": 4096 },
         "limits": { "requestsPerMinute": 50, "tokensPerMinute": 40000, "perUserRequestsPerHour": 20 },
         "rotation": { "interval": "2160h", "gracePeriod": "15m" },
@@ -66,11 +85,7 @@ async fn valid_claudekey_is_stored_with_defaults() {
     let typed: Api<ClaudeKey> = Api::namespaced(client, &ns);
     let stored = typed.get("support-bot").await.expect("get typed");
     let spec = &stored.spec;
-    assert_eq!(spec.source.refresh_interval.as_str(), "5m");
-    assert_eq!(
-        spec.source.kubernetes_secret.as_ref().unwrap().key,
-        "api-key"
-    );
+    assert_eq!(spec.source_ref.name, "support");
     assert_eq!(spec.scope.endpoints.len(), 3, "default endpoints");
     assert_eq!(
         spec.data_protection.prompt_injection,
@@ -84,7 +99,7 @@ async fn minimal_claudekey_gets_every_default() {
     let (client, api, ns) = setup().await;
     api.create(
         &PostParams::default(),
-        &claudekey_json("minimal", json!({ "source": k8s_source() })),
+        &claudekey_json("minimal", json!({ "sourceRef": k8s_source() })),
     )
     .await
     .expect("create");
@@ -101,13 +116,13 @@ async fn printer_columns_are_served() {
     let (client, api, ns) = setup().await;
     api.create(
         &PostParams::default(),
-        &claudekey_json("columns", json!({ "source": k8s_source() })),
+        &claudekey_json("columns", json!({ "sourceRef": k8s_source() })),
     )
     .await
     .expect("create");
     // What `kubectl get ck` asks for: the server-side Table rendering.
     let request = http::Request::get(format!(
-        "/apis/claudekey.io/v1alpha1/namespaces/{ns}/claudekeys"
+        "/apis/claudekey.io/v1alpha2/namespaces/{ns}/claudekeys"
     ))
     .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
     .body(Vec::new())
@@ -124,24 +139,38 @@ async fn printer_columns_are_served() {
         [
             "Name",
             "Ready",
+            "Reason",
             "Source",
+            "Placement",
             "Key",
             "Upstream",
             "Next Rotation",
             "Age"
         ]
     );
+    // Placement shows with `-o wide` only.
+    let placement = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "Placement")
+        .unwrap();
+    assert_eq!(placement["priority"], 1);
     assert_eq!(table["rows"].as_array().map(Vec::len), Some(1));
 }
 
 #[tokio::test]
-async fn exactly_one_source_is_required() {
-    let (_, api, _) = setup().await;
+async fn a_source_names_exactly_one_backend() {
+    let client = support::client().await;
+    support::install_crd(&client).await;
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let two = json!({
         "kubernetesSecret": { "name": "a" },
         "vault": { "path": "claude/a" },
     });
-    let err = refused(&api, "two-sources", json!({ "source": two })).await;
+    let err = create_source(&client, &format!("two-{suffix}"), two)
+        .await
+        .expect_err("two backends");
     assert_eq!(err.code, 422);
     assert!(
         err.message
@@ -149,21 +178,74 @@ async fn exactly_one_source_is_required() {
         "{}",
         err.message
     );
+    let err = create_source(
+        &client,
+        &format!("none-{suffix}"),
+        json!({ "refreshInterval": "5m" }),
+    )
+    .await
+    .expect_err("no backend");
+    assert!(err.message.contains("set exactly one"), "{}", err.message);
+    // Stored with its defaults: placement gateway, nobody allowed.
+    create_source(
+        &client,
+        &format!("ok-{suffix}"),
+        json!({ "kubernetesSecret": { "name": "anthropic-support" } }),
+    )
+    .await
+    .expect("a valid source");
+    let stored = Api::<ClusterClaudeKeySource>::all(client)
+        .get(&format!("ok-{suffix}"))
+        .await
+        .unwrap();
+    assert_eq!(stored.spec.placement, claudekey::crd::Placement::Gateway);
+    assert!(stored.spec.allowed_namespaces.names.is_empty());
+    assert_eq!(stored.spec.refresh_interval.as_str(), "5m");
+}
 
+#[tokio::test]
+async fn floors_refuse_a_second_with_the_field_named() {
+    let (client, api, _) = setup().await;
     let err = refused(
         &api,
-        "no-source",
-        json!({ "source": { "refreshInterval": "5m" } }),
+        "every-second",
+        json!({ "sourceRef": k8s_source(), "rotation": { "interval": "1s", "gracePeriod": "0s" } }),
     )
     .await;
-    assert!(err.message.contains("set exactly one"), "{}", err.message);
+    assert_eq!(err.code, 422);
+    assert!(
+        err.message.contains("spec.rotation.interval")
+            && err.message.contains("at least 10m"),
+        "{}",
+        err.message
+    );
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let err = create_source(
+        &client,
+        &format!("poll-{suffix}"),
+        json!({ "kubernetesSecret": { "name": "a" }, "refreshInterval": "1s" }),
+    )
+    .await
+    .expect_err("1s refresh");
+    assert!(
+        err.message.contains("spec.refreshInterval") && err.message.contains("at least 10s"),
+        "{}",
+        err.message
+    );
+    let err = refused(
+        &api,
+        "bad-kind",
+        json!({ "sourceRef": { "kind": "Secret", "name": "anthropic-admin" } }),
+    )
+    .await;
+    assert!(err.message.contains("spec.sourceRef.kind"), "{}", err.message);
 }
 
 #[tokio::test]
 async fn grace_period_must_be_shorter_than_interval() {
     let (_, api, _) = setup().await;
     for (name, grace) in [("grace-equal", "24h"), ("grace-longer", "25h")] {
-        let spec = json!({ "source": k8s_source(), "rotation": { "interval": "24h", "gracePeriod": grace } });
+        let spec = json!({ "sourceRef": k8s_source(), "rotation": { "interval": "24h", "gracePeriod": grace } });
         let err = refused(&api, name, spec).await;
         assert!(
             err.message
@@ -220,7 +302,7 @@ async fn malformed_values_are_refused_with_the_field_named() {
         ),
     ];
     for (name, extra, field) in cases {
-        let mut spec = json!({ "source": k8s_source() });
+        let mut spec = json!({ "sourceRef": k8s_source() });
         spec.as_object_mut()
             .unwrap()
             .extend(extra.as_object().unwrap().clone());

@@ -1,10 +1,10 @@
 //! Checks on the files users copy: the chart's CRD copy, deploy/samples and deploy/monitoring.
 //! No cluster or helm needed; hack/chart-test.sh adds apiserver and promtool checks on top.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use claudekey::crd::{ClaudeKey, annotations, client_secret_name};
+use claudekey::crd::{ClaudeKey, ClusterClaudeKeySource, annotations, client_secret_name};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use regex::Regex;
@@ -52,59 +52,69 @@ fn raw_key_regex() -> Regex {
 
 #[test]
 fn chart_crd_is_a_copy_of_the_generated_crd() {
-    let top = read("crds/claudekey.io_claudekeys.yaml");
-    let chart = read("charts/claudekey/crds/claudekey.io_claudekeys.yaml");
-    assert!(
-        top == chart,
-        "charts/claudekey/crds/claudekey.io_claudekeys.yaml differs from crds/: \
-         cp crds/claudekey.io_claudekeys.yaml charts/claudekey/crds/"
-    );
+    let mut chart = String::new();
+    for file in yaml_files("crds") {
+        let name = file.file_name().unwrap().to_string_lossy().to_string();
+        let copy = read(&format!("charts/claudekey/crds/{name}"));
+        assert!(
+            read(&format!("crds/{name}")) == copy,
+            "charts/claudekey/crds/{name} differs from crds/: run hack/crdgen.sh"
+        );
+        chart.push_str(&copy);
+    }
     assert_eq!(
         chart,
         claudekey::crd::crd_yaml(),
-        "chart CRD differs from `claudekey crd`"
+        "chart CRDs differ from `claudekey crd`"
     );
 }
 
 #[test]
-fn samples_cover_every_backend_and_parse_as_claudekeys() {
-    let mut sources = BTreeSet::new();
-    let mut claudekeys = BTreeSet::new();
-    for file in yaml_files("deploy/samples") {
+fn samples_cover_every_backend_and_every_claudekey_has_a_granted_source() {
+    let mut backends = BTreeSet::new();
+    let mut sources: BTreeMap<String, ClusterClaudeKeySource> = BTreeMap::new();
+    let mut claudekeys = Vec::new();
+    let files = yaml_files("deploy/samples")
+        .into_iter()
+        .chain(yaml_files("deploy/samples/backends"));
+    for file in files {
         for doc in docs(&file) {
-            if kind(&doc) != "ClaudeKey" {
-                continue;
+            let parse_error = |e: serde_yaml::Error| -> ! { panic!("{}: {e}", file.display()) };
+            match kind(&doc) {
+                "ClusterClaudeKeySource" => {
+                    let source: ClusterClaudeKeySource =
+                        serde_yaml::from_value(doc.clone()).unwrap_or_else(|e| parse_error(e));
+                    backends.insert(source.spec.backend().describe().split(':').next().unwrap().to_string());
+                    sources.insert(source.metadata.name.clone().unwrap(), source);
+                }
+                "ClaudeKey" => {
+                    let ck: ClaudeKey = serde_yaml::from_value(doc.clone()).unwrap_or_else(|e| parse_error(e));
+                    claudekeys.push(ck);
+                }
+                "Namespace" => assert_ne!(
+                    doc["metadata"]["name"].as_str(),
+                    Some("claudekey-system"),
+                    "{}: deleting the samples must never delete the operator namespace",
+                    file.display()
+                ),
+                _ => {}
             }
-            let ck: ClaudeKey = serde_yaml::from_value(doc.clone())
-                .unwrap_or_else(|e| panic!("{} is not a valid ClaudeKey: {e}", file.display()));
-            let src = &ck.spec.source;
-            let set = [
-                src.kubernetes_secret.as_ref().map(|_| "kubernetesSecret"),
-                src.aws_secrets_manager
-                    .as_ref()
-                    .map(|_| "awsSecretsManager"),
-                src.vault.as_ref().map(|_| "vault"),
-            ];
-            let set: Vec<_> = set.into_iter().flatten().collect();
-            assert_eq!(
-                set.len(),
-                1,
-                "{}: exactly one source, got {set:?}",
-                file.display()
-            );
-            sources.insert(set[0]);
-            let meta = &ck.metadata;
-            claudekeys.insert((
-                meta.namespace.clone().expect("namespace"),
-                meta.name.clone().expect("name"),
-            ));
         }
     }
     assert_eq!(
-        sources,
-        BTreeSet::from(["awsSecretsManager", "kubernetesSecret", "vault"])
+        backends,
+        BTreeSet::from(["aws".to_string(), "kubernetes".to_string(), "vault".to_string()])
     );
-    assert!(claudekeys.contains(&("team-a".to_string(), "support-bot".to_string())));
+    for ck in &claudekeys {
+        let source = &sources[&ck.spec.source_ref.name];
+        let ns = ck.metadata.namespace.clone().expect("namespace");
+        assert!(
+            source.spec.allowed_namespaces.allows(&ns, &BTreeMap::new()),
+            "{} is not granted to {ns}",
+            ck.spec.source_ref.name
+        );
+    }
+    assert!(claudekeys.iter().any(|c| c.metadata.name.as_deref() == Some("support-bot")));
 }
 
 #[test]

@@ -217,9 +217,9 @@ impl Harness {
 
     async fn create_claudekey(&self, name: &str) {
         let ck: ClaudeKey = serde_json::from_value(json!({
-            "apiVersion": "claudekey.io/v1alpha1", "kind": "ClaudeKey",
+            "apiVersion": "claudekey.io/v1alpha2", "kind": "ClaudeKey",
             "metadata": {"name": name, "namespace": self.namespace},
-            "spec": {"source": {"kubernetesSecret": {"name": "anthropic-bot", "key": "api-key"}}},
+            "spec": {"sourceRef": {"kind": "ClusterClaudeKeySource", "name": "anthropic-bot"}},
         }))
         .expect("ClaudeKey");
         Api::<ClaudeKey>::namespaced(self.client.clone(), &self.namespace)

@@ -415,16 +415,7 @@ async fn controller(
             }
         }
     };
-    let retire = {
-        let (store, ctx) = (store.clone(), ctx.clone());
-        async move {
-            // "No ClaudeKey anywhere uses it" cannot be known while watching one namespace.
-            match config.watch_namespace {
-                None => retire::retire_forever(store, ctx).await,
-                Some(_) => futures::future::pending().await,
-            }
-        }
-    };
+    let retire = retire::retire_forever(store.clone(), ctx.clone(), config.watch_namespace.clone());
     let run = controller
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {

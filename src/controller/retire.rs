@@ -140,28 +140,44 @@ async fn patch_status(
 }
 
 /// The leader's loop: waits for the ClaudeKey cache, then retires what can be retired.
-pub async fn retire_forever(store: Store<ClaudeKey>, ctx: Arc<Context>) {
+/// `watched` is the one namespace this controller sees, when it does not see them all.
+pub async fn retire_forever(store: Store<ClaudeKey>, ctx: Arc<Context>, watched: Option<String>) {
     if store.wait_until_ready().await.is_err() {
         return;
     }
     loop {
         tokio::time::sleep(PASS_INTERVAL).await;
-        if let Err(error) = retire_once(&store, &ctx).await {
+        if let Err(error) = retire_once(&store, &ctx, watched.as_deref()).await {
             tracing::warn!(%error, "retirement pass failed");
         }
     }
 }
 
 /// One pass over every cluster source that may retire keys and has some queued.
-pub async fn retire_once(store: &Store<ClaudeKey>, ctx: &Context) -> Result<(), kube::Error> {
+pub async fn retire_once(
+    store: &Store<ClaudeKey>,
+    ctx: &Context,
+    watched: Option<&str>,
+) -> Result<(), kube::Error> {
     let api: Api<ClusterClaudeKeySource> = Api::all(ctx.client.clone());
     for source in api.list(&ListParams::default()).await? {
         let queued = source.status.as_ref().map(|s| s.retiring.len()).unwrap_or(0);
-        if source.spec.anthropic_admin.is_some() && queued > 0 {
+        let visible = sees_every_user(&source, watched);
+        if source.spec.anthropic_admin.is_some() && queued > 0 && visible {
             retire_source(store, ctx, &api, &source).await;
         }
     }
     Ok(())
+}
+
+/// "No ClaudeKey anywhere uses it" can be known only when every namespace the source allows is
+/// watched: all of them, or exactly the one namespace a namespace-scoped controller watches.
+pub fn sees_every_user(source: &ClusterClaudeKeySource, watched: Option<&str>) -> bool {
+    let allowed = &source.spec.allowed_namespaces;
+    match watched {
+        None => true,
+        Some(ns) => allowed.selector.is_none() && allowed.names.iter().all(|n| n == ns),
+    }
 }
 
 async fn retire_source(

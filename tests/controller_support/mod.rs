@@ -176,11 +176,16 @@ pub fn hint_twin(key: &str) -> String {
     twin
 }
 
-/// Creates or replaces the upstream-key Secret `name` (data key `api-key`) in `ns`.
+/// Creates or replaces the upstream-key Secret `name` (data key `api-key`) in `ns`, labelled as
+/// an upstream key the platform team granted to sources.
 pub async fn put_upstream(client: &Client, ns: &str, name: &str, value: &str) {
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
+            labels: Some(BTreeMap::from([(
+                "claudekey.io/upstream-key".to_string(),
+                "true".to_string(),
+            )])),
             ..Default::default()
         },
         data: Some(BTreeMap::from([(
@@ -200,12 +205,69 @@ pub async fn put_upstream(client: &Client, ns: &str, name: &str, value: &str) {
         .expect("write upstream Secret");
 }
 
-/// Applies a ClaudeKey whose spec is given as YAML (indented two spaces under `spec:`).
+/// Applies a ClaudeKey whose spec is given as YAML (indented two spaces under `spec:`). A spec
+/// with a backend inline under `source:` (and `anthropicAdmin:`) is moved into a
+/// ClusterClaudeKeySource `<ns>.<name>` that allows exactly `ns` with placement namespace, and
+/// the ClaudeKey refers to it: the tests of rotation and backends read as before.
 pub async fn apply_claudekey(client: &Client, ns: &str, name: &str, spec_yaml: &str) {
     let yaml = format!(
-        "apiVersion: claudekey.io/v1alpha1\nkind: ClaudeKey\nmetadata:\n  name: {name}\nspec:\n{spec_yaml}"
+        "apiVersion: claudekey.io/v1alpha2\nkind: ClaudeKey\nmetadata:\n  name: {name}\nspec:\n{spec_yaml}"
     );
-    let value: serde_json::Value = serde_yaml::from_str(&yaml).expect("test ClaudeKey YAML");
+    let mut value: serde_json::Value = serde_yaml::from_str(&yaml).expect("test ClaudeKey YAML");
+    let spec = value["spec"].as_object_mut().expect("a spec");
+    let admin = spec.remove("anthropicAdmin");
+    if let Some(mut source) = spec.remove("source") {
+        let source_name = format!("{ns}.{name}");
+        let refresh = source.as_object_mut().unwrap().remove("refreshInterval");
+        let mut source_spec = serde_json::json!({
+            "allowedNamespaces": { "names": [ns] },
+            "placement": "namespace",
+            "refreshInterval": floor_refresh(refresh),
+        });
+        for (k, v) in source.as_object().unwrap() {
+            source_spec[k] = v.clone();
+        }
+        if let Some(admin) = admin {
+            source_spec["anthropicAdmin"] = admin;
+        }
+        apply_cluster_source(client, &source_name, source_spec).await;
+        spec.insert(
+            "sourceRef".into(),
+            serde_json::json!({ "kind": "ClusterClaudeKeySource", "name": source_name }),
+        );
+    }
+    apply_claudekey_value(client, ns, name, value).await;
+}
+
+/// The shortest refresh the schema allows, for specs that asked for less.
+fn floor_refresh(asked: Option<serde_json::Value>) -> String {
+    let asked = asked.and_then(|v| v.as_str().map(str::to_string));
+    match asked.as_deref() {
+        None | Some("1s") | Some("2s") | Some("5s") => "10s".to_string(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Creates or replaces a ClusterClaudeKeySource with this spec (JSON).
+pub async fn apply_cluster_source(client: &Client, name: &str, spec: serde_json::Value) {
+    let value = serde_json::json!({
+        "apiVersion": "claudekey.io/v1alpha2",
+        "kind": "ClusterClaudeKeySource",
+        "metadata": { "name": name },
+        "spec": spec,
+    });
+    Api::<claudekey::crd::ClusterClaudeKeySource>::all(client.clone())
+        .patch(
+            name,
+            &PatchParams::apply("claudekey-tests").force(),
+            &Patch::Apply(&value),
+        )
+        .await
+        .expect("apply ClusterClaudeKeySource");
+}
+
+/// Applies a ClaudeKey given as a whole JSON object.
+pub async fn apply_claudekey_value(client: &Client, ns: &str, name: &str, value: serde_json::Value) {
     Api::<ClaudeKey>::namespaced(client.clone(), ns)
         .patch(
             name,

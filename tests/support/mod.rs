@@ -7,13 +7,11 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
-    Api, Client, Config, CustomResourceExt, ResourceExt,
+    Api, Client, Config, ResourceExt,
     api::{ObjectMeta, Patch, PatchParams, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
     runtime::wait::{await_condition, conditions},
 };
-
-use claudekey::crd::ClaudeKey;
 
 /// Environment variable naming the kubeconfig of the test control plane.
 pub const KUBECONFIG_ENV: &str = "CLAUDEKEY_TEST_KUBECONFIG";
@@ -38,25 +36,26 @@ pub async fn client() -> Client {
     client
 }
 
-/// Installs (server-side apply) the generated ClaudeKey CRD and waits until it is established.
+/// Installs (server-side apply) every generated CRD and waits until each is established.
 pub async fn install_crd(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = ClaudeKey::crd();
-    let name = crd.name_any();
-    crds.patch(
-        &name,
-        &PatchParams::apply("claudekey-tests").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .expect("apply CRD");
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(crds, &name, conditions::is_crd_established()),
-    )
-    .await
-    .expect("CRD established in time")
-    .expect("watch CRD");
+    for crd in claudekey::crd::crds() {
+        let name = crd.name_any();
+        crds.patch(
+            &name,
+            &PatchParams::apply("claudekey-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("apply CRD");
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            await_condition(crds.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .expect("CRD established in time")
+        .expect("watch CRD");
+    }
 }
 
 /// A fresh namespace with a unique name, so tests never see each other's objects.
