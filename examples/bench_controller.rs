@@ -109,8 +109,9 @@ async fn main() -> anyhow::Result<()> {
         .map(|i| format!("bench-{run}-{i}"))
         .collect();
     for ns in &namespaces {
-        let body: Namespace =
-            serde_json::from_value(json!({ "metadata": { "name": ns, "labels": { LABEL: "1" } } }))?;
+        let body: Namespace = serde_json::from_value(
+            json!({ "metadata": { "name": ns, "labels": { LABEL: "1" } } }),
+        )?;
         Api::<Namespace>::all(client.clone())
             .create(&PostParams::default(), &body)
             .await?;

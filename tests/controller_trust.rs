@@ -40,7 +40,10 @@ fn cluster_wide(operator_ns: &str, anthropic_url: Option<String>) -> ControllerC
 }
 
 fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
 async fn apply_ref(client: &kube::Client, ns: &str, name: &str, kind: &str, source: &str) {
@@ -91,7 +94,9 @@ async fn assert_no_secret_holds(client: &kube::Client, ns: &str, values: &[&str]
             let b64 = base64::engine::general_purpose::STANDARD.encode(value);
             let body = &value[12..];
             assert!(
-                !raw.contains(body) && !text.contains(body) && !text.contains(&b64[..b64.len() - 4]),
+                !raw.contains(body)
+                    && !text.contains(body)
+                    && !text.contains(&b64[..b64.len() - 4]),
                 "Secret {ns}/{} holds a key it must not",
                 secret.metadata.name.unwrap_or_default()
             );
@@ -110,17 +115,29 @@ async fn a_namespace_team_can_loot_nothing() {
     let attacker = support::namespace(&client, "ck-trust-team-a").await;
     let other = support::namespace(&client, "ck-trust-team-b").await;
     let admin_key = format!("sk-ant-admin01-{}AA", uuid::Uuid::new_v4().simple());
-    let tls_key = format!("-----BEGIN PRIVATE KEY-----{}", uuid::Uuid::new_v4().simple());
+    let tls_key = format!(
+        "-----BEGIN PRIVATE KEY-----{}",
+        uuid::Uuid::new_v4().simple()
+    );
     let theirs = upstream_key();
     let own_other = upstream_key();
-    put_unlabelled(&client, &operator, "anthropic-admin", &[("admin-key", &admin_key)]).await;
+    put_unlabelled(
+        &client,
+        &operator,
+        "anthropic-admin",
+        &[("admin-key", &admin_key)],
+    )
+    .await;
     put_unlabelled(&client, &operator, "webhook-tls", &[("tls.key", &tls_key)]).await;
     put_upstream(&client, &operator, "team-b-key", &theirs).await;
     // A namespaced source of team b, with its own key.
     put_upstream(&client, &other, "own", &own_other).await;
     let (sa, sb, sc) = (unique("loot-admin"), unique("loot-tls"), unique("loot-b"));
     // Sources that name unlabelled Secrets, even when granted to the attacker.
-    for (name, secret, key) in [(&sa, "anthropic-admin", "admin-key"), (&sb, "webhook-tls", "tls.key")] {
+    for (name, secret, key) in [
+        (&sa, "anthropic-admin", "admin-key"),
+        (&sb, "webhook-tls", "tls.key"),
+    ] {
         apply_cluster_source(
             &client,
             name,
@@ -140,7 +157,11 @@ async fn a_namespace_team_can_loot_nothing() {
     let own_source = json!({ "apiVersion": "claudekey.io/v1alpha2", "kind": "ClaudeKeySource",
         "metadata": { "name": "own" }, "spec": { "kubernetesSecret": { "name": "own" } } });
     Api::<claudekey::crd::ClaudeKeySource>::namespaced(client.clone(), &other)
-        .patch("own", &PatchParams::apply("claudekey-tests").force(), &Patch::Apply(&own_source))
+        .patch(
+            "own",
+            &PatchParams::apply("claudekey-tests").force(),
+            &Patch::Apply(&own_source),
+        )
         .await
         .unwrap();
     let controller = start(&client, cluster_wide(&operator, None));
@@ -169,7 +190,12 @@ async fn a_namespace_team_can_loot_nothing() {
             .iter()
             .any(|r| r == "SourceNotAllowed")
     );
-    let loot = [admin_key.as_str(), tls_key.as_str(), theirs.as_str(), own_other.as_str()];
+    let loot = [
+        admin_key.as_str(),
+        tls_key.as_str(),
+        theirs.as_str(),
+        own_other.as_str(),
+    ];
     assert_no_secret_holds(&client, &attacker, &loot).await;
     controller.stop().await;
 }
@@ -192,20 +218,29 @@ async fn a_namespace_that_loses_its_grant_loses_the_upstream_key_at_once() {
     )
     .await;
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let set_label = |value: Option<&str>| {
-        json!({ "metadata": { "labels": { label_key: value } } })
-    };
+    let set_label = |value: Option<&str>| json!({ "metadata": { "labels": { label_key: value } } });
     namespaces
-        .patch(&team, &PatchParams::default(), &Patch::Merge(set_label(Some(label_value))))
+        .patch(
+            &team,
+            &PatchParams::default(),
+            &Patch::Merge(set_label(Some(label_value))),
+        )
         .await
         .unwrap();
     let controller = start(&client, cluster_wide(&operator, None));
     apply_ref(&client, &team, "bot", "ClusterClaudeKeySource", &source).await;
     wait_claudekey(&client, &team, "bot", "Ready", is_ready).await;
     let proxy = Api::<Secret>::namespaced(client.clone(), &team);
-    assert!(proxy.get_opt("bot-proxy").await.unwrap().is_some(), "placement namespace");
+    assert!(
+        proxy.get_opt("bot-proxy").await.unwrap().is_some(),
+        "placement namespace"
+    );
     namespaces
-        .patch(&team, &PatchParams::default(), &Patch::Merge(set_label(None)))
+        .patch(
+            &team,
+            &PatchParams::default(),
+            &Patch::Merge(set_label(None)),
+        )
         .await
         .unwrap();
     let ck = wait_claudekey(&client, &team, "bot", "SourceNotAllowed", |ck| {
@@ -214,7 +249,12 @@ async fn a_namespace_that_loses_its_grant_loses_the_upstream_key_at_once() {
     .await;
     assert!(!is_ready(&ck));
     support::eventually(Duration::from_secs(10), "-proxy removed", || async {
-        proxy.get_opt("bot-proxy").await.ok()?.is_none().then_some(())
+        proxy
+            .get_opt("bot-proxy")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
     })
     .await;
     assert_no_secret_holds(&client, &team, &[&key]).await;
@@ -250,7 +290,11 @@ async fn placement_gateway_keeps_the_upstream_key_in_the_operator_namespace() {
     assert!(data.contains_key("ca.crt") && data.contains_key("ANTHROPIC_API_KEY"));
     assert!(here.get_opt("bot-proxy").await.unwrap().is_none());
     // The whole cluster: only the operator namespace holds the key.
-    for ns in Api::<Namespace>::all(client.clone()).list(&Default::default()).await.unwrap() {
+    for ns in Api::<Namespace>::all(client.clone())
+        .list(&Default::default())
+        .await
+        .unwrap()
+    {
         let name = ns.metadata.name.unwrap();
         if name != operator {
             assert_no_secret_holds(&client, &name, &[&key]).await;
@@ -261,7 +305,10 @@ async fn placement_gateway_keeps_the_upstream_key_in_the_operator_namespace() {
         .get(&config_name)
         .await
         .expect("the gateway config Secret");
-    assert_eq!(config.metadata.labels.unwrap()["claudekey.io/config"], "gateway");
+    assert_eq!(
+        config.metadata.labels.unwrap()["claudekey.io/config"],
+        "gateway"
+    );
     // Deleting the ClaudeKey removes its config (the finalizer), so its workload key dies.
     Api::<claudekey::crd::ClaudeKey>::namespaced(client.clone(), &team)
         .delete("bot", &Default::default())
@@ -269,7 +316,11 @@ async fn placement_gateway_keeps_the_upstream_key_in_the_operator_namespace() {
         .unwrap();
     support::eventually(Duration::from_secs(20), "config removed", || async {
         let api = Api::<Secret>::namespaced(client.clone(), &operator);
-        api.get_opt(&config_name).await.ok()?.is_none().then_some(())
+        api.get_opt(&config_name)
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
     })
     .await;
     controller.stop().await;
@@ -389,8 +440,10 @@ async fn a_shared_key_is_retired_once_when_nobody_uses_it() {
     put_upstream(&client, &operator, "upstream", &new).await;
     for ns in [&ns1, &ns2] {
         wait_owned(&client, ns, "bot", "new key rolled", |o| {
-            o.config.current_upstream().is_some_and(|u| u.fingerprint
-                == claudekey::keys::fingerprint(claudekey::keys::KeyKind::Upstream, &new))
+            o.config.current_upstream().is_some_and(|u| {
+                u.fingerprint
+                    == claudekey::keys::fingerprint(claudekey::keys::KeyKind::Upstream, &new)
+            })
         })
         .await;
     }
@@ -406,7 +459,11 @@ async fn a_shared_key_is_retired_once_when_nobody_uses_it() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(12)).await;
-    assert_eq!(deactivations(), 0, "ns2 still uses the old key in its grace");
+    assert_eq!(
+        deactivations(),
+        0,
+        "ns2 still uses the old key in its grace"
+    );
     assert_eq!(fake.key_status(&old), Some(KeyStatus::Active));
     // Once ns2's grace ends: exactly one deactivation.
     support::eventually(Duration::from_secs(60), "old key deactivated", || async {

@@ -214,8 +214,7 @@ async fn floors_refuse_a_second_with_the_field_named() {
     .await;
     assert_eq!(err.code, 422);
     assert!(
-        err.message.contains("spec.rotation.interval")
-            && err.message.contains("at least 10m"),
+        err.message.contains("spec.rotation.interval") && err.message.contains("at least 10m"),
         "{}",
         err.message
     );
@@ -238,7 +237,11 @@ async fn floors_refuse_a_second_with_the_field_named() {
         json!({ "sourceRef": { "kind": "Secret", "name": "anthropic-admin" } }),
     )
     .await;
-    assert!(err.message.contains("spec.sourceRef.kind"), "{}", err.message);
+    assert!(
+        err.message.contains("spec.sourceRef.kind"),
+        "{}",
+        err.message
+    );
 }
 
 #[tokio::test]

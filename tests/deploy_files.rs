@@ -84,11 +84,21 @@ fn samples_cover_every_backend_and_every_claudekey_has_a_granted_source() {
                 "ClusterClaudeKeySource" => {
                     let source: ClusterClaudeKeySource =
                         serde_yaml::from_value(doc.clone()).unwrap_or_else(|e| parse_error(e));
-                    backends.insert(source.spec.backend().describe().split(':').next().unwrap().to_string());
+                    backends.insert(
+                        source
+                            .spec
+                            .backend()
+                            .describe()
+                            .split(':')
+                            .next()
+                            .unwrap()
+                            .to_string(),
+                    );
                     sources.insert(source.metadata.name.clone().unwrap(), source);
                 }
                 "ClaudeKey" => {
-                    let ck: ClaudeKey = serde_yaml::from_value(doc.clone()).unwrap_or_else(|e| parse_error(e));
+                    let ck: ClaudeKey =
+                        serde_yaml::from_value(doc.clone()).unwrap_or_else(|e| parse_error(e));
                     claudekeys.push(ck);
                 }
                 "Namespace" => assert_ne!(
@@ -103,7 +113,11 @@ fn samples_cover_every_backend_and_every_claudekey_has_a_granted_source() {
     }
     assert_eq!(
         backends,
-        BTreeSet::from(["aws".to_string(), "kubernetes".to_string(), "vault".to_string()])
+        BTreeSet::from([
+            "aws".to_string(),
+            "kubernetes".to_string(),
+            "vault".to_string()
+        ])
     );
     for ck in &claudekeys {
         let source = &sources[&ck.spec.source_ref.name];
@@ -114,7 +128,11 @@ fn samples_cover_every_backend_and_every_claudekey_has_a_granted_source() {
             ck.spec.source_ref.name
         );
     }
-    assert!(claudekeys.iter().any(|c| c.metadata.name.as_deref() == Some("support-bot")));
+    assert!(
+        claudekeys
+            .iter()
+            .any(|c| c.metadata.name.as_deref() == Some("support-bot"))
+    );
 }
 
 #[test]

@@ -119,7 +119,10 @@ async fn previous_upstream_keys(
 
 /// The `anthropicAdmin` of the ClaudeKey's ClusterClaudeKeySource: only the platform's source
 /// decides what may be deactivated at Anthropic.
-async fn source_admin(client: &Client, ck: &ClaudeKey) -> anyhow::Result<Option<AnthropicAdminSpec>> {
+async fn source_admin(
+    client: &Client,
+    ck: &ClaudeKey,
+) -> anyhow::Result<Option<AnthropicAdminSpec>> {
     if ck.spec.source_ref.kind != SourceKind::ClusterClaudeKeySource {
         return Ok(None);
     }

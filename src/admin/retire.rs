@@ -307,10 +307,10 @@ pub async fn admin_client_for(
             key: r.key.clone(),
         })?;
     AdminClient::new(base_url, SecretString::from(value)).map_err(|source| AdminKeyError::Client {
-            namespace: operator_ns.to_string(),
-            name: r.name.clone(),
-            source,
-        })
+        namespace: operator_ns.to_string(),
+        name: r.name.clone(),
+        source,
+    })
 }
 
 #[cfg(test)]

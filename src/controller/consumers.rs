@@ -88,9 +88,7 @@ impl RestartLimiter {
         let rate = full / 60.0;
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let state = buckets
-            .entry(namespace.to_string())
-            .or_insert((full, now));
+        let state = buckets.entry(namespace.to_string()).or_insert((full, now));
         let tokens = (state.0 + now.duration_since(state.1).as_secs_f64() * rate).min(full);
         *state = (tokens, now);
         if tokens >= 1.0 {

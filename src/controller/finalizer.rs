@@ -64,12 +64,16 @@ async fn patch_finalizers(
             "resourceVersion": ck.meta().resource_version,
         }
     });
-    api.patch(&ck.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(|e| Error::Finalizer {
-            namespace,
-            name: ck.name_any(),
-            reason: safe_reason(&e),
-        })?;
+    api.patch(
+        &ck.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(|e| Error::Finalizer {
+        namespace,
+        name: ck.name_any(),
+        reason: safe_reason(&e),
+    })?;
     Ok(())
 }

@@ -117,10 +117,9 @@ pub fn plan(
     let uid = ck.uid().unwrap_or_default();
     let source_description = match &observed.resolution {
         Resolution::Granted(g) => g.description.clone(),
-        Resolution::Refused { .. } => format!(
-            "{:?}/{}",
-            ck.spec.source_ref.kind, ck.spec.source_ref.name
-        ),
+        Resolution::Refused { .. } => {
+            format!("{:?}/{}", ck.spec.source_ref.kind, ck.spec.source_ref.name)
+        }
     };
     let refuse = |reason, message: String, retry, deletes, used| Plan {
         outcome: Outcome::Refused(retry),
@@ -136,7 +135,13 @@ pub fn plan(
         used,
     };
     if let Some(message) = foreign_secret(ck, observed, settings.operator_namespace) {
-        return refuse(reason::SECRET_CONFLICT, message, Retry::Backoff, vec![], vec![]);
+        return refuse(
+            reason::SECRET_CONFLICT,
+            message,
+            Retry::Backoff,
+            vec![],
+            vec![],
+        );
     }
     let keys_out = || upstream_holders(ck, observed, settings.operator_namespace);
     let granted = match &observed.resolution {
@@ -287,9 +292,9 @@ fn foreign_secret(ck: &ClaudeKey, observed: &Observation, operator_ns: &str) -> 
         .as_ref()
         .filter(|s| s.annotations().get(annotations::CLAUDEKEY_ANNOTATION) != Some(&ours))
         .map(|s| format!("{operator_ns}/{}", s.name_any()));
-    foreign_here
-        .or(foreign_there)
-        .map(|s| format!("Secret {s} exists and is not owned by this ClaudeKey; delete or rename it"))
+    foreign_here.or(foreign_there).map(|s| {
+        format!("Secret {s} exists and is not owned by this ClaudeKey; delete or rename it")
+    })
 }
 
 /// Every Secret this ClaudeKey wrote that holds an upstream key.
@@ -340,7 +345,9 @@ fn recover(observed: &Observation, sealer: &Sealer, uid: &str) -> Recovered {
         .into_iter()
         .flatten()
         .collect();
-    secrets::recover(observed.client.as_ref(), &configs, |s| sealer.verify(uid, s))
+    secrets::recover(observed.client.as_ref(), &configs, |s| {
+        sealer.verify(uid, s)
+    })
 }
 
 fn tamper_events(recovered: &Recovered) -> Vec<PlannedEvent> {
@@ -396,7 +403,10 @@ fn key_id(kind: KeyKind, key: &SecretString) -> KeyId {
     }
 }
 
-fn source_key(granted: &Granted, upstream: Option<&CachedKey>) -> Option<(String, SourceKeyStatus)> {
+fn source_key(
+    granted: &Granted,
+    upstream: Option<&CachedKey>,
+) -> Option<(String, SourceKeyStatus)> {
     let name = granted.cluster_source.clone()?;
     let key = upstream?;
     let value = key.key.value.expose_secret();

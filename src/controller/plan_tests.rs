@@ -30,13 +30,13 @@ fn claudekey() -> ClaudeKey {
 fn granted(placement: Placement) -> Resolution {
     let backend: SourceSpec =
         serde_yaml::from_str("{ kubernetesSecret: { name: anthropic-support } }").unwrap();
-    Resolution::Granted(Granted {
+    Resolution::Granted(Box::new(Granted {
         description: "ClusterClaudeKeySource/support (kubernetes:anthropic-support)".into(),
         backend,
         placement,
         admin: None,
         cluster_source: Some("support".into()),
-    })
+    }))
 }
 
 fn upstream() -> CachedKey {
@@ -123,7 +123,11 @@ const KEY_2: &str = "ck_live_00000000000000000000000000000000000000002";
 #[test]
 fn gateway_placement_writes_the_upstream_key_only_in_the_operator_namespace() {
     let f = Fixture::new();
-    let plan = f.plan(&claudekey(), &observation(granted(Placement::Gateway)), KEY_1);
+    let plan = f.plan(
+        &claudekey(),
+        &observation(granted(Placement::Gateway)),
+        KEY_1,
+    );
     let issue = issue(&plan);
     let [client, config] = &issue.writes[..] else {
         panic!("two writes")
@@ -206,9 +210,16 @@ fn a_forged_workload_key_hash_never_reaches_the_proxy() {
     let written = &issue(&plan).writes[1];
     let json = String::from_utf8(written.data.as_ref().unwrap()["proxy.json"].0.clone()).unwrap();
     assert!(!json.contains(&backdoor), "the forged hash is not accepted");
-    assert!(plan.events.iter().any(|e| e.reason == event::LEDGER_TAMPERED));
+    assert!(
+        plan.events
+            .iter()
+            .any(|e| e.reason == event::LEDGER_TAMPERED)
+    );
     // The verified copy in the operator namespace still holds the real key: no rotation.
-    assert_eq!(issue(&plan).decision.rotation, Some(decide::RotationReason::ClientLost));
+    assert_eq!(
+        issue(&plan).decision.rotation,
+        Some(decide::RotationReason::ClientLost)
+    );
 }
 
 #[test]
@@ -251,7 +262,11 @@ fn switching_placement_deletes_the_other_config() {
 #[test]
 fn nothing_in_a_plan_prints_a_key() {
     let f = Fixture::new();
-    let plan = f.plan(&claudekey(), &observation(granted(Placement::Gateway)), KEY_1);
+    let plan = f.plan(
+        &claudekey(),
+        &observation(granted(Placement::Gateway)),
+        KEY_1,
+    );
     let text = format!("{:?} {:?}", plan.events, plan.conditions);
     assert!(!text.contains(UPSTREAM) && !text.contains(KEY_1));
     assert!(!format!("{:?}", issue(&plan).decision).contains(UPSTREAM));

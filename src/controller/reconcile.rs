@@ -102,10 +102,10 @@ async fn execute(
         Outcome::Issue(issue) => (Some(issue), Retry::Backoff),
         Outcome::Refused(retry) => (None, retry),
     };
-    if let Some(issue) = &issue {
-        if issue.needs_finalizer {
-            finalizer::ensure(ck, ctx).await?;
-        }
+    if let Some(issue) = &issue
+        && issue.needs_finalizer
+    {
+        finalizer::ensure(ck, ctx).await?;
     }
     let drifts = match &issue {
         Some(issue) => write_all(ctx, observed, issue).await?,
@@ -208,10 +208,10 @@ async fn roll_consumers(
     let Some((fingerprint, at)) = &issue.consumers else {
         return (None, None);
     };
-    if let Ok(wait) = (*at - Utc::now()).to_std() {
-        if !wait.is_zero() {
-            return (Some(wait), None);
-        }
+    if let Ok(wait) = (*at - Utc::now()).to_std()
+        && !wait.is_zero()
+    {
+        return (Some(wait), None);
     }
     let (deferred, error) = report::restart_consumers(ck, ctx, fingerprint).await;
     if let Some(message) = &error {

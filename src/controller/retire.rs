@@ -55,9 +55,11 @@ impl KeysInUse {
         if map.len() < live.len() {
             return None;
         }
-        Some(map.values().flatten().any(|k| {
-            k.fingerprint == fingerprint && k.until.is_none_or(|until| now < until)
-        }))
+        Some(
+            map.values()
+                .flatten()
+                .any(|k| k.fingerprint == fingerprint && k.until.is_none_or(|until| now < until)),
+        )
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<UsedKey>>> {
@@ -79,7 +81,10 @@ pub fn record_key(
     let mut next = status.clone();
     next.backend = Some(backend.to_string());
     if let Some(old) = next.current.replace(key.clone()) {
-        let queued = next.retiring.iter().any(|r| r.fingerprint == old.fingerprint);
+        let queued = next
+            .retiring
+            .iter()
+            .any(|r| r.fingerprint == old.fingerprint);
         if may_retire && old.fingerprint != key.fingerprint && old.hint.is_some() && !queued {
             next.retiring.push(old);
         }
@@ -100,7 +105,12 @@ pub struct SourceKeys {
 impl SourceKeys {
     /// Called by every reconcile that read a cluster source's key.
     pub async fn observe(&self, ctx: &Context, source: &str, key: &SourceKeyStatus) {
-        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner()).get(source).cloned();
+        let seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(source)
+            .cloned();
         if seen.as_deref() == Some(key.fingerprint.as_str()) {
             return;
         }
@@ -112,11 +122,11 @@ impl SourceKeys {
         let status = fresh.status.clone().unwrap_or_default();
         let backend = fresh.spec.backend().describe();
         let may_retire = fresh.spec.anthropic_admin.is_some();
-        if let Some(next) = record_key(&status, key, &backend, may_retire) {
-            if let Err(error) = patch_status(&api, &fresh, &next).await {
-                tracing::warn!(source, %error, "failed to record the source's key");
-                return;
-            }
+        if let Some(next) = record_key(&status, key, &backend, may_retire)
+            && let Err(error) = patch_status(&api, &fresh, &next).await
+        {
+            tracing::warn!(source, %error, "failed to record the source's key");
+            return;
         }
         self.seen
             .lock()
@@ -134,9 +144,13 @@ async fn patch_status(
         "metadata": { "resourceVersion": source.meta().resource_version },
         "status": status,
     });
-    api.patch_status(&source.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map(|_| ())
+    api.patch_status(
+        &source.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map(|_| ())
 }
 
 /// The leader's loop: waits for the ClaudeKey cache, then retires what can be retired.
@@ -161,7 +175,11 @@ pub async fn retire_once(
 ) -> Result<(), kube::Error> {
     let api: Api<ClusterClaudeKeySource> = Api::all(ctx.client.clone());
     for source in api.list(&ListParams::default()).await? {
-        let queued = source.status.as_ref().map(|s| s.retiring.len()).unwrap_or(0);
+        let queued = source
+            .status
+            .as_ref()
+            .map(|s| s.retiring.len())
+            .unwrap_or(0);
         let visible = sees_every_user(&source, watched);
         if source.spec.anthropic_admin.is_some() && queued > 0 && visible {
             retire_source(store, ctx, &api, &source).await;
@@ -207,7 +225,14 @@ async fn retire_source(
         Err(e) => {
             let note = e.to_string();
             tracing::warn!(source = source.name_any(), %note, "cannot retire replaced upstream keys");
-            source_event(ctx, source, true, super::conditions::event::ADMIN_API_ERROR, note).await;
+            source_event(
+                ctx,
+                source,
+                true,
+                super::conditions::event::ADMIN_API_ERROR,
+                note,
+            )
+            .await;
             return;
         }
     };
@@ -217,8 +242,20 @@ async fn retire_source(
         let outcome = retire_hint(&admin, hint, None).await;
         ctx.admin_metrics.retired(&outcome);
         let shown = format!("{} ({hint})", key.fingerprint);
-        source_event(ctx, source, !outcome.is_success(), outcome.reason(), outcome.message(&shown)).await;
-        tracing::info!(source = source.name_any(), fingerprint = key.fingerprint, reason = outcome.reason(), "upstream key retirement");
+        source_event(
+            ctx,
+            source,
+            !outcome.is_success(),
+            outcome.reason(),
+            outcome.message(&shown),
+        )
+        .await;
+        tracing::info!(
+            source = source.name_any(),
+            fingerprint = key.fingerprint,
+            reason = outcome.reason(),
+            "upstream key retirement"
+        );
         next.retired.push(outcome.record(hint, Utc::now()));
         if leaves_queue(&outcome) {
             next.retiring.retain(|r| r.fingerprint != key.fingerprint);
@@ -239,7 +276,9 @@ async fn retire_source(
 fn leaves_queue(outcome: &RetireOutcome) -> bool {
     matches!(
         outcome,
-        RetireOutcome::Retired { .. } | RetireOutcome::AlreadyInactive { .. } | RetireOutcome::NotFound
+        RetireOutcome::Retired { .. }
+            | RetireOutcome::AlreadyInactive { .. }
+            | RetireOutcome::NotFound
     )
 }
 
@@ -251,7 +290,11 @@ async fn source_event(
     note: String,
 ) {
     let event = Event {
-        type_: if warning { EventType::Warning } else { EventType::Normal },
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
         reason: reason.to_string(),
         note: Some(note),
         action: "Retire".to_string(),
@@ -275,10 +318,15 @@ mod tests {
 
     #[test]
     fn a_replaced_key_is_queued_only_when_the_source_may_retire() {
-        let first = record_key(&SourceStatus::default(), &key("up:1"), "kubernetes:a", true).unwrap();
+        let first =
+            record_key(&SourceStatus::default(), &key("up:1"), "kubernetes:a", true).unwrap();
         assert_eq!(first.current, Some(key("up:1")));
         assert!(first.retiring.is_empty());
-        assert_eq!(record_key(&first, &key("up:1"), "kubernetes:a", true), None, "steady state");
+        assert_eq!(
+            record_key(&first, &key("up:1"), "kubernetes:a", true),
+            None,
+            "steady state"
+        );
         let second = record_key(&first, &key("up:2"), "kubernetes:a", true).unwrap();
         assert_eq!(second.retiring, vec![key("up:1")]);
         let plain = record_key(&first, &key("up:2"), "kubernetes:a", false).unwrap();
@@ -310,7 +358,10 @@ mod tests {
         assert_eq!(keys.in_use("up:1", &live, now), None, "b not seen yet");
         keys.record(
             &ck("b"),
-            vec![used("up:2", None), used("up:1", Some(now + chrono::TimeDelta::minutes(5)))],
+            vec![
+                used("up:2", None),
+                used("up:1", Some(now + chrono::TimeDelta::minutes(5))),
+            ],
         );
         assert_eq!(keys.in_use("up:1", &live, now), Some(true), "b's grace");
         assert_eq!(
@@ -320,6 +371,9 @@ mod tests {
         );
         // A deleted ClaudeKey no longer counts, and is dropped from the map.
         keys.record(&ck("gone"), vec![used("up:1", None)]);
-        assert_eq!(keys.in_use("up:1", &live, now + chrono::TimeDelta::hours(1)), Some(false));
+        assert_eq!(
+            keys.in_use("up:1", &live, now + chrono::TimeDelta::hours(1)),
+            Some(false)
+        );
     }
 }

@@ -25,7 +25,9 @@ const KEY_ENTRY: &str = "key";
 pub enum SealError {
     #[error("failed to read or create Secret {namespace}/{KEY_SECRET}: {reason}")]
     Api { namespace: String, reason: String },
-    #[error("Secret {namespace}/{KEY_SECRET} holds no 32-byte {KEY_ENTRY:?} entry; delete it to have a new one made")]
+    #[error(
+        "Secret {namespace}/{KEY_SECRET} holds no 32-byte {KEY_ENTRY:?} entry; delete it to have a new one made"
+    )]
     Malformed { namespace: String },
 }
 

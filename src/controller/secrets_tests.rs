@@ -145,7 +145,8 @@ fn missing_proxy_secret_recovers_from_the_client_copy() {
     assert_eq!(r.ledger, Some(ledger()));
     assert!(r.client_key.is_some());
     assert!(r.upstream_values.is_empty());
-    let err = render_config(&claudekey(), &ledger(), &r.upstream_values, String::new()).unwrap_err();
+    let err =
+        render_config(&claudekey(), &ledger(), &r.upstream_values, String::new()).unwrap_err();
     assert!(!err.to_string().contains(UPSTREAM));
 }
 
@@ -173,7 +174,11 @@ fn drift_tells_hand_edits_from_progress() {
     let ck = claudekey();
     let mut moved = ledger();
     moved.upstream_version = "v2".into();
-    let newer = build_proxy(&ck, &render_config(&ck, &moved, &values(), "ab".repeat(32)).unwrap(), &moved);
+    let newer = build_proxy(
+        &ck,
+        &render_config(&ck, &moved, &values(), "ab".repeat(32)).unwrap(),
+        &moved,
+    );
     assert_eq!(drift(Some(&proxy), &newer), Drift::Progress);
     let mut respecced = claudekey();
     respecced.spec.scope.max_tokens = Some(200);
@@ -285,9 +290,16 @@ fn gateway_placement_keeps_the_upstream_key_in_the_operator_namespace() {
         &ledger(),
     );
     let entries: Vec<_> = client.data.as_ref().unwrap().keys().collect();
-    assert_eq!(entries, ["ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "ca.crt"]);
+    assert_eq!(
+        entries,
+        ["ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "ca.crt"]
+    );
     let data = client.data.as_ref().unwrap();
-    assert!(!data.values().any(|v| String::from_utf8_lossy(&v.0).contains(UPSTREAM)));
+    assert!(
+        !data
+            .values()
+            .any(|v| String::from_utf8_lossy(&v.0).contains(UPSTREAM))
+    );
     let config = build_gateway_config(&ck, "claudekey-system", &config(), &ledger());
     assert_eq!(config.namespace().as_deref(), Some("claudekey-system"));
     assert!(config.name_any().starts_with("claudekey-gw-"));

@@ -30,7 +30,7 @@ pub struct Granted {
 /// The outcome of authorization: a grant, or why not and what to do about it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Resolution {
-    Granted(Granted),
+    Granted(Box<Granted>),
     Refused {
         reason: &'static str,
         message: String,
@@ -39,8 +39,8 @@ pub enum Resolution {
 
 /// What the API holds for a sourceRef.
 pub enum Found {
-    Cluster(ClusterClaudeKeySource),
-    Namespaced(ClaudeKeySource),
+    Cluster(Box<ClusterClaudeKeySource>),
+    Namespaced(Box<ClaudeKeySource>),
     Missing,
 }
 
@@ -81,17 +81,17 @@ pub fn authorize(
                 };
             }
             let backend = source.spec.backend();
-            Resolution::Granted(Granted {
+            Resolution::Granted(Box::new(Granted {
                 description: format!("ClusterClaudeKeySource/{name} ({})", backend.describe()),
                 backend,
                 placement: source.spec.placement,
                 admin: source.spec.anthropic_admin.clone(),
                 cluster_source: Some(name),
-            })
+            }))
         }
         Found::Namespaced(source) => {
             let backend = source.spec.backend(namespace);
-            Resolution::Granted(Granted {
+            Resolution::Granted(Box::new(Granted {
                 description: format!(
                     "ClaudeKeySource/{} ({})",
                     source.name_any(),
@@ -101,7 +101,7 @@ pub fn authorize(
                 placement: Placement::Namespace,
                 admin: None,
                 cluster_source: None,
-            })
+            }))
         }
     }
 }
@@ -120,18 +120,18 @@ pub async fn resolve(client: &Client, ck: &ClaudeKey) -> Result<Resolution, Erro
         }
     };
     let found = match source_ref.kind {
-        SourceKind::ClusterClaudeKeySource => {
-            Api::<ClusterClaudeKeySource>::all(client.clone())
-                .get_opt(&source_ref.name)
-                .await
-                .map_err(read("ClusterClaudeKeySource"))?
-                .map_or(Found::Missing, Found::Cluster)
-        }
-        SourceKind::ClaudeKeySource => Api::<ClaudeKeySource>::namespaced(client.clone(), &namespace)
+        SourceKind::ClusterClaudeKeySource => Api::<ClusterClaudeKeySource>::all(client.clone())
             .get_opt(&source_ref.name)
             .await
-            .map_err(read("ClaudeKeySource"))?
-            .map_or(Found::Missing, Found::Namespaced),
+            .map_err(read("ClusterClaudeKeySource"))?
+            .map_or(Found::Missing, |s| Found::Cluster(Box::new(s))),
+        SourceKind::ClaudeKeySource => {
+            Api::<ClaudeKeySource>::namespaced(client.clone(), &namespace)
+                .get_opt(&source_ref.name)
+                .await
+                .map_err(read("ClaudeKeySource"))?
+                .map_or(Found::Missing, |s| Found::Namespaced(Box::new(s)))
+        }
     };
     let needs_labels = matches!(&found, Found::Cluster(s)
         if s.spec.allowed_namespaces.selector.is_some()
@@ -172,7 +172,7 @@ mod tests {
             },
         );
         source.metadata.name = Some("support".into());
-        Found::Cluster(source)
+        Found::Cluster(Box::new(source))
     }
 
     fn cluster_ref() -> SourceRef {
@@ -235,9 +235,19 @@ mod tests {
             "claudekey.io/source-support".to_string(),
             "allowed".to_string(),
         )]);
-        let yes = authorize("team-c", &labelled, &cluster_ref(), cluster(by_label.clone()));
+        let yes = authorize(
+            "team-c",
+            &labelled,
+            &cluster_ref(),
+            cluster(by_label.clone()),
+        );
         assert_eq!(refused_reason(&yes), None);
-        let no = authorize("team-c", &BTreeMap::new(), &cluster_ref(), cluster(by_label));
+        let no = authorize(
+            "team-c",
+            &BTreeMap::new(),
+            &cluster_ref(),
+            cluster(by_label),
+        );
         assert_eq!(refused_reason(&no), Some(reason::SOURCE_NOT_ALLOWED));
     }
 
@@ -256,7 +266,7 @@ mod tests {
                 kind: SourceKind::ClaudeKeySource,
                 name: "own".into(),
             },
-            Found::Namespaced(source),
+            Found::Namespaced(Box::new(source)),
         );
         let Resolution::Granted(g) = r else {
             panic!("own source")

@@ -71,7 +71,9 @@ pub fn gateway_config_secret_name(namespace: &str, name: &str) -> String {
 }
 
 /// Every CRD, in the order of their files in `crds/`.
-pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
+pub fn crds()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+{
     vec![
         ClaudeKey::crd(),
         ClaudeKeySource::crd(),

@@ -25,8 +25,16 @@ use super::{AnthropicAdminSpec, GoDuration, KubernetesSecretSource, SourceSpec};
     doc = "ClusterClaudeKeySource says where an upstream Anthropic key lives (a Kubernetes Secret in the operator namespace, AWS Secrets Manager or Vault), which namespaces' ClaudeKeys may use it, and where the key may be placed. Created by the platform team.",
     printcolumn(name = "Backend", type_ = "string", json_path = ".status.backend"),
     printcolumn(name = "Placement", type_ = "string", json_path = ".spec.placement"),
-    printcolumn(name = "Upstream", type_ = "string", json_path = ".status.current.fingerprint"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Upstream",
+        type_ = "string",
+        json_path = ".status.current.fingerprint"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new("[has(self.kubernetesSecret), has(self.awsSecretsManager), has(self.vault)].filter(x, x).size() == 1").message("set exactly one of kubernetesSecret, awsSecretsManager, vault"))]
 #[serde(rename_all = "camelCase")]
@@ -74,8 +82,16 @@ pub struct ClusterClaudeKeySourceSpec {
     category = "claudekey",
     status = "SourceStatus",
     doc = "ClaudeKeySource is a team's own upstream Anthropic key, in a Secret of its own namespace. Only ClaudeKeys of the same namespace can use it.",
-    printcolumn(name = "Upstream", type_ = "string", json_path = ".status.current.fingerprint"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Upstream",
+        type_ = "string",
+        json_path = ".status.current.fingerprint"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ClaudeKeySourceSpec {
@@ -251,10 +267,7 @@ mod tests {
             "team-c",
             &labels(&[("claudekey.io/source-support", "allowed")])
         ));
-        assert!(!allowed.allows(
-            "team-c",
-            &labels(&[("claudekey.io/source-support", "no")])
-        ));
+        assert!(!allowed.allows("team-c", &labels(&[("claudekey.io/source-support", "no")])));
         assert!(!allowed.allows("team-a-evil", &labels(&[])));
         assert!(!AllowedNamespaces::default().allows("team-a", &labels(&[])));
     }

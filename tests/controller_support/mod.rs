@@ -267,7 +267,12 @@ pub async fn apply_cluster_source(client: &Client, name: &str, spec: serde_json:
 }
 
 /// Applies a ClaudeKey given as a whole JSON object.
-pub async fn apply_claudekey_value(client: &Client, ns: &str, name: &str, value: serde_json::Value) {
+pub async fn apply_claudekey_value(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    value: serde_json::Value,
+) {
     Api::<ClaudeKey>::namespaced(client.clone(), ns)
         .patch(
             name,
