@@ -274,6 +274,8 @@ pub fn build_status(input: StatusInput<'_>) -> ClaudeKeyStatus {
         } else {
             existing.next_rotation_time
         },
+        // Set by the lead's source resolution (v1alpha2); kept as the controller found it.
+        placement: existing.placement,
     }
 }
 

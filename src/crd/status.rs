@@ -39,6 +39,11 @@ pub struct ClaudeKeyStatus {
     /// When the workload key is next re-issued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_rotation_time: Option<DateTime<Utc>>,
+    /// Where the upstream key lives: `gateway` (operator namespace only; the injected sidecar
+    /// forwards to the gateway) or `namespace` (the `-proxy` Secret here). Set once the source
+    /// is resolved; the webhook injects nothing until it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<String>,
 }
 
 /// The current and previous workload key, by fingerprint.
