@@ -520,6 +520,31 @@ async fn forwarder_carries_the_python_sdk_to_the_tls_gateway() {
         "the app's key is replaced"
     );
 
+    // A stream arrives as it is produced, not buffered by the forwarder: the first event long
+    // before the last.
+    gw.fake.set_reply(FakeReply::Text("word ".repeat(40)));
+    gw.fake.set_chunk_chars(5);
+    gw.fake.set_delta_delay(Duration::from_millis(50));
+    let request = http::Request::post(format!("{forwarded}/v1/messages"))
+        .header("anthropic-version", "2023-06-01")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(message("hi", true).to_string())))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let response = plain.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let _first = body.frame().await.expect("a first frame").unwrap();
+    let first = started.elapsed();
+    while body.frame().await.is_some() {}
+    let total = started.elapsed();
+    assert!(
+        total >= Duration::from_secs(1) && first < total / 2,
+        "first frame after {first:?}, last after {total:?}"
+    );
+    gw.fake.set_delta_delay(Duration::ZERO);
+    gw.fake.set_reply(FakeReply::Text(REPLY.into()));
+
     // The controller rotates the workload key: the gateway accepts only the new one, and the
     // forwarder picks it up from the kubelet's `..data` swap.
     let rotated = proxy_json(
