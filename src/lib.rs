@@ -15,4 +15,5 @@ pub mod proxyconf;
 pub mod scan;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod webhook;

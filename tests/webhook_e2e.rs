@@ -215,7 +215,9 @@ impl Harness {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
-    async fn create_claudekey(&self, name: &str) {
+    /// Creates ClaudeKey `name` and, when given, sets `status.placement` as the controller does
+    /// once its source is resolved (the webhook injects nothing before).
+    async fn create_claudekey(&self, name: &str, placement: Option<&str>) {
         let ck: ClaudeKey = serde_json::from_value(json!({
             "apiVersion": "claudekey.io/v1alpha2", "kind": "ClaudeKey",
             "metadata": {"name": name, "namespace": self.namespace},
@@ -226,6 +228,20 @@ impl Harness {
             .create(&PostParams::default(), &ck)
             .await
             .expect("create ClaudeKey");
+        if let Some(placement) = placement {
+            self.set_placement(name, placement).await;
+        }
+    }
+
+    async fn set_placement(&self, name: &str, placement: &str) {
+        Api::<ClaudeKey>::namespaced(self.client.clone(), &self.namespace)
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"placement": placement}})),
+            )
+            .await
+            .expect("set status.placement");
     }
 
     async fn cleanup(self) {
@@ -307,7 +323,7 @@ async fn enforce_denies_raw_keys_and_injects_the_sidecar() {
         "{message}"
     );
 
-    h.create_claudekey("bot").await;
+    h.create_claudekey("bot", Some("namespace")).await;
     // The reflector sees the ClaudeKey a moment after the API does.
     let pods = h.pods();
     let pod = support::eventually(WAIT, "the webhook cache to see ClaudeKey bot", || {
@@ -391,6 +407,74 @@ async fn enforce_denies_raw_keys_and_injects_the_sidecar() {
     .expect("pod");
     let message = denial(h.pods().create(&pp, &host).await);
     assert!(message.contains("hostNetwork"), "{message}");
+    h.cleanup().await;
+}
+
+#[tokio::test]
+async fn gateway_placement_injects_the_forwarder_and_not_ready_is_refused() {
+    let h = Harness::start(Mode::Enforce, "wh-gateway").await;
+    h.create_claudekey("gw", None).await;
+    let pods = h.pods();
+    let message = support::eventually(WAIT, "the webhook cache to see ClaudeKey gw", || {
+        let pods = pods.clone();
+        async move {
+            match pods
+                .create(&PostParams::default(), &inject_pod("early", "gw"))
+                .await
+            {
+                Err(kube::Error::Api(status)) if status.message.contains("not Ready") => {
+                    Some(status.message)
+                }
+                _ => None,
+            }
+        }
+    })
+    .await;
+    assert!(
+        message.contains(&format!("ClaudeKey {}/gw is not Ready yet", h.namespace)),
+        "{message}"
+    );
+
+    h.set_placement("gw", "gateway").await;
+    let pod = support::eventually(WAIT, "the webhook cache to see placement gateway", || {
+        let pods = pods.clone();
+        async move {
+            pods.create(&PostParams::default(), &inject_pod("forwarded", "gw"))
+                .await
+                .ok()
+        }
+    })
+    .await;
+    let spec = pod.spec.expect("spec");
+    let sidecar = &spec.init_containers.as_ref().expect("init containers")[0];
+    assert_eq!(sidecar.name, "claudekey-proxy");
+    assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+    let args = sidecar.args.as_ref().expect("args").join(" ");
+    assert!(
+        args.contains("--mode forward") && args.contains("--config-dir /var/run/claudekey/client"),
+        "{args}"
+    );
+    let secrets: Vec<String> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.secret.as_ref()?.secret_name.clone())
+        .collect();
+    assert_eq!(secrets, ["gw-client"], "only the client Secret is mounted");
+    let env: Vec<(String, Option<String>)> = spec.containers[0]
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone()))
+        .collect();
+    assert!(env.contains(&(
+        "ANTHROPIC_API_KEY".to_string(),
+        Some("claudekey-sidecar".to_string())
+    )));
+    assert!(env.contains(&(
+        "ANTHROPIC_BASE_URL".to_string(),
+        Some("http://127.0.0.1:8484".to_string())
+    )));
     h.cleanup().await;
 }
 

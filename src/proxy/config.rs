@@ -169,16 +169,35 @@ impl Loader {
     }
 
     fn compile(&self, path: &Path, bytes: &[u8]) -> Result<Tenant, ConfigError> {
-        let config: ProxyConfig =
-            serde_json::from_slice(bytes).map_err(|e| ConfigError::Parse {
+        compile(bytes, &self.limiters).map_err(|e| match e {
+            CompileError::Parse(message) => ConfigError::Parse {
                 path: path.to_path_buf(),
-                message: scrub(&e.to_string()),
-            })?;
-        Tenant::compile(&config, &self.limiters).map_err(|source| ConfigError::Compile {
-            path: path.to_path_buf(),
-            source,
+                message,
+            },
+            CompileError::Compile(source) => ConfigError::Compile {
+                path: path.to_path_buf(),
+                source,
+            },
         })
     }
+}
+
+/// Why the bytes of one `proxy.json` were refused, whatever they were read from (a file here,
+/// a Secret in `kube_source`). Never holds a value from the file.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    /// serde's message with quoted values removed.
+    #[error("failed to parse {FILE_NAME}: {0}")]
+    Parse(String),
+    #[error("failed to compile {FILE_NAME}: {0}")]
+    Compile(TenantError),
+}
+
+/// Parses and compiles one `proxy.json`: the one path from bytes to a served ClaudeKey.
+pub fn compile(bytes: &[u8], limiters: &Limiters) -> Result<Tenant, CompileError> {
+    let config: ProxyConfig =
+        serde_json::from_slice(bytes).map_err(|e| CompileError::Parse(scrub(&e.to_string())))?;
+    Tenant::compile(&config, limiters).map_err(CompileError::Compile)
 }
 
 /// Removes every double-quoted part of a serde message: an "invalid type: string \"…\"" error

@@ -8,7 +8,10 @@ pub mod caps;
 pub mod config;
 pub mod error;
 pub mod forward;
+pub mod forwarder;
 pub mod injection;
+pub mod kube_source;
+mod launch;
 pub mod limits;
 pub mod metrics;
 mod pipeline;
@@ -47,12 +50,53 @@ pub enum Mode {
     Sidecar,
 }
 
+/// The `--mode` flag: one of the two proxy modes, or the forwarder (which runs no pipeline,
+/// so the pipeline's `Mode` never has to handle it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunMode {
+    /// A shared proxy behind a Service: every request carries a workload key.
+    #[default]
+    Gateway,
+    /// Inside the pod: loopback only, no workload key (the app sends a placeholder).
+    Sidecar,
+    /// Gateway placement's sidecar: loopback only; adds the workload key from the mounted
+    /// `<name>-client` Secret and forwards to the gateway (`forwarder`).
+    Forward,
+}
+
+impl RunMode {
+    /// The proxy mode, or `None` for the forwarder.
+    pub fn proxy(self) -> Option<Mode> {
+        match self {
+            Self::Gateway => Some(Mode::Gateway),
+            Self::Sidecar => Some(Mode::Sidecar),
+            Self::Forward => None,
+        }
+    }
+}
+
 /// Flags of `claudekey proxy`; each has a `CLAUDEKEY_PROXY_*` environment twin.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The mounted `<name>-proxy` Secret (or, in gateway mode, a directory of them).
-    #[arg(long, env = "CLAUDEKEY_PROXY_CONFIG_DIR")]
-    pub config_dir: PathBuf,
+    /// The mounted `<name>-proxy` Secret (or, in gateway mode, a directory of them; in forward
+    /// mode the mounted `<name>-client` Secret).
+    #[arg(
+        long,
+        env = "CLAUDEKEY_PROXY_CONFIG_DIR",
+        required_unless_present = "config_secrets",
+        conflicts_with = "config_secrets"
+    )]
+    pub config_dir: Option<PathBuf>,
+    /// Gateway mode: serve the config Secrets labelled claudekey.io/config=gateway in this
+    /// namespace, watched through the Kubernetes API (in-cluster config or KUBECONFIG).
+    #[arg(long, env = "CLAUDEKEY_PROXY_CONFIG_SECRETS")]
+    pub config_secrets: Option<String>,
+    /// PEM certificate chain: serve HTTPS on --listen; re-read when it changes.
+    #[arg(long, env = "CLAUDEKEY_PROXY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert; re-read when it changes.
+    #[arg(long, env = "CLAUDEKEY_PROXY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Address of the traffic listener, e.g. 127.0.0.1:8484.
     #[arg(long, env = "CLAUDEKEY_PROXY_LISTEN")]
     pub listen: SocketAddr,
@@ -69,9 +113,10 @@ pub struct Args {
     /// Address serving /metrics, /healthz and /readyz (0.0.0.0:9484 when given without a value).
     #[arg(long, env = "CLAUDEKEY_PROXY_METRICS_LISTEN", num_args = 0..=1, default_missing_value = DEFAULT_METRICS_LISTEN)]
     pub metrics_listen: Option<SocketAddr>,
-    /// gateway (workload key required) or sidecar (loopback only, no key).
+    /// gateway (workload key required), sidecar (loopback only, no key) or forward (loopback
+    /// only, forwards to the gateway with the workload key of --config-dir).
     #[arg(long, env = "CLAUDEKEY_PROXY_MODE", value_enum, default_value_t)]
-    pub mode: Mode,
+    pub mode: RunMode,
 }
 
 /// Everything the proxy needs to start, for `run` and for in-process tests and benches.
@@ -87,6 +132,10 @@ pub struct ProxySettings {
     pub poll_interval: Duration,
     /// How long to wait for the upstream's response headers.
     pub upstream_timeout: Duration,
+    /// Gateway mode: read config Secrets through the API instead of `config_dir`.
+    pub config_secrets: Option<kube_source::SecretsSource>,
+    /// Serve HTTPS with this certificate and key (PEM files, re-read when they change).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl ProxySettings {
@@ -99,6 +148,8 @@ impl ProxySettings {
             pod: std::env::var("POD_NAME").ok(),
             poll_interval: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(600),
+            config_secrets: None,
+            tls: None,
         }
     }
 }
@@ -109,6 +160,7 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub store: Arc<Store>,
     watcher: tokio::task::JoinHandle<()>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Proxy {
@@ -116,16 +168,28 @@ impl Proxy {
     pub fn start(settings: ProxySettings) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::default());
         let store = Arc::new(Store::empty());
-        let mut loader = Loader::new(settings.config_dir.clone(), settings.mode, Arc::default());
-        config::reload_into(&mut loader, &store, &metrics);
         // Runs until the proxy is dropped (the task is aborted then).
-        let watcher = config::spawn_watcher(
-            loader,
-            store.clone(),
-            metrics.clone(),
-            settings.poll_interval,
-            std::future::pending(),
-        )?;
+        let watcher = match settings.config_secrets.clone() {
+            Some(source) => {
+                kube_source::spawn(source, store.clone(), metrics.clone(), Arc::default())
+            }
+            None => {
+                let mut loader =
+                    Loader::new(settings.config_dir.clone(), settings.mode, Arc::default());
+                config::reload_into(&mut loader, &store, &metrics);
+                config::spawn_watcher(
+                    loader,
+                    store.clone(),
+                    metrics.clone(),
+                    settings.poll_interval,
+                    std::future::pending(),
+                )?
+            }
+        };
+        let tls = match &settings.tls {
+            Some((cert, key)) => Some(launch::acceptor(cert, key)?),
+            None => None,
+        };
         let upstream = forward::Upstream::new(&settings.upstream, settings.upstream_timeout)?;
         let audit = audit::AuditSink::start(settings.audit.clone())
             .context("failed to open the audit log")?;
@@ -142,6 +206,7 @@ impl Proxy {
             metrics,
             store,
             watcher,
+            tls,
         })
     }
 
@@ -170,6 +235,11 @@ impl Proxy {
             let _ = stream.set_nodelay(true);
             let shared = self.shared.clone();
             let service = service_fn(move |req| pipeline::handle(shared.clone(), req));
+            if let Some(acceptor) = &self.tls {
+                let serving = launch::connection(acceptor, stream, &builder, &graceful, service);
+                tokio::spawn(serving);
+                continue;
+            }
             let connection = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .into_owned();
@@ -230,8 +300,17 @@ pub fn check_listen(mode: Mode, listen: SocketAddr) -> anyhow::Result<()> {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    check_listen(args.mode, args.listen)?;
-    let mut settings = ProxySettings::new(args.config_dir, args.upstream.clone(), args.mode);
+    let Some(mode) = args.mode.proxy() else {
+        return launch::run_forwarder(args).await;
+    };
+    check_listen(mode, args.listen)?;
+    let mut settings = ProxySettings::new(
+        args.config_dir.clone().unwrap_or_default(),
+        args.upstream.clone(),
+        mode,
+    );
+    settings.config_secrets = launch::secrets_source(&args).await?;
+    settings.tls = args.tls_cert.clone().zip(args.tls_key.clone());
     settings.audit = match args.audit_log.as_str() {
         "-" => AuditTarget::Stdout,
         path => AuditTarget::File(path.into()),
@@ -240,7 +319,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("failed to listen on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, mode = ?args.mode, upstream = %args.upstream, "proxy listening");
+    tracing::info!(listen = %args.listen, mode = ?args.mode, upstream = %args.upstream, tls = proxy.tls.is_some(), "proxy listening");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(addr) = args.metrics_listen {
         let admin = TcpListener::bind(addr)
@@ -292,12 +371,65 @@ mod tests {
             cli.args.metrics_listen,
             Some(DEFAULT_METRICS_LISTEN.parse().unwrap())
         );
-        assert_eq!(cli.args.mode, Mode::Sidecar);
+        assert_eq!(cli.args.mode, RunMode::Sidecar);
         assert_eq!(cli.args.audit_log, "-");
         let cli =
             Cli::try_parse_from(["x", "--config-dir", "d", "--listen", "0.0.0.0:8484"]).unwrap();
-        assert_eq!(cli.args.mode, Mode::Gateway);
+        assert_eq!(cli.args.mode, RunMode::Gateway);
         assert_eq!(cli.args.metrics_listen, None);
+    }
+
+    #[test]
+    fn exactly_one_config_source_and_tls_as_a_pair() {
+        let parse = |extra: &[&str]| {
+            let argv = ["x", "--listen", "0.0.0.0:8443"].iter().chain(extra);
+            Cli::try_parse_from(argv).map(|c| c.args)
+        };
+        assert!(parse(&[]).is_err(), "a config source is required");
+        assert!(parse(&["--config-dir", "d", "--config-secrets", "ns"]).is_err());
+        let args = parse(&["--config-secrets", "claudekey-system"]).unwrap();
+        assert_eq!(args.config_secrets.as_deref(), Some("claudekey-system"));
+        assert!(args.config_dir.is_none());
+        assert!(parse(&["--config-dir", "d", "--tls-cert", "c"]).is_err());
+        assert!(parse(&["--config-dir", "d", "--tls-key", "k"]).is_err());
+        let args = parse(&["--config-dir", "d", "--tls-cert", "c", "--tls-key", "k"]).unwrap();
+        assert_eq!(args.tls_cert, Some(PathBuf::from("c")));
+        let args = parse(&["--config-dir", "d", "--mode", "forward"]).unwrap();
+        assert_eq!(args.mode.proxy(), None);
+    }
+
+    #[tokio::test]
+    async fn forward_mode_refuses_non_loopback_and_gateway_flags() {
+        let parse = |extra: &[&str]| {
+            let argv = ["x", "--mode", "forward"].iter().chain(extra);
+            Cli::try_parse_from(argv).unwrap().args
+        };
+        let error = run(parse(&["--config-dir", "d", "--listen", "0.0.0.0:8484"]))
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("loopback"), "{error}");
+        let error = run(parse(&[
+            "--config-secrets",
+            "ns",
+            "--listen",
+            "127.0.0.1:0",
+        ]))
+        .await
+        .unwrap_err();
+        assert!(error.to_string().contains("--config-dir"), "{error}");
+        let sidecar = [
+            "x",
+            "--mode",
+            "sidecar",
+            "--config-secrets",
+            "ns",
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        let error = run(Cli::try_parse_from(sidecar).unwrap().args)
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("gateway mode only"), "{error}");
     }
 
     #[test]

@@ -3,9 +3,11 @@
 
 pub mod keyshape;
 pub mod mutate;
+pub mod placement;
 pub mod rules;
 pub mod server;
-pub mod tls;
+/// The serving certificate loader, shared with the proxy's HTTPS listener.
+pub use crate::tls;
 pub mod validate;
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview
 use kube::runtime::reflector::Store;
 
 use super::mutate::{self, SidecarConfig};
+use super::placement;
 use super::rules::{self, Finding, Workload};
 use crate::crd::ClaudeKey;
 
@@ -28,6 +29,8 @@ pub enum Mode {
 pub trait ClaudeKeyLookup: Send + Sync {
     /// Names of the ClaudeKeys in `namespace`.
     fn names_in(&self, namespace: &str) -> Vec<String>;
+    /// Whether ClaudeKey `namespace/name` exists and where its upstream key lives.
+    fn find(&self, namespace: &str, name: &str) -> placement::Found;
 }
 
 impl ClaudeKeyLookup for Store<ClaudeKey> {
@@ -38,6 +41,11 @@ impl ClaudeKeyLookup for Store<ClaudeKey> {
             .filter_map(|ck| ck.metadata.name.clone())
             .collect()
     }
+
+    fn find(&self, namespace: &str, name: &str) -> placement::Found {
+        let key = kube::runtime::reflector::ObjectRef::new(name).within(namespace);
+        placement::Found::of(self.get(&key).as_deref())
+    }
 }
 
 /// A fixed set of `(namespace, name)` pairs, for tests and benches.
@@ -47,6 +55,15 @@ impl ClaudeKeyLookup for Vec<(String, String)> {
             .filter(|(ns, _)| ns == namespace)
             .map(|(_, n)| n.clone())
             .collect()
+    }
+
+    /// Every listed ClaudeKey has placement `namespace` (today's sidecar).
+    fn find(&self, namespace: &str, name: &str) -> placement::Found {
+        if self.iter().any(|(ns, n)| ns == namespace && n == name) {
+            placement::Found::Placed(placement::Placement::Namespace)
+        } else {
+            placement::Found::Missing
+        }
     }
 }
 
@@ -208,9 +225,8 @@ impl Admission {
             Err(reason) => return (response.deny(reason).into_review(), Outcome::Denied),
         };
         let namespace = req.namespace.clone().unwrap_or_default();
-        let names = self.claudekeys.names_in(&namespace);
-        let exists = |name: &str| names.iter().any(|n| n == name);
-        let patch = match mutate::mutate(&pod, &namespace, exists, &self.sidecar) {
+        let lookup = |name: &str| self.claudekeys.find(&namespace, name);
+        let patch = match placement::inject(&pod, &namespace, lookup, &self.sidecar) {
             Ok(Some(patch)) => patch,
             Ok(None) => return (response.into_review(), Outcome::Allowed),
             Err(refusal) => {

@@ -1,6 +1,7 @@
-//! The webhook's serving certificate, re-read from its files when they change, so cert-manager
-//! (or a Secret update) rotates it without a restart. A half-written or mismatched pair is
-//! ignored and the last good certificate keeps serving.
+//! A serving certificate (the webhook's, the gateway proxy's), re-read from its files when they
+//! change, so cert-manager (or a Secret update) rotates it without a restart. A half-written or
+//! mismatched pair is ignored and the last good certificate keeps serving. Also the client side
+//! of a private CA: a rustls client that trusts only a given PEM bundle.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -115,7 +116,7 @@ impl ReloadingResolver {
         }
         let loaded = load(&self.cert_path, &self.key_path, &cert, &key, &self.provider)?;
         self.current.store(Arc::new(loaded));
-        tracing::info!(cert = %self.cert_path.display(), "serving a new webhook certificate");
+        tracing::info!(cert = %self.cert_path.display(), "serving a new certificate");
         Ok(true)
     }
 
@@ -128,7 +129,7 @@ impl ReloadingResolver {
         }
         *last = Instant::now();
         if let Err(error) = self.reload_if_changed() {
-            tracing::warn!(%error, "keeping the previous webhook certificate");
+            tracing::warn!(%error, "keeping the previous serving certificate");
         }
     }
 }
@@ -185,6 +186,40 @@ pub fn server_config(resolver: Arc<ReloadingResolver>) -> Result<Arc<ServerConfi
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Why a CA bundle could not be used to verify a server.
+#[derive(thiserror::Error, Debug)]
+pub enum TrustError {
+    /// The PEM could not be parsed.
+    #[error("failed to parse the CA bundle: {0}")]
+    Parse(String),
+    /// The PEM held no certificate rustls accepts as a trust anchor.
+    #[error("failed to find a usable CA certificate in the bundle")]
+    Empty,
+    /// rustls refused the configuration.
+    #[error("failed to configure TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// A rustls client configuration that trusts exactly the certificates in `ca_pem` (no system or
+/// webpki roots): a private CA must not be widened to the public ones, nor the reverse.
+pub fn client_config_trusting(ca_pem: &[u8]) -> Result<rustls::ClientConfig, TrustError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        let cert = cert.map_err(|e| TrustError::Parse(e.to_string()))?;
+        roots
+            .add(cert)
+            .map_err(|e| TrustError::Parse(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(TrustError::Empty);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 #[cfg(test)]
@@ -256,5 +291,16 @@ mod tests {
             missing.to_string().starts_with("failed to read"),
             "{missing}"
         );
+    }
+
+    #[test]
+    fn client_trusts_only_a_bundle_with_certificates() {
+        let (cert, _) = pair("ca");
+        assert!(client_config_trusting(cert.as_bytes()).is_ok());
+        assert!(matches!(
+            client_config_trusting(b"not pem at all"),
+            Err(TrustError::Empty)
+        ));
+        assert!(client_config_trusting(b"").is_err());
     }
 }

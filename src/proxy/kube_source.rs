@@ -1,0 +1,418 @@
+//! The gateway's config from the Kubernetes API (DESIGN.md §10 "Placement"): one config Secret
+//! per ClaudeKey in the operator namespace, labelled `claudekey.io/config=gateway`, each holding
+//! a `proxy.json` in §8's format. The Secrets are watched (no volume, so no kubelet delay and no
+//! pod restart when ClaudeKeys come and go) and each one that changes is compiled alone: the
+//! others keep their compiled `Tenant`, so a gateway with thousands of ClaudeKeys applies one
+//! rotation in the time of one compile. A Secret that fails to compile keeps its last good
+//! version, as a file does in the directory loader.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
+
+use futures::{FutureExt as _, StreamExt as _};
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt as _, watcher},
+};
+use sha2::{Digest, Sha256};
+
+use super::{
+    config::{CompileError, ConfigSet, Store, compile},
+    limits::Limiters,
+    metrics::Metrics,
+    tenant::Tenant,
+};
+use crate::proxyconf::FILE_NAME;
+
+/// Label (and value) that marks a Secret as a gateway config; the controller sets it.
+pub const CONFIG_LABEL: &str = "claudekey.io/config";
+pub const CONFIG_LABEL_VALUE: &str = "gateway";
+/// Label naming the namespace of the ClaudeKey a config Secret belongs to.
+pub const NAMESPACE_LABEL: &str = "claudekey.io/namespace";
+/// Prefix of every config Secret's name.
+pub const NAME_PREFIX: &str = "claudekey-gw-";
+/// At most this many watch events are applied before the set is published: a burst (the
+/// controller rotating many ClaudeKeys) is one swap per batch, not one per Secret.
+const MAX_BATCH: usize = 1024;
+
+/// `claudekey-gw-<first 40 hex of sha256("<namespace>/<name>")>` (CONTRACT.md): any
+/// namespace/name pair fits a Secret name, and no two pairs share one.
+pub fn config_secret_name(namespace: &str, name: &str) -> String {
+    let digest = hex::encode(Sha256::digest(format!("{namespace}/{name}").as_bytes()));
+    format!("{NAME_PREFIX}{}", &digest[..40])
+}
+
+/// Why one config Secret is not served (or keeps its last good version). Names the Secret,
+/// never its content.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("config Secret {secret} has no {FILE_NAME}")]
+    Missing { secret: String },
+    #[error("config Secret {secret}: {source}")]
+    Compile {
+        secret: String,
+        source: CompileError,
+    },
+    /// The Secret's name or namespace label does not belong to the ClaudeKey its config names:
+    /// two Secrets could otherwise serve (and share the limits of) one ClaudeKey.
+    #[error(
+        "config Secret {secret} does not belong to ClaudeKey {claudekey}: its name and {NAMESPACE_LABEL} label must match"
+    )]
+    Mismatch { secret: String, claudekey: String },
+}
+
+/// Where the gateway's config Secrets live, and the client that reads them.
+#[derive(Clone)]
+pub struct SecretsSource {
+    pub client: Client,
+    pub namespace: String,
+}
+
+impl std::fmt::Debug for SecretsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretsSource")
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Entry {
+    digest: [u8; 32],
+    tenant: Arc<Tenant>,
+}
+
+/// The served ClaudeKeys by config Secret name, each with the digest of the bytes it was
+/// compiled from. Pure bookkeeping: the watch loop feeds it Secrets, tests feed it directly.
+pub struct Tenants {
+    limiters: Arc<Limiters>,
+    by_secret: BTreeMap<String, Entry>,
+    /// Secrets seen since the watch (re)started its list; the rest are gone at `InitDone`.
+    listing: Option<BTreeSet<String>>,
+}
+
+impl Tenants {
+    pub fn new(limiters: Arc<Limiters>) -> Self {
+        Self {
+            limiters,
+            by_secret: BTreeMap::new(),
+            listing: None,
+        }
+    }
+
+    /// A created or updated Secret; returns whether the served set changed. Only this Secret
+    /// is compiled, and only when its `proxy.json` changed. On error the last good version of
+    /// it (if any) stays.
+    pub fn apply(&mut self, secret: &Secret) -> Result<bool, SecretError> {
+        let name = secret.metadata.name.clone().unwrap_or_default();
+        if let Some(listing) = &mut self.listing {
+            listing.insert(name.clone());
+        }
+        let bytes = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(FILE_NAME))
+            .ok_or_else(|| SecretError::Missing {
+                secret: name.clone(),
+            })?;
+        let digest: [u8; 32] = Sha256::digest(&bytes.0).into();
+        if self
+            .by_secret
+            .get(&name)
+            .is_some_and(|e| e.digest == digest)
+        {
+            return Ok(false);
+        }
+        let tenant = compile(&bytes.0, &self.limiters).map_err(|source| SecretError::Compile {
+            secret: name.clone(),
+            source,
+        })?;
+        check_owner(secret, &name, &tenant)?;
+        self.by_secret.insert(
+            name,
+            Entry {
+                digest,
+                tenant: Arc::new(tenant),
+            },
+        );
+        Ok(true)
+    }
+
+    /// A deleted (or no longer labelled) Secret; returns whether it was served.
+    pub fn delete(&mut self, name: &str) -> bool {
+        self.by_secret.remove(name).is_some()
+    }
+
+    /// The watch restarted: what it lists from now on is everything there is.
+    pub fn begin_listing(&mut self) {
+        self.listing = Some(BTreeSet::new());
+    }
+
+    /// The list is complete: Secrets it did not return were deleted while the watch was down.
+    pub fn end_listing(&mut self) -> bool {
+        let Some(seen) = self.listing.take() else {
+            return false;
+        };
+        let before = self.by_secret.len();
+        self.by_secret.retain(|name, _| seen.contains(name));
+        before != self.by_secret.len()
+    }
+
+    /// The set to serve: shares every compiled tenant, so it costs one pointer per ClaudeKey.
+    pub fn snapshot(&self) -> ConfigSet {
+        ConfigSet {
+            tenants: self.by_secret.values().map(|e| e.tenant.clone()).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_secret.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_secret.is_empty()
+    }
+}
+
+/// The Secret must carry the name and namespace label of the ClaudeKey its config names.
+fn check_owner(secret: &Secret, name: &str, tenant: &Tenant) -> Result<(), SecretError> {
+    let label = secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(NAMESPACE_LABEL));
+    let expected = config_secret_name(&tenant.id.namespace, &tenant.id.name);
+    if label != Some(&tenant.id.namespace) || name != expected {
+        return Err(SecretError::Mismatch {
+            secret: name.to_string(),
+            claudekey: tenant.label.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// What one watch event did to the set.
+fn on_event(tenants: &mut Tenants, event: watcher::Event<Secret>, metrics: &Metrics) -> bool {
+    let labelled = |s: &Secret| {
+        s.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(CONFIG_LABEL))
+            .is_some_and(|v| v == CONFIG_LABEL_VALUE)
+    };
+    match event {
+        watcher::Event::Init => {
+            tenants.begin_listing();
+            false
+        }
+        watcher::Event::InitApply(secret) | watcher::Event::Apply(secret) => {
+            let name = secret.metadata.name.clone().unwrap_or_default();
+            if !labelled(&secret) {
+                // The selector already filters; this guards a misconfigured selector.
+                return tenants.delete(&name);
+            }
+            match tenants.apply(&secret) {
+                Ok(changed) => {
+                    if changed {
+                        tracing::info!(secret = %name, "gateway config Secret loaded");
+                    }
+                    metrics.config_reload(true);
+                    changed
+                }
+                Err(error) => {
+                    tracing::warn!(secret = %name, %error, "keeping the last good config of this Secret");
+                    metrics.config_reload(false);
+                    false
+                }
+            }
+        }
+        watcher::Event::Delete(secret) => {
+            let name = secret.metadata.name.unwrap_or_default();
+            let removed = tenants.delete(&name);
+            if removed {
+                tracing::info!(secret = %name, "gateway config Secret removed");
+            }
+            removed
+        }
+        watcher::Event::InitDone => {
+            // Always publish after a list, so the first one makes the gateway ready.
+            tenants.end_listing();
+            true
+        }
+    }
+}
+
+/// Watches the config Secrets of `source.namespace` and keeps `store` current until the task is
+/// aborted. `store` stays `None` (not ready) until the first complete list.
+pub fn spawn(
+    source: SecretsSource,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    limiters: Arc<Limiters>,
+) -> tokio::task::JoinHandle<()> {
+    let api: Api<Secret> = Api::namespaced(source.client, &source.namespace);
+    let config = watcher::Config::default().labels(&format!("{CONFIG_LABEL}={CONFIG_LABEL_VALUE}"));
+    let namespace = source.namespace;
+    tokio::spawn(async move {
+        let stream = watcher(api, config).default_backoff();
+        let mut stream = std::pin::pin!(stream);
+        let mut tenants = Tenants::new(limiters);
+        let mut listed = false;
+        while let Some(first) = stream.next().await {
+            let mut changed = false;
+            let mut next = Some(first);
+            let mut batch = 0;
+            while let Some(event) = next.take() {
+                match event {
+                    Ok(event) => {
+                        listed |= matches!(event, watcher::Event::InitDone);
+                        changed |= on_event(&mut tenants, event, &metrics);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, namespace = %namespace, "config Secret watch failed; retrying");
+                    }
+                }
+                batch += 1;
+                if batch < MAX_BATCH {
+                    next = stream.next().now_or_never().flatten();
+                }
+            }
+            // Mid-list, the old set keeps serving: a relist must never drop ClaudeKeys.
+            if changed && listed && tenants.listing.is_none() {
+                tracing::info!(claudekeys = tenants.len(), "gateway config updated");
+                store.store(Some(Arc::new(tenants.snapshot())));
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::sha256_hex;
+    use k8s_openapi::ByteString;
+    use kube::api::ObjectMeta;
+
+    fn config(ns: &str, name: &str, workload: &str) -> String {
+        serde_json::json!({
+            "claudeKey": { "namespace": ns, "name": name },
+            "upstream": [{ "key": "sk-ant-api03-secretUPSTREAM", "fingerprint": "up:1", "validUntil": null }],
+            "workloadKeys": [{ "sha256": sha256_hex(workload), "fingerprint": "ck:1", "validUntil": null }],
+            "policy": {}
+        })
+        .to_string()
+    }
+
+    fn secret(ns: &str, name: &str, proxy_json: &str) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(config_secret_name(ns, name)),
+                labels: Some(
+                    [
+                        (CONFIG_LABEL.to_string(), CONFIG_LABEL_VALUE.to_string()),
+                        (NAMESPACE_LABEL.to_string(), ns.to_string()),
+                    ]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+            data: Some([(FILE_NAME.to_string(), ByteString(proxy_json.into()))].into()),
+            ..Default::default()
+        }
+    }
+
+    fn labels(t: &Tenants) -> Vec<String> {
+        t.snapshot()
+            .tenants
+            .iter()
+            .map(|t| t.label.clone())
+            .collect()
+    }
+
+    #[test]
+    fn name_is_stable_and_fits() {
+        let name = config_secret_name("team-a", "support-bot");
+        assert_eq!(name.len(), NAME_PREFIX.len() + 40);
+        assert_eq!(name, config_secret_name("team-a", "support-bot"));
+        assert_ne!(name, config_secret_name("team-a/support", "bot"));
+        assert_ne!(name, config_secret_name("team-b", "support-bot"));
+    }
+
+    #[test]
+    fn only_the_changed_secret_is_recompiled() {
+        let mut t = Tenants::new(Arc::default());
+        assert!(t.apply(&secret("a", "x", &config("a", "x", "k1"))).unwrap());
+        assert!(t.apply(&secret("b", "y", &config("b", "y", "k2"))).unwrap());
+        let before = t.snapshot();
+        // Same bytes: nothing compiled, nothing changed.
+        assert!(!t.apply(&secret("a", "x", &config("a", "x", "k1"))).unwrap());
+        // New bytes for one Secret: the other tenant is the very same compiled object.
+        assert!(t.apply(&secret("a", "x", &config("a", "x", "k3"))).unwrap());
+        let after = t.snapshot();
+        let y = |s: &ConfigSet| s.tenants.iter().find(|t| t.label == "b/y").unwrap().clone();
+        assert!(Arc::ptr_eq(&y(&before), &y(&after)));
+        let x = |s: &ConfigSet| s.tenants.iter().find(|t| t.label == "a/x").unwrap().clone();
+        assert!(!Arc::ptr_eq(&x(&before), &x(&after)));
+        assert!(t.delete(&config_secret_name("a", "x")));
+        assert_eq!(labels(&t), ["b/y"]);
+    }
+
+    #[test]
+    fn a_bad_update_keeps_the_last_good_version_and_names_only_the_secret() {
+        let mut t = Tenants::new(Arc::default());
+        t.apply(&secret("a", "x", &config("a", "x", "k1"))).unwrap();
+        let good = t.snapshot().tenants[0].clone();
+        let bad = r#"{"claudeKey": {"namespace": "sk-ant-api03-leakLEAK", "name": 5}}"#;
+        let error = t.apply(&secret("a", "x", bad)).unwrap_err().to_string();
+        assert!(error.contains(&config_secret_name("a", "x")), "{error}");
+        assert!(!error.contains("sk-ant-api03"), "{error}");
+        assert!(Arc::ptr_eq(&good, &t.snapshot().tenants[0]));
+        let mut empty = secret("a", "x", "");
+        empty.data = None;
+        assert!(matches!(t.apply(&empty), Err(SecretError::Missing { .. })));
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn a_secret_must_belong_to_the_claudekey_it_configures() {
+        let mut t = Tenants::new(Arc::default());
+        // Named for a/x but configuring b/y.
+        let mut s = secret("a", "x", &config("b", "y", "k"));
+        assert!(matches!(t.apply(&s), Err(SecretError::Mismatch { .. })));
+        // Right name, wrong namespace label.
+        s = secret("b", "y", &config("b", "y", "k"));
+        s.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(NAMESPACE_LABEL.into(), "a".into());
+        assert!(matches!(t.apply(&s), Err(SecretError::Mismatch { .. })));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_relist_drops_what_it_no_longer_returns_and_ignores_unlabelled() {
+        let metrics = Metrics::default();
+        let mut t = Tenants::new(Arc::default());
+        for (ns, n) in [("a", "x"), ("b", "y")] {
+            let s = secret(ns, n, &config(ns, n, n));
+            on_event(&mut t, watcher::Event::Apply(s), &metrics);
+        }
+        let mut unlabelled = secret("c", "z", &config("c", "z", "z"));
+        unlabelled.metadata.labels = None;
+        assert!(!on_event(
+            &mut t,
+            watcher::Event::Apply(unlabelled),
+            &metrics
+        ));
+        assert_eq!(t.len(), 2);
+        on_event(&mut t, watcher::Event::Init, &metrics);
+        let s = secret("b", "y", &config("b", "y", "y"));
+        on_event(&mut t, watcher::Event::InitApply(s), &metrics);
+        assert_eq!(t.len(), 2, "the old set serves until the list is complete");
+        assert!(on_event(&mut t, watcher::Event::InitDone, &metrics));
+        assert_eq!(labels(&t), ["b/y"]);
+    }
+}

@@ -1,0 +1,135 @@
+//! Start-up pieces of gateway placement (DESIGN.md §10), kept out of the request path: the
+//! HTTPS listener of the gateway (the shared reloading certificate of `crate::tls`), the
+//! config-Secret source, and forward mode's own entry point.
+
+use std::{error::Error as StdError, path::Path, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::{conn::auto, graceful::GracefulShutdown},
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use super::{
+    Args, RunMode,
+    forwarder::{self, Forwarder},
+    kube_source::SecretsSource,
+    metrics,
+};
+
+/// A client that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The TLS acceptor of `--tls-cert`/`--tls-key`: the first load must succeed; later changes to
+/// the files are picked up at the next handshake (the last good pair serves meanwhile).
+pub(super) fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
+    let resolver = crate::tls::ReloadingResolver::new(cert, key)
+        .context("failed to load the proxy's serving certificate")?;
+    let config = crate::tls::server_config(resolver).context("failed to configure TLS")?;
+    Ok(TlsAcceptor::from(config))
+}
+
+/// One HTTPS connection: handshake (bounded), then HTTP/1.1 or HTTP/2 as negotiated, watched by
+/// `graceful` so shutdown waits for it like for a plain connection.
+pub(super) fn connection<S, B>(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    builder: &auto::Builder<TokioExecutor>,
+    graceful: &GracefulShutdown,
+    service: S,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    let acceptor = acceptor.clone();
+    let builder = builder.clone();
+    let watcher = graceful.watcher();
+    async move {
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("TLS handshake timed out");
+                return;
+            }
+        };
+        let connection = builder
+            .serve_connection(TokioIo::new(tls), service)
+            .into_owned();
+        if let Err(e) = watcher.watch(connection).await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// `--config-secrets NAMESPACE`: gateway mode only, with a client from the pod's service
+/// account or KUBECONFIG.
+pub(super) async fn secrets_source(args: &Args) -> anyhow::Result<Option<SecretsSource>> {
+    let Some(namespace) = &args.config_secrets else {
+        return Ok(None);
+    };
+    if args.mode != RunMode::Gateway {
+        anyhow::bail!("--config-secrets serves config Secrets in gateway mode only");
+    }
+    let client = kube::Client::try_default()
+        .await
+        .context("failed to configure a Kubernetes client for --config-secrets")?;
+    Ok(Some(SecretsSource {
+        client,
+        namespace: namespace.clone(),
+    }))
+}
+
+/// `claudekey proxy --mode forward`: loopback listener, the `<name>-client` directory watched,
+/// and the usual admin listener (`/readyz` once that directory was loaded).
+pub(super) async fn run_forwarder(args: Args) -> anyhow::Result<()> {
+    forwarder::check_listen(args.listen)?;
+    let Some(dir) = args.config_dir.clone() else {
+        anyhow::bail!("forward mode reads the mounted <name>-client Secret: set --config-dir");
+    };
+    if args.config_secrets.is_some() || args.tls_cert.is_some() {
+        anyhow::bail!(
+            "forward mode listens on loopback in plain HTTP and reads only --config-dir: --config-secrets and --tls-cert are for the gateway"
+        );
+    }
+    let forwarder = Forwarder::new(dir.clone());
+    let watcher = forwarder
+        .spawn_watcher()
+        .with_context(|| format!("failed to watch {}", dir.display()))?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("failed to listen on {}", args.listen))?;
+    tracing::info!(listen = %args.listen, dir = %dir.display(), "forwarder listening");
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(addr) = args.metrics_listen {
+        let admin = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("failed to listen on {addr}"))?;
+        let ready = forwarder.ready.clone();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            };
+            let metrics = Arc::new(metrics::Metrics::default());
+            if let Err(e) = metrics::serve_admin(admin, metrics, ready, stop).await {
+                tracing::error!(error = %e, "admin listener failed");
+            }
+        });
+    }
+    forwarder.serve(listener, crate::shutdown::signal()).await?;
+    watcher.abort();
+    let _ = stop_tx.send(true);
+    Ok(())
+}

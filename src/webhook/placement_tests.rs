@@ -1,0 +1,181 @@
+//! Injection by placement: the patch is applied with json-patch and the resulting Pod inspected.
+
+use super::*;
+use crate::crd::proxy_secret_name;
+use crate::webhook::keyshape::SIDECAR_PLACEHOLDER;
+use crate::webhook::rules::{self, Context, Workload};
+use serde_json::json;
+
+fn config() -> SidecarConfig {
+    SidecarConfig {
+        image: "registry.example/claudekey:test".into(),
+        ..SidecarConfig::default()
+    }
+}
+
+fn annotated(spec: Value) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": "p", "namespace": "team-a", "annotations": {"claudekey.io/inject": "bot"}},
+        "spec": spec
+    }))
+    .unwrap()
+}
+
+fn app_pod() -> Pod {
+    annotated(json!({
+        "containers": [{"name": "app", "image": "a:1", "env": [
+            {"name": "ANTHROPIC_API_KEY", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}
+        ]}],
+        "volumes": [{"name": "data", "emptyDir": {}}]
+    }))
+}
+
+fn placed(p: Placement) -> impl Fn(&str) -> Found {
+    move |name| {
+        if name == "bot" {
+            Found::Placed(p)
+        } else {
+            Found::Missing
+        }
+    }
+}
+
+fn apply(pod: &Pod, patch: &Patch) -> Pod {
+    let mut doc = serde_json::to_value(pod).unwrap();
+    json_patch::patch(&mut doc, patch).expect("patch applies cleanly");
+    serde_json::from_value(doc).unwrap()
+}
+
+fn secret_names(pod: &Pod) -> Vec<String> {
+    pod.spec
+        .as_ref()
+        .unwrap()
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.secret.as_ref()?.secret_name.clone())
+        .collect()
+}
+
+#[test]
+fn gateway_placement_injects_the_forwarder_with_the_client_secret_only() {
+    for pod in [
+        app_pod(),
+        annotated(json!({"containers": [{"name": "app", "image": "a:1"}]})),
+    ] {
+        let patch = inject(&pod, "team-a", placed(Placement::Gateway), &config())
+            .unwrap()
+            .expect("a patch");
+        let patched = apply(&pod, &patch);
+        let spec = patched.spec.as_ref().unwrap();
+        let sidecar = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(sidecar, &forwarder_container(&config()));
+        let args = sidecar.args.as_ref().unwrap().join(" ");
+        assert!(args.contains("--mode forward"), "{args}");
+        assert!(
+            args.contains(&format!("--config-dir {CLIENT_DIR}")),
+            "{args}"
+        );
+        assert!(args.contains("--listen 127.0.0.1:8484"), "{args}");
+        assert!(!args.contains("--upstream"), "{args}");
+        let mounts = sidecar.volume_mounts.as_ref().unwrap();
+        assert_eq!(mounts.len(), 1);
+        assert_eq!(
+            (mounts[0].name.as_str(), mounts[0].read_only),
+            (CLIENT_VOLUME, Some(true))
+        );
+        // Only `-client` is mounted: no `-proxy` (there is none in gateway placement).
+        assert_eq!(secret_names(&patched), [client_secret_name("bot")]);
+        assert!(!secret_names(&patched).contains(&proxy_secret_name("bot")));
+        let env: Vec<_> = spec.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.as_str(), e.value.as_deref()))
+            .collect();
+        assert!(env.contains(&("ANTHROPIC_API_KEY", Some(SIDECAR_PLACEHOLDER))));
+        assert!(env.contains(&("ANTHROPIC_BASE_URL", Some("http://127.0.0.1:8484"))));
+        // The validating rules admit the result.
+        let names = ["bot".to_string()];
+        let proxy = mutate::sidecar_container(&config());
+        let ctx = Context {
+            claudekeys: &names,
+            sidecar: Some(&proxy),
+        };
+        let findings = rules::check(&Workload::Pod(Box::new(patched.clone())), &ctx);
+        assert!(findings.is_empty(), "{findings:?}");
+    }
+}
+
+#[test]
+fn namespace_placement_is_exactly_todays_sidecar() {
+    let pod = app_pod();
+    let ours = inject(&pod, "team-a", placed(Placement::Namespace), &config()).unwrap();
+    let today = mutate::mutate(&pod, "team-a", |n| n == "bot", &config()).unwrap();
+    assert_eq!(ours, today);
+    assert!(secret_names(&apply(&pod, &ours.unwrap())).contains(&proxy_secret_name("bot")));
+}
+
+#[test]
+fn not_ready_and_missing_are_refused_with_what_to_do() {
+    let pod = app_pod();
+    let error = inject(&pod, "team-a", |_| Found::NotReady, &config()).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "ClaudeKey team-a/bot is not Ready yet: retry once its status shows Ready"
+    );
+    let error = inject(&pod, "team-a", |_| Found::Missing, &config()).unwrap_err();
+    assert!(matches!(
+        error,
+        InjectError::Refusal(Refusal::MissingClaudeKey { .. })
+    ));
+    // No annotation: nothing asked, nothing looked up matters.
+    let plain: Pod = serde_json::from_value(json!({"spec": {"containers": []}})).unwrap();
+    assert_eq!(
+        inject(&plain, "team-a", |_| Found::NotReady, &config()),
+        Ok(None)
+    );
+}
+
+#[test]
+fn a_pod_volume_named_like_the_client_volume_is_refused() {
+    let pod = annotated(json!({
+        "containers": [{"name": "app", "image": "a:1"}],
+        "volumes": [{"name": CLIENT_VOLUME, "emptyDir": {}}]
+    }));
+    assert_eq!(
+        inject(&pod, "team-a", placed(Placement::Gateway), &config()),
+        Err(InjectError::ClientVolumeClash)
+    );
+}
+
+#[test]
+fn placement_is_read_from_status() {
+    assert_eq!(Found::of(None), Found::Missing);
+    assert_eq!(Found::placed(None), Found::NotReady);
+    for (value, found) in [
+        ("gateway", Found::Placed(Placement::Gateway)),
+        ("namespace", Found::Placed(Placement::Namespace)),
+        ("Gateway", Found::NotReady),
+        ("", Found::NotReady),
+    ] {
+        assert_eq!(Found::placed(Some(value)), found, "{value}");
+    }
+}
+
+#[test]
+fn the_binary_accepts_the_forwarders_flags() {
+    use clap::Parser;
+    let args = forwarder_container(&config()).args.expect("args");
+    let argv = std::iter::once("claudekey".to_string()).chain(args);
+    match crate::cli::Cli::try_parse_from(argv) {
+        Ok(cli) => match cli.command {
+            crate::cli::Command::Proxy(args) => {
+                assert_eq!(args.mode, crate::proxy::RunMode::Forward);
+                crate::proxy::forwarder::check_listen(args.listen).unwrap();
+            }
+            _ => panic!("not the proxy"),
+        },
+        Err(e) => panic!("the proxy refuses the forwarder's flags: {e}"),
+    }
+}
