@@ -185,26 +185,10 @@ note "sidecar args: $(kubectl -n "$NS" get pod support-bot-demo -o jsonpath='{.s
 note "app env: $(kubectl -n "$NS" get pod support-bot-demo -o jsonpath='{range .spec.containers[0].env[*]}{.name}={.value} {end}')"
 note "(no kubelet here, so the pod stays Pending; on a real cluster it starts with the sidecar)"
 
-# The kubelet's job, done by hand: keep a directory in the kubelet's ..data layout in sync with
-# the gateway config Secret, so the proxy reloads rotated keys the way it does in a pod.
-PROXY_DIR=$DEMO/proxy-config
-sync_proxy_secret() {
-  local stamp tmp
-  stamp=$(date +%s%N)
-  tmp=$PROXY_DIR/..$stamp
-  mkdir -p "$tmp"
-  kubectl -n "$OPERATOR_NS" get secret -l "claudekey.io/config=gateway,claudekey.io/namespace=$NS" \
-    -o jsonpath='{.items[0].data.proxy\.json}' | base64 -d >"$tmp/proxy.json"
-  ln -sfn "..$stamp" "$PROXY_DIR/..data_tmp" && mv -T "$PROXY_DIR/..data_tmp" "$PROXY_DIR/..data"
-  ln -sfn ..data/proxy.json "$PROXY_DIR/proxy.json"
-}
-mkdir -p "$PROXY_DIR" && sync_proxy_secret
-( while sleep 1; do sync_proxy_secret 2>/dev/null || true; done ) &
-children+=($!)
-
-say "Sending a request through a locally run claudekey proxy (gateway mode) with the workload key"
+say "Sending a request through the claudekey gateway with the workload key"
+note "the gateway reads the config Secrets of $OPERATOR_NS through the API (--config-secrets)"
 PROXY_METRICS=$(free_port)
-start proxy "$CK" proxy --config-dir "$PROXY_DIR" --listen "127.0.0.1:$GATEWAY_PORT" \
+start proxy "$CK" proxy --config-secrets "$OPERATOR_NS" --listen "127.0.0.1:$GATEWAY_PORT" \
   --upstream "$UPSTREAM" --audit-log "$DEMO/audit.log" --metrics-listen "127.0.0.1:$PROXY_METRICS" --mode gateway
 wait_for "the proxy" 30 curl -sf "http://127.0.0.1:$PROXY_METRICS/readyz"
 client_key() { kubectl -n "$NS" get secret support-bot-client -o jsonpath='{.data.ANTHROPIC_API_KEY}' | base64 -d; }
@@ -226,7 +210,7 @@ OLD_FP=$(kubectl -n "$NS" get ck support-bot -o jsonpath='{.status.workloadKey.f
 kubectl -n "$NS" annotate ck support-bot "claudekey.io/rotate=$(date +%s)" --overwrite >/dev/null
 wait_for "the rotation" 60 bash -c "[ \"\$('$CLAUDEKEY_TEST_KUBECTL' -n $NS get ck support-bot -o jsonpath='{.status.workloadKey.fingerprint}')\" != '$OLD_FP' ]"
 note "status.workloadKey: $(kubectl -n "$NS" get ck support-bot -o jsonpath='{.status.workloadKey}')"
-sleep 2 # one kubelet-style sync of the proxy's directory
+sleep 1 # the gateway sees the changed config Secret through its watch
 NEW_KEY=$(client_key)
 note "during grace: new key -> HTTP $(ask "$NEW_KEY" 'hello'), old key -> HTTP $(ask "$OLD_KEY" 'hello')"
 note "waiting for the grace period to end..."
