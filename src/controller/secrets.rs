@@ -195,7 +195,10 @@ pub fn build_gateway_config(
                     annotations::MANAGED_BY_LABEL.to_string(),
                     annotations::MANAGER.to_string(),
                 ),
-                (annotations::CONFIG_LABEL.to_string(), "gateway".to_string()),
+                (
+                    annotations::CONFIG_LABEL.to_string(),
+                    annotations::CONFIG_LABEL_VALUE.to_string(),
+                ),
                 (annotations::NAMESPACE_LABEL.to_string(), namespace.clone()),
             ])),
             annotations: Some(BTreeMap::from([

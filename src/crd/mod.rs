@@ -40,8 +40,9 @@ pub mod annotations {
     /// On a Secret in the operator namespace: `"true"` lets a kubernetesSecret source read it.
     /// Nothing else there (the admin key, TLS keys) can ever be named as a source.
     pub const UPSTREAM_KEY_LABEL: &str = "claudekey.io/upstream-key";
-    /// On a gateway config Secret: `gateway`; what the gateway selects on.
+    /// On a gateway config Secret: [`CONFIG_LABEL_VALUE`]; what the gateway selects on.
     pub const CONFIG_LABEL: &str = "claudekey.io/config";
+    pub const CONFIG_LABEL_VALUE: &str = "gateway";
     /// On a gateway config Secret: the namespace of its ClaudeKey.
     pub const NAMESPACE_LABEL: &str = "claudekey.io/namespace";
     /// On a gateway config Secret: `<namespace>/<name>` of its ClaudeKey (names can be longer

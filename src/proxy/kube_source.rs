@@ -28,22 +28,12 @@ use super::{
 use crate::proxyconf::FILE_NAME;
 
 /// Label (and value) that marks a Secret as a gateway config; the controller sets it.
-pub const CONFIG_LABEL: &str = "claudekey.io/config";
-pub const CONFIG_LABEL_VALUE: &str = "gateway";
-/// Label naming the namespace of the ClaudeKey a config Secret belongs to.
-pub const NAMESPACE_LABEL: &str = "claudekey.io/namespace";
-/// Prefix of every config Secret's name.
-pub const NAME_PREFIX: &str = "claudekey-gw-";
+pub use crate::crd::annotations::{CONFIG_LABEL, CONFIG_LABEL_VALUE, NAMESPACE_LABEL};
+/// `claudekey-gw-<first 40 hex of sha256("<namespace>/<name>")>`: the controller's naming.
+pub use crate::crd::gateway_config_secret_name as config_secret_name;
 /// At most this many watch events are applied before the set is published: a burst (the
 /// controller rotating many ClaudeKeys) is one swap per batch, not one per Secret.
 const MAX_BATCH: usize = 1024;
-
-/// `claudekey-gw-<first 40 hex of sha256("<namespace>/<name>")>` (CONTRACT.md): any
-/// namespace/name pair fits a Secret name, and no two pairs share one.
-pub fn config_secret_name(namespace: &str, name: &str) -> String {
-    let digest = hex::encode(Sha256::digest(format!("{namespace}/{name}").as_bytes()));
-    format!("{NAME_PREFIX}{}", &digest[..40])
-}
 
 /// Why one config Secret is not served (or keeps its last good version). Names the Secret,
 /// never its content.
@@ -334,7 +324,7 @@ mod tests {
     #[test]
     fn name_is_stable_and_fits() {
         let name = config_secret_name("team-a", "support-bot");
-        assert_eq!(name.len(), NAME_PREFIX.len() + 40);
+        assert_eq!(name.len(), "claudekey-gw-".len() + 40);
         assert_eq!(name, config_secret_name("team-a", "support-bot"));
         assert_ne!(name, config_secret_name("team-a/support", "bot"));
         assert_ne!(name, config_secret_name("team-b", "support-bot"));
