@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use crate::webhook::rules::RuleId;
 
-pub(super) const KINDS: [&str; 7] = [
+pub(super) const KINDS: [&str; 9] = [
     "Pod",
     "Deployment",
     "StatefulSet",
@@ -14,6 +14,8 @@ pub(super) const KINDS: [&str; 7] = [
     "ReplicaSet",
     "Job",
     "CronJob",
+    "PodTemplate",
+    "ReplicationController",
 ];
 pub(super) const LISTS: [&str; 3] = ["containers", "initContainers", "ephemeralContainers"];
 pub(super) const CLAUDEKEYS: &[&str] = &["bot"];
@@ -259,6 +261,105 @@ pub(super) fn bad_cases() -> Vec<Case> {
             ),
             projected,
         ),
+        bad(
+            "key in a postStart exec hook",
+            json!({"lifecycle": {"postStart": {"exec": {"command": ["sh", "-c", format!("echo {api} > /tmp/k")]}}}}),
+            KeyInCommand,
+            &api,
+        ),
+        bad(
+            "key in a preStop exec hook",
+            json!({"lifecycle": {"preStop": {"exec": {"command": ["/bin/notify", &api]}}}}),
+            KeyInCommand,
+            &api,
+        ),
+        bad(
+            "key in a liveness probe exec",
+            json!({"livenessProbe": {"exec": {"command": ["/check", "--key", &api]}}}),
+            KeyInCommand,
+            &api,
+        ),
+        bad(
+            "key in a readiness probe exec",
+            json!({"readinessProbe": {"exec": {"command": ["/check", &key("oat01")]}}}),
+            KeyInCommand,
+            &key("oat01"),
+        ),
+        bad(
+            "key in a startup probe exec",
+            json!({"startupProbe": {"exec": {"command": [format!("--token={api}")]}}}),
+            KeyInCommand,
+            &api,
+        ),
+        bad(
+            "key in a probe's HTTP header",
+            json!({"readinessProbe": {"httpGet": {"port": 80, "httpHeaders": [{"name": "x-api-key", "value": &api}]}}}),
+            KeyInCommand,
+            &api,
+        ),
+        bad(
+            "oauth token in command",
+            json!({"command": ["/app", format!("--oauth={}", key("oat01"))]}),
+            KeyInCommand,
+            &key("oat01"),
+        ),
+        bad(
+            "key split across variables",
+            split(
+                json!({"name": "ANTHROPIC_API_KEY", "value": "$(A)$(B)"}),
+                json!({}),
+            ),
+            KeyInEnv,
+            &api,
+        ),
+        bad(
+            "key split across variables under a neutral name",
+            split(json!({"name": "SETTING", "value": "x=$(A)$(B)"}), json!({})),
+            KeyInEnv,
+            &api,
+        ),
+        bad(
+            "oauth token split across variables",
+            json!({"env": [{"name": "P", "value": "sk-ant-oat01-"}, {"name": "T", "value": api_tail()}, {"name": "TOKEN", "value": "$(P)$(T)"}]}),
+            KeyInEnv,
+            &key("oat01"),
+        ),
+        bad(
+            "key split across variables, joined in args",
+            split(
+                json!({"name": "LOG", "value": "1"}),
+                json!({"args": ["--key=$(A)$(B)"]}),
+            ),
+            KeyInCommand,
+            &api,
+        ),
+        bad(
+            "key split across variables, joined in an exec probe",
+            split(
+                json!({"name": "LOG", "value": "1"}),
+                json!({"livenessProbe": {"exec": {"command": ["/check", "$(A)$(B)"]}}}),
+            ),
+            KeyInCommand,
+            &api,
+        ),
+        bad(
+            "literal through a variable",
+            json!({"env": [{"name": "A", "value": "hunter2-but-longer"}, {"name": "ANTHROPIC_API_KEY", "value": "$(A)"}]}),
+            LiteralKeyVariable,
+            "hunter2-but-longer",
+        ),
+        bad(
+            "empty API key beside an identity token file",
+            json!({"env": [{"name": "ANTHROPIC_IDENTITY_TOKEN_FILE", "value": "/var/run/secrets/anthropic/token"}, {"name": "ANTHROPIC_API_KEY", "value": ""}]}),
+            CredentialBesideIdentityToken,
+            "never",
+        ),
+        bad(
+            "auth token from a Secret beside an identity token file",
+            json!({"env": [{"name": "ANTHROPIC_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "anthropic", "key": "t"}}}, {"name": "ANTHROPIC_IDENTITY_TOKEN_FILE", "value": "/t"}]}),
+            CredentialBesideIdentityToken,
+            "never",
+        ),
         with_volumes(
             bad(
                 "impostor sidecar with another image",
@@ -271,10 +372,87 @@ pub(super) fn bad_cases() -> Vec<Case> {
     ]
 }
 
+/// The tail of [`key`] after `sk-ant-<kind>-`.
+pub(super) fn api_tail() -> String {
+    key("api03")["sk-ant-api03-".len()..].to_string()
+}
+
+/// A container whose env defines `A` (the key's prefix) and `B` (its tail), then `last`;
+/// `extra` adds other fields.
+pub(super) fn split(last: Value, extra: Value) -> Value {
+    let mut container = json!({"env": [
+        {"name": "A", "value": "sk-ant-api03-"},
+        {"name": "B", "value": api_tail()},
+        last,
+    ]});
+    if let (Some(c), Some(e)) = (container.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
+    container
+}
+
 pub(super) fn good_cases() -> Vec<Case> {
     let filler = STANDARD
         .encode("this is an ordinary configuration blob, long enough to look like base64 data");
     vec![
+        good(
+            "split key parts referenced before they are defined",
+            json!({"env": [
+                {"name": "X", "value": "$(A)$(B)"},
+                {"name": "A", "value": "sk-ant-api03-"},
+                {"name": "B", "value": api_tail()},
+            ]}),
+        ),
+        good(
+            "split key parts with one defined later",
+            json!({"env": [
+                {"name": "A", "value": "sk-ant-api03-"},
+                {"name": "X", "value": "$(A)$(B)"},
+                {"name": "B", "value": api_tail()},
+            ]}),
+        ),
+        good(
+            "split key parts with escaped references",
+            split(
+                json!({"name": "X", "value": "$$(A)$$(B)"}),
+                json!({"args": ["$$(A)$$(B)"]}),
+            ),
+        ),
+        good(
+            "key parts around a Secret value in an exec probe",
+            json!({"env": [
+                {"name": "A", "value": "sk-ant-api03-"},
+                {"name": "S", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+                {"name": "B", "value": "short"},
+            ], "livenessProbe": {"exec": {"command": ["/check", "$(A)$(S)$(B)"]}}}),
+        ),
+        good(
+            "key variable from a Secret, expanded",
+            json!({"env": [
+                {"name": "S", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+                {"name": "ANTHROPIC_API_KEY", "value": "$(S)"},
+            ]}),
+        ),
+        good(
+            "exec probes and hooks without keys",
+            json!({"livenessProbe": {"exec": {"command": ["cat", "/tmp/healthy"]}},
+                   "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", "ANTHROPIC_API_KEY=claudekey-sidecar ./drain"]}}},
+                   "readinessProbe": {"httpGet": {"port": 80, "httpHeaders": [{"name": "x-probe", "value": "sk-ant-api03-…AA"}]}}}),
+        ),
+        good(
+            "identity token file alone",
+            json!({"env": [
+                {"name": "ANTHROPIC_IDENTITY_TOKEN_FILE", "value": "/var/run/secrets/anthropic/token"},
+                {"name": "ANTHROPIC_BASE_URL", "value": "https://api.anthropic.com"},
+            ]}),
+        ),
+        good(
+            "identity token file beside a key file path",
+            json!({"env": [
+                {"name": "ANTHROPIC_IDENTITY_TOKEN_FILE", "value": "/t"},
+                {"name": "ANTHROPIC_API_KEY_FILE", "value": "/k"},
+            ]}),
+        ),
         good("no env", json!({})),
         good(
             "key from secretKeyRef",
