@@ -4,6 +4,7 @@
 pub mod envexpand;
 mod keyrules;
 pub mod keyshape;
+pub mod limits;
 pub mod mutate;
 pub mod preconditions;
 pub mod rules;
