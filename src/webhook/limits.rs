@@ -1,24 +1,27 @@
 //! What keeps the webhook alive under a flood (DESIGN.md §5): it fails closed, so its death
-//! blocks pod creation cluster-wide. Bodies are refused by their declared length before a byte
-//! is buffered, and all bodies in memory at once share one budget, so 50 concurrent 8 MiB
-//! AdmissionReviews cost at most the budget, and small real reviews still fit beside them.
+//! blocks pod creation cluster-wide. A body is refused by its declared length before a byte is
+//! buffered; the bytes of all bodies in memory are counted against one budget as they arrive
+//! (a slow sender holds only what it sent), and part of the budget is kept for the first bytes
+//! of every request, so a burst of large AdmissionReviews cannot starve the small real ones.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use http_body_util::BodyExt;
 
 /// Largest AdmissionReview read. The apiserver takes request bodies up to 3 MiB, and an
 /// UPDATE review carries the object twice (object and oldObject).
 pub const MAX_BODY: usize = 6 * 1024 * 1024;
 /// Bytes of request bodies held at once, across all connections and streams.
 pub const BODY_BUDGET: usize = 16 * 1024 * 1024;
-/// How long a request waits for room in the budget before it is answered 503.
-pub const BUDGET_WAIT: Duration = Duration::from_secs(3);
-/// A body not complete by then is dropped (slow senders hold budget only this long).
+/// Part of the budget only the first [`SMALL`] bytes of each request may use.
+pub const RESERVE: usize = 4 * 1024 * 1024;
+/// Real reviews are this small (a pod is a few KiB); the reserve serves them.
+pub const SMALL: usize = 256 * 1024;
+/// A body not complete by then is dropped.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client that has not sent a whole request head by then is disconnected.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -27,18 +30,17 @@ pub const MAX_CONNECTIONS: usize = 512;
 /// Concurrent HTTP/2 streams per connection.
 pub const MAX_STREAMS: u32 = 32;
 
-/// The budget is counted in KiB, so it fits a semaphore's `u32` permits.
-const UNIT: usize = 1024;
-
 /// The shared body budget.
 #[derive(Clone, Debug)]
 pub struct BodyBudget {
-    permits: Arc<Semaphore>,
+    used: Arc<AtomicUsize>,
+    total: usize,
+    reserve: usize,
 }
 
 impl Default for BodyBudget {
     fn default() -> Self {
-        Self::new(BODY_BUDGET)
+        Self::new(BODY_BUDGET, RESERVE)
     }
 }
 
@@ -48,7 +50,7 @@ pub enum BodyError {
     /// Declared or actual size over [`MAX_BODY`].
     #[error("request body larger than {MAX_BODY} bytes")]
     TooLarge,
-    /// No room in the budget within [`BUDGET_WAIT`].
+    /// The budget is spent by other requests.
     #[error("too many large requests at once; retry")]
     Busy,
     /// The body did not arrive within [`BODY_READ_TIMEOUT`].
@@ -71,52 +73,94 @@ impl BodyError {
     }
 }
 
+/// Bytes one request holds in the budget; given back when dropped (after the answer is built).
+#[derive(Debug)]
+pub struct Held {
+    used: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
 impl BodyBudget {
-    /// A budget of `bytes`.
-    pub fn new(bytes: usize) -> Self {
-        let units = (bytes / UNIT).clamp(1, Semaphore::MAX_PERMITS);
+    /// A budget of `total` bytes, `reserve` of them only for the first [`SMALL`] bytes of a
+    /// request.
+    pub fn new(total: usize, reserve: usize) -> Self {
         Self {
-            permits: Arc::new(Semaphore::new(units)),
+            used: Arc::default(),
+            total,
+            reserve: reserve.min(total),
         }
     }
 
-    /// Reads a request body: refused by its declared length first, then within its share of
-    /// the budget (the declared length, or [`MAX_BODY`] when undeclared), in bounded time.
-    /// The permit is held while the caller works on the bytes.
-    pub async fn read(
-        &self,
-        headers: &HeaderMap,
-        body: Body,
-    ) -> Result<(Bytes, OwnedSemaphorePermit), BodyError> {
+    /// Counts `n` more bytes for `held`, or refuses without waiting.
+    fn take(&self, held: &mut Held, n: usize) -> bool {
+        let limit = if held.bytes + n <= SMALL {
+            self.total
+        } else {
+            self.total - self.reserve
+        };
+        let taken = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + n <= limit).then_some(used + n)
+            })
+            .is_ok();
+        if taken {
+            held.bytes += n;
+        }
+        taken
+    }
+
+    /// Reads a request body within the limits; the [`Held`] bytes stay counted while the
+    /// caller works on them.
+    pub async fn read(&self, headers: &HeaderMap, body: Body) -> Result<(Bytes, Held), BodyError> {
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let claim = match declared {
-            Some(n) if n > MAX_BODY as u64 => return Err(BodyError::TooLarge),
-            Some(n) => usize::try_from(n).unwrap_or(MAX_BODY),
-            None => MAX_BODY,
-        };
-        let units = u32::try_from(claim.div_ceil(UNIT).max(1)).unwrap_or(u32::MAX);
-        let permit =
-            tokio::time::timeout(BUDGET_WAIT, self.permits.clone().acquire_many_owned(units))
-                .await
-                .map_err(|_| BodyError::Busy)?
-                .map_err(|_| BodyError::Busy)?;
-        let collected =
-            tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, claim).collect())
-                .await
-                .map_err(|_| BodyError::Slow)?;
-        match collected {
-            Ok(body) => Ok((body.to_bytes(), permit)),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
-            Err(_) => Err(BodyError::Broken),
+        if declared.is_some_and(|n| n > MAX_BODY as u64) {
+            return Err(BodyError::TooLarge);
         }
+        let mut held = Held {
+            used: self.used.clone(),
+            bytes: 0,
+        };
+        let read = async {
+            let mut body = body;
+            let mut chunks: Vec<Bytes> = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|_| BodyError::Broken)?;
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if held.bytes + data.len() > MAX_BODY {
+                    return Err(BodyError::TooLarge);
+                }
+                if !self.take(&mut held, data.len()) {
+                    return Err(BodyError::Busy);
+                }
+                chunks.push(data);
+            }
+            Ok(chunks)
+        };
+        let chunks = tokio::time::timeout(BODY_READ_TIMEOUT, read)
+            .await
+            .map_err(|_| BodyError::Slow)??;
+        let bytes = match chunks.len() {
+            1 => chunks.into_iter().next().unwrap_or_default(),
+            _ => Bytes::from(chunks.concat()),
+        };
+        Ok((bytes, held))
     }
 
-    /// KiB currently free (for tests and metrics).
-    pub fn available_kib(&self) -> usize {
-        self.permits.available_permits()
+    /// Bytes currently counted (for tests and metrics).
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
     }
 }
 
@@ -124,6 +168,8 @@ impl BodyBudget {
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+
+    const MIB: usize = 1024 * 1024;
 
     fn headers(len: Option<usize>) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -133,17 +179,24 @@ mod tests {
         h
     }
 
+    fn chunks(n: usize, size: usize) -> Body {
+        let chunk = Bytes::from(vec![b'x'; size]);
+        Body::from_stream(futures::stream::iter(
+            (0..n).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+        ))
+    }
+
     #[tokio::test]
     async fn oversized_bodies_are_refused_before_reading() {
-        let budget = BodyBudget::new(MAX_BODY);
-        // A body that would fail if polled: the declared length alone refuses it.
+        let budget = BodyBudget::default();
+        // A body that fails the test if polled: the declared length alone refuses it.
         let stream = futures::stream::once(async {
             panic!("the body was read");
             #[allow(unreachable_code)]
             Ok::<Bytes, std::io::Error>(Bytes::new())
         });
         let err = budget
-            .read(&headers(Some(8 * 1024 * 1024)), Body::from_stream(stream))
+            .read(&headers(Some(8 * MIB)), Body::from_stream(stream))
             .await
             .unwrap_err();
         assert_eq!(err, BodyError::TooLarge);
@@ -151,58 +204,51 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn undeclared_bodies_stop_at_the_limit() {
-        let budget = BodyBudget::new(2 * MAX_BODY);
-        let chunk = Bytes::from(vec![b'x'; 1024 * 1024]);
-        let stream =
-            futures::stream::iter((0..8).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
+    async fn undeclared_bodies_stop_at_the_limit_and_give_their_bytes_back() {
+        let budget = BodyBudget::default();
         let err = budget
-            .read(&headers(None), Body::from_stream(stream))
+            .read(&headers(None), chunks(8, MIB))
             .await
             .unwrap_err();
         assert_eq!(err, BodyError::TooLarge);
-        assert_eq!(
-            budget.available_kib(),
-            2 * MAX_BODY / 1024,
-            "the claim is returned"
-        );
+        assert_eq!(budget.used(), 0);
+        let (bytes, held) = budget.read(&headers(None), chunks(3, MIB)).await.unwrap();
+        assert_eq!(bytes.len(), 3 * MIB);
+        assert_eq!(budget.used(), 3 * MIB);
+        drop(held);
+        assert_eq!(budget.used(), 0);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_full_budget_makes_large_requests_wait_then_503_but_small_ones_fit() {
-        let budget = BodyBudget::new(MAX_BODY + 64 * 1024);
-        let held = budget
-            .read(&headers(Some(MAX_BODY)), Body::from(vec![0u8; MAX_BODY]))
-            .await
-            .unwrap();
+    #[tokio::test]
+    async fn large_bodies_cannot_use_the_reserve_small_ones_can() {
+        let budget = BodyBudget::new(10 * MIB, 4 * MIB);
+        let (_, big) = budget.read(&headers(None), chunks(5, MIB)).await.unwrap();
+        // 5 MiB used: one more large body would need the reserve.
         let err = budget
-            .read(&headers(Some(MAX_BODY)), Body::from(vec![0u8; MAX_BODY]))
+            .read(&headers(None), chunks(2, MIB))
             .await
             .unwrap_err();
         assert_eq!(err, BodyError::Busy);
-        let (small, _p) = budget
-            .read(&headers(Some(5)), Body::from("small"))
-            .await
-            .unwrap();
-        assert_eq!(&small[..], b"small");
-        drop(held);
-        assert!(
-            budget
-                .read(&headers(Some(MAX_BODY)), Body::from(vec![0u8; MAX_BODY]))
-                .await
-                .is_ok()
-        );
+        assert_eq!(budget.used(), 5 * MIB);
+        let mut small = Vec::new();
+        for _ in 0..16 {
+            small.push(budget.read(&headers(None), chunks(1, SMALL)).await.unwrap());
+        }
+        assert_eq!(budget.used(), 9 * MIB);
+        drop((big, small));
+        assert_eq!(budget.used(), 0);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn slow_bodies_time_out_and_give_their_claim_back() {
-        let budget = BodyBudget::new(MAX_BODY);
-        let stream = futures::stream::pending::<Result<Bytes, std::io::Error>>();
+    async fn slow_bodies_time_out_and_give_their_bytes_back() {
+        let budget = BodyBudget::default();
+        let first = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from("abc"))]);
+        let stalled = futures::StreamExt::chain(first, futures::stream::pending());
         let err = budget
-            .read(&headers(Some(1000)), Body::from_stream(stream))
+            .read(&headers(Some(1000)), Body::from_stream(stalled))
             .await
             .unwrap_err();
         assert_eq!(err, BodyError::Slow);
-        assert_eq!(budget.available_kib(), MAX_BODY / 1024);
+        assert_eq!(budget.used(), 0);
     }
 }

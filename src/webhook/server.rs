@@ -168,12 +168,12 @@ fn respond(state: &AppState, operation: &'static str, body: &[u8]) -> Response {
     }
 }
 
-/// Reads the body within the limits, then answers; the budget permit lives until the answer
-/// is built, so parsing counts against it too.
+/// Reads the body within the limits, then answers; its bytes stay counted until the answer is
+/// built.
 async fn review(state: AppState, operation: &'static str, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     match state.budget.read(&parts.headers, body).await {
-        Ok((bytes, _permit)) => respond(&state, operation, &bytes),
+        Ok((bytes, _held)) => respond(&state, operation, &bytes),
         Err(error) => {
             state
                 .metrics
