@@ -1,8 +1,8 @@
 //! What keeps the webhook alive under a flood (DESIGN.md §5): it fails closed, so its death
 //! blocks pod creation cluster-wide. A body is refused by its declared length before a byte is
 //! buffered; the bytes of all bodies in memory are counted against one budget as they arrive
-//! (a slow sender holds only what it sent), and part of the budget is kept for the first bytes
-//! of every request, so a burst of large AdmissionReviews cannot starve the small real ones.
+//! (a slow sender holds only what it sent), and part of the budget is kept for requests that
+//! declare a small body, so a burst of large AdmissionReviews cannot starve the real ones.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,7 +17,7 @@ use http_body_util::BodyExt;
 pub const MAX_BODY: usize = 6 * 1024 * 1024;
 /// Bytes of request bodies held at once, across all connections and streams.
 pub const BODY_BUDGET: usize = 16 * 1024 * 1024;
-/// Part of the budget only the first [`SMALL`] bytes of each request may use.
+/// Part of the budget only requests declaring at most [`SMALL`] bytes may use.
 pub const RESERVE: usize = 4 * 1024 * 1024;
 /// Real reviews are this small (a pod is a few KiB); the reserve serves them.
 pub const SMALL: usize = 256 * 1024;
@@ -97,9 +97,11 @@ impl BodyBudget {
         }
     }
 
-    /// Counts `n` more bytes for `held`, or refuses without waiting.
-    fn take(&self, held: &mut Held, n: usize) -> bool {
-        let limit = if held.bytes + n <= SMALL {
+    /// Counts `n` more bytes for `held`, or refuses without waiting. Only a request declared
+    /// [`SMALL`] may use the reserve: undeclared and large ones never can, so their first
+    /// bytes cannot eat it either.
+    fn take(&self, held: &mut Held, small: bool, n: usize) -> bool {
+        let limit = if small {
             self.total
         } else {
             self.total - self.reserve
@@ -126,6 +128,7 @@ impl BodyBudget {
         if declared.is_some_and(|n| n > MAX_BODY as u64) {
             return Err(BodyError::TooLarge);
         }
+        let small = declared.is_some_and(|n| n <= SMALL as u64);
         let mut held = Held {
             used: self.used.clone(),
             bytes: 0,
@@ -141,7 +144,7 @@ impl BodyBudget {
                 if held.bytes + data.len() > MAX_BODY {
                     return Err(BodyError::TooLarge);
                 }
-                if !self.take(&mut held, data.len()) {
+                if !self.take(&mut held, small, data.len()) {
                     return Err(BodyError::Busy);
                 }
                 chunks.push(data);
@@ -222,19 +225,20 @@ mod tests {
     #[tokio::test]
     async fn large_bodies_cannot_use_the_reserve_small_ones_can() {
         let budget = BodyBudget::new(10 * MIB, 4 * MIB);
-        let (_, big) = budget.read(&headers(None), chunks(5, MIB)).await.unwrap();
-        // 5 MiB used: one more large body would need the reserve.
-        let err = budget
-            .read(&headers(None), chunks(2, MIB))
-            .await
-            .unwrap_err();
-        assert_eq!(err, BodyError::Busy);
-        assert_eq!(budget.used(), 5 * MIB);
+        let (_, big) = budget.read(&headers(None), chunks(6, MIB)).await.unwrap();
+        // 6 MiB used: one more large body would need the reserve.
+        let err = budget.read(&headers(None), chunks(2, MIB)).await.err();
+        assert_eq!(err, Some(BodyError::Busy));
+        assert_eq!(budget.used(), 6 * MIB);
+        // Undeclared bodies count as large even for their first bytes.
+        let err = budget.read(&headers(None), chunks(1, SMALL)).await.err();
+        assert_eq!(err, Some(BodyError::Busy));
         let mut small = Vec::new();
         for _ in 0..16 {
-            small.push(budget.read(&headers(None), chunks(1, SMALL)).await.unwrap());
+            let read = budget.read(&headers(Some(SMALL)), chunks(1, SMALL)).await;
+            small.push(read.map(|(_, held)| held).expect("small bodies fit"));
         }
-        assert_eq!(budget.used(), 9 * MIB);
+        assert_eq!(budget.used(), 10 * MIB);
         drop((big, small));
         assert_eq!(budget.used(), 0);
     }
