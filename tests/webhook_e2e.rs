@@ -3,6 +3,7 @@
 //! scoped to a test namespace. Needs the test control plane (CLAUDEKEY_TEST_KUBECONFIG).
 
 mod support;
+mod webhook_flood;
 mod webhook_guards;
 
 use std::path::{Path, PathBuf};
