@@ -103,15 +103,20 @@ pub(super) fn check_identity_token(out: &mut Out<'_, '_>) {
     }
 }
 
-/// Which kubelet expansion a container string gets, by its path in the container.
-fn expansion_of<'e>(field: &str, env: &'e ExpandedEnv) -> Option<Box<dyn Fn(&str) -> String + 'e>> {
+/// The kubelet expansion a container string gets, by its path in the container.
+fn expand_as_kubelet(field: &str, text: &str, env: &ExpandedEnv) -> String {
     if field.starts_with("command[") || field.starts_with("args[") {
-        return Some(Box::new(|s| env.command(s)));
+        return env.command(text);
     }
     let probe = ["livenessProbe", "readinessProbe", "startupProbe"]
         .iter()
         .any(|p| field.starts_with(&format!("{p}.exec.command[")));
-    probe.then(|| Box::new(|s: &str| env.probe_command(s)) as Box<dyn Fn(&str) -> String>)
+    if probe {
+        env.probe_command(text)
+    } else {
+        // Lifecycle hooks and everything else reach the process unexpanded.
+        text.to_string()
+    }
 }
 
 /// Rule (b): every string of the container other than env, with the expansion the kubelet
@@ -125,8 +130,7 @@ pub(super) fn check_strings(out: &mut Out<'_, '_>) {
     let mut hits: Vec<(String, KeyMatch, bool)> = Vec::new();
     let mut assignments: Vec<(String, String, String)> = Vec::new();
     walk::strings(&value, "", &mut |f| {
-        let expanded =
-            expansion_of(&f.path, &env).map_or_else(|| f.text.to_string(), |e| e(f.text));
+        let expanded = expand_as_kubelet(&f.path, f.text, &env);
         if let Some((found, after)) = find(f.text, &expanded) {
             hits.push((f.path, found, after));
         } else if !f.is_key

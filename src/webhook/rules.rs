@@ -199,9 +199,7 @@ fn containers<'a>(
             && ctx
                 .sidecar
                 .is_none_or(|expected| runs_injected_sidecar(c, expected));
-        let exempt = inject
-            .filter(|_| is_sidecar)
-            .map(|ck| proxy_secret_name(ck));
+        let exempt = inject.filter(|_| is_sidecar).map(proxy_secret_name);
         let at = format!("{path}.initContainers[{i}]");
         views.push(view!("init container", c, at, None, exempt));
     }
