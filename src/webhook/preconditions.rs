@@ -6,6 +6,7 @@
 use k8s_openapi::api::core::v1::PodSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+use super::keyrules::IDENTITY_TOKEN_FILE;
 use super::rules::{Finding, RuleId, SIDECAR_NAME, inject_annotation};
 use crate::crd::annotations;
 
@@ -72,6 +73,23 @@ pub fn check(
                 annotations::INJECT
             );
             out.push(finding(resource, format!("{path}.{name}"), what, &advice));
+        }
+    }
+    // The mutating webhook gives every app container ANTHROPIC_API_KEY, which SDKs prefer over
+    // a federation token file: the two cannot both be meant (DESIGN.md §11).
+    for (i, c) in spec.containers.iter().enumerate() {
+        let env = c.env.as_deref().unwrap_or_default();
+        if env.iter().any(|v| v.name == IDENTITY_TOKEN_FILE) {
+            out.push(finding(
+                resource,
+                format!("{path}.containers[{i}].env"),
+                format!(
+                    "of container {:?} sets {IDENTITY_TOKEN_FILE} in a pod with {}: {ck}, whose injected ANTHROPIC_API_KEY would silently turn federation off",
+                    c.name,
+                    annotations::INJECT
+                ),
+                &format!("remove {IDENTITY_TOKEN_FILE} (the claudekey proxy holds the credential), or remove {}", annotations::INJECT),
+            ));
         }
     }
     let init = spec.init_containers.as_deref().unwrap_or_default();

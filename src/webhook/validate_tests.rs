@@ -382,3 +382,17 @@ fn configmaps_and_federation_conflicts_are_denied() {
         answer_text(&answer)
     );
 }
+
+#[test]
+fn injection_next_to_a_federation_token_file_is_refused_before_the_patch() {
+    let mut pod = inject_pod("bot", None);
+    pod["spec"]["containers"][0]["env"] = json!([{"name": "ANTHROPIC_IDENTITY_TOKEN_FILE", "value": "/var/run/secrets/anthropic/token"}]);
+    let (answer, outcome) = admission(Mode::Enforce).mutate(&review("CREATE", "", "Pod", pod));
+    assert_eq!(outcome, Outcome::Denied);
+    let text = answer_text(&answer);
+    assert!(
+        text.contains("sets ANTHROPIC_IDENTITY_TOKEN_FILE in a pod with claudekey.io/inject: bot"),
+        "{text}"
+    );
+    assert!(!text.contains("\"patch\""), "{text}");
+}

@@ -105,6 +105,13 @@ fn injection_preconditions_in_every_kind() {
             Value::Null,
             "claudekey-proxy-config",
         ),
+        (
+            "federation token file in an injected pod",
+            inject.clone(),
+            json!({}),
+            json!([{"name": "app", "image": "x", "env": [{"name": "ANTHROPIC_IDENTITY_TOKEN_FILE", "value": "/t"}]}]),
+            "ANTHROPIC_IDENTITY_TOKEN_FILE",
+        ),
         // Claims to be injected already: the mutating webhook skips it, the guard does not.
         (
             "already-injected claim with a shared PID namespace",
@@ -138,6 +145,12 @@ fn injection_preconditions_in_every_kind() {
             json!({}),
             json!({}),
             json!([{"name": "claudekey-proxy", "image": "x"}]),
+        ),
+        (
+            "federation token file without injection",
+            json!({}),
+            json!({}),
+            json!([{"name": "app", "image": "x", "env": [{"name": "ANTHROPIC_IDENTITY_TOKEN_FILE", "value": "/t"}]}]),
         ),
         (
             "proxy volume in an already-injected pod",
