@@ -212,20 +212,31 @@ async fn big_upload(server: &Server, total: usize, declared: bool) -> u16 {
     status
 }
 
-/// A valid review just under the body limit (a 5 MiB annotation).
+/// A valid review just under the body limit (a 5 MiB annotation); the status, or 0 when the
+/// connection failed before any answer.
 async fn large_valid_review(server: &Server) -> u16 {
     let body = review_body(deployment("n".repeat(5 * MIB)));
-    let Ok(mut tls) = server.connect().await else {
+    let Ok(tls) = server.connect().await else {
         return 0;
     };
-    let head = format!(
-        "POST /validate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    if tls.write_all(head.as_bytes()).await.is_err() || tls.write_all(&body).await.is_err() {
-        return 0;
-    }
-    status_of(&mut tls).await.unwrap_or(0)
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let writer = tokio::spawn(async move {
+        let head = format!(
+            "POST /validate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        wr.write_all(head.as_bytes()).await?;
+        wr.write_all(&body).await?;
+        Ok::<_, std::io::Error>(wr)
+    });
+    let mut head = [0u8; 12];
+    let status = match tokio::time::timeout(Duration::from_secs(30), rd.read_exact(&mut head)).await
+    {
+        Ok(Ok(_)) => String::from_utf8_lossy(&head[9..12]).parse().unwrap_or(0),
+        _ => 0,
+    };
+    writer.abort();
+    status
 }
 
 /// Sends `prefix` and then nothing; returns how long until the server hung up (or None).

@@ -2,7 +2,7 @@
 //! the chart's rendered webhook configurations: shared process namespaces, `kubectl debug`,
 //! pods injected by an older webhook, federation conflicts, and every kind with a key.
 
-use std::process::Command;
+use tokio::process::Command;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodTemplate, ReplicationController};
 use kube::Api;
@@ -31,8 +31,9 @@ async fn injected(h: &Harness, name: &str) -> Pod {
     .await
 }
 
-/// `kubectl debug` as users run it, against the test control plane.
-fn kubectl_debug(h: &Harness, pod: &str, extra: &[&str]) -> std::process::Output {
+/// `kubectl debug` as users run it, against the test control plane (asynchronously: the
+/// webhook it ends up calling runs on this test's runtime).
+async fn kubectl_debug(h: &Harness, pod: &str, extra: &[&str]) -> std::process::Output {
     let kubectl = std::env::var("CLAUDEKEY_TEST_KUBECTL").unwrap_or_else(|_| {
         panic!("CLAUDEKEY_TEST_KUBECTL is not set: source the control plane's env file")
     });
@@ -47,8 +48,10 @@ fn kubectl_debug(h: &Harness, pod: &str, extra: &[&str]) -> std::process::Output
             pod,
         ])
         .args(["--image=busybox:1.36", "--attach=false", "--stdin=false"])
+        .args(["--profile=general"])
         .args(extra)
         .output()
+        .await
         .expect("run kubectl debug")
 }
 
@@ -81,7 +84,7 @@ async fn guards_around_injected_pods_hold_through_the_apiserver() {
     }
 
     // kubectl debug patches pods/ephemeralcontainers: joining the proxy is refused...
-    let out = kubectl_debug(&h, "target", &["--target=claudekey-proxy"]);
+    let out = kubectl_debug(&h, "target", &["--target=claudekey-proxy"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
@@ -99,7 +102,7 @@ async fn guards_around_injected_pods_hold_through_the_apiserver() {
     )
     .expect("write custom");
     let custom_flag = format!("--custom={}", custom.display());
-    let out = kubectl_debug(&h, "target", &[&custom_flag]);
+    let out = kubectl_debug(&h, "target", &[&custom_flag]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
@@ -107,7 +110,7 @@ async fn guards_around_injected_pods_hold_through_the_apiserver() {
     );
     assert!(stderr.contains("mounts Secret bot-proxy"), "{stderr}");
     // ...while debugging the app container is fine.
-    let out = kubectl_debug(&h, "target", &["--target=app"]);
+    let out = kubectl_debug(&h, "target", &["--target=app"]).await;
     assert!(
         out.status.success(),
         "kubectl debug --target=app: {}",
