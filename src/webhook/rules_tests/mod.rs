@@ -2,6 +2,7 @@
 //! container list of every workload kind, and no message may contain the offending value.
 
 mod cases;
+mod good;
 mod guards;
 
 use serde_json::{Value, json};
@@ -9,6 +10,7 @@ use serde_json::{Value, json};
 use crate::webhook::mutate::{SidecarConfig, sidecar_container};
 use crate::webhook::rules::{self, Context, RuleId, Workload};
 use cases::*;
+use good::good_cases;
 
 fn workload(kind: &str, list: &str, case: &Case) -> Workload {
     let mut container = case.container.clone();
