@@ -396,6 +396,12 @@ async fn enforce_denies_raw_keys_and_injects_the_sidecar() {
     assert_eq!(sidecar.name, "claudekey-proxy");
     assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
     assert_eq!(sidecar.image.as_deref(), Some(IMAGE));
+    let startup = sidecar.startup_probe.as_ref().expect("a startupProbe");
+    assert_eq!(
+        startup.http_get.as_ref().and_then(|g| g.path.as_deref()),
+        Some("/readyz"),
+        "apps start once the proxy is ready"
+    );
     let env: Vec<(String, Option<String>)> = spec.containers[0]
         .env
         .iter()
