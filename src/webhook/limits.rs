@@ -29,6 +29,9 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_CONNECTIONS: usize = 512;
 /// Concurrent HTTP/2 streams per connection.
 pub const MAX_STREAMS: u32 = 32;
+/// Request headers of one HTTP/2 stream at most (hyper's default is 16 MiB; the apiserver
+/// sends a few hundred bytes).
+pub const MAX_HEADERS: u32 = 64 * 1024;
 
 /// The shared body budget.
 #[derive(Clone, Debug)]

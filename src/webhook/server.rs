@@ -242,6 +242,7 @@ pub async fn serve_tls(
                 .http2()
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(limits::MAX_STREAMS)
+                .max_header_list_size(limits::MAX_HEADERS)
                 .keep_alive_interval(Some(Duration::from_secs(30)))
                 .keep_alive_timeout(Duration::from_secs(10));
             if let Err(error) = builder
