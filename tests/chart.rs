@@ -303,6 +303,10 @@ fn webhooks_are_wired_with_self_signed_tls_by_default() {
         .collect();
     let want: BTreeSet<String> = [
         "pods",
+        "pods/ephemeralcontainers",
+        "podtemplates",
+        "replicationcontrollers",
+        "configmaps",
         "deployments",
         "statefulsets",
         "daemonsets",

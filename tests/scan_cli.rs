@@ -145,3 +145,88 @@ fn json_errors_are_reported_too() {
         "{report}"
     );
 }
+
+/// Every bypass of issue 15 (one document each in bypasses.yaml) is reported, with its kind
+/// and name, and never the key; the good twins in bypasses-clean.yaml are clean.
+#[test]
+fn every_bypass_is_reported_and_its_twin_is_clean() {
+    let out = scan(&["--format", "json", &fixture("bypasses.yaml")], None);
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let found: Vec<(String, String, String)> = report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .map(|f| {
+            let s = |k: &str| f[k].as_str().unwrap_or_default().to_string();
+            (s("resource"), s("rule"), s("path"))
+        })
+        .collect();
+    let want = [
+        ("Pod/shared-pids", "injection-precondition", ""),
+        ("Deployment/host-pids", "injection-precondition", ""),
+        (
+            "Pod/hooks",
+            "key-in-command",
+            "spec.containers[0].lifecycle.postStart.exec.command[2]",
+        ),
+        (
+            "Pod/hooks",
+            "key-in-command",
+            "spec.containers[0].livenessProbe.exec.command[2]",
+        ),
+        (
+            "Job/split",
+            "key-in-env",
+            "spec.template.spec.containers[0].env[2].value",
+        ),
+        (
+            "PodTemplate/tmpl",
+            "key-in-env",
+            "template.spec.containers[0].env[0].value",
+        ),
+        (
+            "ReplicationController/rc",
+            "key-in-env",
+            "spec.template.spec.containers[0].env[0].value",
+        ),
+        (
+            "ConfigMap/settings",
+            "key-in-config-map",
+            "data[\"app.yaml\"]",
+        ),
+        ("ConfigMap/settings", "key-in-config-map", "binaryData.blob"),
+        ("Secret/committed", "key-shaped-string", "data.api-key"),
+        ("Secret/committed", "key-shaped-string", "stringData.token"),
+        ("Widget/w", "key-shaped-string", "metadata.annotations.note"),
+        ("Widget/w", "key-shaped-string", "spec.nested[0].deep.value"),
+        ("Pod/debugged", "targets-sidecar", ""),
+        ("Pod/federated", "credential-beside-identity-token", ""),
+    ];
+    let want: Vec<(String, String, String)> = want
+        .iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect();
+    assert_eq!(found, want);
+    let all = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        !all.contains(FAKE_KEY_PREFIX) && !all.contains("FAKE-EXAMPLE"),
+        "{all}"
+    );
+
+    let text = scan(&[&fixture("bypasses.yaml")], None);
+    assert_eq!(text.status.code(), Some(1));
+    assert_eq!(
+        stdout(&text).lines().count(),
+        want.len(),
+        "one line per finding"
+    );
+
+    let clean = scan(&[&fixture("bypasses-clean.yaml")], None);
+    assert_eq!(
+        clean.status.code(),
+        Some(0),
+        "twins must be clean: {}",
+        stdout(&clean)
+    );
+}

@@ -3,6 +3,8 @@
 //! scoped to a test namespace. Needs the test control plane (CLAUDEKEY_TEST_KUBECONFIG).
 
 mod support;
+mod webhook_flood;
+mod webhook_guards;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -71,6 +73,42 @@ fn install_pki(dir: &Path, pki: &Pki) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
+/// The chart's ValidatingWebhookConfiguration and MutatingWebhookConfiguration, as
+/// `helm template` renders them with default values (needs CLAUDEKEY_TEST_HELM).
+fn rendered_configurations() -> Vec<Value> {
+    let helm = std::env::var("CLAUDEKEY_TEST_HELM").unwrap_or_else(|_| {
+        panic!("CLAUDEKEY_TEST_HELM is not set: source the control plane's env file (hack/control-plane.sh)")
+    });
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/claudekey");
+    let out = std::process::Command::new(&helm)
+        .args(["template", "claudekey"])
+        .arg(&chart)
+        .args([
+            "-n",
+            "claudekey-system",
+            "--show-only",
+            "templates/webhook-configurations.yaml",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("run {helm}: {e}"));
+    assert!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let configs: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| <Value as serde::Deserialize>::deserialize(d).expect("rendered YAML parses"))
+        .filter(|d| {
+            d["kind"]
+                .as_str()
+                .is_some_and(|k| k.ends_with("WebhookConfiguration"))
+        })
+        .collect();
+    assert_eq!(configs.len(), 2, "the chart renders both configurations");
+    configs
+}
+
 /// One webhook server, its registrations and its namespace.
 struct Harness {
     client: Client,
@@ -78,6 +116,7 @@ struct Harness {
     port: u16,
     dir: tempfile::TempDir,
     name: String,
+    ca_pem: String,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -120,6 +159,7 @@ impl Harness {
         let harness = Self {
             client,
             name: format!("claudekey-e2e-{namespace}"),
+            ca_pem: pki.ca_pem.clone(),
             namespace,
             port,
             dir,
@@ -130,44 +170,43 @@ impl Harness {
         harness
     }
 
-    fn webhook(&self, path: &str, ca_pem: &str) -> Value {
-        json!({
-            "clientConfig": {
-                "url": format!("https://127.0.0.1:{}/{path}", self.port),
-                "caBundle": base64::engine::general_purpose::STANDARD.encode(ca_pem),
-            },
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.namespace}},
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1"],
-            "failurePolicy": "Fail",
-            "timeoutSeconds": 10,
-        })
-    }
-
-    /// Server-side applies both configurations; re-running it swaps the caBundle.
+    /// Server-side applies the chart's own webhook configurations (rendered by `helm template`,
+    /// so this test and the chart cannot drift apart), pointed at this server and scoped to
+    /// this namespace; re-running it swaps the caBundle.
     async fn register(&self, ca_pem: &str) {
-        let mut mutating = self.webhook("mutate", ca_pem);
-        mutating["name"] = json!("inject.claudekey.io");
-        mutating["reinvocationPolicy"] = json!("Never");
-        mutating["rules"] = json!([{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}]);
-        let mut validating = self.webhook("validate", ca_pem);
-        validating["name"] = json!("keys.claudekey.io");
-        validating["rules"] = json!([
-            {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["pods", "pods/ephemeralcontainers"]},
-            {"apiGroups": ["apps"], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["deployments", "statefulsets", "daemonsets", "replicasets"]},
-            {"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["jobs", "cronjobs"]},
-        ]);
         let pp = PatchParams::apply("claudekey-tests").force();
-        let m = json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration", "metadata": {"name": self.name}, "webhooks": [mutating]});
-        Api::<MutatingWebhookConfiguration>::all(self.client.clone())
-            .patch(&self.name, &pp, &Patch::Apply(&m))
-            .await
-            .expect("apply mutating webhook");
-        let v = json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration", "metadata": {"name": self.name}, "webhooks": [validating]});
-        Api::<ValidatingWebhookConfiguration>::all(self.client.clone())
-            .patch(&self.name, &pp, &Patch::Apply(&v))
-            .await
-            .expect("apply validating webhook");
+        for mut config in rendered_configurations() {
+            let kind = config["kind"].as_str().expect("kind").to_string();
+            for webhook in config["webhooks"].as_array_mut().expect("webhooks") {
+                let path = webhook
+                    .pointer("/clientConfig/service/path")
+                    .and_then(Value::as_str)
+                    .expect("the chart's webhooks call a service path")
+                    .to_string();
+                webhook["clientConfig"] = json!({
+                    "url": format!("https://127.0.0.1:{}{path}", self.port),
+                    "caBundle": base64::engine::general_purpose::STANDARD.encode(ca_pem),
+                });
+                webhook["namespaceSelector"] =
+                    json!({"matchLabels": {"kubernetes.io/metadata.name": self.namespace}});
+                webhook["timeoutSeconds"] = json!(10);
+            }
+            config["metadata"] = json!({"name": self.name});
+            match kind.as_str() {
+                "MutatingWebhookConfiguration" => {
+                    Api::<MutatingWebhookConfiguration>::all(self.client.clone())
+                        .patch(&self.name, &pp, &Patch::Apply(&config))
+                        .await
+                        .expect("apply mutating webhook");
+                }
+                _ => {
+                    Api::<ValidatingWebhookConfiguration>::all(self.client.clone())
+                        .patch(&self.name, &pp, &Patch::Apply(&config))
+                        .await
+                        .expect("apply validating webhook");
+                }
+            }
+        }
     }
 
     /// The apiserver picks up webhook configurations asynchronously: wait until a dry-run
@@ -242,6 +281,39 @@ impl Harness {
             )
             .await
             .expect("set status.placement");
+    }
+
+    /// Deletes both configurations (as if no webhook were installed).
+    async fn unregister(&self) {
+        let dp = DeleteParams::default();
+        let _ = Api::<MutatingWebhookConfiguration>::all(self.client.clone())
+            .delete(&self.name, &dp)
+            .await;
+        let _ = Api::<ValidatingWebhookConfiguration>::all(self.client.clone())
+            .delete(&self.name, &dp)
+            .await;
+        // The apiserver drops them asynchronously too: wait until a bad dry run passes.
+        let body = serde_json::to_vec(&deployment("probe", &raw_key())).expect("json");
+        let path = format!("/apis/apps/v1/namespaces/{}/deployments", self.namespace);
+        let client = self.client.clone();
+        support::eventually(WAIT, "the apiserver to stop calling the webhook", || {
+            let dry = PostParams {
+                dry_run: true,
+                ..PostParams::default()
+            };
+            let request = kube::core::Request::new(path.clone())
+                .create(&dry, body.clone())
+                .expect("request");
+            let client = client.clone();
+            async move {
+                let response = client
+                    .send(request.map(kube::client::Body::from))
+                    .await
+                    .ok()?;
+                response.status().is_success().then_some(())
+            }
+        })
+        .await;
     }
 
     async fn cleanup(self) {
@@ -340,6 +412,12 @@ async fn enforce_denies_raw_keys_and_injects_the_sidecar() {
     assert_eq!(sidecar.name, "claudekey-proxy");
     assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
     assert_eq!(sidecar.image.as_deref(), Some(IMAGE));
+    let startup = sidecar.startup_probe.as_ref().expect("a startupProbe");
+    assert_eq!(
+        startup.http_get.as_ref().and_then(|g| g.path.as_deref()),
+        Some("/readyz"),
+        "apps start once the proxy is ready"
+    );
     let env: Vec<(String, Option<String>)> = spec.containers[0]
         .env
         .iter()

@@ -1,6 +1,7 @@
 //! `claudekey scan FILE…|-` (DESIGN.md §5, §8): the webhook's rules, offline, over YAML or JSON
 //! manifests. Exit 0 clean, 1 on findings, 2 when an input cannot be read or parsed.
 
+use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -85,9 +86,32 @@ pub fn scan(inputs: &[(String, String)]) -> Report {
         .filter_map(|o| claudekey_of(&o.value))
         .collect();
     for object in objects {
+        let rule_findings = check_rules(&object, &claudekeys, &mut report);
+        let known: BTreeSet<String> = rule_findings
+            .iter()
+            .filter_map(|f| f.path.clone())
+            .collect();
+        let anywhere = anywhere::find(&object.value, &known);
+        for finding in rule_findings.into_iter().chain(anywhere) {
+            report.findings.push(FileFinding {
+                file: object.file.clone(),
+                finding,
+            });
+        }
+    }
+    report
+}
+
+/// The webhook's rules on one object (when it is a kind they cover).
+fn check_rules(
+    object: &Object,
+    claudekeys: &[(Option<String>, String)],
+    report: &mut Report,
+) -> Vec<Finding> {
+    {
         let workload = match Workload::from_manifest(object.value.clone()) {
             Ok(Some(w)) => w,
-            Ok(None) => continue,
+            Ok(None) => return Vec::new(),
             Err(e) => {
                 let kind = object
                     .value
@@ -105,7 +129,7 @@ pub fn scan(inputs: &[(String, String)]) -> Report {
                     object.document,
                     rules::scrub_parse_error(&e)
                 ));
-                continue;
+                return Vec::new();
             }
         };
         let namespace = workload.metadata().namespace.clone();
@@ -119,14 +143,8 @@ pub fn scan(inputs: &[(String, String)]) -> Report {
             claudekeys: &names,
             sidecar: None,
         };
-        for finding in rules::check(&workload, &ctx) {
-            report.findings.push(FileFinding {
-                file: object.file.clone(),
-                finding,
-            });
-        }
+        rules::check(&workload, &ctx)
     }
-    report
 }
 
 fn claudekey_of(value: &Value) -> Option<(Option<String>, String)> {
@@ -245,6 +263,8 @@ pub fn run(args: Args) -> ExitCode {
     }
     ExitCode::from(report.exit_code())
 }
+
+mod anywhere;
 
 #[cfg(test)]
 mod tests;

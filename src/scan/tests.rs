@@ -105,3 +105,74 @@ proptest::proptest! {
         proptest::prop_assert!(code <= 2);
     }
 }
+
+#[test]
+fn key_shaped_strings_anywhere_are_reported_once_with_a_path() {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(key());
+    let text = format!(
+        r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: s}}
+data: {{"api.key": "{encoded}", plain: "{}"}}
+stringData: {{t: "Bearer {}"}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: d, annotations: {{note: "{}"}}}}
+spec:
+  selector: {{matchLabels: {{a: b}}}}
+  template:
+    metadata: {{labels: {{a: b}}}}
+    spec:
+      containers: [{{name: app, image: a, env: [{{name: K, value: "{}"}}]}}]
+---
+kind: Unknown
+list: ["{}"]
+"#,
+        base64::engine::general_purpose::STANDARD.encode("not a key"),
+        key(),
+        key(),
+        key(),
+        key()
+    );
+    let report = scan_one(&text);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let found: Vec<(String, Option<String>)> = report
+        .findings
+        .iter()
+        .map(|f| (f.finding.resource.clone(), f.finding.path.clone()))
+        .collect();
+    let want = [
+        ("Secret/s", "data[\"api.key\"]"),
+        ("Secret/s", "stringData.t"),
+        // The env key once (the rule's finding), the annotation by the secret scanner.
+        (
+            "Deployment/d",
+            "spec.template.spec.containers[0].env[0].value",
+        ),
+        ("Deployment/d", "metadata.annotations.note"),
+        ("Unknown/<unnamed>", "list[0]"),
+    ];
+    let want: Vec<(String, Option<String>)> = want
+        .iter()
+        .map(|(r, p)| (r.to_string(), Some(p.to_string())))
+        .collect();
+    assert_eq!(found, want);
+    assert!(
+        report.findings[0]
+            .finding
+            .message
+            .contains("(base64-decoded)")
+    );
+    for f in &report.findings {
+        assert!(!f.finding.message.contains(&key()), "{}", f.finding.message);
+        assert!(
+            !f.finding.message.contains(&encoded),
+            "{}",
+            f.finding.message
+        );
+    }
+    assert_eq!(report.exit_code(), 1);
+}

@@ -1,14 +1,20 @@
 //! `claudekey webhook` (DESIGN.md §5): the validating webhook that keeps raw Anthropic keys out
 //! of pod specs and the mutating webhook that injects the proxy sidecar, served over rustls.
 
+pub mod envexpand;
+mod keyrules;
 pub mod keyshape;
+pub mod limits;
 pub mod mutate;
 pub mod placement;
+pub mod preconditions;
 pub mod rules;
 pub mod server;
 /// The serving certificate loader, shared with the proxy's HTTPS listener.
 pub use crate::tls;
 pub mod validate;
+pub mod walk;
+pub mod workload;
 
 #[cfg(test)]
 mod rules_tests;

@@ -87,6 +87,17 @@ pub enum Refusal {
         "cannot inject the claudekey proxy into a hostNetwork pod (its 127.0.0.1 is the node's): use a gateway proxy and Secret {0}-client instead"
     )]
     HostNetwork(String),
+    /// With the host's or a shared PID namespace, other processes read the proxy's
+    /// `/proc/<pid>/root` (its mounted `proxy.json`) and memory (DESIGN.md §10).
+    #[error(
+        "cannot inject the claudekey proxy into a pod with {setting}: true (other containers could read the proxy's files and memory through /proc, and with them the upstream key): remove {setting}, or use a gateway proxy and Secret {name}-client instead"
+    )]
+    SharedProcesses {
+        /// `hostPID` or `shareProcessNamespace`.
+        setting: &'static str,
+        /// The ClaudeKey.
+        name: String,
+    },
     /// The pod already uses a name the sidecar needs.
     #[error(
         "the pod already has a {0} named {SIDECAR_NAME:?} or {PROXY_VOLUME:?}: rename it so the claudekey proxy can be injected"
@@ -123,6 +134,14 @@ pub fn mutate(
     }
     if spec.host_network == Some(true) {
         return Err(Refusal::HostNetwork(name));
+    }
+    for (setting, value) in [
+        ("hostPID", spec.host_pid),
+        ("shareProcessNamespace", spec.share_process_namespace),
+    ] {
+        if value == Some(true) {
+            return Err(Refusal::SharedProcesses { setting, name });
+        }
     }
     if !claudekey_exists(&name) {
         return Err(Refusal::MissingClaudeKey {
@@ -325,6 +344,13 @@ pub fn sidecar_container(config: &SidecarConfig) -> Container {
             container_port: i32::from(config.metrics_port),
             ..Default::default()
         }]),
+        // Native sidecar semantics: the kubelet starts the next container only once the
+        // startupProbe passed, so apps never start before the proxy listens (up to 60 s).
+        startup_probe: Some(Probe {
+            period_seconds: Some(1),
+            failure_threshold: Some(60),
+            ..probe.clone()
+        }),
         readiness_probe: Some(probe),
         resources: Some(ResourceRequirements {
             requests: quantities(&config.requests),

@@ -303,3 +303,44 @@ fn the_injected_sidecar_gets_flags_the_binary_accepts() {
         Err(e) => panic!("the proxy refuses the sidecar's flags: {e}"),
     }
 }
+
+#[test]
+fn shared_process_namespaces_are_refused() {
+    for setting in ["hostPID", "shareProcessNamespace"] {
+        let p = annotated(json!({setting: true, "containers": [{"name": "a", "image": "a"}]}));
+        let refusal = mutate(&p, "team-a", exists, &config()).unwrap_err();
+        assert_eq!(
+            refusal,
+            Refusal::SharedProcesses {
+                setting,
+                name: "bot".into()
+            }
+        );
+        let text = refusal.to_string();
+        assert!(text.contains(&format!("{setting}: true")), "{text}");
+        assert!(
+            text.contains("/proc") && text.contains("bot-client"),
+            "{text}"
+        );
+    }
+    let off = annotated(
+        json!({"hostPID": false, "shareProcessNamespace": false, "containers": [{"name": "a", "image": "a"}]}),
+    );
+    assert!(mutate(&off, "team-a", exists, &config()).unwrap().is_some());
+}
+
+#[test]
+fn apps_start_only_once_the_sidecar_passed_its_startup_probe() {
+    let sidecar = sidecar_container(&config());
+    let startup = sidecar.startup_probe.expect("startupProbe");
+    let get = startup.http_get.as_ref().expect("httpGet");
+    assert_eq!(get.path.as_deref(), Some("/readyz"));
+    assert_eq!(get.port, IntOrString::Int(9484));
+    let patience = startup.period_seconds.unwrap_or(10) * startup.failure_threshold.unwrap_or(3);
+    assert!(patience >= 30, "{patience}s");
+    assert_eq!(
+        startup.period_seconds,
+        Some(1),
+        "apps wait at most a second more than needed"
+    );
+}

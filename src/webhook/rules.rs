@@ -5,33 +5,46 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
-use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{Container, EnvFromSource, EnvVar, Pod, PodSpec, VolumeMount};
+use k8s_openapi::api::core::v1::{Container, EnvFromSource, EnvVar, PodSpec, VolumeMount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
-use super::keyshape::{self, Encoding};
+use super::keyshape::Encoding;
+use super::{keyrules, preconditions};
 use crate::crd::{annotations, proxy_secret_name};
+
+pub use super::workload::Workload;
 
 /// Name of the proxy sidecar the mutating webhook injects.
 pub const SIDECAR_NAME: &str = "claudekey-proxy";
 
 /// What to do instead of putting a key into a spec; part of every key finding.
-const KEY_ADVICE: &str = "keep keys out of pod specs: create a ClaudeKey and annotate the pod with claudekey.io/inject: <ClaudeKey>, or read the key from a Secret with valueFrom.secretKeyRef";
+pub(super) const KEY_ADVICE: &str = "keep keys out of pod specs: create a ClaudeKey and annotate the pod with claudekey.io/inject: <ClaudeKey>, or read the key from a Secret with valueFrom.secretKeyRef";
 
 /// Which rule a finding comes from; stable identifiers for `scan --format json`.
 #[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "kebab-case")]
 pub enum RuleId {
-    /// (a) an env literal that looks like an Anthropic credential.
+    /// (a) an env value that looks like an Anthropic credential (after `$(VAR)` expansion).
     KeyInEnv,
     /// (a) a key-named variable with a literal value.
     LiteralKeyVariable,
-    /// (b) a credential (or a literal key assignment) in command or args.
+    /// (b) a credential (or a literal key assignment) in command, args, a probe's or hook's
+    /// `exec` command, or any other string of the container.
     KeyInCommand,
     /// (c) a container other than the sidecar reads a `<name>-proxy` Secret.
     ProxySecretReference,
+    /// An ephemeral container joins the proxy sidecar's process namespace.
+    TargetsSidecar,
+    /// `ANTHROPIC_API_KEY`/`ANTHROPIC_AUTH_TOKEN` beside `ANTHROPIC_IDENTITY_TOKEN_FILE`.
+    CredentialBesideIdentityToken,
+    /// A pod asking for injection that the mutating webhook refuses (host namespaces,
+    /// a shared process namespace, an empty annotation, a name clash).
+    InjectionPrecondition,
+    /// A ConfigMap's `data` or `binaryData` holds a credential.
+    KeyInConfigMap,
+    /// `scan` only: a key-shaped string anywhere else in a document (Secrets included).
+    KeyShapedString,
 }
 
 /// One problem in one container; `message` is what users see, everywhere.
@@ -42,10 +55,14 @@ pub struct Finding {
     pub rule: RuleId,
     /// `Kind/name` of the object.
     pub resource: String,
-    /// Container name.
+    /// Container name; empty for findings about the pod or the object.
     pub container: String,
-    /// Where in the container: `env NAME`, `args[2]`, `volume NAME`, `envFrom`.
+    /// Where in the container: `env NAME`, `args[2]`, `volume NAME`, `envFrom`; or in the
+    /// pod (`spec.hostPID`) or object (`data.config`).
     pub field: String,
+    /// JSON path of the offending string in the object, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
     /// Masked hint of the offending value, never the value.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hint: Option<String>,
@@ -69,127 +86,6 @@ pub struct Context<'a> {
     /// a look-alike named `claudekey-proxy` cannot run other code with the proxy Secret mounted.
     /// `scan` does not know it and exempts any native sidecar of that name.
     pub sidecar: Option<&'a Container>,
-}
-
-/// The kinds whose pod specs the rules look at.
-#[derive(Clone, Debug)]
-pub enum Workload {
-    /// A Pod.
-    Pod(Box<Pod>),
-    /// A Deployment's pod template.
-    Deployment(Box<Deployment>),
-    /// A StatefulSet's pod template.
-    StatefulSet(Box<StatefulSet>),
-    /// A DaemonSet's pod template.
-    DaemonSet(Box<DaemonSet>),
-    /// A ReplicaSet's pod template.
-    ReplicaSet(Box<ReplicaSet>),
-    /// A Job's pod template.
-    Job(Box<Job>),
-    /// A CronJob's job template's pod template.
-    CronJob(Box<CronJob>),
-}
-
-impl Workload {
-    /// Parses `value` as the workload `kind` of API `group` (`""` for core); `Ok(None)` for
-    /// kinds the rules do not cover, an error when a covered kind does not parse.
-    pub fn from_parts(
-        group: &str,
-        kind: &str,
-        value: serde_json::Value,
-    ) -> Result<Option<Self>, serde_json::Error> {
-        fn boxed<T: serde::de::DeserializeOwned>(
-            v: serde_json::Value,
-        ) -> Result<Box<T>, serde_json::Error> {
-            serde_json::from_value(v).map(Box::new)
-        }
-        Ok(Some(match (group, kind) {
-            ("", "Pod") => Self::Pod(boxed(value)?),
-            ("apps", "Deployment") => Self::Deployment(boxed(value)?),
-            ("apps", "StatefulSet") => Self::StatefulSet(boxed(value)?),
-            ("apps", "DaemonSet") => Self::DaemonSet(boxed(value)?),
-            ("apps", "ReplicaSet") => Self::ReplicaSet(boxed(value)?),
-            ("batch", "Job") => Self::Job(boxed(value)?),
-            ("batch", "CronJob") => Self::CronJob(boxed(value)?),
-            _ => return Ok(None),
-        }))
-    }
-
-    /// Parses a manifest by its own `apiVersion` and `kind` (what `scan` reads).
-    pub fn from_manifest(value: serde_json::Value) -> Result<Option<Self>, serde_json::Error> {
-        let api_version = value
-            .get("apiVersion")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default();
-        let kind = value
-            .get("kind")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string();
-        let group = api_version
-            .rsplit_once('/')
-            .map_or("", |(g, _)| g)
-            .to_string();
-        Self::from_parts(&group, &kind, value)
-    }
-
-    /// The kind, as users write it.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Pod(_) => "Pod",
-            Self::Deployment(_) => "Deployment",
-            Self::StatefulSet(_) => "StatefulSet",
-            Self::DaemonSet(_) => "DaemonSet",
-            Self::ReplicaSet(_) => "ReplicaSet",
-            Self::Job(_) => "Job",
-            Self::CronJob(_) => "CronJob",
-        }
-    }
-
-    /// The object's own metadata.
-    pub fn metadata(&self) -> &ObjectMeta {
-        match self {
-            Self::Pod(o) => &o.metadata,
-            Self::Deployment(o) => &o.metadata,
-            Self::StatefulSet(o) => &o.metadata,
-            Self::DaemonSet(o) => &o.metadata,
-            Self::ReplicaSet(o) => &o.metadata,
-            Self::Job(o) => &o.metadata,
-            Self::CronJob(o) => &o.metadata,
-        }
-    }
-
-    /// `Kind/name` (or `Kind/<generateName>…` before the apiserver names it).
-    pub fn resource(&self) -> String {
-        let meta = self.metadata();
-        let name = match (&meta.name, &meta.generate_name) {
-            (Some(name), _) if !name.is_empty() => name.clone(),
-            (_, Some(prefix)) => format!("{prefix}…"),
-            _ => "<unnamed>".to_string(),
-        };
-        format!("{}/{name}", self.kind())
-    }
-
-    /// The pod metadata and spec the rules check: the Pod's own, or the template's.
-    pub fn pod(&self) -> Option<(Option<&ObjectMeta>, &PodSpec)> {
-        let template = match self {
-            Self::Pod(o) => return o.spec.as_ref().map(|s| (Some(&o.metadata), s)),
-            Self::Deployment(o) => o.spec.as_ref().map(|s| &s.template),
-            Self::StatefulSet(o) => o.spec.as_ref().map(|s| &s.template),
-            Self::DaemonSet(o) => o.spec.as_ref().map(|s| &s.template),
-            Self::ReplicaSet(o) => o.spec.as_ref().and_then(|s| s.template.as_ref()),
-            Self::Job(o) => o.spec.as_ref().map(|s| &s.template),
-            Self::CronJob(o) => o
-                .spec
-                .as_ref()
-                .and_then(|s| s.job_template.spec.as_ref())
-                .map(|s| &s.template),
-        }?;
-        template
-            .spec
-            .as_ref()
-            .map(|s| (template.metadata.as_ref(), s))
-    }
 }
 
 /// A parse error safe to show: serde quotes offending values (`invalid type: string "sk-ant-…"`),
@@ -220,25 +116,43 @@ pub fn scrub_quoted(text: &str) -> String {
         .into_owned()
 }
 
-/// Runs rules (a)–(c) on a workload.
+/// Runs every rule on an object: rules (a)–(c) and the injection guards on its pod spec, or
+/// the ConfigMap rule.
 pub fn check(workload: &Workload, ctx: &Context<'_>) -> Vec<Finding> {
-    match workload.pod() {
-        Some((meta, spec)) => check_pod_spec(&workload.resource(), meta, spec, ctx),
+    if let Workload::ConfigMap(cm) = workload {
+        return keyrules::check_configmap(&workload.resource(), cm);
+    }
+    match workload.pod_at() {
+        Some((meta, spec, path)) => {
+            let mut findings = preconditions::check(&workload.resource(), meta, spec, path);
+            findings.extend(check_pod_spec_at(
+                &workload.resource(),
+                meta,
+                spec,
+                path,
+                ctx,
+            ));
+            findings
+        }
         None => Vec::new(),
     }
 }
 
 /// A container of any of the three lists, seen through the fields the rules read.
-struct ContainerView<'a> {
-    label: String,
-    name: &'a str,
-    env: &'a [EnvVar],
-    env_from: &'a [EnvFromSource],
-    command: &'a [String],
-    args: &'a [String],
-    mounts: &'a [VolumeMount],
+pub(super) struct ContainerView<'a> {
+    pub(super) label: String,
+    pub(super) name: &'a str,
+    pub(super) env: &'a [EnvVar],
+    pub(super) env_from: &'a [EnvFromSource],
+    pub(super) mounts: &'a [VolumeMount],
+    /// The whole container, for the strings no rule names.
+    pub(super) value: serde_json::Value,
+    /// JSON path of the container in the object.
+    pub(super) path: String,
+    /// `targetContainerName` of an ephemeral container.
+    pub(super) target: Option<&'a str>,
     /// The `-proxy` Secret this container may read: only the injected sidecar has one.
-    exempt_secret: Option<String>,
+    pub(super) exempt_secret: Option<String>,
 }
 
 fn slice<T>(v: &Option<Vec<T>>) -> &[T] {
@@ -248,48 +162,89 @@ fn slice<T>(v: &Option<Vec<T>>) -> &[T] {
 /// The view of one container of any of the three lists: `Container` and `EphemeralContainer`
 /// share these fields but no trait.
 macro_rules! view {
-    ($what:literal, $c:expr, $exempt_secret:expr) => {{
+    ($what:literal, $c:expr, $path:expr, $target:expr, $exempt_secret:expr) => {{
         let c = $c;
         ContainerView {
             label: format!(concat!($what, " \"{}\""), c.name),
             name: &c.name,
             env: slice(&c.env),
             env_from: slice(&c.env_from),
-            command: slice(&c.command),
-            args: slice(&c.args),
             mounts: slice(&c.volume_mounts),
+            value: serde_json::to_value(c).unwrap_or_default(),
+            path: $path,
+            target: $target,
             exempt_secret: $exempt_secret,
         }
     }};
 }
 
+/// The ClaudeKey a pod asks to be injected with, if any (trimmed; maybe empty).
+pub(super) fn inject_annotation(meta: Option<&ObjectMeta>) -> Option<&str> {
+    meta.and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(annotations::INJECT))
+        .map(|s| s.trim())
+}
+
 fn containers<'a>(
     meta: Option<&ObjectMeta>,
     spec: &'a PodSpec,
+    path: &str,
     ctx: &Context<'_>,
 ) -> Vec<ContainerView<'a>> {
-    let inject = meta
-        .and_then(|m| m.annotations.as_ref())
-        .and_then(|a| a.get(annotations::INJECT));
+    let inject = inject_annotation(meta);
     let mut views = Vec::new();
-    for c in slice(&spec.init_containers) {
+    for (i, c) in slice(&spec.init_containers).iter().enumerate() {
         let is_sidecar = c.name == SIDECAR_NAME
             && c.restart_policy.as_deref() == Some("Always")
             && ctx
                 .sidecar
                 .is_none_or(|expected| runs_injected_sidecar(c, expected));
-        let exempt = inject
-            .filter(|_| is_sidecar)
-            .map(|ck| proxy_secret_name(ck));
-        views.push(view!("init container", c, exempt));
+        let exempt = inject.filter(|_| is_sidecar).map(proxy_secret_name);
+        let at = format!("{path}.initContainers[{i}]");
+        views.push(view!("init container", c, at, None, exempt));
     }
-    for c in &spec.containers {
-        views.push(view!("container", c, None));
+    for (i, c) in spec.containers.iter().enumerate() {
+        let at = format!("{path}.containers[{i}]");
+        views.push(view!("container", c, at, None, None));
     }
-    for c in slice(&spec.ephemeral_containers) {
-        views.push(view!("ephemeral container", c, None));
+    for (i, c) in slice(&spec.ephemeral_containers).iter().enumerate() {
+        let at = format!("{path}.ephemeralContainers[{i}]");
+        let target = c.target_container_name.as_deref();
+        views.push(view!("ephemeral container", c, at, target, None));
     }
     views
+}
+
+/// True when the container named `name` (empty: the pod-level settings) is the same in both
+/// pods, in whichever list it is.
+pub fn same_container(
+    old: &k8s_openapi::api::core::v1::Pod,
+    new: &k8s_openapi::api::core::v1::Pod,
+    name: &str,
+) -> bool {
+    fn find(pod: &k8s_openapi::api::core::v1::Pod, name: &str) -> Option<serde_json::Value> {
+        let spec = pod.spec.as_ref()?;
+        if name.is_empty() {
+            let mut pod_level = serde_json::to_value(spec).ok()?;
+            for list in ["initContainers", "containers", "ephemeralContainers"] {
+                pod_level.as_object_mut()?.remove(list);
+            }
+            return Some(pod_level);
+        }
+        let init = slice(&spec.init_containers).iter();
+        let found = init
+            .chain(spec.containers.iter())
+            .find(|c| c.name == name)
+            .map(serde_json::to_value);
+        match found {
+            Some(v) => v.ok(),
+            None => slice(&spec.ephemeral_containers)
+                .iter()
+                .find(|c| c.name == name)
+                .and_then(|c| serde_json::to_value(c).ok()),
+        }
+    }
+    find(old, name).is_some_and(|o| Some(o) == find(new, name))
 }
 
 /// True when `c` runs exactly the injected proxy (fields the apiserver does not default).
@@ -308,38 +263,67 @@ pub fn check_pod_spec(
     spec: &PodSpec,
     ctx: &Context<'_>,
 ) -> Vec<Finding> {
-    let protected: BTreeMap<String, &str> = ctx
+    check_pod_spec_at(resource, meta, spec, "spec", ctx)
+}
+
+fn check_pod_spec_at(
+    resource: &str,
+    meta: Option<&ObjectMeta>,
+    spec: &PodSpec,
+    path: &str,
+    ctx: &Context<'_>,
+) -> Vec<Finding> {
+    let mut protected: BTreeMap<String, String> = ctx
         .claudekeys
         .iter()
-        .map(|ck| (proxy_secret_name(ck), ck.as_str()))
+        .map(|ck| (proxy_secret_name(ck), ck.clone()))
         .collect();
+    // The ClaudeKey a pod is injected with stays protected even if the cache does not (yet, or
+    // any more) know it: its Secret is mounted in the pod.
+    if let Some(ck) = inject_annotation(meta).filter(|ck| !ck.is_empty()) {
+        protected.insert(proxy_secret_name(ck), ck.to_string());
+    }
     let secret_volumes = protected_volumes(spec, &protected);
     let mut findings = Vec::new();
-    for view in containers(meta, spec, ctx) {
+    for view in containers(meta, spec, path, ctx) {
         let mut out = Out {
             resource,
             view: &view,
             findings: &mut findings,
         };
-        check_env(&mut out);
-        check_command(&mut out);
+        keyrules::check_env(&mut out);
+        keyrules::check_identity_token(&mut out);
+        keyrules::check_strings(&mut out);
         check_proxy_secret(&mut out, &protected, &secret_volumes);
+        check_target(&mut out);
     }
     findings
 }
 
 /// Collects findings for one container.
-struct Out<'a, 'b> {
-    resource: &'a str,
-    view: &'a ContainerView<'b>,
-    findings: &'a mut Vec<Finding>,
+pub(super) struct Out<'a, 'b> {
+    pub(super) resource: &'a str,
+    pub(super) view: &'a ContainerView<'b>,
+    pub(super) findings: &'a mut Vec<Finding>,
 }
 
 impl Out<'_, '_> {
-    fn push(
+    pub(super) fn push(
         &mut self,
         rule: RuleId,
         field: String,
+        hint: Option<String>,
+        what: String,
+        advice: &str,
+    ) {
+        self.push_at(rule, field, None, hint, what, advice);
+    }
+
+    pub(super) fn push_at(
+        &mut self,
+        rule: RuleId,
+        field: String,
+        path: Option<String>,
         hint: Option<String>,
         what: String,
         advice: &str,
@@ -353,79 +337,39 @@ impl Out<'_, '_> {
             resource: self.resource.to_string(),
             container: self.view.name.to_string(),
             field,
+            path,
             hint,
             message,
         });
     }
 }
 
-fn encoded(encoding: Encoding) -> &'static str {
+pub(super) fn encoded(encoding: Encoding) -> &'static str {
     match encoding {
         Encoding::Plain => "an",
         Encoding::Base64 => "a base64-encoded",
     }
 }
 
-fn check_env(out: &mut Out<'_, '_>) {
-    for var in out.view.env {
-        let Some(value) = var.value.as_deref() else {
-            continue;
-        };
-        let field = format!("env {}", var.name);
-        if let Some(found) = keyshape::find_key(value) {
-            let what = format!(
-                "holds {} Anthropic key ({})",
-                encoded(found.encoding),
-                found.hint
-            );
-            out.push(RuleId::KeyInEnv, field, Some(found.hint), what, KEY_ADVICE);
-        } else if keyshape::is_key_variable(&var.name) && !keyshape::is_allowed_literal(value) {
-            let hint = crate::keys::masked_hint(value);
-            let what = format!("is a key variable set to a literal value ({hint})");
-            out.push(
-                RuleId::LiteralKeyVariable,
-                field,
-                Some(hint),
-                what,
-                KEY_ADVICE,
-            );
-        }
-    }
-}
-
-fn check_command(out: &mut Out<'_, '_>) {
-    let lists = [("command", out.view.command), ("args", out.view.args)];
-    for (list, items) in lists {
-        for (i, item) in items.iter().enumerate() {
-            let field = format!("{list}[{i}]");
-            if let Some(found) = keyshape::find_key(item) {
-                let what = format!(
-                    "holds {} Anthropic key ({})",
-                    encoded(found.encoding),
-                    found.hint
-                );
-                out.push(
-                    RuleId::KeyInCommand,
-                    field,
-                    Some(found.hint),
-                    what,
-                    KEY_ADVICE,
-                );
-            } else if let Some((var, hint)) =
-                keyshape::find_key_assignments(item).into_iter().next()
-            {
-                let what = format!("assigns a literal value to {var} ({hint})");
-                out.push(RuleId::KeyInCommand, field, Some(hint), what, KEY_ADVICE);
-            }
-        }
+/// `kubectl debug --target=claudekey-proxy` puts the debugger into the proxy's process
+/// namespace, where `/proc/<pid>/root` and `/proc/<pid>/mem` hold the upstream key.
+fn check_target(out: &mut Out<'_, '_>) {
+    if out.view.target == Some(SIDECAR_NAME) {
+        out.push(
+            RuleId::TargetsSidecar,
+            "targetContainerName".to_string(),
+            None,
+            format!("joins the process namespace of {SIDECAR_NAME:?}, where the proxy's files and memory hold the upstream key"),
+            "debug the app container instead (kubectl debug --target=<app container>); claudekey.io/inject pods keep the proxy out of reach",
+        );
     }
 }
 
 /// Volume name → (protected Secret, its ClaudeKey) for Secret and projected volumes.
-fn protected_volumes<'a>(
+fn protected_volumes(
     spec: &PodSpec,
-    protected: &BTreeMap<String, &'a str>,
-) -> BTreeMap<String, (String, &'a str)> {
+    protected: &BTreeMap<String, String>,
+) -> BTreeMap<String, (String, String)> {
     let mut out = BTreeMap::new();
     for volume in slice(&spec.volumes) {
         let mut names: Vec<&str> = Vec::new();
@@ -445,7 +389,7 @@ fn protected_volumes<'a>(
             );
         }
         if let Some((secret, ck)) = names.into_iter().find_map(|n| protected.get_key_value(n)) {
-            out.insert(volume.name.clone(), (secret.clone(), *ck));
+            out.insert(volume.name.clone(), (secret.clone(), ck.clone()));
         }
     }
     out
@@ -453,12 +397,12 @@ fn protected_volumes<'a>(
 
 fn check_proxy_secret(
     out: &mut Out<'_, '_>,
-    protected: &BTreeMap<String, &str>,
-    volumes: &BTreeMap<String, (String, &str)>,
+    protected: &BTreeMap<String, String>,
+    volumes: &BTreeMap<String, (String, String)>,
 ) {
     let exempt = out.view.exempt_secret.clone();
     let allowed = |secret: &str| exempt.as_deref() == Some(secret);
-    let mut hits: Vec<(String, String, &str)> = Vec::new();
+    let mut hits: Vec<(String, String, String)> = Vec::new();
     for var in out.view.env {
         let secret = var
             .value_from
@@ -469,25 +413,29 @@ fn check_proxy_secret(
             hits.push((
                 format!("env {}", var.name),
                 format!("reads Secret {secret} (secretKeyRef)"),
-                ck,
+                ck.clone(),
             ));
         }
     }
     for source in out.view.env_from {
         let secret = source.secret_ref.as_ref().map(|r| r.name.as_str());
         if let Some((secret, ck)) = secret.and_then(|s| protected.get_key_value(s)) {
-            hits.push(("envFrom".to_string(), format!("loads Secret {secret}"), ck));
+            hits.push((
+                "envFrom".to_string(),
+                format!("loads Secret {secret}"),
+                ck.clone(),
+            ));
         }
     }
     for mount in out.view.mounts {
         if let Some((secret, ck)) = volumes.get(&mount.name) {
             let what = format!("mounts Secret {secret} at {}", mount.mount_path);
-            hits.push((format!("volume {}", mount.name), what, ck));
+            hits.push((format!("volume {}", mount.name), what, ck.clone()));
         }
     }
     let unique: BTreeSet<_> = hits.into_iter().collect();
     for (field, what, ck) in unique {
-        if allowed(&proxy_secret_name(ck)) {
+        if allowed(&proxy_secret_name(&ck)) {
             continue;
         }
         let what = format!("{what}, which only the claudekey proxy sidecar may read");

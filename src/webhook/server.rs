@@ -6,12 +6,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::Body;
+use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -22,10 +22,9 @@ use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use super::limits::{self, BodyBudget};
 use super::validate::{Admission, Outcome};
 
-/// AdmissionReviews carry the object and the old object; etcd caps objects at 1.5 MiB.
-const MAX_BODY: usize = 8 * 1024 * 1024;
 /// A client that has not finished its handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -103,6 +102,7 @@ impl Metrics {
 struct AppState {
     admission: Arc<Admission>,
     metrics: Arc<Metrics>,
+    budget: BodyBudget,
 }
 
 /// The routes: `/validate`, `/mutate`, `/healthz`, `/readyz`, `/metrics`. Readiness is asked
@@ -114,8 +114,11 @@ pub fn router(admission: Arc<Admission>, metrics: Arc<Metrics>) -> Router {
         .route("/healthz", get(ok))
         .route("/readyz", get(ok))
         .route("/metrics", get(metrics_handler))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(AppState { admission, metrics })
+        .with_state(AppState {
+            admission,
+            metrics,
+            budget: BodyBudget::default(),
+        })
 }
 
 /// Liveness and readiness: answering at all is the signal.
@@ -165,16 +168,33 @@ fn respond(state: &AppState, operation: &'static str, body: &[u8]) -> Response {
     }
 }
 
-async fn validate(State(state): State<AppState>, body: Bytes) -> Response {
-    respond(&state, "validate", &body)
+/// Reads the body within the limits, then answers; its bytes stay counted until the answer is
+/// built.
+async fn review(state: AppState, operation: &'static str, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    match state.budget.read(&parts.headers, body).await {
+        Ok((bytes, _held)) => respond(&state, operation, &bytes),
+        Err(error) => {
+            state
+                .metrics
+                .record(operation, Outcome::Invalid, Duration::ZERO);
+            (error.status(), error.to_string()).into_response()
+        }
+    }
 }
 
-async fn mutate(State(state): State<AppState>, body: Bytes) -> Response {
-    respond(&state, "mutate", &body)
+async fn validate(State(state): State<AppState>, request: Request<Body>) -> Response {
+    review(state, "validate", request).await
+}
+
+async fn mutate(State(state): State<AppState>, request: Request<Body>) -> Response {
+    review(state, "mutate", request).await
 }
 
 /// Serves `router` over TLS on `listener` until `shutdown` resolves. Connections are handled
-/// on their own tasks; a failed handshake only ends that connection.
+/// on their own tasks; a failed handshake only ends that connection. At most
+/// [`limits::MAX_CONNECTIONS`] are open at once, and a request head must arrive within
+/// [`limits::HEADER_READ_TIMEOUT`], so idle or slow clients cannot exhaust the server.
 pub async fn serve_tls(
     router: Router,
     tls: Arc<ServerConfig>,
@@ -182,8 +202,16 @@ pub async fn serve_tls(
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let acceptor = TlsAcceptor::from(tls);
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits::MAX_CONNECTIONS));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => return,
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
@@ -198,13 +226,25 @@ pub async fn serve_tls(
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(router.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let stream =
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),
                     Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                 };
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits::HEADER_READ_TIMEOUT);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(limits::MAX_STREAMS)
+                .max_header_list_size(limits::MAX_HEADERS)
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .keep_alive_timeout(Duration::from_secs(10));
             if let Err(error) = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await

@@ -204,9 +204,45 @@ impl Admission {
             Ok(None) => return (response.into_review(), Outcome::Allowed),
             Err(reason) => return (response.deny(reason).into_review(), Outcome::Denied),
         };
-        let findings = self.findings(&req, &workload);
+        let mut findings = self.findings(&req, &workload);
+        if req.operation == Operation::Update
+            && let Workload::Pod(pod) = &workload
+        {
+            findings = self.new_in_pod_update(&req, pod, findings);
+        }
         let (response, outcome) = self.apply_findings(response, &findings);
         (response.into_review(), outcome)
+    }
+
+    /// A Pod's containers cannot change after creation (only images can), so a finding that the
+    /// old Pod had too, in a container left exactly as it was, is not the update's doing.
+    /// Refusing it would block label, owner-reference and finalizer updates of pods admitted
+    /// earlier: those injected by an older webhook image, whose sidecar no longer matches the
+    /// current one. New ephemeral containers, and changed images, are judged afresh.
+    fn new_in_pod_update(
+        &self,
+        req: &AdmissionRequest<DynamicObject>,
+        pod: &k8s_openapi::api::core::v1::Pod,
+        findings: Vec<Finding>,
+    ) -> Vec<Finding> {
+        let Some(old) = req
+            .old_object
+            .as_ref()
+            .and_then(|o| serde_json::to_value(o).ok())
+            .and_then(|v| serde_json::from_value::<k8s_openapi::api::core::v1::Pod>(v).ok())
+        else {
+            return findings;
+        };
+        let old_findings = self.findings(req, &Workload::Pod(Box::new(old.clone())));
+        findings
+            .into_iter()
+            .filter(|f| {
+                let before = old_findings
+                    .iter()
+                    .any(|o| o.rule == f.rule && o.container == f.container && o.field == f.field);
+                !(before && rules::same_container(&old, pod, &f.container))
+            })
+            .collect()
     }
 
     /// `/mutate`: inject the proxy sidecar into Pods that ask for it, on CREATE.

@@ -70,6 +70,35 @@ fn inject_pod(claudekey: &str, env_value: Option<&str>) -> Value {
     })
 }
 
+/// An UPDATE review of `kind` from `old` to `new`, for `sub_resource` when given.
+fn update(kind: &str, old: Value, new: Value, sub_resource: Option<&str>) -> Vec<u8> {
+    let mut r: Value = serde_json::from_slice(&review("UPDATE", "", kind, new)).unwrap();
+    r["request"]["oldObject"] = old;
+    if let Some(sub) = sub_resource {
+        r["request"]["subResource"] = json!(sub);
+    }
+    r.to_string().into_bytes()
+}
+
+/// A pod injected with ClaudeKey bot by a webhook whose sidecar image was `image`.
+fn injected_pod(image: &str) -> Value {
+    let mut sidecar = serde_json::to_value(super::mutate::sidecar_container(&SidecarConfig {
+        image: image.into(),
+        ..SidecarConfig::default()
+    }))
+    .unwrap();
+    sidecar["volumeMounts"] = json!([{"name": "claudekey-proxy-config", "mountPath": "/etc/claudekey/proxy", "readOnly": true}]);
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "team-a", "annotations": {"claudekey.io/inject": "bot", "claudekey.io/injected": "bot"}},
+        "spec": {
+            "initContainers": [sidecar],
+            "containers": [{"name": "app", "image": "app:1", "env": [{"name": "ANTHROPIC_API_KEY", "value": "claudekey-sidecar"}]}],
+            "volumes": [{"name": "claudekey-proxy-config", "secret": {"secretName": "bot-proxy"}}],
+        }
+    })
+}
+
 fn response(review: &kube::core::admission::AdmissionReview<kube::core::DynamicObject>) -> Value {
     serde_json::to_value(review).unwrap()["response"].clone()
 }
@@ -271,4 +300,99 @@ proptest! {
         let _ = a.validate(&review("CREATE", "", "Pod", object.clone()));
         let _ = a.mutate(&review("CREATE", "", "Pod", object));
     }
+}
+
+#[test]
+fn updates_of_pods_injected_by_an_older_webhook_are_admitted() {
+    let a = admission(Mode::Enforce);
+    let old = injected_pod("claudekey:old");
+    // The current webhook would not exempt that sidecar on CREATE...
+    let (_, outcome) = a.validate(&review("CREATE", "", "Pod", old.clone()));
+    assert_eq!(outcome, Outcome::Denied);
+    // ...but labels, owner references and finalizers of the running pod still change.
+    let mut relabelled = old.clone();
+    relabelled["metadata"]["labels"] = json!({"rollout": "2"});
+    relabelled["metadata"]["ownerReferences"] =
+        json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs", "uid": "u-1"}]);
+    let (answer, outcome) = a.validate(&update("Pod", old.clone(), relabelled, None));
+    assert_eq!(outcome, Outcome::Allowed, "{}", answer_text(&answer));
+    // Pointing the old sidecar at another image is judged afresh.
+    let mut swapped = old.clone();
+    swapped["spec"]["initContainers"][0]["image"] = json!("evil:1");
+    let (answer, outcome) = a.validate(&update("Pod", old.clone(), swapped, None));
+    assert_eq!(outcome, Outcome::Denied);
+    assert!(
+        answer_text(&answer).contains("bot-proxy"),
+        "{}",
+        answer_text(&answer)
+    );
+    // The current sidecar needs no such allowance.
+    let current = injected_pod("claudekey:test");
+    let (_, outcome) = a.validate(&review("CREATE", "", "Pod", current));
+    assert_eq!(outcome, Outcome::Allowed);
+}
+
+#[test]
+fn ephemeral_containers_are_judged_like_any_other() {
+    let a = admission(Mode::Enforce);
+    let old = injected_pod("claudekey:test");
+    let with = |debugger: Value| {
+        let mut new = old.clone();
+        new["spec"]["ephemeralContainers"] = json!([debugger]);
+        update("Pod", old.clone(), new, Some("ephemeralcontainers"))
+    };
+    let bad = [
+        json!({"name": "dbg", "image": "busybox", "volumeMounts": [{"name": "claudekey-proxy-config", "mountPath": "/x"}]}),
+        json!({"name": "dbg", "image": "busybox", "targetContainerName": "claudekey-proxy"}),
+        json!({"name": "dbg", "image": "busybox", "env": [{"name": "K", "value": key()}]}),
+        json!({"name": "dbg", "image": "busybox", "envFrom": [{"secretRef": {"name": "bot-proxy"}}]}),
+    ];
+    for debugger in bad {
+        let (answer, outcome) = a.validate(&with(debugger.clone()));
+        assert_eq!(outcome, Outcome::Denied, "{debugger}");
+        let text = answer_text(&answer);
+        assert!(
+            text.contains("ephemeral container") && text.contains("dbg"),
+            "{text}"
+        );
+        assert!(!text.contains(&key()), "{text}");
+    }
+    let good = json!({"name": "dbg", "image": "busybox", "targetContainerName": "app"});
+    let (answer, outcome) = a.validate(&with(good));
+    assert_eq!(outcome, Outcome::Allowed, "{}", answer_text(&answer));
+}
+
+#[test]
+fn configmaps_and_federation_conflicts_are_denied() {
+    let a = admission(Mode::Enforce);
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg", "namespace": "team-a"}, "data": {"k": key()}});
+    let (answer, outcome) = a.validate(&review("CREATE", "", "ConfigMap", cm));
+    assert_eq!(outcome, Outcome::Denied);
+    assert!(answer_text(&answer).contains("ConfigMap/cfg: data.k holds an Anthropic key"));
+    assert!(!answer_text(&answer).contains(&key()));
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "team-a"}, "spec": {"containers": [{"name": "app", "image": "a", "env": [
+        {"name": "ANTHROPIC_IDENTITY_TOKEN_FILE", "value": "/var/run/secrets/anthropic/token"},
+        {"name": "ANTHROPIC_AUTH_TOKEN", "value": ""},
+    ]}]}});
+    let (answer, outcome) = a.validate(&review("CREATE", "", "Pod", pod));
+    assert_eq!(outcome, Outcome::Denied);
+    assert!(
+        answer_text(&answer).contains("env ANTHROPIC_AUTH_TOKEN is set (even empty"),
+        "{}",
+        answer_text(&answer)
+    );
+}
+
+#[test]
+fn injection_next_to_a_federation_token_file_is_refused_before_the_patch() {
+    let mut pod = inject_pod("bot", None);
+    pod["spec"]["containers"][0]["env"] = json!([{"name": "ANTHROPIC_IDENTITY_TOKEN_FILE", "value": "/var/run/secrets/anthropic/token"}]);
+    let (answer, outcome) = admission(Mode::Enforce).mutate(&review("CREATE", "", "Pod", pod));
+    assert_eq!(outcome, Outcome::Denied);
+    let text = answer_text(&answer);
+    assert!(
+        text.contains("sets ANTHROPIC_IDENTITY_TOKEN_FILE in a pod with claudekey.io/inject: bot"),
+        "{text}"
+    );
+    assert!(!text.contains("\"patch\""), "{text}");
 }

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use crate::webhook::rules::RuleId;
 
-pub(super) const KINDS: [&str; 7] = [
+pub(super) const KINDS: [&str; 9] = [
     "Pod",
     "Deployment",
     "StatefulSet",
@@ -14,6 +14,8 @@ pub(super) const KINDS: [&str; 7] = [
     "ReplicaSet",
     "Job",
     "CronJob",
+    "PodTemplate",
+    "ReplicationController",
 ];
 pub(super) const LISTS: [&str; 3] = ["containers", "initContainers", "ephemeralContainers"];
 pub(super) const CLAUDEKEYS: &[&str] = &["bot"];
@@ -259,6 +261,105 @@ pub(super) fn bad_cases() -> Vec<Case> {
             ),
             projected,
         ),
+        bad(
+            "key in a postStart exec hook",
+            json!({"lifecycle": {"postStart": {"exec": {"command": ["sh", "-c", format!("echo {api} > /tmp/k")]}}}}),
+            KeyInCommand,
+            &api,
+        ),
+        bad(
+            "key in a preStop exec hook",
+            json!({"lifecycle": {"preStop": {"exec": {"command": ["/bin/notify", &api]}}}}),
+            KeyInCommand,
+            &api,
+        ),
+        bad(
+            "key in a liveness probe exec",
+            json!({"livenessProbe": {"exec": {"command": ["/check", "--key", &api]}}}),
+            KeyInCommand,
+            &api,
+        ),
+        bad(
+            "key in a readiness probe exec",
+            json!({"readinessProbe": {"exec": {"command": ["/check", &key("oat01")]}}}),
+            KeyInCommand,
+            &key("oat01"),
+        ),
+        bad(
+            "key in a startup probe exec",
+            json!({"startupProbe": {"exec": {"command": [format!("--token={api}")]}}}),
+            KeyInCommand,
+            &api,
+        ),
+        bad(
+            "key in a probe's HTTP header",
+            json!({"readinessProbe": {"httpGet": {"port": 80, "httpHeaders": [{"name": "x-api-key", "value": &api}]}}}),
+            KeyInCommand,
+            &api,
+        ),
+        bad(
+            "oauth token in command",
+            json!({"command": ["/app", format!("--oauth={}", key("oat01"))]}),
+            KeyInCommand,
+            &key("oat01"),
+        ),
+        bad(
+            "key split across variables",
+            split(
+                json!({"name": "ANTHROPIC_API_KEY", "value": "$(A)$(B)"}),
+                json!({}),
+            ),
+            KeyInEnv,
+            &api,
+        ),
+        bad(
+            "key split across variables under a neutral name",
+            split(json!({"name": "SETTING", "value": "x=$(A)$(B)"}), json!({})),
+            KeyInEnv,
+            &api,
+        ),
+        bad(
+            "oauth token split across variables",
+            json!({"env": [{"name": "P", "value": "sk-ant-oat01-"}, {"name": "T", "value": api_tail()}, {"name": "TOKEN", "value": "$(P)$(T)"}]}),
+            KeyInEnv,
+            &key("oat01"),
+        ),
+        bad(
+            "key split across variables, joined in args",
+            split(
+                json!({"name": "LOG", "value": "1"}),
+                json!({"args": ["--key=$(A)$(B)"]}),
+            ),
+            KeyInCommand,
+            &api,
+        ),
+        bad(
+            "key split across variables, joined in an exec probe",
+            split(
+                json!({"name": "LOG", "value": "1"}),
+                json!({"livenessProbe": {"exec": {"command": ["/check", "$(A)$(B)"]}}}),
+            ),
+            KeyInCommand,
+            &api,
+        ),
+        bad(
+            "literal through a variable",
+            json!({"env": [{"name": "A", "value": "hunter2-but-longer"}, {"name": "ANTHROPIC_API_KEY", "value": "$(A)"}]}),
+            LiteralKeyVariable,
+            "hunter2-but-longer",
+        ),
+        bad(
+            "empty API key beside an identity token file",
+            json!({"env": [{"name": "ANTHROPIC_IDENTITY_TOKEN_FILE", "value": "/var/run/secrets/anthropic/token"}, {"name": "ANTHROPIC_API_KEY", "value": ""}]}),
+            CredentialBesideIdentityToken,
+            "never",
+        ),
+        bad(
+            "auth token from a Secret beside an identity token file",
+            json!({"env": [{"name": "ANTHROPIC_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "anthropic", "key": "t"}}}, {"name": "ANTHROPIC_IDENTITY_TOKEN_FILE", "value": "/t"}]}),
+            CredentialBesideIdentityToken,
+            "never",
+        ),
         with_volumes(
             bad(
                 "impostor sidecar with another image",
@@ -271,129 +372,21 @@ pub(super) fn bad_cases() -> Vec<Case> {
     ]
 }
 
-pub(super) fn good_cases() -> Vec<Case> {
-    let filler = STANDARD
-        .encode("this is an ordinary configuration blob, long enough to look like base64 data");
-    vec![
-        good("no env", json!({})),
-        good(
-            "key from secretKeyRef",
-            json!({"env": [{"name": "ANTHROPIC_API_KEY", "valueFrom": {"secretKeyRef": {"name": "anthropic", "key": "api-key"}}}]}),
-        ),
-        good(
-            "auth token from secretKeyRef",
-            json!({"env": [{"name": "ANTHROPIC_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "anthropic", "key": "t"}}}]}),
-        ),
-        good(
-            "sidecar placeholder",
-            env("ANTHROPIC_API_KEY", "claudekey-sidecar"),
-        ),
-        good("empty value", env("ANTHROPIC_API_KEY", "")),
-        good(
-            "dependent variable",
-            env("ANTHROPIC_API_KEY", "$(FROM_SECRET)"),
-        ),
-        good("two dependent variables", env("CLAUDE_API_KEY", "$(A)$(B)")),
-        good(
-            "base URL",
-            env("ANTHROPIC_BASE_URL", "http://127.0.0.1:8484"),
-        ),
-        good("model name", env("ANTHROPIC_MODEL", "claude-sonnet-4-5")),
-        good(
-            "prose mentioning the prefix",
-            env("HELP", "Anthropic keys start with sk-ant-"),
-        ),
-        good(
-            "masked example in prose",
-            env("DOCS", "keys look like sk-ant-api03-…AA"),
-        ),
-        good(
-            "truncated example",
-            env("EXAMPLE", "sk-ant-api03-xxxxxxxxxxxx"),
-        ),
-        good("prefix only", env("PREFIX", "sk-ant-api03-")),
-        good(
-            "not key-named id",
-            env("ANTHROPIC_KEY_ID", "apikey_01Rj2N8SVvo6BePZj99NhmiT"),
-        ),
-        good(
-            "key file path",
-            env("ANTHROPIC_API_KEY_FILE", "/var/run/secrets/anthropic/key"),
-        ),
-        good(
-            "random token under a neutral name",
-            env("SESSION_SECRET", "Zq8vN2pLx7RtY4mWc9BfK3hJd6GsA1eU"),
-        ),
-        good("ordinary base64", env("BLOB", &filler)),
-        good(
-            "client Secret reference",
-            json!({"env": [{"name": "ANTHROPIC_API_KEY", "valueFrom": {"secretKeyRef": {"name": "bot-client", "key": "ANTHROPIC_API_KEY"}}}]}),
-        ),
-        good(
-            "envFrom client Secret",
-            json!({"envFrom": [{"secretRef": {"name": "bot-client"}}]}),
-        ),
-        good(
-            "envFrom ConfigMap",
-            json!({"envFrom": [{"configMapRef": {"name": "bot-proxy"}}]}),
-        ),
-        good(
-            "secretKeyRef to a similarly named Secret",
-            json!({"env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "bot-proxy-extra", "key": "k"}}}]}),
-        ),
-        good(
-            "proxy Secret of an unknown ClaudeKey",
-            json!({"envFrom": [{"secretRef": {"name": "other-proxy"}}]}),
-        ),
-        with_volumes(
-            good(
-                "mounts a ConfigMap named like a proxy Secret",
-                json!({"volumeMounts": [{"name": "cfg", "mountPath": "/c"}]}),
-            ),
-            json!([{"name": "cfg", "configMap": {"name": "bot-proxy"}}]),
-        ),
-        with_volumes(
-            good(
-                "proxy Secret volume mounted by nobody here",
-                json!({"volumeMounts": [{"name": "data", "mountPath": "/d"}]}),
-            ),
-            json!([{"name": "cfg", "secret": {"secretName": "bot-proxy"}}, {"name": "data", "emptyDir": {}}]),
-        ),
-        good(
-            "model args",
-            json!({"args": ["--model", "claude-sonnet-4-5", "--max-tokens", "1024"]}),
-        ),
-        good(
-            "shell using a variable",
-            json!({"command": ["sh", "-c", "ANTHROPIC_API_KEY=$KEY ./run"]}),
-        ),
-        good(
-            "shell using a braced variable",
-            json!({"command": ["sh", "-c", "export ANTHROPIC_API_KEY=\"${KEY}\"; ./run"]}),
-        ),
-        good(
-            "echo of the prefix",
-            json!({"args": ["echo", "keys begin with sk-ant-"]}),
-        ),
-        good(
-            "placeholder assignment in shell",
-            json!({"args": ["ANTHROPIC_API_KEY=claudekey-sidecar ./run"]}),
-        ),
-        good(
-            "neutral assignment in shell",
-            json!({"args": ["LOG_LEVEL=debug ./run"]}),
-        ),
-        good(
-            "downward API env",
-            json!({"env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]}),
-        ),
-        good(
-            "configMapKeyRef under a key name",
-            json!({"env": [{"name": "CLAUDE_API_KEY", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}]}),
-        ),
-        good(
-            "URL with sk-ant in the path",
-            env("DOC_URL", "https://docs.example/keys/sk-ant-api03"),
-        ),
-    ]
+/// The tail of [`key`] after `sk-ant-<kind>-`.
+pub(super) fn api_tail() -> String {
+    key("api03")["sk-ant-api03-".len()..].to_string()
+}
+
+/// A container whose env defines `A` (the key's prefix) and `B` (its tail), then `last`;
+/// `extra` adds other fields.
+pub(super) fn split(last: Value, extra: Value) -> Value {
+    let mut container = json!({"env": [
+        {"name": "A", "value": "sk-ant-api03-"},
+        {"name": "B", "value": api_tail()},
+        last,
+    ]});
+    if let (Some(c), Some(e)) = (container.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
+    container
 }

@@ -2,12 +2,15 @@
 //! container list of every workload kind, and no message may contain the offending value.
 
 mod cases;
+mod good;
+mod guards;
 
 use serde_json::{Value, json};
 
 use crate::webhook::mutate::{SidecarConfig, sidecar_container};
 use crate::webhook::rules::{self, Context, RuleId, Workload};
 use cases::*;
+use good::good_cases;
 
 fn workload(kind: &str, list: &str, case: &Case) -> Workload {
     let mut container = case.container.clone();
@@ -30,8 +33,18 @@ fn workload(kind: &str, list: &str, case: &Case) -> Workload {
     }
     let selector = json!({"matchLabels": {"app": "demo"}});
     let template = json!({"metadata": {"labels": {"app": "demo"}}, "spec": spec});
+    if kind == "PodTemplate" {
+        let manifest = json!({"apiVersion": "v1", "kind": kind, "metadata": {"name": "demo", "namespace": "team-a"}, "template": template});
+        return Workload::from_manifest(manifest)
+            .expect("manifest parses")
+            .expect("kind is covered");
+    }
     let (api_version, spec) = match kind {
         "Pod" => ("v1", spec),
+        "ReplicationController" => (
+            "v1",
+            json!({"selector": {"app": "demo"}, "template": template}),
+        ),
         "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" => (
             "apps/v1",
             json!({"selector": selector, "template": template}),
@@ -68,7 +81,7 @@ fn context() -> (Vec<String>, Option<k8s_openapi::api::core::v1::Container>) {
 fn tables_are_big_enough() {
     assert!(bad_cases().len() >= 30, "{}", bad_cases().len());
     assert!(good_cases().len() >= 30, "{}", good_cases().len());
-    // Each snippet runs in 7 kinds x 3 lists: far over 40 bad and 40 good specs.
+    // Each snippet runs in 9 kinds x 3 lists: far over 40 bad and 40 good specs.
     assert!(bad_cases().len() * KINDS.len() * LISTS.len() >= 40);
 }
 
@@ -263,8 +276,8 @@ fn several_findings_in_one_container_are_all_reported() {
 
 #[test]
 fn uncovered_kinds_and_specless_objects_are_ignored() {
-    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"k": key("api03")}});
-    assert!(Workload::from_manifest(cm).unwrap().is_none());
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}, "stringData": {"k": key("api03")}});
+    assert!(Workload::from_manifest(secret).unwrap().is_none());
     let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}});
     let ctx = Context::default();
     assert!(rules::check(&Workload::from_manifest(pod).unwrap().unwrap(), &ctx).is_empty());
