@@ -20,6 +20,10 @@ pub struct ProxyConfig {
     /// Accepted workload keys by SHA-256, current first.
     pub workload_keys: Vec<WorkloadKeyEntry>,
     pub policy: Policy,
+    /// 64 hex digits: the HMAC key of the audit line's user hash, stable per ClaudeKey so hashes
+    /// correlate across pods and restarts. Absent: a random salt per proxy process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_salt: Option<String>,
 }
 
 /// Identity of the ClaudeKey a config belongs to; limits are keyed by it, so rotation never

@@ -110,6 +110,8 @@ pub fn render_config(
             data_protection: ck.spec.data_protection.clone(),
             expires_at: ck.spec.expires_at,
         },
+        // CONTRACT.md: the controller writes a stable per-ClaudeKey salt (lead's branch).
+        audit_salt: None,
     })
 }
 

@@ -1,36 +1,40 @@
 //! `claudekey proxy` (DESIGN.md §6, §8): the server every Anthropic API request passes through,
 //! in sidecar mode (loopback, no workload key) or gateway mode (workload key per ClaudeKey).
 
+pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod body;
 pub mod caps;
 pub mod config;
 pub mod error;
+pub mod exchange;
 pub mod forward;
 pub mod injection;
 pub mod limits;
 pub mod metrics;
+mod observed;
 mod pipeline;
 pub mod redact;
 pub mod request;
 pub mod scope;
+pub mod server_limits;
 pub mod sse;
 pub mod tenant;
+pub mod usage;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use hyper::service::service_fn;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::{conn::auto, graceful::GracefulShutdown},
-};
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::{net::TcpListener, task::JoinSet};
 
 pub use audit::AuditTarget;
 use config::{Loader, Store};
+use exchange::Recorder;
 use metrics::Metrics;
+pub use server_limits::ServerLimits;
 
 /// Default port of the proxy's traffic listener (the webhook injects `127.0.0.1:8484`).
 pub const DEFAULT_PORT: u16 = 8484;
@@ -87,6 +91,10 @@ pub struct ProxySettings {
     pub poll_interval: Duration,
     /// How long to wait for the upstream's response headers.
     pub upstream_timeout: Duration,
+    /// Timeouts and the connection cap of the traffic listener.
+    pub server_limits: ServerLimits,
+    /// How long open requests may take to finish at shutdown before they are cut.
+    pub shutdown_grace: Duration,
 }
 
 impl ProxySettings {
@@ -99,6 +107,8 @@ impl ProxySettings {
             pod: std::env::var("POD_NAME").ok(),
             poll_interval: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(600),
+            server_limits: ServerLimits::default(),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -106,6 +116,8 @@ impl ProxySettings {
 /// A started proxy: config loaded (or waiting for one), watcher running.
 pub struct Proxy {
     shared: Arc<pipeline::Shared>,
+    limits: ServerLimits,
+    shutdown_grace: Duration,
     pub metrics: Arc<Metrics>,
     pub store: Arc<Store>,
     watcher: tokio::task::JoinHandle<()>,
@@ -129,16 +141,23 @@ impl Proxy {
         let upstream = forward::Upstream::new(&settings.upstream, settings.upstream_timeout)?;
         let audit = audit::AuditSink::start(settings.audit.clone())
             .context("failed to open the audit log")?;
+        let recorder = Arc::new(Recorder {
+            metrics: metrics.clone(),
+            audit,
+            shutting_down: Default::default(),
+            pod: settings.pod,
+        });
         let shared = Arc::new(pipeline::Shared {
             store: store.clone(),
             upstream,
-            metrics: metrics.clone(),
-            audit,
+            recorder,
             mode: settings.mode,
-            pod: settings.pod,
+            body_timeout: settings.server_limits.body_timeout,
         });
         Ok(Self {
             shared,
+            limits: settings.server_limits,
+            shutdown_grace: settings.shutdown_grace,
             metrics,
             store,
             watcher,
@@ -146,16 +165,28 @@ impl Proxy {
     }
 
     /// Serves the traffic listener until `shutdown` resolves, then lets open requests finish
-    /// (streams included) for up to 30 s.
+    /// (streams included) for the shutdown grace (30 s); requests still open then are cut, and
+    /// each still leaves its audit line (outcome `shutdown`) before this returns.
     pub async fn serve(
         &self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         let graceful = GracefulShutdown::new();
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let builder = self.limits.builder();
+        let slots = self.limits.slots();
+        let mut connections = JoinSet::new();
         tokio::pin!(shutdown);
         loop {
+            // A free slot first: past the cap, connections wait in the kernel's backlog.
+            let slot = tokio::select! {
+                () = &mut shutdown => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => break,
+                },
+            };
             let (stream, _) = tokio::select! {
                 () = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
@@ -170,23 +201,30 @@ impl Proxy {
             let _ = stream.set_nodelay(true);
             let shared = self.shared.clone();
             let service = service_fn(move |req| pipeline::handle(shared.clone(), req));
-            let connection = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            let connection = graceful.watch(connection);
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
+            let (limits, builder, watcher) =
+                (self.limits.clone(), builder.clone(), graceful.watcher());
+            connections.spawn(async move {
+                server_limits::serve_connection(&limits, &builder, watcher, stream, service, slot)
+                    .await;
             });
         }
-        if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
+        drop(listener);
+        let drained = async {
+            graceful.shutdown().await;
+            while connections.join_next().await.is_some() {}
+        };
+        if tokio::time::timeout(self.shutdown_grace, drained)
             .await
             .is_err()
         {
-            tracing::warn!("connections still open after 30 s; closing them");
+            tracing::warn!(grace = ?self.shutdown_grace, "requests still open at shutdown; cutting them");
+            self.shared
+                .recorder
+                .shutting_down
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            connections.shutdown().await;
         }
-        let audit = self.shared.audit.clone();
+        let audit = self.shared.recorder.audit.clone();
         let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
         Ok(())
     }
@@ -197,7 +235,7 @@ impl Proxy {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        metrics::serve_admin(listener, self.metrics.clone(), self.store.clone(), shutdown).await
+        admin::serve_admin(listener, self.metrics.clone(), self.store.clone(), shutdown).await
     }
 }
 
@@ -253,7 +291,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let stop = async move {
                 let _ = rx.wait_for(|stop| *stop).await;
             };
-            if let Err(e) = metrics::serve_admin(admin, admin_proxy_metrics, store, stop).await {
+            if let Err(e) = admin::serve_admin(admin, admin_proxy_metrics, store, stop).await {
                 tracing::error!(error = %e, "admin listener failed");
             }
         });
