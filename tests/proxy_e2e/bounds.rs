@@ -191,6 +191,20 @@ async fn a_40_mib_body_is_refused_before_it_is_buffered() {
     const LEN: usize = 40 * 1024 * 1024;
     let h = harness(|_| {}).await;
     let before = rss_kib();
+    // Freed buffers go back to the OS at once (large allocations are mmapped), so sample the
+    // peak while the body streams in, not the level afterwards.
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = std::thread::spawn({
+        let sampling = sampling.clone();
+        move || {
+            let mut peak = 0;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_kib());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            peak
+        }
+    });
     // Declared length: refused at once, before a byte of the body is read.
     let mut stream = TcpStream::connect(h.addr).await.unwrap();
     stream.write_all(head(LEN).as_bytes()).await.unwrap();
@@ -205,7 +219,8 @@ async fn a_40_mib_body_is_refused_before_it_is_buffered() {
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     let (reply, _) = read_until_closed(&mut stream, Duration::from_secs(5)).await;
     assert!(reply.starts_with("HTTP/1.1 413"), "{}", &reply[..reply.len().min(200)]);
-    let grew_mib = rss_kib().saturating_sub(before) / 1024;
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let grew_mib = sampler.join().unwrap().saturating_sub(before) / 1024;
     assert!(grew_mib < 16, "RSS grew by {grew_mib} MiB");
 
     // Chunked, no declared length: refused as soon as it passes the limit while streaming.
