@@ -1,10 +1,10 @@
 //! End-to-end: an in-process proxy in front of the fake Anthropic API, both on loopback ports.
 
-mod proxy_common;
 #[path = "proxy_e2e/bounds.rs"]
 mod bounds;
 #[path = "proxy_e2e/policy.rs"]
 mod policy;
+mod proxy_common;
 
 use std::time::Duration;
 

@@ -149,9 +149,15 @@ async fn official_python_sdk_meets_the_policy_on_every_part_of_a_request() {
                 .unwrap_or_else(|e| panic!("failed to run {python}: {e}"));
             let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
             let stderr = String::from_utf8_lossy(&output.stderr);
-            assert!(output.status.success(), "SDK checks failed:\n{stdout}\n{stderr}");
+            assert!(
+                output.status.success(),
+                "SDK checks failed:\n{stdout}\n{stderr}"
+            );
             for check in checks {
-                assert!(stdout.contains(&format!("ok {check}")), "{check} did not run:\n{stdout}");
+                assert!(
+                    stdout.contains(&format!("ok {check}")),
+                    "{check} did not run:\n{stdout}"
+                );
             }
         }
     };
@@ -164,12 +170,26 @@ async fn official_python_sdk_meets_the_policy_on_every_part_of_a_request() {
         .map(|r| String::from_utf8_lossy(&r.body).into_owned())
         .collect();
     let all = seen.join("\n");
-    assert!(!all.contains("jane.doe@example.com"), "the upstream saw the e-mail");
-    assert!(!all.contains("Ignore all previous instructions"), "the upstream saw the injection");
-    assert!(!all.contains("aaaaaaaaaa"), "the upstream saw the 5,000-character document");
-    assert!(!all.contains("100000"), "the upstream saw max_tokens 100000");
+    assert!(
+        !all.contains("jane.doe@example.com"),
+        "the upstream saw the e-mail"
+    );
+    assert!(
+        !all.contains("Ignore all previous instructions"),
+        "the upstream saw the injection"
+    );
+    assert!(
+        !all.contains("aaaaaaaaaa"),
+        "the upstream saw the 5,000-character document"
+    );
+    assert!(
+        !all.contains("100000"),
+        "the upstream saw max_tokens 100000"
+    );
     assert_eq!(
-        seen.iter().filter(|b| b.contains("[REDACTED:email]")).count(),
+        seen.iter()
+            .filter(|b| b.contains("[REDACTED:email]"))
+            .count(),
         2,
         "the document and the batch, redacted"
     );

@@ -21,7 +21,12 @@ async fn harness(tweak: impl FnOnce(&mut ProxySettings)) -> Harness {
     Harness::start_with(
         Mode::Sidecar,
         &[UPSTREAM_A],
-        |dir| kubelet_write(dir, &proxy_json("bot", &[(UPSTREAM_A, None)], &[], json!({}))),
+        |dir| {
+            kubelet_write(
+                dir,
+                &proxy_json("bot", &[(UPSTREAM_A, None)], &[], json!({})),
+            )
+        },
         tweak,
     )
     .await
@@ -57,7 +62,14 @@ async fn a_request_abandoned_before_the_answer_is_audited_once() {
     h.fake.set_response_delay(Duration::from_secs(3));
     let abandoned = tokio::time::timeout(
         Duration::from_millis(300),
-        send(&client(), &h.url(), "POST", "/v1/messages", None, Some(message("hi", false))),
+        send(
+            &client(),
+            &h.url(),
+            "POST",
+            "/v1/messages",
+            None,
+            Some(message("hi", false)),
+        ),
     )
     .await;
     assert!(abandoned.is_err(), "the fake answered too early");
@@ -96,7 +108,9 @@ async fn shutdown_cuts_open_streams_and_audits_each_once() {
     h.fake.set_delta_delay(Duration::from_millis(50));
     let request = http::Request::post(format!("{}/v1/messages", h.url()))
         .header("anthropic-version", "2023-06-01")
-        .body(http_body_util::Full::new(bytes::Bytes::from(message("hi", true).to_string())))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            message("hi", true).to_string(),
+        )))
         .unwrap();
     let response = client().request(request).await.unwrap();
     assert_eq!(response.status(), 200);
@@ -104,17 +118,26 @@ async fn shutdown_cuts_open_streams_and_audits_each_once() {
     let _ = http_body_util::BodyExt::frame(&mut body).await;
     let started = Instant::now();
     h.shutdown().await;
-    assert!(started.elapsed() < Duration::from_secs(5), "shutdown waited for the stream");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown waited for the stream"
+    );
     let audit = h.audit_lines();
     assert_eq!(audit.len(), 1, "{audit:?}");
     assert_eq!(audit[0]["outcome"], "shutdown");
-    assert!(audit[0]["inputTokens"].as_u64().unwrap() > 0, "usage so far is kept");
+    assert!(
+        audit[0]["inputTokens"].as_u64().unwrap() > 0,
+        "usage so far is kept"
+    );
     drop(body);
 }
 
 #[tokio::test]
 async fn slow_headers_are_cut_off_at_the_timeout() {
-    let h = harness(limits(|l| l.header_read_timeout = Duration::from_millis(500))).await;
+    let h = harness(limits(|l| {
+        l.header_read_timeout = Duration::from_millis(500)
+    }))
+    .await;
     let mut stream = TcpStream::connect(h.addr).await.unwrap();
     let started = Instant::now();
     stream
@@ -164,10 +187,17 @@ async fn connections_beyond_the_cap_wait() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let third = tokio::spawn({
         let url = h.url();
-        async move { send(&client(), &url, "GET", "/v1/models", None, None).await.status }
+        async move {
+            send(&client(), &url, "GET", "/v1/models", None, None)
+                .await
+                .status
+        }
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!third.is_finished(), "a third connection was served past the cap of 2");
+    assert!(
+        !third.is_finished(),
+        "a third connection was served past the cap of 2"
+    );
     idle.pop();
     let status = tokio::time::timeout(Duration::from_secs(5), third)
         .await
@@ -218,7 +248,11 @@ async fn a_40_mib_body_is_refused_before_it_is_buffered() {
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     let (reply, _) = read_until_closed(&mut stream, Duration::from_secs(5)).await;
-    assert!(reply.starts_with("HTTP/1.1 413"), "{}", &reply[..reply.len().min(200)]);
+    assert!(
+        reply.starts_with("HTTP/1.1 413"),
+        "{}",
+        &reply[..reply.len().min(200)]
+    );
     sampling.store(false, std::sync::atomic::Ordering::Relaxed);
     let grew_mib = sampler.join().unwrap().saturating_sub(before) / 1024;
     assert!(grew_mib < 16, "RSS grew by {grew_mib} MiB");
@@ -241,7 +275,11 @@ async fn a_40_mib_body_is_refused_before_it_is_buffered() {
         sent += chunk.len();
     }
     let (reply, _) = read_until_closed(&mut stream, Duration::from_secs(5)).await;
-    assert!(reply.starts_with("HTTP/1.1 413"), "{}", &reply[..reply.len().min(200)]);
+    assert!(
+        reply.starts_with("HTTP/1.1 413"),
+        "{}",
+        &reply[..reply.len().min(200)]
+    );
     assert!(h.fake.received().is_empty());
     let audit = h.wait_audit(2).await;
     assert!(audit.iter().all(|l| l["status"] == 413));

@@ -64,7 +64,9 @@ async fn send_bytes(h: &Harness, path: &str, headers: &[(&str, &str)], body: &st
         builder = builder.header(*k, *v);
     }
     let request = builder
-        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
         .unwrap();
     let response = client().request(request).await.unwrap();
     let status = response.status().as_u16();
@@ -86,18 +88,45 @@ fn assert_refused(r: &Reply, status: u16, kind: &str) {
 async fn document_text_is_redacted_screened_and_counted() {
     let h = harness(issue_policy()).await;
     let c = client();
-    let r = send(&c, &h.url(), "POST", "/v1/messages", SIDECAR, Some(document(&format!("Contact {EMAIL} today.")))).await;
+    let r = send(
+        &c,
+        &h.url(),
+        "POST",
+        "/v1/messages",
+        SIDECAR,
+        Some(document(&format!("Contact {EMAIL} today."))),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let saw = upstream_saw(&h);
     assert!(!saw.contains(EMAIL), "the upstream saw the e-mail: {saw}");
     assert!(saw.contains("Contact [REDACTED:email] today."));
 
     h.fake.clear_received();
-    let r = send(&c, &h.url(), "POST", "/v1/messages", SIDECAR, Some(document(INJECTION))).await;
+    let r = send(
+        &c,
+        &h.url(),
+        "POST",
+        "/v1/messages",
+        SIDECAR,
+        Some(document(INJECTION)),
+    )
+    .await;
     assert_refused(&r, 400, "invalid_request_error");
-    let r = send(&c, &h.url(), "POST", "/v1/messages", SIDECAR, Some(document(&"a".repeat(5000)))).await;
+    let r = send(
+        &c,
+        &h.url(),
+        "POST",
+        "/v1/messages",
+        SIDECAR,
+        Some(document(&"a".repeat(5000))),
+    )
+    .await;
     assert_refused(&r, 413, "request_too_large");
-    assert!(h.fake.received().is_empty(), "refused requests reached the upstream");
+    assert!(
+        h.fake.received().is_empty(),
+        "refused requests reached the upstream"
+    );
     let audit = h.wait_audit(3).await;
     assert_eq!(audit[0]["redactions"]["email"], 1);
     assert_eq!(audit[1]["injectionFlagged"], true);
@@ -125,7 +154,15 @@ async fn every_text_place_is_redacted() {
             ] }
         ]
     });
-    let r = send(&client(), &h.url(), "POST", "/v1/messages", SIDECAR, Some(body)).await;
+    let r = send(
+        &client(),
+        &h.url(),
+        "POST",
+        "/v1/messages",
+        SIDECAR,
+        Some(body),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let saw = upstream_saw(&h);
     assert!(!saw.contains(EMAIL), "the upstream saw the e-mail: {saw}");
@@ -154,7 +191,10 @@ async fn max_tokens_must_be_an_integer_and_keys_unique() {
         assert!(r.text().contains("repeats a key"), "{}", r.text());
     }
     let saw = upstream_saw(&h);
-    assert!(h.fake.received().is_empty(), "refused requests reached the upstream: {saw}");
+    assert!(
+        h.fake.received().is_empty(),
+        "refused requests reached the upstream: {saw}"
+    );
     // An integer within the cap still passes.
     let r = send_bytes(&h, "/v1/messages", &[], r#"{"model":"claude-sonnet-4-5-20250929","max_tokens":1024,"messages":[{"role":"user","content":"hi"}]}"#).await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -164,12 +204,22 @@ async fn max_tokens_must_be_an_integer_and_keys_unique() {
 async fn batch_requests_get_every_check() {
     let h = harness(issue_policy()).await;
     let c = client();
-    let batch = |params: Value| json!({ "requests": [
+    let batch = |params: Value| {
+        json!({ "requests": [
         { "custom_id": "ok", "params": { "model": "claude-sonnet-4-5-20250929", "max_tokens": 64, "messages": [{ "role": "user", "content": "hello" }] } },
         { "custom_id": "x", "params": params }
-    ] });
+    ] })
+    };
     let with = |content: Value, max_tokens: Value| json!({ "model": "claude-sonnet-4-5-20250929", "max_tokens": max_tokens, "messages": [{ "role": "user", "content": content }] });
-    let r = send(&c, &h.url(), "POST", "/v1/messages/batches", SIDECAR, Some(batch(with(json!(format!("mail {EMAIL}")), json!(64))))).await;
+    let r = send(
+        &c,
+        &h.url(),
+        "POST",
+        "/v1/messages/batches",
+        SIDECAR,
+        Some(batch(with(json!(format!("mail {EMAIL}")), json!(64)))),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let saw = upstream_saw(&h);
     assert!(!saw.contains(EMAIL), "the upstream saw the e-mail: {saw}");
@@ -181,12 +231,26 @@ async fn batch_requests_get_every_check() {
         (with(json!("a".repeat(2001)), json!(64)), 413),
         (with(json!("hi"), json!(100000)), 400),
         (with(json!("hi"), json!(100000.0)), 400),
-        (json!({ "model": "claude-opus-4-1", "max_tokens": 64, "messages": [] }), 403),
+        (
+            json!({ "model": "claude-opus-4-1", "max_tokens": 64, "messages": [] }),
+            403,
+        ),
     ] {
-        let r = send(&c, &h.url(), "POST", "/v1/messages/batches", SIDECAR, Some(batch(params))).await;
+        let r = send(
+            &c,
+            &h.url(),
+            "POST",
+            "/v1/messages/batches",
+            SIDECAR,
+            Some(batch(params)),
+        )
+        .await;
         assert_eq!(r.status, status, "{}", r.text());
     }
-    assert!(h.fake.received().is_empty(), "refused batches reached the upstream");
+    assert!(
+        h.fake.received().is_empty(),
+        "refused batches reached the upstream"
+    );
 }
 
 #[tokio::test]
@@ -207,7 +271,10 @@ async fn invented_model_names_do_not_grow_metric_labels() {
         .filter_map(|l| l.split("model=\"").nth(1))
         .filter_map(|rest| rest.split('"').next())
         .collect();
-    assert_eq!(models.into_iter().collect::<Vec<_>>(), ["claude-sonnet-4-*"]);
+    assert_eq!(
+        models.into_iter().collect::<Vec<_>>(),
+        ["claude-sonnet-4-*"]
+    );
 }
 
 #[tokio::test]
@@ -215,22 +282,37 @@ async fn headers_betas_and_mcp_servers() {
     let h = harness(issue_policy()).await;
     let body = message("hi", false).to_string();
     // Forwarding and cookie headers never leave.
-    let r = send_bytes(&h, "/v1/messages", &[
-        ("forwarded", "for=10.1.2.3"),
-        ("x-forwarded-for", "10.1.2.3"),
-        ("x-forwarded-host", "internal.corp"),
-        ("cookie", "session=s3cr3t"),
-        ("anthropic-beta", "prompt-caching-2024-07-31"),
-    ], &body).await;
+    let r = send_bytes(
+        &h,
+        "/v1/messages",
+        &[
+            ("forwarded", "for=10.1.2.3"),
+            ("x-forwarded-for", "10.1.2.3"),
+            ("x-forwarded-host", "internal.corp"),
+            ("cookie", "session=s3cr3t"),
+            ("anthropic-beta", "prompt-caching-2024-07-31"),
+        ],
+        &body,
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = &h.fake.received()[0];
     for dropped in ["forwarded", "x-forwarded-for", "x-forwarded-host", "cookie"] {
-        assert!(seen.header(dropped).is_none(), "{dropped} reached the upstream");
+        assert!(
+            seen.header(dropped).is_none(),
+            "{dropped} reached the upstream"
+        );
     }
-    assert_eq!(seen.header("anthropic-beta"), Some("prompt-caching-2024-07-31"));
+    assert_eq!(
+        seen.header("anthropic-beta"),
+        Some("prompt-caching-2024-07-31")
+    );
 
     h.fake.clear_received();
-    for beta in ["mcp-client-2025-04-04", "prompt-caching-2024-07-31,mcp-client-2025-04-04"] {
+    for beta in [
+        "mcp-client-2025-04-04",
+        "prompt-caching-2024-07-31,mcp-client-2025-04-04",
+    ] {
         let r = send_bytes(&h, "/v1/messages", &[("anthropic-beta", beta)], &body).await;
         assert_refused(&r, 403, "permission_error");
     }
@@ -238,16 +320,29 @@ async fn headers_betas_and_mcp_servers() {
     const TOKEN: &str = "mcp-token-DO-NOT-LOG-1234";
     let mcp = |url: &str| {
         let mut b = message("hi", false);
-        b["mcp_servers"] = json!([{ "type": "url", "url": url, "name": "kb", "authorization_token": TOKEN }]);
+        b["mcp_servers"] =
+            json!([{ "type": "url", "url": url, "name": "kb", "authorization_token": TOKEN }]);
         b.to_string()
     };
-    let r = send_bytes(&h, "/v1/messages", &[], &mcp("https://evil.example.com/sse")).await;
+    let r = send_bytes(
+        &h,
+        "/v1/messages",
+        &[],
+        &mcp("https://evil.example.com/sse"),
+    )
+    .await;
     assert_refused(&r, 403, "permission_error");
     assert!(!r.text().contains(TOKEN) && !r.text().contains("evil.example.com"));
-    assert!(h.fake.received().is_empty(), "refused requests reached the upstream");
+    assert!(
+        h.fake.received().is_empty(),
+        "refused requests reached the upstream"
+    );
     let r = send_bytes(&h, "/v1/messages", &[], &mcp("https://mcp.example.com/sse")).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert!(upstream_saw(&h).contains(TOKEN), "the allowed connector gets its token");
+    assert!(
+        upstream_saw(&h).contains(TOKEN),
+        "the allowed connector gets its token"
+    );
     let audit = h.wait_audit(5).await;
     let lines = h.audit.lock().unwrap().join("\n");
     assert!(!lines.contains(TOKEN) && audit.len() == 5, "{lines}");
@@ -256,25 +351,51 @@ async fn headers_betas_and_mcp_servers() {
 #[tokio::test]
 async fn unreadable_content_counts_and_is_refused_when_asked() {
     let mut policy = issue_policy();
-    let image = |bytes: usize| json!({
-        "model": "claude-sonnet-4-5-20250929",
-        "max_tokens": 64,
-        "messages": [{ "role": "user", "content": [
-            { "type": "image", "source": { "type": "base64", "media_type": "image/png", "data": "A".repeat(bytes) } },
-            { "type": "text", "text": "What is this?" }
-        ] }]
-    });
+    let image = |bytes: usize| {
+        json!({
+            "model": "claude-sonnet-4-5-20250929",
+            "max_tokens": 64,
+            "messages": [{ "role": "user", "content": [
+                { "type": "image", "source": { "type": "base64", "media_type": "image/png", "data": "A".repeat(bytes) } },
+                { "type": "text", "text": "What is this?" }
+            ] }]
+        })
+    };
     let h = harness(policy.clone()).await;
     let c = client();
-    let r = send(&c, &h.url(), "POST", "/v1/messages", SIDECAR, Some(image(100))).await;
+    let r = send(
+        &c,
+        &h.url(),
+        "POST",
+        "/v1/messages",
+        SIDECAR,
+        Some(image(100)),
+    )
+    .await;
     assert_eq!(r.status, 200, "readable default: {}", r.text());
-    let r = send(&c, &h.url(), "POST", "/v1/messages", SIDECAR, Some(image(3000))).await;
+    let r = send(
+        &c,
+        &h.url(),
+        "POST",
+        "/v1/messages",
+        SIDECAR,
+        Some(image(3000)),
+    )
+    .await;
     assert_refused(&r, 413, "request_too_large");
     drop(h);
 
     policy["dataProtection"]["refuseUnreadableContent"] = json!(true);
     let h = harness(policy).await;
-    let r = send(&c, &h.url(), "POST", "/v1/messages", SIDECAR, Some(image(100))).await;
+    let r = send(
+        &c,
+        &h.url(),
+        "POST",
+        "/v1/messages",
+        SIDECAR,
+        Some(image(100)),
+    )
+    .await;
     assert_refused(&r, 400, "invalid_request_error");
     let pdf = json!({ "model": "claude-sonnet-4-5-20250929", "max_tokens": 64, "messages": [{ "role": "user", "content": [
         { "type": "document", "source": { "type": "url", "url": "https://example.com/a.pdf" } }
@@ -282,7 +403,15 @@ async fn unreadable_content_counts_and_is_refused_when_asked() {
     let r = send(&c, &h.url(), "POST", "/v1/messages", SIDECAR, Some(pdf)).await;
     assert_refused(&r, 400, "invalid_request_error");
     assert!(h.fake.received().is_empty());
-    let r = send(&c, &h.url(), "POST", "/v1/messages", SIDECAR, Some(message("plain text", false))).await;
+    let r = send(
+        &c,
+        &h.url(),
+        "POST",
+        "/v1/messages",
+        SIDECAR,
+        Some(message("plain text", false)),
+    )
+    .await;
     assert_eq!(r.status, 200);
 }
 
@@ -291,17 +420,25 @@ async fn audit_user_hash_is_keyed_by_the_salt() {
     let salt = "11".repeat(32);
     let h = Harness::start(Mode::Sidecar, &[UPSTREAM_A], |dir| {
         let mut config: Value =
-            serde_json::from_str(&proxy_json("bot", &[(UPSTREAM_A, None)], &[], json!({}))).unwrap();
+            serde_json::from_str(&proxy_json("bot", &[(UPSTREAM_A, None)], &[], json!({})))
+                .unwrap();
         config["auditSalt"] = json!(salt);
         kubelet_write(dir, &config.to_string());
     })
     .await;
-    let r = send(&client(), &h.url(), "POST", "/v1/messages", SIDECAR, Some(message("hi", false))).await;
+    let r = send(
+        &client(),
+        &h.url(),
+        "POST",
+        "/v1/messages",
+        SIDECAR,
+        Some(message("hi", false)),
+    )
+    .await;
     assert_eq!(r.status, 200);
     let audit = h.wait_audit(1).await;
-    let expected = hex::encode(
-        &claudekey::proxy::audit::hmac_sha256(&[0x11; 32], b"end-user-42")[..16],
-    );
+    let expected =
+        hex::encode(&claudekey::proxy::audit::hmac_sha256(&[0x11; 32], b"end-user-42")[..16]);
     assert_eq!(audit[0]["userHash"], expected);
     // Not the plain SHA-256 a dictionary of user ids would find.
     let plain = claudekey::keys::sha256_hex("end-user-42");
