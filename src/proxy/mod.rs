@@ -178,10 +178,11 @@ impl Proxy {
         let mut connections = JoinSet::new();
         tokio::pin!(shutdown);
         loop {
+            // Finished connections leave the set, so it holds only open ones.
+            while connections.try_join_next().is_some() {}
             // A free slot first: past the cap, connections wait in the kernel's backlog.
             let slot = tokio::select! {
                 () = &mut shutdown => break,
-                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
                 slot = slots.clone().acquire_owned() => match slot {
                     Ok(slot) => slot,
                     Err(_) => break,
