@@ -173,7 +173,6 @@ impl Proxy {
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         let graceful = GracefulShutdown::new();
-        let builder = self.limits.builder();
         let slots = self.limits.slots();
         let mut connections = JoinSet::new();
         tokio::pin!(shutdown);
@@ -202,11 +201,9 @@ impl Proxy {
             let _ = stream.set_nodelay(true);
             let shared = self.shared.clone();
             let service = service_fn(move |req| pipeline::handle(shared.clone(), req));
-            let (limits, builder, watcher) =
-                (self.limits.clone(), builder.clone(), graceful.watcher());
+            let (limits, watcher) = (self.limits.clone(), graceful.watcher());
             connections.spawn(async move {
-                server_limits::serve_connection(&limits, &builder, watcher, stream, service, slot)
-                    .await;
+                server_limits::serve_connection(&limits, watcher, stream, service, slot).await;
             });
         }
         drop(listener);

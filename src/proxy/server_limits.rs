@@ -8,7 +8,7 @@ use std::{
     io,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
@@ -19,12 +19,13 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::{body::Incoming, service::Service};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    rt::{TokioIo, TokioTimer},
     server::{conn::auto, graceful::Watcher},
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     sync::{OwnedSemaphorePermit, Semaphore},
+    task::JoinSet,
 };
 
 use super::body::ProxyBody;
@@ -55,9 +56,10 @@ impl Default for ServerLimits {
 }
 
 impl ServerLimits {
-    /// The HTTP/1 and HTTP/2 connection builder with the timers the limits need.
-    pub fn builder(&self) -> auto::Builder<TokioExecutor> {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
+    /// The HTTP/1 and HTTP/2 connection builder of one connection, with the timers the limits
+    /// need.
+    fn builder(&self, executor: StreamTasks) -> auto::Builder<StreamTasks> {
+        let mut builder = auto::Builder::new(executor);
         builder
             .http1()
             .timer(TokioTimer::new())
@@ -69,6 +71,22 @@ impl ServerLimits {
     /// One permit per open connection.
     pub fn slots(&self) -> Arc<Semaphore> {
         Arc::new(Semaphore::new(self.max_connections.max(1)))
+    }
+}
+
+/// Runs one connection's HTTP/2 streams as tasks it owns: when the connection ends (or is cut at
+/// shutdown) its streams' requests end with it, and each still writes its audit line.
+#[derive(Clone, Default)]
+struct StreamTasks(Arc<Mutex<JoinSet<()>>>);
+
+impl<F> hyper::rt::Executor<F> for StreamTasks
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, future: F) {
+        let mut tasks = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(future);
     }
 }
 
@@ -112,7 +130,6 @@ impl Drop for InFlight {
 /// the connection's life.
 pub async fn serve_connection<IO, S>(
     limits: &ServerLimits,
-    builder: &auto::Builder<TokioExecutor>,
     graceful: Watcher,
     io: IO,
     service: S,
@@ -151,6 +168,8 @@ pub async fn serve_connection<IO, S>(
             }))
         }
     });
+    let streams = StreamTasks::default();
+    let builder = limits.builder(streams.clone());
     let connection = graceful.watch(builder.serve_connection(io, service).into_owned());
     tokio::pin!(connection);
     loop {
@@ -160,18 +179,21 @@ pub async fn serve_connection<IO, S>(
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
-                return;
+                break;
             }
             () = tokio::time::sleep_until(deadline.into()) => {
                 let idle = activity.in_flight.load(Ordering::Relaxed) == 0
                     && activity.last_io().elapsed() >= limits.idle_timeout;
                 if idle {
                     tracing::debug!("closing an idle connection");
-                    return;
+                    break;
                 }
             }
         }
     }
+    // HTTP/2 streams still running lost their connection: end them now (each audits itself).
+    let tasks = std::mem::take(&mut *streams.0.lock().unwrap_or_else(|p| p.into_inner()));
+    drop(tasks);
 }
 
 /// An IO stream that notes when bytes last moved.

@@ -102,6 +102,15 @@ async fn a_body_that_never_arrives_times_out_with_one_audit_line() {
 
 #[tokio::test]
 async fn shutdown_cuts_open_streams_and_audits_each_once() {
+    shutdown_cuts_an_open_stream(false).await;
+}
+
+#[tokio::test]
+async fn shutdown_cuts_open_http2_streams_and_audits_each_once() {
+    shutdown_cuts_an_open_stream(true).await;
+}
+
+async fn shutdown_cuts_an_open_stream(http2: bool) {
     let mut h = harness(|s| s.shutdown_grace = Duration::from_millis(300)).await;
     h.fake.set_reply(FakeReply::Text("word ".repeat(400)));
     h.fake.set_chunk_chars(5);
@@ -112,8 +121,13 @@ async fn shutdown_cuts_open_streams_and_audits_each_once() {
             message("hi", true).to_string(),
         )))
         .unwrap();
-    let response = client().request(request).await.unwrap();
+    let client: HttpClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(http2)
+            .build_http();
+    let response = client.request(request).await.unwrap();
     assert_eq!(response.status(), 200);
+    assert_eq!(response.version() == http::Version::HTTP_2, http2);
     let mut body = response.into_body();
     let _ = http_body_util::BodyExt::frame(&mut body).await;
     let started = Instant::now();
