@@ -44,6 +44,9 @@ pub struct Shared {
 /// records what it decided.
 type Step = fn(&Tenant, &mut Exchange) -> Result<(), ApiError>;
 
+/// The steps of every request, before its body is read.
+const REQUEST_STEPS: &[Step] = &[check_endpoint, check_betas];
+
 /// The steps of a Messages-style body (messages, count_tokens, batch create), in order.
 const BODY_STEPS: &[Step] = &[
     parse,
@@ -89,8 +92,9 @@ async fn to_upstream(
     ex.audit.claude_key = tenant.label.clone();
     ex.audit.namespace = tenant.id.namespace.clone();
     ex.tenant = Some(tenant.clone());
-    tenant.scope.check_endpoint(route)?;
-    tenant.scope.check_betas(&ex.headers)?;
+    for step in REQUEST_STEPS {
+        step(&tenant, ex)?;
+    }
 
     let replayable = route.has_message_body()
         || matches!(ex.method, Method::GET | Method::HEAD | Method::DELETE);
@@ -167,6 +171,17 @@ fn resolve_tenant(shared: &Shared, headers: &HeaderMap) -> Result<Arc<Tenant>, A
             Ok(tenant.clone())
         }
     }
+}
+
+fn check_endpoint(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
+    match ex.route {
+        Some(route) => tenant.scope.check_endpoint(route),
+        None => Err(ApiError::NotFound("no route".into())),
+    }
+}
+
+fn check_betas(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
+    tenant.scope.check_betas(&ex.headers)
 }
 
 fn is_batch(ex: &Exchange) -> bool {
@@ -457,43 +472,5 @@ fn read_message(tenant: &Tenant, bytes: Bytes) -> (Bytes, Usage, Counts) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{proxy::limits::Limiters, proxyconf::ProxyConfig};
-    use serde_json::json;
-
-    fn tenant() -> Tenant {
-        let config: ProxyConfig = serde_json::from_value(json!({
-            "claudeKey": { "namespace": "ns", "name": "a" },
-            "upstream": [{ "key": "sk-ant-api03-u", "fingerprint": "up:x", "validUntil": null }],
-            "workloadKeys": [],
-            "policy": { "dataProtection": { "redact": ["email"], "redactResponses": true } }
-        }))
-        .unwrap();
-        Tenant::compile(&config, &Limiters::default()).unwrap()
-    }
-
-    #[test]
-    fn complete_responses_redact_text_citations_and_tool_input_but_not_thinking() {
-        let message = json!({
-            "type": "message",
-            "content": [
-                { "type": "thinking", "thinking": "a@b.io", "signature": "sig" },
-                { "type": "text", "text": "mail a@b.io", "citations": [{ "type": "char_location", "cited_text": "a@b.io wrote" }] },
-                { "type": "tool_use", "id": "t", "name": "send", "input": { "to": "a@b.io" } }
-            ],
-            "usage": { "input_tokens": 3, "output_tokens": 4 }
-        });
-        let (bytes, usage, counts) = read_message(&tenant(), Bytes::from(message.to_string()));
-        let out: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(out["content"][0]["thinking"], "a@b.io");
-        assert_eq!(out["content"][1]["text"], "mail [REDACTED:email]");
-        assert_eq!(
-            out["content"][1]["citations"][0]["cited_text"],
-            "[REDACTED:email] wrote"
-        );
-        assert_eq!(out["content"][2]["input"]["to"], "[REDACTED:email]");
-        assert_eq!(counts.total(), 3);
-        assert_eq!((usage.input, usage.output), (3, 4));
-    }
-}
+#[path = "pipeline_tests.rs"]
+mod tests;
