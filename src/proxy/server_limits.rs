@@ -8,7 +8,7 @@ use std::{
     io,
     pin::Pin,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
@@ -19,13 +19,12 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::{body::Incoming, service::Service};
 use hyper_util::{
-    rt::{TokioIo, TokioTimer},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::Watcher},
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     sync::{OwnedSemaphorePermit, Semaphore},
-    task::JoinSet,
 };
 
 use super::body::ProxyBody;
@@ -58,8 +57,10 @@ impl Default for ServerLimits {
 impl ServerLimits {
     /// The HTTP/1 and HTTP/2 connection builder of one connection, with the timers the limits
     /// need.
-    fn builder(&self, executor: StreamTasks) -> auto::Builder<StreamTasks> {
-        let mut builder = auto::Builder::new(executor);
+    fn builder(&self) -> auto::Builder<TokioExecutor> {
+        // HTTP/2 streams run as tasks of their own; hyper ends each (dropping its exchange, which
+        // audits it) when its connection goes away.
+        let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
@@ -71,22 +72,6 @@ impl ServerLimits {
     /// One permit per open connection.
     pub fn slots(&self) -> Arc<Semaphore> {
         Arc::new(Semaphore::new(self.max_connections.max(1)))
-    }
-}
-
-/// Runs one connection's HTTP/2 streams as tasks it owns: when the connection ends (or is cut at
-/// shutdown) its streams' requests end with it, and each still writes its audit line.
-#[derive(Clone, Default)]
-struct StreamTasks(Arc<Mutex<JoinSet<()>>>);
-
-impl<F> hyper::rt::Executor<F> for StreamTasks
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    fn execute(&self, future: F) {
-        let mut tasks = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        while tasks.try_join_next().is_some() {}
-        tasks.spawn(future);
     }
 }
 
@@ -168,8 +153,7 @@ pub async fn serve_connection<IO, S>(
             }))
         }
     });
-    let streams = StreamTasks::default();
-    let builder = limits.builder(streams.clone());
+    let builder = limits.builder();
     let connection = graceful.watch(builder.serve_connection(io, service).into_owned());
     tokio::pin!(connection);
     loop {
@@ -191,9 +175,6 @@ pub async fn serve_connection<IO, S>(
             }
         }
     }
-    // HTTP/2 streams still running lost their connection: end them now (each audits itself).
-    let tasks = std::mem::take(&mut *streams.0.lock().unwrap_or_else(|p| p.into_inner()));
-    drop(tasks);
 }
 
 /// An IO stream that notes when bytes last moved.

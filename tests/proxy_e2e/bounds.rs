@@ -298,3 +298,32 @@ async fn a_40_mib_body_is_refused_before_it_is_buffered() {
     let audit = h.wait_audit(2).await;
     assert!(audit.iter().all(|l| l["status"] == 413));
 }
+
+#[tokio::test]
+async fn shutdown_cuts_requests_waiting_for_the_upstream() {
+    for http2 in [false, true] {
+        let mut h = harness(|s| s.shutdown_grace = Duration::from_millis(300)).await;
+        h.fake.set_response_delay(Duration::from_secs(5));
+        let client: HttpClient =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(http2)
+                .build_http();
+        let url = h.url();
+        let pending = tokio::spawn(async move {
+            let request = http::Request::post(format!("{url}/v1/messages"))
+                .header("anthropic-version", "2023-06-01")
+                .body(http_body_util::Full::new(bytes::Bytes::from(
+                    message("hi", false).to_string(),
+                )))
+                .unwrap();
+            let _ = client.request(request).await;
+        });
+        eventually(|| !h.fake.received().is_empty()).await;
+        h.shutdown().await;
+        // Written before the proxy returned, not when the upstream answers seconds later.
+        let audit = h.audit_lines();
+        assert_eq!(audit.len(), 1, "http2={http2}: {audit:?}");
+        assert_eq!(audit[0]["outcome"], "shutdown", "http2={http2}");
+        pending.abort();
+    }
+}
