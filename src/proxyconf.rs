@@ -19,11 +19,11 @@ pub struct ProxyConfig {
     pub upstream: Vec<UpstreamEntry>,
     /// Accepted workload keys by SHA-256, current first.
     pub workload_keys: Vec<WorkloadKeyEntry>,
-    /// Key of the HMAC that hashes end-user ids in the audit log (64 hex digits), stable per
-    /// ClaudeKey, so a user id cannot be recovered from a dictionary. Absent in older files.
+    pub policy: Policy,
+    /// 64 hex digits: the HMAC key of the audit line's user hash, stable per ClaudeKey so hashes
+    /// correlate across pods and restarts. Absent: a random salt per proxy process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_salt: Option<String>,
-    pub policy: Policy,
 }
 
 /// Identity of the ClaudeKey a config belongs to; limits are keyed by it, so rotation never

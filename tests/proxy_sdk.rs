@@ -108,3 +108,112 @@ async fn official_python_sdk_through_the_proxy() {
             .any(|l| l["status"] == 429 && l["claudeKey"] == "team-a/limited")
     );
 }
+
+/// Issue 16 through the official SDK: what the SDK can express of each bullet (a document block,
+/// a float or string `max_tokens`, a batch, invented model names, a client that gives up), with
+/// the upstream's view, the audit log and /metrics checked here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_python_sdk_meets_the_policy_on_every_part_of_a_request() {
+    let python = std::env::var("CLAUDEKEY_TEST_PYTHON").expect(
+        "CLAUDEKEY_TEST_PYTHON is not set: run hack/tools.sh and source the control plane's env file",
+    );
+    let policy = json!({
+        "scope": {
+            "models": ["claude-sonnet-4-*"],
+            "endpoints": ["messages", "countTokens", "models", "batches"],
+            "maxInputChars": 2000,
+            "maxTokens": 1024
+        },
+        "dataProtection": { "redact": ["email"], "promptInjection": "block" }
+    });
+    let h = Harness::start(Mode::Sidecar, &[UPSTREAM_A], |dir| {
+        kubelet_write(dir, &proxy_json("bot", &[(UPSTREAM_A, None)], &[], policy));
+    })
+    .await;
+    let run = |checks: &'static [&'static str]| {
+        let (python, url) = (python.clone(), h.url());
+        async move {
+            let output = tokio::process::Command::new(&python)
+                .arg("tests/sdk/policy_check.py")
+                .args(checks)
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .env("ANTHROPIC_BASE_URL", url)
+                .env("ANTHROPIC_API_KEY", "claudekey-sidecar")
+                .env_remove("ANTHROPIC_AUTH_TOKEN")
+                .env("NO_PROXY", "127.0.0.1,localhost")
+                .env_remove("HTTP_PROXY")
+                .env_remove("HTTPS_PROXY")
+                .env_remove("ALL_PROXY")
+                .output()
+                .await
+                .unwrap_or_else(|e| panic!("failed to run {python}: {e}"));
+            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                output.status.success(),
+                "SDK checks failed:\n{stdout}\n{stderr}"
+            );
+            for check in checks {
+                assert!(
+                    stdout.contains(&format!("ok {check}")),
+                    "{check} did not run:\n{stdout}"
+                );
+            }
+        }
+    };
+    run(&["document", "max_tokens", "batch", "models"]).await;
+
+    let seen: Vec<String> = h
+        .fake
+        .received()
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect();
+    let all = seen.join("\n");
+    assert!(
+        !all.contains("jane.doe@example.com"),
+        "the upstream saw the e-mail"
+    );
+    assert!(
+        !all.contains("Ignore all previous instructions"),
+        "the upstream saw the injection"
+    );
+    assert!(
+        !all.contains("aaaaaaaaaa"),
+        "the upstream saw the 5,000-character document"
+    );
+    assert!(
+        !all.contains("100000"),
+        "the upstream saw max_tokens 100000"
+    );
+    assert_eq!(
+        seen.iter()
+            .filter(|b| b.contains("[REDACTED:email]"))
+            .count(),
+        2,
+        "the document and the batch, redacted"
+    );
+    let metrics = h.proxy.metrics.encode();
+    let models: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter_map(|l| l.split("model=\"").nth(1))
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    // The allowlist entry, and `none` for the requests refused before their model was read.
+    assert_eq!(
+        models.into_iter().collect::<Vec<_>>(),
+        ["claude-sonnet-4-*", "none"],
+        "model labels"
+    );
+
+    // A client that gives up before the answer: one audit line, outcome client_closed.
+    let before = h.audit_lines().len();
+    h.fake.set_response_delay(std::time::Duration::from_secs(2));
+    run(&["abandon"]).await;
+    let audit = h.wait_audit(before + 1).await;
+    assert_eq!(audit.len(), before + 1);
+    assert_eq!(audit[before]["outcome"], "client_closed");
+    assert_eq!(audit[before]["status"], 499);
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(h.audit_lines().len(), before + 1, "one line per request");
+}

@@ -23,6 +23,7 @@ const COMPLETION_MARKER: &str = "tangerine-completion-9912";
 const EMAIL: &str = "secret.person@example.org";
 const USER_ID: &str = "end-user-42";
 const WRONG_KEY: &str = "ck_live_guessedGUESSEDguessedGUESSEDguessed12";
+const MCP_TOKEN: &str = "mcp-bearer-orchid-5521";
 const STALE_UPSTREAM: &str = "sk-ant-api03-staleSTALEstaleSTALEstaleSTALEstaleSTALEstale-s9SS";
 
 #[derive(Clone)]
@@ -51,6 +52,7 @@ async fn no_prompt_completion_or_key_in_audit_logs_or_metrics() {
     let policy = json!({
         "dataProtection": { "redact": ["email"], "redactResponses": false, "promptInjection": "flag" },
         "limits": { "perUserRequestsPerHour": 5 },
+        "scope": { "mcpServers": ["https://mcp.example.com/sse"] },
     });
     let h = Harness::start(Mode::Gateway, &[UPSTREAM_A], |dir| {
         // UPSTREAM_B is current but unknown upstream: every request goes through the 401 fallback.
@@ -90,6 +92,26 @@ async fn no_prompt_completion_or_key_in_audit_logs_or_metrics() {
         assert_eq!(r.status, 200, "{}", r.text());
         let text = if stream { r.sse_text() } else { r.text() };
         assert!(text.contains(COMPLETION_MARKER), "{text}");
+        requests += 1;
+    }
+    // The MCP connector's token: forwarded when the server is allowed, never logged either way.
+    for (server, status) in [
+        ("https://mcp.example.com/sse", 200),
+        ("https://other.example.com/sse", 403),
+    ] {
+        let mut body = message(&prompt, false);
+        body["mcp_servers"] = json!([{ "type": "url", "url": server, "name": "kb", "authorization_token": MCP_TOKEN }]);
+        let r = send(
+            &c,
+            &url,
+            "POST",
+            "/v1/messages",
+            Some(WORKLOAD_A),
+            Some(body),
+        )
+        .await;
+        assert_eq!(r.status, status, "{}", r.text());
+        assert!(!r.text().contains(MCP_TOKEN));
         requests += 1;
     }
     for path in [
@@ -200,6 +222,7 @@ async fn no_prompt_completion_or_key_in_audit_logs_or_metrics() {
             COMPLETION_MARKER,
             EMAIL,
             USER_ID,
+            MCP_TOKEN,
         ] {
             assert!(
                 !text.contains(secret),

@@ -192,10 +192,26 @@ pub struct ScopeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_tokens: Option<u32>,
-    /// Requests whose system and message text together exceed this many characters are refused.
+    /// Requests whose text (system, messages, documents, tool inputs and results, in every
+    /// request of a batch) together exceeds this many characters are refused (413). Content the
+    /// proxy cannot read (base64 images and PDFs) counts by its encoded size in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_input_chars: Option<u64>,
+    /// Allowed values of the anthropic-beta request header, e.g. prompt-caching-2024-07-31.
+    /// Unset passes every beta; set, a request naming any other beta is refused (403), and an
+    /// empty list allows none. Betas change what a request may do (new tools, connectors), so a
+    /// team that pins its scope pins them too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(inner(regex(pattern = r"^[A-Za-z0-9._-]+$"), length(min = 1, max = 128)))]
+    pub betas: Option<Vec<String>>,
+    /// URLs of remote MCP servers a request may name in mcp_servers (the MCP connector), compared
+    /// exactly, e.g. https://mcp.example.com/sse. Empty (the default) refuses every request that
+    /// uses the connector: the model would send conversation data to a server the proxy cannot
+    /// see, past redaction.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1, max = 2048)))]
+    pub mcp_servers: Vec<String>,
 }
 
 /// An Anthropic API endpoint family the proxy can forward.
@@ -264,6 +280,12 @@ pub struct DataProtectionSpec {
     /// Prompt-injection screening: off, flag (mark in audit and metrics) or block (refuse the request).
     #[serde(default)]
     pub prompt_injection: PromptInjectionMode,
+    /// Refuse (400) requests carrying content the proxy cannot read, and so cannot redact or
+    /// screen: images, PDFs and other documents sent as base64, URL or file references. Default
+    /// false forwards such content unread (its size still counts toward scope.maxInputChars).
+    /// Set it when redaction must cover everything that leaves the pod.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refuse_unreadable_content: bool,
 }
 
 /// A built-in PII detector.
@@ -332,6 +354,8 @@ impl Default for ScopeSpec {
             endpoints: default_endpoints(),
             max_tokens: None,
             max_input_chars: None,
+            betas: None,
+            mcp_servers: Vec::new(),
         }
     }
 }

@@ -309,6 +309,42 @@ pub(super) async fn count_tokens(
     }
 }
 
+/// `POST /v1/messages/batches`: accepts the batch (its requests are never run) and answers with
+/// the batch object the SDKs parse.
+pub(super) async fn create_batch(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = authenticate(&shared, &headers) {
+        return *r;
+    }
+    let Some(count) = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|b| b.get("requests").and_then(Value::as_array).map(Vec::len))
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "requests: Field required",
+        );
+    };
+    let id = shared.next_id();
+    axum::Json(json!({
+        "id": format!("msgbatch_fake{id}"),
+        "type": "message_batch",
+        "processing_status": "in_progress",
+        "request_counts": { "processing": count, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0 },
+        "created_at": "2026-12-01T00:00:00Z",
+        "expires_at": "2026-12-02T00:00:00Z",
+        "ended_at": null,
+        "cancel_initiated_at": null,
+        "archived_at": null,
+        "results_url": null,
+    }))
+    .into_response()
+}
+
 fn model_json(id: &str, name: &str) -> Value {
     json!({ "type": "model", "id": id, "display_name": name, "created_at": "2025-09-29T00:00:00Z" })
 }

@@ -86,6 +86,8 @@ struct Behavior {
     stream_error: Option<(usize, String)>,
     /// Keep every request for [`FakeUpstream::received`]; off for long benchmark runs.
     recording: bool,
+    /// Wait this long before answering any request (after recording it).
+    response_delay: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -151,6 +153,7 @@ impl FakeUpstream {
                 fail_next: None,
                 stream_error: None,
                 recording: true,
+                response_delay: Duration::ZERO,
             }),
         });
         let app = router(shared.clone());
@@ -234,6 +237,12 @@ impl FakeUpstream {
         self.shared.behavior().fail_next = Some((count, status, kind.to_string()));
     }
 
+    /// Every request is recorded at once and answered only after `delay` (for tests of
+    /// clients that give up waiting).
+    pub fn set_response_delay(&self, delay: Duration) {
+        self.shared.behavior().response_delay = delay;
+    }
+
     /// Whether requests are kept for [`FakeUpstream::received`] (on by default).
     pub fn set_recording(&self, on: bool) {
         self.shared.behavior().recording = on;
@@ -259,6 +268,7 @@ fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/messages", post(messages::create))
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
+        .route("/v1/messages/batches", post(messages::create_batch))
         .route("/v1/models", get(messages::list_models))
         .route("/v1/models/{id}", get(messages::get_model))
         .route("/v1/organizations/api_keys", get(admin::list))
@@ -309,6 +319,10 @@ async fn record(State(shared): State<Arc<Shared>>, request: Request, next: Next)
             .collect(),
         body: bytes.clone(),
     });
+    let delay = shared.behavior().response_delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
         .await
 }

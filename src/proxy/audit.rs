@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::sync::mpsc;
 
-use super::metrics::Usage;
+use super::usage::Usage;
 
 #[derive(Serialize, Debug, Clone, Default)]
 #[serde(rename_all = "camelCase")]
@@ -34,7 +34,11 @@ pub struct AuditRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     pub stream: bool,
+    /// The proxy's status, or 499 when the client went away before any response.
     pub status: u16,
+    /// How the request ended: completed, refused, upstream_error, client_closed, timeout or
+    /// shutdown. Every request gets exactly one line, whichever.
+    pub outcome: &'static str,
     /// The Anthropic-style error type, when the proxy refused the request or a stream ended in
     /// an `error` event.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -44,7 +48,9 @@ pub struct AuditRecord {
     pub cache_creation_input_tokens: u64,
     pub cache_read_input_tokens: u64,
     pub latency_ms: f64,
-    /// SHA-256 (hex, first 16 digits) of `metadata.user_id`: enough to correlate, not to recover.
+    /// HMAC-SHA256 of `metadata.user_id` keyed by the ClaudeKey's audit salt (32 hex digits):
+    /// enough to correlate one user's requests, and not reversible from a list of likely ids
+    /// without the salt.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_hash: Option<String>,
     pub redactions: BTreeMap<String, u32>,
@@ -62,8 +68,39 @@ impl AuditRecord {
     }
 }
 
-pub fn hash_user(user_id: &str) -> String {
-    crate::keys::sha256_hex(user_id)[..16].to_string()
+/// The audit's user hash: HMAC-SHA256(salt, user id), first 128 bits in hex.
+pub fn hash_user(salt: &[u8; 32], user_id: &str) -> String {
+    hex::encode(&hmac_sha256(salt, user_id.as_bytes())[..16])
+}
+
+/// HMAC-SHA256 (RFC 2104) over the `sha2` the crate already uses; the `hmac` crate in the lock
+/// file belongs to a newer `digest` generation than ours.
+pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    const BLOCK: usize = 64;
+    let mut block = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| block.map(|b| b ^ byte);
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(message)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
+/// The salt of ClaudeKeys whose `proxy.json` has no `auditSalt`: random per process, so hashes
+/// still correlate within one proxy's lifetime and never match a precomputed table.
+pub fn process_salt() -> [u8; 32] {
+    static SALT: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    *SALT.get_or_init(rand::random)
 }
 
 /// Where audit lines go.
@@ -195,14 +232,40 @@ mod tests {
             ..Default::default()
         };
         record.redactions.insert("email".into(), 2);
-        record.user_hash = Some(hash_user("user-1"));
+        record.user_hash = Some(hash_user(&[7; 32], "user-1"));
         sink.write(&record);
         let line = lines.lock().unwrap()[0].clone();
         let json: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(json["claudeKey"], "ns/a");
         assert_eq!(json["redactions"]["email"], 2);
-        assert_eq!(json["userHash"].as_str().unwrap().len(), 16);
+        assert_eq!(json["userHash"].as_str().unwrap().len(), 32);
         assert!(!line.contains("user-1"));
+    }
+
+    #[test]
+    fn hmac_matches_rfc_4231() {
+        // Test case 2 of RFC 4231.
+        assert_eq!(
+            hex::encode(hmac_sha256(b"Jefe", b"what do ya want for nothing?")),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        // Test case 6: a key longer than the block is hashed first.
+        assert_eq!(
+            hex::encode(hmac_sha256(
+                &[0xaa; 131],
+                b"Test Using Larger Than Block-Size Key - Hash Key First"
+            )),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+    }
+
+    #[test]
+    fn user_hash_depends_on_the_salt() {
+        let a = hash_user(&[1; 32], "jane@example.com");
+        assert_eq!(a, hash_user(&[1; 32], "jane@example.com"));
+        assert_ne!(a, hash_user(&[2; 32], "jane@example.com"));
+        // Not the unsalted SHA-256 an attacker could precompute.
+        assert!(!crate::keys::sha256_hex("jane@example.com").starts_with(&a));
     }
 
     #[test]

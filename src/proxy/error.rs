@@ -30,6 +30,9 @@ pub enum ApiError {
         retry_after: Duration,
         retryable: bool,
     },
+    /// The client did not send its request in time.
+    #[error("{0}")]
+    Timeout(String),
     #[error("{0}")]
     BadGateway(String),
     #[error("{0}")]
@@ -47,6 +50,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -63,7 +67,7 @@ impl ApiError {
             Self::TooLarge(_) => "request_too_large",
             Self::RateLimited { .. } => "rate_limit_error",
             Self::BadGateway(_) | Self::Unavailable(_) => "api_error",
-            Self::GatewayTimeout(_) => "timeout_error",
+            Self::GatewayTimeout(_) | Self::Timeout(_) => "timeout_error",
         }
     }
 

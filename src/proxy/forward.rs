@@ -46,6 +46,11 @@ const DROPPED: &[&str] = &[
     "authorization",
     // The proxy reads response bodies (usage, redaction), so they must come uncompressed.
     "accept-encoding",
+    // Who the client is and what its browser holds are not the upstream's business: a pod's
+    // addresses and a session cookie would leave the cluster with every request.
+    "forwarded",
+    "x-real-ip",
+    "cookie",
 ];
 
 pub struct Upstream {
@@ -138,7 +143,7 @@ impl Upstream {
 }
 
 fn is_dropped(name: &HeaderName) -> bool {
-    DROPPED.contains(&name.as_str())
+    DROPPED.contains(&name.as_str()) || name.as_str().starts_with("x-forwarded-")
 }
 
 /// Response headers to copy to the client: all but hop-by-hop ones, and `content-length` when
@@ -179,6 +184,11 @@ mod tests {
             ("connection", "keep-alive"),
             ("content-type", "application/json"),
             ("host", "localhost"),
+            ("forwarded", "for=10.0.0.7"),
+            ("x-forwarded-for", "10.0.0.7"),
+            ("x-forwarded-host", "internal.example"),
+            ("x-real-ip", "10.0.0.7"),
+            ("cookie", "session=s3cr3t"),
         ] {
             headers.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
@@ -204,6 +214,15 @@ mod tests {
                 && h.get("host").is_none()
         );
         assert_eq!(h.get_all("x-api-key").iter().count(), 1);
+        for dropped in [
+            "forwarded",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "x-real-ip",
+            "cookie",
+        ] {
+            assert!(h.get(dropped).is_none(), "{dropped}");
+        }
     }
 
     #[test]

@@ -2,15 +2,9 @@
 //! HTTPS listener of the gateway (the shared reloading certificate of `crate::tls`), the
 //! config-Secret source, and forward mode's own entry point.
 
-use std::{error::Error as StdError, path::Path, sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::{conn::auto, graceful::GracefulShutdown},
-};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
@@ -33,43 +27,21 @@ pub(super) fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(config))
 }
 
-/// One HTTPS connection: handshake (bounded), then HTTP/1.1 or HTTP/2 as negotiated, watched by
-/// `graceful` so shutdown waits for it like for a plain connection.
-pub(super) fn connection<S, B>(
+/// The TLS handshake of one connection, bounded in time; `None` when it fails (logged at debug:
+/// scanners and health checks of load balancers do that all day).
+pub(super) async fn handshake(
     acceptor: &TlsAcceptor,
     stream: TcpStream,
-    builder: &auto::Builder<TokioExecutor>,
-    graceful: &GracefulShutdown,
-    service: S,
-) -> impl Future<Output = ()> + Send + 'static
-where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn StdError + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
-{
-    let acceptor = acceptor.clone();
-    let builder = builder.clone();
-    let watcher = graceful.watcher();
-    async move {
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!("TLS handshake timed out");
-                return;
-            }
-        };
-        let connection = builder
-            .serve_connection(TokioIo::new(tls), service)
-            .into_owned();
-        if let Err(e) = watcher.watch(connection).await {
-            tracing::debug!(error = %e, "connection ended with an error");
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            None
         }
     }
 }
@@ -123,7 +95,7 @@ pub(super) async fn run_forwarder(args: Args) -> anyhow::Result<()> {
                 let _ = stop_rx.wait_for(|stop| *stop).await;
             };
             let metrics = Arc::new(metrics::Metrics::default());
-            if let Err(e) = metrics::serve_admin(admin, metrics, ready, stop).await {
+            if let Err(e) = super::admin::serve_admin(admin, metrics, ready, stop).await {
                 tracing::error!(error = %e, "admin listener failed");
             }
         });

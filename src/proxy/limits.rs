@@ -14,8 +14,13 @@ use super::error::ApiError;
 use crate::{crd::LimitsSpec, proxyconf::ClaudeKeyRef};
 
 const MINUTE: Duration = Duration::from_secs(60);
-/// Past this many tracked end users, idle ones are dropped so memory stays bounded.
-const MAX_IDLE_USERS: usize = 10_000;
+/// Most end users tracked per ClaudeKey. Past it, idle users are dropped first; if all are
+/// active, new users share one overflow window (counted, and shown by a metric), so a flood of
+/// invented user ids neither grows memory nor resets anyone else's window.
+pub const MAX_USERS: usize = 10_000;
+/// End users are tracked by a fixed-size digest of their id, whatever its length.
+type UserKey = [u8; 16];
+const OVERFLOW_USER: UserKey = [0xff; 16];
 
 /// Which limit refused a request; a bounded metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +72,10 @@ struct State {
     tat: Option<Instant>,
     /// Token bucket: level at `tokens_at`; may go below zero when usage exceeded a reservation.
     tokens: Option<(f64, Instant)>,
-    users: HashMap<String, HourWindow>,
+    users: HashMap<UserKey, HourWindow>,
+    /// When idle users were last dropped: at most once a minute, so a full table costs one
+    /// sweep a minute, not one per request.
+    swept: Option<Instant>,
 }
 
 /// Tokens held for one request until its real usage is known.
@@ -75,9 +83,16 @@ struct State {
 pub struct Reservation {
     limiter: Arc<KeyLimiter>,
     tokens: u64,
+    /// Some end user of this request was counted in the shared overflow window.
+    pub user_overflow: bool,
 }
 
 impl Reservation {
+    /// The tokens held.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
     /// Returns the unused part of the reservation, or charges what usage exceeded it.
     pub fn settle(self, used: u64) {
         if self.tokens == 0 && used == 0 {
@@ -95,12 +110,13 @@ impl KeyLimiter {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Admits a request or says which limit refuses it and when to retry. Nothing is counted
-    /// unless every limit admits the request, so a refusal never uses up another limit.
+    /// Admits a request (one request per entry of `users`, for a batch) or says which limit
+    /// refuses it and when to retry. Nothing is counted unless every limit admits the request,
+    /// so a refusal never uses up another limit.
     pub fn admit(
         self: &Arc<Self>,
         spec: &LimitsSpec,
-        user: Option<&str>,
+        users: &[&str],
         reserve_tokens: u64,
     ) -> Result<Reservation, Refusal> {
         let now = Instant::now();
@@ -115,21 +131,37 @@ impl KeyLimiter {
             }
             _ => None,
         };
-        if let (Some(per_hour), Some(user)) = (spec.per_user_requests_per_hour, user) {
-            let window = state
-                .users
-                .entry(user.to_owned())
-                .or_insert_with(|| HourWindow::new(now));
-            if let Err(retry_after) = window.admit(per_hour, now) {
-                return Err(refuse(
-                    Limit::User,
-                    "this end user's requests per hour",
-                    retry_after,
-                    true,
-                ));
+        let mut user_overflow = false;
+        if let Some(per_hour) = spec.per_user_requests_per_hour
+            && !users.is_empty()
+        {
+            let mut wanted: Vec<(UserKey, u32)> = Vec::with_capacity(users.len());
+            for user in users {
+                let key = state.user_key(user, now);
+                user_overflow |= key == OVERFLOW_USER;
+                match wanted.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, n)) => *n += 1,
+                    None => wanted.push((key, 1)),
+                }
             }
-            if state.users.len() > MAX_IDLE_USERS {
-                state.users.retain(|_, w| !w.is_idle(now));
+            for (key, n) in &wanted {
+                let window = state
+                    .users
+                    .entry(*key)
+                    .or_insert_with(|| HourWindow::new(now));
+                if let Err(retry_after) = window.room(per_hour, *n, now) {
+                    return Err(refuse(
+                        Limit::User,
+                        "this end user's requests per hour",
+                        retry_after,
+                        true,
+                    ));
+                }
+            }
+            for (key, n) in wanted {
+                if let Some(window) = state.users.get_mut(&key) {
+                    window.add(n, now);
+                }
             }
         }
         if let Some(tat) = new_tat {
@@ -145,7 +177,36 @@ impl KeyLimiter {
         Ok(Reservation {
             limiter: self.clone(),
             tokens: reserved,
+            user_overflow,
         })
+    }
+
+    /// How many end users are tracked (for tests of the bound).
+    pub fn tracked_users(&self) -> usize {
+        self.lock().users.len()
+    }
+}
+
+impl State {
+    /// The window key of `user`: its digest, or the overflow window when the table is full of
+    /// active users.
+    fn user_key(&mut self, user: &str, now: Instant) -> UserKey {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(user.as_bytes());
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest[..16]);
+        if self.users.contains_key(&key) || self.users.len() < MAX_USERS {
+            return key;
+        }
+        if self.swept.is_none_or(|at| now.duration_since(at) >= MINUTE) {
+            self.swept = Some(now);
+            self.users.retain(|_, w| !w.is_idle(now));
+        }
+        if self.users.len() < MAX_USERS {
+            key
+        } else {
+            OVERFLOW_USER
+        }
     }
 }
 
@@ -185,19 +246,31 @@ impl HourWindow {
         minute
     }
 
-    /// Counts one request, or refuses it with the time until the oldest counted minute leaves.
-    fn admit(&mut self, per_hour: u32, now: Instant) -> Result<(), Duration> {
+    /// Whether `n` more requests fit, or the time until the oldest counted minute leaves.
+    fn room(&mut self, per_hour: u32, n: u32, now: Instant) -> Result<(), Duration> {
         let minute = self.advance(now);
         let total: u64 = self.counts.iter().map(|&c| u64::from(c)).sum();
-        if total >= u64::from(per_hour) {
+        if total + u64::from(n) > u64::from(per_hour) {
             let oldest = (minute.saturating_sub(59)..=minute)
                 .find(|m| self.counts[(m % 60) as usize] > 0)
                 .unwrap_or(minute);
             let leaves = self.origin + MINUTE * (oldest + 60) as u32;
-            return Err(leaves.duration_since(now));
+            return Err(leaves.saturating_duration_since(now).max(MINUTE / 60));
         }
+        Ok(())
+    }
+
+    fn add(&mut self, n: u32, now: Instant) {
+        let minute = self.advance(now);
         let bucket = &mut self.counts[(minute % 60) as usize];
-        *bucket = bucket.saturating_add(1);
+        *bucket = bucket.saturating_add(n);
+    }
+
+    /// Counts one request, or refuses it with the time until the oldest counted minute leaves.
+    #[cfg(test)]
+    fn admit(&mut self, per_hour: u32, now: Instant) -> Result<(), Duration> {
+        self.room(per_hour, 1, now)?;
+        self.add(1, now);
         Ok(())
     }
 
@@ -286,9 +359,9 @@ mod tests {
     async fn requests_per_minute_burst_then_refill() {
         let limiter = Limiters::default().for_key(&id("a"));
         for _ in 0..3 {
-            limiter.admit(&rpm(3), None, 0).unwrap();
+            limiter.admit(&rpm(3), &[], 0).unwrap();
         }
-        let refusal = limiter.admit(&rpm(3), None, 0).unwrap_err();
+        let refusal = limiter.admit(&rpm(3), &[], 0).unwrap_err();
         assert_eq!(refusal.limit, Limit::Requests);
         let ApiError::RateLimited {
             retry_after,
@@ -301,17 +374,17 @@ mod tests {
         assert!(retryable);
         assert_eq!(retry_after, Duration::from_secs(20));
         tokio::time::advance(Duration::from_secs(20)).await;
-        limiter.admit(&rpm(3), None, 0).unwrap();
-        assert!(limiter.admit(&rpm(3), None, 0).is_err());
+        limiter.admit(&rpm(3), &[], 0).unwrap();
+        assert!(limiter.admit(&rpm(3), &[], 0).is_err());
     }
 
     #[tokio::test(start_paused = true)]
     async fn identity_keeps_its_window_across_lookups() {
         let limiters = Limiters::default();
-        limiters.for_key(&id("a")).admit(&rpm(1), None, 0).unwrap();
+        limiters.for_key(&id("a")).admit(&rpm(1), &[], 0).unwrap();
         // A reload (or rotation) asks again for the same identity: still limited.
-        assert!(limiters.for_key(&id("a")).admit(&rpm(1), None, 0).is_err());
-        assert!(limiters.for_key(&id("b")).admit(&rpm(1), None, 0).is_ok());
+        assert!(limiters.for_key(&id("a")).admit(&rpm(1), &[], 0).is_err());
+        assert!(limiters.for_key(&id("b")).admit(&rpm(1), &[], 0).is_ok());
     }
 
     #[tokio::test(start_paused = true)]
@@ -321,24 +394,24 @@ mod tests {
             tokens_per_minute: Some(1000),
             ..Default::default()
         };
-        let first = limiter.admit(&spec, None, 600).unwrap();
+        let first = limiter.admit(&spec, &[], 600).unwrap();
         // Concurrent request cannot overrun: 400 left.
-        let refusal = limiter.admit(&spec, None, 600).unwrap_err();
+        let refusal = limiter.admit(&spec, &[], 600).unwrap_err();
         assert_eq!(refusal.limit, Limit::Tokens);
         // Real usage was 100: 500 come back.
         first.settle(100);
-        let second = limiter.admit(&spec, None, 600).unwrap();
+        let second = limiter.admit(&spec, &[], 600).unwrap();
         // Usage above the reservation is charged.
         second.settle(900);
         let ApiError::RateLimited { retry_after, .. } =
-            limiter.admit(&spec, None, 100).unwrap_err().error
+            limiter.admit(&spec, &[], 100).unwrap_err().error
         else {
             panic!()
         };
         // 1000 - 600 + 500 - 600 + (600 - 900) = 0 left; 100 tokens take 6 s to refill.
         assert_eq!(retry_after.as_secs(), 6);
         tokio::time::advance(Duration::from_secs(6)).await;
-        limiter.admit(&spec, None, 100).unwrap();
+        limiter.admit(&spec, &[], 100).unwrap();
     }
 
     #[tokio::test(start_paused = true)]
@@ -349,7 +422,7 @@ mod tests {
             ..Default::default()
         };
         let ApiError::RateLimited { retryable, .. } =
-            limiter.admit(&spec, None, 1001).unwrap_err().error
+            limiter.admit(&spec, &[], 1001).unwrap_err().error
         else {
             panic!()
         };
@@ -363,18 +436,18 @@ mod tests {
             per_user_requests_per_hour: Some(2),
             ..Default::default()
         };
-        limiter.admit(&spec, Some("u1"), 0).unwrap();
+        limiter.admit(&spec, &["u1"], 0).unwrap();
         tokio::time::advance(Duration::from_secs(1800)).await;
-        limiter.admit(&spec, Some("u1"), 0).unwrap();
+        limiter.admit(&spec, &["u1"], 0).unwrap();
         assert_eq!(
-            limiter.admit(&spec, Some("u1"), 0).unwrap_err().limit,
+            limiter.admit(&spec, &["u1"], 0).unwrap_err().limit,
             Limit::User
         );
         // Other users and requests without a user are not affected.
-        limiter.admit(&spec, Some("u2"), 0).unwrap();
-        limiter.admit(&spec, None, 0).unwrap();
+        limiter.admit(&spec, &["u2"], 0).unwrap();
+        limiter.admit(&spec, &[], 0).unwrap();
         tokio::time::advance(Duration::from_secs(1800)).await;
-        limiter.admit(&spec, Some("u1"), 0).unwrap();
+        limiter.admit(&spec, &["u1"], 0).unwrap();
     }
 
     #[tokio::test(start_paused = true)]
@@ -426,6 +499,53 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn users_are_bounded_and_overflow_shares_a_window() {
+        let limiter = Limiters::default().for_key(&id("a"));
+        let spec = LimitsSpec {
+            per_user_requests_per_hour: Some(3),
+            ..Default::default()
+        };
+        let long = "x".repeat(1000);
+        for i in 0..MAX_USERS {
+            let user = format!("{long}{i}");
+            assert!(!limiter.admit(&spec, &[&user], 0).unwrap().user_overflow);
+        }
+        assert_eq!(limiter.tracked_users(), MAX_USERS);
+        // All active: new users share the overflow window, memory stays bounded.
+        for i in 0..3 {
+            let r = limiter.admit(&spec, &[&format!("new-{i}")], 0).unwrap();
+            assert!(r.user_overflow);
+        }
+        assert_eq!(
+            limiter.admit(&spec, &["new-3"], 0).unwrap_err().limit,
+            Limit::User
+        );
+        assert_eq!(limiter.tracked_users(), MAX_USERS + 1);
+        // Known users keep their own windows.
+        limiter.admit(&spec, &[&format!("{long}0")], 0).unwrap();
+        // An hour later the idle ones make room again.
+        tokio::time::advance(Duration::from_secs(2 * 3600)).await;
+        assert!(!limiter.admit(&spec, &["late"], 0).unwrap().user_overflow);
+        assert!(limiter.tracked_users() < 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_counts_each_request_of_a_user() {
+        let limiter = Limiters::default().for_key(&id("a"));
+        let spec = LimitsSpec {
+            per_user_requests_per_hour: Some(3),
+            ..Default::default()
+        };
+        limiter.admit(&spec, &["u1", "u2", "u1"], 0).unwrap();
+        // u1 has 1 left: a batch naming u1 twice is refused whole, and counts nothing.
+        assert!(limiter.admit(&spec, &["u2", "u1", "u1"], 0).is_err());
+        limiter.admit(&spec, &["u2", "u1"], 0).unwrap();
+        assert!(limiter.admit(&spec, &["u1"], 0).is_err());
+        limiter.admit(&spec, &["u2"], 0).unwrap();
+        assert!(limiter.admit(&spec, &["u2"], 0).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_refusal_uses_up_no_other_limit() {
         let limiter = Limiters::default().for_key(&id("a"));
         let spec = LimitsSpec {
@@ -433,10 +553,10 @@ mod tests {
             per_user_requests_per_hour: Some(1),
             ..Default::default()
         };
-        limiter.admit(&spec, Some("u1"), 0).unwrap();
+        limiter.admit(&spec, &["u1"], 0).unwrap();
         // Refused by requests/min: u2's hourly window must stay empty.
-        assert!(limiter.admit(&spec, Some("u2"), 0).is_err());
+        assert!(limiter.admit(&spec, &["u2"], 0).is_err());
         tokio::time::advance(MINUTE).await;
-        limiter.admit(&spec, Some("u2"), 0).unwrap();
+        limiter.admit(&spec, &["u2"], 0).unwrap();
     }
 }

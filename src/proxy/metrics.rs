@@ -1,12 +1,8 @@
-//! Prometheus metrics of the proxy and the admin listener that serves them with `/healthz` and
-//! `/readyz` (in sidecar mode the traffic port is loopback-only, so probes come here). Labels are
-//! bounded: ClaudeKey names come from config, models only when the scope allows them.
+//! Prometheus metrics of the proxy. Labels are bounded: ClaudeKey names come from config, models
+//! are the scope's allowlist entries (or `other`), kinds and outcomes are fixed sets. The admin
+//! listener that serves them is `admin.rs`.
 
-use std::{
-    collections::HashSet,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::time::Duration;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -14,10 +10,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::{config::Store, tenant::Tenant};
-
-/// Distinct model labels allowed when a scope has no allowlist; later ones become "other".
-const MAX_OPEN_MODELS: usize = 32;
+use super::usage::Usage;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -61,22 +54,8 @@ pub struct Metrics {
     injections: Family<KindLabels, Counter>,
     upstream_errors: Family<KindLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
-    open_models: Mutex<HashSet<String>>,
-}
-
-/// Token counts of one request by direction.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Usage {
-    pub input: u64,
-    pub output: u64,
-    pub cache_creation: u64,
-    pub cache_read: u64,
-}
-
-impl Usage {
-    pub fn total(&self) -> u64 {
-        self.input + self.output + self.cache_creation + self.cache_read
-    }
+    outcomes: Family<KindLabels, Counter>,
+    user_overflow: Family<KindLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -97,7 +76,8 @@ impl Default for Metrics {
             injections: Family::default(),
             upstream_errors: Family::default(),
             reloads: Family::default(),
-            open_models: Mutex::default(),
+            outcomes: Family::default(),
+            user_overflow: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -136,37 +116,21 @@ impl Default for Metrics {
             "Config reloads by result",
             m.reloads.clone(),
         );
+        registry.register(
+            "request_outcomes",
+            "Requests by how they ended (completed, refused, upstream_error, client_closed, timeout, shutdown)",
+            m.outcomes.clone(),
+        );
+        registry.register(
+            "user_window_overflow",
+            "Requests of end users counted in the shared overflow window because the per-user table was full",
+            m.user_overflow.clone(),
+        );
         Self { registry, ..m }
     }
 }
 
 impl Metrics {
-    /// The model as a label: named only when the scope allows it (an explicit allowlist is a
-    /// bounded set), else "other".
-    pub fn model_label(&self, tenant: &Tenant, model: Option<&str>) -> String {
-        let Some(model) = model else {
-            return "none".into();
-        };
-        if !tenant.scope.model_allowed(model) {
-            return "other".into();
-        }
-        if tenant.scope.has_model_allowlist() {
-            return model.to_string();
-        }
-        let plausible = model.len() <= 64
-            && model.starts_with("claude-")
-            && model
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
-        let mut seen = self.open_models.lock().unwrap_or_else(|p| p.into_inner());
-        if plausible && (seen.contains(model) || seen.len() < MAX_OPEN_MODELS) {
-            seen.insert(model.to_string());
-            model.to_string()
-        } else {
-            "other".into()
-        }
-    }
-
     pub fn request(
         &self,
         claudekey: &str,
@@ -239,6 +203,14 @@ impl Metrics {
         Self::kind(&self.upstream_errors, claudekey, kind, 1);
     }
 
+    pub fn outcome(&self, claudekey: &str, outcome: &str) {
+        Self::kind(&self.outcomes, claudekey, outcome, 1);
+    }
+
+    pub fn user_overflow(&self, claudekey: &str) {
+        Self::kind(&self.user_overflow, claudekey, "perUserRequestsPerHour", 1);
+    }
+
     pub fn config_reload(&self, ok: bool) {
         self.reloads
             .get_or_create(&ResultLabels {
@@ -254,52 +226,6 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
-}
-
-/// Serves `/metrics`, `/healthz` (the process runs) and `/readyz` (a config is loaded).
-pub async fn serve_admin(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-    store: Arc<Store>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::{Router, http::StatusCode, routing::get};
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let metrics = metrics.clone();
-                async move {
-                    (
-                        [(
-                            http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        metrics.encode(),
-                    )
-                }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = store.load().is_some();
-                async move {
-                    if ready {
-                        (StatusCode::OK, "ready")
-                    } else {
-                        (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "no proxy config loaded yet",
-                        )
-                    }
-                }
-            }),
-        );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
 }
 
 #[cfg(test)]
@@ -330,49 +256,5 @@ mod tests {
             r#"claudekey_proxy_rate_limited_total{claudekey="ns/a",kind="tokensPerMinute"} 1"#
         ));
         assert!(text.contains("claudekey_proxy_request_duration_seconds_bucket"));
-    }
-}
-
-#[cfg(test)]
-mod label_tests {
-    use super::*;
-    use crate::{proxy::limits::Limiters, proxyconf::ProxyConfig};
-
-    fn tenant(models: &[&str]) -> Tenant {
-        let config: ProxyConfig = serde_json::from_value(serde_json::json!({
-            "claudeKey": { "namespace": "ns", "name": "a" },
-            "upstream": [{ "key": "sk-ant-api03-u", "fingerprint": "up:x", "validUntil": null }],
-            "workloadKeys": [],
-            "policy": { "scope": { "models": models } }
-        }))
-        .unwrap();
-        Tenant::compile(&config, &Limiters::default()).unwrap()
-    }
-
-    #[test]
-    fn model_labels_are_bounded() {
-        let m = Metrics::default();
-        let scoped = tenant(&["claude-haiku-*"]);
-        assert_eq!(
-            m.model_label(&scoped, Some("claude-haiku-4-5")),
-            "claude-haiku-4-5"
-        );
-        assert_eq!(m.model_label(&scoped, Some("claude-opus-4-1")), "other");
-        assert_eq!(m.model_label(&scoped, None), "none");
-        let open = tenant(&[]);
-        assert_eq!(m.model_label(&open, Some("not-a-claude-model")), "other");
-        assert_eq!(
-            m.model_label(&open, Some("claude-sonnet-4-5")),
-            "claude-sonnet-4-5"
-        );
-        for i in 0..100 {
-            m.model_label(&open, Some(&format!("claude-x-{i}")));
-        }
-        assert!(m.open_models.lock().unwrap().len() <= MAX_OPEN_MODELS);
-        assert_eq!(
-            m.model_label(&open, Some("claude-sonnet-4-5")),
-            "claude-sonnet-4-5"
-        );
-        assert_eq!(m.model_label(&open, Some("claude-new-99")), "other");
     }
 }

@@ -1,12 +1,14 @@
 //! `claudekey proxy` (DESIGN.md §6, §8): the server every Anthropic API request passes through,
 //! in sidecar mode (loopback, no workload key) or gateway mode (workload key per ClaudeKey).
 
+pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod body;
 pub mod caps;
 pub mod config;
 pub mod error;
+pub mod exchange;
 pub mod forward;
 pub mod forwarder;
 pub mod injection;
@@ -14,26 +16,28 @@ pub mod kube_source;
 mod launch;
 pub mod limits;
 pub mod metrics;
+mod observed;
 mod pipeline;
 pub mod redact;
 pub mod request;
 pub mod scope;
+pub mod server_limits;
 pub mod sse;
 pub mod tenant;
+pub mod usage;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use hyper::service::service_fn;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::{conn::auto, graceful::GracefulShutdown},
-};
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::{net::TcpListener, task::JoinSet};
 
 pub use audit::AuditTarget;
 use config::{Loader, Store};
+use exchange::Recorder;
 use metrics::Metrics;
+pub use server_limits::ServerLimits;
 
 /// Default port of the proxy's traffic listener (the webhook injects `127.0.0.1:8484`).
 pub const DEFAULT_PORT: u16 = 8484;
@@ -136,6 +140,10 @@ pub struct ProxySettings {
     pub config_secrets: Option<kube_source::SecretsSource>,
     /// Serve HTTPS with this certificate and key (PEM files, re-read when they change).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Timeouts and the connection cap of the traffic listener.
+    pub server_limits: ServerLimits,
+    /// How long open requests may take to finish at shutdown before they are cut.
+    pub shutdown_grace: Duration,
 }
 
 impl ProxySettings {
@@ -150,6 +158,8 @@ impl ProxySettings {
             upstream_timeout: Duration::from_secs(600),
             config_secrets: None,
             tls: None,
+            server_limits: ServerLimits::default(),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -161,6 +171,8 @@ pub struct Proxy {
     pub store: Arc<Store>,
     watcher: tokio::task::JoinHandle<()>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: ServerLimits,
+    shutdown_grace: Duration,
 }
 
 impl Proxy {
@@ -193,13 +205,18 @@ impl Proxy {
         let upstream = forward::Upstream::new(&settings.upstream, settings.upstream_timeout)?;
         let audit = audit::AuditSink::start(settings.audit.clone())
             .context("failed to open the audit log")?;
+        let recorder = Arc::new(Recorder {
+            metrics: metrics.clone(),
+            audit,
+            shutting_down: Default::default(),
+            pod: settings.pod,
+        });
         let shared = Arc::new(pipeline::Shared {
             store: store.clone(),
             upstream,
-            metrics: metrics.clone(),
-            audit,
+            recorder,
             mode: settings.mode,
-            pod: settings.pod,
+            body_timeout: settings.server_limits.body_timeout,
         });
         Ok(Self {
             shared,
@@ -207,20 +224,35 @@ impl Proxy {
             store,
             watcher,
             tls,
+            limits: settings.server_limits,
+            shutdown_grace: settings.shutdown_grace,
         })
     }
 
     /// Serves the traffic listener until `shutdown` resolves, then lets open requests finish
-    /// (streams included) for up to 30 s.
+    /// (streams included) for the shutdown grace (30 s); requests still open then are cut, and
+    /// each still leaves its audit line (outcome `shutdown`) before this returns. With TLS, each
+    /// connection's handshake comes first (bounded), then the same limits as plain HTTP.
     pub async fn serve(
         &self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         let graceful = GracefulShutdown::new();
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let slots = self.limits.slots();
+        let mut connections = JoinSet::new();
         tokio::pin!(shutdown);
         loop {
+            // Finished connections leave the set, so it holds only open ones.
+            while connections.try_join_next().is_some() {}
+            // A free slot first: past the cap, connections wait in the kernel's backlog.
+            let slot = tokio::select! {
+                () = &mut shutdown => break,
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => break,
+                },
+            };
             let (stream, _) = tokio::select! {
                 () = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
@@ -235,28 +267,42 @@ impl Proxy {
             let _ = stream.set_nodelay(true);
             let shared = self.shared.clone();
             let service = service_fn(move |req| pipeline::handle(shared.clone(), req));
-            if let Some(acceptor) = &self.tls {
-                let serving = launch::connection(acceptor, stream, &builder, &graceful, service);
-                tokio::spawn(serving);
-                continue;
-            }
-            let connection = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            let connection = graceful.watch(connection);
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "connection ended with an error");
+            let (limits, watcher) = (self.limits.clone(), graceful.watcher());
+            let tls = self.tls.clone();
+            connections.spawn(async move {
+                match tls {
+                    Some(acceptor) => {
+                        if let Some(stream) = launch::handshake(&acceptor, stream).await {
+                            server_limits::serve_connection(
+                                &limits, watcher, stream, service, slot,
+                            )
+                            .await;
+                        }
+                    }
+                    None => {
+                        server_limits::serve_connection(&limits, watcher, stream, service, slot)
+                            .await
+                    }
                 }
             });
         }
-        if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
+        drop(listener);
+        let drained = async {
+            graceful.shutdown().await;
+            while connections.join_next().await.is_some() {}
+        };
+        if tokio::time::timeout(self.shutdown_grace, drained)
             .await
             .is_err()
         {
-            tracing::warn!("connections still open after 30 s; closing them");
+            tracing::warn!(grace = ?self.shutdown_grace, "requests still open at shutdown; cutting them");
+            self.shared
+                .recorder
+                .shutting_down
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            connections.shutdown().await;
         }
-        let audit = self.shared.audit.clone();
+        let audit = self.shared.recorder.audit.clone();
         let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
         Ok(())
     }
@@ -267,7 +313,7 @@ impl Proxy {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        metrics::serve_admin(listener, self.metrics.clone(), self.store.clone(), shutdown).await
+        admin::serve_admin(listener, self.metrics.clone(), self.store.clone(), shutdown).await
     }
 }
 
@@ -332,7 +378,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let stop = async move {
                 let _ = rx.wait_for(|stop| *stop).await;
             };
-            if let Err(e) = metrics::serve_admin(admin, admin_proxy_metrics, store, stop).await {
+            if let Err(e) = admin::serve_admin(admin, admin_proxy_metrics, store, stop).await {
                 tracing::error!(error = %e, "admin listener failed");
             }
         });

@@ -1,15 +1,9 @@
-//! One request through the proxy, in DESIGN.md §6's order: route → authenticate → endpoint and
-//! model scope → caps → limits → injection screen → redaction → forward → response (streamed or
-//! buffered) → settle tokens → audit line and metrics.
+//! One request through the proxy, in DESIGN.md §6's order: route → authenticate → endpoint,
+//! header and model scope → caps → limits → injection screen → redaction → forward → response
+//! (streamed or buffered). Every policy step has one shape, `fn(&Tenant, &mut Exchange)`, and
+//! the exchange writes the audit line and metrics when it is dropped (`exchange.rs`).
 
-use std::{
-    convert::Infallible,
-    sync::{
-        Arc, OnceLock,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Instant,
-};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use chrono::Utc;
@@ -19,206 +13,139 @@ use hyper::body::Incoming;
 
 use super::{
     Mode,
-    audit::{AuditRecord, AuditSink, hash_user},
+    audit::hash_user,
     auth,
-    body::{CLIENT_DISCONNECTED, Observed, ProxyBody, full},
+    body::{ProxyBody, full},
     config::Store,
     error::ApiError,
+    exchange::{Exchange, Outcome, Recorder},
     forward::{Upstream, copy_response_headers},
     injection::{self, PromptInjectionMode},
-    limits::Reservation,
-    metrics::{Metrics, Usage},
+    observed::Observed,
     redact::Counts,
-    request::{self, Facts, MAX_BODY_BYTES},
+    request::{self, Facts, MAX_BODY_BYTES, Piece},
     scope::{self, Route},
-    sse::{SseTransformer, merge_usage},
+    sse::SseTransformer,
     tenant::Tenant,
+    usage::Usage,
 };
-
-/// Metric label for requests refused before they were tied to a ClaudeKey.
-const UNAUTHENTICATED: &str = "unauthenticated";
 
 /// What every request needs, shared by all connections.
 pub struct Shared {
     pub store: Arc<Store>,
     pub upstream: Upstream,
-    pub metrics: Arc<Metrics>,
-    pub audit: AuditSink,
+    pub recorder: Arc<Recorder>,
     pub mode: Mode,
-    pub pod: Option<String>,
+    /// How long a client may take to send its request body.
+    pub body_timeout: Duration,
 }
 
-/// The bookkeeping of one request, finished exactly once: when the response ends, or at once
-/// when the proxy answers itself.
-struct Ctx {
-    tenant: Option<Arc<Tenant>>,
-    model_label: String,
-    audit: AuditRecord,
-    start: Instant,
-    reservation: Option<Reservation>,
-    counts: Counts,
-}
+/// A policy step over one exchange: it reads what earlier steps learned and refuses, or
+/// records what it decided.
+type Step = fn(&Tenant, &mut Exchange) -> Result<(), ApiError>;
 
-impl Ctx {
-    fn finish(
-        mut self,
-        shared: &Shared,
-        status: u16,
-        usage: Usage,
-        response_counts: Counts,
-        error: Option<String>,
-    ) {
-        if let Some(reservation) = self.reservation.take() {
-            reservation.settle(usage.input + usage.output + usage.cache_creation);
-        }
-        let elapsed = self.start.elapsed();
-        self.audit.status = status;
-        self.audit.set_usage(&usage);
-        self.audit.latency_ms = elapsed.as_secs_f64() * 1000.0;
-        self.audit.error = self.audit.error.take().or(error);
-        let label = self
-            .tenant
-            .as_ref()
-            .map_or(UNAUTHENTICATED, |t| t.label.as_str());
-        shared.metrics.request(
-            label,
-            &self.model_label,
-            &self.audit.endpoint,
-            status,
-            elapsed,
-            &usage,
-        );
-        if let Some(tenant) = &self.tenant {
-            for (name, n) in self
-                .counts
-                .named(&tenant.redactor)
-                .chain(response_counts.named(&tenant.redactor))
-            {
-                *self.audit.redactions.entry(name.to_string()).or_default() += n;
-                shared.metrics.redactions(label, name, n);
-            }
-        }
-        shared.audit.write(&self.audit);
-    }
-}
+/// The steps of every request, before its body is read.
+const REQUEST_STEPS: &[Step] = &[check_endpoint, check_betas];
+
+/// The steps of a Messages-style body (messages, count_tokens, batch create), in order.
+const BODY_STEPS: &[Step] = &[
+    parse,
+    read_facts,
+    check_scope,
+    check_caps,
+    admit,
+    screen,
+    redact,
+];
 
 /// The hyper service function.
 pub async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let audit = AuditRecord {
-        time: Utc::now(),
-        request_id: request_id(),
-        pod: shared.pod.clone(),
-        method: req.method().to_string(),
-        endpoint: "unknown".into(),
-        ..Default::default()
-    };
-    let request_id = audit.request_id.clone();
-    let mut slot = Some(Ctx {
-        tenant: None,
-        model_label: "none".into(),
-        audit,
-        start: Instant::now(),
-        reservation: None,
-        counts: Counts::default(),
-    });
-    match pipeline(&shared, req, &mut slot).await {
-        Ok(response) => Ok(response),
+    let (parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let mut exchange = Exchange::new(shared.recorder.clone(), parts.method, path, parts.headers);
+    match to_upstream(&shared, &mut exchange, body).await {
+        Ok(response) => Ok(respond(exchange, response).await),
         Err(error) => {
-            if let Some(ctx) = slot.take() {
-                ctx.finish(
-                    &shared,
-                    error.status().as_u16(),
-                    Usage::default(),
-                    Counts::default(),
-                    Some(error.kind().into()),
-                );
-            }
-            Ok(error.into_response(&request_id))
+            exchange.refuse(&error);
+            Ok(error.into_response(exchange.request_id()))
         }
     }
 }
 
-/// `req_ck_` and 32 hex digits, unique per request: a random per-process half and a counter, so
-/// no request pays for a call to the kernel's random source.
-fn request_id() -> String {
-    static PROCESS: OnceLock<u64> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let process = *PROCESS.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("req_ck_{process:016x}{n:016x}")
-}
+/// Everything up to the upstream's response headers.
+async fn to_upstream(
+    shared: &Shared,
+    ex: &mut Exchange,
+    body: Incoming,
+) -> Result<Response<Incoming>, ApiError> {
+    let route = scope::classify(&ex.method, &ex.path)?;
+    ex.route = Some(route);
+    ex.audit.endpoint = route.label().into();
+    let tenant = resolve_tenant(shared, &ex.headers)?;
+    ex.audit.claude_key = tenant.label.clone();
+    ex.audit.namespace = tenant.id.namespace.clone();
+    ex.tenant = Some(tenant.clone());
+    for step in REQUEST_STEPS {
+        step(&tenant, ex)?;
+    }
 
-fn ctx(slot: &mut Option<Ctx>) -> &mut Ctx {
-    slot.as_mut()
-        .expect("the context is taken only when the response is built")
-}
-
-async fn pipeline(
-    shared: &Arc<Shared>,
-    req: Request<Incoming>,
-    slot: &mut Option<Ctx>,
-) -> Result<Response<ProxyBody>, ApiError> {
-    let method = req.method().clone();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    let route = scope::classify(&method, &path)?;
-    ctx(slot).audit.endpoint = route.label().into();
-    let tenant = resolve_tenant(shared, req.headers())?;
-    let c = ctx(slot);
-    c.audit.claude_key = tenant.label.clone();
-    c.audit.namespace = tenant.id.namespace.clone();
-    c.tenant = Some(tenant.clone());
-    tenant.scope.check_endpoint(route)?;
-
-    let (parts, body) = req.into_parts();
-    let replayable =
-        route.has_message_body() || matches!(method, Method::GET | Method::HEAD | Method::DELETE);
+    let replayable = route.has_message_body()
+        || matches!(ex.method, Method::GET | Method::HEAD | Method::DELETE);
     if !replayable {
         // Uploads (files, batch operations): streamed through, limited by requests/min only.
-        admit(shared, &tenant, slot, None, 0)?;
+        admit(&tenant, ex)?;
         let body = body.map_err(Into::into).boxed_unsync();
         let key = &tenant.current_upstream().header;
-        let response = send(
-            shared,
-            &tenant,
-            shared
-                .upstream
-                .request(&method, &path, &parts.headers, key, body)?,
-        )
-        .await?;
-        return Ok(respond(shared, &tenant, route, response, slot).await);
+        let request = shared
+            .upstream
+            .request(&ex.method, &ex.path, &ex.headers, key, body)?;
+        ex.sent = true;
+        return send(shared, &tenant, request).await;
     }
-    let mut bytes = Limited::new(body, MAX_BODY_BYTES)
-        .collect()
-        .await
-        .map_err(|_| {
-            ApiError::TooLarge(format!(
-                "request body exceeds {MAX_BODY_BYTES} bytes or could not be read"
-            ))
-        })?
-        .to_bytes();
+    ex.body = read_body(body, &ex.headers, shared.body_timeout).await?;
     if route.has_message_body() {
-        bytes = inspect(shared, &tenant, route, bytes, slot)?;
+        for step in BODY_STEPS {
+            step(&tenant, ex)?;
+        }
     } else {
-        admit(shared, &tenant, slot, None, 0)?;
+        admit(&tenant, ex)?;
     }
-    let response = forward_replayable(
-        shared,
-        &tenant,
-        &method,
-        &path,
-        &parts.headers,
-        &bytes,
-        slot,
-    )
-    .await?;
-    Ok(respond(shared, &tenant, route, response, slot).await)
+    forward_replayable(shared, &tenant, ex).await
+}
+
+/// The whole request body, refused with a 413 as soon as it is known to be too large (from its
+/// `content-length`, or while it streams in), never after buffering all of it.
+async fn read_body(
+    body: Incoming,
+    headers: &HeaderMap,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
+    let too_large = || ApiError::TooLarge(format!("request body exceeds {MAX_BODY_BYTES} bytes"));
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(timeout, Limited::new(body, MAX_BODY_BYTES).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(_)) => Err(ApiError::InvalidRequest(
+            "request body could not be read".into(),
+        )),
+        Err(_) => Err(ApiError::Timeout(format!(
+            "request body did not arrive within {} s",
+            timeout.as_secs()
+        ))),
+    }
 }
 
 /// The ClaudeKey a request belongs to: by its workload key in gateway mode, the only one
@@ -246,99 +173,169 @@ fn resolve_tenant(shared: &Shared, headers: &HeaderMap) -> Result<Arc<Tenant>, A
     }
 }
 
-/// Scope, caps, limits, injection screen and redaction of a Messages-style body; returns the
-/// bytes to forward (the original ones when nothing was redacted).
-fn inspect(
-    shared: &Shared,
-    tenant: &Arc<Tenant>,
-    route: Route,
-    bytes: Bytes,
-    slot: &mut Option<Ctx>,
-) -> Result<Bytes, ApiError> {
-    let mut json = request::parse(&bytes)?;
-    let facts = request::facts(&json);
-    let c = ctx(slot);
-    c.audit.model = facts.model.as_ref().map(|m| m.chars().take(100).collect());
-    c.audit.stream = facts.stream;
-    c.audit.user_hash = facts.user_id.as_deref().map(hash_user);
-    c.model_label = shared.metrics.model_label(tenant, facts.model.as_deref());
-    if route == Route::BatchCreate {
-        for params in request::batch_params(&json) {
-            let facts = request::facts(params);
-            check_model(tenant, &facts)?;
-            tenant.caps.check(&facts, true)?;
-        }
-    } else {
-        check_model(tenant, &facts)?;
-        tenant.caps.check(&facts, route == Route::Messages)?;
+fn check_endpoint(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
+    match ex.route {
+        Some(route) => tenant.scope.check_endpoint(route),
+        None => Err(ApiError::NotFound("no route".into())),
     }
-    let reserve = if route == Route::Messages {
-        facts.max_tokens.unwrap_or(0) + facts.input_chars.div_ceil(4)
-    } else {
-        0
-    };
-    admit(shared, tenant, slot, facts.user_id.as_deref(), reserve)?;
+}
 
-    if tenant.injection != PromptInjectionMode::Off {
-        let mut hit = None;
-        request::visit_texts(&json, false, &mut |text| {
-            hit = hit.or_else(|| injection::screen(text))
-        });
-        if let Some(pattern) = hit {
-            ctx(slot).audit.injection_flagged = true;
-            let block = tenant.injection == PromptInjectionMode::Block;
-            shared
-                .metrics
-                .injection(&tenant.label, if block { "blocked" } else { "flagged" });
-            if block {
-                return Err(ApiError::InvalidRequest(format!(
-                    "request refused by claudekey's prompt-injection screen (pattern {pattern})"
-                )));
+fn check_betas(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
+    tenant.scope.check_betas(&ex.headers)
+}
+
+fn is_batch(ex: &Exchange) -> bool {
+    ex.route == Some(Route::BatchCreate)
+}
+
+/// The Messages requests of the exchange's body: itself, or each of a batch.
+fn messages(ex: &mut Exchange) -> Result<Vec<&mut serde_json::Value>, ApiError> {
+    let batch = is_batch(ex);
+    match ex.json.as_mut() {
+        Some(json) => request::messages_mut(json, batch),
+        None => Ok(Vec::new()),
+    }
+}
+
+fn parse(_: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
+    ex.json = Some(request::parse(&ex.body)?);
+    Ok(())
+}
+
+fn read_facts(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
+    let facts = messages(ex)?
+        .into_iter()
+        .map(Facts::read)
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(first) = facts.first() {
+        ex.audit.model = first.model.as_ref().map(|m| m.chars().take(100).collect());
+        ex.audit.stream = first.stream;
+        ex.audit.user_hash = first
+            .user_id
+            .as_deref()
+            .map(|u| hash_user(&tenant.audit_salt, u));
+        ex.model_label = match &first.model {
+            Some(model) => tenant.scope.model_label(model).to_string(),
+            None => "none".into(),
+        };
+    }
+    ex.facts = facts;
+    Ok(())
+}
+
+fn check_scope(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
+    for facts in &ex.facts {
+        match &facts.model {
+            Some(model) => tenant.scope.check_model(model)?,
+            None if tenant.scope.has_model_allowlist() => {
+                return Err(ApiError::InvalidRequest("model: field required".into()));
             }
+            None => {}
         }
+        tenant.scope.check_mcp_servers(&facts.mcp_urls)?;
     }
-    if tenant.redactor.is_empty() {
-        return Ok(bytes);
-    }
-    let counts = &mut ctx(slot).counts;
-    if request::rewrite_texts(&mut json, &mut |text| tenant.redactor.redact(text, counts)) {
-        let rewritten = serde_json::to_vec(&json).map_err(|_| {
-            ApiError::InvalidRequest("request body could not be re-encoded after redaction".into())
-        })?;
-        return Ok(Bytes::from(rewritten));
-    }
-    Ok(bytes)
+    Ok(())
 }
 
-fn check_model(tenant: &Tenant, facts: &Facts) -> Result<(), ApiError> {
-    match &facts.model {
-        Some(model) => tenant.scope.check_model(model),
-        None if tenant.scope.has_model_allowlist() => {
-            Err(ApiError::InvalidRequest("model: field required".into()))
-        }
-        None => Ok(()),
+fn check_caps(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
+    let with_max_tokens = ex.route != Some(Route::CountTokens);
+    for facts in &ex.facts {
+        tenant.caps.check(facts, with_max_tokens)?;
     }
+    Ok(())
 }
 
-fn admit(
-    shared: &Shared,
-    tenant: &Arc<Tenant>,
-    slot: &mut Option<Ctx>,
-    user: Option<&str>,
-    reserve: u64,
-) -> Result<(), ApiError> {
-    match tenant.limiter.admit(&tenant.limits, user, reserve) {
+/// Per-key and per-user limits; a Messages request (or each of a batch) reserves its
+/// `max_tokens` plus an estimate of its input.
+fn admit(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
+    let reserve: u64 = if ex.route == Some(Route::CountTokens) {
+        0
+    } else {
+        ex.facts
+            .iter()
+            .map(|f| f.max_tokens.unwrap_or(0) + f.text_chars.div_ceil(4))
+            .fold(0u64, u64::saturating_add)
+    };
+    let users: Vec<&str> = ex
+        .facts
+        .iter()
+        .filter_map(|f| f.user_id.as_deref())
+        .collect();
+    match tenant.limiter.admit(&tenant.limits, &users, reserve) {
         Ok(reservation) => {
-            ctx(slot).reservation = Some(reservation);
+            if reservation.user_overflow {
+                ex.metrics().user_overflow(&tenant.label);
+            }
+            ex.reservation = Some(reservation);
             Ok(())
         }
         Err(refusal) => {
-            shared
-                .metrics
+            ex.metrics()
                 .rate_limited(&tenant.label, refusal.limit.label());
             Err(refusal.error)
         }
     }
+}
+
+/// The prompt-injection screen over everything but the app's own system prompt.
+fn screen(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
+    if tenant.injection == PromptInjectionMode::Off {
+        return Ok(());
+    }
+    let mut hit = None;
+    for message in messages(ex)? {
+        request::walk(message, &mut |piece| match piece {
+            Piece::Text {
+                text,
+                system: false,
+            } => hit = hit.or_else(|| injection::screen(text)),
+            Piece::Signed(text) => hit = hit.or_else(|| injection::screen(text)),
+            _ => {}
+        });
+    }
+    let Some(pattern) = hit else {
+        return Ok(());
+    };
+    ex.audit.injection_flagged = true;
+    let block = tenant.injection == PromptInjectionMode::Block;
+    ex.metrics()
+        .injection(&tenant.label, if block { "blocked" } else { "flagged" });
+    if block {
+        return Err(ApiError::InvalidRequest(format!(
+            "request refused by claudekey's prompt-injection screen (pattern {pattern})"
+        )));
+    }
+    Ok(())
+}
+
+/// Redacts every text the walk visits; the body is re-encoded only when something changed.
+fn redact(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
+    if tenant.redactor.is_empty() {
+        return Ok(());
+    }
+    let batch = is_batch(ex);
+    let Some(json) = ex.json.as_mut() else {
+        return Ok(());
+    };
+    let counts = &mut ex.counts;
+    let mut changed = false;
+    for message in request::messages_mut(json, batch)? {
+        request::walk(message, &mut |piece| {
+            if let Piece::Text { text, .. } = piece
+                && let Some(new) = tenant.redactor.redact(text, counts)
+            {
+                *text = new;
+                changed = true;
+            }
+        });
+    }
+    if changed {
+        let rewritten = serde_json::to_vec(json).map_err(|_| {
+            ApiError::InvalidRequest("request body could not be re-encoded after redaction".into())
+        })?;
+        ex.body = Bytes::from(rewritten);
+    }
+    Ok(())
 }
 
 async fn send(
@@ -352,7 +349,7 @@ async fn send(
         } else {
             "connect"
         };
-        shared.metrics.upstream_error(&tenant.label, kind);
+        shared.recorder.metrics.upstream_error(&tenant.label, kind);
     })
 }
 
@@ -361,20 +358,17 @@ async fn send(
 async fn forward_replayable(
     shared: &Shared,
     tenant: &Tenant,
-    method: &Method,
-    path: &str,
-    headers: &HeaderMap,
-    bytes: &Bytes,
-    slot: &mut Option<Ctx>,
+    ex: &mut Exchange,
 ) -> Result<Response<Incoming>, ApiError> {
     let current = tenant.current_upstream();
-    ctx(slot).audit.upstream_key = Some(current.fingerprint.clone());
+    ex.audit.upstream_key = Some(current.fingerprint.clone());
+    ex.sent = true;
     let request = shared.upstream.request(
-        method,
-        path,
-        headers,
+        &ex.method,
+        &ex.path,
+        &ex.headers,
         &current.header,
-        Upstream::body(bytes),
+        Upstream::body(&ex.body),
     )?;
     let response = send(shared, tenant, request).await?;
     if response.status() != StatusCode::UNAUTHORIZED {
@@ -385,33 +379,35 @@ async fn forward_replayable(
     };
     drop(response);
     shared
+        .recorder
         .metrics
         .upstream_error(&tenant.label, "unauthorizedRetried");
-    ctx(slot).audit.upstream_key = Some(previous.fingerprint.clone());
+    ex.audit.upstream_key = Some(previous.fingerprint.clone());
     let request = shared.upstream.request(
-        method,
-        path,
-        headers,
+        &ex.method,
+        &ex.path,
+        &ex.headers,
         &previous.header,
-        Upstream::body(bytes),
+        Upstream::body(&ex.body),
     )?;
     send(shared, tenant, request).await
 }
 
-async fn respond(
-    shared: &Arc<Shared>,
-    tenant: &Arc<Tenant>,
-    route: Route,
-    response: Response<Incoming>,
-    slot: &mut Option<Ctx>,
-) -> Response<ProxyBody> {
+/// The client's response: a complete message buffered (to redact it and read its usage), every
+/// other body streamed through [`Observed`], which owns the exchange until the body ends.
+async fn respond(mut ex: Exchange, response: Response<Incoming>) -> Response<ProxyBody> {
+    let Some(tenant) = ex.tenant.clone() else {
+        let error = ApiError::Unavailable("request has no ClaudeKey".into());
+        ex.refuse(&error);
+        return error.into_response(ex.request_id());
+    };
     let status = response.status();
     if status.is_server_error() {
-        shared.metrics.upstream_error(&tenant.label, "status5xx");
+        ex.metrics().upstream_error(&tenant.label, "status5xx");
     }
     let (parts, body) = response.into_parts();
-    let c = ctx(slot);
-    c.audit.upstream_request_id = parts
+    ex.audit.status = status.as_u16();
+    ex.audit.upstream_request_id = parts
         .headers
         .get("request-id")
         .and_then(|v| v.to_str().ok())
@@ -421,62 +417,31 @@ async fn respond(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
-    let buffered = route == Route::Messages && status.is_success() && !is_sse;
+    let buffered = ex.route == Some(Route::Messages) && status.is_success() && !is_sse;
     let mut out = Response::new(full(Bytes::new()));
     *out.status_mut() = status;
     copy_response_headers(&parts.headers, out.headers_mut(), is_sse || buffered);
 
     if buffered {
-        let ctx = slot
-            .take()
-            .expect("context present until the response is built");
-        let (bytes, usage, counts) = match Limited::new(body, MAX_BODY_BYTES).collect().await {
-            Ok(collected) => read_message(tenant, collected.to_bytes()),
-            Err(_) => {
-                let error = ApiError::BadGateway("the upstream response broke off".into());
-                let request_id = ctx.audit.request_id.clone();
-                ctx.finish(
-                    shared,
-                    502,
-                    Usage::default(),
-                    Counts::default(),
-                    Some(error.kind().into()),
-                );
-                return error.into_response(&request_id);
-            }
+        let Ok(collected) = Limited::new(body, MAX_BODY_BYTES).collect().await else {
+            let error = ApiError::BadGateway("the upstream response broke off".into());
+            ex.refuse(&error);
+            return error.into_response(ex.request_id());
         };
-        ctx.finish(shared, status.as_u16(), usage, counts, None);
+        let (bytes, usage, counts) = read_message(&tenant, collected.to_bytes());
+        ex.usage = usage;
+        ex.response_counts = counts;
+        ex.outcome = Outcome::Completed;
         *out.body_mut() = full(bytes);
         return out;
     }
-    let ctx = slot
-        .take()
-        .expect("context present until the response is built");
-    let sse = is_sse.then(|| SseTransformer::new(Some(tenant.clone())));
-    let shared = shared.clone();
-    let label = tenant.label.clone();
-    let observed = Observed::new(body, sse, move |summary| {
-        // An `error` event after a 200, or a stream the upstream broke off.
-        if summary
-            .error
-            .as_deref()
-            .is_some_and(|e| e != CLIENT_DISCONNECTED)
-        {
-            shared.metrics.upstream_error(&label, "streamError");
-        }
-        ctx.finish(
-            &shared,
-            status.as_u16(),
-            summary.usage,
-            summary.counts,
-            summary.error,
-        );
-    });
-    *out.body_mut() = observed.boxed_unsync();
+    let sse = is_sse.then(|| SseTransformer::new(Some(tenant)));
+    *out.body_mut() = Observed::new(body, sse, ex).boxed_unsync();
     out
 }
 
-/// A complete, non-streamed message: its usage, and its text redacted when the policy asks.
+/// A complete, non-streamed message: its usage, and its text (with citations and tool inputs)
+/// redacted when the policy asks. Thinking passes unchanged: its signature covers it.
 fn read_message(tenant: &Tenant, bytes: Bytes) -> (Bytes, Usage, Counts) {
     let mut usage = Usage::default();
     let mut counts = Counts::default();
@@ -484,16 +449,28 @@ fn read_message(tenant: &Tenant, bytes: Bytes) -> (Bytes, Usage, Counts) {
         return (bytes, usage, counts);
     };
     if let Some(u) = json.get("usage") {
-        merge_usage(&mut usage, u);
+        usage.merge(u);
     }
     if !tenant.redact_responses || tenant.redactor.is_empty() {
         return (bytes, usage, counts);
     }
-    let changed = json.get_mut("content").is_some_and(|content| {
-        request::rewrite_content(content, &mut |t| tenant.redactor.redact(t, &mut counts))
-    });
+    let mut changed = false;
+    if let Some(content) = json.get_mut("content") {
+        request::walk_content(content, &mut |piece| {
+            if let Piece::Text { text, .. } = piece
+                && let Some(new) = tenant.redactor.redact(text, &mut counts)
+            {
+                *text = new;
+                changed = true;
+            }
+        });
+    }
     if changed && let Ok(rewritten) = serde_json::to_vec(&json) {
         return (Bytes::from(rewritten), usage, counts);
     }
     (bytes, usage, counts)
 }
+
+#[cfg(test)]
+#[path = "pipeline_tests.rs"]
+mod tests;

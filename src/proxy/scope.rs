@@ -102,7 +102,17 @@ pub struct Scope {
     endpoints: Vec<Endpoint>,
     /// `None` allows every model.
     models: Option<GlobSet>,
+    /// The allowlist entries, by glob index: the model's metric label.
+    patterns: Vec<String>,
+    /// `None` passes every anthropic-beta value.
+    betas: Option<Vec<String>>,
+    mcp_servers: Vec<String>,
 }
+
+/// Metric label of a model the scope refuses, and of any model when there is no allowlist.
+pub const OTHER_MODEL: &str = "other";
+/// Metric label of an open scope's models: the implicit allowlist entry.
+pub const ANY_MODEL: &str = "*";
 
 impl Scope {
     pub fn new(spec: &ScopeSpec) -> Result<Self, ScopeError> {
@@ -125,7 +135,58 @@ impl Scope {
         Ok(Self {
             endpoints: spec.endpoints.clone(),
             models,
+            patterns: spec.models.clone(),
+            betas: spec.betas.clone(),
+            mcp_servers: spec.mcp_servers.clone(),
         })
+    }
+
+    /// The model as a bounded metric label: the allowlist entry it matched (`*` with no
+    /// allowlist), or `other`; never the name the client sent.
+    pub fn model_label(&self, model: &str) -> &str {
+        match &self.models {
+            None => ANY_MODEL,
+            Some(set) => set
+                .matches(model)
+                .first()
+                .and_then(|&i| self.patterns.get(i))
+                .map_or(OTHER_MODEL, String::as_str),
+        }
+    }
+
+    /// Every value of every `anthropic-beta` header (comma-separated) must be allowed.
+    pub fn check_betas(&self, headers: &http::HeaderMap) -> Result<(), ApiError> {
+        let Some(allowed) = &self.betas else {
+            return Ok(());
+        };
+        for value in headers.get_all("anthropic-beta") {
+            let value = value
+                .to_str()
+                .map_err(|_| ApiError::InvalidRequest("anthropic-beta: must be ASCII".into()))?;
+            for beta in value.split(',').map(str::trim).filter(|b| !b.is_empty()) {
+                if !allowed.iter().any(|a| a == beta) {
+                    let shown: String = beta.chars().take(64).collect();
+                    return Err(ApiError::Permission(format!(
+                        "anthropic-beta {shown} is not allowed by this ClaudeKey's scope"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every MCP server a request names must be on the allowlist. The message names the
+    /// entry by position only: a URL may carry a token.
+    pub fn check_mcp_servers(&self, urls: &[String]) -> Result<(), ApiError> {
+        match urls
+            .iter()
+            .position(|url| !self.mcp_servers.iter().any(|a| a == url))
+        {
+            None => Ok(()),
+            Some(i) => Err(ApiError::Permission(format!(
+                "mcp_servers[{i}]: this MCP server is not allowed by this ClaudeKey's scope (scope.mcpServers)"
+            ))),
+        }
     }
 
     pub fn check_endpoint(&self, route: Route) -> Result<(), ApiError> {
@@ -235,6 +296,64 @@ mod tests {
         assert_eq!(s.check_endpoint(Route::Files).unwrap_err().status(), 403);
         let s = scope(&[], vec![Endpoint::Batches]);
         assert!(s.check_endpoint(Route::BatchCreate).is_ok());
+    }
+
+    #[test]
+    fn model_labels_are_allowlist_entries() {
+        let s = scope(&["claude-sonnet-4-*", "claude-haiku-*"], vec![]);
+        assert_eq!(s.model_label("claude-sonnet-4-5"), "claude-sonnet-4-*");
+        assert_eq!(
+            s.model_label("claude-sonnet-4-invented-7"),
+            "claude-sonnet-4-*"
+        );
+        assert_eq!(s.model_label("claude-haiku-4-5"), "claude-haiku-*");
+        assert_eq!(s.model_label("claude-opus-4-1"), OTHER_MODEL);
+        assert_eq!(scope(&[], vec![]).model_label("anything at all"), ANY_MODEL);
+    }
+
+    #[test]
+    fn betas_by_allowlist() {
+        let mut headers = http::HeaderMap::new();
+        headers.append("anthropic-beta", "a-1, b-2".parse().unwrap());
+        assert!(scope(&[], vec![]).check_betas(&headers).is_ok());
+        let only = |betas: &[&str]| {
+            Scope::new(&ScopeSpec {
+                betas: Some(betas.iter().map(|s| s.to_string()).collect()),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        assert!(only(&["a-1", "b-2"]).check_betas(&headers).is_ok());
+        let err = only(&["a-1"]).check_betas(&headers).unwrap_err();
+        assert_eq!(err.status(), 403);
+        assert!(err.to_string().contains("b-2"));
+        headers.append("anthropic-beta", "c-3".parse().unwrap());
+        assert!(only(&["a-1", "b-2"]).check_betas(&headers).is_err());
+        assert!(only(&[]).check_betas(&http::HeaderMap::new()).is_ok());
+    }
+
+    #[test]
+    fn mcp_servers_by_allowlist() {
+        let s = Scope::new(&ScopeSpec {
+            mcp_servers: vec!["https://mcp.example.com/sse".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(s.check_mcp_servers(&[]).is_ok());
+        assert!(
+            s.check_mcp_servers(&["https://mcp.example.com/sse".into()])
+                .is_ok()
+        );
+        let err = s
+            .check_mcp_servers(&["https://mcp.example.com/sse?token=SECRET".into()])
+            .unwrap_err();
+        assert_eq!(err.status(), 403);
+        assert!(!err.to_string().contains("SECRET"));
+        assert!(
+            scope(&[], vec![])
+                .check_mcp_servers(&["https://x".into()])
+                .is_err()
+        );
     }
 
     #[test]

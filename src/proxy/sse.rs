@@ -1,7 +1,9 @@
 //! Server-sent events from the Messages API, passed through as they arrive: at most one partial
 //! event is held. Usage is read from `message_start` and `message_delta` (whose usage is
 //! cumulative: overwrite, never add); `error` events after a 200 are noted; `ping` and unknown
-//! events pass untouched; text deltas are redacted with a carry-over when the policy asks.
+//! events pass untouched; text deltas are redacted with a carry-over when the policy asks, and
+//! citations' `cited_text` whole. Thinking deltas pass unchanged: their signature covers them,
+//! and the API refuses a later turn whose thinking was altered.
 
 use std::sync::Arc;
 
@@ -9,28 +11,10 @@ use bytes::{Bytes, BytesMut};
 use serde_json::Value;
 
 use super::{
-    metrics::Usage,
     redact::{Counts, StreamRedactor},
     tenant::Tenant,
+    usage::Usage,
 };
-
-/// Reads the usage fields present in a `usage` object into `usage`, leaving absent ones as they
-/// were (a `message_delta` may carry only `output_tokens`).
-pub fn merge_usage(usage: &mut Usage, value: &Value) {
-    let field = |name: &str| value.get(name).and_then(Value::as_u64);
-    if let Some(n) = field("input_tokens") {
-        usage.input = n;
-    }
-    if let Some(n) = field("output_tokens") {
-        usage.output = n;
-    }
-    if let Some(n) = field("cache_creation_input_tokens") {
-        usage.cache_creation = n;
-    }
-    if let Some(n) = field("cache_read_input_tokens") {
-        usage.cache_read = n;
-    }
-}
 
 /// Turns upstream SSE bytes into client SSE bytes, event by event.
 pub struct SseTransformer {
@@ -114,12 +98,12 @@ impl SseTransformer {
         match json.get("type").and_then(Value::as_str) {
             Some("message_start") => {
                 if let Some(u) = json.pointer("/message/usage") {
-                    merge_usage(&mut self.usage, u);
+                    self.usage.merge(u);
                 }
             }
             Some("message_delta") => {
                 if let Some(u) = json.get("usage") {
-                    merge_usage(&mut self.usage, u);
+                    self.usage.merge(u);
                 }
             }
             Some("error") => {
@@ -140,6 +124,21 @@ impl SseTransformer {
             return;
         };
         let index = json.get("index").and_then(Value::as_u64).unwrap_or(0);
+        if let Some(Value::String(cited)) = json.pointer_mut("/delta/citation/cited_text") {
+            // A citation arrives whole in one event: nothing to carry over.
+            let redacted = self
+                .tenant
+                .as_ref()
+                .and_then(|t| t.redactor.redact(cited, &mut self.counts));
+            match redacted {
+                Some(new) => {
+                    *cited = new;
+                    write_event(out, "content_block_delta", &json);
+                }
+                None => out.extend_from_slice(raw),
+            }
+            return;
+        }
         let Some(Value::String(text)) = json.pointer_mut("/delta/text") else {
             // input_json_delta, thinking, signature: not text a person reads back.
             out.extend_from_slice(raw);
@@ -325,6 +324,26 @@ mod tests {
             assert!(out.contains("event: ping") && out.contains("event: future_thing"));
             assert!(out.find("REDACTED").unwrap() < out.find("content_block_stop").unwrap());
         }
+    }
+
+    #[test]
+    fn redacts_cited_text_in_citation_deltas() {
+        let ev = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"citations_delta\",\"citation\":{\"type\":\"char_location\",\"cited_text\":\"write to jane@example.com\",\"document_index\":0}}}\n\n";
+        let mut t = SseTransformer::new(Some(tenant(true)));
+        let out = String::from_utf8(t.push(ev.as_bytes()).to_vec()).unwrap();
+        assert!(!out.contains("jane@example.com"), "{out}");
+        assert!(out.contains("write to [REDACTED:email]"));
+        assert!(out.contains("\"document_index\":0"));
+        assert_eq!(t.counts.total(), 1);
+        let mut t = SseTransformer::new(Some(tenant(false)));
+        assert_eq!(&t.push(ev.as_bytes())[..], ev.as_bytes());
+    }
+
+    #[test]
+    fn thinking_deltas_pass_unchanged() {
+        let ev = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"mail jane@example.com\"}}\n\n";
+        let mut t = SseTransformer::new(Some(tenant(true)));
+        assert_eq!(&t.push(ev.as_bytes())[..], ev.as_bytes());
     }
 
     #[test]

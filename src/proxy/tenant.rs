@@ -21,6 +21,8 @@ pub enum TenantError {
     UpstreamKey { fingerprint: String },
     #[error("failed to find a current upstream key: no entry has validUntil null")]
     NoCurrentUpstream,
+    #[error("failed to read auditSalt: not 64 hex digits")]
+    AuditSalt,
     #[error(transparent)]
     Scope(#[from] super::scope::ScopeError),
     #[error(transparent)]
@@ -55,6 +57,8 @@ pub struct Tenant {
     pub redactor: Redactor,
     pub redact_responses: bool,
     pub injection: PromptInjectionMode,
+    /// HMAC key of the audit line's user hash.
+    pub audit_salt: [u8; 32],
 }
 
 impl Tenant {
@@ -96,15 +100,25 @@ impl Tenant {
                 })
             })
             .collect::<Result<_, TenantError>>()?;
+        let audit_salt = match &config.audit_salt {
+            None => super::audit::process_salt(),
+            Some(hex_salt) => {
+                let mut salt = [0u8; 32];
+                hex::decode_to_slice(hex_salt.trim(), &mut salt)
+                    .map_err(|_| TenantError::AuditSalt)?;
+                salt
+            }
+        };
         let policy = &config.policy;
         Ok(Self {
+            audit_salt,
             id: config.claude_key.clone(),
             label: format!("{}/{}", config.claude_key.namespace, config.claude_key.name),
             upstream,
             workload_keys,
             expires_at: policy.expires_at,
             scope: Scope::new(&policy.scope)?,
-            caps: Caps::new(&policy.scope),
+            caps: Caps::new(&policy.scope, &policy.data_protection),
             limits: policy.limits.clone(),
             limiter: limiters.for_key(&config.claude_key),
             redactor: Redactor::new(&policy.data_protection)?,

@@ -87,6 +87,7 @@ pub struct Harness {
     pub dir: tempfile::TempDir,
     pub audit: Arc<Mutex<Vec<String>>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    serving: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Harness {
@@ -100,6 +101,16 @@ impl Drop for Harness {
 impl Harness {
     /// Starts the fake with `upstream_keys` and a proxy whose config dir is prepared by `setup`.
     pub async fn start(mode: Mode, upstream_keys: &[&str], setup: impl FnOnce(&Path)) -> Self {
+        Self::start_with(mode, upstream_keys, setup, |_| {}).await
+    }
+
+    /// [`Harness::start`], with the proxy's settings adjusted by `tweak` (limits, grace).
+    pub async fn start_with(
+        mode: Mode,
+        upstream_keys: &[&str],
+        setup: impl FnOnce(&Path),
+        tweak: impl FnOnce(&mut ProxySettings),
+    ) -> Self {
         let fake = FakeUpstream::start(upstream_keys).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         setup(dir.path());
@@ -109,12 +120,13 @@ impl Harness {
         settings.pod = Some("pod-1".into());
         settings.poll_interval = Duration::from_secs(2);
         settings.upstream_timeout = Duration::from_secs(10);
+        tweak(&mut settings);
         let proxy = Arc::new(Proxy::start(settings).unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let serving = proxy.clone();
-        tokio::spawn(async move {
+        let serving = tokio::spawn(async move {
             serving
                 .serve(listener, async {
                     let _ = stopped.await;
@@ -129,6 +141,17 @@ impl Harness {
             dir,
             audit,
             stop: Some(stop),
+            serving: Some(serving),
+        }
+    }
+
+    /// Stops the proxy as a signal would, and waits until it has finished (audit flushed).
+    pub async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(serving) = self.serving.take() {
+            serving.await.unwrap();
         }
     }
 

@@ -1,0 +1,230 @@
+//! One request's bookkeeping from the first byte to the last: what the steps learned, and the
+//! audit line and metrics written when the exchange is dropped — so a request is audited exactly
+//! once however it ends (answered, refused, abandoned by its client, timed out, cut at shutdown).
+
+use std::{
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use bytes::Bytes;
+use chrono::Utc;
+use http::{HeaderMap, Method};
+use serde_json::Value;
+
+use super::{
+    audit::{AuditRecord, AuditSink},
+    error::ApiError,
+    limits::Reservation,
+    metrics::Metrics,
+    redact::Counts,
+    request::Facts,
+    scope::Route,
+    tenant::Tenant,
+    usage::Usage,
+};
+
+/// Metric label for requests refused before they were tied to a ClaudeKey.
+const UNAUTHENTICATED: &str = "unauthenticated";
+
+/// How a request ended, as the audit line's `outcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The response was delivered whole (whatever its status).
+    Completed,
+    /// The proxy answered itself: a refusal or its own error.
+    Refused,
+    /// The upstream failed: unreachable, no answer in time, a broken stream or an `error` event.
+    UpstreamError,
+    /// The client went away before the response ended.
+    ClientClosed,
+    /// The client did not send its body in time.
+    Timeout,
+    /// The proxy stopped before the response ended.
+    Shutdown,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::Refused => "refused",
+            Self::UpstreamError => "upstream_error",
+            Self::ClientClosed => "client_closed",
+            Self::Timeout => "timeout",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Where finished exchanges go; shared by every request.
+pub struct Recorder {
+    pub metrics: Arc<Metrics>,
+    pub audit: AuditSink,
+    /// Set when the proxy stops waiting for open requests: exchanges dropped after that were cut
+    /// by the shutdown, not by their clients.
+    pub shutting_down: AtomicBool,
+    pub pod: Option<String>,
+}
+
+/// One request through the proxy. Every step reads and writes it; nothing else carries
+/// per-request state.
+pub struct Exchange {
+    recorder: Arc<Recorder>,
+    start: Instant,
+    pub method: Method,
+    /// Path and query as the client sent them.
+    pub path: String,
+    pub route: Option<Route>,
+    pub headers: HeaderMap,
+    pub tenant: Option<Arc<Tenant>>,
+    /// The request body to forward: the client's bytes, or the redacted re-encoding.
+    pub body: Bytes,
+    /// The parsed body of a Messages-style request.
+    pub json: Option<Value>,
+    /// Facts of the request (of each request, for a batch).
+    pub facts: Vec<Facts>,
+    /// The model as a bounded metric label (an allowlist entry, `*`, `other` or `none`).
+    pub model_label: String,
+    pub reservation: Option<Reservation>,
+    /// Redactions in the request and in the response.
+    pub counts: Counts,
+    pub response_counts: Counts,
+    pub usage: Usage,
+    /// Whether the request left for the upstream (an abandoned request may then have used tokens).
+    pub sent: bool,
+    /// Left as `ClientClosed` until a step or the response says otherwise.
+    pub outcome: Outcome,
+    pub audit: AuditRecord,
+}
+
+impl Exchange {
+    pub fn new(recorder: Arc<Recorder>, method: Method, path: String, headers: HeaderMap) -> Self {
+        let audit = AuditRecord {
+            time: Utc::now(),
+            request_id: request_id(),
+            pod: recorder.pod.clone(),
+            method: method.to_string(),
+            endpoint: "unknown".into(),
+            status: 499,
+            ..Default::default()
+        };
+        Self {
+            recorder,
+            start: Instant::now(),
+            method,
+            path,
+            route: None,
+            headers,
+            tenant: None,
+            body: Bytes::new(),
+            json: None,
+            facts: Vec::new(),
+            model_label: "none".into(),
+            reservation: None,
+            counts: Counts::default(),
+            response_counts: Counts::default(),
+            usage: Usage::default(),
+            sent: false,
+            outcome: Outcome::ClientClosed,
+            audit,
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.recorder.metrics
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.audit.request_id
+    }
+
+    /// The tenant; steps after authentication may rely on it.
+    pub fn tenant(&self) -> Result<Arc<Tenant>, ApiError> {
+        self.tenant
+            .clone()
+            .ok_or_else(|| ApiError::Unavailable("request has no ClaudeKey".into()))
+    }
+
+    /// The proxy answers with `error` itself.
+    pub fn refuse(&mut self, error: &ApiError) {
+        self.audit.status = error.status().as_u16();
+        self.audit.error = Some(error.kind().into());
+        self.outcome = match error {
+            ApiError::BadGateway(_) | ApiError::GatewayTimeout(_) => Outcome::UpstreamError,
+            ApiError::Timeout(_) => Outcome::Timeout,
+            _ => Outcome::Refused,
+        };
+    }
+
+    fn finish(&mut self) {
+        if self.outcome == Outcome::ClientClosed
+            && self.recorder.shutting_down.load(Ordering::Relaxed)
+        {
+            self.outcome = Outcome::Shutdown;
+        }
+        if let Some(reservation) = self.reservation.take() {
+            // Abandoned after it was sent and before any usage came back: the upstream may
+            // still spend the reservation, so keep it charged.
+            // A batch reports no usage here at all: its estimate is what it costs.
+            let unknown = self.sent
+                && self.usage.total() == 0
+                && (self.outcome != Outcome::Completed || self.route == Some(Route::BatchCreate));
+            let used = if unknown {
+                reservation.tokens()
+            } else {
+                self.usage.charged()
+            };
+            reservation.settle(used);
+        }
+        let elapsed = self.start.elapsed();
+        let audit = &mut self.audit;
+        audit.outcome = self.outcome.label();
+        audit.set_usage(&self.usage);
+        audit.latency_ms = elapsed.as_secs_f64() * 1000.0;
+        let metrics = &self.recorder.metrics;
+        let label = self
+            .tenant
+            .as_ref()
+            .map_or(UNAUTHENTICATED, |t| t.label.as_str());
+        metrics.request(
+            label,
+            &self.model_label,
+            &audit.endpoint,
+            audit.status,
+            elapsed,
+            &self.usage,
+        );
+        metrics.outcome(label, audit.outcome);
+        if let Some(tenant) = &self.tenant {
+            for (name, n) in self
+                .counts
+                .named(&tenant.redactor)
+                .chain(self.response_counts.named(&tenant.redactor))
+            {
+                *audit.redactions.entry(name.to_string()).or_default() += n;
+                metrics.redactions(label, name, n);
+            }
+        }
+        self.recorder.audit.write(audit);
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// `req_ck_` and 32 hex digits, unique per request: a random per-process half and a counter, so
+/// no request pays for a call to the kernel's random source.
+fn request_id() -> String {
+    static PROCESS: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let process = *PROCESS.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("req_ck_{process:016x}{n:016x}")
+}

@@ -1,0 +1,237 @@
+//! Limits every traffic listener applies, plain or TLS, sidecar or gateway: a header-read
+//! timeout (slow-headers clients are cut off), an idle timeout (a connection with no request in
+//! flight and no bytes moving is closed), and a cap on open connections (further ones wait in
+//! the kernel's accept backlog). Request bodies are bounded where they are read
+//! (`pipeline::read_body`), with their own timeout.
+
+use std::{
+    io,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::{body::Incoming, service::Service};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::Watcher},
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+
+use super::body::ProxyBody;
+
+/// The limits of one listener.
+#[derive(Clone, Debug)]
+pub struct ServerLimits {
+    /// A client must send a request's headers within this (also the wait for the next request
+    /// on a kept-alive HTTP/1 connection).
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight and no bytes moving is closed after this.
+    pub idle_timeout: Duration,
+    /// Open connections at most; more wait until one closes.
+    pub max_connections: usize,
+    /// A client must send a request body within this.
+    pub body_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(120),
+            max_connections: 4096,
+            body_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ServerLimits {
+    /// The HTTP/1 and HTTP/2 connection builder of one connection, with the timers the limits
+    /// need.
+    fn builder(&self) -> auto::Builder<TokioExecutor> {
+        // HTTP/2 streams run as tasks of their own; hyper ends each (dropping its exchange, which
+        // audits it) when its connection goes away.
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout);
+        builder.http2().timer(TokioTimer::new());
+        builder
+    }
+
+    /// One permit per open connection.
+    pub fn slots(&self) -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(self.max_connections.max(1)))
+    }
+}
+
+/// What one connection is doing: when bytes last moved, and how many requests are open.
+struct Activity {
+    epoch: Instant,
+    last_io_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_io_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last_io(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_io_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Counts a request as open until its response body is dropped.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// Serves one accepted connection (a TCP stream, or a TLS stream over one) with `service`
+/// until it ends, goes idle past the limit, or the `graceful` shutdown it watches closes it. `_slot` is held for
+/// the connection's life.
+pub async fn serve_connection<IO, S>(
+    limits: &ServerLimits,
+    graceful: Watcher,
+    io: IO,
+    service: S,
+    _slot: OwnedSemaphorePermit,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let activity = Arc::new(Activity {
+        epoch: Instant::now(),
+        last_io_ms: AtomicU64::new(0),
+        in_flight: AtomicUsize::new(0),
+    });
+    let io = TokioIo::new(Tracked {
+        inner: io,
+        activity: activity.clone(),
+    });
+    let counting = activity.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let guard = InFlight::new(&counting);
+        let call = service.call(req);
+        async move {
+            let response = call.await?;
+            // The guard lives as long as the body: a long stream is not idle.
+            Ok::<_, std::convert::Infallible>(response.map(|body| {
+                body.map_frame(move |frame| {
+                    let _ = &guard;
+                    frame
+                })
+                .boxed_unsync()
+            }))
+        }
+    });
+    let builder = limits.builder();
+    let connection = graceful.watch(builder.serve_connection(io, service).into_owned());
+    tokio::pin!(connection);
+    loop {
+        let deadline = activity.last_io() + limits.idle_timeout;
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            () = tokio::time::sleep_until(deadline.into()) => {
+                let idle = activity.in_flight.load(Ordering::Relaxed) == 0
+                    && activity.last_io().elapsed() >= limits.idle_timeout;
+                if idle {
+                    tracing::debug!("closing an idle connection");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// An IO stream that notes when bytes last moved.
+struct Tracked<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        result
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
