@@ -267,12 +267,14 @@ async fn placement_gateway_keeps_the_upstream_key_in_the_operator_namespace() {
     let (client, operator) = setup("ck-trust-gw").await;
     let team = support::namespace(&client, "ck-trust-gwteam").await;
     let key = upstream_key();
-    put_upstream(&client, &operator, "upstream", &key).await;
+    // Names unique to this test: a later test's cluster-wide controller (another operator
+    // namespace) must find nothing of ours under the names its own sources use.
     let source = unique("gateway");
+    put_upstream(&client, &operator, &source, &key).await;
     apply_cluster_source(
         &client,
         &source,
-        json!({ "kubernetesSecret": { "name": "upstream" }, "allowedNamespaces": { "names": [&team] } }),
+        json!({ "kubernetesSecret": { "name": &source }, "allowedNamespaces": { "names": [&team] } }),
     )
     .await;
     let mut cfg = cluster_wide(&operator, None);
@@ -336,15 +338,16 @@ async fn a_forged_ledger_is_never_acted_on() {
     let fake = FakeUpstream::start(&[]).await.unwrap();
     fake.add_key(&old);
     fake.add_admin_key(&admin_key);
-    put_upstream(&client, &operator, "upstream", &old).await;
-    put_upstream(&client, &operator, "anthropic-admin", &admin_key).await;
     let source = unique("forge");
+    let admin = format!("{source}-admin");
+    put_upstream(&client, &operator, &source, &old).await;
+    put_upstream(&client, &operator, &admin, &admin_key).await;
     apply_cluster_source(
         &client,
         &source,
-        json!({ "kubernetesSecret": { "name": "upstream" }, "placement": "namespace",
+        json!({ "kubernetesSecret": { "name": &source }, "placement": "namespace",
                 "allowedNamespaces": { "names": [&team] },
-                "anthropicAdmin": { "adminKeySecretRef": { "name": "anthropic-admin", "key": "api-key" } } }),
+                "anthropicAdmin": { "adminKeySecretRef": { "name": &admin, "key": "api-key" } } }),
     )
     .await;
     let controller = start(&client, cluster_wide(&operator, Some(fake.url())));
@@ -406,15 +409,16 @@ async fn a_shared_key_is_retired_once_when_nobody_uses_it() {
     let old_id = fake.add_key(&old);
     fake.add_key(&new);
     fake.add_admin_key(&admin_key);
-    put_upstream(&client, &operator, "upstream", &old).await;
-    put_upstream(&client, &operator, "anthropic-admin", &admin_key).await;
     let source = unique("shared");
+    let admin = format!("{source}-admin");
+    put_upstream(&client, &operator, &source, &old).await;
+    put_upstream(&client, &operator, &admin, &admin_key).await;
     apply_cluster_source(
         &client,
         &source,
-        json!({ "kubernetesSecret": { "name": "upstream" }, "placement": "namespace",
+        json!({ "kubernetesSecret": { "name": &source }, "placement": "namespace",
                 "refreshInterval": "10s", "allowedNamespaces": { "names": [&ns1, &ns2] },
-                "anthropicAdmin": { "adminKeySecretRef": { "name": "anthropic-admin", "key": "api-key" } } }),
+                "anthropicAdmin": { "adminKeySecretRef": { "name": &admin, "key": "api-key" } } }),
     )
     .await;
     let controller = start(&client, cluster_wide(&operator, Some(fake.url())));
@@ -437,7 +441,7 @@ async fn a_shared_key_is_retired_once_when_nobody_uses_it() {
             .count()
     };
     // The source's key is replaced: both roll it, each with its own grace.
-    put_upstream(&client, &operator, "upstream", &new).await;
+    put_upstream(&client, &operator, &source, &new).await;
     for ns in [&ns1, &ns2] {
         wait_owned(&client, ns, "bot", "new key rolled", |o| {
             o.config.current_upstream().is_some_and(|u| {

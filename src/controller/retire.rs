@@ -114,35 +114,65 @@ impl SourceKeys {
         if seen.as_deref() == Some(key.fingerprint.as_str()) {
             return;
         }
+        let recorded = self
+            .update(ctx, source, |fresh, status| {
+                let backend = fresh.spec.backend().describe();
+                let may_retire = fresh.spec.anthropic_admin.is_some();
+                record_key(status, key, &backend, may_retire)
+            })
+            .await;
+        match recorded {
+            Ok(()) => {
+                self.seen
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(source.to_string(), key.fingerprint.clone());
+            }
+            Err(error) => tracing::warn!(source, %error, "failed to record the source's key"),
+        }
+    }
+
+    /// Read-modify-write of a source's status, one writer at a time, guarded by the
+    /// resourceVersion and retried on a conflict. `change` returns the new status, or `None`
+    /// when there is nothing to write.
+    pub async fn update(
+        &self,
+        ctx: &Context,
+        source: &str,
+        change: impl Fn(&ClusterClaudeKeySource, &SourceStatus) -> Option<SourceStatus>,
+    ) -> Result<(), kube::Error> {
         let _one = self.write.lock().await;
         let api: Api<ClusterClaudeKeySource> = Api::all(ctx.client.clone());
-        let Ok(Some(fresh)) = api.get_opt(source).await else {
-            return;
-        };
-        let status = fresh.status.clone().unwrap_or_default();
-        let backend = fresh.spec.backend().describe();
-        let may_retire = fresh.spec.anthropic_admin.is_some();
-        if let Some(next) = record_key(&status, key, &backend, may_retire)
-            && let Err(error) = patch_status(&api, &fresh, &next).await
-        {
-            tracing::warn!(source, %error, "failed to record the source's key");
-            return;
+        let mut attempts = 0;
+        loop {
+            let Some(fresh) = api.get_opt(source).await? else {
+                return Ok(());
+            };
+            let status = fresh.status.clone().unwrap_or_default();
+            let Some(next) = change(&fresh, &status) else {
+                return Ok(());
+            };
+            match patch_status(&api, &fresh, &next).await {
+                Err(kube::Error::Api(e)) if e.code == 409 && attempts < 3 => attempts += 1,
+                other => return other,
+            }
         }
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(source.to_string(), key.fingerprint.clone());
     }
 }
 
+/// A merge patch of the whole status. Lists are written even when empty: a merge patch that
+/// leaves a field out keeps the old value, and an emptied `retiring` must stay empty.
 async fn patch_status(
     api: &Api<ClusterClaudeKeySource>,
     source: &ClusterClaudeKeySource,
     status: &SourceStatus,
 ) -> Result<(), kube::Error> {
+    let mut body = serde_json::to_value(status).expect("status always serializes");
+    body["retiring"] = serde_json::json!(status.retiring);
+    body["retired"] = serde_json::json!(status.retired);
     let patch = serde_json::json!({
         "metadata": { "resourceVersion": source.meta().resource_version },
-        "status": status,
+        "status": body,
     });
     api.patch_status(
         &source.name_any(),
@@ -182,7 +212,7 @@ pub async fn retire_once(
             .unwrap_or(0);
         let visible = sees_every_user(&source, watched);
         if source.spec.anthropic_admin.is_some() && queued > 0 && visible {
-            retire_source(store, ctx, &api, &source).await;
+            retire_source(store, ctx, &source).await;
         }
     }
     Ok(())
@@ -198,12 +228,7 @@ pub fn sees_every_user(source: &ClusterClaudeKeySource, watched: Option<&str>) -
     }
 }
 
-async fn retire_source(
-    store: &Store<ClaudeKey>,
-    ctx: &Context,
-    api: &Api<ClusterClaudeKeySource>,
-    source: &ClusterClaudeKeySource,
-) {
+async fn retire_source(store: &Store<ClaudeKey>, ctx: &Context, source: &ClusterClaudeKeySource) {
     let live: HashSet<String> = store.state().iter().filter_map(|ck| ck.uid()).collect();
     let now = Utc::now();
     let status = source.status.clone().unwrap_or_default();
@@ -236,16 +261,18 @@ async fn retire_source(
             return;
         }
     };
-    let mut next = status.clone();
+    let mut done = Vec::new();
+    let mut records = Vec::new();
     for key in free {
         let Some(hint) = &key.hint else { continue };
         let outcome = retire_hint(&admin, hint, None).await;
         ctx.admin_metrics.retired(&outcome);
         let shown = format!("{} ({hint})", key.fingerprint);
+        let warning = !outcome.is_success();
         source_event(
             ctx,
             source,
-            !outcome.is_success(),
+            warning,
             outcome.reason(),
             outcome.message(&shown),
         )
@@ -256,17 +283,26 @@ async fn retire_source(
             reason = outcome.reason(),
             "upstream key retirement"
         );
-        next.retired.push(outcome.record(hint, Utc::now()));
+        records.push(outcome.record(hint, Utc::now()));
         if leaves_queue(&outcome) {
-            next.retiring.retain(|r| r.fingerprint != key.fingerprint);
+            done.push(key.fingerprint.clone());
         }
         if matches!(outcome, RetireOutcome::Failed { .. }) {
             break;
         }
     }
-    let keep_from = next.retired.len().saturating_sub(RETIRED_KEPT);
-    next.retired.drain(..keep_from);
-    if let Err(error) = patch_status(api, source, &next).await {
+    let written = ctx
+        .source_keys
+        .update(ctx, &source.name_any(), |_, status| {
+            let mut next = status.clone();
+            next.retiring.retain(|r| !done.contains(&r.fingerprint));
+            next.retired.extend(records.iter().cloned());
+            let keep_from = next.retired.len().saturating_sub(RETIRED_KEPT);
+            next.retired.drain(..keep_from);
+            Some(next)
+        })
+        .await;
+    if let Err(error) = written {
         tracing::warn!(source = source.name_any(), %error, "failed to record retirements");
     }
 }
