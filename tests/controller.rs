@@ -44,7 +44,7 @@ async fn apply_issues_both_secrets_with_owner_labels_and_ready_status() {
     let base_url = &owned.client_secret.data.as_ref().unwrap()["ANTHROPIC_BASE_URL"];
     assert_eq!(
         base_url,
-        &ByteString(format!("http://claudekey-gateway.{ns}.svc:8080").into_bytes())
+        &ByteString(format!("https://claudekey-gateway.{ns}.svc:8443").into_bytes())
     );
     assert_eq!(
         owned.proxy_secret.data.as_ref().unwrap().len(),
@@ -69,7 +69,11 @@ async fn apply_issues_both_secrets_with_owner_labels_and_ready_status() {
         fingerprint(KeyKind::Upstream, &upstream)
     );
     assert_eq!(status.observed_generation, ck.metadata.generation);
-    assert_eq!(status.source.as_deref(), Some("kubernetes:upstream"));
+    assert_eq!(
+        status.source.as_deref(),
+        Some(format!("ClusterClaudeKeySource/{ns}.bot (kubernetes:upstream)").as_str())
+    );
+    assert_eq!(status.placement, Some(claudekey::crd::Placement::Namespace));
     assert!(status.next_rotation_time.is_some());
     for type_ in ["Ready", "Rotating", "Degraded", "RotationDue"] {
         assert!(condition(&ck, type_).is_some(), "condition {type_}");
