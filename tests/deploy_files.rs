@@ -364,7 +364,7 @@ fn dashboard_has_the_panels_and_known_metrics() {
         "claudekey_proxy_requests_total",
         "claudekey_proxy_tokens_total",
         "claudekey_proxy_rate_limited_total",
-        "claudekey_key_age_seconds",
+        "claudekey_workload_key_age_seconds",
     ] {
         assert!(used.contains(want), "dashboard does not show {want}");
     }

@@ -150,7 +150,8 @@ pub async fn reconcile(ck: Arc<ClaudeKey>, ctx: Arc<Context>) -> Result<Action, 
     )
     .await?;
     let age = (Utc::now() - decision.ledger.issued_at).num_milliseconds() as f64 / 1000.0;
-    ctx.metrics.set_key_age(&namespace, &name, age);
+    let interval = ck.spec.rotation.interval.as_duration().as_secs_f64();
+    ctx.metrics.set_key_age(&namespace, &name, age, interval);
 
     // 6. Requeue at the earliest deadline.
     let failed = backend_error.is_some() || other_error.is_some();
