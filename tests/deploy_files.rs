@@ -51,18 +51,43 @@ fn raw_key_regex() -> Regex {
 }
 
 #[test]
-fn chart_crd_is_a_copy_of_the_generated_crd() {
-    let top = read("crds/claudekey.io_claudekeys.yaml");
-    let chart = read("charts/claudekey/crds/claudekey.io_claudekeys.yaml");
+fn chart_crds_are_what_claudekey_crd_prints() {
+    let chart = read("charts/claudekey/files/crds.yaml");
     assert!(
-        top == chart,
-        "charts/claudekey/crds/claudekey.io_claudekeys.yaml differs from crds/: \
-         cp crds/claudekey.io_claudekeys.yaml charts/claudekey/crds/"
+        chart == claudekey::crd::crd_yaml(),
+        "charts/claudekey/files/crds.yaml differs from `claudekey crd`: \
+         cargo run -- crd > charts/claudekey/files/crds.yaml"
     );
+    // crds/ holds the same documents, one file per CRD.
+    let mut top: Vec<serde_yaml::Value> = yaml_files("crds").iter().flat_map(|f| docs(f)).collect();
+    let mut generated: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&chart)
+        .map(|d| serde_yaml::Value::deserialize(d).expect("CRD YAML"))
+        .filter(|v| !v.is_null())
+        .collect();
+    let by_name = |v: &serde_yaml::Value| {
+        v["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    top.sort_by_key(by_name);
+    generated.sort_by_key(by_name);
+    assert_eq!(top, generated, "crds/ differs from `claudekey crd`");
+    assert!(
+        !root().join("charts/claudekey/crds").exists(),
+        "charts/claudekey/crds/ would make Helm install CRDs it never upgrades; they are templates"
+    );
+}
+
+/// The standalone PrometheusRule carries the chart's rule groups.
+#[test]
+fn standalone_prometheus_rule_matches_the_charts_rules() {
+    let rule = &docs(&root().join("deploy/monitoring/prometheusrule.yaml"))[0];
+    let chart: serde_yaml::Value =
+        serde_yaml::from_str(&read("charts/claudekey/files/prometheus-rules.yaml")).expect("rules");
     assert_eq!(
-        chart,
-        claudekey::crd::crd_yaml(),
-        "chart CRD differs from `claudekey crd`"
+        rule["spec"], chart,
+        "deploy/monitoring/prometheusrule.yaml spec differs from charts/claudekey/files/prometheus-rules.yaml"
     );
 }
 

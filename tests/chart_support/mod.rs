@@ -1,5 +1,8 @@
 //! Rendering the Helm chart and reading what it rendered, for tests/chart.rs.
 
+pub mod day2;
+pub mod metric_names;
+
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
@@ -71,6 +74,19 @@ pub fn names(docs: &[serde_yaml::Value], kind: &str) -> BTreeSet<String> {
         .filter(|d| d["kind"].as_str() == Some(kind))
         .map(|d| d["metadata"]["name"].as_str().expect("name").to_string())
         .collect()
+}
+
+/// Whether a rendered document is a `helm test` hook (rendered by `helm template`, created
+/// only by `helm test`).
+pub fn is_test_hook(d: &serde_yaml::Value) -> bool {
+    d["metadata"]["annotations"]["helm.sh/hook"].as_str() == Some("test")
+}
+
+/// Names of one kind, without `helm test` hooks.
+pub fn non_test(docs: &[serde_yaml::Value], kind: &str) -> BTreeSet<String> {
+    let installed: Vec<serde_yaml::Value> =
+        docs.iter().filter(|d| !is_test_hook(d)).cloned().collect();
+    names(&installed, kind)
 }
 
 pub fn pod(d: &Deployment) -> &PodSpec {
