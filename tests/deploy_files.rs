@@ -416,3 +416,85 @@ fn dashboard_has_the_panels_and_known_metrics() {
         assert!(vars.contains(&v), "dashboard variable {v}");
     }
 }
+
+/// Every `&str` constant in a module named `reason`, `reasons`, `event`, `events` or `condition`
+/// anywhere under src/, and every constant named `CONDITION_*` or `*REASON*`: the condition types,
+/// condition reasons and Event reasons the binaries can produce. (value, where it is defined)
+fn reasons_in_code() -> BTreeSet<(String, String)> {
+    let module = Regex::new(r"^\s*(pub(\([a-z]+\))? )?mod (reasons?|events?|condition)\s*\{")
+        .expect("regex");
+    let constant =
+        Regex::new(r#"^\s*(pub(\([a-z]+\))? )?const ([A-Z0-9_]+): &str = "([A-Za-z]+)";"#)
+            .expect("regex");
+    let mut found = BTreeSet::new();
+    let mut stack = vec![root().join("src")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read src") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|x| x != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("read source");
+            let rel = path
+                .strip_prefix(root())
+                .expect("under root")
+                .display()
+                .to_string();
+            let mut depth_in_module: Option<i32> = None;
+            for line in text.lines() {
+                if depth_in_module.is_none() && module.is_match(line) {
+                    depth_in_module = Some(0);
+                }
+                if let Some(c) = constant.captures(line) {
+                    let name = &c[3];
+                    if depth_in_module.is_some()
+                        || name.starts_with("CONDITION_")
+                        || name.contains("REASON")
+                    {
+                        found.insert((c[4].to_string(), format!("{rel} ({name})")));
+                    }
+                }
+                if let Some(depth) = depth_in_module.as_mut() {
+                    *depth += line.matches('{').count() as i32 - line.matches('}').count() as i32;
+                    if *depth <= 0 {
+                        depth_in_module = None;
+                    }
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn troubleshooting_page_lists_every_reason_in_the_code() {
+    let page = read("docs/troubleshooting.md");
+    let reasons = reasons_in_code();
+    // The page can only go stale if the scan still sees the code's reasons.
+    for known in [
+        "KeysIssued",
+        "BackendError",
+        "KeyRotated",
+        "UpstreamKeyRetired",
+        "Ready",
+    ] {
+        assert!(
+            reasons.iter().any(|(v, _)| v == known),
+            "the scan of src/ no longer finds {known}: {reasons:?}"
+        );
+    }
+    let missing: Vec<String> = reasons
+        .iter()
+        .filter(|(value, _)| !page.contains(&format!("`{value}`")))
+        .map(|(value, at)| format!("`{value}` from {at}"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/troubleshooting.md does not explain:\n  {}",
+        missing.join("\n  ")
+    );
+}
