@@ -4,6 +4,8 @@
 //! hack/chart-test.sh adds lint, scan and installation into the control plane.
 
 mod chart_support;
+#[allow(dead_code)]
+mod support;
 
 use std::collections::BTreeSet;
 
@@ -814,16 +816,34 @@ fn schema_refuses_bad_values() {
 }
 
 /// Every `claudekey_*` series name the dashboard, the alert rules, their promtool tests and the
-/// docs use is exported by a role: the controller (against the test apiserver), the webhook and
-/// the proxy run as the built binary and their /metrics are scraped. A renamed query fails here.
+/// docs use is exported by a role: the controller (against the test apiserver, with a Ready
+/// ClaudeKey), the webhook (after a review) and the proxy (after an answered and a rate-limited
+/// call) run as the built binary and their /metrics are scraped. A renamed query fails here.
 #[tokio::test]
 async fn every_metric_the_dashboard_rules_and_docs_use_is_exported() {
-    use chart_support::metric_names::{exported, scrape, start_roles, used};
+    use chart_support::metric_names::*;
+    let client = support::client().await;
+    let ops = support::namespace(&client, "ck-metrics-ops").await;
+    let team = support::namespace(&client, "ck-metrics-team").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut roles = start_roles(dir.path());
+    let mut running = start_roles(dir.path(), &ops, &team).await;
+    drive_controller(&client, &ops, &team).await;
+    drive_proxy(running.proxy_port).await;
+    let ca = std::fs::read_to_string(dir.path().join("tls.crt")).expect("cert");
+    drive_webhook(running.webhook_port, &ca).await;
     let mut all = BTreeSet::new();
-    for role in &mut roles {
-        let names = exported(&scrape(role, dir.path()).await);
+    for role in &mut running.roles {
+        // The controller's gauges appear once its ClaudeKey is Ready: scrape until then.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        let names = loop {
+            let names = exported(&scrape(role, dir.path()).await);
+            let ready =
+                role.name != "controller" || names.contains("claudekey_workload_key_age_seconds");
+            if ready || std::time::Instant::now() > until {
+                break names;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        };
         assert!(
             names.iter().any(|n| n.starts_with("claudekey_")),
             "{} exports no claudekey_ series",
@@ -831,7 +851,16 @@ async fn every_metric_the_dashboard_rules_and_docs_use_is_exported() {
         );
         all.extend(names);
     }
-    drop(roles);
+    drop(running);
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    for (name, file, registration) in EVENT_ONLY {
+        let text = std::fs::read_to_string(root.join(file)).expect("source");
+        assert!(
+            text.contains(registration),
+            "{name}: {file} no longer registers {registration}"
+        );
+        all.insert(name.to_string());
+    }
     let used = used();
     for file in [
         "charts/claudekey/files/grafana-dashboard.json",
