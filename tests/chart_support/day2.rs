@@ -19,6 +19,25 @@ fn yaml_docs(text: &str) -> Vec<serde_yaml::Value> {
         .collect()
 }
 
+/// The value with every number as f64, so `1` and `1.0` compare equal (as the apiserver sees them).
+fn numbers_as_f64(v: &serde_yaml::Value) -> serde_json::Value {
+    match v {
+        serde_yaml::Value::Number(n) => serde_json::json!(n.as_f64()),
+        serde_yaml::Value::Sequence(items) => items.iter().map(numbers_as_f64).collect(),
+        serde_yaml::Value::Mapping(m) => m
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().unwrap_or_default().to_string(),
+                    numbers_as_f64(v),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+        other => serde_json::to_value(other).expect("plain value"),
+    }
+}
+
 fn chart_file(rel: &str) -> String {
     std::fs::read_to_string(chart().join(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
 }
@@ -49,8 +68,9 @@ fn crds_are_every_document_of_claudekey_crd_kept_on_uninstall() {
             .iter()
             .find(|d| d["metadata"]["name"].as_str() == Some(name))
             .unwrap_or_else(|| panic!("CRD {name} not rendered"));
-        assert_eq!(
-            got["spec"], want["spec"],
+        // Helm's fromYaml/toYaml keeps values, not spellings (`1.0` comes back as `1`).
+        assert!(
+            numbers_as_f64(&got["spec"]) == numbers_as_f64(&want["spec"]),
             "{name}: spec differs from `claudekey crd`"
         );
         assert_eq!(
@@ -63,6 +83,24 @@ fn crds_are_every_document_of_claudekey_crd_kept_on_uninstall() {
             Some("Helm"),
             "{name}"
         );
+    }
+    // Helm and kubectl read YAML 1.1: a bare off/on/yes/no value would reach the apiserver as a
+    // boolean (an enum of strings holding `false`).
+    let yaml11_bool = regex::Regex::new(
+        r"^\s*(- |[A-Za-z0-9_.-]+: )(y|Y|yes|Yes|YES|n|N|no|No|NO|on|On|ON|off|Off|OFF)\s*$",
+    )
+    .expect("regex");
+    let text = try_render_text("default", &[]).expect("render");
+    for crd in text
+        .split("\n---")
+        .filter(|d| d.contains("kind: CustomResourceDefinition"))
+    {
+        if let Some(line) = crd.lines().find(|l| yaml11_bool.is_match(l)) {
+            panic!("a YAML 1.1 parser reads {line:?} as a boolean");
+        }
+    }
+    if claudekey::crd::crd_yaml().contains("- off\n") {
+        assert!(text.contains("- \"off\""), "the enum value off is quoted");
     }
     let docs = try_render("default", &["crds.keep=false"]).expect("render");
     for d in of_kind(&docs, "CustomResourceDefinition") {

@@ -26,8 +26,8 @@ pub fn helm() -> String {
     })
 }
 
-/// `helm template` output for a ci/ scenario plus extra `--set`s, or the error text.
-pub fn try_render(scenario: &str, sets: &[&str]) -> Result<Vec<serde_yaml::Value>, String> {
+/// `helm template` text for a ci/ scenario plus extra `--set`s, or the error text.
+pub fn try_render_text(scenario: &str, sets: &[&str]) -> Result<String, String> {
     let values = chart().join(format!("ci/{scenario}-values.yaml"));
     let mut cmd = Command::new(helm());
     cmd.args(["template", RELEASE])
@@ -43,7 +43,12 @@ pub fn try_render(scenario: &str, sets: &[&str]) -> Result<Vec<serde_yaml::Value
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
-    let text = String::from_utf8(out.stdout).expect("utf-8");
+    Ok(String::from_utf8(out.stdout).expect("utf-8"))
+}
+
+/// `helm template` output for a ci/ scenario plus extra `--set`s, or the error text.
+pub fn try_render(scenario: &str, sets: &[&str]) -> Result<Vec<serde_yaml::Value>, String> {
+    let text = try_render_text(scenario, sets)?;
     Ok(serde_yaml::Deserializer::from_str(&text)
         .map(|d| serde_yaml::Value::deserialize(d).expect("rendered YAML parses"))
         .filter(|v| !v.is_null())
