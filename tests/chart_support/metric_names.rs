@@ -182,6 +182,7 @@ pub async fn start_roles(dir: &Path, ops: &str, team: &str) -> Roles {
                 format!("--listen=127.0.0.1:{webhook_port}"),
                 format!("--tls-cert-file={}", path("tls.crt")),
                 format!("--tls-key-file={}", path("tls.key")),
+                "--proxy-image=example.invalid/claudekey:test".into(),
                 format!("--metrics-listen=127.0.0.1:{w}"),
             ],
             dir,
