@@ -256,9 +256,11 @@ check_default_install() { # namespace
   # Least privilege, as the apiserver's authorizer sees it.
   local ctl=$ns:$RELEASE-controller wh=$ns:$RELEASE-webhook gw=$ns:$RELEASE-gateway
   check_can_i yes "$ctl" watch claudekeys.claudekey.io --all-namespaces
-  check_can_i yes "$ctl" watch clusterclaudekeysources.claudekey.io
-  check_can_i yes "$ctl" watch claudekeysources.claudekey.io --all-namespaces
-  check_can_i no "$ctl" create clusterclaudekeysources.claudekey.io
+  if v2_api; then # kubectl resolves a resource type only once its CRD exists
+    check_can_i yes "$ctl" watch clusterclaudekeysources.claudekey.io
+    check_can_i yes "$ctl" watch claudekeysources.claudekey.io --all-namespaces
+    check_can_i no "$ctl" create clusterclaudekeysources.claudekey.io
+  fi
   check_can_i yes "$ctl" list namespaces
   check_can_i no "$ctl" patch namespaces
   check_can_i yes "$ctl" create secrets -n "$ns"
