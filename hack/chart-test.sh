@@ -387,6 +387,10 @@ check_default_install() { # namespace
 for s in "${scenarios[@]}"; do
   ns=ck-$s
   adopt_crds "$ns"
+  # Namespaced RBAC puts Roles into the listed namespaces, which must exist (ci/namespaced-values.yaml).
+  if [[ $s == namespaced ]]; then
+    kubectl create namespace team-a --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  fi
   out=$("$HELM" install "$RELEASE" "$CHART" -n "$ns" --create-namespace \
     -f "$CHART/ci/$s-values.yaml" 2>&1) || die "helm install ($s):"$'\n'"$out"
   [[ $out == *"NOTES:"*"kind: ClaudeKey"*"claudekey.io/inject"* ]] ||
@@ -403,6 +407,13 @@ for s in "${scenarios[@]}"; do
     get certificate -n "$ns" "$RELEASE-webhook" >/dev/null
     ann=$(get validatingwebhookconfiguration "$RELEASE-webhook" -o 'jsonpath={.metadata.annotations.cert-manager\.io/inject-ca-from}')
     [[ $ann == "$ns/$RELEASE-webhook" ]] || die "($s) inject-ca-from is '$ann'"
+  fi
+  if [[ $s == namespaced ]]; then
+    get role -n team-a "$RELEASE-controller-workloads" >/dev/null
+    check_can_i yes "$ns:$RELEASE-controller" create secrets -n team-a
+    check_can_i no "$ns:$RELEASE-controller" create secrets -n team-b
+    check_can_i no "$ns:$RELEASE-controller" list claudekeys.claudekey.io --all-namespaces
+    check_can_i yes "$ns:$RELEASE-controller" list claudekeys.claudekey.io -n team-a
   fi
   if [[ $s == gateway ]]; then
     get service -n "$ns" "$RELEASE-gateway" >/dev/null
