@@ -4,7 +4,6 @@
 //! hack/chart-test.sh adds lint, scan and installation into the control plane.
 
 mod chart_support;
-#[allow(dead_code)]
 mod support;
 
 use std::collections::BTreeSet;
