@@ -230,9 +230,17 @@ check_crd_upgrade() { # namespace
   local path='{.spec.versions[0].schema.openAPIV3Schema.properties.spec.properties.chartUpgradeProbe.type}'
   rm -rf "$v2" && cp -r "$CHART" "$v2"
   "$PROMQL_PYTHON" - "$v2/files/crds.yaml" <<'PY' || die "could not make the changed CRD"
-import sys, yaml
+import re, sys, yaml
+# `claudekey crd` writes YAML 1.2: only true/false are booleans (PyYAML's 1.1 would turn off into false).
+class Loader(yaml.SafeLoader):
+    pass
+Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|false)$"), list("tf"))
 path = sys.argv[1]
-docs = [d for d in yaml.safe_load_all(open(path)) if d]
+docs = [d for d in yaml.load_all(open(path), Loader=Loader) if d]
 for d in docs:
     if d["metadata"]["name"] == "claudekeys.claudekey.io":
         for v in d["spec"]["versions"]:
@@ -249,6 +257,12 @@ PY
   field=$(get crd claudekeys.claudekey.io -o "jsonpath=$path")
   [[ -z $field ]] || die "helm upgrade back did not restore the ClaudeKey CRD"
   log "ok   helm upgrade across a CRD change serves the new schema (and back)"
+  # YAML 1.2 strings that YAML 1.1 reads as booleans must reach the apiserver as strings.
+  if "$CLAUDEKEY_BIN" crd | grep -q -- '- off$'; then
+    kubectl get crd -o json "${CRD_NAMES[@]}" | grep -q '"off"' ||
+      die "the installed CRDs lost the string \"off\" (a YAML 1.1 parser read it as false)"
+    log "ok   the installed CRDs keep \"off\" a string"
+  fi
 }
 
 check_default_install() { # namespace
