@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tests the Helm chart and deploy/ against real tools and the test control plane:
 #
-#   1. the chart's CRD copy is identical to crds/ (the one source of truth)
+#   1. the chart's CRDs (files/crds.yaml, rendered as templates) are exactly `claudekey crd`
 #   2. helm lint --strict, once per scenario in charts/claudekey/ci/*-values.yaml
 #   3. values.schema.json refuses bad values (each case must make `helm template` fail)
 #   4. helm template per scenario, piped through `claudekey scan -` (the chart must pass its own
@@ -10,7 +10,9 @@
 #      Pending without a kubelet), a few checks on what the apiserver stored, then uninstall;
 #      for the default scenario also `kubectl auth can-i` for least privilege, the controller
 #      binary run as its ServiceAccount (it must make a ClaudeKey Ready and never be refused), and
-#      an upgrade that must keep the self-signed webhook certificate
+#      an upgrade that must keep the self-signed webhook and gateway certificates, and an upgrade
+#      across a CRD change that must serve the new schema (CRDs are templates); CRDs are kept
+#      on uninstall
 #   6. deploy/samples accepted by the apiserver (--dry-run=server: CRD schema and CEL rules)
 #   7. deploy/monitoring: every PromQL expression parsed (hack/check-promql.py), rules with
 #      `promtool check rules` and `promtool test rules`
@@ -53,6 +55,8 @@ HELM=${CLAUDEKEY_TEST_HELM:-}
 KUBECTL=${CLAUDEKEY_TEST_KUBECTL:-}
 [[ -n $KUBECTL && -x $KUBECTL ]] || die "kubectl not found (CLAUDEKEY_TEST_KUBECTL='$KUBECTL' from $ENV_FILE); run hack/tools.sh"
 kubectl() { "$KUBECTL" "$@"; }
+# A python with PyYAML (and promql-parser, for step 7): the test venv has both.
+PROMQL_PYTHON=${CLAUDEKEY_PROMQL_PYTHON:-${CLAUDEKEY_TEST_PYTHON:-python3}}
 [[ -n ${KUBECONFIG:-} && -f $KUBECONFIG ]] || die "KUBECONFIG from $ENV_FILE does not exist"
 kubectl version >/dev/null 2>&1 || die "the control plane in $STATE does not answer (kubectl version)"
 
@@ -67,13 +71,18 @@ done
 ((${#scenarios[@]})) || die "no scenario matches CHART_TEST_ONLY=${CHART_TEST_ONLY:-}"
 
 # ---------------------------------------------------------------------------
-# 1. CRD copy
+# 1. CRDs
 # ---------------------------------------------------------------------------
-# Helm installs CRDs only from the chart's crds/ directory and does not follow a symlink reliably
-# once packaged, so the chart carries a copy; this keeps it identical to the generated file.
-cmp -s "$ROOT/crds/claudekey.io_claudekeys.yaml" "$CHART/crds/claudekey.io_claudekeys.yaml" ||
-  die "charts/claudekey/crds/claudekey.io_claudekeys.yaml differs from crds/: cp crds/claudekey.io_claudekeys.yaml charts/claudekey/crds/"
-log "ok   CRD copy matches crds/"
+# The chart renders every document of files/crds.yaml as a template (so `helm upgrade` updates
+# them); that file must be exactly what the binary prints. A crds/ directory in the chart would
+# make Helm install CRDs it never upgrades.
+[[ -x $CLAUDEKEY_BIN ]] || die "claudekey binary not found at $CLAUDEKEY_BIN (cargo build, or set CLAUDEKEY_BIN)"
+"$CLAUDEKEY_BIN" crd | cmp -s - "$CHART/files/crds.yaml" ||
+  die "charts/claudekey/files/crds.yaml differs from \`claudekey crd\`: $CLAUDEKEY_BIN crd > charts/claudekey/files/crds.yaml"
+[[ ! -e $CHART/crds ]] || die "charts/claudekey/crds/ exists: Helm would install those CRDs once and never upgrade them"
+mapfile -t CRD_NAMES < <("$CLAUDEKEY_BIN" crd | sed -n 's/^  name: \(.*\.claudekey\.io\)$/\1/p')
+((${#CRD_NAMES[@]})) || die "no CRD names in \`claudekey crd\`"
+log "ok   chart CRDs are \`claudekey crd\` (${CRD_NAMES[*]})"
 
 # ---------------------------------------------------------------------------
 # 2. lint
@@ -97,7 +106,9 @@ expect_refused() { # description, then helm --set arguments
 expect_refused "an unknown webhook mode" --set webhook.mode=audit
 expect_refused "a misspelt key" --set controller.replica=2
 expect_refused "an unknown failurePolicy" --set webhook.failurePolicy.validate=Open
-expect_refused "the gateway without a ClaudeKey" --set gateway.enabled=true
+expect_refused "the removed single-ClaudeKey gateway value" --set gateway.claudeKey=x
+expect_refused "two namespaces for namespaced RBAC" --set 'rbac.namespaces={a,b}'
+expect_refused "a misspelt networkPolicy key" --set networkPolicy.enable=true
 expect_refused "vault token auth without a token Secret" \
   --set backends.vault.address=http://vault:8200 --set backends.vault.auth.method=token
 expect_refused "a non-URL upstream" --set upstreamURL=api.anthropic.com
@@ -164,11 +175,96 @@ check_can_i() { # want (yes|no), service account, then can-i arguments
   [[ $got == "$want" ]] || die "RBAC: $sa can-i $* = '$got', want '$want'"
 }
 
+# CRDs are kept on uninstall (and the Rust tests apply them too): let the next release adopt them,
+# as a user moving claudekey to another release or namespace does.
+adopt_crds() { # namespace
+  local crd
+  for crd in "${CRD_NAMES[@]}"; do
+    kubectl get crd "$crd" >/dev/null 2>&1 || continue
+    kubectl label crd "$crd" app.kubernetes.io/managed-by=Helm --overwrite >/dev/null
+    kubectl annotate crd "$crd" meta.helm.sh/release-name="$RELEASE" \
+      meta.helm.sh/release-namespace="$1" --overwrite >/dev/null
+  done
+}
+
+# A ClaudeKey named $2 in namespace $1 on the upstream Secret $3 of the release namespace $4.
+apply_probe_claudekey() {
+  local team=$1 name=$2 secret=$3 ns=$4
+  kubectl -n "$ns" label secret "$secret" claudekey.io/upstream-key=true --overwrite >/dev/null
+  kubectl apply -f - >/dev/null <<EOF
+apiVersion: claudekey.io/v1alpha2
+kind: ClusterClaudeKeySource
+metadata: { name: $name }
+spec:
+  kubernetesSecret: { name: $secret, key: api-key }
+  allowedNamespaces: { names: [$team] }
+---
+apiVersion: claudekey.io/v1alpha2
+kind: ClaudeKey
+metadata: { name: $name, namespace: $team }
+spec:
+  sourceRef: { kind: ClusterClaudeKeySource, name: $name }
+  scope: { models: ["claude-haiku-*"] }
+EOF
+}
+
+# helm upgrade with a chart whose ClaudeKey CRD gained a field: the apiserver must serve the new
+# schema (CRDs are templates, not crds/), then the original chart puts the old one back.
+check_crd_upgrade() { # namespace
+  local ns=$1 v2=$WORK/chart-crd-v2 field
+  local path='{.spec.versions[0].schema.openAPIV3Schema.properties.spec.properties.chartUpgradeProbe.type}'
+  rm -rf "$v2" && cp -r "$CHART" "$v2"
+  "$PROMQL_PYTHON" - "$v2/files/crds.yaml" <<'PY' || die "could not make the changed CRD"
+import re, sys, yaml
+# `claudekey crd` writes YAML 1.2: only true/false are booleans (PyYAML's 1.1 would turn off into false).
+class Loader(yaml.SafeLoader):
+    pass
+Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|false)$"), list("tf"))
+path = sys.argv[1]
+docs = [d for d in yaml.load_all(open(path), Loader=Loader) if d]
+for d in docs:
+    if d["metadata"]["name"] == "claudekeys.claudekey.io":
+        for v in d["spec"]["versions"]:
+            props = v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+            props["chartUpgradeProbe"] = {"type": "string", "description": "added by chart-test"}
+open(path, "w").write("".join("---\n" + yaml.safe_dump(d, sort_keys=False) for d in docs))
+PY
+  "$HELM" upgrade "$RELEASE" "$v2" -n "$ns" -f "$CHART/ci/default-values.yaml" >/dev/null ||
+    die "helm upgrade with a changed CRD"
+  field=$(get crd claudekeys.claudekey.io -o "jsonpath=$path")
+  [[ $field == string ]] || die "helm upgrade did not update the ClaudeKey CRD (new field type '$field')"
+  "$HELM" upgrade "$RELEASE" "$CHART" -n "$ns" -f "$CHART/ci/default-values.yaml" >/dev/null ||
+    die "helm upgrade back to the original CRD"
+  field=$(get crd claudekeys.claudekey.io -o "jsonpath=$path")
+  [[ -z $field ]] || die "helm upgrade back did not restore the ClaudeKey CRD"
+  log "ok   helm upgrade across a CRD change serves the new schema (and back)"
+  # YAML 1.2 strings that YAML 1.1 reads as booleans must reach the apiserver as strings.
+  if "$CLAUDEKEY_BIN" crd | grep -q -- '- off$'; then
+    kubectl get crd -o json "${CRD_NAMES[@]}" | grep -q '"off"' ||
+      die "the installed CRDs lost the string \"off\" (a YAML 1.1 parser read it as false)"
+    log "ok   the installed CRDs keep \"off\" a string"
+  fi
+}
+
 check_default_install() { # namespace
   local ns=$1
   # Least privilege, as the apiserver's authorizer sees it.
-  local ctl=$ns:$RELEASE-controller wh=$ns:$RELEASE-webhook
+  local ctl=$ns:$RELEASE-controller wh=$ns:$RELEASE-webhook gw=$ns:$RELEASE-gateway
   check_can_i yes "$ctl" watch claudekeys.claudekey.io --all-namespaces
+  check_can_i yes "$ctl" watch clusterclaudekeysources.claudekey.io
+  check_can_i yes "$ctl" watch claudekeysources.claudekey.io --all-namespaces
+  check_can_i no "$ctl" create clusterclaudekeysources.claudekey.io
+  check_can_i no "$ctl" patch clusterclaudekeysources.claudekey.io
+  check_can_i yes "$ctl" patch clusterclaudekeysources.claudekey.io --subresource=status
+  check_can_i yes "$ctl" patch claudekeys.claudekey.io -n team-x
+  check_can_i yes "$ctl" list namespaces
+  check_can_i no "$ctl" patch namespaces
+  check_can_i yes "$ctl" create secrets -n "$ns"
+  check_can_i yes "$ctl" delete secrets -n "$ns"
   check_can_i yes "$ctl" patch claudekeys.claudekey.io --subresource=status -n team-x
   check_can_i no "$ctl" update claudekeys.claudekey.io -n team-x
   check_can_i yes "$ctl" create secrets -n team-x
@@ -184,7 +280,11 @@ check_default_install() { # namespace
   check_can_i no "$wh" get secrets -n "$ns"
   check_can_i no "$wh" get secrets -n team-x
   check_can_i no "$wh" patch claudekeys.claudekey.io -n team-x
-  log "ok   RBAC least privilege (kubectl auth can-i as the controller and webhook ServiceAccounts)"
+  check_can_i yes "$gw" watch secrets -n "$ns"
+  check_can_i no "$gw" create secrets -n "$ns"
+  check_can_i no "$gw" get secrets -n team-x
+  check_can_i no "$gw" list claudekeys.claudekey.io --all-namespaces
+  log "ok   RBAC least privilege (kubectl auth can-i as the controller, webhook and gateway ServiceAccounts)"
 
   # The chart's RBAC is enough for the real controller: the binary runs as the controller's
   # ServiceAccount (a TokenRequest token), with leader election, and must make a ClaudeKey in
@@ -198,24 +298,16 @@ check_default_install() { # namespace
   KUBECONFIG=$kc kubectl config set-credentials controller-sa \
     --token="$(kubectl create token "$RELEASE-controller" -n "$ns")" >/dev/null
   KUBECONFIG=$kc kubectl config set-context --current --user=controller-sa >/dev/null
+  # The flags the chart gives it (gateway URL and the gateway's CA from its TLS Secret), where
+  # this branch's binary knows them.
+  local gw_flags=()
+  get secret -n "$ns" "$RELEASE-gateway-tls" -o 'jsonpath={.data.ca\.crt}' | base64 -d >"$WORK/gateway-ca.crt"
+  gw_flags+=(--gateway-url "https://$RELEASE-gateway.$ns.svc:8443")
+  gw_flags+=(--gateway-ca-file "$WORK/gateway-ca.crt")
   KUBECONFIG=$kc "$CLAUDEKEY_BIN" controller --namespace "$ns" --metrics-listen 127.0.0.1:0 \
-    --usage-interval 0s >"$WORK/controller-sa.log" 2>&1 &
+    --usage-interval 0s "${gw_flags[@]}" >"$WORK/controller-sa.log" 2>&1 &
   ctl_pid=$!
-  kubectl apply -f - >/dev/null <<EOF
-apiVersion: claudekey.io/v1alpha2
-kind: ClusterClaudeKeySource
-metadata: { name: rbac-probe }
-spec:
-  kubernetesSecret: { name: rbac-upstream, key: api-key }
-  allowedNamespaces: { names: [$team] }
----
-apiVersion: claudekey.io/v1alpha2
-kind: ClaudeKey
-metadata: { name: rbac-probe, namespace: $team }
-spec:
-  sourceRef: { kind: ClusterClaudeKeySource, name: rbac-probe }
-  scope: { models: ["claude-haiku-*"] }
-EOF
+  apply_probe_claudekey "$team" rbac-probe rbac-upstream "$ns"
   local ready=0
   kubectl -n "$team" wait claudekey/rbac-probe --for=condition=Ready --timeout=90s >/dev/null && ready=1
   kill "$ctl_pid" 2>/dev/null || true
@@ -231,6 +323,7 @@ EOF
   if kubectl -n "$team" get secret rbac-probe-proxy >/dev/null 2>&1; then
     die "placement gateway wrote a -proxy Secret into $team"
   fi
+  kubectl delete clusterclaudekeysource rbac-probe --wait=false >/dev/null
   get lease -n "$ns" claudekey-controller >/dev/null
   if grep -qiE 'forbidden|cannot (get|list|watch|create|patch|update)' "$WORK/controller-sa.log"; then
     grep -iE 'forbidden|cannot' "$WORK/controller-sa.log" | head -5 >&2
@@ -275,10 +368,34 @@ EOF
   ca2=$(get mutatingwebhookconfiguration "$RELEASE-webhook" -o 'jsonpath={.webhooks[0].clientConfig.caBundle}')
   [[ $ca1 == "$ca2" ]] || die "helm upgrade replaced the self-signed webhook CA (lookup reuse broken)"
   log "ok   self-signed webhook TLS verifies and survives helm upgrade"
+
+  # The gateway's certificate: its own CA (what <name>-client carries), its Service's name, kept
+  # across upgrades.
+  local gca1 gca2
+  gca1=$(get secret -n "$ns" "$RELEASE-gateway-tls" -o 'jsonpath={.data.ca\.crt}')
+  printf '%s' "$gca1" | base64 -d >"$WORK/gateway-ca.crt"
+  get secret -n "$ns" "$RELEASE-gateway-tls" -o 'jsonpath={.data.tls\.crt}' | base64 -d >"$WORK/gateway.crt"
+  openssl verify -CAfile "$WORK/gateway-ca.crt" "$WORK/gateway.crt" >/dev/null 2>&1 ||
+    die "the gateway certificate does not verify against its CA"
+  openssl x509 -in "$WORK/gateway.crt" -noout -ext subjectAltName 2>/dev/null |
+    grep -q "DNS:$RELEASE-gateway.$ns.svc" || die "gateway certificate lacks DNS:$RELEASE-gateway.$ns.svc"
+  if openssl verify -CAfile "$WORK/ca.crt" "$WORK/gateway.crt" >/dev/null 2>&1; then
+    die "the gateway certificate verifies against the webhook CA: one CA for both"
+  fi
+  gca2=$(get secret -n "$ns" "$RELEASE-gateway-tls" -o 'jsonpath={.data.ca\.crt}')
+  [[ $gca1 == "$gca2" ]] || die "helm upgrade replaced the gateway CA"
+  log "ok   self-signed gateway TLS: own CA, Service DNS name, survives helm upgrade"
+
+  check_crd_upgrade "$ns"
 }
 
 for s in "${scenarios[@]}"; do
   ns=ck-$s
+  adopt_crds "$ns"
+  # Namespaced RBAC puts Roles into the listed namespaces, which must exist (ci/namespaced-values.yaml).
+  if [[ $s == namespaced ]]; then
+    kubectl create namespace team-a --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  fi
   out=$("$HELM" install "$RELEASE" "$CHART" -n "$ns" --create-namespace \
     -f "$CHART/ci/$s-values.yaml" 2>&1) || die "helm install ($s):"$'\n'"$out"
   [[ $out == *"NOTES:"*"kind: ClaudeKey"*"claudekey.io/inject"* ]] ||
@@ -296,11 +413,27 @@ for s in "${scenarios[@]}"; do
     ann=$(get validatingwebhookconfiguration "$RELEASE-webhook" -o 'jsonpath={.metadata.annotations.cert-manager\.io/inject-ca-from}')
     [[ $ann == "$ns/$RELEASE-webhook" ]] || die "($s) inject-ca-from is '$ann'"
   fi
+  if [[ $s == namespaced ]]; then
+    get role -n team-a "$RELEASE-controller-workloads" >/dev/null
+    check_can_i yes "$ns:$RELEASE-controller" create secrets -n team-a
+    check_can_i no "$ns:$RELEASE-controller" create secrets -n team-b
+    check_can_i no "$ns:$RELEASE-controller" list claudekeys.claudekey.io --all-namespaces
+    check_can_i yes "$ns:$RELEASE-controller" list claudekeys.claudekey.io -n team-a
+  fi
   if [[ $s == gateway ]]; then
     get service -n "$ns" "$RELEASE-gateway" >/dev/null
     get servicemonitor -n "$ns" "$RELEASE-controller" >/dev/null
+    get prometheusrule -n "$ns" "$RELEASE" >/dev/null
+    get configmap -n "$ns" "$RELEASE-dashboard" >/dev/null
+    get networkpolicy -n "$ns" "$RELEASE-controller" "$RELEASE-webhook" "$RELEASE-gateway" >/dev/null
   fi
+  crds_by_chart=$("$HELM" get manifest "$RELEASE" -n "$ns" | grep -c '^kind: CustomResourceDefinition$' || true)
   "$HELM" uninstall "$RELEASE" -n "$ns" --wait --timeout 2m >/dev/null || die "helm uninstall ($s)"
+  if ((crds_by_chart > 0)); then
+    for crd in "${CRD_NAMES[@]}"; do
+      kubectl get crd "$crd" >/dev/null 2>&1 || die "($s) helm uninstall deleted CRD $crd (must be kept)"
+    done
+  fi
   # Cluster-scoped leftovers would break the next scenario (and a user's reinstall).
   if kubectl get clusterrole "$RELEASE-controller" >/dev/null 2>&1 ||
     kubectl get validatingwebhookconfiguration "$RELEASE-webhook" >/dev/null 2>&1; then
@@ -315,8 +448,7 @@ done
 # ---------------------------------------------------------------------------
 # --force-conflicts: the Rust tests applied the same CRD before, under their own field manager.
 kubectl apply --server-side --force-conflicts -f "$ROOT/crds/" >/dev/null
-kubectl wait --for=condition=Established --timeout=60s crd/claudekeys.claudekey.io \
-  crd/clusterclaudekeysources.claudekey.io crd/claudekeysources.claudekey.io >/dev/null
+kubectl wait --for=condition=Established --timeout=60s "${CRD_NAMES[@]/#/crd/}" >/dev/null
 kubectl get namespace claudekey-system >/dev/null 2>&1 || kubectl create namespace claudekey-system >/dev/null
 kubectl apply -f "$ROOT/deploy/samples/00-namespace-team-a.yaml" >/dev/null
 for f in "$ROOT"/deploy/samples/[1-9]*.yaml "$ROOT"/deploy/samples/backends/*.yaml "$ROOT"/deploy/samples/bad/*.yaml; do
@@ -330,16 +462,15 @@ log "ok   deploy/samples accepted by the apiserver (--dry-run=server)"
 # ---------------------------------------------------------------------------
 # A real PromQL parse of every rule and dashboard query, then promtool's own check and the alert
 # unit tests. Both tools come from hack/tools.sh; missing ones fail the step.
-PROMQL_PYTHON=${CLAUDEKEY_PROMQL_PYTHON:-${CLAUDEKEY_TEST_PYTHON:-python3}}
 "$PROMQL_PYTHON" -c 'import promql_parser, yaml' 2>/dev/null \
   || die "no Python with promql-parser and PyYAML ($PROMQL_PYTHON); run hack/tools.sh"
 out=$("$PROMQL_PYTHON" "$ROOT/hack/check-promql.py" 2>&1) || die "PromQL parse:"$'\n'"$out"
 log "ok   $out (promql-parser)"
 PROMTOOL=${CLAUDEKEY_PROMTOOL:-${CLAUDEKEY_TEST_PROMTOOL:-}}
 [[ -n $PROMTOOL && -x $PROMTOOL ]] || die "promtool not found (CLAUDEKEY_TEST_PROMTOOL='$PROMTOOL'); run hack/tools.sh"
-# The rule groups are the PrometheusRule's spec, its last top-level key.
-sed -n '/^spec:/,$p' "$ROOT/deploy/monitoring/prometheusrule.yaml" | tail -n +2 | sed 's/^  //' \
-  >"$WORK/claudekey.rules.yaml"
+# The rule groups: the chart's rules file (deploy/monitoring/prometheusrule.yaml carries the same
+# groups; tests/deploy_files.rs keeps them equal).
+cp "$CHART/files/prometheus-rules.yaml" "$WORK/claudekey.rules.yaml"
 cp "$ROOT/deploy/monitoring/alerts_test.yaml" "$WORK/"
 out=$("$PROMTOOL" check rules "$WORK/claudekey.rules.yaml" 2>&1) || die "promtool check rules:"$'\n'"$out"
 out=$(cd "$WORK" && "$PROMTOOL" test rules alerts_test.yaml 2>&1) || die "promtool test rules:"$'\n'"$out"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates crds/ from the Rust types (`claudekey crd`), one file per CRD, and the chart's copy.
+# Regenerates crds/ from the Rust types (`claudekey crd`), one file per CRD, and the chart's copy
+# (charts/claudekey/files/crds.yaml, every CRD in one file).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=$(mktemp -d)
@@ -14,8 +15,6 @@ for doc in "$out"/doc*.yaml; do
   plural=$(awk '/^    plural:/ { print $2; exit }' "$doc")
   cp "$doc" "crds/claudekey.io_${plural}.yaml"
 done
-if [ -d charts/claudekey/crds ]; then
-  rm -f charts/claudekey/crds/*.yaml
-  cp crds/*.yaml charts/claudekey/crds/
-fi
+# The chart renders its CRDs from this file (templates/crds.yaml), so upgrades upgrade them.
+cp "$out/all.yaml" charts/claudekey/files/crds.yaml
 ls crds

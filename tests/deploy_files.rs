@@ -51,21 +51,43 @@ fn raw_key_regex() -> Regex {
 }
 
 #[test]
-fn chart_crd_is_a_copy_of_the_generated_crd() {
-    let mut chart = String::new();
-    for file in yaml_files("crds") {
-        let name = file.file_name().unwrap().to_string_lossy().to_string();
-        let copy = read(&format!("charts/claudekey/crds/{name}"));
-        assert!(
-            read(&format!("crds/{name}")) == copy,
-            "charts/claudekey/crds/{name} differs from crds/: run hack/crdgen.sh"
-        );
-        chart.push_str(&copy);
-    }
+fn chart_crds_are_what_claudekey_crd_prints() {
+    let chart = read("charts/claudekey/files/crds.yaml");
+    assert!(
+        chart == claudekey::crd::crd_yaml(),
+        "charts/claudekey/files/crds.yaml differs from `claudekey crd`: \
+         cargo run -- crd > charts/claudekey/files/crds.yaml"
+    );
+    // crds/ holds the same documents, one file per CRD.
+    let mut top: Vec<serde_yaml::Value> = yaml_files("crds").iter().flat_map(|f| docs(f)).collect();
+    let mut generated: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&chart)
+        .map(|d| serde_yaml::Value::deserialize(d).expect("CRD YAML"))
+        .filter(|v| !v.is_null())
+        .collect();
+    let by_name = |v: &serde_yaml::Value| {
+        v["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    top.sort_by_key(by_name);
+    generated.sort_by_key(by_name);
+    assert_eq!(top, generated, "crds/ differs from `claudekey crd`");
+    assert!(
+        !root().join("charts/claudekey/crds").exists(),
+        "charts/claudekey/crds/ would make Helm install CRDs it never upgrades; they are templates"
+    );
+}
+
+/// The standalone PrometheusRule carries the chart's rule groups.
+#[test]
+fn standalone_prometheus_rule_matches_the_charts_rules() {
+    let rule = &docs(&root().join("deploy/monitoring/prometheusrule.yaml"))[0];
+    let chart: serde_yaml::Value =
+        serde_yaml::from_str(&read("charts/claudekey/files/prometheus-rules.yaml")).expect("rules");
     assert_eq!(
-        chart,
-        claudekey::crd::crd_yaml(),
-        "chart CRDs differ from `claudekey crd`"
+        rule["spec"], chart,
+        "deploy/monitoring/prometheusrule.yaml spec differs from charts/claudekey/files/prometheus-rules.yaml"
     );
 }
 
@@ -392,7 +414,7 @@ fn dashboard_has_the_panels_and_known_metrics() {
         "claudekey_proxy_requests_total",
         "claudekey_proxy_tokens_total",
         "claudekey_proxy_rate_limited_total",
-        "claudekey_key_age_seconds",
+        "claudekey_workload_key_age_seconds",
     ] {
         assert!(used.contains(want), "dashboard does not show {want}");
     }
@@ -418,4 +440,86 @@ fn dashboard_has_the_panels_and_known_metrics() {
     for v in ["datasource", "claudekey", "input_price", "output_price"] {
         assert!(vars.contains(&v), "dashboard variable {v}");
     }
+}
+
+/// Every `&str` constant in a module named `reason`, `reasons`, `event`, `events` or `condition`
+/// anywhere under src/, and every constant named `CONDITION_*` or `*REASON*`: the condition types,
+/// condition reasons and Event reasons the binaries can produce. (value, where it is defined)
+fn reasons_in_code() -> BTreeSet<(String, String)> {
+    let module = Regex::new(r"^\s*(pub(\([a-z]+\))? )?mod (reasons?|events?|condition)\s*\{")
+        .expect("regex");
+    let constant =
+        Regex::new(r#"^\s*(pub(\([a-z]+\))? )?const ([A-Z0-9_]+): &str = "([A-Za-z]+)";"#)
+            .expect("regex");
+    let mut found = BTreeSet::new();
+    let mut stack = vec![root().join("src")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read src") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|x| x != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("read source");
+            let rel = path
+                .strip_prefix(root())
+                .expect("under root")
+                .display()
+                .to_string();
+            let mut depth_in_module: Option<i32> = None;
+            for line in text.lines() {
+                if depth_in_module.is_none() && module.is_match(line) {
+                    depth_in_module = Some(0);
+                }
+                if let Some(c) = constant.captures(line) {
+                    let name = &c[3];
+                    if depth_in_module.is_some()
+                        || name.starts_with("CONDITION_")
+                        || name.contains("REASON")
+                    {
+                        found.insert((c[4].to_string(), format!("{rel} ({name})")));
+                    }
+                }
+                if let Some(depth) = depth_in_module.as_mut() {
+                    *depth += line.matches('{').count() as i32 - line.matches('}').count() as i32;
+                    if *depth <= 0 {
+                        depth_in_module = None;
+                    }
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn troubleshooting_page_lists_every_reason_in_the_code() {
+    let page = read("docs/troubleshooting.md");
+    let reasons = reasons_in_code();
+    // The page can only go stale if the scan still sees the code's reasons.
+    for known in [
+        "KeysIssued",
+        "BackendError",
+        "KeyRotated",
+        "UpstreamKeyRetired",
+        "Ready",
+    ] {
+        assert!(
+            reasons.iter().any(|(v, _)| v == known),
+            "the scan of src/ no longer finds {known}: {reasons:?}"
+        );
+    }
+    let missing: Vec<String> = reasons
+        .iter()
+        .filter(|(value, _)| !page.contains(&format!("`{value}`")))
+        .map(|(value, at)| format!("`{value}` from {at}"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/troubleshooting.md does not explain:\n  {}",
+        missing.join("\n  ")
+    );
 }

@@ -53,9 +53,21 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
 }
 
-/// Shortest and longest waits after a failure.
+/// Shortest and longest waits after a failure (before jitter).
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// The wait after the `failures`-th failure in a row: 1 s doubling to 5 min, of which a random
+/// half is taken off (`random` in [0, 1)). Without the jitter, one backend outage would make
+/// every ClaudeKey on it retry in the same second, again and again; with it the retries spread
+/// over half of each step while the worst case stays bounded by the cap.
+pub fn backoff_after(failures: u32, random: f64) -> Duration {
+    let exponent = failures.saturating_sub(1).min(9);
+    let base = BACKOFF_MIN
+        .saturating_mul(1u32 << exponent)
+        .min(BACKOFF_MAX);
+    base.mul_f64(1.0 - random.clamp(0.0, 1.0) / 2.0)
+}
 
 impl Context {
     #[allow(clippy::too_many_arguments)]
@@ -94,14 +106,12 @@ impl Context {
         }
     }
 
-    /// Records one more failure of `key` and returns how long to wait: 1 s doubling to 5 min.
+    /// Records one more failure of `key` and returns how long to wait: see [`backoff_after`].
     pub fn backoff(&self, key: &str) -> Duration {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let n = failures.entry(key.to_string()).or_insert(0);
         *n = n.saturating_add(1);
-        BACKOFF_MIN
-            .saturating_mul(1u32 << (*n - 1).min(9))
-            .min(BACKOFF_MAX)
+        backoff_after(*n, rand::random::<f64>())
     }
 
     /// Forgets the failures of `key` after a clean reconcile.
@@ -128,5 +138,39 @@ impl Context {
             } = &ck.meta();
             tracing::warn!(?namespace, ?name, %error, reason, "failed to record an Event");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_and_keeps_at_least_half_of_each_step() {
+        assert_eq!(backoff_after(1, 0.0), Duration::from_secs(1));
+        assert_eq!(backoff_after(2, 0.0), Duration::from_secs(2));
+        let low = backoff_after(3, 0.999_999);
+        assert!(
+            low >= Duration::from_secs(2) && low < Duration::from_millis(2001),
+            "{low:?}"
+        );
+        assert_eq!(backoff_after(20, 0.0), BACKOFF_MAX);
+        assert_eq!(backoff_after(u32::MAX, 1.0), BACKOFF_MAX / 2);
+        assert_eq!(backoff_after(0, 0.0), BACKOFF_MIN);
+    }
+
+    /// Many ClaudeKeys failing together (one backend outage) must not retry in lock-step.
+    #[test]
+    fn simultaneous_failures_spread_out() {
+        let waits: std::collections::BTreeSet<u128> = (0..200)
+            .map(|_| backoff_after(6, rand::random::<f64>()).as_millis())
+            .collect();
+        let (lo, hi) = (waits.first().copied(), waits.last().copied());
+        assert!(waits.len() > 100, "only {} distinct waits", waits.len());
+        assert!(lo >= Some(16_000) && hi <= Some(32_000), "{lo:?}..{hi:?}");
+        assert!(
+            hi.zip(lo).is_some_and(|(h, l)| h - l > 8_000),
+            "{lo:?}..{hi:?}"
+        );
     }
 }

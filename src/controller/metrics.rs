@@ -1,5 +1,6 @@
 //! Controller metrics (prometheus-client, prefix `claudekey_`). Labels are bounded: result and
-//! reason enums, plus namespace/name only on the per-ClaudeKey key-age gauge the issue asks for.
+//! reason enums, plus namespace/name only on the per-ClaudeKey key-age and rotation-interval gauges
+//! (the dashboard and the rotation-overdue alert; deploy/monitoring/README.md lists every name).
 
 use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
@@ -40,7 +41,9 @@ pub struct Metrics {
     pub duration: Histogram,
     pub rotations: Family<RotationLabels, Counter>,
     key_age: Family<KeyLabels, Gauge<f64, AtomicU64>>,
-    /// The label sets of `key_age`, so deleted ClaudeKeys can be dropped from it.
+    /// `spec.rotation.interval` per ClaudeKey: the rotation-overdue alert compares the age with it.
+    rotation_interval: Family<KeyLabels, Gauge<f64, AtomicU64>>,
+    /// The label sets of `key_age` and `rotation_interval`, so deleted ClaudeKeys can be dropped.
     key_age_labels: Arc<Mutex<HashSet<KeyLabels>>>,
     pub consumer_restarts: Counter,
     pub leader: Gauge,
@@ -54,6 +57,7 @@ impl Metrics {
             duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             rotations: Family::default(),
             key_age: Family::default(),
+            rotation_interval: Family::default(),
             key_age_labels: Arc::default(),
             consumer_restarts: Counter::default(),
             leader: Gauge::default(),
@@ -84,6 +88,11 @@ impl Metrics {
             metrics.key_age.clone(),
         );
         registry.register(
+            "workload_key_rotation_interval_seconds",
+            "spec.rotation.interval per ClaudeKey, for comparing the key age with",
+            metrics.rotation_interval.clone(),
+        );
+        registry.register(
             "consumer_restarts",
             "Gateway consumer workloads restarted for a new key",
             metrics.consumer_restarts.clone(),
@@ -96,13 +105,14 @@ impl Metrics {
         metrics
     }
 
-    /// Sets the age of a ClaudeKey's current workload key.
-    pub fn set_key_age(&self, namespace: &str, name: &str, seconds: f64) {
+    /// Sets the age of a ClaudeKey's current workload key and its rotation interval.
+    pub fn set_key_age(&self, namespace: &str, name: &str, seconds: f64, interval: f64) {
         let labels = KeyLabels {
             namespace: namespace.to_string(),
             name: name.to_string(),
         };
         self.key_age.get_or_create(&labels).set(seconds);
+        self.rotation_interval.get_or_create(&labels).set(interval);
         self.key_age_labels
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -120,6 +130,7 @@ impl Metrics {
             let keep = exists(&labels.namespace, &labels.name);
             if !keep {
                 self.key_age.remove(labels);
+                self.rotation_interval.remove(labels);
             }
             keep
         });
@@ -155,13 +166,19 @@ mod tests {
     fn key_ages_of_deleted_claudekeys_are_dropped() {
         let mut registry = Registry::with_prefix("claudekey");
         let metrics = Metrics::new(&mut registry);
-        metrics.set_key_age("a", "kept", 5.0);
-        metrics.set_key_age("a", "gone", 7.0);
+        metrics.set_key_age("a", "kept", 5.0, 60.0);
+        metrics.set_key_age("a", "gone", 7.0, 60.0);
         metrics.retain_key_ages(|_, name| name == "kept");
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(
             text.contains("claudekey_workload_key_age_seconds{namespace=\"a\",name=\"kept\"} 5.0"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "claudekey_workload_key_rotation_interval_seconds{namespace=\"a\",name=\"kept\"} 60.0"
+            ),
             "{text}"
         );
         assert!(!text.contains("gone"));

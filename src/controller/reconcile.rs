@@ -161,8 +161,10 @@ async fn execute(
     };
     write_status(ck, &ctx.client, update).await?;
     let age = (Utc::now() - issue.decision.ledger.issued_at).num_milliseconds() as f64 / 1000.0;
+    let interval = ck.spec.rotation.interval.as_duration().as_secs_f64();
+    let namespace = ck.namespace().unwrap_or_default();
     ctx.metrics
-        .set_key_age(&ck.namespace().unwrap_or_default(), &ck.name_any(), age);
+        .set_key_age(&namespace, &ck.name_any(), age, interval);
     let failed = conditions
         .iter()
         .any(|c| c.type_ == crate::crd::condition::DEGRADED && c.status);

@@ -87,7 +87,26 @@ pub fn crd_document(
     crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 ) -> String {
     let yaml = serde_yaml::to_string(crd).expect("the CRD type always serializes");
-    format!("---\n{yaml}")
+    let quoted: String = yaml.lines().map(|l| quote_yaml11_bool(l) + "\n").collect();
+    format!("---\n{quoted}")
+}
+
+/// serde_yaml writes YAML 1.2, where a bare `off` is a string; kubectl and Helm read YAML 1.1,
+/// where it is `false` (so the enum value `promptInjection: off` could not be set). Such scalars
+/// are quoted, so every parser reads the string meant.
+fn quote_yaml11_bool(line: &str) -> String {
+    const WORDS: [&str; 6] = ["y", "n", "yes", "no", "on", "off"];
+    let value_at = line
+        .find("- ")
+        .filter(|i| line[..*i].trim().is_empty())
+        .map(|i| i + 2)
+        .or_else(|| line.find(": ").map(|i| i + 2));
+    match value_at {
+        Some(i) if WORDS.contains(&line[i..].to_ascii_lowercase().as_str()) => {
+            format!("{}'{}'", &line[..i], &line[i..])
+        }
+        _ => line.to_string(),
+    }
 }
 
 /// Every CRD as multi-document YAML, exactly what `claudekey crd` prints and `crds/` holds.
@@ -113,6 +132,14 @@ mod tests {
                 crd.spec.names.kind
             );
         }
+    }
+
+    #[test]
+    fn yaml11_booleans_are_quoted() {
+        assert!(crd_yaml().contains("- 'off'"));
+        assert!(!crd_yaml().contains("- off\n"));
+        assert_eq!(quote_yaml11_bool("      - flag"), "      - flag");
+        assert_eq!(quote_yaml11_bool("  default: off"), "  default: 'off'");
     }
 
     #[test]

@@ -15,8 +15,6 @@ pub mod condition {
     pub const DEGRADED: &str = "Degraded";
     /// The workload key has reached its rotation interval or expiry.
     pub const ROTATION_DUE: &str = "RotationDue";
-    /// On a source: its upstream key was read.
-    pub const SYNCED: &str = "Synced";
 }
 
 /// Observed state of a ClaudeKey.

@@ -1,5 +1,8 @@
 //! Rendering the Helm chart and reading what it rendered, for tests/chart.rs.
 
+pub mod day2;
+pub mod metric_names;
+
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
@@ -23,8 +26,8 @@ pub fn helm() -> String {
     })
 }
 
-/// `helm template` output for a ci/ scenario plus extra `--set`s, or the error text.
-pub fn try_render(scenario: &str, sets: &[&str]) -> Result<Vec<serde_yaml::Value>, String> {
+/// `helm template` text for a ci/ scenario plus extra `--set`s, or the error text.
+pub fn try_render_text(scenario: &str, sets: &[&str]) -> Result<String, String> {
     let values = chart().join(format!("ci/{scenario}-values.yaml"));
     let mut cmd = Command::new(helm());
     cmd.args(["template", RELEASE])
@@ -40,7 +43,12 @@ pub fn try_render(scenario: &str, sets: &[&str]) -> Result<Vec<serde_yaml::Value
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
-    let text = String::from_utf8(out.stdout).expect("utf-8");
+    Ok(String::from_utf8(out.stdout).expect("utf-8"))
+}
+
+/// `helm template` output for a ci/ scenario plus extra `--set`s, or the error text.
+pub fn try_render(scenario: &str, sets: &[&str]) -> Result<Vec<serde_yaml::Value>, String> {
+    let text = try_render_text(scenario, sets)?;
     Ok(serde_yaml::Deserializer::from_str(&text)
         .map(|d| serde_yaml::Value::deserialize(d).expect("rendered YAML parses"))
         .filter(|v| !v.is_null())
@@ -71,6 +79,19 @@ pub fn names(docs: &[serde_yaml::Value], kind: &str) -> BTreeSet<String> {
         .filter(|d| d["kind"].as_str() == Some(kind))
         .map(|d| d["metadata"]["name"].as_str().expect("name").to_string())
         .collect()
+}
+
+/// Whether a rendered document is a `helm test` hook (rendered by `helm template`, created
+/// only by `helm test`).
+pub fn is_test_hook(d: &serde_yaml::Value) -> bool {
+    d["metadata"]["annotations"]["helm.sh/hook"].as_str() == Some("test")
+}
+
+/// Names of one kind, without `helm test` hooks.
+pub fn non_test(docs: &[serde_yaml::Value], kind: &str) -> BTreeSet<String> {
+    let installed: Vec<serde_yaml::Value> =
+        docs.iter().filter(|d| !is_test_hook(d)).cloned().collect();
+    names(&installed, kind)
 }
 
 pub fn pod(d: &Deployment) -> &PodSpec {

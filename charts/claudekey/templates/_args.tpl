@@ -7,14 +7,23 @@ If a role's flags change, change them here only. Mount paths used by the flags a
 {{- define "claudekey.paths.tls" -}}/etc/claudekey/tls{{- end }}
 {{- define "claudekey.paths.vaultToken" -}}/etc/claudekey/vault-token{{- end }}
 {{- define "claudekey.paths.vaultCA" -}}/etc/claudekey/vault-ca{{- end }}
-{{- define "claudekey.paths.proxyConfig" -}}/etc/claudekey/proxy{{- end }}
+{{- define "claudekey.paths.gatewayTLS" -}}/etc/claudekey/gateway-tls{{- end }}
+{{- define "claudekey.paths.gatewayCA" -}}/etc/claudekey/gateway-ca{{- end }}
 
 {{/* claudekey controller */}}
 {{- define "claudekey.controller.args" -}}
 - --log-format={{ .Values.logFormat }}
 - controller
 - --namespace={{ .Release.Namespace }}
-- --gateway-url={{ include "claudekey.gatewayURL" . }}
+{{- with include "claudekey.gatewayURL" . }}
+- --gateway-url={{ . }}
+{{- end }}
+{{- if .Values.gateway.enabled }}
+- --gateway-ca-file={{ include "claudekey.paths.gatewayCA" . }}/ca.crt
+{{- end }}
+{{- with .Values.rbac.namespaces }}
+- --watch-namespace={{ first . }}
+{{- end }}
 - --metrics-listen=0.0.0.0:{{ .Values.controller.metricsPort }}
 - --leader-election
 - --lease-name={{ .Values.controller.leaderElection.leaseName }}
@@ -85,13 +94,15 @@ If a role's flags change, change them here only. Mount paths used by the flags a
 {{- end }}
 {{- end }}
 
-{{/* claudekey proxy in gateway mode */}}
+{{/* claudekey proxy in gateway mode: every config Secret of the release namespace, over TLS */}}
 {{- define "claudekey.gateway.args" -}}
 - --log-format={{ .Values.logFormat }}
 - proxy
 - --mode=gateway
-- --config-dir={{ include "claudekey.paths.proxyConfig" . }}
+- --config-secrets={{ .Release.Namespace }}
 - --listen=0.0.0.0:{{ .Values.gateway.port }}
+- --tls-cert={{ include "claudekey.paths.gatewayTLS" . }}/tls.crt
+- --tls-key={{ include "claudekey.paths.gatewayTLS" . }}/tls.key
 - --upstream={{ .Values.upstreamURL }}
 - --audit-log=-
 - --metrics-listen=0.0.0.0:{{ .Values.gateway.metricsPort }}

@@ -97,11 +97,46 @@ Image reference. Call with (dict "ctx" $) for the chart image, or (dict "ctx" $ 
 {{- printf "%s-gateway" (include "claudekey.fullname" .) }}
 {{- end }}
 
+{{- define "claudekey.gatewayTLSSecretName" -}}
+{{- printf "%s-gateway-tls" (include "claudekey.fullname" .) }}
+{{- end }}
+
+{{/* The gateway's https URL for <name>-client Secrets; empty when there is no gateway. */}}
 {{- define "claudekey.gatewayURL" -}}
 {{- if .Values.controller.gatewayURL }}
 {{- .Values.controller.gatewayURL }}
-{{- else }}
-{{- printf "http://%s.%s.svc:%d" (include "claudekey.gatewayServiceName" .) .Release.Namespace (int .Values.gateway.port) }}
+{{- else if .Values.gateway.enabled }}
+{{- printf "https://%s.%s.svc:%d" (include "claudekey.gatewayServiceName" .) .Release.Namespace (int .Values.gateway.port) }}
+{{- end }}
+{{- end }}
+
+{{/* DNS names of a chart Service's serving certificate. Call with (dict "ctx" $ "svc" name). */}}
+{{- define "claudekey.serviceDNSNames" -}}
+{{- $ns := .ctx.Release.Namespace }}
+{{- toYaml (list .svc (printf "%s.%s" .svc $ns) (printf "%s.%s.svc" .svc $ns) (printf "%s.%s.svc.cluster.local" .svc $ns)) }}
+{{- end }}
+
+{{/*
+metadata.annotations: commonAnnotations plus the resource's own (which win). Renders nothing
+when both are empty. Call with (dict "ctx" $ "extra" (dict ...)).
+*/}}
+{{- define "claudekey.annotations" -}}
+{{- $a := merge (deepCopy (default dict .extra)) (deepCopy (default dict .ctx.Values.commonAnnotations)) }}
+{{- with $a }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* extraVolumes / extraVolumeMounts of one component. Call with (dict "ctx" $ "component" c). */}}
+{{- define "claudekey.extraVolumes" -}}
+{{- with (index .ctx.Values .component).extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+{{- define "claudekey.extraVolumeMounts" -}}
+{{- with (index .ctx.Values .component).extraVolumeMounts }}
+{{ toYaml . }}
 {{- end }}
 {{- end }}
 
@@ -148,8 +183,11 @@ seccompProfile:
   type: RuntimeDefault
 {{- end }}
 
-{{/* Downward-API env every role gets: identity for leader election, audit lines and Events. */}}
+{{/* Env every role gets: the log level, and its identity (downward API) for leader election,
+audit lines and Events. */}}
 {{- define "claudekey.podEnv" -}}
+- name: RUST_LOG
+  value: {{ .Values.logLevel | quote }}
 - name: POD_NAME
   valueFrom:
     fieldRef:
@@ -207,6 +245,7 @@ metadata:
   namespace: {{ .ctx.Release.Namespace }}
   labels:
     {{- include "claudekey.componentLabels" . | nindent 4 }}
+  {{- include "claudekey.annotations" (dict "ctx" .ctx) | nindent 2 }}
 spec:
   maxUnavailable: {{ $v.podDisruptionBudget.maxUnavailable }}
   selector:
