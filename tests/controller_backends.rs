@@ -93,7 +93,7 @@ async fn aws_secret_syncs_rolls_and_degrades_without_losing_the_key() {
     let ck = wait_claudekey(&client, &ns, "bot", "Ready", is_ready).await;
     assert_eq!(
         ck.status.as_ref().unwrap().source.as_deref(),
-        Some(format!("aws:{secret_id}").as_str())
+        Some(format!("ClusterClaudeKeySource/{ns}.bot (aws:{secret_id})").as_str())
     );
     assert_eq!(
         ck.status

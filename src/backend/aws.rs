@@ -73,8 +73,8 @@ impl AwsSecretsManagerBackend {
             .ok_or_else(|| BackendError::NotConfigured {
                 backend: "aws",
                 detail: format!(
-                    "no region for secret {}: set spec.source.awsSecretsManager.region or start the \
-                     controller with --aws-region",
+                    "no region for secret {}: set awsSecretsManager.region on the source, or the \
+                     controller's default region (chart value backends.aws.region, flag --aws-region)",
                     source.secret_id
                 ),
             })
@@ -142,7 +142,7 @@ impl AwsSecretsManagerBackend {
         let value = extract_value(
             text,
             source.json_field.as_deref(),
-            "spec.source.awsSecretsManager.jsonField",
+            "the source's awsSecretsManager.jsonField",
         )
         .map_err(|detail| BackendError::Malformed {
             source_name: at.name(),

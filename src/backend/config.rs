@@ -31,7 +31,7 @@ pub struct BackendArgs {
     /// Kubernetes auth.
     #[arg(long, env = "CLAUDEKEY_VAULT_TOKEN_FILE")]
     pub vault_token_file: Option<PathBuf>,
-    /// Vault Kubernetes-auth role for sources that name none in spec.source.vault.role.
+    /// Vault Kubernetes-auth role for sources that name none in the source's vault.role.
     #[arg(long, env = "CLAUDEKEY_VAULT_AUTH_ROLE")]
     pub vault_auth_role: Option<String>,
     /// Mount path of Vault's Kubernetes auth method.

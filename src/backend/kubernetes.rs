@@ -122,7 +122,7 @@ impl SecretBackend for KubernetesBackend {
                 Some(s) => self.read(s, source.secret_namespace.as_deref()).await,
                 None => Err(BackendError::NotConfigured {
                     backend: "kubernetes",
-                    detail: "spec.source.kubernetesSecret is not set".to_string(),
+                    detail: "the source has no kubernetesSecret".to_string(),
                 }),
             }
         })

@@ -86,13 +86,19 @@ impl Backends {
         } else if source.aws_secrets_manager.is_some() {
             self.aws
                 .as_deref()
-                .ok_or_else(|| not_configured("aws", "start the controller with --aws-enabled"))
+                .ok_or_else(|| not_configured(
+                    "aws",
+                    "install the chart with backends.aws.enabled=true (flag --aws-enabled)",
+                ))
         } else if source.vault.is_some() {
             self.vault
                 .as_deref()
-                .ok_or_else(|| not_configured("vault", "start the controller with --vault-addr"))
+                .ok_or_else(|| not_configured(
+                    "vault",
+                    "install the chart with backends.vault.address set (flag --vault-addr)",
+                ))
         } else {
-            Err(not_configured("none", "spec.source names no backend"))
+            Err(not_configured("none", "the source names no backend"))
         }
     }
 }

@@ -32,7 +32,7 @@ pub enum VaultAuth {
     /// A token read from a file (e.g. written by Vault Agent); re-read whenever it changes.
     TokenFile(PathBuf),
     /// Kubernetes auth: the service-account JWT in `jwt_file` is exchanged for a token under `role`
-    /// (a ClaudeKey's `spec.source.vault.role`, else `default_role`) at the auth `mount`.
+    /// (a ClaudeKey's `the source's vault.role`, else `default_role`) at the auth `mount`.
     Kubernetes {
         mount: String,
         default_role: Option<String>,
@@ -94,8 +94,8 @@ impl VaultBackend {
                 .filter(|r| !r.is_empty())
                 .ok_or_else(|| {
                     not_configured(format!(
-                        "no Vault role to log in with for {}/{}: set spec.source.vault.role or start the \
-                         controller with --vault-auth-role",
+                        "no Vault role to log in with for {}/{}: set vault.role on the source, or the \
+                         chart value backends.vault.auth.kubernetes.role (flag --vault-auth-role)",
                         source.mount, source.path
                     ))
                 }),
@@ -315,7 +315,7 @@ pub(crate) fn extract_field(data: &serde_json::Value, field: &str) -> Result<Sec
                 names.join(", ")
             };
             Err(format!(
-                "the secret has no field {field:?} (fields: {names}); set spec.source.vault.field"
+                "the secret has no field {field:?} (fields: {names}); set the source's vault.field"
             ))
         }
     }

@@ -95,7 +95,7 @@ fn classify_service_error(
         "ResourceNotFoundException" => BackendError::NotFound {
             source_name: name,
             detail: format!(
-                "secret {} not found in {} with stage {}{aws_says}; check spec.source.awsSecretsManager \
+                "secret {} not found in {} with stage {}{aws_says}; check the source's awsSecretsManager \
                  secretId, region and versionStage",
                 at.secret_id, at.region, at.stage
             ),

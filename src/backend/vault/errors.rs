@@ -79,7 +79,7 @@ pub(super) fn map_read_error(
             source_name: at.to_string(),
             detail: format!(
                 "no KV v2 secret at {}/data/{} on {}{}; write it (bao kv put -mount={} {} {}=…) or fix \
-                 spec.source.vault mount and path",
+                 the source's vault mount and path",
                 source.mount,
                 source.path,
                 settings.addr,
