@@ -114,6 +114,7 @@ def main():
     env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"] + a.env
     labels = dict(l.split("=", 1) for l in a.label)
     config = {
+        "created": "1970-01-01T00:00:00Z",
         "architecture": "amd64",
         "os": "linux",
         "config": {

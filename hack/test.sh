@@ -3,6 +3,11 @@
 #   unit tests, then integration tests against a real control plane (etcd, kube-apiserver,
 #   kube-controller-manager), moto server, an OpenBao dev server, helm and the official
 #   Anthropic Python SDK. Tools are built once into ~/.cache/claudekey by hack/tools.sh.
+#   Then the node tier: a second control plane with a real node (hack/node.sh: containerd,
+#   kubelet, bridge CNI; root only), the chart installed with `helm install --wait` from the image
+#   hack/image.sh builds, and the end-to-end tests on real pods (tests/node, run with --ignored);
+#   afterwards the host must be exactly as before (hack/node.sh host-state, compared).
+#   CLAUDEKEY_SKIP_NODE=1 leaves the node tier out (say so when you report a run).
 # Everything this script starts it stops again, also on failure or Ctrl-C.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,7 +18,13 @@ step "tools (built once into ${XDG_CACHE_HOME:-$HOME/.cache}/claudekey)"
 bash hack/tools.sh
 
 export CLAUDEKEY_STATE_DIR=${CLAUDEKEY_STATE_DIR:-$(mktemp -d /tmp/claudekey-test.XXXXXX)}
-trap 'bash hack/control-plane.sh stop >/dev/null 2>&1 || true' EXIT
+NODE_STATE=$(mktemp -d /tmp/claudekey-node.XXXXXX)
+cleanup() {
+  bash hack/control-plane.sh stop >/dev/null 2>&1 || true
+  CLAUDEKEY_STATE_DIR=$NODE_STATE/cp bash hack/control-plane.sh stop >/dev/null 2>&1 || true
+  [[ -z ${MEM_SAMPLER:-} ]] || kill "$MEM_SAMPLER" 2>/dev/null || true
+}
+trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 step "build"
@@ -42,6 +53,48 @@ fi
 grep -q "after grace:  new key -> HTTP 200, old key -> HTTP 401" "$demo_dir.log" \
   || { tail -40 "$demo_dir.log" >&2; echo "hack/demo.sh did not show the rotation" >&2; exit 1; }
 echo "demo ok (log: $demo_dir.log)"
+
+node_tier() {
+  step "node tier: a real node, the chart installed from the built image, tests on real pods"
+  [[ $(id -u) == 0 ]] || { echo "the node tier needs root (CLAUDEKEY_SKIP_NODE=1 to leave it out)" >&2; return 1; }
+  bash hack/control-plane.sh stop >/dev/null 2>&1 || true  # the first tier's; frees its memory
+  bash hack/node.sh host-state >"$NODE_STATE/host-before"
+  local start=$SECONDS used0
+  used0=$(awk '/MemTotal/ {t=$2} /MemAvailable/ {a=$2} END {print t-a}' /proc/meminfo)
+  # Memory peak of the tier: the most memory in use (MemTotal - MemAvailable) sampled each
+  # second, less what was in use before it started.
+  ( peak=0; while :; do
+      u=$(awk '/MemTotal/ {t=$2} /MemAvailable/ {a=$2} END {print t-a}' /proc/meminfo)
+      ((u > peak)) && peak=$u && echo "$peak" >"$NODE_STATE/mem-peak"
+      sleep 1
+    done ) &
+  MEM_SAMPLER=$!
+  CLAUDEKEY_STATE_DIR=$NODE_STATE/cp CLAUDEKEY_NODE=1 CLAUDEKEY_BIN=target/debug/claudekey \
+    bash hack/control-plane.sh start >"$NODE_STATE/start.log" 2>&1 \
+    || { tail -40 "$NODE_STATE/start.log" >&2; return 1; }
+  local rc=0
+  ( # shellcheck disable=SC1091
+    source "$NODE_STATE/cp/env"
+    cargo test --test webhook_e2e --locked -- --ignored --test-threads=1 node:: 2>&1 ) \
+    | tee -a "$cargo_log" || rc=1
+  CLAUDEKEY_STATE_DIR=$NODE_STATE/cp bash hack/control-plane.sh stop >/dev/null 2>&1 || rc=1
+  kill "$MEM_SAMPLER" 2>/dev/null || true
+  bash hack/node.sh host-state >"$NODE_STATE/host-after"
+  if ! diff -u "$NODE_STATE/host-before" "$NODE_STATE/host-after" >&2; then
+    echo "hack/node.sh stop did not restore the host (diff above)" >&2
+    rc=1
+  fi
+  local peak
+  peak=$(cat "$NODE_STATE/mem-peak" 2>/dev/null || echo "$used0")
+  printf 'node tier: %ds wall, memory peak %d MiB above the %d MiB in use before it\n' \
+    $((SECONDS - start)) $(((peak - used0) / 1024)) $((used0 / 1024)) >&2
+  return $rc
+}
+if [[ ${CLAUDEKEY_SKIP_NODE:-0} == 1 ]]; then
+  step "node tier SKIPPED (CLAUDEKEY_SKIP_NODE=1)"
+else
+  node_tier
+fi
 
 step "all tests passed"
 # One closing line for the whole run (cargo prints one per test binary, the last of which may be

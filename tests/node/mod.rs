@@ -9,20 +9,21 @@
 //! address pods reach on the host; the chart's proxies are pointed at it with `upstreamURL`.
 
 mod fixture;
+mod ha;
 mod manifests;
 
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 
 use claudekey::crd::ClaudeKey;
 use claudekey::fake_upstream::KeyStatus;
 
-use super::support::{eventually, namespace};
+use super::support::eventually;
 use fixture::{OPERATOR_NS, curl_status, installed, node_client, pod_ready};
 use manifests::{app_pod, claudekey, consumer_deployment, upstream_secret};
 
@@ -59,6 +60,18 @@ while True:
     time.sleep(3600)
 "#
     )
+}
+
+/// A fresh namespace whose `default` ServiceAccount exists: the ServiceAccount admission plugin
+/// refuses pods until kube-controller-manager has created it.
+async fn namespace(client: &Client, prefix: &str) -> String {
+    let ns = super::support::namespace(client, prefix).await;
+    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), &ns);
+    eventually(Duration::from_secs(30), "the default ServiceAccount", || async {
+        accounts.get_opt("default").await.ok().flatten().map(|_| ())
+    })
+    .await;
+    ns
 }
 
 async fn logs(client: &Client, ns: &str, pod: &str, container: &str) -> String {
