@@ -70,7 +70,14 @@ pub fn installed() -> &'static Fixture {
             .args(["install", RELEASE])
             .arg(env("CLAUDEKEY_TEST_CHART"))
             .args(["--kubeconfig", &env("CLAUDEKEY_TEST_KUBECONFIG")])
-            .args(["-n", OPERATOR_NS, "--create-namespace", "--wait", "--timeout", "180s"])
+            .args([
+                "-n",
+                OPERATOR_NS,
+                "--create-namespace",
+                "--wait",
+                "--timeout",
+                "180s",
+            ])
             .args(["--set", &format!("image.repository={repository}")])
             .args(["--set", &format!("image.tag={tag}")])
             .args(["--set", "image.pullPolicy=Never"])
@@ -119,13 +126,14 @@ pub fn pod_ready(pod: &Pod) -> bool {
 pub fn resolve_port(c: &Container, port: &IntOrString) -> i32 {
     match port {
         IntOrString::Int(p) => *p,
-        IntOrString::String(name) => c
-            .ports
-            .iter()
-            .flatten()
-            .find(|p| p.name.as_deref() == Some(name.as_str()))
-            .unwrap_or_else(|| panic!("{}: no port named {name}", c.name))
-            .container_port,
+        IntOrString::String(name) => {
+            c.ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name.as_str()))
+                .unwrap_or_else(|| panic!("{}: no port named {name}", c.name))
+                .container_port
+        }
     }
 }
 
@@ -133,8 +141,20 @@ pub fn resolve_port(c: &Container, port: &IntOrString) -> i32 {
 /// as the kubelet's probe sends it: TLS unverified.
 pub fn curl_status(url: &str) -> u16 {
     let out = Command::new("curl")
-        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", url])
+        .args([
+            "-sk",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            url,
+        ])
         .output()
         .expect("run curl");
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
 }

@@ -29,11 +29,15 @@ async fn leader(client: &Client) -> Option<String> {
 async fn deployment_ready(client: &Client, component: &str) {
     let name = format!("{RELEASE}-{component}");
     let api = Api::<Deployment>::namespaced(client.clone(), OPERATOR_NS);
-    eventually(Duration::from_secs(90), &format!("{name} 2/2 Ready"), || async {
-        let s = api.get(&name).await.ok()?.status?;
-        (s.ready_replicas == Some(2) && s.updated_replicas == Some(2) && s.replicas == Some(2))
-            .then_some(())
-    })
+    eventually(
+        Duration::from_secs(90),
+        &format!("{name} 2/2 Ready"),
+        || async {
+            let s = api.get(&name).await.ok()?.status?;
+            (s.ready_replicas == Some(2) && s.updated_replicas == Some(2) && s.replicas == Some(2))
+                .then_some(())
+        },
+    )
     .await;
 }
 
@@ -46,7 +50,9 @@ async fn leader_killed_mid_rotation_the_other_replica_finishes_it_once() {
     let ns = namespace(&client, "node-leader").await;
     let key = fx.new_upstream_key();
     ready_claudekey(&client, &ns, "bot", &key, "30s").await;
-    let before = workload_fingerprint(&client, &ns, "bot").await.expect("fingerprint");
+    let before = workload_fingerprint(&client, &ns, "bot")
+        .await
+        .expect("fingerprint");
     let old_leader = leader(&client).await.expect("a leader");
 
     annotate_claudekey(&client, &ns, "bot", "claudekey.io/rotate", "leader-kill").await;
@@ -111,7 +117,9 @@ async fn pod_creation_keeps_working_while_a_webhook_pod_is_deleted() {
                 i += 1;
                 let pod = app_pod(&format!("load-{i}"), "bot", "pass", "Never");
                 match pods.create(&params, &pod).await {
-                    Ok(p) if p.spec.as_ref().is_some_and(|s| s.init_containers.is_some()) => ok += 1,
+                    Ok(p) if p.spec.as_ref().is_some_and(|s| s.init_containers.is_some()) => {
+                        ok += 1
+                    }
                     Ok(_) => failures.push(format!("create {i}: admitted without the sidecar")),
                     Err(e) => failures.push(format!("create {i}: {e}")),
                 }
@@ -131,7 +139,12 @@ async fn pod_creation_keeps_working_while_a_webhook_pod_is_deleted() {
         .await
         .expect("delete a webhook pod");
     let (ok, failures) = load.await.expect("load task");
-    assert!(failures.is_empty(), "{} of {} creations failed: {failures:#?}", failures.len(), ok as usize + failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {} creations failed: {failures:#?}",
+        failures.len(),
+        ok as usize + failures.len()
+    );
     assert!(ok >= 50, "only {ok} creations in 20 s");
     deployment_ready(&client, "webhook").await;
 }

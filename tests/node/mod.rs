@@ -67,9 +67,11 @@ while True:
 async fn namespace(client: &Client, prefix: &str) -> String {
     let ns = super::support::namespace(client, prefix).await;
     let accounts = Api::<ServiceAccount>::namespaced(client.clone(), &ns);
-    eventually(Duration::from_secs(30), "the default ServiceAccount", || async {
-        accounts.get_opt("default").await.ok().flatten().map(|_| ())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the default ServiceAccount",
+        || async { accounts.get_opt("default").await.ok().flatten().map(|_| ()) },
+    )
     .await;
     ns
 }
@@ -158,19 +160,32 @@ async fn chart_pods_run_ready_and_every_probe_answers() {
     let mut controller_pods = Vec::new();
     for component in ["controller", "webhook"] {
         let list = pods
-            .list(&ListParams::default().labels(&format!("app.kubernetes.io/component={component}")))
+            .list(
+                &ListParams::default().labels(&format!("app.kubernetes.io/component={component}")),
+            )
             .await
             .expect("list pods");
         let ready: Vec<&Pod> = list.items.iter().filter(|p| pod_ready(p)).collect();
-        assert_eq!(ready.len(), 2, "{component}: 2 Ready pods expected after helm install --wait");
+        assert_eq!(
+            ready.len(),
+            2,
+            "{component}: 2 Ready pods expected after helm install --wait"
+        );
         for pod in ready {
-            let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).expect("pod IP");
+            let ip = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.clone())
+                .expect("pod IP");
             let spec = pod.spec.as_ref().expect("spec");
             for c in &spec.containers {
                 let probes = [&c.liveness_probe, &c.readiness_probe, &c.startup_probe];
                 let mut asked = 0;
                 for probe in probes.into_iter().flatten() {
-                    let get = probe.http_get.as_ref().expect("the chart's probes are httpGet");
+                    let get = probe
+                        .http_get
+                        .as_ref()
+                        .expect("the chart's probes are httpGet");
                     let port = fixture::resolve_port(c, &get.port);
                     let scheme = get.scheme.as_deref().unwrap_or("HTTP").to_lowercase();
                     let path = get.path.as_deref().unwrap_or("/");
@@ -178,7 +193,11 @@ async fn chart_pods_run_ready_and_every_probe_answers() {
                     assert_eq!(curl_status(&url), 200, "{component} probe {url}");
                     asked += 1;
                 }
-                assert!(asked >= 2, "{component}/{}: liveness and readiness probes expected", c.name);
+                assert!(
+                    asked >= 2,
+                    "{component}/{}: liveness and readiness probes expected",
+                    c.name
+                );
             }
             if component == "controller" {
                 controller_pods.push(pod.metadata.name.clone().expect("name"));
@@ -189,7 +208,10 @@ async fn chart_pods_run_ready_and_every_probe_answers() {
         .get("claudekey-controller")
         .await
         .expect("the controller's leader Lease");
-    let holder = lease.spec.and_then(|s| s.holder_identity).expect("a leader");
+    let holder = lease
+        .spec
+        .and_then(|s| s.holder_identity)
+        .expect("a leader");
     assert!(
         controller_pods.contains(&holder),
         "leader {holder} is not one of the controller pods {controller_pods:?}"
@@ -207,9 +229,12 @@ async fn injected_app_gets_answers_through_the_sidecar_with_the_placeholder_key(
     ready_claudekey(&client, &ns, "bot", &upstream_key, "20s").await;
 
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
-    pods.create(&PostParams::default(), &app_pod("sdk-once", "bot", SDK_ONCE, "Never"))
-        .await
-        .expect("create the app pod (the webhook injects the sidecar)");
+    pods.create(
+        &PostParams::default(),
+        &app_pod("sdk-once", "bot", SDK_ONCE, "Never"),
+    )
+    .await
+    .expect("create the app pod (the webhook injects the sidecar)");
     let pod = eventually(Duration::from_secs(90), "the app pod to finish", || async {
         let p = pods.get("sdk-once").await.ok()?;
         let phase = p.status.as_ref()?.phase.clone()?;
@@ -219,7 +244,10 @@ async fn injected_app_gets_answers_through_the_sidecar_with_the_placeholder_key(
     let out = logs(&client, &ns, "sdk-once", "app").await;
     let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
     assert_eq!(phase.as_deref(), Some("Succeeded"), "app output:\n{out}");
-    assert!(out.contains("ANSWER Hello from the fake Anthropic API."), "app output:\n{out}");
+    assert!(
+        out.contains("ANSWER Hello from the fake Anthropic API."),
+        "app output:\n{out}"
+    );
 
     // The sidecar is a native sidecar (an init container that keeps running) started first.
     let status = pod.status.as_ref().expect("status");
@@ -235,11 +263,17 @@ async fn injected_app_gets_answers_through_the_sidecar_with_the_placeholder_key(
         .flatten()
         .find(|s| s.name == "app")
         .expect("app status");
-    let sidecar_started = sidecar
+    let sidecar_started = sidecar.state.as_ref().and_then(|s| {
+        s.running
+            .as_ref()
+            .and_then(|r| r.started_at.clone())
+            .or_else(|| s.terminated.as_ref().and_then(|t| t.started_at.clone()))
+    });
+    let app_started = app
         .state
         .as_ref()
-        .and_then(|s| s.running.as_ref().and_then(|r| r.started_at.clone()).or_else(|| s.terminated.as_ref().and_then(|t| t.started_at.clone())));
-    let app_started = app.state.as_ref().and_then(|s| s.terminated.as_ref()).and_then(|t| t.started_at.clone());
+        .and_then(|s| s.terminated.as_ref())
+        .and_then(|t| t.started_at.clone());
     assert!(
         sidecar_started.is_some() && sidecar_started <= app_started,
         "sidecar started {sidecar_started:?}, app {app_started:?}"
@@ -247,8 +281,15 @@ async fn injected_app_gets_answers_through_the_sidecar_with_the_placeholder_key(
 
     // The upstream saw the real upstream key, never the placeholder the app sent.
     let seen = fx.upstream.received();
-    assert!(seen.iter().any(|r| r.header("x-api-key") == Some(upstream_key.as_str())));
-    assert!(!seen.iter().any(|r| r.header("x-api-key") == Some("claudekey-sidecar")));
+    assert!(
+        seen.iter()
+            .any(|r| r.header("x-api-key") == Some(upstream_key.as_str()))
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|r| r.header("x-api-key") == Some("claudekey-sidecar"))
+    );
 }
 
 #[tokio::test]
@@ -260,12 +301,22 @@ async fn rotations_reach_the_sidecar_through_kubelet_secret_updates_without_a_fa
     let old_upstream = fx.new_upstream_key();
     ready_claudekey(&client, &ns, "bot", &old_upstream, "15s").await;
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
-    pods.create(&PostParams::default(), &app_pod("loop", "bot", &sdk_loop(90), "Always"))
-        .await
-        .expect("create the looping app pod");
-    eventually(Duration::from_secs(60), "the loop's first answer", || async {
-        logs(&client, &ns, "loop", "app").await.contains("OK 1").then_some(())
-    })
+    pods.create(
+        &PostParams::default(),
+        &app_pod("loop", "bot", &sdk_loop(90), "Always"),
+    )
+    .await
+    .expect("create the looping app pod");
+    eventually(
+        Duration::from_secs(60),
+        "the loop's first answer",
+        || async {
+            logs(&client, &ns, "loop", "app")
+                .await
+                .contains("OK 1")
+                .then_some(())
+        },
+    )
     .await;
 
     // 1. The upstream key changes in its source: the controller rewrites <name>-proxy, the
@@ -273,33 +324,55 @@ async fn rotations_reach_the_sidecar_through_kubelet_secret_updates_without_a_fa
     let new_upstream = fx.new_upstream_key();
     let patch = serde_json::json!({ "stringData": { "api-key": new_upstream } });
     Api::<Secret>::namespaced(client.clone(), OPERATOR_NS)
-        .patch(&format!("upstream-{ns}-bot"), &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(
+            &format!("upstream-{ns}-bot"),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
         .await
         .expect("change the upstream key");
-    eventually(Duration::from_secs(60), "a request with the new upstream key", || async {
-        let seen = fx.upstream.received();
-        seen.iter()
-            .any(|r| r.header("x-api-key") == Some(new_upstream.as_str()))
-            .then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "a request with the new upstream key",
+        || async {
+            let seen = fx.upstream.received();
+            seen.iter()
+                .any(|r| r.header("x-api-key") == Some(new_upstream.as_str()))
+                .then_some(())
+        },
+    )
     .await;
     // Refused upstream from now on: a sidecar still using it would make the loop fail.
-    fx.upstream.set_key_status(&old_upstream, KeyStatus::Inactive);
+    fx.upstream
+        .set_key_status(&old_upstream, KeyStatus::Inactive);
 
     // 2. The workload key rotates, then is revoked: every rewrite of the Secret is reloaded.
-    let before = workload_fingerprint(&client, &ns, "bot").await.expect("fingerprint");
+    let before = workload_fingerprint(&client, &ns, "bot")
+        .await
+        .expect("fingerprint");
     annotate_claudekey(&client, &ns, "bot", "claudekey.io/rotate", "node-1").await;
-    eventually(Duration::from_secs(60), "the rotated workload key", || async {
-        let now = workload_fingerprint(&client, &ns, "bot").await?;
-        (now != before).then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the rotated workload key",
+        || async {
+            let now = workload_fingerprint(&client, &ns, "bot").await?;
+            (now != before).then_some(())
+        },
+    )
     .await;
     annotate_claudekey(&client, &ns, "bot", "claudekey.io/revoke", "node-1").await;
-    eventually(Duration::from_secs(60), "the revoke (no previous workload key)", || async {
-        let ck = Api::<ClaudeKey>::namespaced(client.clone(), &ns).get("bot").await.ok()?;
-        let wk = ck.status?.workload_key?;
-        wk.previous_fingerprint.is_none().then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the revoke (no previous workload key)",
+        || async {
+            let ck = Api::<ClaudeKey>::namespaced(client.clone(), &ns)
+                .get("bot")
+                .await
+                .ok()?;
+            let wk = ck.status?.workload_key?;
+            wk.previous_fingerprint.is_none().then_some(())
+        },
+    )
     .await;
     // A few more kubelet sync periods of traffic after the last rewrite.
     tokio::time::sleep(Duration::from_secs(12)).await;
@@ -308,7 +381,10 @@ async fn rotations_reach_the_sidecar_through_kubelet_secret_updates_without_a_fa
     assert!(!out.contains("FAIL"), "the app saw failures:\n{out}");
     let pod = pods.get("loop").await.expect("pod");
     for (name, restarts) in restart_counts(&pod) {
-        assert_eq!(restarts, 0, "container {name} restarted; app output:\n{out}");
+        assert_eq!(
+            restarts, 0,
+            "container {name} restarted; app output:\n{out}"
+        );
     }
     let oks = out.lines().filter(|l| l.starts_with("OK ")).count();
     assert!(oks >= 4, "too few answers during the rotations:\n{out}");
@@ -325,7 +401,10 @@ async fn consumer_deployment_rolls_exactly_once_per_new_workload_key() {
     ready_claudekey(&client, &ns, "bot", &key, "30s").await;
     let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
     deployments
-        .create(&PostParams::default(), &consumer_deployment("consumer", "bot"))
+        .create(
+            &PostParams::default(),
+            &consumer_deployment("consumer", "bot"),
+        )
         .await
         .expect("create the consumer Deployment");
     let replica_sets = Api::<ReplicaSet>::namespaced(client.clone(), &ns);
@@ -339,23 +418,54 @@ async fn consumer_deployment_rolls_exactly_once_per_new_workload_key() {
                 && s.ready_replicas == Some(1)
                 && s.replicas == Some(1)
                 && s.observed_generation == d.metadata.generation;
-            let rs = replica_sets.list(&ListParams::default()).await.ok()?.items.len();
+            let rs = replica_sets
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .len();
             (done && rs == want).then_some(())
         }
     };
-    eventually(Duration::from_secs(90), "the consumer running", || rolled_out(1)).await;
+    eventually(Duration::from_secs(90), "the consumer running", || {
+        rolled_out(1)
+    })
+    .await;
 
     for round in 1..=2 {
-        let before = workload_fingerprint(&client, &ns, "bot").await.expect("fingerprint");
-        annotate_claudekey(&client, &ns, "bot", "claudekey.io/rotate", &format!("r{round}")).await;
-        eventually(Duration::from_secs(60), "the rotated workload key", || async {
-            (workload_fingerprint(&client, &ns, "bot").await? != before).then_some(())
+        let before = workload_fingerprint(&client, &ns, "bot")
+            .await
+            .expect("fingerprint");
+        annotate_claudekey(
+            &client,
+            &ns,
+            "bot",
+            "claudekey.io/rotate",
+            &format!("r{round}"),
+        )
+        .await;
+        eventually(
+            Duration::from_secs(60),
+            "the rotated workload key",
+            || async { (workload_fingerprint(&client, &ns, "bot").await? != before).then_some(()) },
+        )
+        .await;
+        eventually(Duration::from_secs(90), "the consumer rolled", || {
+            rolled_out(round + 1)
         })
         .await;
-        eventually(Duration::from_secs(90), "the consumer rolled", || rolled_out(round + 1)).await;
         // Quiet for a while: a second roll for the same key would add a ReplicaSet.
         tokio::time::sleep(Duration::from_secs(8)).await;
-        let count = replica_sets.list(&ListParams::default()).await.expect("list").items.len();
-        assert_eq!(count, round + 1, "one ReplicaSet per workload key after rotation {round}");
+        let count = replica_sets
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .len();
+        assert_eq!(
+            count,
+            round + 1,
+            "one ReplicaSet per workload key after rotation {round}"
+        );
     }
 }
