@@ -285,7 +285,8 @@ start_apiserver() {
     # ServiceAccount token, and the apiserver's own client cert for logs/exec on the kubelet.
     admission+=,ServiceAccount,NodeRestriction
     node_flags=(--authorization-mode=Node,RBAC
-      --kubelet-client-certificate="$PKI/admin.crt" --kubelet-client-key="$PKI/admin.key")
+      --kubelet-client-certificate="$PKI/admin.crt" --kubelet-client-key="$PKI/admin.key"
+      --kubelet-preferred-address-types=InternalIP)
   fi
   launch kube-apiserver "$CLAUDEKEY_KUBE_APISERVER" \
     --etcd-servers="http://127.0.0.1:$ETCD_PORT" \

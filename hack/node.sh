@@ -93,7 +93,6 @@ wait_until() {
 }
 
 ctr_() { ctr --address "$NODE/containerd.sock" -n k8s.io "$@"; }
-kubectl_() { "$CLAUDEKEY_TEST_KUBECTL" --kubeconfig "$STATE/kubeconfig" "$@"; }
 
 # ---------------------------------------------------------------------------
 # host state: what start changes and stop restores
@@ -106,7 +105,7 @@ cmd_host_state() {
   ip -o link show | awk -F': ' '{print "link " $2}' | sed 's/@.*//' | sort
   ip route show table all | grep -v '^local\|^broadcast\|^multicast\|fe80::\|ff00::' | sed 's/^/route /' | sort
   for t in iptables ip6tables; do
-    "$t-save" 2>/dev/null | grep -E '^(\*|:|-A)' | sed -E "s/\[[0-9]+:[0-9]+\]//; s/^/$t /"
+    "$t-save" 2>/dev/null | grep -E '^(\*|:|-A)' | sed -E "s/\[[0-9]+:[0-9]+\]//; s/^/$t /" || true
   done
   findmnt -rn -o TARGET,FSTYPE | sed 's/^/mount /' | sort
   for d in /sys/fs/cgroup/*/; do [[ -d $d$CGROUP_ROOT ]] && printf 'cgroup %s\n' "$d$CGROUP_ROOT"; done
@@ -127,6 +126,9 @@ record_host() {
   for d in "${HOST_DIRS[@]}"; do [[ -e $d ]] || printf '%s\n' "$d" >>"$NODE/restore/missing-dirs"; done
   { iptables-save; ip6tables-save; } 2>/dev/null | sed -n 's/^:\(KUBE-[^ ]*\).*/\1/p' | sort -u \
     >"$NODE/restore/kube-chains"
+  # The netfilter tables themselves: iptables (nf_tables backend) creates filter/nat/mangle on
+  # first use and never deletes them.
+  nft list tables 2>/dev/null >"$NODE/restore/nft-tables" || true
 }
 
 gen_node_pki() {
@@ -272,7 +274,9 @@ import_images() {
 }
 
 node_ready() {
-  [[ $(kubectl_ get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}') == True ]]
+  curl -fsS --cacert "$STATE/pki/ca.crt" --cert "$STATE/pki/admin.crt" --key "$STATE/pki/admin.key" \
+    "$CLAUDEKEY_TEST_APISERVER/api/v1/nodes/$NODE_NAME" |
+    jq -e '.status.conditions[] | select(.type == "Ready" and .status == "True")' >/dev/null
 }
 
 cmd_start() {
@@ -390,6 +394,16 @@ restore_iptables() {
       for chain in $chains; do "$t" -t "$tbl" -X "$chain" 2>/dev/null || true; done
     done
   done
+  # Tables start did not find go again when nothing but their built-in chains is left in them.
+  local family table
+  command -v nft >/dev/null || return 0
+  nft list tables 2>/dev/null | while read -r _ family table; do
+    grep -qx "table $family $table" "$NODE/restore/nft-tables" 2>/dev/null && continue
+    [[ $family == ip ]] && t=iptables || { [[ $family == ip6 ]] && t=ip6tables; } || continue
+    if ! "$t" -t "$table" -S 2>/dev/null | grep -qv '^-P [A-Z]* ACCEPT$'; then
+      nft delete table "$family" "$table" 2>/dev/null || true
+    fi
+  done || true
 }
 
 cmd_stop() {

@@ -335,9 +335,10 @@ timed() {
 # containerd, runc, CNI plugins (Debian packages) for the real-node tier
 # ---------------------------------------------------------------------------
 # Debian's containerd 1.6 + runc + the reference CNI plugins are what hack/node.sh runs pods
-# with. Installed only as root (the node tier needs root anyway); policy-rc.d keeps apt from
-# starting a system containerd, since hack/node.sh runs its own with all state in its directory.
-NODE_PACKAGES=(containerd runc containernetworking-plugins)
+# with; nft lets its stop delete the netfilter tables the kubelet's iptables calls created.
+# Installed only as root (the node tier needs root anyway); policy-rc.d keeps apt from starting a
+# system containerd, since hack/node.sh runs its own with all state in its directory.
+NODE_PACKAGES=(containerd runc containernetworking-plugins nftables)
 install_node_packages() {
   local missing=() p
   for p in "${NODE_PACKAGES[@]}"; do
