@@ -422,8 +422,11 @@ cmd_start() {
   start_etcd
   start_apiserver
   start_controller_manager
-  start_moto
-  start_openbao
+  # The node tier needs neither secret-store backend; its memory goes to pods instead.
+  if [[ $NODE_MODE != 1 ]]; then
+    start_moto
+    start_openbao
+  fi
   write_env
   if [[ $NODE_MODE == 1 ]]; then
     CLAUDEKEY_STATE_DIR=$STATE bash "$HACK_DIR/node.sh" start || exit 1

@@ -408,28 +408,42 @@ async fn consumer_deployment_rolls_exactly_once_per_new_workload_key() {
         .await
         .expect("create the consumer Deployment");
     let replica_sets = Api::<ReplicaSet>::namespaced(client.clone(), &ns);
-    let rolled_out = |want: usize| {
+    // Rolled out, every pod on the template stamped for workload key `fingerprint`; the number
+    // of ReplicaSets (one per pod template the Deployment ever had) then.
+    let rolled_for = |fingerprint: String| {
         let deployments = deployments.clone();
         let replica_sets = replica_sets.clone();
         async move {
             let d = deployments.get("consumer").await.ok()?;
             let s = d.status.as_ref()?;
-            let done = s.updated_replicas == Some(1)
+            let stamp = d
+                .spec
+                .as_ref()?
+                .template
+                .metadata
+                .as_ref()?
+                .annotations
+                .as_ref()?
+                .get("claudekey.io/restartedFor")?
+                .clone();
+            let done = stamp == fingerprint
+                && s.updated_replicas == Some(1)
                 && s.ready_replicas == Some(1)
                 && s.replicas == Some(1)
                 && s.observed_generation == d.metadata.generation;
-            let rs = replica_sets
-                .list(&ListParams::default())
-                .await
-                .ok()?
-                .items
-                .len();
-            (done && rs == want).then_some(())
+            let rs = replica_sets.list(&ListParams::default()).await.ok()?;
+            done.then_some(rs.items.len())
         }
     };
-    eventually(Duration::from_secs(90), "the consumer running", || {
-        rolled_out(1)
-    })
+    // A consumer seen for the first time is stamped (and so rolled once) for the current key.
+    let current = workload_fingerprint(&client, &ns, "bot")
+        .await
+        .expect("fingerprint");
+    let mut count = eventually(
+        Duration::from_secs(90),
+        "the consumer stamped and running",
+        || rolled_for(current.clone()),
+    )
     .await;
 
     for round in 1..=2 {
@@ -444,28 +458,38 @@ async fn consumer_deployment_rolls_exactly_once_per_new_workload_key() {
             &format!("r{round}"),
         )
         .await;
-        eventually(
+        let new = eventually(
             Duration::from_secs(60),
             "the rotated workload key",
-            || async { (workload_fingerprint(&client, &ns, "bot").await? != before).then_some(()) },
+            || async {
+                workload_fingerprint(&client, &ns, "bot")
+                    .await
+                    .filter(|f| *f != before)
+            },
         )
         .await;
-        eventually(Duration::from_secs(90), "the consumer rolled", || {
-            rolled_out(round + 1)
+        let rolled = eventually(Duration::from_secs(90), "the consumer rolled", || {
+            rolled_for(new.clone())
         })
         .await;
+        assert_eq!(
+            rolled,
+            count + 1,
+            "one new ReplicaSet for the key of rotation {round}"
+        );
         // Quiet for a while: a second roll for the same key would add a ReplicaSet.
         tokio::time::sleep(Duration::from_secs(8)).await;
-        let count = replica_sets
+        let now = replica_sets
             .list(&ListParams::default())
             .await
             .expect("list")
             .items
             .len();
         assert_eq!(
-            count,
-            round + 1,
-            "one ReplicaSet per workload key after rotation {round}"
+            now,
+            count + 1,
+            "rolled again for the same key after rotation {round}"
         );
+        count = now;
     }
 }
