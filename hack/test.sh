@@ -7,7 +7,8 @@
 #   kubelet, bridge CNI; root only), the chart installed with `helm install --wait` from the image
 #   hack/image.sh builds, and the end-to-end tests on real pods (tests/node, run with --ignored);
 #   afterwards the host must be exactly as before (hack/node.sh host-state, compared).
-#   CLAUDEKEY_SKIP_NODE=1 leaves the node tier out (say so when you report a run).
+#   CLAUDEKEY_SKIP_NODE=1 leaves the node tier out (say so when you report a run);
+#   `hack/test.sh --node` runs only the node tier (after tools and build).
 # Everything this script starts it stops again, also on failure or Ctrl-C.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -27,33 +28,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-step "build"
-cargo build --all-targets --locked
-
-step "control plane and backends"
-bash hack/control-plane.sh start
-# shellcheck disable=SC1091
-source "$CLAUDEKEY_STATE_DIR/env"
-
-step "cargo test (unit + integration)"
-cargo_log=$CLAUDEKEY_STATE_DIR/cargo-test.log
-cargo test --all-targets --locked --no-fail-fast 2>&1 | tee "$cargo_log"
-
-if [ -f hack/chart-test.sh ]; then
-  step "helm chart"
-  CLAUDEKEY_BIN=target/debug/claudekey bash hack/chart-test.sh
-fi
-step "the README's first command (hack/demo.sh, non-interactive)"
-demo_dir=$(mktemp -d /tmp/claudekey-demo-test.XXXXXX)
-if ! CLAUDEKEY_DEMO_EXIT=1 CLAUDEKEY_DEMO_DIR=$demo_dir bash hack/demo.sh >"$demo_dir.log" 2>&1; then
-  tail -40 "$demo_dir.log" >&2
-  echo "hack/demo.sh failed (log: $demo_dir.log)" >&2
-  exit 1
-fi
-grep -q "after grace:  new key -> HTTP 200, old key -> HTTP 401" "$demo_dir.log" \
-  || { tail -40 "$demo_dir.log" >&2; echo "hack/demo.sh did not show the rotation" >&2; exit 1; }
-echo "demo ok (log: $demo_dir.log)"
-
+cargo_log=$(mktemp /tmp/claudekey-cargo.XXXXXX.log)
 node_tier() {
   step "node tier: a real node, the chart installed from the built image, tests on real pods"
   [[ $(id -u) == 0 ]] || { echo "the node tier needs root (CLAUDEKEY_SKIP_NODE=1 to leave it out)" >&2; return 1; }
@@ -90,6 +65,39 @@ node_tier() {
     $((SECONDS - start)) $(((peak - used0) / 1024)) $((used0 / 1024)) >&2
   return $rc
 }
+
+step "build"
+cargo build --all-targets --locked
+
+if [[ ${1:-} == --node ]]; then
+  node_tier
+  awk '/^test result:/ { passed += $4; failed += $6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' "$cargo_log"
+  exit 0
+fi
+
+step "control plane and backends"
+bash hack/control-plane.sh start
+# shellcheck disable=SC1091
+source "$CLAUDEKEY_STATE_DIR/env"
+
+step "cargo test (unit + integration)"
+cargo test --all-targets --locked --no-fail-fast 2>&1 | tee "$cargo_log"
+
+if [ -f hack/chart-test.sh ]; then
+  step "helm chart"
+  CLAUDEKEY_BIN=target/debug/claudekey bash hack/chart-test.sh
+fi
+step "the README's first command (hack/demo.sh, non-interactive)"
+demo_dir=$(mktemp -d /tmp/claudekey-demo-test.XXXXXX)
+if ! CLAUDEKEY_DEMO_EXIT=1 CLAUDEKEY_DEMO_DIR=$demo_dir bash hack/demo.sh >"$demo_dir.log" 2>&1; then
+  tail -40 "$demo_dir.log" >&2
+  echo "hack/demo.sh failed (log: $demo_dir.log)" >&2
+  exit 1
+fi
+grep -q "after grace:  new key -> HTTP 200, old key -> HTTP 401" "$demo_dir.log" \
+  || { tail -40 "$demo_dir.log" >&2; echo "hack/demo.sh did not show the rotation" >&2; exit 1; }
+echo "demo ok (log: $demo_dir.log)"
+
 if [[ ${CLAUDEKEY_SKIP_NODE:-0} == 1 ]]; then
   step "node tier SKIPPED (CLAUDEKEY_SKIP_NODE=1)"
 else
