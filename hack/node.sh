@@ -6,6 +6,7 @@
 #   hack/node.sh start       (control plane already started in $CLAUDEKEY_STATE_DIR)
 #   hack/node.sh stop        stop every pod and process, restore every host setting it changed
 #   hack/node.sh host-state  print the host state start changes (stop must give the same output)
+#   hack/node.sh mem-usage   KiB in use by the control plane, the node and its pods now
 #
 # Network (nothing is ever routed off this machine):
 #   198.18.0.1/24  bridge ckbr0: the node's address and the pods' gateway; pods 198.18.0.10-254
@@ -110,6 +111,21 @@ cmd_host_state() {
   findmnt -rn -o TARGET,FSTYPE | sed 's/^/mount /' | sort
   for d in /sys/fs/cgroup/*/; do [[ -d $d$CGROUP_ROOT ]] && printf 'cgroup %s\n' "$d$CGROUP_ROOT"; done
   return 0
+}
+
+# The memory this cluster uses now, in KiB: the resident memory of every process whose command
+# line names the state directory (etcd, apiserver, controller manager, scheduler, kubelet,
+# containerd and its shims) plus the resident memory of every pod (the kubelet's cgroup root).
+cmd_mem_usage() {
+  local p kb=0 v pods=0 stat=/sys/fs/cgroup/memory/$CGROUP_ROOT/memory.stat
+  for p in /proc/[0-9]*; do
+    if grep -qF "$STATE" 2>/dev/null "$p/cmdline"; then
+      v=$(awk '/^VmRSS:/ {print $2}' 2>/dev/null "$p/status") || v=0
+      kb=$((kb + ${v:-0}))
+    fi
+  done
+  [[ ! -r $stat ]] || pods=$(awk '/^total_rss / {print int($2 / 1024)}' "$stat")
+  echo $((kb + pods))
 }
 
 # ---------------------------------------------------------------------------
@@ -439,5 +455,6 @@ case ${1:-} in
   start) cmd_start ;;
   stop) cmd_stop ;;
   host-state) cmd_host_state ;;
+  mem-usage) cmd_mem_usage ;;
   *) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}" >&2; exit 2 ;;
 esac
