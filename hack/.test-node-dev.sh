@@ -34,13 +34,12 @@ node_tier() {
   [[ $(id -u) == 0 ]] || { echo "the node tier needs root (CLAUDEKEY_SKIP_NODE=1 to leave it out)" >&2; return 1; }
   bash /tmp/ck-node-dev/cp.sh stop >/dev/null 2>&1 || true  # the first tier's; frees its memory
   bash hack/node.sh host-state >"$NODE_STATE/host-before"
-  local start=$SECONDS used0
-  used0=$(awk '/MemTotal/ {t=$2} /MemAvailable/ {a=$2} END {print t-a}' /proc/meminfo)
-  # Memory peak of the tier: the most memory in use (MemTotal - MemAvailable) sampled each
-  # second, less what was in use before it started.
+  local start=$SECONDS
+  # Memory peak of the tier: the control plane, node and pods (hack/node.sh mem-usage), sampled
+  # every second.
   ( peak=0; while :; do
-      u=$(awk '/MemTotal/ {t=$2} /MemAvailable/ {a=$2} END {print t-a}' /proc/meminfo)
-      ((u > peak)) && peak=$u && echo "$peak" >"$NODE_STATE/mem-peak"
+      u=$(CLAUDEKEY_STATE_DIR=$NODE_STATE/cp bash hack/node.sh mem-usage 2>/dev/null || echo 0)
+      if ((u > peak)); then peak=$u; echo "$peak" >"$NODE_STATE/mem-peak"; fi
       sleep 1
     done ) &
   MEM_SAMPLER=$!
@@ -59,10 +58,8 @@ node_tier() {
     echo "hack/node.sh stop did not restore the host (diff above)" >&2
     rc=1
   fi
-  local peak
-  peak=$(cat "$NODE_STATE/mem-peak" 2>/dev/null || echo "$used0")
-  printf 'node tier: %ds wall, memory peak %d MiB above the %d MiB in use before it\n' \
-    $((SECONDS - start)) $(((peak - used0) / 1024)) $((used0 / 1024)) >&2
+  printf 'node tier: %ds wall, memory peak %d MiB (control plane + node + pods)\n' \
+    $((SECONDS - start)) $(($(cat "$NODE_STATE/mem-peak" 2>/dev/null || echo 0) / 1024)) >&2
   return $rc
 }
 
