@@ -303,6 +303,11 @@ cmd_start() {
   [[ -n ${CLAUDEKEY_KUBELET:-} ]] || die "CLAUDEKEY_KUBELET unset: hack/tools.sh builds it"
   command -v containerd >/dev/null || die "containerd missing: hack/tools.sh installs it"
   [[ ! -e $NODE ]] || die "$NODE exists: hack/node.sh stop first"
+  # One node per machine: its bridge, routes and cgroup root have fixed names, and stop removes
+  # them, so a second start must not touch the first one's.
+  if ip link show "$BRIDGE" >/dev/null 2>&1 || [[ -d /sys/fs/cgroup/memory/$CGROUP_ROOT ]]; then
+    die "a node is already running on this machine (bridge $BRIDGE or cgroup $CGROUP_ROOT exists)"
+  fi
   mkdir -p "$NODE"
   record_host
   trap 'rc=$?; if ((rc)); then log "start failed; stopping"; cmd_stop; fi' EXIT
