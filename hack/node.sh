@@ -282,7 +282,13 @@ import_images() {
   bash "$HACK_DIR/image.sh" pause "$dir/pause.tar" "$PAUSE_IMAGE" >&2
   bash "$HACK_DIR/image.sh" app "$dir/app.tar" "$APP_IMAGE" >&2
   bash "$HACK_DIR/image.sh" claudekey "$dir/claudekey.tar" "$bin" "$CLAUDEKEY_IMAGE" >&2
-  local f
+  # The archive is both formats it claims to be: skopeo reads it as an OCI archive and as a
+  # docker-archive (what `docker load` reads), and sees the Dockerfile's non-root user.
+  local f t
+  for t in oci-archive docker-archive; do
+    skopeo inspect --config "$t:$dir/claudekey.tar" | jq -e '.config.User == "65532:65532"' >/dev/null \
+      || die "skopeo does not read $dir/claudekey.tar as $t with user 65532:65532"
+  done
   for f in pause app claudekey; do ctr_ images import "$dir/$f.tar" >/dev/null; done
   # The archives are no longer needed once imported; they are large.
   rm -f "$dir"/*.tar
@@ -302,6 +308,7 @@ cmd_start() {
   source "$STATE/env"
   [[ -n ${CLAUDEKEY_KUBELET:-} ]] || die "CLAUDEKEY_KUBELET unset: hack/tools.sh builds it"
   command -v containerd >/dev/null || die "containerd missing: hack/tools.sh installs it"
+  command -v skopeo >/dev/null || die "skopeo missing: hack/tools.sh installs it"
   [[ ! -e $NODE ]] || die "$NODE exists: hack/node.sh stop first"
   # One node per machine: its bridge, routes and cgroup root have fixed names, and stop removes
   # them, so a second start must not touch the first one's.

@@ -332,14 +332,15 @@ timed() {
 }
 
 # ---------------------------------------------------------------------------
-# containerd, runc, CNI plugins, nftables, python3.11 (Debian packages) for the real-node tier
+# containerd, runc, CNI plugins, nftables, python3.11, skopeo (Debian packages): real-node tier
 # ---------------------------------------------------------------------------
 # Debian's containerd 1.6 + runc + the reference CNI plugins are what hack/node.sh runs pods
 # with; nft lets its stop delete the netfilter tables the kubelet's iptables calls created;
-# python3.11 is what hack/image.sh puts into the app image with the SDK.
+# python3.11 is what hack/image.sh puts into the app image with the SDK; skopeo checks that the
+# image archive reads as both OCI and docker-archive.
 # Installed only as root (the node tier needs root anyway); policy-rc.d keeps apt from starting a
 # system containerd, since hack/node.sh runs its own with all state in its directory.
-NODE_PACKAGES=(containerd runc containernetworking-plugins nftables python3.11)
+NODE_PACKAGES=(containerd runc containernetworking-plugins nftables python3.11 skopeo)
 install_node_packages() {
   local missing=() p
   for p in "${NODE_PACKAGES[@]}"; do
