@@ -7,7 +7,11 @@
 #                                 moto server (AWS Secrets Manager) and an OpenBao
 #                                 dev server (Vault API); write $STATE/env
 #   hack/control-plane.sh env     print $STATE/env (use: eval "$(hack/control-plane.sh env)")
-#   hack/control-plane.sh stop    stop every process `start` started, delete $STATE
+#   CLAUDEKEY_NODE=1 hack/control-plane.sh start
+#                                 the same, plus a real node (hack/node.sh: containerd, kubelet,
+#                                 kube-scheduler, bridge CNI; root only): pods run
+#   hack/control-plane.sh stop    stop every process `start` started (the node too, restoring
+#                                 the host settings it changed), delete $STATE
 #   hack/control-plane.sh status  show which components are running
 #
 # STATE is ${CLAUDEKEY_STATE_DIR:-/tmp/claudekey-cp}. Inside it:
@@ -25,7 +29,9 @@
 # service range, allow-privileged, ServiceAccount admission disabled, RBAC),
 # with client-certificate auth, the admission webhooks enabled, and a real
 # kube-controller-manager so garbage collection and Deployment -> ReplicaSet
-# work. There is no kubelet or scheduler: pods stay Pending.
+# work. Without CLAUDEKEY_NODE=1 there is no kubelet or scheduler: pods stay Pending. With it,
+# the apiserver also runs the Node authorizer and the ServiceAccount admission plugin (pods get
+# their token volumes), and hack/node.sh adds the node.
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -37,7 +43,10 @@ PIDS=$STATE/pids
 
 # Components in start order; stop goes in reverse.
 COMPONENTS=(etcd kube-apiserver kube-controller-manager moto openbao)
-SERVICE_CIDR=10.0.0.0/24
+# Services live in the benchmarking range (198.18.0.0/15, see hack/node.sh): nothing sent to a
+# ClusterIP can leave this machine.
+SERVICE_CIDR=198.19.0.0/24
+NODE_MODE=${CLAUDEKEY_NODE:-0}
 START_TIMEOUT=${CLAUDEKEY_START_TIMEOUT:-120}  # seconds, per component
 VAULT_TOKEN=root
 
@@ -120,6 +129,7 @@ stop_group() {
 # timeout when etcd disappears under it.
 stop_all() {
   [[ -d $PIDS ]] || return 0
+  if [[ -d $STATE/node ]]; then CLAUDEKEY_STATE_DIR=$STATE bash "$HACK_DIR/node.sh" stop || true; fi
   stop_group kube-controller-manager kube-apiserver moto openbao
   stop_group etcd
   rm -f "$PIDS"/*.pid
@@ -212,7 +222,7 @@ gen_pki() {
     "basicConstraints=CA:FALSE" \
     "keyUsage=critical,digitalSignature,keyEncipherment" \
     "extendedKeyUsage=serverAuth" \
-    "subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local")"
+    "subjectAltName=IP:127.0.0.1,DNS:localhost,IP:198.19.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local")"
   # system:masters is bound to cluster-admin by the apiserver's RBAC bootstrap.
   gen_cert admin "/O=system:masters/CN=admin" "$(printf '%s\n' \
     "basicConstraints=CA:FALSE" \
@@ -268,6 +278,16 @@ start_etcd() {
 }
 
 start_apiserver() {
+  local admission=NamespaceLifecycle,LimitRanger,DefaultTolerationSeconds,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy,ResourceQuota
+  local node_flags=(--authorization-mode=RBAC --disable-admission-plugins=ServiceAccount)
+  if [[ $NODE_MODE == 1 ]]; then
+    # A real node: kubelet credentials authorized by the Node authorizer, pods given their
+    # ServiceAccount token, and the apiserver's own client cert for logs/exec on the kubelet.
+    admission+=,ServiceAccount,NodeRestriction
+    node_flags=(--authorization-mode=Node,RBAC
+      --kubelet-client-certificate="$PKI/admin.crt" --kubelet-client-key="$PKI/admin.key"
+      --kubelet-preferred-address-types=InternalIP)
+  fi
   launch kube-apiserver "$CLAUDEKEY_KUBE_APISERVER" \
     --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
     --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$APISERVER_PORT" \
@@ -278,9 +298,8 @@ start_apiserver() {
     --service-account-signing-key-file="$PKI/sa.key" \
     --service-cluster-ip-range="$SERVICE_CIDR" \
     --allow-privileged=true \
-    --authorization-mode=RBAC \
-    --enable-admission-plugins=NamespaceLifecycle,LimitRanger,DefaultTolerationSeconds,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy,ResourceQuota \
-    --disable-admission-plugins=ServiceAccount \
+    --enable-admission-plugins="$admission" \
+    "${node_flags[@]}" \
     --enable-aggregator-routing=true \
     --profiling=false
   # --enable-aggregator-routing makes the apiserver reach webhook Services through their
@@ -364,6 +383,8 @@ export CLAUDEKEY_TEST_PYTHON_BIN='$(dirname "$CLAUDEKEY_PYTHON")'
 export CLAUDEKEY_TEST_HELM='$CLAUDEKEY_HELM'
 export CLAUDEKEY_TEST_PROMTOOL='$CLAUDEKEY_PROMTOOL'
 export CLAUDEKEY_TEST_KUBECTL='$CLAUDEKEY_KUBECTL'
+export CLAUDEKEY_KUBELET='${CLAUDEKEY_KUBELET:-}'
+export CLAUDEKEY_KUBE_SCHEDULER='${CLAUDEKEY_KUBE_SCHEDULER:-}'
 EOF
   mv -f "$STATE/env.tmp" "$STATE/env"
 }
@@ -401,9 +422,15 @@ cmd_start() {
   start_etcd
   start_apiserver
   start_controller_manager
-  start_moto
-  start_openbao
+  # The node tier needs neither secret-store backend; its memory goes to pods instead.
+  if [[ $NODE_MODE != 1 ]]; then
+    start_moto
+    start_openbao
+  fi
   write_env
+  if [[ $NODE_MODE == 1 ]]; then
+    CLAUDEKEY_STATE_DIR=$STATE bash "$HACK_DIR/node.sh" start || exit 1
+  fi
   START_COMPLETE=true
   trap - INT TERM
 

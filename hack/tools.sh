@@ -6,9 +6,11 @@
 #   hack/tools.sh              build what is missing, print one line per tool (stderr)
 #   hack/tools.sh --print-env  the same, then print `export CLAUDEKEY_...=<path>`
 #                              lines on stdout (what hack/control-plane.sh uses)
+#   hack/tools.sh --node       only kubelet, kube-scheduler and the Debian packages the
+#                              real-node tier needs (containerd, runc, CNI plugins)
 #
 # Cache layout (${XDG_CACHE_HOME:-$HOME/.cache}/claudekey):
-#   kubernetes-<ver>/bin/{kube-apiserver,kube-controller-manager,kubectl}
+#   kubernetes-<ver>/bin/{kube-apiserver,kube-controller-manager,kubectl,kubelet,kube-scheduler}
 #   etcd-<ver>/bin/etcd
 #   helm-<ver>/bin/helm
 #   prometheus-<ver>/bin/promtool
@@ -145,9 +147,14 @@ install_bin() { chmod +x "$1"; mv -f "$1" "$2"; }
 # requires k8s.io/kubernetes and replaces each staging module with its published
 # v0.<minor>.<patch>; the list comes from that version's own go.mod.
 build_kubernetes() {
-  local want=("$@")  # binaries to build: any of kube-apiserver, kube-controller-manager, kubectl
+  # binaries to build: any of kube-apiserver, kube-controller-manager, kubectl, kubelet,
+  # kube-scheduler
+  local want=("$@")
   local base=$CACHE_DIR/kubernetes-$KUBERNETES_VERSION
-  local src=$base/src bin=$base/bin logfile=$LOG_DIR/kubernetes-$KUBERNETES_VERSION.log
+  # KUBE_WRAPPER_SUFFIX: a second wrapper module next to the first, so a standalone build
+  # (`tools.sh --node`) never rewrites the go.mod another run is building from.
+  local src=$base/src${KUBE_WRAPPER_SUFFIX:-} bin=$base/bin
+  local logfile=$LOG_DIR/kubernetes-$KUBERNETES_VERSION${KUBE_WRAPPER_SUFFIX:-}.log
   local staging_version=v0.${KUBERNETES_VERSION#v1.}
   local gomod replaces commit major minor rest ldflags b
 
@@ -324,12 +331,53 @@ timed() {
   printf '%s' "built in $((SECONDS - start))s"
 }
 
+# ---------------------------------------------------------------------------
+# containerd, runc, CNI plugins, nftables, python3.11, skopeo (Debian packages): real-node tier
+# ---------------------------------------------------------------------------
+# Debian's containerd 1.6 + runc + the reference CNI plugins are what hack/node.sh runs pods
+# with; nft lets its stop delete the netfilter tables the kubelet's iptables calls created;
+# python3.11 is what hack/image.sh puts into the app image with the SDK; skopeo checks that the
+# image archive reads as both OCI and docker-archive.
+# Installed only as root (the node tier needs root anyway); policy-rc.d keeps apt from starting a
+# system containerd, since hack/node.sh runs its own with all state in its directory.
+NODE_PACKAGES=(containerd runc containernetworking-plugins nftables python3.11 skopeo)
+install_node_packages() {
+  local missing=() p
+  for p in "${NODE_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  if ((${#missing[@]} == 0)); then
+    summary node-packages "$(dpkg-query -W -f='${Package}=${Version} ' containerd runc)" /usr/bin/containerd cached
+    return 0
+  fi
+  if [[ $(id -u) != 0 ]] || ! command -v apt-get >/dev/null; then
+    summary node-packages "${missing[*]}" "-" "missing: not root or no apt; the node tier cannot run"
+    return 0
+  fi
+  local logfile=$LOG_DIR/node-packages.log start=$SECONDS
+  : >"$logfile"
+  run_logged "$logfile" apt-get update -qq
+  run_logged "$logfile" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}"
+  summary node-packages "${missing[*]}" /usr/bin/containerd "installed in $((SECONDS - start))s"
+}
+
 main() {
   local print_env=false
   case ${1:-} in
     "") ;;
     --print-env) print_env=true ;;
-    *) die "usage: $0 [--print-env]" ;;
+    --node)
+      # Only the real-node pieces (kubelet, kube-scheduler, Debian packages), in a wrapper
+      # module of their own so this can run while a full run holds the lock.
+      mkdir -p "$CACHE_DIR" "$LOG_DIR"
+      local kdir=$CACHE_DIR/kubernetes-$KUBERNETES_VERSION/bin want=() b
+      for b in kubelet kube-scheduler; do [[ -x $kdir/$b ]] || want+=("$b"); done
+      if ((${#want[@]})); then KUBE_WRAPPER_SUFFIX=-node build_kubernetes "${want[@]}"; fi
+      install_node_packages
+      return 0
+      ;;
+    *) die "usage: $0 [--print-env | --node]" ;;
   esac
   command -v go >/dev/null || die "go is required"
   command -v jq >/dev/null || die "jq is required"
@@ -369,6 +417,10 @@ main() {
   # whichever kubectl the machine happens to have.
   local kubectl=$kdir/kubectl
   [[ -x $kubectl ]] || kube_missing+=(kubectl)
+  # kubelet and kube-scheduler: the real-node tier (hack/node.sh).
+  local kubelet=$kdir/kubelet scheduler=$kdir/kube-scheduler
+  [[ -x $kubelet ]] || kube_missing+=(kubelet)
+  [[ -x $scheduler ]] || kube_missing+=(kube-scheduler)
   status=cached
   ((${#kube_missing[@]} == 0)) || status=$(timed build_kubernetes "${kube_missing[@]}")
   if $from_assets; then
@@ -378,6 +430,9 @@ main() {
   fi
   summary kube-controller-manager "$KUBERNETES_VERSION" "$kcm" "$status"
   summary kubectl "$KUBERNETES_VERSION" "$kubectl" "$status"
+  summary kubelet "$KUBERNETES_VERSION" "$kubelet" "$status"
+  summary kube-scheduler "$KUBERNETES_VERSION" "$scheduler" "$status"
+  install_node_packages
 
   local helm=$CACHE_DIR/helm-$HELM_VERSION/bin/helm
   status=cached; [[ -x $helm ]] || status=$(timed build_helm)
@@ -406,6 +461,8 @@ export CLAUDEKEY_ETCD='$etcd'
 export CLAUDEKEY_KUBE_APISERVER='$apiserver'
 export CLAUDEKEY_KUBE_CONTROLLER_MANAGER='$kcm'
 export CLAUDEKEY_KUBECTL='$kubectl'
+export CLAUDEKEY_KUBELET='$kubelet'
+export CLAUDEKEY_KUBE_SCHEDULER='$scheduler'
 export CLAUDEKEY_HELM='$helm'
 export CLAUDEKEY_PROMTOOL='$promtool'
 export CLAUDEKEY_BAO='$bao'

@@ -163,7 +163,11 @@ async fn reads_a_field_of_a_json_secret() {
         .await
         .expect_err("JSON without jsonField");
     assert!(matches!(err, BackendError::Malformed { .. }), "{err}");
-    assert_error(&err, "set the source's awsSecretsManager.jsonField", &[&key]);
+    assert_error(
+        &err,
+        "set the source's awsSecretsManager.jsonField",
+        &[&key],
+    );
 
     let err = fetch(
         &backend,

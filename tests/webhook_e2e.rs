@@ -2,6 +2,7 @@
 //! port with a fresh CA, registered with `url: https://127.0.0.1:<port>/…` and the caBundle,
 //! scoped to a test namespace. Needs the test control plane (CLAUDEKEY_TEST_KUBECONFIG).
 
+mod node;
 mod support;
 mod webhook_flood;
 mod webhook_guards;

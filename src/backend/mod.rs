@@ -84,19 +84,19 @@ impl Backends {
         if source.kubernetes_secret.is_some() {
             Ok(self.kubernetes.as_ref())
         } else if source.aws_secrets_manager.is_some() {
-            self.aws
-                .as_deref()
-                .ok_or_else(|| not_configured(
+            self.aws.as_deref().ok_or_else(|| {
+                not_configured(
                     "aws",
                     "install the chart with backends.aws.enabled=true (flag --aws-enabled)",
-                ))
+                )
+            })
         } else if source.vault.is_some() {
-            self.vault
-                .as_deref()
-                .ok_or_else(|| not_configured(
+            self.vault.as_deref().ok_or_else(|| {
+                not_configured(
                     "vault",
                     "install the chart with backends.vault.address set (flag --vault-addr)",
-                ))
+                )
+            })
         } else {
             Err(not_configured("none", "the source names no backend"))
         }
