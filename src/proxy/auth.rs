@@ -1,15 +1,16 @@
 //! Gateway-mode authentication: the workload key arrives as `x-api-key` (older SDKs) or
-//! `Authorization: Bearer` (current ones); its SHA-256 is compared in constant time with every
-//! accepted hash, and the match names the ClaudeKey the request belongs to.
+//! `Authorization: Bearer` (current ones); its SHA-256 is looked up among the accepted hashes,
+//! and the match names the ClaudeKey the request belongs to. The lookup is by the digest of what
+//! the client sent, never by the secret itself, so its timing tells a client nothing about any
+//! accepted key (finding a stored hash would need a SHA-256 preimage).
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
-use super::{error::ApiError, tenant::Tenant};
+use super::{config::ConfigSet, error::ApiError, tenant::Tenant};
 use crate::proxyconf::still_valid;
 
 /// The credential the client presented, from either header.
@@ -22,10 +23,9 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// The ClaudeKey whose current or in-grace workload key this is. Every hash is compared, so the
-/// time taken does not depend on which (if any) matched.
+/// The ClaudeKey whose current or in-grace workload key this is.
 pub fn authenticate<'a>(
-    tenants: &'a [Arc<Tenant>],
+    set: &'a ConfigSet,
     headers: &HeaderMap,
     now: DateTime<Utc>,
 ) -> Result<&'a Arc<Tenant>, ApiError> {
@@ -33,25 +33,18 @@ pub fn authenticate<'a>(
         ApiError::Authentication("x-api-key header or Authorization: Bearer is required".into())
     })?;
     let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-    let mut found: Option<&Arc<Tenant>> = None;
-    let mut expired_match = false;
-    for tenant in tenants {
-        for accepted in &tenant.workload_keys {
-            if bool::from(accepted.sha256.ct_eq(&digest)) {
-                if still_valid(accepted.valid_until, now) {
-                    found = found.or(Some(tenant));
-                } else {
-                    expired_match = true;
-                }
+    match set.by_key.get(&digest) {
+        Some((index, until)) if still_valid(*until, now) => {
+            let tenant = &set.tenants[*index];
+            if tenant.expired(now) {
+                Err(ApiError::Authentication(
+                    "this ClaudeKey has expired".into(),
+                ))
+            } else {
+                Ok(tenant)
             }
         }
-    }
-    match found {
-        Some(tenant) if tenant.expired(now) => Err(ApiError::Authentication(
-            "this ClaudeKey has expired".into(),
-        )),
-        Some(tenant) => Ok(tenant),
-        None if expired_match => Err(ApiError::Authentication(
+        Some(_) => Err(ApiError::Authentication(
             "this workload key was rotated and its grace period has ended; use the current key"
                 .into(),
         )),
@@ -95,10 +88,10 @@ mod tests {
 
     #[test]
     fn both_header_styles_pick_the_right_claudekey() {
-        let tenants = [
+        let tenants = ConfigSet::new(vec![
             tenant("a", &[("ck_a", None)], None),
             tenant("b", &[("ck_b", None)], None),
-        ];
+        ]);
         let t = authenticate(&tenants, &headers("x-api-key", "ck_b"), now()).unwrap();
         assert_eq!(t.label, "ns/b");
         let t = authenticate(&tenants, &headers("authorization", "Bearer ck_a"), now()).unwrap();
@@ -107,11 +100,11 @@ mod tests {
 
     #[test]
     fn previous_key_until_valid_until() {
-        let tenants = [tenant(
+        let tenants = ConfigSet::new(vec![tenant(
             "a",
             &[("new", None), ("old", Some("2026-12-01T10:15:00Z"))],
             None,
-        )];
+        )]);
         assert!(authenticate(&tenants, &headers("x-api-key", "old"), now()).is_ok());
         let later: DateTime<Utc> = "2026-12-01T10:15:00Z".parse().unwrap();
         let err = authenticate(&tenants, &headers("x-api-key", "old"), later).unwrap_err();
@@ -121,7 +114,11 @@ mod tests {
 
     #[test]
     fn refusals_are_401() {
-        let tenants = [tenant("a", &[("k", None)], Some("2026-11-01T00:00:00Z"))];
+        let tenants = ConfigSet::new(vec![tenant(
+            "a",
+            &[("k", None)],
+            Some("2026-11-01T00:00:00Z"),
+        )]);
         for h in [
             HeaderMap::new(),
             headers("x-api-key", "wrong"),

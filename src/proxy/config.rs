@@ -46,10 +46,27 @@ pub enum ConfigError {
     },
 }
 
-/// The ClaudeKeys being served at one moment.
+/// The ClaudeKeys being served at one moment, with their workload-key hashes indexed: a gateway
+/// serving thousands of ClaudeKeys authenticates a request with one lookup, not a scan.
 #[derive(Default)]
 pub struct ConfigSet {
     pub tenants: Vec<Arc<Tenant>>,
+    /// SHA-256 of an accepted workload key -> index into `tenants`, and the key's `validUntil`.
+    pub by_key: HashMap<[u8; 32], (usize, Option<chrono::DateTime<chrono::Utc>>)>,
+}
+
+impl ConfigSet {
+    /// The set of `tenants`, indexed. A hash two tenants share (never, for random keys) names
+    /// the first.
+    pub fn new(tenants: Vec<Arc<Tenant>>) -> Self {
+        let mut by_key = HashMap::new();
+        for (i, tenant) in tenants.iter().enumerate() {
+            for key in &tenant.workload_keys {
+                by_key.entry(key.sha256).or_insert((i, key.valid_until));
+            }
+        }
+        Self { tenants, by_key }
+    }
 }
 
 /// The current set; `None` until a config was loaded once (`/readyz` says so).
@@ -161,9 +178,9 @@ impl Loader {
             .collect();
         tenants.sort_by(|a, b| a.0.cmp(&b.0));
         (
-            Some(ConfigSet {
-                tenants: tenants.into_iter().map(|(_, t)| t).collect(),
-            }),
+            Some(ConfigSet::new(
+                tenants.into_iter().map(|(_, t)| t).collect(),
+            )),
             outcome,
         )
     }

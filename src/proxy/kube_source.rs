@@ -152,9 +152,7 @@ impl Tenants {
 
     /// The set to serve: shares every compiled tenant, so it costs one pointer per ClaudeKey.
     pub fn snapshot(&self) -> ConfigSet {
-        ConfigSet {
-            tenants: self.by_secret.values().map(|e| e.tenant.clone()).collect(),
-        }
+        ConfigSet::new(self.by_secret.values().map(|e| e.tenant.clone()).collect())
     }
 
     pub fn len(&self) -> usize {

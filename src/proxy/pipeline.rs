@@ -157,7 +157,7 @@ fn resolve_tenant(shared: &Shared, headers: &HeaderMap) -> Result<Arc<Tenant>, A
         .ok_or_else(|| ApiError::Unavailable("the proxy has no configuration loaded yet".into()))?;
     let now = Utc::now();
     match shared.mode {
-        Mode::Gateway => Ok(auth::authenticate(&config.tenants, headers, now)?.clone()),
+        Mode::Gateway => Ok(auth::authenticate(&config, headers, now)?.clone()),
         Mode::Sidecar => {
             let tenant = config
                 .tenants
