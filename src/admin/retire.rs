@@ -13,7 +13,7 @@ use super::client::{AdminClient, AdminError, KeyStatus};
 use super::hint::{RetireAction, RetireRefusal, decide, find_by_hint, partial_key_hint};
 use crate::crd::AnthropicAdminSpec;
 
-/// Event reasons (and `status.upstream.retired.outcome` values), one per outcome.
+/// Event reasons (and `status.retired[].outcome` values of a ClusterClaudeKeySource), one per outcome.
 pub mod reason {
     pub const RETIRED: &str = "UpstreamKeyRetired";
     pub const ALREADY_INACTIVE: &str = "UpstreamKeyAlreadyInactive";
@@ -100,7 +100,7 @@ impl RetireOutcome {
         }
     }
 
-    /// The status record the controller can keep (suggested `status.upstream.retired`).
+    /// The record the controller keeps in the source's `status.retired`.
     pub fn record(&self, hint: &str, now: DateTime<Utc>) -> RetiredKeyStatus {
         RetiredKeyStatus {
             key_id: self.key_id().map(str::to_string),

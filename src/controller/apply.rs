@@ -168,7 +168,6 @@ pub async fn write_status(
         ledger: update.decision.map(|d| &d.ledger),
         synced_at: update.synced_at,
         next_rotation: update.decision.and_then(|d| d.next_rotation),
-        retired: None,
         now: Utc::now(),
     });
     if ck.status.as_ref() == Some(&status) {

@@ -7,7 +7,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use crate::crd::{ClaudeKeyStatus, UpstreamStatus, WorkloadKeyStatus, condition};
 
 use super::ledger::Ledger;
-use crate::admin::RetiredKeyStatus;
 
 /// Reasons on the four conditions.
 pub mod reason {
@@ -225,7 +224,6 @@ pub fn key_status(
         synced_at,
         previous_fingerprint: up_previous.map(|p| p.fingerprint.clone()),
         previous_valid_until: up_previous.and_then(|p| p.valid_until),
-        retired: None,
     };
     (workload, upstream)
 }
@@ -242,8 +240,6 @@ pub struct StatusInput<'a> {
     pub ledger: Option<&'a Ledger>,
     pub synced_at: Option<DateTime<Utc>>,
     pub next_rotation: Option<DateTime<Utc>>,
-    /// The retirement this reconcile attempted, if any; otherwise the previous record is kept.
-    pub retired: Option<RetiredKeyStatus>,
     pub now: DateTime<Utc>,
 }
 
@@ -269,10 +265,7 @@ pub fn build_status(input: StatusInput<'_>) -> ClaudeKeyStatus {
                 .synced_at
                 .or(existing.upstream.as_ref().map(|u| u.synced_at))
                 .unwrap_or(input.now);
-            let (w, mut u) = key_status(ledger, synced);
-            u.retired = input
-                .retired
-                .or_else(|| existing.upstream.as_ref().and_then(|u| u.retired.clone()));
+            let (w, u) = key_status(ledger, synced);
             (Some(w), Some(u))
         }
         None => (existing.workload_key, existing.upstream),
@@ -398,7 +391,6 @@ mod tests {
             ledger: None,
             synced_at: None,
             next_rotation: None,
-            retired: None,
             now,
         });
         let types: Vec<_> = status.conditions.iter().map(|c| c.type_.as_str()).collect();

@@ -82,8 +82,4 @@ pub struct UpstreamStatus {
     /// The previous upstream key is used as a fallback until this time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_valid_until: Option<DateTime<Utc>>,
-    /// The last replaced upstream key retired through the Admin API: Anthropic's key id, the
-    /// partial hint and the outcome, never the key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retired: Option<crate::admin::RetiredKeyStatus>,
 }
