@@ -190,6 +190,8 @@ struct Gateway {
     proxy: Arc<Proxy>,
     addr: SocketAddr,
     secrets: Api<Secret>,
+    /// The namespace whose config Secrets it serves (the operator namespace).
+    namespace: String,
     pki: Pki,
     dir: tempfile::TempDir,
     _stop: tokio::sync::oneshot::Sender<()>,
@@ -238,6 +240,7 @@ impl Gateway {
             proxy,
             addr,
             secrets: Api::namespaced(client, &namespace),
+            namespace,
             pki,
             dir,
             _stop: stop,
@@ -624,18 +627,16 @@ print("CREATE:" + m.content[0].text)
 async fn controller_gateway_and_sdk_end_to_end_with_a_rotation_under_load() {
     use claudekey::crd::ClaudeKey;
     use kube::api::{Patch, PatchParams};
-    logs();
+    let gw = Gateway::start("gw-e2e-op").await;
     let client = support::client().await;
     support::install_crd(&client).await;
-    let operator = support::namespace(&client, "gw-e2e-op").await;
+    let operator = gw.namespace.clone();
     let team = support::namespace(&client, "gw-e2e-team").await;
-    let fake = FakeUpstream::start(&[UPSTREAM_A]).await.unwrap();
-    fake.set_reply(FakeReply::Text(REPLY.into()));
     let apply = PatchParams::apply("claudekey-tests").force();
     let upstream = json!({ "apiVersion": "v1", "kind": "Secret",
         "metadata": { "name": "upstream", "labels": { "claudekey.io/upstream-key": "true" } },
         "stringData": { "api-key": UPSTREAM_A } });
-    Api::<Secret>::namespaced(client.clone(), &operator)
+    gw.secrets
         .patch("upstream", &apply, &Patch::Apply(&upstream))
         .await
         .unwrap();
@@ -647,33 +648,8 @@ async fn controller_gateway_and_sdk_end_to_end_with_a_rotation_under_load() {
         .patch(&source, &apply, &Patch::Apply(&source_body))
         .await
         .unwrap();
-
-    // The gateway, HTTPS on 127.0.0.1, serving the operator namespace's config Secrets.
-    let pki = Pki::new();
+    let base = gw.url();
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key, _) = pki.leaf();
-    let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-    replace(&cert_path, &cert);
-    replace(&key_path, &key);
-    let mut settings = ProxySettings::new(dir.path().join("unused"), fake.url(), Mode::Gateway);
-    settings.audit = AuditTarget::Memory(Arc::default());
-    settings.config_secrets = Some(SecretsSource {
-        client: client.clone(),
-        namespace: operator.clone(),
-    });
-    settings.tls = Some((cert_path, key_path));
-    let proxy = Arc::new(Proxy::start(settings).expect("gateway starts"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("https://{}", listener.local_addr().unwrap());
-    let (stop_gateway, gateway_stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = proxy.clone();
-    tokio::spawn(async move {
-        let _ = serving
-            .serve(listener, async {
-                let _ = gateway_stopped.await;
-            })
-            .await;
-    });
 
     // The controller, writing that gateway's URL and CA into `-client`.
     let mut config = claudekey::controller::ControllerConfig::new(&operator);
@@ -681,7 +657,7 @@ async fn controller_gateway_and_sdk_end_to_end_with_a_rotation_under_load() {
     config.leader_election = None;
     config.usage_interval = None;
     config.gateway_url = base.clone();
-    config.gateway_ca = Some(pki.ca_pem.clone());
+    config.gateway_ca = Some(gw.pki.ca_pem.clone());
     let (stop_controller, controller_stopped) = tokio::sync::oneshot::channel::<()>();
     let controller = tokio::spawn(claudekey::controller::run_with(
         client.clone(),
@@ -780,6 +756,5 @@ async fn controller_gateway_and_sdk_end_to_end_with_a_rotation_under_load() {
 
     let _ = stop_controller.send(());
     let _ = tokio::time::timeout(Duration::from_secs(20), controller).await;
-    let _ = stop_gateway.send(());
     assert_no_keys_logged(&[UPSTREAM_A, &old_key, &new_key]);
 }
