@@ -11,9 +11,15 @@ use kube::{
 
 use super::conditions::{self, StatusInput};
 use super::decide::Decision;
-use super::plan::SecretRef;
 use super::secrets::{self, Drift};
 use crate::crd::{API_VERSION, ClaudeKey, ClaudeKeyStatus, Placement, annotations};
+
+/// A Secret to delete: upstream keys out of a place they may no longer be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretRef {
+    pub namespace: String,
+    pub name: String,
+}
 
 /// Why a reconcile failed. Messages carry names and API reasons, never Secret contents.
 #[derive(Debug, thiserror::Error)]

@@ -12,8 +12,8 @@ use kube::{Resource, api::ObjectMeta};
 
 use super::consumers::RestartLimiter;
 use super::decide::RotationReason;
+use super::in_use::{KeysInUse, SourceKeys};
 use super::metrics::Metrics;
-use super::retire::{KeysInUse, SourceKeys};
 use super::seal::Sealer;
 use super::secrets::GatewayEndpoint;
 use crate::backend::cache::BackendCache;

@@ -8,9 +8,9 @@ use kube::{
     runtime::controller::Action,
 };
 
+use super::apply::SecretRef;
 use super::apply::{Error, delete_secret, safe_reason};
 use super::context::Context;
-use super::plan::SecretRef;
 use crate::crd::{ClaudeKey, gateway_config_secret_name};
 
 /// The finalizer claudekey puts on ClaudeKeys placed at the gateway.

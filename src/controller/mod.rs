@@ -8,6 +8,7 @@ pub mod context;
 pub mod decide;
 pub mod finalizer;
 pub mod http;
+pub mod in_use;
 pub mod leader;
 pub mod ledger;
 pub mod metrics;

@@ -7,9 +7,11 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use secrecy::{ExposeSecret, SecretString};
 
+pub use super::apply::SecretRef;
 use super::conditions::{self, Desired, event, reason};
 use super::consumers;
 use super::decide::{self, Decision, FetchedUpstream, KeyId, Observed, Triggers};
+pub use super::in_use::UsedKey;
 use super::seal::Sealer;
 use super::secrets::{self, GatewayEndpoint, Recovered};
 use super::source::{Granted, Resolution};
@@ -41,13 +43,6 @@ pub struct Settings<'a> {
     pub consumer_restart_delay: std::time::Duration,
 }
 
-/// A Secret to delete: upstream keys out of a place they may no longer be.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SecretRef {
-    pub namespace: String,
-    pub name: String,
-}
-
 /// An Event to record on the ClaudeKey.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlannedEvent {
@@ -66,13 +61,6 @@ pub enum Retry {
     /// Not allowed now; watches on sources and namespaces bring it back, and a slow poll
     /// covers anything they miss.
     Slow,
-}
-
-/// An upstream key a ClaudeKey still uses (current, or until its grace ends), by fingerprint.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UsedKey {
-    pub fingerprint: String,
-    pub until: Option<DateTime<Utc>>,
 }
 
 /// Keys issued: everything to write for them.

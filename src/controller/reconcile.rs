@@ -148,7 +148,7 @@ async fn execute(
     }
     report::changes(ck, ctx, &issue.decision, issue.had_ledger, &drifts).await;
     if let Some((name, key)) = &issue.source_key {
-        ctx.source_keys.observe(ctx, name, key).await;
+        ctx.source_keys.observe(&ctx.client, name, key).await;
     }
     let (deferred, rolled_for) = roll_consumers(ck, ctx, &issue, &mut conditions).await;
     let update = StatusUpdate {
