@@ -5,8 +5,8 @@
 use k8s_openapi::api::core::v1::ConfigMap;
 
 use super::envexpand::{ExpandedEnv, UNKNOWN};
+use super::finding::{Finding, KEY_ADVICE, Out, RuleId, encoded};
 use super::keyshape::{self, KeyMatch};
-use super::rules::{Finding, KEY_ADVICE, Out, RuleId, encoded};
 use super::walk;
 
 /// The variable that switches SDKs to workload identity federation (DESIGN.md §11).

@@ -2,6 +2,7 @@
 //! of pod specs and the mutating webhook that injects the proxy sidecar, served over rustls.
 
 pub mod envexpand;
+pub mod finding;
 mod keyrules;
 pub mod keyshape;
 pub mod limits;

@@ -6,8 +6,8 @@
 use k8s_openapi::api::core::v1::PodSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+use super::finding::{Finding, RuleId, SIDECAR_NAME, inject_annotation};
 use super::keyrules::IDENTITY_TOKEN_FILE;
-use super::rules::{Finding, RuleId, SIDECAR_NAME, inject_annotation};
 use crate::crd::annotations;
 
 /// Name of the volume the mutating webhook adds (`mutate::PROXY_VOLUME`; a test keeps them equal).
