@@ -29,8 +29,9 @@ pub enum ForwardError {
 /// Idle upstream connections kept after a burst: enough for a gateway's steady concurrency.
 const MAX_IDLE_UPSTREAM_CONNECTIONS: usize = 32;
 
-/// Headers that belong to one hop, or that the proxy sets itself.
-const DROPPED: &[&str] = &[
+/// Headers that belong to one hop (or to its `Host`), never forwarded by the proxy nor by the
+/// gateway-placement forwarder.
+pub const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -41,9 +42,14 @@ const DROPPED: &[&str] = &[
     "transfer-encoding",
     "upgrade",
     "host",
+];
+
+/// The client's credentials: replaced by the upstream key (here) or the workload key (forwarder).
+pub const CREDENTIALS: &[&str] = &["x-api-key", "authorization"];
+
+/// What the proxy drops besides hop-by-hop headers and credentials.
+const DROPPED: &[&str] = &[
     "content-length",
-    "x-api-key",
-    "authorization",
     // The proxy reads response bodies (usage, redaction), so they must come uncompressed.
     "accept-encoding",
     // Who the client is and what its browser holds are not the upstream's business: a pod's
@@ -143,24 +149,18 @@ impl Upstream {
 }
 
 fn is_dropped(name: &HeaderName) -> bool {
-    DROPPED.contains(&name.as_str()) || name.as_str().starts_with("x-forwarded-")
+    let name = name.as_str();
+    HOP_BY_HOP.contains(&name)
+        || CREDENTIALS.contains(&name)
+        || DROPPED.contains(&name)
+        || name.starts_with("x-forwarded-")
 }
 
 /// Response headers to copy to the client: all but hop-by-hop ones, and `content-length` when
 /// the proxy changed the body.
 pub fn copy_response_headers(from: &HeaderMap, to: &mut HeaderMap, body_changed: bool) {
     for (name, value) in from {
-        let hop = matches!(
-            name.as_str(),
-            "connection"
-                | "keep-alive"
-                | "proxy-connection"
-                | "te"
-                | "trailer"
-                | "transfer-encoding"
-                | "upgrade"
-        );
-        if hop || (body_changed && name == header::CONTENT_LENGTH) {
+        if HOP_BY_HOP.contains(&name.as_str()) || (body_changed && name == header::CONTENT_LENGTH) {
             continue;
         }
         to.append(name.clone(), value.clone());

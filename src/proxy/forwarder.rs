@@ -42,20 +42,9 @@ const POLL: Duration = Duration::from_secs(10);
 type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
 /// Hop-by-hop headers, and the credentials the app sent (replaced by the workload key).
-const DROPPED: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "x-api-key",
-    "authorization",
-];
+fn is_dropped(name: &str) -> bool {
+    super::forward::HOP_BY_HOP.contains(&name) || super::forward::CREDENTIALS.contains(&name)
+}
 
 /// Why the `<name>-client` directory cannot be used (the last good one keeps serving).
 /// Never holds a file's content.
@@ -246,7 +235,7 @@ impl Forwarder {
                 let (parts, body) = response.into_parts();
                 let mut out = Response::new(body.boxed_unsync());
                 *out.status_mut() = parts.status;
-                copy_headers(&parts.headers, out.headers_mut());
+                super::forward::copy_response_headers(&parts.headers, out.headers_mut(), false);
                 Ok(out)
             }
             Err(e) => {
@@ -350,29 +339,12 @@ fn outbound(
     *request.uri_mut() = outbound;
     let out = request.headers_mut();
     for (name, value) in headers {
-        if !DROPPED.contains(&name.as_str()) {
+        if !is_dropped(name.as_str()) {
             out.append(name.clone(), value.clone());
         }
     }
     out.insert(HeaderName::from_static("x-api-key"), target.key.clone());
     Ok(request)
-}
-
-fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
-    for (name, value) in from {
-        if !matches!(
-            name.as_str(),
-            "connection"
-                | "keep-alive"
-                | "proxy-connection"
-                | "te"
-                | "trailer"
-                | "upgrade"
-                | "transfer-encoding"
-        ) {
-            to.append(name.clone(), value.clone());
-        }
-    }
 }
 
 /// An error in the Anthropic API's shape, so SDKs raise their usual exception types.
