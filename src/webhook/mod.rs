@@ -53,6 +53,11 @@ pub struct Args {
     /// enforce: refuse offending objects; warn: admit them with admission warnings.
     #[arg(long, env = "CLAUDEKEY_WEBHOOK_MODE", value_enum, default_value_t)]
     pub mode: Mode,
+    /// After SIGTERM, keep answering this long before closing the listener: the apiserver
+    /// still sends reviews to a deleted pod's address until its endpoint is gone, and both
+    /// webhooks fail closed, so a refused connection refuses a pod creation cluster-wide.
+    #[arg(long, env = "CLAUDEKEY_WEBHOOK_SHUTDOWN_DELAY", default_value = "5s")]
+    pub shutdown_delay: humantime::Duration,
     /// Image of the injected proxy sidecar (its entrypoint is the claudekey binary).
     #[arg(long, env = "CLAUDEKEY_PROXY_IMAGE")]
     pub proxy_image: String,
@@ -206,13 +211,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let listener = TcpListener::bind(args.listen).await?;
     tracing::info!(listen = %args.listen, mode = ?args.mode, "serving admission webhooks");
-    serve_with_metrics(
-        config,
-        listener,
-        Arc::new(store),
-        metrics,
-        crate::shutdown::signal(),
-    )
-    .await?;
+    let delay = *args.shutdown_delay;
+    let shutdown = async move {
+        crate::shutdown::signal().await;
+        tracing::info!(
+            ?delay,
+            "stopping: answering reviews a little longer while endpoints update"
+        );
+        tokio::time::sleep(delay).await;
+    };
+    serve_with_metrics(config, listener, Arc::new(store), metrics, shutdown).await?;
     Ok(())
 }
