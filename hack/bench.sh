@@ -8,6 +8,9 @@
 #   hack/bench.sh --smoke         every row for about a second, nothing installed, docs untouched
 #   options: --reps N (default 5)  --soak SECONDS (default 60; the issue's figure is 300)
 #            --out FILE (default docs/benchmarks.md)  --no-litellm  --no-nginx  --no-webhook
+#            --baseline REV  also measure the claudekey proxy built from git revision REV, as one
+#                            more target of row 1 interleaved with the others (a regression check
+#                            that holds on a noisy machine: both builds see the same noise)
 #
 # Rows: (1) proxy overhead vs direct, nginx and LiteLLM with oha at c=1/16/64 and an open-loop
 # rate sweep; (2) streaming TTFB and per-delta gaps through a paced upstream; (3) RSS idle, at
@@ -28,7 +31,7 @@ source hack/versions.env
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/claudekey
 
 SMOKE=0 REPS=5 SOAK=60 OUT=docs/benchmarks.md
-USE_LITELLM=1 USE_NGINX=1 USE_WEBHOOK=1
+USE_LITELLM=1 USE_NGINX=1 USE_WEBHOOK=1 BASELINE=""
 COMMAND="hack/bench.sh $*"
 while [ $# -gt 0 ]; do
   case $1 in
@@ -39,6 +42,7 @@ while [ $# -gt 0 ]; do
     --no-litellm) USE_LITELLM=0 ;;
     --no-nginx) USE_NGINX=0 ;;
     --no-webhook) USE_WEBHOOK=0 ;;
+    --baseline) BASELINE=$2; shift ;;
     -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -165,6 +169,20 @@ else
 fi
 CK=$BIN/claudekey
 
+# The baseline build: the same profile from `git archive REV`, cached by commit outside the repo.
+if [ -n "$BASELINE" ]; then
+  BASE_REV=$(git rev-parse --short=12 "$BASELINE^{commit}")
+  BASE_BIN=$CACHE/bench-baseline/$BASE_REV/claudekey
+  if [ ! -x "$BASE_BIN" ]; then
+    log "building the baseline $BASE_REV (release, nice; cached in $CACHE/bench-baseline)"
+    rm -rf "$WORK/base-src"; mkdir -p "$WORK/base-src" "$(dirname "$BASE_BIN")"
+    git archive "$BASE_REV" | tar -x -C "$WORK/base-src"
+    (cd "$WORK/base-src" && CARGO_TARGET_DIR=$CACHE/bench-baseline/target \
+      nice cargo build --release --locked --bin claudekey)
+    cp "$CACHE/bench-baseline/target/release/claudekey" "$BASE_BIN"
+  fi
+fi
+
 # ---------------------------------------------------------------------------
 # servers
 # ---------------------------------------------------------------------------
@@ -172,7 +190,7 @@ UPKEY=sk-ant-api03-bench-upstream-key-0123456789abcdefghijklmnop
 WKEY=ck-bench-workload-key-0123456789abcdefghijklmnopqrstuv
 MASTER=sk-bench-litellm-master-key
 P_UP=$(free_port); P_UPS=$(free_port); P_CK=$(free_port); P_CKS=$(free_port)
-P_CKR=$(free_port); P_NG=$(free_port); P_NGS=$(free_port); P_LL=$(free_port)
+P_CKR=$(free_port); P_CKB=$(free_port); P_NG=$(free_port); P_NGS=$(free_port); P_LL=$(free_port)
 
 # 64 deltas of 8 characters.
 PACED_REPLY=$(python3 -c 'print(("The lighthouse keeper counted the ships. " * 13)[:512])')
@@ -214,6 +232,10 @@ start claudekey-stream 0 "$CK" proxy --mode gateway --config-dir "$WORK/proxy-pl
   --upstream "http://127.0.0.1:$P_UPS" --audit-log "$WORK/audit-stream.log"
 start claudekey-stream-redact 0 "$CK" proxy --mode gateway --config-dir "$WORK/proxy" --listen "127.0.0.1:$P_CKR" \
   --upstream "http://127.0.0.1:$P_UPS" --audit-log "$WORK/audit-stream-redact.log"
+if [ -n "$BASELINE" ]; then
+  start baseline 0 "$BASE_BIN" proxy --mode gateway --config-dir "$WORK/proxy" --listen "127.0.0.1:$P_CKB" \
+    --upstream "http://127.0.0.1:$P_UP" --audit-log "$WORK/audit-baseline.log"
+fi
 
 if [ "$USE_NGINX" = 1 ]; then
   mkdir -p "$WORK/nginx-tmp"
@@ -283,6 +305,7 @@ wait_http "http://127.0.0.1:$P_UPS/"
 wait_http "http://127.0.0.1:$P_CK/"
 wait_http "http://127.0.0.1:$P_CKS/"
 wait_http "http://127.0.0.1:$P_CKR/"
+if [ -n "$BASELINE" ]; then wait_http "http://127.0.0.1:$P_CKB/"; fi
 if [ "$USE_NGINX" = 1 ]; then wait_http "http://127.0.0.1:$P_NG/"; fi
 if [ "$USE_LITELLM" = 1 ]; then wait_http "http://127.0.0.1:$P_LL/health/liveliness"; fi
 
@@ -304,6 +327,7 @@ EOF
 printf '%s' "$BODY" >"$WORK/body.json"
 
 TARGETS=(direct claudekey)
+if [ -n "$BASELINE" ]; then TARGETS+=(baseline); fi
 if [ "$USE_NGINX" = 1 ]; then TARGETS+=(nginx); fi
 if [ "$USE_LITELLM" = 1 ]; then TARGETS+=(litellm); fi
 
@@ -311,6 +335,7 @@ target_url() {
   case $1 in
     direct) echo "http://127.0.0.1:$P_UP/v1/messages" ;;
     claudekey) echo "http://127.0.0.1:$P_CK/v1/messages" ;;
+    baseline) echo "http://127.0.0.1:$P_CKB/v1/messages" ;;
     nginx) echo "http://127.0.0.1:$P_NG/v1/messages" ;;
     litellm) echo "http://127.0.0.1:$P_LL/v1/messages" ;;
   esac
@@ -318,7 +343,7 @@ target_url() {
 target_key() {
   case $1 in
     direct|nginx) echo "$UPKEY" ;;   # nginx overwrites it with the same upstream key
-    claudekey) echo "$WKEY" ;;
+    claudekey|baseline) echo "$WKEY" ;;
     litellm) echo "$MASTER" ;;
   esac
 }
@@ -326,6 +351,7 @@ target_pid() {
   case $1 in
     direct) echo "$PID_upstream" ;;
     claudekey) echo "$PID_claudekey" ;;
+    baseline) echo "$PID_baseline" ;;
     nginx) echo "$PID_nginx" ;;
     litellm) echo "$PID_litellm" ;;
   esac
@@ -553,5 +579,5 @@ VERSIONS=$(
 )
 if [ "$SMOKE" = 1 ]; then OUT=$WORK/benchmarks.md; fi
 python3 hack/bench_report.py --raw "$RAW" --out "$OUT" --command "$COMMAND" \
-  --versions "$VERSIONS" --reps "$REPS" --soak "$SOAK" --cell "$CELL" $([ "$SMOKE" = 1 ] && echo --smoke)
+  --versions "$VERSIONS" ${BASELINE:+--baseline "$BASE_REV"} --reps "$REPS" --soak "$SOAK" --cell "$CELL" $([ "$SMOKE" = 1 ] && echo --smoke)
 log "done; table written to $OUT"

@@ -16,7 +16,13 @@ import statistics
 import sys
 
 P99_LIMIT_S = 0.005
-TARGET_NAMES = {"direct": "direct", "claudekey": "claudekey proxy", "nginx": "nginx", "litellm": "LiteLLM"}
+TARGET_NAMES = {
+    "direct": "direct",
+    "claudekey": "claudekey proxy",
+    "baseline": "claudekey proxy, baseline build",
+    "nginx": "nginx",
+    "litellm": "LiteLLM",
+}
 
 
 def load(path):
@@ -77,6 +83,8 @@ def verdict(value, limit, higher_is_better=False):
 
 def report(args):
     raw = args.raw
+    if args.baseline:
+        TARGET_NAMES["baseline"] = f"claudekey proxy @{args.baseline}"
     records = []
     with open(os.path.join(raw, "results.jsonl")) as f:
         for line in f:
@@ -102,6 +110,21 @@ def report(args):
             a, d = closed.get((t, c, rep)), closed.get(("direct", c, rep))
             if a and d and a[field] is not None and d[field] is not None:
                 out.append(a[field] - d[field])
+        return med(out)
+
+    def vs_baseline(c, measure):
+        """This build over the baseline build, paired per repetition (both saw the same noise)."""
+        out = []
+        for rep in reps:
+            a, b, d = (closed.get((t, c, rep)) for t in ("claudekey", "baseline", "direct"))
+            if not (a and b and d and a["ok"] and b["ok"]):
+                continue
+            if measure == "cpu":
+                num, den = a["cpu_s"] / a["ok"], b["cpu_s"] / b["ok"]
+            else:
+                num, den = a[measure] - d[measure], b[measure] - d[measure]
+            if den > 0:
+                out.append(num / den)
         return med(out)
 
     def cpu_per_req(t, c):
@@ -226,6 +249,14 @@ def report(args):
             )
         elif peer == "litellm":
             w(f"| LiteLLM added p99 / claudekey added p99, c=1 | not measured | >= 10x | not measured |")
+    if "baseline" in targets:
+        for c in [c for c in (1, 64) if c in conc]:
+            for measure, label in (("p50", "added p50"), ("p99", "added p99"), ("cpu", "CPU per request")):
+                r = vs_baseline(c, measure)
+                w(
+                    f"| claudekey / baseline build {args.baseline}: {label}, c={c} (paired per repetition) | "
+                    f"**{fmt(r, 'x', 1, 2)}** | (regression check) | |"
+                )
     for peer in ("litellm", "nginx"):
         cp, cc = cpu_per_req(peer, 64) if peer in targets else None, cpu_per_req("claudekey", 64)
         if cp and cc:
@@ -478,6 +509,7 @@ def main():
     p.add_argument("--soak", default="?")
     p.add_argument("--cell", default="?")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--baseline", default="", help="the baseline build's commit (its row's name)")
     report(p.parse_args())
 
 
