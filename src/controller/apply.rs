@@ -6,12 +6,13 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Resource, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams},
+    api::{DeleteParams, Patch, PatchParams, PostParams},
 };
 
 use super::conditions::{self, StatusInput};
 use super::decide::Decision;
 use super::secrets::{self, Drift};
+use super::stores::WrittenStatus;
 use crate::crd::{API_VERSION, ClaudeKey, ClaudeKeyStatus, Placement, annotations};
 
 /// A Secret to delete: upstream keys out of a place they may no longer be.
@@ -62,6 +63,10 @@ pub enum Error {
     },
     #[error("ClaudeKey has no namespace")]
     NoNamespace,
+    /// The watch cache was behind the apiserver: the write was refused by its precondition and
+    /// nothing was written. Not a failure; the reconcile comes back when the watch caught up.
+    #[error("Secret {namespace}/{name} changed since the cache saw it; will look again")]
+    Stale { namespace: String, name: String },
 }
 
 impl Error {
@@ -75,6 +80,7 @@ impl Error {
             Self::DeleteSecret { .. } => "deleteSecret",
             Self::Finalizer { .. } => "finalizer",
             Self::NoNamespace => "noNamespace",
+            Self::Stale { .. } => "staleCache",
         }
     }
 }
@@ -103,8 +109,10 @@ pub async fn get_secret(
     })
 }
 
-/// Server-side applies `desired` when it differs, and removes data entries added by hand
-/// (which server-side apply would leave, being owned by another field manager).
+/// Writes `desired` when it differs from `existing` (the cached Secret): created when the cache
+/// holds none, else server-side applied with the cached `resourceVersion` as a precondition;
+/// then removes data entries added by hand (which server-side apply would leave, being owned by
+/// another field manager). A refused precondition is [`Error::Stale`]: see `super::stores`.
 pub async fn write_secret(
     api: &Api<Secret>,
     namespace: &str,
@@ -112,25 +120,43 @@ pub async fn write_secret(
     desired: &Secret,
 ) -> Result<Drift, Error> {
     let name = desired.name_any();
-    let fail = |e: kube::Error| Error::WriteSecret {
-        namespace: namespace.to_string(),
-        name: name.clone(),
-        reason: safe_reason(&e),
+    let fail = |e: kube::Error| match e {
+        kube::Error::Api(s) if s.code == 409 => Error::Stale {
+            namespace: namespace.to_string(),
+            name: name.clone(),
+        },
+        e => Error::WriteSecret {
+            namespace: namespace.to_string(),
+            name: name.clone(),
+            reason: safe_reason(&e),
+        },
     };
     let drift = secrets::drift(existing, desired);
     let extra = secrets::extra_entries(existing, desired);
     if drift == Drift::None && extra.is_empty() {
         return Ok(drift);
     }
+    let Some(existing) = existing else {
+        // Not in the cache: create, which the apiserver refuses (409) when it exists after all.
+        let params = PostParams {
+            field_manager: Some(annotations::MANAGER.to_string()),
+            ..PostParams::default()
+        };
+        api.create(&params, desired).await.map_err(fail)?;
+        return Ok(drift);
+    };
+    let mut metadata = desired.metadata.clone();
+    metadata.resource_version = existing.resource_version();
     let body = serde_json::json!({
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": desired.metadata,
+        "metadata": metadata,
         "type": desired.type_,
         "data": desired.data,
     });
     let params = PatchParams::apply(annotations::MANAGER).force();
-    api.patch(&name, &params, &Patch::Apply(&body))
+    let applied = api
+        .patch(&name, &params, &Patch::Apply(&body))
         .await
         .map_err(fail)?;
     if !extra.is_empty() {
@@ -138,7 +164,10 @@ pub async fn write_secret(
             .into_iter()
             .map(|k| (k, serde_json::Value::Null))
             .collect();
-        let patch = serde_json::json!({ "data": removal });
+        let patch = serde_json::json!({
+            "metadata": { "resourceVersion": applied.resource_version() },
+            "data": removal,
+        });
         api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map_err(fail)?;
@@ -161,6 +190,7 @@ pub struct StatusUpdate<'a> {
 pub async fn write_status(
     ck: &ClaudeKey,
     client: &kube::Client,
+    written: &WrittenStatus,
     update: StatusUpdate<'_>,
 ) -> Result<(), Error> {
     let namespace = ck.namespace().unwrap_or_default();
@@ -193,6 +223,7 @@ pub async fn write_status(
             name: ck.name_any(),
             reason: safe_reason(&e),
         })?;
+    written.record(ck, &status);
     Ok(())
 }
 

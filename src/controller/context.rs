@@ -16,6 +16,7 @@ use super::in_use::{KeysInUse, SourceKeys};
 use super::metrics::Metrics;
 use super::seal::Sealer;
 use super::secrets::GatewayEndpoint;
+use super::stores::{Stores, WrittenStatus};
 use crate::backend::cache::BackendCache;
 use crate::crd::ClaudeKey;
 
@@ -50,6 +51,11 @@ pub struct Context {
     /// Per-key usage gauges, filled by [`super::usage`].
     pub usage_metrics: crate::admin::UsageMetrics,
     pub after_secrets: Option<Hook>,
+    /// The watch caches every reconcile reads.
+    pub stores: Stores,
+    /// The status last written per ClaudeKey, for a reconcile that runs before the watch
+    /// delivered it.
+    pub written_status: WrittenStatus,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -85,6 +91,7 @@ impl Context {
         admin_metrics: crate::admin::AdminMetrics,
         usage_metrics: crate::admin::UsageMetrics,
         after_secrets: Option<Hook>,
+        stores: Stores,
     ) -> Self {
         Self {
             client,
@@ -102,6 +109,8 @@ impl Context {
             admin_metrics,
             usage_metrics,
             after_secrets,
+            stores,
+            written_status: WrittenStatus::default(),
             failures: Mutex::default(),
         }
     }

@@ -17,19 +17,21 @@ use crate::crd::{ClaudeKey, gateway_config_secret_name};
 pub const NAME: &str = "claudekey.io/gateway-config";
 
 /// Adds the finalizer before anything is written outside the ClaudeKey's namespace, so a crash
-/// can never leave a config Secret that nothing will remove.
-pub async fn ensure(ck: &ClaudeKey, ctx: &Context) -> Result<(), Error> {
+/// can never leave a config Secret that nothing will remove. Returns the ClaudeKey as patched
+/// (its new resourceVersion), or `None` when it had the finalizer already.
+pub async fn ensure(ck: &ClaudeKey, ctx: &Context) -> Result<Option<ClaudeKey>, Error> {
     if ck.finalizers().iter().any(|f| f == NAME) {
-        return Ok(());
+        return Ok(None);
     }
     let mut finalizers = ck.finalizers().to_vec();
     finalizers.push(NAME.to_string());
-    patch_finalizers(ck, ctx, finalizers).await
+    patch_finalizers(ck, ctx, finalizers).await.map(Some)
 }
 
 /// On deletion: removes the gateway config Secret, then the finalizer.
 pub async fn on_delete(ck: &ClaudeKey, ctx: &Context) -> Result<Action, Error> {
     ctx.keys_in_use.forget(ck);
+    ctx.written_status.forget(ck);
     if !ck.finalizers().iter().any(|f| f == NAME) {
         return Ok(Action::await_change());
     }
@@ -55,7 +57,7 @@ async fn patch_finalizers(
     ck: &ClaudeKey,
     ctx: &Context,
     finalizers: Vec<String>,
-) -> Result<(), Error> {
+) -> Result<ClaudeKey, Error> {
     let namespace = ck.namespace().ok_or(Error::NoNamespace)?;
     let api: Api<ClaudeKey> = Api::namespaced(ctx.client.clone(), &namespace);
     let patch = serde_json::json!({
@@ -74,6 +76,5 @@ async fn patch_finalizers(
         namespace,
         name: ck.name_any(),
         reason: safe_reason(&e),
-    })?;
-    Ok(())
+    })
 }

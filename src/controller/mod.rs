@@ -19,6 +19,7 @@ pub mod retire;
 pub mod seal;
 pub mod secrets;
 pub mod source;
+pub mod stores;
 pub mod usage;
 
 use std::future::Future;
@@ -282,6 +283,7 @@ pub async fn run_with(
         url: config.gateway_url.clone(),
         ca: config.gateway_ca.clone(),
     };
+    let (stores, writers) = stores::new(config.watch_namespace.as_deref());
     let ctx = Arc::new(context::Context::new(
         client.clone(),
         config.namespace.clone(),
@@ -296,6 +298,7 @@ pub async fn run_with(
         admin_metrics,
         usage_metrics,
         config.after_secrets.clone(),
+        stores,
     ));
     let elector = config.leader_election.as_ref().map(|(name, duration)| {
         leader::Elector::new(
@@ -326,7 +329,13 @@ pub async fn run_with(
             tracing::info!(identity = config.identity, "acquired the controller Lease");
             metrics.leader.set(1);
         }
-        let controller = controller(&client, &config, ctx.clone(), stopped(stop_rx.clone()));
+        let controller = controller(
+            &client,
+            &config,
+            ctx.clone(),
+            writers,
+            stopped(stop_rx.clone()),
+        );
         let result = match &elector {
             Some(elector) => tokio::select! {
                 () = controller => Ok(()),
@@ -350,20 +359,29 @@ pub async fn run_with(
     }
 }
 
-/// The kube-runtime Controller over ClaudeKeys, owning their Secrets.
+/// The kube-runtime Controller over ClaudeKeys, owning their Secrets. Every watch that
+/// triggers a reconcile also fills a cache the reconcile reads (`stores`): an object is in the
+/// cache before the event it caused reaches the reconcile.
 async fn controller(
     client: &Client,
     config: &ControllerConfig,
     ctx: Arc<context::Context>,
+    writers: stores::Writers,
     stop: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (claudekeys, secrets): (Api<ClaudeKey>, Api<Secret>) = match &config.watch_namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
+    let (claudekeys, secrets, sources): (Api<ClaudeKey>, Api<Secret>, Api<ClaudeKeySource>) =
+        match &config.watch_namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
+        };
     let owned = watcher::Config::default().labels(&format!(
         "{}={}",
         annotations::MANAGED_BY_LABEL,
@@ -374,35 +392,31 @@ async fn controller(
         .debounce(RECONCILE_DEBOUNCE);
     let controller = Controller::new(claudekeys, watcher::Config::default());
     let store = controller.store();
+    let all = watcher::Config::default;
     let mut controller = controller
-        .watches(secrets, owned, owning_claudekey)
-        .watches(
-            Api::<ClusterClaudeKeySource>::all(client.clone()),
-            watcher::Config::default(),
+        .watches_stream(cached(secrets, owned, writers.secrets), owning_claudekey)
+        .watches_stream(
+            cached(
+                Api::<ClusterClaudeKeySource>::all(client.clone()),
+                all(),
+                writers.cluster_sources,
+            ),
             users_of(store.clone(), |ck, s: &ClusterClaudeKeySource| {
                 refers_to(ck, SourceKind::ClusterClaudeKeySource, &s.name_any())
             }),
-        );
-    controller = match &config.watch_namespace {
-        Some(ns) => controller.watches(
-            Api::<ClaudeKeySource>::namespaced(client.clone(), ns),
-            watcher::Config::default(),
+        )
+        .watches_stream(
+            cached(sources, all(), writers.sources),
             users_of(store.clone(), namespaced_user),
-        ),
-        None => controller
-            .watches(
-                Api::<ClaudeKeySource>::all(client.clone()),
-                watcher::Config::default(),
-                users_of(store.clone(), namespaced_user),
-            )
-            .watches(
-                Api::<Namespace>::all(client.clone()),
-                watcher::Config::default(),
-                users_of(store.clone(), |ck, ns: &Namespace| {
-                    ck.namespace() == Some(ns.name_any())
-                }),
-            ),
-    };
+        );
+    if let Some(namespaces) = writers.namespaces {
+        controller = controller.watches_stream(
+            cached(Api::<Namespace>::all(client.clone()), all(), namespaces),
+            users_of(store.clone(), |ck, ns: &Namespace| {
+                ck.namespace() == Some(ns.name_any())
+            }),
+        );
+    }
     let controller = controller
         .with_config(runtime_config)
         .graceful_shutdown_on(stop);
@@ -417,6 +431,7 @@ async fn controller(
         }
     };
     let retire = retire::retire_forever(store.clone(), ctx.clone(), config.watch_namespace.clone());
+    let sweep_ctx = ctx.clone();
     let run = controller
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {
@@ -430,6 +445,9 @@ async fn controller(
             metrics.retain_key_ages(|namespace, name| {
                 store.get(&ObjectRef::new(name).within(namespace)).is_some()
             });
+            let live: std::collections::HashSet<String> =
+                store.state().iter().filter_map(|ck| ck.uid()).collect();
+            sweep_ctx.written_status.retain(|uid| live.contains(uid));
         }
     };
     tokio::select! {
@@ -438,6 +456,28 @@ async fn controller(
         () = usage => {}
         () = retire => {}
     }
+}
+
+/// A watch that fills `writer` and yields every object it saw change (deletions included).
+fn cached<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: kube::runtime::reflector::store::Writer<K>,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    use kube::runtime::WatchStreamExt;
+    watcher(api, config)
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects()
 }
 
 /// A watch mapper: every ClaudeKey in the store for which `uses` holds.

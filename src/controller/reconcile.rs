@@ -24,11 +24,15 @@ use super::plan::{self, Issue, Observation, Outcome, Plan, Retry, Settings};
 use super::report;
 use super::secrets::Drift;
 use super::source::{self, Resolution};
+use super::stores::Cached;
 use crate::crd::{ClaudeKey, client_secret_name, gateway_config_secret_name, proxy_secret_name};
 use crate::keys;
 
 /// How often a ClaudeKey refused its source is looked at again without any watch event.
 const REFUSED_POLL: Duration = Duration::from_secs(300);
+
+/// When to look again after the watch cache was found behind the apiserver.
+const STALE_RETRY: Duration = Duration::from_millis(500);
 
 /// Reconciles one ClaudeKey; see the module doc for the steps.
 #[instrument(skip_all, fields(namespace = ck.namespace(), name = ck.name_any()))]
@@ -37,7 +41,35 @@ pub async fn reconcile(ck: Arc<ClaudeKey>, ctx: Arc<Context>) -> Result<Action, 
     if ck.meta().deletion_timestamp.is_some() {
         return finalizer::on_delete(&ck, &ctx).await;
     }
-    let observed = observe(&ck, &ctx).await?;
+    if !ctx.stores.ready().await {
+        warn!("the watch caches hold no full list yet; will look again");
+        return Ok(Action::requeue(STALE_RETRY));
+    }
+    let ck = ctx.written_status.overlay(&ck);
+    // The caches first. A write they made stale (refused by the apiserver: the Secret exists
+    // after all, or changed) is planned once more from the apiserver's own answers, so a Secret
+    // outside the caches (one claudekey does not manage) is seen and never taken over.
+    match observe_plan_execute(&ck, &ctx, Read::Cache).await {
+        Err(Error::Stale { namespace, name }) => {
+            tracing::debug!(
+                secret = format!("{namespace}/{name}"),
+                "cache behind the apiserver"
+            );
+            stale_is_not_a_failure(observe_plan_execute(&ck, &ctx, Read::Api).await)
+        }
+        other => other,
+    }
+}
+
+/// Where `observe` reads the Secrets.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Read {
+    Cache,
+    Api,
+}
+
+async fn observe_plan_execute(ck: &ClaudeKey, ctx: &Context, read: Read) -> Result<Action, Error> {
+    let observed = observe(ck, ctx, read).await?;
     let candidate = keys::generate_workload_key();
     let settings = Settings {
         operator_namespace: &ctx.namespace,
@@ -45,21 +77,29 @@ pub async fn reconcile(ck: Arc<ClaudeKey>, ctx: Arc<Context>) -> Result<Action, 
         sealer: &ctx.sealer,
         consumer_restart_delay: ctx.consumer_restart_delay,
     };
-    let plan = plan::plan(&ck, &observed, &settings, &candidate, Utc::now());
-    execute(&ck, &ctx, &observed, plan).await
+    let plan = plan::plan(ck, &observed, &settings, &candidate, Utc::now());
+    execute(ck, ctx, &observed, plan).await
 }
 
-/// Reads everything the plan needs. The backend is read only for a granted source.
-async fn observe(ck: &ClaudeKey, ctx: &Context) -> Result<Observation, Error> {
+/// Stale twice in a row: come back shortly, without counting a failure (no backoff, no error
+/// metric); the watch is about to deliver what the writes missed.
+fn stale_is_not_a_failure(result: Result<Action, Error>) -> Result<Action, Error> {
+    match result {
+        Err(Error::Stale { .. }) => Ok(Action::requeue(STALE_RETRY)),
+        other => other,
+    }
+}
+
+/// Reads everything the plan needs: the Secrets from the watch caches (`super::stores`) or the
+/// apiserver, the source from the caches. The backend is read only for a granted source.
+async fn observe(ck: &ClaudeKey, ctx: &Context, read: Read) -> Result<Observation, Error> {
     let namespace = ck.namespace().ok_or(Error::NoNamespace)?;
     let name = ck.name_any();
-    let here: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let operator: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    let client = get_secret(&here, &namespace, &client_secret_name(&name)).await?;
-    let proxy = get_secret(&here, &namespace, &proxy_secret_name(&name)).await?;
+    let client = secret(ctx, read, &namespace, &client_secret_name(&name)).await?;
+    let proxy = secret(ctx, read, &namespace, &proxy_secret_name(&name)).await?;
     let gateway_name = gateway_config_secret_name(&namespace, &name);
-    let gateway_config = get_secret(&operator, &ctx.namespace, &gateway_name).await?;
-    let resolution = source::resolve(&ctx.client, ck).await?;
+    let gateway_config = secret(ctx, read, &ctx.namespace, &gateway_name).await?;
+    let resolution = source::resolve(&ctx.client, &ctx.stores, ck).await?;
     let (upstream, backend_error) = match &resolution {
         Resolution::Granted(granted) => match ctx.cache.fetch(&granted.backend).await {
             Ok(cached) => (Some(cached), None),
@@ -78,6 +118,22 @@ async fn observe(ck: &ClaudeKey, ctx: &Context) -> Result<Observation, Error> {
         proxy,
         gateway_config,
     })
+}
+
+/// A Secret from the cache, or from the apiserver when asked or where the watch does not reach.
+async fn secret(
+    ctx: &Context,
+    read: Read,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Secret>, Error> {
+    match (read, ctx.stores.secret(namespace, name)) {
+        (Read::Cache, Cached::Known(found)) => Ok(found),
+        (Read::Api, _) | (_, Cached::NotCovered) => {
+            let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+            get_secret(&api, namespace, name).await
+        }
+    }
 }
 
 /// Applies a plan in a fixed order: finalizer, `-client` (it commits the raw key with its
@@ -102,11 +158,13 @@ async fn execute(
         Outcome::Issue(issue) => (Some(issue), Retry::Backoff),
         Outcome::Refused(retry) => (None, retry),
     };
-    if let Some(issue) = &issue
-        && issue.needs_finalizer
-    {
-        finalizer::ensure(ck, ctx).await?;
-    }
+    // The finalizer patch makes a new version of the ClaudeKey: the status is written over that
+    // one, so a reconcile handed it by the watch knows the status written after it.
+    let patched = match &issue {
+        Some(issue) if issue.needs_finalizer => finalizer::ensure(ck, ctx).await?,
+        _ => None,
+    };
+    let ck = patched.as_ref().unwrap_or(ck);
     let drifts = match &issue {
         Some(issue) => write_all(ctx, observed, issue).await?,
         None => Vec::new(),
@@ -136,7 +194,7 @@ async fn execute(
             synced_at: None,
             consumers_restarted_for: None,
         };
-        write_status(ck, &ctx.client, update).await?;
+        write_status(ck, &ctx.client, &ctx.written_status, update).await?;
         return Ok(match retry {
             Retry::AwaitChange => Action::await_change(),
             Retry::Slow => Action::requeue(REFUSED_POLL),
@@ -159,7 +217,7 @@ async fn execute(
         synced_at: observed.upstream.as_ref().map(|c| c.synced_at),
         consumers_restarted_for: rolled_for,
     };
-    write_status(ck, &ctx.client, update).await?;
+    write_status(ck, &ctx.client, &ctx.written_status, update).await?;
     let age = (Utc::now() - issue.decision.ledger.issued_at).num_milliseconds() as f64 / 1000.0;
     let interval = ck.spec.rotation.interval.as_duration().as_secs_f64();
     let namespace = ck.namespace().unwrap_or_default();

@@ -1,14 +1,16 @@
 //! Which upstream key a ClaudeKey may use (DESIGN.md §10): its `sourceRef` resolved to a
 //! ClusterClaudeKeySource that grants its namespace, or a ClaudeKeySource in its own namespace.
-//! `authorize` is the rule, pure; `resolve` only gathers what it needs from the API.
+//! `authorize` is the rule, pure; `resolve` only gathers what it needs from the watch caches.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Namespace;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, ResourceExt};
 
 use super::apply::{Error, safe_reason};
 use super::conditions::reason;
+use super::stores::Stores;
 use crate::crd::{
     AnthropicAdminSpec, ClaudeKey, ClaudeKeySource, ClusterClaudeKeySource, Placement, SourceKind,
     SourceRef, SourceSpec,
@@ -106,51 +108,59 @@ pub fn authorize(
     }
 }
 
-/// Reads the source a ClaudeKey names (and its namespace's labels when a selector needs them)
-/// and authorizes it.
-pub async fn resolve(client: &Client, ck: &ClaudeKey) -> Result<Resolution, Error> {
+/// Finds the source a ClaudeKey names (and its namespace's labels when a selector needs them) in
+/// the watch caches, and authorizes it. Only a namespaced controller, which cannot watch
+/// namespaces, asks the apiserver for the labels.
+pub async fn resolve(
+    client: &Client,
+    stores: &Stores,
+    ck: &ClaudeKey,
+) -> Result<Resolution, Error> {
     let namespace = ck.namespace().ok_or(Error::NoNamespace)?;
     let source_ref = &ck.spec.source_ref;
-    let read = |kind: &'static str| {
-        let name = source_ref.name.clone();
-        move |e: kube::Error| Error::ReadSource {
-            kind,
-            name,
-            reason: safe_reason(&e),
-        }
-    };
     let found = match source_ref.kind {
-        SourceKind::ClusterClaudeKeySource => Api::<ClusterClaudeKeySource>::all(client.clone())
-            .get_opt(&source_ref.name)
-            .await
-            .map_err(read("ClusterClaudeKeySource"))?
-            .map_or(Found::Missing, |s| Found::Cluster(Box::new(s))),
-        SourceKind::ClaudeKeySource => {
-            Api::<ClaudeKeySource>::namespaced(client.clone(), &namespace)
-                .get_opt(&source_ref.name)
-                .await
-                .map_err(read("ClaudeKeySource"))?
-                .map_or(Found::Missing, |s| Found::Namespaced(Box::new(s)))
-        }
+        SourceKind::ClusterClaudeKeySource => stores
+            .cluster_sources
+            .get(&ObjectRef::new(&source_ref.name))
+            .map_or(Found::Missing, |s| Found::Cluster(Box::new((*s).clone()))),
+        SourceKind::ClaudeKeySource => stores
+            .sources
+            .get(&ObjectRef::new(&source_ref.name).within(&namespace))
+            .map_or(Found::Missing, |s| {
+                Found::Namespaced(Box::new((*s).clone()))
+            }),
     };
     let needs_labels = matches!(&found, Found::Cluster(s)
         if s.spec.allowed_namespaces.selector.is_some()
             && !s.spec.allowed_namespaces.names.contains(&namespace));
     let labels = if needs_labels {
-        Api::<Namespace>::all(client.clone())
-            .get_opt(&namespace)
-            .await
-            .map_err(|e| Error::ReadSource {
-                kind: "Namespace",
-                name: namespace.clone(),
-                reason: safe_reason(&e),
-            })?
-            .map(|ns| ns.labels().clone())
-            .unwrap_or_default()
+        namespace_labels(client, stores, &namespace).await?
     } else {
         BTreeMap::new()
     };
     Ok(authorize(&namespace, &labels, source_ref, found))
+}
+
+async fn namespace_labels(
+    client: &Client,
+    stores: &Stores,
+    namespace: &str,
+) -> Result<BTreeMap<String, String>, Error> {
+    let found = match &stores.namespaces {
+        Some(cache) => cache
+            .get(&ObjectRef::new(namespace))
+            .map(|ns| ns.labels().clone()),
+        None => Api::<Namespace>::all(client.clone())
+            .get_opt(namespace)
+            .await
+            .map_err(|e| Error::ReadSource {
+                kind: "Namespace",
+                name: namespace.to_string(),
+                reason: safe_reason(&e),
+            })?
+            .map(|ns| ns.labels().clone()),
+    };
+    Ok(found.unwrap_or_default())
 }
 
 #[cfg(test)]
