@@ -178,7 +178,7 @@ impl Exchange {
             } else {
                 self.usage.charged()
             };
-            reservation.settle(used);
+            reservation.settle(used, &self.usage);
         }
         let elapsed = self.start.elapsed();
         let audit = &mut self.audit;

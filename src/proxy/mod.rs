@@ -121,6 +121,27 @@ pub struct Args {
     /// only, forwards to the gateway with the workload key of --config-dir).
     #[arg(long, env = "CLAUDEKEY_PROXY_MODE", value_enum, default_value_t)]
     pub mode: RunMode,
+    /// Share limits and spend budgets with every other proxy serving the same ClaudeKeys
+    /// through this Redis (or Valkey): redis://[:password@]host:port/db, rediss:// for TLS.
+    /// Give a URL with a password only through the environment, never on the command line.
+    /// Unset: each proxy counts alone (in memory).
+    #[arg(long, env = "CLAUDEKEY_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<launch::RedisUrl>,
+    /// A file holding the Redis password (e.g. a mounted Secret), used instead of the URL's.
+    #[arg(long, env = "CLAUDEKEY_REDIS_PASSWORD_FILE", requires = "redis_url")]
+    pub redis_password_file: Option<PathBuf>,
+    /// Bound of one Redis call, connection included; past it the request is decided locally.
+    #[arg(long, env = "CLAUDEKEY_REDIS_TIMEOUT", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+    /// Share (0 < share <= 1) of every limit and budget each proxy enforces alone while Redis
+    /// is unreachable. With N proxies serving a ClaudeKey, at most N x share x limit pass
+    /// during an outage: set 1/N to hold the limit, more to favour availability.
+    #[arg(long, env = "CLAUDEKEY_REDIS_FALLBACK_SHARE", default_value_t = limits::DEFAULT_FALLBACK_SHARE)]
+    pub redis_fallback_share: f64,
+    /// JSON or YAML list prices (USD per million tokens) put before the built-in table, to
+    /// settle spend budgets: {models: [{model: GLOB, input, output, cacheWrite, cacheRead}]}.
+    #[arg(long, env = "CLAUDEKEY_PRICE_TABLE")]
+    pub price_table: Option<PathBuf>,
 }
 
 /// Everything the proxy needs to start, for `run` and for in-process tests and benches.
@@ -144,6 +165,8 @@ pub struct ProxySettings {
     pub server_limits: ServerLimits,
     /// How long open requests may take to finish at shutdown before they are cut.
     pub shutdown_grace: Duration,
+    /// In-memory or shared (Redis) limits, prices, fallback share.
+    pub limits: limits::LimitSettings,
 }
 
 impl ProxySettings {
@@ -160,6 +183,7 @@ impl ProxySettings {
             tls: None,
             server_limits: ServerLimits::default(),
             shutdown_grace: Duration::from_secs(30),
+            limits: limits::LimitSettings::default(),
         }
     }
 }
@@ -180,14 +204,15 @@ impl Proxy {
     pub fn start(settings: ProxySettings) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::default());
         let store = Arc::new(Store::empty());
+        let limiters = Arc::new(
+            limits::Limiters::new(settings.limits.clone(), metrics.limits.clone())
+                .context("failed to configure shared limits")?,
+        );
         // Runs until the proxy is dropped (the task is aborted then).
         let watcher = match settings.config_secrets.clone() {
-            Some(source) => {
-                kube_source::spawn(source, store.clone(), metrics.clone(), Arc::default())
-            }
+            Some(source) => kube_source::spawn(source, store.clone(), metrics.clone(), limiters),
             None => {
-                let mut loader =
-                    Loader::new(settings.config_dir.clone(), settings.mode, Arc::default());
+                let mut loader = Loader::new(settings.config_dir.clone(), settings.mode, limiters);
                 config::reload_into(&mut loader, &store, &metrics);
                 config::spawn_watcher(
                     loader,
@@ -357,6 +382,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     settings.config_secrets = launch::secrets_source(&args).await?;
     settings.tls = args.tls_cert.clone().zip(args.tls_key.clone());
+    settings.limits = launch::limit_settings(&args)?;
     settings.audit = match args.audit_log.as_str() {
         "-" => AuditTarget::Stdout,
         path => AuditTarget::File(path.into()),
@@ -365,7 +391,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("failed to listen on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, mode = ?args.mode, upstream = %args.upstream, tls = proxy.tls.is_some(), "proxy listening");
+    tracing::info!(listen = %args.listen, mode = ?args.mode, upstream = %args.upstream, tls = proxy.tls.is_some(), shared_limits = args.redis_url.is_some(), "proxy listening");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(addr) = args.metrics_listen {
         let admin = TcpListener::bind(addr)
