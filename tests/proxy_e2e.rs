@@ -5,6 +5,8 @@ mod bounds;
 #[path = "proxy_e2e/policy.rs"]
 mod policy;
 mod proxy_common;
+#[path = "proxy_e2e/shared_limits.rs"]
+mod shared_limits;
 
 use std::time::Duration;
 

@@ -131,6 +131,13 @@ impl SharedCounters {
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| SharedError::Client(e.category().to_string()))?;
+        // Connect now, in the background: the first requests should not pay for it.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let mut warm = conn.clone();
+            runtime.spawn(async move {
+                let _: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut warm).await;
+            });
+        }
         Ok(Self {
             conn,
             admit: Script::new(&format!("{COMMON}\n{ADMIT}")),
