@@ -69,7 +69,8 @@ pub struct ClaudeKeySpec {
     /// What the workload key may call: models, endpoints and request size caps.
     #[serde(default)]
     pub scope: ScopeSpec,
-    /// Rate and token limits the proxy enforces for this ClaudeKey across all its pods.
+    /// Rate, token and per-user limits and spend budgets of this ClaudeKey: across all its pods
+    /// and gateway replicas when the proxies share counters through Redis, per proxy otherwise.
     #[serde(default)]
     pub limits: LimitsSpec,
     /// How often the workload key is re-issued and how long the previous key stays valid.
@@ -232,8 +233,8 @@ pub enum Endpoint {
 
 /// Limits of this ClaudeKey. With the proxies' shared counters (Redis) they hold across every
 /// pod and gateway replica serving it; without, each proxy process counts alone. While Redis is
-/// unreachable each proxy enforces its fallback share of every limit and budget (see
-/// docs/limits.md).
+/// unreachable each proxy enforces its fallback share (--redis-fallback-share: default 0.5, the
+/// chart's gateway 1/replicas) of every limit and budget by itself (docs/limits.md).
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct LimitsSpec {

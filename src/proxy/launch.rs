@@ -42,6 +42,9 @@ pub(super) fn limit_settings(args: &Args) -> anyhow::Result<LimitSettings> {
     if !(share > 0.0 && share <= 1.0) {
         anyhow::bail!("--redis-fallback-share must be above 0 and at most 1, not {share}");
     }
+    if args.redis_password_file.is_some() && args.redis_url.is_none() {
+        anyhow::bail!("--redis-password-file needs --redis-url (CLAUDEKEY_REDIS_URL)");
+    }
     let password = match &args.redis_password_file {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| {

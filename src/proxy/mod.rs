@@ -128,7 +128,7 @@ pub struct Args {
     #[arg(long, env = "CLAUDEKEY_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<launch::RedisUrl>,
     /// A file holding the Redis password (e.g. a mounted Secret), used instead of the URL's.
-    #[arg(long, env = "CLAUDEKEY_REDIS_PASSWORD_FILE", requires = "redis_url")]
+    #[arg(long, env = "CLAUDEKEY_REDIS_PASSWORD_FILE")]
     pub redis_password_file: Option<PathBuf>,
     /// Bound of one Redis call, connection included; past it the request is decided locally.
     #[arg(long, env = "CLAUDEKEY_REDIS_TIMEOUT", default_value = "100ms", value_parser = humantime::parse_duration)]
@@ -502,6 +502,51 @@ mod tests {
             .await
             .unwrap_err();
         assert!(error.to_string().contains("gateway mode only"), "{error}");
+    }
+
+    #[test]
+    fn redis_flags_never_show_the_url_and_check_their_values() {
+        let parse = |extra: &[&str]| {
+            let argv = ["x", "--config-dir", "d", "--listen", "127.0.0.1:0"]
+                .iter()
+                .chain(extra);
+            Cli::try_parse_from(argv).unwrap().args
+        };
+        let args = parse(&["--redis-url", "redis://:pw-Secret1@r:6379/0"]);
+        assert!(!format!("{args:?}").contains("pw-Secret1"));
+        assert_eq!(args.redis_timeout, Duration::from_millis(100));
+        assert_eq!(args.redis_fallback_share, limits::DEFAULT_FALLBACK_SHARE);
+        let settings = launch::limit_settings(&args).unwrap();
+        assert!(!format!("{settings:?}").contains("pw-Secret1"));
+        assert!(settings.redis.is_some());
+        // In-memory unless a URL is given.
+        assert!(launch::limit_settings(&parse(&[])).unwrap().redis.is_none());
+        let error = launch::limit_settings(&parse(&["--redis-password-file", "/nope"]));
+        assert!(error.unwrap_err().to_string().contains("--redis-url"));
+        for share in ["0", "1.5", "NaN"] {
+            let args = parse(&["--redis-url", "redis://r", "--redis-fallback-share", share]);
+            assert!(launch::limit_settings(&args).is_err(), "{share}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "pw-from-file\n").unwrap();
+        let args = parse(&[
+            "--redis-url",
+            "redis://r",
+            "--redis-password-file",
+            file.to_str().unwrap(),
+        ]);
+        let settings = launch::limit_settings(&args).unwrap();
+        let redis = settings.redis.unwrap();
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(redis.password.as_ref().unwrap()),
+            "pw-from-file"
+        );
+        assert!(!format!("{redis:?}").contains("pw-from-file"));
+        let bad = dir.path().join("prices.yaml");
+        std::fs::write(&bad, "models: [{model: x}]").unwrap();
+        let args = parse(&["--price-table", bad.to_str().unwrap()]);
+        assert!(launch::limit_settings(&args).is_err());
     }
 
     #[test]
