@@ -249,6 +249,46 @@ async fn four_proxies_share_one_users_hourly_window() {
     assert!(statuses.iter().all(|s| *s == 200));
 }
 
+/// With real UTC days and calendar months (the production period), Redis's Lua computes the
+/// same reset times as the proxy's Rust: a budget of 0 is spent at once and names them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_periods_in_redis_are_utc_days_and_calendar_months() {
+    let redis = RedisServer::start(None);
+    let fake = FakeUpstream::start(&[UPSTREAM_A]).await.unwrap();
+    let client = client();
+    for (field, name) in [("usdPerDay", "zero-day"), ("usdPerMonth", "zero-month")] {
+        let policy = json!({ "limits": { "budget": { field: 0 } } });
+        let p = start_proxy(Mode::Sidecar, &fake, name, &policy, shared(&redis, 86_400)).await;
+        let expected = claudekey::proxy::limits::budget::Periods::now(86_400);
+        let ends = if field == "usdPerDay" {
+            expected.day.ends
+        } else {
+            expected.month.ends
+        };
+        let ends = chrono::DateTime::from_timestamp(ends, 0)
+            .unwrap()
+            .format("%Y-%m-%dT%H:%M:%SZ")
+            .to_string();
+        let r = send(
+            &client,
+            &p.url(),
+            "POST",
+            "/v1/messages",
+            Some(p.key()),
+            Some(body(false, "u", 16)),
+        )
+        .await;
+        assert_eq!(r.status, 429);
+        let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(
+            message.contains(field) && message.contains(&ends),
+            "{message} (want {ends})"
+        );
+        assert_eq!(p.metric("claudekey_proxy_limits_fallback "), Some(0.0));
+    }
+    assert!(fake.received().is_empty());
+}
+
 /// Sleeps until a fresh budget period of `day_seconds` has just begun (by this machine's clock,
 /// which is also the local redis-server's).
 async fn at_period_start(day_seconds: u64) {

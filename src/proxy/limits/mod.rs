@@ -303,10 +303,8 @@ impl KeyLimits {
             let admitted =
                 self.local
                     .admit(spec, ask.users, ask.reserve_tokens, &budgets, &periods)?;
-            if !budgets.is_empty() {
-                let spent = self.local.spent(&periods);
-                self.metrics.show_spend(&self.label, &budgets, spent);
-            }
+            let spent = self.local.spent(&periods);
+            self.metrics.show_spend(&self.label, &budgets, spent);
             return Ok(reservation(
                 admitted.tokens,
                 Counted::Local,
@@ -406,7 +404,8 @@ impl Reservation {
         let (Some(shared), Ok(runtime)) = (shared, runtime) else {
             let periods = Periods::now(limits.day_seconds);
             let spent = limits.local.settle(self.tokens, used, nanos, &periods);
-            if !self.budgets.is_empty() {
+            // A fallback's local spend is this proxy's share, not the ClaudeKey's total.
+            if self.counted == Counted::Local {
                 limits
                     .metrics
                     .show_spend(&limits.label, &self.budgets, spent);
