@@ -536,3 +536,45 @@ impl std::io::Write for Writer {
         Ok(())
     }
 }
+
+/// A batch's usage never comes back through the proxy: its estimate (input and max_tokens of each
+/// request, at list price) is what it spends, so batches cannot slip past a budget (in memory).
+#[tokio::test]
+async fn a_batch_spends_its_estimate() {
+    let policy = json!({
+        "scope": { "endpoints": ["messages", "batches"] },
+        "limits": { "budget": { "usdPerDay": 0.01 } }
+    });
+    let h = Harness::start(Mode::Sidecar, &[UPSTREAM_A], |dir| {
+        kubelet_write(
+            dir,
+            &proxy_json("batch", &[(UPSTREAM_A, None)], &[], policy),
+        );
+    })
+    .await;
+    let c = client();
+    // 1,000 output tokens of Sonnet 4.5 at $15/MTok: $0.015, over the day's $0.01.
+    let batch = json!({ "requests": [{ "custom_id": "a", "params": body(false, "u", 1000) }] });
+    let r = send(
+        &c,
+        &h.url(),
+        "POST",
+        "/v1/messages/batches",
+        Some("claudekey-sidecar"),
+        Some(batch),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    h.wait_audit(1).await;
+    let r = send(
+        &c,
+        &h.url(),
+        "POST",
+        "/v1/messages",
+        Some("claudekey-sidecar"),
+        Some(body(false, "u", 16)),
+    )
+    .await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert!(r.text().contains("usdPerDay"));
+}
