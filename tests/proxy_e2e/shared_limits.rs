@@ -26,7 +26,7 @@ struct Running {
     proxy: Arc<Proxy>,
     addr: SocketAddr,
     mode: Mode,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -88,7 +88,7 @@ async fn start_proxy(
         proxy,
         addr,
         mode,
-        _dir: dir,
+        dir,
         _stop: stop,
     }
 }
@@ -577,4 +577,78 @@ async fn a_batch_spends_its_estimate() {
     .await;
     assert_eq!(r.status, 429, "{}", r.text());
     assert!(r.text().contains("usdPerDay"));
+}
+
+/// Keys are named by the ClaudeKey's identity: a rotation (new upstream and workload keys in
+/// proxy.json) keeps the shared window, and a proxy started afterwards sees it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_keeps_the_shared_window() {
+    let redis = RedisServer::start(None);
+    let fake = FakeUpstream::start(&[UPSTREAM_A, UPSTREAM_B])
+        .await
+        .unwrap();
+    let policy = json!({ "limits": { "requestsPerMinute": 2 } });
+    let p = start_proxy(
+        Mode::Gateway,
+        &fake,
+        "rotated",
+        &policy,
+        shared(&redis, 86_400),
+    )
+    .await;
+    let c = client();
+    let call = |url: String, key: &'static str| {
+        let c = c.clone();
+        async move {
+            send(
+                &c,
+                &url,
+                "POST",
+                "/v1/messages",
+                Some(key),
+                Some(body(false, "u", 16)),
+            )
+            .await
+            .status
+        }
+    };
+    assert_eq!(call(p.url(), WORKLOAD_A).await, 200);
+    assert_eq!(call(p.url(), WORKLOAD_A).await, 200);
+    assert_eq!(call(p.url(), WORKLOAD_A).await, 429);
+    // Rotated: new upstream key, new workload key (the old one in its grace period).
+    kubelet_write(
+        p.dir.path(),
+        &proxy_json(
+            "rotated",
+            &[
+                (UPSTREAM_B, None),
+                (UPSTREAM_A, Some("2099-01-01T00:00:00Z")),
+            ],
+            &[
+                (WORKLOAD_B, None),
+                (WORKLOAD_A, Some("2099-01-01T00:00:00Z")),
+            ],
+            policy.clone(),
+        ),
+    );
+    let url = p.url();
+    let mut status = 0;
+    for _ in 0..100 {
+        status = call(url.clone(), WORKLOAD_B).await;
+        if status != 401 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 429, "the new key must not reset the window");
+    // Another proxy of the same ClaudeKey, started now: the same window.
+    let q = start_proxy(
+        Mode::Sidecar,
+        &fake,
+        "rotated",
+        &policy,
+        shared(&redis, 86_400),
+    )
+    .await;
+    assert_eq!(call(q.url(), "claudekey-sidecar").await, 429);
 }
