@@ -386,12 +386,12 @@ pub const EVENT_ONLY: &[(&str, &str, &str)] = &[
     // Only for ClaudeKeys with spec.limits.budget.
     (
         "claudekey_proxy_spend_usd",
-        "src/proxy/limits/mod.rs",
+        "src/proxy/limits/metrics.rs",
         "\"spend_usd\"",
     ),
     (
         "claudekey_proxy_budget_usd",
-        "src/proxy/limits/mod.rs",
+        "src/proxy/limits/metrics.rs",
         "\"budget_usd\"",
     ),
     (
