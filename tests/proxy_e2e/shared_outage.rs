@@ -351,3 +351,27 @@ async fn a_batch_spends_its_estimate() {
     assert_eq!(r.status, 429, "{}", r.text());
     assert!(r.text().contains("usdPerDay"));
 }
+
+/// Redis down from the start: each proxy admits its documented fallback share of the limit
+/// (0.5 x 60 = 30 of a burst), no fewer (never all refused) and no more (never fail-open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_each_proxy_admits_its_fallback_share() {
+    let mut redis = RedisServer::start(None);
+    let limits = LimitSettings {
+        fallback_share: 0.5,
+        ..shared(&redis, 86_400)
+    };
+    redis.kill();
+    let fake = FakeUpstream::start(&[UPSTREAM_A]).await.unwrap();
+    let policy = json!({ "limits": { "requestsPerMinute": 60 } });
+    let p = start_proxy(Mode::Gateway, &fake, "fallback", &policy, limits).await;
+    let start = Instant::now();
+    let statuses = crate::shared_limits::burst(std::slice::from_ref(&p), 50, "u", 16).await;
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let refill = (start.elapsed().as_secs_f64() / 2.0).ceil() as usize;
+    assert!(
+        (30..=30 + refill).contains(&ok),
+        "{ok} admitted, want 30 (+{refill})"
+    );
+    assert_eq!(p.metric("claudekey_proxy_limits_fallback "), Some(1.0));
+}
