@@ -17,7 +17,10 @@
 # 1k req/s and after a soak; (4) webhook handler time (criterion) and Deployment create latency
 # through the real apiserver with and without the webhooks; (5) controller scale: 1,000
 # ClaudeKeys applied at once, time to all Ready, API requests per reconcile, controller RSS;
-# (6) redaction and key-scan throughput (criterion).
+# (6) redaction and key-scan throughput (criterion); (7) shared limits: the same proxy counting
+# its limits in Redis (a real redis-server from hack/tools.sh) against in-memory limits, at
+# c=1/16/64 in row 1's interleaved cells, and the limit accuracy of two proxy processes sharing
+# requestsPerMinute: 60.
 #
 # CPUs: proxies run on core 0, the load generator and the upstream on core 1 (taskset).
 # Everything listens on 127.0.0.1 and everything started here is stopped on exit.
@@ -230,6 +233,28 @@ start claudekey 0 "$CK" proxy --mode gateway --config-dir "$WORK/proxy" --listen
   --upstream "http://127.0.0.1:$P_UP" --audit-log "$WORK/audit.log"
 start claudekey-stream 0 "$CK" proxy --mode gateway --config-dir "$WORK/proxy-plain" --listen "127.0.0.1:$P_CKS" \
   --upstream "http://127.0.0.1:$P_UPS" --audit-log "$WORK/audit-stream.log"
+# Row 7: the same policy counted in Redis (on the load generator's core, like the upstream).
+REDIS_SERVER=${CLAUDEKEY_REDIS_SERVER:-$(ls "$CACHE"/redis-*/bin/redis-server 2>/dev/null | tail -1)}
+[ -x "$REDIS_SERVER" ] || { log "redis-server missing: run hack/tools.sh"; exit 1; }
+P_RD=$(free_port); P_CKSH=$(free_port); P_ACC1=$(free_port); P_ACC2=$(free_port)
+start redis 1 "$REDIS_SERVER" --port "$P_RD" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK"
+start claudekey-shared 0 env CLAUDEKEY_REDIS_URL="redis://127.0.0.1:$P_RD/0" "$CK" proxy --mode gateway \
+  --config-dir "$WORK/proxy" --listen "127.0.0.1:$P_CKSH" --upstream "http://127.0.0.1:$P_UP" --audit-log "$WORK/audit-shared.log"
+# Two proxy processes of one ClaudeKey with requestsPerMinute: 60, sharing Redis (accuracy).
+mkdir -p "$WORK/proxy-rpm"
+python3 - "$WORK/proxy/proxy.json" "$WORK/proxy-rpm/proxy.json" <<'EOF'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c["claudeKey"]["name"] = "bench-rpm"
+c["policy"]["limits"] = {"requestsPerMinute": 60}
+json.dump(c, open(sys.argv[2], "w"))
+EOF
+for i in 1 2; do
+  port_var=P_ACC$i
+  start "claudekey-acc$i" 0 env CLAUDEKEY_REDIS_URL="redis://127.0.0.1:$P_RD/0" "$CK" proxy --mode gateway \
+    --config-dir "$WORK/proxy-rpm" --listen "127.0.0.1:${!port_var}" --upstream "http://127.0.0.1:$P_UP" \
+    --audit-log "$WORK/audit-acc$i.log"
+done
 start claudekey-stream-redact 0 "$CK" proxy --mode gateway --config-dir "$WORK/proxy" --listen "127.0.0.1:$P_CKR" \
   --upstream "http://127.0.0.1:$P_UPS" --audit-log "$WORK/audit-stream-redact.log"
 if [ -n "$BASELINE" ]; then
@@ -306,6 +331,9 @@ wait_http "http://127.0.0.1:$P_CK/"
 wait_http "http://127.0.0.1:$P_CKS/"
 wait_http "http://127.0.0.1:$P_CKR/"
 if [ -n "$BASELINE" ]; then wait_http "http://127.0.0.1:$P_CKB/"; fi
+wait_http "http://127.0.0.1:$P_CKSH/"
+wait_http "http://127.0.0.1:$P_ACC1/"
+wait_http "http://127.0.0.1:$P_ACC2/"
 if [ "$USE_NGINX" = 1 ]; then wait_http "http://127.0.0.1:$P_NG/"; fi
 if [ "$USE_LITELLM" = 1 ]; then wait_http "http://127.0.0.1:$P_LL/health/liveliness"; fi
 
@@ -326,7 +354,7 @@ EOF
 )
 printf '%s' "$BODY" >"$WORK/body.json"
 
-TARGETS=(direct claudekey)
+TARGETS=(direct claudekey shared)
 if [ -n "$BASELINE" ]; then TARGETS+=(baseline); fi
 if [ "$USE_NGINX" = 1 ]; then TARGETS+=(nginx); fi
 if [ "$USE_LITELLM" = 1 ]; then TARGETS+=(litellm); fi
@@ -336,6 +364,7 @@ target_url() {
     direct) echo "http://127.0.0.1:$P_UP/v1/messages" ;;
     claudekey) echo "http://127.0.0.1:$P_CK/v1/messages" ;;
     baseline) echo "http://127.0.0.1:$P_CKB/v1/messages" ;;
+    shared) echo "http://127.0.0.1:$P_CKSH/v1/messages" ;;
     nginx) echo "http://127.0.0.1:$P_NG/v1/messages" ;;
     litellm) echo "http://127.0.0.1:$P_LL/v1/messages" ;;
   esac
@@ -343,7 +372,7 @@ target_url() {
 target_key() {
   case $1 in
     direct|nginx) echo "$UPKEY" ;;   # nginx overwrites it with the same upstream key
-    claudekey|baseline) echo "$WKEY" ;;
+    claudekey|baseline|shared) echo "$WKEY" ;;
     litellm) echo "$MASTER" ;;
   esac
 }
@@ -352,6 +381,7 @@ target_pid() {
     direct) echo "$PID_upstream" ;;
     claudekey) echo "$PID_claudekey" ;;
     baseline) echo "$PID_baseline" ;;
+    shared) echo "$PID_claudekey_shared" ;;
     nginx) echo "$PID_nginx" ;;
     litellm) echo "$PID_litellm" ;;
   esac
@@ -423,6 +453,8 @@ SWEEP_REPS=$(( REPS < 2 ? REPS : 2 ))
 log "row 1: open-loop sweep, $SWEEP_REPS repetitions"
 for rep in $(seq 1 "$SWEEP_REPS"); do
   for t in $(shuffled "${TARGETS[@]}"); do
+    # Row 7 compares shared against local limits in the closed-loop cells only.
+    if [ "$t" = shared ]; then continue; fi
     # The sweep measures a proxy in service: one closed-loop second first, so its upstream
     # connection pool and heap are warm (the closed-loop cells may have ended minutes ago).
     oha_run "$WORK/sweep-warm.json" "$t" -c 32 -z 1s || true
@@ -434,6 +466,24 @@ for rep in $(seq 1 "$SWEEP_REPS"); do
     done
   done
 done
+
+# ---------------------------------------------------------------------------
+# row 7: limit accuracy across two proxy processes
+# ---------------------------------------------------------------------------
+# requestsPerMinute: 60 allows a burst of 60, then one a second: 100 requests at once through
+# each of two processes sharing Redis should pass 60 (+1 a second), not 120.
+log "row 7: limit accuracy, two proxies sharing requestsPerMinute: 60"
+acc_start=$(date +%s.%N)
+for i in 1 2; do
+  port_var=P_ACC$i
+  taskset -c 1 "$OHA" --no-tui --output-format json -m POST -H "x-api-key: $WKEY" \
+    -H "anthropic-version: 2023-06-01" -T application/json -D "$WORK/body.json" -n 100 -c 8 \
+    "http://127.0.0.1:${!port_var}/v1/messages" >"$RAW/accuracy-$i.json" 2>"$RAW/accuracy-$i.err" &
+  eval "ACC_PID$i=$!"
+done
+wait "$ACC_PID1" "$ACC_PID2"
+acc_s=$(awk -v a="$(date +%s.%N)" -v b="$acc_start" 'BEGIN{print a-b}')
+echo "{\"row\":\"accuracy\",\"limit\":60,\"proxies\":2,\"sent\":200,\"seconds\":$acc_s,\"files\":[\"accuracy-1.json\",\"accuracy-2.json\"]}" >>"$RAW/results.jsonl"
 
 # ---------------------------------------------------------------------------
 # row 2: streaming

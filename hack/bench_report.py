@@ -20,6 +20,7 @@ TARGET_NAMES = {
     "direct": "direct",
     "claudekey": "claudekey proxy",
     "baseline": "claudekey proxy, baseline build",
+    "shared": "claudekey proxy, limits shared in Redis",
     "nginx": "nginx",
     "litellm": "LiteLLM",
 }
@@ -263,6 +264,29 @@ def report(args):
             w(f"| {TARGET_NAMES[peer]} CPU per request / claudekey CPU per request, c=64 | **{cp[0] / cc[0]:.1f}x** | | |")
     w(f"| claudekey added latency p50, c=1 | {fmt(a50, ' µs', 1e6)} | <= 100 µs | {verdict(a50 and a50[0] * 1e6, 100)} |")
     w(f"| claudekey added latency p99, c=1 | {fmt(a99, ' µs', 1e6)} | <= 300 µs | {verdict(a99 and a99[0] * 1e6, 300)} |")
+    for c in (1, 64):
+        for field, target in (("p50", 100), ("p99", None)):
+            if "shared" in targets and c in conc:
+                extra = med(
+                    [
+                        closed[("shared", c, r)][field] - closed[("claudekey", c, r)][field]
+                        for r in reps
+                        if ("shared", c, r) in closed and ("claudekey", c, r) in closed
+                        and closed[("shared", c, r)][field] is not None and closed[("claudekey", c, r)][field] is not None
+                    ]
+                )
+                t = f"<= {target} µs (one loopback round trip)" if target else ""
+                v = verdict(extra and extra[0] * 1e6, target) if target else ""
+                w(f"| shared limits (Redis) minus local limits, latency {field}, c={c} | {fmt(extra, ' µs', 1e6)} | {t} | {v} |")
+    for r in records:
+        if r["row"] == "accuracy":
+            ok = sum((oha_summary(os.path.join(raw, f)) or {"ok": 0})["ok"] for f in r["files"])
+            allowed = r["limit"] + int(r["seconds"])
+            w(
+                f"| limit accuracy: requestsPerMinute {r['limit']} shared by {r['proxies']} proxy processes, {r['sent']} requests "
+                f"in {r['seconds']:.1f} s | **{ok} admitted** (in-memory limits would admit up to {r['limit'] * r['proxies']}) | "
+                f"{r['limit']} +/- 2 (+1 per second elapsed) | {'met' if r['limit'] - 2 <= ok <= allowed + 2 else 'missed'} |"
+            )
     cc = cpu_per_req("claudekey", 64) if 64 in conc else None
     per_core = 1.0 / cc[0] if cc and cc[0] > 0 else None
     w(

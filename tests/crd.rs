@@ -72,7 +72,8 @@ async fn valid_claudekey_is_stored_with_defaults() {
     let spec = json!({
         "sourceRef": k8s_source(),
         "scope": { "models": ["claude-sonnet-4-*", "claude-haiku-*"], "maxTokens": 4096 },
-        "limits": { "requestsPerMinute": 50, "tokensPerMinute": 40000, "perUserRequestsPerHour": 20 },
+        "limits": { "requestsPerMinute": 50, "tokensPerMinute": 40000, "perUserRequestsPerHour": 20,
+                    "budget": { "usdPerDay": 0.05, "usdPerMonth": 100 } },
         "rotation": { "interval": "2160h", "gracePeriod": "15m" },
         "dataProtection": { "redact": ["email", "ssn"], "customPatterns": [{ "name": "employee-id", "regex": "EMP-[0-9]{6}" }] },
         "expiresAt": "2027-03-01T00:00:00Z",
@@ -92,6 +93,11 @@ async fn valid_claudekey_is_stored_with_defaults() {
         claudekey::crd::PromptInjectionMode::Flag
     );
     assert_eq!(spec.rotation.grace_period.as_str(), "15m");
+    let budget = spec.limits.budget.as_ref().expect("budget");
+    assert_eq!(
+        (budget.usd_per_day, budget.usd_per_month),
+        (Some(0.05), Some(100.0))
+    );
 }
 
 #[tokio::test]
@@ -272,6 +278,16 @@ async fn malformed_values_are_refused_with_the_field_named() {
             "zero-tokens",
             json!({ "scope": { "maxTokens": 0 } }),
             "spec.scope.maxTokens",
+        ),
+        (
+            "negative-budget",
+            json!({ "limits": { "budget": { "usdPerDay": -0.01 } } }),
+            "spec.limits.budget.usdPerDay",
+        ),
+        (
+            "budget-as-text",
+            json!({ "limits": { "budget": { "usdPerMonth": "100" } } }),
+            "spec.limits.budget.usdPerMonth",
         ),
         (
             "bad-duration",

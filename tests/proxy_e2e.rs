@@ -5,6 +5,10 @@ mod bounds;
 #[path = "proxy_e2e/policy.rs"]
 mod policy;
 mod proxy_common;
+#[path = "proxy_e2e/shared_limits.rs"]
+mod shared_limits;
+#[path = "proxy_e2e/shared_outage.rs"]
+mod shared_outage;
 
 use std::time::Duration;
 

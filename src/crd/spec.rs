@@ -69,7 +69,8 @@ pub struct ClaudeKeySpec {
     /// What the workload key may call: models, endpoints and request size caps.
     #[serde(default)]
     pub scope: ScopeSpec,
-    /// Rate and token limits the proxy enforces for this ClaudeKey across all its pods.
+    /// Rate, token and per-user limits and spend budgets of this ClaudeKey: across all its pods
+    /// and gateway replicas when the proxies share counters through Redis, per proxy otherwise.
     #[serde(default)]
     pub limits: LimitsSpec,
     /// How often the workload key is re-issued and how long the previous key stays valid.
@@ -230,8 +231,11 @@ pub enum Endpoint {
     Files,
 }
 
-/// Limits shared by every pod and gateway replica serving this ClaudeKey (per proxy instance).
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+/// Limits of this ClaudeKey. With the proxies' shared counters (Redis) they hold across every
+/// pod and gateway replica serving it; without, each proxy process counts alone. While Redis is
+/// unreachable each proxy enforces its fallback share (--redis-fallback-share: default 0.5, the
+/// chart's gateway 1/replicas) of every limit and budget by itself (docs/limits.md).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct LimitsSpec {
     /// Requests per minute. Unset means unlimited.
@@ -247,6 +251,26 @@ pub struct LimitsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub per_user_requests_per_hour: Option<u32>,
+    /// Spend budgets in US dollars, settled from real usage (input, output, cache write and
+    /// cache read tokens) at list prices. Once spent, requests are refused with 429
+    /// rate_limit_error and x-should-retry: false until the period resets (UTC day, UTC month).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetSpec>,
+}
+
+/// Spend budgets of a ClaudeKey. A request is admitted while the period's spend is below the
+/// budget, so the requests in flight when it is reached may overshoot it by their own cost.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetSpec {
+    /// US dollars per UTC day (resets at 00:00 UTC). 0 refuses every request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub usd_per_day: Option<f64>,
+    /// US dollars per UTC calendar month (resets on the 1st at 00:00 UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub usd_per_month: Option<f64>,
 }
 
 /// Rotation schedule of the workload key.

@@ -178,7 +178,21 @@ impl Exchange {
             } else {
                 self.usage.charged()
             };
-            reservation.settle(used);
+            // A batch's usage never comes back here: its spend is its estimate (every request's
+            // input and max_tokens, at list price), so batches cannot slip past a budget.
+            let batch_sent = self.route == Some(Route::BatchCreate)
+                && self.sent
+                && (200..300).contains(&self.audit.status);
+            let priced = if batch_sent && self.usage.total() == 0 {
+                Usage {
+                    input: self.facts.iter().map(|f| f.text_chars.div_ceil(4)).sum(),
+                    output: self.facts.iter().filter_map(|f| f.max_tokens).sum(),
+                    ..Usage::default()
+                }
+            } else {
+                self.usage
+            };
+            reservation.settle(used, &priced);
         }
         let elapsed = self.start.elapsed();
         let audit = &mut self.audit;

@@ -10,7 +10,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::usage::Usage;
+use super::{limits::LimitsMetrics, usage::Usage};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -56,6 +56,8 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     outcomes: Family<KindLabels, Counter>,
     user_overflow: Family<KindLabels, Counter>,
+    /// Fallback state and spend, written by the limiter itself.
+    pub limits: LimitsMetrics,
 }
 
 fn latency_histogram() -> Histogram {
@@ -78,6 +80,7 @@ impl Default for Metrics {
             reloads: Family::default(),
             outcomes: Family::default(),
             user_overflow: Family::default(),
+            limits: LimitsMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -126,6 +129,7 @@ impl Default for Metrics {
             "Requests of end users counted in the shared overflow window because the per-user table was full",
             m.user_overflow.clone(),
         );
+        m.limits.register(&mut registry);
         Self { registry, ..m }
     }
 }

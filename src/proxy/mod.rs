@@ -121,6 +121,27 @@ pub struct Args {
     /// only, forwards to the gateway with the workload key of --config-dir).
     #[arg(long, env = "CLAUDEKEY_PROXY_MODE", value_enum, default_value_t)]
     pub mode: RunMode,
+    /// Share limits and spend budgets with every other proxy serving the same ClaudeKeys
+    /// through this Redis (or Valkey): redis://[:password@]host:port/db, rediss:// for TLS.
+    /// Give a URL with a password only through the environment, never on the command line.
+    /// Unset: each proxy counts alone (in memory).
+    #[arg(long, env = "CLAUDEKEY_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<launch::RedisUrl>,
+    /// A file holding the Redis password (e.g. a mounted Secret), used instead of the URL's.
+    #[arg(long, env = "CLAUDEKEY_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<PathBuf>,
+    /// Bound of one Redis call, connection included; past it the request is decided locally.
+    #[arg(long, env = "CLAUDEKEY_REDIS_TIMEOUT", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+    /// Share (0 < share <= 1) of every limit and budget each proxy enforces alone while Redis
+    /// is unreachable. With N proxies serving a ClaudeKey, at most N x share x limit pass
+    /// during an outage: set 1/N to hold the limit, more to favour availability.
+    #[arg(long, env = "CLAUDEKEY_REDIS_FALLBACK_SHARE", default_value_t = limits::DEFAULT_FALLBACK_SHARE)]
+    pub redis_fallback_share: f64,
+    /// JSON or YAML list prices (USD per million tokens) put before the built-in table, to
+    /// settle spend budgets: {models: [{model: GLOB, input, output, cacheWrite, cacheRead}]}.
+    #[arg(long, env = "CLAUDEKEY_PRICE_TABLE")]
+    pub price_table: Option<PathBuf>,
 }
 
 /// Everything the proxy needs to start, for `run` and for in-process tests and benches.
@@ -144,6 +165,8 @@ pub struct ProxySettings {
     pub server_limits: ServerLimits,
     /// How long open requests may take to finish at shutdown before they are cut.
     pub shutdown_grace: Duration,
+    /// In-memory or shared (Redis) limits, prices, fallback share.
+    pub limits: limits::LimitSettings,
 }
 
 impl ProxySettings {
@@ -160,6 +183,7 @@ impl ProxySettings {
             tls: None,
             server_limits: ServerLimits::default(),
             shutdown_grace: Duration::from_secs(30),
+            limits: limits::LimitSettings::default(),
         }
     }
 }
@@ -180,14 +204,15 @@ impl Proxy {
     pub fn start(settings: ProxySettings) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::default());
         let store = Arc::new(Store::empty());
+        let limiters = Arc::new(
+            limits::Limiters::new(settings.limits.clone(), metrics.limits.clone())
+                .context("failed to configure shared limits")?,
+        );
         // Runs until the proxy is dropped (the task is aborted then).
         let watcher = match settings.config_secrets.clone() {
-            Some(source) => {
-                kube_source::spawn(source, store.clone(), metrics.clone(), Arc::default())
-            }
+            Some(source) => kube_source::spawn(source, store.clone(), metrics.clone(), limiters),
             None => {
-                let mut loader =
-                    Loader::new(settings.config_dir.clone(), settings.mode, Arc::default());
+                let mut loader = Loader::new(settings.config_dir.clone(), settings.mode, limiters);
                 config::reload_into(&mut loader, &store, &metrics);
                 config::spawn_watcher(
                     loader,
@@ -357,6 +382,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     settings.config_secrets = launch::secrets_source(&args).await?;
     settings.tls = args.tls_cert.clone().zip(args.tls_key.clone());
+    settings.limits = launch::limit_settings(&args)?;
     settings.audit = match args.audit_log.as_str() {
         "-" => AuditTarget::Stdout,
         path => AuditTarget::File(path.into()),
@@ -365,7 +391,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("failed to listen on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, mode = ?args.mode, upstream = %args.upstream, tls = proxy.tls.is_some(), "proxy listening");
+    tracing::info!(listen = %args.listen, mode = ?args.mode, upstream = %args.upstream, tls = proxy.tls.is_some(), shared_limits = args.redis_url.is_some(), "proxy listening");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(addr) = args.metrics_listen {
         let admin = TcpListener::bind(addr)
@@ -476,6 +502,51 @@ mod tests {
             .await
             .unwrap_err();
         assert!(error.to_string().contains("gateway mode only"), "{error}");
+    }
+
+    #[test]
+    fn redis_flags_never_show_the_url_and_check_their_values() {
+        let parse = |extra: &[&str]| {
+            let argv = ["x", "--config-dir", "d", "--listen", "127.0.0.1:0"]
+                .iter()
+                .chain(extra);
+            Cli::try_parse_from(argv).unwrap().args
+        };
+        let args = parse(&["--redis-url", "redis://:pw-Secret1@r:6379/0"]);
+        assert!(!format!("{args:?}").contains("pw-Secret1"));
+        assert_eq!(args.redis_timeout, Duration::from_millis(100));
+        assert_eq!(args.redis_fallback_share, limits::DEFAULT_FALLBACK_SHARE);
+        let settings = launch::limit_settings(&args).unwrap();
+        assert!(!format!("{settings:?}").contains("pw-Secret1"));
+        assert!(settings.redis.is_some());
+        // In-memory unless a URL is given.
+        assert!(launch::limit_settings(&parse(&[])).unwrap().redis.is_none());
+        let error = launch::limit_settings(&parse(&["--redis-password-file", "/nope"]));
+        assert!(error.unwrap_err().to_string().contains("--redis-url"));
+        for share in ["0", "1.5", "NaN"] {
+            let args = parse(&["--redis-url", "redis://r", "--redis-fallback-share", share]);
+            assert!(launch::limit_settings(&args).is_err(), "{share}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "pw-from-file\n").unwrap();
+        let args = parse(&[
+            "--redis-url",
+            "redis://r",
+            "--redis-password-file",
+            file.to_str().unwrap(),
+        ]);
+        let settings = launch::limit_settings(&args).unwrap();
+        let redis = settings.redis.unwrap();
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(redis.password.as_ref().unwrap()),
+            "pw-from-file"
+        );
+        assert!(!format!("{redis:?}").contains("pw-from-file"));
+        let bad = dir.path().join("prices.yaml");
+        std::fs::write(&bad, "models: [{model: x}]").unwrap();
+        let args = parse(&["--price-table", bad.to_str().unwrap()]);
+        assert!(launch::limit_settings(&args).is_err());
     }
 
     #[test]

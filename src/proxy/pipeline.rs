@@ -21,6 +21,7 @@ use super::{
     exchange::{Exchange, Outcome, Recorder},
     forward::{Upstream, copy_response_headers},
     injection::{self, PromptInjectionMode},
+    limits::Ask,
     observed::Observed,
     redact::Counts,
     request::{self, Facts, MAX_BODY_BYTES, Piece},
@@ -47,16 +48,10 @@ type Step = fn(&Tenant, &mut Exchange) -> Result<(), ApiError>;
 /// The steps of every request, before its body is read.
 const REQUEST_STEPS: &[Step] = &[check_endpoint, check_betas];
 
-/// The steps of a Messages-style body (messages, count_tokens, batch create), in order.
-const BODY_STEPS: &[Step] = &[
-    parse,
-    read_facts,
-    check_scope,
-    check_caps,
-    admit,
-    screen,
-    redact,
-];
+/// The steps of a Messages-style body (messages, count_tokens, batch create), in order; the
+/// limits (`admit`, async: it may ask Redis) come between the two lists.
+const BODY_STEPS: &[Step] = &[parse, read_facts, check_scope, check_caps];
+const AFTER_ADMIT: &[Step] = &[screen, redact];
 
 /// The hyper service function.
 pub async fn handle(
@@ -100,7 +95,7 @@ async fn to_upstream(
         || matches!(ex.method, Method::GET | Method::HEAD | Method::DELETE);
     if !replayable {
         // Uploads (files, batch operations): streamed through, limited by requests/min only.
-        admit(&tenant, ex)?;
+        admit(&tenant, ex).await?;
         let body = body.map_err(Into::into).boxed_unsync();
         let key = &tenant.current_upstream().header;
         let request = shared
@@ -114,8 +109,12 @@ async fn to_upstream(
         for step in BODY_STEPS {
             step(&tenant, ex)?;
         }
+        admit(&tenant, ex).await?;
+        for step in AFTER_ADMIT {
+            step(&tenant, ex)?;
+        }
     } else {
-        admit(&tenant, ex)?;
+        admit(&tenant, ex).await?;
     }
     forward_replayable(shared, &tenant, ex).await
 }
@@ -245,9 +244,9 @@ fn check_caps(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Per-key and per-user limits; a Messages request (or each of a batch) reserves its
-/// `max_tokens` plus an estimate of its input.
-fn admit(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
+/// Per-key and per-user limits and spend budgets; a Messages request (or each of a batch)
+/// reserves its `max_tokens` plus an estimate of its input.
+async fn admit(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
     let reserve: u64 = if ex.route == Some(Route::CountTokens) {
         0
     } else {
@@ -261,7 +260,12 @@ fn admit(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
         .iter()
         .filter_map(|f| f.user_id.as_deref())
         .collect();
-    match tenant.limiter.admit(&tenant.limits, &users, reserve) {
+    let ask = Ask {
+        users: &users,
+        reserve_tokens: reserve,
+        model: ex.facts.first().and_then(|f| f.model.as_deref()),
+    };
+    match tenant.limiter.admit(&tenant.limits, ask).await {
         Ok(reservation) => {
             if reservation.user_overflow {
                 ex.metrics().user_overflow(&tenant.label);

@@ -7,7 +7,12 @@ use chrono::{DateTime, Utc};
 use http::HeaderValue;
 use secrecy::ExposeSecret;
 
-use super::{caps::Caps, limits::KeyLimiter, limits::Limiters, redact::Redactor, scope::Scope};
+use super::{
+    caps::Caps,
+    limits::{KeyLimits, Limiters},
+    redact::Redactor,
+    scope::Scope,
+};
 use crate::{
     crd::{LimitsSpec, PromptInjectionMode},
     proxyconf::{ClaudeKeyRef, ProxyConfig, still_valid},
@@ -53,7 +58,7 @@ pub struct Tenant {
     pub scope: Scope,
     pub caps: Caps,
     pub limits: LimitsSpec,
-    pub limiter: Arc<KeyLimiter>,
+    pub limiter: Arc<KeyLimits>,
     pub redactor: Redactor,
     pub redact_responses: bool,
     pub injection: PromptInjectionMode,

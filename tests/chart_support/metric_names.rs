@@ -383,6 +383,17 @@ pub async fn drive_controller(client: &kube::Client, ops: &str, team: &str) {
 /// key). Each must still be registered by the file named here, so a dashboard query renamed to
 /// a name nobody exports still fails.
 pub const EVENT_ONLY: &[(&str, &str, &str)] = &[
+    // Only for ClaudeKeys with spec.limits.budget.
+    (
+        "claudekey_proxy_spend_usd",
+        "src/proxy/limits/metrics.rs",
+        "\"spend_usd\"",
+    ),
+    (
+        "claudekey_proxy_budget_usd",
+        "src/proxy/limits/metrics.rs",
+        "\"budget_usd\"",
+    ),
     (
         "claudekey_reconcile_errors_total",
         "src/controller/metrics.rs",

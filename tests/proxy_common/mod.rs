@@ -13,6 +13,8 @@ use std::{
     time::Duration,
 };
 
+pub mod redis_server;
+
 use bytes::Bytes;
 use claudekey::{
     fake_upstream::FakeUpstream,

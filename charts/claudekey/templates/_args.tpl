@@ -106,6 +106,16 @@ If a role's flags change, change them here only. Mount paths used by the flags a
 - --upstream={{ .Values.upstreamURL }}
 - --audit-log=-
 - --metrics-listen=0.0.0.0:{{ .Values.gateway.metricsPort }}
+{{- if include "claudekey.redisURL" . }}
+- --redis-timeout={{ .Values.redis.timeout }}
+- --redis-fallback-share={{ include "claudekey.redisFallbackShare" . }}
+{{- if .Values.redis.existingSecret }}
+- --redis-password-file={{ include "claudekey.paths.redis" . }}/password
+{{- end }}
+{{- end }}
+{{- if .Values.prices }}
+- --price-table={{ include "claudekey.paths.prices" . }}/prices.yaml
+{{- end }}
 {{- range .Values.gateway.extraArgs }}
 - {{ . | quote }}
 {{- end }}

@@ -253,3 +253,33 @@ spec:
       {{- include "claudekey.selectorLabels" . | nindent 6 }}
 {{- end }}
 {{- end }}
+
+{{/*
+The Redis URL of the shared limits (docs/limits.md): redis.url, or the chart's own Redis with
+redis.deploy; empty: in-memory limits. Never carries a password (redis.existingSecret does).
+*/}}
+{{- define "claudekey.redisURL" -}}
+{{- if .Values.redis.url -}}
+{{- if and .Values.redis.tls (not (hasPrefix "rediss://" .Values.redis.url)) -}}
+{{- fail "redis.tls: true needs a rediss:// redis.url" -}}
+{{- end -}}
+{{- .Values.redis.url -}}
+{{- else if .Values.redis.deploy -}}
+{{- if .Values.redis.tls -}}
+{{- fail "redis.deploy runs Redis without TLS: give a rediss:// redis.url for TLS" -}}
+{{- end -}}
+redis://{{ include "claudekey.fullname" . }}-redis.{{ .Release.Namespace }}.svc:6379/0
+{{- end -}}
+{{- end }}
+
+{{/* Share of each limit a gateway replica enforces alone during a Redis outage. */}}
+{{- define "claudekey.redisFallbackShare" -}}
+{{- if ne (toString .Values.redis.fallbackShare) "" -}}
+{{- .Values.redis.fallbackShare -}}
+{{- else -}}
+{{- divf 1 (max 1 (int .Values.gateway.replicas)) -}}
+{{- end -}}
+{{- end }}
+
+{{- define "claudekey.paths.redis" -}}/etc/claudekey/redis{{- end }}
+{{- define "claudekey.paths.prices" -}}/etc/claudekey/prices{{- end }}

@@ -1,17 +1,22 @@
-//! Rate and token limits per ClaudeKey identity (so a key rotation never resets a window):
-//! requests/min by GCRA, tokens/min as a bucket that reserves before forwarding and settles on
-//! real usage, and requests/hour per end user as a sliding window of one-minute buckets.
+//! One process's own counters of a ClaudeKey: requests/min by GCRA, tokens/min as a bucket that
+//! reserves before forwarding and settles on real usage, requests/hour per end user as a sliding
+//! window of one-minute buckets, and spend per budget period. Exact for one process; the embedded
+//! default, and the fallback share while Redis is unreachable.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Mutex, MutexGuard},
     time::Duration,
 };
 
 use tokio::time::Instant;
 
-use super::error::ApiError;
-use crate::{crd::LimitsSpec, proxyconf::ClaudeKeyRef};
+use super::{
+    Limit, Refusal,
+    budget::{Budgets, Periods},
+    refuse,
+};
+use crate::crd::LimitsSpec;
 
 const MINUTE: Duration = Duration::from_secs(60);
 /// Most end users tracked per ClaudeKey. Past it, idle users are dropped first; if all are
@@ -21,45 +26,6 @@ pub const MAX_USERS: usize = 10_000;
 /// End users are tracked by a fixed-size digest of their id, whatever its length.
 type UserKey = [u8; 16];
 const OVERFLOW_USER: UserKey = [0xff; 16];
-
-/// Which limit refused a request; a bounded metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
-    Requests,
-    Tokens,
-    User,
-}
-
-impl Limit {
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Requests => "requestsPerMinute",
-            Self::Tokens => "tokensPerMinute",
-            Self::User => "perUserRequestsPerHour",
-        }
-    }
-}
-
-/// A refusal: the limit, and the error the client gets.
-#[derive(Debug)]
-pub struct Refusal {
-    pub limit: Limit,
-    pub error: ApiError,
-}
-
-/// The limiter of every ClaudeKey this proxy serves, kept across config reloads.
-#[derive(Default)]
-pub struct Limiters {
-    by_key: Mutex<HashMap<ClaudeKeyRef, Arc<KeyLimiter>>>,
-}
-
-impl Limiters {
-    /// The limiter of this identity: the same one before and after a reload or rotation.
-    pub fn for_key(&self, id: &ClaudeKeyRef) -> Arc<KeyLimiter> {
-        let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(id.clone()).or_default().clone()
-    }
-}
 
 #[derive(Default, Debug)]
 pub struct KeyLimiter {
@@ -76,33 +42,42 @@ struct State {
     /// When idle users were last dropped: at most once a minute, so a full table costs one
     /// sweep a minute, not one per request.
     swept: Option<Instant>,
+    /// Spend (nano-USD) of the current day and month.
+    spend: Spend,
 }
 
-/// Tokens held for one request until its real usage is known.
-#[derive(Debug)]
-pub struct Reservation {
-    limiter: Arc<KeyLimiter>,
-    tokens: u64,
+/// Spend of one budget period pair: (period id, nano-USD), reset when a period ends.
+#[derive(Default, Debug, Clone, Copy)]
+struct Spend {
+    day: (i64, u64),
+    month: (i64, u64),
+}
+
+impl Spend {
+    /// Spend in the periods of `periods` (an older period counts as nothing spent).
+    fn current(&self, periods: &Periods) -> (u64, u64) {
+        let pick = |(id, n): (i64, u64), now: i64| if id == now { n } else { 0 };
+        (
+            pick(self.day, periods.day.id),
+            pick(self.month, periods.month.id),
+        )
+    }
+
+    fn add(&mut self, periods: &Periods, nanos: u64) -> (u64, u64) {
+        let (day, month) = self.current(periods);
+        self.day = (periods.day.id, day.saturating_add(nanos));
+        self.month = (periods.month.id, month.saturating_add(nanos));
+        (self.day.1, self.month.1)
+    }
+}
+
+/// What a local admission counted.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Admitted {
+    /// Tokens reserved (0 when no token limit applies).
+    pub tokens: u64,
     /// Some end user of this request was counted in the shared overflow window.
     pub user_overflow: bool,
-}
-
-impl Reservation {
-    /// The tokens held.
-    pub fn tokens(&self) -> u64 {
-        self.tokens
-    }
-
-    /// Returns the unused part of the reservation, or charges what usage exceeded it.
-    pub fn settle(self, used: u64) {
-        if self.tokens == 0 && used == 0 {
-            return;
-        }
-        let mut state = self.limiter.lock();
-        if let Some((level, _)) = state.tokens.as_mut() {
-            *level += self.tokens as f64 - used as f64;
-        }
-    }
 }
 
 impl KeyLimiter {
@@ -112,15 +87,19 @@ impl KeyLimiter {
 
     /// Admits a request (one request per entry of `users`, for a batch) or says which limit
     /// refuses it and when to retry. Nothing is counted unless every limit admits the request,
-    /// so a refusal never uses up another limit.
+    /// so a refusal never uses up another limit. `budgets` are in nano-USD; `periods` is now.
     pub fn admit(
-        self: &Arc<Self>,
+        &self,
         spec: &LimitsSpec,
         users: &[&str],
         reserve_tokens: u64,
-    ) -> Result<Reservation, Refusal> {
+        budgets: &Budgets,
+        periods: &Periods,
+    ) -> Result<Admitted, Refusal> {
         let now = Instant::now();
         let mut state = self.lock();
+        let (day, month) = state.spend.current(periods);
+        budgets.check(day, month, periods)?;
         let new_tat = match spec.requests_per_minute {
             Some(rpm) => Some(gcra(state.tat, rpm, now)?),
             None => None,
@@ -174,14 +153,31 @@ impl KeyLimiter {
             }
             None => 0,
         };
-        Ok(Reservation {
-            limiter: self.clone(),
+        Ok(Admitted {
             tokens: reserved,
             user_overflow,
         })
     }
 
+    /// Returns the unused part of a reservation of `reserved` tokens, or charges what usage
+    /// exceeded it; adds `nanos` to the spend. Returns the spend of the day and the month.
+    pub fn settle(&self, reserved: u64, used: u64, nanos: u64, periods: &Periods) -> (u64, u64) {
+        let mut state = self.lock();
+        if (reserved != 0 || used != 0)
+            && let Some((level, _)) = state.tokens.as_mut()
+        {
+            *level += reserved as f64 - used as f64;
+        }
+        state.spend.add(periods, nanos)
+    }
+
+    /// Spend of the day and the month so far.
+    pub fn spent(&self, periods: &Periods) -> (u64, u64) {
+        self.lock().spend.current(periods)
+    }
+
     /// How many end users are tracked (for tests of the bound).
+    #[cfg(test)]
     pub fn tracked_users(&self) -> usize {
         self.lock().users.len()
     }
@@ -326,25 +322,38 @@ fn bucket(
     Ok(level - want)
 }
 
-fn refuse(limit: Limit, what: &str, retry_after: Duration, retryable: bool) -> Refusal {
-    Refusal {
-        limit,
-        error: ApiError::RateLimited {
-            message: format!("rate limit exceeded: {what} of this ClaudeKey"),
-            retry_after,
-            retryable,
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::error::ApiError;
 
-    fn id(name: &str) -> ClaudeKeyRef {
-        ClaudeKeyRef {
-            namespace: "ns".into(),
-            name: name.into(),
+    /// The limiter without budgets, at one fixed budget period.
+    #[derive(Default)]
+    struct T(KeyLimiter);
+
+    impl T {
+        fn admit(
+            &self,
+            spec: &LimitsSpec,
+            users: &[&str],
+            reserve: u64,
+        ) -> Result<Admitted, Refusal> {
+            self.0.admit(
+                spec,
+                users,
+                reserve,
+                &Budgets::default(),
+                &Periods::at(0, 86_400),
+            )
+        }
+
+        fn settle(&self, admitted: Admitted, used: u64) {
+            self.0
+                .settle(admitted.tokens, used, 0, &Periods::at(0, 86_400));
+        }
+
+        fn tracked_users(&self) -> usize {
+            self.0.tracked_users()
         }
     }
 
@@ -357,7 +366,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn requests_per_minute_burst_then_refill() {
-        let limiter = Limiters::default().for_key(&id("a"));
+        let limiter = T::default();
         for _ in 0..3 {
             limiter.admit(&rpm(3), &[], 0).unwrap();
         }
@@ -379,17 +388,8 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn identity_keeps_its_window_across_lookups() {
-        let limiters = Limiters::default();
-        limiters.for_key(&id("a")).admit(&rpm(1), &[], 0).unwrap();
-        // A reload (or rotation) asks again for the same identity: still limited.
-        assert!(limiters.for_key(&id("a")).admit(&rpm(1), &[], 0).is_err());
-        assert!(limiters.for_key(&id("b")).admit(&rpm(1), &[], 0).is_ok());
-    }
-
-    #[tokio::test(start_paused = true)]
     async fn tokens_reserve_then_settle() {
-        let limiter = Limiters::default().for_key(&id("a"));
+        let limiter = T::default();
         let spec = LimitsSpec {
             tokens_per_minute: Some(1000),
             ..Default::default()
@@ -399,10 +399,10 @@ mod tests {
         let refusal = limiter.admit(&spec, &[], 600).unwrap_err();
         assert_eq!(refusal.limit, Limit::Tokens);
         // Real usage was 100: 500 come back.
-        first.settle(100);
+        limiter.settle(first, 100);
         let second = limiter.admit(&spec, &[], 600).unwrap();
         // Usage above the reservation is charged.
-        second.settle(900);
+        limiter.settle(second, 900);
         let ApiError::RateLimited { retry_after, .. } =
             limiter.admit(&spec, &[], 100).unwrap_err().error
         else {
@@ -416,7 +416,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn request_larger_than_the_budget_is_not_retryable() {
-        let limiter = Limiters::default().for_key(&id("a"));
+        let limiter = T::default();
         let spec = LimitsSpec {
             tokens_per_minute: Some(1000),
             ..Default::default()
@@ -431,7 +431,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn per_user_sliding_hour() {
-        let limiter = Limiters::default().for_key(&id("a"));
+        let limiter = T::default();
         let spec = LimitsSpec {
             per_user_requests_per_hour: Some(2),
             ..Default::default()
@@ -500,7 +500,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn users_are_bounded_and_overflow_shares_a_window() {
-        let limiter = Limiters::default().for_key(&id("a"));
+        let limiter = T::default();
         let spec = LimitsSpec {
             per_user_requests_per_hour: Some(3),
             ..Default::default()
@@ -531,7 +531,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_batch_counts_each_request_of_a_user() {
-        let limiter = Limiters::default().for_key(&id("a"));
+        let limiter = T::default();
         let spec = LimitsSpec {
             per_user_requests_per_hour: Some(3),
             ..Default::default()
@@ -547,7 +547,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_refusal_uses_up_no_other_limit() {
-        let limiter = Limiters::default().for_key(&id("a"));
+        let limiter = T::default();
         let spec = LimitsSpec {
             requests_per_minute: Some(1),
             per_user_requests_per_hour: Some(1),

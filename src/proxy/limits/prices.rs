@@ -1,0 +1,245 @@
+//! List prices per model, to settle spend budgets from real usage. Built in from Anthropic's
+//! public pricing page (https://www.anthropic.com/pricing, "API pricing", as of 2025-11-24, USD
+//! per million tokens, standard context, 5-minute cache writes); `--price-table FILE` (chart
+//! value `prices`) puts its entries before these, so the platform overrides or adds models.
+
+use std::path::Path;
+
+use globset::{Glob, GlobMatcher};
+use serde::Deserialize;
+
+use super::budget::NANOS_PER_USD;
+use crate::proxy::usage::Usage;
+
+/// USD per million tokens of one model family.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Price {
+    pub input: f64,
+    pub output: f64,
+    /// Prompt-cache writes (`cache_creation_input_tokens`).
+    pub cache_write: f64,
+    /// Prompt-cache reads (`cache_read_input_tokens`).
+    pub cache_read: f64,
+}
+
+impl Price {
+    /// What `usage` costs, in nano-USD (a token at $1/MTok is 1000 nano-USD).
+    pub fn nanos(&self, usage: &Usage) -> u64 {
+        let per_token = NANOS_PER_USD / 1e6;
+        let usd_nanos = usage.input as f64 * self.input
+            + usage.output as f64 * self.output
+            + usage.cache_creation as f64 * self.cache_write
+            + usage.cache_read as f64 * self.cache_read;
+        (usd_nanos * per_token).round() as u64
+    }
+}
+
+const fn price(input: f64, output: f64, cache_write: f64, cache_read: f64) -> Price {
+    Price {
+        input,
+        output,
+        cache_write,
+        cache_read,
+    }
+}
+
+/// Model globs, most specific first.
+const BUILT_IN: &[(&str, Price)] = &[
+    ("claude-opus-4-5*", price(5.0, 25.0, 6.25, 0.50)),
+    ("claude-opus-4*", price(15.0, 75.0, 18.75, 1.50)),
+    ("claude-3-opus*", price(15.0, 75.0, 18.75, 1.50)),
+    ("claude-sonnet-4*", price(3.0, 15.0, 3.75, 0.30)),
+    ("claude-3-7-sonnet*", price(3.0, 15.0, 3.75, 0.30)),
+    ("claude-3-5-sonnet*", price(3.0, 15.0, 3.75, 0.30)),
+    ("claude-haiku-4-5*", price(1.0, 5.0, 1.25, 0.10)),
+    ("claude-3-5-haiku*", price(0.80, 4.0, 1.0, 0.08)),
+    ("claude-3-haiku*", price(0.25, 1.25, 0.30, 0.03)),
+];
+
+/// A model no entry matches is charged at the highest list price, so a new or misspelled
+/// model never spends a budget for free.
+const UNKNOWN: Price = price(15.0, 75.0, 18.75, 1.50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PriceError {
+    #[error("failed to read the price table {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("failed to parse the price table {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("failed to compile the price table's model glob {glob:?}: {source}")]
+    Glob {
+        glob: String,
+        source: globset::Error,
+    },
+}
+
+/// The price table file: `{ models: [{ model: GLOB, input, output, cacheWrite, cacheRead }],
+/// unknown?: {...} }`, JSON or YAML.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct TableFile {
+    #[serde(default)]
+    models: Vec<Entry>,
+    #[serde(default)]
+    unknown: Option<Price>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Entry {
+    model: String,
+    input: f64,
+    output: f64,
+    cache_write: f64,
+    cache_read: f64,
+}
+
+/// Prices by model glob, first match wins.
+#[derive(Debug, Clone)]
+pub struct PriceTable {
+    entries: Vec<(GlobMatcher, Price)>,
+    unknown: Price,
+}
+
+impl Default for PriceTable {
+    fn default() -> Self {
+        Self::with(&[], None).unwrap_or_else(|_| unreachable!("the built-in globs compile"))
+    }
+}
+
+impl PriceTable {
+    fn with(overrides: &[(String, Price)], unknown: Option<Price>) -> Result<Self, PriceError> {
+        let built_in = BUILT_IN.iter().map(|(g, p)| (g.to_string(), *p));
+        let entries = overrides
+            .iter()
+            .cloned()
+            .chain(built_in)
+            .map(|(glob, price)| {
+                Glob::new(&glob)
+                    .map(|g| (g.compile_matcher(), price))
+                    .map_err(|source| PriceError::Glob { glob, source })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            entries,
+            unknown: unknown.unwrap_or(UNKNOWN),
+        })
+    }
+
+    /// The built-in table with `text`'s entries first (JSON or YAML).
+    pub fn parse(text: &str, path: &str) -> Result<Self, PriceError> {
+        let file: TableFile = serde_yaml::from_str(text).map_err(|e| PriceError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        let overrides: Vec<(String, Price)> = file
+            .models
+            .into_iter()
+            .map(|e| {
+                (
+                    e.model,
+                    price(e.input, e.output, e.cache_write, e.cache_read),
+                )
+            })
+            .collect();
+        Self::with(&overrides, file.unknown)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, PriceError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| PriceError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::parse(&text, &shown)
+    }
+
+    /// The price of `model` (`None`: the request named none, e.g. a file upload).
+    pub fn price(&self, model: Option<&str>) -> Price {
+        let Some(model) = model else {
+            return self.unknown;
+        };
+        self.entries
+            .iter()
+            .find(|(glob, _)| glob.is_match(model))
+            .map_or(self.unknown, |(_, p)| *p)
+    }
+
+    pub fn nanos(&self, model: Option<&str>, usage: &Usage) -> u64 {
+        self.price(model).nanos(usage)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(input: u64, output: u64, write: u64, read: u64) -> Usage {
+        Usage {
+            input,
+            output,
+            cache_creation: write,
+            cache_read: read,
+        }
+    }
+
+    #[test]
+    fn every_kind_of_token_at_its_list_price() {
+        let table = PriceTable::default();
+        // Sonnet 4.5: $3 in, $15 out, $3.75 cache write, $0.30 cache read per MTok.
+        let cost = table.nanos(
+            Some("claude-sonnet-4-5-20250929"),
+            &usage(1_000_000, 100_000, 10_000, 1_000_000),
+        );
+        let usd = 3.0 + 1.5 + 0.0375 + 0.30;
+        assert_eq!(cost, (usd * NANOS_PER_USD).round() as u64);
+        // One token of Haiku 3 cache read: $0.03/MTok = 30 nano-USD, exactly.
+        assert_eq!(
+            table.nanos(Some("claude-3-haiku-20240307"), &usage(0, 0, 0, 1)),
+            30
+        );
+    }
+
+    #[test]
+    fn most_specific_family_first_and_unknown_at_the_top_price() {
+        let table = PriceTable::default();
+        assert_eq!(table.price(Some("claude-opus-4-5-20251101")).input, 5.0);
+        assert_eq!(table.price(Some("claude-opus-4-1-20250805")).input, 15.0);
+        assert_eq!(table.price(Some("claude-haiku-4-5")).output, 5.0);
+        assert_eq!(table.price(Some("gpt-4o")), UNKNOWN);
+        assert_eq!(table.price(None), UNKNOWN);
+    }
+
+    #[test]
+    fn a_file_overrides_and_adds_models() {
+        let text = r#"
+models:
+  - { model: "claude-sonnet-4*", input: 2, output: 10, cacheWrite: 2.5, cacheRead: 0.2 }
+  - { model: "my-fine-tune", input: 1, output: 1, cacheWrite: 1, cacheRead: 1 }
+unknown: { input: 100, output: 100, cacheWrite: 100, cacheRead: 100 }
+"#;
+        let table = PriceTable::parse(text, "prices.yaml").unwrap();
+        assert_eq!(table.price(Some("claude-sonnet-4-5")).input, 2.0);
+        assert_eq!(table.price(Some("my-fine-tune")).input, 1.0);
+        assert_eq!(table.price(Some("claude-haiku-4-5")).input, 1.0);
+        assert_eq!(table.price(Some("nope")).input, 100.0);
+        // JSON is YAML too; unknown fields and bad globs are errors that name the file.
+        let json =
+            r#"{"models":[{"model":"x","input":1,"output":1,"cacheWrite":1,"cacheRead":1}]}"#;
+        assert!(PriceTable::parse(json, "p.json").is_ok());
+        let typo = r#"{"models":[{"model":"x","inptu":1}]}"#;
+        assert!(
+            PriceTable::parse(typo, "p.json")
+                .unwrap_err()
+                .to_string()
+                .contains("p.json")
+        );
+        let glob =
+            r#"{"models":[{"model":"[","input":1,"output":1,"cacheWrite":1,"cacheRead":1}]}"#;
+        assert!(PriceTable::parse(glob, "p.json").is_err());
+    }
+}

@@ -1,0 +1,380 @@
+//! Counters shared by every proxy serving a ClaudeKey, in Redis (or Valkey): one atomic Lua
+//! script per admission decision and one per settlement (`lua/`), run by EVALSHA with a
+//! fallback to loading the script (a restarted Redis has none). Every call is bounded by a
+//! short timeout; a failed call makes the caller count locally (`mod.rs`) and keeps Redis out
+//! of the request path for `RETRY_AFTER` before the next try, so an outage never hangs or
+//! fails a request, and the connection manager reconnects by itself.
+
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use redis::{IntoConnectionInfo, Script, aio::ConnectionManager};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::{
+    Limit, LimitsMetrics, Refusal,
+    budget::{self, Budgets, Period},
+    local::MAX_USERS,
+    refuse,
+};
+use crate::{crd::LimitsSpec, proxyconf::ClaudeKeyRef};
+
+const COMMON: &str = include_str!("lua/common.lua");
+const ADMIT: &str = include_str!("lua/admit.lua");
+const SETTLE: &str = include_str!("lua/settle.lua");
+
+/// How long Redis stays out of the request path after a failed call.
+pub const RETRY_AFTER: Duration = Duration::from_millis(500);
+/// Default bound of one call (connect included): well under any client's patience, well over
+/// a loopback or in-cluster round trip.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Where the shared counters live. `Debug` never shows the URL or the password.
+#[derive(Clone, Debug)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` (TLS); may carry the password.
+    pub url: SecretString,
+    /// A password from `--redis-password-file`, used instead of the URL's.
+    pub password: Option<SecretString>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SharedError {
+    /// Never quotes the URL: it may hold the password.
+    #[error(
+        "failed to parse the Redis URL: expected redis://[:password@]host[:port][/db] or rediss://…"
+    )]
+    Url,
+    #[error("failed to configure the Redis client: {0}")]
+    Client(String),
+}
+
+/// The Redis keys of one ClaudeKey. All share the hash tag `{namespace/name}`, so a Redis
+/// Cluster keeps them in one slot (a script may touch only one slot), and the identity, not a
+/// key fingerprint, names them: a rotation never resets a window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+    pub rate: String,
+    pub spend: String,
+    pub users: String,
+    pub overflow: String,
+}
+
+impl Keys {
+    pub fn of(id: &ClaudeKeyRef) -> Self {
+        let prefix = format!("claudekey:{{{}/{}}}", id.namespace, id.name);
+        Self {
+            rate: format!("{prefix}:rate"),
+            spend: format!("{prefix}:spend"),
+            users: format!("{prefix}:users"),
+            overflow: format!("{prefix}:user:overflow"),
+            prefix,
+        }
+    }
+
+    /// The hourly window of the end user with this digest (hex of the user id's SHA-256).
+    pub fn user(&self, digest: &str) -> String {
+        format!("{}:user:{digest}", self.prefix)
+    }
+}
+
+/// What the shared admission counted.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedAdmit {
+    pub day_spend: u64,
+    pub month_spend: u64,
+    pub user_overflow: bool,
+}
+
+/// The shared counters: a multiplexed, self-reconnecting connection and the two scripts.
+pub struct SharedCounters {
+    conn: ConnectionManager,
+    admit: Script,
+    settle: Script,
+    timeout: Duration,
+    /// Set after a failed call: Redis is not asked again before then.
+    down_until: Mutex<Option<Instant>>,
+    metrics: LimitsMetrics,
+}
+
+/// The shared counters could not answer (logged and counted where it happened).
+#[derive(Debug)]
+pub struct Unavailable;
+
+impl SharedCounters {
+    /// Configures the client; connects lazily (on the first request), so a proxy starts and
+    /// serves (on its fallback share) while Redis is still coming up.
+    pub fn new(settings: &RedisSettings, metrics: LimitsMetrics) -> Result<Self, SharedError> {
+        let mut info = settings
+            .url
+            .expose_secret()
+            .into_connection_info()
+            .map_err(|_| SharedError::Url)?;
+        if let Some(password) = &settings.password {
+            let redis = info
+                .redis_settings()
+                .clone()
+                .set_password(password.expose_secret().trim());
+            info = info.set_redis_settings(redis);
+        }
+        let client =
+            redis::Client::open(info).map_err(|e| SharedError::Client(e.category().to_string()))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.timeout))
+            .set_response_timeout(Some(settings.timeout))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(20))
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| SharedError::Client(e.category().to_string()))?;
+        // Connect now, in the background: the first requests should not pay for it.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let mut warm = conn.clone();
+            runtime.spawn(async move {
+                let _: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut warm).await;
+            });
+        }
+        Ok(Self {
+            conn,
+            admit: Script::new(&format!("{COMMON}\n{ADMIT}")),
+            settle: Script::new(&format!("{COMMON}\n{SETTLE}")),
+            timeout: settings.timeout,
+            down_until: Mutex::new(None),
+            metrics,
+        })
+    }
+
+    /// One admission decision; `users` are (digest, requests) with distinct digests.
+    pub async fn admit(
+        &self,
+        keys: &Keys,
+        spec: &LimitsSpec,
+        budgets: &Budgets,
+        users: &[(String, u32)],
+        reserve: u64,
+        day_seconds: i64,
+    ) -> Result<Result<SharedAdmit, Refusal>, Unavailable> {
+        let mut call = self.admit.prepare_invoke();
+        call.key(&keys.rate)
+            .key(&keys.spend)
+            .key(&keys.users)
+            .key(&keys.overflow);
+        let per_user = spec.per_user_requests_per_hour.unwrap_or(0);
+        if per_user > 0 {
+            for (digest, _) in users {
+                call.key(keys.user(digest));
+            }
+        }
+        let budget = |b: Option<u64>| b.map_or(-1, |n| n.min(i64::MAX as u64) as i64);
+        call.arg(spec.requests_per_minute.unwrap_or(0))
+            .arg(spec.tokens_per_minute.unwrap_or(0))
+            .arg(reserve)
+            .arg(per_user)
+            .arg(budget(budgets.day))
+            .arg(budget(budgets.month))
+            .arg(day_seconds)
+            .arg(MAX_USERS);
+        if per_user > 0 {
+            for (digest, n) in users {
+                call.arg(digest).arg(*n);
+            }
+        }
+        let reply: Vec<i64> = self.run(call.invoke_async(&mut self.conn.clone())).await?;
+        Ok(decode_admit(&reply, budgets))
+    }
+
+    /// Returns `reserved - used` tokens to the bucket and adds `nanos` to the spend; returns
+    /// the day's and month's spend.
+    pub async fn settle(
+        &self,
+        keys: &Keys,
+        tpm: u64,
+        reserved: u64,
+        used: u64,
+        nanos: u64,
+        day_seconds: i64,
+    ) -> Result<(u64, u64), Unavailable> {
+        let delta = reserved as i64 - used as i64;
+        let mut call = self.settle.prepare_invoke();
+        call.key(&keys.rate)
+            .key(&keys.spend)
+            .arg(tpm)
+            .arg(delta)
+            .arg(nanos)
+            .arg(day_seconds);
+        let reply: Vec<i64> = self.run(call.invoke_async(&mut self.conn.clone())).await?;
+        let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
+        Ok((at(0), at(1)))
+    }
+
+    /// Whether Redis may be asked now (not within `RETRY_AFTER` of a failure).
+    fn available(&self) -> bool {
+        let down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
+        down.is_none_or(|until| Instant::now() >= until)
+    }
+
+    async fn run<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, Unavailable> {
+        if !self.available() {
+            return Err(Unavailable);
+        }
+        let failure = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => {
+                self.mark_up();
+                return Ok(value);
+            }
+            Ok(Err(e)) => e.category().to_string(),
+            Err(_) => "timeout".to_string(),
+        };
+        self.mark_down(&failure);
+        Err(Unavailable)
+    }
+
+    fn mark_up(&self) {
+        let mut down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
+        if down.take().is_some() {
+            tracing::info!("shared limits: Redis answers again; counting shared");
+        }
+        self.metrics.fallback.set(0);
+    }
+
+    /// Logs the failure's category only (never a URL or a server's message).
+    fn mark_down(&self, category: &str) {
+        let mut down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
+        if down.is_none() {
+            tracing::warn!(
+                error = category,
+                "shared limits: Redis unreachable; each proxy counts its fallback share of every limit until it answers again"
+            );
+        }
+        *down = Some(Instant::now() + RETRY_AFTER);
+        self.metrics.fallback.set(1);
+        self.metrics.shared_errors.inc();
+    }
+}
+
+/// Decodes `admit.lua`'s reply into the admission or the refusal it describes.
+fn decode_admit(reply: &[i64], budgets: &Budgets) -> Result<SharedAdmit, Refusal> {
+    let at = |i: usize| reply.get(i).copied().unwrap_or(0);
+    let ms = |i: usize| Duration::from_millis(at(i).max(1) as u64);
+    match at(0) {
+        1 => Err(refuse(Limit::Requests, "requests per minute", ms(1), true)),
+        2 if at(2) == 0 => Err(refuse(
+            Limit::Tokens,
+            "tokens per minute (this request alone needs more)",
+            ms(1),
+            false,
+        )),
+        2 => Err(refuse(Limit::Tokens, "tokens per minute", ms(1), true)),
+        3 => Err(refuse(
+            Limit::User,
+            "this end user's requests per hour",
+            ms(1),
+            true,
+        )),
+        code @ (4 | 5) => {
+            let (limit, budget) = if code == 4 {
+                (Limit::BudgetDay, budgets.day)
+            } else {
+                (Limit::BudgetMonth, budgets.month)
+            };
+            let period = Period { id: 0, ends: at(1) };
+            Err(budget::spent(
+                limit,
+                budget.unwrap_or(0),
+                at(2).max(0) as u64,
+                period,
+                at(3),
+            ))
+        }
+        _ => Ok(SharedAdmit {
+            day_spend: at(1).max(0) as u64,
+            month_spend: at(2).max(0) as u64,
+            user_overflow: at(3) == 1,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::error::ApiError;
+
+    #[test]
+    fn keys_are_hash_tagged_by_identity() {
+        let keys = Keys::of(&ClaudeKeyRef {
+            namespace: "team-a".into(),
+            name: "bot".into(),
+        });
+        assert_eq!(keys.rate, "claudekey:{team-a/bot}:rate");
+        assert_eq!(keys.spend, "claudekey:{team-a/bot}:spend");
+        assert_eq!(keys.user("ab12"), "claudekey:{team-a/bot}:user:ab12");
+        // Every key of the ClaudeKey hashes to one Redis Cluster slot: same tag.
+        for key in [&keys.rate, &keys.spend, &keys.users, &keys.overflow] {
+            assert!(key.contains("{team-a/bot}"), "{key}");
+        }
+    }
+
+    #[test]
+    fn replies_decode_to_refusals() {
+        let budgets = Budgets {
+            day: Some(50_000_000),
+            month: None,
+        };
+        let r = decode_admit(&[1, 1500], &budgets).unwrap_err();
+        assert_eq!(r.limit, Limit::Requests);
+        let ApiError::RateLimited {
+            retry_after,
+            retryable,
+            ..
+        } = r.error
+        else {
+            panic!()
+        };
+        assert_eq!(retry_after, Duration::from_millis(1500));
+        assert!(retryable);
+        assert!(matches!(
+            decode_admit(&[2, 60000, 0], &budgets).unwrap_err().error,
+            ApiError::RateLimited {
+                retryable: false,
+                ..
+            }
+        ));
+        assert_eq!(
+            decode_admit(&[3, 10], &budgets).unwrap_err().limit,
+            Limit::User
+        );
+        let r = decode_admit(&[4, 1_000_000, 60_000_000, 999_000], &budgets).unwrap_err();
+        assert_eq!(r.limit, Limit::BudgetDay);
+        assert!(
+            r.error.to_string().contains("$0.0600 is spent"),
+            "{}",
+            r.error
+        );
+        let ok = decode_admit(&[0, 7, 9, 1], &budgets).unwrap();
+        assert_eq!(
+            (ok.day_spend, ok.month_spend, ok.user_overflow),
+            (7, 9, true)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_url_never_shows_the_password() {
+        let settings = RedisSettings {
+            url: SecretString::from("redis://:hunter2-secret@[::1"),
+            password: None,
+            timeout: DEFAULT_TIMEOUT,
+        };
+        let error = SharedCounters::new(&settings, LimitsMetrics::default())
+            .err()
+            .unwrap();
+        assert!(!error.to_string().contains("hunter2"));
+        assert!(!format!("{settings:?}").contains("hunter2"));
+    }
+}
