@@ -164,7 +164,9 @@ pub fn plan(
     }
     let backend_error = observed.backend_error.as_ref().map(|e| e.to_string());
     let mut events = tamper_events(&recovered);
-    let decision = match decide_next(ck, &recovered, observed.upstream.as_ref(), candidate, now) {
+    let federated = granted.federation.is_some();
+    let upstream = observed.upstream.as_ref();
+    let decision = match decide_next(ck, &recovered, upstream, federated, candidate, now) {
         Ok(decision) => decision,
         Err(_) => {
             let message =
@@ -191,7 +193,8 @@ pub fn plan(
     }
     let namespace = ck.namespace().unwrap_or_default();
     let salt = settings.sealer.audit_salt(&namespace, &ck.name_any());
-    let config = match secrets::render_config(ck, &decision.ledger, &values, salt) {
+    let federation = granted.federation.as_ref();
+    let config = match secrets::render_config(ck, &decision.ledger, &values, federation, salt) {
         Ok(config) => config,
         Err(missing) => {
             let message = backend_error.unwrap_or_else(|| missing.to_string());
@@ -356,6 +359,7 @@ fn decide_next(
     ck: &ClaudeKey,
     recovered: &Recovered,
     upstream: Option<&CachedKey>,
+    federated: bool,
     candidate: &SecretString,
     now: DateTime<Utc>,
 ) -> Result<Decision, decide::NoUpstreamKey> {
@@ -372,6 +376,7 @@ fn decide_next(
     let observed = Observed {
         ledger: recovered.ledger.as_ref(),
         client_key_present: recovered.client_key.is_some(),
+        federated,
     };
     let candidate = key_id(KeyKind::Workload, candidate);
     decide::decide(

@@ -61,6 +61,8 @@ async fn observe(ck: &ClaudeKey, ctx: &Context) -> Result<Observation, Error> {
     let gateway_config = get_secret(&operator, &ctx.namespace, &gateway_name).await?;
     let resolution = source::resolve(&ctx.client, ck).await?;
     let (upstream, backend_error) = match &resolution {
+        // Federation: there is no upstream key anywhere to read.
+        Resolution::Granted(granted) if granted.federation.is_some() => (None, None),
         Resolution::Granted(granted) => match ctx.cache.fetch(&granted.backend).await {
             Ok(cached) => (Some(cached), None),
             Err(e) => {

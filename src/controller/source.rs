@@ -11,8 +11,9 @@ use super::apply::{Error, safe_reason};
 use super::conditions::reason;
 use crate::crd::{
     AnthropicAdminSpec, ClaudeKey, ClaudeKeySource, ClusterClaudeKeySource, Placement, SourceKind,
-    SourceRef, SourceSpec,
+    SourceRef, SourceSpec, WorkloadIdentityFederationSource,
 };
+use crate::proxyconf::FederationConfig;
 
 /// A source this ClaudeKey may use, in the form the rest of the reconcile needs.
 #[derive(Clone, Debug, PartialEq)]
@@ -25,6 +26,8 @@ pub struct Granted {
     pub admin: Option<AnthropicAdminSpec>,
     /// The cluster source's name, whose status records its keys.
     pub cluster_source: Option<String>,
+    /// Workload identity federation: no upstream key to read; proxies exchange tokens instead.
+    pub federation: Option<FederationConfig>,
 }
 
 /// The outcome of authorization: a grant, or why not and what to do about it.
@@ -81,12 +84,22 @@ pub fn authorize(
                 };
             }
             let backend = source.spec.backend();
+            let federation = source
+                .spec
+                .workload_identity_federation
+                .as_ref()
+                .map(|f| federation_config(&name, f));
+            let described = match &source.spec.workload_identity_federation {
+                Some(f) => f.describe(),
+                None => backend.describe(),
+            };
             Resolution::Granted(Box::new(Granted {
-                description: format!("ClusterClaudeKeySource/{name} ({})", backend.describe()),
+                description: format!("ClusterClaudeKeySource/{name} ({described})"),
                 backend,
                 placement: source.spec.placement,
                 admin: source.spec.anthropic_admin.clone(),
                 cluster_source: Some(name),
+                federation,
             }))
         }
         Found::Namespaced(source) => {
@@ -101,8 +114,21 @@ pub fn authorize(
                 placement: Placement::Namespace,
                 admin: None,
                 cluster_source: None,
+                federation: None,
             }))
         }
+    }
+}
+
+/// What a proxy needs to exchange tokens for this source: the ids, never a secret.
+pub fn federation_config(source: &str, spec: &WorkloadIdentityFederationSource) -> FederationConfig {
+    FederationConfig {
+        source: source.to_string(),
+        organization_id: spec.organization_id.clone(),
+        service_account_id: spec.service_account_id.clone(),
+        federation_rule_id: spec.federation_rule_id.clone(),
+        workspace_id: spec.workspace_id.clone(),
+        audience: spec.audience.clone(),
     }
 }
 
@@ -274,6 +300,54 @@ mod tests {
         assert_eq!(g.placement, Placement::Namespace);
         assert_eq!(g.backend.secret_namespace.as_deref(), Some("team-b"));
         assert_eq!(g.admin, None);
+    }
+
+    #[test]
+    fn a_federation_source_grants_ids_and_no_backend_to_read() {
+        let spec: ClusterClaudeKeySourceSpec = serde_json::from_value(serde_json::json!({
+            "workloadIdentityFederation": {
+                "organizationId": "0f1e2d3c-aaaa-bbbb-cccc-000000000001",
+                "serviceAccountId": "svac_01", "federationRuleId": "fdrl_01",
+                "audience": "https://api.anthropic.com"
+            },
+            "allowedNamespaces": { "names": ["team-a"] },
+            "placement": "namespace",
+        }))
+        .unwrap();
+        assert_eq!(
+            spec.workload_identity_federation
+                .as_ref()
+                .unwrap()
+                .token_expiration_seconds,
+            3600
+        );
+        let mut source = ClusterClaudeKeySource::new("wif", spec);
+        source.metadata.name = Some("wif".into());
+        let r = authorize(
+            "team-a",
+            &BTreeMap::new(),
+            &SourceRef {
+                kind: SourceKind::ClusterClaudeKeySource,
+                name: "wif".into(),
+            },
+            Found::Cluster(Box::new(source.clone())),
+        );
+        let Resolution::Granted(g) = r else {
+            panic!("team-a is allowed")
+        };
+        let federation = g.federation.unwrap();
+        assert_eq!(federation.source, "wif");
+        assert_eq!(federation.federation_rule_id, "fdrl_01");
+        assert_eq!(g.placement, Placement::Namespace);
+        assert!(g.description.contains("federation:fdrl_01"), "{}", g.description);
+        // The grant rule is the same as for any cluster source.
+        let refused = authorize(
+            "team-b",
+            &BTreeMap::new(),
+            &cluster_ref(),
+            Found::Cluster(Box::new(source)),
+        );
+        assert_eq!(refused_reason(&refused), Some(reason::SOURCE_NOT_ALLOWED));
     }
 
     #[test]
