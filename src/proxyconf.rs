@@ -154,7 +154,12 @@ mod tests {
     fn federation_is_optional_and_round_trips() {
         let config: ProxyConfig = serde_json::from_str(GOLDEN).unwrap();
         assert!(config.federation.is_none());
-        assert!(serde_json::to_value(&config).unwrap().get("federation").is_none());
+        assert!(
+            serde_json::to_value(&config)
+                .unwrap()
+                .get("federation")
+                .is_none()
+        );
         let mut value: serde_json::Value = serde_json::from_str(GOLDEN).unwrap();
         value["upstream"] = serde_json::json!([]);
         value["federation"] = serde_json::json!({

@@ -4,6 +4,7 @@
 //! placeholder requests to it. Every log line of the run is captured and scanned for keys: its
 //! own test binary, so the global log capture sees only these tests.
 
+mod federation;
 mod proxy_common;
 mod support;
 

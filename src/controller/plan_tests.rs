@@ -308,11 +308,20 @@ fn a_federation_source_issues_workload_keys_and_writes_no_upstream_key() {
         let [client, config] = &issue.writes[..] else {
             panic!("two writes")
         };
-        assert!(client.data.as_ref().unwrap().contains_key(crate::controller::secrets::API_KEY_ENTRY));
+        assert!(
+            client
+                .data
+                .as_ref()
+                .unwrap()
+                .contains_key(crate::controller::secrets::API_KEY_ENTRY)
+        );
         let written = written_config(config);
         assert!(written.upstream.is_empty());
         assert_eq!(
-            written.federation.as_ref().map(|f| f.federation_rule_id.as_str()),
+            written
+                .federation
+                .as_ref()
+                .map(|f| f.federation_rule_id.as_str()),
             Some("fdrl_01")
         );
         assert_eq!(written.workload_keys.len(), 1);
@@ -343,7 +352,10 @@ fn switching_a_source_to_federation_drops_the_old_upstream_key_at_once() {
     let plan = f.plan(&claudekey(), &observed, KEY_2);
     let issue = issue(&plan);
     let proxy = &issue.writes[1];
-    assert!(!holds_upstream(proxy), "no grace for a key the source no longer has");
+    assert!(
+        !holds_upstream(proxy),
+        "no grace for a key the source no longer has"
+    );
     assert!(written_config(proxy).federation.is_some());
     // The workload key is kept: nothing about the app changes.
     assert!(issue.decision.rotation.is_none());

@@ -145,8 +145,14 @@ fn missing_proxy_secret_recovers_from_the_client_copy() {
     assert_eq!(r.ledger, Some(ledger()));
     assert!(r.client_key.is_some());
     assert!(r.upstream_values.is_empty());
-    let err =
-        render_config(&claudekey(), &ledger(), &r.upstream_values, None, String::new()).unwrap_err();
+    let err = render_config(
+        &claudekey(),
+        &ledger(),
+        &r.upstream_values,
+        None,
+        String::new(),
+    )
+    .unwrap_err();
     assert!(!err.to_string().contains(UPSTREAM));
 }
 

@@ -121,7 +121,10 @@ pub fn authorize(
 }
 
 /// What a proxy needs to exchange tokens for this source: the ids, never a secret.
-pub fn federation_config(source: &str, spec: &WorkloadIdentityFederationSource) -> FederationConfig {
+pub fn federation_config(
+    source: &str,
+    spec: &WorkloadIdentityFederationSource,
+) -> FederationConfig {
     FederationConfig {
         source: source.to_string(),
         organization_id: spec.organization_id.clone(),
@@ -339,7 +342,11 @@ mod tests {
         assert_eq!(federation.source, "wif");
         assert_eq!(federation.federation_rule_id, "fdrl_01");
         assert_eq!(g.placement, Placement::Namespace);
-        assert!(g.description.contains("federation:fdrl_01"), "{}", g.description);
+        assert!(
+            g.description.contains("federation:fdrl_01"),
+            "{}",
+            g.description
+        );
         // The grant rule is the same as for any cluster source.
         let refused = authorize(
             "team-b",

@@ -9,6 +9,7 @@ pub mod caps;
 pub mod config;
 pub mod error;
 pub mod exchange;
+pub mod federation;
 pub mod forward;
 pub mod forwarder;
 pub mod injection;
@@ -121,6 +122,18 @@ pub struct Args {
     /// only, forwards to the gateway with the workload key of --config-dir).
     #[arg(long, env = "CLAUDEKEY_PROXY_MODE", value_enum, default_value_t)]
     pub mode: RunMode,
+    /// Sidecar of a workload-identity-federation source: the projected service-account token
+    /// to exchange for Anthropic access tokens (re-read on every exchange).
+    #[arg(
+        long,
+        env = "CLAUDEKEY_IDENTITY_TOKEN_FILE",
+        conflicts_with = "identity_service_account"
+    )]
+    pub identity_token_file: Option<PathBuf>,
+    /// Gateway: request identity tokens for federation sources from the TokenRequest API for
+    /// this ServiceAccount (NAMESPACE/NAME, the gateway's own).
+    #[arg(long, env = "CLAUDEKEY_PROXY_IDENTITY_SERVICE_ACCOUNT")]
+    pub identity_service_account: Option<String>,
 }
 
 /// Everything the proxy needs to start, for `run` and for in-process tests and benches.
@@ -144,6 +157,8 @@ pub struct ProxySettings {
     pub server_limits: ServerLimits,
     /// How long open requests may take to finish at shutdown before they are cut.
     pub shutdown_grace: Duration,
+    /// Where identity tokens for federation sources come from (none: such sources get 503s).
+    pub identity: Option<federation::IdentitySource>,
 }
 
 impl ProxySettings {
@@ -160,6 +175,7 @@ impl ProxySettings {
             tls: None,
             server_limits: ServerLimits::default(),
             shutdown_grace: Duration::from_secs(30),
+            identity: None,
         }
     }
 }
@@ -211,9 +227,11 @@ impl Proxy {
             shutting_down: Default::default(),
             pod: settings.pod,
         });
+        let federation = Arc::new(federation::Federation::new(settings.identity.clone()));
         let shared = Arc::new(pipeline::Shared {
             store: store.clone(),
             upstream,
+            federation,
             recorder,
             mode: settings.mode,
             body_timeout: settings.server_limits.body_timeout,
@@ -357,6 +375,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     settings.config_secrets = launch::secrets_source(&args).await?;
     settings.tls = args.tls_cert.clone().zip(args.tls_key.clone());
+    settings.identity = launch::identity_source(&args).await?;
     settings.audit = match args.audit_log.as_str() {
         "-" => AuditTarget::Stdout,
         path => AuditTarget::File(path.into()),
