@@ -17,8 +17,8 @@ use super::secrets::{self, GatewayEndpoint, Recovered};
 use super::source::{Granted, Resolution};
 use crate::backend::{BackendError, cache::CachedKey};
 use crate::crd::{
-    ClaudeKey, Placement, SourceKeyStatus, annotations, condition, gateway_config_secret_name,
-    proxy_secret_name,
+    ClaudeKey, IdentityTokenStatus, Placement, SourceKeyStatus, annotations, condition,
+    gateway_config_secret_name, proxy_secret_name,
 };
 use crate::keys::{self, KeyKind};
 
@@ -91,6 +91,8 @@ pub struct Plan {
     pub conditions: Vec<Desired>,
     pub source: String,
     pub placement: Option<Placement>,
+    /// The projected token a sidecar needs (federation, placement namespace).
+    pub identity_token: Option<IdentityTokenStatus>,
     pub used: Vec<UsedKey>,
 }
 
@@ -120,6 +122,7 @@ pub fn plan(
         conditions: conditions::failed(reason, &message),
         source: source_description.clone(),
         placement: None,
+        identity_token: None,
         used,
     };
     if let Some(message) = foreign_secret(ck, observed, settings.operator_namespace) {
@@ -265,6 +268,10 @@ pub fn plan(
         conditions,
         source: source_description,
         placement: Some(placement),
+        identity_token: granted
+            .identity_token
+            .clone()
+            .filter(|_| placement == Placement::Namespace),
         used,
     }
 }

@@ -37,6 +37,7 @@ fn granted(placement: Placement) -> Resolution {
         admin: None,
         cluster_source: Some("support".into()),
         federation: None,
+        identity_token: None,
     }))
 }
 
@@ -286,6 +287,10 @@ fn federated(placement: Placement) -> Resolution {
         workspace_id: None,
         audience: "https://api.anthropic.com".into(),
     });
+    g.identity_token = Some(crate::crd::IdentityTokenStatus {
+        audience: "https://api.anthropic.com".into(),
+        expiration_seconds: 3600,
+    });
     Resolution::Granted(g)
 }
 
@@ -328,6 +333,11 @@ fn a_federation_source_issues_workload_keys_and_writes_no_upstream_key() {
         assert!(issue.decision.ledger.upstream_keys.is_empty());
         assert!(issue.source_key.is_none() && issue.backend_error.is_none());
         assert!(plan.used.is_empty());
+        // Only a namespace-placed sidecar exchanges a projected token; the gateway its own.
+        assert_eq!(
+            plan.identity_token.is_some(),
+            placement == Placement::Namespace
+        );
     }
 }
 

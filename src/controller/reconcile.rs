@@ -98,6 +98,7 @@ async fn execute(
         mut conditions,
         source,
         placement,
+        identity_token,
         used,
     } = plan;
     let (issue, retry) = match outcome {
@@ -135,6 +136,7 @@ async fn execute(
             decision: None,
             source: &source,
             placement,
+            identity_token: None,
             synced_at: None,
             consumers_restarted_for: None,
         };
@@ -158,6 +160,7 @@ async fn execute(
         decision: Some(&issue.decision),
         source: &source,
         placement,
+        identity_token,
         synced_at: observed.upstream.as_ref().map(|c| c.synced_at),
         consumers_restarted_for: rolled_for,
     };

@@ -10,8 +10,8 @@ use kube::{Api, Client, ResourceExt};
 use super::apply::{Error, safe_reason};
 use super::conditions::reason;
 use crate::crd::{
-    AnthropicAdminSpec, ClaudeKey, ClaudeKeySource, ClusterClaudeKeySource, Placement, SourceKind,
-    SourceRef, SourceSpec, WorkloadIdentityFederationSource,
+    AnthropicAdminSpec, ClaudeKey, ClaudeKeySource, ClusterClaudeKeySource, IdentityTokenStatus,
+    Placement, SourceKind, SourceRef, SourceSpec, WorkloadIdentityFederationSource,
 };
 use crate::proxyconf::FederationConfig;
 
@@ -28,6 +28,8 @@ pub struct Granted {
     pub cluster_source: Option<String>,
     /// Workload identity federation: no upstream key to read; proxies exchange tokens instead.
     pub federation: Option<FederationConfig>,
+    /// The projected token a sidecar exchanges (federation only).
+    pub identity_token: Option<IdentityTokenStatus>,
 }
 
 /// The outcome of authorization: a grant, or why not and what to do about it.
@@ -100,6 +102,12 @@ pub fn authorize(
                 admin: source.spec.anthropic_admin.clone(),
                 cluster_source: Some(name),
                 federation,
+                identity_token: source.spec.workload_identity_federation.as_ref().map(|f| {
+                    IdentityTokenStatus {
+                        audience: f.audience.clone(),
+                        expiration_seconds: f.token_expiration_seconds,
+                    }
+                }),
             }))
         }
         Found::Namespaced(source) => {
@@ -115,6 +123,7 @@ pub fn authorize(
                 admin: None,
                 cluster_source: None,
                 federation: None,
+                identity_token: None,
             }))
         }
     }
