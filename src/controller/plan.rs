@@ -244,7 +244,8 @@ pub fn plan(
         (fingerprint.clone(), at)
     });
     let source_key = source_key(granted, observed.upstream.as_ref());
-    let conditions = healthy_conditions(&decision, backend_error.as_deref());
+    let mut conditions = healthy_conditions(&decision, backend_error.as_deref());
+    conditions.extend(granted.federation_ready.clone());
     if let Some(message) = &backend_error {
         events.push(PlannedEvent {
             warning: true,

@@ -38,6 +38,7 @@ fn granted(placement: Placement) -> Resolution {
         cluster_source: Some("support".into()),
         federation: None,
         identity_token: None,
+        federation_ready: None,
     }))
 }
 

@@ -8,10 +8,11 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::{Api, Client, ResourceExt};
 
 use super::apply::{Error, safe_reason};
-use super::conditions::reason;
+use super::conditions::{Desired, reason};
 use crate::crd::{
     AnthropicAdminSpec, ClaudeKey, ClaudeKeySource, ClusterClaudeKeySource, IdentityTokenStatus,
-    Placement, SourceKind, SourceRef, SourceSpec, WorkloadIdentityFederationSource,
+    Placement, SourceKind, SourceRef, SourceSpec, WorkloadIdentityFederationSource, condition,
+    federation_ready,
 };
 use crate::proxyconf::FederationConfig;
 
@@ -30,6 +31,8 @@ pub struct Granted {
     pub federation: Option<FederationConfig>,
     /// The projected token a sidecar exchanges (federation only).
     pub identity_token: Option<IdentityTokenStatus>,
+    /// The source's `FederationReady` (reported by the gateway), to show on the ClaudeKey.
+    pub federation_ready: Option<Desired>,
 }
 
 /// The outcome of authorization: a grant, or why not and what to do about it.
@@ -91,15 +94,14 @@ pub fn authorize(
                 .workload_identity_federation
                 .as_ref()
                 .map(|f| federation_config(&name, f));
-            let described = match &source.spec.workload_identity_federation {
-                Some(f) => f.describe(),
-                None => backend.describe(),
-            };
             Resolution::Granted(Box::new(Granted {
-                description: format!("ClusterClaudeKeySource/{name} ({described})"),
+                description: format!("ClusterClaudeKeySource/{name} ({})", source.spec.describe()),
                 backend,
                 placement: source.spec.placement,
                 admin: source.spec.anthropic_admin.clone(),
+                federation_ready: federation
+                    .as_ref()
+                    .and_then(|_| reported_federation(&source, &name)),
                 cluster_source: Some(name),
                 federation,
                 identity_token: source.spec.workload_identity_federation.as_ref().map(|f| {
@@ -124,9 +126,28 @@ pub fn authorize(
                 cluster_source: None,
                 federation: None,
                 identity_token: None,
+                federation_ready: None,
             }))
         }
     }
+}
+
+/// The gateway's report on the source, in the ClaudeKey's terms; `None` when there is none (no
+/// gateway exchange yet, or placement namespace, whose sidecars cannot report).
+fn reported_federation(source: &ClusterClaudeKeySource, name: &str) -> Option<Desired> {
+    let reported = source
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::FEDERATION_READY)?;
+    let reason = federation_ready::known(&reported.reason)?;
+    Some(Desired::new(
+        condition::FEDERATION_READY,
+        reported.status == "True",
+        reason,
+        format!("ClusterClaudeKeySource {name}: {}", reported.message),
+    ))
 }
 
 /// What a proxy needs to exchange tokens for this source: the ids, never a secret.
@@ -356,6 +377,40 @@ mod tests {
             "{}",
             g.description
         );
+        assert_eq!(g.federation_ready, None, "nothing reported yet");
+        // What the gateway reported on the source shows on the ClaudeKey; unknown reasons not.
+        let reported = |reason: &str| {
+            let mut source = source.clone();
+            source.status = Some(crate::crd::SourceStatus {
+                conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                    type_: "FederationReady".into(),
+                    status: "False".into(),
+                    reason: reason.into(),
+                    message: "refused (HTTP 401 invalid_grant)".into(),
+                    observed_generation: None,
+                    last_transition_time: crate::controller::conditions::time(chrono::Utc::now()),
+                }],
+                ..Default::default()
+            });
+            let r = authorize(
+                "team-a",
+                &BTreeMap::new(),
+                &SourceRef {
+                    kind: SourceKind::ClusterClaudeKeySource,
+                    name: "wif".into(),
+                },
+                Found::Cluster(Box::new(source)),
+            );
+            let Resolution::Granted(g) = r else {
+                panic!("granted")
+            };
+            g.federation_ready
+        };
+        let mirrored = reported("ExchangeRefused").expect("mirrored");
+        assert!(!mirrored.status);
+        assert_eq!(mirrored.reason, "ExchangeRefused");
+        assert!(mirrored.message.contains("wif") && mirrored.message.contains("invalid_grant"));
+        assert_eq!(reported("SomethingElse"), None);
         // The grant rule is the same as for any cluster source.
         let refused = authorize(
             "team-b",

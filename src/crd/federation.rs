@@ -46,6 +46,33 @@ fn default_expiration() -> i64 {
     MAX_TOKEN_EXPIRATION_SECONDS
 }
 
+/// Reasons of the `FederationReady` condition; each is explained in docs/troubleshooting.md.
+pub mod federation_ready {
+    /// True: the last exchange gave an access token.
+    pub const REASON_TOKEN_EXCHANGED: &str = "TokenExchanged";
+    /// False: Anthropic refused the identity token (rule, issuer, audience or subject mismatch).
+    pub const REASON_EXCHANGE_REFUSED: &str = "ExchangeRefused";
+    /// False: the token endpoint could not be reached or answered with something else.
+    pub const REASON_EXCHANGE_FAILED: &str = "ExchangeFailed";
+    /// False: no identity token could be read or requested.
+    pub const REASON_NO_IDENTITY_TOKEN: &str = "NoIdentityToken";
+    /// False: the only identity token at hand was already exchanged and the access token ended.
+    pub const REASON_IDENTITY_TOKEN_REUSED: &str = "IdentityTokenReused";
+
+    /// The static reason for one read back from a status (`None`: not one of ours).
+    pub fn known(reason: &str) -> Option<&'static str> {
+        [
+            REASON_TOKEN_EXCHANGED,
+            REASON_EXCHANGE_REFUSED,
+            REASON_EXCHANGE_FAILED,
+            REASON_NO_IDENTITY_TOKEN,
+            REASON_IDENTITY_TOKEN_REUSED,
+        ]
+        .into_iter()
+        .find(|r| *r == reason)
+    }
+}
+
 impl WorkloadIdentityFederationSource {
     /// A short, non-secret description for status and messages.
     pub fn describe(&self) -> String {

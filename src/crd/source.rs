@@ -173,6 +173,15 @@ pub struct SourceKeyStatus {
 }
 
 impl ClusterClaudeKeySourceSpec {
+    /// A short, non-secret description of the backend, e.g. `kubernetes:anthropic-support` or
+    /// `federation:fdrl_…`.
+    pub fn describe(&self) -> String {
+        match &self.workload_identity_federation {
+            Some(f) => f.describe(),
+            None => self.backend().describe(),
+        }
+    }
+
     /// The backend part, in the form the backends read.
     pub fn backend(&self) -> SourceSpec {
         SourceSpec {

@@ -15,6 +15,9 @@ pub mod condition {
     pub const DEGRADED: &str = "Degraded";
     /// The workload key has reached its rotation interval or expiry.
     pub const ROTATION_DUE: &str = "RotationDue";
+    /// Workload identity federation: whether the gateway's last token exchange for the source
+    /// succeeded (on ClusterClaudeKeySource, mirrored on its ClaudeKeys).
+    pub const FEDERATION_READY: &str = "FederationReady";
 }
 
 /// Observed state of a ClaudeKey.

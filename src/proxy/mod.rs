@@ -186,6 +186,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub store: Arc<Store>,
     watcher: tokio::task::JoinHandle<()>,
+    /// Gateway: reports federation health on ClusterClaudeKeySource status.
+    reporter: Option<tokio::task::JoinHandle<()>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     limits: ServerLimits,
     shutdown_grace: Duration,
@@ -228,6 +230,10 @@ impl Proxy {
             pod: settings.pod,
         });
         let federation = Arc::new(federation::Federation::new(settings.identity.clone()));
+        let reporter = settings
+            .config_secrets
+            .as_ref()
+            .map(|source| federation::report::spawn(source.client.clone(), federation.clone()));
         let shared = Arc::new(pipeline::Shared {
             store: store.clone(),
             upstream,
@@ -241,6 +247,7 @@ impl Proxy {
             metrics,
             store,
             watcher,
+            reporter,
             tls,
             limits: settings.server_limits,
             shutdown_grace: settings.shutdown_grace,
@@ -338,6 +345,9 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.watcher.abort();
+        if let Some(reporter) = &self.reporter {
+            reporter.abort();
+        }
     }
 }
 

@@ -383,6 +383,12 @@ pub async fn drive_controller(client: &kube::Client, ops: &str, team: &str) {
 /// key). Each must still be registered by the file named here, so a dashboard query renamed to
 /// a name nobody exports still fails.
 pub const EVENT_ONLY: &[(&str, &str, &str)] = &[
+    // Only once a federation source's token was exchanged (tests/federation scrape it).
+    (
+        "claudekey_proxy_federation_exchanges_total",
+        "src/proxy/metrics.rs",
+        "\"federation_exchanges\"",
+    ),
     (
         "claudekey_reconcile_errors_total",
         "src/controller/metrics.rs",

@@ -474,3 +474,127 @@ async fn sixty_second_tokens_are_refreshed_under_load_with_no_failed_request() {
     assert_eq!(seen.len(), n, "an identity token was sent twice");
     assert!(total > 100, "only {total} requests");
 }
+
+/// The gateway exchanges a token of its own ServiceAccount (TokenRequest API) per source, and
+/// reports each outcome as `FederationReady` on the ClusterClaudeKeySource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_exchanges_its_own_token_and_reports_federation_ready() {
+    use claudekey::crd::ClusterClaudeKeySource;
+    let gw = super::Gateway::start_with("wif-gw", |settings, client, namespace| {
+        settings.identity = Some(IdentitySource::TokenRequest {
+            client: client.clone(),
+            namespace: namespace.to_string(),
+            name: "claudekey-gateway".into(),
+        });
+    })
+    .await;
+    let client = support::client().await;
+    support::install_crd(&client).await;
+    allow_issuer_discovery(&client).await;
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &gw.namespace);
+    let sa = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some("claudekey-gateway".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    sas.create(&PostParams::default(), &sa).await.unwrap();
+    let source = format!("wif-{}", &gw.namespace);
+    let sources: Api<ClusterClaudeKeySource> = Api::all(client.clone());
+    let body = json!({
+        "apiVersion": "claudekey.io/v1alpha2", "kind": "ClusterClaudeKeySource",
+        "metadata": { "name": source },
+        "spec": { "workloadIdentityFederation": {
+            "organizationId": ORG, "serviceAccountId": SVAC, "federationRuleId": RULE,
+            "audience": AUDIENCE,
+        } },
+    });
+    sources
+        .patch(
+            &source,
+            &PatchParams::apply("claudekey-tests"),
+            &Patch::Apply(&body),
+        )
+        .await
+        .unwrap();
+    let config = federated_proxy_json(&source).replace(
+        "\"workloadKeys\":[]",
+        &format!(
+            "\"workloadKeys\":[{{\"sha256\":\"{}\",\"fingerprint\":\"ck:a\",\"validUntil\":null}}]",
+            claudekey::keys::sha256_hex(super::WORKLOAD_A)
+        ),
+    );
+    gw.secrets
+        .create(
+            &PostParams::default(),
+            &super::config_secret("bot", &config, true),
+        )
+        .await
+        .unwrap();
+    let https = super::tls_client(&gw.pki.ca_pem);
+    let condition = |want: &'static str| {
+        let sources = sources.clone();
+        let source = source.clone();
+        async move {
+            let found = sources.get_status(&source).await.ok()?;
+            let c = found
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "FederationReady")?;
+            (c.reason == want).then_some(c)
+        }
+    };
+    // A rule for another service account of the gateway's namespace: 503 and ExchangeRefused.
+    gw.fake.add_federation_rule(rule(
+        &format!("system:serviceaccount:{}:other", gw.namespace),
+        Duration::from_secs(3600),
+    ));
+    super::until_status(
+        &https,
+        &gw.url(),
+        super::WORKLOAD_A,
+        503,
+        "the refused exchange",
+    )
+    .await;
+    let refused = support::eventually(super::WAIT, "FederationReady=False", || {
+        condition("ExchangeRefused")
+    })
+    .await;
+    assert_eq!(refused.status, "False");
+    assert!(refused.message.contains("401"), "{}", refused.message);
+    // The rule fixed: the next exchange (a new token: the gateway never reuses one) succeeds.
+    gw.fake.add_federation_rule(rule(
+        &format!("system:serviceaccount:{}:claudekey-gateway", gw.namespace),
+        Duration::from_secs(3600),
+    ));
+    super::until_status(&https, &gw.url(), super::WORKLOAD_A, 200, "the exchange").await;
+    let ok = support::eventually(super::WAIT, "FederationReady=True", || {
+        condition("TokenExchanged")
+    })
+    .await;
+    assert_eq!(ok.status, "True");
+    let exchanges = gw.fake.exchanges();
+    let mut hashes: Vec<_> = exchanges.iter().map(|e| &e.assertion_sha256).collect();
+    let n = hashes.len();
+    hashes.sort();
+    hashes.dedup();
+    assert_eq!(
+        hashes.len(),
+        n,
+        "an identity token was sent twice: {exchanges:?}"
+    );
+    // Nothing of a token in the source's status.
+    let status = serde_json::to_string(&sources.get_status(&source).await.unwrap()).unwrap();
+    assert!(
+        !status.contains("sk-ant-oat01-") && !status.contains("eyJ"),
+        "{status}"
+    );
+    for token in gw.fake.issued_access_tokens() {
+        let log = String::from_utf8_lossy(&logs().lock().unwrap()).to_string();
+        assert!(!log.contains(&token), "the access token was logged");
+    }
+    sources.delete(&source, &Default::default()).await.unwrap();
+}

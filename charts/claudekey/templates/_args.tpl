@@ -106,6 +106,7 @@ If a role's flags change, change them here only. Mount paths used by the flags a
 - --upstream={{ .Values.upstreamURL }}
 - --audit-log=-
 - --metrics-listen=0.0.0.0:{{ .Values.gateway.metricsPort }}
+- --identity-service-account={{ .Release.Namespace }}/{{ include "claudekey.serviceAccountName" (dict "ctx" . "component" "gateway") }}
 {{- range .Values.gateway.extraArgs }}
 - {{ . | quote }}
 {{- end }}

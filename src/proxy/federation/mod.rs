@@ -30,7 +30,7 @@ use cache::{Access, Flight, Next};
 pub use identity::{IdentityError, IdentitySource};
 
 use super::{error::ApiError, forward::Upstream, metrics::Metrics};
-use crate::proxyconf::FederationConfig;
+use crate::{crd::federation_ready, proxyconf::FederationConfig};
 
 pub const TOKEN_PATH: &str = "/v1/oauth/token";
 pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -73,11 +73,11 @@ impl Outcome {
     /// The `FederationReady` condition reason (`docs/troubleshooting.md`).
     pub fn reason(self) -> &'static str {
         match self {
-            Self::Ok => report::reason::TOKEN_EXCHANGED,
-            Self::Refused => report::reason::EXCHANGE_REFUSED,
-            Self::Unreachable => report::reason::EXCHANGE_FAILED,
-            Self::NoIdentityToken => report::reason::NO_IDENTITY_TOKEN,
-            Self::AwaitingNewIdentityToken => report::reason::IDENTITY_TOKEN_REUSED,
+            Self::Ok => federation_ready::REASON_TOKEN_EXCHANGED,
+            Self::Refused => federation_ready::REASON_EXCHANGE_REFUSED,
+            Self::Unreachable => federation_ready::REASON_EXCHANGE_FAILED,
+            Self::NoIdentityToken => federation_ready::REASON_NO_IDENTITY_TOKEN,
+            Self::AwaitingNewIdentityToken => federation_ready::REASON_IDENTITY_TOKEN_REUSED,
         }
     }
 }
