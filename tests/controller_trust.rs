@@ -595,6 +595,33 @@ async fn a_federation_source_yields_ready_claudekeys_with_no_upstream_key() {
         serde_json::from_slice(&config.data.unwrap()["proxy.json"].0).unwrap();
     assert!(config.upstream.is_empty());
     assert_eq!(config.federation.unwrap().source, gateway);
+    // What the gateway reports on the source (FederationReady) shows on its ClaudeKeys.
+    let refused = json!({ "status": { "conditions": [{
+        "type": "FederationReady", "status": "False", "reason": "ExchangeRefused",
+        "message": "the token exchange was refused (HTTP 401 invalid_grant)",
+        "lastTransitionTime": "2026-12-01T10:00:00Z",
+    }] } });
+    sources
+        .patch_status(&gateway, &PatchParams::default(), &Patch::Merge(&refused))
+        .await
+        .unwrap();
+    let ck = wait_claudekey(&client, &team, "gw", "FederationReady=False", |ck| {
+        condition(ck, "FederationReady")
+            .is_some_and(|(status, reason, _)| status == "False" && reason == "ExchangeRefused")
+    })
+    .await;
+    let (_, _, message) = condition(&ck, "FederationReady").unwrap();
+    assert!(
+        message.contains(&gateway) && message.contains("invalid_grant"),
+        "{message}"
+    );
+    assert!(
+        is_ready(&ck),
+        "the workload key stays valid; only the exchange fails"
+    );
+    // The other source reported nothing: no condition on its ClaudeKey.
+    let ck = wait_claudekey(&client, &team, "bot", "Ready", is_ready).await;
+    assert!(condition(&ck, "FederationReady").is_none());
     // Nothing that looks like an Anthropic key anywhere in the workload namespace.
     for secret in Api::<Secret>::namespaced(client.clone(), &team)
         .list(&Default::default())

@@ -471,6 +471,17 @@ mod tests {
         assert_eq!(args.tls_cert, Some(PathBuf::from("c")));
         let args = parse(&["--config-dir", "d", "--mode", "forward"]).unwrap();
         assert_eq!(args.mode.proxy(), None);
+        let args = parse(&["--config-dir", "d", "--identity-token-file", "/t"]).unwrap();
+        assert_eq!(args.identity_token_file, Some(PathBuf::from("/t")));
+        let both = [
+            "--config-secrets",
+            "ns",
+            "--identity-token-file",
+            "/t",
+            "--identity-service-account",
+            "ns/gw",
+        ];
+        assert!(parse(&both).is_err(), "one identity source at most");
     }
 
     #[tokio::test]
@@ -505,6 +516,21 @@ mod tests {
             .await
             .unwrap_err();
         assert!(error.to_string().contains("gateway mode only"), "{error}");
+        let sidecar_with_sa = [
+            "x",
+            "--mode",
+            "sidecar",
+            "--config-dir",
+            "d",
+            "--identity-service-account",
+            "ns/gw",
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        let error = run(Cli::try_parse_from(sidecar_with_sa).unwrap().args)
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("for the gateway"), "{error}");
     }
 
     #[test]
