@@ -212,7 +212,24 @@ pub fn inject(
     };
     match found {
         Found::Placed(Placement::Namespace) => Ok(Some(patch)),
-        Found::Federated(token) => Ok(Some(with_identity(patch, &token))),
+        Found::Federated(token) => {
+            let mut patch = with_identity(patch, &token);
+            // The apiserver refuses a serviceAccountToken projection without a
+            // serviceAccountName; the ServiceAccount admission plugin sets `default` before
+            // webhooks run, but not everywhere (it can be disabled): set it the same way.
+            let named = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.as_deref())
+                .is_some_and(|n| !n.is_empty());
+            if !named {
+                patch.0.push(PatchOperation::Add(json_patch::AddOperation {
+                    path: "/spec/serviceAccountName".parse().expect("valid pointer"),
+                    value: Value::String("default".into()),
+                }));
+            }
+            Ok(Some(patch))
+        }
         Found::Placed(Placement::Gateway) => {
             if has_volume(pod, CLIENT_VOLUME) {
                 return Err(InjectError::ClientVolumeClash);

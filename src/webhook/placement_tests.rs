@@ -257,6 +257,8 @@ fn a_federation_source_gives_the_sidecar_alone_its_projected_token() {
         assert_eq!(projection.path, "token");
         // The `-proxy` Secret still carries the policy.
         assert!(secret_names(&patched).contains(&proxy_secret_name("bot")));
+        // The token is the pod's ServiceAccount's (`default` when none is named).
+        assert_eq!(spec.service_account_name.as_deref(), Some("default"));
         assert_eq!(
             spec.volumes
                 .iter()
@@ -295,6 +297,22 @@ fn a_federation_source_gives_the_sidecar_alone_its_projected_token() {
             "{findings:?}"
         );
     }
+}
+
+#[test]
+fn a_named_service_account_is_kept() {
+    let pod = annotated(json!({
+        "serviceAccountName": "research-agent",
+        "containers": [{"name": "app", "image": "a:1"}]
+    }));
+    let patch = inject(&pod, "team-a", federated(), &config())
+        .unwrap()
+        .unwrap();
+    let patched = apply(&pod, &patch);
+    assert_eq!(
+        patched.spec.unwrap().service_account_name.as_deref(),
+        Some("research-agent")
+    );
 }
 
 #[test]
