@@ -181,7 +181,9 @@ fn identity_volume(token: &IdentityTokenStatus) -> Volume {
                 }),
                 ..Default::default()
             }]),
-            default_mode: Some(0o440),
+            // Unset: only the sidecar mounts it, and the kubelet then gives the token file to
+            // the sidecar's runAsUser with mode 0600 (a fixed 0440 would leave it root's).
+            default_mode: None,
         }),
         ..Default::default()
     }
