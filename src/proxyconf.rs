@@ -24,6 +24,24 @@ pub struct ProxyConfig {
     /// correlate across pods and restarts. Absent: a random salt per proxy process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_salt: Option<String>,
+    /// Workload identity federation (DESIGN.md §11): present => `upstream` is empty and the
+    /// proxy exchanges an identity token for a short-lived access token instead. Not secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federation: Option<FederationConfig>,
+}
+
+/// What the proxy sends to `POST /v1/oauth/token` besides the identity token itself, and the
+/// ClusterClaudeKeySource it came from (for metrics, logs and status).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct FederationConfig {
+    pub source: String,
+    pub organization_id: String,
+    pub service_account_id: String,
+    pub federation_rule_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace_id: Option<String>,
+    pub audience: String,
 }
 
 /// Identity of the ClaudeKey a config belongs to; limits are keyed by it, so rotation never
@@ -130,6 +148,33 @@ mod tests {
     fn debug_never_shows_upstream_keys() {
         let config: ProxyConfig = serde_json::from_str(GOLDEN).unwrap();
         assert!(!format!("{config:?}").contains("sk-ant-api03-current"));
+    }
+
+    #[test]
+    fn federation_is_optional_and_round_trips() {
+        let config: ProxyConfig = serde_json::from_str(GOLDEN).unwrap();
+        assert!(config.federation.is_none());
+        assert!(
+            serde_json::to_value(&config)
+                .unwrap()
+                .get("federation")
+                .is_none()
+        );
+        let mut value: serde_json::Value = serde_json::from_str(GOLDEN).unwrap();
+        value["upstream"] = serde_json::json!([]);
+        value["federation"] = serde_json::json!({
+            "source": "wif", "organizationId": "0f1e2d3c-aaaa-bbbb-cccc-000000000001",
+            "serviceAccountId": "svac_01", "federationRuleId": "fdrl_01",
+            "audience": "https://api.anthropic.com"
+        });
+        let config: ProxyConfig = serde_json::from_value(value).unwrap();
+        let federation = config.federation.as_ref().unwrap();
+        assert_eq!(federation.federation_rule_id, "fdrl_01");
+        assert_eq!(federation.workspace_id, None);
+        assert!(config.current_upstream().is_none());
+        let written = serde_json::to_value(&config).unwrap();
+        assert_eq!(written["federation"]["serviceAccountId"], "svac_01");
+        assert!(written["federation"].get("workspaceId").is_none());
     }
 
     #[test]

@@ -344,23 +344,36 @@ fn rbac_is_exactly_least_privilege() {
     );
     assert_eq!(
         non_test(&docs, "ClusterRole"),
-        set(&["claudekey-controller", "claudekey-webhook"])
+        set(&[
+            "claudekey-controller",
+            "claudekey-gateway",
+            "claudekey-webhook"
+        ])
     );
     let gw: Role = one(&docs, "Role", "claudekey-gateway");
     assert_eq!(
         rules(gw.rules.as_deref().unwrap_or_default()),
-        set(&["/secrets[]:get", "/secrets[]:list", "/secrets[]:watch"]),
-        "the gateway only reads Secrets, in its own namespace"
+        set(&[
+            "/secrets[]:get",
+            "/secrets[]:list",
+            "/secrets[]:watch",
+            "/serviceaccounts/token[claudekey-gateway]:create"
+        ]),
+        "the gateway only reads Secrets, in its own namespace, and requests tokens of its own ServiceAccount"
     );
     assert_eq!(
         non_test(&docs, "Role"),
         set(&["claudekey-controller", "claudekey-gateway"])
     );
-    assert!(
-        non_test(&docs, "ClusterRoleBinding")
-            .iter()
-            .all(|n| !n.contains("gateway")),
-        "no cluster-wide RBAC for the gateway"
+    // Cluster-wide, the gateway may only report FederationReady on sources.
+    let gw: ClusterRole = one(&docs, "ClusterRole", "claudekey-gateway");
+    assert_eq!(
+        rules(gw.rules.as_deref().unwrap_or_default()),
+        set(&[
+            "claudekey.io/clusterclaudekeysources/status[]:get",
+            "claudekey.io/clusterclaudekeysources/status[]:patch"
+        ]),
+        "no other cluster-wide RBAC for the gateway"
     );
 }
 
@@ -681,6 +694,7 @@ fn gateway_serves_every_config_secret_over_tls_with_a_role_in_its_namespace() {
         "--tls-key=/etc/claudekey/gateway-tls/tls.key",
         "--audit-log=-",
         "--metrics-listen=0.0.0.0:9484",
+        "--identity-service-account=ck-test/claudekey-gateway",
     ] {
         assert!(a.contains(&want.to_string()), "{a:?} lacks {want}");
     }

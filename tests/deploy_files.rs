@@ -109,7 +109,6 @@ fn samples_cover_every_backend_and_every_claudekey_has_a_granted_source() {
                     backends.insert(
                         source
                             .spec
-                            .backend()
                             .describe()
                             .split(':')
                             .next()
@@ -137,6 +136,7 @@ fn samples_cover_every_backend_and_every_claudekey_has_a_granted_source() {
         backends,
         BTreeSet::from([
             "aws".to_string(),
+            "federation".to_string(),
             "kubernetes".to_string(),
             "vault".to_string()
         ])

@@ -4,6 +4,7 @@
 //! placeholder requests to it. Every log line of the run is captured and scanned for keys: its
 //! own test binary, so the global log capture sees only these tests.
 
+mod federation;
 mod proxy_common;
 mod support;
 
@@ -185,7 +186,7 @@ fn config_secret(name: &str, proxy_json: &str, labelled: bool) -> Secret {
 
 /// A gateway on HTTPS in front of the fake upstream, reading config Secrets of a fresh
 /// operator namespace.
-struct Gateway {
+pub(crate) struct Gateway {
     fake: FakeUpstream,
     proxy: Arc<Proxy>,
     addr: SocketAddr,
@@ -199,6 +200,15 @@ struct Gateway {
 
 impl Gateway {
     async fn start(prefix: &str) -> Self {
+        Self::start_with(prefix, |_, _, _| {}).await
+    }
+
+    /// [`Gateway::start`], with the settings adjusted by `tweak` (given the client and the
+    /// operator namespace) before the gateway starts.
+    async fn start_with(
+        prefix: &str,
+        tweak: impl FnOnce(&mut ProxySettings, &kube::Client, &str),
+    ) -> Self {
         logs();
         let client = support::client().await;
         let namespace = support::namespace(&client, prefix).await;
@@ -217,6 +227,7 @@ impl Gateway {
             namespace: namespace.clone(),
         });
         settings.tls = Some((cert_path, key_path));
+        tweak(&mut settings, &client, &namespace);
         let proxy = Arc::new(Proxy::start(settings).expect("gateway starts"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

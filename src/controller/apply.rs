@@ -181,6 +181,7 @@ pub struct StatusUpdate<'a> {
     pub decision: Option<&'a Decision>,
     pub source: &'a str,
     pub placement: Option<Placement>,
+    pub identity_token: Option<crate::crd::IdentityTokenStatus>,
     pub synced_at: Option<DateTime<Utc>>,
     pub consumers_restarted_for: Option<String>,
 }
@@ -199,6 +200,7 @@ pub async fn write_status(
         generation: ck.meta().generation,
         source: update.source.to_string(),
         placement: update.placement,
+        identity_token: update.identity_token,
         consumers_restarted_for: update.consumers_restarted_for,
         conditions: update.conditions,
         ledger: update.decision.map(|d| &d.ledger),

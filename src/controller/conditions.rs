@@ -234,6 +234,8 @@ pub struct StatusInput<'a> {
     pub generation: Option<i64>,
     pub source: String,
     pub placement: Option<crate::crd::Placement>,
+    /// Replaces the previous value whenever `placement` is known.
+    pub identity_token: Option<crate::crd::IdentityTokenStatus>,
     /// The key gateway consumers were last rolled for; `None` keeps the previous record.
     pub consumers_restarted_for: Option<String>,
     pub conditions: Vec<Desired>,
@@ -274,6 +276,11 @@ pub fn build_status(input: StatusInput<'_>) -> ClaudeKeyStatus {
         conditions,
         observed_generation: input.generation,
         source: Some(input.source),
+        identity_token: if input.placement.is_some() {
+            input.identity_token
+        } else {
+            existing.identity_token
+        },
         placement: input.placement.or(existing.placement),
         consumers_restarted_for: input
             .consumers_restarted_for
@@ -386,6 +393,7 @@ mod tests {
             generation: Some(3),
             source: "kubernetes:x".into(),
             placement: None,
+            identity_token: None,
             consumers_restarted_for: None,
             conditions: failed(reason::BACKEND_ERROR, "Secret ns/x not found"),
             ledger: None,

@@ -73,6 +73,9 @@ pub struct Observed<'a> {
     pub ledger: Option<&'a Ledger>,
     /// Whether the raw current workload key is available (the `-client` Secret matches the ledger).
     pub client_key_present: bool,
+    /// The source is workload identity federation: no upstream key exists, none is needed, and
+    /// any left from an earlier backend is dropped from the ledger (and so from proxy.json).
+    pub federated: bool,
 }
 
 /// The outcome: the ledger to write and what happened, for Events, metrics and requeue.
@@ -111,15 +114,19 @@ pub fn decide(
     let expired = spec.expires_at.is_some_and(|t| now >= t);
     let (mut ledger, rotation, upstream_rolled) = match observed.ledger {
         None => {
-            let upstream = upstream.ok_or(NoUpstreamKey)?;
+            let upstream = match upstream {
+                Some(upstream) => Some(upstream),
+                None if observed.federated => None,
+                None => return Err(NoUpstreamKey),
+            };
             let ledger = Ledger {
                 issued_at: now,
                 rotate_handled: triggers.rotate.map(str::to_string),
                 revoke_handled: triggers.revoke.map(str::to_string),
                 expiry_handled: spec.expires_at.filter(|_| expired),
                 workload_keys: vec![current_workload(candidate)],
-                upstream_version: upstream.version.clone(),
-                upstream_keys: vec![current_upstream(upstream)],
+                upstream_version: upstream.map(|u| u.version.clone()).unwrap_or_default(),
+                upstream_keys: upstream.map(current_upstream).into_iter().collect(),
             };
             (ledger, Some(RotationReason::Initial), false)
         }
@@ -146,7 +153,13 @@ pub fn decide(
                 );
                 ledger.issued_at = now;
             }
-            let rolled = roll_upstream(&mut ledger, upstream, now, grace)?;
+            let rolled = if observed.federated {
+                ledger.upstream_keys.clear();
+                ledger.upstream_version.clear();
+                false
+            } else {
+                roll_upstream(&mut ledger, upstream, now, grace)?
+            };
             (ledger, rotation, rolled)
         }
     };

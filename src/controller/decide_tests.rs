@@ -37,6 +37,7 @@ fn initial(spec: &ClaudeKeySpec, triggers: Triggers<'_>) -> Decision {
     let observed = Observed {
         ledger: None,
         client_key_present: false,
+        federated: false,
     };
     decide(spec, triggers, observed, Some(&up(1, "v1")), &key(1), t(T0)).unwrap()
 }
@@ -52,6 +53,7 @@ fn next(
     let observed = Observed {
         ledger: Some(ledger),
         client_key_present: true,
+        federated: false,
     };
     decide(spec, triggers, observed, upstream, &key(candidate), now).unwrap()
 }
@@ -88,6 +90,7 @@ fn without_any_upstream_key_nothing_can_be_written() {
     let observed = Observed {
         ledger: None,
         client_key_present: false,
+        federated: false,
     };
     let err = decide(
         &spec(""),
@@ -300,6 +303,7 @@ fn lost_client_secret_issues_a_new_key_with_grace() {
     let observed = Observed {
         ledger: Some(&d0.ledger),
         client_key_present: false,
+        federated: false,
     };
     let d1 = decide(&s, Triggers::default(), observed, None, &key(2), now).unwrap();
     assert_eq!(d1.rotation, Some(RotationReason::ClientLost));

@@ -17,8 +17,8 @@ use super::secrets::{self, GatewayEndpoint, Recovered};
 use super::source::{Granted, Resolution};
 use crate::backend::{BackendError, cache::CachedKey};
 use crate::crd::{
-    ClaudeKey, Placement, SourceKeyStatus, annotations, condition, gateway_config_secret_name,
-    proxy_secret_name,
+    ClaudeKey, IdentityTokenStatus, Placement, SourceKeyStatus, annotations, condition,
+    gateway_config_secret_name, proxy_secret_name,
 };
 use crate::keys::{self, KeyKind};
 
@@ -91,6 +91,8 @@ pub struct Plan {
     pub conditions: Vec<Desired>,
     pub source: String,
     pub placement: Option<Placement>,
+    /// The projected token a sidecar needs (federation, placement namespace).
+    pub identity_token: Option<IdentityTokenStatus>,
     pub used: Vec<UsedKey>,
 }
 
@@ -120,6 +122,7 @@ pub fn plan(
         conditions: conditions::failed(reason, &message),
         source: source_description.clone(),
         placement: None,
+        identity_token: None,
         used,
     };
     if let Some(message) = foreign_secret(ck, observed, settings.operator_namespace) {
@@ -164,7 +167,9 @@ pub fn plan(
     }
     let backend_error = observed.backend_error.as_ref().map(|e| e.to_string());
     let mut events = tamper_events(&recovered);
-    let decision = match decide_next(ck, &recovered, observed.upstream.as_ref(), candidate, now) {
+    let federated = granted.federation.is_some();
+    let upstream = observed.upstream.as_ref();
+    let decision = match decide_next(ck, &recovered, upstream, federated, candidate, now) {
         Ok(decision) => decision,
         Err(_) => {
             let message =
@@ -191,7 +196,8 @@ pub fn plan(
     }
     let namespace = ck.namespace().unwrap_or_default();
     let salt = settings.sealer.audit_salt(&namespace, &ck.name_any());
-    let config = match secrets::render_config(ck, &decision.ledger, &values, salt) {
+    let federation = granted.federation.as_ref();
+    let config = match secrets::render_config(ck, &decision.ledger, &values, federation, salt) {
         Ok(config) => config,
         Err(missing) => {
             let message = backend_error.unwrap_or_else(|| missing.to_string());
@@ -238,7 +244,8 @@ pub fn plan(
         (fingerprint.clone(), at)
     });
     let source_key = source_key(granted, observed.upstream.as_ref());
-    let conditions = healthy_conditions(&decision, backend_error.as_deref());
+    let mut conditions = healthy_conditions(&decision, backend_error.as_deref());
+    conditions.extend(granted.federation_ready.clone());
     if let Some(message) = &backend_error {
         events.push(PlannedEvent {
             warning: true,
@@ -262,6 +269,10 @@ pub fn plan(
         conditions,
         source: source_description,
         placement: Some(placement),
+        identity_token: granted
+            .identity_token
+            .clone()
+            .filter(|_| placement == Placement::Namespace),
         used,
     }
 }
@@ -356,6 +367,7 @@ fn decide_next(
     ck: &ClaudeKey,
     recovered: &Recovered,
     upstream: Option<&CachedKey>,
+    federated: bool,
     candidate: &SecretString,
     now: DateTime<Utc>,
 ) -> Result<Decision, decide::NoUpstreamKey> {
@@ -372,6 +384,7 @@ fn decide_next(
     let observed = Observed {
         ledger: recovered.ledger.as_ref(),
         client_key_present: recovered.client_key.is_some(),
+        federated,
     };
     let candidate = key_id(KeyKind::Workload, candidate);
     decide::decide(

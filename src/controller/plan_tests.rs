@@ -36,6 +36,9 @@ fn granted(placement: Placement) -> Resolution {
         placement,
         admin: None,
         cluster_source: Some("support".into()),
+        federation: None,
+        identity_token: None,
+        federation_ready: None,
     }))
 }
 
@@ -271,4 +274,100 @@ fn nothing_in_a_plan_prints_a_key() {
     assert!(!text.contains(UPSTREAM) && !text.contains(KEY_1));
     assert!(!format!("{:?}", issue(&plan).decision).contains(UPSTREAM));
     let _ = upstream().key.value.expose_secret();
+}
+
+fn federated(placement: Placement) -> Resolution {
+    let Resolution::Granted(mut g) = granted(placement) else {
+        unreachable!()
+    };
+    g.federation = Some(crate::proxyconf::FederationConfig {
+        source: "support".into(),
+        organization_id: "0f1e2d3c-aaaa-bbbb-cccc-000000000001".into(),
+        service_account_id: "svac_01".into(),
+        federation_rule_id: "fdrl_01".into(),
+        workspace_id: None,
+        audience: "https://api.anthropic.com".into(),
+    });
+    g.identity_token = Some(crate::crd::IdentityTokenStatus {
+        audience: "https://api.anthropic.com".into(),
+        expiration_seconds: 3600,
+    });
+    Resolution::Granted(g)
+}
+
+fn written_config(secret: &Secret) -> crate::proxyconf::ProxyConfig {
+    let raw = &secret.data.as_ref().unwrap()[crate::proxyconf::FILE_NAME].0;
+    serde_json::from_slice(raw).unwrap()
+}
+
+#[test]
+fn a_federation_source_issues_workload_keys_and_writes_no_upstream_key() {
+    let f = Fixture::new();
+    for placement in [Placement::Gateway, Placement::Namespace] {
+        let observed = Observation {
+            upstream: None,
+            ..observation(federated(placement))
+        };
+        let plan = f.plan(&claudekey(), &observed, KEY_1);
+        let issue = issue(&plan);
+        assert_eq!(ready_reason(&plan), reason::KEYS_ISSUED, "{placement:?}");
+        let [client, config] = &issue.writes[..] else {
+            panic!("two writes")
+        };
+        assert!(
+            client
+                .data
+                .as_ref()
+                .unwrap()
+                .contains_key(crate::controller::secrets::API_KEY_ENTRY)
+        );
+        let written = written_config(config);
+        assert!(written.upstream.is_empty());
+        assert_eq!(
+            written
+                .federation
+                .as_ref()
+                .map(|f| f.federation_rule_id.as_str()),
+            Some("fdrl_01")
+        );
+        assert_eq!(written.workload_keys.len(), 1);
+        assert!(issue.decision.ledger.upstream_keys.is_empty());
+        assert!(issue.source_key.is_none() && issue.backend_error.is_none());
+        assert!(plan.used.is_empty());
+        // Only a namespace-placed sidecar exchanges a projected token; the gateway its own.
+        assert_eq!(
+            plan.identity_token.is_some(),
+            placement == Placement::Namespace
+        );
+    }
+}
+
+#[test]
+fn switching_a_source_to_federation_drops_the_old_upstream_key_at_once() {
+    let f = Fixture::new();
+    let first = f.plan(
+        &claudekey(),
+        &observation(granted(Placement::Namespace)),
+        KEY_1,
+    );
+    let [client, proxy] = &issue(&first).writes[..] else {
+        panic!("two writes")
+    };
+    assert!(holds_upstream(proxy));
+    let observed = Observation {
+        upstream: None,
+        client: Some(client.clone()),
+        proxy: Some(proxy.clone()),
+        ..observation(federated(Placement::Namespace))
+    };
+    let plan = f.plan(&claudekey(), &observed, KEY_2);
+    let issue = issue(&plan);
+    let proxy = &issue.writes[1];
+    assert!(
+        !holds_upstream(proxy),
+        "no grace for a key the source no longer has"
+    );
+    assert!(written_config(proxy).federation.is_some());
+    // The workload key is kept: nothing about the app changes.
+    assert!(issue.decision.rotation.is_none());
 }

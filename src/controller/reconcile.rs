@@ -101,6 +101,8 @@ async fn observe(ck: &ClaudeKey, ctx: &Context, read: Read) -> Result<Observatio
     let gateway_config = secret(ctx, read, &ctx.namespace, &gateway_name).await?;
     let resolution = source::resolve(&ctx.client, &ctx.stores, ck).await?;
     let (upstream, backend_error) = match &resolution {
+        // Federation: there is no upstream key anywhere to read.
+        Resolution::Granted(granted) if granted.federation.is_some() => (None, None),
         Resolution::Granted(granted) => match ctx.cache.fetch(&granted.backend).await {
             Ok(cached) => (Some(cached), None),
             Err(e) => {
@@ -152,6 +154,7 @@ async fn execute(
         mut conditions,
         source,
         placement,
+        identity_token,
         used,
     } = plan;
     let (issue, retry) = match outcome {
@@ -191,6 +194,7 @@ async fn execute(
             decision: None,
             source: &source,
             placement,
+            identity_token: None,
             synced_at: None,
             consumers_restarted_for: None,
         };
@@ -214,6 +218,7 @@ async fn execute(
         decision: Some(&issue.decision),
         source: &source,
         placement,
+        identity_token,
         synced_at: observed.upstream.as_ref().map(|c| c.synced_at),
         consumers_restarted_for: rolled_for,
     };

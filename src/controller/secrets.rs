@@ -13,7 +13,7 @@ use crate::crd::{
     proxy_secret_name,
 };
 use crate::keys::sha256_hex;
-use crate::proxyconf::{self, ClaudeKeyRef, Policy, ProxyConfig, UpstreamEntry};
+use crate::proxyconf::{self, ClaudeKeyRef, FederationConfig, Policy, ProxyConfig, UpstreamEntry};
 
 /// Data key of the workload key in the `-client` Secret.
 pub const API_KEY_ENTRY: &str = "ANTHROPIC_API_KEY";
@@ -102,6 +102,7 @@ pub fn render_config(
     ck: &ClaudeKey,
     ledger: &Ledger,
     upstream_values: &HashMap<String, SecretString>,
+    federation: Option<&FederationConfig>,
     audit_salt: String,
 ) -> Result<ProxyConfig, MissingUpstream> {
     let mut upstream = Vec::new();
@@ -128,6 +129,7 @@ pub fn render_config(
         upstream,
         workload_keys: ledger.workload_keys.clone(),
         audit_salt: Some(audit_salt),
+        federation: federation.cloned(),
         policy: Policy {
             scope: ck.spec.scope.clone(),
             limits: ck.spec.limits.clone(),

@@ -59,7 +59,7 @@ fn gateway() -> GatewayEndpoint {
 }
 
 fn config() -> ProxyConfig {
-    render_config(&claudekey(), &ledger(), &values(), "ab".repeat(32)).unwrap()
+    render_config(&claudekey(), &ledger(), &values(), None, "ab".repeat(32)).unwrap()
 }
 
 fn sealed(mut secret: Secret) -> Secret {
@@ -145,8 +145,14 @@ fn missing_proxy_secret_recovers_from_the_client_copy() {
     assert_eq!(r.ledger, Some(ledger()));
     assert!(r.client_key.is_some());
     assert!(r.upstream_values.is_empty());
-    let err =
-        render_config(&claudekey(), &ledger(), &r.upstream_values, String::new()).unwrap_err();
+    let err = render_config(
+        &claudekey(),
+        &ledger(),
+        &r.upstream_values,
+        None,
+        String::new(),
+    )
+    .unwrap_err();
     assert!(!err.to_string().contains(UPSTREAM));
 }
 
@@ -176,13 +182,13 @@ fn drift_tells_hand_edits_from_progress() {
     moved.upstream_version = "v2".into();
     let newer = build_proxy(
         &ck,
-        &render_config(&ck, &moved, &values(), "ab".repeat(32)).unwrap(),
+        &render_config(&ck, &moved, &values(), None, "ab".repeat(32)).unwrap(),
         &moved,
     );
     assert_eq!(drift(Some(&proxy), &newer), Drift::Progress);
     let mut respecced = claudekey();
     respecced.spec.scope.max_tokens = Some(200);
-    let config = render_config(&respecced, &ledger(), &values(), "ab".repeat(32)).unwrap();
+    let config = render_config(&respecced, &ledger(), &values(), None, "ab".repeat(32)).unwrap();
     let new_policy = build_proxy(&respecced, &config, &ledger());
     assert_eq!(drift(Some(&proxy), &new_policy), Drift::Progress);
 }

@@ -9,12 +9,14 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, ResourceExt};
 
 use super::apply::{Error, safe_reason};
-use super::conditions::reason;
+use super::conditions::{Desired, reason};
 use super::stores::Stores;
 use crate::crd::{
-    AnthropicAdminSpec, ClaudeKey, ClaudeKeySource, ClusterClaudeKeySource, Placement, SourceKind,
-    SourceRef, SourceSpec,
+    AnthropicAdminSpec, ClaudeKey, ClaudeKeySource, ClusterClaudeKeySource, IdentityTokenStatus,
+    Placement, SourceKind, SourceRef, SourceSpec, WorkloadIdentityFederationSource, condition,
+    federation_ready,
 };
+use crate::proxyconf::FederationConfig;
 
 /// A source this ClaudeKey may use, in the form the rest of the reconcile needs.
 #[derive(Clone, Debug, PartialEq)]
@@ -27,6 +29,12 @@ pub struct Granted {
     pub admin: Option<AnthropicAdminSpec>,
     /// The cluster source's name, whose status records its keys.
     pub cluster_source: Option<String>,
+    /// Workload identity federation: no upstream key to read; proxies exchange tokens instead.
+    pub federation: Option<FederationConfig>,
+    /// The projected token a sidecar exchanges (federation only).
+    pub identity_token: Option<IdentityTokenStatus>,
+    /// The source's `FederationReady` (reported by the gateway), to show on the ClaudeKey.
+    pub federation_ready: Option<Desired>,
 }
 
 /// The outcome of authorization: a grant, or why not and what to do about it.
@@ -83,12 +91,27 @@ pub fn authorize(
                 };
             }
             let backend = source.spec.backend();
+            let federation = source
+                .spec
+                .workload_identity_federation
+                .as_ref()
+                .map(|f| federation_config(&name, f));
             Resolution::Granted(Box::new(Granted {
-                description: format!("ClusterClaudeKeySource/{name} ({})", backend.describe()),
+                description: format!("ClusterClaudeKeySource/{name} ({})", source.spec.describe()),
                 backend,
                 placement: source.spec.placement,
                 admin: source.spec.anthropic_admin.clone(),
+                federation_ready: federation
+                    .as_ref()
+                    .and_then(|_| reported_federation(&source, &name)),
                 cluster_source: Some(name),
+                federation,
+                identity_token: source.spec.workload_identity_federation.as_ref().map(|f| {
+                    IdentityTokenStatus {
+                        audience: f.audience.clone(),
+                        expiration_seconds: f.token_expiration_seconds,
+                    }
+                }),
             }))
         }
         Found::Namespaced(source) => {
@@ -103,8 +126,44 @@ pub fn authorize(
                 placement: Placement::Namespace,
                 admin: None,
                 cluster_source: None,
+                federation: None,
+                identity_token: None,
+                federation_ready: None,
             }))
         }
+    }
+}
+
+/// The gateway's report on the source, in the ClaudeKey's terms; `None` when there is none (no
+/// gateway exchange yet, or placement namespace, whose sidecars cannot report).
+fn reported_federation(source: &ClusterClaudeKeySource, name: &str) -> Option<Desired> {
+    let reported = source
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::FEDERATION_READY)?;
+    let reason = federation_ready::known(&reported.reason)?;
+    Some(Desired::new(
+        condition::FEDERATION_READY,
+        reported.status == "True",
+        reason,
+        format!("ClusterClaudeKeySource {name}: {}", reported.message),
+    ))
+}
+
+/// What a proxy needs to exchange tokens for this source: the ids, never a secret.
+pub fn federation_config(
+    source: &str,
+    spec: &WorkloadIdentityFederationSource,
+) -> FederationConfig {
+    FederationConfig {
+        source: source.to_string(),
+        organization_id: spec.organization_id.clone(),
+        service_account_id: spec.service_account_id.clone(),
+        federation_rule_id: spec.federation_rule_id.clone(),
+        workspace_id: spec.workspace_id.clone(),
+        audience: spec.audience.clone(),
     }
 }
 
@@ -284,6 +343,92 @@ mod tests {
         assert_eq!(g.placement, Placement::Namespace);
         assert_eq!(g.backend.secret_namespace.as_deref(), Some("team-b"));
         assert_eq!(g.admin, None);
+    }
+
+    #[test]
+    fn a_federation_source_grants_ids_and_no_backend_to_read() {
+        let spec: ClusterClaudeKeySourceSpec = serde_json::from_value(serde_json::json!({
+            "workloadIdentityFederation": {
+                "organizationId": "0f1e2d3c-aaaa-bbbb-cccc-000000000001",
+                "serviceAccountId": "svac_01", "federationRuleId": "fdrl_01",
+                "audience": "https://api.anthropic.com"
+            },
+            "allowedNamespaces": { "names": ["team-a"] },
+            "placement": "namespace",
+        }))
+        .unwrap();
+        assert_eq!(
+            spec.workload_identity_federation
+                .as_ref()
+                .unwrap()
+                .token_expiration_seconds,
+            3600
+        );
+        let mut source = ClusterClaudeKeySource::new("wif", spec);
+        source.metadata.name = Some("wif".into());
+        let r = authorize(
+            "team-a",
+            &BTreeMap::new(),
+            &SourceRef {
+                kind: SourceKind::ClusterClaudeKeySource,
+                name: "wif".into(),
+            },
+            Found::Cluster(Box::new(source.clone())),
+        );
+        let Resolution::Granted(g) = r else {
+            panic!("team-a is allowed")
+        };
+        let federation = g.federation.unwrap();
+        assert_eq!(federation.source, "wif");
+        assert_eq!(federation.federation_rule_id, "fdrl_01");
+        assert_eq!(g.placement, Placement::Namespace);
+        assert!(
+            g.description.contains("federation:fdrl_01"),
+            "{}",
+            g.description
+        );
+        assert_eq!(g.federation_ready, None, "nothing reported yet");
+        // What the gateway reported on the source shows on the ClaudeKey; unknown reasons not.
+        let reported = |reason: &str| {
+            let mut source = source.clone();
+            source.status = Some(crate::crd::SourceStatus {
+                conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                    type_: "FederationReady".into(),
+                    status: "False".into(),
+                    reason: reason.into(),
+                    message: "refused (HTTP 401 invalid_grant)".into(),
+                    observed_generation: None,
+                    last_transition_time: crate::controller::conditions::time(chrono::Utc::now()),
+                }],
+                ..Default::default()
+            });
+            let r = authorize(
+                "team-a",
+                &BTreeMap::new(),
+                &SourceRef {
+                    kind: SourceKind::ClusterClaudeKeySource,
+                    name: "wif".into(),
+                },
+                Found::Cluster(Box::new(source)),
+            );
+            let Resolution::Granted(g) = r else {
+                panic!("granted")
+            };
+            g.federation_ready
+        };
+        let mirrored = reported("ExchangeRefused").expect("mirrored");
+        assert!(!mirrored.status);
+        assert_eq!(mirrored.reason, "ExchangeRefused");
+        assert!(mirrored.message.contains("wif") && mirrored.message.contains("invalid_grant"));
+        assert_eq!(reported("SomethingElse"), None);
+        // The grant rule is the same as for any cluster source.
+        let refused = authorize(
+            "team-b",
+            &BTreeMap::new(),
+            &cluster_ref(),
+            Found::Cluster(Box::new(source)),
+        );
+        assert_eq!(refused_reason(&refused), Some(reason::SOURCE_NOT_ALLOWED));
     }
 
     #[test]

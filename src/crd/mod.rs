@@ -3,11 +3,13 @@
 //! here; the controller, webhook and proxy all read these types.
 
 mod duration;
+mod federation;
 mod source;
 mod spec;
 mod status;
 
 pub use duration::{DurationError, GoDuration};
+pub use federation::*;
 pub use source::*;
 pub use spec::*;
 pub use status::*;

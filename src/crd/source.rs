@@ -22,7 +22,7 @@ use super::{AnthropicAdminSpec, GoDuration, KubernetesSecretSource, SourceSpec};
     shortname = "ccks",
     category = "claudekey",
     status = "SourceStatus",
-    doc = "ClusterClaudeKeySource says where an upstream Anthropic key lives (a Kubernetes Secret in the operator namespace, AWS Secrets Manager or Vault), which namespaces' ClaudeKeys may use it, and where the key may be placed. Created by the platform team.",
+    doc = "ClusterClaudeKeySource says where an upstream Anthropic key lives (a Kubernetes Secret in the operator namespace, AWS Secrets Manager or Vault) or that there is none (workload identity federation), which namespaces' ClaudeKeys may use it, and where the key may be placed. Created by the platform team.",
     printcolumn(name = "Backend", type_ = "string", json_path = ".status.backend"),
     printcolumn(name = "Placement", type_ = "string", json_path = ".spec.placement"),
     printcolumn(
@@ -36,7 +36,7 @@ use super::{AnthropicAdminSpec, GoDuration, KubernetesSecretSource, SourceSpec};
         json_path = ".metadata.creationTimestamp"
     )
 )]
-#[x_kube(validation = Rule::new("[has(self.kubernetesSecret), has(self.awsSecretsManager), has(self.vault)].filter(x, x).size() == 1").message("set exactly one of kubernetesSecret, awsSecretsManager, vault"))]
+#[x_kube(validation = Rule::new("[has(self.kubernetesSecret), has(self.awsSecretsManager), has(self.vault), has(self.workloadIdentityFederation)].filter(x, x).size() == 1").message("set exactly one of kubernetesSecret, awsSecretsManager, vault, workloadIdentityFederation"))]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterClaudeKeySourceSpec {
     /// A Secret in the claudekey operator's namespace. It must carry the label
@@ -50,6 +50,10 @@ pub struct ClusterClaudeKeySourceSpec {
     /// A HashiCorp Vault (or OpenBao) KV version 2 secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vault: Option<super::VaultSource>,
+    /// No upstream key at all: each proxy exchanges a projected service-account token for a
+    /// short-lived Anthropic access token (OIDC workload identity federation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_identity_federation: Option<super::WorkloadIdentityFederationSource>,
     /// How often the backend is read for a new version of the upstream key (at least 10s),
     /// e.g. 5m. One read serves every ClaudeKey of this source.
     #[serde(default = "default_refresh_interval")]
@@ -169,6 +173,15 @@ pub struct SourceKeyStatus {
 }
 
 impl ClusterClaudeKeySourceSpec {
+    /// A short, non-secret description of the backend, e.g. `kubernetes:anthropic-support` or
+    /// `federation:fdrl_…`.
+    pub fn describe(&self) -> String {
+        match &self.workload_identity_federation {
+            Some(f) => f.describe(),
+            None => self.backend().describe(),
+        }
+    }
+
     /// The backend part, in the form the backends read.
     pub fn backend(&self) -> SourceSpec {
         SourceSpec {

@@ -15,6 +15,9 @@ pub mod condition {
     pub const DEGRADED: &str = "Degraded";
     /// The workload key has reached its rotation interval or expiry.
     pub const ROTATION_DUE: &str = "RotationDue";
+    /// Workload identity federation: whether the gateway's last token exchange for the source
+    /// succeeded (on ClusterClaudeKeySource, mirrored on its ClaudeKeys).
+    pub const FEDERATION_READY: &str = "FederationReady";
 }
 
 /// Observed state of a ClaudeKey.
@@ -48,6 +51,20 @@ pub struct ClaudeKeyStatus {
     /// rolled for, so a steady-state reconcile need not look for them again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumers_restarted_for: Option<String>,
+    /// The projected service-account token an injected proxy sidecar needs, when the source is
+    /// workload identity federation with placement namespace; the webhook mounts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_token: Option<IdentityTokenStatus>,
+}
+
+/// The projected token of a federation source (not a secret: its shape only).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityTokenStatus {
+    /// The token's audience.
+    pub audience: String,
+    /// The token's lifetime the kubelet asks for.
+    pub expiration_seconds: i64,
 }
 
 /// The current and previous workload key, by fingerprint.

@@ -4,11 +4,14 @@
 //! It records every request so tests can assert what the upstream saw.
 
 mod admin;
+mod jwt;
 mod messages;
+mod oauth;
 mod usage;
 
 pub use admin::partial_key_hint;
 pub use messages::sse_events;
+pub use oauth::{ExchangeRecord, FederationRule};
 pub use usage::UsageRecord;
 
 use std::{
@@ -103,6 +106,7 @@ struct Inner {
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
     behavior: Mutex<Behavior>,
+    oauth: Mutex<oauth::OAuthState>,
 }
 
 impl Shared {
@@ -112,6 +116,10 @@ impl Shared {
 
     fn behavior(&self) -> MutexGuard<'_, Behavior> {
         self.behavior.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn oauth(&self) -> MutexGuard<'_, oauth::OAuthState> {
+        self.oauth.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn next_id(&self) -> u64 {
@@ -155,6 +163,7 @@ impl FakeUpstream {
                 recording: true,
                 response_delay: Duration::ZERO,
             }),
+            oauth: Mutex::default(),
         });
         let app = router(shared.clone());
         // TCP_NODELAY like the real API's edge: without it a paced SSE stream shows Nagle's
@@ -262,6 +271,21 @@ impl FakeUpstream {
     pub fn clear_received(&self) {
         self.shared.inner().received.clear();
     }
+
+    /// Configures a federation rule (`POST /v1/oauth/token`); replaces one with the same id.
+    pub fn add_federation_rule(&self, rule: FederationRule) {
+        self.shared.oauth().add_rule(rule);
+    }
+
+    /// Every token exchange so far, with the fake's reason for each refusal.
+    pub fn exchanges(&self) -> Vec<ExchangeRecord> {
+        self.shared.oauth().exchanges()
+    }
+
+    /// Every access token issued so far (for tests that scan for leaks).
+    pub fn issued_access_tokens(&self) -> Vec<String> {
+        self.shared.oauth().issued()
+    }
 }
 
 fn router(shared: Arc<Shared>) -> Router {
@@ -269,6 +293,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/messages", post(messages::create))
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/v1/messages/batches", post(messages::create_batch))
+        .route("/v1/oauth/token", post(oauth::token))
         .route("/v1/models", get(messages::list_models))
         .route("/v1/models/{id}", get(messages::get_model))
         .route("/v1/organizations/api_keys", get(admin::list))
@@ -338,8 +363,32 @@ fn credential(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.strip_prefix("Bearer "))
 }
 
-/// 401 unless the request carries an active API key; the key's Admin API id otherwise.
+/// 401 unless the request carries an active API key, or a live federation access token as
+/// `Authorization: Bearer` with the OAuth beta; the key's Admin API id (or the token's service
+/// account) otherwise.
 fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<String, Box<Response>> {
+    if let Some(token) = credential(headers).filter(|c| c.starts_with("sk-ant-oat01-")) {
+        let bearer = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("Bearer "));
+        let refused = |message| {
+            Box::new(error(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                message,
+            ))
+        };
+        if !bearer || !oauth::has_oauth_beta(headers) {
+            return Err(refused(
+                "OAuth authentication is currently not supported without the oauth beta.",
+            ));
+        }
+        return shared
+            .oauth()
+            .bearer(token, std::time::Instant::now())
+            .ok_or_else(|| refused("Invalid bearer token"));
+    }
     let inner = shared.inner();
     credential(headers)
         .and_then(|c| {

@@ -59,6 +59,15 @@ const DROPPED: &[&str] = &[
     "cookie",
 ];
 
+/// What authenticates the proxy upstream (both values are sensitive headers).
+#[derive(Clone, Debug)]
+pub enum Credential {
+    /// An upstream API key, sent as `x-api-key`.
+    ApiKey(HeaderValue),
+    /// `Bearer sk-ant-oat01-…`, a federation access token.
+    Bearer(HeaderValue),
+}
+
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
     /// `scheme://authority[/prefix]`, without a trailing slash.
@@ -101,13 +110,14 @@ impl Upstream {
 
     /// The request to the upstream: same method, path, query and headers (anthropic-version and
     /// anthropic-beta included), minus hop-by-hop headers and the client's credential, plus the
-    /// upstream key as `x-api-key`.
+    /// upstream key as `x-api-key` (or a federation access token as `Authorization: Bearer`,
+    /// with the OAuth beta added to the client's).
     pub fn request(
         &self,
         method: &Method,
         path_and_query: &str,
         headers: &HeaderMap,
-        key: &HeaderValue,
+        credential: &Credential,
         body: ProxyBody,
     ) -> Result<Request<ProxyBody>, ApiError> {
         let uri: Uri = format!("{}{}", self.base, path_and_query)
@@ -122,8 +132,46 @@ impl Upstream {
                 out.append(name.clone(), value.clone());
             }
         }
-        out.insert(HeaderName::from_static("x-api-key"), key.clone());
+        match credential {
+            Credential::ApiKey(key) => {
+                out.insert(HeaderName::from_static("x-api-key"), key.clone());
+            }
+            Credential::Bearer(bearer) => {
+                out.insert(header::AUTHORIZATION, bearer.clone());
+                super::federation::with_oauth_beta(out);
+            }
+        }
         Ok(request)
+    }
+
+    /// `POST {base}{path}` for the token exchange: the answer's status and body (at most
+    /// `limit` bytes). The error is a short reason, never a body.
+    pub async fn post(
+        &self,
+        path: &str,
+        headers: HeaderMap,
+        body: Bytes,
+        limit: usize,
+    ) -> Result<(http::StatusCode, Bytes), String> {
+        use http_body_util::{BodyExt, Limited};
+        let uri: Uri = format!("{}{}", self.base, path)
+            .parse()
+            .map_err(|_| "bad URL".to_string())?;
+        let mut request = Request::new(full(body));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| format!("connection error: {e}"))?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), limit)
+            .collect()
+            .await
+            .map_err(|_| "the answer broke off or was too large".to_string())?;
+        Ok((status, body.to_bytes()))
     }
 
     /// Sends one request; connection failures are 502, no response headers in time 504.
@@ -192,7 +240,7 @@ mod tests {
         ] {
             headers.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
-        let key = HeaderValue::from_static("sk-ant-api03-upstream");
+        let key = Credential::ApiKey(HeaderValue::from_static("sk-ant-api03-upstream"));
         let req = upstream
             .request(
                 &Method::POST,
@@ -223,6 +271,36 @@ mod tests {
         ] {
             assert!(h.get(dropped).is_none(), "{dropped}");
         }
+    }
+
+    #[test]
+    fn a_bearer_replaces_every_client_credential_and_adds_the_oauth_beta() {
+        let upstream = Upstream::new("http://127.0.0.1:9/", Duration::from_secs(1)).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", HeaderValue::from_static("placeholder"));
+        headers.insert("authorization", HeaderValue::from_static("Bearer client"));
+        headers.insert(
+            "anthropic-beta",
+            HeaderValue::from_static("prompt-caching-2024-07-31"),
+        );
+        let bearer = Credential::Bearer(HeaderValue::from_static("Bearer sk-ant-oat01-x"));
+        let req = upstream
+            .request(
+                &Method::POST,
+                "/v1/messages",
+                &headers,
+                &bearer,
+                full(Bytes::new()),
+            )
+            .unwrap();
+        let h = req.headers();
+        assert!(h.get("x-api-key").is_none());
+        assert_eq!(h["authorization"], "Bearer sk-ant-oat01-x");
+        assert_eq!(h.get_all("authorization").iter().count(), 1);
+        assert_eq!(
+            h["anthropic-beta"],
+            "prompt-caching-2024-07-31,oauth-2025-04-20"
+        );
     }
 
     #[test]

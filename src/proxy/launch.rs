@@ -120,6 +120,36 @@ pub(super) async fn secrets_source(args: &Args) -> anyhow::Result<Option<Secrets
     }))
 }
 
+/// `--identity-token-file` (sidecar) or `--identity-service-account` (gateway): where identity
+/// tokens of federation sources come from.
+pub(super) async fn identity_source(
+    args: &Args,
+) -> anyhow::Result<Option<super::federation::IdentitySource>> {
+    use super::federation::IdentitySource;
+    if let Some(path) = &args.identity_token_file {
+        return Ok(Some(IdentitySource::File(path.clone())));
+    }
+    let Some(account) = &args.identity_service_account else {
+        return Ok(None);
+    };
+    if args.mode != RunMode::Gateway {
+        anyhow::bail!(
+            "--identity-service-account is for the gateway; a sidecar reads --identity-token-file"
+        );
+    }
+    let Some((namespace, name)) = account.split_once('/') else {
+        anyhow::bail!("--identity-service-account takes NAMESPACE/NAME, not {account:?}");
+    };
+    let client = kube::Client::try_default()
+        .await
+        .context("failed to configure a Kubernetes client for --identity-service-account")?;
+    Ok(Some(IdentitySource::TokenRequest {
+        client,
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+    }))
+}
+
 /// `claudekey proxy --mode forward`: loopback listener, the `<name>-client` directory watched,
 /// and the usual admin listener (`/readyz` once that directory was loaded).
 pub(super) async fn run_forwarder(args: Args) -> anyhow::Result<()> {

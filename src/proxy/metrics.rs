@@ -44,8 +44,15 @@ struct ResultLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExchangeLabels {
+    source: String,
+    outcome: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
+    federation_exchanges: Family<ExchangeLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
     latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
@@ -81,6 +88,7 @@ impl Default for Metrics {
             outcomes: Family::default(),
             user_overflow: Family::default(),
             limits: LimitsMetrics::default(),
+            federation_exchanges: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -130,6 +138,11 @@ impl Default for Metrics {
             m.user_overflow.clone(),
         );
         m.limits.register(&mut registry);
+        registry.register(
+            "federation_exchanges",
+            "Identity-token exchanges at POST /v1/oauth/token by ClusterClaudeKeySource and outcome (ok, refused, unreachable, noIdentityToken, awaitingNewIdentityToken)",
+            m.federation_exchanges.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -213,6 +226,16 @@ impl Metrics {
 
     pub fn user_overflow(&self, claudekey: &str) {
         Self::kind(&self.user_overflow, claudekey, "perUserRequestsPerHour", 1);
+    }
+
+    /// One identity-token exchange (or a refusal to attempt one) for a federation source.
+    pub fn federation_exchange(&self, source: &str, outcome: &'static str) {
+        self.federation_exchanges
+            .get_or_create(&ExchangeLabels {
+                source: source.into(),
+                outcome,
+            })
+            .inc();
     }
 
     pub fn config_reload(&self, ok: bool) {

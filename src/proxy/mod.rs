@@ -9,6 +9,7 @@ pub mod caps;
 pub mod config;
 pub mod error;
 pub mod exchange;
+pub mod federation;
 pub mod forward;
 pub mod forwarder;
 pub mod injection;
@@ -142,6 +143,18 @@ pub struct Args {
     /// settle spend budgets: {models: [{model: GLOB, input, output, cacheWrite, cacheRead}]}.
     #[arg(long, env = "CLAUDEKEY_PRICE_TABLE")]
     pub price_table: Option<PathBuf>,
+    /// Sidecar of a workload-identity-federation source: the projected service-account token
+    /// to exchange for Anthropic access tokens (re-read on every exchange).
+    #[arg(
+        long,
+        env = "CLAUDEKEY_IDENTITY_TOKEN_FILE",
+        conflicts_with = "identity_service_account"
+    )]
+    pub identity_token_file: Option<PathBuf>,
+    /// Gateway: request identity tokens for federation sources from the TokenRequest API for
+    /// this ServiceAccount (NAMESPACE/NAME, the gateway's own).
+    #[arg(long, env = "CLAUDEKEY_PROXY_IDENTITY_SERVICE_ACCOUNT")]
+    pub identity_service_account: Option<String>,
 }
 
 /// Everything the proxy needs to start, for `run` and for in-process tests and benches.
@@ -167,6 +180,8 @@ pub struct ProxySettings {
     pub shutdown_grace: Duration,
     /// In-memory or shared (Redis) limits, prices, fallback share.
     pub limits: limits::LimitSettings,
+    /// Where identity tokens for federation sources come from (none: such sources get 503s).
+    pub identity: Option<federation::IdentitySource>,
 }
 
 impl ProxySettings {
@@ -184,6 +199,7 @@ impl ProxySettings {
             server_limits: ServerLimits::default(),
             shutdown_grace: Duration::from_secs(30),
             limits: limits::LimitSettings::default(),
+            identity: None,
         }
     }
 }
@@ -194,6 +210,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub store: Arc<Store>,
     watcher: tokio::task::JoinHandle<()>,
+    /// Gateway: reports federation health on ClusterClaudeKeySource status.
+    reporter: Option<tokio::task::JoinHandle<()>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     limits: ServerLimits,
     shutdown_grace: Duration,
@@ -236,9 +254,15 @@ impl Proxy {
             shutting_down: Default::default(),
             pod: settings.pod,
         });
+        let federation = Arc::new(federation::Federation::new(settings.identity.clone()));
+        let reporter = settings
+            .config_secrets
+            .as_ref()
+            .map(|source| federation::report::spawn(source.client.clone(), federation.clone()));
         let shared = Arc::new(pipeline::Shared {
             store: store.clone(),
             upstream,
+            federation,
             recorder,
             mode: settings.mode,
             body_timeout: settings.server_limits.body_timeout,
@@ -248,6 +272,7 @@ impl Proxy {
             metrics,
             store,
             watcher,
+            reporter,
             tls,
             limits: settings.server_limits,
             shutdown_grace: settings.shutdown_grace,
@@ -345,6 +370,9 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.watcher.abort();
+        if let Some(reporter) = &self.reporter {
+            reporter.abort();
+        }
     }
 }
 
@@ -383,6 +411,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     settings.config_secrets = launch::secrets_source(&args).await?;
     settings.tls = args.tls_cert.clone().zip(args.tls_key.clone());
     settings.limits = launch::limit_settings(&args)?;
+    settings.identity = launch::identity_source(&args).await?;
     settings.audit = match args.audit_log.as_str() {
         "-" => AuditTarget::Stdout,
         path => AuditTarget::File(path.into()),
@@ -468,6 +497,17 @@ mod tests {
         assert_eq!(args.tls_cert, Some(PathBuf::from("c")));
         let args = parse(&["--config-dir", "d", "--mode", "forward"]).unwrap();
         assert_eq!(args.mode.proxy(), None);
+        let args = parse(&["--config-dir", "d", "--identity-token-file", "/t"]).unwrap();
+        assert_eq!(args.identity_token_file, Some(PathBuf::from("/t")));
+        let both = [
+            "--config-secrets",
+            "ns",
+            "--identity-token-file",
+            "/t",
+            "--identity-service-account",
+            "ns/gw",
+        ];
+        assert!(parse(&both).is_err(), "one identity source at most");
     }
 
     #[tokio::test]
@@ -502,6 +542,21 @@ mod tests {
             .await
             .unwrap_err();
         assert!(error.to_string().contains("gateway mode only"), "{error}");
+        let sidecar_with_sa = [
+            "x",
+            "--mode",
+            "sidecar",
+            "--config-dir",
+            "d",
+            "--identity-service-account",
+            "ns/gw",
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        let error = run(Cli::try_parse_from(sidecar_with_sa).unwrap().args)
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("for the gateway"), "{error}");
     }
 
     #[test]

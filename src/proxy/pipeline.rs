@@ -19,7 +19,8 @@ use super::{
     config::Store,
     error::ApiError,
     exchange::{Exchange, Outcome, Recorder},
-    forward::{Upstream, copy_response_headers},
+    federation::Federation,
+    forward::{Credential, Upstream, copy_response_headers},
     injection::{self, PromptInjectionMode},
     limits::Ask,
     observed::Observed,
@@ -35,6 +36,8 @@ use super::{
 pub struct Shared {
     pub store: Arc<Store>,
     pub upstream: Upstream,
+    /// Access tokens of federation sources (empty otherwise).
+    pub federation: Arc<Federation>,
     pub recorder: Arc<Recorder>,
     pub mode: Mode,
     /// How long a client may take to send its request body.
@@ -97,10 +100,11 @@ async fn to_upstream(
         // Uploads (files, batch operations): streamed through, limited by requests/min only.
         admit(&tenant, ex).await?;
         let body = body.map_err(Into::into).boxed_unsync();
-        let key = &tenant.current_upstream().header;
-        let request = shared
-            .upstream
-            .request(&ex.method, &ex.path, &ex.headers, key, body)?;
+        let credential = credential(shared, &tenant, ex).await?;
+        let request =
+            shared
+                .upstream
+                .request(&ex.method, &ex.path, &ex.headers, &credential, body)?;
         ex.sent = true;
         return send(shared, &tenant, request).await;
     }
@@ -357,6 +361,28 @@ async fn send(
     })
 }
 
+/// The current upstream key, or for a federation source its access token (exchanged when due;
+/// a 503 when none can be had). The audit line names the key's fingerprint or the rule.
+async fn credential(
+    shared: &Shared,
+    tenant: &Tenant,
+    ex: &mut Exchange,
+) -> Result<Credential, ApiError> {
+    if let Some(config) = &tenant.federation {
+        ex.audit.upstream_key = Some(format!("federation:{}", config.federation_rule_id));
+        let bearer = shared
+            .federation
+            .bearer(config, &shared.upstream, &shared.recorder.metrics)
+            .await?;
+        return Ok(Credential::Bearer(bearer));
+    }
+    let current = tenant
+        .current_upstream()
+        .ok_or_else(|| ApiError::Unavailable("no upstream key is configured".into()))?;
+    ex.audit.upstream_key = Some(current.fingerprint.clone());
+    Ok(Credential::ApiKey(current.header.clone()))
+}
+
 /// Sends with the current upstream key; on a 401 during a grace period, once more with the
 /// previous key (the new key may not be active at Anthropic yet).
 async fn forward_replayable(
@@ -364,18 +390,17 @@ async fn forward_replayable(
     tenant: &Tenant,
     ex: &mut Exchange,
 ) -> Result<Response<Incoming>, ApiError> {
-    let current = tenant.current_upstream();
-    ex.audit.upstream_key = Some(current.fingerprint.clone());
+    let credential = credential(shared, tenant, ex).await?;
     ex.sent = true;
     let request = shared.upstream.request(
         &ex.method,
         &ex.path,
         &ex.headers,
-        &current.header,
+        &credential,
         Upstream::body(&ex.body),
     )?;
     let response = send(shared, tenant, request).await?;
-    if response.status() != StatusCode::UNAUTHORIZED {
+    if response.status() != StatusCode::UNAUTHORIZED || tenant.federation.is_some() {
         return Ok(response);
     }
     let Some(previous) = tenant.previous_upstream(Utc::now()) else {
@@ -391,7 +416,7 @@ async fn forward_replayable(
         &ex.method,
         &ex.path,
         &ex.headers,
-        &previous.header,
+        &Credential::ApiKey(previous.header.clone()),
         Upstream::body(&ex.body),
     )?;
     send(shared, tenant, request).await

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     crd::{LimitsSpec, PromptInjectionMode},
-    proxyconf::{ClaudeKeyRef, ProxyConfig, still_valid},
+    proxyconf::{ClaudeKeyRef, FederationConfig, ProxyConfig, still_valid},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -51,8 +51,11 @@ pub struct Tenant {
     pub id: ClaudeKeyRef,
     /// `namespace/name`, the metric label and audit field.
     pub label: String,
-    /// Current first, then the previous keys still in their grace period.
+    /// Current first, then the previous keys still in their grace period. Empty for a
+    /// federation source.
     pub upstream: Vec<UpstreamKey>,
+    /// Workload identity federation: access tokens instead of upstream keys.
+    pub federation: Option<FederationConfig>,
     pub workload_keys: Vec<WorkloadHash>,
     pub expires_at: Option<DateTime<Utc>>,
     pub scope: Scope,
@@ -68,10 +71,14 @@ pub struct Tenant {
 
 impl Tenant {
     pub fn compile(config: &ProxyConfig, limiters: &Limiters) -> Result<Self, TenantError> {
-        let current = config
-            .current_upstream()
-            .ok_or(TenantError::NoCurrentUpstream)?;
-        let ordered = std::iter::once(current)
+        // A federation source has no upstream key; any other must have a current one.
+        let current = match (&config.federation, config.current_upstream()) {
+            (Some(_), current) => current,
+            (None, Some(current)) => Some(current),
+            (None, None) => return Err(TenantError::NoCurrentUpstream),
+        };
+        let ordered = current
+            .into_iter()
             .chain(config.upstream.iter().filter(|u| u.valid_until.is_some()));
         let upstream = ordered
             .map(|u| {
@@ -120,6 +127,7 @@ impl Tenant {
             id: config.claude_key.clone(),
             label: format!("{}/{}", config.claude_key.namespace, config.claude_key.name),
             upstream,
+            federation: config.federation.clone(),
             workload_keys,
             expires_at: policy.expires_at,
             scope: Scope::new(&policy.scope)?,
@@ -132,9 +140,9 @@ impl Tenant {
         })
     }
 
-    /// The key to try first.
-    pub fn current_upstream(&self) -> &UpstreamKey {
-        &self.upstream[0]
+    /// The key to try first; `None` only for a federation source.
+    pub fn current_upstream(&self) -> Option<&UpstreamKey> {
+        self.upstream.first()
     }
 
     /// A previous upstream key still in its grace period, for one retry after a 401.

@@ -12,6 +12,10 @@ use crate::crd::annotations;
 /// Name of the proxy sidecar the mutating webhook injects.
 pub const SIDECAR_NAME: &str = "claudekey-proxy";
 
+/// Where the proxy sidecar of a federation source reads its projected identity token
+/// (CONTRACT.md); the only extra flag an injected sidecar may carry.
+pub const IDENTITY_TOKEN_PATH: &str = "/var/run/secrets/claudekey.io/identity/token";
+
 /// What to do instead of putting a key into a spec; part of every key finding.
 pub(super) const KEY_ADVICE: &str = "keep keys out of pod specs: create a ClaudeKey and annotate the pod with claudekey.io/inject: <ClaudeKey>, or read the key from a Secret with valueFrom.secretKeyRef";
 

@@ -5,23 +5,32 @@
 //! `mutate`: it reuses that patch and swaps the sidecar and its volume.
 
 use json_patch::{Patch, PatchOperation};
-use k8s_openapi::api::core::v1::{Container, Pod, SecretVolumeSource, Volume, VolumeMount};
+use k8s_openapi::api::core::v1::{
+    Container, Pod, ProjectedVolumeSource, SecretVolumeSource, ServiceAccountTokenProjection,
+    Volume, VolumeMount, VolumeProjection,
+};
 use serde_json::Value;
 
 use super::mutate::{self, PROXY_VOLUME, Refusal, SidecarConfig};
 use super::rules::SIDECAR_NAME;
-use crate::crd::{ClaudeKey, annotations, client_secret_name};
+use crate::crd::{ClaudeKey, IdentityTokenStatus, annotations, client_secret_name};
 
 /// Volume carrying `<name>-client` into the forwarder.
 pub const CLIENT_VOLUME: &str = "claudekey-client";
 /// Where the forwarder reads `<name>-client` (its `--config-dir`).
 pub const CLIENT_DIR: &str = "/var/run/claudekey/client";
+/// Volume carrying the projected identity token into the proxy sidecar (federation).
+pub const IDENTITY_VOLUME: &str = "claudekey-identity";
+/// Where the proxy sidecar finds it (CONTRACT.md).
+pub const IDENTITY_DIR: &str = "/var/run/secrets/claudekey.io/identity";
+const IDENTITY_FILE: &str = "token";
+pub use super::finding::IDENTITY_TOKEN_PATH;
 
 /// Where a ClaudeKey's upstream key lives, from `status.placement`.
 pub use crate::crd::Placement;
 
 /// What the webhook's cache knows of the ClaudeKey a pod names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Found {
     /// No such ClaudeKey in the namespace.
     Missing,
@@ -29,6 +38,9 @@ pub enum Found {
     /// webhook does not know): injecting either sidecar could mount a Secret that never comes.
     NotReady,
     Placed(Placement),
+    /// Placement namespace with a workload-identity-federation source: the proxy sidecar also
+    /// gets the projected service-account token it exchanges.
+    Federated(IdentityTokenStatus),
 }
 
 impl Found {
@@ -36,12 +48,14 @@ impl Found {
     pub fn of(claudekey: Option<&ClaudeKey>) -> Self {
         match claudekey {
             None => Self::Missing,
-            Some(ck) => Self::placed(
-                ck.status
-                    .as_ref()
-                    .and_then(|s| s.placement)
-                    .map(Placement::as_str),
-            ),
+            Some(ck) => {
+                let status = ck.status.as_ref();
+                let found = Self::placed(status.and_then(|s| s.placement).map(Placement::as_str));
+                match (found, status.and_then(|s| s.identity_token.clone())) {
+                    (Self::Placed(Placement::Namespace), Some(token)) => Self::Federated(token),
+                    (found, _) => found,
+                }
+            }
         }
     }
 
@@ -67,6 +81,112 @@ pub enum InjectError {
         "the pod already has a volume named {CLIENT_VOLUME:?}: rename it so the claudekey forwarder can be injected"
     )]
     ClientVolumeClash,
+    #[error(
+        "the pod already has a volume named {IDENTITY_VOLUME:?}: rename it so the claudekey proxy can get its identity token"
+    )]
+    IdentityVolumeClash,
+}
+
+fn has_volume(pod: &Pod, name: &str) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .is_some_and(|v| v.iter().any(|v| v.name == name))
+}
+
+/// Adds, in `mutate`'s patch, the projected service-account token to the proxy sidecar only
+/// (its volume, its mount, `--identity-token-file`). App containers never mount it: with it an
+/// app could get Anthropic access tokens of its own, past every policy of the proxy.
+fn with_identity(patch: Patch, token: &IdentityTokenStatus) -> Patch {
+    let volume = to_value(&identity_volume(token));
+    let mount = to_value(&VolumeMount {
+        name: IDENTITY_VOLUME.to_string(),
+        mount_path: IDENTITY_DIR.to_string(),
+        read_only: Some(true),
+        ..Default::default()
+    });
+    let extend = |value: &mut Value| {
+        let name = value.get("name").and_then(Value::as_str);
+        if name == Some(SIDECAR_NAME) && value.get("restartPolicy").is_some() {
+            if let Some(Value::Array(args)) = value.get_mut("args") {
+                args.push("--identity-token-file".into());
+                args.push(IDENTITY_TOKEN_PATH.into());
+            }
+            if let Some(Value::Array(mounts)) = value.get_mut("volumeMounts") {
+                mounts.push(mount.clone());
+            }
+        }
+    };
+    let mut ops: Vec<PatchOperation> = patch
+        .0
+        .into_iter()
+        .map(|op| match op {
+            PatchOperation::Add(mut add) => {
+                match &mut add.value {
+                    Value::Array(items) => items.iter_mut().for_each(extend),
+                    value => extend(value),
+                }
+                PatchOperation::Add(add)
+            }
+            other => other,
+        })
+        .collect();
+    // The volume goes next to the `-proxy` one, in the same shape (array or appended entry).
+    let mut volume_op = None;
+    for op in &ops {
+        if let PatchOperation::Add(add) = op {
+            let is_proxy = |v: &Value| v.get("name").and_then(Value::as_str) == Some(PROXY_VOLUME);
+            match &add.value {
+                Value::Array(items) if items.iter().any(is_proxy) => {
+                    let mut items = items.clone();
+                    items.push(volume.clone());
+                    volume_op = Some((add.path.clone(), Value::Array(items), true));
+                }
+                value if is_proxy(value) => {
+                    volume_op = Some((add.path.clone(), volume.clone(), false));
+                }
+                _ => {}
+            }
+        }
+    }
+    if let Some((path, value, replace_array)) = volume_op {
+        if replace_array {
+            for op in &mut ops {
+                if let PatchOperation::Add(add) = op
+                    && add.path == path
+                {
+                    add.value = value.clone();
+                }
+            }
+        } else {
+            // `mutate` appended the `-proxy` volume at `/spec/volumes/-`: append this one too.
+            ops.push(PatchOperation::Add(json_patch::AddOperation {
+                path,
+                value,
+            }));
+        }
+    }
+    Patch(ops)
+}
+
+fn identity_volume(token: &IdentityTokenStatus) -> Volume {
+    Volume {
+        name: IDENTITY_VOLUME.to_string(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(token.audience.clone()),
+                    expiration_seconds: Some(token.expiration_seconds),
+                    path: IDENTITY_FILE.to_string(),
+                }),
+                ..Default::default()
+            }]),
+            // Unset: only the sidecar mounts it, and the kubelet then gives the token file to
+            // the sidecar's runAsUser with mode 0600 (a fixed 0440 would leave it root's).
+            default_mode: None,
+        }),
+        ..Default::default()
+    }
 }
 
 /// The injection patch for `pod`: `mutate`'s, with the forwarder in place of the proxy when the
@@ -85,19 +205,35 @@ pub fn inject(
         .map(|n| n.trim().to_string())
         .unwrap_or_default();
     let found = lookup(&name);
+    if matches!(found, Found::Federated(_)) && has_volume(pod, IDENTITY_VOLUME) {
+        return Err(InjectError::IdentityVolumeClash);
+    }
     let patch = mutate::mutate(pod, namespace, |n| lookup(n) != Found::Missing, config)?;
     let Some(patch) = patch else {
         return Ok(None);
     };
     match found {
         Found::Placed(Placement::Namespace) => Ok(Some(patch)),
-        Found::Placed(Placement::Gateway) => {
-            let clash = pod
+        Found::Federated(token) => {
+            let mut patch = with_identity(patch, &token);
+            // The apiserver refuses a serviceAccountToken projection without a
+            // serviceAccountName; the ServiceAccount admission plugin sets `default` before
+            // webhooks run, but not everywhere (it can be disabled): set it the same way.
+            let named = pod
                 .spec
                 .as_ref()
-                .and_then(|s| s.volumes.as_ref())
-                .is_some_and(|v| v.iter().any(|v| v.name == CLIENT_VOLUME));
-            if clash {
+                .and_then(|s| s.service_account_name.as_deref())
+                .is_some_and(|n| !n.is_empty());
+            if !named {
+                patch.0.push(PatchOperation::Add(json_patch::AddOperation {
+                    path: "/spec/serviceAccountName".parse().expect("valid pointer"),
+                    value: Value::String("default".into()),
+                }));
+            }
+            Ok(Some(patch))
+        }
+        Found::Placed(Placement::Gateway) => {
+            if has_volume(pod, CLIENT_VOLUME) {
                 return Err(InjectError::ClientVolumeClash);
             }
             Ok(Some(to_forwarder(patch, &name, config)))

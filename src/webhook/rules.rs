@@ -12,7 +12,7 @@ use super::{keyrules, preconditions};
 use crate::crd::proxy_secret_name;
 
 pub(super) use super::finding::{ContainerView, Out, inject_annotation};
-pub use super::finding::{Finding, RuleId, SIDECAR_NAME};
+pub use super::finding::{Finding, IDENTITY_TOKEN_PATH, RuleId, SIDECAR_NAME};
 pub use super::workload::Workload;
 
 /// What the rules need to know beyond the object itself.
@@ -164,9 +164,18 @@ pub fn same_container(
 
 /// True when `c` runs exactly the injected proxy (fields the apiserver does not default).
 fn runs_injected_sidecar(c: &Container, expected: &Container) -> bool {
+    // A federation source's sidecar has one more flag, with the one fixed path.
+    let federated = expected.args.as_ref().map(|args| {
+        let mut args = args.clone();
+        args.extend([
+            "--identity-token-file".to_string(),
+            IDENTITY_TOKEN_PATH.to_string(),
+        ]);
+        args
+    });
     c.image == expected.image
         && c.command == expected.command
-        && c.args == expected.args
+        && (c.args == expected.args || c.args == federated)
         && c.security_context == expected.security_context
         && c.lifecycle.is_none()
 }

@@ -394,6 +394,12 @@ pub const EVENT_ONLY: &[(&str, &str, &str)] = &[
         "src/proxy/limits/metrics.rs",
         "\"budget_usd\"",
     ),
+    // Only once a federation source's token was exchanged (tests/federation scrape it).
+    (
+        "claudekey_proxy_federation_exchanges_total",
+        "src/proxy/metrics.rs",
+        "\"federation_exchanges\"",
+    ),
     (
         "claudekey_reconcile_errors_total",
         "src/controller/metrics.rs",

@@ -116,6 +116,7 @@ If a role's flags change, change them here only. Mount paths used by the flags a
 {{- if .Values.prices }}
 - --price-table={{ include "claudekey.paths.prices" . }}/prices.yaml
 {{- end }}
+- --identity-service-account={{ .Release.Namespace }}/{{ include "claudekey.serviceAccountName" (dict "ctx" . "component" "gateway") }}
 {{- range .Values.gateway.extraArgs }}
 - {{ . | quote }}
 {{- end }}
