@@ -11,6 +11,7 @@
 mod fixture;
 mod ha;
 mod manifests;
+mod ops;
 mod rotation;
 
 use std::time::Duration;

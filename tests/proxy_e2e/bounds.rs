@@ -356,7 +356,10 @@ async fn post_message(
             message("hi", false).to_string(),
         )))
         .unwrap();
-    let response = sender.send_request(request).await.expect("answered, not cut");
+    let response = sender
+        .send_request(request)
+        .await
+        .expect("answered, not cut");
     let close = response
         .headers()
         .get(http::header::CONNECTION)
@@ -392,7 +395,11 @@ async fn a_shutdown_delay_drains_connections_cleanly_and_requests_in_flight_fini
     assert!(started.elapsed() >= delay, "stopped before the delay");
     assert_eq!(pooled_answer, (200, true));
     assert_eq!(fresh_answer, (200, true));
-    assert_eq!(in_flight.await.unwrap(), (200, true), "the request in flight");
+    assert_eq!(
+        in_flight.await.unwrap(),
+        (200, true),
+        "the request in flight"
+    );
     for closed in [pooled_closed, busy_closed, fresh_closed] {
         tokio::time::timeout(Duration::from_secs(2), closed)
             .await
@@ -400,5 +407,9 @@ async fn a_shutdown_delay_drains_connections_cleanly_and_requests_in_flight_fini
             .unwrap();
     }
     assert!(TcpStream::connect(addr).await.is_err(), "listener closed");
-    assert_eq!(h.audit_lines().len(), 4, "every request answered and audited");
+    assert_eq!(
+        h.audit_lines().len(),
+        4,
+        "every request answered and audited"
+    );
 }
