@@ -10,6 +10,7 @@
 
 mod fixture;
 mod ha;
+mod isolation;
 mod manifests;
 mod ops;
 mod rotation;
