@@ -86,13 +86,20 @@ if [ -f hack/chart-test.sh ]; then
 fi
 step "the README's first command (hack/demo.sh, non-interactive)"
 demo_dir=$(mktemp -d /tmp/claudekey-demo-test.XXXXXX)
-if ! CLAUDEKEY_DEMO_EXIT=1 CLAUDEKEY_DEMO_DIR=$demo_dir bash hack/demo.sh >"$demo_dir.log" 2>&1; then
+demo_node=1
+[[ ${CLAUDEKEY_SKIP_NODE:-0} == 1 ]] && demo_node=0
+if ! CLAUDEKEY_DEMO_EXIT=1 CLAUDEKEY_DEMO_DIR=$demo_dir CLAUDEKEY_DEMO_NODE=$demo_node bash hack/demo.sh >"$demo_dir.log" 2>&1; then
   tail -40 "$demo_dir.log" >&2
   echo "hack/demo.sh failed (log: $demo_dir.log)" >&2
   exit 1
 fi
 grep -q "after grace:  new key -> HTTP 200, old key -> HTTP 401" "$demo_dir.log" \
   || { tail -40 "$demo_dir.log" >&2; echo "hack/demo.sh did not show the rotation" >&2; exit 1; }
+# As root the demo also starts a real node and runs an app pod through its sidecar.
+if [[ $(id -u) == 0 && ${CLAUDEKEY_SKIP_NODE:-0} != 1 ]]; then
+  grep -q "ANSWER Hello from the fake Anthropic API." "$demo_dir.log" \
+    || { tail -40 "$demo_dir.log" >&2; echo "hack/demo.sh did not run the app pod through its sidecar" >&2; exit 1; }
+fi
 echo "demo ok (log: $demo_dir.log)"
 
 if [[ ${CLAUDEKEY_SKIP_NODE:-0} == 1 ]]; then
