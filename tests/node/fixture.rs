@@ -86,6 +86,14 @@ pub fn installed() -> &'static Fixture {
             .args(["--set", "image.pullPolicy=Never"])
             .args(["--set", &format!("upstreamURL={}", upstream.url())])
             .args(["--set", "logFormat=text"])
+            // Extra values for experiments by hand (e.g. a control run with a setting undone).
+            .args(
+                std::env::var("CLAUDEKEY_NODE_HELM_SET")
+                    .ok()
+                    .filter(|v| !v.is_empty())
+                    .map(|v| vec!["--set".to_string(), v])
+                    .unwrap_or_default(),
+            )
             .output()
             .expect("run helm");
         if !out.status.success() {

@@ -60,6 +60,34 @@ async fn gateway_endpoints(client: &Client) -> (String, i32, Vec<String>) {
     (ip, port.port, targets)
 }
 
+/// Routes the Service `ip:port` to `targets`, as kube-proxy would. Our own node has no
+/// kube-proxy (CLAUDEKEY_TEST_NODE is set by hack/node.sh); another cluster
+/// (hack/e2e-cluster.sh) routes Services itself, and this does nothing.
+fn route(ip: &str, port: i32, targets: &[String]) {
+    if std::env::var_os("CLAUDEKEY_TEST_NODE").is_none() {
+        return;
+    }
+    let node_sh = concat!(env!("CARGO_MANIFEST_DIR"), "/hack/node.sh");
+    let status = Command::new("bash")
+        .arg(node_sh)
+        .args(["service-dnat", ip, &port.to_string()])
+        .args(targets)
+        .status()
+        .expect("run hack/node.sh service-dnat");
+    assert!(status.success(), "hack/node.sh service-dnat failed");
+}
+
+/// An app pod of gateway placement in `ns` running `script`, naming the gateway Service's DNS
+/// name (the host of the controller's ANTHROPIC_BASE_URL) at the Service's ClusterIP.
+fn gateway_app(name: &str, script: &str, service_ip: &str) -> Pod {
+    let mut pod = app_pod(name, "bot", script, "Never");
+    pod.spec.as_mut().expect("spec").host_aliases = Some(vec![HostAlias {
+        ip: service_ip.to_string(),
+        hostnames: Some(vec![format!("{RELEASE}-gateway.{OPERATOR_NS}.svc")]),
+    }]);
+    pod
+}
+
 #[tokio::test]
 #[ignore = "node tier: needs a real node (CLAUDEKEY_NODE=1 hack/control-plane.sh start); hack/test.sh runs it"]
 async fn a_gateway_placement_app_reaches_the_gateway_service_over_tls() {
@@ -70,18 +98,7 @@ async fn a_gateway_placement_app_reaches_the_gateway_service_over_tls() {
     placed_claudekey(&client, &ns, "bot", &upstream_key, "20s", "gateway").await;
 
     let (ip, port, targets) = gateway_endpoints(&client).await;
-    // Our own node has no kube-proxy (CLAUDEKEY_TEST_NODE is set by hack/node.sh); another
-    // cluster (hack/e2e-cluster.sh) routes Services itself.
-    if std::env::var_os("CLAUDEKEY_TEST_NODE").is_some() {
-        let node_sh = concat!(env!("CARGO_MANIFEST_DIR"), "/hack/node.sh");
-        let status = Command::new("bash")
-            .arg(node_sh)
-            .args(["service-dnat", &ip, &port.to_string()])
-            .args(&targets)
-            .status()
-            .expect("run hack/node.sh service-dnat");
-        assert!(status.success(), "hack/node.sh service-dnat failed");
-    }
+    route(&ip, port, &targets);
 
     // What the controller wrote for the app: the gateway Service's DNS name, over https.
     let client_secret = Api::<Secret>::namespaced(client.clone(), &ns)
@@ -92,13 +109,8 @@ async fn a_gateway_placement_app_reaches_the_gateway_service_over_tls() {
     let base_url = String::from_utf8(data["ANTHROPIC_BASE_URL"].0.clone()).expect("utf-8");
     let expected = format!("https://{RELEASE}-gateway.{OPERATOR_NS}.svc:{port}");
     assert_eq!(base_url, expected);
-    let host = format!("{RELEASE}-gateway.{OPERATOR_NS}.svc");
 
-    let mut pod = app_pod("sdk-gw", "bot", SDK_ONCE, "Never");
-    pod.spec.as_mut().expect("spec").host_aliases = Some(vec![HostAlias {
-        ip: ip.clone(),
-        hostnames: Some(vec![host]),
-    }]);
+    let pod = gateway_app("sdk-gw", SDK_ONCE, &ip);
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
     pods.create(&PostParams::default(), &pod)
         .await
@@ -137,4 +149,120 @@ async fn a_gateway_placement_app_reaches_the_gateway_service_over_tls() {
             .iter()
             .any(|r| r.header("x-api-key") == Some(upstream_key.as_str()))
     );
+}
+
+/// Requests through the forwarder to the gateway for `DURATION` seconds, one at a time, no
+/// retries: every failure is printed.
+const SDK_LOOP: &str = r#"
+import anthropic, time
+client = anthropic.Anthropic(max_retries=0, timeout=20)
+ok = fail = 0
+end = time.time() + 30
+print("STARTED", flush=True)
+while time.time() < end:
+    try:
+        client.messages.create(model="claude-haiku-4-5", max_tokens=8,
+                               messages=[{"role": "user", "content": "hi"}])
+        ok += 1
+    except Exception as e:
+        fail += 1
+        print("FAIL", type(e).__name__, e, flush=True)
+    time.sleep(0.05)
+print("DONE", ok, fail, flush=True)
+"#;
+
+/// A gateway pod deleted while an app sends requests through the Service: for 3 s the Service
+/// still routes new connections to it (kube-proxy lags behind the endpoint change), then no
+/// longer. The pod keeps accepting during its shutdown delay and drains every connection
+/// (GOAWAY / `Connection: close`, requests in flight answered), so the app, without retries,
+/// sees no failure.
+#[tokio::test]
+#[ignore = "node tier: needs a real node (CLAUDEKEY_NODE=1 hack/control-plane.sh start); hack/test.sh runs it"]
+async fn a_gateway_pod_deleted_under_load_drains_without_a_failed_request() {
+    let fx = installed();
+    let client = node_client().await;
+    let ns = namespace(&client, "node-gw-drain").await;
+    let upstream_key = fx.new_upstream_key();
+    placed_claudekey(&client, &ns, "bot", &upstream_key, "20s", "gateway").await;
+    let (ip, port, targets) = gateway_endpoints(&client).await;
+    route(&ip, port, &targets);
+
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    pods.create(
+        &PostParams::default(),
+        &gateway_app("sdk-loop", SDK_LOOP, &ip),
+    )
+    .await
+    .expect("create the app pod");
+    eventually(Duration::from_secs(60), "the app sending", || async {
+        logs(&client, &ns, "sdk-loop", "app")
+            .await
+            .contains("STARTED")
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let gateway_pods = Api::<Pod>::namespaced(client.clone(), OPERATOR_NS);
+    let list = gateway_pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=gateway"))
+        .await
+        .expect("gateway pods");
+    // The replica serving the app now (its forwarder keeps one pooled connection): the one whose
+    // audit lines name the ClaudeKey most.
+    let mut served = Vec::new();
+    for pod in &list.items {
+        let name = pod.metadata.name.clone().expect("name");
+        let audit = logs(&client, OPERATOR_NS, &name, "claudekey-proxy").await;
+        served.push((audit.matches(&format!("{ns}/bot")).count(), pod.clone()));
+    }
+    served.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+    assert!(
+        served[0].0 > 0,
+        "no gateway replica audited the app's requests"
+    );
+    let victim = served[0].1.clone();
+    let victim_ip = victim
+        .status
+        .and_then(|s| s.pod_ip)
+        .expect("the victim's IP");
+    let survivors: Vec<String> = targets
+        .iter()
+        .filter(|t| !t.starts_with(&format!("{victim_ip}:")))
+        .cloned()
+        .collect();
+    assert_eq!(survivors.len(), 1, "{targets:?} without {victim_ip}");
+    gateway_pods
+        .delete(
+            &victim.metadata.name.expect("name"),
+            &kube::api::DeleteParams::default(),
+        )
+        .await
+        .expect("delete a gateway pod");
+    // kube-proxy lags behind: new connections still reach the terminating pod for a while,
+    // which must accept and serve them (--shutdown-delay, 5 s), then it is taken out.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    route(&ip, port, &survivors);
+
+    let done = eventually(Duration::from_secs(90), "the app to finish", || async {
+        let out = logs(&client, &ns, "sdk-loop", "app").await;
+        out.contains("DONE").then_some(out)
+    })
+    .await;
+    let summary = done.lines().find(|l| l.starts_with("DONE")).expect("DONE");
+    let counts: Vec<u32> = summary
+        .split_whitespace()
+        .skip(1)
+        .map(|n| n.parse().expect("count"))
+        .collect();
+    eprintln!("gateway pod deleted under load: {summary}");
+    assert_eq!(counts[1], 0, "requests failed:\n{done}");
+    assert!(
+        counts[0] >= 50,
+        "only {} requests in 30 s:\n{done}",
+        counts[0]
+    );
+    // The Service routed to both endpoints again, for the tests after this one.
+    let (_, _, targets) = gateway_endpoints(&client).await;
+    route(&ip, port, &targets);
 }
