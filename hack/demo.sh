@@ -8,8 +8,12 @@
 # with the proxy sidecar injected, a request through a locally run proxy with its audit line,
 # and a rotation with the grace overlap. Ctrl-C stops everything it started.
 #
+# As root on Linux it also starts a real node (hack/node.sh: containerd, kubelet, bridge CNI) and
+# runs an app pod with the official Python SDK through its injected sidecar.
+#
 #   CLAUDEKEY_DEMO_EXIT=1   end after the walk-through instead of waiting for Ctrl-C (CI)
 #   CLAUDEKEY_DEMO_DIR      working directory (default /tmp/claudekey-demo)
+#   CLAUDEKEY_DEMO_NODE=0   no real node even as root (the pod is then only shown admitted)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -53,6 +57,59 @@ wait_for() {
   die "timed out waiting for $what"
 }
 
+# The real node's part: a ClaudeKey with placement namespace (the proxy sidecar itself, talking to
+# the fake upstream on the bridge address), and the official SDK in an app pod, unchanged.
+demo_pod_on_the_node() {
+  say "On the real node: the official Python SDK in an app pod, through its injected sidecar"
+  kubectl apply -f - >/dev/null <<EOF
+apiVersion: claudekey.io/v1alpha2
+kind: ClusterClaudeKeySource
+metadata: { name: support-sidecar }
+spec:
+  kubernetesSecret: { name: anthropic-support, key: api-key }
+  allowedNamespaces: { names: [$NS] }
+  placement: namespace
+---
+apiVersion: claudekey.io/v1alpha2
+kind: ClaudeKey
+metadata: { name: sidecar-bot, namespace: $NS }
+spec:
+  sourceRef: { kind: ClusterClaudeKeySource, name: support-sidecar }
+  scope: { models: ["claude-haiku-*"] }
+EOF
+  kubectl -n "$NS" wait ck/sidecar-bot --for=condition=Ready --timeout=60s >/dev/null
+  kubectl apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata:
+  name: sdk-app
+  namespace: $NS
+  annotations: { claudekey.io/inject: sidecar-bot }
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  securityContext: { runAsNonRoot: true, runAsUser: 1000, seccompProfile: { type: RuntimeDefault } }
+  containers:
+    - name: app
+      image: $CLAUDEKEY_TEST_APP_IMAGE
+      imagePullPolicy: Never
+      securityContext: { allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: { drop: [ALL] } }
+      args:
+        - -c
+        - |
+          import anthropic, os
+          print("the app's base URL:", os.environ["ANTHROPIC_BASE_URL"], "and key:", os.environ["ANTHROPIC_API_KEY"])
+          msg = anthropic.Anthropic(max_retries=0).messages.create(model="claude-haiku-4-5", max_tokens=32,
+              messages=[{"role": "user", "content": "Say hello."}])
+          print("ANSWER", msg.content[0].text)
+EOF
+  wait_for "the app pod to finish" 90 bash -c "'$CLAUDEKEY_TEST_KUBECTL' -n $NS get pod sdk-app -o jsonpath='{.status.phase}' | grep -qx Succeeded"
+  note "pod sdk-app: init container $(kubectl -n "$NS" get pod sdk-app -o jsonpath='{.status.initContainerStatuses[0].name} (a native sidecar) started {.status.initContainerStatuses[0].state.*.startedAt}')"
+  note "             app container started $(kubectl -n "$NS" get pod sdk-app -o jsonpath='{.status.containerStatuses[0].state.terminated.startedAt}'), pod $(kubectl -n "$NS" get pod sdk-app -o jsonpath='{.status.phase}')"
+  note "app output (the SDK unchanged, with the placeholder key; the sidecar sends the real one):"
+  kubectl -n "$NS" logs sdk-app -c app | sed 's/^/     /'
+}
+
 say "Building claudekey and the test tools (cached after the first run)"
 bash hack/tools.sh >/dev/null
 cargo build --quiet --bin claudekey --example fake_upstream
@@ -60,8 +117,15 @@ CK=$ROOT/target/debug/claudekey
 FAKE=$ROOT/target/debug/examples/fake_upstream
 
 rm -rf "$DEMO" && mkdir -p "$DEMO"
-say "Starting a local control plane"
-bash hack/control-plane.sh start >"$DEMO/control-plane.log" 2>&1 || { tail -30 "$DEMO/control-plane.log"; die "control plane did not start"; }
+NODE=0
+[[ $(id -u) == 0 && $(uname -s) == Linux && ${CLAUDEKEY_DEMO_NODE:-1} != 0 ]] && NODE=1
+if [[ $NODE == 1 ]]; then
+  say "Starting a local control plane and a real node (root: containerd, kubelet, bridge CNI)"
+else
+  say "Starting a local control plane"
+fi
+CLAUDEKEY_NODE=$NODE CLAUDEKEY_BIN=$CK bash hack/control-plane.sh start >"$DEMO/control-plane.log" 2>&1 \
+  || { tail -30 "$DEMO/control-plane.log"; die "control plane did not start (CLAUDEKEY_DEMO_NODE=0: without the node)"; }
 # shellcheck disable=SC1091
 source "$CLAUDEKEY_STATE_DIR/env"
 kubectl() { "$CLAUDEKEY_TEST_KUBECTL" "$@"; }
@@ -79,8 +143,11 @@ note "$(kubectl get crd -o name | grep claudekey.io | tr '\n' ' ')established"
 # demo never prints it: everything below shows fingerprints.
 UPSTREAM_KEY="sk-ant-api03-demo-$(openssl rand -hex 24)-AA"
 UPSTREAM_PORT=$(free_port)
-start fake-upstream "$FAKE" --listen "127.0.0.1:$UPSTREAM_PORT" --key "$UPSTREAM_KEY"
-UPSTREAM=http://127.0.0.1:$UPSTREAM_PORT
+# On the node, pods reach this machine only at the bridge address.
+UPSTREAM_HOST=127.0.0.1
+[[ $NODE == 1 ]] && UPSTREAM_HOST=$CLAUDEKEY_TEST_NODE_IP
+start fake-upstream "$FAKE" --listen "$UPSTREAM_HOST:$UPSTREAM_PORT" --key "$UPSTREAM_KEY"
+UPSTREAM=http://$UPSTREAM_HOST:$UPSTREAM_PORT
 wait_for "the fake Anthropic upstream" 30 curl -s -o /dev/null "$UPSTREAM/"
 note "fake Anthropic API at $UPSTREAM"
 
@@ -107,7 +174,7 @@ openssl x509 -req -in "$PKI/tls.csr" -CA "$CLAUDEKEY_TEST_CA" -CAkey "$CLAUDEKEY
 WEBHOOK_PORT=$(free_port)
 start webhook "$CK" webhook --listen "127.0.0.1:$WEBHOOK_PORT" \
   --tls-cert-file "$PKI/tls.crt" --tls-key-file "$PKI/tls.key" --mode enforce \
-  --proxy-image ghcr.io/claudekey/claudekey:0.1.0
+  --proxy-image "${CLAUDEKEY_TEST_IMAGE:-ghcr.io/claudekey/claudekey:0.1.0}" --proxy-upstream "$UPSTREAM"
 wait_for "the webhook" 60 curl -sfk "https://127.0.0.1:$WEBHOOK_PORT/healthz"
 CA_BUNDLE=$(base64 -w0 <"$CLAUDEKEY_TEST_CA")
 kubectl apply -f - >/dev/null <<EOF
@@ -183,7 +250,13 @@ EOF
 note "init containers (native sidecars): $(kubectl -n "$NS" get pod support-bot-demo -o jsonpath='{range .spec.initContainers[*]}{.name} restartPolicy={.restartPolicy} {end}')"
 note "sidecar args: $(kubectl -n "$NS" get pod support-bot-demo -o jsonpath='{.spec.initContainers[0].args}')"
 note "app env: $(kubectl -n "$NS" get pod support-bot-demo -o jsonpath='{range .spec.containers[0].env[*]}{.name}={.value} {end}')"
-note "(no kubelet here, so the pod stays Pending; on a real cluster it starts with the sidecar)"
+if [[ $NODE == 1 ]]; then
+  kubectl -n "$NS" delete pod support-bot-demo --wait=false >/dev/null
+  demo_pod_on_the_node
+else
+  note "(no kubelet here, so the pod stays Pending; on a real cluster it starts with the sidecar;"
+  note " as root, hack/demo.sh starts a real node and runs an app pod through its sidecar)"
+fi
 
 say "Sending a request through the claudekey gateway with the workload key"
 note "the gateway reads the config Secrets of $OPERATOR_NS through the API (--config-secrets)"

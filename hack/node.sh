@@ -7,12 +7,18 @@
 #   hack/node.sh stop        stop every pod and process, restore every host setting it changed
 #   hack/node.sh host-state  print the host state start changes (stop must give the same output)
 #   hack/node.sh mem-usage   KiB in use by the control plane, the node and its pods now
+#   hack/node.sh service-dnat SERVICE_IP PORT POD_IP:PORT...
+#                            route a Service's ClusterIP:PORT to its endpoints, as kube-proxy
+#                            would (replaces that Service's earlier rules; stop removes them)
 #
 # Network (nothing is ever routed off this machine):
 #   198.18.0.1/24  bridge ckbr0: the node's address and the pods' gateway; pods 198.18.0.10-254
 #   198.19.0.0/24  Services (blackhole route on the host); no kube-proxy: the one Service a pod
 #                  uses, kubernetes (198.19.0.1:443), is DNATed to the loopback apiserver, and
 #                  webhooks are reached through the apiserver's endpoint (aggregator) routing.
+#                  Tests route other Services with service-dnat (random over the endpoints; the
+#                  replies are un-DNATed because bridged traffic passes iptables,
+#                  bridge-nf-call-iptables=1). Pods have no DNS: they name Services in hostAliases.
 #   198.18.0.0/15  blackholed as a whole, so nothing addressed in it but the above leaves.
 #
 # Images are never pulled: the pause image is built locally and named in containerd's config,
@@ -461,6 +467,31 @@ cmd_stop() {
   log "node stopped; host restored"
 }
 
+# Packets from pods to SERVICE_IP:PORT go to one of the endpoints, each equally likely: rule i
+# of n matches with probability 1/(n-i), the last always. Only inside this node's NAT chain, which
+# stop removes with everything in it.
+cmd_service_dnat() {
+  local ip=${1:?service IP} port=${2:?port} rule n i
+  shift 2
+  (($# > 0)) || die "service-dnat: no endpoints"
+  [[ $ip =~ ^198\.19\.0\.[0-9]+$ ]] || die "service-dnat: $ip is not in the service range $SERVICE_CIDR"
+  iptables -t nat -S "$NAT_CHAIN" >/dev/null 2>&1 || die "service-dnat: no node running (chain $NAT_CHAIN missing)"
+  iptables -t nat -S "$NAT_CHAIN" | grep -E -- "-d $ip/32 .*--dport $port " | while read -r rule; do
+    eval "iptables -t nat ${rule/-A /-D }"
+  done || true
+  n=$#
+  i=0
+  for target in "$@"; do
+    [[ $target =~ ^198\.18\.0\.[0-9]+:[0-9]+$ ]] || die "service-dnat: $target is not a pod address on $POD_SUBNET"
+    local odds=()
+    ((i < n - 1)) && odds=(-m statistic --mode random --probability "$(awk "BEGIN { printf \"%.5f\", 1 / ($n - $i) }")")
+    iptables -t nat -A "$NAT_CHAIN" -i "$BRIDGE" -d "$ip/32" -p tcp -m tcp --dport "$port" "${odds[@]}" \
+      -j DNAT --to-destination "$target"
+    i=$((i + 1))
+  done
+  log "service $ip:$port -> $*"
+}
+
 # Sourcing defines the functions only (for debugging single steps).
 [[ ${BASH_SOURCE[0]} == "$0" ]] || return 0
 case ${1:-} in
@@ -468,5 +499,6 @@ case ${1:-} in
   stop) cmd_stop ;;
   host-state) cmd_host_state ;;
   mem-usage) cmd_mem_usage ;;
+  service-dnat) shift; cmd_service_dnat "$@" ;;
   *) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}" >&2; exit 2 ;;
 esac

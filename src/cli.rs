@@ -43,6 +43,9 @@ pub enum Command {
     Revoke(crate::admin::cli::RevokeArgs),
     /// Check that a retired upstream key is really dead (GET /v1/models answers 401).
     Drill(crate::admin::cli::DrillArgs),
+    /// Prove an install works from inside the cluster: both webhooks answer and a ClaudeKey
+    /// reaches Ready (what the chart's `helm test` runs).
+    SelfCheck(crate::selfcheck::Args),
 }
 
 /// Runs the chosen role to completion; the exit code is the process's.
@@ -57,13 +60,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Scan(args) => Ok(crate::scan::run(args)),
         Command::Revoke(args) => crate::admin::cli::revoke(args).await,
         Command::Drill(args) => crate::admin::cli::drill(args).await,
+        Command::SelfCheck(args) => crate::selfcheck::run(args).await,
         command => {
             telemetry::init(cli.log_format);
             match command {
                 Command::Controller(args) => crate::controller::run(args).await?,
                 Command::Webhook(args) => crate::webhook::run(args).await?,
                 Command::Proxy(args) => crate::proxy::run(args).await?,
-                Command::Crd | Command::Scan(_) | Command::Revoke(_) | Command::Drill(_) => {
+                Command::Crd
+                | Command::Scan(_)
+                | Command::Revoke(_)
+                | Command::Drill(_)
+                | Command::SelfCheck(_) => {
                     unreachable!("handled above")
                 }
             }

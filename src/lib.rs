@@ -13,6 +13,7 @@ pub mod keys;
 pub mod proxy;
 pub mod proxyconf;
 pub mod scan;
+pub mod selfcheck;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

@@ -31,9 +31,9 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use hyper::service::service_fn;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::{net::TcpListener, task::JoinSet};
 
+use crate::shutdown::drain::Drain;
 pub use audit::AuditTarget;
 use config::{Loader, Store};
 use exchange::Recorder;
@@ -44,6 +44,11 @@ pub use server_limits::ServerLimits;
 pub const DEFAULT_PORT: u16 = 8484;
 /// Default admin (metrics, probes) address when `--metrics-listen` is given without a value.
 pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9484";
+
+/// The gateway's default `--shutdown-delay`: about the time kube-proxy (or the apiserver's
+/// endpoint routing) takes to stop sending a terminating pod new connections. A sidecar needs
+/// none: its only client, the app, has stopped before it.
+pub const GATEWAY_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
 
 /// How the proxy authenticates its clients.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -155,6 +160,11 @@ pub struct Args {
     /// this ServiceAccount (NAMESPACE/NAME, the gateway's own).
     #[arg(long, env = "CLAUDEKEY_PROXY_IDENTITY_SERVICE_ACCOUNT")]
     pub identity_service_account: Option<String>,
+    /// After SIGTERM, keep accepting this long while every connection is closed cleanly after
+    /// its next request, so clients behind a Service move to another replica without a failed
+    /// request [default: 5s in gateway mode, 0s in sidecar mode].
+    #[arg(long, env = "CLAUDEKEY_PROXY_SHUTDOWN_DELAY")]
+    pub shutdown_delay: Option<humantime::Duration>,
 }
 
 /// Everything the proxy needs to start, for `run` and for in-process tests and benches.
@@ -182,6 +192,9 @@ pub struct ProxySettings {
     pub limits: limits::LimitSettings,
     /// Where identity tokens for federation sources come from (none: such sources get 503s).
     pub identity: Option<federation::IdentitySource>,
+    /// After the shutdown signal, keep accepting this long while every connection is closed
+    /// cleanly after its next request (`crate::shutdown::drain`).
+    pub shutdown_delay: Duration,
 }
 
 impl ProxySettings {
@@ -200,6 +213,7 @@ impl ProxySettings {
             shutdown_grace: Duration::from_secs(30),
             limits: limits::LimitSettings::default(),
             identity: None,
+            shutdown_delay: Duration::ZERO,
         }
     }
 }
@@ -215,6 +229,7 @@ pub struct Proxy {
     tls: Option<tokio_rustls::TlsAcceptor>,
     limits: ServerLimits,
     shutdown_grace: Duration,
+    shutdown_delay: Duration,
 }
 
 impl Proxy {
@@ -276,10 +291,13 @@ impl Proxy {
             tls,
             limits: settings.server_limits,
             shutdown_grace: settings.shutdown_grace,
+            shutdown_delay: settings.shutdown_delay,
         })
     }
 
-    /// Serves the traffic listener until `shutdown` resolves, then lets open requests finish
+    /// Serves the traffic listener until `shutdown` resolves, drains for the shutdown delay
+    /// (still accepting; every connection closed cleanly after its next request: HTTP/2 GOAWAY,
+    /// HTTP/1 `Connection: close`), then closes the listener and lets open requests finish
     /// (streams included) for the shutdown grace (30 s); requests still open then are cut, and
     /// each still leaves its audit line (outcome `shutdown`) before this returns. With TLS, each
     /// connection's handshake comes first (bounded), then the same limits as plain HTTP.
@@ -288,23 +306,24 @@ impl Proxy {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let graceful = GracefulShutdown::new();
+        let drain = Drain::new();
+        let stop = drain.after(shutdown, self.shutdown_delay);
+        tokio::pin!(stop);
         let slots = self.limits.slots();
         let mut connections = JoinSet::new();
-        tokio::pin!(shutdown);
         loop {
             // Finished connections leave the set, so it holds only open ones.
             while connections.try_join_next().is_some() {}
             // A free slot first: past the cap, connections wait in the kernel's backlog.
             let slot = tokio::select! {
-                () = &mut shutdown => break,
+                () = &mut stop => break,
                 slot = slots.clone().acquire_owned() => match slot {
                     Ok(slot) => slot,
                     Err(_) => break,
                 },
             };
             let (stream, _) = tokio::select! {
-                () = &mut shutdown => break,
+                () = &mut stop => break,
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
@@ -317,7 +336,7 @@ impl Proxy {
             let _ = stream.set_nodelay(true);
             let shared = self.shared.clone();
             let service = service_fn(move |req| pipeline::handle(shared.clone(), req));
-            let (limits, watcher) = (self.limits.clone(), graceful.watcher());
+            let (limits, watcher) = (self.limits.clone(), drain.connection());
             let tls = self.tls.clone();
             connections.spawn(async move {
                 match tls {
@@ -337,10 +356,7 @@ impl Proxy {
             });
         }
         drop(listener);
-        let drained = async {
-            graceful.shutdown().await;
-            while connections.join_next().await.is_some() {}
-        };
+        let drained = async { while connections.join_next().await.is_some() {} };
         if tokio::time::timeout(self.shutdown_grace, drained)
             .await
             .is_err()
@@ -412,6 +428,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     settings.tls = args.tls_cert.clone().zip(args.tls_key.clone());
     settings.limits = launch::limit_settings(&args)?;
     settings.identity = launch::identity_source(&args).await?;
+    settings.shutdown_delay = match (args.shutdown_delay, mode) {
+        (Some(delay), _) => *delay,
+        (None, Mode::Gateway) => GATEWAY_SHUTDOWN_DELAY,
+        (None, Mode::Sidecar) => Duration::ZERO,
+    };
     settings.audit = match args.audit_log.as_str() {
         "-" => AuditTarget::Stdout,
         path => AuditTarget::File(path.into()),

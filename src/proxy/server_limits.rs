@@ -20,7 +20,7 @@ use http_body_util::BodyExt;
 use hyper::{body::Incoming, service::Service};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::Watcher},
+    server::conn::auto,
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -28,6 +28,7 @@ use tokio::{
 };
 
 use super::body::ProxyBody;
+use crate::shutdown::drain::ConnectionDrain;
 
 /// The limits of one listener.
 #[derive(Clone, Debug)]
@@ -111,11 +112,11 @@ impl Drop for InFlight {
 }
 
 /// Serves one accepted connection (a TCP stream, or a TLS stream over one) with `service`
-/// until it ends, goes idle past the limit, or the `graceful` shutdown it watches closes it. `_slot` is held for
-/// the connection's life.
+/// until it ends, goes idle past the limit, or the server's drain closes it (cleanly: GOAWAY or
+/// `Connection: close`). `_slot` is held for the connection's life.
 pub async fn serve_connection<IO, S>(
     limits: &ServerLimits,
-    graceful: Watcher,
+    drain: ConnectionDrain,
     io: IO,
     service: S,
     _slot: OwnedSemaphorePermit,
@@ -154,7 +155,8 @@ pub async fn serve_connection<IO, S>(
         }
     });
     let builder = limits.builder();
-    let connection = graceful.watch(builder.serve_connection(io, service).into_owned());
+    let service = drain.service(service);
+    let connection = drain.serve(builder.serve_connection(io, service).into_owned());
     tokio::pin!(connection);
     loop {
         let deadline = activity.last_io() + limits.idle_timeout;

@@ -56,6 +56,8 @@ pub struct Args {
     /// After SIGTERM, keep answering this long before closing the listener: the apiserver
     /// still sends reviews to a deleted pod's address until its endpoint is gone, and both
     /// webhooks fail closed, so a refused connection refuses a pod creation cluster-wide.
+    /// Meanwhile every connection is closed cleanly after its next review (HTTP/2 GOAWAY,
+    /// HTTP/1 `Connection: close`), so the apiserver moves to a new one without failing any.
     #[arg(long, env = "CLAUDEKEY_WEBHOOK_SHUTDOWN_DELAY", default_value = "5s")]
     pub shutdown_delay: humantime::Duration,
     /// Image of the injected proxy sidecar (its entrypoint is the claudekey binary).
@@ -146,7 +148,15 @@ pub async fn serve(
     claudekeys: Arc<dyn ClaudeKeyLookup>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), WebhookError> {
-    serve_with_metrics(config, listener, claudekeys, Arc::default(), shutdown).await
+    serve_with_metrics(
+        config,
+        listener,
+        claudekeys,
+        Arc::default(),
+        shutdown,
+        std::time::Duration::ZERO,
+    )
+    .await
 }
 
 async fn serve_with_metrics(
@@ -155,6 +165,7 @@ async fn serve_with_metrics(
     claudekeys: Arc<dyn ClaudeKeyLookup>,
     metrics: Arc<server::Metrics>,
     shutdown: impl Future<Output = ()> + Send,
+    delay: std::time::Duration,
 ) -> Result<(), WebhookError> {
     let resolver = tls::ReloadingResolver::new(&config.tls_cert_file, &config.tls_key_file)?;
     let tls = tls::server_config(resolver)?;
@@ -163,7 +174,14 @@ async fn serve_with_metrics(
         sidecar: config.sidecar,
         claudekeys,
     });
-    server::serve_tls(server::router(admission, metrics), tls, listener, shutdown).await;
+    server::serve_tls(
+        server::router(admission, metrics),
+        tls,
+        listener,
+        shutdown,
+        delay,
+    )
+    .await;
     Ok(())
 }
 
@@ -211,15 +229,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let listener = TcpListener::bind(args.listen).await?;
     tracing::info!(listen = %args.listen, mode = ?args.mode, "serving admission webhooks");
-    let delay = *args.shutdown_delay;
-    let shutdown = async move {
-        crate::shutdown::signal().await;
-        tracing::info!(
-            ?delay,
-            "stopping: answering reviews a little longer while endpoints update"
-        );
-        tokio::time::sleep(delay).await;
-    };
-    serve_with_metrics(config, listener, Arc::new(store), metrics, shutdown).await?;
+    serve_with_metrics(
+        config,
+        listener,
+        Arc::new(store),
+        metrics,
+        crate::shutdown::signal(),
+        *args.shutdown_delay,
+    )
+    .await?;
     Ok(())
 }

@@ -20,13 +20,18 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use super::limits::{self, BodyBudget};
 use super::validate::{Admission, Outcome};
+use crate::shutdown::drain::Drain;
 
 /// A client that has not finished its handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reviews still open this long after the listener closed are cut (the apiserver gives up on
+/// a review after the webhook's timeoutSeconds, at most 30 s, 10 s in the chart).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReviewLabels {
@@ -191,8 +196,10 @@ async fn mutate(State(state): State<AppState>, request: Request<Body>) -> Respon
     review(state, "mutate", request).await
 }
 
-/// Serves `router` over TLS on `listener` until `shutdown` resolves. Connections are handled
-/// on their own tasks; a failed handshake only ends that connection. At most
+/// Serves `router` over TLS on `listener` until `shutdown` resolves, then drains for `delay`
+/// (`crate::shutdown::drain`: still accepting, every connection closed cleanly after its next
+/// request) and stops, waiting at most [`DRAIN_TIMEOUT`] for reviews in flight. Connections are
+/// handled on their own tasks; a failed handshake only ends that connection. At most
 /// [`limits::MAX_CONNECTIONS`] are open at once, and a request head must arrive within
 /// [`limits::HEADER_READ_TIMEOUT`], so idle or slow clients cannot exhaust the server.
 pub async fn serve_tls(
@@ -200,20 +207,25 @@ pub async fn serve_tls(
     tls: Arc<ServerConfig>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
+    delay: Duration,
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let connections = Arc::new(tokio::sync::Semaphore::new(limits::MAX_CONNECTIONS));
-    let mut shutdown = std::pin::pin!(shutdown);
+    let drain = Drain::new();
+    let stop = drain.after(shutdown, delay);
+    let mut stop = std::pin::pin!(stop);
+    let mut open = JoinSet::new();
     loop {
+        while open.try_join_next().is_some() {}
         let permit = tokio::select! {
-            () = &mut shutdown => return,
+            () = &mut stop => break,
             permit = connections.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
-                Err(_) => return,
+                Err(_) => break,
             },
         };
         let (stream, peer) = tokio::select! {
-            () = &mut shutdown => return,
+            () = &mut stop => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(error) => {
@@ -224,8 +236,9 @@ pub async fn serve_tls(
             },
         };
         let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(router.clone());
-        tokio::spawn(async move {
+        let connection = drain.connection();
+        let service = connection.service(TowerToHyperService::new(router.clone()));
+        open.spawn(async move {
             let _permit = permit;
             let stream =
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -233,26 +246,41 @@ pub async fn serve_tls(
                     Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),
                     Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                 };
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits::HEADER_READ_TIMEOUT);
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(limits::MAX_STREAMS)
-                .max_header_list_size(limits::MAX_HEADERS)
-                .keep_alive_interval(Some(Duration::from_secs(30)))
-                .keep_alive_timeout(Duration::from_secs(10));
-            if let Err(error) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            let builder = connection_builder();
+            let served = connection
+                .serve(
+                    builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .into_owned(),
+                )
+                .await;
+            if let Err(error) = served {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });
     }
+    drop(listener);
+    let finished = async { while open.join_next().await.is_some() {} };
+    if tokio::time::timeout(DRAIN_TIMEOUT, finished).await.is_err() {
+        tracing::warn!(timeout = ?DRAIN_TIMEOUT, "reviews still open at shutdown; cutting them");
+    }
+}
+
+/// HTTP/1 and HTTP/2 with the webhook's limits.
+fn connection_builder() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits::HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits::MAX_STREAMS)
+        .max_header_list_size(limits::MAX_HEADERS)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    builder
 }
 
 #[cfg(test)]
@@ -316,5 +344,88 @@ mod tests {
         assert!(metrics.contains(
             "claudekey_webhook_admission_duration_seconds_count{operation=\"validate\"} 1"
         ));
+    }
+
+    /// An HTTP/2 connection over TLS (ALPN h2, as the apiserver's Go client negotiates it).
+    async fn h2_over_tls(
+        addr: std::net::SocketAddr,
+        ca_pem: &str,
+    ) -> (
+        hyper::client::conn::http2::SendRequest<Body>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let mut config = crate::tls::client_config_trusting(ca_pem.as_bytes()).unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let tls = connector.connect(name, tcp).await.unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        let closed = tokio::spawn(async move { conn.await.expect("closed cleanly") });
+        (sender, closed)
+    }
+
+    async fn healthz(sender: &mut hyper::client::conn::http2::SendRequest<Body>) -> StatusCode {
+        let request = axum::http::Request::get("https://127.0.0.1/healthz")
+            .body(Body::empty())
+            .unwrap();
+        sender
+            .send_request(request)
+            .await
+            .expect("answered")
+            .status()
+    }
+
+    #[tokio::test]
+    async fn at_sigterm_pooled_connections_get_goaway_and_new_ones_are_served_until_the_delay_ends()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let tls = crate::tls::server_config(
+            crate::tls::ReloadingResolver::new(&cert_path, &key_path).unwrap(),
+        )
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (sigterm, signalled) = tokio::sync::oneshot::channel::<()>();
+        let delay = Duration::from_millis(1500);
+        let server = tokio::spawn(serve_tls(
+            app().0,
+            tls,
+            listener,
+            async {
+                let _ = signalled.await;
+            },
+            delay,
+        ));
+
+        let (mut pooled, pooled_closed) = h2_over_tls(addr, &cert.pem()).await;
+        assert_eq!(healthz(&mut pooled).await, StatusCode::OK);
+        let signalled_at = Instant::now();
+        sigterm.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(1), pooled_closed)
+            .await
+            .expect("GOAWAY closes the pooled connection at once")
+            .unwrap();
+        // During the delay a client that still picks this pod gets answers.
+        let (mut fresh, _) = h2_over_tls(addr, &cert.pem()).await;
+        assert_eq!(healthz(&mut fresh).await, StatusCode::OK);
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("stopped after the delay")
+            .unwrap();
+        assert!(signalled_at.elapsed() >= delay, "stopped before the delay");
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
     }
 }

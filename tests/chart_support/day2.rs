@@ -376,19 +376,26 @@ fn helm_test_hook_checks_webhooks_and_a_ready_claudekey() {
     let spec = pod.spec.expect("spec");
     assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
     let c = &spec.containers[0];
-    let script = c.args.clone().unwrap_or_default().join("\n");
-    for want in [
-        "admission webhook \"validate.claudekey.io\" denied",
-        "admission webhook \"inject.claudekey.io\" denied",
-        "--dry-run=server",
-        &format!("kubectl -n {NS} wait claudekey/{name} --for=condition=Ready"),
-    ] {
-        assert!(script.contains(want), "test script lacks {want}:\n{script}");
-    }
-    assert!(
-        !script.contains("sk-ant-api03-x"),
-        "the probe key is built at run time"
+    // The release's own image runs `claudekey self-check`: no other image to pull.
+    assert_eq!(
+        c.image.as_deref(),
+        Some(format!("ghcr.io/claudekey/claudekey:{}", env!("CARGO_PKG_VERSION")).as_str())
     );
+    assert_eq!(
+        c.args.clone().unwrap_or_default(),
+        [
+            "self-check".to_string(),
+            "--probe-namespace=default".into(),
+            format!("--claudekey={NS}/{name}"),
+            "--timeout=120s".into(),
+        ]
+    );
+    assert!(c.command.is_none(), "the image's entrypoint is claudekey");
+    // The flags are the binary's own.
+    <claudekey::cli::Cli as clap::Parser>::try_parse_from(
+        std::iter::once("claudekey".to_string()).chain(c.args.clone().unwrap_or_default()),
+    )
+    .expect("claudekey accepts the hook's arguments");
     let sc = c.security_context.clone().expect("securityContext");
     assert_eq!(
         (sc.read_only_root_filesystem, sc.allow_privilege_escalation),

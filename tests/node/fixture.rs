@@ -57,7 +57,7 @@ fn start_upstream(node_ip: &str) -> FakeUpstream {
     rx.recv().expect("the fake upstream started")
 }
 
-/// Installs the chart once (`helm install --wait`) from the image the node imported.
+/// Installs the chart once per test process (`helm upgrade --install --wait`) from the image the node imported.
 pub fn installed() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
@@ -67,7 +67,10 @@ pub fn installed() -> &'static Fixture {
         let upstream = start_upstream(&node_ip);
         let start = Instant::now();
         let out = Command::new(env("CLAUDEKEY_TEST_HELM"))
-            .args(["install", RELEASE])
+            // `upgrade --install`: on the node tier's fresh node this installs; when single
+            // tests are re-run by hand on a node kept running, it re-points the release at this
+            // process's fake upstream instead of failing on the existing release.
+            .args(["upgrade", "--install", RELEASE])
             .arg(env("CLAUDEKEY_TEST_CHART"))
             .args(["--kubeconfig", &env("CLAUDEKEY_TEST_KUBECONFIG")])
             .args([
@@ -83,11 +86,19 @@ pub fn installed() -> &'static Fixture {
             .args(["--set", "image.pullPolicy=Never"])
             .args(["--set", &format!("upstreamURL={}", upstream.url())])
             .args(["--set", "logFormat=text"])
+            // Extra values for experiments by hand (e.g. a control run with a setting undone).
+            .args(
+                std::env::var("CLAUDEKEY_NODE_HELM_SET")
+                    .ok()
+                    .filter(|v| !v.is_empty())
+                    .map(|v| vec!["--set".to_string(), v])
+                    .unwrap_or_default(),
+            )
             .output()
             .expect("run helm");
         if !out.status.success() {
             panic!(
-                "helm install --wait failed: {}\n{}",
+                "helm upgrade --install --wait failed: {}\n{}",
                 String::from_utf8_lossy(&out.stderr),
                 diagnostics()
             );

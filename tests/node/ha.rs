@@ -101,8 +101,15 @@ async fn pod_creation_keeps_working_while_a_webhook_pod_is_deleted() {
     ready_claudekey(&client, &ns, "bot", &key, "30s").await;
 
     // Server-side dry runs: every create goes through both webhooks (mutate and validate) but
-    // no pod is stored, so the load does not fill the node.
+    // no pod is stored, so the load does not fill the node. The load runs until every round of
+    // deletion is over (CLAUDEKEY_NODE_WEBHOOK_ROUNDS, default 1: a webhook pod deleted, the
+    // Deployment back to 2/2 Ready).
+    let rounds: u32 = std::env::var("CLAUDEKEY_NODE_WEBHOOK_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1);
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let (done_tx, mut done) = tokio::sync::watch::channel(false);
     let load = {
         let pods = pods.clone();
         tokio::spawn(async move {
@@ -110,10 +117,9 @@ async fn pod_creation_keeps_working_while_a_webhook_pod_is_deleted() {
                 dry_run: true,
                 ..Default::default()
             };
-            let end = Instant::now() + Duration::from_secs(20);
             let (mut ok, mut failures) = (0u32, Vec::new());
             let mut i = 0;
-            while Instant::now() < end {
+            while !*done.borrow_and_update() {
                 i += 1;
                 let pod = app_pod(&format!("load-{i}"), "bot", "pass", "Never");
                 match pods.create(&params, &pod).await {
@@ -128,23 +134,57 @@ async fn pod_creation_keeps_working_while_a_webhook_pod_is_deleted() {
             (ok, failures)
         })
     };
+    let started = Instant::now();
+    let webhook_pods = Api::<Pod>::namespaced(client.clone(), OPERATOR_NS);
+    for round in 0..rounds {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let list = webhook_pods
+            .list(&ListParams::default().labels("app.kubernetes.io/component=webhook"))
+            .await
+            .expect("list webhook pods");
+        let victim = list.items[round as usize % list.items.len()]
+            .metadata
+            .name
+            .clone()
+            .expect("name");
+        webhook_pods
+            .delete(&victim, &DeleteParams::default())
+            .await
+            .expect("delete a webhook pod");
+        // The pod is gone (its drain over) and its replacement Ready.
+        eventually(
+            Duration::from_secs(60),
+            "the deleted webhook pod gone",
+            || async {
+                webhook_pods
+                    .get_opt(&victim)
+                    .await
+                    .ok()?
+                    .is_none()
+                    .then_some(())
+            },
+        )
+        .await;
+        deployment_ready(&client, "webhook").await;
+    }
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let webhook_pods = Api::<Pod>::namespaced(client.clone(), OPERATOR_NS)
-        .list(&ListParams::default().labels("app.kubernetes.io/component=webhook"))
-        .await
-        .expect("list webhook pods");
-    let victim = webhook_pods.items[0].metadata.name.clone().expect("name");
-    Api::<Pod>::namespaced(client.clone(), OPERATOR_NS)
-        .delete(&victim, &DeleteParams::default())
-        .await
-        .expect("delete a webhook pod");
+    let _ = done_tx.send(true);
     let (ok, failures) = load.await.expect("load task");
+    eprintln!(
+        "{rounds} webhook pod(s) deleted under load: {ok} creations in {:?}, {} failed",
+        started.elapsed(),
+        failures.len()
+    );
     assert!(
         failures.is_empty(),
         "{} of {} creations failed: {failures:#?}",
         failures.len(),
         ok as usize + failures.len()
     );
-    assert!(ok >= 50, "only {ok} creations in 20 s");
+    assert!(
+        ok >= 50 * rounds,
+        "only {ok} creations in {:?}",
+        started.elapsed()
+    );
     deployment_ready(&client, "webhook").await;
 }

@@ -22,8 +22,14 @@ pub fn upstream_secret(name: &str, key: &str) -> Secret {
 }
 
 /// The ClusterClaudeKeySource `{ns}.{name}` on the upstream Secret `secret` (key `api-key`),
-/// granted to `ns` only, with placement namespace (the direct sidecar these tests exercise).
-pub fn cluster_source(ns: &str, name: &str, secret: &str) -> ClusterClaudeKeySource {
+/// granted to `ns` only, with `placement` namespace (the direct sidecar) or gateway (the
+/// forwarder sidecar in front of the chart's TLS gateway).
+pub fn cluster_source(
+    ns: &str,
+    name: &str,
+    secret: &str,
+    placement: &str,
+) -> ClusterClaudeKeySource {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "claudekey.io/v1alpha2",
         "kind": "ClusterClaudeKeySource",
@@ -32,7 +38,7 @@ pub fn cluster_source(ns: &str, name: &str, secret: &str) -> ClusterClaudeKeySou
             "kubernetesSecret": { "name": secret, "key": "api-key" },
             "refreshInterval": "10s",
             "allowedNamespaces": { "names": [ns] },
-            "placement": "namespace"
+            "placement": placement
         }
     }))
     .expect("ClusterClaudeKeySource")

@@ -9,8 +9,11 @@
 //! address pods reach on the host; the chart's proxies are pointed at it with `upstreamURL`.
 
 mod fixture;
+mod gateway;
 mod ha;
+mod isolation;
 mod manifests;
+mod ops;
 mod rotation;
 
 use std::time::Duration;
@@ -64,6 +67,18 @@ async fn logs(client: &Client, ns: &str, pod: &str, container: &str) -> String {
 
 /// The ClaudeKey NS/NAME Ready, on a fresh upstream key the fake knows.
 async fn ready_claudekey(client: &Client, ns: &str, name: &str, upstream_key: &str, grace: &str) {
+    placed_claudekey(client, ns, name, upstream_key, grace, "namespace").await
+}
+
+/// [`ready_claudekey`] with the source's placement.
+async fn placed_claudekey(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    upstream_key: &str,
+    grace: &str,
+    placement: &str,
+) {
     let secret_name = format!("upstream-{ns}-{name}");
     Api::<Secret>::namespaced(client.clone(), OPERATOR_NS)
         .create(
@@ -75,7 +90,7 @@ async fn ready_claudekey(client: &Client, ns: &str, name: &str, upstream_key: &s
     Api::<claudekey::crd::ClusterClaudeKeySource>::all(client.clone())
         .create(
             &PostParams::default(),
-            &manifests::cluster_source(ns, name, &secret_name),
+            &manifests::cluster_source(ns, name, &secret_name, placement),
         )
         .await
         .expect("create the ClusterClaudeKeySource");

@@ -327,3 +327,89 @@ async fn shutdown_cuts_requests_waiting_for_the_upstream() {
         pending.abort();
     }
 }
+
+/// A kept-alive HTTP/1 connection of its own (no pool in between, so the test sees exactly
+/// which connection each request used); its task ends when the server closes it.
+async fn h1_connection(
+    addr: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(addr).await.unwrap());
+    let (sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    (
+        sender,
+        tokio::spawn(async move { conn.await.expect("closed cleanly") }),
+    )
+}
+
+/// Status and whether the answer said `Connection: close`.
+async fn post_message(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+) -> (u16, bool) {
+    let request = http::Request::post("/v1/messages")
+        .header("host", "proxy")
+        .header("anthropic-version", "2023-06-01")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            message("hi", false).to_string(),
+        )))
+        .unwrap();
+    let response = sender
+        .send_request(request)
+        .await
+        .expect("answered, not cut");
+    let close = response
+        .headers()
+        .get(http::header::CONNECTION)
+        .is_some_and(|v| v == "close");
+    let status = response.status().as_u16();
+    let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+    (status, close)
+}
+
+#[tokio::test]
+async fn a_shutdown_delay_drains_connections_cleanly_and_requests_in_flight_finish() {
+    let delay = Duration::from_millis(800);
+    let mut h = harness(|s| s.shutdown_delay = delay).await;
+    let addr = h.addr;
+    let (mut pooled, pooled_closed) = h1_connection(addr).await;
+    assert_eq!(post_message(&mut pooled).await, (200, false));
+    h.fake.set_response_delay(Duration::from_millis(1200));
+    let (mut busy, busy_closed) = h1_connection(addr).await;
+    let in_flight = tokio::spawn(async move { post_message(&mut busy).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let started = Instant::now();
+    let clients = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The pooled connection's next answer closes it; a new connection is still served.
+        let (fresh_sender, fresh_closed) = h1_connection(addr).await;
+        let mut fresh_sender = fresh_sender;
+        let (pooled_answer, fresh_answer) =
+            tokio::join!(post_message(&mut pooled), post_message(&mut fresh_sender));
+        (pooled_answer, fresh_answer, fresh_closed)
+    };
+    let ((), (pooled_answer, fresh_answer, fresh_closed)) = tokio::join!(h.shutdown(), clients);
+    assert!(started.elapsed() >= delay, "stopped before the delay");
+    assert_eq!(pooled_answer, (200, true));
+    assert_eq!(fresh_answer, (200, true));
+    assert_eq!(
+        in_flight.await.unwrap(),
+        (200, true),
+        "the request in flight"
+    );
+    for closed in [pooled_closed, busy_closed, fresh_closed] {
+        tokio::time::timeout(Duration::from_secs(2), closed)
+            .await
+            .expect("closed after its last answer")
+            .unwrap();
+    }
+    assert!(TcpStream::connect(addr).await.is_err(), "listener closed");
+    assert_eq!(
+        h.audit_lines().len(),
+        4,
+        "every request answered and audited"
+    );
+}

@@ -1,5 +1,7 @@
 //! Graceful shutdown for every long-running role: Kubernetes sends SIGTERM, a person Ctrl-C.
 
+pub mod drain;
+
 /// Resolves on the first SIGTERM or SIGINT.
 pub async fn signal() {
     let ctrl_c = tokio::signal::ctrl_c();
