@@ -1,6 +1,7 @@
 //! List prices per model, to settle spend budgets from real usage. Built in from Anthropic's
-//! public pricing page (https://www.anthropic.com/pricing, "API pricing", as of 2025-11-24, USD
-//! per million tokens, standard context, 5-minute cache writes); `--price-table FILE` (chart
+//! public pricing page (https://platform.claude.com/docs/en/about-claude/pricing, "Model
+//! pricing", read 2026-12-02, USD per million tokens, 5-minute cache writes; the Opus 5.5,
+//! Sonnet 5.x and Haiku 5.5 rows as announced with those models); `--price-table FILE` (chart
 //! value `prices`) puts its entries before these, so the platform overrides or adds models.
 
 use std::path::Path;
@@ -44,14 +45,25 @@ const fn price(input: f64, output: f64, cache_write: f64, cache_read: f64) -> Pr
     }
 }
 
-/// Model globs, most specific first.
+/// Model globs, most specific first (the first match wins).
 const BUILT_IN: &[(&str, Price)] = &[
-    ("claude-opus-4-5*", price(5.0, 25.0, 6.25, 0.50)),
+    ("claude-fable-5-1*", price(10.0, 50.0, 12.50, 0.25)),
+    ("claude-fable-*", price(10.0, 50.0, 12.50, 1.0)),
+    ("claude-mythos-5-1*", price(10.0, 50.0, 12.50, 0.25)),
+    ("claude-mythos-*", price(10.0, 50.0, 12.50, 1.0)),
+    ("claude-opus-5-5*", price(4.0, 20.0, 5.0, 0.20)),
+    ("claude-opus-5*", price(5.0, 25.0, 6.25, 0.50)),
+    ("claude-opus-4-[5-9]*", price(5.0, 25.0, 6.25, 0.50)),
     ("claude-opus-4*", price(15.0, 75.0, 18.75, 1.50)),
     ("claude-3-opus*", price(15.0, 75.0, 18.75, 1.50)),
+    ("claude-sonnet-5-5*", price(2.0, 10.0, 2.50, 0.10)),
+    ("claude-sonnet-5*", price(2.0, 10.0, 2.50, 0.20)),
     ("claude-sonnet-4*", price(3.0, 15.0, 3.75, 0.30)),
     ("claude-3-7-sonnet*", price(3.0, 15.0, 3.75, 0.30)),
     ("claude-3-5-sonnet*", price(3.0, 15.0, 3.75, 0.30)),
+    // The band of prompts up to 100k tokens; longer prompts are billed at five times this,
+    // which the table cannot tell (a platform that sends them should override the entry).
+    ("claude-haiku-5-5*", price(0.10, 0.50, 0.125, 0.01)),
     ("claude-haiku-4-5*", price(1.0, 5.0, 1.25, 0.10)),
     ("claude-3-5-haiku*", price(0.80, 4.0, 1.0, 0.08)),
     ("claude-3-haiku*", price(0.25, 1.25, 0.30, 0.03)),
@@ -210,6 +222,12 @@ mod tests {
         assert_eq!(table.price(Some("claude-opus-4-5-20251101")).input, 5.0);
         assert_eq!(table.price(Some("claude-opus-4-1-20250805")).input, 15.0);
         assert_eq!(table.price(Some("claude-haiku-4-5")).output, 5.0);
+        assert_eq!(table.price(Some("claude-opus-4-8")).input, 5.0);
+        assert_eq!(table.price(Some("claude-opus-5-5")).input, 4.0);
+        assert_eq!(table.price(Some("claude-opus-5")).input, 5.0);
+        assert_eq!(table.price(Some("claude-sonnet-5-5")).cache_read, 0.10);
+        assert_eq!(table.price(Some("claude-sonnet-5")).cache_read, 0.20);
+        assert_eq!(table.price(Some("claude-fable-5-1")).cache_read, 0.25);
         assert_eq!(table.price(Some("gpt-4o")), UNKNOWN);
         assert_eq!(table.price(None), UNKNOWN);
     }
