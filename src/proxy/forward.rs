@@ -138,7 +138,7 @@ impl Upstream {
             }
             Credential::Bearer(bearer) => {
                 out.insert(header::AUTHORIZATION, bearer.clone());
-                super::federation::with_oauth_beta(out);
+                with_oauth_beta(out);
             }
         }
         Ok(request)
@@ -215,9 +215,43 @@ pub fn copy_response_headers(from: &HeaderMap, to: &mut HeaderMap, body_changed:
     }
 }
 
+/// Unlocks `Authorization: Bearer` on API calls.
+pub const OAUTH_BETA: &str = "oauth-2025-04-20";
+
+/// Adds the OAuth beta to the client's `anthropic-beta` values (one header, comma-joined).
+pub fn with_oauth_beta(headers: &mut HeaderMap) {
+    let mut values: Vec<String> = headers
+        .get_all("anthropic-beta")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect();
+    if !values.iter().any(|v| v == OAUTH_BETA) {
+        values.push(OAUTH_BETA.to_string());
+    }
+    if let Ok(value) = HeaderValue::from_str(&values.join(",")) {
+        headers.insert("anthropic-beta", value);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_oauth_beta_joins_the_clients_betas_once() {
+        let mut headers = HeaderMap::new();
+        with_oauth_beta(&mut headers);
+        assert_eq!(headers["anthropic-beta"], OAUTH_BETA);
+        let mut headers = HeaderMap::new();
+        headers.append("anthropic-beta", HeaderValue::from_static("a-1, b-2"));
+        headers.append("anthropic-beta", HeaderValue::from_static(OAUTH_BETA));
+        with_oauth_beta(&mut headers);
+        assert_eq!(headers.get_all("anthropic-beta").iter().count(), 1);
+        assert_eq!(headers["anthropic-beta"], "a-1,b-2,oauth-2025-04-20");
+    }
 
     #[test]
     fn swaps_credentials_and_keeps_api_headers() {

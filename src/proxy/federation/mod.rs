@@ -34,8 +34,7 @@ use crate::{crd::federation_ready, proxyconf::FederationConfig};
 
 pub const TOKEN_PATH: &str = "/v1/oauth/token";
 pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
-/// Unlocks `Authorization: Bearer` on API calls.
-pub const OAUTH_BETA: &str = "oauth-2025-04-20";
+pub use super::forward::OAUTH_BETA;
 /// Sent on the jwt-bearer exchange only, with the OAuth beta.
 pub const FEDERATION_BETA: &str = "oidc-federation-2026-04-01";
 /// The SDK's timeout of the exchange.
@@ -352,24 +351,6 @@ async fn exchange(
     }
 }
 
-/// Adds the OAuth beta to the client's `anthropic-beta` values (one header, comma-joined).
-pub fn with_oauth_beta(headers: &mut HeaderMap) {
-    let mut values: Vec<String> = headers
-        .get_all("anthropic-beta")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty())
-        .collect();
-    if !values.iter().any(|v| v == OAUTH_BETA) {
-        values.push(OAUTH_BETA.to_string());
-    }
-    if let Ok(value) = HeaderValue::from_str(&values.join(",")) {
-        headers.insert("anthropic-beta", value);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,19 +380,6 @@ mod tests {
             ..config()
         };
         assert_eq!(exchange_body(&with, "x")["workspace_id"], "wrkspc_1");
-    }
-
-    #[test]
-    fn the_oauth_beta_joins_the_clients_betas_once() {
-        let mut headers = HeaderMap::new();
-        with_oauth_beta(&mut headers);
-        assert_eq!(headers["anthropic-beta"], OAUTH_BETA);
-        let mut headers = HeaderMap::new();
-        headers.append("anthropic-beta", HeaderValue::from_static("a-1, b-2"));
-        headers.append("anthropic-beta", HeaderValue::from_static(OAUTH_BETA));
-        with_oauth_beta(&mut headers);
-        assert_eq!(headers.get_all("anthropic-beta").iter().count(), 1);
-        assert_eq!(headers["anthropic-beta"], "a-1,b-2,oauth-2025-04-20");
     }
 
     #[test]
