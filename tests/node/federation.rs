@@ -416,3 +416,15 @@ async fn a_sidecar_exchanges_its_pods_projected_token_and_the_sdk_gets_answers()
             .await;
     }
 }
+
+/// The readability rule the node test applies to the token file can say no.
+#[test]
+fn sidecar_can_read_follows_owner_group_and_other_bits() {
+    assert!(sidecar_can_read(0, 0, 0o644, None));
+    assert!(!sidecar_can_read(0, 0, 0o600, None));
+    assert!(!sidecar_can_read(0, 0, 0o640, None));
+    assert!(sidecar_can_read(0, 3000, 0o640, Some(3000)));
+    assert!(!sidecar_can_read(0, 3000, 0o600, Some(3000)));
+    assert!(sidecar_can_read(SIDECAR_UID, 0, 0o600, None));
+    assert!(!sidecar_can_read(1000, 1000, 0o600, None));
+}
