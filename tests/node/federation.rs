@@ -7,6 +7,11 @@
 //! `fsGroup` and on whether all containers run as one user), and the sidecar runs as uid 65532
 //! while the app runs as another user: so the token file is looked at on the node itself, for
 //! the pod shape every app here has (no `fsGroup`) and for one with `fsGroup`.
+//!
+//! The fake fetches the issuer's JWKS from the issuer URL, as Anthropic does: here the apiserver
+//! on loopback (`CLAUDEKEY_TEST_APISERVER`, CA `CLAUDEKEY_TEST_CA`). Against another cluster
+//! (hack/e2e-cluster.sh) those must name its issuer, reachable from this process, or the test
+//! fails saying so; the look at the file on disk is for our node only.
 
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
@@ -20,7 +25,7 @@ use kube::{Api, Client};
 use serde_json::Value;
 
 use claudekey::crd::{ClaudeKey, ClusterClaudeKeySource};
-use claudekey::fake_upstream::FederationRule;
+use claudekey::fake_upstream::{FakeUpstream, FederationRule};
 
 use super::fixture::{installed, node_client};
 use super::manifests::{app_pod, claudekey, federation_source};
@@ -96,7 +101,7 @@ async fn allow_issuer_discovery(client: &Client) {
 }
 
 fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: source the node's env file"))
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: source the node's env file (another cluster: the issuer and its CA, see the module doc)"))
 }
 
 /// The fake's rule trusting this cluster's issuer (the apiserver's `--service-account-issuer`)
@@ -119,6 +124,22 @@ fn rule(subject: &str) -> FederationRule {
 fn claims(jwt: &str) -> Value {
     let payload = jwt.split('.').nth(1).expect("a JWT");
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).expect("base64url")).expect("JSON")
+}
+
+/// The identity tokens the sidecar of pod `ns/name` sent to the fake's token endpoint.
+fn assertions_of(upstream: &FakeUpstream, ns: &str, name: &str) -> Vec<String> {
+    upstream
+        .received()
+        .iter()
+        .filter(|r| r.path == "/v1/oauth/token")
+        .filter_map(|r| serde_json::from_slice::<Value>(&r.body).ok())
+        .filter(|b| b["federation_rule_id"] == RULE)
+        .filter_map(|b| b["assertion"].as_str().map(str::to_string))
+        .filter(|a| {
+            let pod = &claims(a)["kubernetes.io"];
+            pod["namespace"] == ns && pod["pod"]["name"] == name
+        })
+        .collect()
 }
 
 /// Whether uid 65532 (group 65532, plus `fs_group` as the kubelet adds it) may read a file.
@@ -291,12 +312,16 @@ async fn a_sidecar_exchanges_its_pods_projected_token_and_the_sdk_gets_answers()
         .await;
         let proxy = logs(&client, &ns, name, SIDECAR).await;
         let pod = pods.get(name).await.expect("the app pod");
-        let (token, readable, shape) = projected_token(&pod, fs_group);
-        eprintln!("{name}: the projected token file is {shape}");
-        assert!(
-            readable,
-            "{name}: the sidecar (uid {SIDECAR_UID}) cannot read the token file ({shape})"
-        );
+        // On our node, the file the kubelet wrote, as the sidecar (uid 65532) finds it.
+        let on_disk = std::env::var_os("CLAUDEKEY_TEST_NODE").is_some().then(|| {
+            let (token, readable, shape) = projected_token(&pod, fs_group);
+            eprintln!("{name}: the projected token file is {shape}");
+            assert!(
+                readable,
+                "{name}: the sidecar (uid {SIDECAR_UID}) cannot read the token file ({shape})"
+            );
+            token
+        });
         assert!(
             out.contains("ANSWER Hello from the fake Anthropic API."),
             "{name} app output:\n{out}\nproxy:\n{proxy}"
@@ -315,15 +340,24 @@ async fn a_sidecar_exchanges_its_pods_projected_token_and_the_sdk_gets_answers()
             .expect("OWN_TOKEN_AUD line");
         assert!(!own.contains(AUDIENCE), "{own}");
 
-        // The token the kubelet projected is the pod's own, bound to the pod, for the audience.
+        // The sidecar exchanged one token, its own pod's (as the kubelet projects it: bound to
+        // the pod, the pod's ServiceAccount, the source's audience), the one on disk.
+        let sent = assertions_of(&fx.upstream, &ns, name);
+        assert_eq!(sent.len(), 1, "{name}: {} exchanges", sent.len());
+        let token = sent[0].clone();
         let claims = claims(&token);
         assert_eq!(claims["sub"], format!("system:serviceaccount:{ns}:default"));
-        assert_eq!(claims["kubernetes.io"]["pod"]["name"], name);
         assert!(
             claims["aud"].as_array().is_some_and(|a| a == &[AUDIENCE]),
             "{claims}"
         );
-        // And it is what the sidecar exchanged, accepted once.
+        if let Some(file) = &on_disk {
+            assert!(
+                *file == token,
+                "{name}: the sidecar sent another token than its file's"
+            );
+        }
+        // Accepted, once.
         let digest = claudekey::keys::sha256_hex(&token);
         let exchanged: Vec<_> = fx
             .upstream
