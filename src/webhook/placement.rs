@@ -181,8 +181,10 @@ fn identity_volume(token: &IdentityTokenStatus) -> Volume {
                 }),
                 ..Default::default()
             }]),
-            // Unset: only the sidecar mounts it, and the kubelet then gives the token file to
-            // the sidecar's runAsUser with mode 0600 (a fixed 0440 would leave it root's).
+            // Unset (0644): only the sidecar mounts it. The kubelet writes the token root-owned
+            // 0644 without fsGroup, 0640 in the fsGroup with one, 0600 owned by the user when
+            // all containers share it: the sidecar (65532) reads it in each case (checked on a
+            // real node by tests/node/federation.rs).
             default_mode: None,
         }),
         ..Default::default()

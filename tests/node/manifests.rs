@@ -44,6 +44,35 @@ pub fn cluster_source(
     .expect("ClusterClaudeKeySource")
 }
 
+/// The ClusterClaudeKeySource `{ns}.{name}` of workload identity federation (DESIGN.md §11),
+/// placement namespace, granted to `ns` only: no upstream key anywhere, the injected sidecar
+/// exchanges its pod's projected token under `rule` (ids of the fake's rule).
+pub fn federation_source(
+    ns: &str,
+    name: &str,
+    (organization, service_account, rule): (&str, &str, &str),
+    audience: &str,
+    token_seconds: i64,
+) -> ClusterClaudeKeySource {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "claudekey.io/v1alpha2",
+        "kind": "ClusterClaudeKeySource",
+        "metadata": { "name": format!("{ns}.{name}") },
+        "spec": {
+            "workloadIdentityFederation": {
+                "organizationId": organization,
+                "serviceAccountId": service_account,
+                "federationRuleId": rule,
+                "audience": audience,
+                "tokenExpirationSeconds": token_seconds
+            },
+            "allowedNamespaces": { "names": [ns] },
+            "placement": "namespace"
+        }
+    }))
+    .expect("ClusterClaudeKeySource")
+}
+
 /// A ClaudeKey on the source of [`cluster_source`].
 pub fn claudekey(ns: &str, name: &str, grace: &str) -> ClaudeKey {
     serde_json::from_value(serde_json::json!({

@@ -8,6 +8,7 @@
 //! The fake Anthropic upstream runs in this process on the node's bridge address, the one
 //! address pods reach on the host; the chart's proxies are pointed at it with `upstreamURL`.
 
+mod federation;
 mod fixture;
 mod gateway;
 mod ha;
