@@ -68,32 +68,33 @@ impl AuditRecord {
     }
 }
 
-/// The audit's user hash: HMAC-SHA256(salt, user id), first 128 bits in hex.
-pub fn hash_user(salt: &[u8; 32], user_id: &str) -> String {
-    hex::encode(&hmac_sha256(salt, user_id.as_bytes())[..16])
+/// The audit's user hash, keyed per ClaudeKey: HMAC-SHA256(salt, user id), first 128 bits in
+/// hex. The key's inner and outer pads are computed once per tenant (by `ring`, already linked
+/// through rustls), not on every request. `Debug` never shows the salt.
+#[derive(Clone, Debug)]
+pub struct UserHasher(ring::hmac::Key);
+
+impl UserHasher {
+    pub fn new(salt: &[u8; 32]) -> Self {
+        Self(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, salt))
+    }
+
+    pub fn hash(&self, user_id: &str) -> String {
+        hex::encode(&ring::hmac::sign(&self.0, user_id.as_bytes()).as_ref()[..16])
+    }
 }
 
-/// HMAC-SHA256 (RFC 2104) over the `sha2` the crate already uses; the `hmac` crate in the lock
-/// file belongs to a newer `digest` generation than ours.
+/// [`UserHasher::hash`] with a one-off key.
+pub fn hash_user(salt: &[u8; 32], user_id: &str) -> String {
+    UserHasher::new(salt).hash(user_id)
+}
+
+/// HMAC-SHA256 (RFC 2104).
 pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
-    use sha2::{Digest, Sha256};
-    const BLOCK: usize = 64;
-    let mut block = [0u8; BLOCK];
-    if key.len() > BLOCK {
-        block[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        block[..key.len()].copy_from_slice(key);
-    }
-    let pad = |byte: u8| block.map(|b| b ^ byte);
-    let inner = Sha256::new()
-        .chain_update(pad(0x36))
-        .chain_update(message)
-        .finalize();
-    Sha256::new()
-        .chain_update(pad(0x5c))
-        .chain_update(inner)
-        .finalize()
-        .into()
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::hmac::sign(&key, message).as_ref());
+    out
 }
 
 /// The salt of ClaudeKeys whose `proxy.json` has no `auditSalt`: random per process, so hashes

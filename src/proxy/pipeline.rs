@@ -12,9 +12,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use super::{
-    Mode,
-    audit::hash_user,
-    auth,
+    Mode, auth,
     body::{ProxyBody, full},
     config::Store,
     error::ApiError,
@@ -213,10 +211,7 @@ fn read_facts(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
     if let Some(first) = facts.first() {
         ex.audit.model = first.model.as_ref().map(|m| m.chars().take(100).collect());
         ex.audit.stream = first.stream;
-        ex.audit.user_hash = first
-            .user_id
-            .as_deref()
-            .map(|u| hash_user(&tenant.audit_salt, u));
+        ex.audit.user_hash = first.user_id.as_deref().map(|u| tenant.user_hasher.hash(u));
         ex.model_label = match &first.model {
             Some(model) => tenant.scope.model_label(model).to_string(),
             None => "none".into(),

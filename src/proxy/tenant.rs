@@ -65,8 +65,8 @@ pub struct Tenant {
     pub redactor: Redactor,
     pub redact_responses: bool,
     pub injection: PromptInjectionMode,
-    /// HMAC key of the audit line's user hash.
-    pub audit_salt: [u8; 32],
+    /// The audit line's user hash, keyed by the ClaudeKey's salt.
+    pub user_hasher: super::audit::UserHasher,
 }
 
 impl Tenant {
@@ -123,7 +123,7 @@ impl Tenant {
         };
         let policy = &config.policy;
         Ok(Self {
-            audit_salt,
+            user_hasher: super::audit::UserHasher::new(&audit_salt),
             id: config.claude_key.clone(),
             label: format!("{}/{}", config.claude_key.namespace, config.claude_key.name),
             upstream,
