@@ -14,6 +14,7 @@ pub mod proxy;
 pub mod proxyconf;
 pub mod scan;
 pub mod selfcheck;
+pub mod shared_counters;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

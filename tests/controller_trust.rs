@@ -7,6 +7,11 @@
 //! take turns (`serial`): two such controllers would fight over each other's ClaudeKeys.
 
 mod controller_support;
+#[allow(dead_code)]
+#[path = "proxy_common/redis_server.rs"]
+mod redis_server;
+#[path = "controller_trust/redis_users.rs"]
+mod redis_users;
 mod support;
 
 use std::collections::BTreeMap;

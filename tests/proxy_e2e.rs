@@ -2,6 +2,8 @@
 
 #[path = "proxy_e2e/bounds.rs"]
 mod bounds;
+#[path = "proxy_e2e/namespace_users.rs"]
+mod namespace_users;
 #[path = "proxy_e2e/policy.rs"]
 mod policy;
 mod proxy_common;

@@ -14,6 +14,7 @@ use super::consumers::RestartLimiter;
 use super::decide::RotationReason;
 use super::in_use::{KeysInUse, SourceKeys};
 use super::metrics::Metrics;
+use super::redis_users::NamespaceUsers;
 use super::seal::Sealer;
 use super::secrets::GatewayEndpoint;
 use super::stores::{Stores, WrittenStatus};
@@ -56,6 +57,8 @@ pub struct Context {
     /// The status last written per ClaudeKey, for a reconcile that runs before the watch
     /// delivered it.
     pub written_status: WrittenStatus,
+    /// With shared limits: the Redis users of namespace-placement sidecars.
+    pub namespace_users: Option<Arc<NamespaceUsers>>,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -111,6 +114,7 @@ impl Context {
             after_secrets,
             stores,
             written_status: WrittenStatus::default(),
+            namespace_users: None,
             failures: Mutex::default(),
         }
     }

@@ -14,6 +14,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod plan;
 pub mod reconcile;
+pub mod redis_users;
 pub mod report;
 pub mod retire;
 pub mod seal;
@@ -119,6 +120,16 @@ pub struct Args {
         default_value_t = 10
     )]
     pub consumer_restarts_per_minute: u32,
+    /// Shared limits (DESIGN.md §12): the Redis (or Valkey) the proxies share counters in, as
+    /// its admin. Set, the controller gives the sidecars of each namespace-placement namespace
+    /// a Redis user of their own (only the limit scripts, only that namespace's keys) and
+    /// writes its password into their `-proxy` Secrets. Give a URL with a password only through
+    /// the environment.
+    #[arg(long, env = "CLAUDEKEY_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<crate::shared_counters::RedisUrl>,
+    /// A file holding the Redis admin password (e.g. a mounted Secret), used instead of the URL's.
+    #[arg(long, env = "CLAUDEKEY_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<std::path::PathBuf>,
     /// Where the AWS Secrets Manager and Vault backends are (the Kubernetes backend is always on).
     #[command(flatten)]
     pub backends: crate::backend::config::BackendArgs,
@@ -149,6 +160,9 @@ pub struct ControllerConfig {
     /// The AWS and Vault backends, when this controller was configured with them.
     pub aws: Option<Arc<dyn SecretBackend>>,
     pub vault: Option<Arc<dyn SecretBackend>>,
+    /// Shared limits: Redis as its admin, to define the users of namespace-placement
+    /// sidecars (`redis_users`); `None` leaves those sidecars counting alone.
+    pub redis: Option<crate::shared_counters::RedisSettings>,
     /// Test seam: runs after both Secrets are written, before status.
     pub after_secrets: Option<Hook>,
 }
@@ -171,6 +185,7 @@ impl ControllerConfig {
             max_concurrent_reconciles: MAX_CONCURRENT_RECONCILES,
             aws: None,
             vault: None,
+            redis: None,
             after_secrets: None,
         }
     }
@@ -201,6 +216,8 @@ pub enum RunError {
     Client(#[source] kube::Error),
     #[error(transparent)]
     Seal(#[from] seal::SealError),
+    #[error(transparent)]
+    Redis(#[from] crate::shared_counters::SharedError),
     #[error("failed to read --gateway-ca-file {path}: {source}")]
     GatewayCa {
         path: std::path::PathBuf,
@@ -244,6 +261,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.usage_interval = Some(*args.usage_interval).filter(|d| !d.is_zero());
     config.max_concurrent_reconciles = args.max_concurrent_reconciles;
     (config.aws, config.vault) = crate::backend::config::build(&args.backends).await?;
+    config.redis = crate::shared_counters::RedisSettings::from_flags(
+        args.redis_url.as_ref(),
+        None,
+        args.redis_password_file.as_deref(),
+        redis_users::TIMEOUT,
+    )?;
     run_with(client, config, crate::shutdown::signal()).await?;
     Ok(())
 }
@@ -284,7 +307,7 @@ pub async fn run_with(
         ca: config.gateway_ca.clone(),
     };
     let (stores, writers) = stores::new(config.watch_namespace.as_deref());
-    let ctx = Arc::new(context::Context::new(
+    let mut ctx = context::Context::new(
         client.clone(),
         config.namespace.clone(),
         gateway,
@@ -299,7 +322,11 @@ pub async fn run_with(
         usage_metrics,
         config.after_secrets.clone(),
         stores,
-    ));
+    );
+    if let Some(settings) = &config.redis {
+        ctx.namespace_users = Some(Arc::new(redis_users::NamespaceUsers::new(settings)?));
+    }
+    let ctx = Arc::new(ctx);
     let elector = config.leader_election.as_ref().map(|(name, duration)| {
         leader::Elector::new(
             client.clone(),
@@ -329,13 +356,23 @@ pub async fn run_with(
             tracing::info!(identity = config.identity, "acquired the controller Lease");
             metrics.leader.set(1);
         }
-        let controller = controller(
+        let reconciles = controller(
             &client,
             &config,
             ctx.clone(),
             writers,
             stopped(stop_rx.clone()),
         );
+        // The leader alone defines the namespaces' Redis users: it alone reconciles.
+        let controller = async {
+            match &ctx.namespace_users {
+                Some(users) => tokio::select! {
+                    () = reconciles => {}
+                    () = users.run(|ns| ctx.sealer.redis_password(ns)) => {}
+                },
+                None => reconciles.await,
+            }
+        };
         let result = match &elector {
             Some(elector) => tokio::select! {
                 () = controller => Ok(()),

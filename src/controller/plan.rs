@@ -41,6 +41,8 @@ pub struct Settings<'a> {
     pub gateway: &'a GatewayEndpoint,
     pub sealer: &'a Sealer,
     pub consumer_restart_delay: std::time::Duration,
+    /// Namespace-placement sidecars share limits through Redis (`super::redis_users`).
+    pub shared_counters: bool,
 }
 
 /// An Event to record on the ClaudeKey.
@@ -225,7 +227,12 @@ pub fn plan(
             &config,
             &decision.ledger,
         ),
-        Placement::Namespace => secrets::build_proxy(ck, &config, &decision.ledger),
+        Placement::Namespace => {
+            let redis_password = settings
+                .shared_counters
+                .then(|| settings.sealer.redis_password(&namespace));
+            secrets::build_proxy(ck, &config, redis_password.as_deref(), &decision.ledger)
+        }
     };
     settings.sealer.seal(&uid, &mut client);
     settings.sealer.seal(&uid, &mut config_secret);

@@ -67,6 +67,7 @@ fn observation(resolution: Resolution) -> Observation {
 struct Fixture {
     sealer: Sealer,
     gateway: GatewayEndpoint,
+    shared_counters: bool,
 }
 
 impl Fixture {
@@ -77,6 +78,7 @@ impl Fixture {
                 url: "https://claudekey-gateway.claudekey-system.svc:8443".into(),
                 ca: Some("-----BEGIN CERTIFICATE-----\nX\n-----END CERTIFICATE-----\n".into()),
             },
+            shared_counters: false,
         }
     }
 
@@ -86,6 +88,7 @@ impl Fixture {
             gateway: &self.gateway,
             sealer: &self.sealer,
             consumer_restart_delay: Duration::from_secs(90),
+            shared_counters: self.shared_counters,
         };
         plan(
             ck,
@@ -145,6 +148,40 @@ fn gateway_placement_writes_the_upstream_key_only_in_the_operator_namespace() {
     assert_eq!(plan.placement, Some(Placement::Gateway));
     // Both are signed for this ClaudeKey.
     assert!(f.sealer.verify("u-1", client) && f.sealer.verify("u-1", config));
+}
+
+/// With shared limits, a namespace-placement `-proxy` Secret carries its namespace's Redis
+/// password (and nothing else new); a gateway config never does, nor any `-client` Secret.
+#[test]
+fn namespace_sidecars_get_their_namespace_redis_password() {
+    let mut f = Fixture::new();
+    let entry = crate::shared_counters::SIDECAR_PASSWORD_ENTRY;
+    let has_entry = |s: &Secret| s.data.as_ref().unwrap().contains_key(entry);
+    let plan = f.plan(
+        &claudekey(),
+        &observation(granted(Placement::Namespace)),
+        KEY_1,
+    );
+    assert!(!issue(&plan).writes.iter().any(has_entry), "off by default");
+    f.shared_counters = true;
+    let plan = f.plan(
+        &claudekey(),
+        &observation(granted(Placement::Namespace)),
+        KEY_1,
+    );
+    let [client, proxy] = &issue(&plan).writes[..] else {
+        panic!("two writes")
+    };
+    assert!(!has_entry(client));
+    let password = &proxy.data.as_ref().unwrap()[entry].0;
+    assert_eq!(password, f.sealer.redis_password("team-a").as_bytes());
+    assert!(f.sealer.verify("u-1", proxy));
+    let plan = f.plan(
+        &claudekey(),
+        &observation(granted(Placement::Gateway)),
+        KEY_1,
+    );
+    assert!(!issue(&plan).writes.iter().any(has_entry));
 }
 
 #[test]

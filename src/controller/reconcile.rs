@@ -25,7 +25,9 @@ use super::report;
 use super::secrets::Drift;
 use super::source::{self, Resolution};
 use super::stores::Cached;
-use crate::crd::{ClaudeKey, client_secret_name, gateway_config_secret_name, proxy_secret_name};
+use crate::crd::{
+    ClaudeKey, Placement, client_secret_name, gateway_config_secret_name, proxy_secret_name,
+};
 use crate::keys;
 
 /// How often a ClaudeKey refused its source is looked at again without any watch event.
@@ -76,8 +78,15 @@ async fn observe_plan_execute(ck: &ClaudeKey, ctx: &Context, read: Read) -> Resu
         gateway: &ctx.gateway,
         sealer: &ctx.sealer,
         consumer_restart_delay: ctx.consumer_restart_delay,
+        shared_counters: ctx.namespace_users.is_some(),
     };
     let plan = plan::plan(ck, &observed, &settings, &candidate, Utc::now());
+    if let (Some(users), Resolution::Granted(granted)) =
+        (&ctx.namespace_users, &observed.resolution)
+        && granted.placement == Placement::Namespace
+    {
+        users.want(&ck.namespace().unwrap_or_default());
+    }
     execute(ck, ctx, &observed, plan).await
 }
 

@@ -120,6 +120,12 @@ impl Sealer {
         );
         hex::encode(tag.as_ref())
     }
+
+    /// The Redis password of a namespace's sidecars (`crate::shared_counters`): derived, so
+    /// every replica and restart agrees on it without storing it.
+    pub fn redis_password(&self, namespace: &str) -> String {
+        crate::shared_counters::namespace_password(&self.key, namespace)
+    }
 }
 
 /// What the MAC covers: owner, where the Secret is, its ledger and its content stamp (the

@@ -165,15 +165,23 @@ pub fn build_client(
     owned_secret(ck, client_secret_name(&ck.name_any()), data, ledger)
 }
 
-/// The `-proxy` Secret (placement namespace): exactly one entry, `proxy.json`, so the proxy
-/// reloads a consistent whole.
-pub fn build_proxy(ck: &ClaudeKey, config: &ProxyConfig, ledger: &Ledger) -> Secret {
-    owned_secret(
-        ck,
-        proxy_secret_name(&ck.name_any()),
-        config_data(config),
-        ledger,
-    )
+/// The `-proxy` Secret (placement namespace): `proxy.json`, one entry so the proxy reloads a
+/// consistent whole, and with shared limits the namespace's Redis password, which the sidecar
+/// reads once at start.
+pub fn build_proxy(
+    ck: &ClaudeKey,
+    config: &ProxyConfig,
+    redis_password: Option<&str>,
+    ledger: &Ledger,
+) -> Secret {
+    let mut data = config_data(config);
+    if let Some(password) = redis_password {
+        data.insert(
+            crate::shared_counters::SIDECAR_PASSWORD_ENTRY.to_string(),
+            bytes(password),
+        );
+    }
+    owned_secret(ck, proxy_secret_name(&ck.name_any()), data, ledger)
 }
 
 /// The gateway config Secret (placement gateway), in the operator namespace where no

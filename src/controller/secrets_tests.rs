@@ -77,7 +77,7 @@ fn both() -> (Secret, Secret) {
             Placement::Namespace,
             &ledger(),
         )),
-        sealed(build_proxy(&ck, &config(), &ledger())),
+        sealed(build_proxy(&ck, &config(), None, &ledger())),
     )
 }
 
@@ -183,13 +183,14 @@ fn drift_tells_hand_edits_from_progress() {
     let newer = build_proxy(
         &ck,
         &render_config(&ck, &moved, &values(), None, "ab".repeat(32)).unwrap(),
+        None,
         &moved,
     );
     assert_eq!(drift(Some(&proxy), &newer), Drift::Progress);
     let mut respecced = claudekey();
     respecced.spec.scope.max_tokens = Some(200);
     let config = render_config(&respecced, &ledger(), &values(), None, "ab".repeat(32)).unwrap();
-    let new_policy = build_proxy(&respecced, &config, &ledger());
+    let new_policy = build_proxy(&respecced, &config, None, &ledger());
     assert_eq!(drift(Some(&proxy), &new_policy), Drift::Progress);
 }
 

@@ -2,10 +2,9 @@
 //! HTTPS listener of the gateway (the shared reloading certificate of `crate::tls`), the
 //! config-Secret source, and forward mode's own entry point.
 
-use std::{path::Path, str::FromStr, sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use secrecy::SecretString;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
@@ -17,24 +16,6 @@ use super::{
     metrics,
 };
 
-/// `--redis-url`: kept secret (it may carry the password), so neither `Debug` of the flags nor
-/// a parse error ever shows it.
-#[derive(Clone)]
-pub struct RedisUrl(pub SecretString);
-
-impl FromStr for RedisUrl {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(SecretString::from(s.to_string())))
-    }
-}
-
-impl std::fmt::Debug for RedisUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RedisUrl([REDACTED])")
-    }
-}
-
 /// The limiter's settings from the flags: Redis (password file read once at start), the price
 /// table, the fallback share.
 pub(super) fn limit_settings(args: &Args) -> anyhow::Result<LimitSettings> {
@@ -42,23 +23,12 @@ pub(super) fn limit_settings(args: &Args) -> anyhow::Result<LimitSettings> {
     if !(share > 0.0 && share <= 1.0) {
         anyhow::bail!("--redis-fallback-share must be above 0 and at most 1, not {share}");
     }
-    if args.redis_password_file.is_some() && args.redis_url.is_none() {
-        anyhow::bail!("--redis-password-file needs --redis-url (CLAUDEKEY_REDIS_URL)");
-    }
-    let password = match &args.redis_password_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| {
-                format!("failed to read --redis-password-file {}", path.display())
-            })?;
-            Some(SecretString::from(text.trim().to_string()))
-        }
-        None => None,
-    };
-    let redis = args.redis_url.as_ref().map(|url| RedisSettings {
-        url: url.0.clone(),
-        password,
-        timeout: args.redis_timeout,
-    });
+    let redis = RedisSettings::from_flags(
+        args.redis_url.as_ref(),
+        args.redis_username.as_deref(),
+        args.redis_password_file.as_deref(),
+        args.redis_timeout,
+    )?;
     let prices = match &args.price_table {
         Some(path) => PriceTable::load(path)?,
         None => PriceTable::default(),

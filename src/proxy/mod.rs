@@ -132,7 +132,11 @@ pub struct Args {
     /// Give a URL with a password only through the environment, never on the command line.
     /// Unset: each proxy counts alone (in memory).
     #[arg(long, env = "CLAUDEKEY_REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<launch::RedisUrl>,
+    pub redis_url: Option<crate::shared_counters::RedisUrl>,
+    /// The Redis user to log in as, instead of the URL's (a namespace's sidecars: their
+    /// namespace's user, which reaches only that namespace's counters).
+    #[arg(long, env = "CLAUDEKEY_REDIS_USERNAME")]
+    pub redis_username: Option<String>,
     /// A file holding the Redis password (e.g. a mounted Secret), used instead of the URL's.
     #[arg(long, env = "CLAUDEKEY_REDIS_PASSWORD_FILE")]
     pub redis_password_file: Option<PathBuf>,

@@ -88,6 +88,11 @@ pub struct Args {
     /// Memory limit of the sidecar.
     #[arg(long, env = "CLAUDEKEY_SIDECAR_MEMORY_LIMIT", default_value = "128Mi")]
     pub sidecar_memory_limit: String,
+    /// Shared limits of namespace-placement sidecars: the Redis they count in, as the pods
+    /// reach it, without a password (it is written into pod specs; each sidecar reads its
+    /// namespace's password from its `-proxy` Secret). The controller needs --redis-url too.
+    #[arg(long, env = "CLAUDEKEY_SIDECAR_REDIS_URL")]
+    pub sidecar_redis_url: Option<String>,
     /// Optional plain-HTTP listener for /metrics (the HTTPS listener serves it too).
     #[arg(long, env = "CLAUDEKEY_WEBHOOK_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -113,8 +118,25 @@ impl Args {
             upstream: self.proxy_upstream.clone(),
             requests,
             limits,
+            redis_url: self.sidecar_redis_url.clone(),
         }
     }
+}
+
+/// A `--sidecar-redis-url` lands in every injected pod's spec: it must name no password.
+pub fn check_sidecar_redis_url(url: &str) -> anyhow::Result<()> {
+    use redis::IntoConnectionInfo;
+    let info = url.into_connection_info().map_err(|_| {
+        anyhow::anyhow!(
+            "--sidecar-redis-url: expected redis://host[:port][/db] or rediss://…, without a password"
+        )
+    })?;
+    if info.redis_settings().password().is_some() {
+        anyhow::bail!(
+            "--sidecar-redis-url must not carry a password: it is written into every injected pod's spec (each sidecar reads its namespace's password from its -proxy Secret)"
+        );
+    }
+    Ok(())
 }
 
 /// What [`serve`] needs besides a listener.
@@ -210,6 +232,9 @@ pub fn claudekey_cache(
 
 /// Runs `claudekey webhook` until SIGTERM or Ctrl-C.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(url) = &args.sidecar_redis_url {
+        check_sidecar_redis_url(url)?;
+    }
     let client = Client::try_default().await?;
     let (store, driver) = claudekey_cache(client);
     tokio::spawn(driver);
@@ -239,4 +264,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod sidecar_redis_tests {
+    #[test]
+    fn a_sidecar_redis_url_with_a_password_is_refused() {
+        assert!(super::check_sidecar_redis_url("redis://redis.ns.svc:6379/0").is_ok());
+        let err = super::check_sidecar_redis_url("redis://:hunter2@redis.ns.svc:6379")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must not carry a password"), "{err}");
+        assert!(!err.contains("hunter2"));
+        let err = super::check_sidecar_redis_url("redis://:hunter2@[::1")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
 }

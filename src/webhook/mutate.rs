@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use super::keyshape::SIDECAR_PLACEHOLDER;
 use super::rules::SIDECAR_NAME;
 use crate::crd::{annotations, proxy_secret_name};
+use crate::shared_counters::{SIDECAR_PASSWORD_ENTRY, namespace_user};
 
 /// Volume that carries the `<name>-proxy` Secret into the sidecar alone.
 pub const PROXY_VOLUME: &str = "claudekey-proxy-config";
@@ -43,6 +44,9 @@ pub struct SidecarConfig {
     pub requests: BTreeMap<String, String>,
     /// Resource limits (e.g. `memory: 128Mi`).
     pub limits: BTreeMap<String, String>,
+    /// Shared limits: the Redis the sidecar counts in, without a password (the sidecar reads
+    /// its namespace's from the `-proxy` Secret). `None`: each sidecar counts alone.
+    pub redis_url: Option<String>,
 }
 
 impl Default for SidecarConfig {
@@ -58,6 +62,7 @@ impl Default for SidecarConfig {
             limits: [("memory", "128Mi")]
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .into(),
+            redis_url: None,
         }
     }
 }
@@ -289,7 +294,7 @@ fn quantities(map: &BTreeMap<String, String>) -> Option<BTreeMap<String, Quantit
 
 /// The proxy as a native sidecar: an init container with `restartPolicy: Always`, hardened.
 pub fn sidecar_container(config: &SidecarConfig) -> Container {
-    let args = [
+    let mut args = vec![
         "proxy".to_string(),
         "--config-dir".to_string(),
         PROXY_CONFIG_DIR.to_string(),
@@ -304,6 +309,18 @@ pub fn sidecar_container(config: &SidecarConfig) -> Container {
         "--audit-log".to_string(),
         "-".to_string(),
     ];
+    if let Some(url) = &config.redis_url {
+        // The kubelet expands $(POD_NAMESPACE) from the env below: one spec for every
+        // namespace, and each sidecar logs in as its own namespace's user.
+        args.extend([
+            "--redis-url".to_string(),
+            url.clone(),
+            "--redis-username".to_string(),
+            namespace_user("$(POD_NAMESPACE)"),
+            "--redis-password-file".to_string(),
+            format!("{PROXY_CONFIG_DIR}/{SIDECAR_PASSWORD_ENTRY}"),
+        ]);
+    }
     let probe = Probe {
         http_get: Some(HTTPGetAction {
             path: Some("/readyz".to_string()),
@@ -333,7 +350,7 @@ pub fn sidecar_container(config: &SidecarConfig) -> Container {
     Container {
         name: SIDECAR_NAME.to_string(),
         image: Some(config.image.clone()),
-        args: Some(args.to_vec()),
+        args: Some(args),
         restart_policy: Some("Always".to_string()),
         env: Some(vec![
             field_env("POD_NAME", "metadata.name"),

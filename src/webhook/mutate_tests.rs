@@ -344,3 +344,32 @@ fn apps_start_only_once_the_sidecar_passed_its_startup_probe() {
         "apps wait at most a second more than needed"
     );
 }
+
+/// With shared limits, the sidecar counts in Redis with its namespace's password from its own
+/// `-proxy` Secret volume: the URL in the spec carries none, and the app containers get nothing.
+#[test]
+fn a_shared_limits_sidecar_reads_its_redis_password_from_its_own_volume() {
+    let config = SidecarConfig {
+        redis_url: Some("redis://claudekey-redis.claudekey-system.svc:6379/0".into()),
+        ..config()
+    };
+    let args = sidecar_container(&config).args.unwrap();
+    let at = |flag: &str| &args[args.iter().position(|a| a == flag).unwrap() + 1];
+    assert_eq!(
+        at("--redis-url"),
+        "redis://claudekey-redis.claudekey-system.svc:6379/0"
+    );
+    assert_eq!(at("--redis-username"), "claudekey-ns-$(POD_NAMESPACE)");
+    let env = sidecar_container(&config).env.unwrap();
+    let namespace = env.iter().find(|e| e.name == "POD_NAMESPACE").unwrap();
+    let field = namespace.value_from.as_ref().unwrap().field_ref.as_ref();
+    assert_eq!(field.unwrap().field_path, "metadata.namespace");
+    assert_eq!(
+        at("--redis-password-file"),
+        "/etc/claudekey/proxy/redis-password"
+    );
+    let plain = sidecar_container(&super::SidecarConfig::default())
+        .args
+        .unwrap();
+    assert!(!plain.iter().any(|a| a.starts_with("--redis")));
+}

@@ -2,6 +2,7 @@
 
 pub mod day2;
 pub mod metric_names;
+pub mod shared_limits;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

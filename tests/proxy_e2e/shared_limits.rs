@@ -100,6 +100,7 @@ pub(crate) fn shared(redis: &RedisServer, day_seconds: i64) -> LimitSettings {
     LimitSettings {
         redis: Some(RedisSettings {
             url: SecretString::from(redis.url()),
+            username: None,
             password: None,
             timeout: Duration::from_secs(1),
         }),

@@ -200,6 +200,7 @@ async fn redis_killed_mid_load_falls_back_and_comes_back_without_a_restart() {
     let limits = LimitSettings {
         redis: Some(RedisSettings {
             url: SecretString::from(redis.url_without_password()),
+            username: None,
             password: Some(SecretString::from(password.to_string())),
             timeout: Duration::from_millis(100),
         }),

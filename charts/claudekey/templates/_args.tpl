@@ -55,6 +55,9 @@ If a role's flags change, change them here only. Mount paths used by the flags a
 {{- end }}
 {{- end }}
 {{- end }}
+{{- if include "claudekey.redisSidecars" . }}
+- --redis-password-file={{ include "claudekey.paths.redis" . }}/password
+{{- end }}
 {{- range .Values.controller.extraArgs }}
 - {{ . | quote }}
 {{- end }}
@@ -89,6 +92,9 @@ If a role's flags change, change them here only. Mount paths used by the flags a
 {{- end }}
 {{- end }}
 - --metrics-listen=0.0.0.0:{{ .Values.webhook.metricsPort }}
+{{- if include "claudekey.redisSidecars" . }}
+- --sidecar-redis-url={{ include "claudekey.redisURL" . }}
+{{- end }}
 {{- range .Values.webhook.extraArgs }}
 - {{ . | quote }}
 {{- end }}

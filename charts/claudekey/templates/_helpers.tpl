@@ -272,6 +272,24 @@ redis://{{ include "claudekey.fullname" . }}-redis.{{ .Release.Namespace }}.svc:
 {{- end -}}
 {{- end }}
 
+{{/*
+"true" when namespace-placement sidecars share limits through Redis too (redis.sidecars): each
+namespace through a Redis user of its own, which the controller defines with the admin password
+of redis.existingSecret. Refused without a Redis or without that password: a Redis the sidecars
+of every namespace reach must not let them in as its admin.
+*/}}
+{{- define "claudekey.redisSidecars" -}}
+{{- if .Values.redis.sidecars -}}
+{{- if not (include "claudekey.redisURL" .) -}}
+{{- fail "redis.sidecars needs a Redis: set redis.url or redis.deploy" -}}
+{{- end -}}
+{{- if not .Values.redis.existingSecret -}}
+{{- fail "redis.sidecars needs redis.existingSecret: the sidecars of every namespace reach this Redis, so it must require a password, which only the controller and the gateway hold" -}}
+{{- end -}}
+true
+{{- end -}}
+{{- end }}
+
 {{/* Share of each limit a gateway replica enforces alone during a Redis outage. */}}
 {{- define "claudekey.redisFallbackShare" -}}
 {{- if ne (toString .Values.redis.fallbackShare) "" -}}

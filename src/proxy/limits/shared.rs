@@ -1,6 +1,7 @@
 //! Counters shared by every proxy serving a ClaudeKey, in Redis (or Valkey): one atomic Lua
-//! script per admission decision and one per settlement (`lua/`), run by EVALSHA with a
-//! fallback to loading the script (a restarted Redis has none). Every call is bounded by a
+//! script per admission decision and one per settlement (`lua/`, named in
+//! `crate::shared_counters`), run by EVALSHA with a fallback to loading the script (a restarted
+//! Redis has none; a namespace's sidecar may not load one, so the controller does). Every call is bounded by a
 //! short timeout; a failed call makes the caller count locally (`mod.rs`) and keeps Redis out
 //! of the request path for `RETRY_AFTER` before the next try, so an outage never hangs or
 //! fails a request, and the connection manager reconnects by itself.
@@ -10,8 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redis::{IntoConnectionInfo, Script, aio::ConnectionManager};
-use secrecy::{ExposeSecret, SecretString};
+use redis::{Script, aio::ConnectionManager};
 
 use super::{
     Limit, LimitsMetrics, Refusal,
@@ -19,38 +19,18 @@ use super::{
     local::MAX_USERS,
     refuse,
 };
-use crate::{crd::LimitsSpec, proxyconf::ClaudeKeyRef};
-
-const COMMON: &str = include_str!("lua/common.lua");
-const ADMIT: &str = include_str!("lua/admit.lua");
-const SETTLE: &str = include_str!("lua/settle.lua");
+pub use crate::shared_counters::{RedisSettings, SharedError};
+use crate::{
+    crd::LimitsSpec,
+    proxyconf::ClaudeKeyRef,
+    shared_counters::{self, connect},
+};
 
 /// How long Redis stays out of the request path after a failed call.
 pub const RETRY_AFTER: Duration = Duration::from_millis(500);
 /// Default bound of one call (connect included): well under any client's patience, well over
 /// a loopback or in-cluster round trip.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
-
-/// Where the shared counters live. `Debug` never shows the URL or the password.
-#[derive(Clone, Debug)]
-pub struct RedisSettings {
-    /// `redis://` or `rediss://` (TLS); may carry the password.
-    pub url: SecretString,
-    /// A password from `--redis-password-file`, used instead of the URL's.
-    pub password: Option<SecretString>,
-    pub timeout: Duration,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SharedError {
-    /// Never quotes the URL: it may hold the password.
-    #[error(
-        "failed to parse the Redis URL: expected redis://[:password@]host[:port][/db] or rediss://…"
-    )]
-    Url,
-    #[error("failed to configure the Redis client: {0}")]
-    Client(String),
-}
 
 /// The Redis keys of one ClaudeKey. All share the hash tag `{namespace/name}`, so a Redis
 /// Cluster keeps them in one slot (a script may touch only one slot), and the identity, not a
@@ -66,7 +46,7 @@ pub struct Keys {
 
 impl Keys {
     pub fn of(id: &ClaudeKeyRef) -> Self {
-        let prefix = format!("claudekey:{{{}/{}}}", id.namespace, id.name);
+        let prefix = shared_counters::key_prefix(&id.namespace, &id.name);
         Self {
             rate: format!("{prefix}:rate"),
             spend: format!("{prefix}:spend"),
@@ -109,28 +89,7 @@ impl SharedCounters {
     /// Configures the client; connects lazily (on the first request), so a proxy starts and
     /// serves (on its fallback share) while Redis is still coming up.
     pub fn new(settings: &RedisSettings, metrics: LimitsMetrics) -> Result<Self, SharedError> {
-        let mut info = settings
-            .url
-            .expose_secret()
-            .into_connection_info()
-            .map_err(|_| SharedError::Url)?;
-        if let Some(password) = &settings.password {
-            let redis = info
-                .redis_settings()
-                .clone()
-                .set_password(password.expose_secret().trim());
-            info = info.set_redis_settings(redis);
-        }
-        let client =
-            redis::Client::open(info).map_err(|e| SharedError::Client(e.category().to_string()))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.timeout))
-            .set_response_timeout(Some(settings.timeout))
-            .set_number_of_retries(2)
-            .set_min_delay(Duration::from_millis(20))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| SharedError::Client(e.category().to_string()))?;
+        let conn = connect(settings)?;
         // Connect now, in the background: the first requests should not pay for it.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let mut warm = conn.clone();
@@ -140,8 +99,8 @@ impl SharedCounters {
         }
         Ok(Self {
             conn,
-            admit: Script::new(&format!("{COMMON}\n{ADMIT}")),
-            settle: Script::new(&format!("{COMMON}\n{SETTLE}")),
+            admit: Script::new(&shared_counters::admit_script()),
+            settle: Script::new(&shared_counters::settle_script()),
             timeout: settings.timeout,
             down_until: Mutex::new(None),
             metrics,
@@ -362,19 +321,5 @@ mod tests {
             (ok.day_spend, ok.month_spend, ok.user_overflow),
             (7, 9, true)
         );
-    }
-
-    #[tokio::test]
-    async fn a_bad_url_never_shows_the_password() {
-        let settings = RedisSettings {
-            url: SecretString::from("redis://:hunter2-secret@[::1"),
-            password: None,
-            timeout: DEFAULT_TIMEOUT,
-        };
-        let error = SharedCounters::new(&settings, LimitsMetrics::default())
-            .err()
-            .unwrap();
-        assert!(!error.to_string().contains("hunter2"));
-        assert!(!format!("{settings:?}").contains("hunter2"));
     }
 }

@@ -1,0 +1,90 @@
+//! Shared limits of namespace-placement sidecars (DESIGN.md §12) against the real control plane
+//! and a real redis-server that requires a password: the controller writes the namespace's Redis
+//! password into the `-proxy` Secret (never the `-client` one), defines that user in Redis, and
+//! prints neither password.
+
+use std::time::Duration;
+
+use claudekey::shared_counters::{self, RedisSettings};
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use secrecy::SecretString;
+use serde_json::json;
+
+use crate::redis_server::RedisServer;
+use crate::{apply_ref, cluster_wide, serial, unique};
+use crate::{controller_support::*, support};
+
+const ADMIN_PASSWORD: &str = "platform-admin-password-for-redis";
+
+#[tokio::test]
+async fn namespace_sidecars_get_a_redis_user_of_their_own() {
+    let _one = serial().await;
+    let (client, operator) = setup("ck-trust-redis").await;
+    let team = support::namespace(&client, "ck-trust-rteam").await;
+    let redis = RedisServer::start(Some(ADMIN_PASSWORD));
+    let source = unique("redis");
+    put_upstream(&client, &operator, &source, &upstream_key()).await;
+    apply_cluster_source(
+        &client,
+        &source,
+        json!({ "kubernetesSecret": { "name": &source }, "placement": "namespace",
+                "allowedNamespaces": { "names": [&team] } }),
+    )
+    .await;
+    let mut config = cluster_wide(&operator, None);
+    config.redis = Some(RedisSettings {
+        url: SecretString::from(redis.url_without_password()),
+        username: None,
+        password: Some(SecretString::from(ADMIN_PASSWORD.to_string())),
+        timeout: Duration::from_secs(2),
+    });
+    let controller = start(&client, config);
+    apply_ref(&client, &team, "bot", "ClusterClaudeKeySource", &source).await;
+    wait_claudekey(&client, &team, "bot", "Ready", is_ready).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &team);
+    let entry = shared_counters::SIDECAR_PASSWORD_ENTRY;
+    let proxy = secrets.get("bot-proxy").await.unwrap();
+    let password = String::from_utf8(proxy.data.unwrap()[entry].0.clone()).unwrap();
+    assert_eq!(password.len(), 64);
+    let client_secret = secrets.get("bot-client").await.unwrap();
+    assert!(!client_secret.data.unwrap().contains_key(entry));
+
+    // The user works with that password, for this namespace's counters only.
+    let user = shared_counters::namespace_user(&team);
+    let url = format!("redis://{user}:{password}@127.0.0.1:{}/", redis.port);
+    let mut conn = None;
+    for _ in 0..100 {
+        if let Ok(mut c) = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            && redis::cmd("PING")
+                .query_async::<String>(&mut c)
+                .await
+                .is_ok()
+        {
+            conn = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut conn = conn.expect("the controller defines the namespace's Redis user");
+    let other = format!("{}:rate", shared_counters::key_prefix("other-ns", "bot"));
+    let refused = redis::cmd("HSET")
+        .arg(&other)
+        .arg("tat")
+        .arg(0)
+        .query_async::<i64>(&mut conn)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm)
+    );
+    controller.stop().await;
+    let logs = logs();
+    for secret in [password.as_str(), ADMIN_PASSWORD] {
+        assert!(!logs.contains(secret), "a Redis password was logged");
+    }
+}
