@@ -12,7 +12,8 @@
 #                            would (replaces that Service's earlier rules; stop removes them)
 #
 # Network (nothing is ever routed off this machine):
-#   198.18.0.1/24  bridge ckbr0: the node's address and the pods' gateway; pods 198.18.0.10-254
+#   198.18.0.1/24  bridge ckbr0: the node's address and the pods' gateway; pods 198.18.0.10-254;
+#                  a redis-server on 198.18.0.1:6379 (password in node.env) for shared limits
 #   198.19.0.0/24  Services (blackhole route on the host); no kube-proxy: the one Service a pod
 #                  uses, kubernetes (198.19.0.1:443), is DNATed to the loopback apiserver, and
 #                  webhooks are reached through the apiserver's endpoint (aggregator) routing.
@@ -100,6 +101,28 @@ wait_until() {
 }
 
 ctr_() { ctr --address "$NODE/containerd.sock" -n k8s.io "$@"; }
+
+# A Redis on the node's address for the chart's shared limits (controller, gateway and
+# namespace sidecars; tests/node/shared_limits.rs): pods reach the node's address, and no
+# Service name (no DNS). The password is random per node start and lives in a 0600 config file,
+# never on a command line.
+REDIS_PORT=6379
+start_redis() {
+  [[ -x ${CLAUDEKEY_TEST_REDIS_SERVER:-} ]] || die "redis-server missing: hack/tools.sh unpacks it"
+  REDIS_PASSWORD=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')
+  mkdir -p "$NODE/redis"
+  (
+    umask 077
+    printf 'bind %s\nport %s\nrequirepass %s\nsave ""\nappendonly no\ndir %s\n' \
+      "$NODE_IP" "$REDIS_PORT" "$REDIS_PASSWORD" "$NODE/redis" >"$NODE/redis/redis.conf"
+  )
+  launch redis "$CLAUDEKEY_TEST_REDIS_SERVER" "$NODE/redis/redis.conf"
+  wait_until redis "port $REDIS_PORT" python3 -c '
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1)
+s.sendall(b"PING\r\n")
+sys.exit(0 if s.recv(64) else 1)' "$NODE_IP" "$REDIS_PORT"
+}
 
 # ---------------------------------------------------------------------------
 # host state: what start changes and stop restores
@@ -334,6 +357,7 @@ import socket; s=[socket.socket() for _ in range(3)]
     mkdir -p "$d$CGROUP_ROOT"
   done
   setup_network
+  start_redis
   gen_node_pki
   write_containerd_config
   write_kubelet_config
@@ -364,6 +388,8 @@ export CLAUDEKEY_TEST_KUBELET_DIR='$NODE/kubelet'
 export CLAUDEKEY_TEST_IMAGE='$CLAUDEKEY_IMAGE'
 export CLAUDEKEY_TEST_APP_IMAGE='$APP_IMAGE'
 export CLAUDEKEY_TEST_CHART='$chart'
+export CLAUDEKEY_TEST_NODE_REDIS_URL='redis://$NODE_IP:$REDIS_PORT/0'
+export CLAUDEKEY_TEST_NODE_REDIS_PASSWORD='$REDIS_PASSWORD'
 EOF
   grep -q node.env "$STATE/env" || printf "source '%s'\n" "$STATE/node.env" >>"$STATE/env"
   trap - EXIT
@@ -446,6 +472,7 @@ cmd_stop() {
   stop_proc kubelet
   stop_proc kube-scheduler
   stop_containers
+  stop_proc redis
   unmount_all
   remove_cgroups
   restore_iptables

@@ -65,6 +65,7 @@ pub fn installed() -> &'static Fixture {
         let image = env("CLAUDEKEY_TEST_IMAGE");
         let (repository, tag) = image.rsplit_once(':').expect("image has a tag");
         let upstream = start_upstream(&node_ip);
+        let redis = node_redis();
         let start = Instant::now();
         let out = Command::new(env("CLAUDEKEY_TEST_HELM"))
             // `upgrade --install`: on the node tier's fresh node this installs; when single
@@ -86,6 +87,16 @@ pub fn installed() -> &'static Fixture {
             .args(["--set", "image.pullPolicy=Never"])
             .args(["--set", &format!("upstreamURL={}", upstream.url())])
             .args(["--set", "logFormat=text"])
+            .args(redis.iter().flat_map(|url| {
+                [
+                    format!("redis.url={url}"),
+                    format!("redis.existingSecret={REDIS_SECRET}"),
+                    "redis.sidecars=true".to_string(),
+                ]
+                .map(|set| ["--set".to_string(), set])
+                .into_iter()
+                .flatten()
+            }))
             // Extra values for experiments by hand (e.g. a control run with a setting undone).
             .args(
                 std::env::var("CLAUDEKEY_NODE_HELM_SET")
@@ -108,6 +119,48 @@ pub fn installed() -> &'static Fixture {
             install_time: start.elapsed(),
         }
     })
+}
+
+/// The Secret of the Redis password in the release namespace (`redis.existingSecret`).
+pub const REDIS_SECRET: &str = "claudekey-redis";
+
+/// The node's Redis (hack/node.sh), with its password put where the chart reads it before the
+/// install; `None` on a cluster without one (hack/e2e-cluster.sh), where shared-limits tests
+/// fail.
+fn node_redis() -> Option<String> {
+    let url = std::env::var("CLAUDEKEY_TEST_NODE_REDIS_URL").ok()?;
+    let password = env("CLAUDEKEY_TEST_NODE_REDIS_PASSWORD");
+    let manifest = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            { "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": OPERATOR_NS } },
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": { "name": REDIS_SECRET, "namespace": OPERATOR_NS },
+                "stringData": { "password": password }
+            }
+        ]
+    });
+    let mut child = Command::new(env("CLAUDEKEY_TEST_KUBECTL"))
+        .args(["--kubeconfig", &env("CLAUDEKEY_TEST_KUBECONFIG")])
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run kubectl");
+    std::io::Write::write_all(
+        child.stdin.as_mut().expect("stdin"),
+        manifest.to_string().as_bytes(),
+    )
+    .expect("write the manifest");
+    drop(child.stdin.take());
+    assert!(
+        child.wait().expect("kubectl").success(),
+        "kubectl apply of the Redis password Secret failed"
+    );
+    Some(url)
 }
 
 /// What the pods of the release look like, for a failure message.

@@ -88,6 +88,13 @@ pub fn claudekey(ns: &str, name: &str, grace: &str) -> ClaudeKey {
     .expect("ClaudeKey")
 }
 
+/// [`claudekey`] with `spec.limits`.
+pub fn limited_claudekey(ns: &str, name: &str, limits: serde_json::Value) -> ClaudeKey {
+    let mut ck = claudekey(ns, name, "20s");
+    ck.spec.limits = serde_json::from_value(limits).expect("limits");
+    ck
+}
+
 /// The hardened pod securityContext every app pod uses.
 fn pod_security() -> serde_json::Value {
     serde_json::json!({

@@ -16,6 +16,7 @@ mod isolation;
 mod manifests;
 mod ops;
 mod rotation;
+mod shared_limits;
 
 use std::time::Duration;
 
