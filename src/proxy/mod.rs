@@ -103,6 +103,8 @@ pub struct Proxy {
     reporter: Option<tokio::task::JoinHandle<()>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     limits: ServerLimits,
+    /// The limits of every ClaudeKey served; kept here to flush shared settlements at the end.
+    limiters: Arc<limits::Limiters>,
     shutdown_grace: Duration,
     shutdown_delay: Duration,
 }
@@ -118,9 +120,12 @@ impl Proxy {
         );
         // Runs until the proxy is dropped (the task is aborted then).
         let watcher = match settings.config_secrets.clone() {
-            Some(source) => kube_source::spawn(source, store.clone(), metrics.clone(), limiters),
+            Some(source) => {
+                kube_source::spawn(source, store.clone(), metrics.clone(), limiters.clone())
+            }
             None => {
-                let mut loader = Loader::new(settings.config_dir.clone(), settings.mode, limiters);
+                let mut loader =
+                    Loader::new(settings.config_dir.clone(), settings.mode, limiters.clone());
                 config::reload_into(&mut loader, &store, &metrics);
                 config::spawn_watcher(
                     loader,
@@ -165,6 +170,7 @@ impl Proxy {
             reporter,
             tls,
             limits: settings.server_limits,
+            limiters,
             shutdown_grace: settings.shutdown_grace,
             shutdown_delay: settings.shutdown_delay,
         })
@@ -174,7 +180,8 @@ impl Proxy {
     /// (still accepting; every connection closed cleanly after its next request: HTTP/2 GOAWAY,
     /// HTTP/1 `Connection: close`), then closes the listener and lets open requests finish
     /// (streams included) for the shutdown grace (30 s); requests still open then are cut, and
-    /// each still leaves its audit line (outcome `shutdown`) before this returns. With TLS, each
+    /// each still leaves its audit line (outcome `shutdown`) and its shared settlement before
+    /// this returns. With TLS, each
     /// connection's handshake comes first (bounded), then the same limits as plain HTTP.
     pub async fn serve(
         &self,
@@ -243,6 +250,7 @@ impl Proxy {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             connections.shutdown().await;
         }
+        self.limiters.flush().await;
         let audit = self.shared.recorder.audit.clone();
         let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
         Ok(())

@@ -13,7 +13,7 @@ use claudekey::{
     fake_upstream::{FakeUpstream, Reply as FakeReply},
     proxy::{
         AuditTarget, Mode, Proxy, ProxySettings,
-        limits::{LimitSettings, RedisSettings},
+        limits::{LimitSettings, RedisSettings, settlements},
     },
 };
 use secrecy::SecretString;
@@ -327,4 +327,62 @@ async fn a_rotation_keeps_the_shared_window() {
     )
     .await;
     assert_eq!(call(q.url(), "claudekey-sidecar").await, 429);
+}
+
+/// Settlements of one ClaudeKey are merged (`limits::settlements`): forty answers through one
+/// proxy cost about one script call each (its admission), not two, and every nano-dollar still
+/// reaches the shared spend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlements_of_a_burst_are_merged_into_few_calls() {
+    let redis = RedisServer::start(None);
+    let fake = FakeUpstream::start(&[UPSTREAM_A]).await.unwrap();
+    fake.set_reply(FakeReply::Text("word ".repeat(200)));
+    let policy = json!({ "limits": {
+        "tokensPerMinute": 1_000_000, "budget": { "usdPerDay": 1000 } } });
+    let proxy = start_proxy(
+        Mode::Gateway,
+        &fake,
+        "merged",
+        &policy,
+        shared(&redis, 86_400),
+    )
+    .await;
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // One answer first: the scripts are loaded (a first EVALSHA fails with NOSCRIPT), then
+    // the counts start from zero.
+    assert_eq!(burst(std::slice::from_ref(&proxy), 1, "u", 300).await, [200]);
+    tokio::time::sleep(settlements::SETTLE_DELAY * 5).await;
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let statuses = burst(std::slice::from_ref(&proxy), 40, "u", 300).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    // 41 answers of 250 output tokens of Sonnet 4.5 ($15/MTok) at least.
+    let floor = 41.0 * 250.0 * 15e-6;
+    eventually(|| {
+        proxy
+            .metric(r#"claudekey_proxy_spend_usd{claudekey="team-a/merged",period="day"}"#)
+            .is_some_and(|v| v >= floor)
+    })
+    .await;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let calls: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .expect("evalsha calls");
+    assert!(
+        (40..=50).contains(&calls),
+        "{calls} script calls for 40 answers: settlements were not merged"
+    );
 }

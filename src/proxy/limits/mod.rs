@@ -6,6 +6,7 @@ pub mod budget;
 mod local;
 mod metrics;
 pub mod prices;
+pub mod settlements;
 pub mod shared;
 
 use std::{
@@ -329,8 +330,8 @@ impl Reservation {
     }
 
     /// Returns the unused part of the reservation (or charges what usage exceeded it) and adds
-    /// the usage's cost to the spend. Shared settlements run in the background, bounded by the
-    /// Redis timeout; one that fails is counted locally instead.
+    /// the usage's cost to the spend. Shared settlements are queued and sent within
+    /// `settlements::SETTLE_DELAY`, merged per ClaudeKey; one that fails is counted locally.
     pub fn settle(self, used: u64, usage: &Usage) {
         let limits = self.limits.clone();
         let nanos = limits.prices.nanos(self.model.as_deref(), usage);
@@ -353,21 +354,31 @@ impl Reservation {
         if self.tokens == 0 && used == 0 && nanos == 0 {
             return;
         }
-        let (tpm, reserved, budgets) = (self.tpm, self.tokens, self.budgets);
-        runtime.spawn(async move {
-            let day_seconds = limits.day_seconds;
-            match shared
-                .settle(&limits.keys, tpm, reserved, used, nanos, day_seconds)
-                .await
-            {
-                Ok(spent) => limits.metrics.show_spend(&limits.label, &budgets, spent),
-                Err(shared::Unavailable) => {
-                    // Lost to the shared total: counted against this proxy's fallback share.
-                    let periods = Periods::now(day_seconds);
-                    limits.local.settle(0, 0, nanos, &periods);
-                }
+        let settlement = settlements::Settlement {
+            tpm: self.tpm,
+            delta: self.tokens as i64 - used as i64,
+            nanos,
+            day_seconds: limits.day_seconds,
+        };
+        let (keys, budgets, day_seconds) = (limits.keys.clone(), self.budgets, limits.day_seconds);
+        let done = Box::new(move |result: Result<(u64, u64), u64>| match result {
+            Ok(spent) => limits.metrics.show_spend(&limits.label, &budgets, spent),
+            Err(lost) => {
+                // Lost to the shared total: counted against this proxy's fallback share.
+                let periods = Periods::now(day_seconds);
+                limits.local.settle(0, 0, lost, &periods);
             }
         });
+        shared.queue_settlement(&runtime, &keys, settlement, done);
+    }
+}
+
+impl Limiters {
+    /// Sends the shared settlements still queued (at shutdown: no spend left behind).
+    pub async fn flush(&self) {
+        if let Some(shared) = &self.shared {
+            shared.flush_settlements().await;
+        }
     }
 }
 

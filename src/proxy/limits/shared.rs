@@ -18,6 +18,7 @@ use super::{
     budget::{self, Budgets, Period},
     local::MAX_USERS,
     refuse,
+    settlements::Pending,
 };
 pub use crate::shared_counters::{RedisSettings, SharedError};
 use crate::{
@@ -79,6 +80,8 @@ pub struct SharedCounters {
     /// Set after a failed call: Redis is not asked again before then.
     down_until: Mutex<Option<Instant>>,
     metrics: LimitsMetrics,
+    /// Settlements not sent yet (`super::settlements`).
+    pub(super) pending: Pending,
 }
 
 /// The shared counters could not answer (logged and counted where it happened).
@@ -104,6 +107,7 @@ impl SharedCounters {
             timeout: settings.timeout,
             down_until: Mutex::new(None),
             metrics,
+            pending: Pending::default(),
         })
     }
 
@@ -146,18 +150,17 @@ impl SharedCounters {
         Ok(decode_admit(&reply, budgets))
     }
 
-    /// Returns `reserved - used` tokens to the bucket and adds `nanos` to the spend; returns
-    /// the day's and month's spend.
-    pub async fn settle(
+    /// Returns `delta` (reserved minus used) tokens to the bucket and adds `nanos` to the
+    /// spend; returns the day's and month's spend. Callers queue settlements
+    /// (`super::settlements`) rather than call this per answer.
+    pub(super) async fn settle(
         &self,
         keys: &Keys,
         tpm: u64,
-        reserved: u64,
-        used: u64,
+        delta: i64,
         nanos: u64,
         day_seconds: i64,
     ) -> Result<(u64, u64), Unavailable> {
-        let delta = reserved as i64 - used as i64;
         let mut call = self.settle.prepare_invoke();
         call.key(&keys.rate)
             .key(&keys.spend)
