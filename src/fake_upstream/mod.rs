@@ -282,6 +282,11 @@ impl FakeUpstream {
         self.shared.oauth().exchanges()
     }
 
+    /// Revokes every access token issued so far: they answer 401 from now on.
+    pub fn revoke_access_tokens(&self) {
+        self.shared.oauth().revoke_all();
+    }
+
     /// Every access token issued so far (for tests that scan for leaks).
     pub fn issued_access_tokens(&self) -> Vec<String> {
         self.shared.oauth().issued()

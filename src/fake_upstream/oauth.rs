@@ -83,6 +83,13 @@ impl OAuthState {
             .map(|(_, svac)| svac.clone())
     }
 
+    /// Revokes every access token issued so far (as deleting a federation rule would).
+    pub(super) fn revoke_all(&mut self) {
+        self.tokens
+            .values_mut()
+            .for_each(|(until, _)| *until = Instant::now());
+    }
+
     /// Every access token issued so far, for tests that scan for leaks.
     pub(super) fn issued(&self) -> Vec<String> {
         self.tokens.keys().cloned().collect()

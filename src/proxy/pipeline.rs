@@ -395,7 +395,11 @@ async fn forward_replayable(
         Upstream::body(&ex.body),
     )?;
     let response = send(shared, tenant, request).await?;
-    if response.status() != StatusCode::UNAUTHORIZED || tenant.federation.is_some() {
+    if response.status() != StatusCode::UNAUTHORIZED {
+        return Ok(response);
+    }
+    if let (Some(config), Credential::Bearer(sent)) = (&tenant.federation, &credential) {
+        shared.federation.refused(config, sent);
         return Ok(response);
     }
     let Some(previous) = tenant.previous_upstream(Utc::now()) else {

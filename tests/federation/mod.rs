@@ -399,6 +399,53 @@ async fn a_rule_mismatch_is_a_503_and_a_refused_token_is_never_sent_again() {
     );
 }
 
+/// An access token the upstream stops accepting (its rule deleted, the token revoked) is
+/// dropped at its first 401, so the next request exchanges a new one instead of sending the
+/// refused token until its refresh time; a client provoking 401s gets at most one drop per
+/// `DROP_REFUSED_EVERY`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_access_token_is_dropped_and_exchanged_anew() {
+    let _ = logs();
+    let client = support::client().await;
+    allow_issuer_discovery(&client).await;
+    let (sas, namespace) = service_account(&client, "bot").await;
+    let files = tempfile::tempdir().unwrap();
+    let token_file = files.path().join("token");
+    project(&token_file, &token(&sas, "bot", AUDIENCE).await);
+    let h = sidecar(&token_file, "wif").await;
+    h.fake.add_federation_rule(rule(
+        &format!("system:serviceaccount:{namespace}:bot"),
+        Duration::from_secs(3600),
+    ));
+    let plain = proxy_common::client();
+    let url = h.url();
+    let call = || {
+        send(
+            &plain,
+            &url,
+            "POST",
+            "/v1/messages",
+            None,
+            Some(message("hi", false)),
+        )
+    };
+    assert_eq!(call().await.status, 200);
+    // Revoked at Anthropic; the kubelet has written a new identity token meanwhile.
+    h.fake.revoke_access_tokens();
+    project(&token_file, &token(&sas, "bot", AUDIENCE).await);
+    assert_eq!(call().await.status, 401, "sent with the revoked token");
+    let reply = call().await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let (ok, _) = exchanges_of(&h.fake);
+    assert_eq!(ok, 2, "one new exchange after the 401");
+    // Within DROP_REFUSED_EVERY, a second revocation is not followed at once.
+    h.fake.revoke_access_tokens();
+    project(&token_file, &token(&sas, "bot", AUDIENCE).await);
+    assert_eq!(call().await.status, 401);
+    assert_eq!(call().await.status, 401);
+    assert_eq!(exchanges_of(&h.fake).0, 2, "no exchange on every 401");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_second_tokens_are_refreshed_under_load_with_no_failed_request() {
     let _ = logs();

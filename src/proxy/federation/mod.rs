@@ -92,7 +92,13 @@ pub struct Health {
 struct Slot {
     current: RwLock<Option<Access>>,
     flight: tokio::sync::Mutex<Flight>,
+    /// When an access token the upstream refused was last dropped.
+    dropped_at: Mutex<Option<Instant>>,
 }
+
+/// At most one refused access token is dropped per this long per source: a client that
+/// provokes 401s must not make the proxy exchange a token on every request.
+pub const DROP_REFUSED_EVERY: Duration = Duration::from_secs(30);
 
 /// Every federation source this proxy serves, and where its identity tokens come from.
 pub struct Federation {
@@ -188,6 +194,27 @@ impl Federation {
                 flight.failure = Some((now, message.clone()));
                 Err(ApiError::Unavailable(message))
             }
+        }
+    }
+
+    /// The upstream answered 401 to a request sent with `sent`: the token was revoked or its
+    /// rule changed. Forget it, so the next request exchanges anew instead of sending a token
+    /// known to be refused until its refresh time (at most once per [`DROP_REFUSED_EVERY`]).
+    pub fn refused(&self, config: &FederationConfig, sent: &HeaderValue) {
+        let slot = self.slot(config);
+        let now = Instant::now();
+        let mut dropped_at = slot.dropped_at.lock().unwrap_or_else(|p| p.into_inner());
+        if dropped_at.is_some_and(|at| now < at + DROP_REFUSED_EVERY) {
+            return;
+        }
+        let mut current = slot.current.write().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_some_and(|a| a.header == *sent) {
+            *current = None;
+            *dropped_at = Some(now);
+            tracing::warn!(
+                source = %config.source,
+                "the upstream refused this source's access token; exchanging a new one"
+            );
         }
     }
 
