@@ -24,6 +24,7 @@ pub use local::MAX_USERS;
 use local::{Admitted, KeyLimiter};
 pub use metrics::LimitsMetrics;
 use prices::PriceTable;
+use settlements::Settlements;
 use shared::{Keys, SharedCounters};
 pub use shared::{RedisSettings, SharedError};
 
@@ -106,10 +107,17 @@ pub fn fallback_spec(spec: &LimitsSpec, share: f64) -> LimitsSpec {
     }
 }
 
+/// Redis's counters, and the settlements queued for them.
+#[derive(Clone)]
+struct Shared {
+    counters: Arc<SharedCounters>,
+    settlements: Arc<Settlements>,
+}
+
 /// The limiters of every ClaudeKey this proxy serves, kept across config reloads.
 pub struct Limiters {
     by_key: Mutex<HashMap<ClaudeKeyRef, Arc<KeyLimits>>>,
-    shared: Option<Arc<SharedCounters>>,
+    shared: Option<Shared>,
     prices: Arc<PriceTable>,
     fallback_share: f64,
     day_seconds: i64,
@@ -126,7 +134,13 @@ impl Limiters {
     /// Counters as `settings` say; Redis is connected lazily (never blocks the start).
     pub fn new(settings: LimitSettings, metrics: LimitsMetrics) -> Result<Self, SharedError> {
         let shared = match &settings.redis {
-            Some(redis) => Some(Arc::new(SharedCounters::new(redis, metrics.clone())?)),
+            Some(redis) => {
+                let counters = Arc::new(SharedCounters::new(redis, metrics.clone())?);
+                Some(Shared {
+                    settlements: Arc::new(Settlements::new(counters.clone())),
+                    counters,
+                })
+            }
             None => None,
         };
         Ok(Self {
@@ -171,7 +185,7 @@ pub struct KeyLimits {
     label: String,
     keys: Keys,
     local: KeyLimiter,
-    shared: Option<Arc<SharedCounters>>,
+    shared: Option<Shared>,
     prices: Arc<PriceTable>,
     fallback_share: f64,
     day_seconds: i64,
@@ -257,6 +271,7 @@ impl KeyLimits {
             0
         };
         let decided = shared
+            .counters
             .admit(
                 &self.keys,
                 spec,
@@ -369,7 +384,7 @@ impl Reservation {
                 limits.local.settle(0, 0, lost, &periods);
             }
         });
-        shared.queue_settlement(&runtime, &keys, settlement, done);
+        shared.settlements.queue(&runtime, &keys, settlement, done);
     }
 }
 
@@ -377,7 +392,7 @@ impl Limiters {
     /// Sends the shared settlements still queued (at shutdown: no spend left behind).
     pub async fn flush(&self) {
         if let Some(shared) = &self.shared {
-            shared.flush_settlements().await;
+            shared.settlements.flush().await;
         }
     }
 }

@@ -39,33 +39,36 @@ struct Merged {
     done: Settled,
 }
 
-/// Settlements waiting to be sent, by ClaudeKey (its rate key).
-#[derive(Default)]
-pub struct Pending {
+/// Settlements waiting to be sent to the shared counters, by ClaudeKey (its rate key).
+pub struct Settlements {
+    counters: Arc<SharedCounters>,
     by_key: Mutex<HashMap<String, Merged>>,
 }
 
-impl SharedCounters {
+impl Settlements {
+    pub fn new(counters: Arc<SharedCounters>) -> Self {
+        Self {
+            counters,
+            by_key: Mutex::default(),
+        }
+    }
+
     /// Queues a settlement, merged with the others of its ClaudeKey; the first of a batch
     /// schedules the send. `done` replaces the ClaudeKey's earlier one (they differ only in
     /// which budgets the metrics show, and the latest config is the one to show).
-    pub fn queue_settlement(
+    pub fn queue(
         self: &Arc<Self>,
         runtime: &tokio::runtime::Handle,
         keys: &Keys,
         settlement: Settlement,
         done: Settled,
     ) {
-        let mut pending = self
-            .pending
-            .by_key
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut pending = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
         if pending.is_empty() {
-            let counters = self.clone();
+            let settlements = self.clone();
             runtime.spawn(async move {
                 tokio::time::sleep(SETTLE_DELAY).await;
-                counters.flush_settlements().await;
+                settlements.flush().await;
             });
         }
         match pending.get_mut(&keys.rate) {
@@ -91,18 +94,15 @@ impl SharedCounters {
 
     /// Sends every queued settlement now, one call per ClaudeKey, all at once (the multiplexed
     /// connection pipelines them). Also run at shutdown, so no spend is left behind.
-    pub async fn flush_settlements(&self) {
+    pub async fn flush(&self) {
         let batch: Vec<Merged> = {
-            let mut pending = self
-                .pending
-                .by_key
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut pending = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
             pending.drain().map(|(_, merged)| merged).collect()
         };
         let sends = batch.into_iter().map(|merged| async move {
             let s = merged.settlement;
             let result = self
+                .counters
                 .settle(&merged.keys, s.tpm, s.delta, s.nanos, s.day_seconds)
                 .await;
             (merged.done)(result.map_err(|Unavailable| s.nanos));

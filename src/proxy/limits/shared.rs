@@ -18,7 +18,6 @@ use super::{
     budget::{self, Budgets, Period},
     local::MAX_USERS,
     refuse,
-    settlements::Pending,
 };
 pub use crate::shared_counters::{RedisSettings, SharedError};
 use crate::{
@@ -80,8 +79,6 @@ pub struct SharedCounters {
     /// Set after a failed call: Redis is not asked again before then.
     down_until: Mutex<Option<Instant>>,
     metrics: LimitsMetrics,
-    /// Settlements not sent yet (`super::settlements`).
-    pub(super) pending: Pending,
 }
 
 /// The shared counters could not answer (logged and counted where it happened).
@@ -107,7 +104,6 @@ impl SharedCounters {
             timeout: settings.timeout,
             down_until: Mutex::new(None),
             metrics,
-            pending: Pending::default(),
         })
     }
 
