@@ -354,7 +354,10 @@ async fn settlements_of_a_burst_are_merged_into_few_calls() {
         .unwrap();
     // One answer first: the scripts are loaded (a first EVALSHA fails with NOSCRIPT), then
     // the counts start from zero.
-    assert_eq!(burst(std::slice::from_ref(&proxy), 1, "u", 300).await, [200]);
+    assert_eq!(
+        burst(std::slice::from_ref(&proxy), 1, "u", 300).await,
+        [200]
+    );
     tokio::time::sleep(settlements::SETTLE_DELAY * 5).await;
     let () = redis::cmd("CONFIG")
         .arg("RESETSTAT")
