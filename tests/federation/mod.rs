@@ -149,6 +149,42 @@ async fn sidecar(token_file: &Path, source: &str) -> Harness {
     .await
 }
 
+/// What most sidecar tests start from: a fresh namespace with ServiceAccount `bot`, its
+/// projected token written to a file the way the kubelet writes it, and a sidecar of source
+/// `wif` reading that file.
+struct Projected {
+    h: Harness,
+    sas: Api<ServiceAccount>,
+    namespace: String,
+    token_file: std::path::PathBuf,
+    _files: tempfile::TempDir,
+}
+
+impl Projected {
+    async fn start() -> Self {
+        let _ = logs();
+        let client = support::client().await;
+        allow_issuer_discovery(&client).await;
+        let (sas, namespace) = service_account(&client, "bot").await;
+        let files = tempfile::tempdir().unwrap();
+        let token_file = files.path().join("token");
+        project(&token_file, &token(&sas, "bot", AUDIENCE).await);
+        let h = sidecar(&token_file, "wif").await;
+        Self {
+            h,
+            sas,
+            namespace,
+            token_file,
+            _files: files,
+        }
+    }
+
+    /// The kubelet writes a new projected token.
+    async fn project_new_token(&self) {
+        project(&self.token_file, &token(&self.sas, "bot", AUDIENCE).await);
+    }
+}
+
 fn exchanges_of(fake: &FakeUpstream) -> (usize, usize) {
     let all = fake.exchanges();
     let ok = all.iter().filter(|e| e.refusal.is_none()).count();
@@ -327,14 +363,8 @@ async fn a_projected_token_is_exchanged_and_the_sdk_gets_200_with_no_token_anywh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rule_mismatch_is_a_503_and_a_refused_token_is_never_sent_again() {
-    let _ = logs();
-    let client = support::client().await;
-    allow_issuer_discovery(&client).await;
-    let (sas, namespace) = service_account(&client, "bot").await;
-    let files = tempfile::tempdir().unwrap();
-    let token_file = files.path().join("token");
-    project(&token_file, &token(&sas, "bot", AUDIENCE).await);
-    let h = sidecar(&token_file, "wif").await;
+    let p = Projected::start().await;
+    let (h, namespace) = (&p.h, &p.namespace);
     let plain = proxy_common::client();
     // The rule names another namespace; then another service account.
     for subject in [
@@ -380,7 +410,7 @@ async fn a_rule_mismatch_is_a_503_and_a_refused_token_is_never_sent_again() {
             "{after:?}"
         );
         // A new projected token is tried (after the retry pause), and refused again.
-        project(&token_file, &token(&sas, "bot", AUDIENCE).await);
+        p.project_new_token().await;
         tokio::time::sleep(Duration::from_secs(6)).await;
     }
     assert!(metric(&h, "refused") >= 2);
@@ -405,16 +435,10 @@ async fn a_rule_mismatch_is_a_503_and_a_refused_token_is_never_sent_again() {
 /// `DROP_REFUSED_EVERY`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_access_token_is_dropped_and_exchanged_anew() {
-    let _ = logs();
-    let client = support::client().await;
-    allow_issuer_discovery(&client).await;
-    let (sas, namespace) = service_account(&client, "bot").await;
-    let files = tempfile::tempdir().unwrap();
-    let token_file = files.path().join("token");
-    project(&token_file, &token(&sas, "bot", AUDIENCE).await);
-    let h = sidecar(&token_file, "wif").await;
+    let p = Projected::start().await;
+    let h = &p.h;
     h.fake.add_federation_rule(rule(
-        &format!("system:serviceaccount:{namespace}:bot"),
+        &format!("system:serviceaccount:{}:bot", p.namespace),
         Duration::from_secs(3600),
     ));
     let plain = proxy_common::client();
@@ -432,7 +456,7 @@ async fn a_refused_access_token_is_dropped_and_exchanged_anew() {
     assert_eq!(call().await.status, 200);
     // Revoked at Anthropic; the kubelet has written a new identity token meanwhile.
     h.fake.revoke_access_tokens();
-    project(&token_file, &token(&sas, "bot", AUDIENCE).await);
+    p.project_new_token().await;
     assert_eq!(call().await.status, 401, "sent with the revoked token");
     let reply = call().await;
     assert_eq!(reply.status, 200, "{}", reply.text());
@@ -440,7 +464,7 @@ async fn a_refused_access_token_is_dropped_and_exchanged_anew() {
     assert_eq!(ok, 2, "one new exchange after the 401");
     // Within DROP_REFUSED_EVERY, a second revocation is not followed at once.
     h.fake.revoke_access_tokens();
-    project(&token_file, &token(&sas, "bot", AUDIENCE).await);
+    p.project_new_token().await;
     assert_eq!(call().await.status, 401);
     assert_eq!(call().await.status, 401);
     assert_eq!(exchanges_of(&h.fake).0, 2, "no exchange on every 401");
