@@ -413,8 +413,8 @@ async fn a_rule_mismatch_is_a_503_and_a_refused_token_is_never_sent_again() {
         p.project_new_token().await;
         tokio::time::sleep(Duration::from_secs(6)).await;
     }
-    assert!(metric(&h, "refused") >= 2);
-    assert_eq!(metric(&h, "ok"), 0);
+    assert!(metric(h, "refused") >= 2);
+    assert_eq!(metric(h, "ok"), 0);
     let log = String::from_utf8_lossy(&logs().lock().unwrap()).to_string();
     assert!(
         log.contains("federation token exchange failed") && log.contains(RULE),
