@@ -472,34 +472,29 @@ async fn a_refused_access_token_is_dropped_and_exchanged_anew() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_second_tokens_are_refreshed_under_load_with_no_failed_request() {
-    let _ = logs();
-    let client = support::client().await;
-    allow_issuer_discovery(&client).await;
-    let (sas, namespace) = service_account(&client, "bot").await;
-    let files = tempfile::tempdir().unwrap();
-    let token_file = files.path().join("token");
-    project(&token_file, &token(&sas, "bot", AUDIENCE).await);
-    let h = Arc::new(sidecar(&token_file, "wif").await);
+    let p = Arc::new(Projected::start().await);
+    let h = &p.h;
     h.fake.set_recording(false);
     h.fake.add_federation_rule(rule(
-        &format!("system:serviceaccount:{namespace}:bot"),
+        &format!("system:serviceaccount:{}:bot", p.namespace),
         Duration::from_secs(60),
     ));
     // The "kubelet" projects a new token every 10 s.
     let kubelet = {
-        let token_file = token_file.clone();
+        let p = p.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(10)).await;
-                project(&token_file, &token(&sas, "bot", AUDIENCE).await);
+                p.project_new_token().await;
             }
         })
     };
     let until = tokio::time::Instant::now() + Duration::from_secs(80);
     let mut workers = Vec::new();
     for _ in 0..2 {
-        let h = h.clone();
+        let p = p.clone();
         workers.push(tokio::spawn(async move {
+            let h = &p.h;
             let plain = proxy_common::client();
             let (mut ok, mut failed) = (0u32, Vec::new());
             while tokio::time::Instant::now() < until {
