@@ -10,7 +10,7 @@
 //!   asked for. With `reconciles` (from the controller's `/metrics`) it gives requests per
 //!   reconcile.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -68,10 +68,44 @@ fn metric_sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-async fn apiserver_requests(client: &Client) -> anyhow::Result<f64> {
+/// `apiserver_request_total` by `verb resource[/subresource]`, summed over the other labels.
+async fn apiserver_requests(client: &Client) -> anyhow::Result<BTreeMap<String, f64>> {
     let request = http::Request::get("/metrics").body(Vec::new())?;
     let text = client.request_text(request).await?;
-    Ok(metric_sum(&text, "apiserver_request_total"))
+    let mut by_kind = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|pair| pair.strip_prefix(name)?.strip_prefix("=\""))
+                .map(|v| v.trim_end_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        let (verb, resource, sub) = (label("verb"), label("resource"), label("subresource"));
+        let kind = match sub.as_str() {
+            "" => format!("{verb} {resource}"),
+            _ => format!("{verb} {resource}/{sub}"),
+        };
+        *by_kind.entry(kind).or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+    }
+    Ok(by_kind)
+}
+
+/// What grew between two readings, largest first, without the kinds that did not move.
+fn growth(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> Vec<(String, f64)> {
+    let mut grown: Vec<(String, f64)> = after
+        .iter()
+        .map(|(kind, a)| (kind.clone(), a - before.get(kind).copied().unwrap_or(0.0)))
+        .filter(|(_, d)| *d > 0.0)
+        .collect();
+    grown.sort_by(|a, b| b.1.total_cmp(&a.1));
+    grown
 }
 
 async fn controller_reconciles(url: &str) -> anyhow::Result<f64> {
@@ -200,7 +234,15 @@ async fn main() -> anyhow::Result<()> {
     let reconciles_after = controller_reconciles(&args.controller_metrics).await?;
     // Our own: the creates, one list + watch, and the metrics read that ends the window.
     let own = args.count as f64 + 2.0 + 1.0;
-    let api_requests = requests_after - requests_before - own;
+    let grown = growth(&requests_before, &requests_after);
+    let api_requests = grown.iter().map(|(_, d)| d).sum::<f64>() - own;
+    let per_claudekey: serde_json::Map<String, serde_json::Value> = grown
+        .iter()
+        .map(|(kind, d)| {
+            let per = (d / args.count as f64 * 100.0).round() / 100.0;
+            (kind.clone(), json!(per))
+        })
+        .collect();
     let reconciles = reconciles_after - reconciles_before;
     println!(
         "{}",
@@ -211,6 +253,7 @@ async fn main() -> anyhow::Result<()> {
             "ready_s": ready_s,
             "api_requests": api_requests,
             "reconciles": reconciles,
+            "per_claudekey_by_kind": per_claudekey,
         })
     );
     for ns in &namespaces {

@@ -43,7 +43,6 @@ pub mod reason {
 
 /// Reasons of the Events the controller records on a ClaudeKey.
 pub mod event {
-    pub const KEY_ISSUED: &str = "KeyIssued";
     pub const KEY_ROTATED: &str = "KeyRotated";
     pub const KEY_REVOKED: &str = "KeyRevoked";
     pub const KEY_EXPIRED: &str = "KeyExpired";

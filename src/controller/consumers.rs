@@ -7,32 +7,31 @@ use std::fmt::Debug;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::{
+    DaemonSet, DaemonSetSpec, Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec,
+};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{ListParams, Patch, PatchParams},
+    api::{ObjectMeta, Patch, PatchParams},
+    runtime::reflector::Store,
 };
-use serde::de::DeserializeOwned;
+use serde::{Serialize, de::DeserializeOwned};
 use tokio::time::Instant;
 
 use chrono::{DateTime, TimeDelta, Utc};
 
 use super::apply::safe_reason;
 use super::ledger::Ledger;
+use super::stores::Workloads;
 use crate::crd::annotations::{CONSUMES, INJECT, RESTARTED_FOR};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
-    #[error("failed to list {kind}s in {namespace}: {reason}")]
-    List {
-        kind: &'static str,
-        namespace: String,
-        reason: String,
-    },
     #[error("failed to restart {kind} {namespace}/{name}: {reason}")]
     Patch {
-        kind: &'static str,
+        kind: String,
         namespace: String,
         name: String,
         reason: String,
@@ -110,8 +109,15 @@ pub struct Outcome {
 }
 
 /// Stamps every consumer of `name` in `namespace` that was not yet rolled for `fingerprint`.
+///
+/// The consumers come from the controller's watch cache of workloads, not from a LIST per
+/// ClaudeKey (three per first key, the largest share of the API traffic at 10,000 ClaudeKeys).
+/// A cache that is behind can only miss a workload created in the last moment, and such a
+/// workload's pods start with the current `-client` Secret anyway: a restart exists for pods
+/// that hold an older key, which only a workload older than that key has.
 pub async fn restart(
     client: &Client,
+    workloads: &Workloads<Store<Deployment>, Store<StatefulSet>, Store<DaemonSet>>,
     namespace: &str,
     name: &str,
     fingerprint: &str,
@@ -119,39 +125,90 @@ pub async fn restart(
 ) -> Result<Outcome, ConsumerError> {
     let mut outcome = Outcome::default();
     let target = Target {
+        client,
         namespace,
         name,
         fingerprint,
         limiter,
     };
-    target
-        .pass(
-            "Deployment",
-            Api::<Deployment>::namespaced(client.clone(), namespace),
-            |d| d.spec.as_ref().map(|s| &s.template),
-            &mut outcome,
-        )
-        .await?;
-    target
-        .pass(
-            "StatefulSet",
-            Api::<StatefulSet>::namespaced(client.clone(), namespace),
-            |d| d.spec.as_ref().map(|s| &s.template),
-            &mut outcome,
-        )
-        .await?;
-    target
-        .pass(
-            "DaemonSet",
-            Api::<DaemonSet>::namespaced(client.clone(), namespace),
-            |d| d.spec.as_ref().map(|s| &s.template),
-            &mut outcome,
-        )
-        .await?;
+    target.pass(&workloads.deployments, &mut outcome).await?;
+    target.pass(&workloads.statefulsets, &mut outcome).await?;
+    target.pass(&workloads.daemonsets, &mut outcome).await?;
     Ok(outcome)
 }
 
+/// A workload kind whose pods a consumer restart rolls.
+pub trait Workload:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + DeserializeOwned
+    + Serialize
+    + Debug
+    + Send
+    + Sync
+    + 'static
+{
+    fn template(&self) -> Option<&PodTemplateSpec>;
+
+    /// Keeps what a consumer restart reads (name, namespace and the three annotations of the
+    /// pod template it looks at), so the cache of every workload in the cluster stays small.
+    fn strip(&mut self);
+}
+
+macro_rules! workload {
+    ($kind:ty, $spec:ident) => {
+        impl Workload for $kind {
+            fn template(&self) -> Option<&PodTemplateSpec> {
+                self.spec.as_ref().map(|s| &s.template)
+            }
+
+            fn strip(&mut self) {
+                keep_identity(&mut self.metadata);
+                self.status = None;
+                self.spec = self.spec.take().map(|spec| $spec {
+                    template: kept(spec.template),
+                    ..$spec::default()
+                });
+            }
+        }
+    };
+}
+
+workload!(Deployment, DeploymentSpec);
+workload!(StatefulSet, StatefulSetSpec);
+workload!(DaemonSet, DaemonSetSpec);
+
+fn keep_identity(meta: &mut ObjectMeta) {
+    *meta = ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        uid: meta.uid.take(),
+        resource_version: meta.resource_version.take(),
+        ..ObjectMeta::default()
+    };
+}
+
+/// A pod template with only the annotations [`needs_restart`] reads.
+fn kept(template: PodTemplateSpec) -> PodTemplateSpec {
+    let annotations = template
+        .metadata
+        .and_then(|m| m.annotations)
+        .map(|mut all| {
+            all.retain(|k, _| [CONSUMES, INJECT, RESTARTED_FOR].contains(&k.as_str()));
+            all
+        })
+        .filter(|kept| !kept.is_empty());
+    PodTemplateSpec {
+        metadata: annotations.map(|annotations| ObjectMeta {
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        }),
+        spec: None,
+    }
+}
+
 struct Target<'a> {
+    client: &'a Client,
     namespace: &'a str,
     name: &'a str,
     fingerprint: &'a str,
@@ -159,37 +216,28 @@ struct Target<'a> {
 }
 
 impl Target<'_> {
-    async fn pass<K>(
+    async fn pass<K: Workload>(
         &self,
-        kind: &'static str,
-        api: Api<K>,
-        template: fn(&K) -> Option<&PodTemplateSpec>,
+        cache: &Store<K>,
         outcome: &mut Outcome,
-    ) -> Result<(), ConsumerError>
-    where
-        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
-    {
+    ) -> Result<(), ConsumerError> {
         if outcome.deferred.is_some() {
             return Ok(());
         }
-        let list = api
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| ConsumerError::List {
-                kind,
-                namespace: self.namespace.to_string(),
-                reason: safe_reason(&e),
-            })?;
-        for workload in list
-            .items
+        let kind = K::kind(&());
+        let due: Vec<String> = cache
+            .state()
             .iter()
-            .filter(|w| needs_restart(template(w), self.name, self.fingerprint))
-        {
+            .filter(|w| w.namespace().as_deref() == Some(self.namespace))
+            .filter(|w| needs_restart(w.template(), self.name, self.fingerprint))
+            .map(|w| w.name_any())
+            .collect();
+        let api = Api::<K>::namespaced(self.client.clone(), self.namespace);
+        for workload_name in due {
             if let Err(wait) = self.limiter.try_take(self.namespace) {
                 outcome.deferred = Some(wait);
                 return Ok(());
             }
-            let workload_name = workload.name_any();
             let patch = serde_json::json!({
                 "spec": { "template": { "metadata": { "annotations": { RESTARTED_FOR: self.fingerprint } } } }
             });
@@ -200,7 +248,7 @@ impl Target<'_> {
             )
             .await
             .map_err(|e| ConsumerError::Patch {
-                kind,
+                kind: kind.to_string(),
                 namespace: self.namespace.to_string(),
                 name: workload_name.clone(),
                 reason: safe_reason(&e),
@@ -231,6 +279,52 @@ mod tests {
             }),
             spec: None,
         }
+    }
+
+    #[test]
+    fn the_cache_keeps_only_what_a_consumer_restart_reads() {
+        let mut deployment: Deployment = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "web", "namespace": "team-a", "uid": "u1", "resourceVersion": "7",
+                          "labels": { "app": "web" }, "annotations": { "big": "x".repeat(4096) },
+                          "managedFields": [ { "manager": "kubectl" } ] },
+            "spec": {
+                "replicas": 3,
+                "selector": { "matchLabels": { "app": "web" } },
+                "template": {
+                    "metadata": { "labels": { "app": "web" },
+                                  "annotations": { CONSUMES: "bot", RESTARTED_FOR: "ck:1", "other": "y" } },
+                    "spec": { "containers": [ { "name": "app", "image": "app:1",
+                                                "env": [ { "name": "A", "value": "b" } ] } ] }
+                }
+            },
+            "status": { "replicas": 3 }
+        }))
+        .unwrap();
+        deployment.strip();
+        let kept = serde_json::to_value(&deployment).unwrap();
+        assert_eq!(
+            kept,
+            serde_json::json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": { "name": "web", "namespace": "team-a", "uid": "u1", "resourceVersion": "7" },
+                "spec": {
+                    "selector": {},
+                    "template": { "metadata": { "annotations": { CONSUMES: "bot", RESTARTED_FOR: "ck:1" } } }
+                }
+            })
+        );
+        assert!(needs_restart(deployment.template(), "bot", "ck:2"));
+        assert!(!needs_restart(deployment.template(), "bot", "ck:1"));
+
+        // A workload that consumes nothing keeps no template metadata at all.
+        let mut plain: StatefulSet = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "db", "namespace": "team-a" },
+            "spec": { "selector": {}, "serviceName": "db",
+                      "template": { "metadata": { "annotations": { "other": "y" } } } }
+        }))
+        .unwrap();
+        plain.strip();
+        assert_eq!(plain.template().and_then(|t| t.metadata.as_ref()), None);
     }
 
     #[test]

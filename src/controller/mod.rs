@@ -454,7 +454,16 @@ async fn controller(
             }),
         );
     }
+    // The workload caches only feed consumer restarts: they trigger no reconcile.
+    let stores::Workloads {
+        deployments,
+        statefulsets,
+        daemonsets,
+    } = writers.workloads;
     let controller = controller
+        .watches_stream(workloads(client, config, deployments), no_reconcile)
+        .watches_stream(workloads(client, config, statefulsets), no_reconcile)
+        .watches_stream(workloads(client, config, daemonsets), no_reconcile)
         .with_config(runtime_config)
         .graceful_shutdown_on(stop);
     let metrics = ctx.metrics.clone();
@@ -515,6 +524,29 @@ where
         .default_backoff()
         .reflect(writer)
         .touched_objects()
+}
+
+/// A watch of one workload kind in the controller's scope, stripped as it arrives to what a
+/// consumer restart reads.
+fn workloads<K: consumers::Workload>(
+    client: &Client,
+    config: &ControllerConfig,
+    writer: kube::runtime::reflector::store::Writer<K>,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static {
+    use kube::runtime::WatchStreamExt;
+    let api: Api<K> = match &config.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(K::strip)
+        .reflect(writer)
+        .touched_objects()
+}
+
+fn no_reconcile<K>(_: K) -> Option<ObjectRef<ClaudeKey>> {
+    None
 }
 
 /// A watch mapper: every ClaudeKey in the store for which `uses` holds.

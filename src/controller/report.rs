@@ -68,32 +68,32 @@ async fn rotated(ck: &ClaudeKey, ctx: &Context, decision: &Decision, rotation: R
         .current_workload()
         .map(|c| c.fingerprint.as_str())
         .unwrap_or_default();
-    let (reason, note) = match rotation {
-        RotationReason::Initial => (
-            event::KEY_ISSUED,
-            format!("issued workload key {fingerprint}"),
-        ),
-        RotationReason::Revoke => (
+    // The first key gets no Event: the Ready condition says it was issued, and at 10,000
+    // ClaudeKeys an Event each is a fifth of the controller's API writes. Every later change of
+    // key is news to somebody and gets one.
+    let event = match rotation {
+        RotationReason::Initial => None,
+        RotationReason::Revoke => Some((
             event::KEY_REVOKED,
             format!("revoked every previous workload key at once; issued {fingerprint}"),
-        ),
-        RotationReason::Expired => (
+        )),
+        RotationReason::Expired => Some((
             event::KEY_EXPIRED,
             format!("spec.expiresAt passed; retired the workload key, issued {fingerprint}"),
-        ),
-        RotationReason::ClientLost => (
+        )),
+        RotationReason::ClientLost => Some((
             event::KEY_ROTATED,
             format!(
                 "the -client Secret was deleted or edited, so its key cannot be restored; issued {fingerprint}"
             ),
-        ),
-        other => (
+        )),
+        other => Some((
             event::KEY_ROTATED,
             format!(
                 "rotated the workload key ({}); issued {fingerprint}",
                 other.as_str()
             ),
-        ),
+        )),
     };
     info!(
         reason = rotation.as_str(),
@@ -104,7 +104,9 @@ async fn rotated(ck: &ClaudeKey, ctx: &Context, decision: &Decision, rotation: R
         result: "ok",
     };
     ctx.metrics.rotations.get_or_create(&labels).inc();
-    ctx.event(ck, EventType::Normal, reason, note).await;
+    if let Some((reason, note)) = event {
+        ctx.event(ck, EventType::Normal, reason, note).await;
+    }
 }
 
 /// Rolls gateway consumers; returns when to come back for deferred ones, and an error message.
@@ -115,7 +117,15 @@ pub async fn restart_consumers(
 ) -> (Option<Duration>, Option<String>) {
     let namespace = ck.namespace().unwrap_or_default();
     let name = ck.name_any();
-    match consumers::restart(&ctx.client, &namespace, &name, fingerprint, &ctx.limiter).await {
+    match consumers::restart(
+        &ctx.client,
+        &ctx.stores.workloads,
+        &namespace,
+        &name,
+        fingerprint,
+        &ctx.limiter,
+    )
+    .await {
         Ok(outcome) => {
             if !outcome.restarted.is_empty() {
                 ctx.metrics

@@ -1,7 +1,10 @@
 //! Watch caches the reconcile reads instead of asking the apiserver: the Secrets claudekey
-//! manages, the sources and (cluster-wide) the namespaces. At 10,000 ClaudeKeys a GET per object
-//! per reconcile is most of the API traffic; the watches that trigger reconciles already carry
-//! every object, so the reconcile reads them from here.
+//! manages, the sources, (cluster-wide) the namespaces, and the workloads that may be gateway
+//! consumers. At 10,000 ClaudeKeys a GET per object per reconcile is most of the API traffic;
+//! the watches that trigger reconciles already carry every object, so the reconcile reads them
+//! from here. The workloads are stripped to the annotations of their pod template as they
+//! arrive ([`super::consumers::Workload::strip`]), so watching every Deployment costs a few hundred
+//! bytes each.
 //!
 //! A cache can be behind the apiserver. That is safe because nothing is written on its word
 //! alone: a Secret the cache does not hold is *created* (the apiserver refuses it when it exists)
@@ -11,6 +14,7 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 
@@ -33,6 +37,16 @@ pub struct Stores {
     pub sources: Store<ClaudeKeySource>,
     /// Only when the controller watches the whole cluster (it may not list namespaces otherwise).
     pub namespaces: Option<Store<Namespace>>,
+    /// Workloads whose pod templates may name a ClaudeKey in `claudekey.io/consumes`.
+    pub workloads: Workloads<Store<Deployment>, Store<StatefulSet>, Store<DaemonSet>>,
+}
+
+/// One of each workload kind whose pods a consumer restart rolls.
+#[derive(Clone)]
+pub struct Workloads<D, S, A> {
+    pub deployments: D,
+    pub statefulsets: S,
+    pub daemonsets: A,
 }
 
 /// The writing ends, fed by the controller's watches.
@@ -41,6 +55,7 @@ pub struct Writers {
     pub cluster_sources: Writer<ClusterClaudeKeySource>,
     pub sources: Writer<ClaudeKeySource>,
     pub namespaces: Option<Writer<Namespace>>,
+    pub workloads: Workloads<Writer<Deployment>, Writer<StatefulSet>, Writer<DaemonSet>>,
 }
 
 /// Fresh, empty caches for a controller watching `watch_namespace` (`None`: the cluster).
@@ -55,18 +70,31 @@ pub fn new(watch_namespace: Option<&str>) -> (Stores, Writers) {
             (Some(reader), Some(writer))
         }
     };
+    let (deployments, deployments_writer) = reflector::store();
+    let (statefulsets, statefulsets_writer) = reflector::store();
+    let (daemonsets, daemonsets_writer) = reflector::store();
     let stores = Stores {
         secrets,
         secrets_scope: watch_namespace.map(str::to_string),
         cluster_sources,
         sources,
         namespaces,
+        workloads: Workloads {
+            deployments,
+            statefulsets,
+            daemonsets,
+        },
     };
     let writers = Writers {
         secrets: secrets_writer,
         cluster_sources: cluster_sources_writer,
         sources: sources_writer,
         namespaces: namespaces_writer,
+        workloads: Workloads {
+            deployments: deployments_writer,
+            statefulsets: statefulsets_writer,
+            daemonsets: daemonsets_writer,
+        },
     };
     (stores, writers)
 }
@@ -91,6 +119,9 @@ impl Stores {
             if let Some(namespaces) = &self.namespaces {
                 let _ = namespaces.wait_until_ready().await;
             }
+            let _ = self.workloads.deployments.wait_until_ready().await;
+            let _ = self.workloads.statefulsets.wait_until_ready().await;
+            let _ = self.workloads.daemonsets.wait_until_ready().await;
         };
         tokio::time::timeout(FIRST_LIST, all).await.is_ok()
     }
