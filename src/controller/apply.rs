@@ -218,14 +218,15 @@ pub async fn write_status(
         "status": status,
     });
     let params = PatchParams::apply(annotations::MANAGER).force();
-    api.patch_status(&ck.name_any(), &params, &Patch::Apply(&body))
+    let result = api
+        .patch_status(&ck.name_any(), &params, &Patch::Apply(&body))
         .await
         .map_err(|e| Error::WriteStatus {
             namespace,
             name: ck.name_any(),
             reason: safe_reason(&e),
         })?;
-    written.record(ck, &status);
+    written.record(ck, result);
     Ok(())
 }
 

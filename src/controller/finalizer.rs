@@ -25,7 +25,9 @@ pub async fn ensure(ck: &ClaudeKey, ctx: &Context) -> Result<Option<ClaudeKey>, 
     }
     let mut finalizers = ck.finalizers().to_vec();
     finalizers.push(NAME.to_string());
-    patch_finalizers(ck, ctx, finalizers).await.map(Some)
+    let patched = patch_finalizers(ck, ctx, finalizers).await?;
+    ctx.written_status.record(ck, patched.clone());
+    Ok(Some(patched))
 }
 
 /// On deletion: removes the gateway config Secret, then the finalizer.

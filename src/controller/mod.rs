@@ -427,8 +427,18 @@ async fn controller(
     let runtime_config = kube::runtime::controller::Config::default()
         .concurrency(config.max_concurrent_reconciles)
         .debounce(RECONCILE_DEBOUNCE);
-    let controller = Controller::new(claudekeys, watcher::Config::default());
-    let store = controller.store();
+    // The ClaudeKeys' own watch, without managedFields (nothing reads them; at 10,000 objects
+    // they are most of the cache), as every cache below.
+    let (store, writer) = kube::runtime::reflector::store();
+    let claudekeys = {
+        use kube::runtime::WatchStreamExt;
+        watcher(claudekeys, watcher::Config::default())
+            .default_backoff()
+            .modify(without_managed_fields)
+            .reflect(writer)
+            .applied_objects()
+    };
+    let controller = Controller::for_stream(claudekeys, store.clone());
     let all = watcher::Config::default;
     let mut controller = controller
         .watches_stream(cached(secrets, owned, writers.secrets), owning_claudekey)
@@ -522,8 +532,14 @@ where
     use kube::runtime::WatchStreamExt;
     watcher(api, config)
         .default_backoff()
+        .modify(without_managed_fields)
         .reflect(writer)
         .touched_objects()
+}
+
+/// Drops the field-manager bookkeeping of a cached object: no reconcile reads it.
+fn without_managed_fields<K: kube::Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
 }
 
 /// A watch of one workload kind in the controller's scope, stripped as it arrives to what a

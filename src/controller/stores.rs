@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use kube::ResourceExt;
 
-use crate::crd::{ClaudeKey, ClaudeKeySource, ClaudeKeyStatus, ClusterClaudeKeySource};
+use crate::crd::{ClaudeKey, ClaudeKeySource, ClusterClaudeKeySource};
 
 /// How long a reconcile waits for the caches' first full list after a (re)start.
 const FIRST_LIST: Duration = Duration::from_secs(60);
@@ -140,36 +140,59 @@ impl Stores {
     }
 }
 
-/// The status each ClaudeKey was last given, with the resourceVersion it was written over.
+/// How many of its own versions a ClaudeKey's record remembers as replaced (a reconcile writes
+/// at most two: the finalizer, then the status).
+const REPLACED_KEPT: usize = 4;
+
+/// Each ClaudeKey as this controller last wrote it, with the versions that write replaced.
 ///
-/// The ClaudeKey a reconcile gets comes from the controller's own watch, which delivers a status
-/// write a moment after it happened; a reconcile in that moment would see the old status and
-/// redo what the write recorded (write it again, roll consumers again). When the object handed
-/// in is exactly the version the last write replaced, the written status is the truth.
+/// The ClaudeKey a reconcile gets comes from the controller's own watch, which delivers a write
+/// some time after it happened: a moment on a quiet cluster, many seconds when 10,000 ClaudeKeys
+/// were applied at once. A reconcile in that time would see the old object and redo what the
+/// write recorded (the finalizer again, the status again, consumers again). When the object
+/// handed in is a version one of our writes replaced, the object that write returned is the
+/// truth; any later change by anybody has a version we never replaced, and is taken as it is.
 #[derive(Default)]
 pub struct WrittenStatus {
-    by_uid: std::sync::Mutex<std::collections::HashMap<String, (String, ClaudeKeyStatus)>>,
+    by_uid: std::sync::Mutex<std::collections::HashMap<String, Written>>,
+}
+
+struct Written {
+    replaced: Vec<String>,
+    latest: Arc<ClaudeKey>,
 }
 
 impl WrittenStatus {
-    /// Remembers a status applied over resourceVersion `over`.
-    pub fn record(&self, ck: &ClaudeKey, status: &ClaudeKeyStatus) {
-        if let (Some(uid), Some(over)) = (ck.uid(), ck.resource_version()) {
-            self.lock().insert(uid, (over, status.clone()));
+    /// Remembers that a write over `over` returned `result`.
+    pub fn record(&self, over: &ClaudeKey, result: ClaudeKey) {
+        let (Some(uid), Some(version)) = (over.uid(), over.resource_version()) else {
+            return;
+        };
+        let mut all = self.lock();
+        let mut replaced = match all.remove(&uid) {
+            // A chain of our own writes (finalizer, then status): every link stays replaced.
+            Some(w) if w.latest.resource_version().as_deref() == Some(version.as_str()) => {
+                w.replaced
+            }
+            _ => Vec::new(),
+        };
+        replaced.push(version);
+        if replaced.len() > REPLACED_KEPT {
+            replaced.remove(0);
         }
+        let mut result = result;
+        result.metadata.managed_fields = None;
+        let latest = Arc::new(result);
+        all.insert(uid, Written { replaced, latest });
     }
 
-    /// `ck`, with the status last written over exactly this version of it.
+    /// `ck`, or the object our last write made of it when `ck` is a version that write replaced.
     pub fn overlay(&self, ck: &Arc<ClaudeKey>) -> Arc<ClaudeKey> {
         let (Some(uid), Some(version)) = (ck.uid(), ck.resource_version()) else {
             return ck.clone();
         };
         match self.lock().get(&uid) {
-            Some((over, status)) if *over == version => {
-                let mut fresher = (**ck).clone();
-                fresher.status = Some(status.clone());
-                Arc::new(fresher)
-            }
+            Some(w) if w.replaced.contains(&version) => w.latest.clone(),
             _ => ck.clone(),
         }
     }
@@ -187,10 +210,7 @@ impl WrittenStatus {
         self.lock().retain(|uid, _| live(uid));
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (String, ClaudeKeyStatus)>>
-    {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Written>> {
         self.by_uid.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -198,6 +218,7 @@ impl WrittenStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::ClaudeKeyStatus;
 
     #[test]
     fn a_namespaced_controller_asks_for_secrets_outside_its_namespace() {
@@ -213,7 +234,7 @@ mod tests {
         assert!(stores.namespaces.is_none());
     }
 
-    fn claudekey(uid: &str, version: &str, source: &str) -> Arc<ClaudeKey> {
+    fn claudekey(uid: &str, version: &str, source: &str) -> ClaudeKey {
         let mut ck: ClaudeKey = serde_json::from_value(serde_json::json!({
             "apiVersion": "claudekey.io/v1alpha2", "kind": "ClaudeKey",
             "metadata": { "name": "a", "namespace": "n", "uid": uid, "resourceVersion": version },
@@ -224,33 +245,33 @@ mod tests {
             source: Some(source.to_string()),
             ..ClaudeKeyStatus::default()
         });
-        Arc::new(ck)
+        ck
     }
 
     #[test]
-    fn the_written_status_replaces_only_the_version_it_was_written_over() {
+    fn our_last_write_replaces_only_the_versions_it_was_written_over() {
         let written = WrittenStatus::default();
-        let old = claudekey("u1", "10", "old");
-        let new_status = ClaudeKeyStatus {
-            source: Some("new".into()),
-            ..ClaudeKeyStatus::default()
+        let seen = |ck: ClaudeKey| {
+            let ck = written.overlay(&Arc::new(ck));
+            (ck.resource_version().unwrap(), ck.status.clone().unwrap().source.unwrap())
         };
-        written.record(&old, &new_status);
-        let seen = |ck: &Arc<ClaudeKey>| written.overlay(ck).status.clone().unwrap().source;
-        // The watch has not delivered the write yet: the written status is the truth.
-        assert_eq!(seen(&old).as_deref(), Some("new"));
-        // A later version (the write itself, or anybody's change after it) is taken as it is.
-        assert_eq!(
-            seen(&claudekey("u1", "11", "edited")).as_deref(),
-            Some("edited")
-        );
+        // The finalizer over version 10 made 11, the status over 11 made 12.
+        written.record(&claudekey("u1", "10", "old"), claudekey("u1", "11", "old"));
+        written.record(&claudekey("u1", "11", "old"), claudekey("u1", "12", "new"));
+        // The watch has delivered neither write yet, or only the first: the last write is the truth.
+        assert_eq!(seen(claudekey("u1", "10", "old")), ("12".into(), "new".into()));
+        assert_eq!(seen(claudekey("u1", "11", "old")), ("12".into(), "new".into()));
+        // The write itself, or anybody's change after it, is taken as it is.
+        assert_eq!(seen(claudekey("u1", "12", "new")), ("12".into(), "new".into()));
+        assert_eq!(seen(claudekey("u1", "13", "edited")), ("13".into(), "edited".into()));
         // Another object (a ClaudeKey recreated under the same name) never inherits it.
-        assert_eq!(
-            seen(&claudekey("u2", "10", "other")).as_deref(),
-            Some("other")
-        );
-        written.forget(&old);
-        assert_eq!(seen(&old).as_deref(), Some("old"));
+        assert_eq!(seen(claudekey("u2", "10", "other")), ("10".into(), "other".into()));
+        // A write over somebody else's version starts a new chain: 10 and 11 are no longer ours.
+        written.record(&claudekey("u1", "13", "edited"), claudekey("u1", "14", "again"));
+        assert_eq!(seen(claudekey("u1", "11", "old")), ("11".into(), "old".into()));
+        assert_eq!(seen(claudekey("u1", "13", "edited")), ("14".into(), "again".into()));
+        written.forget(&claudekey("u1", "14", "again"));
+        assert_eq!(seen(claudekey("u1", "13", "edited")), ("13".into(), "edited".into()));
     }
 
     #[test]
