@@ -45,6 +45,14 @@ struct Args {
     concurrency: usize,
     #[arg(long, default_value = "300s")]
     timeout: humantime::Duration,
+    /// Leave the ClaudeKeys, their namespaces and the upstream key in place (a gateway
+    /// benchmark serves them); the namespaces are printed as `kept`.
+    #[arg(long)]
+    keep: bool,
+    /// A gateway serving the operator namespace's config Secrets: once all are Ready, rotate the
+    /// first ClaudeKey and time how long after its new key is written the gateway accepts it.
+    #[arg(long)]
+    gateway: Option<String>,
 }
 
 const LABEL: &str = "claudekey.io/bench";
@@ -122,6 +130,72 @@ async fn controller_reconciles(url: &str) -> anyhow::Result<f64> {
     ))
 }
 
+/// Rotates `name` (annotation `claudekey.io/rotate`), waits for its `-client` Secret to carry a
+/// new key, then asks the gateway with that key every 10 ms: the seconds from the new key being
+/// written (as this client saw it) until the gateway's first 200.
+async fn gateway_change(
+    client: &Client,
+    gateway: &str,
+    ns: &str,
+    name: &str,
+) -> anyhow::Result<f64> {
+    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+    let key_of = |s: &Secret| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get("ANTHROPIC_API_KEY"))
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+    };
+    let client_secret = format!("{name}-client");
+    let old =
+        key_of(&secrets.get(&client_secret).await?).context("no key in the -client Secret")?;
+    let patch = json!({ "metadata": { "annotations": { "claudekey.io/rotate": uuid::Uuid::new_v4().to_string() } } });
+    Api::<ClaudeKey>::namespaced(client.clone(), ns)
+        .patch(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let new = loop {
+        if let Some(key) = key_of(&secrets.get(&client_secret).await?)
+            && key != old
+        {
+            break key;
+        }
+        if Instant::now() > deadline {
+            bail!("{ns}/{name} was not rotated within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let written = Instant::now();
+    let http: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let body = r#"{"model":"claude-haiku-4-5","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}"#;
+    loop {
+        let request = http::Request::post(format!("{gateway}/v1/messages"))
+            .header("x-api-key", &new)
+            .header("anthropic-version", "2023-06-01")
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                body.as_bytes(),
+            )))?;
+        if http
+            .request(request)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return Ok(written.elapsed().as_secs_f64());
+        }
+        if Instant::now() > deadline {
+            bail!("the gateway did not accept the new key of {ns}/{name} within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn claudekey(name: &str) -> anyhow::Result<ClaudeKey> {
     Ok(serde_json::from_value(json!({
         "apiVersion": "claudekey.io/v1alpha2", "kind": "ClaudeKey",
@@ -158,17 +232,18 @@ async fn main() -> anyhow::Result<()> {
         },
     }))?;
     let sources = Api::<ClusterClaudeKeySource>::all(client.clone());
-    let _ = sources.delete("bench", &DeleteParams::default()).await;
-    sources.create(&PostParams::default(), &source).await?;
+    // Kept from an earlier run (`--keep`): its ClaudeKeys keep using it, unchanged.
+    if sources.get_opt("bench").await?.is_none() {
+        sources.create(&PostParams::default(), &source).await?;
+    }
     let upstream: Secret = serde_json::from_value(json!({
         "metadata": { "name": "bench-upstream", "labels": { "claudekey.io/upstream-key": "true" } },
         "stringData": { "api-key": format!("sk-ant-api03-{}AA", "BenchUpstream_".repeat(7)) },
     }))?;
     let secrets = Api::<Secret>::namespaced(client.clone(), &args.operator_namespace);
-    let _ = secrets
-        .delete("bench-upstream", &DeleteParams::default())
-        .await;
-    secrets.create(&PostParams::default(), &upstream).await?;
+    if secrets.get_opt("bench-upstream").await?.is_none() {
+        secrets.create(&PostParams::default(), &upstream).await?;
+    }
 
     // Everything above is set-up; the counters start here.
     let requests_before = apiserver_requests(&client).await?;
@@ -234,6 +309,10 @@ async fn main() -> anyhow::Result<()> {
     let reconciles_after = controller_reconciles(&args.controller_metrics).await?;
     // Our own: the creates, one list + watch, and the metrics read that ends the window.
     let own = args.count as f64 + 2.0 + 1.0;
+    let gateway_change_s = match &args.gateway {
+        Some(url) => Some(gateway_change(&client, url, &namespaces[0], "ck-0000").await?),
+        None => None,
+    };
     let grown = growth(&requests_before, &requests_after);
     let api_requests = grown.iter().map(|(_, d)| d).sum::<f64>() - own;
     let per_claudekey: serde_json::Map<String, serde_json::Value> = grown
@@ -254,8 +333,13 @@ async fn main() -> anyhow::Result<()> {
             "api_requests": api_requests,
             "reconciles": reconciles,
             "per_claudekey_by_kind": per_claudekey,
+            "gateway_change_s": gateway_change_s,
+            "kept": if args.keep { json!(namespaces) } else { json!(null) },
         })
     );
+    if args.keep {
+        return Ok(());
+    }
     for ns in &namespaces {
         let _ = Api::<Namespace>::all(client.clone())
             .delete(ns, &DeleteParams::background())

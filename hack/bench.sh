@@ -15,8 +15,9 @@
 # Rows: (1) proxy overhead vs direct, nginx and LiteLLM with oha at c=1/16/64 and an open-loop
 # rate sweep; (2) streaming TTFB and per-delta gaps through a paced upstream; (3) RSS idle, at
 # 1k req/s and after a soak; (4) webhook handler time (criterion) and Deployment create latency
-# through the real apiserver with and without the webhooks; (5) controller scale: 1,000
-# ClaudeKeys applied at once, time to all Ready, API requests per reconcile, controller RSS;
+# through the real apiserver with and without the webhooks; (5) controller scale: 1,000 and
+# 10,000 ClaudeKeys applied at once, time to all Ready, API requests per ClaudeKey (by verb and
+# resource), controller RSS;
 # (6) redaction and key-scan throughput (criterion); (7) shared limits: the same proxy counting
 # its limits in Redis (a real redis-server from hack/tools.sh) against in-memory limits, at
 # c=1/16/64 in row 1's interleaved cells, and the limit accuracy of two proxy processes sharing
@@ -53,10 +54,10 @@ while [ $# -gt 0 ]; do
 done
 if [ "$SMOKE" = 1 ]; then
   REPS=1 SOAK=1
-  CELL=0.5 SWEEP_STEP=0.5 STREAMS=2 ADMISSION_N=3 SCALE_N=20
+  CELL=0.5 SWEEP_STEP=0.5 STREAMS=2 ADMISSION_N=3 SCALE_N=20 SCALE_BIG=40
   CRITERION=(--warm-up-time 0.1 --measurement-time 0.3 --sample-size 10)
 else
-  CELL=3 SWEEP_STEP=3 STREAMS=16 ADMISSION_N=100 SCALE_N=1000
+  CELL=3 SWEEP_STEP=3 STREAMS=16 ADMISSION_N=100 SCALE_N=1000 SCALE_BIG=10000
   CRITERION=(--warm-up-time 1 --measurement-time 4)
 fi
 
@@ -611,8 +612,56 @@ if [ "$USE_WEBHOOK" = 1 ] && [ -n "${KCFG:-}" ]; then
     echo "{\"row\":\"scale\",\"rep\":$rep,\"m\":$line}" >>"$RAW/results.jsonl"
     sleep 5   # namespaces of the round are deleted in the background
   done
-  kill "$SAMPLER" 2>/dev/null || true
   echo "{\"row\":\"rss\",\"target\":\"controller\",\"phase\":\"peak\",\"kib\":$(sort -n "$RAW/controller-rss.txt" | tail -1)}" >>"$RAW/results.jsonl"
+  sleep 10   # let the namespaces of the last round go before the large one
+  # Row 8 (issue 21): one gateway serving every ClaudeKey's config Secret from the operator
+  # namespace, at one tenant and then at one more than the large round below.
+  # Its upstream holds the key bench_controller puts in the upstream-key Secret.
+  P_GWT=$(free_port) P_GWU=$(free_port)
+  start upstream-tenants 1 "$BIN/examples/fake_upstream" --listen "127.0.0.1:$P_GWU" \
+    --key "sk-ant-api03-$(printf 'BenchUpstream_%.0s' 1 2 3 4 5 6 7)AA"
+  start gateway-tenants 0 "$CK" proxy --mode gateway --config-secrets "$OPNS" --listen "127.0.0.1:$P_GWT" \
+    --upstream "http://127.0.0.1:$P_GWU" --audit-log "$WORK/audit-gwt.log"
+  solo=$(taskset -c 1 "$BIN/examples/bench_controller" --operator-namespace "$OPNS" \
+    --controller-metrics "http://127.0.0.1:$P_CM/metrics" --count 1 --namespaces 1 --keep 2>"$WORK/scale.log") \
+    || { log "bench_controller failed:"; tail -20 "$WORK/scale.log" >&2; exit 1; }
+  SOLO_NS=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["kept"][0])' "$solo")
+  printf '%s' '{"model":"claude-haiku-4-5","max_tokens":256,"messages":[{"role":"user","content":"Summarise the ticket: the order arrived two days late."}]}' >"$WORK/body-haiku.json"
+  gateway_tenants_cells() {   # $1: tenants label
+    local key rep
+    key=$(kubectl get secret -n "$SOLO_NS" ck-0000-client -o jsonpath='{.data.ANTHROPIC_API_KEY}' | base64 -d)
+    for _ in $(seq 1 600); do
+      curl -s -o /dev/null -w '%{http_code}' -H "x-api-key: $key" -H 'anthropic-version: 2023-06-01' \
+        -H 'content-type: application/json' --data-binary @"$WORK/body-haiku.json" \
+        "http://127.0.0.1:$P_GWT/v1/messages" | grep -q 200 && break
+      sleep 0.1
+    done
+    for rep in $(seq 1 "$REPS"); do
+      taskset -c 1 "$OHA" --no-tui --output-format json -m POST -H "x-api-key: $key" \
+        -H "anthropic-version: 2023-06-01" -T application/json -D "$WORK/body-haiku.json" -c 64 -z "${CELL}s" \
+        "http://127.0.0.1:$P_GWT/v1/messages" >"$RAW/gwt-$1-r$rep.json" 2>/dev/null
+      echo "{\"row\":\"gateway_tenants\",\"tenants\":\"$1\",\"rep\":$rep,\"file\":\"gwt-$1-r$rep.json\"}" >>"$RAW/results.jsonl"
+    done
+    echo "{\"row\":\"rss\",\"target\":\"gateway-tenants\",\"phase\":\"$1\",\"kib\":$(rss_kib "$PID_gateway_tenants")}" >>"$RAW/results.jsonl"
+  }
+  log "row 8: one gateway, one tenant: c=64"
+  gateway_tenants_cells one
+  # One round ten times larger (issue 21): 10,000 ClaudeKeys over 100 namespaces, once (it
+  # takes minutes); the controller's RSS peak of this round is its own row.
+  log "row 5: $SCALE_BIG ClaudeKeys applied at once, 1 round (the row 8 gateway serves them too)"
+  rss_before_big=$(wc -l <"$RAW/controller-rss.txt")
+  line=$(taskset -c 1 "$BIN/examples/bench_controller" --operator-namespace "$OPNS" \
+    --controller-metrics "http://127.0.0.1:$P_CM/metrics" --count "$SCALE_BIG" --namespaces 100 \
+    --timeout 900s --keep --gateway "http://127.0.0.1:$P_GWT" 2>"$WORK/scale.log") \
+    || { log "bench_controller failed:"; tail -20 "$WORK/scale.log" >&2; exit 1; }
+  echo "{\"row\":\"scale\",\"rep\":1,\"m\":$line}" >>"$RAW/results.jsonl"
+  log "row 8: one gateway, $SCALE_BIG + 1 tenants: c=64"
+  gateway_tenants_cells many
+  for ns in $SOLO_NS $(python3 -c 'import json,sys; print(" ".join(json.loads(sys.argv[1])["kept"]))' "$line"); do
+    kubectl delete namespace "$ns" --wait=false >/dev/null 2>&1 || true
+  done
+  kill "$SAMPLER" 2>/dev/null || true
+  echo "{\"row\":\"rss\",\"target\":\"controller\",\"phase\":\"peak-big\",\"kib\":$(tail -n +"$((rss_before_big + 1))" "$RAW/controller-rss.txt" | sort -n | tail -1)}" >>"$RAW/results.jsonl"
   echo "{\"row\":\"rss\",\"target\":\"controller\",\"phase\":\"after\",\"kib\":$(rss_kib "$PID_controller")}" >>"$RAW/results.jsonl"
 fi
 

@@ -65,6 +65,37 @@ def med(values):
     return (statistics.median(values), min(values), max(values))
 
 
+def scale_by_count(scale):
+    """The controller-scale rounds grouped by their number of ClaudeKeys, smallest first."""
+    counts = sorted({m["count"] for m in scale})
+    return [(c, [m for m in scale if m["count"] == c]) for c in counts]
+
+
+def kib(v):
+    return "n/a" if v is None else f"{v / 1024:.1f} MiB"
+
+
+def gateway_tenants(records, raw, rss, scale):
+    """Row 8: the gateway's c=64 cells at one tenant and at many, its RSS and change time."""
+    cells = {}
+    for label in ("one", "many"):
+        runs = [oha_summary(os.path.join(raw, r["file"])) for r in records
+                if r["row"] == "gateway_tenants" and r["tenants"] == label]
+        runs = [x for x in runs if x]
+        if not runs:
+            return None
+        cells[label] = {k: med([x[k] for x in runs]) for k in ("p50", "p99", "rps")}
+    big = max(scale, key=lambda m: m["count"]) if scale else None
+    return {
+        "cells": cells,
+        "tenants": (big["count"] + 1) if big else 1,
+        "change_s": big and big.get("gateway_change_s"),
+        "rss_many": rss.get(("gateway-tenants", "many")),
+        "p99_one": cells["one"]["p99"],
+        "p99_many": cells["many"]["p99"],
+    }
+
+
 def fmt(m, unit="", scale=1.0, digits=0):
     if m is None:
         return "n/a"
@@ -329,13 +360,29 @@ def report(args):
         f"{verdict(worst and worst['hi'] / 1e6, 1)} |"
     )
     if scale:
-        ready = med([m["ready_s"] for m in scale])
-        w(
-            f"| {scale[0]['count']:,} ClaudeKeys applied at once: all Ready | {fmt(ready, ' s', 1, 1)} | <= 60 s | "
-            f"{verdict(ready[2] if scale[0]['count'] >= 1000 else None, 60)} |"
-        )
+        for count, runs in scale_by_count(scale):
+            ready = med([m["ready_s"] for m in runs])
+            per_key = med([m["api_requests"] / m["count"] for m in runs])
+            w(
+                f"| {count:,} ClaudeKeys applied at once: all Ready | {fmt(ready, ' s', 1, 1)} | <= 60 s | "
+                f"{verdict(ready[2] if count >= 1000 else None, 60)} |"
+            )
+            w(
+                f"| {count:,} ClaudeKeys: API requests per ClaudeKey | {fmt(per_key, '', 1, 1)} | "
+                f"{'<= 4 (issue 21)' if count >= 10000 else ''} | {verdict(per_key[2], 4) if count >= 10000 else ''} |"
+            )
     else:
         w("| 1,000 ClaudeKeys Ready | not measured (no control plane) | <= 60 s | not measured |")
+    gwt = gateway_tenants(records, raw, rss, scale)
+    if gwt:
+        many_rss, change, one99, many99, many_n = gwt["rss_many"], gwt["change_s"], gwt["p99_one"], gwt["p99_many"], gwt["tenants"]
+        w(f"| one gateway with {many_n:,} tenants: RSS | {kib(many_rss)} | <= 100 MiB | {verdict(many_rss and many_rss / 1024, 100)} |")
+        w(f"| one gateway with {many_n:,} tenants: a rotated key accepted after | {'n/a' if change is None else '%.2f s' % change} | <= 2 s | {verdict(change, 2)} |")
+        ratio = many99[0] / one99[0] if one99 and many99 else None
+        w(
+            f"| one gateway, c=64 p99 with {many_n:,} tenants / with one | "
+            f"{'n/a' if ratio is None else '%.2fx' % ratio} ({fmt(many99, ' µs', 1e6)} vs {fmt(one99, ' µs', 1e6)}) | <= 1.10x | {verdict(ratio, 1.10)} |"
+        )
     w("")
 
     w("## 1. Proxy overhead (non-streaming Messages request, ~1 KB prompt)")
@@ -427,7 +474,6 @@ def report(args):
     w("")
     w("| Process | idle (after start) | under load | after load |")
     w("| --- | --- | --- | --- |")
-    kib = lambda v: "n/a" if v is None else f"{v / 1024:.1f} MiB"
     soak_note = ""
     if soak_summary:
         soak_note = (
@@ -439,9 +485,13 @@ def report(args):
         if (t, "idle") in rss:
             w(f"| {TARGET_NAMES[t]} | {kib(rss.get((t, 'idle')))} | | {kib(rss.get((t, 'after')))} |")
     w(f"| claudekey webhook | {kib(rss.get(('webhook', 'idle')))} | | |")
-    ci, cp, ca = (rss.get(("controller", p)) for p in ("idle", "peak", "after"))
+    ci, cp, cb, ca = (rss.get(("controller", p)) for p in ("idle", "peak", "peak-big", "after"))
     if ci:
-        w(f"| claudekey controller | {kib(ci)} | {kib(cp)} (peak while reconciling {scale[0]['count'] if scale else '?'} ClaudeKeys) | {kib(ca)} |")
+        sizes = [count for count, _ in scale_by_count(scale)]
+        peaks = f"{kib(cp)} (peak while reconciling {sizes[0]:,} ClaudeKeys)" if sizes else kib(cp)
+        if cb and len(sizes) > 1:
+            peaks += f"; {kib(cb)} (peak with {sizes[-1]:,})"
+        w(f"| claudekey controller | {kib(ci)} | {peaks} | {kib(ca)} |")
     else:
         w("| claudekey controller | not measured (no control plane) | | |")
     if soak_summary:
@@ -486,20 +536,52 @@ def report(args):
             "kube-controller-manager's background requests are in it too."
         )
         w("")
-        w("| Measure | median (min..max) |")
-        w("| --- | --- |")
-        w(f"| ClaudeKeys | {scale[0]['count']:,} in {scale[0]['namespaces']} namespaces |")
-        w(f"| time to create them all | {fmt(med([m['apply_s'] for m in scale]), ' s', 1, 1)} |")
-        w(f"| time until all are Ready (from the first create) | {fmt(med([m['ready_s'] for m in scale]), ' s', 1, 1)} |")
-        w(f"| reconciles | {fmt(med([m['reconciles'] for m in scale]))} |")
-        w(f"| API requests by the controller | {fmt(med([m['api_requests'] for m in scale]))} |")
-        per = med([m["api_requests"] / m["reconciles"] for m in scale if m["reconciles"]])
-        w(f"| API requests per reconcile | {fmt(per, '', 1, 1)} |")
-        per_key = med([m["api_requests"] / m["count"] for m in scale])
-        w(f"| API requests per ClaudeKey | {fmt(per_key, '', 1, 1)} |")
+        groups = scale_by_count(scale)
+        w("| Measure | " + " | ".join(f"{count:,} ClaudeKeys ({len(runs)} round{'s' if len(runs) > 1 else ''})" for count, runs in groups) + " |")
+        w("| --- |" + " --- |" * len(groups))
+
+        def line(label, values):
+            w(f"| {label} | " + " | ".join(values) + " |")
+
+        line("namespaces", [str(runs[0]["namespaces"]) for _, runs in groups])
+        line("time to create them all", [fmt(med([m["apply_s"] for m in runs]), " s", 1, 1) for _, runs in groups])
+        line("time until all are Ready (from the first create)", [fmt(med([m["ready_s"] for m in runs]), " s", 1, 1) for _, runs in groups])
+        line("reconciles per ClaudeKey", [fmt(med([m["reconciles"] / m["count"] for m in runs]), "", 1, 2) for _, runs in groups])
+        line("API requests by the controller", [fmt(med([m["api_requests"] for m in runs])) for _, runs in groups])
+        line("API requests per ClaudeKey", [fmt(med([m["api_requests"] / m["count"] for m in runs]), "", 1, 2) for _, runs in groups])
+        w("")
+        count, runs = groups[-1]
+        kinds = runs[-1].get("per_claudekey_by_kind") or {}
+        shown = [(k, v) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]) if v >= 0.01 and k != "POST claudekeys"]
+        if shown:
+            w(f"Requests per ClaudeKey by verb and resource, {count:,} ClaudeKeys (the benchmark's own creates left out; "
+              "kube-controller-manager's requests for the new namespaces are in it):")
+            w("")
+            w("| verb resource | per ClaudeKey |")
+            w("| --- | --- |")
+            for k, v in shown:
+                w(f"| {k} | {v:.2f} |")
     else:
         w("Not measured: no control plane in this run.")
     w("")
+
+    if gwt:
+        w("## 5b. One gateway serving every ClaudeKey")
+        w("")
+        w(
+            "A `claudekey proxy --mode gateway --config-secrets` on the proxy core, watching the operator namespace's "
+            "config Secrets the controller writes in section 5: first with one ClaudeKey, then with the large round's "
+            "ClaudeKeys added. oha at c=64 with the first ClaudeKey's key (a `claude-haiku-4-5` request within its "
+            "scope). The change time is from the rotated key's `-client` Secret being seen written until the gateway's "
+            "first 200 with it (polled every 10 ms), right after the large round was Ready."
+        )
+        w("")
+        w("| Tenants | p50 | p99 | req/s | RSS |")
+        w("| --- | --- | --- | --- | --- |")
+        for label, n in (("one", 1), ("many", gwt["tenants"])):
+            c = gwt["cells"][label]
+            w(f"| {n:,} | {fmt(c['p50'], ' µs', 1e6)} | {fmt(c['p99'], ' µs', 1e6)} | {fmt(c['rps'])} | {kib(rss.get(('gateway-tenants', label)))} |")
+        w("")
 
     w("## 6. Redaction and key scan throughput (one core, criterion)")
     w("")

@@ -146,7 +146,9 @@ async fn spec_change_rewrites_the_policy_without_a_new_key_or_a_tamper_event() {
     );
     // The first key is in the Ready condition, not in an Event; a policy change is no new key.
     assert!(
-        !reasons.iter().any(|r| r == "KeyIssued" || r == "KeyRotated"),
+        !reasons
+            .iter()
+            .any(|r| r == "KeyIssued" || r == "KeyRotated"),
         "{reasons:?}"
     );
     controller.stop().await;

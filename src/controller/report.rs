@@ -125,7 +125,8 @@ pub async fn restart_consumers(
         fingerprint,
         &ctx.limiter,
     )
-    .await {
+    .await
+    {
         Ok(outcome) => {
             if !outcome.restarted.is_empty() {
                 ctx.metrics

@@ -253,25 +253,55 @@ mod tests {
         let written = WrittenStatus::default();
         let seen = |ck: ClaudeKey| {
             let ck = written.overlay(&Arc::new(ck));
-            (ck.resource_version().unwrap(), ck.status.clone().unwrap().source.unwrap())
+            (
+                ck.resource_version().unwrap(),
+                ck.status.clone().unwrap().source.unwrap(),
+            )
         };
         // The finalizer over version 10 made 11, the status over 11 made 12.
         written.record(&claudekey("u1", "10", "old"), claudekey("u1", "11", "old"));
         written.record(&claudekey("u1", "11", "old"), claudekey("u1", "12", "new"));
         // The watch has delivered neither write yet, or only the first: the last write is the truth.
-        assert_eq!(seen(claudekey("u1", "10", "old")), ("12".into(), "new".into()));
-        assert_eq!(seen(claudekey("u1", "11", "old")), ("12".into(), "new".into()));
+        assert_eq!(
+            seen(claudekey("u1", "10", "old")),
+            ("12".into(), "new".into())
+        );
+        assert_eq!(
+            seen(claudekey("u1", "11", "old")),
+            ("12".into(), "new".into())
+        );
         // The write itself, or anybody's change after it, is taken as it is.
-        assert_eq!(seen(claudekey("u1", "12", "new")), ("12".into(), "new".into()));
-        assert_eq!(seen(claudekey("u1", "13", "edited")), ("13".into(), "edited".into()));
+        assert_eq!(
+            seen(claudekey("u1", "12", "new")),
+            ("12".into(), "new".into())
+        );
+        assert_eq!(
+            seen(claudekey("u1", "13", "edited")),
+            ("13".into(), "edited".into())
+        );
         // Another object (a ClaudeKey recreated under the same name) never inherits it.
-        assert_eq!(seen(claudekey("u2", "10", "other")), ("10".into(), "other".into()));
+        assert_eq!(
+            seen(claudekey("u2", "10", "other")),
+            ("10".into(), "other".into())
+        );
         // A write over somebody else's version starts a new chain: 10 and 11 are no longer ours.
-        written.record(&claudekey("u1", "13", "edited"), claudekey("u1", "14", "again"));
-        assert_eq!(seen(claudekey("u1", "11", "old")), ("11".into(), "old".into()));
-        assert_eq!(seen(claudekey("u1", "13", "edited")), ("14".into(), "again".into()));
+        written.record(
+            &claudekey("u1", "13", "edited"),
+            claudekey("u1", "14", "again"),
+        );
+        assert_eq!(
+            seen(claudekey("u1", "11", "old")),
+            ("11".into(), "old".into())
+        );
+        assert_eq!(
+            seen(claudekey("u1", "13", "edited")),
+            ("14".into(), "again".into())
+        );
         written.forget(&claudekey("u1", "14", "again"));
-        assert_eq!(seen(claudekey("u1", "13", "edited")), ("13".into(), "edited".into()));
+        assert_eq!(
+            seen(claudekey("u1", "13", "edited")),
+            ("13".into(), "edited".into())
+        );
     }
 
     #[test]
