@@ -20,8 +20,9 @@
 # resource), controller RSS;
 # (6) redaction and key-scan throughput (criterion); (7) shared limits: the same proxy counting
 # its limits in Redis (a real redis-server from hack/tools.sh) against in-memory limits, at
-# c=1/16/64 in row 1's interleaved cells, and the limit accuracy of two proxy processes sharing
-# requestsPerMinute: 60.
+# c=1/16/64 in row 1's interleaved cells, with Redis on the load generator's core and on the
+# proxy's core; the reference of one round trip to each Redis from the proxy's core (PING,
+# EVALSHA); and the limit accuracy of two proxy processes sharing requestsPerMinute: 60.
 #
 # CPUs: proxies run on core 0, the load generator and the upstream on core 1 (taskset).
 # Everything listens on 127.0.0.1 and everything started here is stopped on exit.
@@ -163,12 +164,12 @@ fi
 if [ "${BENCH_PROFILE:-release}" = dev ]; then
   log "dev build (figures will be meaningless)"
   [ "${BENCH_SKIP_BUILD:-0}" = 1 ] || nice cargo build --locked --bin claudekey \
-    --example fake_upstream --example bench_stream --example bench_admission --example bench_controller --example bench_wake
+    --example fake_upstream --example bench_stream --example bench_admission --example bench_controller --example bench_wake --example bench_redis
   BIN=target/debug
 else
   log "release build (nice)"
   nice cargo build --release --locked --bin claudekey \
-    --example fake_upstream --example bench_stream --example bench_admission --example bench_controller --example bench_wake
+    --example fake_upstream --example bench_stream --example bench_admission --example bench_controller --example bench_wake --example bench_redis
   BIN=target/release
 fi
 CK=$BIN/claudekey
@@ -241,6 +242,13 @@ P_RD=$(free_port); P_CKSH=$(free_port); P_ACC1=$(free_port); P_ACC2=$(free_port)
 start redis 1 "$REDIS_SERVER" --port "$P_RD" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK"
 start claudekey-shared 0 env CLAUDEKEY_REDIS_URL="redis://127.0.0.1:$P_RD/0" "$CK" proxy --mode gateway \
   --config-dir "$WORK/proxy" --listen "127.0.0.1:$P_CKSH" --upstream "http://127.0.0.1:$P_UP" --audit-log "$WORK/audit-shared.log"
+# The other placement, measured too: Redis on the proxy's core (a round trip without waking the
+# other vCPU, but Redis's script time then competes with the proxy for its core).
+P_RD0=$(free_port); P_CKSH0=$(free_port)
+mkdir -p "$WORK/redis-core0"
+start redis-core0 0 "$REDIS_SERVER" --port "$P_RD0" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK/redis-core0"
+start claudekey-shared-r0 0 env CLAUDEKEY_REDIS_URL="redis://127.0.0.1:$P_RD0/0" "$CK" proxy --mode gateway \
+  --config-dir "$WORK/proxy" --listen "127.0.0.1:$P_CKSH0" --upstream "http://127.0.0.1:$P_UP" --audit-log "$WORK/audit-shared-r0.log"
 # Two proxy processes of one ClaudeKey with requestsPerMinute: 60, sharing Redis (accuracy).
 mkdir -p "$WORK/proxy-rpm"
 python3 - "$WORK/proxy/proxy.json" "$WORK/proxy-rpm/proxy.json" <<'EOF'
@@ -333,6 +341,7 @@ wait_http "http://127.0.0.1:$P_CKS/"
 wait_http "http://127.0.0.1:$P_CKR/"
 if [ -n "$BASELINE" ]; then wait_http "http://127.0.0.1:$P_CKB/"; fi
 wait_http "http://127.0.0.1:$P_CKSH/"
+wait_http "http://127.0.0.1:$P_CKSH0/"
 wait_http "http://127.0.0.1:$P_ACC1/"
 wait_http "http://127.0.0.1:$P_ACC2/"
 if [ "$USE_NGINX" = 1 ]; then wait_http "http://127.0.0.1:$P_NG/"; fi
@@ -355,7 +364,7 @@ EOF
 )
 printf '%s' "$BODY" >"$WORK/body.json"
 
-TARGETS=(direct claudekey shared)
+TARGETS=(direct claudekey shared shared-r0)
 if [ -n "$BASELINE" ]; then TARGETS+=(baseline); fi
 if [ "$USE_NGINX" = 1 ]; then TARGETS+=(nginx); fi
 if [ "$USE_LITELLM" = 1 ]; then TARGETS+=(litellm); fi
@@ -366,6 +375,7 @@ target_url() {
     claudekey) echo "http://127.0.0.1:$P_CK/v1/messages" ;;
     baseline) echo "http://127.0.0.1:$P_CKB/v1/messages" ;;
     shared) echo "http://127.0.0.1:$P_CKSH/v1/messages" ;;
+    shared-r0) echo "http://127.0.0.1:$P_CKSH0/v1/messages" ;;
     nginx) echo "http://127.0.0.1:$P_NG/v1/messages" ;;
     litellm) echo "http://127.0.0.1:$P_LL/v1/messages" ;;
   esac
@@ -373,7 +383,7 @@ target_url() {
 target_key() {
   case $1 in
     direct|nginx) echo "$UPKEY" ;;   # nginx overwrites it with the same upstream key
-    claudekey|baseline|shared) echo "$WKEY" ;;
+    claudekey|baseline|shared|shared-r0) echo "$WKEY" ;;
     litellm) echo "$MASTER" ;;
   esac
 }
@@ -383,6 +393,7 @@ target_pid() {
     claudekey) echo "$PID_claudekey" ;;
     baseline) echo "$PID_baseline" ;;
     shared) echo "$PID_claudekey_shared" ;;
+    shared-r0) echo "$PID_claudekey_shared_r0" ;;
     nginx) echo "$PID_nginx" ;;
     litellm) echo "$PID_litellm" ;;
   esac
@@ -455,7 +466,7 @@ log "row 1: open-loop sweep, $SWEEP_REPS repetitions"
 for rep in $(seq 1 "$SWEEP_REPS"); do
   for t in $(shuffled "${TARGETS[@]}"); do
     # Row 7 compares shared against local limits in the closed-loop cells only.
-    if [ "$t" = shared ]; then continue; fi
+    if [ "$t" = shared ] || [ "$t" = shared-r0 ]; then continue; fi
     # The sweep measures a proxy in service: one closed-loop second first, so its upstream
     # connection pool and heap are warm (the closed-loop cells may have ended minutes ago).
     oha_run "$WORK/sweep-warm.json" "$t" -c 32 -z 1s || true
@@ -485,6 +496,18 @@ done
 wait "$ACC_PID1" "$ACC_PID2"
 acc_s=$(awk -v a="$(date +%s.%N)" -v b="$acc_start" 'BEGIN{print a-b}')
 echo "{\"row\":\"accuracy\",\"limit\":60,\"proxies\":2,\"sent\":200,\"seconds\":$acc_s,\"files\":[\"accuracy-1.json\",\"accuracy-2.json\"]}" >>"$RAW/results.jsonl"
+
+# The reference for "at most one loopback round trip added": back-to-back round trips (PING, and
+# EVALSHA of the admission script) from a bare client on the proxy's core, to each Redis.
+log "row 7: round trips to Redis from the proxy's core"
+for rep in $(seq 1 "$REPS"); do
+  for placement in $(shuffled 1 0); do
+    port=$([ "$placement" = 1 ] && echo "$P_RD" || echo "$P_RD0")
+    line=$(taskset -c 0 "$BIN/examples/bench_redis" --addr "127.0.0.1:$port" \
+      --samples "$([ "$SMOKE" = 1 ] && echo 50 || echo 2000)")
+    echo "{\"row\":\"redis_rtt\",\"redis_core\":$placement,\"rep\":$rep,\"m\":$line}" >>"$RAW/results.jsonl"
+  done
+done
 
 # ---------------------------------------------------------------------------
 # row 2: streaming

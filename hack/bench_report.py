@@ -20,7 +20,8 @@ TARGET_NAMES = {
     "direct": "direct",
     "claudekey": "claudekey proxy",
     "baseline": "claudekey proxy, baseline build",
-    "shared": "claudekey proxy, limits shared in Redis",
+    "shared": "claudekey proxy, limits shared in Redis (on core 1)",
+    "shared-r0": "claudekey proxy, limits shared in Redis on the proxy's core",
     "nginx": "nginx",
     "litellm": "LiteLLM",
 }
@@ -295,20 +296,33 @@ def report(args):
             w(f"| {TARGET_NAMES[peer]} CPU per request / claudekey CPU per request, c=64 | **{cp[0] / cc[0]:.1f}x** | | |")
     w(f"| claudekey added latency p50, c=1 | {fmt(a50, ' µs', 1e6)} | <= 100 µs | {verdict(a50 and a50[0] * 1e6, 100)} |")
     w(f"| claudekey added latency p99, c=1 | {fmt(a99, ' µs', 1e6)} | <= 300 µs | {verdict(a99 and a99[0] * 1e6, 300)} |")
-    for c in (1, 64):
-        for field, target in (("p50", 100), ("p99", None)):
-            if "shared" in targets and c in conc:
-                extra = med(
-                    [
-                        closed[("shared", c, r)][field] - closed[("claudekey", c, r)][field]
-                        for r in reps
-                        if ("shared", c, r) in closed and ("claudekey", c, r) in closed
-                        and closed[("shared", c, r)][field] is not None and closed[("claudekey", c, r)][field] is not None
-                    ]
-                )
-                t = f"<= {target} µs (one loopback round trip)" if target else ""
-                v = verdict(extra and extra[0] * 1e6, target) if target else ""
-                w(f"| shared limits (Redis) minus local limits, latency {field}, c={c} | {fmt(extra, ' µs', 1e6)} | {t} | {v} |")
+    rtt = {}  # Redis's core -> [probe lines]
+    for r in records:
+        if r["row"] == "redis_rtt":
+            rtt.setdefault(r["redis_core"], []).append(r["m"])
+    placements = (("shared", 1, "Redis on the load generator's core"), ("shared-r0", 0, "Redis on the proxy's core"))
+    for target, core, where in placements:
+        for c in (1, 64):
+            for field, goal in (("p50", 100), ("p99", None)):
+                if target in targets and c in conc:
+                    extra = med(
+                        [
+                            closed[(target, c, r)][field] - closed[("claudekey", c, r)][field]
+                            for r in reps
+                            if (target, c, r) in closed and ("claudekey", c, r) in closed
+                            and closed[(target, c, r)][field] is not None and closed[("claudekey", c, r)][field] is not None
+                        ]
+                    )
+                    t = f"<= {goal} µs (one loopback round trip)" if goal else ""
+                    v = verdict(extra and extra[0] * 1e6, goal) if goal else ""
+                    w(f"| shared limits minus local limits ({where}), latency {field}, c={c} | {fmt(extra, ' µs', 1e6)} | {t} | {v} |")
+        lines = rtt.get(core, [])
+        if lines:
+            figs = ", ".join(
+                f"{cmd.upper()} {fmt(med([m[cmd]['p50'] for m in lines]), ' µs')} / {fmt(med([m[cmd]['p99'] for m in lines]), ' µs')}"
+                for cmd in ("ping", "evalsha")
+            )
+            w(f"| one loopback round trip to Redis from the proxy's core ({where}), p50 / p99 | {figs} | (reference) | |")
     for r in records:
         if r["row"] == "accuracy":
             ok = sum((oha_summary(os.path.join(raw, f)) or {"ok": 0})["ok"] for f in r["files"])

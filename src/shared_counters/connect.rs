@@ -4,7 +4,7 @@
 use std::{path::Path, str::FromStr, time::Duration};
 
 use anyhow::Context as _;
-use redis::{IntoConnectionInfo, aio::ConnectionManager};
+use redis::{ConnectionInfo, IntoConnectionInfo, aio::ConnectionManager, io::tcp::TcpSettings};
 use secrecy::{ExposeSecret, SecretString};
 
 /// `--redis-url`: kept secret (it may carry the password), so neither `Debug` of the flags nor
@@ -87,7 +87,21 @@ pub enum SharedError {
 /// A multiplexed connection that reconnects by itself, every call bounded by the settings'
 /// timeout. It connects lazily: whoever holds it starts while Redis is still coming up.
 pub fn connect(settings: &RedisSettings) -> Result<ConnectionManager, SharedError> {
-    let mut info = settings
+    let client = redis::Client::open(connection_info(settings)?)
+        .map_err(|e| SharedError::Client(e.category().to_string()))?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(settings.timeout))
+        .set_response_timeout(Some(settings.timeout))
+        .set_number_of_retries(2)
+        .set_min_delay(Duration::from_millis(20))
+        .set_max_delay(Duration::from_millis(500));
+    ConnectionManager::new_lazy_with_config(client, config)
+        .map_err(|e| SharedError::Client(e.category().to_string()))
+}
+
+/// Where and as whom to connect: the URL with the flags' user and password.
+fn connection_info(settings: &RedisSettings) -> Result<ConnectionInfo, SharedError> {
+    let info = settings
         .url
         .expose_secret()
         .into_connection_info()
@@ -99,17 +113,12 @@ pub fn connect(settings: &RedisSettings) -> Result<ConnectionManager, SharedErro
     if let Some(password) = &settings.password {
         redis = redis.set_password(password.expose_secret().trim());
     }
-    info = info.set_redis_settings(redis);
-    let client =
-        redis::Client::open(info).map_err(|e| SharedError::Client(e.category().to_string()))?;
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(settings.timeout))
-        .set_response_timeout(Some(settings.timeout))
-        .set_number_of_retries(2)
-        .set_min_delay(Duration::from_millis(20))
-        .set_max_delay(Duration::from_millis(500));
-    ConnectionManager::new_lazy_with_config(client, config)
-        .map_err(|e| SharedError::Client(e.category().to_string()))
+    // Without TCP_NODELAY (redis-rs leaves it off) a command written while another is still
+    // unanswered, e.g. an admission behind a settlement or many admissions at once, may wait
+    // in the kernel for the earlier one's ACK: Nagle's algorithm on a request/reply protocol.
+    Ok(info
+        .set_redis_settings(redis)
+        .set_tcp_settings(TcpSettings::default().set_nodelay(true)))
 }
 
 #[cfg(test)]
@@ -129,6 +138,24 @@ mod tests {
         assert!(!format!("{settings:?}").contains("hunter2"));
         let url: RedisUrl = "redis://:hunter2-secret@host".parse().unwrap();
         assert!(!format!("{url:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn commands_go_out_at_once_and_as_the_flags_user() {
+        let settings = RedisSettings {
+            url: SecretString::from("rediss://:from-url@redis.example:6380/2"),
+            username: Some("claudekey-ns-team-a".into()),
+            password: Some(SecretString::from("from-file\n")),
+            timeout: Duration::from_millis(100),
+        };
+        let info = connection_info(&settings).unwrap();
+        assert!(info.tcp_settings().nodelay());
+        assert_eq!(
+            info.redis_settings().username(),
+            Some("claudekey-ns-team-a")
+        );
+        assert_eq!(info.redis_settings().password(), Some("from-file"));
+        assert_eq!(info.redis_settings().db(), 2);
     }
 
     #[test]
