@@ -147,7 +147,7 @@ impl Proxy {
             metrics: metrics.clone(),
             audit,
             shutting_down: Default::default(),
-            pod: settings.pod,
+            pod: settings.pod.as_deref().map(Into::into),
         });
         let federation = Arc::new(federation::Federation::new(settings.identity.clone()));
         let reporter = settings
