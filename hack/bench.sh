@@ -689,6 +689,22 @@ if [ "$USE_WEBHOOK" = 1 ] && [ -n "${KCFG:-}" ]; then
 fi
 
 # ---------------------------------------------------------------------------
+# hot path: instructions and allocations per request (hack/hotpath.sh, under valgrind; counts,
+# not times, so they hold on a noisy machine). Last, so valgrind slows no timed row.
+# ---------------------------------------------------------------------------
+if command -v valgrind >/dev/null && [ "${BENCH_PROFILE:-release}" = release ]; then
+  HP_ARGS=(-n "$([ "$SMOKE" = 1 ] && echo 20 || echo 2000)" --warmup "$([ "$SMOKE" = 1 ] && echo 5 || echo 200)"
+    --fake-upstream "$BIN/examples/fake_upstream" --json "$RAW/results.jsonl")
+  log "hot path: instructions and allocations per request (valgrind)"
+  hack/hotpath.sh --bin "$CK" --label claudekey "${HP_ARGS[@]}" || log "hot path: claudekey failed"
+  if [ -n "$BASELINE" ]; then
+    hack/hotpath.sh --bin "$BASE_BIN" --label baseline "${HP_ARGS[@]}" || log "hot path: baseline failed"
+  fi
+else
+  log "hot path row skipped (no valgrind, or a dev build)"
+fi
+
+# ---------------------------------------------------------------------------
 # table
 # ---------------------------------------------------------------------------
 VERSIONS=$(

@@ -294,6 +294,19 @@ def report(args):
         cp, cc = cpu_per_req(peer, 64) if peer in targets else None, cpu_per_req("claudekey", 64)
         if cp and cc:
             w(f"| {TARGET_NAMES[peer]} CPU per request / claudekey CPU per request, c=64 | **{cp[0] / cc[0]:.1f}x** | | |")
+    # hack/hotpath.sh: counted under valgrind (one run, exact to a fraction of a percent).
+    hot = {r["target"]: r for r in records if r["row"] == "hotpath"}
+    for t in [t for t in ("claudekey", "baseline") if t in hot]:
+        h = hot[t]
+        name = "claudekey" if t == "claudekey" else f"claudekey @{args.baseline}"
+        ratio = ""
+        if t == "claudekey" and "baseline" in hot and hot["baseline"]["instructions"] > 0:
+            ratio = f"{h['instructions'] / hot['baseline']['instructions']:.2f}x the baseline build's instructions"
+        w(
+            f"| hot path: instructions and allocations per request, {name} (valgrind, c=1, full policy) | "
+            f"**{h['instructions']:,.0f} instructions, {h['allocations']:.1f} allocations "
+            f"({h['alloc_bytes']:,.0f} bytes)** | {ratio} | |"
+        )
     w(f"| claudekey added latency p50, c=1 | {fmt(a50, ' µs', 1e6)} | <= 100 µs | {verdict(a50 and a50[0] * 1e6, 100)} |")
     w(f"| claudekey added latency p99, c=1 | {fmt(a99, ' µs', 1e6)} | <= 300 µs | {verdict(a99 and a99[0] * 1e6, 300)} |")
     rtt = {}  # Redis's core -> [probe lines]

@@ -4,6 +4,7 @@
 //! not wake it (and, on a one-core pod, get preempted by it) once per request.
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     io::Write,
     path::PathBuf,
@@ -17,20 +18,24 @@ use std::sync::mpsc;
 
 use super::usage::Usage;
 
+/// One line. What every request repeats (its ClaudeKey, pod, key fingerprint, method and
+/// endpoint) is shared with the config or static, so filling a record copies pointers.
 #[derive(Serialize, Debug, Clone, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditRecord {
     pub time: DateTime<Utc>,
     /// `namespace/name`; empty when the request was refused before it was authenticated.
-    pub claude_key: String,
-    pub namespace: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pod: Option<String>,
+    #[serde(serialize_with = "shared")]
+    pub claude_key: Arc<str>,
+    #[serde(serialize_with = "shared")]
+    pub namespace: Arc<str>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "shared_opt")]
+    pub pod: Option<Arc<str>>,
     pub request_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_request_id: Option<String>,
-    pub method: String,
-    pub endpoint: String,
+    pub method: Cow<'static, str>,
+    pub endpoint: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     pub stream: bool,
@@ -55,8 +60,21 @@ pub struct AuditRecord {
     pub user_hash: Option<String>,
     pub redactions: BTreeMap<String, u32>,
     pub injection_flagged: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "shared_opt")]
+    pub upstream_key: Option<Arc<str>>,
+}
+
+// `Arc<str>` as a plain string (serde's own impl needs its `rc` feature, which would rebuild
+// every crate that uses serde).
+fn shared<S: serde::Serializer>(value: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(value)
+}
+
+fn shared_opt<S: serde::Serializer>(value: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(value) => s.serialize_some(&**value),
+        None => s.serialize_none(),
+    }
 }
 
 impl AuditRecord {
@@ -171,13 +189,14 @@ impl AuditSink {
         if matches!(self, Self::Off) {
             return;
         }
-        let line = match serde_json::to_string(record) {
-            Ok(line) => line,
-            Err(e) => {
-                tracing::error!(error = %e, "failed to serialize audit record");
-                return;
-            }
-        };
+        // A line is about 500 bytes: one allocation instead of growing from empty.
+        let mut buf = Vec::with_capacity(768);
+        if let Err(e) = serde_json::to_writer(&mut buf, record) {
+            tracing::error!(error = %e, "failed to serialize audit record");
+            return;
+        }
+        // serde_json writes UTF-8 only.
+        let line = String::from_utf8(buf).unwrap_or_default();
         match self {
             Self::Off => {}
             Self::Memory(lines) => lines.lock().unwrap_or_else(|p| p.into_inner()).push(line),

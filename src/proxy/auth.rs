@@ -93,9 +93,9 @@ mod tests {
             tenant("b", &[("ck_b", None)], None),
         ]);
         let t = authenticate(&tenants, &headers("x-api-key", "ck_b"), now()).unwrap();
-        assert_eq!(t.label, "ns/b");
+        assert_eq!(&*t.label, "ns/b");
         let t = authenticate(&tenants, &headers("authorization", "Bearer ck_a"), now()).unwrap();
-        assert_eq!(t.label, "ns/a");
+        assert_eq!(&*t.label, "ns/a");
     }
 
     #[test]

@@ -242,7 +242,7 @@ pub fn reload_into(loader: &mut Loader, store: &Store, metrics: &Metrics) {
         tracing::warn!(error = %e, "keeping the last good proxy config");
     }
     if let Some(set) = set {
-        let names: Vec<&str> = set.tenants.iter().map(|t| t.label.as_str()).collect();
+        let names: Vec<&str> = set.tenants.iter().map(|t| &*t.label).collect();
         tracing::info!(claudekeys = ?names, "proxy config loaded");
         store.store(Some(Arc::new(set)));
     }
@@ -324,7 +324,7 @@ mod tests {
         let mut l = loader(dir.path(), Mode::Sidecar);
         let (set, outcome) = l.reload();
         assert!(outcome.errors.is_empty());
-        assert_eq!(set.unwrap().tenants[0].label, "team-a/a");
+        assert_eq!(&*set.unwrap().tenants[0].label, "team-a/a");
         let (set, outcome) = l.reload();
         assert!(set.is_none() && !outcome.changed);
     }
@@ -346,7 +346,7 @@ mod tests {
             .unwrap()
             .tenants
             .iter()
-            .map(|t| t.label.clone())
+            .map(|t| t.label.to_string())
             .collect();
         assert_eq!(labels, ["team-a/a", "team-a/b"]);
     }

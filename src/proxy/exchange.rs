@@ -3,8 +3,9 @@
 //! once however it ends (answered, refused, abandoned by its client, timed out, cut at shutdown).
 
 use std::{
+    borrow::Cow,
     sync::{
-        Arc, OnceLock,
+        Arc, LazyLock, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Instant,
@@ -28,7 +29,9 @@ use super::{
 };
 
 /// Metric label for requests refused before they were tied to a ClaudeKey.
-const UNAUTHENTICATED: &str = "unauthenticated";
+static UNAUTHENTICATED: LazyLock<Arc<str>> = LazyLock::new(|| "unauthenticated".into());
+/// Model label of a request that names no model (or was refused before its body was read).
+static NO_MODEL: LazyLock<Arc<str>> = LazyLock::new(|| "none".into());
 
 /// How a request ended, as the audit line's `outcome`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +70,7 @@ pub struct Recorder {
     /// Set when the proxy stops waiting for open requests: exchanges dropped after that were cut
     /// by the shutdown, not by their clients.
     pub shutting_down: AtomicBool,
-    pub pod: Option<String>,
+    pub pod: Option<Arc<str>>,
 }
 
 /// One request through the proxy. Every step reads and writes it; nothing else carries
@@ -88,7 +91,7 @@ pub struct Exchange {
     /// Facts of the request (of each request, for a batch).
     pub facts: Vec<Facts>,
     /// The model as a bounded metric label (an allowlist entry, `*`, `other` or `none`).
-    pub model_label: String,
+    pub model_label: Arc<str>,
     pub reservation: Option<Reservation>,
     /// Redactions in the request and in the response.
     pub counts: Counts,
@@ -107,8 +110,8 @@ impl Exchange {
             time: Utc::now(),
             request_id: request_id(),
             pod: recorder.pod.clone(),
-            method: method.to_string(),
-            endpoint: "unknown".into(),
+            method: method_name(&method),
+            endpoint: "unknown",
             status: 499,
             ..Default::default()
         };
@@ -123,7 +126,7 @@ impl Exchange {
             body: Bytes::new(),
             json: None,
             facts: Vec::new(),
-            model_label: "none".into(),
+            model_label: NO_MODEL.clone(),
             reservation: None,
             counts: Counts::default(),
             response_counts: Counts::default(),
@@ -200,14 +203,11 @@ impl Exchange {
         audit.set_usage(&self.usage);
         audit.latency_ms = elapsed.as_secs_f64() * 1000.0;
         let metrics = &self.recorder.metrics;
-        let label = self
-            .tenant
-            .as_ref()
-            .map_or(UNAUTHENTICATED, |t| t.label.as_str());
+        let label = self.tenant.as_ref().map_or(&*UNAUTHENTICATED, |t| &t.label);
         metrics.request(
             label,
             &self.model_label,
-            &audit.endpoint,
+            audit.endpoint,
             audit.status,
             elapsed,
             &self.usage,
@@ -230,6 +230,18 @@ impl Exchange {
 impl Drop for Exchange {
     fn drop(&mut self) {
         self.finish();
+    }
+}
+
+/// The method as the audit line names it: a static string for every standard method.
+fn method_name(method: &Method) -> Cow<'static, str> {
+    const STANDARD: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+    ];
+    let name = method.as_str();
+    match STANDARD.iter().find(|s| **s == name) {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(name.to_owned()),
     }
 }
 

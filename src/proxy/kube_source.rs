@@ -175,7 +175,7 @@ fn check_owner(secret: &Secret, name: &str, tenant: &Tenant) -> Result<(), Secre
     if label != Some(&tenant.id.namespace) || name != expected {
         return Err(SecretError::Mismatch {
             secret: name.to_string(),
-            claudekey: tenant.label.clone(),
+            claudekey: tenant.label.to_string(),
         });
     }
     Ok(())
@@ -315,7 +315,7 @@ mod tests {
         t.snapshot()
             .tenants
             .iter()
-            .map(|t| t.label.clone())
+            .map(|t| t.label.to_string())
             .collect()
     }
 
@@ -339,9 +339,21 @@ mod tests {
         // New bytes for one Secret: the other tenant is the very same compiled object.
         assert!(t.apply(&secret("a", "x", &config("a", "x", "k3"))).unwrap());
         let after = t.snapshot();
-        let y = |s: &ConfigSet| s.tenants.iter().find(|t| t.label == "b/y").unwrap().clone();
+        let y = |s: &ConfigSet| {
+            s.tenants
+                .iter()
+                .find(|t| &*t.label == "b/y")
+                .unwrap()
+                .clone()
+        };
         assert!(Arc::ptr_eq(&y(&before), &y(&after)));
-        let x = |s: &ConfigSet| s.tenants.iter().find(|t| t.label == "a/x").unwrap().clone();
+        let x = |s: &ConfigSet| {
+            s.tenants
+                .iter()
+                .find(|t| &*t.label == "a/x")
+                .unwrap()
+                .clone()
+        };
         assert!(!Arc::ptr_eq(&x(&before), &x(&after)));
         assert!(t.delete(&config_secret_name("a", "x")));
         assert_eq!(labels(&t), ["b/y"]);

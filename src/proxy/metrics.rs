@@ -1,8 +1,12 @@
 //! Prometheus metrics of the proxy. Labels are bounded: ClaudeKey names come from config, models
 //! are the scope's allowlist entries (or `other`), kinds and outcomes are fixed sets. The admin
 //! listener that serves them is `admin.rs`.
+//!
+//! Every request looks up its series by a label set built on the spot, so label values are
+//! shared (`Arc<str>` from the tenant's config) or static: building one copies pointers and
+//! allocates nothing. Only a new series clones its label set into the family.
 
-use std::time::Duration;
+use std::{borrow::Cow, sync::Arc, time::Duration};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -14,29 +18,29 @@ use super::{limits::LimitsMetrics, usage::Usage};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    claudekey: String,
-    model: String,
-    endpoint: String,
-    status: String,
+    claudekey: Arc<str>,
+    model: Arc<str>,
+    endpoint: &'static str,
+    status: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenLabels {
-    claudekey: String,
-    model: String,
+    claudekey: Arc<str>,
+    model: Arc<str>,
     direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LatencyLabels {
-    claudekey: String,
-    endpoint: String,
+    claudekey: Arc<str>,
+    endpoint: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
-    claudekey: String,
-    kind: String,
+    claudekey: Arc<str>,
+    kind: Cow<'static, str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -150,9 +154,9 @@ impl Default for Metrics {
 impl Metrics {
     pub fn request(
         &self,
-        claudekey: &str,
-        model: &str,
-        endpoint: &str,
+        claudekey: &Arc<str>,
+        model: &Arc<str>,
+        endpoint: &'static str,
         status: u16,
         elapsed: Duration,
         usage: &Usage,
@@ -165,16 +169,16 @@ impl Metrics {
         };
         self.requests
             .get_or_create(&RequestLabels {
-                claudekey: claudekey.into(),
-                model: model.into(),
-                endpoint: endpoint.into(),
-                status: class.into(),
+                claudekey: claudekey.clone(),
+                model: model.clone(),
+                endpoint,
+                status: class,
             })
             .inc();
         self.latency
             .get_or_create(&LatencyLabels {
-                claudekey: claudekey.into(),
-                endpoint: endpoint.into(),
+                claudekey: claudekey.clone(),
+                endpoint,
             })
             .observe(elapsed.as_secs_f64());
         for (direction, n) in [
@@ -186,8 +190,8 @@ impl Metrics {
             if n > 0 {
                 self.tokens
                     .get_or_create(&TokenLabels {
-                        claudekey: claudekey.into(),
-                        model: model.into(),
+                        claudekey: claudekey.clone(),
+                        model: model.clone(),
                         direction,
                     })
                     .inc_by(n);
@@ -195,37 +199,54 @@ impl Metrics {
         }
     }
 
-    fn kind(family: &Family<KindLabels, Counter>, claudekey: &str, kind: &str, n: u64) {
+    fn kind(
+        family: &Family<KindLabels, Counter>,
+        claudekey: &Arc<str>,
+        kind: Cow<'static, str>,
+        n: u64,
+    ) {
         family
             .get_or_create(&KindLabels {
-                claudekey: claudekey.into(),
-                kind: kind.into(),
+                claudekey: claudekey.clone(),
+                kind,
             })
             .inc_by(n);
     }
 
-    pub fn rate_limited(&self, claudekey: &str, limit: &str) {
-        Self::kind(&self.rate_limited, claudekey, limit, 1);
+    pub fn rate_limited(&self, claudekey: &Arc<str>, limit: &'static str) {
+        Self::kind(&self.rate_limited, claudekey, limit.into(), 1);
     }
 
-    pub fn redactions(&self, claudekey: &str, detector: &str, n: u32) {
-        Self::kind(&self.redactions, claudekey, detector, u64::from(n));
+    /// `detector` is a custom pattern's name or a built-in one; redactions are rare enough to
+    /// copy it.
+    pub fn redactions(&self, claudekey: &Arc<str>, detector: &str, n: u32) {
+        Self::kind(
+            &self.redactions,
+            claudekey,
+            detector.to_owned().into(),
+            u64::from(n),
+        );
     }
 
-    pub fn injection(&self, claudekey: &str, action: &str) {
-        Self::kind(&self.injections, claudekey, action, 1);
+    pub fn injection(&self, claudekey: &Arc<str>, action: &'static str) {
+        Self::kind(&self.injections, claudekey, action.into(), 1);
     }
 
-    pub fn upstream_error(&self, claudekey: &str, kind: &str) {
-        Self::kind(&self.upstream_errors, claudekey, kind, 1);
+    pub fn upstream_error(&self, claudekey: &Arc<str>, kind: &'static str) {
+        Self::kind(&self.upstream_errors, claudekey, kind.into(), 1);
     }
 
-    pub fn outcome(&self, claudekey: &str, outcome: &str) {
-        Self::kind(&self.outcomes, claudekey, outcome, 1);
+    pub fn outcome(&self, claudekey: &Arc<str>, outcome: &'static str) {
+        Self::kind(&self.outcomes, claudekey, outcome.into(), 1);
     }
 
-    pub fn user_overflow(&self, claudekey: &str) {
-        Self::kind(&self.user_overflow, claudekey, "perUserRequestsPerHour", 1);
+    pub fn user_overflow(&self, claudekey: &Arc<str>) {
+        Self::kind(
+            &self.user_overflow,
+            claudekey,
+            "perUserRequestsPerHour".into(),
+            1,
+        );
     }
 
     /// One identity-token exchange (or a refusal to attempt one) for a federation source.
@@ -268,14 +289,14 @@ mod tests {
             ..Default::default()
         };
         m.request(
-            "ns/a",
-            "claude-x",
+            &"ns/a".into(),
+            &"claude-x".into(),
             "messages",
             200,
             Duration::from_millis(3),
             &usage,
         );
-        m.rate_limited("ns/a", "tokensPerMinute");
+        m.rate_limited(&"ns/a".into(), "tokensPerMinute");
         let text = m.encode();
         assert!(text.contains(r#"claudekey_proxy_requests_total{claudekey="ns/a",model="claude-x",endpoint="messages",status="2xx"} 1"#), "{text}");
         assert!(text.contains(r#"claudekey_proxy_tokens_total{claudekey="ns/a",model="claude-x",direction="input"} 10"#));

@@ -147,7 +147,7 @@ impl Proxy {
             metrics: metrics.clone(),
             audit,
             shutting_down: Default::default(),
-            pod: settings.pod,
+            pod: settings.pod.as_deref().map(Into::into),
         });
         let federation = Arc::new(federation::Federation::new(settings.identity.clone()));
         let reporter = settings
@@ -217,7 +217,10 @@ impl Proxy {
             };
             let _ = stream.set_nodelay(true);
             let shared = self.shared.clone();
-            let service = service_fn(move |req| pipeline::handle(shared.clone(), req));
+            // Boxed here, once: the request's future is several KiB (every step's state), and
+            // each layer above it (server limits, drain, hyper's dispatcher) would otherwise
+            // copy it whole when it wraps it.
+            let service = service_fn(move |req| Box::pin(pipeline::handle(shared.clone(), req)));
             let (limits, watcher) = (self.limits.clone(), drain.connection());
             let tls = self.tls.clone();
             connections.spawn(async move {

@@ -83,10 +83,10 @@ async fn to_upstream(
 ) -> Result<Response<Incoming>, ApiError> {
     let route = scope::classify(&ex.method, &ex.path)?;
     ex.route = Some(route);
-    ex.audit.endpoint = route.label().into();
+    ex.audit.endpoint = route.label();
     let tenant = resolve_tenant(shared, &ex.headers)?;
     ex.audit.claude_key = tenant.label.clone();
-    ex.audit.namespace = tenant.id.namespace.clone();
+    ex.audit.namespace = tenant.namespace.clone();
     ex.tenant = Some(tenant.clone());
     for step in REQUEST_STEPS {
         step(&tenant, ex)?;
@@ -212,10 +212,9 @@ fn read_facts(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
         ex.audit.model = first.model.as_ref().map(|m| m.chars().take(100).collect());
         ex.audit.stream = first.stream;
         ex.audit.user_hash = first.user_id.as_deref().map(|u| tenant.user_hasher.hash(u));
-        ex.model_label = match &first.model {
-            Some(model) => tenant.scope.model_label(model).to_string(),
-            None => "none".into(),
-        };
+        if let Some(model) = &first.model {
+            ex.model_label = tenant.scope.model_label(model).clone();
+        }
     }
     ex.facts = facts;
     Ok(())
@@ -364,7 +363,7 @@ async fn credential(
     ex: &mut Exchange,
 ) -> Result<Credential, ApiError> {
     if let Some(config) = &tenant.federation {
-        ex.audit.upstream_key = Some(format!("federation:{}", config.federation_rule_id));
+        ex.audit.upstream_key = Some(format!("federation:{}", config.federation_rule_id).into());
         let bearer = shared
             .federation
             .bearer(config, &shared.upstream, &shared.recorder.metrics)

@@ -1,6 +1,8 @@
 //! Endpoint and model scope: default-deny routing of API paths (matched without their query
 //! string) and the model glob allowlist, compiled once per config.
 
+use std::sync::Arc;
+
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use http::Method;
 
@@ -102,8 +104,11 @@ pub struct Scope {
     endpoints: Vec<Endpoint>,
     /// `None` allows every model.
     models: Option<GlobSet>,
-    /// The allowlist entries, by glob index: the model's metric label.
-    patterns: Vec<String>,
+    /// The allowlist entries, by glob index: the model's metric label (shared with the label
+    /// sets of every request, so a request copies a pointer).
+    labels: Vec<Arc<str>>,
+    other: Arc<str>,
+    any: Arc<str>,
     /// `None` passes every anthropic-beta value.
     betas: Option<Vec<String>>,
     mcp_servers: Vec<String>,
@@ -135,7 +140,9 @@ impl Scope {
         Ok(Self {
             endpoints: spec.endpoints.clone(),
             models,
-            patterns: spec.models.clone(),
+            labels: spec.models.iter().map(|m| m.as_str().into()).collect(),
+            other: OTHER_MODEL.into(),
+            any: ANY_MODEL.into(),
             betas: spec.betas.clone(),
             mcp_servers: spec.mcp_servers.clone(),
         })
@@ -143,14 +150,14 @@ impl Scope {
 
     /// The model as a bounded metric label: the allowlist entry it matched (`*` with no
     /// allowlist), or `other`; never the name the client sent.
-    pub fn model_label(&self, model: &str) -> &str {
+    pub fn model_label(&self, model: &str) -> &Arc<str> {
         match &self.models {
-            None => ANY_MODEL,
+            None => &self.any,
             Some(set) => set
                 .matches(model)
                 .first()
-                .and_then(|&i| self.patterns.get(i))
-                .map_or(OTHER_MODEL, String::as_str),
+                .and_then(|&i| self.labels.get(i))
+                .unwrap_or(&self.other),
         }
     }
 
@@ -301,14 +308,17 @@ mod tests {
     #[test]
     fn model_labels_are_allowlist_entries() {
         let s = scope(&["claude-sonnet-4-*", "claude-haiku-*"], vec![]);
-        assert_eq!(s.model_label("claude-sonnet-4-5"), "claude-sonnet-4-*");
+        assert_eq!(&**s.model_label("claude-sonnet-4-5"), "claude-sonnet-4-*");
         assert_eq!(
-            s.model_label("claude-sonnet-4-invented-7"),
+            &**s.model_label("claude-sonnet-4-invented-7"),
             "claude-sonnet-4-*"
         );
-        assert_eq!(s.model_label("claude-haiku-4-5"), "claude-haiku-*");
-        assert_eq!(s.model_label("claude-opus-4-1"), OTHER_MODEL);
-        assert_eq!(scope(&[], vec![]).model_label("anything at all"), ANY_MODEL);
+        assert_eq!(&**s.model_label("claude-haiku-4-5"), "claude-haiku-*");
+        assert_eq!(&**s.model_label("claude-opus-4-1"), OTHER_MODEL);
+        assert_eq!(
+            &**scope(&[], vec![]).model_label("anything at all"),
+            ANY_MODEL
+        );
     }
 
     #[test]

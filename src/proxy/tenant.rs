@@ -37,7 +37,8 @@ pub enum TenantError {
 /// An upstream key ready to send: a sensitive header value (never logged by hyper or us).
 pub struct UpstreamKey {
     pub header: HeaderValue,
-    pub fingerprint: String,
+    /// Shared with every audit line that names it (a pointer copy per request, not a string).
+    pub fingerprint: Arc<str>,
     pub valid_until: Option<DateTime<Utc>>,
 }
 
@@ -49,8 +50,10 @@ pub struct WorkloadHash {
 
 pub struct Tenant {
     pub id: ClaudeKeyRef,
-    /// `namespace/name`, the metric label and audit field.
-    pub label: String,
+    /// `namespace/name`, the metric label and audit field. Shared, like `namespace`, so a
+    /// request's audit line and label sets copy a pointer, not the text.
+    pub label: Arc<str>,
+    pub namespace: Arc<str>,
     /// Current first, then the previous keys still in their grace period. Empty for a
     /// federation source.
     pub upstream: Vec<UpstreamKey>,
@@ -90,7 +93,7 @@ impl Tenant {
                 header.set_sensitive(true);
                 Ok(UpstreamKey {
                     header,
-                    fingerprint: u.fingerprint.clone(),
+                    fingerprint: u.fingerprint.as_str().into(),
                     valid_until: u.valid_until,
                 })
             })
@@ -125,7 +128,8 @@ impl Tenant {
         Ok(Self {
             user_hasher: super::audit::UserHasher::new(&audit_salt),
             id: config.claude_key.clone(),
-            label: format!("{}/{}", config.claude_key.namespace, config.claude_key.name),
+            label: format!("{}/{}", config.claude_key.namespace, config.claude_key.name).into(),
+            namespace: config.claude_key.namespace.as_str().into(),
             upstream,
             federation: config.federation.clone(),
             workload_keys,

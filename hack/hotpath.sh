@@ -1,0 +1,240 @@
+#!/usr/bin/env bash
+# The proxy's work per request, counted rather than timed (issue 21 item 2): instructions per
+# request under valgrind's callgrind and heap allocations (blocks and bytes) per request under
+# dhat, through the benchmark suite's full gateway policy and its ~1 KB Messages request.
+# Instruction and allocation counts repeat to a fraction of a percent on a noisy machine where
+# CPU time per request moves by 10%, so two builds can be compared in one minute.
+#
+#   hack/hotpath.sh                      build the release proxy here and measure it
+#   hack/hotpath.sh --rev ae2885a        the proxy of another revision (built from `git archive`
+#                                        once, cached in ~/.cache/claudekey/bench-baseline, the
+#                                        cache bench.sh --baseline uses)
+#   hack/hotpath.sh --bin PATH           an already built claudekey executable
+#   options: -n N (requests, default 2000)  --warmup W (default 200)  -c C (connections, default 1)
+#            --json FILE   append one record {"row":"hotpath",...} (bench.sh's results.jsonl)
+#            --keep DIR    keep the callgrind and dhat outputs of the 2N runs there (for
+#                          callgrind_annotate and dh_view.html)
+#            --label NAME  the record's target name (default: the revision or "worktree")
+#            --fake-upstream PATH  the fake_upstream example to answer (default: built here)
+#            --top K       also print the K functions with the most instructions per request
+#                          (self cost) and the K call sites with the most allocations per request
+#
+# Each tool runs the proxy twice, with W+N and W+2N requests; the figure is the difference
+# divided by N, so start-up, configuration loading and shutdown cancel out.
+set -euo pipefail
+shopt -s inherit_errexit
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+# shellcheck source=versions.env
+source hack/versions.env
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/claudekey
+OHA=$CACHE/oha-$OHA_VERSION/bin/oha
+
+N=2000 WARMUP=200 CONC=1 REV="" CK="" JSON="" KEEP="" LABEL="" TOP=0 UPSTREAM_BIN=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    -n) N=$2; shift ;;
+    --warmup) WARMUP=$2; shift ;;
+    -c) CONC=$2; shift ;;
+    --rev) REV=$2; shift ;;
+    --bin) CK=$2; shift ;;
+    --json) JSON=$2; shift ;;
+    --keep) KEEP=$2; shift ;;
+    --label) LABEL=$2; shift ;;
+    --top) TOP=$2; shift ;;
+    --fake-upstream) UPSTREAM_BIN=$2; shift ;;
+    -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+command -v valgrind >/dev/null || { echo "valgrind is missing (apt-get install valgrind)" >&2; exit 1; }
+[ -x "$OHA" ] || { echo "oha is missing: run hack/tools.sh" >&2; exit 1; }
+
+log() { printf '[hotpath %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+WORK=$(mktemp -d /tmp/claudekey-hotpath.XXXXXX)
+PIDS=()
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  [ -n "${HOTPATH_KEEP_WORK:-}" ] || rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# The fake upstream always comes from this tree; only the proxy changes between revisions.
+TARGET=${CARGO_TARGET_DIR:-target}
+if [ -n "$REV" ]; then
+  SHORT=$(git rev-parse --short=12 "$REV^{commit}")
+  CK=$CACHE/bench-baseline/$SHORT/claudekey
+  if [ ! -x "$CK" ]; then
+    log "building $SHORT (release, nice; cached in $CACHE/bench-baseline)"
+    mkdir -p "$WORK/src" "$(dirname "$CK")"
+    git archive "$SHORT" | tar -x -C "$WORK/src"
+    (cd "$WORK/src" && CARGO_TARGET_DIR=$CACHE/bench-baseline/target \
+      nice cargo build --release --locked --bin claudekey)
+    cp "$CACHE/bench-baseline/target/release/claudekey" "$CK"
+  fi
+  LABEL=${LABEL:-$SHORT}
+fi
+if [ -z "$CK" ]; then
+  log "release build (nice)"
+  nice cargo build --release --locked --bin claudekey --example fake_upstream
+elif [ -z "$UPSTREAM_BIN" ] && [ ! -x "$TARGET/release/examples/fake_upstream" ]; then
+  nice cargo build --release --locked --example fake_upstream
+fi
+CK=${CK:-$TARGET/release/claudekey}
+LABEL=${LABEL:-worktree}
+UPSTREAM_BIN=${UPSTREAM_BIN:-$TARGET/release/examples/fake_upstream}
+[ -x "$UPSTREAM_BIN" ] || { log "$UPSTREAM_BIN missing"; exit 1; }
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_http() {
+  local i
+  for i in $(seq 1 1200); do
+    if curl -s -o /dev/null -m 1 "$1"; then return 0; fi
+    sleep 0.1
+  done
+  log "no answer from $1"; return 1
+}
+
+# The same keys, policy and body as hack/bench.sh (keep them in step).
+UPKEY=sk-ant-api03-bench-upstream-key-0123456789abcdefghijklmnop
+WKEY=ck-bench-workload-key-0123456789abcdefghijklmnopqrstuv
+WSHA=$(printf '%s' "$WKEY" | sha256sum | cut -d' ' -f1)
+mkdir -p "$WORK/proxy"
+cat >"$WORK/proxy/proxy.json" <<EOF
+{
+  "claudeKey": { "namespace": "bench", "name": "bench" },
+  "upstream": [ { "key": "$UPKEY", "fingerprint": "up:bench", "validUntil": null } ],
+  "workloadKeys": [ { "sha256": "$WSHA", "fingerprint": "ck:bench", "validUntil": null } ],
+  "policy": {
+    "scope": { "models": ["claude-sonnet-4-*", "claude-haiku-4-*"], "endpoints": ["messages", "countTokens", "models"],
+               "maxTokens": 4096, "maxInputChars": 200000 },
+    "limits": { "requestsPerMinute": 1000000000, "tokensPerMinute": 1000000000000, "perUserRequestsPerHour": 1000000000 },
+    "dataProtection": { "redact": ["email", "ssn", "phone", "creditCard"],
+                        "customPatterns": [ { "name": "employee-id", "regex": "EMP-[0-9]{6}" } ],
+                        "redactResponses": true, "promptInjection": "flag" },
+    "expiresAt": null
+  }
+}
+EOF
+python3 - >"$WORK/body.json" <<'EOF'
+import json, sys
+prompt = ("Please summarise the customer's ticket below and suggest a polite reply. The order "
+          "arrived two days late and the box was damaged. ") * 8
+sys.stdout.write(json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 256,
+                             "metadata": {"user_id": "bench-user-1"},
+                             "messages": [{"role": "user", "content": prompt}]}))
+EOF
+
+P_UP=$(free_port)
+"$UPSTREAM_BIN" --listen "127.0.0.1:$P_UP" --key "$UPKEY" >"$WORK/upstream.log" 2>&1 &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$P_UP/"
+
+load() { # URL COUNT
+  [ "$2" -gt 0 ] || return 0
+  "$OHA" --no-tui --output-format json -m POST -n "$2" -c "$CONC" \
+    -H "x-api-key: $WKEY" -H "anthropic-version: 2023-06-01" \
+    -T application/json -D "$WORK/body.json" "$1" >"$WORK/oha.json"
+  python3 - "$WORK/oha.json" "$2" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+ok = int((d.get("statusCodeDistribution") or {}).get("200", 0))
+if ok != int(sys.argv[2]):
+    sys.exit(f"only {ok} of {sys.argv[2]} requests answered 200: {d.get('statusCodeDistribution')} {d.get('errorDistribution')}")
+EOF
+}
+
+# run TOOL COUNT — the proxy under valgrind TOOL for WARMUP+COUNT requests; prints the tool's
+# total (instructions, or "blocks bytes").
+run() {
+  local tool=$1 count=$2 port out pid
+  port=$(free_port)
+  out=$WORK/$tool.$count.out
+  RUST_LOG=warn valgrind --tool="$tool" "--$tool-out-file=$out" --log-file="$WORK/$tool.$count.log" \
+    "$CK" proxy --mode gateway --config-dir "$WORK/proxy" --listen "127.0.0.1:$port" \
+    --upstream "http://127.0.0.1:$P_UP" --audit-log "$WORK/audit.$tool.$count.log" \
+    >"$WORK/proxy.$tool.$count.stdout" 2>&1 &
+  pid=$!
+  PIDS+=("$pid")
+  wait_http "http://127.0.0.1:$port/"
+  load "http://127.0.0.1:$port/v1/messages" "$WARMUP"
+  load "http://127.0.0.1:$port/v1/messages" "$count"
+  kill -TERM "$pid"
+  wait "$pid" || { log "the proxy under $tool exited with $?: $(tail -5 "$WORK/$tool.$count.log")"; return 1; }
+  case $tool in
+    callgrind) sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$WORK/$tool.$count.log" ;;
+    dhat) sed -n 's/.*Total: *\([0-9,]*\) bytes in \([0-9,]*\) blocks.*/\2 \1/p' "$WORK/$tool.$count.log" | tr -d , ;;
+  esac
+  if [ -n "$KEEP" ] && [ "$count" = $((2 * N)) ]; then
+    mkdir -p "$KEEP"; cp "$out" "$KEEP/$tool.$LABEL.out"
+  fi
+}
+
+log "$LABEL: $CK, $WARMUP warm-up requests, then $N and $((2 * N)) (c=$CONC)"
+I1=$(run callgrind "$N"); I2=$(run callgrind $((2 * N)))
+read -r B1 Y1 <<<"$(run dhat "$N")"; read -r B2 Y2 <<<"$(run dhat $((2 * N)))"
+python3 - "$LABEL" "$N" "$I1" "$I2" "$B1" "$B2" "$Y1" "$Y2" "$JSON" <<'EOF'
+import json, sys
+label, n = sys.argv[1], int(sys.argv[2])
+i1, i2, b1, b2, y1, y2 = (int(x) for x in sys.argv[3:9])
+rec = {"row": "hotpath", "target": label, "n": n,
+       "instructions": (i2 - i1) / n, "allocations": (b2 - b1) / n, "alloc_bytes": (y2 - y1) / n}
+print(f"{label}: {rec['instructions']:,.0f} instructions/request, "
+      f"{rec['allocations']:.1f} allocations/request, {rec['alloc_bytes']:,.0f} bytes allocated/request")
+if sys.argv[9]:
+    with open(sys.argv[9], "a") as f:
+        f.write(json.dumps(rec) + "\n")
+EOF
+
+[ "$TOP" -gt 0 ] || exit 0
+# Per-request profiles: each function's (each allocation site's) cost in the 2N run minus the N
+# run, divided by N.
+for count in "$N" $((2 * N)); do
+  callgrind_annotate --inclusive=no --threshold=100 "$WORK/callgrind.$count.out" >"$WORK/annotate.$count.txt"
+done
+python3 - "$N" "$TOP" "$WORK" <<'EOF'
+import collections, json, re, sys
+n, top, work = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+
+def functions(path):
+    costs = collections.Counter()
+    for line in open(path):
+        m = re.match(r"\s*([\d,]+) \([ \d.]+%\)\s+(.*?)(?: \[.*\])?$", line)
+        if m and "PROGRAM TOTALS" not in line:
+            name = m.group(2).split(":", 1)[1] if m.group(2).startswith("???:") else m.group(2)
+            costs[name] += int(m.group(1).replace(",", ""))
+    return costs
+
+a, b = functions(f"{work}/annotate.{n}.txt"), functions(f"{work}/annotate.{2 * n}.txt")
+print("\ninstructions per request, by function (self):")
+for name, cost in sorted(((k, (b[k] - a[k]) / n) for k in b), key=lambda x: -x[1])[:top]:
+    print(f"{cost:10,.0f}  {name[:160]}")
+
+# Frames that only say "an allocation happened": the allocator, Box/Vec/String growth, clones.
+ALLOC = re.compile(r"^(malloc|calloc|realloc|free|posix_memalign|aligned_alloc|memalign|__rust_|__rdl_|"
+                   r"alloc::|<alloc::|.*RawVec|.*raw_vec|.*reserve|.*finish_grow|.*do_reserve|"
+                   r"<.* as core::clone::Clone>::clone|.*::to_owned|.*to_vec)")
+
+def sites(path):
+    d = json.load(open(path))
+    ftbl = d["ftbl"]
+    costs = collections.Counter()
+    for pp in d["pps"]:
+        names = [re.sub(r" \(in /.*\)$|^0x[0-9A-F]+: ", "", ftbl[i]) for i in pp["fs"]]
+        names = [re.sub(r" \(in /.*\)$", "", x) for x in names]
+        site = next((x for x in names if not ALLOC.match(x)), names[-1] if names else "?")
+        costs[site] += pp["tbk"]
+    return costs
+
+a, b = sites(f"{work}/dhat.{n}.out"), sites(f"{work}/dhat.{2 * n}.out")
+print("\nallocations per request, by first caller outside the allocator:")
+for name, cost in sorted(((k, (b[k] - a[k]) / n) for k in b), key=lambda x: -x[1])[:top]:
+    if cost > 0:
+        print(f"{cost:8.2f}  {name[:160]}")
+EOF
