@@ -36,6 +36,10 @@ struct Args {
     /// (a TCP handshake through the proxy to the upstream is not time-to-first-byte).
     #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// An extra request header, `NAME: VALUE` (repeatable): a peer gateway that takes its
+    /// routing config per request (Portkey's `x-portkey-config`).
+    #[arg(long = "header")]
+    headers: Vec<String>,
 }
 
 const BODY: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":true,"messages":[{"role":"user","content":"Write a short story about a lighthouse keeper."}]}"#;
@@ -49,12 +53,20 @@ struct Sample {
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
-async fn one(client: &HttpClient, url: &str, key: &str) -> anyhow::Result<Sample> {
-    let request = http::Request::post(format!("{url}/v1/messages"))
+async fn one(
+    client: &HttpClient,
+    url: &str,
+    key: &str,
+    headers: &[(String, String)],
+) -> anyhow::Result<Sample> {
+    let mut request = http::Request::post(format!("{url}/v1/messages"))
         .header("x-api-key", key)
         .header("anthropic-version", "2023-06-01")
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(BODY.as_bytes())))?;
+        .header("content-type", "application/json");
+    for (name, value) in headers {
+        request = request.header(name, value);
+    }
+    let request = request.body(Full::new(Bytes::from_static(BODY.as_bytes())))?;
     let start = Instant::now();
     let response = client.request(request).await.context("request failed")?;
     if !response.status().is_success() {
@@ -118,11 +130,19 @@ async fn main() -> anyhow::Result<()> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client: HttpClient = Client::builder(TokioExecutor::new()).build(connector);
+    let headers = args
+        .headers
+        .iter()
+        .map(|h| {
+            let (name, value) = h.split_once(':').context("--header must be NAME: VALUE")?;
+            Ok((name.trim().to_owned(), value.trim().to_owned()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut ttfbs = Vec::new();
     let mut gaps = Vec::new();
     let mut deltas = Vec::new();
     for _ in 0..args.warmup {
-        one(&client, &args.url, &args.key).await?;
+        one(&client, &args.url, &args.key, &headers).await?;
     }
     let mut remaining = args.streams;
     while remaining > 0 {
@@ -131,7 +151,8 @@ async fn main() -> anyhow::Result<()> {
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..batch {
             let (client, url, key) = (client.clone(), args.url.clone(), args.key.clone());
-            set.spawn(async move { one(&client, &url, &key).await });
+            let headers = headers.clone();
+            set.spawn(async move { one(&client, &url, &key, &headers).await });
         }
         while let Some(done) = set.join_next().await {
             let sample = done??;

@@ -8,6 +8,7 @@
 #   hack/bench.sh --smoke         every row for about a second, nothing installed, docs untouched
 #   options: --reps N (default 5)  --soak SECONDS (default 60; the issue's figure is 300)
 #            --out FILE (default docs/benchmarks.md)  --no-litellm  --no-nginx  --no-webhook
+#            --no-portkey  --no-agentgateway  (the peer gateways; hack/peers.sh installs/builds them)
 #            --baseline REV  also measure the claudekey proxy built from git revision REV, as one
 #                            more target of row 1 interleaved with the others (a regression check
 #                            that holds on a noisy machine: both builds see the same noise)
@@ -23,9 +24,11 @@
 # c=1/16/64 in row 1's interleaved cells, with Redis on the load generator's core and on the
 # proxy's core; the reference of one round trip to each Redis from the proxy's core (PING,
 # EVALSHA); and the limit accuracy of two proxy processes sharing requestsPerMinute: 60.
+# The peer gateways agentgateway and Portkey (hack/peers.sh) are targets of rows 1, 2 and 3 too.
 #
 # CPUs: proxies run on core 0, the load generator and the upstream on core 1 (taskset).
-# Everything listens on 127.0.0.1 and everything started here is stopped on exit.
+# Everything listens on 127.0.0.1 and everything started here is stopped on exit (except
+# agentgateway's LLM listener, which binds every interface with no option; it gets loopback traffic only).
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -37,6 +40,7 @@ CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/claudekey
 
 SMOKE=0 REPS=5 SOAK=60 OUT=docs/benchmarks.md
 USE_LITELLM=1 USE_NGINX=1 USE_WEBHOOK=1 BASELINE=""
+USE_PORTKEY=1 USE_AGENTGATEWAY=1
 COMMAND="hack/bench.sh $*"
 while [ $# -gt 0 ]; do
   case $1 in
@@ -47,6 +51,8 @@ while [ $# -gt 0 ]; do
     --no-litellm) USE_LITELLM=0 ;;
     --no-nginx) USE_NGINX=0 ;;
     --no-webhook) USE_WEBHOOK=0 ;;
+    --no-portkey) USE_PORTKEY=0 ;;
+    --no-agentgateway) USE_AGENTGATEWAY=0 ;;
     --baseline) BASELINE=$2; shift ;;
     -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
@@ -156,6 +162,21 @@ if [ "$USE_LITELLM" = 1 ] && [ ! -x "$LITELLM_VENV/bin/litellm" ]; then
     log "installing litellm[proxy]==$LITELLM_VERSION (PyPI) into $LITELLM_VENV"
     python3 -m venv "$LITELLM_VENV"
     nice "$LITELLM_VENV/bin/pip" install -q "litellm[proxy]==$LITELLM_VERSION"
+  fi
+fi
+
+# The peer gateways, from hack/peers.sh's cache (Portkey: npm; agentgateway: built from source,
+# about 21 minutes on 2 cores the first time). A smoke run skips a peer that is not there.
+PORTKEY_JS=$CACHE/portkey-$PORTKEY_VERSION/node_modules/@portkey-ai/gateway/build/start-server.js
+AGW_BIN=$CACHE/agentgateway-$AGENTGATEWAY_VERSION/bin/agentgateway
+if [ "$USE_PORTKEY" = 1 ] && [ ! -f "$PORTKEY_JS" ]; then
+  if [ "$SMOKE" = 1 ]; then USE_PORTKEY=0; else
+    log "installing @portkey-ai/gateway $PORTKEY_VERSION (npm) into $CACHE"; bash hack/peers.sh --only portkey
+  fi
+fi
+if [ "$USE_AGENTGATEWAY" = 1 ] && [ ! -x "$AGW_BIN" ]; then
+  if [ "$SMOKE" = 1 ]; then USE_AGENTGATEWAY=0; else
+    log "building agentgateway $AGENTGATEWAY_VERSION from source into $CACHE (nice)"; bash hack/peers.sh --only agentgateway
   fi
 fi
 
@@ -334,6 +355,66 @@ EOF
     --host 127.0.0.1 --port "$P_LL" --num_workers 1
 fi
 
+# Portkey's gateway (Node): one process serves both upstreams, since its open-source build takes
+# the whole routing config per request, in the x-portkey-config header (no server-side config:
+# the provider key rides in that header, see docs/benchmarks-notes.md). The closest policy it has
+# to claudekey's: its built-in guardrails, a model allowlist and a regex guard on the prompt (deny
+# on match). It listens on every interface with no option for the address: a preload makes it
+# bind loopback.
+if [ "$USE_PORTKEY" = 1 ]; then
+  P_PK=$(free_port)
+  cat >"$WORK/portkey-loopback.cjs" <<'EOF'
+const net = require("net");
+const listen = net.Server.prototype.listen;
+net.Server.prototype.listen = function (...args) {
+  if (typeof args[0] === "number" && typeof args[1] !== "string") args.splice(1, args[1] === undefined ? 1 : 0, "127.0.0.1");
+  return listen.apply(this, args);
+};
+EOF
+  portkey_config() {
+    python3 -c 'import json, sys; print(json.dumps({"provider": "anthropic", "api_key": sys.argv[1],
+      "custom_host": sys.argv[2] + "/v1", "input_guardrails": [{"deny": True,
+      "default.modelWhitelist": {"models": ["claude-sonnet-4-5", "claude-haiku-4-5"]},
+      "default.regexMatch": {"rule": "EMP-[0-9]{6}", "not": True}}]}))' "$UPKEY" "$1"
+  }
+  PK_CONFIG=$(portkey_config "http://127.0.0.1:$P_UP")
+  PK_CONFIG_STREAM=$(portkey_config "http://127.0.0.1:$P_UPS")
+  start portkey 0 env NODE_ENV=production node --require "$WORK/portkey-loopback.cjs" "$PORTKEY_JS" \
+    --port="$P_PK" --headless
+fi
+
+# agentgateway: its `llm` config with the closest policy it has to claudekey's: workload API keys
+# (strict), models by glob (the allowlist), local rate limits far above the load (checked, never
+# hit), a prompt guard masking the built-in detectors and the custom pattern in requests and (not
+# on the streaming instance, like claudekey-stream) responses. Its LLM listener binds every
+# interface (no option for the address): only loopback traffic is sent to it.
+if [ "$USE_AGENTGATEWAY" = 1 ]; then
+  P_AG=$(free_port); P_AGS=$(free_port)
+  agw_config() {  # agw_config PORT UPSTREAM_PORT RESPONSE_GUARD(0|1)
+    local rules='[{builtin: email}, {builtin: ssn}, {builtin: phoneNumber}, {builtin: creditCard}, {pattern: "EMP-[0-9]{6}"}]' m
+    printf 'config:\n  adminAddr: 127.0.0.1:%s\n  readinessAddr: 127.0.0.1:%s\n  statsAddr: 127.0.0.1:%s\n' \
+      "$(free_port)" "$(free_port)" "$(free_port)"
+    printf 'llm:\n  port: %s\n  policies:\n' "$1"
+    printf '    apiKey:\n      mode: strict\n      location: {header: {name: x-api-key}}\n'
+    printf '      keys: [{keyHash: "sha256:%s"}]\n' "$WSHA"
+    printf '    localRateLimit:\n'
+    printf '    - {maxTokens: 1000000000, tokensPerFill: 1000000000, fillInterval: 60s, type: requests}\n'
+    printf '    - {maxTokens: 1000000000000, tokensPerFill: 1000000000000, fillInterval: 60s, type: tokens}\n'
+    printf '    guardrails:\n      request: [{regex: {action: mask, rules: %s}}]\n' "$rules"
+    if [ "$3" = 1 ]; then printf '      response: [{regex: {action: mask, rules: %s}}]\n' "$rules"; fi
+    printf '  models:\n'
+    for m in 'claude-sonnet-4-*' 'claude-haiku-4-*'; do
+      printf '  - name: "%s"\n    provider: anthropic\n    params: {apiKey: "%s", baseUrl: "http://127.0.0.1:%s"}\n' \
+        "$m" "$UPKEY" "$2"
+    done
+  }
+  agw_config "$P_AG" "$P_UP" 1 >"$WORK/agentgateway.yaml"
+  agw_config "$P_AGS" "$P_UPS" 0 >"$WORK/agentgateway-stream.yaml"
+  # One worker thread for its one core (what it picks by itself under taskset; said explicitly).
+  start agentgateway 0 env WORKER_THREADS=1 "$AGW_BIN" -f "$WORK/agentgateway.yaml"
+  start agentgateway-stream 0 env WORKER_THREADS=1 "$AGW_BIN" -f "$WORK/agentgateway-stream.yaml"
+fi
+
 wait_http "http://127.0.0.1:$P_UP/"
 wait_http "http://127.0.0.1:$P_UPS/"
 wait_http "http://127.0.0.1:$P_CK/"
@@ -346,6 +427,8 @@ wait_http "http://127.0.0.1:$P_ACC1/"
 wait_http "http://127.0.0.1:$P_ACC2/"
 if [ "$USE_NGINX" = 1 ]; then wait_http "http://127.0.0.1:$P_NG/"; fi
 if [ "$USE_LITELLM" = 1 ]; then wait_http "http://127.0.0.1:$P_LL/health/liveliness"; fi
+if [ "$USE_PORTKEY" = 1 ]; then wait_http "http://127.0.0.1:$P_PK/"; fi
+if [ "$USE_AGENTGATEWAY" = 1 ]; then wait_http "http://127.0.0.1:$P_AG/"; wait_http "http://127.0.0.1:$P_AGS/"; fi
 
 
 # ---------------------------------------------------------------------------
@@ -368,6 +451,8 @@ TARGETS=(direct claudekey shared shared-r0)
 if [ -n "$BASELINE" ]; then TARGETS+=(baseline); fi
 if [ "$USE_NGINX" = 1 ]; then TARGETS+=(nginx); fi
 if [ "$USE_LITELLM" = 1 ]; then TARGETS+=(litellm); fi
+if [ "$USE_AGENTGATEWAY" = 1 ]; then TARGETS+=(agentgateway); fi
+if [ "$USE_PORTKEY" = 1 ]; then TARGETS+=(portkey); fi
 
 target_url() {
   case $1 in
@@ -378,12 +463,15 @@ target_url() {
     shared-r0) echo "http://127.0.0.1:$P_CKSH0/v1/messages" ;;
     nginx) echo "http://127.0.0.1:$P_NG/v1/messages" ;;
     litellm) echo "http://127.0.0.1:$P_LL/v1/messages" ;;
+    agentgateway) echo "http://127.0.0.1:$P_AG/v1/messages" ;;
+    portkey) echo "http://127.0.0.1:$P_PK/v1/messages" ;;
   esac
 }
 target_key() {
   case $1 in
     direct|nginx) echo "$UPKEY" ;;   # nginx overwrites it with the same upstream key
-    claudekey|baseline|shared|shared-r0) echo "$WKEY" ;;
+    claudekey|baseline|shared|shared-r0|agentgateway) echo "$WKEY" ;;
+    portkey) echo "$WKEY" ;;   # not checked (Portkey has no client keys); its upstream key is in PK_CONFIG
     litellm) echo "$MASTER" ;;
   esac
 }
@@ -396,7 +484,13 @@ target_pid() {
     shared-r0) echo "$PID_claudekey_shared_r0" ;;
     nginx) echo "$PID_nginx" ;;
     litellm) echo "$PID_litellm" ;;
+    agentgateway) echo "$PID_agentgateway" ;;
+    portkey) echo "$PID_portkey" ;;
   esac
+}
+# target_headers TARGET — extra request header arguments, one per line (Portkey's per-request config).
+target_headers() {
+  if [ "$1" = portkey ]; then printf '%s\n' -H "x-portkey-config: $PK_CONFIG"; fi
 }
 
 # anon_kib PID — the anonymous part of the resident set (heap and stacks: what the process
@@ -415,15 +509,17 @@ for t in "${TARGETS[@]}"; do if [ "$t" != direct ]; then rss_line "$t" idle; fi;
 
 # oha_run OUT TARGET ARGS... — one oha run on core 1; the JSON summary goes to OUT.
 oha_run() {
-  local out=$1 target=$2; shift 2
-  taskset -c 1 "$OHA" --no-tui --output-format json -m POST \
+  local out=$1 target=$2 extra; shift 2
+  mapfile -t extra < <(target_headers "$target")
+  taskset -c 1 "$OHA" --no-tui --output-format json -m POST "${extra[@]}" \
     -H "x-api-key: $(target_key "$target")" -H "anthropic-version: 2023-06-01" \
     -T application/json -D "$WORK/body.json" "$@" "$(target_url "$target")" >"$out" 2>"$out.err"
 }
 
 # Every target must answer 200 before anything is measured.
 for t in "${TARGETS[@]}"; do
-  code=$(curl -s -o "$WORK/check-$t.json" -w '%{http_code}' -X POST "$(target_url "$t")" \
+  mapfile -t extra < <(target_headers "$t")
+  code=$(curl -s -o "$WORK/check-$t.json" -w '%{http_code}' -X POST "$(target_url "$t")" "${extra[@]}" \
     -H "x-api-key: $(target_key "$t")" -H 'anthropic-version: 2023-06-01' \
     -H 'content-type: application/json' --data-binary "@$WORK/body.json")
   if [ "$code" != 200 ]; then
@@ -458,6 +554,7 @@ sweep_rates() {
   if [ "$SMOKE" = 1 ]; then echo "500 1000"; return; fi
   case $1 in
     litellm) echo "25 50 100 200 400 800 1600" ;;
+    portkey) echo "250 500 1000 2000 3000 4000 6000 8000" ;;
     *) echo "1000 2000 4000 6000 8000 10000 12000 16000 20000" ;;
   esac
 }
@@ -514,14 +611,18 @@ done
 # ---------------------------------------------------------------------------
 log "row 2: streaming through a paced upstream (64 deltas, 20 ms apart), with and without response redaction"
 for rep in $(seq 1 "$REPS"); do
-  for t in $(shuffled direct claudekey claudekey-redact $([ "$USE_NGINX" = 1 ] && echo nginx)); do
+  for t in $(shuffled direct claudekey claudekey-redact $([ "$USE_NGINX" = 1 ] && echo nginx) \
+      $([ "$USE_AGENTGATEWAY" = 1 ] && echo agentgateway) $([ "$USE_PORTKEY" = 1 ] && echo portkey)); do
+    extra=()
     case $t in
       direct) url=http://127.0.0.1:$P_UPS key=$UPKEY ;;
       nginx) url=http://127.0.0.1:$P_NGS key=$UPKEY ;;
       claudekey) url=http://127.0.0.1:$P_CKS key=$WKEY ;;
       claudekey-redact) url=http://127.0.0.1:$P_CKR key=$WKEY ;;
+      agentgateway) url=http://127.0.0.1:$P_AGS key=$WKEY ;;
+      portkey) url=http://127.0.0.1:$P_PK key=$WKEY extra=(--header "x-portkey-config: $PK_CONFIG_STREAM") ;;
     esac
-    line=$(taskset -c 1 "$BIN/examples/bench_stream" --url "$url" --key "$key" \
+    line=$(taskset -c 1 "$BIN/examples/bench_stream" --url "$url" --key "$key" "${extra[@]}" \
       --streams "$STREAMS" --concurrency 1 --warmup 2)
     echo "{\"row\":\"stream\",\"target\":\"$t\",\"rep\":$rep,\"m\":$line}" >>"$RAW/results.jsonl"
   done
@@ -710,6 +811,7 @@ fi
 VERSIONS=$(
   echo "claudekey $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty'), $(rustc --version)"
   echo "oha $OHA_VERSION; $(nginx -v 2>&1 | sed 's/.*: //' || true); litellm $LITELLM_VERSION ($($LITELLM_VENV/bin/python --version 2>&1 || true))"
+  echo "peers: agentgateway $AGENTGATEWAY_VERSION$([ "$USE_AGENTGATEWAY" = 1 ] || echo ' (not run)') (built from source, quick-release profile, $(rustc --version | cut -d' ' -f1-2)); @portkey-ai/gateway $PORTKEY_VERSION$([ "$USE_PORTKEY" = 1 ] || echo ' (not run)') ($(node --version 2>/dev/null || echo 'node missing'), @hono/node-server $PORTKEY_HONO_NODE_SERVER_VERSION)"
   echo "$(uname -sr), $(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')"
   echo "cpuidle: $(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo unknown)$(
     [ -r /sys/module/haltpoll/parameters/guest_halt_poll_ns ] &&

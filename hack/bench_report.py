@@ -24,7 +24,12 @@ TARGET_NAMES = {
     "shared-r0": "claudekey proxy, limits shared in Redis on the proxy's core",
     "nginx": "nginx",
     "litellm": "LiteLLM",
+    "agentgateway": "agentgateway",
+    "portkey": "Portkey gateway",
 }
+# The peer gateways a user would pick instead of claudekey (issue 21): claudekey's CPU per request
+# should be below each one's.
+PEERS = ("agentgateway", "portkey")
 
 
 def load(path):
@@ -307,6 +312,22 @@ def report(args):
             f"**{h['instructions']:,.0f} instructions, {h['allocations']:.1f} allocations "
             f"({h['alloc_bytes']:,.0f} bytes)** | {ratio} | |"
         )
+    for peer in PEERS:
+        cp, cc = cpu_per_req(peer, 64) if peer in targets else None, cpu_per_req("claudekey", 64)
+        name = f"{TARGET_NAMES[peer]} CPU per request / claudekey CPU per request, c=64"
+        if cp and cc:
+            w(
+                f"| {name} | **{cp[0] / cc[0]:.1f}x** ({fmt(cp, ' µs', 1e6, 1)} vs {fmt(cc, ' µs', 1e6, 1)}) | "
+                f"> 1x (issue 21) | {verdict(cp[0] / cc[0], 1, True)} |"
+            )
+        else:
+            w(f"| {name} | not measured | > 1x (issue 21) | not measured |")
+        p99 = added(peer, 1, "p99") if peer in targets and 1 in conc else None
+        if p99 and a99 and a99[0] > 0:
+            w(
+                f"| {TARGET_NAMES[peer]} added p99 / claudekey added p99, c=1 | "
+                f"**{p99[0] / a99[0]:.1f}x** ({fmt(p99, ' µs', 1e6)} vs {fmt(a99, ' µs', 1e6)}) | | |"
+            )
     w(f"| claudekey added latency p50, c=1 | {fmt(a50, ' µs', 1e6)} | <= 100 µs | {verdict(a50 and a50[0] * 1e6, 100)} |")
     w(f"| claudekey added latency p99, c=1 | {fmt(a99, ' µs', 1e6)} | <= 300 µs | {verdict(a99 and a99[0] * 1e6, 300)} |")
     rtt = {}  # Redis's core -> [probe lines]
@@ -363,6 +384,10 @@ def report(args):
     t99n = s_added("ttfb_p99_us", "nginx")
     if t99n:
         w(f"| streaming added TTFB p99 through nginx, unbuffered (reference: the floor of one extra hop here) | {fmt(t99n, ' µs')} | | |")
+    for peer in PEERS:
+        t99p = s_added("ttfb_p99_us", peer)
+        if t99p:
+            w(f"| streaming added TTFB p99 through {TARGET_NAMES[peer]} | {fmt(t99p, ' µs')} | | |")
     w99 = wake_fig(20, "p99_us")
     if w99:
         w(f"| round trip to a bare echo on the proxy's core after 20 ms idle, p99 (reference: what waking an idle vCPU costs here) | {fmt(w99, ' µs')} | | |")
@@ -473,6 +498,24 @@ def report(args):
         w(f"| gaps > 30 ms per run (the Nagle signature is ~40 ms) | {row('gaps_over_30ms')} |")
         w(f"| fewest delta events seen in one stream (upstream sends 64) | {row('min_deltas')} |")
         w("")
+        peers = [p for p in PEERS if any(k[0] == p for k in stream)]
+        if peers:
+            w("The peer gateways, same streams, same repetitions (agentgateway with its request prompt guard on and "
+              "no response guard, like the claudekey column; Portkey with its input guardrails):")
+            w("")
+            w("| Measure | " + " | ".join(f"{TARGET_NAMES[p]} | added" for p in peers) + " |")
+            w("| --- |" + " --- | --- |" * len(peers))
+            for field, label in (
+                ("ttfb_p50_us", "TTFB p50"),
+                ("ttfb_p99_us", "TTFB p99"),
+                ("gap_p50_us", "gap between deltas p50"),
+                ("gap_p99_us", "gap between deltas p99"),
+                ("gap_max_us", "gap between deltas max"),
+            ):
+                w(f"| {label} | " + " | ".join(f"{fmt(s_abs(p, field), ' µs')} | {fmt(s_added(field, p), ' µs')}" for p in peers) + " |")
+            w("| gaps > 30 ms per run | " + " | ".join(f"{fmt(s_abs(p, 'gaps_over_30ms'))} | " for p in peers) + " |")
+            w("| fewest delta events seen in one stream | " + " | ".join(f"{fmt(s_abs(p, 'min_deltas'))} | " for p in peers) + " |")
+            w("")
         if wake:
             w("The floor of one extra hop: a round trip from the streaming client's core to a bare TCP echo "
               "on the proxy's core (`examples/bench_wake`), back to back and after the stream's 20 ms pace.")
@@ -508,7 +551,7 @@ def report(args):
             f"(growth first vs last 10 s: {0 if rss_growth is None else rss_growth / 1024:+.1f} MiB)"
         )
     w(f"| claudekey proxy | {kib(rss.get(('claudekey', 'idle')))} | {soak_note or 'n/a'} | {kib(rss.get(('claudekey', 'after')))} |")
-    for t in ("nginx", "litellm"):
+    for t in ("nginx", "litellm") + PEERS:
         if (t, "idle") in rss:
             w(f"| {TARGET_NAMES[t]} | {kib(rss.get((t, 'idle')))} | | {kib(rss.get((t, 'after')))} |")
     w(f"| claudekey webhook | {kib(rss.get(('webhook', 'idle')))} | | |")
