@@ -723,6 +723,15 @@ if [ "$USE_WEBHOOK" = 1 ] && [ -n "${KCFG:-}" ]; then
   wait_http "http://127.0.0.1:$P_CM/healthz"
   sleep 2
   echo "{\"row\":\"rss\",\"target\":\"controller\",\"phase\":\"idle\",\"kib\":$(rss_kib "$PID_controller")}" >>"$RAW/results.jsonl"
+  # A round's namespaces are deleted in the background: the next round starts once their
+  # ClaudeKeys are gone, so it does not count the deletions (finalizers, config Secrets) too.
+  bench_claudekeys_gone() {
+    for _ in $(seq 1 600); do
+      [ "$(kubectl get claudekeys -A -l claudekey.io/bench=1 --no-headers 2>/dev/null | wc -l)" = 0 ] && return
+      sleep 0.5
+    done
+    log "ClaudeKeys of the last round still there after 300 s"; exit 1
+  }
   log "row 5: $SCALE_N ClaudeKeys applied at once, $(( REPS < 3 ? REPS : 3 )) rounds"
   (
     while kill -0 "$PID_controller" 2>/dev/null; do rss_kib "$PID_controller"; sleep 0.5; done
@@ -734,10 +743,9 @@ if [ "$USE_WEBHOOK" = 1 ] && [ -n "${KCFG:-}" ]; then
       --controller-metrics "http://127.0.0.1:$P_CM/metrics" --count "$SCALE_N" 2>"$WORK/scale.log") \
       || { log "bench_controller failed:"; tail -20 "$WORK/scale.log" >&2; exit 1; }
     echo "{\"row\":\"scale\",\"rep\":$rep,\"m\":$line}" >>"$RAW/results.jsonl"
-    sleep 5   # namespaces of the round are deleted in the background
+    bench_claudekeys_gone
   done
   echo "{\"row\":\"rss\",\"target\":\"controller\",\"phase\":\"peak\",\"kib\":$(sort -n "$RAW/controller-rss.txt" | tail -1)}" >>"$RAW/results.jsonl"
-  sleep 10   # let the namespaces of the last round go before the large one
   # Row 8 (issue 21): one gateway serving every ClaudeKey's config Secret from the operator
   # namespace, at one tenant and then at one more than the large round below.
   # Its upstream holds the key bench_controller puts in the upstream-key Secret.
@@ -810,7 +818,8 @@ fi
 # ---------------------------------------------------------------------------
 VERSIONS=$(
   echo "claudekey $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty'), $(rustc --version)"
-  echo "oha $OHA_VERSION; $(nginx -v 2>&1 | sed 's/.*: //' || true); litellm $LITELLM_VERSION ($($LITELLM_VENV/bin/python --version 2>&1 || true))"
+  echo "oha $OHA_VERSION; $(nginx -v 2>&1 | sed 's/.*: //' || true); $(
+    if [ "$USE_LITELLM" = 1 ]; then echo "litellm $LITELLM_VERSION ($("$LITELLM_VENV/bin/python" --version 2>&1))"; else echo "litellm not run"; fi)"
   echo "peers: agentgateway $AGENTGATEWAY_VERSION$([ "$USE_AGENTGATEWAY" = 1 ] || echo ' (not run)') (built from source, quick-release profile, $(rustc --version | cut -d' ' -f1-2)); @portkey-ai/gateway $PORTKEY_VERSION$([ "$USE_PORTKEY" = 1 ] || echo ' (not run)') ($(node --version 2>/dev/null || echo 'node missing'), @hono/node-server $PORTKEY_HONO_NODE_SERVER_VERSION)"
   echo "$(uname -sr), $(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')"
   echo "cpuidle: $(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo unknown)$(
