@@ -212,8 +212,9 @@ fi
 # ---------------------------------------------------------------------------
 # servers
 # ---------------------------------------------------------------------------
-UPKEY=sk-ant-api03-bench-upstream-key-0123456789abcdefghijklmnop
-WKEY=ck-bench-workload-key-0123456789abcdefghijklmnopqrstuv
+# UPKEY, WKEY, WSHA, bench_policy and bench_body: the tenant hack/hotpath.sh measures too.
+# shellcheck source=bench_tenant.sh
+source hack/bench_tenant.sh
 MASTER=sk-bench-litellm-master-key
 P_UP=$(free_port); P_UPS=$(free_port); P_CK=$(free_port); P_CKS=$(free_port)
 P_CKR=$(free_port); P_CKB=$(free_port); P_NG=$(free_port); P_NGS=$(free_port); P_LL=$(free_port)
@@ -227,27 +228,8 @@ start upstream-paced 1 "$BIN/examples/fake_upstream" --listen "127.0.0.1:$P_UPS"
 P_ECHO=$(free_port)
 start echo 0 "$BIN/examples/bench_wake" serve --listen "127.0.0.1:$P_ECHO"
 
-# Full gateway policy: auth, scope (model globs, endpoints, max_tokens, input cap), all three
-# limits set far above what the benchmark sends (so they are checked and accounted, never hit),
-# every built-in detector plus a custom pattern, response redaction and the injection flag.
-mkdir -p "$WORK/proxy"
-WSHA=$(printf '%s' "$WKEY" | sha256sum | cut -d' ' -f1)
-cat >"$WORK/proxy/proxy.json" <<EOF
-{
-  "claudeKey": { "namespace": "bench", "name": "bench" },
-  "upstream": [ { "key": "$UPKEY", "fingerprint": "up:bench", "validUntil": null } ],
-  "workloadKeys": [ { "sha256": "$WSHA", "fingerprint": "ck:bench", "validUntil": null } ],
-  "policy": {
-    "scope": { "models": ["claude-sonnet-4-*", "claude-haiku-4-*"], "endpoints": ["messages", "countTokens", "models"],
-               "maxTokens": 4096, "maxInputChars": 200000 },
-    "limits": { "requestsPerMinute": 1000000000, "tokensPerMinute": 1000000000000, "perUserRequestsPerHour": 1000000000 },
-    "dataProtection": { "redact": ["email", "ssn", "phone", "creditCard"],
-                        "customPatterns": [ { "name": "employee-id", "regex": "EMP-[0-9]{6}" } ],
-                        "redactResponses": true, "promptInjection": "flag" },
-    "expiresAt": null
-  }
-}
-EOF
+# Full gateway policy (hack/bench_tenant.sh).
+bench_policy "$WORK/proxy"
 # The same policy without response redaction, for the streaming row's pass-through timing.
 mkdir -p "$WORK/proxy-plain"
 sed 's/"redactResponses": true/"redactResponses": false/' "$WORK/proxy/proxy.json" >"$WORK/proxy-plain/proxy.json"
@@ -434,18 +416,8 @@ if [ "$USE_AGENTGATEWAY" = 1 ]; then wait_http "http://127.0.0.1:$P_AG/"; wait_h
 # ---------------------------------------------------------------------------
 # load
 # ---------------------------------------------------------------------------
-# A prompt-sized Messages request (about 1 KB, no PII: the common case; the redaction pass runs,
-# nothing is rewritten), with metadata.user_id so the per-user limit is checked.
-BODY=$(python3 - <<'EOF'
-import json
-prompt = ("Please summarise the customer's ticket below and suggest a polite reply. The order "
-          "arrived two days late and the box was damaged. ") * 8
-print(json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 256,
-                  "metadata": {"user_id": "bench-user-1"},
-                  "messages": [{"role": "user", "content": prompt}]}))
-EOF
-)
-printf '%s' "$BODY" >"$WORK/body.json"
+# A prompt-sized Messages request (hack/bench_tenant.sh).
+bench_body "$WORK/body.json"
 
 TARGETS=(direct claudekey shared shared-r0)
 if [ -n "$BASELINE" ]; then TARGETS+=(baseline); fi

@@ -101,35 +101,11 @@ wait_http() {
   log "no answer from $1"; return 1
 }
 
-# The same keys, policy and body as hack/bench.sh (keep them in step).
-UPKEY=sk-ant-api03-bench-upstream-key-0123456789abcdefghijklmnop
-WKEY=ck-bench-workload-key-0123456789abcdefghijklmnopqrstuv
-WSHA=$(printf '%s' "$WKEY" | sha256sum | cut -d' ' -f1)
-mkdir -p "$WORK/proxy"
-cat >"$WORK/proxy/proxy.json" <<EOF
-{
-  "claudeKey": { "namespace": "bench", "name": "bench" },
-  "upstream": [ { "key": "$UPKEY", "fingerprint": "up:bench", "validUntil": null } ],
-  "workloadKeys": [ { "sha256": "$WSHA", "fingerprint": "ck:bench", "validUntil": null } ],
-  "policy": {
-    "scope": { "models": ["claude-sonnet-4-*", "claude-haiku-4-*"], "endpoints": ["messages", "countTokens", "models"],
-               "maxTokens": 4096, "maxInputChars": 200000 },
-    "limits": { "requestsPerMinute": 1000000000, "tokensPerMinute": 1000000000000, "perUserRequestsPerHour": 1000000000 },
-    "dataProtection": { "redact": ["email", "ssn", "phone", "creditCard"],
-                        "customPatterns": [ { "name": "employee-id", "regex": "EMP-[0-9]{6}" } ],
-                        "redactResponses": true, "promptInjection": "flag" },
-    "expiresAt": null
-  }
-}
-EOF
-python3 - >"$WORK/body.json" <<'EOF'
-import json, sys
-prompt = ("Please summarise the customer's ticket below and suggest a polite reply. The order "
-          "arrived two days late and the box was damaged. ") * 8
-sys.stdout.write(json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 256,
-                             "metadata": {"user_id": "bench-user-1"},
-                             "messages": [{"role": "user", "content": prompt}]}))
-EOF
+# The same keys, policy and body as hack/bench.sh.
+# shellcheck source=bench_tenant.sh
+source hack/bench_tenant.sh
+bench_policy "$WORK/proxy"
+bench_body "$WORK/body.json"
 
 P_UP=$(free_port)
 "$UPSTREAM_BIN" --listen "127.0.0.1:$P_UP" --key "$UPKEY" >"$WORK/upstream.log" 2>&1 &

@@ -1,0 +1,43 @@
+# shellcheck shell=bash
+# The benchmark's one tenant, sourced by hack/bench.sh and hack/hotpath.sh so both measure the same
+# thing: its (fake) keys, the full gateway policy and the ~1 KB Messages request.
+
+UPKEY=sk-ant-api03-bench-upstream-key-0123456789abcdefghijklmnop
+WKEY=ck-bench-workload-key-0123456789abcdefghijklmnopqrstuv
+WSHA=$(printf '%s' "$WKEY" | sha256sum | cut -d' ' -f1)
+
+# bench_policy DIR — writes DIR/proxy.json: auth, scope (model globs, endpoints, max_tokens, input
+# cap), all three limits set far above what the benchmark sends (so they are checked and accounted,
+# never hit), every built-in detector plus a custom pattern, response redaction and the injection flag.
+bench_policy() {
+  mkdir -p "$1"
+  cat >"$1/proxy.json" <<EOF
+{
+  "claudeKey": { "namespace": "bench", "name": "bench" },
+  "upstream": [ { "key": "$UPKEY", "fingerprint": "up:bench", "validUntil": null } ],
+  "workloadKeys": [ { "sha256": "$WSHA", "fingerprint": "ck:bench", "validUntil": null } ],
+  "policy": {
+    "scope": { "models": ["claude-sonnet-4-*", "claude-haiku-4-*"], "endpoints": ["messages", "countTokens", "models"],
+               "maxTokens": 4096, "maxInputChars": 200000 },
+    "limits": { "requestsPerMinute": 1000000000, "tokensPerMinute": 1000000000000, "perUserRequestsPerHour": 1000000000 },
+    "dataProtection": { "redact": ["email", "ssn", "phone", "creditCard"],
+                        "customPatterns": [ { "name": "employee-id", "regex": "EMP-[0-9]{6}" } ],
+                        "redactResponses": true, "promptInjection": "flag" },
+    "expiresAt": null
+  }
+}
+EOF
+}
+
+# bench_body FILE — a prompt-sized Messages request (about 1 KB, no PII: the common case; the
+# redaction pass runs, nothing is rewritten), with metadata.user_id so the per-user limit is checked.
+bench_body() {
+  python3 - >"$1" <<'EOF'
+import json, sys
+prompt = ("Please summarise the customer's ticket below and suggest a polite reply. The order "
+          "arrived two days late and the box was damaged. ") * 8
+sys.stdout.write(json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 256,
+                             "metadata": {"user_id": "bench-user-1"},
+                             "messages": [{"role": "user", "content": prompt}]}))
+EOF
+}
