@@ -30,6 +30,14 @@ TARGET_NAMES = {
 # The peer gateways a user would pick instead of claudekey (issue 21): claudekey's CPU per request
 # should be below each one's.
 PEERS = ("agentgateway", "portkey")
+# The streaming row's measures, for claudekey's table and the peers' alike.
+STREAM_FIELDS = (
+    ("ttfb_p50_us", "TTFB p50"),
+    ("ttfb_p99_us", "TTFB p99"),
+    ("gap_p50_us", "gap between deltas p50"),
+    ("gap_p99_us", "gap between deltas p99"),
+    ("gap_max_us", "gap between deltas max"),
+)
 
 
 def load(path):
@@ -478,13 +486,7 @@ def report(args):
     if s_reps:
         w("| Measure | direct | claudekey | added | claudekey, response redaction on | added | nginx (unbuffered) | added |")
         w("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for field, label in (
-            ("ttfb_p50_us", "TTFB p50"),
-            ("ttfb_p99_us", "TTFB p99"),
-            ("gap_p50_us", "gap between deltas p50"),
-            ("gap_p99_us", "gap between deltas p99"),
-            ("gap_max_us", "gap between deltas max"),
-        ):
+        for field, label in STREAM_FIELDS:
             w(
                 f"| {label} | {fmt(s_abs('direct', field), ' µs')} | {fmt(s_abs('claudekey', field), ' µs')} | "
                 f"{fmt(s_added(field), ' µs')} | {fmt(s_abs('claudekey-redact', field), ' µs')} | "
@@ -505,13 +507,7 @@ def report(args):
             w("")
             w("| Measure | " + " | ".join(f"{TARGET_NAMES[p]} | added" for p in peers) + " |")
             w("| --- |" + " --- | --- |" * len(peers))
-            for field, label in (
-                ("ttfb_p50_us", "TTFB p50"),
-                ("ttfb_p99_us", "TTFB p99"),
-                ("gap_p50_us", "gap between deltas p50"),
-                ("gap_p99_us", "gap between deltas p99"),
-                ("gap_max_us", "gap between deltas max"),
-            ):
+            for field, label in STREAM_FIELDS:
                 w(f"| {label} | " + " | ".join(f"{fmt(s_abs(p, field), ' µs')} | {fmt(s_added(field, p), ' µs')}" for p in peers) + " |")
             w("| gaps > 30 ms per run | " + " | ".join(f"{fmt(s_abs(p, 'gaps_over_30ms'))} | " for p in peers) + " |")
             w("| fewest delta events seen in one stream | " + " | ".join(f"{fmt(s_abs(p, 'min_deltas'))} | " for p in peers) + " |")
