@@ -14,6 +14,7 @@ pub mod federation;
 pub mod forward;
 pub mod forwarder;
 pub mod injection;
+mod interned;
 pub mod kube_source;
 mod launch;
 pub mod limits;

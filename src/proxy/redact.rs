@@ -1,9 +1,15 @@
 //! PII redaction: built-in detectors (email, US SSN, phone, Luhn-checked card numbers) plus a
 //! ClaudeKey's custom regexes, compiled once per config, and a streaming form for SSE text deltas.
 
+use std::sync::{Arc, LazyLock};
+
 use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
 
+use super::interned::Interned;
 use crate::crd::{DataProtectionSpec, Detector};
+
+/// One compiled [`Redactor`] per distinct detector list, shared by the tenants that use it.
+static REDACTORS: LazyLock<Interned<Redactor>> = LazyLock::new(Interned::default);
 
 /// A pattern may be at most this many bytes compiled, so a custom regex cannot exhaust memory.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
@@ -71,6 +77,13 @@ struct Found {
 }
 
 impl Redactor {
+    /// The redactor of `spec`, shared with every tenant whose detectors are the same.
+    pub fn shared(spec: &DataProtectionSpec) -> Result<Arc<Self>, RedactError> {
+        let key = serde_json::to_string(&(&spec.redact, &spec.custom_patterns))
+            .expect("detectors serialize");
+        REDACTORS.get_or_compile(key, || Self::new(spec))
+    }
+
     pub fn new(spec: &DataProtectionSpec) -> Result<Self, RedactError> {
         let mut rules = Vec::new();
         // Order is priority when matches overlap: the most specific detectors first.
@@ -236,16 +249,20 @@ fn builtin(detector: Detector) -> Rule {
     let (name, pattern, validate): (&str, &str, Option<Validator>) = match detector {
         Detector::Email => (
             "email",
-            r"(?i)\b[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}\b",
+            r"(?i-u)\b[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}\b",
             None,
         ),
-        Detector::Ssn => ("ssn", r"\b\d{3}-\d{2}-\d{4}\b", Some(valid_ssn)),
+        Detector::Ssn => ("ssn", r"(?-u)\b\d{3}-\d{2}-\d{4}\b", Some(valid_ssn)),
         Detector::Phone => (
             "phone",
-            r"(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)|\b\d{3})[ .-]?\d{3}[ .-]\d{4}\b",
+            r"(?-u)(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)|\b\d{3})[ .-]?\d{3}[ .-]\d{4}\b",
             None,
         ),
-        Detector::CreditCard => ("creditCard", r"\b\d(?:[ -]?\d){12,18}\b", Some(luhn_valid)),
+        Detector::CreditCard => (
+            "creditCard",
+            r"(?-u)\b\d(?:[ -]?\d){12,18}\b",
+            Some(luhn_valid),
+        ),
     };
     Rule {
         name: name.to_string(),
@@ -311,6 +328,39 @@ mod tests {
     fn redact(r: &Redactor, text: &str) -> String {
         r.redact(text, &mut Counts::default())
             .unwrap_or_else(|| text.to_string())
+    }
+
+    #[test]
+    fn tenants_with_the_same_detectors_share_one_redactor() {
+        let spec = |custom: &str| DataProtectionSpec {
+            redact: vec![Detector::Email, Detector::Ssn],
+            custom_patterns: vec![CustomPattern {
+                name: "ticket".into(),
+                regex: custom.into(),
+            }],
+            // Not part of the compiled detectors: may differ between sharing tenants.
+            redact_responses: custom.len() % 2 == 0,
+            ..Default::default()
+        };
+        let a = Redactor::shared(&spec("T-[0-9]{4}")).unwrap();
+        let b = Redactor::shared(&spec("T-[0-9]{4}")).unwrap();
+        let other = Redactor::shared(&spec("T-[0-9]{5}")).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!Arc::ptr_eq(&a, &other));
+        assert_eq!(redact(&a, "see T-1234"), "see [REDACTED:ticket]");
+        assert_eq!(redact(&other, "see T-1234"), "see T-1234");
+    }
+
+    /// The built-in detectors are ASCII (a Unicode `\b` or `\d` made each tenant's redactor
+    /// over 1 MiB): a number glued to a non-ASCII letter is still redacted, and digits of other
+    /// scripts are not a US SSN or a card number.
+    #[test]
+    fn builtin_detectors_read_ascii() {
+        let r = all();
+        assert_eq!(redact(&r, "né123-45-6789"), "né[REDACTED:ssn]");
+        assert_eq!(redact(&r, "Ünïa.b@example.com"), "Ünï[REDACTED:email]");
+        let arabic = "١٢٣-٤٥-٦٧٨٩";
+        assert_eq!(redact(&r, arabic), arabic);
     }
 
     #[test]

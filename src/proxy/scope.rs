@@ -1,12 +1,12 @@
 //! Endpoint and model scope: default-deny routing of API paths (matched without their query
 //! string) and the model glob allowlist, compiled once per config.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use http::Method;
 
-use super::error::ApiError;
+use super::{error::ApiError, interned::Interned};
 use crate::crd::{Endpoint, ScopeSpec};
 
 #[derive(Debug, thiserror::Error)]
@@ -103,10 +103,7 @@ fn not_found(path: &str) -> ApiError {
 pub struct Scope {
     endpoints: Vec<Endpoint>,
     /// `None` allows every model.
-    models: Option<GlobSet>,
-    /// The allowlist entries, by glob index: the model's metric label (shared with the label
-    /// sets of every request, so a request copies a pointer).
-    labels: Vec<Arc<str>>,
+    models: Option<Arc<Models>>,
     other: Arc<str>,
     any: Arc<str>,
     /// `None` passes every anthropic-beta value.
@@ -119,28 +116,52 @@ pub const OTHER_MODEL: &str = "other";
 /// Metric label of an open scope's models: the implicit allowlist entry.
 pub const ANY_MODEL: &str = "*";
 
+/// A model allowlist, compiled once per distinct list and shared by the tenants that have it.
+#[derive(Debug)]
+struct Models {
+    set: GlobSet,
+    /// The allowlist entries, by glob index: the model's metric label (shared with the label
+    /// sets of every request, so a request copies a pointer).
+    labels: Vec<Arc<str>>,
+}
+
+static MODELS: LazyLock<Interned<Models>> = LazyLock::new(Interned::default);
+
+impl Models {
+    fn shared(patterns: &[String]) -> Result<Arc<Self>, ScopeError> {
+        let key = serde_json::to_string(patterns).expect("strings serialize");
+        MODELS.get_or_compile(key, || Self::compile(patterns))
+    }
+
+    fn compile(patterns: &[String]) -> Result<Self, ScopeError> {
+        let mut builder = GlobSetBuilder::new();
+        for pattern in patterns {
+            let glob = Glob::new(pattern).map_err(|source| ScopeError::Glob {
+                pattern: pattern.clone(),
+                source,
+            })?;
+            builder.add(glob);
+        }
+        Ok(Self {
+            set: builder.build().map_err(|source| ScopeError::Glob {
+                pattern: patterns.join(","),
+                source,
+            })?,
+            labels: patterns.iter().map(|m| m.as_str().into()).collect(),
+        })
+    }
+}
+
 impl Scope {
     pub fn new(spec: &ScopeSpec) -> Result<Self, ScopeError> {
         let models = if spec.models.is_empty() {
             None
         } else {
-            let mut builder = GlobSetBuilder::new();
-            for pattern in &spec.models {
-                let glob = Glob::new(pattern).map_err(|source| ScopeError::Glob {
-                    pattern: pattern.clone(),
-                    source,
-                })?;
-                builder.add(glob);
-            }
-            Some(builder.build().map_err(|source| ScopeError::Glob {
-                pattern: spec.models.join(","),
-                source,
-            })?)
+            Some(Models::shared(&spec.models)?)
         };
         Ok(Self {
             endpoints: spec.endpoints.clone(),
             models,
-            labels: spec.models.iter().map(|m| m.as_str().into()).collect(),
             other: OTHER_MODEL.into(),
             any: ANY_MODEL.into(),
             betas: spec.betas.clone(),
@@ -153,10 +174,11 @@ impl Scope {
     pub fn model_label(&self, model: &str) -> &Arc<str> {
         match &self.models {
             None => &self.any,
-            Some(set) => set
+            Some(models) => models
+                .set
                 .matches(model)
                 .first()
-                .and_then(|&i| self.labels.get(i))
+                .and_then(|&i| models.labels.get(i))
                 .unwrap_or(&self.other),
         }
     }
@@ -209,7 +231,7 @@ impl Scope {
 
     /// Whether the allowlist names this model (an empty allowlist allows all).
     pub fn model_allowed(&self, model: &str) -> bool {
-        self.models.as_ref().is_none_or(|set| set.is_match(model))
+        self.models.as_ref().is_none_or(|m| m.set.is_match(model))
     }
 
     /// Whether the allowlist is explicit, so allowed model names are a bounded set of labels.
@@ -240,6 +262,23 @@ mod tests {
             ..Default::default()
         })
         .unwrap()
+    }
+
+    #[test]
+    fn scopes_with_the_same_models_share_one_compiled_allowlist() {
+        let a = scope(&["claude-haiku-*", "claude-opus-4-1"], vec![]);
+        let b = scope(
+            &["claude-haiku-*", "claude-opus-4-1"],
+            vec![Endpoint::Messages],
+        );
+        let other = scope(&["claude-haiku-*"], vec![]);
+        let (Some(ma), Some(mb), Some(mo)) = (&a.models, &b.models, &other.models) else {
+            panic!("allowlists compiled");
+        };
+        assert!(Arc::ptr_eq(ma, mb));
+        assert!(!Arc::ptr_eq(ma, mo));
+        assert_eq!(&**b.model_label("claude-opus-4-1"), "claude-opus-4-1");
+        assert_eq!(&**other.model_label("claude-opus-4-1"), OTHER_MODEL);
     }
 
     #[test]

@@ -65,7 +65,8 @@ pub struct Tenant {
     pub caps: Caps,
     pub limits: LimitsSpec,
     pub limiter: Arc<KeyLimits>,
-    pub redactor: Redactor,
+    /// Shared with every tenant whose detectors are the same (compiled once per distinct list).
+    pub redactor: Arc<Redactor>,
     pub redact_responses: bool,
     pub injection: PromptInjectionMode,
     /// The audit line's user hash, keyed by the ClaudeKey's salt.
@@ -138,7 +139,7 @@ impl Tenant {
             caps: Caps::new(&policy.scope, &policy.data_protection),
             limits: policy.limits.clone(),
             limiter: limiters.for_key(&config.claude_key),
-            redactor: Redactor::new(&policy.data_protection)?,
+            redactor: Redactor::shared(&policy.data_protection)?,
             redact_responses: policy.data_protection.redact_responses,
             injection: policy.data_protection.prompt_injection,
         })
