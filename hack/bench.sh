@@ -185,12 +185,12 @@ fi
 if [ "${BENCH_PROFILE:-release}" = dev ]; then
   log "dev build (figures will be meaningless)"
   [ "${BENCH_SKIP_BUILD:-0}" = 1 ] || nice cargo build --locked --bin claudekey \
-    --example fake_upstream --example bench_stream --example bench_admission --example bench_controller --example bench_wake --example bench_redis
+    --example fake_upstream --example bench_stream --example bench_admission --example bench_controller --example bench_wake --example bench_redis --example bench_tenants
   BIN=target/debug
 else
   log "release build (nice)"
   nice cargo build --release --locked --bin claudekey \
-    --example fake_upstream --example bench_stream --example bench_admission --example bench_controller --example bench_wake --example bench_redis
+    --example fake_upstream --example bench_stream --example bench_admission --example bench_controller --example bench_wake --example bench_redis --example bench_tenants
   BIN=target/release
 fi
 CK=$BIN/claudekey
@@ -768,6 +768,15 @@ if [ "$USE_WEBHOOK" = 1 ] && [ -n "${KCFG:-}" ]; then
   echo "{\"row\":\"rss\",\"target\":\"controller\",\"phase\":\"peak-big\",\"kib\":$(tail -n +"$((rss_before_big + 1))" "$RAW/controller-rss.txt" | sort -n | tail -1)}" >>"$RAW/results.jsonl"
   echo "{\"row\":\"rss\",\"target\":\"controller\",\"phase\":\"after\",\"kib\":$(rss_kib "$PID_controller")}" >>"$RAW/results.jsonl"
 fi
+
+# ---------------------------------------------------------------------------
+# row 8: heap bytes per gateway tenant (counted by a counting allocator, not timed): ClaudeKeys
+# sharing the bench_controller policy and the full policy, and a distinct policy's own cost.
+# ---------------------------------------------------------------------------
+for policy in small full; do
+  echo "{\"row\":\"tenant_heap\",\"policy\":\"$policy\",\"m\":$("$BIN/examples/bench_tenants" --policy "$policy" \
+    --count "$([ "$SMOKE" = 1 ] && echo 50 || echo 2000)")}" >>"$RAW/results.jsonl"
+done
 
 # ---------------------------------------------------------------------------
 # hot path: instructions and allocations per request (hack/hotpath.sh, under valgrind; counts,

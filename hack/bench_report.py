@@ -443,6 +443,13 @@ def report(args):
             f"| one gateway, c=64 p99 with {many_n:,} tenants / with one | "
             f"{'n/a' if ratio is None else '%.2fx' % ratio} ({fmt(many99, ' µs', 1e6)} vs {fmt(one99, ' µs', 1e6)}) | <= 1.10x | {verdict(ratio, 1.10)} |"
         )
+    for r in (r for r in records if r["row"] == "tenant_heap"):
+        m = r["m"]
+        w(
+            f"| heap per gateway tenant, {r['policy']} policy shared by {m['count']:,} tenants | {m['bytes_per_tenant'] / 1024:.1f} KiB "
+            f"(a distinct policy adds {m['per_distinct_policy']['redactor'] / 1024:.1f} KiB redactor, "
+            f"{m['per_distinct_policy']['scope'] / 1024:.1f} KiB model globs) | | |"
+        )
     w("")
 
     w("## 1. Proxy overhead (non-streaming Messages request, ~1 KB prompt)")
