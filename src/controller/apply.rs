@@ -13,7 +13,7 @@ use super::conditions::{self, StatusInput};
 use super::decide::Decision;
 use super::secrets::{self, Drift};
 use super::stores::WrittenStatus;
-use crate::crd::{API_VERSION, ClaudeKey, ClaudeKeyStatus, Placement, annotations};
+use crate::crd::{ClaudeKey, ClaudeKeyStatus, Placement, annotations};
 
 /// A Secret to delete: upstream keys out of a place they may no longer be.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,7 +186,7 @@ pub struct StatusUpdate<'a> {
     pub consumers_restarted_for: Option<String>,
 }
 
-/// Applies the status through the status subresource (server-side apply, field manager
+/// Replaces the status through the status subresource (a JSON patch, field manager
 /// claudekey); skipped when nothing changed, so a status write never triggers another one.
 pub async fn write_status(
     ck: &ClaudeKey,
@@ -212,14 +212,19 @@ pub async fn write_status(
         return Ok(());
     }
     let api: Api<ClaudeKey> = Api::namespaced(client.clone(), &namespace);
-    let body = serde_json::json!({
-        "apiVersion": API_VERSION,
-        "kind": "ClaudeKey",
-        "status": status,
-    });
-    let params = PatchParams::apply(annotations::MANAGER).force();
+    // The whole status, replaced: this controller is its only writer. A JSON patch costs the
+    // apiserver far less than a server-side apply (no field-set merge), and status is the one
+    // write every ClaudeKey gets (issue 21: 10,000 Ready in 60 s on two cores).
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+        { "op": "add", "path": "/status", "value": status }
+    ]))
+    .expect("a status serializes");
+    let params = PatchParams {
+        field_manager: Some(annotations::MANAGER.to_string()),
+        ..PatchParams::default()
+    };
     let result = api
-        .patch_status(&ck.name_any(), &params, &Patch::Apply(&body))
+        .patch_status(&ck.name_any(), &params, &Patch::<()>::Json(patch))
         .await
         .map_err(|e| Error::WriteStatus {
             namespace,
