@@ -7,6 +7,8 @@ mod namespace_users;
 #[path = "proxy_e2e/policy.rs"]
 mod policy;
 mod proxy_common;
+#[path = "proxy_e2e/shared_leases.rs"]
+mod shared_leases;
 #[path = "proxy_e2e/shared_limits.rs"]
 mod shared_limits;
 #[path = "proxy_e2e/shared_outage.rs"]

@@ -3,6 +3,7 @@
 //! through Redis (DESIGN.md §12), with a local fallback share while Redis is unreachable.
 
 pub mod budget;
+mod lease;
 mod local;
 mod metrics;
 pub mod prices;
@@ -20,12 +21,13 @@ use sha2::{Digest, Sha256};
 use super::{error::ApiError, usage::Usage};
 use crate::{crd::LimitsSpec, proxyconf::ClaudeKeyRef};
 use budget::{Budgets, Periods};
+use lease::{GiveBack, Lease, Needs};
 pub use local::MAX_USERS;
 use local::{Admitted, KeyLimiter};
 pub use metrics::LimitsMetrics;
 use prices::PriceTable;
 use settlements::Settlements;
-use shared::{Keys, SharedCounters};
+use shared::{AdmitCall, Keys, SharedCounters};
 pub use shared::{RedisSettings, SharedError};
 
 /// Default share of every limit and budget a proxy enforces alone while Redis is unreachable.
@@ -80,6 +82,9 @@ pub struct LimitSettings {
     pub fallback_share: f64,
     /// Length of a budget day: 86400 in production; in-process tests shorten it (no flag can).
     pub day_seconds: i64,
+    /// How long leased credit lasts (`lease::LEASE_TTL`); in-process tests lengthen it (no
+    /// flag can).
+    pub lease_ttl: Duration,
 }
 
 impl Default for LimitSettings {
@@ -89,6 +94,7 @@ impl Default for LimitSettings {
             prices: PriceTable::default(),
             fallback_share: DEFAULT_FALLBACK_SHARE,
             day_seconds: budget::DAY_SECONDS,
+            lease_ttl: lease::LEASE_TTL,
         }
     }
 }
@@ -121,6 +127,7 @@ pub struct Limiters {
     prices: Arc<PriceTable>,
     fallback_share: f64,
     day_seconds: i64,
+    lease_ttl: Duration,
     metrics: LimitsMetrics,
 }
 
@@ -156,6 +163,7 @@ impl Limiters {
             prices: Arc::new(settings.prices),
             fallback_share: settings.fallback_share,
             day_seconds: settings.day_seconds,
+            lease_ttl: settings.lease_ttl,
             metrics,
         }
     }
@@ -169,6 +177,7 @@ impl Limiters {
                     label: format!("{}/{}", id.namespace, id.name),
                     keys: Keys::of(id),
                     local: KeyLimiter::default(),
+                    lease: Lease::new(self.lease_ttl),
                     shared: self.shared.clone(),
                     prices: self.prices.clone(),
                     fallback_share: self.fallback_share,
@@ -185,6 +194,8 @@ pub struct KeyLimits {
     label: String,
     keys: Keys,
     local: KeyLimiter,
+    /// Credit leased from the shared counters (`lease.rs`).
+    lease: Lease,
     shared: Option<Shared>,
     prices: Arc<PriceTable>,
     fallback_share: f64,
@@ -264,25 +275,50 @@ impl KeyLimits {
                 admitted.user_overflow,
             ));
         };
-        let users = user_digests(ask.users);
+        let users = match spec.per_user_requests_per_hour {
+            Some(_) => user_digests(ask.users),
+            None => Vec::new(),
+        };
         let reserve = if spec.tokens_per_minute.is_some() {
             ask.reserve_tokens
         } else {
             0
         };
+        let needs = Needs {
+            requests: u64::from(spec.requests_per_minute.is_some()),
+            tokens: reserve,
+            users: &users,
+        };
+        // Budgets are never leased: spend is known only after answers (lease.rs).
+        let leasing = budgets.is_empty();
+        if leasing {
+            if let Some(back) = self.lease.expired() {
+                self.give_back(shared, back);
+            }
+            if let Some(refill) = self.lease.take(&needs) {
+                if refill {
+                    self.refill(shared, spec, &needs);
+                }
+                return Ok(reservation(reserve, Counted::Shared, false));
+            }
+        }
+        let call = AdmitCall {
+            requests: 1,
+            reserve,
+            users: &users,
+            wants: if leasing {
+                needs.wants()
+            } else {
+                Default::default()
+            },
+        };
         let decided = shared
             .counters
-            .admit(
-                &self.keys,
-                spec,
-                &budgets,
-                &users,
-                reserve,
-                self.day_seconds,
-            )
+            .admit(&self.keys, spec, &budgets, call, self.day_seconds)
             .await;
         match decided {
             Ok(Ok(admitted)) => {
+                self.add_credit(shared, &admitted.grant, spec);
                 let spent = (admitted.day_spend, admitted.month_spend);
                 self.metrics.show_spend(&self.label, &budgets, spent);
                 Ok(reservation(
@@ -290,6 +326,13 @@ impl KeyLimits {
                     Counted::Shared,
                     admitted.user_overflow,
                 ))
+            }
+            // Credit granted to another request of this proxy may cover it. Replies read
+            // together wake their requests in any order: yield once, so a grant answered just
+            // before this refusal is counted first.
+            Ok(Err(refusal)) if leasing && self.covered_after_refusal(&needs).await => {
+                drop(refusal);
+                Ok(reservation(reserve, Counted::Shared, false))
             }
             Ok(Err(refusal)) => Err(refusal),
             Err(shared::Unavailable) => {
@@ -304,6 +347,78 @@ impl KeyLimits {
                 Ok(r)
             }
         }
+    }
+
+    /// Asks for more credit in the background (one refill at a time): admissions go on
+    /// from what is left meanwhile.
+    fn refill(self: &Arc<Self>, shared: &Shared, spec: &LimitsSpec, needs: &Needs) {
+        if !self.lease.start_refill() {
+            return;
+        }
+        let (limits, shared, spec) = (self.clone(), shared.clone(), spec.clone());
+        let users: Vec<(String, u32)> = needs.users.iter().map(|(d, _)| (d.clone(), 0)).collect();
+        let wants = needs.wants();
+        tokio::spawn(async move {
+            let call = AdmitCall {
+                requests: 0,
+                reserve: 0,
+                users: &users,
+                wants,
+            };
+            let budgets = Budgets::default();
+            let decided = shared
+                .counters
+                .admit(&limits.keys, &spec, &budgets, call, limits.day_seconds)
+                .await;
+            if let Ok(Ok(admitted)) = decided {
+                limits.add_credit(&shared, &admitted.grant, &spec);
+            }
+            limits.lease.refill_done();
+        });
+    }
+
+    /// Holds granted credit; a lease it starts is watched, so what is left goes back when it
+    /// expires even if no request comes to notice.
+    fn add_credit(self: &Arc<Self>, shared: &Shared, grant: &lease::Grant, spec: &LimitsSpec) {
+        if !self.lease.add(grant, spec) {
+            return;
+        }
+        let (limits, shared) = (Arc::downgrade(self), shared.clone());
+        tokio::spawn(async move {
+            loop {
+                let Some(held) = limits.upgrade() else { return };
+                let Some(at) = held.lease.expires() else {
+                    return;
+                };
+                if at > tokio::time::Instant::now() {
+                    drop(held);
+                    tokio::time::sleep_until(at).await;
+                    continue;
+                }
+                if let Some(back) = held.lease.expired() {
+                    held.give_back(&shared, back);
+                }
+                return;
+            }
+        });
+    }
+
+    async fn covered_after_refusal(&self, needs: &Needs<'_>) -> bool {
+        if self.lease.take(needs).is_some() {
+            return true;
+        }
+        tokio::task::yield_now().await;
+        self.lease.take(needs).is_some()
+    }
+
+    /// Gives credit back in the background; if Redis does not answer it is lost, which only
+    /// leaves the windows fuller than they are until they refill.
+    fn give_back(&self, shared: &Shared, back: GiveBack) {
+        let (counters, keys, day_seconds) =
+            (shared.counters.clone(), self.keys.clone(), self.day_seconds);
+        tokio::spawn(async move {
+            let _ = counters.give_back(&keys, &back, day_seconds).await;
+        });
     }
 
     fn fallback_admit(
@@ -389,11 +504,29 @@ impl Reservation {
 }
 
 impl Limiters {
-    /// Sends the shared settlements still queued (at shutdown: no spend left behind).
+    /// Sends the shared settlements still queued and gives back the credit held (at shutdown:
+    /// no spend left behind, no window left fuller than it is).
     pub async fn flush(&self) {
-        if let Some(shared) = &self.shared {
-            shared.settlements.flush().await;
-        }
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        shared.settlements.flush().await;
+        let held: Vec<Arc<KeyLimits>> = {
+            let map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+            map.values().cloned().collect()
+        };
+        let backs = held.iter().filter_map(|limits| {
+            let back = limits.lease.drain();
+            (!back.is_empty()).then(|| {
+                let counters = &shared.counters;
+                async move {
+                    let _ = counters
+                        .give_back(&limits.keys, &back, limits.day_seconds)
+                        .await;
+                }
+            })
+        });
+        futures::future::join_all(backs).await;
     }
 }
 

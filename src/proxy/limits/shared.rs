@@ -16,6 +16,7 @@ use redis::{Script, aio::ConnectionManager};
 use super::{
     Limit, LimitsMetrics, Refusal,
     budget::{self, Budgets, Period},
+    lease::{GiveBack, Grant, Wants},
     local::MAX_USERS,
     refuse,
 };
@@ -62,12 +63,25 @@ impl Keys {
     }
 }
 
-/// What the shared admission counted.
-#[derive(Debug, Clone, Copy)]
+/// What the shared admission counted, and the credit it granted (users' units in the order of
+/// the users asked for).
+#[derive(Debug, Clone, Default)]
 pub struct SharedAdmit {
     pub day_spend: u64,
     pub month_spend: u64,
     pub user_overflow: bool,
+    pub grant: Grant,
+}
+
+/// One call of the admission script: the requests it counts now (1, or 0 for a credit refill
+/// alone), its token reservation, its end users as (digest, requests) with distinct digests,
+/// and the credit it asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct AdmitCall<'a> {
+    pub requests: u32,
+    pub reserve: u64,
+    pub users: &'a [(String, u32)],
+    pub wants: Wants,
 }
 
 /// The shared counters: a multiplexed, self-reconnecting connection and the two scripts.
@@ -107,16 +121,16 @@ impl SharedCounters {
         })
     }
 
-    /// One admission decision; `users` are (digest, requests) with distinct digests.
+    /// One admission decision (and the credit it grants).
     pub async fn admit(
         &self,
         keys: &Keys,
         spec: &LimitsSpec,
         budgets: &Budgets,
-        users: &[(String, u32)],
-        reserve: u64,
+        ask: AdmitCall<'_>,
         day_seconds: i64,
     ) -> Result<Result<SharedAdmit, Refusal>, Unavailable> {
+        let users = ask.users;
         let mut call = self.admit.prepare_invoke();
         call.key(&keys.rate)
             .key(&keys.spend)
@@ -131,19 +145,24 @@ impl SharedCounters {
         let budget = |b: Option<u64>| b.map_or(-1, |n| n.min(i64::MAX as u64) as i64);
         call.arg(spec.requests_per_minute.unwrap_or(0))
             .arg(spec.tokens_per_minute.unwrap_or(0))
-            .arg(reserve)
+            .arg(ask.reserve)
             .arg(per_user)
             .arg(budget(budgets.day))
             .arg(budget(budgets.month))
             .arg(day_seconds)
-            .arg(MAX_USERS);
+            .arg(MAX_USERS)
+            .arg(ask.requests)
+            .arg(ask.wants.requests)
+            .arg(ask.wants.tokens)
+            .arg(ask.wants.user_units);
         if per_user > 0 {
             for (digest, n) in users {
                 call.arg(digest).arg(*n);
             }
         }
         let reply: Vec<i64> = self.run(call.invoke_async(&mut self.conn.clone())).await?;
-        Ok(decode_admit(&reply, budgets))
+        let users = if per_user > 0 { users } else { &[] };
+        Ok(decode_admit(&reply, budgets, users))
     }
 
     /// Returns `delta` (reserved minus used) tokens to the bucket and adds `nanos` to the
@@ -157,13 +176,41 @@ impl SharedCounters {
         nanos: u64,
         day_seconds: i64,
     ) -> Result<(u64, u64), Unavailable> {
+        self.settle_and_give_back(keys, (tpm, delta, nanos, day_seconds), &GiveBack::default())
+            .await
+    }
+
+    /// Gives back credit that was not used (its tokens with the settlement's `delta`).
+    pub(super) async fn give_back(
+        &self,
+        keys: &Keys,
+        back: &GiveBack,
+        day_seconds: i64,
+    ) -> Result<(), Unavailable> {
+        let tokens = back.tokens.min(i64::MAX as u64) as i64;
+        self.settle_and_give_back(keys, (back.tpm, tokens, 0, day_seconds), back)
+            .await
+            .map(|_| ())
+    }
+
+    async fn settle_and_give_back(
+        &self,
+        keys: &Keys,
+        (tpm, delta, nanos, day_seconds): (u64, i64, u64, i64),
+        back: &GiveBack,
+    ) -> Result<(u64, u64), Unavailable> {
         let mut call = self.settle.prepare_invoke();
         call.key(&keys.rate)
             .key(&keys.spend)
             .arg(tpm)
             .arg(delta)
             .arg(nanos)
-            .arg(day_seconds);
+            .arg(day_seconds)
+            .arg(back.rpm)
+            .arg(back.requests);
+        for (digest, minute, units) in &back.users {
+            call.key(keys.user(digest)).arg(*minute).arg(*units);
+        }
         let reply: Vec<i64> = self.run(call.invoke_async(&mut self.conn.clone())).await?;
         let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
         Ok((at(0), at(1)))
@@ -217,8 +264,13 @@ impl SharedCounters {
     }
 }
 
-/// Decodes `admit.lua`'s reply into the admission or the refusal it describes.
-fn decode_admit(reply: &[i64], budgets: &Budgets) -> Result<SharedAdmit, Refusal> {
+/// Decodes `admit.lua`'s reply into the admission (with its credit for `users`, the users
+/// asked for) or the refusal it describes.
+fn decode_admit(
+    reply: &[i64],
+    budgets: &Budgets,
+    users: &[(String, u32)],
+) -> Result<SharedAdmit, Refusal> {
     let at = |i: usize| reply.get(i).copied().unwrap_or(0);
     let ms = |i: usize| Duration::from_millis(at(i).max(1) as u64);
     match at(0) {
@@ -255,6 +307,18 @@ fn decode_admit(reply: &[i64], budgets: &Budgets) -> Result<SharedAdmit, Refusal
             day_spend: at(1).max(0) as u64,
             month_spend: at(2).max(0) as u64,
             user_overflow: at(3) == 1,
+            grant: Grant {
+                requests: at(4).max(0) as u64,
+                tokens: at(5).max(0) as u64,
+                minute: at(6),
+                users: users
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (digest, _))| {
+                        (digest.clone(), at(7 + i).clamp(0, u32::MAX as i64) as u32)
+                    })
+                    .collect(),
+            },
         }),
     }
 }
@@ -285,7 +349,7 @@ mod tests {
             day: Some(50_000_000),
             month: None,
         };
-        let r = decode_admit(&[1, 1500], &budgets).unwrap_err();
+        let r = decode_admit(&[1, 1500], &budgets, &[]).unwrap_err();
         assert_eq!(r.limit, Limit::Requests);
         let ApiError::RateLimited {
             retry_after,
@@ -298,27 +362,47 @@ mod tests {
         assert_eq!(retry_after, Duration::from_millis(1500));
         assert!(retryable);
         assert!(matches!(
-            decode_admit(&[2, 60000, 0], &budgets).unwrap_err().error,
+            decode_admit(&[2, 60000, 0], &budgets, &[])
+                .unwrap_err()
+                .error,
             ApiError::RateLimited {
                 retryable: false,
                 ..
             }
         ));
         assert_eq!(
-            decode_admit(&[3, 10], &budgets).unwrap_err().limit,
+            decode_admit(&[3, 10], &budgets, &[]).unwrap_err().limit,
             Limit::User
         );
-        let r = decode_admit(&[4, 1_000_000, 60_000_000, 999_000], &budgets).unwrap_err();
+        let r = decode_admit(&[4, 1_000_000, 60_000_000, 999_000], &budgets, &[]).unwrap_err();
         assert_eq!(r.limit, Limit::BudgetDay);
         assert!(
             r.error.to_string().contains("$0.0600 is spent"),
             "{}",
             r.error
         );
-        let ok = decode_admit(&[0, 7, 9, 1], &budgets).unwrap();
+        let users = [("d1".to_string(), 1), ("d2".to_string(), 2)];
+        let ok = decode_admit(&[0, 7, 9, 1, 64, 500, 42, 3, 0], &budgets, &users).unwrap();
         assert_eq!(
             (ok.day_spend, ok.month_spend, ok.user_overflow),
             (7, 9, true)
+        );
+        assert_eq!(
+            ok.grant,
+            Grant {
+                requests: 64,
+                tokens: 500,
+                minute: 42,
+                users: vec![("d1".into(), 3), ("d2".into(), 0)],
+            }
+        );
+        // A reply of an older script (no credit) grants none.
+        assert_eq!(
+            decode_admit(&[0, 0, 0, 0], &budgets, &users)
+                .unwrap()
+                .grant
+                .requests,
+            0
         );
     }
 }

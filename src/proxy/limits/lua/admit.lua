@@ -1,13 +1,27 @@
--- One admission decision (shared.rs). KEYS: 1 rate hash, 2 spend hash, 3 users zset,
--- 4 overflow user window, 5.. user windows. ARGV: 1 rpm, 2 tpm, 3 tokens to reserve,
--- 4 per-user requests/hour, 5 day budget, 6 month budget (nano-USD, -1 none), 7 day seconds,
--- 8 max users, then (digest, count) per user window. 0 means "no such limit".
--- Nothing is written unless every limit admits the request.
--- Returns {0, day spend, month spend, overflow} or a refusal: {1, retry ms} requests,
--- {2, retry ms, retryable} tokens, {3, retry ms} user, {4|5, period end s, spend, now s} budget.
+-- One admission decision (shared.rs), and the credit a proxy leases with it (lease.rs).
+-- KEYS: 1 rate hash, 2 spend hash, 3 users zset, 4 overflow user window, 5.. user windows.
+-- ARGV: 1 rpm, 2 tpm, 3 tokens to reserve, 4 per-user requests/hour, 5 day budget, 6 month
+-- budget (nano-USD, -1 none), 7 day seconds, 8 max users, 9 requests counted now (1, or 0 for a
+-- credit refill alone), 10 extra requests, 11 extra tokens and 12 extra units per user window
+-- wanted as credit, then (digest, count) per user window. 0 means "no such limit".
+-- Nothing is written unless every limit admits the request. Credit is counted like admissions
+-- (so the proxies together never pass a limit) and granted only from plenty: at most
+-- 1/LEASE_SHARE of what a window has left, and at least 1/8 of what was asked or nothing, so
+-- near a limit every admission is decided here.
+-- Returns {0, day spend, month spend, overflow, extra requests, extra tokens, minute, extra
+-- units per user window in KEYS order} or a refusal: {1, retry ms} requests, {2, retry ms,
+-- retryable} tokens, {3, retry ms} user, {4|5, period end s, spend, now s} budget.
 local rpm, tpm, reserve = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local per_hour, budget_day, budget_month = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local ds, max_users = tonumber(ARGV[7]), tonumber(ARGV[8])
+local now_req = tonumber(ARGV[9] or 1)
+local want_req, want_tok, want_user = tonumber(ARGV[10] or 0), tonumber(ARGV[11] or 0), tonumber(ARGV[12] or 0)
+local LEASE_SHARE = 32
+local function credit(want, left)
+  local grant = math.min(want, math.floor(left / LEASE_SHARE))
+  if grant * 8 < want then return 0 end
+  return grant
+end
 
 local day_id, day_end, month_id, month_end = periods(ds)
 local dv, mv = spent(KEYS[2], day_id, month_id)
@@ -15,6 +29,7 @@ if budget_day >= 0 and dv >= budget_day then return {4, day_end, dv, now_s} end
 if budget_month >= 0 and mv >= budget_month then return {5, month_end, mv, now_s} end
 
 local new_tat
+local grant_req, grant_tok = 0, 0
 if rpm > 0 then
   local interval = 60000000 / rpm
   local tolerance = 60000000 - interval
@@ -23,7 +38,13 @@ if rpm > 0 then
   if tat - now_us > tolerance then
     return {1, math.ceil((tat - now_us - tolerance) / 1000)}
   end
-  new_tat = tat + interval
+  new_tat = tat + interval * now_req
+  -- Credit: what this window could still admit now, of which at most 1/LEASE_SHARE.
+  if want_req > 0 and new_tat - now_us <= tolerance then
+    local left = math.floor((tolerance - (new_tat - now_us)) / interval) + 1
+    grant_req = credit(want_req, left)
+    new_tat = new_tat + interval * grant_req
+  end
 end
 
 local lvl
@@ -37,13 +58,20 @@ if tpm > 0 and reserve > 0 then
   end
   new_lvl = have - reserve
 end
+if tpm > 0 and want_tok > 0 then
+  local have = new_lvl or lvl or tpm
+  if have > 0 then
+    grant_tok = credit(want_tok, have)
+    if grant_tok > 0 then new_lvl = have - grant_tok end
+  end
+end
 
 -- Per-user windows: one-minute buckets (hash field = minute) over the last hour.
 local now_min = math.floor(now_us / 60000000)
-local windows, order, overflow = {}, {}, 0
+local windows, order, slot, overflow = {}, {}, {}, 0
 if per_hour > 0 then
   for i = 1, #KEYS - 4 do
-    local digest, count = ARGV[7 + 2 * i], tonumber(ARGV[8 + 2 * i])
+    local digest, count = ARGV[11 + 2 * i], tonumber(ARGV[12 + 2 * i])
     local key = KEYS[4 + i]
     if not redis.call('ZSCORE', KEYS[3], digest) and redis.call('ZCARD', KEYS[3]) >= max_users then
       -- A full table: idle users leave first; if all are active, share the overflow window.
@@ -53,9 +81,10 @@ if per_hour > 0 then
       end
     end
     if not windows[key] then
-      windows[key] = {n = 0, digest = digest}
+      windows[key] = {n = 0, digest = digest, grant = 0}
       order[#order + 1] = key
     end
+    slot[i] = key
     windows[key].n = windows[key].n + count
   end
   for _, key in ipairs(order) do
@@ -74,6 +103,12 @@ if per_hour > 0 then
       local leaves = ((oldest or now_min) + 60) * 60000000
       return {3, math.max(1000, math.ceil((leaves - now_us) / 1000))}
     end
+    -- Credit for a user's own window only: the overflow window is shared by strangers.
+    if want_user > 0 and windows[key].digest then
+      local grant = credit(want_user, per_hour - total - windows[key].n)
+      windows[key].grant = grant
+      windows[key].n = windows[key].n + grant
+    end
   end
 end
 
@@ -84,9 +119,14 @@ if new_lvl then
 end
 if new_tat or new_lvl then keep_rate(KEYS[1], tpm, lvl) end
 for _, key in ipairs(order) do
-  redis.call('HINCRBY', key, now_min, windows[key].n)
+  if windows[key].n > 0 then redis.call('HINCRBY', key, now_min, windows[key].n) end
   redis.call('EXPIRE', key, 3660)
   if windows[key].digest then redis.call('ZADD', KEYS[3], now_min, windows[key].digest) end
 end
 if #order > 0 then redis.call('EXPIRE', KEYS[3], 3660) end
-return {0, dv, mv, overflow}
+local reply = {0, dv, mv, overflow, grant_req, grant_tok, now_min}
+for i = 1, #KEYS - 4 do
+  local key = slot[i]
+  reply[#reply + 1] = (key and windows[key].grant) or 0
+end
+return reply

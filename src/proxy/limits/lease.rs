@@ -1,0 +1,396 @@
+//! Credit a proxy leases from the shared counters, so most admissions need no round trip.
+//!
+//! Each call of the admission script may grant, besides the request it decides, a little
+//! credit: extra requests of the GCRA window, extra tokens of the bucket and extra units of the
+//! end users' hourly windows. Redis counts credit exactly like admissions, so every proxy
+//! together still never passes a limit; the proxy then admits from its credit alone, and asks
+//! for more in the background when half is used. The script grants at most 1/32 of what a
+//! window has left (so near a limit credit shrinks to nothing and every admission is decided in
+//! Redis, as without leases), and credit is good for [`LEASE_TTL`]: then what is left goes back
+//! (the settlement script moves the windows back, never past empty) and a rate window cannot
+//! refill under credit held from an earlier moment. Budgets are never leased: spend is known
+//! only after an answer, so a ClaudeKey with a budget asks Redis on every admission.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+use crate::crd::LimitsSpec;
+
+/// How long granted credit may be used by default; then the rest goes back.
+pub const LEASE_TTL: Duration = Duration::from_secs(1);
+/// The most requests (and end-user units) one call asks for as credit; tokens: this many
+/// reservations of the request that asks.
+pub const LEASE_REQUESTS: u64 = 64;
+/// A refill is asked for only while grants are at least this big: near a limit, grants are
+/// small and admissions go to Redis anyway.
+const REFILL_FROM: u64 = 8;
+
+/// What one admission takes: 1 request if requests are limited, its token reservation if
+/// tokens are, and (digest, requests) per end user if users are.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Needs<'a> {
+    pub requests: u64,
+    pub tokens: u64,
+    pub users: &'a [(String, u32)],
+}
+
+/// Credit asked of one call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Wants {
+    pub requests: u64,
+    pub tokens: u64,
+    pub user_units: u64,
+}
+
+impl Needs<'_> {
+    /// The credit to ask for with an admission that needs this.
+    pub fn wants(&self) -> Wants {
+        Wants {
+            requests: if self.requests > 0 { LEASE_REQUESTS } else { 0 },
+            tokens: self.tokens.saturating_mul(LEASE_REQUESTS),
+            user_units: if self.users.is_empty() {
+                0
+            } else {
+                LEASE_REQUESTS
+            },
+        }
+    }
+}
+
+/// Credit granted by one call: counted in Redis at `minute` (the users' windows' bucket).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grant {
+    pub requests: u64,
+    pub tokens: u64,
+    pub minute: i64,
+    /// (digest, units) per end user.
+    pub users: Vec<(String, u32)>,
+}
+
+/// Credit to give back: requests (of a window of `rpm`), tokens (of a bucket of `tpm`), and
+/// (digest, minute, units) per end user.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GiveBack {
+    pub rpm: u32,
+    pub tpm: u64,
+    pub requests: u64,
+    pub tokens: u64,
+    pub users: Vec<(String, i64, u32)>,
+}
+
+impl GiveBack {
+    pub fn is_empty(&self) -> bool {
+        self.requests == 0 && self.tokens == 0 && self.users.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct UserCredit {
+    units: u32,
+    /// The oldest minute its units were counted in: giving back there keeps the window at
+    /// least as full as it should be.
+    minute: i64,
+}
+
+/// The credit one proxy holds for one ClaudeKey.
+#[derive(Debug, Default)]
+struct Credit {
+    requests: u64,
+    tokens: u64,
+    users: HashMap<String, UserCredit>,
+    expires: Option<Instant>,
+    /// The limits the credit was granted under (the largest, if the spec changed meanwhile:
+    /// giving requests back at it moves the window back the least).
+    rpm: u32,
+    tpm: u64,
+    /// The largest grants of this lease (requests, tokens, user units): a refill is due when
+    /// the credit needed falls under half of them.
+    full: (u64, u64, u32),
+}
+
+impl Credit {
+    /// Takes `needs` if all of it is held and not expired; then whether a refill is due.
+    fn take(&mut self, needs: &Needs, now: Instant) -> Option<bool> {
+        if self.expires.is_none_or(|at| at <= now) && !needs.is_nothing() {
+            return None;
+        }
+        if self.requests < needs.requests || self.tokens < needs.tokens {
+            return None;
+        }
+        for (digest, n) in needs.users {
+            if self.users.get(digest).is_none_or(|c| c.units < *n) {
+                return None;
+            }
+        }
+        self.requests -= needs.requests;
+        self.tokens -= needs.tokens;
+        let mut low = (needs.requests > 0 && low(self.requests, self.full.0))
+            || (needs.tokens > 0 && low(self.tokens, self.full.1));
+        for (digest, n) in needs.users {
+            if let Some(credit) = self.users.get_mut(digest) {
+                credit.units -= n;
+                low |= low_units(credit.units, self.full.2);
+            }
+        }
+        Some(low)
+    }
+
+    /// Adds a grant; `true` if it starts a lease (nothing was held).
+    fn add(&mut self, grant: &Grant, spec: &LimitsSpec, until: Instant) -> bool {
+        let units = grant.users.iter().map(|(_, n)| *n).max().unwrap_or(0);
+        if grant.requests == 0 && grant.tokens == 0 && units == 0 {
+            return false;
+        }
+        let starts = self.expires.is_none();
+        self.requests += grant.requests;
+        self.tokens += grant.tokens;
+        self.rpm = self.rpm.max(spec.requests_per_minute.unwrap_or(0));
+        self.tpm = self.tpm.max(spec.tokens_per_minute.unwrap_or(0));
+        for (digest, n) in grant.users.iter().filter(|(_, n)| *n > 0) {
+            let credit = self.users.entry(digest.clone()).or_insert(UserCredit {
+                units: 0,
+                minute: grant.minute,
+            });
+            if credit.units == 0 {
+                credit.minute = grant.minute;
+            }
+            credit.units += n;
+        }
+        self.full = (
+            self.full.0.max(grant.requests),
+            self.full.1.max(grant.tokens),
+            self.full.2.max(units),
+        );
+        self.expires = Some(until);
+        starts
+    }
+
+    /// Everything held, emptied: what to give back.
+    fn drain(&mut self) -> GiveBack {
+        let back = GiveBack {
+            rpm: std::mem::take(&mut self.rpm),
+            tpm: std::mem::take(&mut self.tpm),
+            requests: std::mem::take(&mut self.requests),
+            tokens: std::mem::take(&mut self.tokens),
+            users: self
+                .users
+                .drain()
+                .filter(|(_, c)| c.units > 0)
+                .map(|(digest, c)| (digest, c.minute, c.units))
+                .collect(),
+        };
+        self.full = (0, 0, 0);
+        self.expires = None;
+        back
+    }
+}
+
+fn low(left: u64, full: u64) -> bool {
+    full >= REFILL_FROM && left * 2 < full
+}
+
+fn low_units(left: u32, full: u32) -> bool {
+    low(u64::from(left), u64::from(full))
+}
+
+impl Needs<'_> {
+    /// Nothing limited: admitted without Redis or credit.
+    fn is_nothing(&self) -> bool {
+        self.requests == 0 && self.tokens == 0 && self.users.is_empty()
+    }
+}
+
+/// One ClaudeKey's credit in this proxy, and whether a refill is on its way.
+#[derive(Debug)]
+pub struct Lease {
+    credit: Mutex<Credit>,
+    refilling: AtomicBool,
+    ttl: Duration,
+}
+
+impl Lease {
+    /// Credit good for `ttl` after each grant.
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            credit: Mutex::default(),
+            refilling: AtomicBool::new(false),
+            ttl,
+        }
+    }
+
+    fn credit(&self) -> std::sync::MutexGuard<'_, Credit> {
+        self.credit.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes `needs` from the credit: `None` if it is not all there; else whether to refill.
+    pub fn take(&self, needs: &Needs) -> Option<bool> {
+        self.credit().take(needs, Instant::now())
+    }
+
+    /// Adds credit granted under `spec`; `true` if it starts a lease, whose end the caller
+    /// watches (`expires`).
+    pub fn add(&self, grant: &Grant, spec: &LimitsSpec) -> bool {
+        self.credit().add(grant, spec, Instant::now() + self.ttl)
+    }
+
+    /// When the credit held expires (`None`: nothing held).
+    pub fn expires(&self) -> Option<Instant> {
+        self.credit().expires
+    }
+
+    /// The credit past its time, emptied, to give back.
+    pub fn expired(&self) -> Option<GiveBack> {
+        let mut credit = self.credit();
+        let expired = credit.expires.is_some_and(|at| at <= Instant::now());
+        expired.then(|| credit.drain()).filter(|b| !b.is_empty())
+    }
+
+    /// All the credit, emptied (at shutdown).
+    pub fn drain(&self) -> GiveBack {
+        self.credit().drain()
+    }
+
+    /// Claims the one refill in flight; `false` if another is on its way.
+    pub fn start_refill(&self) -> bool {
+        !self.refilling.swap(true, Ordering::AcqRel)
+    }
+
+    pub fn refill_done(&self) {
+        self.refilling.store(false, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RPM60: LimitsSpec = LimitsSpec {
+        requests_per_minute: Some(60),
+        tokens_per_minute: None,
+        per_user_requests_per_hour: None,
+        budget: None,
+    };
+
+    fn grant(requests: u64, tokens: u64, users: &[(&str, u32)]) -> Grant {
+        Grant {
+            requests,
+            tokens,
+            minute: 7,
+            users: users.iter().map(|(d, n)| (d.to_string(), *n)).collect(),
+        }
+    }
+
+    #[test]
+    fn credit_admits_only_what_it_holds() {
+        let now = Instant::now();
+        let mut credit = Credit::default();
+        let users = vec![("u1".to_string(), 1)];
+        let needs = Needs {
+            requests: 1,
+            tokens: 100,
+            users: &users,
+        };
+        assert_eq!(credit.take(&needs, now), None, "no credit yet");
+        credit.add(&grant(2, 150, &[("u1", 5)]), &RPM60, now + LEASE_TTL);
+        // Taken, and with two thirds of the tokens gone a refill is due.
+        assert_eq!(credit.take(&needs, now), Some(true));
+        // 50 tokens left: a reservation of 100 is not covered, and nothing is taken.
+        assert_eq!(credit.take(&needs, now), None);
+        assert_eq!((credit.requests, credit.tokens), (1, 50));
+        // Another end user has no credit of its own.
+        let other = vec![("u2".to_string(), 1)];
+        let needs = Needs {
+            requests: 1,
+            tokens: 0,
+            users: &other,
+        };
+        assert_eq!(credit.take(&needs, now), None);
+    }
+
+    #[test]
+    fn credit_expires_and_everything_held_goes_back() {
+        let now = Instant::now();
+        let mut credit = Credit::default();
+        credit.add(&grant(3, 0, &[("u1", 4)]), &RPM60, now + LEASE_TTL);
+        let needs = Needs {
+            requests: 1,
+            ..Default::default()
+        };
+        assert!(credit.take(&needs, now + LEASE_TTL / 2).is_some());
+        assert_eq!(credit.take(&needs, now + LEASE_TTL), None, "expired");
+        let back = credit.drain();
+        assert_eq!(
+            back,
+            GiveBack {
+                rpm: 60,
+                tpm: 0,
+                requests: 2,
+                tokens: 0,
+                users: vec![("u1".to_string(), 7, 4)],
+            }
+        );
+        assert!(credit.drain().is_empty(), "given back once");
+    }
+
+    #[test]
+    fn a_refill_is_due_at_half_of_a_big_grant_only() {
+        let now = Instant::now();
+        let needs = Needs {
+            requests: 1,
+            ..Default::default()
+        };
+        let mut credit = Credit::default();
+        credit.add(&grant(64, 0, &[]), &RPM60, now + LEASE_TTL);
+        let lows: Vec<bool> = (0..40).map(|_| credit.take(&needs, now).unwrap()).collect();
+        assert_eq!(lows.iter().position(|low| *low), Some(32), "{lows:?}");
+        // Small grants (near the limit): no refill, admissions go to Redis when they run out.
+        let mut credit = Credit::default();
+        credit.add(&grant(3, 0, &[]), &RPM60, now + LEASE_TTL);
+        assert!((0..3).all(|_| credit.take(&needs, now) == Some(false)));
+        assert_eq!(credit.take(&needs, now), None);
+    }
+
+    #[test]
+    fn unlimited_needs_nothing() {
+        let mut credit = Credit::default();
+        assert_eq!(credit.take(&Needs::default(), Instant::now()), Some(false));
+    }
+
+    #[test]
+    fn a_user_keeps_the_oldest_minute_of_its_units() {
+        let now = Instant::now();
+        let mut credit = Credit::default();
+        credit.add(&grant(0, 0, &[("u1", 2)]), &RPM60, now + LEASE_TTL);
+        let mut later = grant(0, 0, &[("u1", 3)]);
+        later.minute = 8;
+        credit.add(&later, &RPM60, now + LEASE_TTL);
+        assert_eq!(credit.drain().users, vec![("u1".to_string(), 7, 5)]);
+    }
+
+    #[test]
+    fn wants_follow_needs() {
+        let users = vec![("u".to_string(), 1)];
+        let needs = Needs {
+            requests: 1,
+            tokens: 10,
+            users: &users,
+        };
+        assert_eq!(
+            needs.wants(),
+            Wants {
+                requests: LEASE_REQUESTS,
+                tokens: 10 * LEASE_REQUESTS,
+                user_units: LEASE_REQUESTS,
+            }
+        );
+        assert_eq!(Needs::default().wants(), Wants::default());
+    }
+}

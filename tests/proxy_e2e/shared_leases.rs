@@ -1,0 +1,173 @@
+//! Credit leased from the shared counters (`limits::lease`): far from its limits a proxy admits
+//! from credit, without a round trip; the proxies together still never pass a limit, and credit
+//! left unused goes back to Redis when its lease ends, so nothing is lost to it.
+
+use std::time::{Duration, Instant};
+
+use claudekey::{
+    fake_upstream::FakeUpstream,
+    proxy::{Mode, limits::LimitSettings},
+};
+use serde_json::{Value, json};
+
+use crate::{
+    proxy_common::{redis_server::RedisServer, *},
+    shared_limits::{Running, body, four, shared, start_proxy},
+};
+
+/// `per_proxy` requests through each proxy, `concurrency` at a time per proxy, all as end user
+/// `user`; the statuses.
+async fn load(proxies: &[Running], per_proxy: usize, concurrency: usize, user: &str) -> Vec<u16> {
+    let client = client();
+    let mut tasks = tokio::task::JoinSet::new();
+    for proxy in proxies {
+        for worker in 0..concurrency {
+            let (client, url, key, user) =
+                (client.clone(), proxy.url(), proxy.key(), user.to_string());
+            let count = per_proxy / concurrency + usize::from(worker < per_proxy % concurrency);
+            tasks.spawn(async move {
+                let mut statuses = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let body = body(false, &user, 16);
+                    let r =
+                        send(&client, &url, "POST", "/v1/messages", Some(key), Some(body)).await;
+                    assert!(r.status < 500, "{}: {}", r.status, r.text());
+                    statuses.push(r.status);
+                }
+                statuses
+            });
+        }
+    }
+    tasks.join_all().await.into_iter().flatten().collect()
+}
+
+async fn script_calls(redis: &RedisServer) -> u64 {
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The benchmark's shape: every limit set, far above the load. After its first admission a
+/// proxy admits from credit (refilled in the background at half), so 200 requests one at a
+/// time cost a few admission calls and the merged settlements, not 200 round trips.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn far_from_its_limits_a_proxy_admits_from_credit() {
+    let redis = RedisServer::start(None);
+    let fake = FakeUpstream::start(&[UPSTREAM_A]).await.unwrap();
+    let policy = json!({ "limits": { "requestsPerMinute": 1_000_000,
+        "tokensPerMinute": 1_000_000_000u64, "perUserRequestsPerHour": 1_000_000 } });
+    let proxy = start_proxy(Mode::Gateway, &fake, "far", &policy, shared(&redis, 86_400)).await;
+    let proxies = std::slice::from_ref(&proxy);
+    let before = script_calls(&redis).await;
+    let statuses = load(proxies, 200, 1, "end-user").await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let calls = script_calls(&redis).await - before;
+    eprintln!("leases: 200 requests one at a time cost {calls} script calls");
+    // Settlements are merged per 20 ms; admissions are a handful of grants and refills.
+    assert!(
+        calls < 100,
+        "{calls} script calls for 200 requests: admissions did not come from credit"
+    );
+    assert_eq!(proxy.metric("claudekey_proxy_limits_fallback "), Some(0.0));
+}
+
+/// requestsPerMinute 1200 across four proxies, 1,400 requests at once: credit is counted in
+/// Redis like admissions, so the upstream sees at most 1200 (plus the refill, 20 a second). A
+/// moment later (leases over, what was left given back) another load fills the window: all
+/// the credit came back, none was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leased_requests_never_pass_the_limit_and_unused_credit_comes_back() {
+    let (rpm, per_second) = (1200usize, 20.0);
+    let policy = json!({ "limits": { "requestsPerMinute": rpm } });
+    let (admitted, elapsed) = fill_twice("rpm-lease", policy).await;
+    let refill = |s: f64| (s * per_second).ceil() as usize;
+    let (first, total) = admitted;
+    assert!(
+        first <= rpm + refill(elapsed.0),
+        "{first} admitted in {:.1} s: over {rpm} + the refill",
+        elapsed.0
+    );
+    // The pause alone refills 30; credit given back adds what the first load left unused.
+    assert!(
+        (rpm + 28..=rpm + refill(elapsed.1) + 2).contains(&total),
+        "{total} admitted in {:.1} s, want {rpm} plus about 20 a second: credit was lost",
+        elapsed.1
+    );
+}
+
+/// perUserRequestsPerHour 1000 for one end user, who does not refill within the hour: one
+/// request through the first proxy leaves it holding credit (31 units), which the others
+/// cannot use while its lease lasts (4 s here, so the load surely ends within it); the lease
+/// ends with no further request there, the credit goes back, and the window then admits
+/// exactly its 1000, not 1000 less the credit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_credit_goes_back_when_its_lease_ends() {
+    let redis = RedisServer::start(None);
+    let fake = FakeUpstream::start(&[UPSTREAM_A]).await.unwrap();
+    let policy = json!({ "limits": { "perUserRequestsPerHour": 1000 } });
+    let settings = LimitSettings {
+        lease_ttl: LONG_LEASE,
+        ..shared(&redis, 86_400)
+    };
+    let proxies = four(&fake, "user-lease", policy, &settings).await;
+    let ok = |statuses: Vec<u16>| statuses.iter().filter(|s| **s == 200).count();
+    let holder = ok(load(&proxies[..1], 1, 1, "end-user").await);
+    let others = ok(load(&proxies[1..], 400, 8, "end-user").await);
+    assert!(
+        holder + others < 1000,
+        "{} admitted while the first proxy held credit: its credit was not counted",
+        holder + others
+    );
+    tokio::time::sleep(LONG_LEASE + Duration::from_millis(500)).await;
+    let after = ok(load(&proxies[1..], 40, 8, "end-user").await);
+    let total = holder + others + after;
+    eprintln!("leases (user window): {holder} + {others} while credit was held, {after} after");
+    assert_eq!(
+        total, 1000,
+        "credit given back must fill the window exactly"
+    );
+    assert_eq!(fake.received().len(), total);
+}
+
+const LONG_LEASE: Duration = Duration::from_secs(4);
+
+/// Longer than a lease (`limits::lease::LEASE_TTL`, 1 s) and its give-back.
+const LEASE_END: Duration = Duration::from_millis(1500);
+
+/// Two loads of 350 requests per proxy (8 at a time each) with 1.5 s between them (every
+/// lease ends, its rest is given back); (admitted by the first, by both) and (seconds to the
+/// end of the first, of the second).
+async fn fill_twice(name: &str, policy: Value) -> ((usize, usize), (f64, f64)) {
+    let redis = RedisServer::start(None);
+    let fake = FakeUpstream::start(&[UPSTREAM_A]).await.unwrap();
+    let proxies = four(&fake, name, policy, &shared(&redis, 86_400)).await;
+    let start = Instant::now();
+    let first = load(&proxies, 350, 8, "end-user").await;
+    let first_elapsed = start.elapsed().as_secs_f64();
+    let ok = |statuses: &[u16]| statuses.iter().filter(|s| **s == 200).count();
+    let first = ok(&first);
+    tokio::time::sleep(LEASE_END).await;
+    let second = ok(&load(&proxies, 350, 8, "end-user").await);
+    let elapsed = start.elapsed().as_secs_f64();
+    assert_eq!(fake.received().len(), first + second);
+    eprintln!(
+        "leases ({name}): first load {first} admitted in {first_elapsed:.2} s, both {} in {elapsed:.2} s",
+        first + second
+    );
+    for p in &proxies {
+        assert_eq!(p.metric("claudekey_proxy_limits_fallback "), Some(0.0));
+    }
+    ((first, first + second), (first_elapsed, elapsed))
+}
