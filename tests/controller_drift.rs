@@ -89,6 +89,55 @@ async fn hand_edited_proxy_secret_is_repaired_without_a_new_key() {
     controller.stop().await;
 }
 
+/// Whoever may write `claudekeys/status` (a team granted it by mistake, or a stray tool) writes
+/// its own version: a planted condition, the other placement (the webhook injects by it), a
+/// made-up key fingerprint. The edit is itself a watch event; the controller's next status write
+/// replaces the whole status with what it observed, and no new key is issued for it.
+#[tokio::test]
+async fn a_hand_edited_status_is_replaced_by_the_controllers() {
+    let (client, ns) = setup("ck-status").await;
+    put_upstream(&client, &ns, "upstream", &upstream_key()).await;
+    let controller = start(&client, config(&ns));
+    let spec = SPEC_FAST.replace("refreshInterval: 1s", "refreshInterval: 1h");
+    apply_claudekey(&client, &ns, "bot", &spec).await;
+    let before = wait_claudekey(&client, &ns, "bot", "Ready", is_ready).await;
+    let real = before.status.clone().unwrap();
+    let other = match real.placement {
+        Some(claudekey::crd::Placement::Gateway) => "namespace",
+        _ => "gateway",
+    };
+    let forged = serde_json::json!({ "status": {
+        "placement": other,
+        "workloadKey": { "fingerprint": "ck:forged", "issuedAt": "2026-01-01T00:00:00Z" },
+        "conditions": [
+            { "type": "Ready", "status": "True", "reason": "Forged", "message": "trust me",
+              "lastTransitionTime": "2026-01-01T00:00:00Z" },
+            { "type": "Verified", "status": "True", "reason": "Forged", "message": "audited",
+              "lastTransitionTime": "2026-01-01T00:00:00Z" },
+        ],
+    }});
+    Api::<claudekey::crd::ClaudeKey>::namespaced(client.clone(), &ns)
+        .patch_status("bot", &PatchParams::default(), &Patch::Merge(&forged))
+        .await
+        .unwrap();
+    let after = wait_claudekey(&client, &ns, "bot", "the controller's status back", |ck| {
+        ck.status.as_ref().is_some_and(|s| {
+            s.placement == real.placement
+                && s.conditions.iter().all(|c| c.reason != "Forged")
+                && s.workload_key == real.workload_key
+        })
+    })
+    .await;
+    assert_eq!(
+        fingerprint(&after),
+        fingerprint(&before),
+        "no new key issued"
+    );
+    let status = after.status.unwrap();
+    assert!(status.conditions.iter().all(|c| c.type_ != "Verified"));
+    controller.stop().await;
+}
+
 #[tokio::test]
 async fn invalid_custom_pattern_is_reported_not_retried() {
     let (client, ns) = setup("ck-invalid").await;

@@ -253,9 +253,12 @@ pub fn build_status(input: StatusInput<'_>) -> ClaudeKeyStatus {
         input.generation,
         input.now,
     );
-    // Keep conditions this reconcile did not speak about (e.g. Rotating while the backend is down).
+    // Keep conditions this reconcile did not speak about (e.g. Rotating while the backend is
+    // down), if they are of a type this controller writes: whoever may write the status
+    // subresource cannot plant a condition of its own that the controller then carries along.
     for old in &existing.conditions {
-        if !conditions.iter().any(|c| c.type_ == old.type_) {
+        let ours = condition::ALL.contains(&old.type_.as_str());
+        if ours && !conditions.iter().any(|c| c.type_ == old.type_) {
             conditions.push(old.clone());
         }
     }
@@ -295,15 +298,10 @@ pub fn build_status(input: StatusInput<'_>) -> ClaudeKeyStatus {
 }
 
 fn order(type_: &str) -> usize {
-    [
-        condition::READY,
-        condition::ROTATING,
-        condition::DEGRADED,
-        condition::ROTATION_DUE,
-    ]
-    .iter()
-    .position(|t| *t == type_)
-    .unwrap_or(usize::MAX)
+    condition::ALL
+        .iter()
+        .position(|t| *t == type_)
+        .unwrap_or(usize::MAX)
 }
 
 /// chrono to the apimachinery Time (jiff inside), at second precision like metav1.Time.
@@ -403,5 +401,38 @@ mod tests {
         let types: Vec<_> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
         assert_eq!(types, ["Ready", "Rotating", "Degraded"]);
         assert_eq!(status.workload_key.unwrap().fingerprint, "ck:1");
+    }
+
+    #[test]
+    fn a_condition_of_a_foreign_type_is_not_carried_along() {
+        let now = at("2026-11-27T10:00:00Z");
+        let planted = merge(
+            &[],
+            &[
+                Desired::new("Verified", true, "Forged", "audited by nobody"),
+                Desired::new(condition::ROTATING, true, reason::GRACE_PERIOD, ""),
+            ],
+            None,
+            now,
+        );
+        let before = ClaudeKeyStatus {
+            conditions: planted,
+            ..Default::default()
+        };
+        let status = build_status(StatusInput {
+            existing: Some(&before),
+            generation: Some(1),
+            source: "kubernetes:x".into(),
+            placement: None,
+            identity_token: None,
+            consumers_restarted_for: None,
+            conditions: failed(reason::BACKEND_ERROR, "down"),
+            ledger: None,
+            synced_at: None,
+            next_rotation: None,
+            now,
+        });
+        let types: Vec<_> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(types, ["Ready", "Rotating", "Degraded"]);
     }
 }

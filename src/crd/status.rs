@@ -18,6 +18,10 @@ pub mod condition {
     /// Workload identity federation: whether the gateway's last token exchange for the source
     /// succeeded (on ClusterClaudeKeySource, mirrored on its ClaudeKeys).
     pub const FEDERATION_READY: &str = "FederationReady";
+
+    /// Every type the controller writes, in the order it lists them. A condition of another
+    /// type was written by someone else and is dropped at the next status write.
+    pub const ALL: &[&str] = &[READY, ROTATING, DEGRADED, ROTATION_DUE, FEDERATION_READY];
 }
 
 /// Observed state of a ClaudeKey.
