@@ -428,7 +428,7 @@ def report(args):
                 f"{verdict(ready[2] if count >= 1000 else None, 60)} |"
             )
             w(
-                f"| {count:,} ClaudeKeys: API requests per ClaudeKey | {fmt(per_key, '', 1, 1)} | "
+                f"| {count:,} ClaudeKeys: API requests per ClaudeKey | {fmt(per_key, '', 1, 2)} | "
                 f"{'<= 4 (issue 21)' if count >= 10000 else ''} | {verdict(per_key[2], 4) if count >= 10000 else ''} |"
             )
     else:
