@@ -29,6 +29,10 @@ pub const LEASE_TTL: Duration = Duration::from_secs(1);
 /// The most requests (and end-user units) one call asks for as credit; tokens: this many
 /// reservations of the request that asks.
 pub const LEASE_REQUESTS: u64 = 64;
+/// Users whose credit is used up are forgotten once this many are remembered: a flood of
+/// invented user ids cannot grow the map (users with credit are bounded by the users Redis
+/// tracks, `local::MAX_USERS`).
+const USERS_KEPT: usize = 1024;
 /// A refill is asked for only while grants are at least this big: near a limit, grants are
 /// small and admissions go to Redis anyway.
 const REFILL_FROM: u64 = 8;
@@ -150,6 +154,9 @@ impl Credit {
             return false;
         }
         let starts = self.expires.is_none();
+        if self.users.len() >= USERS_KEPT {
+            self.users.retain(|_, c| c.units > 0);
+        }
         self.requests += grant.requests;
         self.tokens += grant.tokens;
         self.rpm = self.rpm.max(spec.requests_per_minute.unwrap_or(0));
@@ -373,6 +380,23 @@ mod tests {
         later.minute = 8;
         credit.add(&later, &RPM60, now + LEASE_TTL);
         assert_eq!(credit.drain().users, vec![("u1".to_string(), 7, 5)]);
+    }
+
+    #[test]
+    fn users_whose_credit_is_used_up_are_forgotten() {
+        let now = Instant::now();
+        let mut credit = Credit::default();
+        for i in 0..3 * USERS_KEPT {
+            let user = format!("u{i}");
+            credit.add(&grant(0, 0, &[(user.as_str(), 1)]), &RPM60, now + LEASE_TTL);
+            let users = vec![(user, 1)];
+            let needs = Needs {
+                users: &users,
+                ..Default::default()
+            };
+            assert!(credit.take(&needs, now).is_some());
+        }
+        assert!(credit.users.len() <= USERS_KEPT, "{}", credit.users.len());
     }
 
     #[test]
