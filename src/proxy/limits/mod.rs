@@ -1,6 +1,7 @@
 //! Rate limits and spend budgets per ClaudeKey identity (a key rotation never resets a window):
 //! counted in this process (the embedded default, exact for one proxy) or shared by every proxy
-//! through Redis (DESIGN.md §12), with a local fallback share while Redis is unreachable.
+//! through Redis (DESIGN.md §12), far from a limit from credit leased from Redis (`lease`), with a
+//! local fallback share while Redis is unreachable.
 
 pub mod budget;
 mod lease;
@@ -245,8 +246,9 @@ pub struct Reservation {
 }
 
 impl KeyLimits {
-    /// Admits a request or says which limit refuses it and when to retry; with Redis, one round
-    /// trip. Nothing is counted unless every limit admits the request.
+    /// Admits a request or says which limit refuses it and when to retry; with Redis, from
+    /// leased credit (`lease.rs`) or with one round trip. Nothing is counted unless every limit
+    /// admits the request.
     pub async fn admit(
         self: &Arc<Self>,
         spec: &LimitsSpec,
