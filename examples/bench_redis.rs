@@ -124,7 +124,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The admission script with the benchmark's policy (hack/bench.sh): every limit set, none
-/// reached, one end user, on keys of their own so the proxies' windows are untouched.
+/// reached, one end user, on keys of their own so the proxies' windows are untouched; one
+/// request decided, no credit asked (the round trip an admission pays when it is not leased).
 fn admit_cmd(sha: &[u8]) -> redis::Cmd {
     let prefix = shared_counters::key_prefix("bench", "redis-probe");
     let digest = "0123456789abcdef0123456789abcdef";
@@ -144,6 +145,7 @@ fn admit_cmd(sha: &[u8]) -> redis::Cmd {
         .arg(-1)
         .arg(86_400)
         .arg(claudekey::proxy::limits::MAX_USERS)
+        .arg(&[1, 0, 0, 0][..])
         .arg(digest)
         .arg(1);
     cmd
