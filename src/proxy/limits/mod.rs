@@ -492,16 +492,19 @@ impl Reservation {
             nanos,
             day_seconds: limits.day_seconds,
         };
-        let (keys, budgets, day_seconds) = (limits.keys.clone(), self.budgets, limits.day_seconds);
+        let (owner, budgets, day_seconds) = (limits.clone(), self.budgets, limits.day_seconds);
         let done = Box::new(move |result: Result<(u64, u64), u64>| match result {
-            Ok(spent) => limits.metrics.show_spend(&limits.label, &budgets, spent),
+            Ok(spent) => owner.metrics.show_spend(&owner.label, &budgets, spent),
             Err(lost) => {
                 // Lost to the shared total: counted against this proxy's fallback share.
                 let periods = Periods::now(day_seconds);
-                limits.local.settle(0, 0, lost, &periods);
+                owner.local.settle(0, 0, lost, &periods);
             }
         });
-        shared.settlements.queue(&runtime, &keys, settlement, done);
+        // The keys are cloned only by the first settlement of a batch (`queue`).
+        shared
+            .settlements
+            .queue(&runtime, &limits.keys, settlement, done);
     }
 }
 
