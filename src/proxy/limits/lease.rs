@@ -215,11 +215,13 @@ impl Needs<'_> {
     }
 }
 
-/// One ClaudeKey's credit in this proxy, and whether a refill is on its way.
+/// One ClaudeKey's credit in this proxy, and whether a call asking for credit is on its way.
 #[derive(Debug)]
 pub struct Lease {
     credit: Mutex<Credit>,
-    refilling: AtomicBool,
+    /// One call at a time asks for credit (others are decided alone), so a proxy holds at most
+    /// about a grant and a half, however many requests miss at once.
+    asking: AtomicBool,
     ttl: Duration,
 }
 
@@ -228,7 +230,7 @@ impl Lease {
     pub fn new(ttl: Duration) -> Self {
         Self {
             credit: Mutex::default(),
-            refilling: AtomicBool::new(false),
+            asking: AtomicBool::new(false),
             ttl,
         }
     }
@@ -265,13 +267,26 @@ impl Lease {
         self.credit().drain()
     }
 
-    /// Claims the one refill in flight; `false` if another is on its way.
-    pub fn start_refill(&self) -> bool {
-        !self.refilling.swap(true, Ordering::AcqRel)
+    /// Claims the one call that may ask for credit, until the guard is dropped (a request's
+    /// future dropped mid-call releases it too); `None` if another call is asking.
+    pub fn ask(&self) -> Option<Asking<'_>> {
+        // `then`, not `then_some`: a guard built and dropped here would release another's claim.
+        (!self.asking.swap(true, Ordering::AcqRel)).then(|| Asking(&self.asking))
     }
 
-    pub fn refill_done(&self) {
-        self.refilling.store(false, Ordering::Release);
+    /// Whether a call is asking for credit now.
+    pub fn is_asking(&self) -> bool {
+        self.asking.load(Ordering::Acquire)
+    }
+}
+
+/// The claim of [`Lease::ask`].
+#[derive(Debug)]
+pub struct Asking<'a>(&'a AtomicBool);
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -397,6 +412,16 @@ mod tests {
             assert!(credit.take(&needs, now).is_some());
         }
         assert!(credit.users.len() <= USERS_KEPT, "{}", credit.users.len());
+    }
+
+    #[test]
+    fn one_call_at_a_time_asks_for_credit() {
+        let lease = Lease::new(LEASE_TTL);
+        let first = lease.ask().expect("nobody asking");
+        assert!(lease.ask().is_none());
+        assert!(lease.is_asking());
+        drop(first);
+        assert!(lease.ask().is_some());
     }
 
     #[test]

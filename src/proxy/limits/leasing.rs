@@ -15,13 +15,16 @@ impl KeyLimits {
     /// Asks for more credit in the background (one refill at a time): admissions go on
     /// from what is left meanwhile.
     pub(super) fn refill(self: &Arc<Self>, shared: &Shared, spec: &LimitsSpec, needs: &Needs) {
-        if !self.lease.start_refill() {
+        if self.lease.is_asking() {
             return;
         }
         let (limits, shared, spec) = (self.clone(), shared.clone(), spec.clone());
         let users: Vec<(String, u32)> = needs.users.iter().map(|(d, _)| (d.clone(), 0)).collect();
         let wants = needs.wants();
         tokio::spawn(async move {
+            let Some(_asking) = limits.lease.ask() else {
+                return;
+            };
             let call = AdmitCall {
                 requests: 0,
                 reserve: 0,
@@ -36,7 +39,6 @@ impl KeyLimits {
             if let Ok(Ok(admitted)) = decided {
                 limits.add_credit(&shared, &admitted.grant, &spec);
             }
-            limits.lease.refill_done();
         });
     }
 

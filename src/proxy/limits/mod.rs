@@ -305,14 +305,15 @@ impl KeyLimits {
                 return Ok(reservation(reserve, Counted::Shared, false));
             }
         }
+        // One call at a time asks for credit; the others are decided alone.
+        let asking = if leasing { self.lease.ask() } else { None };
         let call = AdmitCall {
             requests: 1,
             reserve,
             users: &users,
-            wants: if leasing {
-                needs.wants()
-            } else {
-                Default::default()
+            wants: match asking {
+                Some(_) => needs.wants(),
+                None => Default::default(),
             },
         };
         let decided = shared
@@ -322,6 +323,7 @@ impl KeyLimits {
         match decided {
             Ok(Ok(admitted)) => {
                 self.add_credit(shared, &admitted.grant, spec);
+                drop(asking);
                 let spent = (admitted.day_spend, admitted.month_spend);
                 self.metrics.show_spend(&self.label, &budgets, spent);
                 Ok(reservation(
