@@ -1,5 +1,5 @@
-//! How a ClaudeKey's limits get, refill and give back leased credit (`lease`) through the
-//! shared counters: background work only, never on a request's path.
+//! How a ClaudeKey's limits refill and give back leased credit (`lease`) through the shared
+//! counters, in the background, and cover a refusal with credit another request brought in.
 
 use std::sync::Arc;
 
