@@ -363,6 +363,27 @@ mod tests {
         assert_eq!(flipped[0].status, "False");
     }
 
+    /// The status a reconcile that failed with a backend error writes over `before`.
+    fn after_failure(
+        before: &ClaudeKeyStatus,
+        message: &str,
+        now: DateTime<Utc>,
+    ) -> ClaudeKeyStatus {
+        build_status(StatusInput {
+            existing: Some(before),
+            generation: Some(3),
+            source: "kubernetes:x".into(),
+            placement: None,
+            identity_token: None,
+            consumers_restarted_for: None,
+            conditions: failed(reason::BACKEND_ERROR, message),
+            ledger: None,
+            synced_at: None,
+            next_rotation: None,
+            now,
+        })
+    }
+
     #[test]
     fn a_failed_reconcile_keeps_the_last_known_keys_and_other_conditions() {
         let now = at("2026-11-27T10:00:00Z");
@@ -385,19 +406,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let status = build_status(StatusInput {
-            existing: Some(&before),
-            generation: Some(3),
-            source: "kubernetes:x".into(),
-            placement: None,
-            identity_token: None,
-            consumers_restarted_for: None,
-            conditions: failed(reason::BACKEND_ERROR, "Secret ns/x not found"),
-            ledger: None,
-            synced_at: None,
-            next_rotation: None,
-            now,
-        });
+        let status = after_failure(&before, "Secret ns/x not found", now);
         let types: Vec<_> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
         assert_eq!(types, ["Ready", "Rotating", "Degraded"]);
         assert_eq!(status.workload_key.unwrap().fingerprint, "ck:1");
@@ -419,19 +428,7 @@ mod tests {
             conditions: planted,
             ..Default::default()
         };
-        let status = build_status(StatusInput {
-            existing: Some(&before),
-            generation: Some(1),
-            source: "kubernetes:x".into(),
-            placement: None,
-            identity_token: None,
-            consumers_restarted_for: None,
-            conditions: failed(reason::BACKEND_ERROR, "down"),
-            ledger: None,
-            synced_at: None,
-            next_rotation: None,
-            now,
-        });
+        let status = after_failure(&before, "down", now);
         let types: Vec<_> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
         assert_eq!(types, ["Ready", "Rotating", "Degraded"]);
     }
