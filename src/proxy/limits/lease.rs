@@ -20,7 +20,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::time::Instant;
+use tokio::{sync::Notify, time::Instant};
 
 use crate::crd::LimitsSpec;
 
@@ -219,9 +219,11 @@ impl Needs<'_> {
 #[derive(Debug)]
 pub struct Lease {
     credit: Mutex<Credit>,
-    /// One call at a time asks for credit (others are decided alone), so a proxy holds at most
-    /// about a grant and a half, however many requests miss at once.
+    /// One call at a time asks for credit, so a proxy holds at most about a grant and a half,
+    /// however many requests miss at once; requests that miss meanwhile wait for its answer
+    /// (`asked`) before they are decided alone.
     asking: AtomicBool,
+    asked: Notify,
     ttl: Duration,
 }
 
@@ -231,6 +233,7 @@ impl Lease {
         Self {
             credit: Mutex::default(),
             asking: AtomicBool::new(false),
+            asked: Notify::new(),
             ttl,
         }
     }
@@ -271,7 +274,19 @@ impl Lease {
     /// future dropped mid-call releases it too); `None` if another call is asking.
     pub fn ask(&self) -> Option<Asking<'_>> {
         // `then`, not `then_some`: a guard built and dropped here would release another's claim.
-        (!self.asking.swap(true, Ordering::AcqRel)).then(|| Asking(&self.asking))
+        (!self.asking.swap(true, Ordering::AcqRel)).then(|| Asking(self))
+    }
+
+    /// Waits until no call is asking for credit (the asking call is bounded by the Redis
+    /// timeout, and a dropped one releases its claim).
+    pub async fn asked(&self) {
+        let notified = self.asked.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a claim released in between still wakes us.
+        notified.as_mut().enable();
+        if self.is_asking() {
+            notified.await;
+        }
     }
 
     /// Whether a call is asking for credit now.
@@ -282,11 +297,12 @@ impl Lease {
 
 /// The claim of [`Lease::ask`].
 #[derive(Debug)]
-pub struct Asking<'a>(&'a AtomicBool);
+pub struct Asking<'a>(&'a Lease);
 
 impl Drop for Asking<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.0.asking.store(false, Ordering::Release);
+        self.0.asked.notify_waiters();
     }
 }
 
@@ -422,6 +438,24 @@ mod tests {
         assert!(lease.is_asking());
         drop(first);
         assert!(lease.ask().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_miss_waits_for_the_call_asking_then_goes_on() {
+        let lease = std::sync::Arc::new(Lease::new(LEASE_TTL));
+        lease.asked().await; // nobody asking: at once
+        let claim = lease.ask().unwrap();
+        let waiter = tokio::spawn({
+            let lease = lease.clone();
+            async move { lease.asked().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(claim);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken when the claim is released")
+            .unwrap();
     }
 
     #[test]

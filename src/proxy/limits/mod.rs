@@ -304,6 +304,16 @@ impl KeyLimits {
                 }
                 return Ok(reservation(reserve, Counted::Shared, false));
             }
+            // A call asking for credit is on its way: its grant likely covers this request.
+            if self.lease.is_asking() {
+                self.lease.asked().await;
+                if let Some(refill) = self.lease.take(&needs) {
+                    if refill {
+                        self.refill(shared, spec, &needs);
+                    }
+                    return Ok(reservation(reserve, Counted::Shared, false));
+                }
+            }
         }
         // One call at a time asks for credit; the others are decided alone.
         let asking = if leasing { self.lease.ask() } else { None };
