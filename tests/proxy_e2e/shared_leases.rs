@@ -41,7 +41,8 @@ async fn load(proxies: &[Running], per_proxy: usize, concurrency: usize, user: &
     tasks.join_all().await.into_iter().flatten().collect()
 }
 
-async fn script_calls(redis: &RedisServer) -> u64 {
+/// EVALSHA calls Redis has counted (since start or `CONFIG RESETSTAT`).
+pub(crate) async fn script_calls(redis: &RedisServer) -> u64 {
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
         .get_multiplexed_async_connection()

@@ -374,16 +374,7 @@ async fn settlements_of_a_burst_are_merged_into_few_calls() {
             .is_some_and(|v| v >= floor)
     })
     .await;
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let calls: u64 = stats
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|rest| rest.split(',').next()?.parse().ok())
-        .expect("evalsha calls");
+    let calls = crate::shared_leases::script_calls(&redis).await;
     assert!(
         (40..=50).contains(&calls),
         "{calls} script calls for 40 answers: settlements were not merged"
