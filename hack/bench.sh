@@ -502,13 +502,26 @@ done
 # shuffled WORDS... — the words in a random order (interleaving without a fixed bias).
 shuffled() { printf '%s\n' "$@" | shuf; }
 
+# cell_order REP — row 1's targets for one repetition: shuffled, except that the shared-limits
+# targets sit right next to the local claudekey they are paired with (row 7), after it in odd
+# repetitions and before it in even ones. This VM's speed drifts by a fifth within a minute, so
+# a pair split across the repetition, or always in one order, measures the drift, not Redis.
+cell_order() {
+  local rep=$1 t pair=() rest=()
+  for t in "${TARGETS[@]}"; do
+    case $t in shared|shared-r0) pair+=("$t") ;; claudekey) ;; *) rest+=("$t") ;; esac
+  done
+  if [ $((rep % 2)) = 1 ]; then pair=(claudekey "${pair[@]}"); else pair=("${pair[@]}" claudekey); fi
+  { printf '%s\n' "${rest[@]}"; echo "${pair[*]}"; } | shuf | tr ' ' '\n'
+}
+
 log "row 1: warm-up"
 for t in "${TARGETS[@]}"; do oha_run "$RAW/warmup-$t.json" "$t" -c 16 -z 1s; done
 
 log "row 1: closed loop at c=1/16/64, $REPS repetitions of ${CELL}s cells, interleaved"
 for rep in $(seq 1 "$REPS"); do
   for c in 1 16 64; do
-    for t in $(shuffled "${TARGETS[@]}"); do
+    for t in $(cell_order "$rep"); do
       pid=$(target_pid "$t")
       before=$(cpu_seconds "$pid")
       oha_run "$RAW/closed-$t-c$c-r$rep.json" "$t" -c "$c" -z "${CELL}s"
