@@ -504,8 +504,8 @@ shuffled() { printf '%s\n' "$@" | shuf; }
 
 # cell_order REP — row 1's targets for one repetition: shuffled, except that the shared-limits
 # targets sit right next to the local claudekey they are paired with (row 7), after it in odd
-# repetitions and before it in even ones. This VM's speed drifts by a fifth within a minute, so
-# a pair split across the repetition, or always in one order, measures the drift, not Redis.
+# repetitions and before it in even ones. This VM's speed drifts up to 40% between cells seconds
+# apart, so a pair split across the repetition, or always in one order, measures the drift.
 cell_order() {
   local rep=$1 t pair=() rest=()
   for t in "${TARGETS[@]}"; do
