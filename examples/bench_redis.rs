@@ -145,7 +145,7 @@ fn admit_cmd(sha: &[u8]) -> redis::Cmd {
         .arg(-1)
         .arg(86_400)
         .arg(claudekey::proxy::limits::MAX_USERS)
-        .arg(&[1, 0, 0, 0][..])
+        .arg(&[1, 0, 0, 0, 0, 0][..])
         .arg(digest)
         .arg(1);
     cmd

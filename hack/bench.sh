@@ -9,6 +9,7 @@
 #   options: --reps N (default 5)  --soak SECONDS (default 60; the issue's figure is 300)
 #            --out FILE (default docs/benchmarks.md)  --no-litellm  --no-nginx  --no-webhook
 #            --no-portkey  --no-agentgateway  (the peer gateways; hack/peers.sh installs/builds them)
+#            --no-criterion  skip rows 4 and 6's criterion benches (their release build is long)
 #            --baseline REV  also measure the claudekey proxy built from git revision REV, as one
 #                            more target of row 1 interleaved with the others (a regression check
 #                            that holds on a noisy machine: both builds see the same noise)
@@ -40,7 +41,7 @@ CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/claudekey
 
 SMOKE=0 REPS=5 SOAK=60 OUT=docs/benchmarks.md
 USE_LITELLM=1 USE_NGINX=1 USE_WEBHOOK=1 BASELINE=""
-USE_PORTKEY=1 USE_AGENTGATEWAY=1
+USE_PORTKEY=1 USE_AGENTGATEWAY=1 USE_CRITERION=1
 COMMAND="hack/bench.sh $*"
 while [ $# -gt 0 ]; do
   case $1 in
@@ -53,6 +54,7 @@ while [ $# -gt 0 ]; do
     --no-webhook) USE_WEBHOOK=0 ;;
     --no-portkey) USE_PORTKEY=0 ;;
     --no-agentgateway) USE_AGENTGATEWAY=0 ;;
+    --no-criterion) USE_CRITERION=0 ;;
     --baseline) BASELINE=$2; shift ;;
     -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
@@ -647,7 +649,7 @@ for t in "${TARGETS[@]}"; do if [ "$t" != direct ]; then rss_line "$t" after; fi
 log "rows 4 and 6: criterion benches (webhook, redact, scan)"
 CARGO_TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 rm -rf "$CARGO_TARGET/criterion"
-for b in $([ "${BENCH_PROFILE:-release}" = dev ] || echo webhook redact scan); do
+for b in $([ "${BENCH_PROFILE:-release}" = dev ] || [ "$USE_CRITERION" = 0 ] || echo webhook redact scan); do
   taskset -c 0 nice cargo bench --locked --bench "$b" -- "${CRITERION[@]}" >"$WORK/criterion-$b.log" 2>&1 \
     || { log "criterion $b failed:"; tail -20 "$WORK/criterion-$b.log" >&2; exit 1; }
 done

@@ -5,9 +5,19 @@
 use std::time::{Duration, Instant};
 
 use claudekey::{
+    crd::LimitsSpec,
     fake_upstream::FakeUpstream,
-    proxy::{Mode, limits::LimitSettings},
+    proxy::{
+        Mode,
+        limits::{
+            Grant, LEAST_UNITS, LimitSettings, LimitsMetrics, RedisSettings, Wants,
+            budget::Budgets,
+            shared::{AdmitCall, Keys, SharedCounters},
+        },
+    },
+    proxyconf::ClaudeKeyRef,
 };
+use secrecy::SecretString;
 use serde_json::{Value, json};
 
 use crate::{
@@ -171,4 +181,73 @@ async fn fill_twice(name: &str, policy: Value) -> ((usize, usize), (f64, f64)) {
         assert_eq!(p.metric("claudekey_proxy_limits_fallback "), Some(0.0));
     }
     ((first, first + second), (first_elapsed, elapsed))
+}
+
+/// What one call of the admission script grants a proxy whose want has grown to 1,024 units
+/// (`limits::lease`): at most 1/32 of what is left, at least `LEAST_UNITS` units of each kind
+/// or nothing. A big want still gets credit from a window with less than 32 times it left
+/// (the grant is what the window can spare), and near a limit none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grown_want_gets_what_the_window_can_spare_and_nothing_near_a_limit() {
+    let redis = RedisServer::start(None);
+    let counters = SharedCounters::new(
+        &RedisSettings {
+            url: SecretString::from(redis.url()),
+            username: None,
+            password: None,
+            timeout: Duration::from_secs(1),
+        },
+        LimitsMetrics::default(),
+    )
+    .unwrap();
+    // The figures below assume grants of at least 8 units.
+    const { assert!(LEAST_UNITS == 8) };
+    let (want, reservation) = (1024, 100);
+    let grant = |name: &'static str, rpm: u32, tpm: u64, per_hour: u32| {
+        let counters = &counters;
+        async move {
+            let id = ClaudeKeyRef {
+                namespace: "team".into(),
+                name: name.into(),
+            };
+            let spec = LimitsSpec {
+                requests_per_minute: Some(rpm),
+                tokens_per_minute: Some(tpm),
+                per_user_requests_per_hour: Some(per_hour),
+                budget: None,
+            };
+            let users = [("0123abcd".to_string(), 1)];
+            let call = AdmitCall {
+                requests: 1,
+                reserve: reservation,
+                users: &users,
+                wants: Wants {
+                    requests: want,
+                    tokens: want * reservation,
+                    user_units: want,
+                    token_unit: reservation,
+                },
+            };
+            let budgets = Budgets::of(&spec);
+            let admitted = counters
+                .admit(&Keys::of(&id), &spec, &budgets, call, 86_400)
+                .await
+                .expect("redis answers")
+                .expect("admitted");
+            let Grant {
+                requests, tokens, ..
+            } = admitted.grant;
+            (requests, tokens, admitted.grant.users[0].1)
+        }
+    };
+    // Far from every limit: the whole want.
+    let far = grant("far", 1_000_000, 1_000_000_000, 1_000_000).await;
+    assert_eq!(far, (1024, 102_400, 1024));
+    // 3,000 a minute, 200,000 tokens, 2,000 an hour: 1/32 of what is left, under an eighth
+    // of the want (a rule of "an eighth of the want or nothing" would grant nothing here).
+    let spare = grant("spare", 3_000, 200_000, 2_000).await;
+    assert_eq!(spare, (93, (200_000 - 100) / 32, (2_000 - 1) / 32));
+    // Less than 256 units (or 256 reservations) left: nothing.
+    let near = grant("near", 60, 25_000, 255).await;
+    assert_eq!(near, (0, 0, 0));
 }

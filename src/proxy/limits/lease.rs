@@ -4,7 +4,10 @@
 //! credit: extra requests of the GCRA window, extra tokens of the bucket and extra units of the
 //! end users' hourly windows. Redis counts credit exactly like admissions, so every proxy
 //! together still never passes a limit; the proxy then admits from its credit alone, and asks
-//! for more in the background when half is used. The script grants at most 1/32 of what a
+//! for more in the background when half is used. How much it asks for follows how fast credit
+//! is used: a grant used up before its refill came doubles the next want (up to
+//! [`LEASE_REQUESTS_MOST`]), so at 64 connections a refill lands before the credit runs out; a
+//! lease that ends mostly unused halves it. The script grants at most 1/32 of what a
 //! window has left (so near a limit credit shrinks to nothing and every admission is decided in
 //! Redis, as without leases), and credit is good for [`LEASE_TTL`]: then what is left goes back
 //! (the settlement script moves the windows back, never past empty) and a rate window cannot
@@ -26,9 +29,12 @@ use crate::crd::LimitsSpec;
 
 /// How long granted credit may be used by default; then the rest goes back.
 pub const LEASE_TTL: Duration = Duration::from_secs(1);
-/// The most requests (and end-user units) one call asks for as credit; tokens: this many
+/// The requests (and end-user units) one call asks for as credit at first; tokens: this many
 /// reservations of the request that asks.
 pub const LEASE_REQUESTS: u64 = 64;
+/// The most a want grows to: at 16 times the first want a proxy holds at most about 1,500
+/// requests of credit for a second, still at most 1/32 of what a window has left.
+pub const LEASE_REQUESTS_MOST: u64 = 16 * LEASE_REQUESTS;
 /// Users whose credit is used up are forgotten once this many are remembered: a flood of
 /// invented user ids cannot grow the map (users with credit are bounded by the users Redis
 /// tracks, `local::MAX_USERS`).
@@ -46,25 +52,29 @@ pub struct Needs<'a> {
     pub users: &'a [(String, u32)],
 }
 
-/// Credit asked of one call.
+/// Credit asked of one call, and the size of a token unit (the asking request's reservation):
+/// the script grants at least [`LEAST_UNITS`] units of each kind or nothing.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Wants {
     pub requests: u64,
     pub tokens: u64,
     pub user_units: u64,
+    pub token_unit: u64,
 }
 
+/// The smallest grant worth holding, in requests, end-user units or token units (the script's
+/// rule, passed to it so the two cannot disagree): with at most 1/32 of what is left granted,
+/// a window with fewer than 256 units left grants nothing.
+pub const LEAST_UNITS: u64 = 8;
+
 impl Needs<'_> {
-    /// The credit to ask for with an admission that needs this.
-    pub fn wants(&self) -> Wants {
+    /// The credit to ask for with an admission that needs this, `scale` units of each kind.
+    fn wants(&self, scale: u64) -> Wants {
         Wants {
-            requests: if self.requests > 0 { LEASE_REQUESTS } else { 0 },
-            tokens: self.tokens.saturating_mul(LEASE_REQUESTS),
-            user_units: if self.users.is_empty() {
-                0
-            } else {
-                LEASE_REQUESTS
-            },
+            requests: if self.requests > 0 { scale } else { 0 },
+            tokens: self.tokens.saturating_mul(scale),
+            user_units: if self.users.is_empty() { 0 } else { scale },
+            token_unit: self.tokens,
         }
     }
 }
@@ -118,6 +128,10 @@ struct Credit {
     /// The largest grants of this lease (requests, tokens, user units): a refill is due when
     /// the credit needed falls under half of them.
     full: (u64, u64, u32),
+    /// Units of each kind the next call asks for (0: [`LEASE_REQUESTS`]).
+    scale: u64,
+    /// The want already grew since the last grant: requests missing together grow it once.
+    grown: bool,
 }
 
 impl Credit {
@@ -126,13 +140,15 @@ impl Credit {
         if self.expires.is_none_or(|at| at <= now) && !needs.is_nothing() {
             return None;
         }
-        if self.requests < needs.requests || self.tokens < needs.tokens {
+        let short = self.requests < needs.requests
+            || self.tokens < needs.tokens
+            || needs
+                .users
+                .iter()
+                .any(|(digest, n)| self.users.get(digest).is_none_or(|c| c.units < *n));
+        if short {
+            self.used_up();
             return None;
-        }
-        for (digest, n) in needs.users {
-            if self.users.get(digest).is_none_or(|c| c.units < *n) {
-                return None;
-            }
         }
         self.requests -= needs.requests;
         self.tokens -= needs.tokens;
@@ -145,6 +161,23 @@ impl Credit {
             }
         }
         Some(low)
+    }
+
+    /// A request found the credit of a live lease used up: its refill came too late, so the
+    /// next want doubles. Only while grants are big (far from the limits): near a limit
+    /// admissions are decided in Redis anyway.
+    fn used_up(&mut self) {
+        let big = self.full.0 >= REFILL_FROM
+            || self.full.1 >= REFILL_FROM
+            || u64::from(self.full.2) >= REFILL_FROM;
+        if self.expires.is_some() && big && !self.grown {
+            self.scale = (self.scale() * 2).min(LEASE_REQUESTS_MOST);
+            self.grown = true;
+        }
+    }
+
+    fn scale(&self) -> u64 {
+        self.scale.max(LEASE_REQUESTS)
     }
 
     /// Adds a grant; `true` if it starts a lease (nothing was held).
@@ -177,7 +210,18 @@ impl Credit {
             self.full.2.max(units),
         );
         self.expires = Some(until);
+        self.grown = false;
         starts
+    }
+
+    /// The lease is over: everything held, emptied, to give back. A lease that ends with more
+    /// than half of its largest grants unused asked for too much: the next want halves.
+    fn end(&mut self) -> GiveBack {
+        let unused = |left: u64, full: u64| full == 0 || left * 2 > full;
+        if unused(self.requests, self.full.0) && unused(self.tokens, self.full.1) {
+            self.scale = (self.scale() / 2).max(LEASE_REQUESTS);
+        }
+        self.drain()
     }
 
     /// Everything held, emptied: what to give back.
@@ -262,7 +306,12 @@ impl Lease {
     pub fn expired(&self) -> Option<GiveBack> {
         let mut credit = self.credit();
         let expired = credit.expires.is_some_and(|at| at <= Instant::now());
-        expired.then(|| credit.drain()).filter(|b| !b.is_empty())
+        expired.then(|| credit.end()).filter(|b| !b.is_empty())
+    }
+
+    /// The credit to ask for with an admission that needs this (`Credit::used_up`).
+    pub fn wants(&self, needs: &Needs) -> Wants {
+        needs.wants(self.credit().scale())
     }
 
     /// All the credit, emptied (at shutdown).
@@ -467,13 +516,55 @@ mod tests {
             users: &users,
         };
         assert_eq!(
-            needs.wants(),
+            Lease::new(LEASE_TTL).wants(&needs),
             Wants {
                 requests: LEASE_REQUESTS,
                 tokens: 10 * LEASE_REQUESTS,
                 user_units: LEASE_REQUESTS,
+                token_unit: 10,
             }
         );
-        assert_eq!(Needs::default().wants(), Wants::default());
+        assert_eq!(Needs::default().wants(LEASE_REQUESTS), Wants::default());
+    }
+
+    /// Requests that find a live lease's credit used up double the want, once per grant, up
+    /// to the most; leases that end mostly unused halve it back to the first want.
+    #[test]
+    fn wants_grow_when_credit_runs_out_and_shrink_when_it_goes_unused() {
+        let now = Instant::now();
+        let needs = Needs {
+            requests: 1,
+            ..Default::default()
+        };
+        let mut credit = Credit::default();
+        assert_eq!(credit.take(&needs, now), None, "no lease: nothing learnt");
+        assert_eq!(credit.scale(), LEASE_REQUESTS);
+        let mut wants = Vec::new();
+        for _ in 0..6 {
+            credit.add(&grant(64, 0, &[]), &RPM60, now + LEASE_TTL);
+            while credit.take(&needs, now).is_some() {}
+            assert_eq!(credit.take(&needs, now), None, "a second miss");
+            wants.push(credit.scale());
+        }
+        assert_eq!(wants, [128, 256, 512, 1024, 1024, 1024]);
+        // Near a limit (small grants) a miss teaches nothing.
+        let mut near = Credit::default();
+        near.add(&grant(3, 0, &[]), &RPM60, now + LEASE_TTL);
+        while near.take(&needs, now).is_some() {}
+        assert_eq!(near.scale(), LEASE_REQUESTS);
+        // A lease that ends with most of its grant unused halves the want; one used up does not.
+        credit.add(&grant(64, 0, &[]), &RPM60, now + LEASE_TTL);
+        credit.take(&needs, now);
+        credit.end();
+        assert_eq!(credit.scale(), 512);
+        credit.add(&grant(64, 0, &[]), &RPM60, now + LEASE_TTL);
+        while credit.take(&needs, now).is_some() {}
+        credit.end();
+        assert_eq!(credit.scale(), 1024, "a used-up miss grew it back");
+        for _ in 0..6 {
+            credit.add(&grant(64, 0, &[]), &RPM60, now + LEASE_TTL);
+            credit.end();
+        }
+        assert_eq!(credit.scale(), LEASE_REQUESTS);
     }
 }

@@ -20,7 +20,7 @@ impl KeyLimits {
         }
         let (limits, shared, spec) = (self.clone(), shared.clone(), spec.clone());
         let users: Vec<(String, u32)> = needs.users.iter().map(|(d, _)| (d.clone(), 0)).collect();
-        let wants = needs.wants();
+        let wants = self.lease.wants(needs);
         tokio::spawn(async move {
             let Some(_asking) = limits.lease.ask() else {
                 return;

@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use super::{error::ApiError, usage::Usage};
 use crate::{crd::LimitsSpec, proxyconf::ClaudeKeyRef};
 use budget::{Budgets, Periods};
+pub use lease::{Grant, LEAST_UNITS, Wants};
 use lease::{Lease, Needs};
 pub use local::MAX_USERS;
 use local::{Admitted, KeyLimiter};
@@ -322,7 +323,7 @@ impl KeyLimits {
             reserve,
             users: &users,
             wants: match asking {
-                Some(_) => needs.wants(),
+                Some(_) => self.lease.wants(&needs),
                 None => Default::default(),
             },
         };

@@ -16,7 +16,7 @@ use redis::{Script, aio::ConnectionManager};
 use super::{
     Limit, LimitsMetrics, Refusal,
     budget::{self, Budgets, Period},
-    lease::{GiveBack, Grant, Wants},
+    lease::{GiveBack, Grant, LEAST_UNITS, Wants},
     local::MAX_USERS,
     refuse,
 };
@@ -154,7 +154,9 @@ impl SharedCounters {
             .arg(ask.requests)
             .arg(ask.wants.requests)
             .arg(ask.wants.tokens)
-            .arg(ask.wants.user_units);
+            .arg(ask.wants.user_units)
+            .arg(ask.wants.token_unit)
+            .arg(LEAST_UNITS);
         if per_user > 0 {
             for (digest, n) in users {
                 call.arg(digest).arg(*n);

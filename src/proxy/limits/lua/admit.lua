@@ -3,11 +3,12 @@
 -- ARGV: 1 rpm, 2 tpm, 3 tokens to reserve, 4 per-user requests/hour, 5 day budget, 6 month
 -- budget (nano-USD, -1 none), 7 day seconds, 8 max users, 9 requests counted now (1, or 0 for a
 -- credit refill alone), 10 extra requests, 11 extra tokens and 12 extra units per user window
--- wanted as credit, then (digest, count) per user window. 0 means "no such limit".
+-- wanted as credit, 13 the token unit (the asking request's reservation), 14 the least units of
+-- credit worth granting, then (digest, count) per user window. 0 means "no such limit".
 -- Nothing is written unless every limit admits the request. Credit is counted like admissions
 -- (so the proxies together never pass a limit) and granted only from plenty: at most
--- 1/LEASE_SHARE of what a window has left, and at least 1/8 of what was asked or nothing, so
--- near a limit every admission is decided here.
+-- 1/LEASE_SHARE of what a window has left, and at least the least units (of requests, user
+-- units, or token units) or nothing, so near a limit every admission is decided here.
 -- Returns {0, day spend, month spend, overflow, extra requests, extra tokens, minute, extra
 -- units per user window in KEYS order} or a refusal: {1, retry ms} requests, {2, retry ms,
 -- retryable} tokens, {3, retry ms} user, {4|5, period end s, spend, now s} budget.
@@ -16,10 +17,11 @@ local per_hour, budget_day, budget_month = tonumber(ARGV[4]), tonumber(ARGV[5]),
 local ds, max_users = tonumber(ARGV[7]), tonumber(ARGV[8])
 local now_req = tonumber(ARGV[9] or 1)
 local want_req, want_tok, want_user = tonumber(ARGV[10] or 0), tonumber(ARGV[11] or 0), tonumber(ARGV[12] or 0)
+local token_unit, least = tonumber(ARGV[13] or 0), tonumber(ARGV[14] or 0)
 local LEASE_SHARE = 32
-local function credit(want, left)
+local function credit(want, left, unit)
   local grant = math.min(want, math.floor(left / LEASE_SHARE))
-  if grant * 8 < want then return 0 end
+  if grant < least * unit then return 0 end
   return grant
 end
 
@@ -42,7 +44,7 @@ if rpm > 0 then
   -- Credit: what this window could still admit now, of which at most 1/LEASE_SHARE.
   if want_req > 0 and new_tat - now_us <= tolerance then
     local left = math.floor((tolerance - (new_tat - now_us)) / interval) + 1
-    grant_req = credit(want_req, left)
+    grant_req = credit(want_req, left, 1)
     new_tat = new_tat + interval * grant_req
   end
 end
@@ -61,7 +63,7 @@ end
 if tpm > 0 and want_tok > 0 then
   local have = new_lvl or lvl or tpm
   if have > 0 then
-    grant_tok = credit(want_tok, have)
+    grant_tok = credit(want_tok, have, token_unit)
     if grant_tok > 0 then new_lvl = have - grant_tok end
   end
 end
@@ -71,7 +73,7 @@ local now_min = math.floor(now_us / 60000000)
 local windows, order, slot, overflow = {}, {}, {}, 0
 if per_hour > 0 then
   for i = 1, #KEYS - 4 do
-    local digest, count = ARGV[11 + 2 * i], tonumber(ARGV[12 + 2 * i])
+    local digest, count = ARGV[13 + 2 * i], tonumber(ARGV[14 + 2 * i])
     local key = KEYS[4 + i]
     if not redis.call('ZSCORE', KEYS[3], digest) and redis.call('ZCARD', KEYS[3]) >= max_users then
       -- A full table: idle users leave first; if all are active, share the overflow window.
@@ -105,7 +107,7 @@ if per_hour > 0 then
     end
     -- Credit for a user's own window only: the overflow window is shared by strangers.
     if want_user > 0 and windows[key].digest then
-      local grant = credit(want_user, per_hour - total - windows[key].n)
+      local grant = credit(want_user, per_hour - total - windows[key].n, 1)
       windows[key].grant = grant
       windows[key].n = windows[key].n + grant
     end
