@@ -315,10 +315,10 @@ def report(args):
         ratio = ""
         if t == "claudekey" and "baseline" in hot and hot["baseline"]["instructions"] > 0:
             ratio = f"{h['instructions'] / hot['baseline']['instructions']:.2f}x the baseline build's instructions"
+        size = "" if h.get("alloc_bytes") is None else f" ({h['alloc_bytes']:,.0f} bytes)"
         w(
             f"| hot path: instructions and allocations per request, {name} (valgrind, c=1, full policy) | "
-            f"**{h['instructions']:,.0f} instructions, {h['allocations']:.1f} allocations "
-            f"({h['alloc_bytes']:,.0f} bytes)** | {ratio} | |"
+            f"**{h['instructions']:,.0f} instructions, {h['allocations']:.1f} allocations{size}** | {ratio} | |"
         )
     for peer in PEERS:
         cp, cc = cpu_per_req(peer, 64) if peer in targets else None, cpu_per_req("claudekey", 64)

@@ -4,6 +4,7 @@
 
 use std::{
     borrow::Cow,
+    fmt::Write as _,
     sync::{
         Arc, LazyLock, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -252,5 +253,27 @@ fn request_id() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let process = *PROCESS.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("req_ck_{process:016x}{n:016x}")
+    // Sized once: `format!` would guess short and grow the string twice.
+    let mut id = String::with_capacity(REQUEST_ID_LEN);
+    let _ = write!(id, "req_ck_{process:016x}{n:016x}");
+    id
+}
+
+const REQUEST_ID_LEN: usize = "req_ck_".len() + 32;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_the_prefix_and_32_hex_digits_and_never_repeat() {
+        let (a, b) = (request_id(), request_id());
+        for id in [&a, &b] {
+            assert_eq!(id.len(), REQUEST_ID_LEN, "{id}");
+            let digits = id.strip_prefix("req_ck_").expect("prefix");
+            assert!(digits.bytes().all(|c| c.is_ascii_hexdigit()), "{id}");
+        }
+        assert_ne!(a, b);
+        assert_eq!(a[..23], b[..23], "one process half");
+    }
 }

@@ -235,7 +235,7 @@ impl Forwarder {
                 let (parts, body) = response.into_parts();
                 let mut out = Response::new(body.boxed_unsync());
                 *out.status_mut() = parts.status;
-                super::forward::copy_response_headers(&parts.headers, out.headers_mut(), false);
+                *out.headers_mut() = super::forward::client_response_headers(parts.headers, false);
                 Ok(out)
             }
             Err(e) => {

@@ -18,7 +18,7 @@ use super::{
     error::ApiError,
     exchange::{Exchange, Outcome, Recorder},
     federation::Federation,
-    forward::{Credential, Upstream, copy_response_headers},
+    forward::{Credential, Upstream, client_response_headers},
     injection::{self, PromptInjectionMode},
     limits::Ask,
     observed::Observed,
@@ -447,7 +447,7 @@ async fn respond(mut ex: Exchange, response: Response<Incoming>) -> Response<Pro
     let buffered = ex.route == Some(Route::Messages) && status.is_success() && !is_sse;
     let mut out = Response::new(full(Bytes::new()));
     *out.status_mut() = status;
-    copy_response_headers(&parts.headers, out.headers_mut(), is_sse || buffered);
+    *out.headers_mut() = client_response_headers(parts.headers, is_sse || buffered);
 
     if buffered {
         let Ok(collected) = Limited::new(body, MAX_BODY_BYTES).collect().await else {

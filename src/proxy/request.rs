@@ -58,7 +58,7 @@ impl Facts {
                 Some(Value::Bool(b)) => *b,
                 Some(_) => return Err(wrong("stream", "a boolean")),
             },
-            user_id: match request.pointer("/metadata/user_id") {
+            user_id: match request.get("metadata").and_then(|m| m.get("user_id")) {
                 None | Some(Value::Null) => None,
                 Some(Value::String(s)) if s.chars().count() <= MAX_USER_ID_CHARS => Some(s.clone()),
                 Some(_) => {

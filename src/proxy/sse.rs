@@ -97,7 +97,7 @@ impl SseTransformer {
     fn observe(&mut self, json: &Value) {
         match json.get("type").and_then(Value::as_str) {
             Some("message_start") => {
-                if let Some(u) = json.pointer("/message/usage") {
+                if let Some(u) = json.get("message").and_then(|m| m.get("usage")) {
                     self.usage.merge(u);
                 }
             }
@@ -108,7 +108,8 @@ impl SseTransformer {
             }
             Some("error") => {
                 let kind = json
-                    .pointer("/error/type")
+                    .get("error")
+                    .and_then(|e| e.get("type"))
                     .and_then(Value::as_str)
                     .unwrap_or("error");
                 // Bounded: Anthropic's error types are short identifiers.

@@ -1,7 +1,7 @@
 //! The limiter's own metrics: whether a proxy counts at its fallback share, failed Redis calls,
 //! and spend per ClaudeKey and budget period (labels: the ClaudeKey and `day`/`month` only).
 
-use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, atomic::AtomicU64};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -13,7 +13,8 @@ use super::budget::{Budgets, NANOS_PER_USD};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SpendLabels {
-    claudekey: String,
+    /// Shared with the limiter: a label set costs no allocation per request.
+    claudekey: Arc<str>,
     period: &'static str,
 }
 
@@ -51,11 +52,11 @@ impl LimitsMetrics {
         );
     }
 
-    pub(super) fn show_spend(&self, label: &str, budgets: &Budgets, (day, month): (u64, u64)) {
+    pub(super) fn show_spend(&self, label: &Arc<str>, budgets: &Budgets, (day, month): (u64, u64)) {
         for (period, spent, budget) in [("day", day, budgets.day), ("month", month, budgets.month)]
         {
             let labels = SpendLabels {
-                claudekey: label.to_string(),
+                claudekey: Arc::clone(label),
                 period,
             };
             self.spend

@@ -177,7 +177,7 @@ impl Limiters {
         map.entry(id.clone())
             .or_insert_with(|| {
                 Arc::new(KeyLimits {
-                    label: format!("{}/{}", id.namespace, id.name),
+                    label: format!("{}/{}", id.namespace, id.name).into(),
                     keys: Keys::of(id),
                     local: KeyLimiter::default(),
                     lease: Lease::new(self.lease_ttl),
@@ -194,7 +194,7 @@ impl Limiters {
 
 /// One ClaudeKey's limits. With shared counters, `local` counts only the fallback share.
 pub struct KeyLimits {
-    label: String,
+    label: Arc<str>,
     keys: Keys,
     local: KeyLimiter,
     /// Credit leased from the shared counters (`lease.rs`).
