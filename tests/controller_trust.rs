@@ -7,6 +7,8 @@
 //! take turns (`serial`): two such controllers would fight over each other's ClaudeKeys.
 
 mod controller_support;
+#[path = "controller_trust/orphans.rs"]
+mod orphans;
 #[allow(dead_code)]
 #[path = "proxy_common/redis_server.rs"]
 mod redis_server;
@@ -316,7 +318,7 @@ async fn placement_gateway_keeps_the_upstream_key_in_the_operator_namespace() {
         config.metadata.labels.unwrap()["claudekey.io/config"],
         "gateway"
     );
-    // Deleting the ClaudeKey removes its config (the finalizer), so its workload key dies.
+    // Deleting the ClaudeKey removes its config (the orphan sweep), so its workload key dies.
     Api::<claudekey::crd::ClaudeKey>::namespaced(client.clone(), &team)
         .delete("bot", &Default::default())
         .await

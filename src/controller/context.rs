@@ -14,6 +14,7 @@ use super::consumers::RestartLimiter;
 use super::decide::RotationReason;
 use super::in_use::{KeysInUse, SourceKeys};
 use super::metrics::Metrics;
+use super::orphans::Queue;
 use super::redis_users::NamespaceUsers;
 use super::seal::Sealer;
 use super::secrets::GatewayEndpoint;
@@ -59,6 +60,8 @@ pub struct Context {
     pub written_status: WrittenStatus,
     /// With shared limits: the Redis users of namespace-placement sidecars.
     pub namespace_users: Option<Arc<NamespaceUsers>>,
+    /// ClaudeKeys whose gateway config the orphan sweep should look at.
+    pub orphans: Queue,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -115,6 +118,7 @@ impl Context {
             stores,
             written_status: WrittenStatus::default(),
             namespace_users: None,
+            orphans: Queue::default(),
             failures: Mutex::default(),
         }
     }

@@ -1,6 +1,7 @@
-//! The finalizer of gateway placement: a ClaudeKey's config Secret lives in the operator
-//! namespace, where an owner reference cannot reach, so deleting the ClaudeKey must delete it
-//! explicitly (its workload key is then refused by the gateway at once).
+//! The finalizer older releases put on ClaudeKeys placed at the gateway, honoured on deletion:
+//! their config Secret lives in the operator namespace, where an owner reference cannot reach,
+//! and may carry no ClaudeKey uid for `super::orphans` to go by. New ClaudeKeys get no
+//! finalizer; the orphan sweep removes their config once they are gone.
 
 use kube::{
     Api, Resource, ResourceExt,
@@ -13,22 +14,9 @@ use super::apply::{Error, delete_secret, safe_reason};
 use super::context::Context;
 use crate::crd::{ClaudeKey, gateway_config_secret_name};
 
-/// The finalizer claudekey puts on ClaudeKeys placed at the gateway.
+/// The finalizer claudekey put on ClaudeKeys placed at the gateway before config Secrets
+/// carried their ClaudeKey's uid.
 pub const NAME: &str = "claudekey.io/gateway-config";
-
-/// Adds the finalizer before anything is written outside the ClaudeKey's namespace, so a crash
-/// can never leave a config Secret that nothing will remove. Returns the ClaudeKey as patched
-/// (its new resourceVersion), or `None` when it had the finalizer already.
-pub async fn ensure(ck: &ClaudeKey, ctx: &Context) -> Result<Option<ClaudeKey>, Error> {
-    if ck.finalizers().iter().any(|f| f == NAME) {
-        return Ok(None);
-    }
-    let mut finalizers = ck.finalizers().to_vec();
-    finalizers.push(NAME.to_string());
-    let patched = patch_finalizers(ck, ctx, finalizers).await?;
-    ctx.written_status.record(ck, patched.clone());
-    Ok(Some(patched))
-}
 
 /// On deletion: removes the gateway config Secret, then the finalizer.
 pub async fn on_delete(ck: &ClaudeKey, ctx: &Context) -> Result<Action, Error> {

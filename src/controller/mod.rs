@@ -12,6 +12,7 @@ pub mod in_use;
 pub mod leader;
 pub mod ledger;
 pub mod metrics;
+pub mod orphans;
 pub mod plan;
 pub mod reconcile;
 pub mod redis_users;
@@ -436,6 +437,7 @@ async fn controller(
             .default_backoff()
             .modify(without_managed_fields)
             .reflect(writer)
+            .inspect(deleted_to(ctx.clone()))
             .applied_objects()
     };
     let controller = Controller::for_stream(claudekeys, store.clone());
@@ -487,6 +489,7 @@ async fn controller(
         }
     };
     let retire = retire::retire_forever(store.clone(), ctx.clone(), config.watch_namespace.clone());
+    let orphans = orphans::sweep_forever(ctx.clone(), store.clone());
     let sweep_ctx = ctx.clone();
     let run = controller
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
@@ -511,6 +514,20 @@ async fn controller(
         () = sweep => {}
         () = usage => {}
         () = retire => {}
+        () = orphans => {}
+    }
+}
+
+/// Queues each ClaudeKey the watch reports deleted for the orphan sweep: its gateway config
+/// Secret, out of reach of the garbage collector, goes at once.
+fn deleted_to(
+    ctx: Arc<context::Context>,
+) -> impl Fn(&Result<watcher::Event<ClaudeKey>, watcher::Error>) + Send + 'static {
+    move |event| {
+        if let Ok(watcher::Event::Delete(ck)) = event {
+            ctx.orphans
+                .push(&ck.namespace().unwrap_or_default(), &ck.name_any());
+        }
     }
 }
 

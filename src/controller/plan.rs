@@ -70,8 +70,6 @@ pub struct Issue {
     pub decision: Decision,
     /// The raw workload key in `-client` (the candidate when the decision rotated).
     pub writes: Vec<Secret>,
-    /// The gateway config lives outside the ClaudeKey's namespace: only a finalizer removes it.
-    pub needs_finalizer: bool,
     pub had_ledger: bool,
     /// Roll gateway consumers for this fingerprint, not before this time.
     pub consumers: Option<(String, DateTime<Utc>)>,
@@ -265,7 +263,6 @@ pub fn plan(
         outcome: Outcome::Issue(Box::new(Issue {
             decision,
             writes: vec![client, config_secret],
-            needs_finalizer: placement == Placement::Gateway,
             had_ledger: recovered.ledger.is_some(),
             consumers,
             source_key,

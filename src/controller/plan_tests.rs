@@ -144,10 +144,10 @@ fn gateway_placement_writes_the_upstream_key_only_in_the_operator_namespace() {
     assert!(client.data.as_ref().unwrap().contains_key("ca.crt"));
     assert_eq!(config.namespace().as_deref(), Some(OPERATOR_NS));
     assert!(holds_upstream(config));
-    assert!(issue.needs_finalizer);
     assert_eq!(plan.placement, Some(Placement::Gateway));
-    // Both are signed for this ClaudeKey.
+    // Both are signed for this ClaudeKey, and the config names it by uid for the orphan sweep.
     assert!(f.sealer.verify("u-1", client) && f.sealer.verify("u-1", config));
+    assert_eq!(config.annotations()["claudekey.io/claudekey-uid"], "u-1");
 }
 
 /// With shared limits, a namespace-placement `-proxy` Secret carries its namespace's Redis

@@ -1,6 +1,6 @@
 //! The reconcile pipeline of DESIGN.md §3 and §10: **observe** (the source and its grant, the
-//! upstream key, the owned Secrets) -> **plan** (pure, `plan.rs`) -> **execute** (finalizer,
-//! Secrets in a crash-safe order, deletions, Events, consumers, status, requeue). Only the ends
+//! upstream key, the owned Secrets) -> **plan** (pure, `plan.rs`) -> **execute**
+//! (Secrets in a crash-safe order, deletions, Events, consumers, status, requeue). Only the ends
 //! touch the API; nothing here logs or reports a key.
 
 use std::sync::Arc;
@@ -20,6 +20,7 @@ use super::conditions::reason;
 use super::context::Context;
 use super::finalizer;
 use super::metrics::ErrorLabels;
+use super::orphans;
 use super::plan::{self, Issue, Observation, Outcome, Plan, Retry, Settings};
 use super::report;
 use super::secrets::Drift;
@@ -32,6 +33,9 @@ use crate::keys;
 
 /// How often a ClaudeKey refused its source is looked at again without any watch event.
 const REFUSED_POLL: Duration = Duration::from_secs(300);
+
+/// When to look again after asking the orphan sweep to remove an earlier ClaudeKey's config.
+const EARLIER_CONFIG_RETRY: Duration = Duration::from_secs(2);
 
 /// When to look again after the watch cache was found behind the apiserver.
 const STALE_RETRY: Duration = Duration::from_millis(500);
@@ -72,6 +76,15 @@ enum Read {
 
 async fn observe_plan_execute(ck: &ClaudeKey, ctx: &Context, read: Read) -> Result<Action, Error> {
     let observed = observe(ck, ctx, read).await?;
+    if let Some(config) = &observed.gateway_config
+        && orphans::written_for_another(config, ck)
+    {
+        // An earlier ClaudeKey of this name left its config: the sweep removes it (after
+        // asking the apiserver who exists), then the Secret watch brings this one back.
+        ctx.orphans
+            .push(&ck.namespace().unwrap_or_default(), &ck.name_any());
+        return Ok(Action::requeue(EARLIER_CONFIG_RETRY));
+    }
     let candidate = keys::generate_workload_key();
     let settings = Settings {
         operator_namespace: &ctx.namespace,
@@ -147,7 +160,7 @@ async fn secret(
     }
 }
 
-/// Applies a plan in a fixed order: finalizer, `-client` (it commits the raw key with its
+/// Applies a plan in a fixed order: `-client` (it commits the raw key with its
 /// ledger), the config Secret, deletions, Events, consumers, status.
 async fn execute(
     ck: &ClaudeKey,
@@ -170,13 +183,6 @@ async fn execute(
         Outcome::Issue(issue) => (Some(issue), Retry::Backoff),
         Outcome::Refused(retry) => (None, retry),
     };
-    // The finalizer patch makes a new version of the ClaudeKey: the status is written over that
-    // one, so a reconcile handed it by the watch knows the status written after it.
-    let patched = match &issue {
-        Some(issue) if issue.needs_finalizer => finalizer::ensure(ck, ctx).await?,
-        _ => None,
-    };
-    let ck = patched.as_ref().unwrap_or(ck);
     let drifts = match &issue {
         Some(issue) => write_all(ctx, observed, issue).await?,
         None => Vec::new(),

@@ -185,8 +185,8 @@ pub fn build_proxy(
 }
 
 /// The gateway config Secret (placement gateway), in the operator namespace where no
-/// namespace team can read it. It cannot carry an owner reference across namespaces: a
-/// finalizer on the ClaudeKey removes it.
+/// namespace team can read it. It cannot carry an owner reference across namespaces: it
+/// carries the ClaudeKey's uid instead, and `super::orphans` removes it once that is gone.
 pub fn build_gateway_config(
     ck: &ClaudeKey,
     operator_namespace: &str,
@@ -215,6 +215,10 @@ pub fn build_gateway_config(
                 (
                     annotations::CLAUDEKEY_ANNOTATION.to_string(),
                     format!("{namespace}/{name}"),
+                ),
+                (
+                    annotations::CLAUDEKEY_UID_ANNOTATION.to_string(),
+                    ck.uid().unwrap_or_default(),
                 ),
                 (LEDGER_ANNOTATION.to_string(), ledger.to_annotation()),
                 (CONTENT_ANNOTATION.to_string(), content_digest(Some(&data))),

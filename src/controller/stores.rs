@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use kube::ResourceExt;
 
-use crate::crd::{ClaudeKey, ClaudeKeySource, ClusterClaudeKeySource};
+use crate::crd::{ClaudeKey, ClaudeKeySource, ClusterClaudeKeySource, annotations};
 
 /// How long a reconcile waits for the caches' first full list after a (re)start.
 const FIRST_LIST: Duration = Duration::from_secs(60);
@@ -128,20 +128,45 @@ impl Stores {
 
     /// A managed Secret as the watch last saw it.
     pub fn secret(&self, namespace: &str, name: &str) -> Cached<Secret> {
-        if self
-            .secrets_scope
-            .as_deref()
-            .is_some_and(|scope| scope != namespace)
-        {
+        if !self.covers(namespace) {
             return Cached::NotCovered;
         }
         let key = ObjectRef::new(name).within(namespace);
         Cached::Known(self.secrets.get(&key).map(|s| (*s).clone()))
     }
+
+    /// Whether the Secret watch reaches `namespace`.
+    fn covers(&self, namespace: &str) -> bool {
+        self.secrets_scope
+            .as_deref()
+            .is_none_or(|scope| scope == namespace)
+    }
+
+    /// Every gateway config Secret in `operator_namespace` as the watch last saw them; `None`
+    /// when the watch does not cover that namespace.
+    pub fn gateway_configs(&self, operator_namespace: &str) -> Option<Vec<Arc<Secret>>> {
+        if !self.covers(operator_namespace) {
+            return None;
+        }
+        let is_config = |s: &Secret| {
+            s.namespace().as_deref() == Some(operator_namespace)
+                && s.labels()
+                    .get(annotations::CONFIG_LABEL)
+                    .map(String::as_str)
+                    == Some(annotations::CONFIG_LABEL_VALUE)
+        };
+        Some(
+            self.secrets
+                .state()
+                .into_iter()
+                .filter(|s| is_config(s))
+                .collect(),
+        )
+    }
 }
 
-/// How many of its own versions a ClaudeKey's record remembers as replaced (a reconcile writes
-/// at most two: the finalizer, then the status).
+/// How many of its own versions a ClaudeKey's record remembers as replaced (a chain of status
+/// writes by reconciles the watch has not caught up with).
 const REPLACED_KEPT: usize = 4;
 
 /// Each ClaudeKey as this controller last wrote it, with the versions that write replaced.
@@ -149,7 +174,7 @@ const REPLACED_KEPT: usize = 4;
 /// The ClaudeKey a reconcile gets comes from the controller's own watch, which delivers a write
 /// some time after it happened: a moment on a quiet cluster, many seconds when 10,000 ClaudeKeys
 /// were applied at once. A reconcile in that time would see the old object and redo what the
-/// write recorded (the finalizer again, the status again, consumers again). When the object
+/// write recorded (the status again, consumers again). When the object
 /// handed in is a version one of our writes replaced, the object that write returned is the
 /// truth; any later change by anybody has a version we never replaced, and is taken as it is.
 #[derive(Default)]
@@ -170,7 +195,7 @@ impl WrittenStatus {
         };
         let mut all = self.lock();
         let mut replaced = match all.remove(&uid) {
-            // A chain of our own writes (finalizer, then status): every link stays replaced.
+            // A chain of our own writes: every link stays replaced.
             Some(w) if w.latest.resource_version().as_deref() == Some(version.as_str()) => {
                 w.replaced
             }
@@ -204,8 +229,8 @@ impl WrittenStatus {
         }
     }
 
-    /// Keeps only the ClaudeKeys for which `live` holds (deleted ones without a finalizer are
-    /// never reconciled again, so the periodic sweep removes them).
+    /// Keeps only the ClaudeKeys for which `live` holds (deleted ones are never reconciled
+    /// again, so the periodic sweep removes them).
     pub fn retain(&self, live: impl Fn(&str) -> bool) {
         self.lock().retain(|uid, _| live(uid));
     }
@@ -258,7 +283,7 @@ mod tests {
                 ck.status.clone().unwrap().source.unwrap(),
             )
         };
-        // The finalizer over version 10 made 11, the status over 11 made 12.
+        // A status over version 10 made 11, the next over 11 made 12.
         written.record(&claudekey("u1", "10", "old"), claudekey("u1", "11", "old"));
         written.record(&claudekey("u1", "11", "old"), claudekey("u1", "12", "new"));
         // The watch has delivered neither write yet, or only the first: the last write is the truth.

@@ -50,6 +50,9 @@ pub mod annotations {
     /// On a gateway config Secret: `<namespace>/<name>` of its ClaudeKey (names can be longer
     /// than a label value may be).
     pub const CLAUDEKEY_ANNOTATION: &str = "claudekey.io/claudekey";
+    /// On a gateway config Secret: the uid of the ClaudeKey it was written for, so one created
+    /// again under the same name is told apart (`controller::orphans`).
+    pub const CLAUDEKEY_UID_ANNOTATION: &str = "claudekey.io/claudekey-uid";
     /// Standard label on everything claudekey writes.
     pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
     /// Value of [`MANAGED_BY_LABEL`], also the server-side-apply field manager.

@@ -1,0 +1,133 @@
+//! A gateway config Secret outlives nothing: ClaudeKeys carry no finalizer, and the orphan sweep
+//! removes the config of a deleted ClaudeKey (at once while a controller leads, at start for
+//! deletions made while none did); the finalizer older releases put on ClaudeKeys still works. A ClaudeKey created again under a deleted one's name
+//! inherits none of its accepted workload keys, and is not told its bookkeeping was forged.
+
+use std::time::Duration;
+
+use claudekey::controller::ControllerConfig;
+use claudekey::crd::{ClaudeKey, gateway_config_secret_name};
+use claudekey::proxyconf::ProxyConfig;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+
+use crate::{apply_ref, cluster_wide, serial, unique};
+use crate::{controller_support::*, support};
+
+const UID_ANNOTATION: &str = "claudekey.io/claudekey-uid";
+
+fn gateway_controller(operator: &str) -> ControllerConfig {
+    let mut cfg = cluster_wide(operator, None);
+    cfg.gateway_ca = Some("-----BEGIN CERTIFICATE-----\nTEST\n-----END CERTIFICATE-----\n".into());
+    cfg
+}
+
+/// The workload-key hashes a gateway config accepts.
+fn accepted(config: &Secret) -> Vec<String> {
+    let json = &config.data.as_ref().unwrap()["proxy.json"].0;
+    let parsed: ProxyConfig = serde_json::from_slice(json).unwrap();
+    parsed.workload_keys.into_iter().map(|k| k.sha256).collect()
+}
+
+fn written_for(config: &Secret) -> Option<&str> {
+    config
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(UID_ANNOTATION)
+        .map(String::as_str)
+}
+
+async fn delete_claudekey(api: &Api<ClaudeKey>, name: &str) {
+    api.delete(name, &Default::default()).await.unwrap();
+    support::eventually(Duration::from_secs(10), "ClaudeKey gone", || async {
+        api.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+async fn config_gone(configs: &Api<Secret>, name: &str, what: &str) {
+    support::eventually(Duration::from_secs(20), what, || async {
+        configs.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_deleted_claudekeys_gateway_config_goes_and_its_namesake_inherits_nothing() {
+    let _one = serial().await;
+    let (client, operator) = setup("ck-trust-orphan").await;
+    let team = support::namespace(&client, "ck-trust-oteam").await;
+    let source = unique("orphan");
+    put_upstream(&client, &operator, &source, &upstream_key()).await;
+    apply_cluster_source(
+        &client,
+        &source,
+        json!({ "kubernetesSecret": { "name": &source }, "allowedNamespaces": { "names": [&team] } }),
+    )
+    .await;
+    let configs = Api::<Secret>::namespaced(client.clone(), &operator);
+    let claudekeys = Api::<ClaudeKey>::namespaced(client.clone(), &team);
+    let config_name = gateway_config_secret_name(&team, "bot");
+
+    // No finalizer; the config names its ClaudeKey by uid.
+    let controller = start(&client, gateway_controller(&operator));
+    apply_ref(&client, &team, "bot", "ClusterClaudeKeySource", &source).await;
+    let first = wait_claudekey(&client, &team, "bot", "Ready", is_ready).await;
+    assert!(first.metadata.finalizers.unwrap_or_default().is_empty());
+    let config = configs.get(&config_name).await.unwrap();
+    assert_eq!(written_for(&config), first.metadata.uid.as_deref());
+
+    // Deleted while no controller runs: the ClaudeKey goes at once, its config stays...
+    controller.stop().await;
+    delete_claudekey(&claudekeys, "bot").await;
+    assert!(configs.get_opt(&config_name).await.unwrap().is_some());
+    // ...until a controller leads again.
+    let controller = start(&client, gateway_controller(&operator));
+    config_gone(
+        &configs,
+        &config_name,
+        "config removed by the sweep at start",
+    )
+    .await;
+
+    // Deleted and created again while no controller runs: the new ClaudeKey finds the earlier
+    // one's config, which it neither reads nor keeps.
+    apply_ref(&client, &team, "bot", "ClusterClaudeKeySource", &source).await;
+    wait_claudekey(&client, &team, "bot", "Ready again", is_ready).await;
+    let earlier = configs.get(&config_name).await.unwrap();
+    controller.stop().await;
+    delete_claudekey(&claudekeys, "bot").await;
+    apply_ref(&client, &team, "bot", "ClusterClaudeKeySource", &source).await;
+    let uid = claudekeys.get("bot").await.unwrap().metadata.uid;
+    let controller = start(&client, gateway_controller(&operator));
+    wait_claudekey(&client, &team, "bot", "the namesake Ready", |ck| {
+        is_ready(ck) && ck.metadata.uid == uid
+    })
+    .await;
+    let config = configs.get(&config_name).await.unwrap();
+    assert_eq!(written_for(&config), uid.as_deref());
+    let inherited: Vec<_> = accepted(&config)
+        .into_iter()
+        .filter(|h| accepted(&earlier).contains(h))
+        .collect();
+    assert!(inherited.is_empty(), "an earlier workload key is accepted");
+    let reasons = event_reasons(&client, &team).await;
+    assert!(
+        !reasons.iter().any(|r| r == "LedgerTampered"),
+        "{reasons:?}"
+    );
+
+    // Deleted while a controller leads, carrying the finalizer of an older release: the
+    // controller removes the config and the finalizer, and the ClaudeKey goes.
+    let legacy = json!({ "metadata": { "finalizers": ["claudekey.io/gateway-config"] } });
+    claudekeys
+        .patch("bot", &PatchParams::default(), &Patch::Merge(&legacy))
+        .await
+        .unwrap();
+    delete_claudekey(&claudekeys, "bot").await;
+    config_gone(&configs, &config_name, "config removed on the deletion").await;
+    controller.stop().await;
+}
