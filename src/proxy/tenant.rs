@@ -126,10 +126,11 @@ impl Tenant {
             }
         };
         let policy = &config.policy;
+        let limiter = limiters.for_key(&config.claude_key);
         Ok(Self {
             user_hasher: super::audit::UserHasher::new(&audit_salt),
             id: config.claude_key.clone(),
-            label: format!("{}/{}", config.claude_key.namespace, config.claude_key.name).into(),
+            label: limiter.label().clone(),
             namespace: config.claude_key.namespace.as_str().into(),
             upstream,
             federation: config.federation.clone(),
@@ -138,7 +139,7 @@ impl Tenant {
             scope: Scope::new(&policy.scope)?,
             caps: Caps::new(&policy.scope, &policy.data_protection),
             limits: policy.limits.clone(),
-            limiter: limiters.for_key(&config.claude_key),
+            limiter,
             redactor: Redactor::shared(&policy.data_protection)?,
             redact_responses: policy.data_protection.redact_responses,
             injection: policy.data_protection.prompt_injection,

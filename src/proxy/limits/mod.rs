@@ -248,6 +248,12 @@ pub struct Reservation {
 }
 
 impl KeyLimits {
+    /// `namespace/name`: the metric label and audit field, formatted once per ClaudeKey and
+    /// shared by its tenant (`super::super::tenant`).
+    pub fn label(&self) -> &Arc<str> {
+        &self.label
+    }
+
     /// Admits a request or says which limit refuses it and when to retry; with Redis, from
     /// leased credit (`lease.rs`) or with one round trip. Nothing is counted unless every limit
     /// admits the request.
