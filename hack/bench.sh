@@ -711,7 +711,7 @@ if [ "$USE_WEBHOOK" = 1 ] && [ -n "${KCFG:-}" ]; then
   sleep 2
   echo "{\"row\":\"rss\",\"target\":\"controller\",\"phase\":\"idle\",\"kib\":$(rss_kib "$PID_controller")}" >>"$RAW/results.jsonl"
   # A round's namespaces are deleted in the background: the next round starts once their
-  # ClaudeKeys are gone, so it does not count the deletions (finalizers, config Secrets) too.
+  # ClaudeKeys are gone, so it does not count the deletions (Secrets, the orphan sweep) too.
   bench_claudekeys_gone() {
     for _ in $(seq 1 600); do
       [ "$(kubectl get claudekeys -A -l claudekey.io/bench=1 --no-headers 2>/dev/null | wc -l)" = 0 ] && return
