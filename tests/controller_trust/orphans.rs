@@ -131,3 +131,49 @@ async fn a_deleted_claudekeys_gateway_config_goes_and_its_namesake_inherits_noth
     config_gone(&configs, &config_name, "config removed on the deletion").await;
     controller.stop().await;
 }
+
+/// A controller watching one namespace has no cache of the operator namespace: the sweep lists
+/// the configs there at start and reads one by name on a deletion.
+#[tokio::test]
+async fn a_namespaced_controller_sweeps_the_operator_namespace_through_the_api() {
+    let _one = serial().await;
+    let (client, operator) = setup("ck-trust-orphan-ns").await;
+    let team = support::namespace(&client, "ck-trust-onsteam").await;
+    let source = unique("orphan-ns");
+    put_upstream(&client, &operator, &source, &upstream_key()).await;
+    apply_cluster_source(
+        &client,
+        &source,
+        json!({ "kubernetesSecret": { "name": &source }, "allowedNamespaces": { "names": [&team] } }),
+    )
+    .await;
+    let namespaced = || {
+        let mut cfg = gateway_controller(&operator);
+        cfg.watch_namespace = Some(team.clone());
+        cfg
+    };
+    let configs = Api::<Secret>::namespaced(client.clone(), &operator);
+    let claudekeys = Api::<ClaudeKey>::namespaced(client.clone(), &team);
+    let config_name = gateway_config_secret_name(&team, "bot");
+
+    let controller = start(&client, namespaced());
+    apply_ref(&client, &team, "bot", "ClusterClaudeKeySource", &source).await;
+    wait_claudekey(&client, &team, "bot", "Ready", is_ready).await;
+    assert!(configs.get_opt(&config_name).await.unwrap().is_some());
+    controller.stop().await;
+    delete_claudekey(&claudekeys, "bot").await;
+    let controller = start(&client, namespaced());
+    config_gone(
+        &configs,
+        &config_name,
+        "config removed by the sweep at start",
+    )
+    .await;
+
+    apply_ref(&client, &team, "bot", "ClusterClaudeKeySource", &source).await;
+    wait_claudekey(&client, &team, "bot", "Ready again", is_ready).await;
+    assert!(configs.get_opt(&config_name).await.unwrap().is_some());
+    delete_claudekey(&claudekeys, "bot").await;
+    config_gone(&configs, &config_name, "config removed on the deletion").await;
+    controller.stop().await;
+}
