@@ -437,7 +437,7 @@ async fn controller(
             .default_backoff()
             .modify(without_managed_fields)
             .reflect(writer)
-            .inspect(deleted_to(ctx.clone()))
+            .inspect(orphans::on_deletion(ctx.clone()))
             .applied_objects()
     };
     let controller = Controller::for_stream(claudekeys, store.clone());
@@ -515,19 +515,6 @@ async fn controller(
         () = usage => {}
         () = retire => {}
         () = orphans => {}
-    }
-}
-
-/// Queues each ClaudeKey the watch reports deleted for the orphan sweep: its gateway config
-/// Secret, out of reach of the garbage collector, goes at once.
-fn deleted_to(
-    ctx: Arc<context::Context>,
-) -> impl Fn(&Result<watcher::Event<ClaudeKey>, watcher::Error>) + Send + 'static {
-    move |event| {
-        if let Ok(watcher::Event::Delete(ck)) = event {
-            ctx.orphans
-                .push(&ck.namespace().unwrap_or_default(), &ck.name_any());
-        }
     }
 }
 
