@@ -2,7 +2,11 @@
 //! port with a fresh CA, registered with `url: https://127.0.0.1:<port>/…` and the caBundle,
 //! scoped to a test namespace. Needs the test control plane (CLAUDEKEY_TEST_KUBECONFIG).
 
+#[path = "webhook_e2e/certificates.rs"]
+mod certificates;
 mod node;
+#[path = "webhook_e2e/placement.rs"]
+mod placement;
 mod support;
 mod webhook_flood;
 mod webhook_guards;
@@ -21,7 +25,6 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use claudekey::crd::ClaudeKey;
@@ -490,163 +493,6 @@ async fn enforce_denies_raw_keys_and_injects_the_sidecar() {
 }
 
 #[tokio::test]
-async fn gateway_placement_injects_the_forwarder_and_not_ready_is_refused() {
-    let h = Harness::start(Mode::Enforce, "wh-gateway").await;
-    h.create_claudekey("gw", None).await;
-    let pods = h.pods();
-    let message = support::eventually(WAIT, "the webhook cache to see ClaudeKey gw", || {
-        let pods = pods.clone();
-        async move {
-            match pods
-                .create(&PostParams::default(), &inject_pod("early", "gw"))
-                .await
-            {
-                Err(kube::Error::Api(status)) if status.message.contains("not Ready") => {
-                    Some(status.message)
-                }
-                _ => None,
-            }
-        }
-    })
-    .await;
-    assert!(
-        message.contains(&format!("ClaudeKey {}/gw is not Ready yet", h.namespace)),
-        "{message}"
-    );
-
-    h.set_placement("gw", "gateway").await;
-    let pod = support::eventually(WAIT, "the webhook cache to see placement gateway", || {
-        let pods = pods.clone();
-        async move {
-            pods.create(&PostParams::default(), &inject_pod("forwarded", "gw"))
-                .await
-                .ok()
-        }
-    })
-    .await;
-    let spec = pod.spec.expect("spec");
-    let sidecar = &spec.init_containers.as_ref().expect("init containers")[0];
-    assert_eq!(sidecar.name, "claudekey-proxy");
-    assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
-    let args = sidecar.args.as_ref().expect("args").join(" ");
-    assert!(
-        args.contains("--mode forward") && args.contains("--config-dir /var/run/claudekey/client"),
-        "{args}"
-    );
-    let secrets: Vec<String> = spec
-        .volumes
-        .iter()
-        .flatten()
-        .filter_map(|v| v.secret.as_ref()?.secret_name.clone())
-        .collect();
-    assert_eq!(secrets, ["gw-client"], "only the client Secret is mounted");
-    let env: Vec<(String, Option<String>)> = spec.containers[0]
-        .env
-        .iter()
-        .flatten()
-        .map(|e| (e.name.clone(), e.value.clone()))
-        .collect();
-    assert!(env.contains(&(
-        "ANTHROPIC_API_KEY".to_string(),
-        Some("claudekey-sidecar".to_string())
-    )));
-    assert!(env.contains(&(
-        "ANTHROPIC_BASE_URL".to_string(),
-        Some("http://127.0.0.1:8484".to_string())
-    )));
-    h.cleanup().await;
-}
-
-/// A ClaudeKey of a federation source (placement namespace): through the real apiserver, the
-/// sidecar alone gets the projected token of the source's audience, and both webhooks admit it.
-#[tokio::test]
-async fn a_federation_claudekey_gives_the_sidecar_its_projected_token() {
-    let h = Harness::start(Mode::Enforce, "wh-wif").await;
-    h.create_claudekey("wif", None).await;
-    Api::<ClaudeKey>::namespaced(h.client.clone(), &h.namespace)
-        .patch_status(
-            "wif",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {
-                "placement": "namespace",
-                "identityToken": { "audience": "https://api.anthropic.com", "expirationSeconds": 1800 },
-            }})),
-        )
-        .await
-        .expect("set status");
-    let pods = h.pods();
-    let pod = support::eventually(WAIT, "the webhook cache to see the federation", || {
-        let pods = pods.clone();
-        async move {
-            let pod = match pods
-                .create(&PostParams::default(), &inject_pod("federated", "wif"))
-                .await
-            {
-                Ok(pod) => pod,
-                Err(_) => return None,
-            };
-            let has_token = pod
-                .spec
-                .as_ref()?
-                .volumes
-                .iter()
-                .flatten()
-                .any(|v| v.projected.is_some());
-            if !has_token {
-                // Created before the cache saw the status: delete and try again.
-                let _ = pods.delete("federated", &DeleteParams::default()).await;
-                return None;
-            }
-            Some(pod)
-        }
-    })
-    .await;
-    let spec = pod.spec.expect("spec");
-    let sidecar = &spec.init_containers.as_ref().expect("init containers")[0];
-    let args = sidecar.args.as_ref().expect("args").join(" ");
-    assert!(
-        args.ends_with("--identity-token-file /var/run/secrets/claudekey.io/identity/token"),
-        "{args}"
-    );
-    let volume = spec
-        .volumes
-        .iter()
-        .flatten()
-        .find(|v| v.projected.is_some())
-        .expect("projected volume");
-    let projection = volume.projected.as_ref().unwrap().sources.as_ref().unwrap()[0]
-        .service_account_token
-        .clone()
-        .expect("serviceAccountToken");
-    assert_eq!(
-        (
-            projection.audience.as_deref(),
-            projection.expiration_seconds
-        ),
-        (Some("https://api.anthropic.com"), Some(1800))
-    );
-    assert!(
-        sidecar
-            .volume_mounts
-            .iter()
-            .flatten()
-            .any(|m| m.name == volume.name
-                && m.mount_path == "/var/run/secrets/claudekey.io/identity")
-    );
-    for app in &spec.containers {
-        assert!(
-            !app.volume_mounts
-                .iter()
-                .flatten()
-                .any(|m| m.name == volume.name),
-            "an app container mounts the identity token"
-        );
-    }
-    assert_eq!(spec.service_account_name.as_deref(), Some("default"));
-    h.cleanup().await;
-}
-
-#[tokio::test]
 async fn warn_mode_admits_with_warnings() {
     let h = Harness::start(Mode::Warn, "wh-warn").await;
     let body = serde_json::to_vec(&deployment("leaky", &raw_key())).expect("json");
@@ -679,90 +525,5 @@ async fn warn_mode_admits_with_warnings() {
         "{warnings:?}"
     );
     assert!(warnings.iter().all(|w| !w.contains(&raw_key())));
-    h.cleanup().await;
-}
-
-/// GET /healthz trusting only `ca_pem`: proves which certificate the server presents.
-async fn healthz_with_ca(port: u16, ca_pem: &str) -> Result<String, String> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots
-            .add(cert.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .map_err(|e| e.to_string())?;
-    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").map_err(|e| e.to_string())?;
-    let mut tls = connector
-        .connect(name, tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    tls.read_to_string(&mut out)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(out)
-}
-
-#[tokio::test]
-async fn replaced_certificate_files_are_served_without_restart() {
-    let h = Harness::start(Mode::Enforce, "wh-rotate").await;
-    let pki = new_pki("claudekey e2e CA 2");
-    assert!(
-        healthz_with_ca(h.port, &pki.ca_pem).await.is_err(),
-        "the new CA cannot verify the old certificate"
-    );
-
-    install_pki(h.dir.path(), &pki);
-    h.register(&pki.ca_pem).await;
-    let port = h.port;
-    let ca = pki.ca_pem.clone();
-    let answer = support::eventually(WAIT, "the server to present the new certificate", || {
-        let ca = ca.clone();
-        async move { healthz_with_ca(port, &ca).await.ok() }
-    })
-    .await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-
-    // And the apiserver, now trusting only the new CA, reaches the same running server.
-    let api = h.deployments();
-    let message = support::eventually(
-        WAIT,
-        "the apiserver to reach the webhook with the new CA",
-        || {
-            let api = api.clone();
-            async move {
-                match api
-                    .create(
-                        &PostParams::default(),
-                        &deployment("after-rotation", &raw_key()),
-                    )
-                    .await
-                {
-                    Err(kube::Error::Api(e))
-                        if e.message.contains("claudekey: Deployment/after-rotation") =>
-                    {
-                        Some(e.message)
-                    }
-                    _ => None,
-                }
-            }
-        },
-    )
-    .await;
-    assert!(!message.contains(&raw_key()));
     h.cleanup().await;
 }
