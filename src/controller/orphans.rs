@@ -188,6 +188,11 @@ async fn check(ctx: &Context, claudekeys: &Store<ClaudeKey>, config: &Secret) {
     let Some(owner) = written_for(config) else {
         return;
     };
+    // Another controller's ClaudeKey (one watching another namespace, sharing this operator
+    // namespace): not this one's to judge, nor to look up every few minutes.
+    if !ctx.stores.covers(owner.namespace) {
+        return;
+    }
     let key = ObjectRef::new(owner.name).within(owner.namespace);
     let cached = claudekeys.get(&key).and_then(|ck| ck.uid());
     if !orphaned(owner.uid, cached.as_deref()) {

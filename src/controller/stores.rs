@@ -135,8 +135,9 @@ impl Stores {
         Cached::Known(self.secrets.get(&key).map(|s| (*s).clone()))
     }
 
-    /// Whether the Secret watch reaches `namespace`.
-    fn covers(&self, namespace: &str) -> bool {
+    /// Whether the watches reach `namespace`: this controller reconciles the ClaudeKeys there
+    /// (its Secret watch has the same scope as its ClaudeKey watch).
+    pub fn covers(&self, namespace: &str) -> bool {
         self.secrets_scope
             .as_deref()
             .is_none_or(|scope| scope == namespace)

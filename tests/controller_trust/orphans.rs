@@ -156,6 +156,19 @@ async fn a_namespaced_controller_sweeps_the_operator_namespace_through_the_api()
     let claudekeys = Api::<ClaudeKey>::namespaced(client.clone(), &team);
     let config_name = gateway_config_secret_name(&team, "bot");
 
+    // The config of a ClaudeKey in a namespace this controller does not watch (another
+    // controller's, sharing the operator namespace): not this one's to remove.
+    let elsewhere = gateway_config_secret_name("ck-trust-not-watched", "ghost");
+    let ghost = json!({ "apiVersion": "v1", "kind": "Secret",
+        "metadata": { "name": &elsewhere,
+            "labels": { "claudekey.io/config": "gateway" },
+            "annotations": { "claudekey.io/claudekey": "ck-trust-not-watched/ghost",
+                             UID_ANNOTATION: "gone" } } });
+    configs
+        .create(&Default::default(), &serde_json::from_value(ghost).unwrap())
+        .await
+        .unwrap();
+
     let controller = start(&client, namespaced());
     apply_ref(&client, &team, "bot", "ClusterClaudeKeySource", &source).await;
     wait_claudekey(&client, &team, "bot", "Ready", is_ready).await;
@@ -169,6 +182,7 @@ async fn a_namespaced_controller_sweeps_the_operator_namespace_through_the_api()
         "config removed by the sweep at start",
     )
     .await;
+    assert!(configs.get_opt(&elsewhere).await.unwrap().is_some());
 
     apply_ref(&client, &team, "bot", "ClusterClaudeKeySource", &source).await;
     wait_claudekey(&client, &team, "bot", "Ready again", is_ready).await;
