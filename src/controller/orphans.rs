@@ -20,7 +20,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, ListParams, Preconditions};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Api, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -60,9 +60,14 @@ pub fn written_for(config: &Secret) -> Option<WrittenFor<'_>> {
 
 /// Whether `config` was written for an earlier ClaudeKey of `ck`'s name: its ledger is signed
 /// for another uid, so the reconcile neither reads nor overwrites it, and waits for the sweep.
+/// (A config naming another ClaudeKey altogether is someone else's Secret: the plan refuses it.)
 pub fn written_for_another(config: &Secret, ck: &ClaudeKey) -> bool {
-    let uid = written_for(config).and_then(|w| w.uid);
-    matches!((uid, ck.uid()), (Some(written), Some(live)) if written != live)
+    let Some(written) = written_for(config) else {
+        return false;
+    };
+    let same_name = Some(written.namespace) == ck.meta().namespace.as_deref()
+        && written.name == ck.name_any();
+    same_name && matches!((written.uid, ck.uid()), (Some(w), Some(live)) if w != live)
 }
 
 /// Whether a config written for `written` belongs to nobody, `live` being the uid of the
@@ -291,6 +296,11 @@ mod tests {
         assert!(written_for_another(&stamped, &claudekey("u2")));
         let legacy = config(&[("claudekey.io/claudekey", "team/bot")]);
         assert!(!written_for_another(&legacy, &claudekey("u2")));
+        let another = config(&[
+            ("claudekey.io/claudekey", "team/other"),
+            ("claudekey.io/claudekey-uid", "u1"),
+        ]);
+        assert!(!written_for_another(&another, &claudekey("u2")));
     }
 
     #[test]
