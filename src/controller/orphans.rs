@@ -65,8 +65,8 @@ pub fn written_for_another(config: &Secret, ck: &ClaudeKey) -> bool {
     let Some(written) = written_for(config) else {
         return false;
     };
-    let same_name = Some(written.namespace) == ck.meta().namespace.as_deref()
-        && written.name == ck.name_any();
+    let same_name =
+        Some(written.namespace) == ck.meta().namespace.as_deref() && written.name == ck.name_any();
     same_name && matches!((written.uid, ck.uid()), (Some(w), Some(live)) if w != live)
 }
 
