@@ -55,11 +55,21 @@ async fn config_gone(configs: &Api<Secret>, name: &str, what: &str) {
     .await;
 }
 
-#[tokio::test]
-async fn a_deleted_claudekeys_gateway_config_goes_and_its_namesake_inherits_nothing() {
-    let _one = serial().await;
-    let (client, operator) = setup("ck-trust-orphan").await;
-    let team = support::namespace(&client, "ck-trust-oteam").await;
+/// An operator namespace, a team namespace and a cluster source placed at the gateway that
+/// grants it; the team's ClaudeKey is to be called "bot".
+struct Scene {
+    client: kube::Client,
+    operator: String,
+    team: String,
+    source: String,
+    configs: Api<Secret>,
+    claudekeys: Api<ClaudeKey>,
+    config_name: String,
+}
+
+async fn scene(operator_prefix: &str, team_prefix: &str) -> Scene {
+    let (client, operator) = setup(operator_prefix).await;
+    let team = support::namespace(&client, team_prefix).await;
     let source = unique("orphan");
     put_upstream(&client, &operator, &source, &upstream_key()).await;
     apply_cluster_source(
@@ -68,9 +78,29 @@ async fn a_deleted_claudekeys_gateway_config_goes_and_its_namesake_inherits_noth
         json!({ "kubernetesSecret": { "name": &source }, "allowedNamespaces": { "names": [&team] } }),
     )
     .await;
-    let configs = Api::<Secret>::namespaced(client.clone(), &operator);
-    let claudekeys = Api::<ClaudeKey>::namespaced(client.clone(), &team);
-    let config_name = gateway_config_secret_name(&team, "bot");
+    Scene {
+        configs: Api::namespaced(client.clone(), &operator),
+        claudekeys: Api::namespaced(client.clone(), &team),
+        config_name: gateway_config_secret_name(&team, "bot"),
+        client,
+        operator,
+        team,
+        source,
+    }
+}
+
+#[tokio::test]
+async fn a_deleted_claudekeys_gateway_config_goes_and_its_namesake_inherits_nothing() {
+    let _one = serial().await;
+    let Scene {
+        client,
+        operator,
+        team,
+        source,
+        configs,
+        claudekeys,
+        config_name,
+    } = scene("ck-trust-orphan", "ck-trust-oteam").await;
 
     // No finalizer; the config names its ClaudeKey by uid.
     let controller = start(&client, gateway_controller(&operator));
@@ -137,24 +167,20 @@ async fn a_deleted_claudekeys_gateway_config_goes_and_its_namesake_inherits_noth
 #[tokio::test]
 async fn a_namespaced_controller_sweeps_the_operator_namespace_through_the_api() {
     let _one = serial().await;
-    let (client, operator) = setup("ck-trust-orphan-ns").await;
-    let team = support::namespace(&client, "ck-trust-onsteam").await;
-    let source = unique("orphan-ns");
-    put_upstream(&client, &operator, &source, &upstream_key()).await;
-    apply_cluster_source(
-        &client,
-        &source,
-        json!({ "kubernetesSecret": { "name": &source }, "allowedNamespaces": { "names": [&team] } }),
-    )
-    .await;
+    let Scene {
+        client,
+        operator,
+        team,
+        source,
+        configs,
+        claudekeys,
+        config_name,
+    } = scene("ck-trust-orphan-ns", "ck-trust-onsteam").await;
     let namespaced = || {
         let mut cfg = gateway_controller(&operator);
         cfg.watch_namespace = Some(team.clone());
         cfg
     };
-    let configs = Api::<Secret>::namespaced(client.clone(), &operator);
-    let claudekeys = Api::<ClaudeKey>::namespaced(client.clone(), &team);
-    let config_name = gateway_config_secret_name(&team, "bot");
 
     // The config of a ClaudeKey in a namespace this controller does not watch (another
     // controller's, sharing the operator namespace): not this one's to remove.
