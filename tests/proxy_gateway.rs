@@ -265,6 +265,18 @@ impl Gateway {
         format!("https://{}", self.addr)
     }
 
+    /// Replaces the `proxy.json` of ClaudeKey team-a/`name`'s config Secret, as the controller
+    /// does when it rotates or changes the ClaudeKey.
+    async fn rewrite_config(&self, name: &str, proxy_json: impl Into<Vec<u8>>) {
+        let secret_name = config_secret_name("team-a", name);
+        let mut secret = self.secrets.get(&secret_name).await.unwrap();
+        secret.data = Some([("proxy.json".to_string(), ByteString(proxy_json.into()))].into());
+        self.secrets
+            .replace(&secret_name, &PostParams::default(), &secret)
+            .await
+            .unwrap();
+    }
+
     /// The DER of the certificate a new TLS connection is served.
     async fn served_cert(&self) -> Vec<u8> {
         let config = claudekey::tls::client_config_trusting(self.pki.ca_pem.as_bytes()).unwrap();
@@ -333,16 +345,7 @@ async fn gateway_serves_config_secrets_over_reloading_tls() {
         &[(WORKLOAD_A2, None), (WORKLOAD_A, Some(until.as_str()))],
         json!({}),
     );
-    let mut secret = gw
-        .secrets
-        .get(&config_secret_name("team-a", "bot"))
-        .await
-        .unwrap();
-    secret.data = Some([("proxy.json".to_string(), ByteString(rotated.into()))].into());
-    gw.secrets
-        .replace(&config_secret_name("team-a", "bot"), &pp, &secret)
-        .await
-        .unwrap();
+    gw.rewrite_config("bot", rotated).await;
     until_status(&client, &base, WORKLOAD_A2, 200, "the rotated key accepted").await;
     assert_eq!(
         call(&client, &base, WORKLOAD_A).await.0,
@@ -366,16 +369,7 @@ async fn gateway_serves_config_secrets_over_reloading_tls() {
     );
 
     // A broken update keeps the last good version.
-    let mut broken = gw
-        .secrets
-        .get(&config_secret_name("team-a", "bot2"))
-        .await
-        .unwrap();
-    broken.data = Some([("proxy.json".to_string(), ByteString(b"{not json".to_vec()))].into());
-    gw.secrets
-        .replace(&config_secret_name("team-a", "bot2"), &pp, &broken)
-        .await
-        .unwrap();
+    gw.rewrite_config("bot2", "{not json").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         call(&client, &base, WORKLOAD_B).await.0,

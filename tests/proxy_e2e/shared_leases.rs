@@ -2,7 +2,10 @@
 //! from credit, without a round trip; the proxies together still never pass a limit, and credit
 //! left unused goes back to Redis when its lease ends, so nothing is lost to it.
 
-use std::time::{Duration, Instant};
+use std::{
+    future::Future,
+    time::{Duration, Instant},
+};
 
 use claudekey::{
     crd::LimitsSpec,
@@ -129,11 +132,7 @@ async fn unused_credit_goes_back_when_its_lease_ends() {
     let redis = RedisServer::start(None);
     let fake = FakeUpstream::start(&[UPSTREAM_A]).await.unwrap();
     let policy = json!({ "limits": { "perUserRequestsPerHour": 1000 } });
-    let settings = LimitSettings {
-        lease_ttl: LONG_LEASE,
-        ..shared(&redis, 86_400)
-    };
-    let proxies = four(&fake, "user-lease", policy, &settings).await;
+    let proxies = four(&fake, "user-lease", policy, &leased_for(&redis, LONG_LEASE)).await;
     let ok = |statuses: Vec<u16>| statuses.iter().filter(|s| **s == 200).count();
     let started = Instant::now();
     let holder = ok(load(&proxies[..1], 1, 1, "end-user").await);
@@ -161,7 +160,83 @@ async fn unused_credit_goes_back_when_its_lease_ends() {
     assert_eq!(fake.received().len(), total);
 }
 
+/// A proxy stopped as on SIGTERM (a rollout) gives back the credit it holds before it exits:
+/// the user's hour admits exactly its 1000 through the others, as if it had never held any.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_proxy_gives_its_credit_back_before_it_exits() {
+    let admitted = after_the_holder_ends("stopped-lease", |holder| async move {
+        holder.stop().await;
+    })
+    .await;
+    assert_eq!(
+        admitted, 1000,
+        "a proxy stopped gracefully must give back what it held"
+    );
+}
+
+/// A proxy killed holding credit cannot give it back (docs/limits.md): the user's hour stays
+/// that much fuller, and the others never pass the limit because of it. What is lost is one
+/// grant at most: 1/32 of what the window had left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_proxy_loses_its_credit_and_the_others_never_pass_the_limit() {
+    let admitted = after_the_holder_ends("killed-lease", |holder| async move {
+        holder.crash().await;
+    })
+    .await;
+    let most_lost = (1000 - 1) / 32;
+    assert!(
+        (1000 - most_lost..1000).contains(&admitted),
+        "{admitted} admitted: a killed proxy's credit is counted, at most {most_lost} of it"
+    );
+}
+
+/// perUserRequestsPerHour 1000 for one end user: one request through a holder (credit leased
+/// for [`HOLDER_LEASE`]), the holder ended by `end`, then the other three proxies load the
+/// window until it is full, past the end of every lease; the requests admitted in all.
+async fn after_the_holder_ends<F: Future<Output = ()>>(
+    name: &str,
+    end: impl FnOnce(Running) -> F,
+) -> usize {
+    let redis = RedisServer::start(None);
+    let fake = FakeUpstream::start(&[UPSTREAM_A]).await.unwrap();
+    let policy = json!({ "limits": { "perUserRequestsPerHour": 1000 } });
+    let holding = leased_for(&redis, HOLDER_LEASE);
+    let holder = start_proxy(Mode::Gateway, &fake, name, &policy, holding).await;
+    let mut others = Vec::new();
+    for mode in [Mode::Gateway, Mode::Sidecar, Mode::Sidecar] {
+        others.push(start_proxy(mode, &fake, name, &policy, shared(&redis, 86_400)).await);
+    }
+    let ok = |statuses: Vec<u16>| statuses.iter().filter(|s| **s == 200).count();
+    let held = ok(load(std::slice::from_ref(&holder), 1, 1, "end-user").await);
+    assert_eq!(held, 1);
+    assert!(
+        holder.metric("claudekey_proxy_limits_fallback ") == Some(0.0),
+        "the holder must have been admitted by Redis"
+    );
+    end(holder).await;
+    let during = ok(load(&others, 400, 8, "end-user").await);
+    // Every lease is over (the holder's too, had it survived) and its rest given back.
+    tokio::time::sleep(HOLDER_LEASE + LEASE_END).await;
+    let after = ok(load(&others, 40, 8, "end-user").await);
+    let admitted = held + during + after;
+    eprintln!("leases ({name}): 1 through the holder, {during} after it ended, {after} later");
+    assert_eq!(fake.received().len(), admitted);
+    admitted
+}
+
+/// The holder's lease in `after_the_holder_ends`: long enough that a stop or a crash comes
+/// well within it.
+const HOLDER_LEASE: Duration = Duration::from_secs(3);
+
 const LONG_LEASE: Duration = Duration::from_secs(10);
+
+/// Shared limits in `redis` whose credit lasts `ttl` instead of `LEASE_TTL`.
+fn leased_for(redis: &RedisServer, ttl: Duration) -> LimitSettings {
+    LimitSettings {
+        lease_ttl: ttl,
+        ..shared(redis, 86_400)
+    }
+}
 
 /// Longer than a lease (`limits::lease::LEASE_TTL`, 1 s) and its give-back.
 const LEASE_END: Duration = Duration::from_millis(1500);

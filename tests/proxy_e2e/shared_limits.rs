@@ -27,7 +27,8 @@ pub(crate) struct Running {
     addr: SocketAddr,
     mode: Mode,
     pub(crate) dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    serving: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
@@ -40,6 +41,26 @@ impl Running {
             Mode::Gateway => WORKLOAD_A,
             Mode::Sidecar => "claudekey-sidecar",
         }
+    }
+
+    /// Stops as on SIGTERM and waits until it has (the shared counters flushed).
+    pub(crate) async fn stop(self) {
+        let _ = self.stop.send(());
+        self.serving
+            .await
+            .expect("the proxy served until told to stop");
+    }
+
+    /// Stops as a killed process does: the serving task is dropped mid-flight and so is the
+    /// proxy, so nothing it held runs again (no flush, no lease-end give-back).
+    pub(crate) async fn crash(self) {
+        self.serving.abort();
+        let _ = self.serving.await;
+        assert_eq!(
+            Arc::strong_count(&self.proxy),
+            1,
+            "nothing else may keep the crashed proxy alive"
+        );
     }
 
     pub(crate) fn metric(&self, line_start: &str) -> Option<f64> {
@@ -77,7 +98,7 @@ pub(crate) async fn start_proxy(
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = proxy.clone();
-    tokio::spawn(async move {
+    let serving = tokio::spawn(async move {
         let _ = serving
             .serve(listener, async {
                 let _ = stopped.await;
@@ -89,7 +110,8 @@ pub(crate) async fn start_proxy(
         addr,
         mode,
         dir,
-        _stop: stop,
+        stop,
+        serving,
     }
 }
 

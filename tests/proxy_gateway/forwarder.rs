@@ -5,12 +5,8 @@
 use std::{path::Path, time::Duration};
 
 use bytes::Bytes;
-use claudekey::{
-    fake_upstream::Reply as FakeReply,
-    proxy::{forwarder::Forwarder, kube_source::config_secret_name},
-};
+use claudekey::{fake_upstream::Reply as FakeReply, proxy::forwarder::Forwarder};
 use http_body_util::{BodyExt as _, Full};
-use k8s_openapi::ByteString;
 use kube::api::PostParams;
 use serde_json::json;
 
@@ -131,16 +127,7 @@ async fn forwarder_carries_the_python_sdk_to_the_tls_gateway() {
         &[(WORKLOAD_B, None)],
         json!({}),
     );
-    let mut secret = gw
-        .secrets
-        .get(&config_secret_name("team-a", "bot"))
-        .await
-        .unwrap();
-    secret.data = Some([("proxy.json".to_string(), ByteString(rotated.into()))].into());
-    gw.secrets
-        .replace(&config_secret_name("team-a", "bot"), &pp, &secret)
-        .await
-        .unwrap();
+    gw.rewrite_config("bot", rotated).await;
     until_status(&plain, &forwarded, "x", 401, "the old workload key refused").await;
     kubelet_write_client(
         client_dir.path(),
