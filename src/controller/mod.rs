@@ -23,6 +23,7 @@ pub mod secrets;
 pub mod source;
 pub mod stores;
 pub mod usage;
+mod watches;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,18 +31,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::runtime::{
-    Controller, events::Recorder, events::Reporter, reflector::ObjectRef, watcher,
-};
-use kube::{Api, Client, ResourceExt};
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
 
 pub use context::Hook;
 
 use crate::backend::{Backends, SecretBackend, cache::BackendCache, kubernetes::KubernetesBackend};
-use crate::crd::{ClaudeKey, ClaudeKeySource, ClusterClaudeKeySource, SourceKind, annotations};
 
 /// Flags of `claudekey controller`; each has an environment twin.
 #[derive(clap::Args, Debug)]
@@ -357,23 +353,14 @@ pub async fn run_with(
             tracing::info!(identity = config.identity, "acquired the controller Lease");
             metrics.leader.set(1);
         }
-        let reconciles = controller(
+        let reconciles = watches::run(
             &client,
             &config,
             ctx.clone(),
             writers,
             stopped(stop_rx.clone()),
         );
-        // The leader alone defines the namespaces' Redis users: it alone reconciles.
-        let controller = async {
-            match &ctx.namespace_users {
-                Some(users) => tokio::select! {
-                    () = reconciles => {}
-                    () = users.run(|ns| ctx.sealer.redis_password(ns)) => {}
-                },
-                None => reconciles.await,
-            }
-        };
+        let controller = reconciles;
         let result = match &elector {
             Some(elector) => tokio::select! {
                 () = controller => Ok(()),
@@ -397,223 +384,8 @@ pub async fn run_with(
     }
 }
 
-/// The kube-runtime Controller over ClaudeKeys, owning their Secrets. Every watch that
-/// triggers a reconcile also fills a cache the reconcile reads (`stores`): an object is in the
-/// cache before the event it caused reaches the reconcile.
-async fn controller(
-    client: &Client,
-    config: &ControllerConfig,
-    ctx: Arc<context::Context>,
-    writers: stores::Writers,
-    stop: impl Future<Output = ()> + Send + Sync + 'static,
-) {
-    let (claudekeys, secrets, sources): (Api<ClaudeKey>, Api<Secret>, Api<ClaudeKeySource>) =
-        match &config.watch_namespace {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-            None => (
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-            ),
-        };
-    let owned = watcher::Config::default().labels(&format!(
-        "{}={}",
-        annotations::MANAGED_BY_LABEL,
-        annotations::MANAGER
-    ));
-    let runtime_config = kube::runtime::controller::Config::default()
-        .concurrency(config.max_concurrent_reconciles)
-        .debounce(RECONCILE_DEBOUNCE);
-    // The ClaudeKeys' own watch, without managedFields (nothing reads them; at 10,000 objects
-    // they are most of the cache), as every cache below.
-    let (store, writer) = kube::runtime::reflector::store();
-    let claudekeys = {
-        use kube::runtime::WatchStreamExt;
-        watcher(claudekeys, watcher::Config::default())
-            .default_backoff()
-            .modify(without_managed_fields)
-            .reflect(writer)
-            .inspect(orphans::on_deletion(ctx.clone()))
-            .applied_objects()
-    };
-    let controller = Controller::for_stream(claudekeys, store.clone());
-    let all = watcher::Config::default;
-    let mut controller = controller
-        .watches_stream(cached(secrets, owned, writers.secrets), owning_claudekey)
-        .watches_stream(
-            cached(
-                Api::<ClusterClaudeKeySource>::all(client.clone()),
-                all(),
-                writers.cluster_sources,
-            ),
-            users_of(store.clone(), |ck, s: &ClusterClaudeKeySource| {
-                refers_to(ck, SourceKind::ClusterClaudeKeySource, &s.name_any())
-            }),
-        )
-        .watches_stream(
-            cached(sources, all(), writers.sources),
-            users_of(store.clone(), namespaced_user),
-        );
-    if let Some(namespaces) = writers.namespaces {
-        controller = controller.watches_stream(
-            cached(Api::<Namespace>::all(client.clone()), all(), namespaces),
-            users_of(store.clone(), |ck, ns: &Namespace| {
-                ck.namespace() == Some(ns.name_any())
-            }),
-        );
-    }
-    // The workload caches only feed consumer restarts: they trigger no reconcile.
-    let stores::Workloads {
-        deployments,
-        statefulsets,
-        daemonsets,
-    } = writers.workloads;
-    let controller = controller
-        .watches_stream(workloads(client, config, deployments), no_reconcile)
-        .watches_stream(workloads(client, config, statefulsets), no_reconcile)
-        .watches_stream(workloads(client, config, daemonsets), no_reconcile)
-        .with_config(runtime_config)
-        .graceful_shutdown_on(stop);
-    let metrics = ctx.metrics.clone();
-    let usage = {
-        let (store, ctx) = (store.clone(), ctx.clone());
-        async move {
-            match config.usage_interval {
-                Some(interval) => usage::poll_forever(store, ctx, interval).await,
-                None => futures::future::pending().await,
-            }
-        }
-    };
-    let retire = retire::retire_forever(store.clone(), ctx.clone(), config.watch_namespace.clone());
-    let orphans = orphans::sweep_forever(ctx.clone(), store.clone());
-    let sweep_ctx = ctx.clone();
-    let run = controller
-        .run(reconcile::reconcile, reconcile::error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "reconcile loop");
-            }
-        });
-    let sweep = async move {
-        loop {
-            tokio::time::sleep(KEY_AGE_SWEEP).await;
-            metrics.retain_key_ages(|namespace, name| {
-                store.get(&ObjectRef::new(name).within(namespace)).is_some()
-            });
-            let live: std::collections::HashSet<String> =
-                store.state().iter().filter_map(|ck| ck.uid()).collect();
-            sweep_ctx.written_status.retain(|uid| live.contains(uid));
-        }
-    };
-    tokio::select! {
-        () = run => {}
-        () = sweep => {}
-        () = usage => {}
-        () = retire => {}
-        () = orphans => {}
-    }
-}
-
-/// A watch that fills `writer` and yields every object it saw change (deletions included).
-fn cached<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    writer: kube::runtime::reflector::store::Writer<K>,
-) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    use kube::runtime::WatchStreamExt;
-    watcher(api, config)
-        .default_backoff()
-        .modify(without_managed_fields)
-        .reflect(writer)
-        .touched_objects()
-}
-
-/// Drops the field-manager bookkeeping of a cached object: no reconcile reads it.
-fn without_managed_fields<K: kube::Resource>(object: &mut K) {
-    object.meta_mut().managed_fields = None;
-}
-
-/// A watch of one workload kind in the controller's scope, stripped as it arrives to what a
-/// consumer restart reads.
-fn workloads<K: consumers::Workload>(
-    client: &Client,
-    config: &ControllerConfig,
-    writer: kube::runtime::reflector::store::Writer<K>,
-) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static {
-    use kube::runtime::WatchStreamExt;
-    let api: Api<K> = match &config.watch_namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    watcher(api, watcher::Config::default())
-        .default_backoff()
-        .modify(K::strip)
-        .reflect(writer)
-        .touched_objects()
-}
-
-fn no_reconcile<K>(_: K) -> Option<ObjectRef<ClaudeKey>> {
-    None
-}
-
-/// A watch mapper: every ClaudeKey in the store for which `uses` holds.
-fn users_of<K>(
-    store: kube::runtime::reflector::Store<ClaudeKey>,
-    uses: impl Fn(&ClaudeKey, &K) -> bool + Send + Sync + 'static,
-) -> impl Fn(K) -> Vec<ObjectRef<ClaudeKey>> + Send + Sync + 'static {
-    move |changed: K| {
-        store
-            .state()
-            .iter()
-            .filter(|ck| uses(ck, &changed))
-            .map(|ck| ObjectRef::from_obj(ck.as_ref()))
-            .collect()
-    }
-}
-
-fn refers_to(ck: &ClaudeKey, kind: SourceKind, name: &str) -> bool {
-    ck.spec.source_ref.kind == kind && ck.spec.source_ref.name == name
-}
-
-fn namespaced_user(ck: &ClaudeKey, source: &ClaudeKeySource) -> bool {
-    ck.namespace() == source.namespace()
-        && refers_to(ck, SourceKind::ClaudeKeySource, &source.name_any())
-}
-
-/// The ClaudeKey a managed Secret belongs to, by its `claudekey.io/name` label rather than its
-/// owner reference, so a Secret whose owner reference was stripped by hand is still repaired.
-/// A gateway config Secret names its ClaudeKey in an annotation.
-fn owning_claudekey(secret: Secret) -> Option<ObjectRef<ClaudeKey>> {
-    if let Some(id) = secret.annotations().get(annotations::CLAUDEKEY_ANNOTATION) {
-        let (namespace, name) = id.split_once('/')?;
-        return Some(ObjectRef::new(name).within(namespace));
-    }
-    let name = secret.labels().get(annotations::NAME_LABEL)?;
-    Some(ObjectRef::new(name).within(&secret.namespace()?))
-}
-
 /// The default of `--max-concurrent-reconciles`.
 const MAX_CONCURRENT_RECONCILES: u16 = 16;
-
-/// A reconcile writes two Secrets and the status, and each write comes back as a watch event
-/// that asks for another reconcile; waiting this long after the last trigger folds those into one.
-const RECONCILE_DEBOUNCE: Duration = Duration::from_millis(200);
-
-/// How often key-age series of deleted ClaudeKeys are dropped.
-const KEY_AGE_SWEEP: Duration = Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests {

@@ -19,7 +19,6 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, ListParams, Preconditions};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -102,19 +101,6 @@ impl Queue {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<(String, String)>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// For the ClaudeKeys' watch: queues each ClaudeKey it reports deleted, so its config goes at
-/// once rather than at the next full sweep.
-pub fn on_deletion(
-    ctx: Arc<Context>,
-) -> impl Fn(&Result<watcher::Event<ClaudeKey>, watcher::Error>) + Send + 'static {
-    move |event| {
-        if let Ok(watcher::Event::Delete(ck)) = event {
-            ctx.orphans
-                .push(&ck.namespace().unwrap_or_default(), &ck.name_any());
-        }
     }
 }
 

@@ -94,11 +94,10 @@ async fn observe_plan_execute(ck: &ClaudeKey, ctx: &Context, read: Read) -> Resu
         shared_counters: ctx.namespace_users.is_some(),
     };
     let plan = plan::plan(ck, &observed, &settings, &candidate, Utc::now());
-    if let (Some(users), Resolution::Granted(granted)) =
-        (&ctx.namespace_users, &observed.resolution)
-        && granted.placement == Placement::Namespace
-    {
-        users.want(&ck.namespace().unwrap_or_default());
+    if let Some(users) = &ctx.namespace_users {
+        let wants = matches!(&observed.resolution,
+            Resolution::Granted(granted) if granted.placement == Placement::Namespace);
+        users.decide(&ck.namespace().unwrap_or_default(), &ck.name_any(), wants);
     }
     execute(ck, ctx, &observed, plan).await
 }

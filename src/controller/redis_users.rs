@@ -1,32 +1,118 @@
 //! The Redis users of namespace-placement sidecars (DESIGN.md §12, `crate::shared_counters`):
 //! the controller is the one client with Redis's admin password besides the gateway, so it
-//! defines one user per namespace whose sidecars share counters, and loads the two scripts
-//! those users may only run by SHA.
+//! defines one user per namespace whose sidecars share counters, loads the two scripts those
+//! users may only run by SHA, and deletes a namespace's user once no ClaudeKey there needs it
+//! (deleted, or its source no longer grants namespace placement): access ends with the grant.
 //!
 //! Redis keeps users and scripts in memory only: a restarted Redis has neither. So the whole
-//! set is applied again every [`RESYNC`] (and at once when a namespace is added); meanwhile
-//! the sidecars of that namespace count their fallback share, as in any Redis outage.
-//! Reconciles never wait for Redis: they only say which namespaces are wanted.
+//! set is applied again every [`RESYNC`] (and at once when a namespace is added or dropped);
+//! meanwhile the sidecars of that namespace count their fallback share, as in any Redis outage.
+//! Reconciles never wait for Redis: they only say which ClaudeKeys want a user.
+//!
+//! Users left by an earlier controller (a namespace emptied while none ran) are found with
+//! `ACL USERS`, but only once every ClaudeKey in the cache has been decided by this one: before
+//! that, "not wanted yet" is not "not wanted".
 
-use std::{collections::BTreeSet, sync::Mutex, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    sync::Mutex,
+    time::Duration,
+};
 
+use kube::runtime::reflector::{ObjectRef, Store};
 use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+use crate::crd::ClaudeKey;
 use crate::shared_counters::{self, RedisSettings, SharedError};
 
 /// How often every namespace user and both scripts are applied again.
 pub const RESYNC: Duration = Duration::from_secs(30);
+/// How often the cache is looked at while some ClaudeKey in it is not decided yet.
+const UNDECIDED_POLL: Duration = Duration::from_secs(1);
 /// Bound of one Redis call of the controller (not on any request's path).
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Namespaces whose sidecars need a Redis user, and the task that keeps them defined.
 pub struct NamespaceUsers {
     conn: ConnectionManager,
-    wanted: Mutex<BTreeSet<String>>,
-    added: Notify,
+    claims: Mutex<Claims>,
+    changed: Notify,
     resync: Duration,
+}
+
+/// Which ClaudeKeys want their namespace's user, by namespace, and which ClaudeKeys this
+/// controller has decided since it started (wanting or not).
+#[derive(Debug, Default)]
+struct Claims {
+    wanted: BTreeMap<String, BTreeSet<String>>,
+    decided: HashSet<(String, String)>,
+}
+
+impl Claims {
+    /// Records the decision on `namespace/name`; `true` if the set of wanted namespaces changed.
+    fn decide(&mut self, namespace: &str, name: &str, wants: bool) -> bool {
+        self.decided
+            .insert((namespace.to_string(), name.to_string()));
+        if wants {
+            let names = self.wanted.entry(namespace.to_string()).or_default();
+            names.insert(name.to_string()) && names.len() == 1
+        } else {
+            self.drop_claim(namespace, name)
+        }
+    }
+
+    /// Forgets a deleted ClaudeKey; `true` if its namespace is no longer wanted.
+    fn forget(&mut self, namespace: &str, name: &str) -> bool {
+        self.decided
+            .remove(&(namespace.to_string(), name.to_string()));
+        self.drop_claim(namespace, name)
+    }
+
+    fn drop_claim(&mut self, namespace: &str, name: &str) -> bool {
+        let Some(names) = self.wanted.get_mut(namespace) else {
+            return false;
+        };
+        let emptied = names.remove(name) && names.is_empty();
+        if names.is_empty() {
+            self.wanted.remove(namespace);
+        }
+        emptied
+    }
+
+    /// Keeps only the ClaudeKeys `exists` still finds (a deletion the watch missed in a
+    /// relist); whether every one it finds has been decided.
+    fn settle(
+        &mut self,
+        mut exists: impl FnMut(&str, &str) -> bool,
+        live: &[(String, String)],
+    ) -> bool {
+        self.decided.retain(|(ns, name)| exists(ns, name));
+        self.wanted.retain(|ns, names| {
+            names.retain(|name| exists(ns, name));
+            !names.is_empty()
+        });
+        live.iter().all(|key| self.decided.contains(key))
+    }
+
+    fn namespaces(&self) -> Vec<String> {
+        self.wanted.keys().cloned().collect()
+    }
+}
+
+/// The users of ours in `existing` (`ACL USERS`) whose namespace is not in `wanted`.
+pub fn stale_users(existing: &[String], wanted: &[String]) -> Vec<String> {
+    let wanted: BTreeSet<String> = wanted
+        .iter()
+        .map(|ns| shared_counters::namespace_user(ns))
+        .collect();
+    let ours = shared_counters::namespace_user("");
+    existing
+        .iter()
+        .filter(|user| user.starts_with(&ours) && !wanted.contains(*user))
+        .cloned()
+        .collect()
 }
 
 impl std::fmt::Debug for NamespaceUsers {
@@ -39,8 +125,8 @@ impl NamespaceUsers {
     pub fn new(settings: &RedisSettings) -> Result<Self, SharedError> {
         Ok(Self {
             conn: shared_counters::connect(settings)?,
-            wanted: Mutex::new(BTreeSet::new()),
-            added: Notify::new(),
+            claims: Mutex::default(),
+            changed: Notify::new(),
             resync: RESYNC,
         })
     }
@@ -51,31 +137,52 @@ impl NamespaceUsers {
         self
     }
 
-    /// Asks for the user of `namespace`; cheap when it is already wanted.
-    pub fn want(&self, namespace: &str) {
-        let mut wanted = self.wanted.lock().unwrap_or_else(|p| p.into_inner());
-        if !wanted.contains(namespace) {
-            wanted.insert(namespace.to_string());
-            self.added.notify_one();
+    fn claims(&self) -> std::sync::MutexGuard<'_, Claims> {
+        self.claims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A reconcile's decision: whether ClaudeKey `namespace/name` wants its namespace's user
+    /// (its source grants namespace placement). Cheap when nothing changes.
+    pub fn decide(&self, namespace: &str, name: &str, wants: bool) {
+        if self.claims().decide(namespace, name, wants) {
+            self.changed.notify_one();
         }
     }
 
-    /// Applies the wanted users every resync period and whenever one is added; runs until
-    /// dropped.
-    /// `password` derives a namespace's password (`super::seal::Sealer::redis_password`).
-    pub async fn run(&self, password: impl Fn(&str) -> String) {
+    /// Wants the user of `namespace` for a ClaudeKey of that name (tests, without a cluster).
+    pub fn want(&self, namespace: &str) {
+        self.decide(namespace, "", true);
+    }
+
+    /// ClaudeKey `namespace/name` was deleted.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        if self.claims().forget(namespace, name) {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Applies the wanted users every resync period and whenever the wanted namespaces change;
+    /// runs until dropped. `password` derives a namespace's password
+    /// (`super::seal::Sealer::redis_password`); `claudekeys`, the controller's cache, tells
+    /// which ClaudeKeys exist (without it, as in tests without a cluster, no user is deleted).
+    pub async fn run(
+        &self,
+        password: impl Fn(&str) -> String,
+        claudekeys: Option<Store<ClaudeKey>>,
+    ) {
+        if let Some(store) = &claudekeys {
+            // Reconciles read the cache: nothing is decided before its first full list.
+            let _ = store.wait_until_ready().await;
+        }
         let mut healthy = None;
         loop {
-            let namespaces: Vec<String> = {
-                let wanted = self.wanted.lock().unwrap_or_else(|p| p.into_inner());
-                wanted.iter().cloned().collect()
-            };
-            let outcome = self.apply(&namespaces, &password).await;
+            let (namespaces, all_decided) = self.snapshot(claudekeys.as_ref());
+            let outcome = self.apply(&namespaces, all_decided, &password).await;
             match (&outcome, healthy) {
-                (Ok(()), Some(true)) => {}
-                (Ok(()), _) => info!(
+                (Ok(0), Some(true)) => {}
+                (Ok(deleted), _) => info!(
                     namespaces = namespaces.len(),
-                    "shared limits: Redis users of namespace sidecars applied"
+                    deleted, "shared limits: Redis users of namespace sidecars applied"
                 ),
                 (Err(category), Some(false)) => {
                     tracing::debug!(error = %category, "shared limits: Redis still unreachable")
@@ -86,20 +193,46 @@ impl NamespaceUsers {
                 ),
             }
             healthy = Some(outcome.is_ok());
+            // Until every ClaudeKey is decided, look again soon: the first pass after that is
+            // the one that finds users left by an earlier controller.
+            let next = match (&claudekeys, all_decided) {
+                (Some(_), false) => UNDECIDED_POLL.min(self.resync),
+                _ => self.resync,
+            };
             tokio::select! {
-                () = self.added.notified() => {}
-                () = tokio::time::sleep(self.resync) => {}
+                () = self.changed.notified() => {}
+                () = tokio::time::sleep(next) => {}
             }
         }
     }
 
-    /// One pipeline: both scripts, then every user from scratch. Fails with the error's
-    /// category only (never a server message, which could quote an argument).
+    /// The wanted namespaces, and whether every ClaudeKey in the cache has been decided
+    /// (never without a cache).
+    fn snapshot(&self, claudekeys: Option<&Store<ClaudeKey>>) -> (Vec<String>, bool) {
+        let mut claims = self.claims();
+        let Some(store) = claudekeys else {
+            return (claims.namespaces(), false);
+        };
+        let live: Vec<(String, String)> = store
+            .state()
+            .iter()
+            .filter_map(|ck| Some((ck.metadata.namespace.clone()?, ck.metadata.name.clone()?)))
+            .collect();
+        let exists = |ns: &str, name: &str| store.get(&ObjectRef::new(name).within(ns)).is_some();
+        let all_decided = claims.settle(exists, &live);
+        (claims.namespaces(), all_decided)
+    }
+
+    /// One pipeline: both scripts, then every user from scratch; then, once every ClaudeKey
+    /// is decided, the users of namespaces no longer wanted are deleted. Fails with the error's
+    /// category only (never a server message, which could quote an argument); the number
+    /// deleted.
     async fn apply(
         &self,
         namespaces: &[String],
+        all_decided: bool,
         password: &impl Fn(&str) -> String,
-    ) -> Result<(), String> {
+    ) -> Result<usize, String> {
         let mut pipe = redis::pipe();
         for script in [
             shared_counters::admit_script(),
@@ -112,10 +245,99 @@ impl NamespaceUsers {
             pipe.cmd("ACL").arg("SETUSER").arg(rules).ignore();
         }
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(TIMEOUT, pipe.query_async::<()>(&mut conn)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.category().to_string()),
-            Err(_) => Err("timeout".to_string()),
+        bounded(pipe.query_async::<()>(&mut conn)).await?;
+        if !all_decided {
+            return Ok(0);
         }
+        let existing: Vec<String> =
+            bounded(redis::cmd("ACL").arg("USERS").query_async(&mut conn)).await?;
+        let stale = stale_users(&existing, namespaces);
+        if !stale.is_empty() {
+            let delete = redis::cmd("ACL").arg("DELUSER").arg(&stale).clone();
+            bounded(delete.query_async::<()>(&mut conn)).await?;
+        }
+        Ok(stale.len())
+    }
+}
+
+/// One Redis call bounded by [`TIMEOUT`]; an error by its category only.
+async fn bounded<T>(
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(TIMEOUT, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(e.category().to_string()),
+        Err(_) => Err("timeout".to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Claims, stale_users};
+
+    fn key(ns: &str, name: &str) -> (String, String) {
+        (ns.to_string(), name.to_string())
+    }
+
+    #[test]
+    fn a_namespace_is_wanted_while_one_of_its_claudekeys_wants_it() {
+        let mut claims = Claims::default();
+        assert!(claims.decide("team-a", "bot", true), "a new namespace");
+        assert!(!claims.decide("team-a", "bot", true), "nothing changed");
+        assert!(!claims.decide("team-a", "bot2", true), "already wanted");
+        assert!(!claims.decide("team-b", "other", false), "never wanted");
+        assert_eq!(claims.namespaces(), ["team-a"]);
+        assert!(
+            !claims.decide("team-a", "bot", false),
+            "bot2 still wants it"
+        );
+        assert!(claims.forget("team-a", "bot2"), "the last claim went");
+        assert!(claims.namespaces().is_empty());
+        assert!(
+            !claims.forget("team-a", "bot2"),
+            "forgetting twice changes nothing"
+        );
+    }
+
+    #[test]
+    fn users_go_only_once_every_claudekey_in_the_cache_is_decided() {
+        let mut claims = Claims::default();
+        claims.decide("team-a", "bot", true);
+        claims.decide("team-b", "gone", true);
+        let live = [key("team-a", "bot"), key("team-c", "new")];
+        let exists = |ns: &str, name: &str| live.contains(&key(ns, name));
+        assert!(
+            !claims.settle(exists, &live),
+            "team-c/new was not decided since start"
+        );
+        assert_eq!(
+            claims.namespaces(),
+            ["team-a"],
+            "a deletion the watch missed still drops its claim"
+        );
+        claims.decide("team-c", "new", false);
+        assert!(claims.settle(exists, &live));
+        assert!(
+            Claims::default().settle(|_, _| false, &[]),
+            "no ClaudeKey at all"
+        );
+    }
+
+    #[test]
+    fn stale_users_are_ours_and_unwanted_only() {
+        let existing = [
+            "default",
+            "claudekey-ns-team-a",
+            "claudekey-ns-team-ab",
+            "claudekey-ns-gone",
+            "platform-readonly",
+        ]
+        .map(String::from);
+        let wanted = ["team-a".to_string()];
+        assert_eq!(
+            stale_users(&existing, &wanted),
+            ["claudekey-ns-team-ab", "claudekey-ns-gone"]
+        );
+        assert!(stale_users(&existing[..2], &wanted).is_empty());
     }
 }

@@ -5,9 +5,10 @@
 
 use std::time::Duration;
 
+use claudekey::crd::ClaudeKey;
 use claudekey::shared_counters::{self, RedisSettings};
 use k8s_openapi::api::core::v1::Secret;
-use kube::Api;
+use kube::{Api, api::DeleteParams};
 use secrecy::SecretString;
 use serde_json::json;
 
@@ -16,6 +17,16 @@ use crate::{apply_ref, cluster_wide, serial, unique};
 use crate::{controller_support::*, support};
 
 const ADMIN_PASSWORD: &str = "platform-admin-password-for-redis";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A connection that answered PING as the user and password in `url`.
+async fn connect_as_url(url: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let mut conn = redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    redis::cmd("PING").query_async::<String>(&mut conn).await?;
+    Ok(conn)
+}
 
 #[tokio::test]
 async fn namespace_sidecars_get_a_redis_user_of_their_own() {
@@ -39,6 +50,21 @@ async fn namespace_sidecars_get_a_redis_user_of_their_own() {
         password: Some(SecretString::from(ADMIN_PASSWORD.to_string())),
         timeout: Duration::from_secs(2),
     });
+    // A user an earlier controller defined for a namespace that has no such ClaudeKey now.
+    let leftover = shared_counters::namespace_user(&unique("ck-trust-gone"));
+    let mut admin = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&leftover)
+        .arg("on")
+        .arg(">left-behind-password")
+        .query_async::<()>(&mut admin)
+        .await
+        .unwrap();
     let controller = start(&client, config);
     apply_ref(&client, &team, "bot", "ClusterClaudeKeySource", &source).await;
     wait_claudekey(&client, &team, "bot", "Ready", is_ready).await;
@@ -53,23 +79,10 @@ async fn namespace_sidecars_get_a_redis_user_of_their_own() {
     // The user works with that password, for this namespace's counters only.
     let user = shared_counters::namespace_user(&team);
     let url = format!("redis://{user}:{password}@127.0.0.1:{}/", redis.port);
-    let mut conn = None;
-    for _ in 0..100 {
-        if let Ok(mut c) = redis::Client::open(url.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            && redis::cmd("PING")
-                .query_async::<String>(&mut c)
-                .await
-                .is_ok()
-        {
-            conn = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut conn = conn.expect("the controller defines the namespace's Redis user");
+    let mut conn = support::eventually(WAIT, "the namespace's Redis user", || async {
+        connect_as_url(&url).await.ok()
+    })
+    .await;
     let other = format!("{}:rate", shared_counters::key_prefix("other-ns", "bot"));
     let refused = redis::cmd("HSET")
         .arg(&other)
@@ -81,6 +94,37 @@ async fn namespace_sidecars_get_a_redis_user_of_their_own() {
     assert_eq!(
         refused.kind(),
         redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm)
+    );
+
+    // Once every ClaudeKey is decided, the leftover goes; the namespace's own user stays.
+    let user_list = || {
+        let mut admin = admin.clone();
+        async move {
+            redis::cmd("ACL")
+                .arg("USERS")
+                .query_async::<Vec<String>>(&mut admin)
+                .await
+                .unwrap()
+        }
+    };
+    support::eventually(WAIT, "the leftover Redis user deleted", || async {
+        (!user_list().await.contains(&leftover)).then_some(())
+    })
+    .await;
+    assert!(user_list().await.contains(&user));
+    // Deleting the namespace's last such ClaudeKey ends its user: access ends with the grant.
+    let claudekeys: Api<ClaudeKey> = Api::namespaced(client.clone(), &team);
+    claudekeys
+        .delete("bot", &DeleteParams::default())
+        .await
+        .unwrap();
+    support::eventually(WAIT, "the namespace's Redis user deleted", || async {
+        (!user_list().await.contains(&user)).then_some(())
+    })
+    .await;
+    assert!(
+        connect_as_url(&url).await.is_err(),
+        "the deleted user's password still works"
     );
     controller.stop().await;
     let logs = logs();
