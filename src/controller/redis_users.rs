@@ -101,16 +101,21 @@ impl Claims {
     }
 }
 
-/// The users of ours in `existing` (`ACL USERS`) whose namespace is not in `wanted`.
-pub fn stale_users(existing: &[String], wanted: &[String]) -> Vec<String> {
-    let wanted: BTreeSet<String> = wanted
-        .iter()
-        .map(|ns| shared_counters::namespace_user(ns))
-        .collect();
+/// The users of ours in `existing` (`ACL USERS`) for namespaces this controller `covers` and
+/// that are not in `wanted`. A controller that watches one namespace judges only that one's
+/// user: the others' may be another controller's, sharing this Redis.
+pub fn stale_users(
+    existing: &[String],
+    wanted: &[String],
+    covers: impl Fn(&str) -> bool,
+) -> Vec<String> {
     let ours = shared_counters::namespace_user("");
     existing
         .iter()
-        .filter(|user| user.starts_with(&ours) && !wanted.contains(*user))
+        .filter(|user| {
+            user.strip_prefix(&ours)
+                .is_some_and(|ns| covers(ns) && !wanted.iter().any(|w| w == ns))
+        })
         .cloned()
         .collect()
 }
@@ -164,11 +169,13 @@ impl NamespaceUsers {
     /// Applies the wanted users every resync period and whenever the wanted namespaces change;
     /// runs until dropped. `password` derives a namespace's password
     /// (`super::seal::Sealer::redis_password`); `claudekeys`, the controller's cache, tells
-    /// which ClaudeKeys exist (without it, as in tests without a cluster, no user is deleted).
+    /// which ClaudeKeys exist (without it, as in tests without a cluster, no user is deleted),
+    /// and `covers` which namespaces' users are this controller's to delete.
     pub async fn run(
         &self,
         password: impl Fn(&str) -> String,
         claudekeys: Option<Store<ClaudeKey>>,
+        covers: impl Fn(&str) -> bool,
     ) {
         if let Some(store) = &claudekeys {
             // Reconciles read the cache: nothing is decided before its first full list.
@@ -177,7 +184,9 @@ impl NamespaceUsers {
         let mut healthy = None;
         loop {
             let (namespaces, all_decided) = self.snapshot(claudekeys.as_ref());
-            let outcome = self.apply(&namespaces, all_decided, &password).await;
+            let outcome = self
+                .apply(&namespaces, all_decided.then_some(&covers), &password)
+                .await;
             match (&outcome, healthy) {
                 (Ok(0), Some(true)) => {}
                 (Ok(deleted), _) => info!(
@@ -223,14 +232,14 @@ impl NamespaceUsers {
         (claims.namespaces(), all_decided)
     }
 
-    /// One pipeline: both scripts, then every user from scratch; then, once every ClaudeKey
-    /// is decided, the users of namespaces no longer wanted are deleted. Fails with the error's
-    /// category only (never a server message, which could quote an argument); the number
-    /// deleted.
+    /// One pipeline: both scripts, then every user from scratch; then, given the namespaces
+    /// it may judge (once every ClaudeKey is decided), the users of those no longer wanted are
+    /// deleted. Fails with the error's category only (never a server message, which could
+    /// quote an argument); the number deleted.
     async fn apply(
         &self,
         namespaces: &[String],
-        all_decided: bool,
+        judged: Option<&impl Fn(&str) -> bool>,
         password: &impl Fn(&str) -> String,
     ) -> Result<usize, String> {
         let mut pipe = redis::pipe();
@@ -246,12 +255,12 @@ impl NamespaceUsers {
         }
         let mut conn = self.conn.clone();
         bounded(pipe.query_async::<()>(&mut conn)).await?;
-        if !all_decided {
+        let Some(covers) = judged else {
             return Ok(0);
-        }
+        };
         let existing: Vec<String> =
             bounded(redis::cmd("ACL").arg("USERS").query_async(&mut conn)).await?;
-        let stale = stale_users(&existing, namespaces);
+        let stale = stale_users(&existing, namespaces, covers);
         if !stale.is_empty() {
             let delete = redis::cmd("ACL").arg("DELUSER").arg(&stale).clone();
             bounded(delete.query_async::<()>(&mut conn)).await?;
@@ -334,10 +343,16 @@ mod tests {
         ]
         .map(String::from);
         let wanted = ["team-a".to_string()];
+        let all = |_: &str| true;
         assert_eq!(
-            stale_users(&existing, &wanted),
+            stale_users(&existing, &wanted, all),
             ["claudekey-ns-team-ab", "claudekey-ns-gone"]
         );
-        assert!(stale_users(&existing[..2], &wanted).is_empty());
+        assert!(stale_users(&existing[..2], &wanted, all).is_empty());
+        assert_eq!(
+            stale_users(&existing, &wanted, |ns| ns == "gone"),
+            ["claudekey-ns-gone"],
+            "a namespaced controller judges its own namespace's user only"
+        );
     }
 }

@@ -113,9 +113,9 @@ pub(super) async fn run(
         async move {
             match &ctx.namespace_users {
                 Some(users) => {
-                    users
-                        .run(|ns| ctx.sealer.redis_password(ns), Some(store))
-                        .await
+                    let password = |ns: &str| ctx.sealer.redis_password(ns);
+                    let covers = |ns: &str| ctx.stores.covers(ns);
+                    users.run(password, Some(store), covers).await
                 }
                 None => futures::future::pending().await,
             }

@@ -51,7 +51,7 @@ fn controller_users(
         users.want(ns);
     }
     let running = users.clone();
-    tokio::spawn(async move { running.run(password, None).await });
+    tokio::spawn(async move { running.run(password, None, |_| true).await });
     users
 }
 
