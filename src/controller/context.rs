@@ -14,7 +14,7 @@ use super::consumers::RestartLimiter;
 use super::decide::RotationReason;
 use super::in_use::{KeysInUse, SourceKeys};
 use super::metrics::Metrics;
-use super::orphans::Queue;
+use super::queue::Queue;
 use super::redis_users::NamespaceUsers;
 use super::seal::Sealer;
 use super::secrets::GatewayEndpoint;

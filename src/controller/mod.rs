@@ -14,6 +14,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod orphans;
 pub mod plan;
+pub mod queue;
 pub mod reconcile;
 pub mod redis_users;
 pub mod report;

@@ -12,15 +12,13 @@
 //! and the delete carries the config's uid and resourceVersion as preconditions, so a config
 //! written meanwhile for a new ClaudeKey is never removed.
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, ListParams, Preconditions};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -80,30 +78,6 @@ pub fn orphaned(written: Option<&str>, live: Option<&str>) -> bool {
     }
 }
 
-/// ClaudeKeys whose config the sweep should look at soon: deleted ones, and ones whose
-/// reconcile found an earlier ClaudeKey's config. Pushing never blocks a reconcile or a watch.
-#[derive(Default)]
-pub struct Queue {
-    pending: Mutex<BTreeSet<(String, String)>>,
-    wake: Notify,
-}
-
-impl Queue {
-    pub fn push(&self, namespace: &str, name: &str) {
-        self.lock()
-            .insert((namespace.to_string(), name.to_string()));
-        self.wake.notify_one();
-    }
-
-    fn take(&self) -> BTreeSet<(String, String)> {
-        std::mem::take(&mut *self.lock())
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<(String, String)>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
 /// The leader's sweep, for as long as it leads: every config at start and each
 /// [`FULL_SWEEP`], and the queued ClaudeKeys as they come.
 pub async fn sweep_forever(ctx: Arc<Context>, claudekeys: Store<ClaudeKey>) {
@@ -126,7 +100,7 @@ pub async fn sweep_forever(ctx: Arc<Context>, claudekeys: Store<ClaudeKey>) {
             }
         }
         tokio::select! {
-            () = ctx.orphans.wake.notified() => {}
+            () = ctx.orphans.pushed() => {}
             () = tokio::time::sleep_until(next_full) => {}
         }
     }
@@ -296,15 +270,5 @@ mod tests {
         assert!(!orphaned(Some("u1"), Some("u1")));
         assert!(orphaned(None, None));
         assert!(!orphaned(None, Some("u2")));
-    }
-
-    #[test]
-    fn queued_claudekeys_are_taken_once() {
-        let queue = Queue::default();
-        queue.push("team", "bot");
-        queue.push("team", "bot");
-        queue.push("team", "other");
-        assert_eq!(queue.take().len(), 2);
-        assert!(queue.take().is_empty());
     }
 }
