@@ -96,6 +96,25 @@ impl Claims {
         live.iter().all(|key| self.decided.contains(key))
     }
 
+    /// [`Claims::settle`] against the controller's cache.
+    fn settle_with(&mut self, store: &Store<ClaudeKey>) -> bool {
+        // A ClaudeKey being deleted needs no decision, nor keeps its claim: one held in
+        // Terminating by someone else's finalizer must not hold up every deletion.
+        let staying = |ck: &ClaudeKey| ck.metadata.deletion_timestamp.is_none();
+        let live: Vec<(String, String)> = store
+            .state()
+            .iter()
+            .filter(|ck| staying(ck))
+            .filter_map(|ck| Some((ck.metadata.namespace.clone()?, ck.metadata.name.clone()?)))
+            .collect();
+        let exists = |ns: &str, name: &str| {
+            store
+                .get(&ObjectRef::new(name).within(ns))
+                .is_some_and(|ck| staying(&ck))
+        };
+        self.settle(exists, &live)
+    }
+
     fn namespaces(&self) -> Vec<String> {
         self.wanted.keys().cloned().collect()
     }
@@ -222,13 +241,7 @@ impl NamespaceUsers {
         let Some(store) = claudekeys else {
             return (claims.namespaces(), false);
         };
-        let live: Vec<(String, String)> = store
-            .state()
-            .iter()
-            .filter_map(|ck| Some((ck.metadata.namespace.clone()?, ck.metadata.name.clone()?)))
-            .collect();
-        let exists = |ns: &str, name: &str| store.get(&ObjectRef::new(name).within(ns)).is_some();
-        let all_decided = claims.settle(exists, &live);
+        let all_decided = claims.settle_with(store);
         (claims.namespaces(), all_decided)
     }
 
@@ -329,6 +342,41 @@ mod tests {
         assert!(
             Claims::default().settle(|_, _| false, &[]),
             "no ClaudeKey at all"
+        );
+    }
+
+    #[test]
+    fn a_claudekey_being_deleted_holds_up_nothing() {
+        use kube::runtime::{reflector, watcher};
+
+        use crate::crd::ClaudeKey;
+
+        let claudekey = |name: &str, terminating: bool| {
+            let mut ck: ClaudeKey = serde_json::from_value(serde_json::json!({
+                "apiVersion": "claudekey.io/v1alpha2", "kind": "ClaudeKey",
+                "metadata": { "name": name, "namespace": "team-a" },
+                "spec": { "sourceRef": { "kind": "ClusterClaudeKeySource", "name": "s" } },
+            }))
+            .unwrap();
+            if terminating {
+                ck.metadata.deletion_timestamp =
+                    Some(crate::controller::conditions::time(chrono::Utc::now()));
+                ck.metadata.finalizers = Some(vec!["example.com/someone-elses".into()]);
+            }
+            ck
+        };
+        let (store, mut writer) = reflector::store::<ClaudeKey>();
+        for ck in [claudekey("bot", false), claudekey("stuck", true)] {
+            writer.apply_watcher_event(&watcher::Event::Apply(ck));
+        }
+        let mut claims = Claims::default();
+        claims.decide("team-a", "stuck", true);
+        assert!(!claims.settle_with(&store), "bot is not decided yet");
+        assert!(claims.namespaces().is_empty(), "stuck's claim goes with it");
+        claims.decide("team-a", "bot", false);
+        assert!(
+            claims.settle_with(&store),
+            "only bot needed deciding: stuck is being deleted"
         );
     }
 
