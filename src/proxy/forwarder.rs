@@ -260,18 +260,13 @@ impl Forwarder {
         let builder = auto::Builder::new(TokioExecutor::new());
         tokio::pin!(shutdown);
         loop {
-            let (stream, _) = tokio::select! {
+            let stream = tokio::select! {
                 () = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "failed to accept a connection");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
+                accepted = super::server_limits::accept(&listener) => match accepted {
+                    Some(stream) => stream,
+                    None => continue,
                 },
             };
-            let _ = stream.set_nodelay(true);
             let this = self.clone();
             let service = service_fn(move |req| {
                 let this = this.clone();

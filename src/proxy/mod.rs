@@ -205,18 +205,13 @@ impl Proxy {
                     Err(_) => break,
                 },
             };
-            let (stream, _) = tokio::select! {
+            let stream = tokio::select! {
                 () = &mut stop => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "failed to accept a connection");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
+                accepted = server_limits::accept(&listener) => match accepted {
+                    Some(stream) => stream,
+                    None => continue,
                 },
             };
-            let _ = stream.set_nodelay(true);
             let shared = self.shared.clone();
             // Boxed here, once: the request's future is several KiB (every step's state), and
             // each layer above it (server limits, drain, hyper's dispatcher) would otherwise

@@ -24,10 +24,31 @@ use hyper_util::{
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 
 use super::body::ProxyBody;
+
+/// The next connection, with Nagle off (every response is written whole). A failed accept
+/// (out of file descriptors, say) pauses briefly rather than spin, then says so with `None`:
+/// the caller loops.
+pub async fn accept(listener: &TcpListener) -> Option<TcpStream> {
+    match listener.accept().await {
+        Ok((stream, _)) => {
+            let _ = stream.set_nodelay(true);
+            Some(stream)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "failed to accept a connection");
+            tokio::time::sleep(ACCEPT_PAUSE).await;
+            None
+        }
+    }
+}
+
+/// How long a failed accept pauses the listener.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
 use crate::shutdown::drain::ConnectionDrain;
 
 /// The limits of one listener.

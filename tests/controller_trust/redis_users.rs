@@ -17,7 +17,7 @@ use crate::{apply_ref, cluster_wide, serial, unique};
 use crate::{controller_support::*, support};
 
 const ADMIN_PASSWORD: &str = "platform-admin-password-for-redis";
-const WAIT: Duration = Duration::from_secs(30);
+const WAIT: Duration = Duration::from_secs(60);
 
 /// A connection that answered PING as the user and password in `url`.
 async fn connect_as_url(url: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
