@@ -102,3 +102,18 @@ impl Backends {
         }
     }
 }
+
+/// The `Display` texts of a transport error and its sources ("dispatch failure: io error: …"),
+/// each once: the transport's own words, never a response body nor an SDK's `Debug` dump.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        let text = e.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+        cur = e.source();
+    }
+    parts.join(": ")
+}

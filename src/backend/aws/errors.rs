@@ -49,7 +49,7 @@ pub(super) fn map_sdk_error(
         SdkError::DispatchFailure(_) | SdkError::ConstructionFailure(_) => {
             // Credential-chain failures land here ("no credentials", IRSA token unreadable);
             // the context chain names which provider failed and why.
-            let context = truncate(&error_chain(err));
+            let context = truncate(&crate::backend::error_chain(err));
             if context.to_ascii_lowercase().contains("credential") {
                 BackendError::AccessDenied {
                     source_name: at.name(),
@@ -155,21 +155,6 @@ fn classify_service_error(
             detail: format!("Secrets Manager returned {code} (HTTP {status}){aws_says}"),
         },
     }
-}
-
-/// The `Display` texts of an error and its sources ("dispatch failure: io error: …"): the
-/// transport's own words, without the SDK's `Debug` dump.
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        let text = e.to_string();
-        if parts.last() != Some(&text) {
-            parts.push(text);
-        }
-        cur = e.source();
-    }
-    parts.join(": ")
 }
 
 fn truncate(s: &str) -> String {

@@ -114,7 +114,7 @@ fn unavailable(err: &ClientError, at: &str, addr: &str) -> BackendError {
             },
         ) => format!(
             "failed to reach Vault at {addr}: {}",
-            error_chain(source.as_ref())
+            crate::backend::error_chain(source.as_ref())
         ),
         // Display of the other vaultrs errors is a fixed sentence; their sources (parse errors)
         // are not followed, since serde messages can quote the body.
@@ -124,21 +124,6 @@ fn unavailable(err: &ClientError, at: &str, addr: &str) -> BackendError {
         source_name: at.to_string(),
         detail,
     }
-}
-
-/// The chain of `source()` messages of a transport error (connection refused, TLS), which never
-/// include a response body.
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = Vec::new();
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        let text = e.to_string();
-        if parts.last() != Some(&text) {
-            parts.push(text);
-        }
-        cur = e.source();
-    }
-    parts.join(": ")
 }
 
 #[cfg(test)]
