@@ -75,14 +75,7 @@ async fn put_unlabelled(client: &kube::Client, ns: &str, name: &str, entries: &[
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let body = json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": name }, "stringData": data });
-    Api::<Secret>::namespaced(client.clone(), ns)
-        .patch(
-            name,
-            &PatchParams::apply("claudekey-tests").force(),
-            &Patch::Apply(&body),
-        )
-        .await
-        .expect("write Secret");
+    apply_secret(client, ns, name, &body).await;
 }
 
 /// Fails when any Secret in `ns` holds any of `values`, raw or base64-encoded.

@@ -195,14 +195,19 @@ pub async fn put_upstream(client: &Client, ns: &str, name: &str, value: &str) {
         ..Default::default()
     };
     let body = serde_json::json!({ "apiVersion": "v1", "kind": "Secret", "metadata": secret.metadata, "data": secret.data });
+    apply_secret(client, ns, name, &body).await;
+}
+
+/// Server-side applies Secret `ns/name` as the tests' field manager, taking over its fields.
+pub async fn apply_secret(client: &kube::Client, ns: &str, name: &str, body: &serde_json::Value) {
     Api::<Secret>::namespaced(client.clone(), ns)
         .patch(
             name,
             &PatchParams::apply("claudekey-tests").force(),
-            &Patch::Apply(&body),
+            &Patch::Apply(body),
         )
         .await
-        .expect("write upstream Secret");
+        .unwrap_or_else(|e| panic!("write Secret {ns}/{name}: {e}"));
 }
 
 /// Applies a ClaudeKey whose spec is given as YAML (indented two spaces under `spec:`). A spec
