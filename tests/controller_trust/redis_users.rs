@@ -36,13 +36,11 @@ async fn namespace_sidecars_get_a_redis_user_of_their_own() {
     let redis = RedisServer::start(Some(ADMIN_PASSWORD));
     let source = unique("redis");
     put_upstream(&client, &operator, &source, &upstream_key()).await;
-    apply_cluster_source(
-        &client,
-        &source,
+    let allowing = |namespace: &str| {
         json!({ "kubernetesSecret": { "name": &source }, "placement": "namespace",
-                "allowedNamespaces": { "names": [&team] } }),
-    )
-    .await;
+                "allowedNamespaces": { "names": [namespace] } })
+    };
+    apply_cluster_source(&client, &source, allowing(&team)).await;
     let mut config = cluster_wide(&operator, None);
     config.redis = Some(RedisSettings {
         url: SecretString::from(redis.url_without_password()),
@@ -112,16 +110,29 @@ async fn namespace_sidecars_get_a_redis_user_of_their_own() {
     })
     .await;
     assert!(user_list().await.contains(&user));
-    // Deleting the namespace's last such ClaudeKey ends its user: access ends with the grant.
+    // Access ends with the grant, within the resync period (30 s): the source's or the
+    // deletion's watch event triggers the pass. First the namespace taken off the source...
+    let prompt = Duration::from_secs(15);
+    let user_gone = |what: &'static str| {
+        let (user_list, user) = (&user_list, &user);
+        support::eventually(prompt, what, move || async move {
+            (!user_list().await.contains(user)).then_some(())
+        })
+    };
+    apply_cluster_source(&client, &source, allowing("someone-else")).await;
+    user_gone("the revoked namespace's Redis user deleted").await;
+    // ...then given back (the user comes back), then its last such ClaudeKey deleted.
+    apply_cluster_source(&client, &source, allowing(&team)).await;
+    support::eventually(prompt, "the namespace's Redis user again", || async {
+        connect_as_url(&url).await.ok()
+    })
+    .await;
     let claudekeys: Api<ClaudeKey> = Api::namespaced(client.clone(), &team);
     claudekeys
         .delete("bot", &DeleteParams::default())
         .await
         .unwrap();
-    support::eventually(WAIT, "the namespace's Redis user deleted", || async {
-        (!user_list().await.contains(&user)).then_some(())
-    })
-    .await;
+    user_gone("the namespace's Redis user deleted").await;
     assert!(
         connect_as_url(&url).await.is_err(),
         "the deleted user's password still works"
