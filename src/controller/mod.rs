@@ -354,14 +354,13 @@ pub async fn run_with(
             tracing::info!(identity = config.identity, "acquired the controller Lease");
             metrics.leader.set(1);
         }
-        let reconciles = watches::run(
+        let controller = watches::run(
             &client,
             &config,
             ctx.clone(),
             writers,
             stopped(stop_rx.clone()),
         );
-        let controller = reconciles;
         let result = match &elector {
             Some(elector) => tokio::select! {
                 () = controller => Ok(()),

@@ -1,6 +1,7 @@
 //! The watches of the controller and the tasks beside its reconcile loop: the kube-runtime
-//! `Controller` over ClaudeKeys, the caches its reconciles read (`super::stores`), and the
-//! sweeps of key ages, retired keys and orphaned configs.
+//! `Controller` over ClaudeKeys, the caches its reconciles read (`super::stores`), the sweeps
+//! of key ages, retired keys and orphaned configs, and the namespaces' Redis users. All of it
+//! runs on the leader only.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -358,7 +358,11 @@ async fn a_flood_leaves_memory_bounded_and_real_reviews_answered() {
         let expected: &[u16] = match *what {
             "declared 8 MiB" => &[413],
             "chunked 8 MiB" => &[413, 503],
-            _ => &[200, 503],
+            // 408: a body that took longer than `BODY_READ_TIMEOUT` to arrive. Twelve 5 MiB
+            // bodies encrypted at once by this (debug) test process, on the two cores the
+            // server uses, once left one 10 s short (2026-12-03); the server's slow-body refusal
+            // is then right, and the apiserver treats it as any failed call.
+            _ => &[200, 503, 408],
         };
         assert!(expected.contains(status), "{n} × {what} got {status}");
     }
