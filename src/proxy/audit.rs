@@ -23,6 +23,7 @@ use super::usage::Usage;
 #[derive(Serialize, Debug, Clone, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditRecord {
+    #[serde(serialize_with = "rfc3339")]
     pub time: DateTime<Utc>,
     /// `namespace/name`; empty when the request was refused before it was authenticated.
     #[serde(serialize_with = "shared")]
@@ -62,6 +63,13 @@ pub struct AuditRecord {
     pub injection_flagged: bool,
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "shared_opt")]
     pub upstream_key: Option<Arc<str>>,
+}
+
+/// The same text as chrono's own `Serialize` (RFC 3339, `Z`, as many fraction digits as needed),
+/// written in one piece: chrono's impl goes through `collect_str`, which serde_json escapes a
+/// character at a time (about 2k instructions a line, ~1% of a request).
+fn rfc3339<S: serde::Serializer>(time: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
 }
 
 // `Arc<str>` as a plain string (serde's own impl needs its `rc` feature, which would rebuild
@@ -241,6 +249,21 @@ fn write_lines(rx: mpsc::Receiver<Message>, mut writer: Box<dyn Write + Send>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_time_is_written_as_chrono_writes_it() {
+        use chrono::TimeZone;
+        let whole = Utc.with_ymd_and_hms(2026, 12, 3, 23, 7, 20).unwrap();
+        for nanos in [0, 1, 304_000_000, 304_194_000, 304_194_507, 999_999_999] {
+            let time = whole + chrono::Duration::nanoseconds(nanos);
+            let ours = serde_json::to_value(AuditRecord {
+                time,
+                ..AuditRecord::default()
+            })
+            .unwrap();
+            assert_eq!(ours["time"], serde_json::to_value(time).unwrap(), "{nanos}");
+        }
+    }
 
     #[test]
     fn writes_one_camel_case_line_per_record() {

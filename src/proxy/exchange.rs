@@ -21,7 +21,7 @@ use super::{
     audit::{AuditRecord, AuditSink},
     error::ApiError,
     limits::Reservation,
-    metrics::Metrics,
+    metrics::{Finished, Metrics},
     redact::Counts,
     request::Facts,
     scope::Route,
@@ -205,15 +205,18 @@ impl Exchange {
         audit.latency_ms = elapsed.as_secs_f64() * 1000.0;
         let metrics = &self.recorder.metrics;
         let label = self.tenant.as_ref().map_or(&*UNAUTHENTICATED, |t| &t.label);
-        metrics.request(
-            label,
-            &self.model_label,
-            audit.endpoint,
-            audit.status,
-            elapsed,
-            &self.usage,
+        metrics.finished(
+            self.tenant.as_ref().map(|t| &t.series),
+            &Finished {
+                claudekey: label,
+                model: &self.model_label,
+                endpoint: audit.endpoint,
+                status: audit.status,
+                outcome: audit.outcome,
+                elapsed,
+                usage: &self.usage,
+            },
         );
-        metrics.outcome(label, audit.outcome);
         if let Some(tenant) = &self.tenant {
             for (name, n) in self
                 .counts

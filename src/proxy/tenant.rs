@@ -71,6 +71,8 @@ pub struct Tenant {
     pub injection: PromptInjectionMode,
     /// The audit line's user hash, keyed by the ClaudeKey's salt.
     pub user_hasher: super::audit::UserHasher,
+    /// Its per-request metric series, resolved on first use.
+    pub series: super::metrics::Series,
 }
 
 impl Tenant {
@@ -143,6 +145,7 @@ impl Tenant {
             redactor: Redactor::shared(&policy.data_protection)?,
             redact_responses: policy.data_protection.redact_responses,
             injection: policy.data_protection.prompt_injection,
+            series: Default::default(),
         })
     }
 

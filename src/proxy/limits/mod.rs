@@ -240,7 +240,8 @@ pub struct Reservation {
     limits: Arc<KeyLimits>,
     tpm: u64,
     tokens: u64,
-    model: Option<String>,
+    /// The model's list price, looked up once at admission.
+    price: prices::Price,
     budgets: Budgets,
     pub counted: Counted,
     /// Some end user of this request was counted in the shared overflow window.
@@ -267,7 +268,7 @@ impl KeyLimits {
             limits: self.clone(),
             tpm: spec.tokens_per_minute.unwrap_or(0),
             tokens,
-            model: ask.model.map(str::to_owned),
+            price: self.prices.price(ask.model),
             budgets,
             counted,
             user_overflow,
@@ -414,7 +415,7 @@ impl Reservation {
     /// `settlements::SETTLE_DELAY`, merged per ClaudeKey; one that fails is counted locally.
     pub fn settle(self, used: u64, usage: &Usage) {
         let limits = self.limits.clone();
-        let nanos = limits.prices.nanos(self.model.as_deref(), usage);
+        let nanos = self.price.nanos(usage);
         let shared = match (&limits.shared, self.counted) {
             (Some(shared), Counted::Shared) => Some(shared.clone()),
             _ => None,
