@@ -200,27 +200,32 @@ impl NamespaceUsers {
             // Reconciles read the cache: nothing is decided before its first full list.
             let _ = store.wait_until_ready().await;
         }
-        let mut healthy = None;
+        let mut applied_before = None;
         loop {
             let (namespaces, all_decided) = self.snapshot(claudekeys.as_ref());
-            let outcome = self
+            let pass = self
                 .apply(&namespaces, all_decided.then_some(&covers), &password)
                 .await;
-            match (&outcome, healthy) {
-                (Ok(0), Some(true)) => {}
-                (Ok(deleted), _) => info!(
+            match report(&pass, applied_before) {
+                Report::Quiet => {}
+                Report::Applied { deleted } => info!(
                     namespaces = namespaces.len(),
                     deleted, "shared limits: Redis users of namespace sidecars applied"
                 ),
-                (Err(category), Some(false)) => {
+                Report::StillDown(category) => {
                     tracing::debug!(error = %category, "shared limits: Redis still unreachable")
                 }
-                (Err(category), _) => warn!(
+                Report::ApplyFailed(category) => warn!(
                     error = %category,
                     "shared limits: failed to apply the Redis users of namespace sidecars; they count their fallback share until it succeeds"
                 ),
+                Report::PruneFailed(category) => warn!(
+                    error = %category,
+                    namespaces = namespaces.len(),
+                    "shared limits: Redis users of namespace sidecars applied, but those no longer wanted could not be listed or deleted (ACL USERS, ACL DELUSER); they keep their access until a pass succeeds"
+                ),
             }
-            healthy = Some(outcome.is_ok());
+            applied_before = Some(pass.applied.is_ok());
             // Until every ClaudeKey is decided, look again soon: the first pass after that is
             // the one that finds users left by an earlier controller.
             let next = match (&claudekeys, all_decided) {
@@ -247,14 +252,14 @@ impl NamespaceUsers {
 
     /// One pipeline: both scripts, then every user from scratch; then, given the namespaces
     /// it may judge (once every ClaudeKey is decided), the users of those no longer wanted are
-    /// deleted. Fails with the error's category only (never a server message, which could
-    /// quote an argument); the number deleted.
+    /// deleted. Errors are categories only (never a server message, which could quote an
+    /// argument).
     async fn apply(
         &self,
         namespaces: &[String],
         judged: Option<&impl Fn(&str) -> bool>,
         password: &impl Fn(&str) -> String,
-    ) -> Result<usize, String> {
+    ) -> Pass {
         let mut pipe = redis::pipe();
         for script in [
             shared_counters::admit_script(),
@@ -267,18 +272,64 @@ impl NamespaceUsers {
             pipe.cmd("ACL").arg("SETUSER").arg(rules).ignore();
         }
         let mut conn = self.conn.clone();
-        bounded(pipe.query_async::<()>(&mut conn)).await?;
-        let Some(covers) = judged else {
-            return Ok(0);
+        let applied = bounded(pipe.query_async::<()>(&mut conn)).await;
+        let pruned = match (&applied, judged) {
+            (Ok(()), Some(covers)) => Some(prune(&mut conn, namespaces, covers).await),
+            _ => None,
         };
-        let existing: Vec<String> =
-            bounded(redis::cmd("ACL").arg("USERS").query_async(&mut conn)).await?;
-        let stale = stale_users(&existing, namespaces, covers);
-        if !stale.is_empty() {
-            let delete = redis::cmd("ACL").arg("DELUSER").arg(&stale).clone();
-            bounded(delete.query_async::<()>(&mut conn)).await?;
-        }
-        Ok(stale.len())
+        Pass { applied, pruned }
+    }
+}
+
+/// Deletes our users of the namespaces `covers` that are not in `wanted`; how many.
+async fn prune(
+    conn: &mut ConnectionManager,
+    wanted: &[String],
+    covers: &impl Fn(&str) -> bool,
+) -> Result<usize, String> {
+    let existing: Vec<String> = bounded(redis::cmd("ACL").arg("USERS").query_async(conn)).await?;
+    let stale = stale_users(&existing, wanted, covers);
+    if !stale.is_empty() {
+        let delete = redis::cmd("ACL").arg("DELUSER").arg(&stale).clone();
+        bounded(delete.query_async::<()>(conn)).await?;
+    }
+    Ok(stale.len())
+}
+
+/// What one pass did.
+#[derive(Debug)]
+struct Pass {
+    /// The scripts and every wanted user, or why not.
+    applied: Result<(), String>,
+    /// The users no longer wanted: how many were deleted, or why not; `None` when the pass did
+    /// not judge them (not every ClaudeKey decided yet, or nothing applied).
+    pruned: Option<Result<usize, String>>,
+}
+
+/// What a pass is worth saying.
+#[derive(Debug, PartialEq, Eq)]
+enum Report {
+    Quiet,
+    Applied {
+        deleted: usize,
+    },
+    /// Unreachable again, as at the last pass.
+    StillDown(String),
+    ApplyFailed(String),
+    /// The users were applied, but a namespace that lost its grant may keep its user: said at
+    /// every pass while it lasts, since it is access that should have ended.
+    PruneFailed(String),
+}
+
+/// The report of `pass`, given whether the last one applied (`None`: the first pass).
+fn report(pass: &Pass, applied_before: Option<bool>) -> Report {
+    match (&pass.applied, &pass.pruned, applied_before) {
+        (Err(category), _, Some(false)) => Report::StillDown(category.clone()),
+        (Err(category), _, _) => Report::ApplyFailed(category.clone()),
+        (Ok(()), Some(Err(category)), _) => Report::PruneFailed(category.clone()),
+        (Ok(()), Some(Ok(0)) | None, Some(true)) => Report::Quiet,
+        (Ok(()), Some(Ok(deleted)), _) => Report::Applied { deleted: *deleted },
+        (Ok(()), None, _) => Report::Applied { deleted: 0 },
     }
 }
 
@@ -295,7 +346,50 @@ async fn bounded<T>(
 
 #[cfg(test)]
 mod tests {
-    use super::{Claims, stale_users};
+    use super::{Claims, Pass, Report, report, stale_users};
+
+    #[test]
+    fn a_pass_says_what_it_did_and_what_it_could_not() {
+        let pass = |applied: Result<(), &str>, pruned: Option<Result<usize, &str>>| Pass {
+            applied: applied.map_err(str::to_string),
+            pruned: pruned.map(|p| p.map_err(str::to_string)),
+        };
+        let down = pass(Err("io error"), None);
+        assert_eq!(report(&down, None), Report::ApplyFailed("io error".into()));
+        assert_eq!(
+            report(&down, Some(true)),
+            Report::ApplyFailed("io error".into())
+        );
+        assert_eq!(
+            report(&down, Some(false)),
+            Report::StillDown("io error".into())
+        );
+        // Applied: said on the first pass, on recovery and when users went; quiet otherwise.
+        let applied = pass(Ok(()), None);
+        assert_eq!(report(&applied, None), Report::Applied { deleted: 0 });
+        assert_eq!(
+            report(&applied, Some(false)),
+            Report::Applied { deleted: 0 }
+        );
+        assert_eq!(report(&applied, Some(true)), Report::Quiet);
+        assert_eq!(
+            report(&pass(Ok(()), Some(Ok(0))), Some(true)),
+            Report::Quiet
+        );
+        assert_eq!(
+            report(&pass(Ok(()), Some(Ok(2))), Some(true)),
+            Report::Applied { deleted: 2 }
+        );
+        // Users applied but the stale ones not deleted: never reported as a failure to apply,
+        // and never quiet, at every pass.
+        let unpruned = pass(Ok(()), Some(Err("NOPERM")));
+        for before in [None, Some(true), Some(false)] {
+            assert_eq!(
+                report(&unpruned, before),
+                Report::PruneFailed("NOPERM".into())
+            );
+        }
+    }
 
     fn key(ns: &str, name: &str) -> (String, String) {
         (ns.to_string(), name.to_string())
