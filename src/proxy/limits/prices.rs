@@ -185,10 +185,6 @@ impl PriceTable {
             .first()
             .map_or(self.unknown, |&i| self.prices[i])
     }
-
-    pub fn nanos(&self, model: Option<&str>, usage: &Usage) -> u64 {
-        self.price(model).nanos(usage)
-    }
 }
 
 #[cfg(test)]
@@ -208,15 +204,16 @@ mod tests {
     fn every_kind_of_token_at_its_list_price() {
         let table = PriceTable::default();
         // Sonnet 4.5: $3 in, $15 out, $3.75 cache write, $0.30 cache read per MTok.
-        let cost = table.nanos(
-            Some("claude-sonnet-4-5-20250929"),
-            &usage(1_000_000, 100_000, 10_000, 1_000_000),
-        );
+        let cost = table
+            .price(Some("claude-sonnet-4-5-20250929"))
+            .nanos(&usage(1_000_000, 100_000, 10_000, 1_000_000));
         let usd = 3.0 + 1.5 + 0.0375 + 0.30;
         assert_eq!(cost, (usd * NANOS_PER_USD).round() as u64);
         // One token of Haiku 3 cache read: $0.03/MTok = 30 nano-USD, exactly.
         assert_eq!(
-            table.nanos(Some("claude-3-haiku-20240307"), &usage(0, 0, 0, 1)),
+            table
+                .price(Some("claude-3-haiku-20240307"))
+                .nanos(&usage(0, 0, 0, 1)),
             30
         );
     }
