@@ -110,6 +110,18 @@ impl UserHasher {
     }
 }
 
+/// At most `max_chars` characters of a client's or upstream's text, for an audit field. Most
+/// texts are short: they are copied whole without walking their characters.
+pub fn clip(text: &str, max_chars: usize) -> String {
+    if text.len() <= max_chars {
+        return text.to_owned();
+    }
+    match text.char_indices().nth(max_chars) {
+        Some((end, _)) => text[..end].to_owned(),
+        None => text.to_owned(),
+    }
+}
+
 /// [`UserHasher::hash`] with a one-off key.
 pub fn hash_user(salt: &[u8; 32], user_id: &str) -> String {
     UserHasher::new(salt).hash(user_id)
@@ -248,6 +260,19 @@ fn write_lines(rx: mpsc::Receiver<Message>, mut writer: Box<dyn Write + Send>) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn clip_keeps_at_most_the_characters_asked() {
+        use super::clip;
+        assert_eq!(clip("claude-sonnet-4-5", 100), "claude-sonnet-4-5");
+        assert_eq!(clip("abcdef", 3), "abc");
+        assert_eq!(clip("abc", 3), "abc");
+        // Characters, not bytes: 4 two-byte characters fit under 3 only as 3.
+        assert_eq!(clip("éééé", 3), "ééé");
+        assert_eq!(clip("ééé", 3), "ééé");
+        assert_eq!(clip("", 0), "");
+        assert_eq!(clip("a", 0), "");
+    }
+
     use super::*;
 
     #[test]

@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use super::{
-    Mode, auth,
+    Mode, audit, auth,
     body::{ProxyBody, full},
     config::Store,
     error::ApiError,
@@ -209,7 +209,7 @@ fn read_facts(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
         .map(Facts::read)
         .collect::<Result<Vec<_>, _>>()?;
     if let Some(first) = facts.first() {
-        ex.audit.model = first.model.as_ref().map(|m| m.chars().take(100).collect());
+        ex.audit.model = first.model.as_deref().map(|m| audit::clip(m, 100));
         ex.audit.stream = first.stream;
         ex.audit.user_hash = first.user_id.as_deref().map(|u| tenant.user_hasher.hash(u));
         if let Some(model) = &first.model {
@@ -438,7 +438,7 @@ async fn respond(mut ex: Exchange, response: Response<Incoming>) -> Response<Pro
         .headers
         .get("request-id")
         .and_then(|v| v.to_str().ok())
-        .map(|s| s.chars().take(128).collect());
+        .map(|s| audit::clip(s, 128));
     let is_sse = parts
         .headers
         .get(header::CONTENT_TYPE)

@@ -28,6 +28,7 @@ use lease::{Lease, Needs};
 pub use local::MAX_USERS;
 use local::{Admitted, KeyLimiter};
 pub use metrics::LimitsMetrics;
+use metrics::SpendGauges;
 use prices::PriceTable;
 use settlements::Settlements;
 use shared::{AdmitCall, Keys, SharedCounters};
@@ -176,8 +177,10 @@ impl Limiters {
         let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(id.clone())
             .or_insert_with(|| {
+                let label: Arc<str> = format!("{}/{}", id.namespace, id.name).into();
                 Arc::new(KeyLimits {
-                    label: format!("{}/{}", id.namespace, id.name).into(),
+                    spend: SpendGauges::new(self.metrics.clone(), label.clone()),
+                    label,
                     keys: Keys::of(id),
                     local: KeyLimiter::default(),
                     lease: Lease::new(self.lease_ttl),
@@ -185,7 +188,6 @@ impl Limiters {
                     prices: self.prices.clone(),
                     fallback_share: self.fallback_share,
                     day_seconds: self.day_seconds,
-                    metrics: self.metrics.clone(),
                 })
             })
             .clone()
@@ -203,7 +205,7 @@ pub struct KeyLimits {
     prices: Arc<PriceTable>,
     fallback_share: f64,
     day_seconds: i64,
-    metrics: LimitsMetrics,
+    spend: SpendGauges,
 }
 
 impl std::fmt::Debug for KeyLimits {
@@ -279,7 +281,7 @@ impl KeyLimits {
                 self.local
                     .admit(spec, ask.users, ask.reserve_tokens, &budgets, &periods)?;
             let spent = self.local.spent(&periods);
-            self.metrics.show_spend(&self.label, &budgets, spent);
+            self.spend.show(&budgets, spent);
             return Ok(reservation(
                 admitted.tokens,
                 Counted::Local,
@@ -343,7 +345,7 @@ impl KeyLimits {
                 self.add_credit(shared, &admitted.grant, spec);
                 drop(asking);
                 let spent = (admitted.day_spend, admitted.month_spend);
-                self.metrics.show_spend(&self.label, &budgets, spent);
+                self.spend.show(&budgets, spent);
                 Ok(reservation(
                     reserve,
                     Counted::Shared,
@@ -426,9 +428,7 @@ impl Reservation {
             let spent = limits.local.settle(self.tokens, used, nanos, &periods);
             // A fallback's local spend is this proxy's share, not the ClaudeKey's total.
             if self.counted == Counted::Local {
-                limits
-                    .metrics
-                    .show_spend(&limits.label, &self.budgets, spent);
+                limits.spend.show(&self.budgets, spent);
             }
             return;
         };
@@ -443,7 +443,7 @@ impl Reservation {
         };
         let (owner, budgets, day_seconds) = (limits.clone(), self.budgets, limits.day_seconds);
         let done = Box::new(move |result: Result<(u64, u64), u64>| match result {
-            Ok(spent) => owner.metrics.show_spend(&owner.label, &budgets, spent),
+            Ok(spent) => owner.spend.show(&budgets, spent),
             Err(lost) => {
                 // Lost to the shared total: counted against this proxy's fallback share.
                 let periods = Periods::now(day_seconds);
