@@ -120,6 +120,11 @@ def fmt(m, unit="", scale=1.0, digits=0):
     return f"{f.format(mid)}{unit} ({f.format(lo)}..{f.format(hi)})"
 
 
+def kib_to_mb(kib):
+    """The targets are in MB (10^6 bytes); /proc reports KiB."""
+    return kib * 1024 / 1e6
+
+
 def verdict(value, limit, higher_is_better=False):
     if value is None:
         return "not measured"
@@ -404,13 +409,13 @@ def report(args):
     idle = rss.get(("claudekey", "idle"))
     idle_anon = anon.get(("claudekey", "idle"))
     w(
-        f"| proxy RSS idle | {'n/a' if idle is None else f'{idle / 1024:.1f} MiB'}"
+        f"| proxy RSS idle | {'n/a' if idle is None else f'{idle / 1024:.1f} MiB ({kib_to_mb(idle):.1f} MB)'}"
         f"{'' if not idle_anon else f' (anonymous: {idle_anon / 1024:.1f} MiB; the rest is pages of the executable)'} | <= 15 MB | "
-        f"{verdict(idle and idle / 1024, 15)} |"
+        f"{verdict(idle and kib_to_mb(idle), 15)} |"
     )
     w(
         f"| proxy RSS at 1k req/s | {fmt(rss_1k, ' MiB', 1 / 1024, 1)} | <= 30 MB | "
-        f"{verdict(rss_1k and rss_1k[2] / 1024, 30)} |"
+        f"{verdict(rss_1k and kib_to_mb(rss_1k[2]), 30)} |"
     )
     handler = [v for k, v in crit.items() if k.startswith("admission_review_10_containers/")]
     worst = max(handler, key=lambda v: v["ns"]) if handler else None
