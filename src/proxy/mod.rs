@@ -18,6 +18,7 @@ mod interned;
 pub mod kube_source;
 mod launch;
 pub mod limits;
+mod message_scan;
 pub mod metrics;
 mod observed;
 mod pipeline;

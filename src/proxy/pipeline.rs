@@ -21,6 +21,7 @@ use super::{
     forward::{Credential, Upstream, client_response_headers},
     injection::{self, PromptInjectionMode},
     limits::Ask,
+    message_scan,
     observed::Observed,
     redact::Counts,
     request::{self, Facts, MAX_BODY_BYTES, Piece},
@@ -470,6 +471,18 @@ async fn respond(mut ex: Exchange, response: Response<Incoming>) -> Response<Pro
 /// A complete, non-streamed message: its usage, and its text (with citations and tool inputs)
 /// redacted when the policy asks. Thinking passes unchanged: its signature covers it.
 fn read_message(tenant: &Tenant, bytes: Bytes) -> (Bytes, Usage, Counts) {
+    let redactor = (tenant.redact_responses && !tenant.redactor.is_empty())
+        .then_some(tenant.redactor.as_ref());
+    let suspect = |text: &str| redactor.is_some_and(|r| r.may_rewrite(text));
+    match message_scan::scan(&bytes, &suspect) {
+        Ok(scanned) if !scanned.suspect => (bytes, scanned.usage, Counts::default()),
+        _ => read_message_fully(tenant, bytes),
+    }
+}
+
+/// [`read_message`] through a `serde_json::Value`: what a message that may need redacting (or
+/// that is not one JSON object) takes.
+fn read_message_fully(tenant: &Tenant, bytes: Bytes) -> (Bytes, Usage, Counts) {
     let mut usage = Usage::default();
     let mut counts = Counts::default();
     let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&bytes) else {

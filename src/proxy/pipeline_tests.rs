@@ -36,3 +36,64 @@ fn complete_responses_redact_text_citations_and_tool_input_but_not_thinking() {
     assert_eq!(counts.total(), 3);
     assert_eq!((usage.input, usage.output), (3, 4));
 }
+
+/// The borrowing pass must never skip a message the full path would change, nor read its usage
+/// differently: both ways agree on every body, for a policy with and without response redaction.
+fn both_ways_agree(body: &str) {
+    let redacting = tenant();
+    let mut plain = tenant();
+    plain.redact_responses = false;
+    for t in [&redacting, &plain] {
+        let bytes = Bytes::from(body.to_string());
+        assert_eq!(
+            read_message(t, bytes.clone()),
+            read_message_fully(t, bytes),
+            "{body}"
+        );
+    }
+}
+
+#[test]
+fn the_borrowing_pass_agrees_with_the_full_path() {
+    for body in [
+        r#"{"content":[{"type":"text","text":"Hello."}],"usage":{"input_tokens":3,"output_tokens":4}}"#,
+        r#"{"content":[{"type":"text","text":"mail a@b.io"}],"usage":{"output_tokens":4}}"#,
+        r#"{"content":[{"type":"text","text":"x","citations":[{"cited_text":"a@b.io"}]}]}"#,
+        r#"{"content":[{"type":"tool_use","input":{"to":{"list":["a@b.io"]}}}]}"#,
+        r#"{"content":[{"type":"thinking","thinking":"a@b.io","signature":"s"}]}"#,
+        r#"{"content":"mail a\u0040b.io"}"#,
+        r#"{"content":"clean","content":"a@b.io","usage":{"input_tokens":1},"usage":{"output_tokens":2}}"#,
+        r#"{"id":"a@b.io","content":[],"usage":{"input_tokens":"7","output_tokens":7.0}}"#,
+        r#"[{"content":"a@b.io"}]"#,
+        r#"{"content":"a@b.io""#,
+        "not json",
+    ] {
+        both_ways_agree(body);
+    }
+}
+
+proptest::proptest! {
+    #[test]
+    fn the_borrowing_pass_agrees_on_generated_messages(
+        texts in proptest::collection::vec(
+            proptest::sample::select(vec!["Hello", "a@b.io", "a\\u0040b.io", "x@y", "", "\\n", "é"]),
+            0..6,
+        ),
+        places in proptest::collection::vec(0usize..4, 0..6),
+    ) {
+        let blocks: Vec<String> = texts
+            .iter()
+            .zip(places.iter().chain(std::iter::repeat(&0)))
+            .map(|(text, place)| match place {
+                0 => format!(r#"{{"type":"text","text":"{text}"}}"#),
+                1 => format!(r#"{{"type":"text","text":"ok","citations":[{{"cited_text":"{text}"}}]}}"#),
+                2 => format!(r#"{{"type":"tool_use","input":{{"q":["{text}"]}}}}"#),
+                _ => format!(r#"{{"type":"thinking","thinking":"{text}","signature":"s"}}"#),
+            })
+            .collect();
+        both_ways_agree(&format!(
+            r#"{{"content":[{}],"usage":{{"input_tokens":1,"output_tokens":2}}}}"#,
+            blocks.join(",")
+        ));
+    }
+}

@@ -131,15 +131,17 @@ impl Redactor {
         self.rules.iter().map(|r| r.name.as_str())
     }
 
+    /// Whether [`Redactor::redact`] might rewrite the text; `false` means it certainly would
+    /// not. `is_match` stops at the first hit and needs no overlapping search, so the common
+    /// case (no PII at all) costs one fast pass.
+    pub fn may_rewrite(&self, text: &str) -> bool {
+        !self.rules.is_empty() && self.prefilter.is_match(text)
+    }
+
     /// Non-overlapping matches, in order; on overlap the earlier, then longer, then
     /// higher-priority match wins.
     fn find(&self, text: &str) -> Vec<Found> {
-        if self.rules.is_empty() {
-            return Vec::new();
-        }
-        // `is_match` stops at the first hit and needs no overlapping search, so the common case
-        // (no PII at all) costs one fast pass; only then ask which rules matched.
-        if !self.prefilter.is_match(text) {
+        if !self.may_rewrite(text) {
             return Vec::new();
         }
         let candidates = self.prefilter.matches(text);
