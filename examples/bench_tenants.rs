@@ -18,7 +18,11 @@ use std::{
 
 use clap::{Parser, ValueEnum};
 use claudekey::{
-    proxy::{caps::Caps, config::compile, limits::Limiters, redact::Redactor, scope::Scope},
+    crd::PromptInjectionMode,
+    proxy::{
+        caps::Caps, config::compile, limits::Limiters, prescreen::Prescreen, redact::Redactor,
+        scope::Scope,
+    },
     proxyconf::ProxyConfig,
 };
 use serde_json::json;
@@ -132,6 +136,12 @@ fn main() {
     let redactor = per_item(args.count, |i| {
         Redactor::new(&parsed[i].policy.data_protection).expect("redactor")
     });
+    let prescreen = per_item(args.count, |i| {
+        let redactor = Redactor::new(&parsed[i].policy.data_protection).expect("redactor");
+        let injection = parsed[i].policy.data_protection.prompt_injection;
+        (injection != PromptInjectionMode::Off && !redactor.is_empty())
+            .then(|| Prescreen::new(&redactor).expect("prescreen"))
+    });
     let caps = per_item(args.count, |i| {
         Caps::new(&parsed[i].policy.scope, &parsed[i].policy.data_protection)
     });
@@ -142,7 +152,11 @@ fn main() {
             "bytes_per_tenant": tenant.round(),
             "limiter": limiter.round(),
             "caps": caps.round(),
-            "per_distinct_policy": { "scope": scope.round(), "redactor": redactor.round() },
+            "per_distinct_policy": {
+                "scope": scope.round(),
+                "redactor": redactor.round(),
+                "prescreen": prescreen.round(),
+            },
         })
     );
 }

@@ -450,10 +450,13 @@ def report(args):
         )
     for r in (r for r in records if r["row"] == "tenant_heap"):
         m = r["m"]
+        distinct = m["per_distinct_policy"]
+        prescreen = distinct.get("prescreen", 0)
         w(
             f"| heap per gateway tenant, {r['policy']} policy shared by {m['count']:,} tenants | {m['bytes_per_tenant'] / 1024:.1f} KiB "
-            f"(a distinct policy adds {m['per_distinct_policy']['redactor'] / 1024:.1f} KiB redactor, "
-            f"{m['per_distinct_policy']['scope'] / 1024:.1f} KiB model globs) | | |"
+            f"(a distinct policy adds {distinct['redactor'] / 1024:.1f} KiB redactor, "
+            f"{f'{prescreen / 1024:.1f} KiB prescreen, ' if prescreen else ''}"
+            f"{distinct['scope'] / 1024:.1f} KiB model globs) | | |"
         )
     w("")
 

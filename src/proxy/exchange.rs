@@ -91,6 +91,9 @@ pub struct Exchange {
     pub json: Option<Value>,
     /// Facts of the request (of each request, for a batch).
     pub facts: Vec<Facts>,
+    /// The prescreen found nothing in any text: the injection screen and the redactor have
+    /// nothing to do.
+    pub texts_clear: bool,
     /// The model as a bounded metric label (an allowlist entry, `*`, `other` or `none`).
     pub model_label: Arc<str>,
     pub reservation: Option<Reservation>,
@@ -127,6 +130,7 @@ impl Exchange {
             body: Bytes::new(),
             json: None,
             facts: Vec::new(),
+            texts_clear: false,
             model_label: NO_MODEL.clone(),
             reservation: None,
             counts: Counts::default(),

@@ -49,12 +49,17 @@ pub const PATTERNS: &[(&str, &str)] = &[
 /// of the proxy's work on a 1 KB prompt); the lazy DFA alone reads the text once at a few
 /// instructions per byte, and finds exactly the same matches.
 static SET: LazyLock<meta::Regex> = LazyLock::new(|| {
-    let patterns: Vec<String> = PATTERNS.iter().map(|(_, p)| format!("(?i){p}")).collect();
+    let patterns: Vec<String> = screened_patterns().collect();
     meta::Regex::builder()
         .configure(meta::Config::new().auto_prefilter(false))
         .build_many(&patterns)
         .expect("injection patterns compile")
 });
+
+/// The patterns as the screen matches them (case-insensitive); the prescreen matches the same.
+pub fn screened_patterns() -> impl Iterator<Item = String> {
+    PATTERNS.iter().map(|(_, p)| format!("(?i){p}"))
+}
 
 /// The name of the first pattern that matches, if any.
 pub fn screen(text: &str) -> Option<&'static str> {

@@ -22,6 +22,7 @@ mod message_scan;
 pub mod metrics;
 mod observed;
 mod pipeline;
+pub mod prescreen;
 pub mod redact;
 pub mod request;
 pub mod scope;

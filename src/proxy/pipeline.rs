@@ -53,7 +53,7 @@ const REQUEST_STEPS: &[Step] = &[check_endpoint, check_betas];
 /// The steps of a Messages-style body (messages, count_tokens, batch create), in order; the
 /// limits (`admit`, async: it may ask Redis) come between the two lists.
 const BODY_STEPS: &[Step] = &[parse, read_facts, check_scope, check_caps];
-const AFTER_ADMIT: &[Step] = &[screen, redact];
+const AFTER_ADMIT: &[Step] = &[prescreen, screen, redact];
 
 /// The hyper service function.
 pub async fn handle(
@@ -280,9 +280,22 @@ async fn admit(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
     }
 }
 
+/// One pass over every text for the patterns of both steps after it (`prescreen.rs`).
+fn prescreen(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
+    let Some(prescreen) = &tenant.prescreen else {
+        return Ok(());
+    };
+    let mut clear = true;
+    for message in messages(ex)? {
+        clear = clear && prescreen.clears_request(message);
+    }
+    ex.texts_clear = clear;
+    Ok(())
+}
+
 /// The prompt-injection screen over everything but the app's own system prompt.
 fn screen(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
-    if tenant.injection == PromptInjectionMode::Off {
+    if tenant.injection == PromptInjectionMode::Off || ex.texts_clear {
         return Ok(());
     }
     let mut hit = None;
@@ -313,7 +326,7 @@ fn screen(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
 
 /// Redacts every text the walk visits; the body is re-encoded only when something changed.
 fn redact(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
-    if tenant.redactor.is_empty() {
+    if tenant.redactor.is_empty() || ex.texts_clear {
         return Ok(());
     }
     let batch = is_batch(ex);

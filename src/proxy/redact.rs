@@ -127,6 +127,11 @@ impl Redactor {
     }
 
     /// Names of the rules, by index, for audit lines and metrics.
+    /// The rules' patterns, in priority order (what the prefilter and the prescreen match).
+    pub fn patterns(&self) -> impl Iterator<Item = &str> {
+        self.prefilter.patterns().iter().map(String::as_str)
+    }
+
     pub fn rule_names(&self) -> impl Iterator<Item = &str> {
         self.rules.iter().map(|r| r.name.as_str())
     }

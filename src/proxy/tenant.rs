@@ -10,6 +10,7 @@ use secrecy::ExposeSecret;
 use super::{
     caps::Caps,
     limits::{KeyLimits, Limiters},
+    prescreen::Prescreen,
     redact::Redactor,
     scope::Scope,
 };
@@ -69,6 +70,8 @@ pub struct Tenant {
     pub redactor: Arc<Redactor>,
     pub redact_responses: bool,
     pub injection: PromptInjectionMode,
+    /// Both text steps in one pass, when both are on (shared like the redactor).
+    pub prescreen: Option<Arc<Prescreen>>,
     /// The audit line's user hash, keyed by the ClaudeKey's salt.
     pub user_hasher: super::audit::UserHasher,
     /// Its per-request metric series, resolved on first use.
@@ -129,6 +132,7 @@ impl Tenant {
         };
         let policy = &config.policy;
         let limiter = limiters.for_key(&config.claude_key);
+        let redactor = Redactor::shared(&policy.data_protection)?;
         Ok(Self {
             user_hasher: super::audit::UserHasher::new(&audit_salt),
             id: config.claude_key.clone(),
@@ -142,9 +146,10 @@ impl Tenant {
             caps: Caps::new(&policy.scope, &policy.data_protection),
             limits: policy.limits.clone(),
             limiter,
-            redactor: Redactor::shared(&policy.data_protection)?,
             redact_responses: policy.data_protection.redact_responses,
             injection: policy.data_protection.prompt_injection,
+            prescreen: Prescreen::shared(&redactor, policy.data_protection.prompt_injection),
+            redactor,
             series: Default::default(),
         })
     }
