@@ -126,12 +126,12 @@ impl Redactor {
         self.rules.is_empty()
     }
 
-    /// Names of the rules, by index, for audit lines and metrics.
     /// The rules' patterns, in priority order (what the prefilter and the prescreen match).
     pub fn patterns(&self) -> impl Iterator<Item = &str> {
         self.prefilter.patterns().iter().map(String::as_str)
     }
 
+    /// Names of the rules, by index, for audit lines and metrics.
     pub fn rule_names(&self) -> impl Iterator<Item = &str> {
         self.rules.iter().map(|r| r.name.as_str())
     }
