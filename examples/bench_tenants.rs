@@ -18,7 +18,6 @@ use std::{
 
 use clap::{Parser, ValueEnum};
 use claudekey::{
-    crd::PromptInjectionMode,
     proxy::{
         caps::Caps, config::compile, limits::Limiters, prescreen::Prescreen, redact::Redactor,
         scope::Scope,
@@ -139,7 +138,7 @@ fn main() {
     let prescreen = per_item(args.count, |i| {
         let redactor = Redactor::new(&parsed[i].policy.data_protection).expect("redactor");
         let injection = parsed[i].policy.data_protection.prompt_injection;
-        (injection != PromptInjectionMode::Off && !redactor.is_empty())
+        Prescreen::wanted(&redactor, injection)
             .then(|| Prescreen::new(&redactor).expect("prescreen"))
     });
     let caps = per_item(args.count, |i| {

@@ -30,7 +30,7 @@ impl Prescreen {
     /// The prescreen of a policy with both steps on; `None` when only one is (its own pass is
     /// already a single one) or the combined automaton would be too large.
     pub fn shared(redactor: &Redactor, injection: PromptInjectionMode) -> Option<Arc<Self>> {
-        if redactor.is_empty() || injection == PromptInjectionMode::Off {
+        if !Self::wanted(redactor, injection) {
             return None;
         }
         let patterns = patterns(redactor);
@@ -38,6 +38,11 @@ impl Prescreen {
         PRESCREENS
             .get_or_compile(key, || Self::compile(&patterns).ok_or(()))
             .ok()
+    }
+
+    /// Whether a policy gains from one: both text steps on.
+    pub fn wanted(redactor: &Redactor, injection: PromptInjectionMode) -> bool {
+        !redactor.is_empty() && injection != PromptInjectionMode::Off
     }
 
     /// The prescreen of `redactor`'s detectors and the injection screen, compiled for it alone
