@@ -12,18 +12,15 @@ use std::{
 
 use arc_swap::ArcSwapOption;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
 
 use super::{
     Mode,
+    dir_watch::DirWatch,
     limits::Limiters,
     metrics::Metrics,
     tenant::{Tenant, TenantError},
 };
 use crate::proxyconf::{FILE_NAME, ProxyConfig};
-
-/// Events closer together than this are one reload: the kubelet's swap is several renames.
-const DEBOUNCE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -258,25 +255,14 @@ pub fn spawn_watcher(
     poll: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<()>, ConfigError> {
-    use notify::{RecursiveMode, Watcher};
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = tx.send(());
-        }
-    })
-    .map_err(|source| ConfigError::Watch {
-        path: loader.dir.clone(),
-        source,
-    })?;
-    watcher
-        .watch(&loader.dir, RecursiveMode::Recursive)
-        .map_err(|source| ConfigError::Watch {
-            path: loader.dir.clone(),
-            source,
+    let mut watch =
+        DirWatch::start(&loader.dir, notify::RecursiveMode::Recursive).map_err(|source| {
+            ConfigError::Watch {
+                path: loader.dir.clone(),
+                source,
+            }
         })?;
     Ok(tokio::spawn(async move {
-        let _watcher = watcher;
         let mut ticker = tokio::time::interval(poll);
         ticker.tick().await;
         tokio::pin!(shutdown);
@@ -284,10 +270,7 @@ pub fn spawn_watcher(
             tokio::select! {
                 () = &mut shutdown => return,
                 _ = ticker.tick() => {}
-                Some(()) = rx.recv() => {
-                    tokio::time::sleep(DEBOUNCE).await;
-                    while rx.try_recv().is_ok() {}
-                }
+                Some(()) = watch.changed() => {}
             }
             reload_into(&mut loader, &store, &metrics);
         }

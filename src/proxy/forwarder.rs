@@ -25,17 +25,18 @@ use hyper_util::{
     server::{conn::auto, graceful::GracefulShutdown},
 };
 use sha2::{Digest, Sha256};
-use tokio::{net::TcpListener, sync::mpsc};
+use tokio::net::TcpListener;
 
-use super::config::{ConfigSet, Store};
+use super::{
+    config::{ConfigSet, Store},
+    dir_watch::DirWatch,
+};
 use crate::tls::{TrustError, client_config_trusting};
 
 /// Files of the mounted `<name>-client` Secret (CONTRACT.md).
 pub const API_KEY_FILE: &str = "ANTHROPIC_API_KEY";
 pub const BASE_URL_FILE: &str = "ANTHROPIC_BASE_URL";
 pub const CA_FILE: &str = "ca.crt";
-/// Events closer together than this are one reload: the kubelet's swap is several renames.
-const DEBOUNCE: Duration = Duration::from_millis(50);
 /// Re-read the directory this often even without a file event.
 const POLL: Duration = Duration::from_secs(10);
 
@@ -188,26 +189,15 @@ impl Forwarder {
     /// Watches the directory (the kubelet swaps its `..data` symlink) and reloads on any
     /// change, plus every 10 s in case an event was missed. Runs until the task is aborted.
     pub fn spawn_watcher(self: &Arc<Self>) -> notify::Result<tokio::task::JoinHandle<()>> {
-        use notify::{RecursiveMode, Watcher};
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<_>| {
-            if event.is_ok() {
-                let _ = tx.send(());
-            }
-        })?;
-        watcher.watch(&self.dir, RecursiveMode::NonRecursive)?;
+        let mut watch = DirWatch::start(&self.dir, notify::RecursiveMode::NonRecursive)?;
         let this = self.clone();
         Ok(tokio::spawn(async move {
-            let _watcher = watcher;
             let mut ticker = tokio::time::interval(POLL);
             ticker.tick().await;
             loop {
                 tokio::select! {
                     _ = ticker.tick() => {}
-                    Some(()) = rx.recv() => {
-                        tokio::time::sleep(DEBOUNCE).await;
-                        while rx.try_recv().is_ok() {}
-                    }
+                    Some(()) = watch.changed() => {}
                 }
                 this.reload_logged();
             }

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod body;
 pub mod caps;
 pub mod config;
+mod dir_watch;
 pub mod error;
 pub mod exchange;
 pub mod federation;
