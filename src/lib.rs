@@ -8,6 +8,7 @@ pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod crypto;
+pub mod events;
 pub mod fake_upstream;
 pub mod keys;
 pub mod proxy;

@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{
     Api, Client, Resource,
     api::{Patch, PatchParams},
-    runtime::events::{Event, EventType, Recorder, Reporter},
+    runtime::events::{Recorder, Reporter},
 };
 use secrecy::SecretString;
 
@@ -18,6 +18,7 @@ use crate::crd::{
     AnthropicAdminSpec, ClaudeKey, ClusterClaudeKeySource, SourceKind, annotations,
     gateway_config_secret_name, proxy_secret_name,
 };
+use crate::events;
 use crate::keys::masked_hint;
 use crate::proxyconf::{FILE_NAME, ProxyConfig};
 
@@ -134,17 +135,7 @@ async fn source_admin(
 
 async fn publish(client: &Client, ck: &ClaudeKey, warning: bool, reason: &str, note: String) {
     let recorder = Recorder::new(client.clone(), Reporter::from("claudekey-cli"));
-    let event = Event {
-        type_: if warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: reason.to_string(),
-        note: Some(note),
-        action: "Revoke".into(),
-        secondary: None,
-    };
+    let event = events::event(events::event_type(warning), "Revoke", reason, note);
     if let Err(e) = recorder.publish(&event, &ck.object_ref(&())).await {
         eprintln!("warning: failed to record the Event: {e}");
     }

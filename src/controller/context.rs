@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use kube::Client;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{EventType, Recorder};
 use kube::{Resource, api::ObjectMeta};
 
 use super::consumers::RestartLimiter;
@@ -21,6 +21,7 @@ use super::secrets::GatewayEndpoint;
 use super::stores::{Stores, WrittenStatus};
 use crate::backend::cache::BackendCache;
 use crate::crd::ClaudeKey;
+use crate::events;
 
 /// A hook run after both Secrets are written and before status, with the rotation (if any) that
 /// was just written: tests use it to kill a controller at exactly that point and prove a restart
@@ -141,13 +142,7 @@ impl Context {
 
     /// Publishes an Event on the ClaudeKey; a failure to record is logged, never fatal.
     pub async fn event(&self, ck: &ClaudeKey, type_: EventType, reason: &str, note: String) {
-        let event = Event {
-            type_,
-            reason: reason.to_string(),
-            note: Some(note),
-            action: "Reconcile".to_string(),
-            secondary: None,
-        };
+        let event = events::event(type_, "Reconcile", reason, note);
         let reference = ck.object_ref(&());
         if let Err(error) = self.recorder.publish(&event, &reference).await {
             let ObjectMeta {

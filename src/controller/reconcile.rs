@@ -8,10 +8,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use k8s_openapi::api::core::v1::Secret;
-use kube::{
-    Api, Resource, ResourceExt,
-    runtime::{controller::Action, events::EventType},
-};
+use kube::{Api, Resource, ResourceExt, runtime::controller::Action};
 use tracing::{instrument, warn};
 
 pub use super::apply::Error;
@@ -29,6 +26,7 @@ use super::stores::Cached;
 use crate::crd::{
     ClaudeKey, Placement, client_secret_name, gateway_config_secret_name, proxy_secret_name,
 };
+use crate::events;
 use crate::keys;
 
 /// How often a ClaudeKey refused its source is looked at again without any watch event.
@@ -194,12 +192,8 @@ async fn execute(
         );
     }
     for e in &events {
-        let type_ = if e.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        };
-        ctx.event(ck, type_, e.reason, e.note.clone()).await;
+        ctx.event(ck, events::event_type(e.warning), e.reason, e.note.clone())
+            .await;
     }
     ctx.keys_in_use.record(ck, used);
     let Some(issue) = issue else {

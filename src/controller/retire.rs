@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use chrono::Utc;
 use kube::api::ListParams;
-use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::Store;
 use kube::{Api, Resource, ResourceExt};
 
 use super::context::Context;
 use crate::admin::{RetireOutcome, admin_client_for, retire_hint};
 use crate::crd::{ClaudeKey, ClusterClaudeKeySource, SourceKeyStatus};
+use crate::events;
 
 /// At most this many retirement records are kept in a source's status.
 const RETIRED_KEPT: usize = 5;
@@ -164,17 +164,7 @@ async fn source_event(
     reason: &str,
     note: String,
 ) {
-    let event = Event {
-        type_: if warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: reason.to_string(),
-        note: Some(note),
-        action: "Retire".to_string(),
-        secondary: None,
-    };
+    let event = events::event(events::event_type(warning), "Retire", reason, note);
     if let Err(error) = ctx.recorder.publish(&event, &source.object_ref(&())).await {
         tracing::warn!(%error, reason, "failed to record an Event on the source");
     }
