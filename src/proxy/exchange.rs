@@ -15,7 +15,6 @@ use std::{
 use bytes::Bytes;
 use chrono::Utc;
 use http::{HeaderMap, Method};
-use serde_json::Value;
 
 use super::{
     audit::{AuditRecord, AuditSink},
@@ -87,8 +86,6 @@ pub struct Exchange {
     pub tenant: Option<Arc<Tenant>>,
     /// The request body to forward: the client's bytes, or the redacted re-encoding.
     pub body: Bytes,
-    /// The parsed body of a Messages-style request.
-    pub json: Option<Value>,
     /// Facts of the request (of each request, for a batch).
     pub facts: Vec<Facts>,
     /// The prescreen found nothing in any text: the injection screen and the redactor have
@@ -128,7 +125,6 @@ impl Exchange {
             headers,
             tenant: None,
             body: Bytes::new(),
-            json: None,
             facts: Vec::new(),
             texts_clear: false,
             model_label: NO_MODEL.clone(),

@@ -16,6 +16,7 @@ pub mod forward;
 pub mod forwarder;
 pub mod injection;
 mod interned;
+pub mod json;
 pub mod kube_source;
 mod launch;
 pub mod limits;

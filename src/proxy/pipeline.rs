@@ -20,6 +20,7 @@ use super::{
     federation::Federation,
     forward::{Credential, Upstream, client_response_headers},
     injection::{self, PromptInjectionMode},
+    json::{Duplicates, Json},
     limits::Ask,
     message_scan,
     observed::Observed,
@@ -47,13 +48,18 @@ pub struct Shared {
 /// records what it decided.
 type Step = fn(&Tenant, &mut Exchange) -> Result<(), ApiError>;
 
+/// A step over a Messages-style body (messages, count_tokens, batch create), which also gets
+/// the body's tree: the tree borrows from the body's bytes, so it lives beside the exchange
+/// for the request's steps rather than in it.
+type BodyStep = for<'b> fn(&Tenant, &mut Exchange, &mut Json<'b>) -> Result<(), ApiError>;
+
 /// The steps of every request, before its body is read.
 const REQUEST_STEPS: &[Step] = &[check_endpoint, check_betas];
 
-/// The steps of a Messages-style body (messages, count_tokens, batch create), in order; the
-/// limits (`admit`, async: it may ask Redis) come between the two lists.
-const BODY_STEPS: &[Step] = &[parse, read_facts, check_scope, check_caps];
-const AFTER_ADMIT: &[Step] = &[prescreen, screen, redact];
+/// The steps of a Messages-style body, in order, after it is parsed; the limits (`admit`,
+/// async: it may ask Redis) come between the two lists.
+const BODY_STEPS: &[BodyStep] = &[read_facts, check_scope, check_caps];
+const AFTER_ADMIT: &[BodyStep] = &[prescreen, screen, redact];
 
 /// The hyper service function.
 pub async fn handle(
@@ -109,12 +115,16 @@ async fn to_upstream(
     }
     ex.body = read_body(body, &ex.headers, shared.body_timeout).await?;
     if route.has_message_body() {
+        // A second handle on the bytes, so `redact` may replace `ex.body` while the tree
+        // still borrows from the client's.
+        let client_body = ex.body.clone();
+        let mut json = request::parse(&client_body)?;
         for step in BODY_STEPS {
-            step(&tenant, ex)?;
+            step(&tenant, ex, &mut json)?;
         }
         admit(&tenant, ex).await?;
         for step in AFTER_ADMIT {
-            step(&tenant, ex)?;
+            step(&tenant, ex, &mut json)?;
         }
     } else {
         admit(&tenant, ex).await?;
@@ -191,22 +201,15 @@ fn is_batch(ex: &Exchange) -> bool {
 }
 
 /// The Messages requests of the exchange's body: itself, or each of a batch.
-fn messages(ex: &mut Exchange) -> Result<Vec<&mut serde_json::Value>, ApiError> {
-    let batch = is_batch(ex);
-    match ex.json.as_mut() {
-        Some(json) => request::messages_mut(json, batch),
-        None => Ok(Vec::new()),
-    }
+fn messages<'t, 'b>(
+    ex: &Exchange,
+    json: &'t mut Json<'b>,
+) -> Result<impl Iterator<Item = &'t mut Json<'b>>, ApiError> {
+    request::messages_mut(json, is_batch(ex))
 }
 
-fn parse(_: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
-    ex.json = Some(request::parse(&ex.body)?);
-    Ok(())
-}
-
-fn read_facts(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
-    let facts = messages(ex)?
-        .into_iter()
+fn read_facts(tenant: &Tenant, ex: &mut Exchange, json: &mut Json<'_>) -> Result<(), ApiError> {
+    let facts = messages(ex, json)?
         .map(Facts::read)
         .collect::<Result<Vec<_>, _>>()?;
     if let Some(first) = facts.first() {
@@ -221,7 +224,7 @@ fn read_facts(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_scope(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
+fn check_scope(tenant: &Tenant, ex: &mut Exchange, _: &mut Json<'_>) -> Result<(), ApiError> {
     for facts in &ex.facts {
         match &facts.model {
             Some(model) => tenant.scope.check_model(model)?,
@@ -235,7 +238,7 @@ fn check_scope(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_caps(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
+fn check_caps(tenant: &Tenant, ex: &mut Exchange, _: &mut Json<'_>) -> Result<(), ApiError> {
     let with_max_tokens = ex.route != Some(Route::CountTokens);
     for facts in &ex.facts {
         tenant.caps.check(facts, with_max_tokens)?;
@@ -281,12 +284,12 @@ async fn admit(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
 }
 
 /// One pass over every text for the patterns of both steps after it (`prescreen.rs`).
-fn prescreen(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
+fn prescreen(tenant: &Tenant, ex: &mut Exchange, json: &mut Json<'_>) -> Result<(), ApiError> {
     let Some(prescreen) = &tenant.prescreen else {
         return Ok(());
     };
     let mut clear = true;
-    for message in messages(ex)? {
+    for message in messages(ex, json)? {
         clear = clear && prescreen.clears_request(message);
     }
     ex.texts_clear = clear;
@@ -294,12 +297,12 @@ fn prescreen(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
 }
 
 /// The prompt-injection screen over everything but the app's own system prompt.
-fn screen(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
+fn screen(tenant: &Tenant, ex: &mut Exchange, json: &mut Json<'_>) -> Result<(), ApiError> {
     if tenant.injection == PromptInjectionMode::Off || ex.texts_clear {
         return Ok(());
     }
     let mut hit = None;
-    for message in messages(ex)? {
+    for message in messages(ex, json)? {
         request::walk(message, &mut |piece| match piece {
             Piece::Text {
                 text,
@@ -325,14 +328,11 @@ fn screen(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
 }
 
 /// Redacts every text the walk visits; the body is re-encoded only when something changed.
-fn redact(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
+fn redact(tenant: &Tenant, ex: &mut Exchange, json: &mut Json<'_>) -> Result<(), ApiError> {
     if tenant.redactor.is_empty() || ex.texts_clear {
         return Ok(());
     }
     let batch = is_batch(ex);
-    let Some(json) = ex.json.as_mut() else {
-        return Ok(());
-    };
     let counts = &mut ex.counts;
     let mut changed = false;
     for message in request::messages_mut(json, batch)? {
@@ -340,16 +340,13 @@ fn redact(tenant: &Tenant, ex: &mut Exchange) -> Result<(), ApiError> {
             if let Piece::Text { text, .. } = piece
                 && let Some(new) = tenant.redactor.redact(text, counts)
             {
-                *text = new;
+                *text = new.into();
                 changed = true;
             }
         });
     }
     if changed {
-        let rewritten = serde_json::to_vec(json).map_err(|_| {
-            ApiError::InvalidRequest("request body could not be re-encoded after redaction".into())
-        })?;
-        ex.body = Bytes::from(rewritten);
+        ex.body = Bytes::from(json.to_vec());
     }
     Ok(())
 }
@@ -493,16 +490,16 @@ fn read_message(tenant: &Tenant, bytes: Bytes) -> (Bytes, Usage, Counts) {
     }
 }
 
-/// [`read_message`] through a `serde_json::Value`: what a message that may need redacting (or
-/// that is not one JSON object) takes.
+/// [`read_message`] through a [`Json`] tree: what a message that may need redacting (or that
+/// is not one JSON object) takes. A repeated key keeps its last value, as a client reads it.
 fn read_message_fully(tenant: &Tenant, bytes: Bytes) -> (Bytes, Usage, Counts) {
     let mut usage = Usage::default();
     let mut counts = Counts::default();
-    let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+    let Ok(mut json) = Json::parse(&bytes, Duplicates::LastWins) else {
         return (bytes, usage, counts);
     };
     if let Some(u) = json.get("usage") {
-        usage.merge(u);
+        usage.merge_fields(|name| u.get(name).and_then(Json::as_u64));
     }
     if !tenant.redact_responses || tenant.redactor.is_empty() {
         return (bytes, usage, counts);
@@ -513,13 +510,13 @@ fn read_message_fully(tenant: &Tenant, bytes: Bytes) -> (Bytes, Usage, Counts) {
             if let Piece::Text { text, .. } = piece
                 && let Some(new) = tenant.redactor.redact(text, &mut counts)
             {
-                *text = new;
+                *text = new.into();
                 changed = true;
             }
         });
     }
-    if changed && let Ok(rewritten) = serde_json::to_vec(&json) {
-        return (Bytes::from(rewritten), usage, counts);
+    if changed {
+        return (Bytes::from(json.to_vec()), usage, counts);
     }
     (bytes, usage, counts)
 }

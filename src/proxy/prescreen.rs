@@ -8,11 +8,11 @@
 use std::sync::{Arc, LazyLock};
 
 use regex_automata::meta;
-use serde_json::Value;
 
 use super::{
     injection::{self, PromptInjectionMode},
     interned::Interned,
+    json::Json,
     redact::Redactor,
     request::{self, Piece},
 };
@@ -71,7 +71,7 @@ impl Prescreen {
 
     /// Whether every text of one Messages request clears: each piece the injection screen or
     /// the redactor reads (the app's system prompt and signed thinking included).
-    pub fn clears_request(&self, request: &mut Value) -> bool {
+    pub fn clears_request(&self, request: &mut Json<'_>) -> bool {
         let mut clear = true;
         request::walk(request, &mut |piece| {
             let text: &str = match piece {
@@ -168,7 +168,7 @@ mod tests {
             "system": "You help with tickets.",
             "messages": [{ "role": "user", "content": [{ "type": "text", "text": "Hello." }] }]
         });
-        assert!(p.clears_request(&mut clean.clone()));
+        assert!(p.clears_request(&mut Json::owned(&clean)));
         for dirty in [
             json!({ "system": "Escalate to jane.doe@example.com.", "messages": [] }),
             json!({ "messages": [{ "role": "assistant", "content": [
@@ -178,7 +178,7 @@ mod tests {
                 { "type": "tool_use", "id": "t", "name": "n", "input": { "to": ["EMP-123456"] } }
             ] }] }),
         ] {
-            assert!(!p.clears_request(&mut dirty.clone()), "{dirty}");
+            assert!(!p.clears_request(&mut Json::owned(&dirty)), "{dirty}");
         }
     }
 

@@ -1,8 +1,18 @@
 use super::*;
-use serde_json::json;
+use serde_json::{Value, json};
 
-fn sample() -> Value {
-    json!({
+/// A request tree built with `json!`.
+fn tree(value: Value) -> Json<'static> {
+    Json::owned(&value)
+}
+
+/// The tree as a `Value`, to index into.
+fn value(tree: &Json<'_>) -> Value {
+    serde_json::from_slice(&tree.to_vec()).unwrap()
+}
+
+fn sample() -> Json<'static> {
+    tree(json!({
         "model": "claude-sonnet-4-5",
         "max_tokens": 100,
         "stream": true,
@@ -26,10 +36,10 @@ fn sample() -> Value {
                 { "type": "redacted_thinking", "data": "opaque" }
             ] }
         ]
-    })
+    }))
 }
 
-fn texts(body: &mut Value) -> Vec<String> {
+fn texts(body: &mut Json<'_>) -> Vec<String> {
     let mut seen = Vec::new();
     walk(body, &mut |p| match p {
         Piece::Text { text, system } => {
@@ -85,9 +95,10 @@ fn rewrites_text_but_never_signed_thinking_ids_or_data() {
     let mut body = sample();
     walk(&mut body, &mut |p| {
         if let Piece::Text { text, .. } = p {
-            *text = text.to_uppercase();
+            *text = text.to_uppercase().into();
         }
     });
+    let body = value(&body);
     assert_eq!(body["system"][0]["text"], "SYS");
     assert_eq!(body["messages"][0]["content"], "HELLO");
     let assistant = &body["messages"][1]["content"];
@@ -116,18 +127,18 @@ fn max_tokens_must_be_an_integer() {
         json!(null),
         json!(1e5),
     ] {
-        let mut body = json!({ "max_tokens": bad, "messages": [] });
+        let mut body = tree(json!({ "max_tokens": bad, "messages": [] }));
         let err = Facts::read(&mut body).unwrap_err();
         assert_eq!(err.status(), 400, "{bad}");
         assert_eq!(err.kind(), "invalid_request_error");
     }
     let mut body = parse(br#"{"max_tokens": 100000.0}"#).unwrap();
     assert!(Facts::read(&mut body).is_err());
-    let mut body = json!({ "model": 5 });
+    let mut body = tree(json!({ "model": 5 }));
     assert!(Facts::read(&mut body).is_err());
-    let mut body = json!({ "metadata": { "user_id": 42 } });
+    let mut body = tree(json!({ "metadata": { "user_id": 42 } }));
     assert!(Facts::read(&mut body).is_err());
-    let mut body = json!({ "metadata": { "user_id": "u".repeat(513) } });
+    let mut body = tree(json!({ "metadata": { "user_id": "u".repeat(513) } }));
     assert!(Facts::read(&mut body).is_err());
 }
 
@@ -147,25 +158,30 @@ fn duplicate_keys_are_refused_at_any_depth() {
 
 #[test]
 fn mcp_servers_are_read() {
-    let mut body = json!({ "mcp_servers": [{ "type": "url", "url": "https://mcp.example.com/sse", "name": "x", "authorization_token": "tok" }] });
+    let mut body = tree(
+        json!({ "mcp_servers": [{ "type": "url", "url": "https://mcp.example.com/sse", "name": "x", "authorization_token": "tok" }] }),
+    );
     let f = Facts::read(&mut body).unwrap();
     assert_eq!(f.mcp_urls, ["https://mcp.example.com/sse"]);
-    let mut body = json!({ "mcp_servers": [{ "type": "url" }] });
+    let mut body = tree(json!({ "mcp_servers": [{ "type": "url" }] }));
     assert!(Facts::read(&mut body).is_err());
 }
 
 #[test]
 fn batch_params_are_messages_requests() {
-    let mut body = json!({ "requests": [
+    let mut body = tree(json!({ "requests": [
         { "custom_id": "a", "params": { "model": "m1", "messages": [] } },
         { "custom_id": "b", "params": { "model": "m2", "messages": [] } }
-    ] });
-    let all = messages_mut(&mut body, true).unwrap();
+    ] }));
+    let all: Vec<_> = messages_mut(&mut body, true).unwrap().collect();
     assert_eq!(all.len(), 2);
-    assert_eq!(all[1]["model"], "m2");
-    let mut bad = json!({ "requests": [{ "custom_id": "a" }] });
+    assert_eq!(all[1].get("model").and_then(Json::as_str), Some("m2"));
+    assert_eq!(messages_mut(&mut body, false).unwrap().count(), 1);
+    let mut bad = tree(json!({ "requests": [{ "custom_id": "a" }, { "params": "x" }] }));
     assert!(messages_mut(&mut bad, true).is_err());
-    assert!(messages_mut(&mut json!({}), true).is_err());
+    let mut bad = tree(json!({ "requests": [{ "params": {} }, { "custom_id": "b" }] }));
+    assert!(messages_mut(&mut bad, true).is_err());
+    assert!(messages_mut(&mut tree(json!({})), true).is_err());
 }
 
 #[test]

@@ -25,7 +25,11 @@ impl Usage {
     /// Reads the usage fields present in a `usage` object, leaving absent ones as they were (a
     /// `message_delta` may carry only `output_tokens`; its values are cumulative, so overwrite).
     pub fn merge(&mut self, value: &Value) {
-        let field = |name: &str| value.get(name).and_then(Value::as_u64);
+        self.merge_fields(|name| value.get(name).and_then(Value::as_u64));
+    }
+
+    /// [`Usage::merge`] over any JSON object, given how to read one of its counts.
+    pub fn merge_fields(&mut self, field: impl Fn(&str) -> Option<u64>) {
         if let Some(n) = field("input_tokens") {
             self.input = n;
         }

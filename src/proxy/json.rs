@@ -1,0 +1,397 @@
+//! A JSON tree that borrows its strings from the body it was parsed from: what the pipeline
+//! reads a Messages request into (and a complete response it may redact). A string without
+//! escapes, which is nearly every string, is a slice of the body rather than a copy, and an
+//! object keeps its keys in the client's order, so a body re-encoded after redaction differs
+//! from the client's only where a text was rewritten (issue 21: the request is parsed once,
+//! borrowed where possible, re-serialized only when something changed).
+//!
+//! Written here rather than taken from `serde_json_borrow`: the pipeline rewrites strings in
+//! place and must refuse a key repeated in one object while the tree is built, and that crate's
+//! objects offer neither.
+
+use std::{
+    borrow::Cow,
+    collections::{HashMap, HashSet},
+    fmt,
+};
+
+use serde::{
+    Serialize, Serializer,
+    de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor},
+    ser::{SerializeMap, SerializeSeq},
+};
+use serde_json::Number;
+
+/// One JSON value; strings borrow from the parsed body where they can.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Json<'a> {
+    Null,
+    Bool(bool),
+    Number(Number),
+    Str(Cow<'a, str>),
+    Array(Vec<Json<'a>>),
+    /// Members in the order they came (no key twice: see [`Duplicates`]).
+    Object(Vec<(Cow<'a, str>, Json<'a>)>),
+}
+
+/// What a key repeated in one object does to the parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Duplicates {
+    /// The parse fails: the proxy and the upstream could read different values of the key.
+    Refuse,
+    /// The last value is kept, as `serde_json::Value` does (for bodies the upstream wrote).
+    LastWins,
+}
+
+/// Why a body is not a JSON tree.
+#[derive(Debug)]
+pub struct ParseError {
+    /// Whether the body was valid JSON apart from a repeated key.
+    pub duplicate_key: bool,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl<'a> Json<'a> {
+    /// Parses one JSON document (nothing but whitespace after it).
+    pub fn parse(body: &'a [u8], duplicates: Duplicates) -> Result<Self, ParseError> {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let parsed = Node(duplicates)
+            .deserialize(&mut de)
+            .and_then(|v| de.end().map(|()| v));
+        parsed.map_err(|e| ParseError {
+            duplicate_key: e.is_data() && e.to_string().starts_with(DUPLICATE),
+            line: e.line(),
+            column: e.column(),
+        })
+    }
+
+    /// The member `key` of an object (`None` for anything else).
+    pub fn get(&self, key: &str) -> Option<&Json<'a>> {
+        match self {
+            Json::Object(members) => members.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut Json<'a>> {
+        match self {
+            Json::Object(members) => members.iter_mut().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Json::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            Json::Number(n) => n.as_u64(),
+            _ => None,
+        }
+    }
+
+    pub fn as_array_mut(&mut self) -> Option<&mut Vec<Json<'a>>> {
+        match self {
+            Json::Array(items) => Some(items),
+            _ => None,
+        }
+    }
+
+    /// The encoded tree.
+    pub fn to_vec(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a JSON tree always encodes")
+    }
+}
+
+#[cfg(test)]
+impl Json<'static> {
+    /// An owned copy of a `serde_json::Value` (tests build requests with `json!`).
+    pub fn owned(value: &serde_json::Value) -> Self {
+        let text = value.to_string();
+        let tree = Json::parse(text.as_bytes(), Duplicates::Refuse).expect("a Value is JSON");
+        tree.into_owned()
+    }
+
+    fn into_owned_str(s: Cow<'_, str>) -> Cow<'static, str> {
+        Cow::Owned(s.into_owned())
+    }
+}
+
+#[cfg(test)]
+impl Json<'_> {
+    fn into_owned(self) -> Json<'static> {
+        match self {
+            Json::Null => Json::Null,
+            Json::Bool(b) => Json::Bool(b),
+            Json::Number(n) => Json::Number(n),
+            Json::Str(s) => Json::Str(Json::into_owned_str(s)),
+            Json::Array(items) => Json::Array(items.into_iter().map(Json::into_owned).collect()),
+            Json::Object(members) => Json::Object(
+                members
+                    .into_iter()
+                    .map(|(k, v)| (Json::into_owned_str(k), v.into_owned()))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+impl Serialize for Json<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Json::Null => s.serialize_unit(),
+            Json::Bool(b) => s.serialize_bool(*b),
+            Json::Number(n) => n.serialize(s),
+            Json::Str(text) => s.serialize_str(text),
+            Json::Array(items) => {
+                let mut seq = s.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(item)?;
+                }
+                seq.end()
+            }
+            Json::Object(members) => {
+                let mut map = s.serialize_map(Some(members.len()))?;
+                for (key, value) in members {
+                    map.serialize_entry(key.as_ref(), value)?;
+                }
+                map.end()
+            }
+        }
+    }
+}
+
+impl fmt::Display for Json<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&String::from_utf8_lossy(&self.to_vec()))
+    }
+}
+
+const DUPLICATE: &str = "duplicate key";
+
+/// Objects up to this many members are checked for a repeated key pair by pair; larger ones
+/// through a set, so a hostile object of a million keys costs a million steps, not 10^12.
+const PAIRWISE_MEMBERS: usize = 16;
+
+/// Whether some key appears twice among `members`.
+fn has_duplicate(members: &[(Cow<'_, str>, Json<'_>)]) -> bool {
+    if members.len() <= PAIRWISE_MEMBERS {
+        return members
+            .iter()
+            .enumerate()
+            .any(|(i, (k, _))| members[..i].iter().any(|(seen, _)| seen == k));
+    }
+    let mut seen = HashSet::with_capacity(members.len());
+    !members.iter().all(|(k, _)| seen.insert(k.as_ref()))
+}
+
+/// `members` with only the last member of each repeated key (linear: the body may be hostile).
+fn last_wins<'a>(members: Vec<(Cow<'a, str>, Json<'a>)>) -> Vec<(Cow<'a, str>, Json<'a>)> {
+    let last: HashMap<Cow<'a, str>, usize> = members
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| (key.clone(), i))
+        .collect();
+    members
+        .into_iter()
+        .enumerate()
+        .filter(|(i, (key, _))| last[key] == *i)
+        .map(|(_, member)| member)
+        .collect()
+}
+
+/// Builds one [`Json`] node (a seed, so the duplicate rule reaches every nested object).
+#[derive(Clone, Copy)]
+struct Node(Duplicates);
+
+impl<'de> DeserializeSeed<'de> for Node {
+    type Value = Json<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Json<'de>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Node {
+    type Value = Json<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Json<'de>, E> {
+        Ok(Json::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Json<'de>, E> {
+        Ok(Json::Number(v.into()))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Json<'de>, E> {
+        Ok(Json::Number(v.into()))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Json<'de>, E> {
+        Ok(Number::from_f64(v).map_or(Json::Null, Json::Number))
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Json<'de>, E> {
+        Ok(Json::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Json<'de>, E> {
+        Ok(Json::Str(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Json<'de>, E> {
+        Ok(Json::Str(Cow::Owned(v)))
+    }
+    fn visit_unit<E>(self) -> Result<Json<'de>, E> {
+        Ok(Json::Null)
+    }
+    fn visit_none<E>(self) -> Result<Json<'de>, E> {
+        Ok(Json::Null)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Json<'de>, D::Error> {
+        self.deserialize(d)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Json<'de>, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        while let Some(item) = seq.next_element_seed(self)? {
+            items.push(item);
+        }
+        Ok(Json::Array(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Json<'de>, A::Error> {
+        let mut members = Vec::new();
+        while let Some(key) = access.next_key_seed(Key)? {
+            members.push((key, access.next_value_seed(self)?));
+        }
+        if !has_duplicate(&members) {
+            return Ok(Json::Object(members));
+        }
+        match self.0 {
+            Duplicates::Refuse => Err(de::Error::custom(DUPLICATE)),
+            Duplicates::LastWins => Ok(Json::Object(last_wins(members))),
+        }
+    }
+}
+
+/// An object key, borrowed when it has no escapes (serde's own `Cow<str>` always copies).
+struct Key;
+
+impl<'de> DeserializeSeed<'de> for Key {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Cow<'de, str>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Borrowed(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn parse(text: &str) -> Result<Json<'_>, ParseError> {
+        Json::parse(text.as_bytes(), Duplicates::Refuse)
+    }
+
+    #[test]
+    fn strings_without_escapes_borrow_from_the_body() {
+        let tree = parse(r#"{"plain": "hello", "escaped": "a\nb"}"#).unwrap();
+        assert!(matches!(
+            tree.get("plain"),
+            Some(Json::Str(Cow::Borrowed("hello")))
+        ));
+        assert!(matches!(tree.get("escaped"), Some(Json::Str(Cow::Owned(s))) if s == "a\nb"));
+        let Json::Object(members) = &tree else {
+            panic!("an object")
+        };
+        assert!(members.iter().all(|(k, _)| matches!(k, Cow::Borrowed(_))));
+    }
+
+    #[test]
+    fn encodes_as_serde_json_reads_it_keeping_the_clients_key_order() {
+        let text = r#"{"z":1,"a":[true,null,-2,1.5,"x\u0001"],"m":{"k":"\"q\""},"e":{}}"#;
+        let tree = parse(text).unwrap();
+        assert_eq!(String::from_utf8(tree.to_vec()).unwrap(), text);
+        let ours: Value = serde_json::from_slice(&tree.to_vec()).unwrap();
+        let theirs: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn a_repeated_key_is_refused_at_any_depth_and_any_object_size() {
+        for text in [
+            r#"{"model": "a", "model": "b"}"#,
+            r#"{"messages": [{"content": "x", "role": "user", "content": "y"}]}"#,
+            r#"{"k": 1, "k\u0000": 2, "k": 3}"#,
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(err.duplicate_key, "{text}");
+        }
+        let mut big: serde_json::Map<String, Value> =
+            (0..100).map(|i| (format!("k{i}"), json!(i))).collect();
+        let unique = Value::Object(big.clone()).to_string();
+        assert!(parse(&unique).is_ok());
+        big.insert("k99x".into(), json!(0));
+        let repeated = Value::Object(big).to_string().replace("k99x", "k7");
+        assert!(parse(&repeated).unwrap_err().duplicate_key);
+        // The same key spelled with an escape is the same key.
+        assert!(
+            parse(r#"{"ab": 1, "a\u0062": 2}"#)
+                .unwrap_err()
+                .duplicate_key
+        );
+        // Equal keys in different objects are fine.
+        assert!(parse(r#"{"a":{"k":1},"b":{"k":2}}"#).is_ok());
+    }
+
+    #[test]
+    fn last_wins_keeps_one_member_per_key_as_serde_json_does() {
+        let text = r#"{"a": 1, "b": 2, "a": {"c": 3, "c": 4}}"#;
+        let tree = Json::parse(text.as_bytes(), Duplicates::LastWins).unwrap();
+        assert_eq!(
+            String::from_utf8(tree.to_vec()).unwrap(),
+            r#"{"b":2,"a":{"c":4}}"#
+        );
+        let theirs: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&tree.to_vec()).unwrap(),
+            theirs
+        );
+    }
+
+    #[test]
+    fn refuses_what_is_not_one_json_document() {
+        for text in [
+            "{",
+            r#"{"a":1} trailing"#,
+            "[1,]",
+            r#"{"a" 1}"#,
+            "\"\\ud800\"",
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(!err.duplicate_key, "{text}");
+        }
+        let deep = "[".repeat(200) + &"]".repeat(200);
+        assert!(parse(&deep).is_err(), "serde_json's depth limit holds");
+    }
+}
