@@ -11,6 +11,7 @@
 
 use std::{
     borrow::Cow,
+    cell::Cell,
     collections::{HashMap, HashSet},
     fmt,
 };
@@ -46,23 +47,51 @@ pub enum Duplicates {
 /// Why a body is not a JSON tree.
 #[derive(Debug)]
 pub struct ParseError {
-    /// Whether the body was valid JSON apart from a repeated key.
-    pub duplicate_key: bool,
+    pub failure: Failure,
     pub line: usize,
     pub column: usize,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Not one JSON document.
+    Syntax,
+    /// A key repeated in one object, under [`Duplicates::Refuse`].
+    DuplicateKey,
+    /// More values than the parse allows.
+    TooManyValues,
+}
+
 impl<'a> Json<'a> {
-    /// Parses one JSON document (nothing but whitespace after it).
-    pub fn parse(body: &'a [u8], duplicates: Duplicates) -> Result<Self, ParseError> {
+    /// Parses one JSON document (nothing but whitespace after it) of at most `max_values`
+    /// values (every scalar, array and object counts one).
+    pub fn parse(
+        body: &'a [u8],
+        duplicates: Duplicates,
+        max_values: usize,
+    ) -> Result<Self, ParseError> {
         let mut de = serde_json::Deserializer::from_slice(body);
-        let parsed = Node(duplicates)
-            .deserialize(&mut de)
-            .and_then(|v| de.end().map(|()| v));
-        parsed.map_err(|e| ParseError {
-            duplicate_key: e.is_data() && e.to_string().starts_with(DUPLICATE),
-            line: e.line(),
-            column: e.column(),
+        let budget = Cell::new(max_values);
+        let parsed = Node {
+            duplicates,
+            budget: &budget,
+        }
+        .deserialize(&mut de)
+        .and_then(|v| de.end().map(|()| v));
+        parsed.map_err(|e| {
+            let said = |what: &str| e.is_data() && e.to_string().starts_with(what);
+            let failure = if said(DUPLICATE) {
+                Failure::DuplicateKey
+            } else if said(TOO_MANY) {
+                Failure::TooManyValues
+            } else {
+                Failure::Syntax
+            };
+            ParseError {
+                failure,
+                line: e.line(),
+                column: e.column(),
+            }
         })
     }
 
@@ -113,7 +142,8 @@ impl Json<'static> {
     /// An owned copy of a `serde_json::Value` (tests build requests with `json!`).
     pub fn owned(value: &serde_json::Value) -> Self {
         let text = value.to_string();
-        let tree = Json::parse(text.as_bytes(), Duplicates::Refuse).expect("a Value is JSON");
+        let tree =
+            Json::parse(text.as_bytes(), Duplicates::Refuse, usize::MAX).expect("a Value is JSON");
         tree.into_owned()
     }
 
@@ -173,6 +203,7 @@ impl fmt::Display for Json<'_> {
 }
 
 const DUPLICATE: &str = "duplicate key";
+const TOO_MANY: &str = "too many values";
 
 /// Objects up to this many members are checked for a repeated key pair by pair; larger ones
 /// through a set, so a hostile object of a million keys costs a million steps, not 10^12.
@@ -205,19 +236,29 @@ fn last_wins<'a>(members: Vec<(Cow<'a, str>, Json<'a>)>) -> Vec<(Cow<'a, str>, J
         .collect()
 }
 
-/// Builds one [`Json`] node (a seed, so the duplicate rule reaches every nested object).
+/// Builds one [`Json`] node (a seed, so the duplicate rule and the budget of values reach
+/// every nested value).
 #[derive(Clone, Copy)]
-struct Node(Duplicates);
+struct Node<'c> {
+    duplicates: Duplicates,
+    /// Values the parse may still build.
+    budget: &'c Cell<usize>,
+}
 
-impl<'de> DeserializeSeed<'de> for Node {
+impl<'de> DeserializeSeed<'de> for Node<'_> {
     type Value = Json<'de>;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Json<'de>, D::Error> {
+        let left = self.budget.get();
+        if left == 0 {
+            return Err(de::Error::custom(TOO_MANY));
+        }
+        self.budget.set(left - 1);
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for Node {
+impl<'de> Visitor<'de> for Node<'_> {
     type Value = Json<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -268,7 +309,7 @@ impl<'de> Visitor<'de> for Node {
         if !has_duplicate(&members) {
             return Ok(Json::Object(members));
         }
-        match self.0 {
+        match self.duplicates {
             Duplicates::Refuse => Err(de::Error::custom(DUPLICATE)),
             Duplicates::LastWins => Ok(Json::Object(last_wins(members))),
         }
@@ -310,7 +351,11 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Json<'_>, ParseError> {
-        Json::parse(text.as_bytes(), Duplicates::Refuse)
+        Json::parse(text.as_bytes(), Duplicates::Refuse, usize::MAX)
+    }
+
+    fn failure(text: &str) -> Failure {
+        parse(text).unwrap_err().failure
     }
 
     #[test]
@@ -344,8 +389,7 @@ mod tests {
             r#"{"messages": [{"content": "x", "role": "user", "content": "y"}]}"#,
             r#"{"k": 1, "k\u0000": 2, "k": 3}"#,
         ] {
-            let err = parse(text).unwrap_err();
-            assert!(err.duplicate_key, "{text}");
+            assert_eq!(failure(text), Failure::DuplicateKey, "{text}");
         }
         let mut big: serde_json::Map<String, Value> =
             (0..100).map(|i| (format!("k{i}"), json!(i))).collect();
@@ -353,13 +397,9 @@ mod tests {
         assert!(parse(&unique).is_ok());
         big.insert("k99x".into(), json!(0));
         let repeated = Value::Object(big).to_string().replace("k99x", "k7");
-        assert!(parse(&repeated).unwrap_err().duplicate_key);
+        assert_eq!(failure(&repeated), Failure::DuplicateKey);
         // The same key spelled with an escape is the same key.
-        assert!(
-            parse(r#"{"ab": 1, "a\u0062": 2}"#)
-                .unwrap_err()
-                .duplicate_key
-        );
+        assert_eq!(failure(r#"{"ab": 1, "a\u0062": 2}"#), Failure::DuplicateKey);
         // Equal keys in different objects are fine.
         assert!(parse(r#"{"a":{"k":1},"b":{"k":2}}"#).is_ok());
     }
@@ -367,7 +407,7 @@ mod tests {
     #[test]
     fn last_wins_keeps_one_member_per_key_as_serde_json_does() {
         let text = r#"{"a": 1, "b": 2, "a": {"c": 3, "c": 4}}"#;
-        let tree = Json::parse(text.as_bytes(), Duplicates::LastWins).unwrap();
+        let tree = Json::parse(text.as_bytes(), Duplicates::LastWins, usize::MAX).unwrap();
         assert_eq!(
             String::from_utf8(tree.to_vec()).unwrap(),
             r#"{"b":2,"a":{"c":4}}"#
@@ -388,10 +428,25 @@ mod tests {
             r#"{"a" 1}"#,
             "\"\\ud800\"",
         ] {
-            let err = parse(text).unwrap_err();
-            assert!(!err.duplicate_key, "{text}");
+            assert_eq!(failure(text), Failure::Syntax, "{text}");
         }
         let deep = "[".repeat(200) + &"]".repeat(200);
         assert!(parse(&deep).is_err(), "serde_json's depth limit holds");
+    }
+
+    #[test]
+    fn every_value_counts_against_the_budget() {
+        // The object, the array, its 3 elements and the empty object: 6 values (keys do not
+        // count).
+        let text = r#"{"a": [1, "x", null], "b": {}}"#;
+        let at = |max| Json::parse(text.as_bytes(), Duplicates::Refuse, max);
+        assert!(at(6).is_ok());
+        assert_eq!(at(5).unwrap_err().failure, Failure::TooManyValues);
+        assert_eq!(at(0).unwrap_err().failure, Failure::TooManyValues);
+        // A flat array of a million zeros is refused long before it is built.
+        let zeros = format!("[{}0]", "0,".repeat(1_000_000));
+        let err = Json::parse(zeros.as_bytes(), Duplicates::Refuse, 1000).unwrap_err();
+        assert_eq!(err.failure, Failure::TooManyValues);
+        assert!(err.column < 2100, "stopped at column {}", err.column);
     }
 }

@@ -495,7 +495,9 @@ fn read_message(tenant: &Tenant, bytes: Bytes) -> (Bytes, Usage, Counts) {
 fn read_message_fully(tenant: &Tenant, bytes: Bytes) -> (Bytes, Usage, Counts) {
     let mut usage = Usage::default();
     let mut counts = Counts::default();
-    let Ok(mut json) = Json::parse(&bytes, Duplicates::LastWins) else {
+    // No budget of values: the upstream's message is bounded by its size, and a message that
+    // could not be read would reach the client unredacted.
+    let Ok(mut json) = Json::parse(&bytes, Duplicates::LastWins, usize::MAX) else {
         return (bytes, usage, counts);
     };
     if let Some(u) = json.get("usage") {

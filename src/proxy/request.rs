@@ -8,7 +8,7 @@ use std::borrow::Cow;
 
 use super::{
     error::ApiError,
-    json::{Duplicates, Json},
+    json::{Duplicates, Failure, Json},
 };
 
 /// Largest request body the proxy reads (the Messages API's own limit is 32 MB).
@@ -236,15 +236,26 @@ fn strings<'b>(value: &mut Json<'b>, f: &mut Visit<'_, 'b>) {
     }
 }
 
+/// Most JSON values one request body may hold. A tree costs 30 to 60 bytes a value, so a
+/// body of nothing but small values (`[0,0,0,...]`, 2 bytes each) would be built into about
+/// 16 times its size: 512 MiB for a 32 MB body, on a gateway that many tenants share. At this
+/// bound a tree stays near the body's own size limit, and real requests, whose bulk is text in
+/// strings, are far below it (a 1,000-message conversation holds a few thousand values).
+pub const MAX_JSON_VALUES: usize = 1 << 20;
+
 /// Parses a request body, borrowing its strings. A key repeated in one object is refused: the
 /// proxy and the upstream could otherwise read different values of it (one checks the first,
 /// the other forwards the last).
 pub fn parse(body: &[u8]) -> Result<Json<'_>, ApiError> {
-    Json::parse(body, Duplicates::Refuse).map_err(|e| {
-        let what = if e.duplicate_key {
-            "repeats a key in one object"
-        } else {
-            "is not valid JSON"
+    Json::parse(body, Duplicates::Refuse, MAX_JSON_VALUES).map_err(|e| {
+        let what = match e.failure {
+            Failure::TooManyValues => {
+                return ApiError::TooLarge(format!(
+                    "request body holds more than {MAX_JSON_VALUES} JSON values"
+                ));
+            }
+            Failure::DuplicateKey => "repeats a key in one object",
+            Failure::Syntax => "is not valid JSON",
         };
         ApiError::InvalidRequest(format!(
             "request body {what} (line {}, column {})",

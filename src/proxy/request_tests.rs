@@ -190,3 +190,15 @@ fn bad_json_is_a_400_without_echoing_the_body() {
     assert_eq!(err.status(), 400);
     assert!(!err.to_string().contains("sk-ant"));
 }
+
+#[test]
+fn a_body_of_more_values_than_the_budget_is_a_413() {
+    let values = |n: usize| format!("[{}0]", "0,".repeat(n - 2)); // the array counts too
+    assert!(parse(values(MAX_JSON_VALUES).as_bytes()).is_ok());
+    let err = parse(values(MAX_JSON_VALUES + 1).as_bytes()).unwrap_err();
+    assert_eq!(err.status(), 413);
+    assert_eq!(err.kind(), "request_too_large");
+    // What the budget is for: a value costs tens of bytes once built.
+    assert!(std::mem::size_of::<Json>() <= 32);
+    assert!(std::mem::size_of::<(Cow<str>, Json)>() <= 56);
+}
