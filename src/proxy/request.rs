@@ -236,12 +236,18 @@ fn strings<'b>(value: &mut Json<'b>, f: &mut Visit<'_, 'b>) {
     }
 }
 
-/// Most JSON values one request body may hold. A tree costs 30 to 60 bytes a value, so a
-/// body of nothing but small values (`[0,0,0,...]`, 2 bytes each) would be built into about
-/// 16 times its size: 512 MiB for a 32 MB body, on a gateway that many tenants share. At this
-/// bound a tree stays near the body's own size limit, and real requests, whose bulk is text in
-/// strings, are far below it (a 1,000-message conversation holds a few thousand values).
-pub const MAX_JSON_VALUES: usize = 1 << 20;
+/// Most JSON values one request body may hold: one per 16 bytes of the largest body. A tree
+/// costs 30 to 60 bytes a value, so a body of nothing but small values (`[0,0,0,...]`, 2 bytes
+/// each) would be built into about 16 times its size: 512 MiB for a 32 MiB body, on a gateway
+/// that many tenants share. At this bound the tree stays within a few times the body limit,
+/// while real bodies stay below it: a text is one value however long, so their values average
+/// well over 16 bytes, and a batch of 100,000 requests (the API's largest) may hold 20 values
+/// in each.
+pub const MAX_JSON_VALUES: usize = MAX_BODY_BYTES / 16;
+const _: () = assert!(
+    2 + 100_000 * 20 <= MAX_JSON_VALUES,
+    "a batch of 100,000 requests of 20 values each must fit"
+);
 
 /// Parses a request body, borrowing its strings. A key repeated in one object is refused: the
 /// proxy and the upstream could otherwise read different values of it (one checks the first,
