@@ -196,12 +196,6 @@ impl Serialize for Json<'_> {
     }
 }
 
-impl fmt::Display for Json<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&String::from_utf8_lossy(&self.to_vec()))
-    }
-}
-
 const DUPLICATE: &str = "duplicate key";
 const TOO_MANY: &str = "too many values";
 

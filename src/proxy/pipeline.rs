@@ -204,7 +204,7 @@ fn is_batch(ex: &Exchange) -> bool {
 fn messages<'t, 'b>(
     ex: &Exchange,
     json: &'t mut Json<'b>,
-) -> Result<impl Iterator<Item = &'t mut Json<'b>>, ApiError> {
+) -> Result<impl Iterator<Item = &'t mut Json<'b>> + use<'t, 'b>, ApiError> {
     request::messages_mut(json, is_batch(ex))
 }
 
@@ -332,10 +332,9 @@ fn redact(tenant: &Tenant, ex: &mut Exchange, json: &mut Json<'_>) -> Result<(),
     if tenant.redactor.is_empty() || ex.texts_clear {
         return Ok(());
     }
-    let batch = is_batch(ex);
-    let counts = &mut ex.counts;
     let mut changed = false;
-    for message in request::messages_mut(json, batch)? {
+    for message in messages(ex, json)? {
+        let counts = &mut ex.counts;
         request::walk(message, &mut |piece| {
             if let Piece::Text { text, .. } = piece
                 && let Some(new) = tenant.redactor.redact(text, counts)
