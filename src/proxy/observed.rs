@@ -16,13 +16,13 @@ use super::{
     sse::SseTransformer,
 };
 
-pub struct Observed<B> {
+pub struct Observed<B: Body> {
     inner: B,
     sse: Option<SseTransformer>,
     exchange: Option<Exchange>,
 }
 
-impl<B> Observed<B> {
+impl<B: Body> Observed<B> {
     pub fn new(inner: B, sse: Option<SseTransformer>, exchange: Exchange) -> Self {
         Self {
             inner,
@@ -61,10 +61,14 @@ impl<B> Observed<B> {
     }
 }
 
-impl<B> Drop for Observed<B> {
+impl<B: Body> Drop for Observed<B> {
+    /// A body of known length is dropped by hyper once its last byte is written, without being
+    /// asked for its end: if the upstream's body was all read, the answer is complete. Otherwise
+    /// the client went away: usage seen so far still settles the reservation, and the outcome
+    /// stays client_closed.
     fn drop(&mut self) {
-        // Usage seen so far still settles the reservation; the outcome stays client_closed.
-        self.report(None);
+        let ended = self.inner.is_end_stream();
+        self.report(ended.then_some(Outcome::Completed));
     }
 }
 

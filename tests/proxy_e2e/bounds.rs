@@ -83,6 +83,75 @@ async fn a_request_abandoned_before_the_answer_is_audited_once() {
     assert_eq!(h.audit_lines().len(), 1);
 }
 
+/// A relayed answer of known length (count_tokens, models, an upstream error) ends when its
+/// last byte is handed over: hyper drops such a body without asking it for its end. It is
+/// audited as completed, and an upstream error gives the reservation back (the upstream spent
+/// nothing); with the tokens limit below, a wrongly kept reservation would refuse the last
+/// request.
+#[tokio::test]
+async fn an_answer_of_known_length_is_completed_and_an_upstream_error_charges_nothing() {
+    let policy = json!({
+        "scope": { "endpoints": ["messages", "countTokens", "models"] },
+        "limits": { "tokensPerMinute": 1500 }
+    });
+    let h = Harness::start(Mode::Sidecar, &[UPSTREAM_A], |dir| {
+        kubelet_write(dir, &proxy_json("bot", &[(UPSTREAM_A, None)], &[], policy))
+    })
+    .await;
+    let c = client();
+    // No `messages`: the proxy passes it, the upstream answers a 400 with a content-length.
+    let refused_upstream = json!({ "model": "claude-sonnet-4-5-20250929", "max_tokens": 900 });
+    let r = send(
+        &c,
+        &h.url(),
+        "POST",
+        "/v1/messages",
+        None,
+        Some(refused_upstream),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(r.headers.contains_key("content-length"));
+    let r = send(&c, &h.url(), "GET", "/v1/models", None, None).await;
+    assert_eq!(r.status, 200);
+    let count = json!({ "model": "claude-sonnet-4-5-20250929", "messages": [{ "role": "user", "content": "hi" }] });
+    let r = send(
+        &c,
+        &h.url(),
+        "POST",
+        "/v1/messages/count_tokens",
+        None,
+        Some(count),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let mut asks_900 = message("hi", false);
+    asks_900["max_tokens"] = json!(900);
+    let r = send(&c, &h.url(), "POST", "/v1/messages", None, Some(asks_900)).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body()));
+
+    let audit = h.wait_audit(4).await;
+    let ends: Vec<_> = audit
+        .iter()
+        .map(|l| {
+            (
+                l["endpoint"].as_str().unwrap(),
+                l["status"].as_u64().unwrap(),
+                l["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ends,
+        [
+            ("messages", 400, "completed"),
+            ("models", 200, "completed"),
+            ("countTokens", 200, "completed"),
+            ("messages", 200, "completed"),
+        ]
+    );
+}
+
 #[tokio::test]
 async fn a_body_that_never_arrives_times_out_with_one_audit_line() {
     let h = harness(limits(|l| l.body_timeout = Duration::from_millis(400))).await;
