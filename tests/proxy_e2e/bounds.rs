@@ -98,56 +98,38 @@ async fn an_answer_of_known_length_is_completed_and_an_upstream_error_charges_no
         kubelet_write(dir, &proxy_json("bot", &[(UPSTREAM_A, None)], &[], policy))
     })
     .await;
-    let c = client();
-    // No `messages`: the proxy passes it, the upstream answers a 400 with a content-length.
-    let refused_upstream = json!({ "model": "claude-sonnet-4-5-20250929", "max_tokens": 900 });
-    let r = send(
-        &c,
-        &h.url(),
-        "POST",
-        "/v1/messages",
-        None,
-        Some(refused_upstream),
-    )
-    .await;
-    assert_eq!(r.status, 400);
-    assert!(r.headers.contains_key("content-length"));
-    let r = send(&c, &h.url(), "GET", "/v1/models", None, None).await;
-    assert_eq!(r.status, 200);
-    let count = json!({ "model": "claude-sonnet-4-5-20250929", "messages": [{ "role": "user", "content": "hi" }] });
-    let r = send(
-        &c,
-        &h.url(),
-        "POST",
-        "/v1/messages/count_tokens",
-        None,
-        Some(count),
-    )
-    .await;
-    assert_eq!(r.status, 200);
+    let (c, url) = (client(), h.url());
+    let call = |method, path, body| send(&c, &url, method, path, None, body);
     let mut asks_900 = message("hi", false);
     asks_900["max_tokens"] = json!(900);
-    let r = send(&c, &h.url(), "POST", "/v1/messages", None, Some(asks_900)).await;
+
+    h.fake.fail_next(
+        1,
+        http::StatusCode::from_u16(529).unwrap(),
+        "overloaded_error",
+    );
+    let r = call("POST", "/v1/messages", Some(asks_900.clone())).await;
+    assert_eq!(r.status, 529);
+    assert!(r.headers.contains_key("content-length"));
+    assert_eq!(call("GET", "/v1/models", None).await.status, 200);
+    let count = json!({ "model": "claude-sonnet-4-5-20250929", "messages": [{ "role": "user", "content": "hi" }] });
+    let r = call("POST", "/v1/messages/count_tokens", Some(count)).await;
+    assert_eq!(r.status, 200);
+    let r = call("POST", "/v1/messages", Some(asks_900)).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body()));
 
     let audit = h.wait_audit(4).await;
     let ends: Vec<_> = audit
         .iter()
-        .map(|l| {
-            (
-                l["endpoint"].as_str().unwrap(),
-                l["status"].as_u64().unwrap(),
-                l["outcome"].as_str().unwrap(),
-            )
-        })
+        .map(|l| json!([l["endpoint"], l["status"], l["outcome"]]))
         .collect();
     assert_eq!(
         ends,
         [
-            ("messages", 400, "completed"),
-            ("models", 200, "completed"),
-            ("countTokens", 200, "completed"),
-            ("messages", 200, "completed"),
+            json!(["messages", 529, "completed"]),
+            json!(["models", 200, "completed"]),
+            json!(["countTokens", 200, "completed"]),
+            json!(["messages", 200, "completed"]),
         ]
     );
 }
