@@ -141,30 +141,16 @@ impl<'a> Json<'a> {
 impl Json<'static> {
     /// An owned copy of a `serde_json::Value` (tests build requests with `json!`).
     pub fn owned(value: &serde_json::Value) -> Self {
-        let text = value.to_string();
-        let tree =
-            Json::parse(text.as_bytes(), Duplicates::Refuse, usize::MAX).expect("a Value is JSON");
-        tree.into_owned()
-    }
-
-    fn into_owned_str(s: Cow<'_, str>) -> Cow<'static, str> {
-        Cow::Owned(s.into_owned())
-    }
-}
-
-#[cfg(test)]
-impl Json<'_> {
-    fn into_owned(self) -> Json<'static> {
-        match self {
-            Json::Null => Json::Null,
-            Json::Bool(b) => Json::Bool(b),
-            Json::Number(n) => Json::Number(n),
-            Json::Str(s) => Json::Str(Json::into_owned_str(s)),
-            Json::Array(items) => Json::Array(items.into_iter().map(Json::into_owned).collect()),
-            Json::Object(members) => Json::Object(
-                members
-                    .into_iter()
-                    .map(|(k, v)| (Json::into_owned_str(k), v.into_owned()))
+        use serde_json::Value;
+        match value {
+            Value::Null => Json::Null,
+            Value::Bool(b) => Json::Bool(*b),
+            Value::Number(n) => Json::Number(n.clone()),
+            Value::String(s) => Json::Str(Cow::Owned(s.clone())),
+            Value::Array(items) => Json::Array(items.iter().map(Json::owned).collect()),
+            Value::Object(map) => Json::Object(
+                map.iter()
+                    .map(|(k, v)| (Cow::Owned(k.clone()), Json::owned(v)))
                     .collect(),
             ),
         }

@@ -254,19 +254,19 @@ const _: () = assert!(
 /// the other forwards the last).
 pub fn parse(body: &[u8]) -> Result<Json<'_>, ApiError> {
     Json::parse(body, Duplicates::Refuse, MAX_JSON_VALUES).map_err(|e| {
-        let what = match e.failure {
-            Failure::TooManyValues => {
-                return ApiError::TooLarge(format!(
-                    "request body holds more than {MAX_JSON_VALUES} JSON values"
-                ));
-            }
-            Failure::DuplicateKey => "repeats a key in one object",
-            Failure::Syntax => "is not valid JSON",
+        let invalid = |what: &str| {
+            ApiError::InvalidRequest(format!(
+                "request body {what} (line {}, column {})",
+                e.line, e.column
+            ))
         };
-        ApiError::InvalidRequest(format!(
-            "request body {what} (line {}, column {})",
-            e.line, e.column
-        ))
+        match e.failure {
+            Failure::TooManyValues => ApiError::TooLarge(format!(
+                "request body holds more than {MAX_JSON_VALUES} JSON values"
+            )),
+            Failure::DuplicateKey => invalid("repeats a key in one object"),
+            Failure::Syntax => invalid("is not valid JSON"),
+        }
     })
 }
 
@@ -276,6 +276,8 @@ pub fn messages_mut<'t, 'b>(
     body: &'t mut Json<'b>,
     batch: bool,
 ) -> Result<impl Iterator<Item = &'t mut Json<'b>>, ApiError> {
+    // Both shapes are one iterator type: the body alone, chained to no params; or nothing,
+    // chained to every params.
     if !batch {
         return Ok(Some(body).into_iter().chain(None.into_iter().flatten()));
     }
