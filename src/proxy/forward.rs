@@ -1,21 +1,17 @@
-//! The upstream side: one pooled hyper client (rustls for https, plain http for tests and local
-//! fakes, TCP_NODELAY), and the request rewrite that swaps the client's credential for the
-//! upstream key.
+//! The upstream side: one pool of HTTP/1 connections (rustls for https, plain http for tests
+//! and local fakes, TCP_NODELAY), and the request rewrite that swaps the client's credential
+//! for the upstream key.
 
 use std::{sync::LazyLock, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, header};
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
+use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::{
     body::{ProxyBody, full},
     error::ApiError,
+    upstream_pool::{Pool, UpstreamBody},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -25,9 +21,6 @@ pub enum ForwardError {
     #[error("failed to set up TLS for the upstream: {source}")]
     Tls { source: rustls::Error },
 }
-
-/// Idle upstream connections kept after a burst: enough for a gateway's steady concurrency.
-const MAX_IDLE_UPSTREAM_CONNECTIONS: usize = 32;
 
 /// Headers that belong to one hop (or to its `Host`), never forwarded by the proxy nor by the
 /// gateway-placement forwarder.
@@ -78,9 +71,12 @@ pub enum Credential {
 }
 
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
-    /// `scheme://authority[/prefix]`, without a trailing slash.
-    base: String,
+    pool: Pool,
+    /// The base URL's path without a trailing slash: put before every request's path (usually
+    /// empty).
+    prefix: String,
+    /// `host[:port]` of the base URL, the port only when it is not the scheme's default.
+    host: HeaderValue,
     header_timeout: Duration,
 }
 
@@ -89,11 +85,22 @@ impl Upstream {
         let parsed: Uri = url.parse().map_err(|_| ForwardError::Url {
             url: url.to_string(),
         })?;
-        if !matches!(parsed.scheme_str(), Some("http" | "https")) || parsed.authority().is_none() {
-            return Err(ForwardError::Url {
-                url: url.to_string(),
-            });
+        let bad_url = || ForwardError::Url {
+            url: url.to_string(),
+        };
+        let (Some(scheme), Some(authority)) = (parsed.scheme(), parsed.authority()) else {
+            return Err(bad_url());
+        };
+        if !matches!(scheme.as_str(), "http" | "https") {
+            return Err(bad_url());
         }
+        let host = host_header(scheme.as_str(), authority).ok_or_else(bad_url)?;
+        let origin = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|_| bad_url())?;
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.enforce_http(false);
@@ -104,15 +111,10 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        // Busy connections are never capped; the idle cap only decides how much of a burst's
-        // pool (each connection holds its TLS state and buffers) outlives the burst.
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(MAX_IDLE_UPSTREAM_CONNECTIONS)
-            .build(https);
         Ok(Self {
-            client,
-            base: url.trim_end_matches('/').to_string(),
+            pool: Pool::new(https, origin),
+            prefix: parsed.path().trim_end_matches('/').to_string(),
+            host,
             header_timeout,
         })
     }
@@ -129,13 +131,14 @@ impl Upstream {
         credential: &Credential,
         body: ProxyBody,
     ) -> Result<Request<ProxyBody>, ApiError> {
-        let uri: Uri = format!("{}{}", self.base, path_and_query)
-            .parse()
-            .map_err(|_| ApiError::InvalidRequest("request path is not a valid URI".into()))?;
+        let uri = self
+            .uri(path_and_query)
+            .ok_or_else(|| ApiError::InvalidRequest("request path is not a valid URI".into()))?;
         let mut request = Request::new(body);
         *request.method_mut() = method.clone();
         *request.uri_mut() = uri;
         let out = request.headers_mut();
+        out.insert(header::HOST, self.host.clone());
         for (name, value) in headers {
             if !is_dropped(name) {
                 out.append(name.clone(), value.clone());
@@ -163,16 +166,17 @@ impl Upstream {
         limit: usize,
     ) -> Result<(http::StatusCode, Bytes), String> {
         use http_body_util::{BodyExt, Limited};
-        let uri: Uri = format!("{}{}", self.base, path)
-            .parse()
-            .map_err(|_| "bad URL".to_string())?;
+        let uri = self.uri(path).ok_or_else(|| "bad URL".to_string())?;
         let mut request = Request::new(full(body));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
+        request
+            .headers_mut()
+            .insert(header::HOST, self.host.clone());
         let response = self
-            .client
-            .request(request)
+            .pool
+            .send(request)
             .await
             .map_err(|e| format!("connection error: {e}"))?;
         let status = response.status();
@@ -184,8 +188,11 @@ impl Upstream {
     }
 
     /// Sends one request; connection failures are 502, no response headers in time 504.
-    pub async fn send(&self, request: Request<ProxyBody>) -> Result<Response<Incoming>, ApiError> {
-        match tokio::time::timeout(self.header_timeout, self.client.request(request)).await {
+    pub async fn send(
+        &self,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<UpstreamBody>, ApiError> {
+        match tokio::time::timeout(self.header_timeout, self.pool.send(request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "upstream request failed");
@@ -199,10 +206,38 @@ impl Upstream {
         }
     }
 
+    /// The origin-form URI of a client's path on the upstream. Only a path is accepted (not
+    /// `*` nor an absolute URI), so a request can never name another host.
+    fn uri(&self, path_and_query: &str) -> Option<Uri> {
+        if !path_and_query.starts_with('/') {
+            return None;
+        }
+        if self.prefix.is_empty() {
+            return path_and_query.parse().ok();
+        }
+        format!("{}{}", self.prefix, path_and_query).parse().ok()
+    }
+
+    /// Idle upstream connections now (tests).
+    pub fn idle_connections(&self) -> usize {
+        self.pool.idle()
+    }
+
     /// A buffered body that can be sent twice (for the 401 retry).
     pub fn body(bytes: &Bytes) -> ProxyBody {
         full(bytes.clone())
     }
+}
+
+/// The `Host` header of an upstream URL, as a browser sends it: no user information, and the
+/// port only when it is not the scheme's default.
+fn host_header(scheme: &str, authority: &http::uri::Authority) -> Option<HeaderValue> {
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    let host = match authority.port_u16() {
+        Some(port) if port != default_port => format!("{}:{port}", authority.host()),
+        _ => authority.host().to_string(),
+    };
+    HeaderValue::from_str(&host).ok()
 }
 
 fn is_dropped(name: &HeaderName) -> bool {
@@ -295,17 +330,15 @@ mod tests {
                 full(Bytes::new()),
             )
             .unwrap();
-        assert_eq!(req.uri(), "http://127.0.0.1:9/v1/messages?beta=true");
+        assert_eq!(req.uri(), "/v1/messages?beta=true");
         let h = req.headers();
+        assert_eq!(h["host"], "127.0.0.1:9", "the upstream's, not the client's");
+        assert_eq!(h.get_all("host").iter().count(), 1);
         assert_eq!(h["x-api-key"], "sk-ant-api03-upstream");
         assert!(h.get("authorization").is_none());
         assert_eq!(h["anthropic-version"], "2023-06-01");
         assert_eq!(h["anthropic-beta"], "prompt-caching-2024-07-31");
-        assert!(
-            h.get("accept-encoding").is_none()
-                && h.get("connection").is_none()
-                && h.get("host").is_none()
-        );
+        assert!(h.get("accept-encoding").is_none() && h.get("connection").is_none());
         assert_eq!(h.get_all("x-api-key").iter().count(), 1);
         for dropped in [
             "forwarded",
@@ -346,6 +379,42 @@ mod tests {
             h["anthropic-beta"],
             "prompt-caching-2024-07-31,oauth-2025-04-20"
         );
+    }
+
+    #[test]
+    fn the_upstream_path_is_the_base_path_and_the_clients_and_never_another_host() {
+        let request = |base: &str, path: &str| {
+            let upstream = Upstream::new(base, Duration::from_secs(1)).unwrap();
+            let credential = Credential::ApiKey(HeaderValue::from_static("k"));
+            upstream
+                .request(
+                    &Method::GET,
+                    path,
+                    &HeaderMap::new(),
+                    &credential,
+                    full(Bytes::new()),
+                )
+                .map(|r| (r.uri().to_string(), r.headers()["host"].clone()))
+        };
+        let (uri, host) = request("https://api.anthropic.com", "/v1/models").unwrap();
+        assert_eq!(
+            (uri.as_str(), host.to_str().unwrap()),
+            ("/v1/models", "api.anthropic.com")
+        );
+        let (uri, host) =
+            request("https://u:p@gw.example:443/anthropic/", "/v1/models?x=1").unwrap();
+        assert_eq!(uri, "/anthropic/v1/models?x=1");
+        assert_eq!(host, "gw.example", "no user information, no default port");
+        let (_, host) = request("http://[::1]:8080", "/v1/models").unwrap();
+        assert_eq!(host, "[::1]:8080");
+        let (uri, host) = request("http://127.0.0.1:9", "//evil.example/v1/models").unwrap();
+        assert_eq!(
+            (uri.as_str(), host.to_str().unwrap()),
+            ("//evil.example/v1/models", "127.0.0.1:9")
+        );
+        for path in ["*", "http://evil.example/v1/models", "evil.example", ""] {
+            assert!(request("http://127.0.0.1:9", path).is_err(), "{path:?}");
+        }
     }
 
     #[test]

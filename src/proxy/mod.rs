@@ -31,6 +31,7 @@ pub mod scope;
 pub mod server_limits;
 pub mod sse;
 pub mod tenant;
+pub mod upstream_pool;
 pub mod usage;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};

@@ -29,6 +29,7 @@ use super::{
     scope::{self, Route},
     sse::SseTransformer,
     tenant::Tenant,
+    upstream_pool::UpstreamBody,
     usage::Usage,
 };
 
@@ -87,7 +88,7 @@ async fn to_upstream(
     shared: &Shared,
     ex: &mut Exchange,
     body: Incoming,
-) -> Result<Response<Incoming>, ApiError> {
+) -> Result<Response<UpstreamBody>, ApiError> {
     let route = scope::classify(&ex.method, &ex.path)?;
     ex.route = Some(route);
     ex.audit.endpoint = route.label();
@@ -354,7 +355,7 @@ async fn send(
     shared: &Shared,
     tenant: &Tenant,
     request: Request<ProxyBody>,
-) -> Result<Response<Incoming>, ApiError> {
+) -> Result<Response<UpstreamBody>, ApiError> {
     shared.upstream.send(request).await.inspect_err(|e| {
         let kind = if e.status() == StatusCode::GATEWAY_TIMEOUT {
             "timeout"
@@ -393,7 +394,7 @@ async fn forward_replayable(
     shared: &Shared,
     tenant: &Tenant,
     ex: &mut Exchange,
-) -> Result<Response<Incoming>, ApiError> {
+) -> Result<Response<UpstreamBody>, ApiError> {
     let credential = credential(shared, tenant, ex).await?;
     ex.sent = true;
     let request = shared.upstream.request(
@@ -432,7 +433,7 @@ async fn forward_replayable(
 
 /// The client's response: a complete message buffered (to redact it and read its usage), every
 /// other body streamed through [`Observed`], which owns the exchange until the body ends.
-async fn respond(mut ex: Exchange, response: Response<Incoming>) -> Response<ProxyBody> {
+async fn respond(mut ex: Exchange, response: Response<UpstreamBody>) -> Response<ProxyBody> {
     let Some(tenant) = ex.tenant.clone() else {
         let error = ApiError::Unavailable("request has no ClaudeKey".into());
         ex.refuse(&error);
