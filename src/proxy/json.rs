@@ -219,10 +219,21 @@ fn last_wins<'a>(members: Vec<(Cow<'a, str>, Json<'a>)>) -> Vec<(Cow<'a, str>, J
 /// Builds one [`Json`] node (a seed, so the duplicate rule and the budget of values reach
 /// every nested value).
 #[derive(Clone, Copy)]
-struct Node<'c> {
+pub struct Node<'c> {
     duplicates: Duplicates,
     /// Values the parse may still build.
     budget: &'c Cell<usize>,
+}
+
+impl<'c> Node<'c> {
+    /// One value inside another parse (`next_value_seed`), read as [`Json::parse`] with
+    /// [`Duplicates::LastWins`] reads it, its values counted against `budget`.
+    pub fn last_wins(budget: &'c Cell<usize>) -> Self {
+        Self {
+            duplicates: Duplicates::LastWins,
+            budget,
+        }
+    }
 }
 
 impl<'de> DeserializeSeed<'de> for Node<'_> {

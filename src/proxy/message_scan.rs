@@ -8,14 +8,16 @@
 //! change nothing. Anything unexpected (not JSON, not an object) is an error: the caller then
 //! takes the full path, which decides as it always did.
 
-use std::fmt;
+use std::{cell::Cell, fmt};
 
 use serde::de::{
     self, DeserializeSeed, Deserializer as _, IgnoredAny, MapAccess, SeqAccess, Visitor,
 };
-use serde_json::Value;
 
-use super::usage::Usage;
+use super::{
+    json::{Json, Node},
+    usage::Usage,
+};
 
 /// What one pass over a complete message found.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -49,27 +51,28 @@ impl<'de> Visitor<'de> for Message<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scanned, A::Error> {
-        let mut suspect = false;
-        // The last `usage` wins, as it does when the body is built into a `Value`.
-        let mut usage = None;
+        let mut scanned = Scanned::default();
+        // Read into a borrowed tree as the full path reads it (a `Value` copied its four keys
+        // into a `BTreeMap`: ~3k instructions a response).
+        let unbounded = Cell::new(usize::MAX);
         while let Some(key) = map.next_key::<Key>()? {
             match key {
                 Key::Content => {
-                    let ask = (!suspect).then_some(self.suspect);
-                    suspect |= map.next_value_seed(Strings { ask })?;
+                    let ask = (!scanned.suspect).then_some(self.suspect);
+                    scanned.suspect |= map.next_value_seed(Strings { ask })?;
                 }
-                Key::Usage => usage = Some(map.next_value::<Value>()?),
+                // The last `usage` wins, as it does in the full path's tree.
+                Key::Usage => {
+                    let usage = map.next_value_seed(Node::last_wins(&unbounded))?;
+                    scanned.usage = Usage::default();
+                    scanned
+                        .usage
+                        .merge_fields(|name| usage.get(name).and_then(Json::as_u64));
+                }
                 Key::Other => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
-        }
-        let mut scanned = Scanned {
-            suspect,
-            ..Scanned::default()
-        };
-        if let Some(u) = &usage {
-            scanned.usage.merge(u);
         }
         Ok(scanned)
     }
@@ -230,7 +233,7 @@ mod tests {
         let body = r#"{"usage":{"input_tokens":1,"output_tokens":2},"usage":{"output_tokens":5}}"#;
         let (scanned, _) = asked(body);
         let mut expected = Usage::default();
-        expected.merge(&serde_json::from_str::<Value>(body).unwrap()["usage"]);
+        expected.merge(&serde_json::from_str::<serde_json::Value>(body).unwrap()["usage"]);
         assert_eq!(scanned.unwrap().usage, expected);
         assert_eq!(expected.input, 0);
     }
