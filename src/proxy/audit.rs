@@ -20,6 +20,9 @@ use super::usage::Usage;
 
 /// One line. What every request repeats (its ClaudeKey, pod, key fingerprint, method and
 /// endpoint) is shared with the config or static, so filling a record copies pointers.
+///
+/// The derived `Serialize` defines the line; `AuditRecord::encode` (in `audit_line`) writes
+/// the same bytes without serde's per-byte escaping, and a test holds the two equal.
 #[derive(Serialize, Debug, Clone, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditRecord {
@@ -160,7 +163,8 @@ pub const COALESCE: Duration = Duration::from_millis(10);
 
 /// What the writer thread receives.
 pub enum Message {
-    Line(String),
+    /// One JSON object, without its newline.
+    Line(Vec<u8>),
     /// Write everything queued before this, then answer.
     Flush(mpsc::SyncSender<()>),
 }
@@ -210,16 +214,15 @@ impl AuditSink {
             return;
         }
         // A line is about 500 bytes: one allocation instead of growing from empty.
-        let mut buf = Vec::with_capacity(768);
-        if let Err(e) = serde_json::to_writer(&mut buf, record) {
-            tracing::error!(error = %e, "failed to serialize audit record");
-            return;
-        }
-        // serde_json writes UTF-8 only.
-        let line = String::from_utf8(buf).unwrap_or_default();
+        let mut line = Vec::with_capacity(768);
+        record.encode(&mut line);
         match self {
             Self::Off => {}
-            Self::Memory(lines) => lines.lock().unwrap_or_else(|p| p.into_inner()).push(line),
+            Self::Memory(lines) => {
+                // The line is made of UTF-8 strings and ASCII.
+                let line = String::from_utf8(line).unwrap_or_default();
+                lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
             Self::Writer(tx) => {
                 let _ = tx.send(Message::Line(line));
             }
@@ -231,21 +234,18 @@ impl AuditSink {
 /// senders never have to wake it.
 fn write_lines(rx: mpsc::Receiver<Message>, mut writer: Box<dyn Write + Send>) {
     while let Ok(first) = rx.recv() {
-        let mut batch = String::new();
+        let mut batch = Vec::new();
         let mut acks = Vec::new();
         for message in std::iter::once(first).chain(rx.try_iter()) {
             match message {
                 Message::Line(line) => {
-                    batch.push_str(&line);
-                    batch.push('\n');
+                    batch.extend_from_slice(&line);
+                    batch.push(b'\n');
                 }
                 Message::Flush(ack) => acks.push(ack),
             }
         }
-        if let Err(e) = writer
-            .write_all(batch.as_bytes())
-            .and_then(|()| writer.flush())
-        {
+        if let Err(e) = writer.write_all(&batch).and_then(|()| writer.flush()) {
             tracing::error!(error = %e, "failed to write audit log");
         }
         let flushing = !acks.is_empty();

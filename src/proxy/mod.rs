@@ -4,6 +4,7 @@
 pub mod admin;
 mod args;
 pub mod audit;
+mod audit_line;
 pub mod auth;
 pub mod body;
 pub mod caps;
