@@ -164,11 +164,10 @@ impl Shared {
     /// Back on the stack after its response ended. The oldest goes when the stack is full, and
     /// expired ones at the bottom go now: requests take from the top, so no checkout reaches
     /// them while the top ones serve.
-    fn put(&self, sender: SendRequest<ProxyBody>) {
+    fn put(&self, sender: SendRequest<ProxyBody>, now: Instant) {
         if sender.is_closed() {
             return;
         }
-        let now = Instant::now();
         let mut idle = self.lock();
         let expired = idle
             .iter()
@@ -197,7 +196,7 @@ impl UpstreamBody {
         if (ended || self.inner.is_end_stream())
             && let Some((sender, pool)) = self.home.take()
         {
-            pool.put(sender);
+            pool.put(sender, Instant::now());
         }
     }
 }
@@ -365,6 +364,28 @@ mod tests {
                 .expect("a closed idle connection is not used");
             assert_eq!(read(response).await, "ok");
         }
+    }
+
+    #[tokio::test]
+    async fn connections_idle_too_long_are_dropped_from_the_bottom_on_return() {
+        let (pool, _) = upstream().await;
+        let (first, second) = (
+            pool.send(get()).await.unwrap(),
+            pool.send(get()).await.unwrap(),
+        );
+        read(first).await;
+        read(second).await;
+        tokio::task::yield_now().await;
+        assert_eq!(pool.idle(), 2);
+        let now = Instant::now();
+        let newest = pool.shared.checkout(now).expect("a ready connection");
+        pool.shared.put(newest, now + IDLE_TIMEOUT);
+        assert_eq!(
+            pool.idle(),
+            1,
+            "the older one had been idle for the whole timeout"
+        );
+        assert!(pool.shared.checkout(now + IDLE_TIMEOUT).is_some());
     }
 
     /// The upstream closes an idle connection just as a request takes it, before the
