@@ -218,11 +218,6 @@ impl Upstream {
         format!("{}{}", self.prefix, path_and_query).parse().ok()
     }
 
-    /// Idle upstream connections now (tests).
-    pub fn idle_connections(&self) -> usize {
-        self.pool.idle()
-    }
-
     /// A buffered body that can be sent twice (for the 401 retry).
     pub fn body(bytes: &Bytes) -> ProxyBody {
         full(bytes.clone())

@@ -132,8 +132,8 @@ impl Pool {
         Ok(sender)
     }
 
-    /// Idle connections now (tests).
-    pub fn idle(&self) -> usize {
+    #[cfg(test)]
+    fn idle(&self) -> usize {
         self.shared.lock().len()
     }
 }
