@@ -6,14 +6,12 @@
 //! literals, and a value is copied whole when a vectorized scan finds nothing to escape (nearly
 //! always: names, ids and digests); only a value that needs escaping goes through serde_json.
 
-use super::audit::AuditRecord;
+use super::audit::{AuditRecord, time_text};
 
 impl AuditRecord {
     /// Appends this record as one JSON object (no newline).
     pub fn encode(&self, out: &mut Vec<u8>) {
-        let time = self
-            .time
-            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+        let time = time_text(&self.time);
         out.extend_from_slice(b"{\"time\":");
         string(out, &time);
         field(out, "claudeKey", &self.claude_key);

@@ -131,14 +131,10 @@ impl Upstream {
         credential: &Credential,
         body: ProxyBody,
     ) -> Result<Request<ProxyBody>, ApiError> {
-        let uri = self
-            .uri(path_and_query)
+        let mut request = self
+            .to_upstream(method.clone(), path_and_query, body)
             .ok_or_else(|| ApiError::InvalidRequest("request path is not a valid URI".into()))?;
-        let mut request = Request::new(body);
-        *request.method_mut() = method.clone();
-        *request.uri_mut() = uri;
         let out = request.headers_mut();
-        out.insert(header::HOST, self.host.clone());
         for (name, value) in headers {
             if !is_dropped(name) {
                 out.append(name.clone(), value.clone());
@@ -166,14 +162,10 @@ impl Upstream {
         limit: usize,
     ) -> Result<(http::StatusCode, Bytes), String> {
         use http_body_util::{BodyExt, Limited};
-        let uri = self.uri(path).ok_or_else(|| "bad URL".to_string())?;
-        let mut request = Request::new(full(body));
-        *request.method_mut() = Method::POST;
-        *request.uri_mut() = uri;
-        *request.headers_mut() = headers;
-        request
-            .headers_mut()
-            .insert(header::HOST, self.host.clone());
+        let mut request = self
+            .to_upstream(Method::POST, path, full(body))
+            .ok_or_else(|| "bad URL".to_string())?;
+        request.headers_mut().extend(headers);
         let response = self
             .pool
             .send(request)
@@ -206,16 +198,30 @@ impl Upstream {
         }
     }
 
-    /// The origin-form URI of a client's path on the upstream. Only a path is accepted (not
-    /// `*` nor an absolute URI), so a request can never name another host.
-    fn uri(&self, path_and_query: &str) -> Option<Uri> {
+    /// A request to the upstream with its `Host`, at the origin-form URI of a client's path.
+    /// Only a path is accepted (not `*` nor an absolute URI), so a request can never name
+    /// another host.
+    fn to_upstream(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: ProxyBody,
+    ) -> Option<Request<ProxyBody>> {
         if !path_and_query.starts_with('/') {
             return None;
         }
-        if self.prefix.is_empty() {
-            return path_and_query.parse().ok();
-        }
-        format!("{}{}", self.prefix, path_and_query).parse().ok()
+        let uri: Uri = if self.prefix.is_empty() {
+            path_and_query.parse().ok()?
+        } else {
+            format!("{}{}", self.prefix, path_and_query).parse().ok()?
+        };
+        let mut request = Request::new(body);
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        request
+            .headers_mut()
+            .insert(header::HOST, self.host.clone());
+        Some(request)
     }
 
     /// A buffered body that can be sent twice (for the 401 retry).
