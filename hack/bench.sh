@@ -481,9 +481,23 @@ rss_line() {
 # Idle RSS right after start, before any traffic.
 for t in "${TARGETS[@]}"; do if [ "$t" != direct ]; then rss_line "$t" idle; fi; done
 
+# ports_settled — waits (up to 60 s) until fewer than 4,000 loopback sockets are in TIME_WAIT.
+# A target that opens a connection per request leaves tens of thousands behind a 3 s cell at
+# c=64; the next cell, whoever it measures, would then fail to connect once the ~28k ephemeral
+# ports are gone, and its figures would be the previous target's doing.
+ports_settled() {
+  local i
+  for i in $(seq 1 120); do
+    [ "$(ss -Htan state time-wait | wc -l)" -lt 4000 ] && return 0
+    sleep 0.5
+  done
+  log "still $(ss -Htan state time-wait | wc -l) sockets in TIME_WAIT after 60 s; measuring anyway"
+}
+
 # oha_run OUT TARGET ARGS... — one oha run on core 1; the JSON summary goes to OUT.
 oha_run() {
   local out=$1 target=$2 extra; shift 2
+  ports_settled
   mapfile -t extra < <(target_headers "$target")
   taskset -c 1 "$OHA" --no-tui --output-format json -m POST "${extra[@]}" \
     -H "x-api-key: $(target_key "$target")" -H "anthropic-version: 2023-06-01" \
