@@ -115,11 +115,22 @@ impl UserHasher {
 
     pub fn hash(&self, user_id: &str) -> String {
         let tag = ring::hmac::sign(&self.0, user_id.as_bytes());
-        // Into a buffer: `hex::encode` collects characters one by one (~900 instructions).
-        let mut digits = [0u8; 32];
-        let _ = hex::encode_to_slice(&tag.as_ref()[..16], &mut digits);
-        String::from_utf8_lossy(&digits).into_owned()
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&tag.as_ref()[..16]);
+        let mut hash = String::with_capacity(32);
+        push_hex_128(&mut hash, &first);
+        hash
     }
+}
+
+/// Appends 128 bits as 32 lower-case hex digits (the user hash, the request id) through a
+/// buffer: `hex::encode` collects characters one by one and `{:016x}` goes through the
+/// formatter, each about 1k instructions on the hot path.
+pub fn push_hex_128(out: &mut String, bits: &[u8; 16]) {
+    let mut digits = [0u8; 32];
+    // 16 bytes always fit 32 digits, and hex digits are ASCII.
+    let _ = hex::encode_to_slice(bits, &mut digits);
+    out.push_str(std::str::from_utf8(&digits).unwrap_or_default());
 }
 
 /// At most `max_chars` characters of a client's or upstream's text, for an audit field. Most
