@@ -157,7 +157,7 @@ impl Upstream {
     pub async fn post(
         &self,
         path: &str,
-        headers: HeaderMap,
+        mut headers: HeaderMap,
         body: Bytes,
         limit: usize,
     ) -> Result<(http::StatusCode, Bytes), String> {
@@ -165,6 +165,8 @@ impl Upstream {
         let mut request = self
             .to_upstream(Method::POST, path, full(body))
             .ok_or_else(|| "bad URL".to_string())?;
+        // `Host` is the upstream's, whatever the caller passed (`extend` would replace it).
+        headers.remove(header::HOST);
         request.headers_mut().extend(headers);
         let response = self
             .pool
