@@ -4,6 +4,10 @@
 #   docker build -t ghcr.io/claudekey/claudekey:0.1.0 .
 #   docker buildx build --platform linux/amd64,linux/arm64 -t ... --push .   (native per platform)
 #
+# This builds a plain release binary; README's release steps build a profile-guided one
+# (hack/pgo.sh, trained on loopback traffic the build container would have to serve) and image
+# it with hack/image.sh. Same program, ~10% less CPU per proxied request.
+#
 # Runtime: distroless/cc (glibc, CA certificates, tzdata; no shell, no package manager) as the
 # distroless "nonroot" user 65532, which the Helm chart's securityContext also pins. glibc rather
 # than a static musl build: aws-lc-rs (rustls' crypto provider) and the AWS SDK build and perform

@@ -12,7 +12,13 @@
 #            --no-criterion  skip rows 4 and 6's criterion benches (their release build is long)
 #            --baseline REV  also measure the claudekey proxy built from git revision REV, as one
 #                            more target of row 1 interleaved with the others (a regression check
-#                            that holds on a noisy machine: both builds see the same noise)
+#                            that holds on a noisy machine: both builds see the same noise); a
+#                            plain release build, so `--baseline HEAD` measures what PGO adds
+#            --no-pgo        measure a plain release build of claudekey, not the profile-guided
+#                            one hack/pgo.sh makes (the build README's release steps ship);
+#                            --smoke always does
+#            --claudekey PATH  measure this claudekey executable (say, hack/pgo.sh's output
+#                            from an unchanged tree) instead of building one
 #
 # Rows: (1) proxy overhead vs direct, nginx and LiteLLM with oha at c=1/16/64 and an open-loop
 # rate sweep; (2) streaming TTFB and per-delta gaps through a paced upstream; (3) RSS idle, at
@@ -41,7 +47,7 @@ CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/claudekey
 
 SMOKE=0 REPS=5 SOAK=60 OUT=docs/benchmarks.md
 USE_LITELLM=1 USE_NGINX=1 USE_WEBHOOK=1 BASELINE=""
-USE_PORTKEY=1 USE_AGENTGATEWAY=1 USE_CRITERION=1
+USE_PORTKEY=1 USE_AGENTGATEWAY=1 USE_CRITERION=1 USE_PGO=1 CK_GIVEN=""
 COMMAND="hack/bench.sh $*"
 while [ $# -gt 0 ]; do
   case $1 in
@@ -56,6 +62,8 @@ while [ $# -gt 0 ]; do
     --no-agentgateway) USE_AGENTGATEWAY=0 ;;
     --no-criterion) USE_CRITERION=0 ;;
     --baseline) BASELINE=$2; shift ;;
+    --no-pgo) USE_PGO=0 ;;
+    --claudekey) CK_GIVEN=$2; shift ;;
     -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -143,16 +151,12 @@ rss_kib() {
 # ---------------------------------------------------------------------------
 # tools
 # ---------------------------------------------------------------------------
-OHA=$CACHE/oha-$OHA_VERSION/bin/oha
+# shellcheck source=oha.sh
+source hack/oha.sh
 LITELLM_VENV=$CACHE/litellm-$LITELLM_VERSION
 if [ ! -x "$OHA" ]; then
   [ "$SMOKE" = 1 ] && { log "oha $OHA_VERSION missing: run hack/bench.sh once without --smoke"; exit 1; }
-  log "installing oha $OHA_VERSION (crates.io) into $CACHE"
-  if ! pkg-config --exists openssl 2>/dev/null; then apt-get install -y -q libssl-dev pkg-config >/dev/null; fi
-  # native-tls (system OpenSSL) builds far faster than the default rustls/aws-lc; oha needs one TLS
-  # backend to compile, the benchmark only speaks plain HTTP on loopback.
-  nice cargo install oha --version "$OHA_VERSION" --locked --no-default-features --features native-tls \
-    --root "$CACHE/oha-$OHA_VERSION"
+  ensure_oha
 fi
 if [ "$USE_NGINX" = 1 ] && ! command -v nginx >/dev/null; then
   if [ "$SMOKE" = 1 ]; then USE_NGINX=0; else
@@ -196,6 +200,15 @@ else
   BIN=target/release
 fi
 CK=$BIN/claudekey
+CK_BUILD="plain release build"
+if [ -n "$CK_GIVEN" ]; then
+  [ -x "$CK_GIVEN" ] || { log "--claudekey $CK_GIVEN is not an executable"; exit 1; }
+  CK=$CK_GIVEN CK_BUILD="given: $CK_GIVEN"
+elif [ "$USE_PGO" = 1 ] && [ "$SMOKE" = 0 ] && [ "$BIN" = target/release ]; then
+  log "profile-guided build (hack/pgo.sh)"
+  hack/pgo.sh target/pgo/claudekey
+  CK=target/pgo/claudekey CK_BUILD="profile-guided build (hack/pgo.sh)"
+fi
 
 # The baseline build: the same profile from `git archive REV`, cached by commit outside the repo.
 if [ -n "$BASELINE" ]; then
@@ -827,7 +840,7 @@ fi
 # table
 # ---------------------------------------------------------------------------
 VERSIONS=$(
-  echo "claudekey $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty'), $(rustc --version)"
+  echo "claudekey $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty'), $CK_BUILD, $(rustc --version)"
   echo "oha $OHA_VERSION; $(nginx -v 2>&1 | sed 's/.*: //' || true); $(
     if [ "$USE_LITELLM" = 1 ]; then echo "litellm $LITELLM_VERSION ($("$LITELLM_VENV/bin/python" --version 2>&1))"; else echo "litellm not run"; fi)"
   echo "peers: agentgateway $AGENTGATEWAY_VERSION$([ "$USE_AGENTGATEWAY" = 1 ] || echo ' (not run)') (built from source, quick-release profile, $(rustc --version | cut -d' ' -f1-2)); @portkey-ai/gateway $PORTKEY_VERSION$([ "$USE_PORTKEY" = 1 ] || echo ' (not run)') ($(node --version 2>/dev/null || echo 'node missing'), @hono/node-server $PORTKEY_HONO_NODE_SERVER_VERSION)"

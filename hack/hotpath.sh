@@ -29,7 +29,8 @@ cd "$ROOT"
 # shellcheck source=versions.env
 source hack/versions.env
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/claudekey
-OHA=$CACHE/oha-$OHA_VERSION/bin/oha
+# shellcheck source=oha.sh
+source hack/oha.sh
 
 N=2000 WARMUP=200 CONC=1 REV="" CK="" JSON="" KEEP="" LABEL="" TOP=0 UPSTREAM_BIN=""
 while [ $# -gt 0 ]; do
@@ -50,7 +51,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 command -v valgrind >/dev/null || { echo "valgrind is missing (apt-get install valgrind)" >&2; exit 1; }
-[ -x "$OHA" ] || { echo "oha is missing: run hack/tools.sh" >&2; exit 1; }
+ensure_oha
 
 log() { printf '[hotpath %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 WORK=$(mktemp -d /tmp/claudekey-hotpath.XXXXXX)
