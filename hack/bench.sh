@@ -697,16 +697,7 @@ if [ "$USE_WEBHOOK" = 1 ]; then
   if [ -n "$KCFG" ]; then
     export KUBECONFIG=$KCFG
     kubectl apply --server-side -f crds/ >/dev/null
-    mkdir -p "$WORK/pki"
-    (
-      cd "$WORK/pki"
-      openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=claudekey bench CA" \
-        -keyout ca.key -out ca.crt 2>/dev/null
-      openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout tls.key -out tls.csr 2>/dev/null
-      printf 'subjectAltName=IP:127.0.0.1\n' >ext.cnf
-      openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 \
-        -extfile ext.cnf -out tls.crt 2>/dev/null
-    )
+    bench_webhook_pki "$WORK/pki"
     P_WH=$(free_port)
     start webhook 0 "$CK" webhook --listen "127.0.0.1:$P_WH" --tls-cert-file "$WORK/pki/tls.crt" \
       --tls-key-file "$WORK/pki/tls.key" --proxy-image registry.example/claudekey:bench

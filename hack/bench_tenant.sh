@@ -41,3 +41,18 @@ sys.stdout.write(json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 256,
                              "messages": [{"role": "user", "content": prompt}]}))
 EOF
 }
+
+# bench_webhook_pki DIR — a throwaway CA and a serving certificate for 127.0.0.1 in DIR (ca.crt,
+# tls.crt, tls.key): the webhook's TLS for the admission row and hack/pgo.sh's training.
+bench_webhook_pki() {
+  mkdir -p "$1"
+  (
+    cd "$1"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=claudekey bench CA" \
+      -keyout ca.key -out ca.crt 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout tls.key -out tls.csr 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1\n' >ext.cnf
+    openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 \
+      -extfile ext.cnf -out tls.crt 2>/dev/null
+  )
+}

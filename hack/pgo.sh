@@ -6,12 +6,14 @@
 #   2. training: that proxy, in gateway mode with the suite's full policy (hack/bench_tenant.sh),
 #      answers Messages requests at c=1 and c=64, SSE streams with and without response
 #      redaction, a request whose prompt is redacted, count_tokens and models, and the same
-#      policy with its limits counted in Redis;
+#      policy with its limits counted in Redis; then, against a private control plane
+#      (hack/control-plane.sh on hack/tools.sh's binaries), the controller reconciles 1,000
+#      ClaudeKeys (examples/bench_controller) and the webhooks admit Deployments
+#      (examples/bench_admission), so their code is laid out by use too;
 #   3. the profiles merged by the `llvm-profdata` of rustc's own LLVM major version, and the
 #      release build again with `-Cprofile-use`.
 # The result is an ordinary release executable; what PGO changes is only code layout and
-# inlining, never behaviour. Code the training does not run (the controller, the webhooks)
-# is compiled as in a plain release build minus what LLVM moves out of the hot pages.
+# inlining, never behaviour. Code the training never runs is optimised for size.
 #
 #   hack/pgo.sh [OUT]     writes OUT (default target/pgo/claudekey); about twice a release build
 #
@@ -67,6 +69,7 @@ WORK=$(mktemp -d /tmp/claudekey-pgo.XXXXXX)
 PIDS=()
 cleanup() {
   local p
+  [ ! -d "$WORK/cp" ] || CLAUDEKEY_STATE_DIR=$WORK/cp bash hack/control-plane.sh stop >/dev/null 2>&1 || true
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
   rm -rf "$WORK"
@@ -79,7 +82,8 @@ log "1/3 instrumented release build ($GEN_TARGET)"
 RUSTFLAGS="-Cprofile-generate=/tmp" CARGO_TARGET_DIR=$GEN_TARGET \
   nice cargo build --release --locked --bin claudekey
 # The load generators and the fake upstream are not trained: a plain release build.
-nice cargo build --release --locked --example fake_upstream --example bench_stream
+nice cargo build --release --locked --example fake_upstream --example bench_stream \
+  --example bench_controller --example bench_admission
 CK=$GEN_TARGET/release/claudekey
 EX=${CARGO_TARGET_DIR:-target}/release/examples
 
@@ -142,7 +146,7 @@ if ok != int(sys.argv[2]):
 EOF
 }
 
-log "2/3 training"
+log "2/3 training: the proxy"
 proxy P full "$WORK/proxy" RUST_LOG=warn
 proxy P_PLAIN plain "$WORK/proxy-plain" RUST_LOG=warn
 proxy P_SHARED shared "$WORK/proxy" RUST_LOG=warn CLAUDEKEY_REDIS_URL="redis://127.0.0.1:$P_RD/0"
@@ -159,6 +163,39 @@ for port in "$P_PLAIN" "$P"; do
 done
 load "$P_SHARED" "$WORK/body.json" 1 1000
 load "$P_SHARED" "$WORK/body.json" 64 10000
+
+log "2/3 training: the controller and the webhooks against a private control plane"
+eval "$(bash hack/tools.sh --print-env 2>"$WORK/tools.log")" || { tail -20 "$WORK/tools.log" >&2; die "hack/tools.sh failed"; }
+CLAUDEKEY_STATE_DIR=$WORK/cp bash hack/control-plane.sh start >"$WORK/cp.log" 2>&1 \
+  || { tail -20 "$WORK/cp.log" >&2; die "the control plane did not start"; }
+export KUBECONFIG=$WORK/cp/kubeconfig
+"$CLAUDEKEY_KUBECTL" apply --server-side -f crds/ >/dev/null
+"$CLAUDEKEY_KUBECTL" create namespace claudekey-pgo >/dev/null
+# role NAME ARGS... — the instrumented executable in another role, its profile named NAME.
+role() {
+  local name=$1
+  shift
+  start env LLVM_PROFILE_FILE="$WORK/profiles/$name-%p.profraw" RUST_LOG=warn "$CK" "$@"
+}
+P_CM=$(free_port)
+role controller controller --namespace claudekey-pgo --leader-election false \
+  --metrics-listen "127.0.0.1:$P_CM" --usage-interval 0s --gateway-url http://gateway.pgo:8080
+wait_http "http://127.0.0.1:$P_CM/healthz"
+"$EX/bench_controller" --operator-namespace claudekey-pgo --controller-metrics "http://127.0.0.1:$P_CM/metrics" \
+  --count 1000 >/dev/null 2>"$WORK/bench_controller.log" \
+  || { tail -20 "$WORK/bench_controller.log" >&2; die "controller training failed"; }
+bench_webhook_pki "$WORK/pki"
+P_WH=$(free_port)
+role webhook webhook --listen "127.0.0.1:$P_WH" --tls-cert-file "$WORK/pki/tls.crt" \
+  --tls-key-file "$WORK/pki/tls.key" --proxy-image registry.example/claudekey:pgo
+for _ in $(seq 1 300); do
+  curl -s --cacert "$WORK/pki/ca.crt" -o /dev/null "https://127.0.0.1:$P_WH/healthz" && break
+  sleep 0.1
+done
+"$EX/bench_admission" --webhook "https://127.0.0.1:$P_WH" --ca-file "$WORK/pki/ca.crt" --count 100 \
+  --rounds 1 >/dev/null 2>"$WORK/bench_admission.log" \
+  || { tail -20 "$WORK/bench_admission.log" >&2; die "webhook training failed"; }
+
 # The profiles are written at exit: a clean shutdown on SIGTERM.
 for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
 for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
