@@ -208,6 +208,7 @@ log "3/3 release build with the merged profile ($USE_TARGET)"
 # fingerprint, the file's content is not), and not when it does not.
 mkdir -p "$USE_TARGET"
 PROFILE=$(realpath "$USE_TARGET")/claudekey-$(sha256sum "$WORK/merged.profdata" | cut -c1-16).profdata
+find "$USE_TARGET" -maxdepth 1 -name 'claudekey-*.profdata' ! -path "$PROFILE" -delete
 cp "$WORK/merged.profdata" "$PROFILE"
 RUSTFLAGS="-Cprofile-use=$PROFILE" CARGO_TARGET_DIR=$USE_TARGET \
   nice cargo build --release --locked --bin claudekey
