@@ -1,6 +1,8 @@
 //! An upstream body on its way to the client: passed frame by frame (through the SSE transformer
 //! when it is an event stream), owning the request's [`Exchange`] so the audit line is written
-//! when the body ends, fails, or is dropped because the client went away.
+//! when the body ends, fails, or is dropped because the client went away. It ends when hyper is
+//! told so: a tail the transformer still held (text kept back for redaction, a last partial
+//! event) is handed on first, and a client gone before it was taken is `client_closed`.
 
 use std::{
     pin::Pin,
@@ -20,6 +22,9 @@ pub struct Observed<B: Body> {
     inner: B,
     sse: Option<SseTransformer>,
     exchange: Option<Exchange>,
+    /// The upstream's body ended and the transformer's tail was handed on: the exchange
+    /// completes when hyper asks for the next frame.
+    tail_sent: bool,
 }
 
 impl<B: Body> Observed<B> {
@@ -28,6 +33,7 @@ impl<B: Body> Observed<B> {
             inner,
             sse,
             exchange: Some(exchange),
+            tail_sent: false,
         }
     }
 
@@ -67,7 +73,7 @@ impl<B: Body> Drop for Observed<B> {
     /// the client went away: usage seen so far still settles the reservation, and the outcome
     /// stays client_closed.
     fn drop(&mut self) {
-        let ended = self.inner.is_end_stream();
+        let ended = self.inner.is_end_stream() && !self.tail_sent;
         self.report(ended.then_some(Outcome::Completed));
     }
 }
@@ -87,6 +93,10 @@ where
         let this = &mut *self;
         loop {
             if this.exchange.is_none() {
+                return Poll::Ready(None);
+            }
+            if this.tail_sent {
+                this.report(Some(Outcome::Completed));
                 return Poll::Ready(None);
             }
             match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
@@ -115,13 +125,94 @@ where
                         .as_mut()
                         .map(SseTransformer::finish)
                         .unwrap_or_default();
-                    this.report(Some(Outcome::Completed));
                     if !tail.is_empty() {
+                        this.tail_sent = true;
                         return Poll::Ready(Some(Ok(Frame::data(tail))));
                     }
+                    this.report(Some(Outcome::Completed));
                     return Poll::Ready(None);
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use http::{HeaderMap, Method};
+    use http_body_util::{BodyExt, Full};
+
+    use super::*;
+    use crate::proxy::{audit::AuditSink, exchange::Recorder, metrics::Metrics, sse};
+
+    /// A stream the upstream ended in the middle of a text block: the transformer still holds
+    /// the end of the last delta (it may be the start of an address) when the body ends.
+    const CUT_SHORT: &str = concat!(
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"write to jane@exa\"}}\n\n",
+    );
+
+    fn observed() -> (Observed<Full<Bytes>>, Arc<Mutex<Vec<String>>>) {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let recorder = Arc::new(Recorder {
+            metrics: Arc::new(Metrics::default()),
+            audit: AuditSink::Memory(lines.clone()),
+            shutting_down: Default::default(),
+            pod: None,
+        });
+        let exchange = Exchange::new(
+            recorder,
+            Method::POST,
+            "/v1/messages".into(),
+            HeaderMap::new(),
+        );
+        let sse = SseTransformer::new(Some(sse::tests::tenant(true)));
+        let body = Observed::new(
+            Full::new(Bytes::from_static(CUT_SHORT.as_bytes())),
+            Some(sse),
+            exchange,
+        );
+        (body, lines)
+    }
+
+    fn outcome(lines: &Mutex<Vec<String>>) -> String {
+        let lines = lines.lock().unwrap();
+        assert_eq!(lines.len(), 1, "one audit line per exchange");
+        let line: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        line["outcome"].as_str().unwrap().to_owned()
+    }
+
+    async fn data(body: &mut Observed<Full<Bytes>>) -> Option<Bytes> {
+        let frame = body.frame().await?.unwrap();
+        Some(frame.into_data().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_stream_completes_only_once_its_held_back_tail_was_taken() {
+        let (mut body, lines) = observed();
+        let events = data(&mut body).await.unwrap();
+        assert!(!String::from_utf8_lossy(&events).contains("jane@exa"));
+        let tail = data(&mut body)
+            .await
+            .expect("the held-back text comes last");
+        assert!(!tail.is_empty());
+        assert!(
+            lines.lock().unwrap().is_empty(),
+            "not complete before the end is asked for"
+        );
+        assert!(data(&mut body).await.is_none());
+        assert_eq!(outcome(&lines), "completed");
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_before_taking_the_tail_is_client_closed() {
+        let (mut body, lines) = observed();
+        data(&mut body).await.unwrap();
+        data(&mut body).await.expect("the tail");
+        drop(body);
+        assert_eq!(outcome(&lines), "client_closed");
     }
 }

@@ -228,7 +228,7 @@ fn parse_event(raw: &[u8]) -> (Option<&str>, Option<&str>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::{
         crd::{DataProtectionSpec, Detector},
@@ -249,7 +249,8 @@ mod tests {
         "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
     );
 
-    fn tenant(redact_responses: bool) -> Arc<Tenant> {
+    /// A tenant whose policy redacts e-mail addresses (in responses too when asked).
+    pub(in crate::proxy) fn tenant(redact_responses: bool) -> Arc<Tenant> {
         let mut config: ProxyConfig = serde_json::from_value(serde_json::json!({
             "claudeKey": { "namespace": "ns", "name": "a" },
             "upstream": [{ "key": "sk-ant-api03-u", "fingerprint": "up:x", "validUntil": null }],
