@@ -10,7 +10,8 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body::{Body, Frame};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
 
 use super::{
     body::BoxError,
@@ -25,6 +26,9 @@ pub struct Observed<B: Body> {
     /// The upstream's body ended and the transformer's tail was handed on: the exchange
     /// completes when hyper asks for the next frame.
     tail_sent: bool,
+    /// The inner body's size is the client's (set for a buffered answer, which hyper then sends
+    /// with its `content-length`).
+    sized: bool,
 }
 
 impl<B: Body> Observed<B> {
@@ -34,6 +38,7 @@ impl<B: Body> Observed<B> {
             sse,
             exchange: Some(exchange),
             tail_sent: false,
+            sized: false,
         }
     }
 
@@ -67,6 +72,17 @@ impl<B: Body> Observed<B> {
     }
 }
 
+impl Observed<Full<Bytes>> {
+    /// A buffered answer: its exchange completes once hyper has taken all of it, so the audit
+    /// line and the metrics are written after the client's bytes rather than before them, and
+    /// a client gone before they were written is `client_closed`.
+    pub fn buffered(bytes: Bytes, exchange: Exchange) -> Self {
+        let mut body = Self::new(Full::new(bytes), None, exchange);
+        body.sized = true;
+        body
+    }
+}
+
 impl<B: Body> Drop for Observed<B> {
     /// A body of known length is dropped by hyper once its last byte is written, without being
     /// asked for its end: if the upstream's body was all read, the answer is complete. Otherwise
@@ -85,6 +101,14 @@ where
 {
     type Data = Bytes;
     type Error = BoxError;
+
+    fn size_hint(&self) -> SizeHint {
+        if self.sized {
+            self.inner.size_hint()
+        } else {
+            SizeHint::default()
+        }
+    }
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -143,7 +167,7 @@ mod tests {
 
     use bytes::Bytes;
     use http::{HeaderMap, Method};
-    use http_body_util::{BodyExt, Full};
+    use http_body_util::BodyExt;
 
     use super::*;
     use crate::proxy::{audit::AuditSink, exchange::Recorder, metrics::Metrics, sse};
@@ -155,7 +179,7 @@ mod tests {
         "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"write to jane@exa\"}}\n\n",
     );
 
-    fn observed() -> (Observed<Full<Bytes>>, Arc<Mutex<Vec<String>>>) {
+    fn exchange() -> (Exchange, Arc<Mutex<Vec<String>>>) {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let recorder = Arc::new(Recorder {
             metrics: Arc::new(Metrics::default()),
@@ -163,12 +187,20 @@ mod tests {
             shutting_down: Default::default(),
             pod: None,
         });
-        let exchange = Exchange::new(
-            recorder,
-            Method::POST,
-            "/v1/messages".into(),
-            HeaderMap::new(),
-        );
+        let path = "/v1/messages".into();
+        (
+            Exchange::new(recorder, Method::POST, path, HeaderMap::new()),
+            lines,
+        )
+    }
+
+    fn buffered(message: Bytes) -> (Observed<Full<Bytes>>, Arc<Mutex<Vec<String>>>) {
+        let (exchange, lines) = exchange();
+        (Observed::buffered(message, exchange), lines)
+    }
+
+    fn observed() -> (Observed<Full<Bytes>>, Arc<Mutex<Vec<String>>>) {
+        let (exchange, lines) = exchange();
         let sse = SseTransformer::new(Some(sse::tests::tenant(true)));
         let body = Observed::new(
             Full::new(Bytes::from_static(CUT_SHORT.as_bytes())),
@@ -205,6 +237,26 @@ mod tests {
         );
         assert!(data(&mut body).await.is_none());
         assert_eq!(outcome(&lines), "completed");
+    }
+
+    #[tokio::test]
+    async fn a_buffered_answer_completes_once_taken_and_keeps_its_length() {
+        let message = Bytes::from_static(b"{\"type\":\"message\"}");
+        let (body, lines) = buffered(message.clone());
+        assert_eq!(body.size_hint().exact(), Some(message.len() as u64));
+        assert!(
+            lines.lock().unwrap().is_empty(),
+            "nothing written before the client's bytes"
+        );
+        let mut body = body;
+        assert_eq!(data(&mut body).await.unwrap(), message);
+        // hyper drops a body of known length once it has all of it, without asking for its end.
+        drop(body);
+        assert_eq!(outcome(&lines), "completed");
+
+        let (body, lines) = buffered(message);
+        drop(body);
+        assert_eq!(outcome(&lines), "client_closed");
     }
 
     #[tokio::test]

@@ -16,7 +16,7 @@ use super::{
     body::{ProxyBody, full},
     config::Store,
     error::ApiError,
-    exchange::{Exchange, Outcome, Recorder},
+    exchange::{Exchange, Recorder},
     federation::Federation,
     forward::{Credential, Upstream, client_response_headers},
     injection::{self, PromptInjectionMode},
@@ -432,7 +432,7 @@ async fn forward_replayable(
 }
 
 /// The client's response: a complete message buffered (to redact it and read its usage), every
-/// other body streamed through [`Observed`], which owns the exchange until the body ends.
+/// other body streamed; both through [`Observed`], which owns the exchange until the body ends.
 async fn respond(mut ex: Exchange, response: Response<UpstreamBody>) -> Response<ProxyBody> {
     let Some(tenant) = ex.tenant.clone() else {
         let error = ApiError::Unavailable("request has no ClaudeKey".into());
@@ -469,8 +469,7 @@ async fn respond(mut ex: Exchange, response: Response<UpstreamBody>) -> Response
         let (bytes, usage, counts) = read_message(&tenant, collected.to_bytes());
         ex.usage = usage;
         ex.response_counts = counts;
-        ex.outcome = Outcome::Completed;
-        *out.body_mut() = full(bytes);
+        *out.body_mut() = Observed::buffered(bytes, ex).boxed_unsync();
         return out;
     }
     let sse = is_sse.then(|| SseTransformer::new(Some(tenant)));
