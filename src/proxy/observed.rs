@@ -1,8 +1,9 @@
-//! An upstream body on its way to the client: passed frame by frame (through the SSE transformer
-//! when it is an event stream), owning the request's [`Exchange`] so the audit line is written
-//! when the body ends, fails, or is dropped because the client went away. It ends when hyper is
-//! told so: a tail the transformer still held (text kept back for redaction, a last partial
-//! event) is handed on first, and a client gone before it was taken is `client_closed`.
+//! An answer on its way to the client: an upstream body passed frame by frame (through the SSE
+//! transformer when it is an event stream) or a buffered message, owning the request's
+//! [`Exchange`] so the audit line is written when the body ends, fails, or is dropped because
+//! the client went away. It ends when hyper is told so: a tail the transformer still held (text
+//! kept back for redaction, a last partial event) is handed on first, and a client gone before
+//! it was taken is `client_closed`.
 
 use std::{
     pin::Pin,
