@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 
 use super::{
     Mode, audit, auth,
-    body::{ProxyBody, full},
+    body::ProxyBody,
     config::Store,
     error::ApiError,
     exchange::{Exchange, Recorder},
@@ -456,11 +456,8 @@ async fn respond(mut ex: Exchange, response: Response<UpstreamBody>) -> Response
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let buffered = ex.route == Some(Route::Messages) && status.is_success() && !is_sse;
-    let mut out = Response::new(full(Bytes::new()));
-    *out.status_mut() = status;
-    *out.headers_mut() = client_response_headers(parts.headers, is_sse || buffered);
-
-    if buffered {
+    // The body first: the response is built once, around it.
+    let body = if buffered {
         let Ok(collected) = Limited::new(body, MAX_BODY_BYTES).collect().await else {
             let error = ApiError::BadGateway("the upstream response broke off".into());
             ex.refuse(&error);
@@ -469,11 +466,14 @@ async fn respond(mut ex: Exchange, response: Response<UpstreamBody>) -> Response
         let (bytes, usage, counts) = read_message(&tenant, collected.to_bytes());
         ex.usage = usage;
         ex.response_counts = counts;
-        *out.body_mut() = Observed::buffered(bytes, ex).boxed_unsync();
-        return out;
-    }
-    let sse = is_sse.then(|| SseTransformer::new(Some(tenant)));
-    *out.body_mut() = Observed::new(body, sse, ex).boxed_unsync();
+        Observed::buffered(bytes, ex).boxed_unsync()
+    } else {
+        let sse = is_sse.then(|| SseTransformer::new(Some(tenant)));
+        Observed::new(body, sse, ex).boxed_unsync()
+    };
+    let mut out = Response::new(body);
+    *out.status_mut() = status;
+    *out.headers_mut() = client_response_headers(parts.headers, is_sse || buffered);
     out
 }
 
