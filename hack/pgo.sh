@@ -94,9 +94,11 @@ log "1/3 instrumented release build ($GEN_TARGET)"
 # profiles go is said at run time (LLVM_PROFILE_FILE).
 RUSTFLAGS="-Cprofile-generate=/tmp" CARGO_TARGET_DIR=$GEN_TARGET \
   nice cargo build --release --locked --bin claudekey
-# The load generators and the fake upstream are not trained: a plain release build.
-nice cargo build --release --locked --example fake_upstream --example bench_stream \
-  --example bench_controller --example bench_admission
+# The load generators and the fake upstream are not trained: a plain release build (the
+# control plane's load generators only when their roles are trained).
+EXAMPLES=(--example fake_upstream --example bench_stream)
+if $ALL_ROLES; then EXAMPLES+=(--example bench_controller --example bench_admission); fi
+nice cargo build --release --locked "${EXAMPLES[@]}"
 CK=$GEN_TARGET/release/claudekey
 EX=${CARGO_TARGET_DIR:-target}/release/examples
 
