@@ -160,7 +160,9 @@ run() {
   local tool=$1 count=$2 port out pid
   port=$(free_port)
   out=$WORK/$tool.$count.out
-  RUST_LOG=warn valgrind --tool="$tool" "--$tool-out-file=$out" --log-file="$WORK/$tool.$count.log" \
+  # On one core, as the suite pins the proxy: it then runs tokio's single-threaded runtime
+  # (src/main.rs), the one measured there.
+  RUST_LOG=warn taskset -c 0 valgrind --tool="$tool" "--$tool-out-file=$out" --log-file="$WORK/$tool.$count.log" \
     "$CK" proxy --mode gateway --config-dir "$WORK/proxy" --listen "127.0.0.1:$port" \
     --upstream "http://127.0.0.1:$P_UP" --audit-log "$WORK/audit.$tool.$count.log" \
     >"$WORK/proxy.$tool.$count.stdout" 2>&1 &
