@@ -95,14 +95,17 @@ impl Pool {
     ) -> Result<Response<UpstreamBody>, SendError> {
         let (mut sender, reused) = match self.shared.checkout(Instant::now()) {
             Some(sender) => (sender, true),
-            None => (self.connect().await?, false),
+            // Boxed, as below: a connect's future (the TCP connect and hyper's handshake, about
+            // 2.4 KB) would otherwise sit inside every request's future, and every request's
+            // future is moved and written whole, though connecting is rare.
+            None => (Box::pin(self.connect()).await?, false),
         };
         let response = match sender.try_send_request(request).await {
             Ok(response) => response,
             Err(mut failed) => match failed.take_message().filter(|_| reused) {
                 // Never written: the idle connection was closed under it.
                 Some(request) => {
-                    sender = self.connect().await?;
+                    sender = Box::pin(self.connect()).await?;
                     sender
                         .send_request(request)
                         .await

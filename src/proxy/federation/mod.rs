@@ -172,7 +172,9 @@ impl Federation {
                 None => Err(ApiError::Unavailable(message.to_string())),
             };
         }
-        match self.refresh(config, upstream, &mut flight).await {
+        // Boxed: the exchange's future (~4.5 KB) would otherwise be in every federated
+        // request's future, though a token is refreshed once in its lifetime.
+        match Box::pin(self.refresh(config, upstream, &mut flight)).await {
             Ok(access) => {
                 *slot.current.write().unwrap_or_else(|p| p.into_inner()) = Some(access.clone());
                 flight.failure = None;

@@ -336,9 +336,14 @@ impl KeyLimits {
                 None => Default::default(),
             },
         };
-        let decided = shared
-            .counters
-            .admit(&self.keys, spec, &budgets, call, self.day_seconds)
+        // Boxed: the Redis call's future (~1 KB) would otherwise be in every request's future
+        // (the local limiter's too); this path costs a round trip to Redis anyway.
+        let decided =
+            Box::pin(
+                shared
+                    .counters
+                    .admit(&self.keys, spec, &budgets, call, self.day_seconds),
+            )
             .await;
         match decided {
             Ok(Ok(admitted)) => {
