@@ -226,7 +226,7 @@ impl Exchange {
                 metrics.redactions(label, name, n);
             }
         }
-        self.recorder.audit.write(audit);
+        self.recorder.audit.write(std::mem::take(audit));
     }
 }
 
