@@ -181,7 +181,9 @@ pub enum AuditTarget {
 /// meanwhile go out together. Also the most a line can lag behind its request.
 pub const COALESCE: Duration = Duration::from_millis(10);
 
-/// What the writer thread receives.
+/// What the writer thread receives. Nearly every message is a record, moved into the channel's
+/// slot whole: boxing it would put an allocation back on every request.
+#[allow(clippy::large_enum_variant)]
 pub enum Message {
     /// One request's record, encoded by the writer: the request's thread only moves it.
     Record(AuditRecord),
