@@ -321,9 +321,12 @@ def report(args):
         if t == "claudekey" and "baseline" in hot and hot["baseline"]["instructions"] > 0:
             ratio = f"{h['instructions'] / hot['baseline']['instructions']:.2f}x the baseline build's instructions"
         size = "" if h.get("alloc_bytes") is None else f" ({h['alloc_bytes']:,.0f} bytes)"
+        misses = ""
+        if h.get("l1i_misses") is not None:
+            misses = f", {h['l1i_misses']:,.0f} L1i and {h['l1d_misses']:,.0f} L1d misses (32 KiB L1s simulated)"
         w(
             f"| hot path: instructions and allocations per request, {name} (valgrind, c=1, full policy) | "
-            f"**{h['instructions']:,.0f} instructions, {h['allocations']:.1f} allocations{size}** | {ratio} | |"
+            f"**{h['instructions']:,.0f} instructions, {h['allocations']:.1f} allocations{size}**{misses} | {ratio} | |"
         )
     for peer in PEERS:
         cp, cc = cpu_per_req(peer, 64) if peer in targets else None, cpu_per_req("claudekey", 64)

@@ -2,6 +2,9 @@
 # The proxy's work per request, counted rather than timed (issue 21 item 2): instructions per
 # request under valgrind's callgrind and heap allocations (blocks and bytes) per request under
 # dhat, through the benchmark suite's full gateway policy and its ~1 KB Messages request.
+# Callgrind also simulates 32 KiB L1 caches and counts their misses per request: how much code
+# and data a request touches beyond what stays hot, the cost of a request that finds the caches
+# cold (after an idle pause, or another process's turn on the core), which timings at c=1 hide.
 # Instruction and allocation counts repeat to a fraction of a percent on a noisy machine where
 # CPU time per request moves by 10%, so two builds can be compared in one minute.
 #
@@ -154,6 +157,18 @@ print(total)
 EOF
 }
 
+# events CALLGRIND_OUT — its totals of instructions, L1 instruction misses and L1 data misses
+# (reads and writes), in that order.
+events() {
+  python3 - "$1" <<'EOF'
+import sys
+lines = open(sys.argv[1]).read().splitlines()
+names = next(l for l in lines if l.startswith("events:")).split()[1:]
+total = dict(zip(names, map(int, next(l for l in lines if l.startswith("totals:")).split()[1:])))
+print(total["Ir"], total["I1mr"], total["D1mr"] + total["D1mw"])
+EOF
+}
+
 # run TOOL COUNT — the proxy under valgrind TOOL for WARMUP+COUNT requests; prints the tool's
 # total (instructions, or "blocks bytes").
 run() {
@@ -162,7 +177,9 @@ run() {
   out=$WORK/$tool.$count.out
   # On one core, as the suite pins the proxy: it then runs tokio's single-threaded runtime
   # (src/main.rs), the one measured there.
-  RUST_LOG=warn taskset -c 0 valgrind --tool="$tool" "--$tool-out-file=$out" --log-file="$WORK/$tool.$count.log" \
+  local sim=()
+  [ "$tool" != callgrind ] || sim=(--cache-sim=yes --I1=32768,8,64 --D1=32768,8,64 --LL=8388608,16,64)
+  RUST_LOG=warn taskset -c 0 valgrind --tool="$tool" "${sim[@]}" "--$tool-out-file=$out" --log-file="$WORK/$tool.$count.log" \
     "$CK" proxy --mode gateway --config-dir "$WORK/proxy" --listen "127.0.0.1:$port" \
     --upstream "http://127.0.0.1:$P_UP" --audit-log "$WORK/audit.$tool.$count.log" \
     >"$WORK/proxy.$tool.$count.stdout" 2>&1 &
@@ -174,7 +191,7 @@ run() {
   kill -TERM "$pid"
   wait "$pid" || { log "the proxy under $tool exited with $?: $(tail -5 "$WORK/$tool.$count.log")"; return 1; }
   case $tool in
-    callgrind) echo "$(sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$WORK/$tool.$count.log") $(allocator_calls "$out")" ;;
+    callgrind) echo "$(events "$out") $(allocator_calls "$out")" ;;
     dhat) sed -n 's/.*Total: *\([0-9,]*\) bytes in \([0-9,]*\) blocks.*/\2 \1/p' "$WORK/$tool.$count.log" | tr -d , ;;
   esac
   if [ -n "$KEEP" ] && [ "$count" = $((2 * N)) ]; then
@@ -183,23 +200,26 @@ run() {
 }
 
 log "$LABEL: $CK, $WARMUP warm-up requests, then $N and $((2 * N)) (c=$CONC)"
-read -r I1 C1 <<<"$(run callgrind "$N")"; read -r I2 C2 <<<"$(run callgrind $((2 * N)))"
+read -r I1 M1 D1 C1 <<<"$(run callgrind "$N")"; read -r I2 M2 D2 C2 <<<"$(run callgrind $((2 * N)))"
 if [ "$JEMALLOC" = 1 ]; then
   B1=$C1 B2=$C2 Y1=-1 Y2=-1
 else
   read -r B1 Y1 <<<"$(run dhat "$N")"; read -r B2 Y2 <<<"$(run dhat $((2 * N)))"
 fi
-python3 - "$LABEL" "$N" "$I1" "$I2" "$B1" "$B2" "$Y1" "$Y2" "$JSON" <<'EOF'
+python3 - "$LABEL" "$N" "$I1" "$I2" "$B1" "$B2" "$Y1" "$Y2" "$JSON" "$M1" "$M2" "$D1" "$D2" <<'EOF'
 import json, sys
 label, n = sys.argv[1], int(sys.argv[2])
 i1, i2, b1, b2, y1, y2 = (int(x) for x in sys.argv[3:9])
+m1, m2, d1, d2 = (int(x) for x in sys.argv[10:14])
 rec = {"row": "hotpath", "target": label, "n": n,
        "instructions": (i2 - i1) / n, "allocations": (b2 - b1) / n,
-       "alloc_bytes": None if y1 < 0 else (y2 - y1) / n}
+       "alloc_bytes": None if y1 < 0 else (y2 - y1) / n,
+       "l1i_misses": (m2 - m1) / n, "l1d_misses": (d2 - d1) / n}
 size = "bytes not counted (jemalloc)" if rec["alloc_bytes"] is None else \
     f"{rec['alloc_bytes']:,.0f} bytes allocated/request"
 print(f"{label}: {rec['instructions']:,.0f} instructions/request, "
-      f"{rec['allocations']:.1f} allocations/request, {size}")
+      f"{rec['allocations']:.1f} allocations/request, {size}, "
+      f"{rec['l1i_misses']:,.0f} L1i and {rec['l1d_misses']:,.0f} L1d misses/request (32 KiB simulated)")
 if sys.argv[9]:
     with open(sys.argv[9], "a") as f:
         f.write(json.dumps(rec) + "\n")
@@ -209,7 +229,7 @@ EOF
 # Per-request profiles: each function's (each allocation site's) cost in the 2N run minus the N
 # run, divided by N.
 for count in "$N" $((2 * N)); do
-  callgrind_annotate --inclusive=no --threshold=100 "$WORK/callgrind.$count.out" >"$WORK/annotate.$count.txt"
+  callgrind_annotate --show=Ir --sort=Ir --inclusive=no --threshold=100 "$WORK/callgrind.$count.out" >"$WORK/annotate.$count.txt"
 done
 python3 - "$N" "$TOP" "$WORK" <<'EOF'
 import collections, json, re, sys
