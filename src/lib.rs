@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod body_budget;
 pub mod cli;
 pub mod controller;
 pub mod crd;

@@ -128,6 +128,11 @@ pub struct Args {
     /// this ServiceAccount (NAMESPACE/NAME, the gateway's own).
     #[arg(long, env = "CLAUDEKEY_PROXY_IDENTITY_SERVICE_ACCOUNT")]
     pub identity_service_account: Option<String>,
+    /// MiB of request bodies (and the JSON trees parsed from them) held at once, across all
+    /// connections; past it, requests get a retryable 503. An eighth is kept for bodies of at
+    /// most 1 MiB, and one body may hold at most the other seven eighths.
+    #[arg(long, env = "CLAUDEKEY_PROXY_BODY_BUDGET_MIB", default_value_t = super::server_limits::DEFAULT_BODY_BUDGET_MIB, value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+    pub body_budget_mib: u32,
     /// After SIGTERM, keep accepting this long while every connection is closed cleanly after
     /// its next request, so clients behind a Service move to another replica without a failed
     /// request [default: 5s in gateway mode, 0s in sidecar mode].

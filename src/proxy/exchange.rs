@@ -15,6 +15,8 @@ use bytes::Bytes;
 use chrono::Utc;
 use http::{HeaderMap, Method};
 
+use crate::body_budget::Held;
+
 use super::{
     audit::{self, AuditRecord, AuditSink},
     error::ApiError,
@@ -85,6 +87,9 @@ pub struct Exchange {
     pub tenant: Option<Arc<Tenant>>,
     /// The request body to forward: the client's bytes, or the redacted re-encoding.
     pub body: Bytes,
+    /// The body's bytes (and its tree's) in the process's body budget, given back when the
+    /// exchange ends: the body is kept until then (a retry resends it).
+    pub body_held: Option<Held>,
     /// Facts of the request (of each request, for a batch).
     pub facts: Vec<Facts>,
     /// The prescreen found nothing in any text: the injection screen and the redactor have
@@ -124,6 +129,7 @@ impl Exchange {
             headers,
             tenant: None,
             body: Bytes::new(),
+            body_held: None,
             facts: Vec::new(),
             texts_clear: false,
             model_label: NO_MODEL.clone(),

@@ -74,6 +74,15 @@ impl<'a> Json<'a> {
         duplicates: Duplicates,
         max_values: usize,
     ) -> Result<Self, ParseError> {
+        Self::parse_counted(body, duplicates, max_values).map(|(json, _)| json)
+    }
+
+    /// [`Json::parse`], also saying how many values the tree holds (what it costs in memory).
+    pub fn parse_counted(
+        body: &'a [u8],
+        duplicates: Duplicates,
+        max_values: usize,
+    ) -> Result<(Self, usize), ParseError> {
         let text = std::str::from_utf8(body).map_err(|e| not_utf8(body, e.valid_up_to()))?;
         let mut de = serde_json::Deserializer::from_str(text);
         let budget = Cell::new(max_values);
@@ -82,7 +91,7 @@ impl<'a> Json<'a> {
             budget: &budget,
         }
         .deserialize(&mut de)
-        .and_then(|v| de.end().map(|()| v));
+        .and_then(|v| de.end().map(|()| (v, max_values - budget.get())));
         parsed.map_err(|e| {
             let said = |what: &str| e.is_data() && e.to_string().starts_with(what);
             let failure = if said(DUPLICATE) {

@@ -167,7 +167,7 @@ impl Proxy {
             federation,
             recorder,
             mode: settings.mode,
-            body_timeout: settings.server_limits.body_timeout,
+            bodies: settings.server_limits.body_budget(),
         });
         Ok(Self {
             shared,
@@ -314,6 +314,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     settings.config_secrets = launch::secrets_source(&args).await?;
     settings.tls = args.tls_cert.clone().zip(args.tls_key.clone());
+    settings.server_limits.body_budget = (args.body_budget_mib as usize) << 20;
     settings.limits = launch::limit_settings(&args)?;
     settings.identity = launch::identity_source(&args).await?;
     settings.shutdown_delay = match (args.shutdown_delay, mode) {

@@ -3,13 +3,15 @@
 //! (streamed or buffered). Every policy step has one shape, `fn(&Tenant, &mut Exchange)`, and
 //! the exchange writes the audit line and metrics when it is dropped (`exchange.rs`).
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{convert::Infallible, sync::Arc};
 
 use bytes::Bytes;
 use chrono::Utc;
 use http::{HeaderMap, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+
+use crate::body_budget::{BodyBudget, BodyError};
 
 use super::{
     Mode, audit, auth,
@@ -41,8 +43,8 @@ pub struct Shared {
     pub federation: Arc<Federation>,
     pub recorder: Arc<Recorder>,
     pub mode: Mode,
-    /// How long a client may take to send its request body.
-    pub body_timeout: Duration,
+    /// Request bodies held at once, and how long a client may take to send one.
+    pub bodies: BodyBudget,
 }
 
 /// A policy step over one exchange: it reads what earlier steps learned and refuses, or
@@ -114,12 +116,13 @@ async fn to_upstream(
         ex.sent = true;
         return send(shared, &tenant, request).await;
     }
-    ex.body = read_body(body, &ex.headers, shared.body_timeout).await?;
+    read_body(&shared.bodies, body, ex).await?;
     if route.has_message_body() {
         // A second handle on the bytes, so `redact` may replace `ex.body` while the tree
         // still borrows from the client's.
         let client_body = ex.body.clone();
-        let mut json = request::parse(&client_body)?;
+        let (mut json, values) = request::parse(&client_body)?;
+        hold_tree(&shared.bodies, ex, values)?;
         for step in BODY_STEPS {
             step(&tenant, ex, &mut json)?;
         }
@@ -133,32 +136,43 @@ async fn to_upstream(
     forward_replayable(shared, &tenant, ex).await
 }
 
-/// The whole request body, refused with a 413 as soon as it is known to be too large (from its
-/// `content-length`, or while it streams in), never after buffering all of it.
-async fn read_body(
-    body: Incoming,
-    headers: &HeaderMap,
-    timeout: Duration,
-) -> Result<Bytes, ApiError> {
-    let too_large = || ApiError::TooLarge(format!("request body exceeds {MAX_BODY_BYTES} bytes"));
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        return Err(too_large());
-    }
-    match tokio::time::timeout(timeout, Limited::new(body, MAX_BODY_BYTES).collect()).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Ok(Err(_)) => Err(ApiError::InvalidRequest(
-            "request body could not be read".into(),
-        )),
-        Err(_) => Err(ApiError::Timeout(format!(
+/// The whole request body through the process's body budget: refused with a 413 as soon as
+/// it is known to be too large (from its `content-length`, or while it streams in), never
+/// after buffering all of it, and with a retryable 503 while other requests hold the budget.
+/// Its bytes stay counted until the exchange ends.
+async fn read_body(bodies: &BodyBudget, body: Incoming, ex: &mut Exchange) -> Result<(), ApiError> {
+    let (bytes, held) = bodies.read(&ex.headers, body).await.map_err(|e| match e {
+        BodyError::TooLarge(max) => ApiError::TooLarge(format!("request body exceeds {max} bytes")),
+        BodyError::Busy => busy(),
+        BodyError::Slow => ApiError::Timeout(format!(
             "request body did not arrive within {} s",
-            timeout.as_secs()
-        ))),
-    }
+            bodies.limits().read_timeout.as_secs()
+        )),
+        BodyError::Broken => ApiError::InvalidRequest("request body could not be read".into()),
+    })?;
+    ex.body = bytes;
+    ex.body_held = Some(held);
+    Ok(())
+}
+
+/// Counts a parsed body's tree in the body budget beside the body, while both live (a body of
+/// small values builds a tree many times its size).
+fn hold_tree(bodies: &BodyBudget, ex: &mut Exchange, values: usize) -> Result<(), ApiError> {
+    let bytes = values.saturating_mul(request::TREE_BYTES_PER_VALUE);
+    let held = ex.body_held.as_mut().ok_or_else(busy)?;
+    bodies.take(held, bytes).map_err(|e| match e {
+        BodyError::TooLarge(max) => ApiError::TooLarge(format!(
+            "request body holds too many JSON values: it and its {values} values exceed {max} bytes"
+        )),
+        _ => busy(),
+    })
+}
+
+/// The refusal while other requests hold the body budget: retryable.
+fn busy() -> ApiError {
+    ApiError::Unavailable(
+        "the proxy is holding too many large request bodies at once; retry".into(),
+    )
 }
 
 /// The ClaudeKey a request belongs to: by its workload key in gateway mode, the only one

@@ -249,11 +249,16 @@ const _: () = assert!(
     "a batch of 100,000 requests of 20 values each must fit"
 );
 
-/// Parses a request body, borrowing its strings. A key repeated in one object is refused: the
-/// proxy and the upstream could otherwise read different values of it (one checks the first,
-/// the other forwards the last).
-pub fn parse(body: &[u8]) -> Result<Json<'_>, ApiError> {
-    Json::parse(body, Duplicates::Refuse, MAX_JSON_VALUES).map_err(|e| {
+/// What one value of a parsed body's tree is counted as in the body budget: its node, and an
+/// object member's key beside it (30 to 60 bytes, above).
+pub const TREE_BYTES_PER_VALUE: usize = 48;
+const _: () = assert!(std::mem::size_of::<Json<'static>>() <= TREE_BYTES_PER_VALUE);
+
+/// Parses a request body, borrowing its strings, and says how many values its tree holds. A
+/// key repeated in one object is refused: the proxy and the upstream could otherwise read
+/// different values of it (one checks the first, the other forwards the last).
+pub fn parse(body: &[u8]) -> Result<(Json<'_>, usize), ApiError> {
+    Json::parse_counted(body, Duplicates::Refuse, MAX_JSON_VALUES).map_err(|e| {
         let invalid = |what: &str| {
             ApiError::InvalidRequest(format!(
                 "request body {what} (line {}, column {})",

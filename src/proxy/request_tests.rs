@@ -132,7 +132,7 @@ fn max_tokens_must_be_an_integer() {
         assert_eq!(err.status(), 400, "{bad}");
         assert_eq!(err.kind(), "invalid_request_error");
     }
-    let mut body = parse(br#"{"max_tokens": 100000.0}"#).unwrap();
+    let (mut body, _) = parse(br#"{"max_tokens": 100000.0}"#).unwrap();
     assert!(Facts::read(&mut body).is_err());
     let mut body = tree(json!({ "model": 5 }));
     assert!(Facts::read(&mut body).is_err());
@@ -194,7 +194,13 @@ fn bad_json_is_a_400_without_echoing_the_body() {
 #[test]
 fn a_body_of_more_values_than_the_budget_is_a_413() {
     let values = |n: usize| format!("[{}0]", "0,".repeat(n - 2)); // the array counts too
-    assert!(parse(values(MAX_JSON_VALUES).as_bytes()).is_ok());
+    let (_, counted) = parse(values(MAX_JSON_VALUES).as_bytes()).unwrap();
+    assert_eq!(
+        counted, MAX_JSON_VALUES,
+        "the tree's values are counted for the body budget"
+    );
+    let (_, counted) = parse(br#"{"a": [1, {"b": null}], "c": "d"}"#).unwrap();
+    assert_eq!(counted, 6);
     let err = parse(values(MAX_JSON_VALUES + 1).as_bytes()).unwrap_err();
     assert_eq!(err.status(), 413);
     assert_eq!(err.kind(), "request_too_large");

@@ -28,7 +28,8 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 
-use super::body::ProxyBody;
+use super::{body::ProxyBody, request::MAX_BODY_BYTES};
+use crate::body_budget::{BodyBudget, BodyLimits};
 
 /// The next connection, with Nagle off (every response is written whole). A failed accept
 /// (out of file descriptors, say) pauses briefly rather than spin, then says so with `None`:
@@ -63,7 +64,20 @@ pub struct ServerLimits {
     pub max_connections: usize,
     /// A client must send a request body within this.
     pub body_timeout: Duration,
+    /// Bytes of request bodies (and the trees parsed from them) held at once, across all
+    /// connections: past it, requests are refused with a retryable 503 rather than the process
+    /// running out of memory. An eighth is kept for bodies of at most [`SMALL_BODY`], so a
+    /// burst of large bodies (one tenant's, say) cannot starve ordinary requests.
+    pub body_budget: usize,
 }
+
+/// What counts as a small request body: one of the budget's reserve.
+pub const SMALL_BODY: usize = 1024 * 1024;
+
+/// The default body budget, MiB. A Messages batch of 100,000 requests (the API's largest, a
+/// body near the 32 MiB limit with a tree of up to 96 MiB) fits beside the reserve; the chart's
+/// gateway (256 MiB limit, ~60 MiB of its own at 10,000 ClaudeKeys) holds it.
+pub const DEFAULT_BODY_BUDGET_MIB: u32 = 160;
 
 impl Default for ServerLimits {
     fn default() -> Self {
@@ -72,6 +86,7 @@ impl Default for ServerLimits {
             idle_timeout: Duration::from_secs(120),
             max_connections: 4096,
             body_timeout: Duration::from_secs(60),
+            body_budget: (DEFAULT_BODY_BUDGET_MIB as usize) << 20,
         }
     }
 }
@@ -89,6 +104,17 @@ impl ServerLimits {
             .header_read_timeout(self.header_read_timeout);
         builder.http2().timer(TokioTimer::new());
         builder
+    }
+
+    /// The body budget of the process's traffic listeners.
+    pub fn body_budget(&self) -> BodyBudget {
+        BodyBudget::new(BodyLimits {
+            max_body: MAX_BODY_BYTES,
+            total: self.body_budget,
+            reserve: self.body_budget / 8,
+            small: SMALL_BODY,
+            read_timeout: self.body_timeout,
+        })
     }
 
     /// One permit per open connection.

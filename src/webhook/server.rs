@@ -23,8 +23,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use super::limits::{self, BodyBudget};
+use super::limits;
 use super::validate::{Admission, Outcome};
+use crate::body_budget::BodyBudget;
 use crate::shutdown::drain::Drain;
 
 /// A client that has not finished its handshake by then is dropped.
@@ -122,7 +123,7 @@ pub fn router(admission: Arc<Admission>, metrics: Arc<Metrics>) -> Router {
         .with_state(AppState {
             admission,
             metrics,
-            budget: BodyBudget::default(),
+            budget: limits::body_budget(),
         })
 }
 

@@ -464,3 +464,78 @@ async fn a_shutdown_delay_drains_connections_cleanly_and_requests_in_flight_fini
         "every request answered and audited"
     );
 }
+
+/// The bodies held at once are bounded across connections: a slow large body holds only what
+/// it sent, another large one is refused with a retryable 503 while it does, a body of the
+/// small reserve still passes, a body whose JSON tree could never fit is a 413 the client need
+/// not retry, and closing the slow connection gives its bytes back.
+#[tokio::test]
+async fn request_bodies_share_one_budget_across_connections() {
+    const MIB: usize = 1024 * 1024;
+    // 8 MiB: 1 MiB kept for bodies declared at most 1 MiB, 7 MiB for one large body.
+    let h = harness(limits(|l| l.body_budget = 8 * MIB)).await;
+    let (c, url) = (client(), h.url());
+    // 1.25 MiB: large, and within what the fake upstream reads (2 MiB).
+    let large = message(&"word ".repeat(MIB / 4), false);
+
+    // A client sends 6.5 MiB of a declared 6.9 MiB body, then stalls.
+    let mut slow = TcpStream::connect(h.addr).await.unwrap();
+    slow.write_all(head(6_900_000).as_bytes()).await.unwrap();
+    let chunk = vec![b' '; 64 * 1024];
+    for _ in 0..104 {
+        slow.write_all(&chunk).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let r = send(&c, &url, "POST", "/v1/messages", None, Some(large.clone())).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["type"], "api_error");
+    assert!(r.text().contains("retry"));
+    assert!(!r.headers.contains_key("x-should-retry"), "retryable");
+
+    // 6.5 + 1.25 MiB is past the large share (7 MiB), not the whole budget: the 503 above
+    // says the reserve is kept. 6.5 + 0.6 MiB is past it too: a declared small body uses
+    // the reserve.
+    let small = message(&"word ".repeat(MIB * 6 / 50), false);
+    let r = send(&c, &url, "POST", "/v1/messages", None, Some(small)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // 200,000 values build a tree of ~9 MiB: more than one body may ever hold.
+    let values = format!("[{}0]", "0,".repeat(200_000));
+    let request = http::Request::post(format!("{url}/v1/messages"))
+        .header("anthropic-version", "2023-06-01")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(values)))
+        .unwrap();
+    let response = c.request(request).await.unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(response.headers()["x-should-retry"], "false");
+
+    // The stalled client goes away: its bytes come back, and the large body passes.
+    drop(slow);
+    let mut passed = false;
+    for _ in 0..50 {
+        let r = send(&c, &url, "POST", "/v1/messages", None, Some(large.clone())).await;
+        if r.status == 200 {
+            passed = true;
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(passed, "the closed connection's bytes were not given back");
+    let statuses: Vec<_> = h
+        .audit_lines()
+        .iter()
+        .map(|l| l["status"].clone())
+        .collect();
+    assert!(
+        statuses.contains(&json!(503)) && statuses.contains(&json!(413)),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        h.fake.received().len(),
+        2,
+        "refused bodies never reach the upstream"
+    );
+}
