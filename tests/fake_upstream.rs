@@ -267,3 +267,20 @@ async fn admin_api_lists_pages_gets_and_updates_keys() {
     .await;
     assert_eq!(r.status, 404);
 }
+
+/// The API reads Messages bodies up to 32 MB; the fake must not refuse what it takes.
+#[tokio::test]
+async fn large_messages_requests_are_read_as_the_api_reads_them() {
+    let fake = FakeUpstream::start(&[KEY]).await.unwrap();
+    let text = "word ".repeat(4 * 1024 * 1024); // 20 MiB
+    let r = send(
+        &client(),
+        &fake.url(),
+        "POST",
+        "/v1/messages",
+        Some(KEY),
+        Some(message(&text, false)),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}

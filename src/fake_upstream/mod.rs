@@ -23,7 +23,7 @@ use std::{
 use axum::{
     Router,
     body::Bytes,
-    extract::{Request, State},
+    extract::{DefaultBodyLimit, Request, State},
     http::{HeaderMap, StatusCode},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -312,13 +312,19 @@ fn router(shared: Arc<Shared>) -> Router {
         )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found_error", "Not found") })
         .layer(middleware::from_fn_with_state(shared.clone(), record))
+        // The API reads Messages bodies up to 32 MB (batches more); axum's own 2 MB default
+        // would refuse large requests the real one takes.
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(shared)
 }
+
+/// Largest request body read (beyond it: the API's `request_too_large`).
+const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 
 /// Records the request (with its body) before any handler runs.
 async fn record(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024 * 1024).await else {
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_REQUEST_BYTES).await else {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "request_too_large",

@@ -475,7 +475,7 @@ async fn request_bodies_share_one_budget_across_connections() {
     // 8 MiB: 1 MiB kept for bodies declared at most 1 MiB, 7 MiB for one large body.
     let h = harness(limits(|l| l.body_budget = 8 * MIB)).await;
     let (c, url) = (client(), h.url());
-    // 1.25 MiB: large, and within what the fake upstream reads (2 MiB).
+    // 1.25 MiB: a large body (more than 1 MiB declared).
     let large = message(&"word ".repeat(MIB / 4), false);
 
     // A client sends 6.5 MiB of a declared 6.9 MiB body, then stalls.
