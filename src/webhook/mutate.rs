@@ -292,6 +292,45 @@ fn quantities(map: &BTreeMap<String, String>) -> Option<BTreeMap<String, Quantit
     })
 }
 
+/// The sidecar's body budget for its memory limit: half of it (the other half is the proxy's
+/// own few MiB and the responses it buffers), so a large request is refused rather than the
+/// sidecar killed for its memory. `None` (the proxy's default) for no limit or one this does
+/// not read.
+fn body_budget_mib(memory_limit: &str) -> Option<u64> {
+    let bytes = memory_bytes(memory_limit)?;
+    Some(((bytes / 2) >> 20).max(1))
+}
+
+/// The bytes of a Kubernetes memory quantity: a number with an optional binary (`Ki`…`Ei`) or
+/// decimal (`k`…`E`) suffix. Others (milli-bytes, exponents) give `None`.
+fn memory_bytes(quantity: &str) -> Option<u64> {
+    let split = quantity
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(quantity.len());
+    let (number, suffix) = quantity.split_at(split);
+    let scale: u64 = match suffix {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
+        "Ei" => 1 << 60,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "P" => 1_000_000_000_000_000,
+        "E" => 1_000_000_000_000_000_000,
+        _ => return None,
+    };
+    let number: f64 = number
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n >= 0.0)?;
+    Some((number * scale as f64).min(u64::MAX as f64) as u64)
+}
+
 /// The proxy as a native sidecar: an init container with `restartPolicy: Always`, hardened.
 pub fn sidecar_container(config: &SidecarConfig) -> Container {
     let mut args = vec![
@@ -309,6 +348,9 @@ pub fn sidecar_container(config: &SidecarConfig) -> Container {
         "--audit-log".to_string(),
         "-".to_string(),
     ];
+    if let Some(mib) = config.limits.get("memory").and_then(|q| body_budget_mib(q)) {
+        args.extend(["--body-budget-mib".to_string(), mib.to_string()]);
+    }
     if let Some(url) = &config.redis_url {
         // The kubelet expands $(POD_NAMESPACE) from the env below: one spec for every
         // namespace, and each sidecar logs in as its own namespace's user.

@@ -80,7 +80,7 @@ fn injects_a_hardened_native_sidecar_and_app_env() {
     let args = sidecar.args.as_ref().unwrap().join(" ");
     assert_eq!(
         args,
-        "proxy --config-dir /etc/claudekey/proxy --listen 127.0.0.1:8484 --metrics-listen 0.0.0.0:9484 --mode sidecar --upstream https://api.anthropic.com --audit-log -"
+        "proxy --config-dir /etc/claudekey/proxy --listen 127.0.0.1:8484 --metrics-listen 0.0.0.0:9484 --mode sidecar --upstream https://api.anthropic.com --audit-log - --body-budget-mib 64"
     );
     let sc = sidecar.security_context.as_ref().unwrap();
     assert_eq!(sc.run_as_non_root, Some(true));
@@ -372,4 +372,29 @@ fn a_shared_limits_sidecar_reads_its_redis_password_from_its_own_volume() {
         .args
         .unwrap();
     assert!(!plain.iter().any(|a| a.starts_with("--redis")));
+}
+
+/// The sidecar's body budget is half its memory limit: a large request is refused (413, or a
+/// retryable 503) rather than the sidecar killed for its memory.
+#[test]
+fn the_sidecar_body_budget_follows_its_memory_limit() {
+    let budget = |limit: Option<&str>| {
+        let mut config = config();
+        config.limits.remove("memory");
+        if let Some(limit) = limit {
+            config.limits.insert("memory".into(), limit.into());
+        }
+        let args = sidecar_container(&config).args.unwrap();
+        let at = args.iter().position(|a| a == "--body-budget-mib");
+        at.map(|i| args[i + 1].clone())
+    };
+    assert_eq!(budget(Some("128Mi")).as_deref(), Some("64"));
+    assert_eq!(budget(Some("1Gi")).as_deref(), Some("512"));
+    assert_eq!(budget(Some("1.5Gi")).as_deref(), Some("768"));
+    assert_eq!(budget(Some("500M")).as_deref(), Some("238"));
+    assert_eq!(budget(Some("268435456")).as_deref(), Some("128"));
+    assert_eq!(budget(Some("1Mi")).as_deref(), Some("1"), "never 0");
+    assert_eq!(budget(None), None, "no limit: the proxy's default");
+    assert_eq!(budget(Some("1e9")), None, "unread: the proxy's default");
+    assert_eq!(budget(Some("-1Gi")), None);
 }
