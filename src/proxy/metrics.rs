@@ -14,12 +14,14 @@ use std::{
 };
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
-    registry::Registry,
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{counter::Counter, family::Family, gauge::ConstGauge, histogram::Histogram},
+    registry::{Registry, Unit},
 };
 
 use super::{limits::LimitsMetrics, usage::Usage};
+use crate::body_budget::BodyBudget;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -220,6 +222,32 @@ impl Default for Metrics {
             m.federation_exchanges.clone(),
         );
         Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// Reports the bytes `budget` holds on every scrape: how close the proxy is to refusing
+    /// request bodies with a 503.
+    pub fn watch_body_budget(&mut self, budget: BodyBudget) {
+        self.registry
+            .register_collector(Box::new(BodyBudgetCollector(budget)));
+    }
+}
+
+/// The body budget's level, read at scrape time (nothing on the request path).
+#[derive(Debug)]
+struct BodyBudgetCollector(BodyBudget);
+
+impl Collector for BodyBudgetCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let used = ConstGauge::new(i64::try_from(self.0.used()).unwrap_or(i64::MAX));
+        let metric = encoder.encode_descriptor(
+            "body_budget_used",
+            "Bytes of request bodies and their parsed JSON held in the body budget (--body-budget-mib)",
+            Some(&Unit::Bytes),
+            used.metric_type(),
+        )?;
+        used.encode(metric)
     }
 }
 

@@ -119,7 +119,12 @@ pub struct Proxy {
 impl Proxy {
     /// Loads the config once, starts the directory watcher and the audit writer.
     pub fn start(settings: ProxySettings) -> anyhow::Result<Self> {
-        let metrics = Arc::new(Metrics::default());
+        let bodies = settings.server_limits.body_budget();
+        let metrics = Arc::new({
+            let mut metrics = Metrics::default();
+            metrics.watch_body_budget(bodies.clone());
+            metrics
+        });
         let store = Arc::new(Store::empty());
         let limiters = Arc::new(
             limits::Limiters::new(settings.limits.clone(), metrics.limits.clone())
@@ -167,7 +172,7 @@ impl Proxy {
             federation,
             recorder,
             mode: settings.mode,
-            bodies: settings.server_limits.body_budget(),
+            bodies,
         });
         Ok(Self {
             shared,

@@ -485,7 +485,12 @@ async fn request_bodies_share_one_budget_across_connections() {
     for _ in 0..104 {
         slow.write_all(&chunk).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = || {
+        let text = h.proxy.metrics.encode();
+        let line = text.lines().find(|l| l.starts_with("claudekey_proxy_body_budget_used_bytes "));
+        line.and_then(|l| l.split(' ').nth(1)?.parse::<usize>().ok())
+    };
+    eventually(|| held() == Some(104 * 64 * 1024)).await;
 
     let r = send(&c, &url, "POST", "/v1/messages", None, Some(large.clone())).await;
     assert_eq!(r.status, 503, "{}", r.text());
@@ -524,6 +529,7 @@ async fn request_bodies_share_one_budget_across_connections() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(passed, "the closed connection's bytes were not given back");
+    eventually(|| held() == Some(0)).await;
     let statuses: Vec<_> = h
         .audit_lines()
         .iter()
