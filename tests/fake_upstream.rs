@@ -85,15 +85,7 @@ async fn stream_has_the_real_event_sequence_and_echo_works() {
     let fake = FakeUpstream::start(&[KEY]).await.unwrap();
     fake.set_reply(FakeReply::Echo);
     fake.set_chunk_chars(4);
-    let r = send(
-        &client(),
-        &fake.url(),
-        "POST",
-        "/v1/messages",
-        Some(KEY),
-        Some(message("echo this back", true)),
-    )
-    .await;
+    let r = create_message(&fake, message("echo this back", true)).await;
     assert_eq!(r.status, 200);
     let events = sse_events(&r.text());
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
@@ -273,14 +265,20 @@ async fn admin_api_lists_pages_gets_and_updates_keys() {
 async fn large_messages_requests_are_read_as_the_api_reads_them() {
     let fake = FakeUpstream::start(&[KEY]).await.unwrap();
     let text = "word ".repeat(4 * 1024 * 1024); // 20 MiB
-    let r = send(
+    let r = create_message(&fake, message(&text, false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// `POST /v1/messages` to `fake` with [`KEY`].
+async fn create_message(fake: &FakeUpstream, body: serde_json::Value) -> Reply {
+    let url = fake.url();
+    send(
         &client(),
-        &fake.url(),
+        &url,
         "POST",
         "/v1/messages",
         Some(KEY),
-        Some(message(&text, false)),
+        Some(body),
     )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    .await
 }

@@ -487,7 +487,9 @@ async fn request_bodies_share_one_budget_across_connections() {
     }
     let held = || {
         let text = h.proxy.metrics.encode();
-        let line = text.lines().find(|l| l.starts_with("claudekey_proxy_body_budget_used_bytes "));
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("claudekey_proxy_body_budget_used_bytes "));
         line.and_then(|l| l.split(' ').nth(1)?.parse::<usize>().ok())
     };
     eventually(|| held() == Some(104 * 64 * 1024)).await;
