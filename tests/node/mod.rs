@@ -262,6 +262,21 @@ async fn injected_app_gets_answers_through_the_sidecar_with_the_placeholder_key(
         "sidecar started {sidecar_started:?}, app {app_started:?}"
     );
 
+    // The webhook gave the sidecar half its memory limit (the chart's 128Mi) as its body
+    // budget, and the proxy in the image took the flag: the answer above came through it.
+    let spec = pod.spec.as_ref().expect("spec");
+    let injected = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == "claudekey-proxy")
+        .expect("injected");
+    let args = injected.args.clone().unwrap_or_default();
+    assert!(
+        args.windows(2).any(|w| w == ["--body-budget-mib", "64"]),
+        "{args:?}"
+    );
+
     // The upstream saw the real upstream key, never the placeholder the app sent.
     let seen = fx.upstream.received();
     assert!(
