@@ -111,10 +111,12 @@ impl BodyBudget {
 
     /// Counts `n` more bytes for `held` (the body's own, or what the request builds from it),
     /// or refuses without waiting: busy while others hold the budget, too large when the
-    /// request could never hold that much. Only a request declared small may use the reserve:
-    /// undeclared and large ones never can, so their first bytes cannot eat it either.
+    /// request could never hold that much. Only a request declared small, and holding no more
+    /// than a small body in all, may use the reserve: undeclared and large ones never can, so
+    /// their first bytes cannot eat it either, nor can a small body that builds a large tree.
     pub fn take(&self, held: &mut Held, n: usize) -> Result<(), BodyError> {
-        let limit = if held.small {
+        let small = held.small && held.bytes.saturating_add(n) <= self.limits.small;
+        let limit = if small {
             self.limits.total
         } else {
             self.limits.total - self.limits.reserve
@@ -300,6 +302,22 @@ mod tests {
         assert_eq!(budget.take(&mut held, MIB), Err(BodyError::Busy));
         drop((held, other));
         assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_small_body_building_more_than_a_small_body_leaves_the_reserve_alone() {
+        let budget = BodyBudget::new(limits(10 * MIB, 4 * MIB));
+        let (_, _large) = budget.read(&headers(None), chunks(6, MIB)).await.unwrap();
+        let (_, mut held) = budget
+            .read(&headers(Some(SMALL)), chunks(1, SMALL))
+            .await
+            .expect("a small body uses the reserve");
+        assert_eq!(
+            budget.take(&mut held, MIB),
+            Err(BodyError::Busy),
+            "its tree may not"
+        );
+        assert_eq!(budget.used(), 6 * MIB + SMALL);
     }
 
     #[tokio::test(start_paused = true)]
