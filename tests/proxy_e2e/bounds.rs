@@ -485,14 +485,7 @@ async fn request_bodies_share_one_budget_across_connections() {
     for _ in 0..104 {
         slow.write_all(&chunk).await.unwrap();
     }
-    let held = || {
-        let text = h.proxy.metrics.encode();
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("claudekey_proxy_body_budget_used_bytes "));
-        line.and_then(|l| l.split(' ').nth(1)?.parse::<usize>().ok())
-    };
-    eventually(|| held() == Some(104 * 64 * 1024)).await;
+    eventually(|| body_budget_held(&h) == Some(104 * 64 * 1024)).await;
 
     let r = send(&c, &url, "POST", "/v1/messages", None, Some(large.clone())).await;
     assert_eq!(r.status, 503, "{}", r.text());
@@ -531,7 +524,7 @@ async fn request_bodies_share_one_budget_across_connections() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(passed, "the closed connection's bytes were not given back");
-    eventually(|| held() == Some(0)).await;
+    eventually(|| body_budget_held(&h) == Some(0)).await;
     let statuses: Vec<_> = h
         .audit_lines()
         .iter()
@@ -546,4 +539,41 @@ async fn request_bodies_share_one_budget_across_connections() {
         2,
         "refused bodies never reach the upstream"
     );
+}
+
+/// What the proxy's body budget holds, from its metrics.
+fn body_budget_held(h: &Harness) -> Option<usize> {
+    let text = h.proxy.metrics.encode();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("claudekey_proxy_body_budget_used_bytes "));
+    line.and_then(|l| l.split(' ').nth(1)?.parse().ok())
+}
+
+/// A gateway reads a body only for a request whose workload key it knows: a client without
+/// one is answered 401 from its headers and holds nothing of the body budget.
+#[tokio::test]
+async fn an_unauthenticated_client_holds_nothing_of_the_body_budget() {
+    let h = Harness::start(Mode::Gateway, &[UPSTREAM_A], |dir| {
+        let json = proxy_json(
+            "bot",
+            &[(UPSTREAM_A, None)],
+            &[(WORKLOAD_A, None)],
+            json!({}),
+        );
+        kubelet_write(&dir.join("bot"), &json);
+    })
+    .await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    let head = head(8 * 1024 * 1024).replace("\r\n\r\n", "\r\nx-api-key: ck_live_guess\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let _ = stream.write_all(&vec![b' '; 4 * 1024 * 1024]).await;
+    let (reply, _) = read_until_closed(&mut stream, Duration::from_secs(5)).await;
+    assert!(
+        reply.starts_with("HTTP/1.1 401"),
+        "{}",
+        &reply[..reply.len().min(200)]
+    );
+    assert_eq!(body_budget_held(&h), Some(0));
+    assert_eq!(h.wait_audit(1).await[0]["status"], 401);
 }
