@@ -81,6 +81,13 @@ impl Held {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+
+    /// Gives `n` of the held bytes back before the rest (what the request built and dropped).
+    pub fn give_back(&mut self, n: usize) {
+        let n = n.min(self.bytes);
+        self.used.fetch_sub(n, Ordering::AcqRel);
+        self.bytes -= n;
+    }
 }
 
 impl Drop for Held {
@@ -297,6 +304,9 @@ mod tests {
         assert_eq!(budget.take(&mut held, 2 * MIB), never);
         assert_eq!(budget.take(&mut held, usize::MAX), never, "no overflow");
         assert_eq!((budget.used(), held.bytes()), (5 * MIB, 5 * MIB));
+        held.give_back(4 * MIB);
+        assert_eq!((budget.used(), held.bytes()), (MIB, MIB));
+        assert_eq!(budget.take(&mut held, 4 * MIB), Ok(()));
         // Within it, but others hold the rest: busy, retryable.
         let (_, other) = budget.read(&headers(None), chunks(1, MIB)).await.unwrap();
         assert_eq!(budget.take(&mut held, MIB), Err(BodyError::Busy));

@@ -87,8 +87,8 @@ pub struct Exchange {
     pub tenant: Option<Arc<Tenant>>,
     /// The request body to forward: the client's bytes, or the redacted re-encoding.
     pub body: Bytes,
-    /// The body's bytes (and its tree's) in the process's body budget, given back when the
-    /// exchange ends: the body is kept until then (a retry resends it).
+    /// The body's bytes (and its tree's while it lives) in the process's body budget, given
+    /// back once the upstream has answered: the body is kept until then (a retry resends it).
     pub body_held: Option<Held>,
     /// Facts of the request (of each request, for a batch).
     pub facts: Vec<Facts>,

@@ -122,13 +122,17 @@ async fn to_upstream(
         // still borrows from the client's.
         let client_body = ex.body.clone();
         let (mut json, values) = request::parse(&client_body)?;
-        hold_tree(&shared.bodies, ex, values)?;
+        let tree = hold_tree(&shared.bodies, ex, values)?;
         for step in BODY_STEPS {
             step(&tenant, ex, &mut json)?;
         }
         admit(&tenant, ex).await?;
         for step in AFTER_ADMIT {
             step(&tenant, ex, &mut json)?;
+        }
+        drop(json);
+        if let Some(held) = &mut ex.body_held {
+            held.give_back(tree);
         }
     } else {
         admit(&tenant, ex).await?;
@@ -155,12 +159,12 @@ async fn read_body(bodies: &BodyBudget, body: Incoming, ex: &mut Exchange) -> Re
     Ok(())
 }
 
-/// Counts a parsed body's tree in the body budget beside the body, while both live (a body of
-/// small values builds a tree many times its size).
-fn hold_tree(bodies: &BodyBudget, ex: &mut Exchange, values: usize) -> Result<(), ApiError> {
+/// Counts a parsed body's tree in the body budget beside the body while the tree lives (a body
+/// of small values builds a tree many times its size); the bytes counted.
+fn hold_tree(bodies: &BodyBudget, ex: &mut Exchange, values: usize) -> Result<usize, ApiError> {
     let bytes = values.saturating_mul(request::TREE_BYTES_PER_VALUE);
     let held = ex.body_held.as_mut().ok_or_else(busy)?;
-    bodies.take(held, bytes).map_err(|e| match e {
+    bodies.take(held, bytes).map(|()| bytes).map_err(|e| match e {
         BodyError::TooLarge(max) => ApiError::TooLarge(format!(
             "request body holds too many JSON values: it and its {values} values exceed {max} bytes"
         )),
@@ -453,6 +457,10 @@ async fn respond(mut ex: Exchange, response: Response<UpstreamBody>) -> Response
         ex.refuse(&error);
         return error.into_response(ex.request_id());
     };
+    // The upstream has answered: the request body (kept for a resend) is done with, and so is
+    // its place in the body budget, however long the answer streams.
+    ex.body = Bytes::new();
+    ex.body_held = None;
     let status = response.status();
     if status.is_server_error() {
         ex.metrics().upstream_error(&tenant.label, "status5xx");

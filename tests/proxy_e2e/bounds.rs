@@ -539,6 +539,30 @@ async fn request_bodies_share_one_budget_across_connections() {
         2,
         "refused bodies never reach the upstream"
     );
+
+    // Once the upstream has answered, the body is done with: a long answer holds nothing.
+    h.fake.set_chunk_chars(5);
+    h.fake.set_delta_delay(Duration::from_millis(100));
+    let streamed = message(&"word ".repeat(MIB / 4), true).to_string();
+    let request = http::Request::post(format!("{url}/v1/messages"))
+        .header("anthropic-version", "2023-06-01")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(streamed)))
+        .unwrap();
+    let response = c.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let _ = http_body_util::BodyExt::frame(&mut body).await;
+    assert_eq!(
+        body_budget_held(&h),
+        Some(0),
+        "held while the answer streams"
+    );
+    let rest = http_body_util::BodyExt::collect(body)
+        .await
+        .unwrap()
+        .to_bytes();
+    assert!(String::from_utf8_lossy(&rest).contains("message_stop"));
 }
 
 /// What the proxy's body budget holds, from its metrics.
