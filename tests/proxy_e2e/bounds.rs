@@ -502,12 +502,7 @@ async fn request_bodies_share_one_budget_across_connections() {
 
     // 200,000 values build a tree of ~9 MiB: more than one body may ever hold.
     let values = format!("[{}0]", "0,".repeat(200_000));
-    let request = http::Request::post(format!("{url}/v1/messages"))
-        .header("anthropic-version", "2023-06-01")
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(values)))
-        .unwrap();
-    let response = c.request(request).await.unwrap();
+    let response = post_messages(&c, &url, values).await;
     assert_eq!(response.status(), 413);
     assert_eq!(response.headers()["x-should-retry"], "false");
 
@@ -544,12 +539,7 @@ async fn request_bodies_share_one_budget_across_connections() {
     h.fake.set_chunk_chars(5);
     h.fake.set_delta_delay(Duration::from_millis(100));
     let streamed = message(&"word ".repeat(MIB / 4), true).to_string();
-    let request = http::Request::post(format!("{url}/v1/messages"))
-        .header("anthropic-version", "2023-06-01")
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(streamed)))
-        .unwrap();
-    let response = c.request(request).await.unwrap();
+    let response = post_messages(&c, &url, streamed).await;
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
     let _ = http_body_util::BodyExt::frame(&mut body).await;
@@ -563,6 +553,21 @@ async fn request_bodies_share_one_budget_across_connections() {
         .unwrap()
         .to_bytes();
     assert!(String::from_utf8_lossy(&rest).contains("message_stop"));
+}
+
+/// `POST /v1/messages` with `body` as it is (not necessarily a Messages request); the response
+/// with its body unread.
+async fn post_messages(
+    client: &HttpClient,
+    url: &str,
+    body: String,
+) -> http::Response<hyper::body::Incoming> {
+    let request = http::Request::post(format!("{url}/v1/messages"))
+        .header("anthropic-version", "2023-06-01")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    client.request(request).await.unwrap()
 }
 
 /// What the proxy's body budget holds, from its metrics.
