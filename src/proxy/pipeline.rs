@@ -143,7 +143,7 @@ async fn to_upstream(
 /// The whole request body through the process's body budget: refused with a 413 as soon as
 /// it is known to be too large (from its `content-length`, or while it streams in), never
 /// after buffering all of it, and with a retryable 503 while other requests hold the budget.
-/// Its bytes stay counted until the exchange ends.
+/// Its bytes stay counted until the upstream has answered (`respond`) or the exchange ends.
 async fn read_body(bodies: &BodyBudget, body: Incoming, ex: &mut Exchange) -> Result<(), ApiError> {
     let (bytes, held) = bodies.read(&ex.headers, body).await.map_err(|e| match e {
         BodyError::TooLarge(max) => ApiError::TooLarge(format!("request body exceeds {max} bytes")),
@@ -166,7 +166,7 @@ fn hold_tree(bodies: &BodyBudget, ex: &mut Exchange, values: usize) -> Result<us
     let held = ex.body_held.as_mut().ok_or_else(busy)?;
     bodies.take(held, bytes).map(|()| bytes).map_err(|e| match e {
         BodyError::TooLarge(max) => ApiError::TooLarge(format!(
-            "request body holds too many JSON values: it and its {values} values exceed {max} bytes"
+            "request body and its {values} JSON values need more than the {max} bytes one request may hold"
         )),
         _ => busy(),
     })
