@@ -139,3 +139,10 @@ pub struct Args {
     #[arg(long, env = "CLAUDEKEY_PROXY_SHUTDOWN_DELAY")]
     pub shutdown_delay: Option<humantime::Duration>,
 }
+
+impl Args {
+    /// `--body-budget-mib` in bytes.
+    pub fn body_budget_bytes(&self) -> usize {
+        (self.body_budget_mib as usize) << 20
+    }
+}

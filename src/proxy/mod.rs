@@ -319,7 +319,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     settings.config_secrets = launch::secrets_source(&args).await?;
     settings.tls = args.tls_cert.clone().zip(args.tls_key.clone());
-    settings.server_limits.body_budget = (args.body_budget_mib as usize) << 20;
+    settings.server_limits.body_budget = args.body_budget_bytes();
     settings.limits = launch::limit_settings(&args)?;
     settings.identity = launch::identity_source(&args).await?;
     settings.shutdown_delay = match (args.shutdown_delay, mode) {
@@ -393,6 +393,25 @@ mod tests {
             Cli::try_parse_from(["x", "--config-dir", "d", "--listen", "0.0.0.0:8484"]).unwrap();
         assert_eq!(cli.args.mode, RunMode::Gateway);
         assert_eq!(cli.args.metrics_listen, None);
+        assert_eq!(
+            cli.args.body_budget_bytes(),
+            ServerLimits::default().body_budget,
+            "the flag's default is the settings' default"
+        );
+    }
+
+    #[test]
+    fn the_body_budget_flag_is_mib_and_never_zero() {
+        let parse = |mib: &str| {
+            let argv = ["x", "--config-dir", "d", "--listen", "127.0.0.1:8484"];
+            Cli::try_parse_from(argv.iter().chain(&["--body-budget-mib", mib])).map(|c| c.args)
+        };
+        assert_eq!(parse("8").unwrap().body_budget_bytes(), 8 * 1024 * 1024);
+        assert!(
+            parse("0").is_err(),
+            "a budget of nothing refuses every body"
+        );
+        assert!(parse("-1").is_err());
     }
 
     #[test]
