@@ -1,7 +1,10 @@
 //! The audit trail: one JSON line per request with who, what, how much and what was done to it —
-//! never a prompt, a completion or a key. Lines are written by a background thread so a slow disk
+//! never a prompt, a completion or a key. Lines are written by a background thread so a slow write
 //! never slows a request, and that thread writes at most every [`COALESCE`]: a busy proxy does
-//! not wake it (and, on a one-core pod, get preempted by it) once per request.
+//! not wake it (and, on a one-core pod, get preempted by it) once per request. Its queue is
+//! bounded ([`QUEUE`]): a target that stops taking lines (a full disk's retries, a container log
+//! pipe nobody reads) holds requests back instead of growing the proxy until it is killed, and
+//! no request goes unaudited.
 
 use std::{
     borrow::Cow,
@@ -181,6 +184,11 @@ pub enum AuditTarget {
 /// meanwhile go out together. Also the most a line can lag behind its request.
 pub const COALESCE: Duration = Duration::from_millis(10);
 
+/// Records the writer's queue holds before a finishing request waits for room: about 70 ms of
+/// a one-core proxy's peak rate, seven times what arrives during one [`COALESCE`] wait, and
+/// ~330 KB of slots (320-byte records, allocated and initialized when the writer starts).
+pub const QUEUE: usize = 1024;
+
 /// What the writer thread receives. Nearly every message is a record, moved into the channel's
 /// slot whole: boxing it would put an allocation back on every request.
 #[allow(clippy::large_enum_variant)]
@@ -197,7 +205,7 @@ pub enum AuditSink {
     Off,
     Memory(Arc<Mutex<Vec<String>>>),
     /// Lines go to a writer thread, which batches and flushes them.
-    Writer(mpsc::Sender<Message>),
+    Writer(mpsc::SyncSender<Message>),
 }
 
 impl AuditSink {
@@ -214,7 +222,12 @@ impl AuditSink {
                     .open(path)?,
             ),
         };
-        let (tx, rx) = mpsc::channel::<Message>();
+        Self::spawn_writer(writer, QUEUE)
+    }
+
+    /// A writer thread for `writer`, with room for `queue` records.
+    fn spawn_writer(writer: Box<dyn Write + Send>, queue: usize) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::sync_channel::<Message>(queue);
         std::thread::Builder::new()
             .name("claudekey-audit".into())
             .spawn(move || write_lines(rx, writer))?;
@@ -233,8 +246,9 @@ impl AuditSink {
 
     /// Queues one request's line. The writer thread encodes it (about 1.8k instructions and
     /// 8 KB of code): a request's own thread, which on a one-core proxy has the client's next
-    /// request to serve, only moves the record.
-    pub fn write(&self, record: AuditRecord) {
+    /// request to serve, only moves the record. With the queue full it blocks until the writer
+    /// takes some, and says so (`Waited`): the proxy then serves at the audit target's pace.
+    pub fn write(&self, record: AuditRecord) -> Queued {
         match self {
             Self::Off => {}
             Self::Memory(lines) => {
@@ -244,11 +258,24 @@ impl AuditSink {
                 let line = String::from_utf8(line).unwrap_or_default();
                 lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
-            Self::Writer(tx) => {
-                let _ = tx.send(Message::Record(record));
-            }
+            Self::Writer(tx) => match tx.try_send(Message::Record(record)) {
+                Err(mpsc::TrySendError::Full(message)) => {
+                    // A gone writer (it never exits while a sender lives) loses the line.
+                    let _ = tx.send(message);
+                    return Queued::Waited;
+                }
+                Ok(()) | Err(mpsc::TrySendError::Disconnected(_)) => {}
+            },
         }
+        Queued::AtOnce
     }
+}
+
+/// Whether a line found room in the writer's queue or had to wait for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    AtOnce,
+    Waited,
 }
 
 /// The writer thread: blocks only when nothing is queued, so while requests keep coming the
@@ -263,7 +290,9 @@ fn write_lines(rx: mpsc::Receiver<Message>, mut writer: Box<dyn Write + Send>) {
         }
         let mut batch = Vec::new();
         let mut acks = Vec::new();
-        for message in std::iter::once(first).chain(rx.try_iter()) {
+        // At most a queue's worth a batch: senders refilling the queue as it drains cannot
+        // keep a batch from being written.
+        for message in std::iter::once(first).chain(rx.try_iter().take(QUEUE)) {
             match message {
                 Message::Record(record) => {
                     record.encode(&mut batch);
@@ -352,6 +381,82 @@ mod tests {
         assert!(asked.elapsed() < Duration::from_secs(1));
         drop(tx);
         writer.join().unwrap();
+    }
+
+    /// A target that takes nothing until it is opened: a stalled disk or log pipe.
+    #[derive(Clone, Default)]
+    struct Stalled(Arc<(Mutex<bool>, std::sync::Condvar)>, Written);
+
+    impl Stalled {
+        fn open(&self) {
+            *self.0.0.lock().unwrap() = true;
+            self.0.1.notify_all();
+        }
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (open, opened) = &*self.0;
+            drop(
+                opened
+                    .wait_while(open.lock().unwrap(), |open| !*open)
+                    .unwrap(),
+            );
+            self.1.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.1.flush()
+        }
+    }
+
+    #[test]
+    fn a_stalled_target_holds_requests_back_instead_of_queueing_without_bound() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let target = Stalled::default();
+        let sink = AuditSink::spawn_writer(Box::new(target.clone()), 4).unwrap();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let requests = std::thread::spawn({
+            let (sink, queued) = (sink.clone(), queued.clone());
+            move || {
+                let mut waited = 0;
+                for status in 0..40 {
+                    let record = AuditRecord {
+                        status,
+                        ..AuditRecord::default()
+                    };
+                    if sink.write(record) == Queued::Waited {
+                        waited += 1;
+                    }
+                    queued.fetch_add(1, SeqCst);
+                }
+                waited
+            }
+        });
+        // The writer is stuck in its first write: the requests stop once its queue is full
+        // (the first batch, taken before the write, and four more), and stay stopped.
+        std::thread::sleep(Duration::from_millis(300));
+        let held = queued.load(SeqCst);
+        assert!(held < 40, "all 40 lines queued behind a stalled target");
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            queued.load(SeqCst),
+            held,
+            "requests went on past a full queue"
+        );
+        // Once the target takes lines again, every request finishes and no line is lost.
+        target.open();
+        assert!(requests.join().unwrap() >= 1, "no request said it waited");
+        sink.flush();
+        let written = String::from_utf8(target.1.0.lock().unwrap().1.clone()).unwrap();
+        let statuses: Vec<u16> = written
+            .lines()
+            .map(|line| {
+                serde_json::from_str::<serde_json::Value>(line).unwrap()["status"]
+                    .as_u64()
+                    .unwrap() as u16
+            })
+            .collect();
+        assert_eq!(statuses, (0..40).collect::<Vec<u16>>());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use http::{HeaderMap, Method};
 use crate::body_budget::Held;
 
 use super::{
-    audit::{self, AuditRecord, AuditSink},
+    audit::{self, AuditRecord, AuditSink, Queued},
     error::ApiError,
     limits::Reservation,
     metrics::{Finished, Metrics},
@@ -232,7 +232,9 @@ impl Exchange {
                 metrics.redactions(label, name, n);
             }
         }
-        self.recorder.audit.write(std::mem::take(audit));
+        if self.recorder.audit.write(std::mem::take(audit)) == Queued::Waited {
+            metrics.audit_waited();
+        }
     }
 }
 

@@ -74,6 +74,7 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     outcomes: Family<KindLabels, Counter>,
     user_overflow: Family<KindLabels, Counter>,
+    audit_waits: Counter,
     /// Fallback state and spend, written by the limiter itself.
     pub limits: LimitsMetrics,
 }
@@ -165,6 +166,7 @@ impl Default for Metrics {
             reloads: Family::default(),
             outcomes: Family::default(),
             user_overflow: Family::default(),
+            audit_waits: Counter::default(),
             limits: LimitsMetrics::default(),
             federation_exchanges: Family::default(),
             registry: Registry::default(),
@@ -214,6 +216,11 @@ impl Default for Metrics {
             "user_window_overflow",
             "Requests of end users counted in the shared overflow window because the per-user table was full",
             m.user_overflow.clone(),
+        );
+        registry.register(
+            "audit_queue_full",
+            "Requests whose audit line waited for room in the audit writer's queue: the audit log (file or stdout) is taking lines slower than requests end, and requests are held back to its pace",
+            m.audit_waits.clone(),
         );
         m.limits.register(&mut registry);
         registry.register(
@@ -409,6 +416,11 @@ impl Metrics {
                 outcome,
             })
             .inc();
+    }
+
+    /// A request's audit line waited for room in the writer's queue.
+    pub fn audit_waited(&self) {
+        self.audit_waits.inc();
     }
 
     pub fn config_reload(&self, ok: bool) {

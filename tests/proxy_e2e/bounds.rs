@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use claudekey::{
     fake_upstream::Reply as FakeReply,
-    proxy::{Mode, ProxySettings, ServerLimits},
+    proxy::{AuditTarget, Mode, ProxySettings, ServerLimits},
 };
 use serde_json::json;
 use tokio::{
@@ -605,4 +605,100 @@ async fn an_unauthenticated_client_holds_nothing_of_the_body_budget() {
     );
     assert_eq!(body_budget_held(&h), Some(0));
     assert_eq!(h.wait_audit(1).await[0]["status"], 401);
+}
+
+/// An audit log that stops taking lines (a log pipe nobody reads) holds requests back once the
+/// audit writer's queue is full, instead of the proxy queueing lines until it is killed; once
+/// the log takes lines again every request finishes and every one is audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
+    use std::{
+        io::Read,
+        os::unix::fs::OpenOptionsExt,
+        sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering::SeqCst},
+        },
+    };
+    // More than the pipe (64 KiB, ~100 lines), one batch in the writer's hands and its queue
+    // (1,024 lines each) can take.
+    const REQUESTS: usize = 3_000;
+    const CLIENTS: usize = 8;
+    let logs = tempfile::tempdir().unwrap();
+    let fifo = logs.path().join("audit.fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.unwrap().success(), "mkfifo failed");
+    // The read end, open before the proxy opens the write end and not read until the stall.
+    let mut log = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(0o4000) // O_NONBLOCK: no writer yet
+        .open(&fifo)
+        .unwrap();
+    let h = harness(|s| s.audit = AuditTarget::File(fifo.clone())).await;
+    let done = Arc::new(AtomicUsize::new(0));
+    // Watches from a thread of its own: blocked requests hold the runtime's workers.
+    let watcher = std::thread::spawn({
+        let done = done.clone();
+        move || {
+            let mut seen = (0, std::time::Instant::now());
+            let stalled_at = loop {
+                std::thread::sleep(Duration::from_millis(100));
+                let now = done.load(SeqCst);
+                if now == REQUESTS {
+                    break None;
+                }
+                if now != seen.0 {
+                    seen = (now, std::time::Instant::now());
+                } else if seen.1.elapsed() > Duration::from_secs(2) {
+                    break Some(now);
+                }
+            };
+            // The log takes lines again: read every one.
+            let (mut text, mut buf) = (Vec::new(), [0u8; 65536]);
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            while text.iter().filter(|b| **b == b'\n').count() < REQUESTS {
+                assert!(std::time::Instant::now() < deadline, "audit lines missing");
+                match log.read(&mut buf) {
+                    Ok(n) if n > 0 => text.extend_from_slice(&buf[..n]),
+                    _ => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+            (stalled_at, String::from_utf8(text).unwrap())
+        }
+    });
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (url, done) = (h.url(), done.clone());
+            tokio::spawn(async move {
+                let client = client();
+                for _ in 0..REQUESTS / CLIENTS {
+                    let r = post_messages(&client, &url, message("hi", false).to_string()).await;
+                    assert_eq!(r.status(), 200);
+                    done.fetch_add(1, SeqCst);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (stalled_at, text) = watcher.join().unwrap();
+    let stalled_at = stalled_at.expect("no request was held back by the stalled audit log");
+    assert!(stalled_at < REQUESTS);
+    let statuses: Vec<u64> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["status"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(statuses, vec![200; REQUESTS], "every request audited once");
+    let metrics = h.proxy.metrics.encode();
+    let waited: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("claudekey_proxy_audit_queue_full_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(waited > 0, "no request counted as waiting:\n{metrics}");
 }
