@@ -241,20 +241,31 @@ impl Metrics {
     }
 }
 
-/// The body budget's level, read at scrape time (nothing on the request path).
+/// The body budget's level and size, read at scrape time (nothing on the request path).
 #[derive(Debug)]
 struct BodyBudgetCollector(BodyBudget);
 
 impl Collector for BodyBudgetCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let used = ConstGauge::new(i64::try_from(self.0.used()).unwrap_or(i64::MAX));
-        let metric = encoder.encode_descriptor(
-            "body_budget_used",
-            "Bytes of request bodies and their parsed JSON held in the body budget (--body-budget-mib)",
-            Some(&Unit::Bytes),
-            used.metric_type(),
-        )?;
-        used.encode(metric)
+        let gauges = [
+            (
+                "body_budget_used",
+                "Bytes of request bodies and their parsed JSON held in the body budget",
+                self.0.used(),
+            ),
+            (
+                "body_budget_limit",
+                "Bytes the body budget holds at most (--body-budget-mib)",
+                self.0.limits().total,
+            ),
+        ];
+        for (name, help, bytes) in gauges {
+            let gauge = ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX));
+            let metric =
+                encoder.encode_descriptor(name, help, Some(&Unit::Bytes), gauge.metric_type())?;
+            gauge.encode(metric)?;
+        }
+        Ok(())
     }
 }
 

@@ -379,6 +379,18 @@ async fn a_sidecar_exchanges_its_pods_projected_token_and_the_sdk_gets_answers()
                 }),
                 "{metrics}"
             );
+            // The body budget is what the flag the webhook injected says (half the sidecar's
+            // memory limit), in the real binary.
+            let args = container(&pod, SIDECAR).args.clone().unwrap_or_default();
+            let mib: usize = args
+                .iter()
+                .skip_while(|a| *a != "--body-budget-mib")
+                .nth(1)
+                .expect("--body-budget-mib injected")
+                .parse()
+                .expect("a number of MiB");
+            let limit = format!("claudekey_proxy_body_budget_limit_bytes {}", mib << 20);
+            assert!(metrics.lines().any(|l| l == limit), "{limit}\n{metrics}");
             texts.push((format!("{name} metrics"), metrics));
         }
         secrets.push(token);

@@ -474,6 +474,7 @@ async fn request_bodies_share_one_budget_across_connections() {
     const MIB: usize = 1024 * 1024;
     // 8 MiB: 1 MiB kept for bodies declared at most 1 MiB, 7 MiB for one large body.
     let h = harness(limits(|l| l.body_budget = 8 * MIB)).await;
+    assert_eq!(budget_metric(&h, "limit"), Some(8 * MIB));
     let (c, url) = (client(), h.url());
     // 1.25 MiB: a large body (more than 1 MiB declared).
     let large = message(&"word ".repeat(MIB / 4), false);
@@ -572,10 +573,14 @@ async fn post_messages(
 
 /// What the proxy's body budget holds, from its metrics.
 fn body_budget_held(h: &Harness) -> Option<usize> {
+    budget_metric(h, "used")
+}
+
+/// `claudekey_proxy_body_budget_{which}_bytes`.
+fn budget_metric(h: &Harness, which: &str) -> Option<usize> {
+    let name = format!("claudekey_proxy_body_budget_{which}_bytes ");
     let text = h.proxy.metrics.encode();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("claudekey_proxy_body_budget_used_bytes "));
+    let line = text.lines().find(|l| l.starts_with(&name));
     line.and_then(|l| l.split(' ').nth(1)?.parse().ok())
 }
 
