@@ -2,6 +2,8 @@
 
 #[path = "proxy_e2e/bounds.rs"]
 mod bounds;
+#[path = "proxy_e2e/memory_bounds.rs"]
+mod memory_bounds;
 #[path = "proxy_e2e/namespace_users.rs"]
 mod namespace_users;
 #[path = "proxy_e2e/policy.rs"]
