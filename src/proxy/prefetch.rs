@@ -94,10 +94,8 @@ impl<B: Body + Unpin> Body for Prefetched<B> {
     }
 }
 
-/// Gives the other tasks one turn: a task that wakes itself while it runs goes to the back of
-/// the run queue (in both tokio runtimes), behind the connection task that taking a frame
-/// woke. Not `tokio::task::yield_now`: that defers the wake-up until the runtime has polled its
-/// I/O driver, one `epoll_wait` more on a one-core proxy each time.
+/// Gives the other tasks one turn. Not `tokio::task::yield_now`: that defers the wake-up until
+/// the runtime has polled its I/O driver, one `epoll_wait` more on a one-core proxy each time.
 struct YieldOnce(bool);
 
 impl Future for YieldOnce {
