@@ -25,7 +25,6 @@ mod message_scan;
 pub mod metrics;
 mod observed;
 mod pipeline;
-mod prefetch;
 pub mod prescreen;
 pub mod redact;
 pub mod request;

@@ -26,7 +26,6 @@ use super::{
     limits::Ask,
     message_scan,
     observed::Observed,
-    prefetch::Prefetched,
     redact::Counts,
     request::{self, Facts, MAX_BODY_BYTES, Piece},
     scope::{self, Route},
@@ -492,8 +491,6 @@ async fn respond(mut ex: Exchange, response: Response<UpstreamBody>) -> Response
         Observed::buffered(bytes, ex).boxed_unsync()
     } else {
         let sse = is_sse.then(|| SseTransformer::new(Some(tenant)));
-        // What has arrived with the head leaves with it, in one write.
-        let body = Prefetched::take_ready(body).await;
         Observed::new(body, sse, ex).boxed_unsync()
     };
     let mut out = Response::new(body);
