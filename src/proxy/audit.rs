@@ -2,7 +2,7 @@
 //! never a prompt, a completion or a key. Lines are written by a background thread so a slow write
 //! never slows a request, and that thread writes at most every [`COALESCE`]: a busy proxy does
 //! not wake it (and, on a one-core pod, get preempted by it) once per request. Its queue is
-//! bounded ([`QUEUE`]): a target that stops taking lines (a full disk's retries, a container log
+//! bounded ([`queue_size`]): a target that stops taking lines (a full disk's retries, a container log
 //! pipe nobody reads) holds requests back instead of growing the proxy until it is killed, and
 //! no request goes unaudited.
 
@@ -184,10 +184,18 @@ pub enum AuditTarget {
 /// meanwhile go out together. Also the most a line can lag behind its request.
 pub const COALESCE: Duration = Duration::from_millis(10);
 
-/// Records the writer's queue holds before a finishing request waits for room: about 70 ms of
-/// a one-core proxy's peak rate, seven times what arrives during one [`COALESCE`] wait, and
-/// ~330 KB of slots (320-byte records, allocated and initialized when the writer starts).
-pub const QUEUE: usize = 1024;
+/// Records the writer's queue holds per core of the proxy before a finishing request waits for
+/// room: about 70 ms of a core's peak rate, seven times what one core ends during one
+/// [`COALESCE`] wait, and ~330 KB of slots (320-byte records, allocated and initialized when
+/// the writer starts).
+pub const QUEUE_PER_CORE: usize = 1024;
+
+/// The writer's queue: [`QUEUE_PER_CORE`] for each core the proxy may use (its CPU affinity and
+/// cgroup limit), so a gateway on four cores is not held back by a queue sized for a sidecar's
+/// one, and a sidecar does not carry a gateway's.
+pub fn queue_size() -> usize {
+    QUEUE_PER_CORE * std::thread::available_parallelism().map_or(1, usize::from)
+}
 
 /// What the writer thread receives. Nearly every message is a record, moved into the channel's
 /// slot whole: boxing it would put an allocation back on every request.
@@ -222,7 +230,7 @@ impl AuditSink {
                     .open(path)?,
             ),
         };
-        Self::spawn_writer(writer, QUEUE)
+        Self::spawn_writer(writer, queue_size())
     }
 
     /// A writer thread for `writer`, with room for `queue` records.
@@ -230,7 +238,7 @@ impl AuditSink {
         let (tx, rx) = mpsc::sync_channel::<Message>(queue);
         std::thread::Builder::new()
             .name("claudekey-audit".into())
-            .spawn(move || write_lines(rx, writer))?;
+            .spawn(move || write_lines(rx, writer, queue))?;
         Ok(Self::Writer(tx))
     }
 
@@ -283,7 +291,7 @@ pub enum Queued {
 /// wakes it, and a client's next request follows within microseconds, so writing at once put
 /// the write on the proxy's core just as that request came (a one-core proxy's time to first
 /// byte after a stream); 10 ms later the core is usually idle. A flush is answered at once.
-fn write_lines(rx: mpsc::Receiver<Message>, mut writer: Box<dyn Write + Send>) {
+fn write_lines(rx: mpsc::Receiver<Message>, mut writer: Box<dyn Write + Send>, queue: usize) {
     while let Ok(first) = rx.recv() {
         if matches!(first, Message::Record(_)) {
             std::thread::sleep(COALESCE);
@@ -292,7 +300,7 @@ fn write_lines(rx: mpsc::Receiver<Message>, mut writer: Box<dyn Write + Send>) {
         let mut acks = Vec::new();
         // At most a queue's worth a batch: senders refilling the queue as it drains cannot
         // keep a batch from being written.
-        for message in std::iter::once(first).chain(rx.try_iter().take(QUEUE)) {
+        for message in std::iter::once(first).chain(rx.try_iter().take(queue)) {
             match message {
                 Message::Record(record) => {
                     record.encode(&mut batch);
@@ -352,7 +360,7 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let writer = std::thread::spawn({
             let out = out.clone();
-            move || write_lines(rx, Box::new(out))
+            move || write_lines(rx, Box::new(out), 16)
         });
         let sent = std::time::Instant::now();
         let record = |id: &str| AuditRecord {

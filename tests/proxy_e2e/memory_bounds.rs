@@ -174,9 +174,9 @@ async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
         },
     };
     // More than the pipe (64 KiB, ~100 lines), one batch in the writer's hands and its queue
-    // (1,024 lines each) can take.
-    const REQUESTS: usize = 3_000;
+    // (a queue's worth each) can take.
     const CLIENTS: usize = 8;
+    let requests = (2 * claudekey::proxy::audit::queue_size() + 1_000).next_multiple_of(CLIENTS);
     let logs = tempfile::tempdir().unwrap();
     let fifo = logs.path().join("audit.fifo");
     let made = std::process::Command::new("mkfifo").arg(&fifo).status();
@@ -197,7 +197,7 @@ async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
             let stalled_at = loop {
                 std::thread::sleep(Duration::from_millis(100));
                 let now = done.load(SeqCst);
-                if now == REQUESTS {
+                if now == requests {
                     break None;
                 }
                 if now != seen.0 {
@@ -209,7 +209,7 @@ async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
             // The log takes lines again: read every one.
             let (mut text, mut buf) = (Vec::new(), [0u8; 65536]);
             let deadline = std::time::Instant::now() + Duration::from_secs(120);
-            while text.iter().filter(|b| **b == b'\n').count() < REQUESTS {
+            while text.iter().filter(|b| **b == b'\n').count() < requests {
                 assert!(std::time::Instant::now() < deadline, "audit lines missing");
                 match log.read(&mut buf) {
                     Ok(n) if n > 0 => text.extend_from_slice(&buf[..n]),
@@ -224,7 +224,7 @@ async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
             let (url, done) = (h.url(), done.clone());
             tokio::spawn(async move {
                 let client = client();
-                for _ in 0..REQUESTS / CLIENTS {
+                for _ in 0..requests / CLIENTS {
                     let r = post_messages(&client, &url, message("hi", false).to_string()).await;
                     assert_eq!(r.status(), 200);
                     done.fetch_add(1, SeqCst);
@@ -237,7 +237,7 @@ async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
     }
     let (stalled_at, text) = watcher.join().unwrap();
     let stalled_at = stalled_at.expect("no request was held back by the stalled audit log");
-    assert!(stalled_at < REQUESTS);
+    assert!(stalled_at < requests);
     let statuses: Vec<u64> = text
         .lines()
         .map(|l| {
@@ -246,7 +246,7 @@ async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
                 .unwrap()
         })
         .collect();
-    assert_eq!(statuses, vec![200; REQUESTS], "every request audited once");
+    assert_eq!(statuses, vec![200; requests], "every request audited once");
     let metrics = h.proxy.metrics.encode();
     let waited: u64 = metrics
         .lines()
