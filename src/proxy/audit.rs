@@ -2,9 +2,9 @@
 //! never a prompt, a completion or a key. Lines are written by a background thread so a slow write
 //! never slows a request, and that thread writes at most every [`COALESCE`]: a busy proxy does
 //! not wake it (and, on a one-core pod, get preempted by it) once per request. Its queue is
-//! bounded ([`queue_size`]): a target that stops taking lines (a full disk's retries, a container log
-//! pipe nobody reads) holds requests back instead of growing the proxy until it is killed, and
-//! no request goes unaudited.
+//! bounded ([`queue_size`]): a target that stops taking lines (a full disk's retries, a
+//! container log pipe nobody reads) holds requests back instead of growing the proxy until it
+//! is killed, and no request goes unaudited.
 
 use std::{
     borrow::Cow,
