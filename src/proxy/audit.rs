@@ -1,10 +1,12 @@
 //! The audit trail: one JSON line per request with who, what, how much and what was done to it —
-//! never a prompt, a completion or a key. Lines are written by a background thread so a slow write
-//! never slows a request, and that thread writes at most every [`COALESCE`]: a busy proxy does
-//! not wake it (and, on a one-core pod, get preempted by it) once per request. Its queue is
-//! bounded ([`queue_size`]): a target that stops taking lines (a full disk's retries, a
-//! container log pipe nobody reads) holds requests back instead of growing the proxy until it
-//! is killed, and no request goes unaudited.
+//! never a prompt, a completion or a key. Lines are written by a background thread
+//! (`audit_queue`) so a slow write never slows a request, at most every
+//! [`COALESCE`](audit_queue::COALESCE): a busy proxy does not wake it (and, on a one-core pod,
+//! get preempted by it) once per request. Its queue is bounded ([`queue_size`]): once it is
+//! full new requests wait at the door ([`AuditSink::room`]) until the writer catches up, so a
+//! target that stops taking lines (a full disk's retries, a container log pipe nobody reads)
+//! holds requests back instead of growing the proxy until it is killed, and no request goes
+//! unaudited.
 
 use std::{
     borrow::Cow,
@@ -17,9 +19,8 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use std::sync::mpsc;
 
-use super::usage::Usage;
+use super::{audit_queue, usage::Usage};
 
 /// One line. What every request repeats (its ClaudeKey, pod, key fingerprint, method and
 /// endpoint) is shared with the config or static, so filling a record copies pointers.
@@ -180,14 +181,9 @@ pub enum AuditTarget {
     Off,
 }
 
-/// How long the writer waits, once a line has come, before it writes: lines of requests that end
-/// meanwhile go out together. Also the most a line can lag behind its request.
-pub const COALESCE: Duration = Duration::from_millis(10);
-
-/// Records the writer's queue holds per core of the proxy before a finishing request waits for
-/// room: about 70 ms of a core's peak rate, seven times what one core ends during one
-/// [`COALESCE`] wait, and ~330 KB of slots (320-byte records, allocated and initialized when
-/// the writer starts).
+/// Records the writer's queue holds per core of the proxy before new requests wait at the door:
+/// about 70 ms of a core's peak rate, seven times what one core ends during one
+/// [`COALESCE`](audit_queue::COALESCE) wait.
 pub const QUEUE_PER_CORE: usize = 1024;
 
 /// The writer's queue: [`QUEUE_PER_CORE`] for each core the proxy may use (its CPU affinity and
@@ -197,15 +193,8 @@ pub fn queue_size() -> usize {
     QUEUE_PER_CORE * std::thread::available_parallelism().map_or(1, usize::from)
 }
 
-/// What the writer thread receives. Nearly every message is a record, moved into the channel's
-/// slot whole: boxing it would put an allocation back on every request.
-#[allow(clippy::large_enum_variant)]
-pub enum Message {
-    /// One request's record, encoded by the writer: the request's thread only moves it.
-    Record(AuditRecord),
-    /// Write everything queued before this, then answer.
-    Flush(mpsc::SyncSender<()>),
-}
+/// How long a flush at shutdown waits for the target.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
 /// The sending side; cheap to clone.
 #[derive(Clone)]
@@ -213,7 +202,7 @@ pub enum AuditSink {
     Off,
     Memory(Arc<Mutex<Vec<String>>>),
     /// Lines go to a writer thread, which batches and flushes them.
-    Writer(mpsc::SyncSender<Message>),
+    Writer(Arc<audit_queue::Writer>),
 }
 
 impl AuditSink {
@@ -230,33 +219,35 @@ impl AuditSink {
                     .open(path)?,
             ),
         };
-        Self::spawn_writer(writer, queue_size())
-    }
-
-    /// A writer thread for `writer`, with room for `queue` records.
-    fn spawn_writer(writer: Box<dyn Write + Send>, queue: usize) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::sync_channel::<Message>(queue);
-        std::thread::Builder::new()
-            .name("claudekey-audit".into())
-            .spawn(move || write_lines(rx, writer, queue))?;
-        Ok(Self::Writer(tx))
+        let writer = audit_queue::Writer::start(writer, queue_size())?;
+        Ok(Self::Writer(Arc::new(writer)))
     }
 
     /// Waits (up to 5 s) until every line written so far is in the target: at shutdown.
     pub fn flush(&self) {
-        if let Self::Writer(tx) = self {
-            let (ack, done) = mpsc::sync_channel(1);
-            if tx.send(Message::Flush(ack)).is_ok() {
-                let _ = done.recv_timeout(Duration::from_secs(5));
-            }
+        if let Self::Writer(writer) = self {
+            writer.flush(FLUSH_WAIT);
         }
     }
 
-    /// Queues one request's line. The writer thread encodes it (about 1.8k instructions and
-    /// 8 KB of code): a request's own thread, which on a one-core proxy has the client's next
-    /// request to serve, only moves the record. With the queue full it blocks until the writer
-    /// takes some, and says so (`Waited`): the proxy then serves at the audit target's pace.
-    pub fn write(&self, record: AuditRecord) -> Queued {
+    /// Whether a request may start now: the writer's queue is not full.
+    pub fn has_room(&self) -> bool {
+        match self {
+            Self::Writer(writer) => writer.has_room(),
+            Self::Off | Self::Memory(_) => true,
+        }
+    }
+
+    /// A request waits here before it starts while the writer's queue is full: the proxy then
+    /// serves at the audit target's pace, and a request that never got in leaves no line.
+    pub async fn room(&self) {
+        if let Self::Writer(writer) = self {
+            writer.room().await;
+        }
+    }
+
+    /// Queues one request's line; never waits.
+    pub fn write(&self, record: AuditRecord) {
         match self {
             Self::Off => {}
             Self::Memory(lines) => {
@@ -266,54 +257,7 @@ impl AuditSink {
                 let line = String::from_utf8(line).unwrap_or_default();
                 lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
-            Self::Writer(tx) => match tx.try_send(Message::Record(record)) {
-                Err(mpsc::TrySendError::Full(message)) => {
-                    // A gone writer (it never exits while a sender lives) loses the line.
-                    let _ = tx.send(message);
-                    return Queued::Waited;
-                }
-                Ok(()) | Err(mpsc::TrySendError::Disconnected(_)) => {}
-            },
-        }
-        Queued::AtOnce
-    }
-}
-
-/// Whether a line found room in the writer's queue or had to wait for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Queued {
-    AtOnce,
-    Waited,
-}
-
-/// The writer thread: blocks only when nothing is queued, so while requests keep coming the
-/// senders never have to wake it. It waits before it writes rather than after: a stream's end
-/// wakes it, and a client's next request follows within microseconds, so writing at once put
-/// the write on the proxy's core just as that request came (a one-core proxy's time to first
-/// byte after a stream); 10 ms later the core is usually idle. A flush is answered at once.
-fn write_lines(rx: mpsc::Receiver<Message>, mut writer: Box<dyn Write + Send>, queue: usize) {
-    while let Ok(first) = rx.recv() {
-        if matches!(first, Message::Record(_)) {
-            std::thread::sleep(COALESCE);
-        }
-        let mut batch = Vec::new();
-        let mut acks = Vec::new();
-        // At most a queue's worth a batch: senders refilling the queue as it drains cannot
-        // keep a batch from being written.
-        for message in std::iter::once(first).chain(rx.try_iter().take(queue)) {
-            match message {
-                Message::Record(record) => {
-                    record.encode(&mut batch);
-                    batch.push(b'\n');
-                }
-                Message::Flush(ack) => acks.push(ack),
-            }
-        }
-        if let Err(e) = writer.write_all(&batch).and_then(|()| writer.flush()) {
-            tracing::error!(error = %e, "failed to write audit log");
-        }
-        for ack in acks {
-            let _ = ack.send(());
+            Self::Writer(writer) => writer.push(record),
         }
     }
 }
@@ -334,138 +278,6 @@ mod tests {
     }
 
     use super::*;
-
-    /// Keeps what the writer wrote, and when it first flushed.
-    #[derive(Clone, Default)]
-    struct Written(Arc<Mutex<(Option<std::time::Instant>, Vec<u8>)>>);
-
-    impl Write for Written {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().1.extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            self.0
-                .lock()
-                .unwrap()
-                .0
-                .get_or_insert_with(std::time::Instant::now);
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn the_writer_waits_before_it_writes_a_line_but_answers_a_flush_at_once() {
-        let out = Written::default();
-        let (tx, rx) = mpsc::channel();
-        let writer = std::thread::spawn({
-            let out = out.clone();
-            move || write_lines(rx, Box::new(out), 16)
-        });
-        let sent = std::time::Instant::now();
-        let record = |id: &str| AuditRecord {
-            request_id: id.into(),
-            ..AuditRecord::default()
-        };
-        let mut expected = Vec::new();
-        for id in ["one", "two"] {
-            record(id).encode(&mut expected);
-            expected.push(b'\n');
-        }
-        tx.send(Message::Record(record("one"))).unwrap();
-        tx.send(Message::Record(record("two"))).unwrap();
-        let (ack, done) = mpsc::sync_channel(1);
-        tx.send(Message::Flush(ack)).unwrap();
-        done.recv_timeout(Duration::from_secs(5)).unwrap();
-        let (first_write, bytes) = out.0.lock().unwrap().clone();
-        assert_eq!(bytes, expected);
-        // Written no sooner than the wait (a lower bound: a loaded machine only delays it).
-        assert!(first_write.unwrap() - sent >= COALESCE);
-        // With nothing queued, a flush is not held back by a wait.
-        let asked = std::time::Instant::now();
-        let (ack, done) = mpsc::sync_channel(1);
-        tx.send(Message::Flush(ack)).unwrap();
-        done.recv_timeout(Duration::from_secs(5)).unwrap();
-        assert!(asked.elapsed() < Duration::from_secs(1));
-        drop(tx);
-        writer.join().unwrap();
-    }
-
-    /// A target that takes nothing until it is opened: a stalled disk or log pipe.
-    #[derive(Clone, Default)]
-    struct Stalled(Arc<(Mutex<bool>, std::sync::Condvar)>, Written);
-
-    impl Stalled {
-        fn open(&self) {
-            *self.0.0.lock().unwrap() = true;
-            self.0.1.notify_all();
-        }
-    }
-
-    impl Write for Stalled {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            let (open, opened) = &*self.0;
-            drop(
-                opened
-                    .wait_while(open.lock().unwrap(), |open| !*open)
-                    .unwrap(),
-            );
-            self.1.write(buf)
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            self.1.flush()
-        }
-    }
-
-    #[test]
-    fn a_stalled_target_holds_requests_back_instead_of_queueing_without_bound() {
-        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-        let target = Stalled::default();
-        let sink = AuditSink::spawn_writer(Box::new(target.clone()), 4).unwrap();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let requests = std::thread::spawn({
-            let (sink, queued) = (sink.clone(), queued.clone());
-            move || {
-                let mut waited = 0;
-                for status in 0..40 {
-                    let record = AuditRecord {
-                        status,
-                        ..AuditRecord::default()
-                    };
-                    if sink.write(record) == Queued::Waited {
-                        waited += 1;
-                    }
-                    queued.fetch_add(1, SeqCst);
-                }
-                waited
-            }
-        });
-        // The writer is stuck in its first write: the requests stop once its queue is full
-        // (the first batch, taken before the write, and four more), and stay stopped.
-        std::thread::sleep(Duration::from_millis(300));
-        let held = queued.load(SeqCst);
-        assert!(held < 40, "all 40 lines queued behind a stalled target");
-        std::thread::sleep(Duration::from_millis(100));
-        assert_eq!(
-            queued.load(SeqCst),
-            held,
-            "requests went on past a full queue"
-        );
-        // Once the target takes lines again, every request finishes and no line is lost.
-        target.open();
-        assert!(requests.join().unwrap() >= 1, "no request said it waited");
-        sink.flush();
-        let written = String::from_utf8(target.1.0.lock().unwrap().1.clone()).unwrap();
-        let statuses: Vec<u16> = written
-            .lines()
-            .map(|line| {
-                serde_json::from_str::<serde_json::Value>(line).unwrap()["status"]
-                    .as_u64()
-                    .unwrap() as u16
-            })
-            .collect();
-        assert_eq!(statuses, (0..40).collect::<Vec<u16>>());
-    }
 
     #[test]
     fn the_time_is_written_as_chrono_writes_it() {

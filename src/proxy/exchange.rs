@@ -18,7 +18,7 @@ use http::{HeaderMap, Method};
 use crate::body_budget::Held;
 
 use super::{
-    audit::{self, AuditRecord, AuditSink, Queued},
+    audit::{self, AuditRecord, AuditSink},
     error::ApiError,
     limits::Reservation,
     metrics::{Finished, Metrics},
@@ -232,9 +232,7 @@ impl Exchange {
                 metrics.redactions(label, name, n);
             }
         }
-        if self.recorder.audit.write(std::mem::take(audit)) == Queued::Waited {
-            metrics.audit_waited();
-        }
+        self.recorder.audit.write(std::mem::take(audit));
     }
 }
 

@@ -16,7 +16,12 @@ use std::{
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
-    metrics::{counter::Counter, family::Family, gauge::ConstGauge, histogram::Histogram},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::Histogram,
+    },
     registry::{Registry, Unit},
 };
 
@@ -75,6 +80,7 @@ pub struct Metrics {
     outcomes: Family<KindLabels, Counter>,
     user_overflow: Family<KindLabels, Counter>,
     audit_waits: Counter,
+    audit_waiting: Gauge,
     /// Fallback state and spend, written by the limiter itself.
     pub limits: LimitsMetrics,
 }
@@ -167,6 +173,7 @@ impl Default for Metrics {
             outcomes: Family::default(),
             user_overflow: Family::default(),
             audit_waits: Counter::default(),
+            audit_waiting: Gauge::default(),
             limits: LimitsMetrics::default(),
             federation_exchanges: Family::default(),
             registry: Registry::default(),
@@ -219,8 +226,13 @@ impl Default for Metrics {
         );
         registry.register(
             "audit_queue_full",
-            "Requests whose audit line waited for room in the audit writer's queue: the audit log (file or stdout) is taking lines slower than requests end, and requests are held back to its pace",
+            "Requests that had to wait to start because the audit writer's queue was full: the audit log (file or stdout) is taking lines slower than requests end, and requests are held back to its pace",
             m.audit_waits.clone(),
+        );
+        registry.register(
+            "audit_waiting_requests",
+            "Requests waiting right now to start because the audit writer's queue is full: above 0 for long, the audit log has stopped taking lines",
+            m.audit_waiting.clone(),
         );
         m.limits.register(&mut registry);
         registry.register(
@@ -242,6 +254,15 @@ impl Metrics {
 }
 
 /// The body budget's level and size, read at scrape time (nothing on the request path).
+/// One request among those waiting for the audit writer's queue.
+pub struct AuditWait(Gauge);
+
+impl Drop for AuditWait {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 #[derive(Debug)]
 struct BodyBudgetCollector(BodyBudget);
 
@@ -429,9 +450,12 @@ impl Metrics {
             .inc();
     }
 
-    /// A request's audit line waited for room in the writer's queue.
-    pub fn audit_waited(&self) {
+    /// A request has to wait to start: the audit writer's queue is full. Counted now, and
+    /// among the waiting until the guard is dropped (it got in, or its client went away).
+    pub fn audit_wait(&self) -> AuditWait {
         self.audit_waits.inc();
+        self.audit_waiting.inc();
+        AuditWait(self.audit_waiting.clone())
     }
 
     pub fn config_reload(&self, ok: bool) {

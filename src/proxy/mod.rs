@@ -5,6 +5,7 @@ pub mod admin;
 mod args;
 pub mod audit;
 mod audit_line;
+mod audit_queue;
 pub mod auth;
 pub mod body;
 pub mod caps;

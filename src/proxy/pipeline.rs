@@ -69,6 +69,14 @@ pub async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    // Before anything is read or counted: a request held here while the audit log catches up
+    // has cost nothing, and one whose client gives up leaves no line. Counted as it starts to
+    // wait, so a log that has stopped for good shows in the metrics too.
+    let audit = &shared.recorder.audit;
+    if !audit.has_room() {
+        let _waiting = shared.recorder.metrics.audit_wait();
+        audit.room().await;
+    }
     let (parts, body) = req.into_parts();
     let path = parts
         .uri

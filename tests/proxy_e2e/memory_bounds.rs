@@ -160,17 +160,18 @@ async fn an_unauthenticated_client_holds_nothing_of_the_body_budget() {
     assert_eq!(h.wait_audit(1).await[0]["status"], 401);
 }
 
-/// An audit log that stops taking lines (a log pipe nobody reads) holds requests back once the
-/// audit writer's queue is full, instead of the proxy queueing lines until it is killed; once
-/// the log takes lines again every request finishes and every one is audited.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+/// An audit log that stops taking lines (a log pipe nobody reads) holds new requests back once
+/// the audit writer's queue is full, instead of the proxy queueing lines until it is killed;
+/// meanwhile the proxy's runtime runs on (its metrics answer, here on the one thread a one-core
+/// sidecar has), and once the log takes lines again every request finishes, each audited once.
+#[tokio::test]
 async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
     use std::{
         io::Read,
         os::unix::fs::OpenOptionsExt,
         sync::{
             Arc,
-            atomic::{AtomicUsize, Ordering::SeqCst},
+            atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst},
         },
     };
     // More than the pipe (64 KiB, ~100 lines), one batch in the writer's hands and its queue
@@ -181,32 +182,22 @@ async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
     let fifo = logs.path().join("audit.fifo");
     let made = std::process::Command::new("mkfifo").arg(&fifo).status();
     assert!(made.unwrap().success(), "mkfifo failed");
-    // The read end, open before the proxy opens the write end and not read until the stall.
+    // The read end, open before the proxy opens the write end and not read until the stall
+    // has been seen (or, should the runtime stop and never see it, for 10 s).
     let mut log = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(0o4000) // O_NONBLOCK: no writer yet
         .open(&fifo)
         .unwrap();
     let h = harness(|s| s.audit = AuditTarget::File(fifo.clone())).await;
-    let done = Arc::new(AtomicUsize::new(0));
-    // Watches from a thread of its own: blocked requests hold the runtime's workers.
-    let watcher = std::thread::spawn({
-        let done = done.clone();
+    let release = Arc::new(AtomicBool::new(false));
+    let reader = std::thread::spawn({
+        let release = release.clone();
         move || {
-            let mut seen = (0, std::time::Instant::now());
-            let stalled_at = loop {
-                std::thread::sleep(Duration::from_millis(100));
-                let now = done.load(SeqCst);
-                if now == requests {
-                    break None;
-                }
-                if now != seen.0 {
-                    seen = (now, std::time::Instant::now());
-                } else if seen.1.elapsed() > Duration::from_secs(2) {
-                    break Some(now);
-                }
-            };
-            // The log takes lines again: read every one.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !release.load(SeqCst) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let (mut text, mut buf) = (Vec::new(), [0u8; 65536]);
             let deadline = std::time::Instant::now() + Duration::from_secs(120);
             while text.iter().filter(|b| **b == b'\n').count() < requests {
@@ -216,9 +207,10 @@ async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
                     _ => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
-            (stalled_at, String::from_utf8(text).unwrap())
+            String::from_utf8(text).unwrap()
         }
     });
+    let done = Arc::new(AtomicUsize::new(0));
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
             let (url, done) = (h.url(), done.clone());
@@ -232,12 +224,38 @@ async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
             })
         })
         .collect();
+    // Watched from this task, on the proxy's own thread: requests stop, the thread does not.
+    let mut seen = (0, std::time::Instant::now());
+    let stalled_at = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = done.load(SeqCst);
+        if now == requests {
+            break None;
+        }
+        if now != seen.0 {
+            seen = (now, std::time::Instant::now());
+        } else if seen.1.elapsed() > Duration::from_secs(1) {
+            break Some(now);
+        }
+    };
+    let (waited, waiting) = (
+        audit_metric(&h, "queue_full_total"),
+        audit_metric(&h, "waiting_requests"),
+    );
+    release.store(true, SeqCst);
     for c in clients {
         c.await.unwrap();
     }
-    let (stalled_at, text) = watcher.join().unwrap();
-    let stalled_at = stalled_at.expect("no request was held back by the stalled audit log");
+    let text = reader.join().unwrap();
+    let stalled_at = stalled_at.expect("requests were not held back while the runtime ran");
     assert!(stalled_at < requests);
+    assert!(
+        waited > 0,
+        "no request counted as waiting while they were held back"
+    );
+    // Every client has one request at the door, or on its way to it.
+    assert!((1..=CLIENTS as u64).contains(&waiting), "{waiting} waiting");
+    assert_eq!(audit_metric(&h, "waiting_requests"), 0);
     let statuses: Vec<u64> = text
         .lines()
         .map(|l| {
@@ -247,11 +265,15 @@ async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
         })
         .collect();
     assert_eq!(statuses, vec![200; requests], "every request audited once");
+}
+
+/// `claudekey_proxy_audit_{name}`.
+fn audit_metric(h: &Harness, name: &str) -> u64 {
     let metrics = h.proxy.metrics.encode();
-    let waited: u64 = metrics
+    let name = format!("claudekey_proxy_audit_{name} ");
+    metrics
         .lines()
-        .find_map(|l| l.strip_prefix("claudekey_proxy_audit_queue_full_total "))
+        .find_map(|l| l.strip_prefix(&name))
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    assert!(waited > 0, "no request counted as waiting:\n{metrics}");
+        .unwrap_or(0)
 }
