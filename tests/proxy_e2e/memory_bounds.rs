@@ -162,8 +162,8 @@ async fn an_unauthenticated_client_holds_nothing_of_the_body_budget() {
 
 /// An audit log that stops taking lines (a log pipe nobody reads) holds new requests back once
 /// the audit writer's queue is full, instead of the proxy queueing lines until it is killed;
-/// meanwhile the proxy's runtime runs on (its metrics answer, here on the one thread a one-core
-/// sidecar has), and once the log takes lines again every request finishes, each audited once.
+/// meanwhile the proxy's runtime runs on (its probe and metrics answer, here on the one thread
+/// a one-core sidecar has), and once the log takes lines again every request finishes, each audited once.
 #[tokio::test]
 async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
     use std::{
@@ -190,6 +190,10 @@ async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
         .open(&fifo)
         .unwrap();
     let h = harness(|s| s.audit = AuditTarget::File(fifo.clone())).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = format!("http://{}", listener.local_addr().unwrap());
+    let proxy = h.proxy.clone();
+    tokio::spawn(async move { proxy.serve_admin(listener, std::future::pending()).await });
     let release = Arc::new(AtomicBool::new(false));
     let reader = std::thread::spawn({
         let release = release.clone();
@@ -238,9 +242,13 @@ async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
             break Some(now);
         }
     };
+    // The kubelet's probe and Prometheus's scrape are answered meanwhile.
+    let c = client();
+    let healthz = send(&c, &admin, "GET", "/healthz", None, None).await;
+    let scrape = send(&c, &admin, "GET", "/metrics", None, None).await.text();
     let (waited, waiting) = (
-        audit_metric(&h, "queue_full_total"),
-        audit_metric(&h, "waiting_requests"),
+        audit_metric(&scrape, "queue_full_total"),
+        audit_metric(&scrape, "waiting_requests"),
     );
     release.store(true, SeqCst);
     for c in clients {
@@ -249,13 +257,15 @@ async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
     let text = reader.join().unwrap();
     let stalled_at = stalled_at.expect("requests were not held back while the runtime ran");
     assert!(stalled_at < requests);
+    assert_eq!(healthz.status, 200);
     assert!(
         waited > 0,
         "no request counted as waiting while they were held back"
     );
     // Every client has one request at the door, or on its way to it.
     assert!((1..=CLIENTS as u64).contains(&waiting), "{waiting} waiting");
-    assert_eq!(audit_metric(&h, "waiting_requests"), 0);
+    let scrape = h.proxy.metrics.encode();
+    assert_eq!(audit_metric(&scrape, "waiting_requests"), 0);
     let statuses: Vec<u64> = text
         .lines()
         .map(|l| {
@@ -267,11 +277,10 @@ async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
     assert_eq!(statuses, vec![200; requests], "every request audited once");
 }
 
-/// `claudekey_proxy_audit_{name}`.
-fn audit_metric(h: &Harness, name: &str) -> u64 {
-    let metrics = h.proxy.metrics.encode();
+/// `claudekey_proxy_audit_{name}` in a scrape.
+fn audit_metric(scrape: &str, name: &str) -> u64 {
     let name = format!("claudekey_proxy_audit_{name} ");
-    metrics
+    scrape
         .lines()
         .find_map(|l| l.strip_prefix(&name))
         .and_then(|v| v.parse().ok())
