@@ -4,8 +4,9 @@
 //! Sonnet 5.x and Haiku 5.5 rows as announced with those models); `--price-table FILE` (chart
 //! value `prices`) puts its entries before these, so the platform overrides or adds models.
 
-use std::path::Path;
+use std::{collections::HashMap, path::Path, sync::Arc};
 
+use arc_swap::ArcSwap;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::Deserialize;
 
@@ -111,13 +112,21 @@ struct Entry {
 }
 
 /// Prices by model glob, first match wins. The globs are one set, matched in one pass (one
-/// matcher per glob tried in turn cost ~2k instructions a request).
+/// matcher per glob tried in turn cost ~2k instructions a request), and a model's price is
+/// remembered once found: nearly every request names a model seen before, and a hash lookup is a
+/// fraction of the set's pass, which also allocates its list of matches.
 #[derive(Debug, Clone)]
 pub struct PriceTable {
     globs: GlobSet,
     prices: Vec<Price>,
     unknown: Price,
+    /// Models already priced; read without a lock, replaced whole on a new model.
+    seen: Arc<ArcSwap<HashMap<Box<str>, Price>>>,
 }
+
+/// Model names remembered at most: names are the client's, so past this a new one is matched
+/// every time rather than kept (the proxy's own models are a handful).
+const SEEN_MODELS: usize = 64;
 
 impl Default for PriceTable {
     fn default() -> Self {
@@ -143,6 +152,7 @@ impl PriceTable {
             globs,
             prices,
             unknown: unknown.unwrap_or(UNKNOWN),
+            seen: Arc::default(),
         })
     }
 
@@ -179,11 +189,30 @@ impl PriceTable {
         let Some(model) = model else {
             return self.unknown;
         };
-        // Indices in table order: the first is the first entry that matches.
+        if let Some(price) = self.seen.load().get(model) {
+            return *price;
+        }
+        let price = self.matched(model);
+        self.remember(model, price);
+        price
+    }
+
+    /// The first entry whose glob matches `model` (indices come in table order).
+    fn matched(&self, model: &str) -> Price {
         self.globs
             .matches(model)
             .first()
             .map_or(self.unknown, |&i| self.prices[i])
+    }
+
+    fn remember(&self, model: &str, price: Price) {
+        self.seen.rcu(|seen| {
+            let mut seen = HashMap::clone(seen);
+            if seen.len() < SEEN_MODELS {
+                seen.insert(model.into(), price);
+            }
+            seen
+        });
     }
 }
 
@@ -232,6 +261,25 @@ mod tests {
         assert_eq!(table.price(Some("claude-fable-5-1")).cache_read, 0.25);
         assert_eq!(table.price(Some("gpt-4o")), UNKNOWN);
         assert_eq!(table.price(None), UNKNOWN);
+    }
+
+    #[test]
+    fn a_remembered_price_is_the_matched_one_and_a_flood_of_names_is_not_kept() {
+        let table = PriceTable::default();
+        for _ in 0..2 {
+            assert_eq!(table.price(Some("claude-opus-4-1-20250805")).input, 15.0);
+            assert_eq!(table.price(Some("claude-opus-4-5-20251101")).input, 5.0);
+            assert_eq!(table.price(Some("gpt-4o")), UNKNOWN);
+        }
+        assert_eq!(table.seen.load().len(), 3);
+        for n in 0..1_000 {
+            let model = format!("claude-haiku-4-5-{n}");
+            assert_eq!(table.price(Some(&model)).output, 5.0);
+        }
+        assert_eq!(table.seen.load().len(), SEEN_MODELS);
+        // Past the bound names are still priced by their glob.
+        assert_eq!(table.price(Some("claude-3-haiku-x")).input, 0.25);
+        assert_eq!(table.price(Some("claude-opus-4-1-20250805")).input, 15.0);
     }
 
     #[test]
