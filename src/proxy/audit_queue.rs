@@ -2,11 +2,11 @@
 //!
 //! A finishing request never waits here: its line is always taken (the request is in flight and
 //! its memory already spent), and taking it is a lock and a move. What the queue bounds is how
-//! many requests *start*: once [`Writer::capacity`] lines wait, new requests wait at the door
+//! many requests *start*: once its capacity of lines wait, new requests wait at the door
 //! ([`Writer::room`]) until the writer has taken them. That wait is asynchronous, so a target that
 //! stops taking lines (a container log pipe nobody reads, a disk that blocks) holds requests at
 //! its pace while the rest of the proxy runs on: streams in flight, timers, `/healthz` and the
-//! `/metrics` whose counter raises the stall's alert. Memory stays bounded by the queue, the batch
+//! `/metrics` that raise the stall's alert. Memory stays bounded by the queue, the batch
 //! in the writer's hands and the requests already in flight.
 
 use std::{
@@ -125,11 +125,6 @@ impl Writer {
             .name("claudekey-audit".into())
             .spawn(move || write_lines(&thread_queue, target))?;
         Ok(Self(queue))
-    }
-
-    /// The lines that may wait before new requests do.
-    pub fn capacity(&self) -> usize {
-        self.0.capacity
     }
 
     /// Queues one request's record; never waits. A request's own thread, which on a one-core
