@@ -319,6 +319,14 @@ async fn malformed_values_are_refused_with_the_field_named() {
             json!({ "expiresAt": "next tuesday" }),
             "spec.expiresAt",
         ),
+        (
+            // A shared gateway compiles every pattern: their number is bounded at the door.
+            "too-many-patterns",
+            json!({ "dataProtection": { "customPatterns": (0..33)
+                .map(|i| json!({ "name": format!("p{i}"), "regex": format!("EMP-{i}") }))
+                .collect::<Vec<_>>() } }),
+            "spec.dataProtection.customPatterns",
+        ),
     ];
     for (name, extra, field) in cases {
         let mut spec = json!({ "sourceRef": k8s_source() });

@@ -349,9 +349,19 @@ fn spec_errors_the_schema_cannot_catch() {
     let bad = spec("dataProtection: { customPatterns: [{ name: broken, regex: \"EMP-[0-9\" }] }");
     let err = validate(&bad).unwrap_err();
     assert!(
-        err.contains("broken") && err.contains("does not compile"),
+        err.contains("broken") && err.contains("failed to compile"),
         "{err}"
     );
+    // Each small enough alone, too large together: refused before a proxy compiles them.
+    let many = (0..12)
+        .map(|i| format!("{{ name: p{i}, regex: '\\w{{10}}-{i}' }}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let large = spec(&format!("dataProtection: {{ customPatterns: [{many}] }}"));
+    let err = validate(&large).unwrap_err();
+    assert!(err.contains("together compile to more than 4 MiB"), "{err}");
+    let one = spec("dataProtection: { customPatterns: [{ name: p, regex: '\\w{10}' }] }");
+    assert_eq!(validate(&one), Ok(()));
     let hot = spec("").rotation.interval.as_str().to_string();
     assert_eq!(hot, "24h");
     let mut s = spec("");

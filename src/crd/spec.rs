@@ -295,8 +295,10 @@ pub struct DataProtectionSpec {
     /// Built-in detectors whose matches are replaced by a placeholder before the request leaves the pod.
     #[serde(default)]
     pub redact: Vec<Detector>,
-    /// Additional named regular expressions (Rust regex syntax) to redact.
+    /// Additional named regular expressions (Rust regex syntax) to redact: at most 32, each
+    /// compiling to at most 1 MiB and all of them together to at most 4 MiB.
     #[serde(default)]
+    #[schemars(length(max = 32))]
     pub custom_patterns: Vec<CustomPattern>,
     /// Also redact model output, including text deltas inside streamed (SSE) responses.
     #[serde(default)]

@@ -4,6 +4,7 @@
 use std::sync::{Arc, LazyLock};
 
 use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
+use regex_automata::util::syntax;
 
 use super::interned::Interned;
 use crate::crd::{DataProtectionSpec, Detector};
@@ -14,6 +15,12 @@ static REDACTORS: LazyLock<Interned<Redactor>> = LazyLock::new(Interned::default
 /// A pattern may be at most this many bytes compiled, so a custom regex cannot exhaust memory.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
+/// All of a policy's patterns together may be at most this many bytes compiled (their one-pass
+/// set, built before any of them alone): a ClaudeKey listing many large patterns is refused
+/// before a shared gateway has compiled them one by one (1,000 copies of `\w{10}` would have
+/// been ~550 MB).
+const PATTERNS_SIZE_LIMIT: usize = 4 * REGEX_SIZE_LIMIT;
+
 /// How much text the streaming redactor holds back, in bytes. A match longer than this that is
 /// split across deltas could be missed; every built-in detector's matches are shorter, except
 /// e-mail addresses longer than this, which are rare.
@@ -23,6 +30,20 @@ pub const STREAM_HOLD_BYTES: usize = 128;
 pub enum RedactError {
     #[error("failed to compile custom pattern {name}: {source}")]
     Pattern { name: String, source: regex::Error },
+    #[error(
+        "the patterns together compile to more than {} MiB: use fewer or smaller ones \
+         (a counted repetition of a Unicode class, such as \\w{{10}}, is large; \
+         (?-u:\\w) is small)",
+        PATTERNS_SIZE_LIMIT >> 20
+    )]
+    TooLarge,
+}
+
+/// A rule before it is compiled.
+struct Source<'s> {
+    name: &'s str,
+    pattern: &'s str,
+    validate: Option<Validator>,
 }
 
 struct Rule {
@@ -85,41 +106,30 @@ impl Redactor {
     }
 
     pub fn new(spec: &DataProtectionSpec) -> Result<Self, RedactError> {
-        let mut rules = Vec::new();
-        // Order is priority when matches overlap: the most specific detectors first.
-        for detector in [
-            Detector::CreditCard,
-            Detector::Ssn,
-            Detector::Email,
-            Detector::Phone,
-        ] {
-            if spec.redact.contains(&detector) {
-                rules.push(builtin(detector));
-            }
-        }
-        for custom in &spec.custom_patterns {
-            let regex = RegexBuilder::new(&custom.regex)
-                .size_limit(REGEX_SIZE_LIMIT)
-                .build()
-                .map_err(|source| RedactError::Pattern {
-                    name: custom.name.clone(),
-                    source,
-                })?;
-            rules.push(Rule {
-                placeholder: format!("[REDACTED:{}]", custom.name),
-                name: custom.name.clone(),
-                regex,
-                validate: None,
-            });
-        }
-        let prefilter = RegexSetBuilder::new(rules.iter().map(|r| r.regex.as_str()))
-            .size_limit(REGEX_SIZE_LIMIT * 4)
-            .build()
-            .map_err(|source| RedactError::Pattern {
-                name: "(all)".into(),
-                source,
-            })?;
+        let sources = sources(spec);
+        let prefilter = prefilter(&sources)?;
+        let rules = sources
+            .iter()
+            .map(|source| {
+                Ok(Rule {
+                    placeholder: format!("[REDACTED:{}]", source.name),
+                    name: source.name.to_string(),
+                    regex: compile(source)?,
+                    validate: source.validate,
+                })
+            })
+            .collect::<Result<_, RedactError>>()?;
         Ok(Self { rules, prefilter })
+    }
+
+    /// Whether `spec`'s detectors compile within the limits, as [`Redactor::new`] checks them,
+    /// holding at most one compiled pattern at a time: the controller's check of a spec.
+    pub fn check(spec: &DataProtectionSpec) -> Result<(), RedactError> {
+        let sources = sources(spec);
+        drop(prefilter(&sources)?);
+        sources
+            .iter()
+            .try_for_each(|source| compile(source).map(drop))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -252,7 +262,57 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 /// A check a regex cannot express.
 type Validator = fn(&str) -> bool;
 
-fn builtin(detector: Detector) -> Rule {
+/// The rules of `spec` in priority order (when matches overlap, the most specific detectors
+/// first), not yet compiled.
+fn sources<'s>(spec: &'s DataProtectionSpec) -> Vec<Source<'s>> {
+    let builtins = [
+        Detector::CreditCard,
+        Detector::Ssn,
+        Detector::Email,
+        Detector::Phone,
+    ]
+    .into_iter()
+    .filter(|detector| spec.redact.contains(detector))
+    .map(builtin);
+    let custom = spec.custom_patterns.iter().map(|custom| Source {
+        name: &custom.name,
+        pattern: &custom.regex,
+        validate: None,
+    });
+    builtins.chain(custom).collect()
+}
+
+/// The one-pass set of every pattern, built first: its size bounds them all together. A
+/// syntax error is blamed on its pattern, found by parsing each (compiling each to find it
+/// would be the very cost the set's limit spares).
+fn prefilter(sources: &[Source<'_>]) -> Result<RegexSet, RedactError> {
+    RegexSetBuilder::new(sources.iter().map(|s| s.pattern))
+        .size_limit(PATTERNS_SIZE_LIMIT)
+        .build()
+        .map_err(|error| match error {
+            regex::Error::CompiledTooBig(_) => RedactError::TooLarge,
+            error => sources
+                .iter()
+                .find(|s| syntax::parse(s.pattern).is_err())
+                .and_then(|s| compile(s).err())
+                .unwrap_or(RedactError::Pattern {
+                    name: "(all)".into(),
+                    source: error,
+                }),
+        })
+}
+
+fn compile(source: &Source<'_>) -> Result<Regex, RedactError> {
+    RegexBuilder::new(source.pattern)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|error| RedactError::Pattern {
+            name: source.name.to_string(),
+            source: error,
+        })
+}
+
+fn builtin<'s>(detector: Detector) -> Source<'s> {
     let (name, pattern, validate): (&str, &str, Option<Validator>) = match detector {
         Detector::Email => (
             "email",
@@ -271,10 +331,9 @@ fn builtin(detector: Detector) -> Rule {
             Some(luhn_valid),
         ),
     };
-    Rule {
-        name: name.to_string(),
-        placeholder: format!("[REDACTED:{name}]"),
-        regex: Regex::new(pattern).expect("built-in patterns compile"),
+    Source {
+        name,
+        pattern,
         validate,
     }
 }
@@ -335,6 +394,42 @@ mod tests {
     fn redact(r: &Redactor, text: &str) -> String {
         r.redact(text, &mut Counts::default())
             .unwrap_or_else(|| text.to_string())
+    }
+
+    #[test]
+    fn patterns_too_large_together_are_refused_and_a_bad_one_is_named() {
+        let spec = |patterns: Vec<(String, String)>| DataProtectionSpec {
+            redact: vec![Detector::Email],
+            custom_patterns: patterns
+                .into_iter()
+                .map(|(name, regex)| CustomPattern { name, regex })
+                .collect(),
+            ..Default::default()
+        };
+        // ~550 KiB each: one fits, twelve together do not.
+        let large = |n: usize| {
+            (0..n)
+                .map(|i| (format!("p{i}"), format!(r"\w{{10}}-{i}")))
+                .collect::<Vec<_>>()
+        };
+        assert!(Redactor::new(&spec(large(1))).is_ok());
+        for many in [spec(large(12)), spec(large(1_000))] {
+            assert!(matches!(Redactor::new(&many), Err(RedactError::TooLarge)));
+            assert!(matches!(Redactor::check(&many), Err(RedactError::TooLarge)));
+        }
+        // A pattern that does not compile is named, even when the set fails for it.
+        let mut broken = large(1);
+        broken.push(("broken".into(), "EMP-[0-9".into()));
+        for result in [
+            Redactor::new(&spec(broken.clone())).map(drop),
+            Redactor::check(&spec(broken)),
+        ] {
+            let error = result.unwrap_err().to_string();
+            assert!(error.contains("custom pattern broken"), "{error}");
+        }
+        let alone = vec![("huge".to_string(), r"\w{40}".to_string())];
+        let error = Redactor::check(&spec(alone)).unwrap_err().to_string();
+        assert!(error.contains("custom pattern huge"), "{error}");
     }
 
     #[test]
