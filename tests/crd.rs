@@ -327,6 +327,11 @@ async fn malformed_values_are_refused_with_the_field_named() {
                 .collect::<Vec<_>>() } }),
             "spec.dataProtection.customPatterns",
         ),
+        (
+            "too-many-models",
+            json!({ "scope": { "models": (0..65).map(|i| format!("claude-{i}-*")).collect::<Vec<_>>() } }),
+            "spec.scope.models",
+        ),
     ];
     for (name, extra, field) in cases {
         let mut spec = json!({ "sourceRef": k8s_source() });

@@ -183,8 +183,12 @@ pub struct VaultSource {
 #[serde(rename_all = "camelCase")]
 pub struct ScopeSpec {
     /// Allowed model names as globs (`*` and `?`), e.g. claude-sonnet-4-*. Empty allows every model.
+    /// At most 64.
     #[serde(default)]
-    #[schemars(inner(regex(pattern = r"^[A-Za-z0-9._:@*?-]+$"), length(min = 1, max = 256)))]
+    #[schemars(
+        length(max = 64),
+        inner(regex(pattern = r"^[A-Za-z0-9._:@*?-]+$"), length(min = 1, max = 256))
+    )]
     pub models: Vec<String>,
     /// Allowed API endpoints. Batches and files are off unless listed; legacy completions never.
     #[serde(default = "default_endpoints")]
