@@ -253,7 +253,6 @@ impl Metrics {
     }
 }
 
-/// The body budget's level and size, read at scrape time (nothing on the request path).
 /// One request among those waiting for the audit writer's queue.
 pub struct AuditWait(Gauge);
 
@@ -263,6 +262,7 @@ impl Drop for AuditWait {
     }
 }
 
+/// The body budget's level and size, read at scrape time (nothing on the request path).
 #[derive(Debug)]
 struct BodyBudgetCollector(BodyBudget);
 
