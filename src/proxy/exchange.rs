@@ -18,7 +18,8 @@ use http::{HeaderMap, Method};
 use crate::body_budget::Held;
 
 use super::{
-    audit::{self, AuditRecord, AuditSink},
+    audit::{self, AuditRecord},
+    audit_sink::AuditSink,
     error::ApiError,
     limits::Reservation,
     metrics::{Finished, Metrics},

@@ -6,6 +6,7 @@ mod args;
 pub mod audit;
 mod audit_line;
 mod audit_queue;
+pub mod audit_sink;
 pub mod auth;
 pub mod body;
 pub mod caps;
@@ -44,7 +45,7 @@ use tokio::{net::TcpListener, task::JoinSet};
 
 use crate::shutdown::drain::Drain;
 pub use args::{Args, DEFAULT_METRICS_LISTEN, DEFAULT_PORT, GATEWAY_SHUTDOWN_DELAY, Mode, RunMode};
-pub use audit::AuditTarget;
+pub use audit_sink::AuditTarget;
 use config::{Loader, Store};
 use exchange::Recorder;
 use metrics::Metrics;
@@ -154,7 +155,7 @@ impl Proxy {
             None => None,
         };
         let upstream = forward::Upstream::new(&settings.upstream, settings.upstream_timeout)?;
-        let audit = audit::AuditSink::start(settings.audit.clone())
+        let audit = audit_sink::AuditSink::start(settings.audit.clone())
             .context("failed to open the audit log")?;
         let recorder = Arc::new(Recorder {
             metrics: metrics.clone(),

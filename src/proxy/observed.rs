@@ -171,7 +171,7 @@ mod tests {
     use http_body_util::BodyExt;
 
     use super::*;
-    use crate::proxy::{audit::AuditSink, exchange::Recorder, metrics::Metrics, sse};
+    use crate::proxy::{audit_sink::AuditSink, exchange::Recorder, metrics::Metrics, sse};
 
     /// A stream the upstream ended in the middle of a text block: the transformer still holds
     /// the end of the last delta (it may be the start of an address) when the body ends.

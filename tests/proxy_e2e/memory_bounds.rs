@@ -177,7 +177,8 @@ async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
     // More than the pipe (64 KiB, ~100 lines), one batch in the writer's hands and its queue
     // (a queue's worth each) can take.
     const CLIENTS: usize = 8;
-    let requests = (2 * claudekey::proxy::audit::queue_size() + 1_000).next_multiple_of(CLIENTS);
+    let requests =
+        (2 * claudekey::proxy::audit_sink::queue_size() + 1_000).next_multiple_of(CLIENTS);
     let logs = tempfile::tempdir().unwrap();
     let fifo = logs.path().join("audit.fifo");
     let made = std::process::Command::new("mkfifo").arg(&fifo).status();
