@@ -124,9 +124,11 @@ pub struct PriceTable {
     seen: Arc<ArcSwap<HashMap<Box<str>, Price>>>,
 }
 
-/// Model names remembered at most: names are the client's, so past this a new one is matched
-/// every time rather than kept (the proxy's own models are a handful).
+/// Model names remembered at most, and the longest remembered: names are the client's, so
+/// past these a name is matched every time rather than kept (the models in use are a handful of
+/// short names; a flood of long made-up ones must not pin memory or cost a copy of the map).
 const SEEN_MODELS: usize = 64;
+const SEEN_NAME_BYTES: usize = 64;
 
 impl Default for PriceTable {
     fn default() -> Self {
@@ -206,6 +208,9 @@ impl PriceTable {
     }
 
     fn remember(&self, model: &str, price: Price) {
+        if model.len() > SEEN_NAME_BYTES || self.seen.load().len() >= SEEN_MODELS {
+            return;
+        }
         self.seen.rcu(|seen| {
             let mut seen = HashMap::clone(seen);
             if seen.len() < SEEN_MODELS {
@@ -277,6 +282,13 @@ mod tests {
             assert_eq!(table.price(Some(&model)).output, 5.0);
         }
         assert_eq!(table.seen.load().len(), SEEN_MODELS);
+        let long = format!("claude-haiku-4-5-{}", "x".repeat(SEEN_NAME_BYTES));
+        let fresh = PriceTable::default();
+        assert_eq!(fresh.price(Some(&long)).output, 5.0);
+        assert!(
+            fresh.seen.load().is_empty(),
+            "a long name is priced, not kept"
+        );
         // Past the bound names are still priced by their glob.
         assert_eq!(table.price(Some("claude-3-haiku-x")).input, 0.25);
         assert_eq!(table.price(Some("claude-opus-4-1-20250805")).input, 15.0);
