@@ -126,10 +126,20 @@ fn body_budget_held(h: &Harness) -> Option<usize> {
 
 /// `claudekey_proxy_body_budget_{which}_bytes`.
 fn budget_metric(h: &Harness, which: &str) -> Option<usize> {
-    let name = format!("claudekey_proxy_body_budget_{which}_bytes ");
-    let text = h.proxy.metrics.encode();
-    let line = text.lines().find(|l| l.starts_with(&name));
-    line.and_then(|l| l.split(' ').nth(1)?.parse().ok())
+    let scrape = h.proxy.metrics.encode();
+    scraped(
+        &scrape,
+        &format!("claudekey_proxy_body_budget_{which}_bytes"),
+    )
+}
+
+/// The value of the unlabelled series `name` in a scrape.
+fn scraped<T: std::str::FromStr>(scrape: &str, name: &str) -> Option<T> {
+    let prefix = format!("{name} ");
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.parse().ok())
 }
 
 /// A gateway reads a body only for a request whose workload key it knows: a client without
@@ -278,12 +288,7 @@ async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
     assert_eq!(statuses, vec![200; requests], "every request audited once");
 }
 
-/// `claudekey_proxy_audit_{name}` in a scrape.
+/// `claudekey_proxy_audit_{name}` in a scrape (0 when absent).
 fn audit_metric(scrape: &str, name: &str) -> u64 {
-    let name = format!("claudekey_proxy_audit_{name} ");
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(&name))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    scraped(scrape, &format!("claudekey_proxy_audit_{name}")).unwrap_or(0)
 }
