@@ -1,18 +1,23 @@
-//! The proxy's admin listener: `/metrics`, `/healthz` (the process runs) and `/readyz` (a config
-//! is loaded). In sidecar mode the traffic port is loopback-only, so probes come here.
+//! The proxy's admin listener: `/metrics`, `/healthz` (the process can serve: its runtime runs
+//! and its audit log writer too) and `/readyz` (that, and a config is loaded). In sidecar mode
+//! the traffic port is loopback-only, so probes come here.
 
 use std::sync::Arc;
 
-use super::{config::Store, metrics::Metrics};
+use axum::http::StatusCode;
+
+use super::{audit_sink::AuditSink, config::Store, metrics::Metrics};
 
 /// Serves until `shutdown` resolves.
 pub async fn serve_admin(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     store: Arc<Store>,
+    audit: AuditSink,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::{Router, http::StatusCode, routing::get};
+    use axum::{Router, routing::get};
+    let live = audit.clone();
     let app = Router::new()
         .route(
             "/metrics",
@@ -29,24 +34,76 @@ pub async fn serve_admin(
                 }
             }),
         )
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(move || std::future::ready(liveness(&live))))
         .route(
             "/readyz",
             get(move || {
-                let ready = store.load().is_some();
-                async move {
-                    if ready {
-                        (StatusCode::OK, "ready")
-                    } else {
-                        (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "no proxy config loaded yet",
-                        )
-                    }
-                }
+                let answer = match liveness(&audit) {
+                    (StatusCode::OK, _) if store.load().is_none() => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no proxy config loaded yet",
+                    ),
+                    (StatusCode::OK, _) => (StatusCode::OK, "ready"),
+                    failed => failed,
+                };
+                std::future::ready(answer)
             }),
         );
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// `/healthz`: a proxy whose audit writer has stopped refuses every request (none could be
+/// audited) and only a restart mends it, so the liveness probe must fail.
+fn liveness(audit: &AuditSink) -> (StatusCode, &'static str) {
+    if audit.is_running() {
+        (StatusCode::OK, "ok")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the audit log writer has stopped; restart the proxy",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::Write,
+        time::{Duration, Instant},
+    };
+
+    use prometheus_client::metrics::counter::Counter;
+
+    use super::*;
+    use crate::proxy::{audit::AuditRecord, audit_queue::Writer};
+
+    struct Panicking;
+
+    impl Write for Panicking {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            panic!("the audit target panics on purpose (test)");
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn liveness_fails_once_the_audit_writer_has_stopped() {
+        assert_eq!(liveness(&AuditSink::Off), (StatusCode::OK, "ok"));
+        let writer = Writer::start(Box::new(Panicking), 4, Counter::default()).unwrap();
+        let sink = AuditSink::Writer(Arc::new(writer));
+        assert_eq!(liveness(&sink), (StatusCode::OK, "ok"));
+        sink.write(AuditRecord::default());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sink.is_running() {
+            assert!(Instant::now() < deadline, "the writer still runs");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (status, text) = liveness(&sink);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(text.contains("restart"), "{text}");
+    }
 }

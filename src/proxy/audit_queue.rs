@@ -8,6 +8,14 @@
 //! its pace while the rest of the proxy runs on: streams in flight, timers, `/healthz` and the
 //! `/metrics` that raise the stall's alert. Memory stays bounded by the queue, the batch
 //! in the writer's hands and the requests already in flight.
+//!
+//! A write that fails (a full disk, a log pipe that broke) loses nothing: the writer keeps the
+//! bytes the target did not take and tries again, sooner first and then every
+//! [`RETRY_MAX`], while lines queue behind them and, once the queue is full, requests wait at
+//! the door as they do for a target that blocks. Should the writer thread itself ever stop (a
+//! panic), nothing would write the queue again: [`Writer::is_running`] says so, the door
+//! refuses instead of holding requests for ever, and the admin probes fail so the proxy is
+//! restarted.
 
 use std::{
     io::Write,
@@ -18,6 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 
 use super::audit::AuditRecord;
@@ -25,6 +34,13 @@ use super::audit::AuditRecord;
 /// How long the writer waits, once a line has come, before it writes: lines of requests that end
 /// meanwhile go out together. Also the most a line can lag behind its request.
 pub const COALESCE: Duration = Duration::from_millis(10);
+
+/// The wait before the first retry of a failed write (a log rotated under the proxy, a
+/// transient I/O error): doubled after each failure up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(10);
+
+/// The longest wait between two tries of a write that keeps failing (a full disk).
+pub const RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// The records waiting for the writer, and what the writer is doing.
 #[derive(Default)]
@@ -53,6 +69,8 @@ struct Queue {
     /// Where they wait, until the writer takes the queue.
     room: Notify,
     capacity: usize,
+    /// Cleared when the writer thread ends: at the close, or a panic.
+    running: AtomicBool,
 }
 
 impl Queue {
@@ -98,7 +116,34 @@ impl Queue {
         self.lock().written = through;
         self.written.notify_all();
     }
+
+    /// The writer's wait before it tries a failed write again; returns whether the queue was
+    /// closed meanwhile (or before).
+    fn closed_after(&self, wait: Duration) -> bool {
+        let pending = self.lock();
+        self.wake
+            .wait_timeout_while(pending, wait, |p| !p.closed)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .closed
+    }
 }
+
+/// Clears [`Queue::running`] when the writer thread ends, however it ends.
+struct Running<'a>(&'a Queue);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::Release);
+        // Requests waiting at the door learn that no writer will make room.
+        self.0.room.notify_waiters();
+    }
+}
+
+/// The door's answer when the writer thread has stopped: no line can be written any more.
+#[derive(Debug, thiserror::Error)]
+#[error("the audit log writer has stopped; the proxy must be restarted")]
+pub struct WriterStopped;
 
 /// The sending side of one writer thread. When it is dropped (with the last sink) the thread
 /// writes what is queued and ends.
@@ -106,8 +151,13 @@ pub struct Writer(Arc<Queue>);
 
 impl Writer {
     /// Starts the thread writing to `target`, with room for `capacity` lines before requests
-    /// wait at the door. Both of its buffers are reserved now: no line allocates.
-    pub fn start(target: Box<dyn Write + Send>, capacity: usize) -> std::io::Result<Self> {
+    /// wait at the door; each failed try at a write counts in `failed_writes`. Both of its
+    /// buffers are reserved now: no line allocates.
+    pub fn start(
+        target: Box<dyn Write + Send>,
+        capacity: usize,
+        failed_writes: Counter,
+    ) -> std::io::Result<Self> {
         let capacity = capacity.max(1);
         let queue = Arc::new(Queue {
             pending: Mutex::new(Pending {
@@ -119,11 +169,15 @@ impl Writer {
             full: AtomicBool::new(false),
             room: Notify::new(),
             capacity,
+            running: AtomicBool::new(true),
         });
         let thread_queue = queue.clone();
         std::thread::Builder::new()
             .name("claudekey-audit".into())
-            .spawn(move || write_lines(&thread_queue, target))?;
+            .spawn(move || {
+                let _running = Running(&thread_queue);
+                write_lines(&thread_queue, target, &failed_writes);
+            })?;
         Ok(Self(queue))
     }
 
@@ -150,20 +204,31 @@ impl Writer {
         !self.0.full.load(Ordering::Acquire)
     }
 
+    /// Whether the writer thread still runs. Once it has stopped (it never does but at the
+    /// close, unless it panicked) no queued line will be written.
+    pub fn is_running(&self) -> bool {
+        self.0.running.load(Ordering::Acquire)
+    }
+
     /// Waits, without holding a thread, until the queue has room: at once while it has, else
-    /// until the writer has taken the queue.
-    pub async fn room(&self) {
+    /// until the writer has taken the queue. Refuses once the writer has stopped.
+    pub async fn room(&self) -> Result<(), WriterStopped> {
         let queue = &*self.0;
         while !self.has_room() {
             let notified = queue.room.notified();
             tokio::pin!(notified);
-            // Registered before the check, so a take between the two still wakes this one.
+            // Registered before the checks, so a take (or the writer's end) between them still
+            // wakes this one.
             notified.as_mut().enable();
+            if !self.is_running() {
+                return Err(WriterStopped);
+            }
             if self.has_room() {
-                return;
+                return Ok(());
             }
             notified.await;
         }
+        Ok(())
     }
 
     /// Waits (up to `wait`) until every line queued so far is in the target: at shutdown.
@@ -198,25 +263,83 @@ impl Drop for Writer {
     }
 }
 
-/// The writer thread: encodes each batch into one buffer and writes it in one call. A failed
-/// write is logged and its lines are lost; the next batch tries again.
-fn write_lines(queue: &Queue, mut target: Box<dyn Write + Send>) {
+/// The writer thread: encodes each batch into one buffer and writes it in one call, trying again
+/// until the target takes it (see the module's doc).
+fn write_lines(queue: &Queue, mut target: Box<dyn Write + Send>, failed_writes: &Counter) {
     /// The encoded batch's buffer is kept between batches, up to this.
     const KEEP_BYTES: usize = 256 * 1024;
     let mut batch = Vec::with_capacity(queue.capacity);
-    let mut bytes = Vec::new();
+    // Encoded lines the target has not taken yet.
+    let mut unwritten = Vec::new();
     while let Some(through) = queue.take(&mut batch) {
         for record in batch.drain(..) {
-            record.encode(&mut bytes);
-            bytes.push(b'\n');
+            record.encode(&mut unwritten);
+            unwritten.push(b'\n');
         }
-        if let Err(e) = target.write_all(&bytes).and_then(|()| target.flush()) {
-            tracing::error!(error = %e, "failed to write audit log");
+        if !write_until_taken(queue, &mut *target, &mut unwritten, failed_writes) {
+            return;
         }
-        bytes.clear();
-        bytes.shrink_to(KEEP_BYTES);
+        unwritten.shrink_to(KEEP_BYTES);
         queue.written_through(through);
     }
+}
+
+/// Writes `bytes` and flushes, trying again after each failure, with a growing wait, until the
+/// target has taken them all. Returns false when the queue is closed while the target still
+/// fails: the proxy is stopping, and the lines are lost (said in the log).
+fn write_until_taken(
+    queue: &Queue,
+    target: &mut dyn Write,
+    bytes: &mut Vec<u8>,
+    failed_writes: &Counter,
+) -> bool {
+    let mut wait = RETRY_FIRST;
+    let mut failures = 0u64;
+    loop {
+        let Err(e) = write_out(target, bytes) else {
+            if failures > 0 {
+                tracing::warn!(failures, "the audit log takes lines again; none was lost");
+            }
+            return true;
+        };
+        failed_writes.inc();
+        if failures == 0 {
+            tracing::error!(error = %e, "failed to write the audit log; retrying (requests wait once its queue is full)");
+        }
+        failures += 1;
+        if queue.closed_after(wait) {
+            // One last try: the proxy is stopping and will not wait for more.
+            if write_out(target, bytes).is_ok() {
+                return true;
+            }
+            let lines = bytes.iter().filter(|&&b| b == b'\n').count();
+            tracing::error!(
+                lines,
+                "audit lines lost: the proxy stopped while its audit log failed"
+            );
+            return false;
+        }
+        wait = (wait * 2).min(RETRY_MAX);
+    }
+}
+
+/// Writes `bytes` whole and flushes. What the target took is removed from `bytes` even when a
+/// later call fails, so a retry never repeats part of a line.
+fn write_out(target: &mut dyn Write, bytes: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut taken = 0;
+    let result = loop {
+        if taken == bytes.len() {
+            break target.flush();
+        }
+        match target.write(&bytes[taken..]) {
+            Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => taken += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    bytes.drain(..taken);
+    result
 }
 
 #[cfg(test)]
@@ -279,7 +402,7 @@ mod tests {
     #[test]
     fn lines_that_end_close_together_go_out_in_one_write_after_the_wait() {
         let out = Written::default();
-        let writer = Writer::start(Box::new(out.clone()), 16).unwrap();
+        let writer = Writer::start(Box::new(out.clone()), 16, Counter::default()).unwrap();
         let sent = Instant::now();
         writer.push(record(1));
         writer.push(record(2));
@@ -294,7 +417,7 @@ mod tests {
     #[test]
     fn a_flush_writes_every_queued_line_and_a_closed_writer_what_is_left() {
         let out = Written::default();
-        let writer = Writer::start(Box::new(out.clone()), 16).unwrap();
+        let writer = Writer::start(Box::new(out.clone()), 16, Counter::default()).unwrap();
         for status in 0..40 {
             writer.push(record(status));
         }
@@ -343,7 +466,8 @@ mod tests {
     fn a_stalled_target_holds_new_requests_at_the_door_and_the_runtime_runs_on() {
         use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
         let target = Stalled::default();
-        let writer = Arc::new(Writer::start(Box::new(target.clone()), 4).unwrap());
+        let writer =
+            Arc::new(Writer::start(Box::new(target.clone()), 4, Counter::default()).unwrap());
         // Should the runtime block, this opens the target after 3 s so the test fails
         // rather than hangs.
         std::thread::spawn({
@@ -365,7 +489,7 @@ mod tests {
                     let mut waited = 0;
                     for status in 0..40 {
                         waited += usize::from(!writer.has_room());
-                        writer.room().await;
+                        writer.room().await.unwrap();
                         writer.push(record(status));
                         queued.fetch_add(1, SeqCst);
                         tokio::task::yield_now().await;
@@ -403,5 +527,121 @@ mod tests {
         });
         writer.flush(Duration::from_secs(5));
         assert_eq!(target.1.statuses(), (0..40).collect::<Vec<u16>>());
+    }
+
+    /// A target that fails: `fails` times (a full disk) after taking `partial` bytes of the
+    /// write before each failure, then its flush once, then never again.
+    #[derive(Clone)]
+    struct Failing {
+        out: Written,
+        fails: Arc<Mutex<(usize, bool)>>,
+        partial: usize,
+    }
+
+    impl Write for Failing {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let mut fails = self.fails.lock().unwrap();
+            if fails.0 == 0 {
+                return self.out.write(buf);
+            }
+            if fails.1 {
+                fails.0 -= 1;
+                fails.1 = false;
+                return Err(std::io::ErrorKind::StorageFull.into());
+            }
+            fails.1 = true;
+            self.out.write(&buf[..self.partial.min(buf.len())])
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            let mut fails = self.fails.lock().unwrap();
+            if fails.0 == 0 && !fails.1 {
+                fails.1 = true;
+                return Err(std::io::Error::other("flush failed"));
+            }
+            self.out.flush()
+        }
+    }
+
+    /// Writes that fail part way are tried again from the first byte the target did not take:
+    /// every line arrives once, whole and in order, and each failed try is counted.
+    #[test]
+    fn a_failed_write_is_tried_again_and_no_line_is_lost_or_repeated() {
+        let target = Failing {
+            out: Written::default(),
+            fails: Arc::new(Mutex::new((3, false))),
+            partial: 7,
+        };
+        let failed = Counter::default();
+        let writer = Writer::start(Box::new(target.clone()), 64, failed.clone()).unwrap();
+        for status in 0..10 {
+            writer.push(record(status));
+        }
+        target.out.wait_for(10);
+        for status in 10..20 {
+            writer.push(record(status));
+        }
+        writer.flush(Duration::from_secs(5));
+        assert_eq!(target.out.statuses(), (0..20).collect::<Vec<u16>>());
+        // Three writes and one flush.
+        assert_eq!(failed.get(), 4);
+    }
+
+    /// A writer whose target keeps failing gives up when the proxy stops, rather than keep a
+    /// thread trying for ever.
+    #[test]
+    fn a_target_failing_at_the_close_is_given_up() {
+        let target = Failing {
+            out: Written::default(),
+            fails: Arc::new(Mutex::new((usize::MAX, false))),
+            partial: 0,
+        };
+        let writer = Writer::start(Box::new(target), 4, Counter::default()).unwrap();
+        let queue = writer.0.clone();
+        writer.push(record(1));
+        std::thread::sleep(COALESCE * 5);
+        drop(writer);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while queue.running.load(Ordering::Acquire) {
+            assert!(Instant::now() < deadline, "the writer never gave up");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A target whose write panics: the writer thread ends with it.
+    struct Panicking;
+
+    impl Write for Panicking {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            panic!("the audit target panics on purpose (test)");
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Once the writer thread has stopped nothing makes room again: the door refuses at once
+    /// instead of holding requests for ever, and `is_running` says so (the admin probes).
+    #[test]
+    fn a_stopped_writer_refuses_at_the_door() {
+        let writer = Writer::start(Box::new(Panicking), 2, Counter::default()).unwrap();
+        assert!(writer.is_running());
+        writer.push(record(1));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while writer.is_running() {
+            assert!(Instant::now() < deadline, "the writer still runs");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            // Room for one more, then full.
+            assert!(writer.room().await.is_ok());
+            writer.push(record(2));
+            writer.push(record(3));
+            let door = tokio::time::timeout(Duration::from_secs(5), writer.room()).await;
+            assert!(matches!(door, Ok(Err(WriterStopped))), "{door:?}");
+        });
     }
 }

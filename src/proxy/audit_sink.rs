@@ -14,7 +14,11 @@ use std::{
     time::Duration,
 };
 
+use prometheus_client::metrics::counter::Counter;
+
 use super::{audit::AuditRecord, audit_queue};
+
+pub use audit_queue::WriterStopped;
 
 /// Where audit lines go.
 #[derive(Clone, Debug)]
@@ -53,8 +57,9 @@ pub enum AuditSink {
 }
 
 impl AuditSink {
-    /// Opens the target and starts its writer thread.
-    pub fn start(target: AuditTarget) -> std::io::Result<Self> {
+    /// Opens the target and starts its writer thread, which counts each failed try at a write
+    /// in `failed_writes`.
+    pub fn start(target: AuditTarget, failed_writes: Counter) -> std::io::Result<Self> {
         let writer: Box<dyn Write + Send> = match target {
             AuditTarget::Off => return Ok(Self::Off),
             AuditTarget::Memory(lines) => return Ok(Self::Memory(lines)),
@@ -66,7 +71,7 @@ impl AuditSink {
                     .open(path)?,
             ),
         };
-        let writer = audit_queue::Writer::start(writer, queue_size())?;
+        let writer = audit_queue::Writer::start(writer, queue_size(), failed_writes)?;
         Ok(Self::Writer(Arc::new(writer)))
     }
 
@@ -87,9 +92,20 @@ impl AuditSink {
 
     /// A request waits here before it starts while the writer's queue is full: the proxy then
     /// serves at the audit target's pace, and a request that never got in leaves no line.
-    pub async fn room(&self) {
-        if let Self::Writer(writer) = self {
-            writer.room().await;
+    /// Refused once the writer has stopped: nothing would ever make room.
+    pub async fn room(&self) -> Result<(), WriterStopped> {
+        match self {
+            Self::Writer(writer) => writer.room().await,
+            Self::Off | Self::Memory(_) => Ok(()),
+        }
+    }
+
+    /// Whether lines still reach the target: false only once the writer thread has stopped
+    /// (a panic), which only a restart mends. The admin probes report it.
+    pub fn is_running(&self) -> bool {
+        match self {
+            Self::Writer(writer) => writer.is_running(),
+            Self::Off | Self::Memory(_) => true,
         }
     }
 
@@ -117,7 +133,8 @@ mod tests {
     #[test]
     fn writes_one_camel_case_line_per_record() {
         let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = AuditSink::start(AuditTarget::Memory(lines.clone())).unwrap();
+        let sink =
+            AuditSink::start(AuditTarget::Memory(lines.clone()), Counter::default()).unwrap();
         let mut record = AuditRecord {
             claude_key: "ns/a".into(),
             status: 200,
@@ -138,7 +155,7 @@ mod tests {
     fn flush_writes_every_queued_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let sink = AuditSink::start(AuditTarget::File(path.clone())).unwrap();
+        let sink = AuditSink::start(AuditTarget::File(path.clone()), Counter::default()).unwrap();
         for status in 0..100 {
             sink.write(AuditRecord {
                 status,
@@ -155,7 +172,7 @@ mod tests {
     fn file_target_appends_lines() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let sink = AuditSink::start(AuditTarget::File(path.clone())).unwrap();
+        let sink = AuditSink::start(AuditTarget::File(path.clone()), Counter::default()).unwrap();
         for status in [200, 429] {
             sink.write(AuditRecord {
                 status,

@@ -257,7 +257,7 @@ fn method_name(method: &Method) -> Cow<'static, str> {
 
 /// `req_ck_` and 32 hex digits, unique per request: a random per-process half and a counter, so
 /// no request pays for a call to the kernel's random source.
-fn request_id() -> String {
+pub(super) fn request_id() -> String {
     static PROCESS: OnceLock<u64> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let process = *PROCESS.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);

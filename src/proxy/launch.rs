@@ -151,7 +151,9 @@ pub(super) async fn run_forwarder(args: Args) -> anyhow::Result<()> {
                 let _ = stop_rx.wait_for(|stop| *stop).await;
             };
             let metrics = Arc::new(metrics::Metrics::default());
-            if let Err(e) = super::admin::serve_admin(admin, metrics, ready, stop).await {
+            // The forwarder writes no audit line: the gateway does.
+            let audit = super::audit_sink::AuditSink::Off;
+            if let Err(e) = super::admin::serve_admin(admin, metrics, ready, audit, stop).await {
                 tracing::error!(error = %e, "admin listener failed");
             }
         });

@@ -81,6 +81,7 @@ pub struct Metrics {
     user_overflow: Family<KindLabels, Counter>,
     audit_waits: Counter,
     audit_waiting: Gauge,
+    audit_write_failures: Counter,
     /// Fallback state and spend, written by the limiter itself.
     pub limits: LimitsMetrics,
 }
@@ -174,6 +175,7 @@ impl Default for Metrics {
             user_overflow: Family::default(),
             audit_waits: Counter::default(),
             audit_waiting: Gauge::default(),
+            audit_write_failures: Counter::default(),
             limits: LimitsMetrics::default(),
             federation_exchanges: Family::default(),
             registry: Registry::default(),
@@ -233,6 +235,11 @@ impl Default for Metrics {
             "audit_waiting_requests",
             "Requests waiting right now to start because the audit writer's queue is full: above 0 for long, the audit log has stopped taking lines",
             m.audit_waiting.clone(),
+        );
+        registry.register(
+            "audit_write_failures",
+            "Tries at writing the audit log that failed (a full disk, a broken log pipe): the lines are kept and written again, and requests wait once the queue is full",
+            m.audit_write_failures.clone(),
         );
         m.limits.register(&mut registry);
         registry.register(
@@ -456,6 +463,11 @@ impl Metrics {
         self.audit_waits.inc();
         self.audit_waiting.inc();
         AuditWait(self.audit_waiting.clone())
+    }
+
+    /// The counter the audit writer thread adds its failed writes to.
+    pub fn audit_write_failures(&self) -> Counter {
+        self.audit_write_failures.clone()
     }
 
     pub fn config_reload(&self, ok: bool) {

@@ -155,8 +155,9 @@ impl Proxy {
             None => None,
         };
         let upstream = forward::Upstream::new(&settings.upstream, settings.upstream_timeout)?;
-        let audit = audit_sink::AuditSink::start(settings.audit.clone())
-            .context("failed to open the audit log")?;
+        let audit =
+            audit_sink::AuditSink::start(settings.audit.clone(), metrics.audit_write_failures())
+                .context("failed to open the audit log")?;
         let recorder = Arc::new(Recorder {
             metrics: metrics.clone(),
             audit,
@@ -274,7 +275,14 @@ impl Proxy {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        admin::serve_admin(listener, self.metrics.clone(), self.store.clone(), shutdown).await
+        admin::serve_admin(
+            listener,
+            self.metrics.clone(),
+            self.store.clone(),
+            self.shared.recorder.audit.clone(),
+            shutdown,
+        )
+        .await
     }
 }
 
@@ -345,12 +353,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("failed to listen on {addr}"))?;
         let admin_proxy_metrics = proxy.metrics.clone();
         let store = proxy.store.clone();
+        let audit = proxy.shared.recorder.audit.clone();
         let mut rx = stop_rx.clone();
         tokio::spawn(async move {
             let stop = async move {
                 let _ = rx.wait_for(|stop| *stop).await;
             };
-            if let Err(e) = admin::serve_admin(admin, admin_proxy_metrics, store, stop).await {
+            if let Err(e) = admin::serve_admin(admin, admin_proxy_metrics, store, audit, stop).await
+            {
                 tracing::error!(error = %e, "admin listener failed");
             }
         });

@@ -75,7 +75,11 @@ pub async fn handle(
     let audit = &shared.recorder.audit;
     if !audit.has_room() {
         let _waiting = shared.recorder.metrics.audit_wait();
-        audit.room().await;
+        if let Err(stopped) = audit.room().await {
+            // Fail closed: nothing would audit it. Not an exchange (it would queue a line).
+            let id = super::exchange::request_id();
+            return Ok(ApiError::Unavailable(stopped.to_string()).into_response(&id));
+        }
     }
     let (parts, body) = req.into_parts();
     let path = parts

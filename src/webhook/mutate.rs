@@ -410,6 +410,17 @@ pub fn sidecar_container(config: &SidecarConfig) -> Container {
             failure_threshold: Some(60),
             ..probe.clone()
         }),
+        // `/healthz` fails only when the proxy can no longer serve at all (its audit writer has
+        // stopped): restarting the sidecar is the mend.
+        liveness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz".to_string()),
+                ..probe.http_get.clone().unwrap_or_default()
+            }),
+            period_seconds: Some(10),
+            failure_threshold: Some(3),
+            ..probe.clone()
+        }),
         readiness_probe: Some(probe),
         resources: Some(ResourceRequirements {
             requests: quantities(&config.requests),

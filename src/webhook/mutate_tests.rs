@@ -100,6 +100,11 @@ fn injects_a_hardened_native_sidecar_and_app_env() {
         .unwrap();
     assert_eq!(probe.path.as_deref(), Some("/readyz"));
     assert_eq!(probe.port, IntOrString::Int(9484));
+    let live = sidecar.liveness_probe.as_ref().unwrap();
+    let live_get = live.http_get.as_ref().unwrap();
+    assert_eq!(live_get.path.as_deref(), Some("/healthz"));
+    assert_eq!(live_get.port, IntOrString::Int(9484));
+    assert_eq!(live.failure_threshold, Some(3));
     let requests = sidecar
         .resources
         .as_ref()

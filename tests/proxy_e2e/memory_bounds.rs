@@ -288,6 +288,73 @@ async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
     assert_eq!(statuses, vec![200; requests], "every request audited once");
 }
 
+/// An audit log pipe that breaks (its reader gone: every write fails with EPIPE) loses no line:
+/// requests go on while the queue has room, each failed try is counted, and once the pipe is
+/// read again every line arrives, once.
+#[tokio::test]
+async fn a_broken_audit_pipe_loses_no_line_once_it_is_read_again() {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    const REQUESTS: usize = 40;
+    let logs = tempfile::tempdir().unwrap();
+    let fifo = logs.path().join("audit.fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.unwrap().success(), "mkfifo failed");
+    let open_reader = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(0o4000) // O_NONBLOCK: the writer may not be there yet
+            .open(&fifo)
+            .unwrap()
+    };
+    // The proxy opens the write end while a reader is there; then the reader goes.
+    let first_reader = open_reader();
+    let h = harness(|s| s.audit = AuditTarget::File(fifo.clone())).await;
+    drop(first_reader);
+    let client = client();
+    for _ in 0..REQUESTS {
+        let r = post_messages(&client, &h.url(), message("hi", false).to_string()).await;
+        assert_eq!(r.status(), 200);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while audit_metric(&h.proxy.metrics.encode(), "write_failures_total") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed write counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut log = open_reader();
+    let text = tokio::task::spawn_blocking(move || {
+        let (mut text, mut buf) = (Vec::new(), [0u8; 65536]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while text.iter().filter(|b| **b == b'\n').count() < REQUESTS {
+            assert!(std::time::Instant::now() < deadline, "audit lines missing");
+            match log.read(&mut buf) {
+                Ok(n) if n > 0 => text.extend_from_slice(&buf[..n]),
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        // Nothing more comes (no line twice).
+        std::thread::sleep(Duration::from_millis(200));
+        if let Ok(n) = log.read(&mut buf) {
+            text.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(text).unwrap()
+    })
+    .await
+    .unwrap();
+    let ids: std::collections::BTreeSet<String> = text
+        .lines()
+        .map(|l| {
+            let line: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(line["status"], 200);
+            line["requestId"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(text.lines().count(), REQUESTS, "every request audited once");
+    assert_eq!(ids.len(), REQUESTS);
+}
+
 /// `claudekey_proxy_audit_{name}` in a scrape (0 when absent).
 fn audit_metric(scrape: &str, name: &str) -> u64 {
     scraped(scrape, &format!("claudekey_proxy_audit_{name}")).unwrap_or(0)
