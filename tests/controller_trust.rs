@@ -11,6 +11,8 @@ mod controller_support;
 mod federation;
 #[path = "controller_trust/orphans.rs"]
 mod orphans;
+#[path = "controller_trust/pattern_budget.rs"]
+mod pattern_budget;
 #[allow(dead_code)]
 #[path = "proxy_common/redis_server.rs"]
 mod redis_server;

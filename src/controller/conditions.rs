@@ -14,6 +14,9 @@ pub mod reason {
     pub const KEYS_ISSUED: &str = "KeysIssued";
     /// Ready=False: the spec has an error the schema cannot catch; waits for a spec change.
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// Ready=False: the namespace's older ClaudeKeys already use as many distinct custom-pattern
+    /// lists as a namespace may (`--max-pattern-lists-per-namespace`).
+    pub const PATTERN_LISTS_EXCEEDED: &str = "PatternListsExceeded";
     /// Ready=False / Degraded=True: the backend could not be read.
     pub const BACKEND_ERROR: &str = "BackendError";
     /// Ready=False: a Secret with the name of an owned Secret belongs to someone else.

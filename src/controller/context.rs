@@ -63,6 +63,8 @@ pub struct Context {
     pub namespace_users: Option<Arc<NamespaceUsers>>,
     /// ClaudeKeys whose gateway config the orphan sweep should look at.
     pub orphans: Queue,
+    /// Distinct custom-pattern lists a namespace may use (`super::decide::pattern_budget`).
+    pub max_pattern_lists: usize,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -120,6 +122,7 @@ impl Context {
             written_status: WrittenStatus::default(),
             namespace_users: None,
             orphans: Queue::default(),
+            max_pattern_lists: super::DEFAULT_MAX_PATTERN_LISTS,
             failures: Mutex::default(),
         }
     }

@@ -306,6 +306,71 @@ fn current_upstream(upstream: &FetchedUpstream) -> UpstreamLedgerEntry {
 #[path = "decide_tests.rs"]
 mod tests;
 
+/// The key of the compiled redactor a ClaudeKey's spec needs of its own (the proxy shares one
+/// per key), or `None` when it lists no custom patterns: the built-in detectors alone are few
+/// and small.
+pub fn pattern_list(spec: &ClaudeKeySpec) -> Option<String> {
+    let protection = &spec.data_protection;
+    (!protection.custom_patterns.is_empty())
+        .then(|| crate::proxy::redact::Redactor::key(protection))
+}
+
+/// One ClaudeKey of a namespace, as the pattern budget orders it.
+pub struct PatternUser<'a> {
+    /// `metadata.creationTimestamp`, in seconds since the epoch (its precision).
+    pub created: Option<i64>,
+    pub name: &'a str,
+    pub list: String,
+}
+
+/// The distinct pattern lists of the ClaudeKeys created before `this` one (by creation time, then
+/// name), in that order, at most `max`: the lists that hold the namespace's first places. A
+/// later ClaudeKey cannot take an earlier one's place, so which ClaudeKeys are refused does not
+/// depend on the order they were reconciled in, and a new one never refuses an old one.
+pub fn earlier_pattern_lists(
+    mut others: Vec<PatternUser<'_>>,
+    this: (Option<i64>, &str),
+    max: usize,
+) -> Vec<String> {
+    others.retain(|o| (o.created, o.name) < this);
+    others.sort_by(|a, b| (a.created, a.name).cmp(&(b.created, b.name)));
+    let mut lists: Vec<String> = Vec::new();
+    for other in others {
+        if lists.len() == max {
+            break;
+        }
+        if !lists.contains(&other.list) {
+            lists.push(other.list);
+        }
+    }
+    lists
+}
+
+/// A namespace may use at most `max` distinct custom-pattern lists: each one is compiled on its
+/// own in a gateway all namespaces share (up to ~3.6 MB, see `proxy::redact`), and a
+/// namespace with edit rights on ClaudeKeys must not be able to grow that process until it
+/// is killed. ClaudeKeys with the same detectors share one place.
+pub fn pattern_budget(
+    spec: &ClaudeKeySpec,
+    earlier: &[String],
+    max: usize,
+    namespace: &str,
+) -> Result<(), String> {
+    let Some(list) = pattern_list(spec) else {
+        return Ok(());
+    };
+    if earlier.len() < max || earlier[..max].contains(&list) {
+        return Ok(());
+    }
+    Err(format!(
+        "namespace {namespace} already uses {max} distinct dataProtection detector lists with \
+         customPatterns in ClaudeKeys older than this one, the most a namespace may (the \
+         controller's --max-pattern-lists-per-namespace): give this ClaudeKey the same redact \
+         and customPatterns as one of them, or remove one; this ClaudeKey is tried again every \
+         few minutes"
+    ))
+}
+
 /// Spec errors the schema cannot express. The reconcile reports them as Ready=False InvalidSpec
 /// and waits for a spec change instead of retrying.
 pub fn validate(spec: &ClaudeKeySpec) -> Result<(), String> {

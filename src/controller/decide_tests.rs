@@ -359,7 +359,7 @@ fn spec_errors_the_schema_cannot_catch() {
         .join(", ");
     let large = spec(&format!("dataProtection: {{ customPatterns: [{many}] }}"));
     let err = validate(&large).unwrap_err();
-    assert!(err.contains("together compile to more than 4 MiB"), "{err}");
+    assert!(err.contains("together compile to more than 1 MiB"), "{err}");
     let one = spec("dataProtection: { customPatterns: [{ name: p, regex: '\\w{10}' }] }");
     assert_eq!(validate(&one), Ok(()));
     let hot = spec("").rotation.interval.as_str().to_string();
@@ -367,4 +367,96 @@ fn spec_errors_the_schema_cannot_catch() {
     let mut s = spec("");
     s.rotation.interval = "500ms".parse().unwrap();
     assert!(validate(&s).unwrap_err().contains("rotation.interval"));
+}
+
+fn with_patterns(regexes: &[&str]) -> ClaudeKeySpec {
+    let list = regexes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| format!("{{ name: p{i}, regex: '{r}' }}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    spec(&format!("dataProtection: {{ customPatterns: [{list}] }}"))
+}
+
+fn user<'a>(created: i64, name: &'a str, regex: &str) -> PatternUser<'a> {
+    PatternUser {
+        created: Some(created),
+        name,
+        list: pattern_list(&with_patterns(&[regex])).unwrap(),
+    }
+}
+
+#[test]
+fn only_custom_patterns_make_a_pattern_list_and_equal_detectors_share_one() {
+    assert_eq!(pattern_list(&spec("")), None);
+    assert_eq!(
+        pattern_list(&spec("dataProtection: { redact: [email, ssn] }")),
+        None
+    );
+    let a = pattern_list(&with_patterns(&["EMP-[0-9]{6}"]));
+    assert!(a.is_some());
+    assert_eq!(a, pattern_list(&with_patterns(&["EMP-[0-9]{6}"])));
+    assert_ne!(a, pattern_list(&with_patterns(&["EMP-[0-9]{7}"])));
+    // The built-in detectors are part of what the proxy compiles with them.
+    let mut with_email = with_patterns(&["EMP-[0-9]{6}"]);
+    with_email.data_protection.redact = vec![crate::crd::Detector::Email];
+    assert_ne!(a, pattern_list(&with_email));
+}
+
+/// The places go by creation time, then name, whatever order the reconciles run in: only older
+/// ClaudeKeys count, a list shared by several takes one place, and only the first `max` matter.
+#[test]
+fn earlier_lists_are_the_older_claudekeys_distinct_lists_in_order() {
+    let others = || {
+        vec![
+            user(30, "late", "C"),
+            user(10, "b", "B"),
+            user(10, "a", "A"),
+            user(20, "again", "A"),
+            user(25, "d", "D"),
+        ]
+    };
+    let list = |r: &str| pattern_list(&with_patterns(&[r])).unwrap();
+    assert_eq!(
+        earlier_pattern_lists(others(), (Some(26), "me"), 8),
+        [list("A"), list("B"), list("D")]
+    );
+    // Same second: the name decides.
+    assert_eq!(
+        earlier_pattern_lists(others(), (Some(10), "ab"), 8),
+        [list("A")]
+    );
+    assert_eq!(
+        earlier_pattern_lists(others(), (Some(99), "me"), 2),
+        [list("A"), list("B")]
+    );
+    assert!(earlier_pattern_lists(others(), (Some(1), "first"), 8).is_empty());
+}
+
+#[test]
+fn a_new_pattern_list_past_the_namespaces_places_is_refused() {
+    let list = |r: &str| pattern_list(&with_patterns(&[r])).unwrap();
+    let full = [list("A"), list("B")];
+    // No custom patterns: never counted.
+    assert_eq!(pattern_budget(&spec(""), &full, 2, "team-a"), Ok(()));
+    // The list of an older ClaudeKey: it shares its place.
+    assert_eq!(
+        pattern_budget(&with_patterns(&["B"]), &full, 2, "team-a"),
+        Ok(())
+    );
+    // A place is free.
+    assert_eq!(
+        pattern_budget(&with_patterns(&["C"]), &full[..1], 2, "team-a"),
+        Ok(())
+    );
+    let err = pattern_budget(&with_patterns(&["C"]), &full, 2, "team-a").unwrap_err();
+    assert!(
+        err.contains("team-a")
+            && err.contains("2 distinct")
+            && err.contains("--max-pattern-lists-per-namespace"),
+        "{err}"
+    );
+    // The message names no pattern (they are the team's own, but an Event is widely read).
+    assert!(!err.contains("EMP") && !err.contains("\"C\""), "{err}");
 }

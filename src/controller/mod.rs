@@ -111,6 +111,15 @@ pub struct Args {
         value_parser = clap::value_parser!(u16).range(1..)
     )]
     pub max_concurrent_reconciles: u16,
+    /// At most this many distinct dataProtection detector lists with customPatterns per
+    /// namespace: each is compiled on its own in the shared gateway (up to ~3.6 MB). ClaudeKeys
+    /// beyond it, the newest first, are Ready=False PatternListsExceeded.
+    #[arg(
+        long,
+        env = "CLAUDEKEY_MAX_PATTERN_LISTS_PER_NAMESPACE",
+        default_value_t = DEFAULT_MAX_PATTERN_LISTS
+    )]
+    pub max_pattern_lists_per_namespace: usize,
     /// At most this many gateway consumer workloads are restarted per minute.
     #[arg(
         long,
@@ -150,6 +159,8 @@ pub struct ControllerConfig {
     pub identity: String,
     pub consumer_restarts_per_minute: u32,
     pub consumer_restart_delay: Duration,
+    /// Distinct custom-pattern lists a namespace may use.
+    pub max_pattern_lists_per_namespace: usize,
     /// Base URL of the Anthropic API (a fake in tests).
     pub anthropic_url: String,
     /// How often the Admin API usage report is read; `None` never.
@@ -178,6 +189,7 @@ impl ControllerConfig {
             identity: default_identity(),
             consumer_restarts_per_minute: 10,
             consumer_restart_delay: Duration::from_secs(90),
+            max_pattern_lists_per_namespace: DEFAULT_MAX_PATTERN_LISTS,
             anthropic_url: "https://api.anthropic.com".to_string(),
             usage_interval: Some(Duration::from_secs(300)),
             max_concurrent_reconciles: MAX_CONCURRENT_RECONCILES,
@@ -255,6 +267,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     config.consumer_restarts_per_minute = args.consumer_restarts_per_minute;
     config.consumer_restart_delay = *args.consumer_restart_delay;
+    config.max_pattern_lists_per_namespace = args.max_pattern_lists_per_namespace;
     config.anthropic_url = args.anthropic_url;
     config.usage_interval = Some(*args.usage_interval).filter(|d| !d.is_zero());
     config.max_concurrent_reconciles = args.max_concurrent_reconciles;
@@ -321,6 +334,7 @@ pub async fn run_with(
         config.after_secrets.clone(),
         stores,
     );
+    ctx.max_pattern_lists = config.max_pattern_lists_per_namespace;
     if let Some(settings) = &config.redis {
         ctx.namespace_users = Some(Arc::new(redis_users::NamespaceUsers::new(settings)?));
     }
@@ -387,6 +401,11 @@ pub async fn run_with(
 /// The default of `--max-concurrent-reconciles`.
 const MAX_CONCURRENT_RECONCILES: u16 = 16;
 
+/// The default of `--max-pattern-lists-per-namespace`: a namespace's worst case is then about
+/// 15 MB of a shared gateway, while teams that share one list across their ClaudeKeys (or use
+/// only the built-in detectors) never meet it.
+pub const DEFAULT_MAX_PATTERN_LISTS: usize = 4;
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -410,6 +429,7 @@ mod tests {
         assert!(a.leader_election);
         assert_eq!(a.lease_name, "claudekey-controller");
         assert_eq!(a.consumer_restarts_per_minute, 10);
+        assert_eq!(a.max_pattern_lists_per_namespace, 4);
         assert_eq!(a.max_concurrent_reconciles, 16);
         assert_eq!(a.gateway_url, None);
         assert!(

@@ -33,6 +33,9 @@ pub struct Observation {
     pub proxy: Option<Secret>,
     /// The config Secret in the operator namespace (placement gateway).
     pub gateway_config: Option<Secret>,
+    /// When this ClaudeKey lists custom patterns: the distinct lists of the older ClaudeKeys of
+    /// its namespace (`decide::earlier_pattern_lists`); empty otherwise.
+    pub earlier_pattern_lists: Vec<String>,
 }
 
 /// What the plan needs besides the observation; none of it changes between reconciles.
@@ -43,6 +46,8 @@ pub struct Settings<'a> {
     pub consumer_restart_delay: std::time::Duration,
     /// Namespace-placement sidecars share limits through Redis (`super::redis_users`).
     pub shared_counters: bool,
+    /// Distinct custom-pattern lists a namespace may use (`decide::pattern_budget`).
+    pub max_pattern_lists: usize,
 }
 
 /// An Event to record on the ClaudeKey.
@@ -165,6 +170,20 @@ pub fn plan(
         plan.events[0].reason = event::INVALID_SPEC;
         return plan;
     }
+    let namespace = ck.namespace().unwrap_or_default();
+    let earlier = &observed.earlier_pattern_lists;
+    let max = settings.max_pattern_lists;
+    if let Err(message) = decide::pattern_budget(&ck.spec, earlier, max, &namespace) {
+        // What was issued before stays (as for an invalid spec); a freed place is noticed by
+        // the slow poll.
+        return refuse(
+            reason::PATTERN_LISTS_EXCEEDED,
+            message,
+            Retry::Slow,
+            vec![],
+            used_before,
+        );
+    }
     let backend_error = observed.backend_error.as_ref().map(|e| e.to_string());
     let mut events = tamper_events(&recovered);
     let federated = granted.federation.is_some();
@@ -194,7 +213,6 @@ pub fn plan(
         let value = c.key.value.clone();
         values.insert(keys::sha256_hex(value.expose_secret()), value);
     }
-    let namespace = ck.namespace().unwrap_or_default();
     let salt = settings.sealer.audit_salt(&namespace, &ck.name_any());
     let federation = granted.federation.as_ref();
     let config = match secrets::render_config(ck, &decision.ledger, &values, federation, salt) {

@@ -61,6 +61,7 @@ fn observation(resolution: Resolution) -> Observation {
         client: None,
         proxy: None,
         gateway_config: None,
+        earlier_pattern_lists: Vec::new(),
     }
 }
 
@@ -89,6 +90,7 @@ impl Fixture {
             sealer: &self.sealer,
             consumer_restart_delay: Duration::from_secs(90),
             shared_counters: self.shared_counters,
+            max_pattern_lists: 2,
         };
         plan(
             ck,
@@ -407,4 +409,27 @@ fn switching_a_source_to_federation_drops_the_old_upstream_key_at_once() {
     assert!(written_config(proxy).federation.is_some());
     // The workload key is kept: nothing about the app changes.
     assert!(issue.decision.rotation.is_none());
+}
+
+/// A ClaudeKey whose custom patterns would be its namespace's third distinct list (the fixture
+/// allows two) is refused, writes nothing and is polled again; one sharing an older list is not.
+#[test]
+fn a_pattern_list_past_the_namespaces_places_is_refused_and_writes_nothing() {
+    let f = Fixture::new();
+    let mut ck = claudekey();
+    ck.spec = serde_yaml::from_str(
+        "sourceRef: { kind: ClusterClaudeKeySource, name: support }\nrotation: { interval: 24h, gracePeriod: 15m }\ndataProtection: { customPatterns: [{ name: emp, regex: 'EMP-[0-9]{6}' }] }",
+    )
+    .unwrap();
+    let own = super::decide::pattern_list(&ck.spec).unwrap();
+    let mut observed = observation(granted(Placement::Gateway));
+    observed.earlier_pattern_lists = vec!["[[],[\"a\"]]".into(), "[[],[\"b\"]]".into()];
+    let plan = f.plan(&ck, &observed, KEY_1);
+    assert!(matches!(plan.outcome, Outcome::Refused(Retry::Slow)));
+    assert_eq!(ready_reason(&plan), reason::PATTERN_LISTS_EXCEEDED);
+    assert_eq!(plan.events[0].reason, reason::PATTERN_LISTS_EXCEEDED);
+    assert!(plan.events[0].warning);
+    assert!(plan.deletes.is_empty(), "what was issued before stays");
+    observed.earlier_pattern_lists[1] = own;
+    issue(&f.plan(&ck, &observed, KEY_1));
 }

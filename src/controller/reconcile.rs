@@ -15,6 +15,7 @@ pub use super::apply::Error;
 use super::apply::{StatusUpdate, delete_secret, get_secret, write_secret, write_status};
 use super::conditions::reason;
 use super::context::Context;
+use super::decide;
 use super::finalizer;
 use super::metrics::ErrorLabels;
 use super::orphans;
@@ -90,6 +91,7 @@ async fn observe_plan_execute(ck: &ClaudeKey, ctx: &Context, read: Read) -> Resu
         sealer: &ctx.sealer,
         consumer_restart_delay: ctx.consumer_restart_delay,
         shared_counters: ctx.namespace_users.is_some(),
+        max_pattern_lists: ctx.max_pattern_lists,
     };
     let plan = plan::plan(ck, &observed, &settings, &candidate, Utc::now());
     if let Some(users) = &ctx.namespace_users {
@@ -138,7 +140,32 @@ async fn observe(ck: &ClaudeKey, ctx: &Context, read: Read) -> Result<Observatio
         client,
         proxy,
         gateway_config,
+        earlier_pattern_lists: earlier_pattern_lists(ck, ctx),
     })
+}
+
+/// The distinct custom-pattern lists of the ClaudeKeys of `ck`'s namespace older than it, from
+/// the watch cache; nothing to read when `ck` has none itself.
+fn earlier_pattern_lists(ck: &ClaudeKey, ctx: &Context) -> Vec<String> {
+    if decide::pattern_list(&ck.spec).is_none() {
+        return Vec::new();
+    }
+    let namespace = ck.namespace();
+    let all = ctx.stores.claudekeys.state();
+    let created = |c: &ClaudeKey| c.creation_timestamp().map(|t| t.0.as_second());
+    let others = all
+        .iter()
+        .filter(|c| c.namespace() == namespace && c.uid() != ck.uid())
+        .filter_map(|c| {
+            decide::pattern_list(&c.spec).map(|list| decide::PatternUser {
+                created: created(c),
+                name: c.metadata.name.as_deref().unwrap_or_default(),
+                list,
+            })
+        })
+        .collect();
+    let this = (created(ck), ck.metadata.name.as_deref().unwrap_or_default());
+    decide::earlier_pattern_lists(others, this, ctx.max_pattern_lists)
 }
 
 /// A Secret from the cache, or from the apiserver when asked or where the watch does not reach.

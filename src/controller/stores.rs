@@ -39,6 +39,9 @@ pub struct Stores {
     pub namespaces: Option<Store<Namespace>>,
     /// Workloads whose pod templates may name a ClaudeKey in `claudekey.io/consumes`.
     pub workloads: Workloads<Store<Deployment>, Store<StatefulSet>, Store<DaemonSet>>,
+    /// The ClaudeKeys themselves (the controller's own watch fills it): a reconcile reads its
+    /// namespace's others for the pattern budget.
+    pub claudekeys: Store<ClaudeKey>,
 }
 
 /// One of each workload kind whose pods a consumer restart rolls.
@@ -56,6 +59,7 @@ pub struct Writers {
     pub sources: Writer<ClaudeKeySource>,
     pub namespaces: Option<Writer<Namespace>>,
     pub workloads: Workloads<Writer<Deployment>, Writer<StatefulSet>, Writer<DaemonSet>>,
+    pub claudekeys: Writer<ClaudeKey>,
 }
 
 /// Fresh, empty caches for a controller watching `watch_namespace` (`None`: the cluster).
@@ -73,6 +77,7 @@ pub fn new(watch_namespace: Option<&str>) -> (Stores, Writers) {
     let (deployments, deployments_writer) = reflector::store();
     let (statefulsets, statefulsets_writer) = reflector::store();
     let (daemonsets, daemonsets_writer) = reflector::store();
+    let (claudekeys, claudekeys_writer) = reflector::store();
     let stores = Stores {
         secrets,
         secrets_scope: watch_namespace.map(str::to_string),
@@ -84,6 +89,7 @@ pub fn new(watch_namespace: Option<&str>) -> (Stores, Writers) {
             statefulsets,
             daemonsets,
         },
+        claudekeys,
     };
     let writers = Writers {
         secrets: secrets_writer,
@@ -95,6 +101,7 @@ pub fn new(watch_namespace: Option<&str>) -> (Stores, Writers) {
             statefulsets: statefulsets_writer,
             daemonsets: daemonsets_writer,
         },
+        claudekeys: claudekeys_writer,
     };
     (stores, writers)
 }
@@ -122,6 +129,9 @@ impl Stores {
             let _ = self.workloads.deployments.wait_until_ready().await;
             let _ = self.workloads.statefulsets.wait_until_ready().await;
             let _ = self.workloads.daemonsets.wait_until_ready().await;
+            // Reconciles start as the ClaudeKeys' first list streams in: the pattern budget
+            // must see all of a namespace's, or it would let a ClaudeKey past its place.
+            let _ = self.claudekeys.wait_until_ready().await;
         };
         tokio::time::timeout(FIRST_LIST, all).await.is_ok()
     }

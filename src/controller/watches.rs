@@ -48,7 +48,7 @@ pub(super) async fn run(
         .debounce(RECONCILE_DEBOUNCE);
     // The ClaudeKeys' own watch, without managedFields (nothing reads them; at 10,000 objects
     // they are most of the cache), as every cache below.
-    let (store, writer) = kube::runtime::reflector::store();
+    let (store, writer) = (ctx.stores.claudekeys.clone(), writers.claudekeys);
     let claudekeys = {
         use kube::runtime::WatchStreamExt;
         watcher(claudekeys, watcher::Config::default())

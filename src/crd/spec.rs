@@ -299,8 +299,10 @@ pub struct DataProtectionSpec {
     /// Built-in detectors whose matches are replaced by a placeholder before the request leaves the pod.
     #[serde(default)]
     pub redact: Vec<Detector>,
-    /// Additional named regular expressions (Rust regex syntax) to redact: at most 32, each
-    /// compiling to at most 1 MiB and all of them together to at most 4 MiB.
+    /// Additional named regular expressions (Rust regex syntax) to redact: at most 32, all of
+    /// them together compiling to at most 1 MiB (a counted repetition of a Unicode class such as
+    /// \w{10} is large; (?-u:\w) is small). A namespace may use a limited number of distinct
+    /// lists (the controller's --max-pattern-lists-per-namespace, 4 by default).
     #[serde(default)]
     #[schemars(length(max = 32))]
     pub custom_patterns: Vec<CustomPattern>,
