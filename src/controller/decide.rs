@@ -371,14 +371,41 @@ pub fn pattern_budget(
     ))
 }
 
+/// Verdicts of [`crate::proxy::redact::Redactor::check`] by [`pattern_list`] key: the check
+/// compiles the detectors (about 1 ms for a few small patterns, several for large ones), and
+/// every reconcile of a ClaudeKey with custom patterns validates them, so 10,000 such ClaudeKeys
+/// would cost a resync seconds of CPU. The verdict is a function of the key alone; forgotten
+/// all at once when [`PATTERN_VERDICTS_KEPT`] are held.
+static PATTERN_VERDICTS: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, Result<(), String>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// At most this many verdicts are kept (keys are at most a few KB: 32 patterns of the CRD).
+const PATTERN_VERDICTS_KEPT: usize = 1024;
+
+fn check_patterns(list: String, protection: &crate::crd::DataProtectionSpec) -> Result<(), String> {
+    let verdicts = || PATTERN_VERDICTS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(verdict) = verdicts().get(&list) {
+        return verdict.clone();
+    }
+    // Compiled without the lock: reconciles of other lists go on meanwhile.
+    let verdict = crate::proxy::redact::Redactor::check(protection)
+        .map_err(|e| format!("dataProtection.customPatterns: {e}"));
+    let mut kept = verdicts();
+    if kept.len() >= PATTERN_VERDICTS_KEPT {
+        kept.clear();
+    }
+    kept.insert(list, verdict.clone());
+    verdict
+}
+
 /// Spec errors the schema cannot express. The reconcile reports them as Ready=False InvalidSpec
 /// and waits for a spec change instead of retrying.
 pub fn validate(spec: &ClaudeKeySpec) -> Result<(), String> {
     // The proxy's own check, so a spec that is Ready always compiles where it is used (a
     // gateway many namespaces share included); the built-in detectors alone always do.
-    if !spec.data_protection.custom_patterns.is_empty() {
-        crate::proxy::redact::Redactor::check(&spec.data_protection)
-            .map_err(|e| format!("dataProtection.customPatterns: {e}"))?;
+    if let Some(list) = pattern_list(spec) {
+        check_patterns(list, &spec.data_protection)?;
     }
     let second = std::time::Duration::from_secs(1);
     if spec.rotation.interval.as_duration() < second {

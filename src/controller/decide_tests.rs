@@ -460,3 +460,25 @@ fn a_new_pattern_list_past_the_namespaces_places_is_refused() {
     // The message names no pattern (they are the team's own, but an Event is widely read).
     assert!(!err.contains("EMP") && !err.contains("\"C\""), "{err}");
 }
+
+/// The patterns' verdict is remembered by their key (a reconcile does not compile them again),
+/// bad ones included, and no more than the bound is kept.
+#[test]
+fn pattern_verdicts_are_remembered_within_a_bound() {
+    let verdicts = || PATTERN_VERDICTS.lock().unwrap().clone();
+    let good = with_patterns(&["REMEMBERED-[0-9]{6}"]);
+    let bad = with_patterns(&["REMEMBERED-[0-9"]);
+    assert_eq!(validate(&good), Ok(()));
+    let err = validate(&bad).unwrap_err();
+    let kept = verdicts();
+    assert_eq!(kept.get(&pattern_list(&good).unwrap()), Some(&Ok(())));
+    assert_eq!(
+        kept.get(&pattern_list(&bad).unwrap()),
+        Some(&Err(err.clone()))
+    );
+    assert_eq!(validate(&bad), Err(err));
+    for i in 0..PATTERN_VERDICTS_KEPT + 10 {
+        assert_eq!(validate(&with_patterns(&[&format!("BOUND-{i}")])), Ok(()));
+        assert!(PATTERN_VERDICTS.lock().unwrap().len() <= PATTERN_VERDICTS_KEPT);
+    }
+}
