@@ -329,8 +329,13 @@ async fn malformed_values_are_refused_with_the_field_named() {
         ),
         (
             "too-many-models",
-            json!({ "scope": { "models": (0..65).map(|i| format!("claude-{i}-*")).collect::<Vec<_>>() } }),
+            json!({ "scope": { "models": (0..17).map(|i| format!("claude-{i}-*")).collect::<Vec<_>>() } }),
             "spec.scope.models",
+        ),
+        (
+            "too-long-model",
+            json!({ "scope": { "models": [format!("claude-{}*", "a".repeat(58))] } }),
+            "spec.scope.models[0]",
         ),
     ];
     for (name, extra, field) in cases {

@@ -183,11 +183,11 @@ pub struct VaultSource {
 #[serde(rename_all = "camelCase")]
 pub struct ScopeSpec {
     /// Allowed model names as globs (`*` and `?`), e.g. claude-sonnet-4-*. Empty allows every model.
-    /// At most 64.
+    /// At most 16, each at most 64 characters: a shared gateway compiles every distinct list.
     #[serde(default)]
     #[schemars(
-        length(max = 64),
-        inner(regex(pattern = r"^[A-Za-z0-9._:@*?-]+$"), length(min = 1, max = 256))
+        length(max = 16),
+        inner(regex(pattern = r"^[A-Za-z0-9._:@*?-]+$"), length(min = 1, max = 64))
     )]
     pub models: Vec<String>,
     /// Allowed API endpoints. Batches and files are off unless listed; legacy completions never.
