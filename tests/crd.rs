@@ -333,6 +333,27 @@ async fn malformed_values_are_refused_with_the_field_named() {
             "spec.scope.models",
         ),
         (
+            // Every list a namespace writes is held by a shared gateway, per ClaudeKey.
+            "too-many-betas",
+            json!({ "scope": { "betas": (0..65).map(|i| format!("beta-{i}")).collect::<Vec<_>>() } }),
+            "spec.scope.betas",
+        ),
+        (
+            "too-many-mcp-servers",
+            json!({ "scope": { "mcpServers": (0..33).map(|i| format!("https://mcp{i}.example.com/sse")).collect::<Vec<_>>() } }),
+            "spec.scope.mcpServers",
+        ),
+        (
+            "too-many-endpoints",
+            json!({ "scope": { "endpoints": vec!["messages"; 9] } }),
+            "spec.scope.endpoints",
+        ),
+        (
+            "too-many-detectors",
+            json!({ "dataProtection": { "redact": vec!["email"; 9] } }),
+            "spec.dataProtection.redact",
+        ),
+        (
             "too-long-model",
             json!({ "scope": { "models": [format!("claude-{}*", "a".repeat(58))] } }),
             "spec.scope.models[0]",

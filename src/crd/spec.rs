@@ -192,6 +192,7 @@ pub struct ScopeSpec {
     pub models: Vec<String>,
     /// Allowed API endpoints. Batches and files are off unless listed; legacy completions never.
     #[serde(default = "default_endpoints")]
+    #[schemars(length(max = 8))]
     pub endpoints: Vec<Endpoint>,
     /// Requests whose max_tokens exceeds this are refused. Unset means no cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -206,16 +207,19 @@ pub struct ScopeSpec {
     /// Allowed values of the anthropic-beta request header, e.g. prompt-caching-2024-07-31.
     /// Unset passes every beta; set, a request naming any other beta is refused (403), and an
     /// empty list allows none. Betas change what a request may do (new tools, connectors), so a
-    /// team that pins its scope pins them too.
+    /// team that pins its scope pins them too. At most 64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(inner(regex(pattern = r"^[A-Za-z0-9._-]+$"), length(min = 1, max = 128)))]
+    #[schemars(
+        length(max = 64),
+        inner(regex(pattern = r"^[A-Za-z0-9._-]+$"), length(min = 1, max = 128))
+    )]
     pub betas: Option<Vec<String>>,
     /// URLs of remote MCP servers a request may name in mcp_servers (the MCP connector), compared
     /// exactly, e.g. https://mcp.example.com/sse. Empty (the default) refuses every request that
     /// uses the connector: the model would send conversation data to a server the proxy cannot
-    /// see, past redaction.
+    /// see, past redaction. At most 32.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(inner(length(min = 1, max = 2048)))]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 2048)))]
     pub mcp_servers: Vec<String>,
 }
 
@@ -298,6 +302,7 @@ pub struct RotationSpec {
 pub struct DataProtectionSpec {
     /// Built-in detectors whose matches are replaced by a placeholder before the request leaves the pod.
     #[serde(default)]
+    #[schemars(length(max = 8))]
     pub redact: Vec<Detector>,
     /// Additional named regular expressions (Rust regex syntax) to redact: at most 32, all of
     /// them together compiling to at most 1 MiB (a counted repetition of a Unicode class such as
