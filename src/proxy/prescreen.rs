@@ -56,7 +56,8 @@ impl Prescreen {
         // alternations of common words make a slow one).
         let config = meta::Config::new()
             .auto_prefilter(false)
-            .nfa_size_limit(Some(NFA_SIZE_LIMIT));
+            .nfa_size_limit(Some(NFA_SIZE_LIMIT))
+            .hybrid_cache_capacity(2 * super::redact::DFA_CACHE_LIMIT);
         meta::Regex::builder()
             .configure(config)
             .build_many(patterns)
