@@ -50,6 +50,34 @@ fn cluster_wide(operator_ns: &str, anthropic_url: Option<String>) -> ControllerC
     cfg
 }
 
+/// A cluster-wide controller whose ClaudeKeys may be placed on the gateway (its CA is set).
+fn gateway_controller(operator: &str) -> ControllerConfig {
+    let mut cfg = cluster_wide(operator, None);
+    cfg.gateway_ca = Some("-----BEGIN CERTIFICATE-----\nTEST\n-----END CERTIFICATE-----\n".into());
+    cfg
+}
+
+/// A ClusterClaudeKeySource of a new name (`prefix-…`) for `key`, in the operator namespace,
+/// granted to `team` alone. Names unique to each test: a later test's cluster-wide controller
+/// (another operator namespace) must find nothing of ours under the names its own sources use.
+async fn grant_cluster_source(
+    client: &kube::Client,
+    operator: &str,
+    team: &str,
+    prefix: &str,
+    key: &str,
+) -> String {
+    let source = unique(prefix);
+    put_upstream(client, operator, &source, key).await;
+    apply_cluster_source(
+        client,
+        &source,
+        json!({ "kubernetesSecret": { "name": &source }, "allowedNamespaces": { "names": [team] } }),
+    )
+    .await;
+    source
+}
+
 fn unique(prefix: &str) -> String {
     format!(
         "{prefix}-{}",
@@ -271,19 +299,8 @@ async fn placement_gateway_keeps_the_upstream_key_in_the_operator_namespace() {
     let (client, operator) = setup("ck-trust-gw").await;
     let team = support::namespace(&client, "ck-trust-gwteam").await;
     let key = upstream_key();
-    // Names unique to this test: a later test's cluster-wide controller (another operator
-    // namespace) must find nothing of ours under the names its own sources use.
-    let source = unique("gateway");
-    put_upstream(&client, &operator, &source, &key).await;
-    apply_cluster_source(
-        &client,
-        &source,
-        json!({ "kubernetesSecret": { "name": &source }, "allowedNamespaces": { "names": [&team] } }),
-    )
-    .await;
-    let mut cfg = cluster_wide(&operator, None);
-    cfg.gateway_ca = Some("-----BEGIN CERTIFICATE-----\nTEST\n-----END CERTIFICATE-----\n".into());
-    let controller = start(&client, cfg);
+    let source = grant_cluster_source(&client, &operator, &team, "gateway", &key).await;
+    let controller = start(&client, gateway_controller(&operator));
     apply_ref(&client, &team, "bot", "ClusterClaudeKeySource", &source).await;
     let ck = wait_claudekey(&client, &team, "bot", "Ready", is_ready).await;
     assert_eq!(

@@ -342,6 +342,32 @@ fn write_out(target: &mut dyn Write, bytes: &mut Vec<u8>) -> std::io::Result<()>
     result
 }
 
+/// A writer whose thread has stopped, as a panic in it would leave it: its target panicked on
+/// the first line. For the tests of what depends on a running writer.
+#[cfg(test)]
+pub(crate) fn stopped_writer(capacity: usize) -> Writer {
+    struct Panicking;
+
+    impl Write for Panicking {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            panic!("the audit target panics on purpose (test)");
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    let writer = Writer::start(Box::new(Panicking), capacity, Counter::default()).unwrap();
+    assert!(writer.is_running());
+    writer.push(AuditRecord::default());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while writer.is_running() {
+        assert!(Instant::now() < deadline, "the writer still runs");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    writer
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -607,30 +633,11 @@ mod tests {
         }
     }
 
-    /// A target whose write panics: the writer thread ends with it.
-    struct Panicking;
-
-    impl Write for Panicking {
-        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-            panic!("the audit target panics on purpose (test)");
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// Once the writer thread has stopped nothing makes room again: the door refuses at once
     /// instead of holding requests for ever, and `is_running` says so (the admin probes).
     #[test]
     fn a_stopped_writer_refuses_at_the_door() {
-        let writer = Writer::start(Box::new(Panicking), 2, Counter::default()).unwrap();
-        assert!(writer.is_running());
-        writer.push(record(1));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while writer.is_running() {
-            assert!(Instant::now() < deadline, "the writer still runs");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let writer = stopped_writer(2);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use claudekey::controller::ControllerConfig;
 use claudekey::crd::{ClaudeKey, gateway_config_secret_name};
 use claudekey::proxyconf::ProxyConfig;
 use k8s_openapi::api::core::v1::Secret;
@@ -13,16 +12,10 @@ use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
-use crate::{apply_ref, cluster_wide, serial, unique};
+use crate::{apply_ref, gateway_controller, grant_cluster_source, serial};
 use crate::{controller_support::*, support};
 
 const UID_ANNOTATION: &str = "claudekey.io/claudekey-uid";
-
-fn gateway_controller(operator: &str) -> ControllerConfig {
-    let mut cfg = cluster_wide(operator, None);
-    cfg.gateway_ca = Some("-----BEGIN CERTIFICATE-----\nTEST\n-----END CERTIFICATE-----\n".into());
-    cfg
-}
 
 /// The workload-key hashes a gateway config accepts.
 fn accepted(config: &Secret) -> Vec<String> {
@@ -70,14 +63,7 @@ struct Scene {
 async fn scene(operator_prefix: &str, team_prefix: &str) -> Scene {
     let (client, operator) = setup(operator_prefix).await;
     let team = support::namespace(&client, team_prefix).await;
-    let source = unique("orphan");
-    put_upstream(&client, &operator, &source, &upstream_key()).await;
-    apply_cluster_source(
-        &client,
-        &source,
-        json!({ "kubernetesSecret": { "name": &source }, "allowedNamespaces": { "names": [&team] } }),
-    )
-    .await;
+    let source = grant_cluster_source(&client, &operator, &team, "orphan", &upstream_key()).await;
     Scene {
         configs: Api::namespaced(client.clone(), &operator),
         claudekeys: Api::namespaced(client.clone(), &team),

@@ -11,8 +11,8 @@ use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
-use crate::{cluster_wide, reason, serial, unique};
 use crate::{controller_support::*, support};
+use crate::{gateway_controller, grant_cluster_source, reason, serial};
 
 async fn apply_with_pattern(
     client: &kube::Client,
@@ -43,16 +43,8 @@ async fn a_namespace_may_use_only_so_many_distinct_pattern_lists() {
     let _one = serial().await;
     let (client, operator) = setup("ck-trust-pat").await;
     let team = support::namespace(&client, "ck-trust-patteam").await;
-    let source = unique("patterns");
-    put_upstream(&client, &operator, &source, &upstream_key()).await;
-    apply_cluster_source(
-        &client,
-        &source,
-        json!({ "kubernetesSecret": { "name": &source }, "allowedNamespaces": { "names": [&team] } }),
-    )
-    .await;
-    let mut cfg = cluster_wide(&operator, None);
-    cfg.gateway_ca = Some("-----BEGIN CERTIFICATE-----\nTEST\n-----END CERTIFICATE-----\n".into());
+    let source = grant_cluster_source(&client, &operator, &team, "patterns", &upstream_key()).await;
+    let mut cfg = gateway_controller(&operator);
     cfg.max_pattern_lists_per_namespace = 2;
     let controller = start(&client, cfg);
     // In creation order (or, within a second, by name): a, b, c, then d sharing a's list.
