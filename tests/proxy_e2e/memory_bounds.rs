@@ -177,7 +177,6 @@ async fn an_unauthenticated_client_holds_nothing_of_the_body_budget() {
 #[tokio::test]
 async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
     use std::{
-        io::Read,
         os::unix::fs::OpenOptionsExt,
         sync::{
             Arc,
@@ -213,16 +212,7 @@ async fn a_stalled_audit_log_holds_requests_back_and_loses_no_line() {
             while !release.load(SeqCst) && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            let (mut text, mut buf) = (Vec::new(), [0u8; 65536]);
-            let deadline = std::time::Instant::now() + Duration::from_secs(120);
-            while text.iter().filter(|b| **b == b'\n').count() < requests {
-                assert!(std::time::Instant::now() < deadline, "audit lines missing");
-                match log.read(&mut buf) {
-                    Ok(n) if n > 0 => text.extend_from_slice(&buf[..n]),
-                    _ => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-            String::from_utf8(text).unwrap()
+            String::from_utf8(read_lines(&mut log, requests, Duration::from_secs(120))).unwrap()
         }
     });
     let done = Arc::new(AtomicUsize::new(0));
@@ -325,17 +315,10 @@ async fn a_broken_audit_pipe_loses_no_line_once_it_is_read_again() {
     }
     let mut log = open_reader();
     let text = tokio::task::spawn_blocking(move || {
-        let (mut text, mut buf) = (Vec::new(), [0u8; 65536]);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while text.iter().filter(|b| **b == b'\n').count() < REQUESTS {
-            assert!(std::time::Instant::now() < deadline, "audit lines missing");
-            match log.read(&mut buf) {
-                Ok(n) if n > 0 => text.extend_from_slice(&buf[..n]),
-                _ => std::thread::sleep(Duration::from_millis(10)),
-            }
-        }
+        let mut text = read_lines(&mut log, REQUESTS, Duration::from_secs(10));
         // Nothing more comes (no line twice).
         std::thread::sleep(Duration::from_millis(200));
+        let mut buf = [0u8; 65536];
         if let Ok(n) = log.read(&mut buf) {
             text.extend_from_slice(&buf[..n]);
         }
@@ -353,6 +336,21 @@ async fn a_broken_audit_pipe_loses_no_line_once_it_is_read_again() {
         .collect();
     assert_eq!(text.lines().count(), REQUESTS, "every request audited once");
     assert_eq!(ids.len(), REQUESTS);
+}
+
+/// Reads a non-blocking FIFO until `lines` lines have come; fails after `within`.
+fn read_lines(log: &mut std::fs::File, lines: usize, within: Duration) -> Vec<u8> {
+    use std::io::Read;
+    let (mut text, mut buf) = (Vec::new(), [0u8; 65536]);
+    let deadline = std::time::Instant::now() + within;
+    while text.iter().filter(|b| **b == b'\n').count() < lines {
+        assert!(std::time::Instant::now() < deadline, "audit lines missing");
+        match log.read(&mut buf) {
+            Ok(n) if n > 0 => text.extend_from_slice(&buf[..n]),
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    text
 }
 
 /// `claudekey_proxy_audit_{name}` in a scrape (0 when absent).
