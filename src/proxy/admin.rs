@@ -74,11 +74,8 @@ mod tests {
     #[test]
     fn liveness_fails_once_the_audit_writer_has_stopped() {
         assert_eq!(liveness(&AuditSink::Off), (StatusCode::OK, "ok"));
-        let running = crate::proxy::audit_sink::AuditSink::start(
-            crate::proxy::audit_sink::AuditTarget::File("/dev/null".into()),
-            Default::default(),
-        )
-        .unwrap();
+        let target = crate::proxy::audit_sink::AuditTarget::File("/dev/null".into());
+        let running = AuditSink::start(target, Default::default()).unwrap();
         assert_eq!(liveness(&running), (StatusCode::OK, "ok"));
         let stopped = AuditSink::Writer(Arc::new(crate::proxy::audit_queue::stopped_writer(4)));
         let (status, text) = liveness(&stopped);
