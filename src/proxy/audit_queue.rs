@@ -14,8 +14,8 @@
 //! [`RETRY_MAX`], while lines queue behind them and, once the queue is full, requests wait at
 //! the door as they do for a target that blocks. Should the writer thread itself ever stop (a
 //! panic), nothing would write the queue again: [`Writer::is_running`] says so, the door
-//! refuses instead of holding requests for ever, and the admin probes fail so the proxy is
-//! restarted.
+//! refuses every request from then on (not only once the queue is full: a line queued for no
+//! writer is a request served unaudited), and the admin probes fail so the proxy is restarted.
 
 use std::{
     io::Write,
@@ -199,9 +199,11 @@ impl Writer {
         }
     }
 
-    /// Whether a request may start now: the queue is not full.
+    /// Whether a request may start now: the queue is not full and the writer still runs. A
+    /// stopped writer has no room, however empty its queue: a line queued then would be
+    /// written by nobody, so the request goes to [`Self::room`], which refuses it.
     pub fn has_room(&self) -> bool {
-        !self.0.full.load(Ordering::Acquire)
+        !self.0.full.load(Ordering::Acquire) && self.is_running()
     }
 
     /// Whether the writer thread still runs. Once it has stopped (it never does but at the

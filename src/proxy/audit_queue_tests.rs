@@ -272,8 +272,11 @@ fn a_stopped_writer_refuses_at_the_door() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        // Room for one more, then full.
-        assert!(writer.room().await.is_ok());
+        // The queue has room for one more line, but no writer would ever write it.
+        assert!(!writer.has_room());
+        let door = tokio::time::timeout(Duration::from_secs(5), writer.room()).await;
+        assert!(matches!(door, Ok(Err(WriterStopped))), "{door:?}");
+        // And so it stays once the queue is full.
         writer.push(record(2));
         writer.push(record(3));
         let door = tokio::time::timeout(Duration::from_secs(5), writer.room()).await;

@@ -82,7 +82,7 @@ impl AuditSink {
         }
     }
 
-    /// Whether a request may start now: the writer's queue is not full.
+    /// Whether a request may start now: the writer runs and its queue is not full.
     pub fn has_room(&self) -> bool {
         match self {
             Self::Writer(writer) => writer.has_room(),
