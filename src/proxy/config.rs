@@ -75,13 +75,26 @@ pub struct Loader {
     mode: Mode,
     limiters: Arc<Limiters>,
     known: HashMap<PathBuf, ([u8; 32], Arc<Tenant>)>,
+    /// The digest of each file's content that was refused: the same bytes are not compiled
+    /// (nor their error logged and counted) again at every poll, only once they change. A
+    /// file's verdict depends on its bytes alone.
+    refused: HashMap<PathBuf, [u8; 32]>,
 }
 
 /// What one reload did.
 #[derive(Default)]
 pub struct Outcome {
     pub changed: bool,
+    /// Why files were refused this time; a file refused before and unchanged since is not
+    /// here again.
     pub errors: Vec<ConfigError>,
+}
+
+impl Outcome {
+    /// Whether anything was loaded or refused: what the reloads metric counts.
+    fn attempted(&self) -> bool {
+        self.changed || !self.errors.is_empty()
+    }
 }
 
 impl Loader {
@@ -91,6 +104,7 @@ impl Loader {
             mode,
             limiters,
             known: HashMap::new(),
+            refused: HashMap::new(),
         }
     }
 
@@ -132,26 +146,39 @@ impl Loader {
             }
         };
         let mut known = HashMap::new();
+        let mut refused = HashMap::new();
         for path in files {
             match std::fs::read(&path) {
                 Ok(bytes) => {
                     let digest: [u8; 32] = Sha256::digest(&bytes).into();
-                    match self.known.get(&path) {
-                        Some((old, tenant)) if *old == digest => {
-                            known.insert(path, (digest, tenant.clone()));
-                        }
-                        previous => match self.compile(&path, &bytes) {
-                            Ok(tenant) => {
-                                outcome.changed = true;
-                                known.insert(path, (digest, Arc::new(tenant)));
-                            }
+                    let previous = self.known.get(&path);
+                    if let Some(unchanged) = previous.filter(|(old, _)| *old == digest) {
+                        known.insert(path, unchanged.clone());
+                        continue;
+                    }
+                    let refused_before = self.refused.get(&path) == Some(&digest);
+                    let compiled = if refused_before {
+                        None
+                    } else {
+                        match self.compile(&path, &bytes) {
+                            Ok(tenant) => Some(tenant),
                             Err(e) => {
                                 outcome.errors.push(e);
-                                if let Some(prev) = previous {
-                                    known.insert(path, prev.clone());
-                                }
+                                None
                             }
-                        },
+                        }
+                    };
+                    match compiled {
+                        Some(tenant) => {
+                            outcome.changed = true;
+                            known.insert(path, (digest, Arc::new(tenant)));
+                        }
+                        None => {
+                            if let Some(prev) = previous {
+                                known.insert(path.clone(), prev.clone());
+                            }
+                            refused.insert(path, digest);
+                        }
                     }
                 }
                 Err(source) => {
@@ -165,6 +192,7 @@ impl Loader {
         outcome.changed |=
             known.len() != self.known.len() || known.keys().any(|k| !self.known.contains_key(k));
         self.known = known;
+        self.refused = refused;
         if !outcome.changed {
             return (None, outcome);
         }
@@ -243,7 +271,9 @@ pub fn reload_into(loader: &mut Loader, store: &Store, metrics: &Metrics) {
         tracing::info!(claudekeys = ?names, "proxy config loaded");
         store.store(Some(Arc::new(set)));
     }
-    metrics.config_reload(outcome.errors.is_empty());
+    if outcome.attempted() {
+        metrics.config_reload(outcome.errors.is_empty());
+    }
 }
 
 /// Watches the directory (recursively, for gateway sub-directories) and reloads on any change,
@@ -351,6 +381,44 @@ mod tests {
         let message = outcome.errors[0].to_string();
         assert!(message.starts_with("failed to parse"), "{message}");
         assert!(!message.contains("sk-ant-api03-leak"), "{message}");
+        assert_eq!(l.known.len(), 1);
+    }
+
+    /// An unchanged bad file is refused once, not compiled and logged again at every poll; a
+    /// change to it is read again, bad or good.
+    #[test]
+    fn a_refused_file_is_compiled_again_only_once_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(FILE_NAME);
+        let good = config_json("a", "sk-ant-api03-x", "k");
+        let bad = good.replace(&sha256_hex("k"), "zz");
+        std::fs::write(&file, &bad).unwrap();
+        let mut l = loader(dir.path(), Mode::Sidecar);
+        let (set, outcome) = l.reload();
+        assert!(set.is_none() && outcome.attempted());
+        assert_eq!(outcome.errors.len(), 1);
+        for _ in 0..3 {
+            let (set, outcome) = l.reload();
+            assert!(
+                set.is_none() && !outcome.attempted(),
+                "{:?}",
+                outcome.errors
+            );
+        }
+        std::fs::write(&file, bad.replace("\"zz\"", "\"zy\"")).unwrap();
+        assert_eq!(
+            l.reload().1.errors.len(),
+            1,
+            "a changed bad file is reported again"
+        );
+        assert!(!l.reload().1.attempted());
+        std::fs::write(&file, &good).unwrap();
+        let (set, outcome) = l.reload();
+        assert!(set.is_some() && outcome.errors.is_empty());
+        // The bad content again, after a good one: refused and reported again, the good one kept.
+        std::fs::write(&file, &bad).unwrap();
+        let (set, outcome) = l.reload();
+        assert!(set.is_none() && outcome.errors.len() == 1);
         assert_eq!(l.known.len(), 1);
     }
 
