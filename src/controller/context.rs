@@ -14,6 +14,7 @@ use super::consumers::RestartLimiter;
 use super::decide::RotationReason;
 use super::in_use::{KeysInUse, SourceKeys};
 use super::metrics::Metrics;
+use super::place_waits::PlaceWaits;
 use super::queue::Queue;
 use super::redis_users::NamespaceUsers;
 use super::seal::Sealer;
@@ -65,6 +66,8 @@ pub struct Context {
     pub orphans: Queue,
     /// Distinct custom-pattern lists a namespace may use (`super::decide::pattern_budget`).
     pub max_pattern_lists: usize,
+    /// ClaudeKeys refused a place in that budget, woken when one may have freed.
+    pub place_waits: Arc<PlaceWaits>,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -123,6 +126,7 @@ impl Context {
             namespace_users: None,
             orphans: Queue::default(),
             max_pattern_lists: super::DEFAULT_MAX_PATTERN_LISTS,
+            place_waits: Arc::default(),
             failures: Mutex::default(),
         }
     }

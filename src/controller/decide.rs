@@ -366,8 +366,8 @@ pub fn pattern_budget(
         "namespace {namespace} already uses {max} distinct dataProtection detector lists with \
          customPatterns in ClaudeKeys older than this one, the most a namespace may (the \
          controller's --max-pattern-lists-per-namespace): give this ClaudeKey the same redact \
-         and customPatterns as one of them, or remove one; this ClaudeKey is tried again every \
-         few minutes"
+         and customPatterns as one of them, or remove one; this ClaudeKey is tried again as \
+         soon as another ClaudeKey of the namespace changes or is deleted"
     ))
 }
 

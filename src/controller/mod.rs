@@ -13,6 +13,7 @@ pub mod leader;
 pub mod ledger;
 pub mod metrics;
 pub mod orphans;
+pub mod place_waits;
 pub mod plan;
 pub mod queue;
 pub mod reconcile;

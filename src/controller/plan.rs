@@ -101,6 +101,16 @@ pub struct Plan {
     pub used: Vec<UsedKey>,
 }
 
+impl Plan {
+    /// Whether it refuses the ClaudeKey a place in its namespace's pattern-list budget: it is
+    /// looked at again when another ClaudeKey there changes (`super::place_waits`).
+    pub fn waits_for_a_place(&self) -> bool {
+        self.conditions
+            .iter()
+            .any(|c| c.reason == reason::PATTERN_LISTS_EXCEEDED)
+    }
+}
+
 /// Decides a reconcile. `candidate` is a fresh workload key used only if a rotation is due.
 pub fn plan(
     ck: &ClaudeKey,
@@ -174,8 +184,8 @@ pub fn plan(
     let earlier = &observed.earlier_pattern_lists;
     let max = settings.max_pattern_lists;
     if let Err(message) = decide::pattern_budget(&ck.spec, earlier, max, &namespace) {
-        // What was issued before stays (as for an invalid spec); a freed place is noticed by
-        // the slow poll.
+        // What was issued before stays (as for an invalid spec); a freed place is noticed when
+        // another ClaudeKey of the namespace changes (`super::place_waits`), or by the slow poll.
         return refuse(
             reason::PATTERN_LISTS_EXCEEDED,
             message,

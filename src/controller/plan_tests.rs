@@ -430,6 +430,9 @@ fn a_pattern_list_past_the_namespaces_places_is_refused_and_writes_nothing() {
     assert_eq!(plan.events[0].reason, reason::PATTERN_LISTS_EXCEEDED);
     assert!(plan.events[0].warning);
     assert!(plan.deletes.is_empty(), "what was issued before stays");
+    assert!(plan.waits_for_a_place());
     observed.earlier_pattern_lists[1] = own;
-    issue(&f.plan(&ck, &observed, KEY_1));
+    let plan = f.plan(&ck, &observed, KEY_1);
+    assert!(!plan.waits_for_a_place());
+    issue(&plan);
 }

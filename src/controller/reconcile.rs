@@ -94,10 +94,13 @@ async fn observe_plan_execute(ck: &ClaudeKey, ctx: &Context, read: Read) -> Resu
         max_pattern_lists: ctx.max_pattern_lists,
     };
     let plan = plan::plan(ck, &observed, &settings, &candidate, Utc::now());
+    let (namespace, name) = (ck.namespace().unwrap_or_default(), ck.name_any());
+    ctx.place_waits
+        .record(&namespace, &name, plan.waits_for_a_place());
     if let Some(users) = &ctx.namespace_users {
         let wants = matches!(&observed.resolution,
             Resolution::Granted(granted) if granted.placement == Placement::Namespace);
-        users.decide(&ck.namespace().unwrap_or_default(), &ck.name_any(), wants);
+        users.decide(&namespace, &name, wants);
     }
     execute(ck, ctx, &observed, plan).await
 }

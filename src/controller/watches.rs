@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::runtime::{Controller, reflector::ObjectRef, watcher};
 use kube::{Api, Client, ResourceExt};
 
+use super::place_waits::PlaceWaits;
 use super::{ControllerConfig, consumers, context, orphans, reconcile, retire, stores, usage};
 use crate::crd::{ClaudeKey, ClaudeKeySource, ClusterClaudeKeySource, SourceKind, annotations};
 
@@ -55,10 +56,11 @@ pub(super) async fn run(
             .default_backoff()
             .modify(without_managed_fields)
             .reflect(writer)
-            .inspect(on_deletion(ctx.clone()))
+            .inspect(on_change(ctx.clone()))
             .applied_objects()
     };
-    let controller = Controller::for_stream(claudekeys, store.clone());
+    let controller = Controller::for_stream(claudekeys, store.clone())
+        .reconcile_on(PlaceWaits::triggers(ctx.place_waits.clone()));
     let all = watcher::Config::default;
     let mut controller = controller
         .watches_stream(cached(secrets, owned, writers.secrets), owning_claudekey)
@@ -152,18 +154,25 @@ pub(super) async fn run(
 }
 
 /// For the ClaudeKeys' watch: what a deleted ClaudeKey leaves goes at once rather than at the
-/// next full pass: its config (`orphans`) and its claim on its namespace's Redis user.
-fn on_deletion(
+/// next full pass: its config (`orphans`) and its claim on its namespace's Redis user. Any
+/// change may free a place in its namespace's pattern-list budget (`place_waits`).
+fn on_change(
     ctx: Arc<context::Context>,
 ) -> impl Fn(&Result<watcher::Event<ClaudeKey>, watcher::Error>) + Send + 'static {
-    move |event| {
-        if let Ok(watcher::Event::Delete(ck)) = event {
+    move |event| match event {
+        Ok(watcher::Event::Delete(ck)) => {
             let (namespace, name) = (ck.namespace().unwrap_or_default(), ck.name_any());
             ctx.orphans.push(&namespace, &name);
             if let Some(users) = &ctx.namespace_users {
                 users.forget(&namespace, &name);
             }
+            ctx.place_waits.deleted(&namespace, &name);
         }
+        Ok(watcher::Event::Apply(ck)) => {
+            let namespace = ck.namespace().unwrap_or_default();
+            ctx.place_waits.changed(&namespace, &ck.name_any());
+        }
+        _ => {}
     }
 }
 

@@ -8,7 +8,6 @@ use std::time::Duration;
 use claudekey::crd::{ClaudeKey, gateway_config_secret_name};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
-use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
 use crate::{controller_support::*, support};
@@ -75,20 +74,15 @@ async fn a_namespace_may_use_only_so_many_distinct_pattern_lists() {
             .then_some(())
     })
     .await;
-    // b goes: its place is c's at c's next reconcile (here brought on by a label; the slow
-    // poll does it within minutes).
+    // b goes: its place is c's at once, nothing done to c (the slow poll alone would take
+    // minutes). First c's own last reconciles (its status write's event, debounced) pass, so
+    // that only b's deletion can bring it back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     Api::<ClaudeKey>::namespaced(client.clone(), &team)
         .delete("b", &Default::default())
         .await
         .unwrap();
-    support::eventually(Duration::from_secs(20), "c Ready once b is gone", || async {
-        let api = Api::<ClaudeKey>::namespaced(client.clone(), &team);
-        let touch = json!({ "metadata": { "labels": { "touched": uuid::Uuid::new_v4().simple().to_string() } } });
-        api.patch("c", &PatchParams::default(), &Patch::Merge(&touch)).await.ok()?;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        is_ready(&api.get("c").await.ok()?).then_some(())
-    })
-    .await;
+    wait_claudekey(&client, &team, "c", "c Ready once b is gone", is_ready).await;
     assert!(gateway.get_opt(&config).await.unwrap().is_some());
     controller.stop().await;
 }
