@@ -4,7 +4,8 @@
 use chrono::{DateTime, TimeDelta, Utc};
 
 use super::ledger::{Ledger, UpstreamLedgerEntry};
-use crate::crd::ClaudeKeySpec;
+use crate::crd::{ClaudeKeySpec, DataProtectionSpec};
+use crate::proxy::redact::Redactor;
 use crate::proxyconf::WorkloadKeyEntry;
 
 /// Why a new workload key is issued. `as_str` values are the bounded `reason` metric label.
@@ -311,16 +312,15 @@ mod tests;
 /// and small.
 pub fn pattern_list(spec: &ClaudeKeySpec) -> Option<String> {
     let protection = &spec.data_protection;
-    (!protection.custom_patterns.is_empty())
-        .then(|| crate::proxy::redact::Redactor::key(protection))
+    (!protection.custom_patterns.is_empty()).then(|| Redactor::key(protection))
 }
 
-/// One ClaudeKey of a namespace, as the pattern budget orders it.
+/// One ClaudeKey of a namespace with custom patterns, as the pattern budget orders it.
 pub struct PatternUser<'a> {
     /// `metadata.creationTimestamp`, in seconds since the epoch (its precision).
     pub created: Option<i64>,
     pub name: &'a str,
-    pub list: String,
+    pub protection: &'a DataProtectionSpec,
 }
 
 /// The distinct pattern lists of the ClaudeKeys created before `this` one (by creation time, then
@@ -334,16 +334,24 @@ pub fn earlier_pattern_lists(
 ) -> Vec<String> {
     others.retain(|o| (o.created, o.name) < this);
     others.sort_by(|a, b| (a.created, a.name).cmp(&(b.created, b.name)));
-    let mut lists: Vec<String> = Vec::new();
+    // Compared as they are and written out only once distinct: a namespace's ClaudeKeys mostly
+    // share one list, and writing each out (for every reconcile of each) made the budget
+    // quadratic in the namespace's size.
+    let mut firsts: Vec<&DataProtectionSpec> = Vec::new();
     for other in others {
-        if lists.len() == max {
+        if firsts.len() == max {
             break;
         }
-        if !lists.contains(&other.list) {
-            lists.push(other.list);
+        if !firsts.iter().any(|p| same_detectors(p, other.protection)) {
+            firsts.push(other.protection);
         }
     }
-    lists
+    firsts.into_iter().map(Redactor::key).collect()
+}
+
+/// Whether two specs compile to one redactor: what [`Redactor::key`] tells apart.
+fn same_detectors(a: &DataProtectionSpec, b: &DataProtectionSpec) -> bool {
+    a.redact == b.redact && a.custom_patterns == b.custom_patterns
 }
 
 /// A namespace may use at most `max` distinct custom-pattern lists: each one is compiled on its

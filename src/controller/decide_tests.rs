@@ -379,11 +379,11 @@ fn with_patterns(regexes: &[&str]) -> ClaudeKeySpec {
     spec(&format!("dataProtection: {{ customPatterns: [{list}] }}"))
 }
 
-fn user<'a>(created: i64, name: &'a str, regex: &str) -> PatternUser<'a> {
+fn user<'a>(created: i64, name: &'a str, spec: &'a ClaudeKeySpec) -> PatternUser<'a> {
     PatternUser {
         created: Some(created),
         name,
-        list: pattern_list(&with_patterns(&[regex])).unwrap(),
+        protection: &spec.data_protection,
     }
 }
 
@@ -408,13 +408,14 @@ fn only_custom_patterns_make_a_pattern_list_and_equal_detectors_share_one() {
 /// ClaudeKeys count, a list shared by several takes one place, and only the first `max` matter.
 #[test]
 fn earlier_lists_are_the_older_claudekeys_distinct_lists_in_order() {
+    let [a, b, c, d, a_again] = ["A", "B", "C", "D", "A"].map(|r| with_patterns(&[r]));
     let others = || {
         vec![
-            user(30, "late", "C"),
-            user(10, "b", "B"),
-            user(10, "a", "A"),
-            user(20, "again", "A"),
-            user(25, "d", "D"),
+            user(30, "late", &c),
+            user(10, "b", &b),
+            user(10, "a", &a),
+            user(20, "again", &a_again),
+            user(25, "d", &d),
         ]
     };
     let list = |r: &str| pattern_list(&with_patterns(&[r])).unwrap();
@@ -432,6 +433,14 @@ fn earlier_lists_are_the_older_claudekeys_distinct_lists_in_order() {
         [list("A"), list("B")]
     );
     assert!(earlier_pattern_lists(others(), (Some(1), "first"), 8).is_empty());
+    // The same patterns with other built-in detectors are another list.
+    let a_and_email =
+        spec("dataProtection: { redact: [email], customPatterns: [{ name: p0, regex: 'A' }] }");
+    let mut more = others();
+    more.push(user(12, "e", &a_and_email));
+    let lists = earlier_pattern_lists(more, (Some(26), "me"), 8);
+    assert_eq!(lists.len(), 4, "{lists:?}");
+    assert_eq!(lists[2], pattern_list(&a_and_email).unwrap());
 }
 
 #[test]

@@ -159,12 +159,11 @@ fn earlier_pattern_lists(ck: &ClaudeKey, ctx: &Context) -> Vec<String> {
     let others = all
         .iter()
         .filter(|c| c.namespace() == namespace && c.uid() != ck.uid())
-        .filter_map(|c| {
-            decide::pattern_list(&c.spec).map(|list| decide::PatternUser {
-                created: created(c),
-                name: c.metadata.name.as_deref().unwrap_or_default(),
-                list,
-            })
+        .filter(|c| !c.spec.data_protection.custom_patterns.is_empty())
+        .map(|c| decide::PatternUser {
+            created: created(c),
+            name: c.metadata.name.as_deref().unwrap_or_default(),
+            protection: &c.spec.data_protection,
         })
         .collect();
     let this = (created(ck), ck.metadata.name.as_deref().unwrap_or_default());
