@@ -5,19 +5,28 @@
 //! what its condition asked.
 //!
 //! The reconcile records each outcome ([`PlaceWaits::record`]); the ClaudeKey watch reports
-//! every change ([`PlaceWaits::changed`], [`PlaceWaits::deleted`]), and a change of any
-//! ClaudeKey that is not itself waiting queues its namespace's waiting ones for a reconcile
-//! ([`PlaceWaits::triggers`]). A waiting one's own status write wakes nobody, so two refused
-//! ClaudeKeys never wake each other in turn.
+//! the changes that can free a place (a spec changed, a ClaudeKey with patterns deleted:
+//! `super::watches`), and such a change of a ClaudeKey that is not itself waiting queues its
+//! namespace's waiting ones for a reconcile ([`PlaceWaits::triggers`]). A waiting one's own
+//! status write wakes nobody, so two refused ClaudeKeys never wake each other in turn.
+//!
+//! Each reconcile of a waiting ClaudeKey records a Warning Event, so one change fans out to as
+//! many API writes as its namespace has waiting ClaudeKeys: the wakes go out at most once per
+//! [`WAKE_SPACING`] (changes in between are folded into the next round), so no run of edits
+//! turns a namespace's waiting ClaudeKeys into a storm.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use kube::runtime::reflector::ObjectRef;
 
 use super::queue::Queue;
 use crate::crd::ClaudeKey;
+
+/// The least time between two rounds of wakes.
+pub const WAKE_SPACING: Duration = Duration::from_secs(2);
 
 /// Names waiting for a place, by namespace; and the ones to reconcile again.
 #[derive(Default)]
@@ -42,8 +51,8 @@ impl PlaceWaits {
         }
     }
 
-    /// A ClaudeKey was created or changed: its namespace's waiting ones are looked at again,
-    /// unless it is one of them.
+    /// A ClaudeKey changed in a way that may free a place: its namespace's waiting ones are
+    /// looked at again, unless it is one of them.
     pub fn changed(&self, namespace: &str, name: &str) {
         let all = self.lock();
         let Some(names) = all.get(namespace) else {
@@ -57,23 +66,26 @@ impl PlaceWaits {
         }
     }
 
-    /// A ClaudeKey is gone: it waits no more, and its place (if it held one) may be free.
-    pub fn deleted(&self, namespace: &str, name: &str) {
+    /// A ClaudeKey is gone: it waits no more.
+    pub fn forget(&self, namespace: &str, name: &str) {
         self.record(namespace, name, false);
-        self.changed(namespace, name);
     }
 
-    /// The ClaudeKeys to reconcile again, as they are queued: for `Controller::reconcile_on`.
+    /// The ClaudeKeys to reconcile again, as they are queued, at most one round per
+    /// [`WAKE_SPACING`]: for `Controller::reconcile_on`.
     pub fn triggers(
         waits: impl AsRef<Self> + Send + 'static,
     ) -> impl Stream<Item = ObjectRef<ClaudeKey>> + Send + 'static {
-        futures::stream::unfold(waits, |waits| async move {
+        futures::stream::unfold((waits, false), |(waits, woke)| async move {
+            if woke {
+                tokio::time::sleep(WAKE_SPACING).await;
+            }
             waits.as_ref().wake.pushed().await;
             let batch = waits.as_ref().wake.take();
             let refs = batch
                 .into_iter()
                 .map(|(namespace, name)| ObjectRef::new(&name).within(&namespace));
-            Some((futures::stream::iter(refs), waits))
+            Some((futures::stream::iter(refs), (waits, true)))
         })
         .flatten()
     }
@@ -106,7 +118,8 @@ mod tests {
         waits.record("other", "x", true);
         waits.changed("team", "a");
         assert_eq!(queued(&waits), [pair("team", "c"), pair("team", "e")]);
-        waits.deleted("team", "b");
+        waits.forget("team", "b");
+        waits.changed("team", "b");
         assert_eq!(queued(&waits), [pair("team", "c"), pair("team", "e")]);
     }
 
@@ -130,7 +143,8 @@ mod tests {
         waits.record("team", "c", true);
         waits.record("team", "e", true);
         waits.record("team", "c", false);
-        waits.deleted("team", "e");
+        waits.forget("team", "e");
+        waits.changed("team", "e");
         assert!(
             queued(&waits).is_empty(),
             "e's deletion woke nobody waiting"
@@ -140,13 +154,31 @@ mod tests {
         assert!(waits.lock().is_empty());
     }
 
-    #[tokio::test]
-    async fn the_trigger_stream_yields_each_queued_claudekey() {
+    /// A round of wakes goes out at once; the changes after it wait for the spacing and are
+    /// folded into one round.
+    #[tokio::test(start_paused = true)]
+    async fn the_trigger_stream_wakes_at_most_one_round_per_spacing() {
         let waits = Arc::new(PlaceWaits::default());
         waits.record("team", "c", true);
         let mut triggers = Box::pin(PlaceWaits::triggers(waits.clone()));
+        let start = tokio::time::Instant::now();
+        let c = Some(ObjectRef::new("c").within("team"));
         waits.changed("team", "a");
-        let first = tokio::time::timeout(Duration::from_secs(5), triggers.next()).await;
-        assert_eq!(first.unwrap(), Some(ObjectRef::new("c").within("team")));
+        assert_eq!(triggers.next().await, c);
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "the first round waits for nothing"
+        );
+        for _ in 0..10 {
+            waits.changed("team", "a");
+        }
+        assert_eq!(triggers.next().await, c);
+        assert!(start.elapsed() >= WAKE_SPACING, "{:?}", start.elapsed());
+        let more = tokio::time::timeout(WAKE_SPACING * 3, triggers.next()).await;
+        assert!(
+            more.is_err(),
+            "ten changes made more than one round: {more:?}"
+        );
     }
 }

@@ -154,8 +154,9 @@ pub(super) async fn run(
 }
 
 /// For the ClaudeKeys' watch: what a deleted ClaudeKey leaves goes at once rather than at the
-/// next full pass: its config (`orphans`) and its claim on its namespace's Redis user. Any
-/// change may free a place in its namespace's pattern-list budget (`place_waits`).
+/// next full pass: its config (`orphans`) and its claim on its namespace's Redis user. A
+/// change of spec, or the deletion of a ClaudeKey with custom patterns, may free a place in
+/// its namespace's pattern-list budget (`place_waits`); labels and status writes cannot.
 fn on_change(
     ctx: Arc<context::Context>,
 ) -> impl Fn(&Result<watcher::Event<ClaudeKey>, watcher::Error>) + Send + 'static {
@@ -166,14 +167,23 @@ fn on_change(
             if let Some(users) = &ctx.namespace_users {
                 users.forget(&namespace, &name);
             }
-            ctx.place_waits.deleted(&namespace, &name);
+            ctx.place_waits.forget(&namespace, &name);
+            if !ck.spec.data_protection.custom_patterns.is_empty() {
+                ctx.place_waits.changed(&namespace, &name);
+            }
         }
-        Ok(watcher::Event::Apply(ck)) => {
+        Ok(watcher::Event::Apply(ck)) if spec_not_yet_reconciled(ck) => {
             let namespace = ck.namespace().unwrap_or_default();
             ctx.place_waits.changed(&namespace, &ck.name_any());
         }
         _ => {}
     }
+}
+
+/// Whether `ck`'s spec changed since its status was last written (or it has none yet).
+fn spec_not_yet_reconciled(ck: &ClaudeKey) -> bool {
+    let observed = ck.status.as_ref().and_then(|s| s.observed_generation);
+    ck.metadata.generation != observed
 }
 
 /// A watch that fills `writer` and yields every object it saw change (deletions included).
@@ -269,3 +279,30 @@ const RECONCILE_DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// How often key-age series of deleted ClaudeKeys are dropped.
 const KEY_AGE_SWEEP: Duration = Duration::from_secs(60);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::ClaudeKeyStatus;
+
+    /// Only a spec change (a new generation) can free a pattern-list place; a label or a status
+    /// write leaves the generation as the status observed it.
+    #[test]
+    fn only_a_spec_not_yet_reconciled_counts_as_a_change() {
+        let mut ck: ClaudeKey = serde_json::from_value(serde_json::json!({
+            "apiVersion": "claudekey.io/v1alpha2",
+            "kind": "ClaudeKey",
+            "metadata": { "name": "a", "namespace": "team", "generation": 3 },
+            "spec": { "sourceRef": { "kind": "ClusterClaudeKeySource", "name": "s" } },
+        }))
+        .unwrap();
+        assert!(spec_not_yet_reconciled(&ck), "never reconciled");
+        ck.status = Some(ClaudeKeyStatus {
+            observed_generation: Some(3),
+            ..Default::default()
+        });
+        assert!(!spec_not_yet_reconciled(&ck));
+        ck.metadata.generation = Some(4);
+        assert!(spec_not_yet_reconciled(&ck));
+    }
+}
