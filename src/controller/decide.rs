@@ -375,7 +375,7 @@ pub fn pattern_budget(
          customPatterns in ClaudeKeys older than this one, the most a namespace may (the \
          controller's --max-pattern-lists-per-namespace): give this ClaudeKey the same redact \
          and customPatterns as one of them, or remove one; this ClaudeKey is tried again as \
-         soon as another ClaudeKey of the namespace changes or is deleted"
+         soon as another ClaudeKey of the namespace changes its spec or is deleted"
     ))
 }
 
