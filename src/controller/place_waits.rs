@@ -110,11 +110,17 @@ mod tests {
         (namespace.to_string(), name.to_string())
     }
 
-    #[test]
-    fn a_change_in_the_namespace_wakes_its_waiting_claudekeys() {
+    /// c and e of namespace `team` wait for a place.
+    fn c_and_e_waiting() -> PlaceWaits {
         let waits = PlaceWaits::default();
         waits.record("team", "c", true);
         waits.record("team", "e", true);
+        waits
+    }
+
+    #[test]
+    fn a_change_in_the_namespace_wakes_its_waiting_claudekeys() {
+        let waits = c_and_e_waiting();
         waits.record("other", "x", true);
         waits.changed("team", "a");
         assert_eq!(queued(&waits), [pair("team", "c"), pair("team", "e")]);
@@ -128,8 +134,7 @@ mod tests {
         let waits = PlaceWaits::default();
         waits.changed("team", "a");
         assert!(queued(&waits).is_empty());
-        waits.record("team", "c", true);
-        waits.record("team", "e", true);
+        let waits = c_and_e_waiting();
         // c's own status write: neither c nor e is woken by it.
         waits.changed("team", "c");
         assert!(queued(&waits).is_empty());
@@ -139,9 +144,7 @@ mod tests {
 
     #[test]
     fn one_given_a_place_or_deleted_waits_no_more() {
-        let waits = PlaceWaits::default();
-        waits.record("team", "c", true);
-        waits.record("team", "e", true);
+        let waits = c_and_e_waiting();
         waits.record("team", "c", false);
         waits.forget("team", "e");
         waits.changed("team", "e");
