@@ -324,6 +324,9 @@ def report(args):
         misses = ""
         if h.get("l1i_misses") is not None:
             misses = f", {h['l1i_misses']:,.0f} L1i and {h['l1d_misses']:,.0f} L1d misses (32 KiB L1s simulated)"
+        if h.get("sha256_portable_instructions"):
+            misses += (f"; {h['sha256_portable_instructions']:,.0f} of the instructions are SHA-256 blocks run "
+                       "portably (valgrind has no SHA extensions; with sha_ni about a tenth)")
         w(
             f"| hot path: instructions and allocations per request, {name} (valgrind, c=1, full policy) | "
             f"**{h['instructions']:,.0f} instructions, {h['allocations']:.1f} allocations{size}**{misses} | {ratio} | |"
