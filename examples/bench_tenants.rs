@@ -130,7 +130,7 @@ fn main() {
         for (n, model) in spec.models.iter_mut().enumerate() {
             *model = format!("{model}-{i}-{n}");
         }
-        Scope::new(&spec).expect("scope")
+        Scope::new(&spec)
     });
     let redactor = per_item(args.count, |i| {
         Redactor::new(&parsed[i].policy.data_protection).expect("redactor")

@@ -183,7 +183,7 @@ pub struct VaultSource {
 #[serde(rename_all = "camelCase")]
 pub struct ScopeSpec {
     /// Allowed model names as globs (`*` and `?`), e.g. claude-sonnet-4-*. Empty allows every model.
-    /// At most 16, each at most 64 characters: a shared gateway compiles every distinct list.
+    /// At most 16, each at most 64 characters: a shared gateway keeps every distinct list.
     #[serde(default)]
     #[schemars(
         length(max = 16),

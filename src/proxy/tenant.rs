@@ -30,8 +30,6 @@ pub enum TenantError {
     #[error("failed to read auditSalt: not 64 hex digits")]
     AuditSalt,
     #[error(transparent)]
-    Scope(#[from] super::scope::ScopeError),
-    #[error(transparent)]
     Redact(#[from] super::redact::RedactError),
 }
 
@@ -142,7 +140,7 @@ impl Tenant {
             federation: config.federation.clone(),
             workload_keys,
             expires_at: policy.expires_at,
-            scope: Scope::new(&policy.scope)?,
+            scope: Scope::new(&policy.scope),
             caps: Caps::new(&policy.scope, &policy.data_protection),
             limits: policy.limits.clone(),
             limiter,
