@@ -1,7 +1,8 @@
 //! Limits every traffic listener applies, plain or TLS, sidecar or gateway: a header-read
-//! timeout (slow-headers clients are cut off), an idle timeout (a connection with no request in
-//! flight and no bytes moving is closed), and a cap on open connections (further ones wait in
-//! the kernel's accept backlog). Request bodies are bounded where they are read
+//! timeout (slow-headers clients are cut off), an idle timeout (a connection on which no bytes
+//! moved for that long is closed, unless it is waiting for the upstream's answer: a client that
+//! stopped reading its answer is closed too, so what it does not read is not held for ever),
+//! and a cap on open connections (further ones wait in the kernel's accept backlog). Request bodies are bounded where they are read
 //! (`pipeline::read_body`), with their own timeout.
 
 use std::{
@@ -9,7 +10,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -58,7 +59,9 @@ pub struct ServerLimits {
     /// A client must send a request's headers within this (also the wait for the next request
     /// on a kept-alive HTTP/1 connection).
     pub header_read_timeout: Duration,
-    /// A connection with no request in flight and no bytes moving is closed after this.
+    /// A connection on which no bytes moved for this long is closed, unless a request of it is
+    /// in flight and the client is reading (the proxy waits for the upstream: a long generation
+    /// is not idle). A client that stops reading its answer is closed within twice this.
     pub idle_timeout: Duration,
     /// Open connections at most; more wait until one closes.
     pub max_connections: usize,
@@ -123,11 +126,15 @@ impl ServerLimits {
     }
 }
 
-/// What one connection is doing: when bytes last moved, and how many requests are open.
+/// What one connection is doing: when bytes last moved, how many requests are open, and whether
+/// the last write found the client's window full.
 struct Activity {
     epoch: Instant,
     last_io_ms: AtomicU64,
     in_flight: AtomicUsize,
+    /// A write (or flush) returned `Pending` and none has gone through since: the client is not
+    /// taking what it was sent.
+    write_blocked: AtomicBool,
 }
 
 impl Activity {
@@ -139,6 +146,69 @@ impl Activity {
     fn last_io(&self) -> Instant {
         self.epoch + Duration::from_millis(self.last_io_ms.load(Ordering::Relaxed))
     }
+
+    /// Notes what a write did: bytes out, or a wait on the client.
+    fn wrote(&self, result: &Poll<io::Result<usize>>) {
+        match result {
+            Poll::Pending => self.write_blocked.store(true, Ordering::Relaxed),
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.write_blocked.store(false, Ordering::Relaxed);
+                self.touch();
+            }
+            Poll::Ready(_) => {}
+        }
+    }
+
+    fn seen(&self) -> Seen {
+        Seen {
+            quiet_for: self.last_io().elapsed(),
+            in_flight: self.in_flight.load(Ordering::Relaxed) > 0,
+            client_not_reading: self.write_blocked.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What the idle check sees of a connection.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    /// Since bytes last moved either way.
+    quiet_for: Duration,
+    /// A request's answer is not finished.
+    in_flight: bool,
+    /// The last write waits on the client's window.
+    client_not_reading: bool,
+}
+
+/// The idle check's decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Check {
+    /// Look again after this long (never zero: a past deadline must not wake the check in a
+    /// loop while a slow answer is awaited).
+    Again(Duration),
+    /// No request, no bytes: close.
+    Idle,
+    /// An answer the client has not taken a byte of for the whole timeout: close.
+    NotReading,
+}
+
+/// Whether a connection is closed now, and if not when to look again. A request in flight with
+/// a reading client is never timed here: the proxy is the one waiting (on the upstream).
+fn check(seen: Seen, idle_timeout: Duration) -> Check {
+    let idle_timeout = idle_timeout.max(Duration::from_millis(1));
+    let timed = !seen.in_flight || seen.client_not_reading;
+    if timed && seen.quiet_for >= idle_timeout {
+        return if seen.in_flight {
+            Check::NotReading
+        } else {
+            Check::Idle
+        };
+    }
+    Check::Again(
+        idle_timeout
+            .checked_sub(seen.quiet_for)
+            .filter(|left| !left.is_zero())
+            .unwrap_or(idle_timeout),
+    )
 }
 
 /// Counts a request as open until its response body is dropped.
@@ -180,6 +250,7 @@ pub async fn serve_connection<IO, S>(
         epoch: Instant::now(),
         last_io_ms: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),
+        write_blocked: AtomicBool::new(false),
     });
     let io = TokioIo::new(Tracked {
         inner: io,
@@ -205,8 +276,8 @@ pub async fn serve_connection<IO, S>(
     let service = drain.service(service);
     let connection = drain.serve(builder.serve_connection(io, service).into_owned());
     tokio::pin!(connection);
+    let mut next_check = limits.idle_timeout;
     loop {
-        let deadline = activity.last_io() + limits.idle_timeout;
         tokio::select! {
             result = &mut connection => {
                 if let Err(e) = result {
@@ -214,14 +285,17 @@ pub async fn serve_connection<IO, S>(
                 }
                 break;
             }
-            () = tokio::time::sleep_until(deadline.into()) => {
-                let idle = activity.in_flight.load(Ordering::Relaxed) == 0
-                    && activity.last_io().elapsed() >= limits.idle_timeout;
-                if idle {
+            () = tokio::time::sleep(next_check) => match check(activity.seen(), limits.idle_timeout) {
+                Check::Again(after) => next_check = after,
+                Check::Idle => {
                     tracing::debug!("closing an idle connection");
                     break;
                 }
-            }
+                Check::NotReading => {
+                    tracing::debug!("closing a connection whose client stopped reading its answer");
+                    break;
+                }
+            },
         }
     }
 }
@@ -254,9 +328,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
+        self.activity.wrote(&result);
         result
     }
 
@@ -266,9 +338,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
+        self.activity.wrote(&result);
         result
     }
 
@@ -277,10 +347,74 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let result = Pin::new(&mut self.inner).poll_flush(cx);
+        // A flush moves no new bytes of its own (the writes that filled it were counted): it
+        // only says whether the client has taken them.
+        match result {
+            Poll::Pending => self.activity.write_blocked.store(true, Ordering::Relaxed),
+            Poll::Ready(Ok(())) => self.activity.write_blocked.store(false, Ordering::Relaxed),
+            Poll::Ready(Err(_)) => {}
+        }
+        result
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Duration = Duration::from_secs(120);
+
+    fn seen(quiet_secs: u64, in_flight: bool, client_not_reading: bool) -> Seen {
+        Seen {
+            quiet_for: Duration::from_secs(quiet_secs),
+            in_flight,
+            client_not_reading,
+        }
+    }
+
+    #[test]
+    fn a_quiet_connection_without_requests_is_closed_at_the_timeout() {
+        assert_eq!(
+            check(seen(119, false, false), T),
+            Check::Again(Duration::from_secs(1))
+        );
+        assert_eq!(check(seen(120, false, false), T), Check::Idle);
+    }
+
+    #[test]
+    fn a_request_awaiting_the_upstream_is_never_timed_and_never_spins() {
+        for quiet in [0, 60, 120, 600, 3600] {
+            let Check::Again(after) = check(seen(quiet, true, false), T) else {
+                panic!("closed a connection awaiting the upstream after {quiet} s");
+            };
+            assert!(
+                after >= Duration::from_secs(1),
+                "{quiet} s: looks again in {after:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_client_not_reading_its_answer_is_closed_at_the_timeout() {
+        assert_eq!(
+            check(seen(30, true, true), T),
+            Check::Again(Duration::from_secs(90))
+        );
+        assert_eq!(check(seen(120, true, true), T), Check::NotReading);
+        // A write that waited once and then went through: reading again.
+        assert!(matches!(check(seen(500, true, false), T), Check::Again(_)));
+    }
+
+    #[test]
+    fn a_zero_timeout_still_looks_again_later_rather_than_at_once() {
+        assert_eq!(
+            check(seen(0, true, false), Duration::ZERO),
+            Check::Again(Duration::from_millis(1))
+        );
     }
 }

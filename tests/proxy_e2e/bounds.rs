@@ -464,3 +464,71 @@ async fn a_shutdown_delay_drains_connections_cleanly_and_requests_in_flight_fini
         "every request answered and audited"
     );
 }
+
+/// CPU time this process has used (user + system), from /proc/self/stat.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name (which may hold spaces) start after its closing paren.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// A request the upstream takes longer than the idle timeout to answer keeps its connection
+/// (it is in flight), and waiting for it costs no CPU: the idle check must not wake in a loop
+/// once its deadline has passed.
+#[tokio::test]
+async fn a_slow_answer_past_the_idle_timeout_is_waited_for_without_spinning() {
+    let h = harness(limits(|l| l.idle_timeout = Duration::from_millis(200))).await;
+    h.fake.set_response_delay(Duration::from_millis(1800));
+    let cpu_before = process_cpu();
+    let started = Instant::now();
+    let response = send(
+        &client(),
+        &h.url(),
+        "POST",
+        "/v1/messages",
+        None,
+        Some(message("hi", false)),
+    )
+    .await;
+    let wall = started.elapsed();
+    let cpu = process_cpu() - cpu_before;
+    assert_eq!(response.status, 200, "in flight is not idle");
+    assert!(
+        cpu < wall / 4,
+        "waiting {wall:?} for the upstream cost {cpu:?} of CPU"
+    );
+}
+
+/// A client that asks for an answer and never reads it: once nothing has moved for the idle
+/// timeout, the connection is closed and the answer's memory freed, where before it was held for
+/// as long as the client kept the connection.
+#[tokio::test]
+async fn a_client_that_stops_reading_its_answer_is_closed() {
+    let h = harness(limits(|l| l.idle_timeout = Duration::from_millis(600))).await;
+    // Far larger than what the kernel's buffers on both sides take on loopback.
+    let text = "lighthouse ".repeat(2 * 1024 * 1024);
+    h.fake.set_reply(FakeReply::Text(text.clone()));
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    let body = message("hi", false).to_string();
+    stream.write_all(head(body.len()).as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    // Not reading: the proxy's writes block once the socket buffers are full.
+    h.wait_audit(1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Reading now gets what the kernel had taken, then the close. Had the connection been kept,
+    // reading would let the whole answer through.
+    let (reply, closed) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "{}",
+        &reply[..reply.len().min(64)]
+    );
+    assert!(closed, "the connection stayed open");
+    assert!(
+        reply.len() < text.len(),
+        "the whole answer was written ({} bytes): the connection was kept",
+        reply.len()
+    );
+}
