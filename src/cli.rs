@@ -63,6 +63,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::SelfCheck(args) => crate::selfcheck::run(args).await,
         command => {
             telemetry::init(cli.log_format);
+            match crate::open_files::raise() {
+                Ok(limit) => tracing::debug!(limit, "open-files limit"),
+                Err(e) => tracing::warn!(error = %e, "failed to raise the open-files limit"),
+            }
             match command {
                 Command::Controller(args) => crate::controller::run(args).await?,
                 Command::Webhook(args) => crate::webhook::run(args).await?,

@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod events;
 pub mod fake_upstream;
 pub mod keys;
+pub mod open_files;
 pub mod proxy;
 pub mod proxyconf;
 pub mod scan;

@@ -1,4 +1,5 @@
-//! End-to-end: an in-process proxy in front of the fake Anthropic API, both on loopback ports.
+//! End-to-end: an in-process proxy in front of the fake Anthropic API, both on loopback ports
+//! (and, in `process`, the shipped executable as a process).
 
 #[path = "proxy_e2e/bounds.rs"]
 mod bounds;
@@ -8,6 +9,8 @@ mod memory_bounds;
 mod namespace_users;
 #[path = "proxy_e2e/policy.rs"]
 mod policy;
+#[path = "proxy_e2e/process.rs"]
+mod process;
 mod proxy_common;
 #[path = "proxy_e2e/shared_leases.rs"]
 mod shared_leases;

@@ -306,6 +306,22 @@ pub async fn serve(
     Ok(())
 }
 
+/// Says so at start when the open-files limit (raised to the hard one by then) cannot hold the
+/// connections the listener admits: past it, accepts and upstream connects fail for everyone.
+fn warn_if_short_of_open_files(max_connections: usize) {
+    let needed = crate::open_files::needed_by_proxy(max_connections);
+    match crate::open_files::soft() {
+        Ok(limit) if limit < needed => tracing::warn!(
+            limit,
+            needed,
+            max_connections,
+            "the open-files limit is below what the proxy's connections need: raise the \
+             container's nofile limit (the hard RLIMIT_NOFILE)"
+        ),
+        Ok(_) | Err(_) => {}
+    }
+}
+
 /// Sidecar mode never listens beyond loopback: there the missing workload key is safe only
 /// because nothing outside the pod can connect.
 pub fn check_listen(mode: Mode, listen: SocketAddr) -> anyhow::Result<()> {
@@ -341,6 +357,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "-" => AuditTarget::Stdout,
         path => AuditTarget::File(path.into()),
     };
+    warn_if_short_of_open_files(settings.server_limits.max_connections);
     let proxy = Proxy::start(settings)?;
     let listener = TcpListener::bind(args.listen)
         .await
