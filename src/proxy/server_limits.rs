@@ -1,7 +1,8 @@
 //! Limits every traffic listener applies, plain or TLS, sidecar or gateway: a header-read
-//! timeout (slow-headers clients are cut off), an idle timeout (a connection on which no bytes
-//! moved for that long is closed, unless it is waiting for the upstream's answer: a client that
-//! stopped reading its answer is closed too, so what it does not read is not held for ever),
+//! timeout (slow-headers clients are cut off), an idle timeout (a connection without a request
+//! for that long is closed, pings or not; one waiting for the upstream's answer is kept; a
+//! client that stopped reading its answer is closed too, so what it does not read is not held
+//! for ever),
 //! and a cap on open connections (further ones wait in the kernel's accept backlog). Request bodies are bounded where they are read
 //! (`pipeline::read_body`), with their own timeout.
 
@@ -59,9 +60,10 @@ pub struct ServerLimits {
     /// A client must send a request's headers within this (also the wait for the next request
     /// on a kept-alive HTTP/1 connection).
     pub header_read_timeout: Duration,
-    /// A connection on which no bytes moved for this long is closed, unless a request of it is
-    /// in flight and the client is reading (the proxy waits for the upstream: a long generation
-    /// is not idle). A client that stops reading its answer is closed within twice this.
+    /// A connection with no request for this long is closed (bytes alone, such as HTTP/2
+    /// pings, do not keep it); so is one whose client has taken no byte of its answer for this
+    /// long (noticed within twice this). A request in flight whose client reads is waited for
+    /// however long the upstream takes: a long generation is not idle.
     pub idle_timeout: Duration,
     /// Open connections at most; more wait until one closes.
     pub max_connections: usize,
@@ -126,11 +128,14 @@ impl ServerLimits {
     }
 }
 
-/// What one connection is doing: when bytes last moved, how many requests are open, and whether
-/// the last write found the client's window full.
+/// What one connection is doing: when bytes last moved, when a request last began or ended, how
+/// many are open, and whether the last write found the client's window full.
 struct Activity {
     epoch: Instant,
     last_io_ms: AtomicU64,
+    /// Bytes alone do not keep a connection without requests: HTTP/2 pings would hold one (and
+    /// its slot of `max_connections`) for ever, without a credential.
+    last_request_ms: AtomicU64,
     in_flight: AtomicUsize,
     /// A write (or flush) returned `Pending` and none has gone through since: the client is not
     /// taking what it was sent.
@@ -138,13 +143,16 @@ struct Activity {
 }
 
 impl Activity {
-    fn touch(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.last_io_ms.store(ms, Ordering::Relaxed);
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
-    fn last_io(&self) -> Instant {
-        self.epoch + Duration::from_millis(self.last_io_ms.load(Ordering::Relaxed))
+    fn touch(&self) {
+        self.last_io_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn since(&self, ms: &AtomicU64) -> Duration {
+        Duration::from_millis(self.now_ms().saturating_sub(ms.load(Ordering::Relaxed)))
     }
 
     /// Notes what a write did: bytes out, or a wait on the client.
@@ -161,7 +169,8 @@ impl Activity {
 
     fn seen(&self) -> Seen {
         Seen {
-            quiet_for: self.last_io().elapsed(),
+            quiet_for: self.since(&self.last_io_ms),
+            since_request: self.since(&self.last_request_ms),
             in_flight: self.in_flight.load(Ordering::Relaxed) > 0,
             client_not_reading: self.write_blocked.load(Ordering::Relaxed),
         }
@@ -173,6 +182,8 @@ impl Activity {
 struct Seen {
     /// Since bytes last moved either way.
     quiet_for: Duration,
+    /// Since a request last began or ended.
+    since_request: Duration,
     /// A request's answer is not finished.
     in_flight: bool,
     /// The last write waits on the client's window.
@@ -185,30 +196,28 @@ enum Check {
     /// Look again after this long (never zero: a past deadline must not wake the check in a
     /// loop while a slow answer is awaited).
     Again(Duration),
-    /// No request, no bytes: close.
+    /// No request for the whole timeout: close.
     Idle,
     /// An answer the client has not taken a byte of for the whole timeout: close.
     NotReading,
 }
 
-/// Whether a connection is closed now, and if not when to look again. A request in flight with
-/// a reading client is never timed here: the proxy is the one waiting (on the upstream).
+/// Whether a connection is closed now, and if not when to look again. Without a request it is
+/// timed from the last one (bytes do not count); with an answer the client is not taking, from
+/// the last bytes that moved; a request in flight with a reading client is never timed here:
+/// the proxy is the one waiting (on the upstream).
 fn check(seen: Seen, idle_timeout: Duration) -> Check {
     let idle_timeout = idle_timeout.max(Duration::from_millis(1));
-    let timed = !seen.in_flight || seen.client_not_reading;
-    if timed && seen.quiet_for >= idle_timeout {
-        return if seen.in_flight {
-            Check::NotReading
-        } else {
-            Check::Idle
-        };
+    let (timed, close) = match (seen.in_flight, seen.client_not_reading) {
+        (false, _) => (Some(seen.since_request), Check::Idle),
+        (true, true) => (Some(seen.quiet_for), Check::NotReading),
+        (true, false) => (None, Check::Idle),
+    };
+    match timed {
+        Some(elapsed) if elapsed >= idle_timeout => close,
+        Some(elapsed) => Check::Again(idle_timeout - elapsed),
+        None => Check::Again(idle_timeout),
     }
-    Check::Again(
-        idle_timeout
-            .checked_sub(seen.quiet_for)
-            .filter(|left| !left.is_zero())
-            .unwrap_or(idle_timeout),
-    )
 }
 
 /// Counts a request as open until its response body is dropped.
@@ -217,6 +226,9 @@ struct InFlight(Arc<Activity>);
 impl InFlight {
     fn new(activity: &Arc<Activity>) -> Self {
         activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        activity
+            .last_request_ms
+            .store(activity.now_ms(), Ordering::Relaxed);
         Self(activity.clone())
     }
 }
@@ -224,6 +236,9 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0
+            .last_request_ms
+            .store(self.0.now_ms(), Ordering::Relaxed);
         self.0.touch();
     }
 }
@@ -249,6 +264,7 @@ pub async fn serve_connection<IO, S>(
     let activity = Arc::new(Activity {
         epoch: Instant::now(),
         last_io_ms: AtomicU64::new(0),
+        last_request_ms: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),
         write_blocked: AtomicBool::new(false),
     });
@@ -369,27 +385,31 @@ mod tests {
 
     const T: Duration = Duration::from_secs(120);
 
-    fn seen(quiet_secs: u64, in_flight: bool, client_not_reading: bool) -> Seen {
+    /// Seconds since the last request began or ended, and since bytes last moved.
+    fn seen(since_request: u64, quiet: u64, in_flight: bool, client_not_reading: bool) -> Seen {
         Seen {
-            quiet_for: Duration::from_secs(quiet_secs),
+            quiet_for: Duration::from_secs(quiet),
+            since_request: Duration::from_secs(since_request),
             in_flight,
             client_not_reading,
         }
     }
 
     #[test]
-    fn a_quiet_connection_without_requests_is_closed_at_the_timeout() {
+    fn a_connection_without_requests_is_closed_at_the_timeout_whatever_bytes_move() {
         assert_eq!(
-            check(seen(119, false, false), T),
+            check(seen(119, 119, false, false), T),
             Check::Again(Duration::from_secs(1))
         );
-        assert_eq!(check(seen(120, false, false), T), Check::Idle);
+        assert_eq!(check(seen(120, 120, false, false), T), Check::Idle);
+        // HTTP/2 pings every second: bytes move, no request comes.
+        assert_eq!(check(seen(120, 0, false, false), T), Check::Idle);
     }
 
     #[test]
     fn a_request_awaiting_the_upstream_is_never_timed_and_never_spins() {
         for quiet in [0, 60, 120, 600, 3600] {
-            let Check::Again(after) = check(seen(quiet, true, false), T) else {
+            let Check::Again(after) = check(seen(quiet, quiet, true, false), T) else {
                 panic!("closed a connection awaiting the upstream after {quiet} s");
             };
             assert!(
@@ -402,18 +422,21 @@ mod tests {
     #[test]
     fn a_client_not_reading_its_answer_is_closed_at_the_timeout() {
         assert_eq!(
-            check(seen(30, true, true), T),
+            check(seen(200, 30, true, true), T),
             Check::Again(Duration::from_secs(90))
         );
-        assert_eq!(check(seen(120, true, true), T), Check::NotReading);
+        assert_eq!(check(seen(120, 120, true, true), T), Check::NotReading);
         // A write that waited once and then went through: reading again.
-        assert!(matches!(check(seen(500, true, false), T), Check::Again(_)));
+        assert!(matches!(
+            check(seen(500, 500, true, false), T),
+            Check::Again(_)
+        ));
     }
 
     #[test]
     fn a_zero_timeout_still_looks_again_later_rather_than_at_once() {
         assert_eq!(
-            check(seen(0, true, false), Duration::ZERO),
+            check(seen(0, 0, true, false), Duration::ZERO),
             Check::Again(Duration::from_millis(1))
         );
     }

@@ -532,3 +532,28 @@ async fn a_client_that_stops_reading_its_answer_is_closed() {
         reply.len()
     );
 }
+
+/// An HTTP/2 connection that only pings, never asking anything, does not keep its slot: pings
+/// move bytes, but idleness is timed from the last request (a credential-less client could
+/// otherwise hold every one of the listener's connections).
+#[tokio::test]
+async fn pings_without_requests_do_not_keep_a_connection_open() {
+    let h = harness(limits(|l| l.idle_timeout = Duration::from_millis(500))).await;
+    let tcp = TcpStream::connect(h.addr).await.unwrap();
+    let (_sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(100))
+            .keep_alive_while_idle(true)
+            .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    assert!(ended.is_ok(), "a pinging connection was kept for 5 s");
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "closed before the idle timeout: {:?}",
+        started.elapsed()
+    );
+}
