@@ -80,6 +80,7 @@ pub struct Metrics {
     outcomes: Family<KindLabels, Counter>,
     user_overflow: Family<KindLabels, Counter>,
     audit_waits: Counter,
+    client_connections_refused: Counter,
     audit_waiting: Gauge,
     audit_write_failures: Counter,
     /// Fallback state and spend, written by the limiter itself.
@@ -174,6 +175,7 @@ impl Default for Metrics {
             outcomes: Family::default(),
             user_overflow: Family::default(),
             audit_waits: Counter::default(),
+            client_connections_refused: Counter::default(),
             audit_waiting: Gauge::default(),
             audit_write_failures: Counter::default(),
             limits: LimitsMetrics::default(),
@@ -225,6 +227,11 @@ impl Default for Metrics {
             "user_window_overflow",
             "Requests of end users counted in the shared overflow window because the per-user table was full",
             m.user_overflow.clone(),
+        );
+        registry.register(
+            "client_connections_refused",
+            "Connections closed on accept because their client address already had the per-client maximum open (a gateway's is a quarter of its 4,096)",
+            m.client_connections_refused.clone(),
         );
         registry.register(
             "audit_queue_full",
@@ -455,6 +462,11 @@ impl Metrics {
                 outcome,
             })
             .inc();
+    }
+
+    /// A connection was closed on accept: its client address had the per-client maximum open.
+    pub fn client_connection_refused(&self) {
+        self.client_connections_refused.inc();
     }
 
     /// A request has to wait to start: the audit writer's queue is full. Counted now, and

@@ -26,6 +26,7 @@ pub mod limits;
 mod message_scan;
 pub mod metrics;
 mod observed;
+pub mod per_client;
 mod pipeline;
 pub mod prescreen;
 pub mod redact;
@@ -41,7 +42,10 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use hyper::service::service_fn;
-use tokio::{net::TcpListener, task::JoinSet};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::JoinSet,
+};
 
 use crate::shutdown::drain::Drain;
 pub use args::{Args, DEFAULT_METRICS_LISTEN, DEFAULT_PORT, GATEWAY_SHUTDOWN_DELAY, Mode, RunMode};
@@ -49,6 +53,7 @@ pub use audit_sink::AuditTarget;
 use config::{Loader, Store};
 use exchange::Recorder;
 use metrics::Metrics;
+use per_client::{ClientSlot, PerClient};
 pub use server_limits::ServerLimits;
 
 /// Everything the proxy needs to start, for `run` and for in-process tests and benches.
@@ -93,7 +98,10 @@ impl ProxySettings {
             upstream_timeout: Duration::from_secs(600),
             config_secrets: None,
             tls: None,
-            server_limits: ServerLimits::default(),
+            server_limits: match mode {
+                Mode::Gateway => ServerLimits::gateway(),
+                Mode::Sidecar => ServerLimits::default(),
+            },
             shutdown_grace: Duration::from_secs(30),
             limits: limits::LimitSettings::default(),
             identity: None,
@@ -191,6 +199,18 @@ impl Proxy {
         })
     }
 
+    /// The connection's place among its client address's, or `None` over the per-client cap
+    /// (the stream is then dropped: closed before a byte is read).
+    fn admit_client(&self, per_client: &PerClient, stream: &TcpStream) -> Option<ClientSlot> {
+        let client = stream.peer_addr().ok()?.ip();
+        let admitted = per_client.admit(client);
+        if admitted.is_none() {
+            self.metrics.client_connection_refused();
+            tracing::debug!(%client, "closed a connection over the per-client cap");
+        }
+        admitted
+    }
+
     /// Serves the traffic listener until `shutdown` resolves, drains for the shutdown delay
     /// (still accepting; every connection closed cleanly after its next request: HTTP/2 GOAWAY,
     /// HTTP/1 `Connection: close`), then closes the listener and lets open requests finish
@@ -207,6 +227,7 @@ impl Proxy {
         let stop = drain.after(shutdown, self.shutdown_delay);
         tokio::pin!(stop);
         let slots = self.limits.slots();
+        let per_client = self.limits.per_client();
         let mut connections = JoinSet::new();
         loop {
             // Finished connections leave the set, so it holds only open ones.
@@ -226,6 +247,9 @@ impl Proxy {
                     None => continue,
                 },
             };
+            let Some(client_slot) = self.admit_client(&per_client, &stream) else {
+                continue;
+            };
             let shared = self.shared.clone();
             // Boxed here, once: the request's future is several KiB (every step's state), and
             // each layer above it (server limits, drain, hyper's dispatcher) would otherwise
@@ -234,6 +258,7 @@ impl Proxy {
             let (limits, watcher) = (self.limits.clone(), drain.connection());
             let tls = self.tls.clone();
             connections.spawn(async move {
+                let _client_slot = client_slot;
                 match tls {
                     Some(acceptor) => {
                         if let Some(stream) = launch::handshake(&acceptor, stream).await {

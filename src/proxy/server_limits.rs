@@ -30,7 +30,7 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 
-use super::{body::ProxyBody, request::MAX_BODY_BYTES};
+use super::{body::ProxyBody, per_client::PerClient, request::MAX_BODY_BYTES};
 use crate::body_budget::{BodyBudget, BodyLimits};
 
 /// The next connection, with Nagle off (every response is written whole). A failed accept
@@ -67,6 +67,10 @@ pub struct ServerLimits {
     pub idle_timeout: Duration,
     /// Open connections at most; more wait until one closes.
     pub max_connections: usize,
+    /// Open connections from one client address at most; more are closed at once
+    /// (`super::per_client`). A gateway's is a quarter of `max_connections`: one pod cannot take
+    /// every slot, and the Anthropic SDKs' own pool (1,000 connections at most) still fits.
+    pub max_connections_per_client: usize,
     /// A client must send a request body within this.
     pub body_timeout: Duration,
     /// Bytes of request bodies (and the trees parsed from them) held at once, across all
@@ -90,6 +94,7 @@ impl Default for ServerLimits {
             header_read_timeout: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(120),
             max_connections: 4096,
+            max_connections_per_client: 4096,
             body_timeout: Duration::from_secs(60),
             body_budget: (DEFAULT_BODY_BUDGET_MIB as usize) << 20,
         }
@@ -125,6 +130,21 @@ impl ServerLimits {
     /// One permit per open connection.
     pub fn slots(&self) -> Arc<Semaphore> {
         Arc::new(Semaphore::new(self.max_connections.max(1)))
+    }
+
+    /// The count of open connections per client address.
+    pub fn per_client(&self) -> PerClient {
+        PerClient::new(self.max_connections_per_client)
+    }
+
+    /// A gateway's limits: what a sidecar has, with a cap per client address (a sidecar's one
+    /// client is its pod's application).
+    pub fn gateway() -> Self {
+        let limits = Self::default();
+        Self {
+            max_connections_per_client: limits.max_connections / 4,
+            ..limits
+        }
     }
 }
 
@@ -431,6 +451,18 @@ mod tests {
             check(seen(500, 500, true, false), T),
             Check::Again(_)
         ));
+    }
+
+    #[test]
+    fn only_a_gateway_caps_connections_per_client_address() {
+        let sidecar = ServerLimits::default();
+        assert_eq!(sidecar.max_connections_per_client, sidecar.max_connections);
+        let gateway = ServerLimits::gateway();
+        assert_eq!(gateway.max_connections_per_client, 1024);
+        assert!(
+            gateway.max_connections_per_client >= 1000,
+            "below the Anthropic SDKs' own pool maximum"
+        );
     }
 
     #[test]

@@ -557,3 +557,39 @@ async fn pings_without_requests_do_not_keep_a_connection_open() {
         started.elapsed()
     );
 }
+
+/// Connections from one client address beyond its cap are closed at once, while another
+/// address is served and a freed place is taken again.
+#[tokio::test]
+async fn one_client_address_cannot_take_every_connection() {
+    let h = harness(limits(|l| l.max_connections_per_client = 2)).await;
+    let connect_from = |ip: [u8; 4]| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::from((ip, 0))).unwrap();
+        socket.connect(h.addr).await.unwrap()
+    };
+    let get = "GET /v1/models HTTP/1.1\r\nhost: proxy\r\nanthropic-version: 2023-06-01\r\n\r\n";
+    let held = vec![
+        connect_from([127, 0, 0, 1]).await,
+        connect_from([127, 0, 0, 1]).await,
+    ];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = connect_from([127, 0, 0, 1]).await;
+    let _ = third.write_all(get.as_bytes()).await;
+    let (reply, closed) = read_until_closed(&mut third, Duration::from_secs(3)).await;
+    assert!(
+        closed && reply.is_empty(),
+        "a third connection was served: {reply:?}"
+    );
+    let mut other = connect_from([127, 0, 0, 2]).await;
+    other.write_all(get.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 12];
+    other.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200", "another address is served");
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut again = connect_from([127, 0, 0, 1]).await;
+    again.write_all(get.as_bytes()).await.unwrap();
+    again.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200", "a freed place is taken again");
+}
