@@ -266,3 +266,42 @@ async fn a_gateway_pod_deleted_under_load_drains_without_a_failed_request() {
     let (_, _, targets) = gateway_endpoints(&client).await;
     route(&ip, port, &targets);
 }
+
+/// A gateway pod closes, on accept, connections beyond 1,024 from one client address (here the
+/// node's own, 198.18.0.1, connecting to one pod's endpoint), and a freed place is taken
+/// again: one pod cannot hold every slot of a gateway all namespaces share. No credential is
+/// needed to hold a connection, so none is sent.
+#[tokio::test]
+#[ignore = "node tier: needs a real node (CLAUDEKEY_NODE=1 hack/control-plane.sh start); hack/test.sh runs it"]
+async fn a_gateway_pod_closes_connections_beyond_its_per_client_cap() {
+    let _fx = installed();
+    let client = node_client().await;
+    let (_, _, targets) = gateway_endpoints(&client).await;
+    let target: std::net::SocketAddr = targets[0].parse().expect("ip:port");
+    let mut opened = Vec::new();
+    for _ in 0..1030 {
+        opened.push(
+            tokio::net::TcpStream::connect(target)
+                .await
+                .expect("connect"),
+        );
+    }
+    // The pod has accepted (or closed) them all well before its TLS handshake timeout (10 s).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut buf = [0u8; 1];
+    let open = opened
+        .iter()
+        .filter(|c| matches!(c.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock))
+        .count();
+    assert_eq!(open, 1024, "connections kept open from one address");
+    drop(opened);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = tokio::net::TcpStream::connect(target)
+        .await
+        .expect("connect");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        matches!(again.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a freed place was not taken again (the pod waits for a TLS ClientHello)"
+    );
+}
