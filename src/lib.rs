@@ -13,6 +13,7 @@ pub mod events;
 pub mod fake_upstream;
 pub mod keys;
 pub mod open_files;
+pub mod per_client;
 pub mod proxy;
 pub mod proxyconf;
 pub mod scan;

@@ -286,6 +286,36 @@ fn backends_become_flags_mounts_and_identity() {
     );
 }
 
+/// The webhook port admits any source by default (the apiserver's address differs per
+/// cluster) and exactly `networkPolicy.webhookFrom` once it is set; the metrics port keeps its
+/// own peers.
+#[test]
+fn the_webhook_port_admits_webhook_from_when_it_is_set() {
+    let from = |docs: &[serde_yaml::Value]| -> Vec<serde_yaml::Value> {
+        let policy: serde_yaml::Value = one(docs, "NetworkPolicy", "claudekey-webhook");
+        policy["spec"]["ingress"]
+            .as_sequence()
+            .expect("ingress")
+            .iter()
+            .map(|rule| rule["from"].clone())
+            .collect()
+    };
+    let open = from(&render("default"));
+    assert!(open.iter().all(serde_yaml::Value::is_null), "{open:?}");
+    let docs = try_render(
+        "default",
+        &["networkPolicy.webhookFrom[0].ipBlock.cidr=10.0.0.0/24"],
+    )
+    .expect("helm template");
+    let restricted = from(&docs);
+    assert_eq!(
+        restricted[0][0]["ipBlock"]["cidr"].as_str(),
+        Some("10.0.0.0/24"),
+        "{restricted:?}"
+    );
+    assert!(restricted[1].is_null(), "the metrics port: {restricted:?}");
+}
+
 #[test]
 fn schema_refuses_bad_values() {
     for (what, sets) in [

@@ -26,7 +26,6 @@ pub mod limits;
 mod message_scan;
 pub mod metrics;
 mod observed;
-pub mod per_client;
 mod pipeline;
 pub mod prescreen;
 pub mod redact;
@@ -47,13 +46,13 @@ use tokio::{
     task::JoinSet,
 };
 
+use crate::per_client::{ClientSlot, PerClient};
 use crate::shutdown::drain::Drain;
 pub use args::{Args, DEFAULT_METRICS_LISTEN, DEFAULT_PORT, GATEWAY_SHUTDOWN_DELAY, Mode, RunMode};
 pub use audit_sink::AuditTarget;
 use config::{Loader, Store};
 use exchange::Recorder;
 use metrics::Metrics;
-use per_client::{ClientSlot, PerClient};
 pub use server_limits::ServerLimits;
 
 /// Everything the proxy needs to start, for `run` and for in-process tests and benches.

@@ -30,8 +30,9 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 
-use super::{body::ProxyBody, per_client::PerClient, request::MAX_BODY_BYTES};
+use super::{body::ProxyBody, request::MAX_BODY_BYTES};
 use crate::body_budget::{BodyBudget, BodyLimits};
+use crate::per_client::PerClient;
 
 /// The next connection, with Nagle off (every response is written whole). A failed accept
 /// (out of file descriptors, say) pauses briefly rather than spin, then says so with `None`:
@@ -68,7 +69,7 @@ pub struct ServerLimits {
     /// Open connections at most; more wait until one closes.
     pub max_connections: usize,
     /// Open connections from one client address at most; more are closed at once
-    /// (`super::per_client`). A gateway's is a quarter of `max_connections`: one pod cannot take
+    /// (`crate::per_client`). A gateway's is a quarter of `max_connections`: one pod cannot take
     /// every slot, and the Anthropic SDKs' own pool (1,000 connections at most) still fits.
     pub max_connections_per_client: usize,
     /// A client must send a request body within this.

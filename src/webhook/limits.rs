@@ -22,6 +22,12 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Open connections at most; more wait in the kernel's accept queue.
 pub const MAX_CONNECTIONS: usize = 512;
+/// Open connections from one client address at most; more are closed on accept
+/// (`crate::per_client`). The webhook's port admits any source (the apiserver's address is not
+/// known in advance), and HTTP/2 connections answer the webhook's pings by themselves: without
+/// this, one pod could hold all [`MAX_CONNECTIONS`] and block pod creation cluster-wide. An
+/// apiserver multiplexes its reviews, [`MAX_STREAMS`] to a connection, over a few.
+pub const MAX_CONNECTIONS_PER_CLIENT: usize = 64;
 /// Concurrent HTTP/2 streams per connection.
 pub const MAX_STREAMS: u32 = 32;
 /// Request headers of one HTTP/2 stream at most (hyper's default is 16 MiB; the apiserver

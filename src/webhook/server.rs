@@ -26,6 +26,7 @@ use tokio_rustls::TlsAcceptor;
 use super::limits;
 use super::validate::{Admission, Outcome};
 use crate::body_budget::BodyBudget;
+use crate::per_client::PerClient;
 use crate::shutdown::drain::Drain;
 
 /// A client that has not finished its handshake by then is dropped.
@@ -201,8 +202,9 @@ async fn mutate(State(state): State<AppState>, request: Request<Body>) -> Respon
 /// (`crate::shutdown::drain`: still accepting, every connection closed cleanly after its next
 /// request) and stops, waiting at most [`DRAIN_TIMEOUT`] for reviews in flight. Connections are
 /// handled on their own tasks; a failed handshake only ends that connection. At most
-/// [`limits::MAX_CONNECTIONS`] are open at once, and a request head must arrive within
-/// [`limits::HEADER_READ_TIMEOUT`], so idle or slow clients cannot exhaust the server.
+/// [`limits::MAX_CONNECTIONS`] are open at once, at most
+/// [`limits::MAX_CONNECTIONS_PER_CLIENT`] from one address, and a request head must arrive
+/// within [`limits::HEADER_READ_TIMEOUT`], so idle or slow clients cannot exhaust the server.
 pub async fn serve_tls(
     router: Router,
     tls: Arc<ServerConfig>,
@@ -212,6 +214,7 @@ pub async fn serve_tls(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let connections = Arc::new(tokio::sync::Semaphore::new(limits::MAX_CONNECTIONS));
+    let per_client = PerClient::new(limits::MAX_CONNECTIONS_PER_CLIENT);
     let drain = Drain::new();
     let stop = drain.after(shutdown, delay);
     let mut stop = std::pin::pin!(stop);
@@ -236,11 +239,15 @@ pub async fn serve_tls(
                 }
             },
         };
+        let Some(client_slot) = per_client.admit(peer.ip()) else {
+            tracing::debug!(%peer, "closed a connection over the per-client cap");
+            continue;
+        };
         let acceptor = acceptor.clone();
         let connection = drain.connection();
         let service = connection.service(TowerToHyperService::new(router.clone()));
         open.spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, client_slot);
             let stream =
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => stream,
@@ -381,9 +388,16 @@ mod tests {
             .status()
     }
 
-    #[tokio::test]
-    async fn at_sigterm_pooled_connections_get_goaway_and_new_ones_are_served_until_the_delay_ends()
-    {
+    /// The webhook's TLS server on a loopback port with a fresh self-signed certificate: its
+    /// address, the certificate (PEM, to trust), the SIGTERM stand-in and the server's task.
+    async fn tls_server(
+        delay: Duration,
+    ) -> (
+        std::net::SocketAddr,
+        String,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
@@ -400,7 +414,6 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (sigterm, signalled) = tokio::sync::oneshot::channel::<()>();
-        let delay = Duration::from_millis(1500);
         let server = tokio::spawn(serve_tls(
             app().0,
             tls,
@@ -410,8 +423,15 @@ mod tests {
             },
             delay,
         ));
+        (addr, cert.pem(), sigterm, server)
+    }
 
-        let (mut pooled, pooled_closed) = h2_over_tls(addr, &cert.pem()).await;
+    #[tokio::test]
+    async fn at_sigterm_pooled_connections_get_goaway_and_new_ones_are_served_until_the_delay_ends()
+    {
+        let delay = Duration::from_millis(1500);
+        let (addr, ca, sigterm, server) = tls_server(delay).await;
+        let (mut pooled, pooled_closed) = h2_over_tls(addr, &ca).await;
         assert_eq!(healthz(&mut pooled).await, StatusCode::OK);
         let signalled_at = Instant::now();
         sigterm.send(()).unwrap();
@@ -420,7 +440,7 @@ mod tests {
             .expect("GOAWAY closes the pooled connection at once")
             .unwrap();
         // During the delay a client that still picks this pod gets answers.
-        let (mut fresh, _) = h2_over_tls(addr, &cert.pem()).await;
+        let (mut fresh, _) = h2_over_tls(addr, &ca).await;
         assert_eq!(healthz(&mut fresh).await, StatusCode::OK);
         tokio::time::timeout(Duration::from_secs(5), server)
             .await
@@ -428,5 +448,42 @@ mod tests {
             .unwrap();
         assert!(signalled_at.elapsed() >= delay, "stopped before the delay");
         assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+
+    /// One address holding its share of connections (here without even a TLS handshake) gets
+    /// no more; the apiserver, from another address, is still served.
+    #[tokio::test]
+    async fn one_address_cannot_hold_every_connection() {
+        let (addr, ca, _sigterm, _server) = tls_server(Duration::ZERO).await;
+        let from = |ip: [u8; 4]| async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(std::net::SocketAddr::from((ip, 0))).unwrap();
+            socket.connect(addr).await.unwrap()
+        };
+        let mut held = Vec::new();
+        for _ in 0..limits::MAX_CONNECTIONS_PER_CLIENT {
+            held.push(from([127, 0, 0, 2]).await);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let over = from([127, 0, 0, 2]).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut buf = [0u8; 1];
+        let read = over.try_read(&mut buf);
+        let closed = match &read {
+            Ok(n) => *n == 0,
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+        };
+        assert!(closed, "a connection over the cap was kept: {read:?}");
+        let waiting = held
+            .iter()
+            .filter(|c| matches!(c.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock))
+            .count();
+        assert_eq!(
+            waiting,
+            limits::MAX_CONNECTIONS_PER_CLIENT,
+            "those within the cap wait for their handshake"
+        );
+        let (mut apiserver, _) = h2_over_tls(addr, &ca).await;
+        assert_eq!(healthz(&mut apiserver).await, StatusCode::OK);
     }
 }

@@ -1,9 +1,11 @@
-//! Open connections per client address: a gateway's connection slots are shared by every
-//! namespace it serves, and connections are accepted before any credential is seen, so without
-//! a cap one pod could hold all of them (an HTTP/1 client asking something cheap every 19 s, an
-//! HTTP/2 one every 119 s) and every other client would wait in the accept backlog.
+//! Open connections per client address, for the servers anyone in the cluster can reach:
+//! connections are accepted before any credential is seen, so without a cap one pod could hold
+//! every slot and every other client would wait in the accept backlog. On a gateway (its slots
+//! shared by every namespace it serves) that one pod needs only to ask something cheap every
+//! 19 s (HTTP/1) or 119 s (HTTP/2); on the webhook, whose only real client is the apiserver and
+//! which fails closed, it would block pod creation cluster-wide.
 //!
-//! Pods reach a gateway from their own addresses (a Service rewrites the destination, not the
+//! Pods reach a Service from their own addresses (a Service rewrites the destination, not the
 //! source), so a cap per address is a cap per pod. A connection over the cap is closed at once.
 
 use std::{
