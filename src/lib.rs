@@ -14,6 +14,7 @@ pub mod fake_upstream;
 pub mod keys;
 pub mod open_files;
 pub mod per_client;
+pub mod probe_port;
 pub mod proxy;
 pub mod proxyconf;
 pub mod scan;

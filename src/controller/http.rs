@@ -33,7 +33,7 @@ pub async fn serve(
         .await
         .map_err(|source| ServeError { addr, source })?;
     let app = router(registry, ready);
-    axum::serve(listener, app)
+    crate::probe_port::serve(listener, app, std::future::pending())
         .await
         .map_err(|source| ServeError { addr, source })
 }

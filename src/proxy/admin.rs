@@ -1,6 +1,6 @@
 //! The proxy's admin listener: `/metrics`, `/healthz` (the process can serve: its runtime runs
 //! and its audit log writer too) and `/readyz` (that, and a config is loaded). In sidecar mode
-//! the traffic port is loopback-only, so probes come here.
+//! the traffic port is loopback-only, so probes come here. Served by [`crate::probe_port`].
 
 use std::sync::Arc;
 
@@ -49,9 +49,7 @@ pub async fn serve_admin(
                 std::future::ready(answer)
             }),
         );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    crate::probe_port::serve(listener, app, shutdown).await
 }
 
 /// `/healthz`: a proxy whose audit writer has stopped refuses every request (none could be

@@ -244,7 +244,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics_listen {
         let listener = TcpListener::bind(addr).await?;
         let router = server::metrics_router(metrics.clone());
-        tokio::spawn(async move { axum::serve(listener, router).await });
+        tokio::spawn(crate::probe_port::serve(
+            listener,
+            router,
+            std::future::pending(),
+        ));
     }
     let config = WebhookConfig {
         mode: args.mode,
