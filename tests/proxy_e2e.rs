@@ -120,15 +120,7 @@ async fn non_stream_usage_and_response_redaction() {
     .await;
     h.fake
         .set_reply(FakeReply::Text("card on file: 4111 1111 1111 1111".into()));
-    let r = send(
-        &client(),
-        &h.url(),
-        "POST",
-        "/v1/messages",
-        None,
-        Some(message("hi", false)),
-    )
-    .await;
+    let r = h.ask("hi").await;
     assert_eq!(r.status, 200, "{}", r.text());
     let json = r.json();
     assert_eq!(

@@ -100,15 +100,7 @@ async fn upstream_401_falls_back_to_the_previous_key_in_grace() {
         );
     })
     .await;
-    let r = send(
-        &client(),
-        &h.url(),
-        "POST",
-        "/v1/messages",
-        None,
-        Some(message("hi", false)),
-    )
-    .await;
+    let r = h.ask("hi").await;
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = h.fake.received();
     assert_eq!(seen.len(), 2);
@@ -117,15 +109,7 @@ async fn upstream_401_falls_back_to_the_previous_key_in_grace() {
     assert_eq!(seen[0].body, seen[1].body);
     // Without a key in grace the 401 passes through.
     h.fake.set_key_status(UPSTREAM_A, KeyStatus::Inactive);
-    let r = send(
-        &client(),
-        &h.url(),
-        "POST",
-        "/v1/messages",
-        None,
-        Some(message("hi", false)),
-    )
-    .await;
+    let r = h.ask("hi").await;
     assert_eq!(r.status, 401);
     assert!(
         h.proxy

@@ -157,6 +157,19 @@ impl Harness {
         }
     }
 
+    /// A non-streamed Messages request saying `text`, without a key (a sidecar's client).
+    pub async fn ask(&self, text: &str) -> Reply {
+        send(
+            &client(),
+            &self.url(),
+            "POST",
+            "/v1/messages",
+            None,
+            Some(message(text, false)),
+        )
+        .await
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

@@ -483,15 +483,7 @@ async fn a_slow_answer_past_the_idle_timeout_is_waited_for_without_spinning() {
     h.fake.set_response_delay(Duration::from_millis(1800));
     let cpu_before = process_cpu();
     let started = Instant::now();
-    let response = send(
-        &client(),
-        &h.url(),
-        "POST",
-        "/v1/messages",
-        None,
-        Some(message("hi", false)),
-    )
-    .await;
+    let response = h.ask("hi").await;
     let wall = started.elapsed();
     let cpu = process_cpu() - cpu_before;
     assert_eq!(response.status, 200, "in flight is not idle");
