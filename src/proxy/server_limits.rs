@@ -2,9 +2,9 @@
 //! timeout (slow-headers clients are cut off), an idle timeout (a connection without a request
 //! for that long is closed, pings or not; one waiting for the upstream's answer is kept; a
 //! client that stopped reading its answer is closed too, so what it does not read is not held
-//! for ever),
-//! and a cap on open connections (further ones wait in the kernel's accept backlog). Request bodies are bounded where they are read
-//! (`pipeline::read_body`), with their own timeout.
+//! for ever), and caps on open connections, in all and (on a gateway) per client address.
+//! Request bodies are bounded where they are read (`pipeline::read_body`), with their own
+//! timeout.
 
 use std::{
     io,
@@ -189,10 +189,12 @@ impl Activity {
     }
 
     fn seen(&self) -> Seen {
+        // In flight first: once it reads none, the last request's end is seen too (below).
+        let in_flight = self.in_flight.load(Ordering::Acquire) > 0;
         Seen {
             quiet_for: self.since(&self.last_io_ms),
             since_request: self.since(&self.last_request_ms),
-            in_flight: self.in_flight.load(Ordering::Relaxed) > 0,
+            in_flight,
             client_not_reading: self.write_blocked.load(Ordering::Relaxed),
         }
     }
@@ -229,15 +231,15 @@ enum Check {
 /// the proxy is the one waiting (on the upstream).
 fn check(seen: Seen, idle_timeout: Duration) -> Check {
     let idle_timeout = idle_timeout.max(Duration::from_millis(1));
-    let (timed, close) = match (seen.in_flight, seen.client_not_reading) {
-        (false, _) => (Some(seen.since_request), Check::Idle),
-        (true, true) => (Some(seen.quiet_for), Check::NotReading),
-        (true, false) => (None, Check::Idle),
+    let (elapsed, close) = match (seen.in_flight, seen.client_not_reading) {
+        (false, _) => (seen.since_request, Check::Idle),
+        (true, true) => (seen.quiet_for, Check::NotReading),
+        (true, false) => return Check::Again(idle_timeout),
     };
-    match timed {
-        Some(elapsed) if elapsed >= idle_timeout => close,
-        Some(elapsed) => Check::Again(idle_timeout - elapsed),
-        None => Check::Again(idle_timeout),
+    if elapsed >= idle_timeout {
+        close
+    } else {
+        Check::Again(idle_timeout - elapsed)
     }
 }
 
@@ -256,10 +258,12 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // The end first: the idle check must not see no request in flight and the start of a
+        // long one as the last (it would close the connection under the answer's last bytes).
         self.0
             .last_request_ms
-            .store(self.0.now_ms(), Ordering::Relaxed);
+            .store(self.0.now_ms(), Ordering::Release);
+        self.0.in_flight.fetch_sub(1, Ordering::Release);
         self.0.touch();
     }
 }
