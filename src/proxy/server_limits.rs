@@ -17,7 +17,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::{body::Incoming, service::Service};
 use hyper_util::{
@@ -30,7 +32,10 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 
-use super::{body::ProxyBody, request::MAX_BODY_BYTES};
+use super::{
+    body::{BoxError, ProxyBody},
+    request::MAX_BODY_BYTES,
+};
 use crate::body_budget::{BodyBudget, BodyLimits};
 use crate::per_client::PerClient;
 
@@ -62,9 +67,10 @@ pub struct ServerLimits {
     /// on a kept-alive HTTP/1 connection).
     pub header_read_timeout: Duration,
     /// A connection with no request for this long is closed (bytes alone, such as HTTP/2
-    /// pings, do not keep it); so is one whose client has taken no byte of its answer for this
-    /// long (noticed within twice this). A request in flight whose client reads is waited for
-    /// however long the upstream takes: a long generation is not idle.
+    /// pings, do not keep it); so is one whose client has taken none of its answers for this
+    /// long (noticed within twice this): an HTTP/1 write waiting on its window, every HTTP/2
+    /// answer waiting for window. A request whose client reads is waited for however long the
+    /// upstream takes: a long generation is not idle.
     pub idle_timeout: Duration,
     /// Open connections at most; more wait until one closes.
     pub max_connections: usize,
@@ -149,27 +155,47 @@ impl ServerLimits {
     }
 }
 
-/// What one connection is doing: when bytes last moved, when a request last began or ended, how
-/// many are open, and whether the last write found the client's window full.
+/// What one connection is doing: when a request last began or ended and how many are open, and
+/// whether the client takes its answers: when a write last went through and whether the last
+/// one waits on the client's window, and how many answers have handed hyper a frame that it has
+/// not come back after.
 struct Activity {
     epoch: Instant,
-    last_io_ms: AtomicU64,
     /// Bytes alone do not keep a connection without requests: HTTP/2 pings would hold one (and
     /// its slot of `max_connections`) for ever, without a credential.
     last_request_ms: AtomicU64,
     in_flight: AtomicUsize,
-    /// A write (or flush) returned `Pending` and none has gone through since: the client is not
-    /// taking what it was sent.
+    /// Only writes count as the client taking its answer: one that sends pings (or anything)
+    /// while it reads nothing is not reading.
+    last_write_ms: AtomicU64,
+    /// A write (or flush) returned `Pending` and none has gone through since: an HTTP/1 (or
+    /// TLS) client is not taking what it was sent.
     write_blocked: AtomicBool,
+    /// Answers whose last frame hyper took and that it has not asked for the next since: on
+    /// HTTP/2 the sign of a stream the client gives no window (the socket itself drains). Not
+    /// on HTTP/1, where hyper writes a taken frame before it asks again, however slowly a
+    /// client that reads takes it: there `write_blocked` says it.
+    handed: AtomicUsize,
+    http2: AtomicBool,
+    last_handed_ms: AtomicU64,
 }
 
 impl Activity {
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            last_request_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            last_write_ms: AtomicU64::new(0),
+            write_blocked: AtomicBool::new(false),
+            handed: AtomicUsize::new(0),
+            last_handed_ms: AtomicU64::new(0),
+            http2: AtomicBool::new(false),
+        }
     }
 
-    fn touch(&self) {
-        self.last_io_ms.store(self.now_ms(), Ordering::Relaxed);
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     fn since(&self, ms: &AtomicU64) -> Duration {
@@ -182,7 +208,7 @@ impl Activity {
             Poll::Pending => self.write_blocked.store(true, Ordering::Relaxed),
             Poll::Ready(Ok(n)) if *n > 0 => {
                 self.write_blocked.store(false, Ordering::Relaxed);
-                self.touch();
+                self.last_write_ms.store(self.now_ms(), Ordering::Relaxed);
             }
             Poll::Ready(_) => {}
         }
@@ -190,12 +216,16 @@ impl Activity {
 
     fn seen(&self) -> Seen {
         // In flight first: once it reads none, the last request's end is seen too (below).
-        let in_flight = self.in_flight.load(Ordering::Acquire) > 0;
+        let in_flight = self.in_flight.load(Ordering::Acquire);
         Seen {
-            quiet_for: self.since(&self.last_io_ms),
             since_request: self.since(&self.last_request_ms),
-            in_flight,
-            client_not_reading: self.write_blocked.load(Ordering::Relaxed),
+            in_flight: in_flight > 0,
+            since_write: self.since(&self.last_write_ms),
+            write_blocked: self.write_blocked.load(Ordering::Relaxed),
+            all_handed: self.http2.load(Ordering::Relaxed)
+                && in_flight > 0
+                && self.handed.load(Ordering::Relaxed) >= in_flight,
+            since_handed: self.since(&self.last_handed_ms),
         }
     }
 }
@@ -203,14 +233,18 @@ impl Activity {
 /// What the idle check sees of a connection.
 #[derive(Clone, Copy, Debug)]
 struct Seen {
-    /// Since bytes last moved either way.
-    quiet_for: Duration,
     /// Since a request last began or ended.
     since_request: Duration,
     /// A request's answer is not finished.
     in_flight: bool,
+    /// Since a write last went through.
+    since_write: Duration,
     /// The last write waits on the client's window.
-    client_not_reading: bool,
+    write_blocked: bool,
+    /// HTTP/2: every answer in flight has handed hyper a frame it has not come back after.
+    all_handed: bool,
+    /// Since an answer last handed hyper a frame.
+    since_handed: Duration,
 }
 
 /// The idle check's decision.
@@ -221,20 +255,24 @@ enum Check {
     Again(Duration),
     /// No request for the whole timeout: close.
     Idle,
-    /// An answer the client has not taken a byte of for the whole timeout: close.
+    /// Answers the client has not taken for the whole timeout: close.
     NotReading,
 }
 
 /// Whether a connection is closed now, and if not when to look again. Without a request it is
-/// timed from the last one (bytes do not count); with an answer the client is not taking, from
-/// the last bytes that moved; a request in flight with a reading client is never timed here:
-/// the proxy is the one waiting (on the upstream).
+/// timed from the last one (bytes do not count); when the client takes no answer (a write
+/// waits on its window, or every answer waits for hyper to come back), from the last progress;
+/// otherwise it is not timed here: the proxy is the one waiting (on the upstream).
 fn check(seen: Seen, idle_timeout: Duration) -> Check {
     let idle_timeout = idle_timeout.max(Duration::from_millis(1));
-    let (elapsed, close) = match (seen.in_flight, seen.client_not_reading) {
-        (false, _) => (seen.since_request, Check::Idle),
-        (true, true) => (seen.quiet_for, Check::NotReading),
-        (true, false) => return Check::Again(idle_timeout),
+    let (elapsed, close) = if !seen.in_flight {
+        (seen.since_request, Check::Idle)
+    } else if seen.write_blocked {
+        (seen.since_write, Check::NotReading)
+    } else if seen.all_handed {
+        (seen.since_handed, Check::NotReading)
+    } else {
+        return Check::Again(idle_timeout);
     };
     if elapsed >= idle_timeout {
         close
@@ -264,7 +302,65 @@ impl Drop for InFlight {
             .last_request_ms
             .store(self.0.now_ms(), Ordering::Release);
         self.0.in_flight.fetch_sub(1, Ordering::Release);
-        self.0.touch();
+    }
+}
+
+/// An answer's body as the connection sees it: it holds the request's [`InFlight`] for as long
+/// as it lives (a long stream is not idle), and tells the connection when hyper took a frame
+/// and has not come back for the next.
+struct Watched {
+    inner: ProxyBody,
+    in_flight: InFlight,
+    handed: bool,
+}
+
+impl Watched {
+    fn set_handed(&mut self, handed: bool) {
+        let activity = &self.in_flight.0;
+        match (self.handed, handed) {
+            (false, true) => {
+                activity
+                    .last_handed_ms
+                    .store(activity.now_ms(), Ordering::Relaxed);
+                activity.handed.fetch_add(1, Ordering::Relaxed);
+            }
+            (true, false) => {
+                activity.handed.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        self.handed = handed;
+    }
+}
+
+impl Body for Watched {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.set_handed(false);
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) {
+            self.set_handed(true);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.set_handed(false);
     }
 }
 
@@ -286,29 +382,26 @@ pub async fn serve_connection<IO, S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let activity = Arc::new(Activity {
-        epoch: Instant::now(),
-        last_io_ms: AtomicU64::new(0),
-        last_request_ms: AtomicU64::new(0),
-        in_flight: AtomicUsize::new(0),
-        write_blocked: AtomicBool::new(false),
-    });
+    let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Tracked {
         inner: io,
         activity: activity.clone(),
     });
     let counting = activity.clone();
     let service = hyper::service::service_fn(move |req| {
-        let guard = InFlight::new(&counting);
+        let in_flight = InFlight::new(&counting);
+        if req.version() == http::Version::HTTP_2 {
+            counting.http2.store(true, Ordering::Relaxed);
+        }
         let call = service.call(req);
         async move {
             let response = call.await?;
-            // The guard lives as long as the body: a long stream is not idle.
-            Ok::<_, std::convert::Infallible>(response.map(|body| {
-                body.map_frame(move |frame| {
-                    let _ = &guard;
-                    frame
-                })
+            Ok::<_, std::convert::Infallible>(response.map(|inner| {
+                Watched {
+                    inner,
+                    in_flight,
+                    handed: false,
+                }
                 .boxed_unsync()
             }))
         }
@@ -341,7 +434,7 @@ pub async fn serve_connection<IO, S>(
     }
 }
 
-/// An IO stream that notes when bytes last moved.
+/// An IO stream that notes whether its writes go through.
 struct Tracked<T> {
     inner: T,
     activity: Arc<Activity>,
@@ -353,12 +446,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
-        }
-        result
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
@@ -410,31 +498,34 @@ mod tests {
 
     const T: Duration = Duration::from_secs(120);
 
-    /// Seconds since the last request began or ended, and since bytes last moved.
-    fn seen(since_request: u64, quiet: u64, in_flight: bool, client_not_reading: bool) -> Seen {
+    /// A connection with a request in flight whose client takes its answer: nothing timed.
+    fn reading(since_request: u64) -> Seen {
         Seen {
-            quiet_for: Duration::from_secs(quiet),
             since_request: Duration::from_secs(since_request),
-            in_flight,
-            client_not_reading,
+            in_flight: true,
+            since_write: Duration::from_secs(since_request),
+            write_blocked: false,
+            all_handed: false,
+            since_handed: Duration::from_secs(since_request),
         }
     }
 
     #[test]
     fn a_connection_without_requests_is_closed_at_the_timeout_whatever_bytes_move() {
-        assert_eq!(
-            check(seen(119, 119, false, false), T),
-            Check::Again(Duration::from_secs(1))
-        );
-        assert_eq!(check(seen(120, 120, false, false), T), Check::Idle);
-        // HTTP/2 pings every second: bytes move, no request comes.
-        assert_eq!(check(seen(120, 0, false, false), T), Check::Idle);
+        let idle = |secs| Seen {
+            in_flight: false,
+            // Writes going on (HTTP/2 pongs) do not count.
+            since_write: Duration::ZERO,
+            ..reading(secs)
+        };
+        assert_eq!(check(idle(119), T), Check::Again(Duration::from_secs(1)));
+        assert_eq!(check(idle(120), T), Check::Idle);
     }
 
     #[test]
     fn a_request_awaiting_the_upstream_is_never_timed_and_never_spins() {
         for quiet in [0, 60, 120, 600, 3600] {
-            let Check::Again(after) = check(seen(quiet, quiet, true, false), T) else {
+            let Check::Again(after) = check(reading(quiet), T) else {
                 panic!("closed a connection awaiting the upstream after {quiet} s");
             };
             assert!(
@@ -445,17 +536,32 @@ mod tests {
     }
 
     #[test]
-    fn a_client_not_reading_its_answer_is_closed_at_the_timeout() {
+    fn a_client_whose_writes_wait_is_closed_at_the_timeout_from_the_last_write() {
+        let blocked = |secs| Seen {
+            write_blocked: true,
+            since_write: Duration::from_secs(secs),
+            ..reading(500)
+        };
+        assert_eq!(check(blocked(30), T), Check::Again(Duration::from_secs(90)));
+        assert_eq!(check(blocked(120), T), Check::NotReading);
+    }
+
+    #[test]
+    fn answers_hyper_never_comes_back_for_are_closed_at_the_timeout() {
+        let handed = |secs, all| Seen {
+            all_handed: all,
+            since_handed: Duration::from_secs(secs),
+            // An HTTP/2 client answering pings: writes go through.
+            since_write: Duration::ZERO,
+            ..reading(500)
+        };
         assert_eq!(
-            check(seen(200, 30, true, true), T),
+            check(handed(30, true), T),
             Check::Again(Duration::from_secs(90))
         );
-        assert_eq!(check(seen(120, 120, true, true), T), Check::NotReading);
-        // A write that waited once and then went through: reading again.
-        assert!(matches!(
-            check(seen(500, 500, true, false), T),
-            Check::Again(_)
-        ));
+        assert_eq!(check(handed(120, true), T), Check::NotReading);
+        // One answer still awaits the upstream: the connection is kept for it.
+        assert_eq!(check(handed(500, false), T), Check::Again(T));
     }
 
     #[test]
@@ -473,7 +579,7 @@ mod tests {
     #[test]
     fn a_zero_timeout_still_looks_again_later_rather_than_at_once() {
         assert_eq!(
-            check(seen(0, 0, true, false), Duration::ZERO),
+            check(reading(0), Duration::ZERO),
             Check::Again(Duration::from_millis(1))
         );
     }

@@ -585,3 +585,75 @@ async fn one_client_address_cannot_take_every_connection() {
     again.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"HTTP/1.1 200", "a freed place is taken again");
 }
+
+/// An HTTP/2 client that gives a stream no window and keeps pinging: the socket drains (pings
+/// and pongs move), but the answer waits on hyper, not on the upstream, so the connection is
+/// closed after the idle timeout and the request is audited as the client's doing.
+#[tokio::test]
+async fn an_http2_stream_given_no_window_is_closed() {
+    let h = harness(limits(|l| l.idle_timeout = Duration::from_millis(600))).await;
+    h.fake
+        .set_reply(FakeReply::Text("lighthouse keeper ".repeat(4000)));
+    h.fake.set_chunk_chars(16);
+    let tcp = TcpStream::connect(h.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(100))
+            .keep_alive_while_idle(true)
+            .adaptive_window(false)
+            .initial_stream_window_size(16 * 1024)
+            .handshake::<_, http_body_util::Full<bytes::Bytes>>(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::post(format!("{}/v1/messages", h.url()))
+        .header("anthropic-version", "2023-06-01")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            message("hi", true).to_string(),
+        )))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    // Never read: the stream's window stays spent.
+    let _unread = response.into_body();
+    let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    assert!(ended.is_ok(), "a stream given no window was kept for 5 s");
+    let audit = h.wait_audit(1).await;
+    assert_eq!(audit[0]["outcome"], "client_closed", "{audit:?}");
+}
+
+/// A client that reads a large answer slowly but steadily, for longer than the idle timeout,
+/// gets all of it: each of its reads lets writes through, and that is what counts.
+#[tokio::test]
+async fn a_slow_reader_of_a_large_answer_is_not_closed() {
+    let h = harness(limits(|l| l.idle_timeout = Duration::from_millis(500))).await;
+    let text = "lighthouse ".repeat(2 * 1024 * 1024);
+    h.fake.set_reply(FakeReply::Text(text.clone()));
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    let body = message("hi", false).to_string();
+    stream.write_all(head(body.len()).as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1024 * 1024];
+    // About 10 MB a second: past the timeout several times over.
+    while got < text.len() {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got += n,
+            Err(_) => panic!("the answer stopped after {got} bytes"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        got > text.len(),
+        "closed after {got} bytes, {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() > Duration::from_millis(1500),
+        "not slow enough to test"
+    );
+}
