@@ -493,19 +493,26 @@ async fn a_slow_answer_past_the_idle_timeout_is_waited_for_without_spinning() {
     );
 }
 
-/// A client that asks for an answer and never reads it: once nothing has moved for the idle
-/// timeout, the connection is closed and the answer's memory freed, where before it was held for
-/// as long as the client kept the connection.
-#[tokio::test]
-async fn a_client_that_stops_reading_its_answer_is_closed() {
-    let h = harness(limits(|l| l.idle_timeout = Duration::from_millis(600))).await;
-    // Far larger than what the kernel's buffers on both sides take on loopback.
+/// Asks, over a raw HTTP/1 connection, for an answer of ~22 MB: far larger than what the
+/// kernel's buffers on both sides of a loopback connection take. Returns the connection and the
+/// answer's text.
+async fn ask_for_a_large_answer(h: &Harness) -> (TcpStream, String) {
     let text = "lighthouse ".repeat(2 * 1024 * 1024);
     h.fake.set_reply(FakeReply::Text(text.clone()));
     let mut stream = TcpStream::connect(h.addr).await.unwrap();
     let body = message("hi", false).to_string();
     stream.write_all(head(body.len()).as_bytes()).await.unwrap();
     stream.write_all(body.as_bytes()).await.unwrap();
+    (stream, text)
+}
+
+/// A client that asks for an answer and never reads it: once nothing has moved for the idle
+/// timeout, the connection is closed and the answer's memory freed, where before it was held for
+/// as long as the client kept the connection.
+#[tokio::test]
+async fn a_client_that_stops_reading_its_answer_is_closed() {
+    let h = harness(limits(|l| l.idle_timeout = Duration::from_millis(600))).await;
+    let (mut stream, text) = ask_for_a_large_answer(&h).await;
     // Not reading: the proxy's writes block once the socket buffers are full.
     h.wait_audit(1).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -629,12 +636,7 @@ async fn an_http2_stream_given_no_window_is_closed() {
 #[tokio::test]
 async fn a_slow_reader_of_a_large_answer_is_not_closed() {
     let h = harness(limits(|l| l.idle_timeout = Duration::from_millis(500))).await;
-    let text = "lighthouse ".repeat(2 * 1024 * 1024);
-    h.fake.set_reply(FakeReply::Text(text.clone()));
-    let mut stream = TcpStream::connect(h.addr).await.unwrap();
-    let body = message("hi", false).to_string();
-    stream.write_all(head(body.len()).as_bytes()).await.unwrap();
-    stream.write_all(body.as_bytes()).await.unwrap();
+    let (mut stream, text) = ask_for_a_large_answer(&h).await;
     let started = Instant::now();
     let mut got = 0usize;
     let mut buf = vec![0u8; 1024 * 1024];
