@@ -3,6 +3,8 @@
 
 #[path = "proxy_e2e/bounds.rs"]
 mod bounds;
+#[path = "proxy_e2e/liveness.rs"]
+mod liveness;
 #[path = "proxy_e2e/memory_bounds.rs"]
 mod memory_bounds;
 #[path = "proxy_e2e/namespace_users.rs"]
