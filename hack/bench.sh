@@ -191,12 +191,12 @@ fi
 if [ "${BENCH_PROFILE:-release}" = dev ]; then
   log "dev build (figures will be meaningless)"
   [ "${BENCH_SKIP_BUILD:-0}" = 1 ] || nice cargo build --locked --bin claudekey \
-    --example fake_upstream --example bench_stream --example bench_admission --example bench_controller --example bench_wake --example bench_redis --example bench_tenants
+    --example fake_upstream --example bare_forward --example bench_stream --example bench_admission --example bench_controller --example bench_wake --example bench_redis --example bench_tenants
   BIN=target/debug
 else
   log "release build (nice)"
   nice cargo build --release --locked --bin claudekey \
-    --example fake_upstream --example bench_stream --example bench_admission --example bench_controller --example bench_wake --example bench_redis --example bench_tenants
+    --example fake_upstream --example bare_forward --example bench_stream --example bench_admission --example bench_controller --example bench_wake --example bench_redis --example bench_tenants
   BIN=target/release
 fi
 CK=$BIN/claudekey
@@ -242,6 +242,9 @@ start upstream-paced 1 "$BIN/examples/fake_upstream" --listen "127.0.0.1:$P_UPS"
 # A bare echo on the proxy's core: the round trip any extra hop pays here (streaming row).
 P_ECHO=$(free_port)
 start echo 0 "$BIN/examples/bench_wake" serve --listen "127.0.0.1:$P_ECHO"
+# hyper and tokio alone, forwarding to the paced upstream: the HTTP stack's share (streaming row).
+P_BARE=$(free_port)
+start bare 0 "$BIN/examples/bare_forward" --listen "127.0.0.1:$P_BARE" --upstream "127.0.0.1:$P_UPS" --key "$UPKEY"
 
 # Full gateway policy (hack/bench_tenant.sh).
 bench_policy "$WORK/proxy"
@@ -625,12 +628,13 @@ done
 # ---------------------------------------------------------------------------
 log "row 2: streaming through a paced upstream (64 deltas, 20 ms apart), with and without response redaction"
 for rep in $(seq 1 "$REPS"); do
-  for t in $(shuffled direct claudekey claudekey-redact $([ "$USE_NGINX" = 1 ] && echo nginx) \
+  for t in $(shuffled direct claudekey claudekey-redact bare $([ "$USE_NGINX" = 1 ] && echo nginx) \
       $([ "$USE_AGENTGATEWAY" = 1 ] && echo agentgateway) $([ "$USE_PORTKEY" = 1 ] && echo portkey)); do
     extra=()
     case $t in
       direct) url=http://127.0.0.1:$P_UPS key=$UPKEY ;;
       nginx) url=http://127.0.0.1:$P_NGS key=$UPKEY ;;
+      bare) url=http://127.0.0.1:$P_BARE key=$WKEY ;;
       claudekey) url=http://127.0.0.1:$P_CKS key=$WKEY ;;
       claudekey-redact) url=http://127.0.0.1:$P_CKR key=$WKEY ;;
       agentgateway) url=http://127.0.0.1:$P_AGS key=$WKEY ;;

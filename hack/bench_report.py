@@ -26,6 +26,7 @@ TARGET_NAMES = {
     "litellm": "LiteLLM",
     "agentgateway": "agentgateway",
     "portkey": "Portkey gateway",
+    "bare": "a bare hyper forward (no policy)",
 }
 # The peer gateways a user would pick instead of claudekey (issue 21): claudekey's CPU per request
 # should be below each one's.
@@ -403,6 +404,9 @@ def report(args):
     t99n = s_added("ttfb_p99_us", "nginx")
     if t99n:
         w(f"| streaming added TTFB p99 through nginx, unbuffered (reference: the floor of one extra hop here) | {fmt(t99n, ' µs')} | | |")
+    t99b = s_added("ttfb_p99_us", "bare")
+    if t99b:
+        w(f"| streaming added TTFB p99 through a bare hyper forward (reference: hyper and tokio alone, no policy) | {fmt(t99b, ' µs')} | | |")
     for peer in PEERS:
         t99p = s_added("ttfb_p99_us", peer)
         if t99p:
@@ -532,6 +536,16 @@ def report(args):
                 w(f"| {label} | " + " | ".join(f"{fmt(s_abs(p, field), ' µs')} | {fmt(s_added(field, p), ' µs')}" for p in peers) + " |")
             w("| gaps > 30 ms per run | " + " | ".join(f"{fmt(s_abs(p, 'gaps_over_30ms'))} | " for p in peers) + " |")
             w("| fewest delta events seen in one stream | " + " | ".join(f"{fmt(s_abs(p, 'min_deltas'))} | " for p in peers) + " |")
+            w("")
+        if any(k[0] == "bare" for k in stream):
+            w("The HTTP stack's share: `examples/bare_forward`, hyper's server and client on tokio's single-threaded "
+              "runtime as the proxy runs them, on the proxy's core, forwarding to the same paced upstream with no "
+              "authentication, policy, audit or metrics. What claudekey adds beyond it is its own work on the request and the response.")
+            w("")
+            w("| Measure | a bare hyper forward | added |")
+            w("| --- | --- | --- |")
+            for field, label in STREAM_FIELDS[:2]:
+                w(f"| {label} | {fmt(s_abs('bare', field), ' µs')} | {fmt(s_added(field, 'bare'), ' µs')} |")
             w("")
         if wake:
             w("The floor of one extra hop: a round trip from the streaming client's core to a bare TCP echo "
