@@ -5,7 +5,8 @@
 //! is replaced by `--key`.
 //!
 //! Set beside nginx and the proxy it splits a stream's added time to first byte into what the
-//! HTTP stack costs and what claudekey's own request path costs (docs/benchmarks-notes.md).
+//! HTTP stack costs and what claudekey's own work on the request and the response costs
+//! (docs/benchmarks-notes.md).
 //! Runs only against loopback addresses.
 
 use std::{
