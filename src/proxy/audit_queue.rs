@@ -1,7 +1,13 @@
-//! The audit writer: a queue of records and the thread that encodes and writes them.
+//! The audit writer: a queue of encoded lines and the thread that writes them.
 //!
 //! A finishing request never waits here: its line is always taken (the request is in flight and
-//! its memory already spent), and taking it is a lock and a move. What the queue bounds is how
+//! its memory already spent). The request's own thread encodes its record (about 1.8k
+//! instructions, on data still in its cache) and appends the line under a lock, and the record's
+//! memory is freed on the thread that allocated it. The writer thread only writes bytes, at its
+//! own pace: while lines keep coming no request wakes it (see [`Queue::take`]). On a one-core
+//! proxy the writer shares the core with the requests, and what it does there lands on whichever
+//! request is in flight: a write of a batch is a shorter stall than encoding the batch was
+//! (docs/benchmarks-notes.md). What the queue bounds is how
 //! many requests *start*: once its capacity of lines wait, new requests wait at the door
 //! ([`Writer::room`]) until the writer has taken them. That wait is asynchronous, so a target that
 //! stops taking lines (a container log pipe nobody reads, a disk that blocks) holds requests at
@@ -18,6 +24,7 @@
 //! writer is a request served unaudited), and the admin probes fail so the proxy is restarted.
 
 use std::{
+    cell::RefCell,
     io::Write,
     sync::{
         Arc, Condvar, Mutex, MutexGuard, PoisonError,
@@ -35,6 +42,11 @@ use super::audit::AuditRecord;
 /// meanwhile go out together. Also the most a line can lag behind its request.
 pub const COALESCE: Duration = Duration::from_millis(10);
 
+/// How long the writer keeps looking for lines on its own after the last one came, before it
+/// sleeps until a request wakes it: an idle proxy's writer does not wake a hundred times a
+/// second.
+pub const IDLE_AFTER: Duration = Duration::from_secs(1);
+
 /// The wait before the first retry of a failed write (a log rotated under the proxy, a
 /// transient I/O error): doubled after each failure up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(10);
@@ -42,12 +54,16 @@ const RETRY_FIRST: Duration = Duration::from_millis(10);
 /// The longest wait between two tries of a write that keeps failing (a full disk).
 pub const RETRY_MAX: Duration = Duration::from_secs(1);
 
-/// The records waiting for the writer, and what the writer is doing.
+/// The lines waiting for the writer, and what the writer is doing.
 #[derive(Default)]
 struct Pending {
-    records: Vec<AuditRecord>,
-    /// The writer sleeps until a sender wakes it: nothing was queued when it last looked. While
-    /// it is awake senders need not wake it, so a busy proxy makes no system call per line.
+    /// Encoded lines, each ending in a newline.
+    lines: Vec<u8>,
+    /// How many lines `lines` holds: the door closes at the queue's capacity.
+    waiting: usize,
+    /// The writer sleeps until a sender wakes it: nothing was queued for [`IDLE_AFTER`]. While
+    /// it looks on its own senders need not wake it, so a busy proxy makes no system call per
+    /// line and none of its requests wakes the writer.
     writer_idle: bool,
     flush_asked: bool,
     /// Every sink is gone: the writer writes what is left and ends.
@@ -78,23 +94,40 @@ impl Queue {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Waits for lines (or a flush, or the close), then for [`COALESCE`] more unless a flush
-    /// is asked, and swaps the queue into `batch`. Returns how many lines will have been written
-    /// after it, or `None` once closed with nothing left.
-    fn take(&self, batch: &mut Vec<AuditRecord>) -> Option<u64> {
+    /// Waits for lines (or a flush, or the close) and swaps the queue into `batch` (which must be
+    /// empty). Returns how many lines will have been written after it, or `None` once closed
+    /// with nothing left.
+    ///
+    /// While lines keep coming the writer looks every [`COALESCE`] on its own, so no request
+    /// has to wake it: a wake is a system call, and on a one-core proxy it put the writer on the
+    /// core in the middle of that request. After [`IDLE_AFTER`] without a line it sleeps until
+    /// a request wakes it, and then waits [`COALESCE`] for the lines that follow.
+    fn take(&self, batch: &mut Vec<u8>) -> Option<u64> {
         let mut pending = self.lock();
-        while pending.records.is_empty() && !pending.flush_asked {
+        let mut quiet = Duration::ZERO;
+        let mut woken = false;
+        while pending.lines.is_empty() && !pending.flush_asked {
             if pending.closed {
                 return None;
             }
-            pending.writer_idle = true;
-            pending = self
-                .wake
-                .wait(pending)
-                .unwrap_or_else(PoisonError::into_inner);
+            if quiet >= IDLE_AFTER {
+                pending.writer_idle = true;
+                pending = self
+                    .wake
+                    .wait(pending)
+                    .unwrap_or_else(PoisonError::into_inner);
+                (quiet, woken) = (Duration::ZERO, true);
+            } else {
+                pending = self
+                    .wake
+                    .wait_timeout(pending, COALESCE)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+                quiet += COALESCE;
+            }
         }
         pending.writer_idle = false;
-        if !pending.flush_asked && !pending.closed {
+        if woken && !pending.flush_asked && !pending.closed {
             pending = self
                 .wake
                 .wait_timeout_while(pending, COALESCE, |p| !p.flush_asked && !p.closed)
@@ -102,7 +135,8 @@ impl Queue {
                 .0;
         }
         pending.flush_asked = false;
-        std::mem::swap(&mut pending.records, batch);
+        std::mem::swap(&mut pending.lines, batch);
+        pending.waiting = 0;
         let through = pending.queued;
         let was_full = self.full.swap(false, Ordering::AcqRel);
         drop(pending);
@@ -145,6 +179,10 @@ impl Drop for Running<'_> {
 #[error("the audit log writer has stopped; the proxy must be restarted")]
 pub struct WriterStopped;
 
+/// What a queue's buffer of lines starts with, and keeps between batches: a burst may grow it
+/// up to the queue's capacity of lines, and it is given back down to this once written.
+const KEEP_BYTES: usize = 256 * 1024;
+
 /// The sending side of one writer thread. When it is dropped (with the last sink) the thread
 /// writes what is queued and ends.
 pub struct Writer(Arc<Queue>);
@@ -152,7 +190,7 @@ pub struct Writer(Arc<Queue>);
 impl Writer {
     /// Starts the thread writing to `target`, with room for `capacity` lines before requests
     /// wait at the door; each failed try at a write counts in `failed_writes`. Both of its
-    /// buffers are reserved now: no line allocates.
+    /// buffers are reserved now: a line allocates only when a burst outgrows them.
     pub fn start(
         target: Box<dyn Write + Send>,
         capacity: usize,
@@ -161,7 +199,7 @@ impl Writer {
         let capacity = capacity.max(1);
         let queue = Arc::new(Queue {
             pending: Mutex::new(Pending {
-                records: Vec::with_capacity(capacity),
+                lines: Vec::with_capacity(KEEP_BYTES),
                 ..Pending::default()
             }),
             wake: Condvar::new(),
@@ -181,22 +219,36 @@ impl Writer {
         Ok(Self(queue))
     }
 
-    /// Queues one request's record; never waits. A request's own thread, which on a one-core
-    /// proxy has the client's next request to serve, only moves the record: the writer thread
-    /// encodes it (about 1.8k instructions and 8 KB of code).
+    /// Queues one request's record as its line; never waits. The line is encoded before the
+    /// lock is taken, into a buffer the thread keeps, so the lock is held for a copy.
     pub fn push(&self, record: AuditRecord) {
+        /// Lines are short (client-given fields are clipped); a longer one's buffer is not kept.
+        const MAX_KEPT_LINE: usize = 16 * 1024;
+        thread_local! {
+            static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(1024));
+        }
         let queue = &*self.0;
-        let mut pending = queue.lock();
-        pending.records.push(record);
-        pending.queued += 1;
-        if pending.records.len() >= queue.capacity {
-            queue.full.store(true, Ordering::Release);
-        }
-        let wake = std::mem::take(&mut pending.writer_idle);
-        drop(pending);
-        if wake {
-            queue.wake.notify_one();
-        }
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            record.encode(line);
+            line.push(b'\n');
+            drop(record);
+            if line.capacity() > MAX_KEPT_LINE {
+                line.shrink_to(MAX_KEPT_LINE);
+            }
+            let mut pending = queue.lock();
+            pending.lines.extend_from_slice(line);
+            pending.waiting += 1;
+            pending.queued += 1;
+            if pending.waiting >= queue.capacity {
+                queue.full.store(true, Ordering::Release);
+            }
+            let wake = std::mem::take(&mut pending.writer_idle);
+            drop(pending);
+            if wake {
+                queue.wake.notify_one();
+            }
+        });
     }
 
     /// Whether a request may start now: the queue is not full and the writer still runs. A
@@ -265,23 +317,15 @@ impl Drop for Writer {
     }
 }
 
-/// The writer thread: encodes each batch into one buffer and writes it in one call, trying again
+/// The writer thread: writes each batch of lines in one call, trying again
 /// until the target takes it (see the module's doc).
 fn write_lines(queue: &Queue, mut target: Box<dyn Write + Send>, failed_writes: &Counter) {
-    /// The encoded batch's buffer is kept between batches, up to this.
-    const KEEP_BYTES: usize = 256 * 1024;
-    let mut batch = Vec::with_capacity(queue.capacity);
-    // Encoded lines the target has not taken yet.
-    let mut unwritten = Vec::new();
+    let mut batch = Vec::with_capacity(KEEP_BYTES);
     while let Some(through) = queue.take(&mut batch) {
-        for record in batch.drain(..) {
-            record.encode(&mut unwritten);
-            unwritten.push(b'\n');
-        }
-        if !write_until_taken(queue, &mut *target, &mut unwritten, failed_writes) {
+        if !write_until_taken(queue, &mut *target, &mut batch, failed_writes) {
             return;
         }
-        unwritten.shrink_to(KEEP_BYTES);
+        batch.shrink_to(KEEP_BYTES);
         queue.written_through(through);
     }
 }

@@ -55,10 +55,21 @@ fn record(status: u16) -> AuditRecord {
     }
 }
 
+/// Waits (up to `IDLE_AFTER` and 5 s more) until the writer sleeps until a request wakes it.
+fn wait_until_idle(writer: &Writer) {
+    let deadline = Instant::now() + IDLE_AFTER + Duration::from_secs(5);
+    while !writer.0.lock().writer_idle {
+        assert!(Instant::now() < deadline, "the writer never went idle");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn lines_that_end_close_together_go_out_in_one_write_after_the_wait() {
     let out = Written::default();
     let writer = Writer::start(Box::new(out.clone()), 16, Counter::default()).unwrap();
+    // From idle: the first line wakes the writer, which waits for those that follow.
+    wait_until_idle(&writer);
     let sent = Instant::now();
     writer.push(record(1));
     writer.push(record(2));
@@ -68,6 +79,33 @@ fn lines_that_end_close_together_go_out_in_one_write_after_the_wait() {
     assert_eq!(writes, 1, "one write for both lines");
     // Written no sooner than the wait (a lower bound: a loaded machine only delays it).
     assert!(first_write.unwrap() - sent >= COALESCE);
+}
+
+#[test]
+fn a_writer_that_wrote_looks_again_on_its_own_then_sleeps_after_a_quiet_while() {
+    let out = Written::default();
+    let writer = Writer::start(Box::new(out.clone()), 16, Counter::default()).unwrap();
+    writer.push(record(1));
+    out.wait_for(1);
+    let written = Instant::now();
+    // Looking on its own: the next request's line needs no wake (no system call, and the writer
+    // is not put on the core in the middle of that request).
+    assert!(
+        !writer.0.lock().writer_idle,
+        "the writer slept right after a write"
+    );
+    writer.push(record(2));
+    out.wait_for(2);
+    assert_eq!(out.statuses(), [1, 2]);
+    std::thread::sleep(IDLE_AFTER / 2);
+    assert!(
+        !writer.0.lock().writer_idle || written.elapsed() >= IDLE_AFTER,
+        "the writer slept before a quiet {IDLE_AFTER:?}"
+    );
+    // And an idle proxy's writer does not keep waking: it sleeps until a line comes.
+    wait_until_idle(&writer);
+    writer.push(record(3));
+    out.wait_for(3);
 }
 
 #[test]

@@ -1,11 +1,11 @@
 //! Where audit lines go: stdout, a file, memory (tests) or nowhere. Lines for stdout or a file
 //! are written by a background thread (`audit_queue`) so a slow write never slows a request, at
-//! most every [`COALESCE`](audit_queue::COALESCE): a busy proxy does not wake it (and, on a
-//! one-core pod, get preempted by it) once per request. Its queue is bounded ([`queue_size`]):
-//! once it is full new requests wait at the door ([`AuditSink::room`]) until the writer catches
-//! up, so a target that stops taking lines (a full disk's retries, a container log pipe nobody
-//! reads) holds requests back instead of growing the proxy until it is killed, and no request
-//! goes unaudited.
+//! most every [`COALESCE`](audit_queue::COALESCE), and no request of a busy proxy wakes it (a
+//! wake is a system call, and on a one-core pod it put the writer on the core mid-request). Its
+//! queue is bounded ([`queue_size`]): once it is full new requests wait at the door
+//! ([`AuditSink::room`]) until the writer catches up, so a target that stops taking lines (a
+//! full disk's retries, a container log pipe nobody reads) holds requests back instead of growing
+//! the proxy until it is killed, and no request goes unaudited.
 
 use std::{
     io::Write,
