@@ -222,10 +222,12 @@ impl Writer {
     /// Queues one request's record as its line; never waits. The line is encoded before the
     /// lock is taken, into a buffer the thread keeps, so the lock is held for a copy.
     pub fn push(&self, record: AuditRecord) {
-        /// Lines are short (client-given fields are clipped); a longer one's buffer is not kept.
+        /// Lines are short (client-given fields are clipped): the thread's buffer starts at
+        /// `KEPT_LINE` bytes, and one grown past `MAX_KEPT_LINE` is not kept.
+        const KEPT_LINE: usize = 1024;
         const MAX_KEPT_LINE: usize = 16 * 1024;
         thread_local! {
-            static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(1024));
+            static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(KEPT_LINE));
         }
         let queue = &*self.0;
         LINE.with_borrow_mut(|line| {
@@ -233,9 +235,6 @@ impl Writer {
             record.encode(line);
             line.push(b'\n');
             drop(record);
-            if line.capacity() > MAX_KEPT_LINE {
-                line.shrink_to(MAX_KEPT_LINE);
-            }
             let mut pending = queue.lock();
             pending.lines.extend_from_slice(line);
             pending.waiting += 1;
@@ -245,6 +244,9 @@ impl Writer {
             }
             let wake = std::mem::take(&mut pending.writer_idle);
             drop(pending);
+            if line.capacity() > MAX_KEPT_LINE {
+                *line = Vec::with_capacity(KEPT_LINE);
+            }
             if wake {
                 queue.wake.notify_one();
             }
