@@ -91,9 +91,10 @@ trap cleanup EXIT
 
 log "1/3 instrumented release build ($GEN_TARGET)"
 # The flags stay the same from run to run, so an unchanged tree is not built again; where the
-# profiles go is said at run time (LLVM_PROFILE_FILE).
+# profiles go is said at run time (LLVM_PROFILE_FILE). The build's own scripts and proc macros
+# are instrumented too: their profiles go to the work directory, not the flag's /tmp.
 RUSTFLAGS="-Cprofile-generate=/tmp" CARGO_TARGET_DIR=$GEN_TARGET \
-  nice cargo build --release --locked --bin claudekey
+  LLVM_PROFILE_FILE="$WORK/build-profiles/%m.profraw" nice cargo build --release --locked --bin claudekey
 # The load generators and the fake upstream are not trained: a plain release build (the
 # control plane's load generators only when their roles are trained).
 EXAMPLES=(--example fake_upstream --example bench_stream)
