@@ -20,8 +20,8 @@
 #            --claudekey PATH  measure this claudekey executable (say, hack/pgo.sh's output
 #                            from an unchanged tree) instead of building one
 #
-# Rows: (1) proxy overhead vs direct, nginx and LiteLLM with oha at c=1/16/64 and an open-loop
-# rate sweep; (2) streaming TTFB and per-delta gaps through a paced upstream; (3) RSS idle, at
+# Rows: (1) proxy overhead vs direct, nginx and LiteLLM with oha at c=1/16/64, claudekey against
+# nginx at c=1 in paired rounds, and an open-loop rate sweep; (2) streaming TTFB and per-delta gaps through a paced upstream; (3) RSS idle, at
 # 1k req/s and after a soak; (4) webhook handler time (criterion) and Deployment create latency
 # through the real apiserver with and without the webhooks; (5) controller scale: 1,000 and
 # 10,000 ClaudeKeys applied at once, time to all Ready, API requests per ClaudeKey (by verb and
@@ -71,10 +71,10 @@ while [ $# -gt 0 ]; do
 done
 if [ "$SMOKE" = 1 ]; then
   REPS=1 SOAK=1
-  CELL=0.5 SWEEP_STEP=0.5 STREAMS=2 ADMISSION_N=3 SCALE_N=20 SCALE_BIG=40
+  CELL=0.5 SWEEP_STEP=0.5 STREAMS=2 ADMISSION_N=3 SCALE_N=20 SCALE_BIG=40 PAIRS=2 PAIR_CELL=0.5
   CRITERION=(--warm-up-time 0.1 --measurement-time 0.3 --sample-size 10)
 else
-  CELL=3 SWEEP_STEP=3 STREAMS=16 ADMISSION_N=100 SCALE_N=1000 SCALE_BIG=10000
+  CELL=3 SWEEP_STEP=3 STREAMS=16 ADMISSION_N=100 SCALE_N=1000 SCALE_BIG=10000 PAIRS=16 PAIR_CELL=2
   CRITERION=(--warm-up-time 1 --measurement-time 4)
 fi
 
@@ -562,6 +562,20 @@ for rep in $(seq 1 "$REPS"); do
     done
   done
 done
+
+# Issue 21's c=1 targets compare claudekey with nginx, a few microseconds apart, while this VM's
+# speed drifts by tens of percent between cells: short rounds of the two back to back, in a
+# random order, give one difference per round that the drift mostly cancels from; the table
+# gives their median.
+if [ "$USE_NGINX" = 1 ]; then
+  log "row 1: claudekey against nginx at c=1, $PAIRS paired rounds of ${PAIR_CELL}s"
+  for round in $(seq 1 "$PAIRS"); do
+    for t in $(shuffled claudekey nginx); do
+      oha_run "$RAW/pair-$t-r$round.json" "$t" -c 1 -z "${PAIR_CELL}s"
+      echo "{\"row\":\"pair\",\"target\":\"$t\",\"round\":$round,\"file\":\"pair-$t-r$round.json\"}" >>"$RAW/results.jsonl"
+    done
+  done
+fi
 
 # Open loop: a constant arrival rate (oha -q, latency corrected for coordinated omission); a
 # rate passes when p99 <= 5 ms, >= 95% of the rate was achieved and every request succeeded.

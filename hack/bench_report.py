@@ -126,6 +126,26 @@ def kib_to_mb(kib):
     return kib * 1024 / 1e6
 
 
+def paired_rounds(raw, records, a="claudekey", b="nginx"):
+    """Row 1's paired rounds: per percentile, the median of `a` minus `b` over the rounds in
+    which both answered every request, its quartiles, the rounds in which `b` was ahead, and
+    the number of rounds. None without such a round."""
+    runs = {}
+    for r in records:
+        if r["row"] == "pair":
+            runs.setdefault(r["round"], {})[r["target"]] = oha_summary(os.path.join(raw, r["file"]))
+    rounds = [x for x in runs.values() if all(x.get(t) and x[t]["ok"] and not x[t]["bad"] for t in (a, b))]
+    if not rounds:
+        return None
+    out = {}
+    for field in ("p50", "p99"):
+        d = sorted(x[a][field] - x[b][field] for x in rounds)
+        q1, _, q3 = statistics.quantiles(d, n=4) if len(d) > 1 else (d[0], d[0], d[0])
+        out[field] = (statistics.median(d), q1, q3, sum(v > 0 for v in d))
+    out["rounds"] = len(rounds)
+    return out
+
+
 def verdict(value, limit, higher_is_better=False):
     if value is None:
         return "not measured"
@@ -301,6 +321,18 @@ def report(args):
             )
         elif peer == "litellm":
             w(f"| LiteLLM added p99 / claudekey added p99, c=1 | not measured | >= 10x | not measured |")
+    pairs = paired_rounds(raw, records)
+    if pairs:
+
+        def us(x):
+            return f"{x * 1e6:+.0f} µs"
+
+        (m50, l50, h50, n50), (m99, l99, h99, n99) = pairs["p50"], pairs["p99"]
+        w(
+            f"| claudekey minus nginx at c=1, p50 / p99, {pairs['rounds']} paired rounds (median; quartiles; rounds nginx was ahead) | "
+            f"**{us(m50)} / {us(m99)}** ({us(l50)}..{us(h50)} / {us(l99)}..{us(h99)}; {n50} / {n99} of {pairs['rounds']}) | "
+            f"<= 0 (issue 21) | {verdict(max(m50, m99), 0)} |"
+        )
     if "baseline" in targets:
         for c in [c for c in (1, 64) if c in conc]:
             for measure, label in (("p50", "added p50"), ("p99", "added p99"), ("cpu", "CPU per request")):
