@@ -21,8 +21,8 @@
 #                            from an unchanged tree) instead of building one
 #
 # Rows: (1) proxy overhead vs direct, nginx and LiteLLM with oha at c=1/16/64, claudekey against
-# nginx at c=1 in paired rounds, and an open-loop rate sweep; (2) streaming TTFB and per-delta gaps through a paced upstream; (3) RSS idle, at
-# 1k req/s and after a soak; (4) webhook handler time (criterion) and Deployment create latency
+# nginx at c=1 in paired rounds, and an open-loop rate sweep; (2) streaming TTFB and per-delta
+# gaps through a paced upstream; (3) RSS idle, at 1k req/s and after a soak; (4) webhook handler time (criterion) and Deployment create latency
 # through the real apiserver with and without the webhooks; (5) controller scale: 1,000 and
 # 10,000 ClaudeKeys applied at once, time to all Ready, API requests per ClaudeKey (by verb and
 # resource), controller RSS;
