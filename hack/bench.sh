@@ -139,6 +139,25 @@ cpu_seconds() {
   awk -v t="$total" -v hz="$hz" 'BEGIN{printf "%.3f", t/hz}'
 }
 
+# round_cpu — CPU seconds used so far, one JSON object: the control plane's processes (when this
+# run started it), the controller and the row 8 gateway, and the machine's busy and idle time
+# from /proc/stat (busy: user, nice, system, irq, softirq; idle: idle and iowait). Taken before
+# and after a controller round (`t`: when, in seconds), the differences say which process the
+# round's time went to.
+round_cpu() {
+  local n pid
+  printf '{"t":%s,' "$(date +%s.%N)"
+  if [ -n "${CP_STATE:-}" ]; then
+    for n in kube-apiserver etcd kube-controller-manager; do
+      pid=$(cut -d' ' -f1 "$CP_STATE/pids/$n.pid" 2>/dev/null) || continue
+      printf '"%s":%s,' "$n" "$(cpu_seconds "$pid")"
+    done
+  fi
+  printf '"controller":%s,' "$(cpu_seconds "$PID_controller")"
+  if [ -n "${PID_gateway_tenants:-}" ]; then printf '"gateway":%s,' "$(cpu_seconds "$PID_gateway_tenants")"; fi
+  awk -v hz="$(getconf CLK_TCK)" '/^cpu /{printf "\"machine_busy\":%.2f,\"machine_idle\":%.2f}", ($2+$3+$4+$7+$8)/hz, ($5+$6)/hz}' /proc/stat
+}
+
 rss_kib() {
   local total=0 p kb
   for p in $1 $(pgrep -P "$1" 2>/dev/null || true); do
@@ -805,11 +824,13 @@ if [ "$USE_WEBHOOK" = 1 ] && [ -n "${KCFG:-}" ]; then
   # takes minutes); the controller's RSS peak of this round is its own row.
   log "row 5: $SCALE_BIG ClaudeKeys applied at once, 1 round (the row 8 gateway serves them too)"
   rss_before_big=$(wc -l <"$RAW/controller-rss.txt")
+  cpu_before=$(round_cpu)
   line=$(taskset -c 1 "$BIN/examples/bench_controller" --operator-namespace "$OPNS" \
     --controller-metrics "http://127.0.0.1:$P_CM/metrics" --count "$SCALE_BIG" --namespaces 100 \
     --timeout 900s --keep --gateway "http://127.0.0.1:$P_GWT" 2>"$WORK/scale.log") \
     || { log "bench_controller failed:"; tail -20 "$WORK/scale.log" >&2; exit 1; }
   echo "{\"row\":\"scale\",\"rep\":1,\"m\":$line}" >>"$RAW/results.jsonl"
+  echo "{\"row\":\"scale_cpu\",\"count\":$SCALE_BIG,\"cores\":$(getconf _NPROCESSORS_ONLN),\"before\":$cpu_before,\"after\":$(round_cpu)}" >>"$RAW/results.jsonl"
   log "row 8: one gateway, $SCALE_BIG + 1 tenants: c=64"
   gateway_tenants_cells many
   for ns in $SOLO_NS $(python3 -c 'import json,sys; print(" ".join(json.loads(sys.argv[1])["kept"]))' "$line"); do
