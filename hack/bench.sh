@@ -880,6 +880,14 @@ VERSIONS=$(
       echo ", guest_halt_poll_ns=$(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns)")"
 )
 if [ "$SMOKE" = 1 ]; then OUT=$WORK/benchmarks.md; fi
-python3 hack/bench_report.py --raw "$RAW" --out "$OUT" --command "$COMMAND" \
-  --versions "$VERSIONS" ${BASELINE:+--baseline "$BASE_REV"} --reps "$REPS" --soak "$SOAK" --cell "$CELL" $([ "$SMOKE" = 1 ] && echo --smoke)
+# A report that fails keeps the raw results, so a fixed report can be run on them again
+# (the command is printed) rather than the whole run.
+REPORT=(python3 hack/bench_report.py --raw "$RAW" --out "$OUT" --command "$COMMAND"
+  --versions "$VERSIONS" ${BASELINE:+--baseline "$BASE_REV"} --reps "$REPS" --soak "$SOAK" --cell "$CELL")
+if [ "$SMOKE" = 1 ]; then REPORT+=(--smoke); fi
+if ! "${REPORT[@]}"; then
+  KEEP_WORK=1
+  log "the report failed; raw results kept in $RAW; after a fix: $(printf '%q ' "${REPORT[@]}")"
+  exit 1
+fi
 log "done; table written to $OUT"

@@ -303,7 +303,7 @@ def report(args):
             }
 
     scale = [r["m"] for r in records if r["row"] == "scale"]
-    cpu = round_cpu(records)
+    big_round = round_cpu(records)
 
     admission = None
     ad = next((r for r in records if r["row"] == "admission"), None)
@@ -492,8 +492,9 @@ def report(args):
             ready = med([m["ready_s"] for m in runs])
             per_key = med([m["api_requests"] / m["count"] for m in runs])
             bound = ""
-            if cpu and cpu["count"] == count and cpu["floor_s"] is not None:
-                bound = f" (the apiserver's and etcd's CPU alone: {cpu['floor_s']:.1f} s on {cpu['cores']} cores; section 5)"
+            if big_round and big_round["count"] == count and big_round["floor_s"] is not None:
+                bound = (f" (the apiserver's and etcd's CPU alone: {big_round['floor_s']:.1f} s on "
+                         f"{big_round['cores']} cores; section 5)")
             w(
                 f"| {count:,} ClaudeKeys applied at once: all Ready | {fmt(ready, ' s', 1, 1)}{bound} | <= 60 s | "
                 f"{verdict(ready[2] if count >= 1000 else None, 60)} |"
@@ -718,26 +719,26 @@ def report(args):
             w("| --- | --- |")
             for k, v in shown:
                 w(f"| {k} | {v:.2f} |")
-        if cpu:
+        if big_round:
             w("")
-            w(f"CPU over the {cpu['count']:,}-ClaudeKey round ({cpu['wall_s']:.1f} s from just before the first create "
+            w(f"CPU over the {big_round['count']:,}-ClaudeKey round ({big_round['wall_s']:.1f} s from just before the first create "
               "until the benchmark returned; /proc, all threads and child processes): the machine's "
-              f"{cpu['cores']} cores were busy {cpu['busy_s']:.1f} s and idle {cpu['idle_s']:.1f} s.")
+              f"{big_round['cores']} cores were busy {big_round['busy_s']:.1f} s and idle {big_round['idle_s']:.1f} s.")
             w("")
             w("| process | CPU | share of the cores' time |")
             w("| --- | --- | --- |")
-            capacity = cpu["wall_s"] * cpu["cores"]
+            capacity = big_round["wall_s"] * big_round["cores"]
             named = 0.0
             names = {"controller": "claudekey controller", "gateway": "claudekey gateway (section 5b)"}
-            for name, secs in sorted(cpu["processes"].items(), key=lambda kv: -kv[1]):
+            for name, secs in sorted(big_round["processes"].items(), key=lambda kv: -kv[1]):
                 named += secs
                 w(f"| {names.get(name, name)} | {secs:.1f} s | {100 * secs / capacity:.0f}% |")
-            w(f"| everything else (the benchmark, the kernel's own threads) | {max(cpu['busy_s'] - named, 0):.1f} s | "
-              f"{100 * max(cpu['busy_s'] - named, 0) / capacity:.0f}% |")
-            if cpu["floor_s"] is not None:
+            w(f"| everything else (the benchmark, the kernel's own threads) | {max(big_round['busy_s'] - named, 0):.1f} s | "
+              f"{100 * max(big_round['busy_s'] - named, 0) / capacity:.0f}% |")
+            if big_round["floor_s"] is not None:
                 w("")
-                w(f"The apiserver's and etcd's CPU alone, spread perfectly over {cpu['cores']} cores, take "
-                  f"{cpu['floor_s']:.1f} s: with the same API requests, the round cannot end sooner on this machine "
+                w(f"The apiserver's and etcd's CPU alone, spread perfectly over {big_round['cores']} cores, take "
+                  f"{big_round['floor_s']:.1f} s: with the same API requests, the round cannot end sooner on this machine "
                   "however little CPU the controller itself used.")
     else:
         w("Not measured: no control plane in this run.")
