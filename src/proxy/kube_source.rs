@@ -9,6 +9,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
+    time::Duration,
 };
 
 use futures::{FutureExt as _, StreamExt as _};
@@ -18,6 +19,7 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 use sha2::{Digest, Sha256};
+use tokio::time::Instant;
 
 use super::{
     config::{CompileError, ConfigSet, Store, compile},
@@ -34,6 +36,40 @@ pub use crate::crd::gateway_config_secret_name as config_secret_name;
 /// At most this many watch events are applied before the set is published: a burst (the
 /// controller rotating many ClaudeKeys) is one swap per batch, not one per Secret.
 const MAX_BATCH: usize = 1024;
+
+/// A changed set is published at once when the last publication is at least this old, and
+/// otherwise as soon as it is: a rotation still goes live at once, while Secrets arriving one
+/// by one (the controller creating thousands of ClaudeKeys) cost one snapshot of the whole set
+/// per interval instead of one per Secret. Per Secret, n of them cost O(n²): 21.5 s of the
+/// gateway's CPU while 10,000 arrived (docs/benchmarks.md).
+const MIN_PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// When the served set's next publication is due. Pure (the caller gives the time), so the
+/// throttle is tested without a clock.
+#[derive(Debug, Default)]
+struct Publisher {
+    last: Option<Instant>,
+    pending: bool,
+}
+
+impl Publisher {
+    fn changed(&mut self) {
+        self.pending = true;
+    }
+
+    /// When the pending change is due (`now` at the earliest); `None` without one.
+    fn due(&self, now: Instant) -> Option<Instant> {
+        self.pending.then(|| {
+            self.last
+                .map_or(now, |last| (last + MIN_PUBLISH_INTERVAL).max(now))
+        })
+    }
+
+    fn published(&mut self, at: Instant) {
+        self.last = Some(at);
+        self.pending = false;
+    }
+}
 
 /// Why one config Secret is not served (or keeps its last good version). Names the Secret,
 /// never its content.
@@ -232,6 +268,12 @@ fn on_event(tenants: &mut Tenants, event: watcher::Event<Secret>, metrics: &Metr
     }
 }
 
+/// Whether the set may be served: mid-list, the old set keeps serving (a relist must never
+/// drop ClaudeKeys), and nothing is served before the first complete list.
+fn servable(listed: bool, tenants: &Tenants) -> bool {
+    listed && tenants.listing.is_none()
+}
+
 /// Watches the config Secrets of `source.namespace` and keeps `store` current until the task is
 /// aborted. `store` stays `None` (not ready) until the first complete list.
 pub fn spawn(
@@ -248,29 +290,45 @@ pub fn spawn(
         let mut stream = std::pin::pin!(stream);
         let mut tenants = Tenants::new(limiters);
         let mut listed = false;
-        while let Some(first) = stream.next().await {
-            let mut changed = false;
-            let mut next = Some(first);
-            let mut batch = 0;
-            while let Some(event) = next.take() {
-                match event {
-                    Ok(event) => {
-                        listed |= matches!(event, watcher::Event::InitDone);
-                        changed |= on_event(&mut tenants, event, &metrics);
+        let mut publisher = Publisher::default();
+        loop {
+            let due = publisher
+                .due(Instant::now())
+                .filter(|_| servable(listed, &tenants));
+            let next = match due {
+                Some(at) => tokio::select! {
+                    next = stream.next() => Some(next),
+                    () = tokio::time::sleep_until(at) => None,
+                },
+                None => Some(stream.next().await),
+            };
+            if let Some(next) = next {
+                let Some(first) = next else { break };
+                let mut next = Some(first);
+                let mut batch = 0;
+                while let Some(event) = next.take() {
+                    match event {
+                        Ok(event) => {
+                            listed |= matches!(event, watcher::Event::InitDone);
+                            if on_event(&mut tenants, event, &metrics) {
+                                publisher.changed();
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, namespace = %namespace, "config Secret watch failed; retrying");
+                        }
                     }
-                    Err(error) => {
-                        tracing::warn!(%error, namespace = %namespace, "config Secret watch failed; retrying");
+                    batch += 1;
+                    if batch < MAX_BATCH {
+                        next = stream.next().now_or_never().flatten();
                     }
-                }
-                batch += 1;
-                if batch < MAX_BATCH {
-                    next = stream.next().now_or_never().flatten();
                 }
             }
-            // Mid-list, the old set keeps serving: a relist must never drop ClaudeKeys.
-            if changed && listed && tenants.listing.is_none() {
+            let now = Instant::now();
+            if servable(listed, &tenants) && publisher.due(now).is_some_and(|at| at <= now) {
                 tracing::info!(claudekeys = tenants.len(), "gateway config updated");
                 store.store(Some(Arc::new(tenants.snapshot())));
+                publisher.published(now);
             }
         }
     })
@@ -317,6 +375,31 @@ mod tests {
             .iter()
             .map(|t| t.label.to_string())
             .collect()
+    }
+
+    #[test]
+    fn a_change_is_published_at_once_unless_one_was_within_the_interval() {
+        let t0 = Instant::now();
+        let mut p = Publisher::default();
+        assert_eq!(p.due(t0), None, "nothing changed");
+        p.changed();
+        assert_eq!(p.due(t0), Some(t0), "the first change is due at once");
+        p.published(t0);
+        assert_eq!(p.due(t0), None);
+        let soon = t0 + MIN_PUBLISH_INTERVAL / 4;
+        p.changed();
+        p.changed();
+        assert_eq!(
+            p.due(soon),
+            Some(t0 + MIN_PUBLISH_INTERVAL),
+            "changes right after a publication wait for the interval, together"
+        );
+        let later = t0 + MIN_PUBLISH_INTERVAL * 3;
+        assert_eq!(
+            p.due(later),
+            Some(later),
+            "a change after a quiet interval is due at once"
+        );
     }
 
     #[test]
