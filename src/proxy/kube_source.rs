@@ -268,10 +268,41 @@ fn on_event(tenants: &mut Tenants, event: watcher::Event<Secret>, metrics: &Metr
     }
 }
 
-/// Whether the set may be served: mid-list, the old set keeps serving (a relist must never
-/// drop ClaudeKeys), and nothing is served before the first complete list.
-fn servable(listed: bool, tenants: &Tenants) -> bool {
-    listed && tenants.listing.is_none()
+/// The watch loop's state: the compiled tenants, whether a first list completed, and the
+/// publication a change is waiting for.
+struct WatchState {
+    tenants: Tenants,
+    listed: bool,
+    publisher: Publisher,
+}
+
+impl WatchState {
+    /// One watch event (or error) applied; a change waits for `due`.
+    fn on(
+        &mut self,
+        event: Result<watcher::Event<Secret>, watcher::Error>,
+        metrics: &Metrics,
+        namespace: &str,
+    ) {
+        match event {
+            Ok(event) => {
+                self.listed |= matches!(event, watcher::Event::InitDone);
+                if on_event(&mut self.tenants, event, metrics) {
+                    self.publisher.changed();
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, %namespace, "config Secret watch failed; retrying");
+            }
+        }
+    }
+
+    /// When the pending change may be published. Mid-list the old set keeps serving (a
+    /// relist must never drop ClaudeKeys), and nothing is served before the first list.
+    fn due(&self, now: Instant) -> Option<Instant> {
+        let servable = self.listed && self.tenants.listing.is_none();
+        self.publisher.due(now).filter(|_| servable)
+    }
 }
 
 /// Watches the config Secrets of `source.namespace` and keeps `store` current until the task is
@@ -288,14 +319,13 @@ pub fn spawn(
     tokio::spawn(async move {
         let stream = watcher(api, config).default_backoff();
         let mut stream = std::pin::pin!(stream);
-        let mut tenants = Tenants::new(limiters);
-        let mut listed = false;
-        let mut publisher = Publisher::default();
+        let mut state = WatchState {
+            tenants: Tenants::new(limiters),
+            listed: false,
+            publisher: Publisher::default(),
+        };
         loop {
-            let due = publisher
-                .due(Instant::now())
-                .filter(|_| servable(listed, &tenants));
-            let next = match due {
+            let next = match state.due(Instant::now()) {
                 Some(at) => tokio::select! {
                     next = stream.next() => Some(next),
                     () = tokio::time::sleep_until(at) => None,
@@ -304,31 +334,20 @@ pub fn spawn(
             };
             if let Some(next) = next {
                 let Some(first) = next else { break };
-                let mut next = Some(first);
-                let mut batch = 0;
-                while let Some(event) = next.take() {
-                    match event {
-                        Ok(event) => {
-                            listed |= matches!(event, watcher::Event::InitDone);
-                            if on_event(&mut tenants, event, &metrics) {
-                                publisher.changed();
-                            }
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, namespace = %namespace, "config Secret watch failed; retrying");
-                        }
-                    }
-                    batch += 1;
-                    if batch < MAX_BATCH {
-                        next = stream.next().now_or_never().flatten();
-                    }
+                state.on(first, &metrics, &namespace);
+                // The events already waiting behind it, in the same pass.
+                for _ in 1..MAX_BATCH {
+                    let Some(event) = stream.next().now_or_never().flatten() else {
+                        break;
+                    };
+                    state.on(event, &metrics, &namespace);
                 }
             }
             let now = Instant::now();
-            if servable(listed, &tenants) && publisher.due(now).is_some_and(|at| at <= now) {
-                tracing::info!(claudekeys = tenants.len(), "gateway config updated");
-                store.store(Some(Arc::new(tenants.snapshot())));
-                publisher.published(now);
+            if state.due(now).is_some_and(|at| at <= now) {
+                tracing::info!(claudekeys = state.tenants.len(), "gateway config updated");
+                store.store(Some(Arc::new(state.tenants.snapshot())));
+                state.publisher.published(now);
             }
         }
     })
