@@ -33,8 +33,8 @@ use crate::proxyconf::FILE_NAME;
 pub use crate::crd::annotations::{CONFIG_LABEL, CONFIG_LABEL_VALUE, NAMESPACE_LABEL};
 /// `claudekey-gw-<first 40 hex of sha256("<namespace>/<name>")>`: the controller's naming.
 pub use crate::crd::gateway_config_secret_name as config_secret_name;
-/// At most this many watch events are applied before the set is published: a burst (the
-/// controller rotating many ClaudeKeys) is one swap per batch, not one per Secret.
+/// At most this many watch events already waiting are applied in one pass, between checks of
+/// whether a publication is due (`MIN_PUBLISH_INTERVAL` decides how often one is).
 const MAX_BATCH: usize = 1024;
 
 /// A changed set is published at once when the last publication is at least this old, and
