@@ -67,6 +67,10 @@ pub enum Error {
     /// nothing was written. Not a failure; the reconcile comes back when the watch caught up.
     #[error("Secret {namespace}/{name} changed since the cache saw it; will look again")]
     Stale { namespace: String, name: String },
+    /// The apiserver refused to create a Secret in a namespace being deleted. Not a failure:
+    /// the ClaudeKey is about to go with its namespace, and nothing can be created there again.
+    #[error("namespace {namespace} is being deleted; nothing new can be written there")]
+    NamespaceTerminating { namespace: String },
 }
 
 impl Error {
@@ -81,6 +85,7 @@ impl Error {
             Self::Finalizer { .. } => "finalizer",
             Self::NoNamespace => "noNamespace",
             Self::Stale { .. } => "staleCache",
+            Self::NamespaceTerminating { .. } => "namespaceTerminating",
         }
     }
 }
@@ -95,6 +100,19 @@ pub fn safe_reason(error: &kube::Error) -> String {
         kube::Error::Service(e) => format!("connection error: {e}"),
         _ => "request failed".to_string(),
     }
+}
+
+/// Whether the apiserver refused a write because the namespace is being deleted: its
+/// NamespaceLifecycle admission answers 403 with the cause `NamespaceTerminating`. A 403 without
+/// it (RBAC) is a real failure.
+pub fn refused_as_terminating(status: &kube::core::Status) -> bool {
+    status.code == 403
+        && status.details.as_ref().is_some_and(|details| {
+            details
+                .causes
+                .iter()
+                .any(|cause| cause.reason == "NamespaceTerminating")
+        })
 }
 
 pub async fn get_secret(
@@ -124,6 +142,9 @@ pub async fn write_secret(
         kube::Error::Api(s) if s.code == 409 => Error::Stale {
             namespace: namespace.to_string(),
             name: name.clone(),
+        },
+        kube::Error::Api(s) if refused_as_terminating(&s) => Error::NamespaceTerminating {
+            namespace: namespace.to_string(),
         },
         e => Error::WriteSecret {
             namespace: namespace.to_string(),
@@ -247,5 +268,44 @@ pub async fn delete_secret(client: &kube::Client, target: &SecretRef) -> Result<
             name: target.name.clone(),
             reason: safe_reason(&e),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(body: serde_json::Value) -> kube::core::Status {
+        serde_json::from_value(body).expect("a Status")
+    }
+
+    #[test]
+    fn only_the_namespace_lifecycle_refusal_counts_as_terminating() {
+        // As kube-apiserver v1.34 answered a Secret create (and an apply) in a namespace
+        // being deleted.
+        let terminating = status(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "secrets \"x\" is forbidden: unable to create new content in namespace held because it is being terminated",
+            "reason": "Forbidden",
+            "details": { "name": "x", "kind": "secrets", "causes": [{
+                "reason": "NamespaceTerminating",
+                "message": "namespace held is being terminated",
+                "field": "metadata.namespace"
+            }]},
+            "code": 403
+        }));
+        assert!(refused_as_terminating(&terminating));
+        // RBAC's refusal is a 403 too, and a real failure.
+        let rbac = status(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "secrets is forbidden: User \"x\" cannot create resource \"secrets\" in API group \"\" in the namespace \"team\"",
+            "reason": "Forbidden",
+            "details": { "kind": "secrets" },
+            "code": 403
+        }));
+        assert!(!refused_as_terminating(&rbac));
+        let mut not_forbidden = terminating.clone();
+        not_forbidden.code = 422;
+        assert!(!refused_as_terminating(&not_forbidden));
     }
 }

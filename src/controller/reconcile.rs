@@ -54,7 +54,7 @@ pub async fn reconcile(ck: Arc<ClaudeKey>, ctx: Arc<Context>) -> Result<Action, 
     // The caches first. A write they made stale (refused by the apiserver: the Secret exists
     // after all, or changed) is planned once more from the apiserver's own answers, so a Secret
     // outside the caches (one claudekey does not manage) is seen and never taken over.
-    match observe_plan_execute(&ck, &ctx, Read::Cache).await {
+    let result = match observe_plan_execute(&ck, &ctx, Read::Cache).await {
         Err(Error::Stale { namespace, name }) => {
             tracing::debug!(
                 secret = format!("{namespace}/{name}"),
@@ -63,7 +63,8 @@ pub async fn reconcile(ck: Arc<ClaudeKey>, ctx: Arc<Context>) -> Result<Action, 
             stale_is_not_a_failure(observe_plan_execute(&ck, &ctx, Read::Api).await)
         }
         other => other,
-    }
+    };
+    terminating_is_not_a_failure(result)
 }
 
 /// Where `observe` reads the Secrets.
@@ -110,6 +111,19 @@ async fn observe_plan_execute(ck: &ClaudeKey, ctx: &Context, read: Read) -> Resu
 fn stale_is_not_a_failure(result: Result<Action, Error>) -> Result<Action, Error> {
     match result {
         Err(Error::Stale { .. }) => Ok(Action::requeue(STALE_RETRY)),
+        other => other,
+    }
+}
+
+/// A write refused because the namespace is being deleted: the ClaudeKey goes with it (its
+/// deletion is the next change the watch brings), so wait for that quietly instead of a warning
+/// and a backoff per reconcile while the namespace empties.
+fn terminating_is_not_a_failure(result: Result<Action, Error>) -> Result<Action, Error> {
+    match result {
+        Err(Error::NamespaceTerminating { namespace }) => {
+            tracing::debug!(namespace, "namespace being deleted; nothing written");
+            Ok(Action::await_change())
+        }
         other => other,
     }
 }
@@ -345,4 +359,29 @@ pub fn error_policy(ck: Arc<ClaudeKey>, error: &Error, ctx: Arc<Context>) -> Act
     };
     ctx.metrics.errors.get_or_create(&labels).inc();
     Action::requeue(ctx.backoff(&key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_terminating_namespace_waits_quietly_and_other_failures_stay_failures() {
+        let terminating = Err(Error::NamespaceTerminating {
+            namespace: "team".into(),
+        });
+        assert_eq!(
+            terminating_is_not_a_failure(terminating).unwrap(),
+            Action::await_change()
+        );
+        let failed = Err(Error::WriteSecret {
+            namespace: "team".into(),
+            name: "app-client".into(),
+            reason: "HTTP 403 Forbidden".into(),
+        });
+        assert!(matches!(
+            terminating_is_not_a_failure(failed),
+            Err(Error::WriteSecret { .. })
+        ));
+    }
 }
