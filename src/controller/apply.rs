@@ -67,8 +67,8 @@ pub enum Error {
     /// nothing was written. Not a failure; the reconcile comes back when the watch caught up.
     #[error("Secret {namespace}/{name} changed since the cache saw it; will look again")]
     Stale { namespace: String, name: String },
-    /// The apiserver refused to create a Secret in a namespace being deleted. Not a failure:
-    /// the ClaudeKey is about to go with its namespace, and nothing can be created there again.
+    /// The apiserver refused to create a Secret in a namespace being deleted: nothing can be
+    /// created there again. In the ClaudeKey's own namespace not a failure (it goes too).
     #[error("namespace {namespace} is being deleted; nothing new can be written there")]
     NamespaceTerminating { namespace: String },
 }

@@ -64,7 +64,7 @@ pub async fn reconcile(ck: Arc<ClaudeKey>, ctx: Arc<Context>) -> Result<Action, 
         }
         other => other,
     };
-    terminating_is_not_a_failure(result)
+    terminating_is_not_a_failure(result, &ck.namespace().unwrap_or_default())
 }
 
 /// Where `observe` reads the Secrets.
@@ -115,12 +115,17 @@ fn stale_is_not_a_failure(result: Result<Action, Error>) -> Result<Action, Error
     }
 }
 
-/// A write refused because the namespace is being deleted: the ClaudeKey goes with it (its
-/// deletion is the next change the watch brings), so wait for that quietly instead of a warning
-/// and a backoff per reconcile while the namespace empties.
-fn terminating_is_not_a_failure(result: Result<Action, Error>) -> Result<Action, Error> {
+/// A write refused because the ClaudeKey's own namespace is being deleted: the ClaudeKey goes
+/// with it (its deletion is the next change the watch brings), so wait for that quietly instead
+/// of a warning and a backoff per reconcile while the namespace empties. Another namespace being
+/// deleted (the operator namespace, where gateway configs go) stays a failure: this ClaudeKey
+/// is not going anywhere.
+fn terminating_is_not_a_failure(
+    result: Result<Action, Error>,
+    claudekey_namespace: &str,
+) -> Result<Action, Error> {
     match result {
-        Err(Error::NamespaceTerminating { namespace }) => {
+        Err(Error::NamespaceTerminating { namespace }) if namespace == claudekey_namespace => {
             tracing::debug!(namespace, "namespace being deleted; nothing written");
             Ok(Action::await_change())
         }
@@ -366,21 +371,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_terminating_namespace_waits_quietly_and_other_failures_stay_failures() {
-        let terminating = Err(Error::NamespaceTerminating {
-            namespace: "team".into(),
-        });
+    fn only_the_claudekeys_own_namespace_being_deleted_waits_quietly() {
+        let terminating = |namespace: &str| {
+            Err(Error::NamespaceTerminating {
+                namespace: namespace.into(),
+            })
+        };
         assert_eq!(
-            terminating_is_not_a_failure(terminating).unwrap(),
+            terminating_is_not_a_failure(terminating("team"), "team").unwrap(),
             Action::await_change()
         );
+        // The operator namespace going away does not take the ClaudeKey with it.
+        assert!(matches!(
+            terminating_is_not_a_failure(terminating("claudekey-system"), "team"),
+            Err(Error::NamespaceTerminating { .. })
+        ));
         let failed = Err(Error::WriteSecret {
             namespace: "team".into(),
             name: "app-client".into(),
             reason: "HTTP 403 Forbidden".into(),
         });
         assert!(matches!(
-            terminating_is_not_a_failure(failed),
+            terminating_is_not_a_failure(failed, "team"),
             Err(Error::WriteSecret { .. })
         ));
     }
