@@ -105,7 +105,7 @@ pub fn safe_reason(error: &kube::Error) -> String {
 /// Whether the apiserver refused a write because the namespace is being deleted: its
 /// NamespaceLifecycle admission answers 403 with the cause `NamespaceTerminating`. A 403 without
 /// it (RBAC) is a real failure.
-pub fn refused_as_terminating(status: &kube::core::Status) -> bool {
+fn refused_as_terminating(status: &kube::core::Status) -> bool {
     status.code == 403
         && status.details.as_ref().is_some_and(|details| {
             details
