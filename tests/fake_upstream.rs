@@ -34,6 +34,7 @@ async fn messages_accept_either_header_and_refuse_unknown_keys() {
         r.headers
             .contains_key("anthropic-ratelimit-tokens-remaining")
     );
+    assert!(r.headers.contains_key("anthropic-organization-id"));
     assert!(
         r.headers["request-id"]
             .to_str()

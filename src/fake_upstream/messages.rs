@@ -145,7 +145,14 @@ fn rate_limit_headers(headers: &mut HeaderMap, request_id: &str) {
     if let Ok(id) = HeaderValue::from_str(request_id) {
         headers.insert("request-id", id);
     }
+    headers.insert(
+        "anthropic-organization-id",
+        HeaderValue::from_static(FAKE_ORGANIZATION_ID),
+    );
 }
+
+/// The organization the fake's keys belong to, named in every answer as Anthropic's are.
+const FAKE_ORGANIZATION_ID: &str = "5b9e3c1a-0f2d-4e6b-8a7c-1d2e3f4a5b6c";
 
 pub(super) async fn create(
     State(shared): State<Arc<Shared>>,

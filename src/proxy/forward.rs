@@ -2,10 +2,13 @@
 //! and local fakes, TCP_NODELAY), and the request rewrite that swaps the client's credential
 //! for the upstream key.
 
-use std::{sync::LazyLock, time::Duration};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, header};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri,
+    header::{self, Entry},
+};
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::{
@@ -36,15 +39,6 @@ pub const HOP_BY_HOP: &[&str] = &[
     "upgrade",
     "host",
 ];
-
-/// [`HOP_BY_HOP`] as header names, so taking them out of every response does not parse and
-/// validate each name again (about 2k instructions a request).
-static HOP_BY_HOP_NAMES: LazyLock<Vec<HeaderName>> = LazyLock::new(|| {
-    HOP_BY_HOP
-        .iter()
-        .map(|n| HeaderName::from_static(n))
-        .collect()
-});
 
 /// The client's credentials: replaced by the upstream key (here) or the workload key (forwarder).
 pub const CREDENTIALS: &[&str] = &["x-api-key", "authorization"];
@@ -251,17 +245,56 @@ fn is_dropped(name: &HeaderName) -> bool {
         || name.starts_with("x-forwarded-")
 }
 
-/// The upstream's response headers made the client's, in place (moved, not copied: a copy cost
-/// an allocation per header): hop-by-hop ones removed, and `content-length` when the proxy
-/// changed the body.
-pub fn client_response_headers(mut headers: HeaderMap, body_changed: bool) -> HeaderMap {
-    for name in HOP_BY_HOP_NAMES.iter() {
-        headers.remove(name);
+/// The upstream's response headers a client is given: what describes this answer (its type,
+/// encoding, length, file name), its request id, and what an SDK's retry reads. Default-deny,
+/// like the routes: everything else the upstream says is about the upstream key and the
+/// organization behind it, not the workload. Its `anthropic-ratelimit-*` headers count what
+/// every team sharing that key used (a side channel on their traffic, and not this ClaudeKey's
+/// limits, which the proxy enforces and reports itself), `anthropic-organization-id` names the
+/// organization, and a CDN's `set-cookie`, `server` or `cf-ray` are the upstream's own.
+fn passed_to_client(name: &HeaderName, body_changed: bool) -> bool {
+    if name == header::CONTENT_LENGTH {
+        return !body_changed;
     }
-    if body_changed {
-        headers.remove(header::CONTENT_LENGTH);
+    name == header::CONTENT_TYPE
+        || name == header::CONTENT_ENCODING
+        || name == header::CONTENT_DISPOSITION
+        || name == header::RETRY_AFTER
+        || matches!(
+            name.as_str(),
+            "request-id" | "retry-after-ms" | "x-should-retry"
+        )
+}
+
+/// The upstream's response headers made the client's ([`passed_to_client`]), moved rather than
+/// copied (a copy cost an allocation per header). Hop-by-hop headers are never passed, and
+/// `content-length` only when the proxy did not change the body.
+pub fn client_response_headers(headers: HeaderMap, body_changed: bool) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(8);
+    // The passed name whose values are being moved (`None` from the iterator is its next one).
+    let mut current = None;
+    for (name, value) in headers {
+        match name {
+            Some(name) => {
+                current = None;
+                if passed_to_client(&name, body_changed) {
+                    current = Some(match out.entry(name) {
+                        Entry::Vacant(entry) => entry.insert_entry(value),
+                        Entry::Occupied(mut entry) => {
+                            entry.append(value);
+                            entry
+                        }
+                    });
+                }
+            }
+            None => {
+                if let Some(entry) = current.as_mut() {
+                    entry.append(value);
+                }
+            }
+        }
     }
-    headers
+    out
 }
 
 /// Unlocks `Authorization: Bearer` on API calls.
@@ -429,32 +462,55 @@ mod tests {
     }
 
     #[test]
-    fn response_headers_lose_hop_by_hop_and_stale_length() {
+    fn a_client_is_given_only_its_answers_own_headers() {
         let mut from = HeaderMap::new();
-        from.insert("content-length", HeaderValue::from_static("10"));
-        from.insert("transfer-encoding", HeaderValue::from_static("chunked"));
-        from.insert("request-id", HeaderValue::from_static("req_1"));
-        from.append("connection", HeaderValue::from_static("keep-alive"));
-        from.append("connection", HeaderValue::from_static("close"));
-        from.append("set-cookie", HeaderValue::from_static("a=1"));
+        for (name, value) in [
+            ("content-type", "application/json"),
+            ("content-length", "10"),
+            ("request-id", "req_1"),
+            ("retry-after", "3"),
+            ("retry-after-ms", "2500"),
+            ("x-should-retry", "true"),
+            ("transfer-encoding", "chunked"),
+            ("connection", "keep-alive"),
+            ("anthropic-organization-id", "org-1"),
+            ("anthropic-ratelimit-tokens-remaining", "399000"),
+            ("anthropic-ratelimit-requests-reset", "2026-01-01T00:01:00Z"),
+            ("set-cookie", "__cf_bm=1"),
+            ("server", "cloudflare"),
+            ("cf-ray", "1-LHR"),
+        ] {
+            from.append(name, HeaderValue::from_static(value));
+        }
+        // A repeated name keeps all its values, passed or not.
+        from.append("x-should-retry", HeaderValue::from_static("false"));
         from.append("set-cookie", HeaderValue::from_static("b=2"));
+        let names = |map: &HeaderMap| map.keys().map(|k| k.to_string()).collect::<Vec<_>>();
+
         let kept = client_response_headers(from.clone(), false);
-        assert_eq!(kept["content-length"], "10");
-        let to = client_response_headers(from, true);
-        assert!(to.get("content-length").is_none() && to.get("transfer-encoding").is_none());
-        assert!(to.get("connection").is_none());
-        assert_eq!(to["request-id"], "req_1");
-        assert_eq!(to.get_all("set-cookie").iter().count(), 2);
+        assert_eq!(
+            names(&kept),
+            [
+                "content-type",
+                "content-length",
+                "request-id",
+                "retry-after",
+                "retry-after-ms",
+                "x-should-retry"
+            ]
+        );
+        assert_eq!(kept["request-id"], "req_1");
+        assert_eq!(kept.get_all("x-should-retry").iter().count(), 2);
+        assert_eq!(kept.len(), 7);
+
+        let changed = client_response_headers(from, true);
+        assert!(changed.get("content-length").is_none());
+        assert_eq!(changed.len(), 6);
 
         let mut every = HeaderMap::new();
         for name in HOP_BY_HOP {
             every.append(*name, HeaderValue::from_static("x"));
         }
-        every.append("keep", HeaderValue::from_static("y"));
-        let left = client_response_headers(every, false);
-        assert_eq!(
-            left.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
-            ["keep"]
-        );
+        assert!(client_response_headers(every, false).is_empty());
     }
 }
