@@ -10,6 +10,7 @@ use http::{
     header::{self, Entry},
 };
 use hyper_util::client::legacy::connect::HttpConnector;
+use smallvec::SmallVec;
 
 use super::{
     body::{ProxyBody, full},
@@ -266,26 +267,33 @@ fn passed_to_client(name: &HeaderName, body_changed: bool) -> bool {
         )
 }
 
-/// The upstream's response headers made the client's ([`passed_to_client`]), moved rather than
-/// copied (a copy cost an allocation per header). Hop-by-hop headers are never passed, and
-/// `content-length` only when the proxy did not change the body.
-pub fn client_response_headers(headers: HeaderMap, body_changed: bool) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(8);
-    // The passed name whose values are being moved (`None` from the iterator is its next one).
+/// The upstream's response headers made the client's ([`passed_to_client`]), in place: moved,
+/// not copied (a copy cost an allocation per header), and put back into the same map, whose
+/// memory is kept (a new map cost two allocations a request). Hop-by-hop headers are never
+/// passed, and `content-length` only when the proxy did not change the body.
+pub fn client_response_headers(mut headers: HeaderMap, body_changed: bool) -> HeaderMap {
+    // `None` as a name is another value of the name before.
+    let mut passed: SmallVec<[(Option<HeaderName>, HeaderValue); 8]> = SmallVec::new();
+    let mut passing = false;
+    for (name, value) in headers.drain() {
+        if let Some(name) = &name {
+            passing = passed_to_client(name, body_changed);
+        }
+        if passing {
+            passed.push((name, value));
+        }
+    }
     let mut current = None;
-    for (name, value) in headers {
+    for (name, value) in passed {
         match name {
             Some(name) => {
-                current = None;
-                if passed_to_client(&name, body_changed) {
-                    current = Some(match out.entry(name) {
-                        Entry::Vacant(entry) => entry.insert_entry(value),
-                        Entry::Occupied(mut entry) => {
-                            entry.append(value);
-                            entry
-                        }
-                    });
-                }
+                current = Some(match headers.entry(name) {
+                    Entry::Vacant(entry) => entry.insert_entry(value),
+                    Entry::Occupied(mut entry) => {
+                        entry.append(value);
+                        entry
+                    }
+                })
             }
             None => {
                 if let Some(entry) = current.as_mut() {
@@ -294,7 +302,7 @@ pub fn client_response_headers(headers: HeaderMap, body_changed: bool) -> Header
             }
         }
     }
-    out
+    headers
 }
 
 /// Unlocks `Authorization: Bearer` on API calls.
