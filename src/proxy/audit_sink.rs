@@ -16,7 +16,7 @@ use std::{
 
 use prometheus_client::metrics::counter::Counter;
 
-use super::{audit::AuditRecord, audit_queue};
+use super::{after_answer, audit::AuditRecord, audit_queue};
 
 pub use audit_queue::WriterStopped;
 
@@ -109,7 +109,9 @@ impl AuditSink {
         }
     }
 
-    /// Queues one request's line; never waits.
+    /// Queues one request's line; never waits. For a writer thread, after the answer of the
+    /// connection being polled is written (`after_answer`); in memory (tests read it as soon as
+    /// they have their answer), at once.
     pub fn write(&self, record: AuditRecord) {
         match self {
             Self::Off => {}
@@ -120,7 +122,7 @@ impl AuditSink {
                 let line = String::from_utf8(line).unwrap_or_default();
                 lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
-            Self::Writer(writer) => writer.push(record),
+            Self::Writer(writer) => after_answer::push(writer, record),
         }
     }
 }

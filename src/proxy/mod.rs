@@ -2,6 +2,7 @@
 //! in sidecar mode (loopback, no workload key) or gateway mode (workload key per ClaudeKey).
 
 pub mod admin;
+mod after_answer;
 mod args;
 pub mod audit;
 mod audit_line;

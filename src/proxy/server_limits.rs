@@ -33,6 +33,7 @@ use tokio::{
 };
 
 use super::{
+    after_answer::AnswersFirst,
     body::{BoxError, ProxyBody},
     request::MAX_BODY_BYTES,
 };
@@ -413,7 +414,7 @@ pub async fn serve_connection<IO, S>(
     let mut next_check = limits.idle_timeout;
     loop {
         tokio::select! {
-            result = &mut connection => {
+            result = AnswersFirst(connection.as_mut()) => {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }

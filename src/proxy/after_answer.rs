@@ -1,0 +1,211 @@
+//! Audit lines encoded after the answer is on the wire. hyper drops a response body of known
+//! length (and with it the request's [`Exchange`](super::exchange::Exchange), which writes the
+//! line) as soon as it has buffered the last byte, and flushes the buffer to the socket after
+//! that, in the same poll. Encoding the line there put about 4,000 instructions between the
+//! upstream's answer and the client's (issue 21, the c=1 rows). While a connection is polled
+//! through [`AnswersFirst`], a line written on its thread is held and queued once the poll
+//! returns, after hyper's flush: same line, same queue, microseconds later.
+//!
+//! Only the line waits. The reservation is settled and the metrics counted before the answer
+//! leaves, as before: a client that reads its answer and asks again (or scrapes) sees both.
+
+use std::{
+    cell::RefCell,
+    collections::VecDeque,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use super::{audit::AuditRecord, audit_queue::Writer};
+
+thread_local! {
+    static HELD: RefCell<Held> = const {
+        RefCell::new(Held {
+            holding: false,
+            lines: VecDeque::new(),
+        })
+    };
+}
+
+struct Held {
+    /// A connection is being polled through [`AnswersFirst`] on this thread.
+    holding: bool,
+    /// Lines written meanwhile, in order; the deque keeps its room between polls.
+    lines: VecDeque<(Arc<Writer>, AuditRecord)>,
+}
+
+/// Queues `record` on `writer` now, or once the connection being polled on this thread has
+/// written what it buffered.
+pub fn push(writer: &Arc<Writer>, record: AuditRecord) {
+    let now = HELD.with_borrow_mut(|held| {
+        if held.holding {
+            held.lines.push_back((writer.clone(), record));
+            None
+        } else {
+            Some(record)
+        }
+    });
+    if let Some(record) = now {
+        writer.push(record);
+    }
+}
+
+/// A connection's future, polled so that the lines its requests write are queued after the
+/// poll (and so after hyper's flush). Also on unwinding: no line is lost to a panic.
+pub struct AnswersFirst<'a, F>(pub Pin<&'a mut F>);
+
+impl<F: Future> Future for AnswersFirst<'_, F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let _holding = Holding::start();
+        self.0.as_mut().poll(cx)
+    }
+}
+
+/// Holds lines from its start until it is dropped, then queues them. A nested one (a
+/// connection polled inside another's poll) leaves them to the outer one.
+struct Holding {
+    outer: bool,
+}
+
+impl Holding {
+    fn start() -> Self {
+        let outer = !HELD.with_borrow_mut(|held| std::mem::replace(&mut held.holding, true));
+        Self { outer }
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        if !self.outer {
+            return;
+        }
+        HELD.with_borrow_mut(|held| held.holding = false);
+        // One at a time, the cell free: queueing a line may not reenter it, but need not know.
+        while let Some((writer, record)) = HELD.with_borrow_mut(|held| held.lines.pop_front()) {
+            writer.push(record);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::counter::Counter;
+    use std::{
+        io::Write,
+        sync::{Arc, Mutex},
+        time::Duration,
+    };
+
+    /// A target that keeps what the writer thread writes.
+    #[derive(Clone, Default)]
+    struct Kept(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Kept {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn writer() -> (Arc<Writer>, Kept) {
+        let kept = Kept::default();
+        let writer = Writer::start(Box::new(kept.clone()), 16, Counter::default()).unwrap();
+        (Arc::new(writer), kept)
+    }
+
+    fn record(id: &str) -> AuditRecord {
+        AuditRecord {
+            request_id: id.into(),
+            ..AuditRecord::default()
+        }
+    }
+
+    /// The request ids of the lines written so far (after the writer has caught up).
+    fn written(writer: &Writer, kept: &Kept) -> Vec<String> {
+        writer.flush(Duration::from_secs(5));
+        let text = String::from_utf8(kept.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["requestId"].to_string())
+            .collect()
+    }
+
+    #[test]
+    fn outside_a_connections_poll_a_line_is_queued_at_once() {
+        let (writer, kept) = writer();
+        push(&writer, record("a"));
+        assert_eq!(written(&writer, &kept), [r#""a""#]);
+    }
+
+    #[test]
+    fn inside_a_poll_lines_wait_for_its_end_and_keep_their_order() {
+        let (writer, kept) = writer();
+        let mut polled = std::pin::pin!(std::future::poll_fn(|_| {
+            push(&writer, record("a"));
+            push(&writer, record("b"));
+            // Held until the poll returns: nothing queued yet.
+            assert!(written(&writer, &kept).is_empty());
+            Poll::Ready(())
+        }));
+        let waker = std::task::Waker::noop();
+        let polled =
+            Pin::new(&mut AnswersFirst(polled.as_mut())).poll(&mut Context::from_waker(waker));
+        assert!(polled.is_ready());
+        assert_eq!(written(&writer, &kept), [r#""a""#, r#""b""#]);
+        push(&writer, record("c"));
+        assert_eq!(
+            written(&writer, &kept).len(),
+            3,
+            "no longer held after the poll"
+        );
+    }
+
+    #[test]
+    fn a_panicking_poll_loses_no_line() {
+        let (writer, kept) = writer();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut polled = std::pin::pin!(std::future::poll_fn(|_| -> Poll<()> {
+                push(&writer, record("a"));
+                panic!("a bug in a request")
+            }));
+            let waker = std::task::Waker::noop();
+            let _ =
+                Pin::new(&mut AnswersFirst(polled.as_mut())).poll(&mut Context::from_waker(waker));
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(written(&writer, &kept), [r#""a""#]);
+        push(&writer, record("b"));
+        assert_eq!(
+            written(&writer, &kept).len(),
+            2,
+            "the thread holds nothing after the panic"
+        );
+    }
+
+    #[test]
+    fn a_nested_poll_leaves_its_lines_to_the_outer_one() {
+        let (writer, kept) = writer();
+        let waker = std::task::Waker::noop();
+        let mut outer = std::pin::pin!(std::future::poll_fn(|cx| {
+            let mut inner = std::pin::pin!(std::future::poll_fn(|_| {
+                push(&writer, record("inner"));
+                Poll::Ready(())
+            }));
+            let _ = Pin::new(&mut AnswersFirst(inner.as_mut())).poll(cx);
+            assert!(
+                written(&writer, &kept).is_empty(),
+                "still inside the outer poll"
+            );
+            Poll::Ready(())
+        }));
+        let _ = Pin::new(&mut AnswersFirst(outer.as_mut())).poll(&mut Context::from_waker(waker));
+        assert_eq!(written(&writer, &kept), [r#""inner""#]);
+    }
+}
