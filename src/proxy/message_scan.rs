@@ -14,10 +14,7 @@ use serde::de::{
     self, DeserializeSeed, Deserializer as _, IgnoredAny, MapAccess, SeqAccess, Visitor,
 };
 
-use super::{
-    json::{Json, Node},
-    usage::Usage,
-};
+use super::{json::Node, usage::Usage};
 
 /// What one pass over a complete message found.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -65,9 +62,7 @@ impl<'de> Visitor<'de> for Message<'_> {
                 Key::Usage => {
                     let usage = map.next_value_seed(Node::last_wins(&unbounded))?;
                     scanned.usage = Usage::default();
-                    scanned
-                        .usage
-                        .merge_fields(|name| usage.get(name).and_then(Json::as_u64));
+                    scanned.usage.merge(&usage);
                 }
                 Key::Other => {
                     map.next_value::<IgnoredAny>()?;
@@ -178,6 +173,7 @@ impl<'de> Visitor<'de> for Strings<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::json::Json;
     use std::cell::RefCell;
 
     fn asked(body: &str) -> (serde_json::Result<Scanned>, Vec<String>) {
@@ -233,7 +229,8 @@ mod tests {
         let body = r#"{"usage":{"input_tokens":1,"output_tokens":2},"usage":{"output_tokens":5}}"#;
         let (scanned, _) = asked(body);
         let mut expected = Usage::default();
-        expected.merge(&serde_json::from_str::<serde_json::Value>(body).unwrap()["usage"]);
+        let value = serde_json::from_str::<serde_json::Value>(body).unwrap();
+        expected.merge(&Json::owned(&value["usage"]));
         assert_eq!(scanned.unwrap().usage, expected);
         assert_eq!(expected.input, 0);
     }

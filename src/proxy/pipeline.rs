@@ -534,7 +534,7 @@ fn read_message_fully(tenant: &Tenant, bytes: Bytes) -> (Bytes, Usage, Counts) {
         return (bytes, usage, counts);
     };
     if let Some(u) = json.get("usage") {
-        usage.merge_fields(|name| u.get(name).and_then(Json::as_u64));
+        usage.merge(u);
     }
     if !tenant.redact_responses || tenant.redactor.is_empty() {
         return (bytes, usage, counts);

@@ -11,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 use serde_json::Value;
 
 use super::{
+    json::{Duplicates, Json},
     redact::{Counts, StreamRedactor},
     tenant::Tenant,
     usage::Usage,
@@ -72,7 +73,7 @@ impl SseTransformer {
         let (name, data) = parse_event(raw);
         match name {
             Some("message_start") | Some("message_delta") | Some("error") | None => {
-                if let Some(json) = data.and_then(|d| serde_json::from_str::<Value>(d).ok()) {
+                if let Some(json) = data.and_then(read) {
                     self.observe(&json);
                 }
                 out.extend_from_slice(raw);
@@ -83,8 +84,8 @@ impl SseTransformer {
             },
             Some("content_block_stop") if self.tenant.is_some() => {
                 let index = data
-                    .and_then(|d| serde_json::from_str::<Value>(d).ok())
-                    .and_then(|j| j.get("index").and_then(Value::as_u64));
+                    .and_then(read)
+                    .and_then(|j| j.get("index").and_then(Json::as_u64));
                 if let Some(index) = index {
                     self.flush_block(index, out);
                 }
@@ -94,8 +95,8 @@ impl SseTransformer {
         }
     }
 
-    fn observe(&mut self, json: &Value) {
-        match json.get("type").and_then(Value::as_str) {
+    fn observe(&mut self, json: &Json<'_>) {
+        match json.get("type").and_then(Json::as_str) {
             Some("message_start") => {
                 if let Some(u) = json.get("message").and_then(|m| m.get("usage")) {
                     self.usage.merge(u);
@@ -110,7 +111,7 @@ impl SseTransformer {
                 let kind = json
                     .get("error")
                     .and_then(|e| e.get("type"))
-                    .and_then(Value::as_str)
+                    .and_then(Json::as_str)
                     .unwrap_or("error");
                 // Bounded: Anthropic's error types are short identifiers.
                 self.error = Some(kind.chars().take(64).collect());
@@ -207,6 +208,13 @@ fn event_end(buf: &[u8]) -> Option<usize> {
         i += 1;
     }
     None
+}
+
+/// An event's data read into a borrowed tree: a `message_start` is on the stream's first-byte
+/// path, and a `serde_json::Value` of it allocated every key and copied every string. A key
+/// the upstream repeats keeps its last value, as a `Value` (and a client) reads it.
+fn read(data: &str) -> Option<Json<'_>> {
+    Json::parse(data.as_bytes(), Duplicates::LastWins, usize::MAX).ok()
 }
 
 /// The `event:` name and the `data:` payload (multi-line data joined is not needed: the API
@@ -360,6 +368,39 @@ pub(super) mod tests {
         let ev = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
         assert_eq!(&t.push(ev.as_bytes())[..], ev.as_bytes());
         assert_eq!(t.error.as_deref(), Some("overloaded_error"));
+    }
+
+    /// Usage read as a client's `serde_json::Value` reads it: a repeated key's last value, a
+    /// count that is not a whole number left as it was, an event that is not JSON passed on
+    /// and ignored.
+    #[test]
+    fn odd_usage_is_read_as_a_value_reads_it() {
+        let mut t = SseTransformer::new(None);
+        let events = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":1},",
+            "\"usage\":{\"input_tokens\":20,\"output_tokens\":\"2\",\"cache_read_input_tokens\":-3}}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":4.5}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9,\"output_tokens\":11}}\n\n",
+        );
+        assert_eq!(&t.push(events.as_bytes())[..], events.as_bytes());
+        let mut expected = Usage::default();
+        for data in events.lines().filter_map(|l| l.strip_prefix("data: ")) {
+            let Ok(value) = serde_json::from_str::<Value>(data) else {
+                continue;
+            };
+            let usage = value.pointer("/message/usage").or(value.get("usage"));
+            expected.merge_fields(|name| usage?.get(name)?.as_u64());
+        }
+        assert_eq!(
+            t.usage,
+            Usage {
+                input: 20,
+                output: 11,
+                ..Usage::default()
+            }
+        );
+        assert_eq!(t.usage, expected);
     }
 
     #[test]

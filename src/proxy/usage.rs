@@ -1,7 +1,7 @@
 //! Token usage of one request: a leaf value type shared by the SSE reader, the audit line, the
 //! limiter's settlement and the metrics, so none of them has to import another.
 
-use serde_json::Value;
+use super::json::Json;
 
 /// Token counts of one request by direction.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -24,8 +24,8 @@ impl Usage {
 
     /// Reads the usage fields present in a `usage` object, leaving absent ones as they were (a
     /// `message_delta` may carry only `output_tokens`; its values are cumulative, so overwrite).
-    pub fn merge(&mut self, value: &Value) {
-        self.merge_fields(|name| value.get(name).and_then(Value::as_u64));
+    pub fn merge(&mut self, usage: &Json<'_>) {
+        self.merge_fields(|name| usage.get(name).and_then(Json::as_u64));
     }
 
     /// [`Usage::merge`] over any JSON object, given how to read one of its counts.
@@ -52,9 +52,14 @@ mod tests {
     #[test]
     fn merge_overwrites_present_fields_only() {
         let mut u = Usage::default();
-        u.merge(&serde_json::json!({ "input_tokens": 5, "cache_read_input_tokens": 2 }));
-        u.merge(&serde_json::json!({ "output_tokens": 7 }));
-        u.merge(&serde_json::json!({ "output_tokens": 9 }));
+        let json = |v| Json::owned(&v);
+        u.merge(&json(
+            serde_json::json!({ "input_tokens": 5, "cache_read_input_tokens": 2 }),
+        ));
+        u.merge(&json(serde_json::json!({ "output_tokens": 7 })));
+        u.merge(&json(
+            serde_json::json!({ "output_tokens": 9, "input_tokens": "5" }),
+        ));
         assert_eq!(
             u,
             Usage {
