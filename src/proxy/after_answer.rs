@@ -94,118 +94,82 @@ impl Drop for Holding {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::audit_queue::tests::{Written, record};
     use prometheus_client::metrics::counter::Counter;
-    use std::{
-        io::Write,
-        sync::{Arc, Mutex},
-        time::Duration,
-    };
+    use std::time::Duration;
 
-    /// A target that keeps what the writer thread writes.
-    #[derive(Clone, Default)]
-    struct Kept(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Kept {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
+    fn writer() -> (Arc<Writer>, Written) {
+        let out = Written::default();
+        let writer = Writer::start(Box::new(out.clone()), 16, Counter::default()).unwrap();
+        (Arc::new(writer), out)
     }
 
-    fn writer() -> (Arc<Writer>, Kept) {
-        let kept = Kept::default();
-        let writer = Writer::start(Box::new(kept.clone()), 16, Counter::default()).unwrap();
-        (Arc::new(writer), kept)
-    }
-
-    fn record(id: &str) -> AuditRecord {
-        AuditRecord {
-            request_id: id.into(),
-            ..AuditRecord::default()
-        }
-    }
-
-    /// The request ids of the lines written so far (after the writer has caught up).
-    fn written(writer: &Writer, kept: &Kept) -> Vec<String> {
+    /// The statuses of the lines written so far (once the writer has caught up).
+    fn written(writer: &Writer, out: &Written) -> Vec<u16> {
         writer.flush(Duration::from_secs(5));
-        let text = String::from_utf8(kept.0.lock().unwrap().clone()).unwrap();
-        text.lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["requestId"].to_string())
-            .collect()
+        out.statuses()
+    }
+
+    /// Polls `body` once as a connection is polled.
+    fn poll_as_a_connection(cx: &mut Context<'_>, body: impl FnMut(&mut Context<'_>) -> Poll<()>) {
+        let mut polled = std::pin::pin!(std::future::poll_fn(body));
+        let _ = Pin::new(&mut AnswersFirst(polled.as_mut())).poll(cx);
+    }
+
+    fn noop() -> Context<'static> {
+        Context::from_waker(std::task::Waker::noop())
     }
 
     #[test]
     fn outside_a_connections_poll_a_line_is_queued_at_once() {
-        let (writer, kept) = writer();
-        push(&writer, record("a"));
-        assert_eq!(written(&writer, &kept), [r#""a""#]);
+        let (writer, out) = writer();
+        push(&writer, record(200));
+        assert_eq!(written(&writer, &out), [200]);
     }
 
     #[test]
     fn inside_a_poll_lines_wait_for_its_end_and_keep_their_order() {
-        let (writer, kept) = writer();
-        let mut polled = std::pin::pin!(std::future::poll_fn(|_| {
-            push(&writer, record("a"));
-            push(&writer, record("b"));
-            // Held until the poll returns: nothing queued yet.
-            assert!(written(&writer, &kept).is_empty());
+        let (writer, out) = writer();
+        poll_as_a_connection(&mut noop(), |_| {
+            push(&writer, record(200));
+            push(&writer, record(201));
+            assert!(
+                written(&writer, &out).is_empty(),
+                "held until the poll returns"
+            );
             Poll::Ready(())
-        }));
-        let waker = std::task::Waker::noop();
-        let polled =
-            Pin::new(&mut AnswersFirst(polled.as_mut())).poll(&mut Context::from_waker(waker));
-        assert!(polled.is_ready());
-        assert_eq!(written(&writer, &kept), [r#""a""#, r#""b""#]);
-        push(&writer, record("c"));
-        assert_eq!(
-            written(&writer, &kept).len(),
-            3,
-            "no longer held after the poll"
-        );
+        });
+        assert_eq!(written(&writer, &out), [200, 201]);
+        push(&writer, record(202));
+        assert_eq!(written(&writer, &out), [200, 201, 202], "no longer held");
     }
 
     #[test]
     fn a_panicking_poll_loses_no_line() {
-        let (writer, kept) = writer();
+        let (writer, out) = writer();
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let mut polled = std::pin::pin!(std::future::poll_fn(|_| -> Poll<()> {
-                push(&writer, record("a"));
+            poll_as_a_connection(&mut noop(), |_| {
+                push(&writer, record(200));
                 panic!("a bug in a request")
-            }));
-            let waker = std::task::Waker::noop();
-            let _ =
-                Pin::new(&mut AnswersFirst(polled.as_mut())).poll(&mut Context::from_waker(waker));
+            });
         }));
         assert!(panicked.is_err());
-        assert_eq!(written(&writer, &kept), [r#""a""#]);
-        push(&writer, record("b"));
-        assert_eq!(
-            written(&writer, &kept).len(),
-            2,
-            "the thread holds nothing after the panic"
-        );
+        assert_eq!(written(&writer, &out), [200]);
+        push(&writer, record(201));
+        assert_eq!(written(&writer, &out), [200, 201], "nothing held after it");
     }
 
     #[test]
     fn a_nested_poll_leaves_its_lines_to_the_outer_one() {
-        let (writer, kept) = writer();
-        let waker = std::task::Waker::noop();
-        let mut outer = std::pin::pin!(std::future::poll_fn(|cx| {
-            let mut inner = std::pin::pin!(std::future::poll_fn(|_| {
-                push(&writer, record("inner"));
+        let (writer, out) = writer();
+        poll_as_a_connection(&mut noop(), |cx| {
+            poll_as_a_connection(cx, |_| {
+                push(&writer, record(200));
                 Poll::Ready(())
-            }));
-            let _ = Pin::new(&mut AnswersFirst(inner.as_mut())).poll(cx);
-            assert!(
-                written(&writer, &kept).is_empty(),
-                "still inside the outer poll"
-            );
+            });
+            assert!(written(&writer, &out).is_empty(), "still in the outer poll");
             Poll::Ready(())
-        }));
-        let _ = Pin::new(&mut AnswersFirst(outer.as_mut())).poll(&mut Context::from_waker(waker));
-        assert_eq!(written(&writer, &kept), [r#""inner""#]);
+        });
+        assert_eq!(written(&writer, &out), [200]);
     }
 }

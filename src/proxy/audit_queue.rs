@@ -418,4 +418,4 @@ pub(crate) fn stopped_writer(capacity: usize) -> Writer {
 
 #[cfg(test)]
 #[path = "audit_queue_tests.rs"]
-mod tests;
+pub(super) mod tests;

@@ -4,7 +4,7 @@ use super::*;
 
 /// Keeps what the writer wrote, when it first flushed, and how many writes it made.
 #[derive(Clone, Default)]
-struct Written(Arc<Mutex<Seen>>);
+pub(in crate::proxy) struct Written(Arc<Mutex<Seen>>);
 
 type Seen = (Option<Instant>, Vec<u8>, usize);
 
@@ -13,7 +13,7 @@ impl Written {
         String::from_utf8(self.0.lock().unwrap().1.clone()).unwrap()
     }
 
-    fn statuses(&self) -> Vec<u16> {
+    pub(in crate::proxy) fn statuses(&self) -> Vec<u16> {
         let text = self.text();
         let line = |l: &str| serde_json::from_str::<serde_json::Value>(l).unwrap();
         text.lines()
@@ -48,7 +48,7 @@ impl Write for Written {
     }
 }
 
-fn record(status: u16) -> AuditRecord {
+pub(in crate::proxy) fn record(status: u16) -> AuditRecord {
     AuditRecord {
         status,
         ..AuditRecord::default()
