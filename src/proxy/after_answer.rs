@@ -84,7 +84,8 @@ impl Drop for Holding {
             return;
         }
         HELD.with_borrow_mut(|held| held.holding = false);
-        // One at a time, the cell free: queueing a line may not reenter it, but need not know.
+        // Each line is taken out and the cell released before it is queued, so nothing the
+        // queueing does (even writing another line) can find the cell borrowed.
         while let Some((writer, record)) = HELD.with_borrow_mut(|held| held.lines.pop_front()) {
             writer.push(record);
         }

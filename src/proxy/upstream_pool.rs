@@ -431,6 +431,70 @@ mod tests {
         assert!(!server.join().unwrap(), "the request was sent again");
     }
 
+    /// The upstream closes an idle connection, and the runtime has read the close but the
+    /// connection's task has not run yet: the connection still looks ready, a request takes
+    /// it, and hyper hands the request back unwritten when the task sees the close. That
+    /// request goes again on a new connection, once; the client never sees the close.
+    ///
+    /// How the test gets between the two: on the test's single-threaded runtime, `yield_now`
+    /// in the test's own future lets the driver poll the socket (which queues the connection's
+    /// task) and then polls the test's future again before any queued task.
+    #[tokio::test]
+    async fn a_request_never_written_goes_again_on_a_new_connection() {
+        use std::io::{Read, Write};
+        fn answer(tcp: &mut std::net::TcpStream) -> usize {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && tcp.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .unwrap();
+            head.len()
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (close_tx, close_rx) = std::sync::mpsc::channel::<()>();
+        let (closed_tx, closed_rx) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (mut first, _) = listener.accept().unwrap();
+            answer(&mut first);
+            close_rx.recv().unwrap();
+            first.shutdown(std::net::Shutdown::Write).unwrap();
+            closed_tx.send(()).unwrap();
+            let (mut second, _) = listener.accept().unwrap();
+            answer(&mut second);
+            // Anything the first connection received after its answer.
+            let mut late = Vec::new();
+            first
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let _ = first.read_to_end(&mut late);
+            late
+        });
+        let pool = pool_to(&format!("http://{addr}"));
+        assert_eq!(read(pool.send(get()).await.unwrap()).await, "ok");
+        tokio::task::yield_now().await;
+        assert_eq!(pool.idle(), 1);
+        close_tx.send(()).unwrap();
+        closed_rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        tokio::task::yield_now().await;
+        let idle = pool.shared.checkout(Instant::now());
+        let idle = idle.expect("the closed connection still looks ready: its task has not run");
+        pool.shared.put(idle, Instant::now());
+        let response = pool
+            .send(get())
+            .await
+            .expect("sent again on a new connection");
+        assert_eq!(read(response).await, "ok");
+        assert_eq!(
+            server.join().unwrap(),
+            b"",
+            "nothing was written on the closed connection"
+        );
+    }
+
     #[tokio::test]
     async fn an_unreachable_upstream_is_a_connect_error() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
