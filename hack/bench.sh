@@ -312,47 +312,8 @@ if [ -n "$BASELINE" ]; then
 fi
 
 if [ "$USE_NGINX" = 1 ]; then
-  mkdir -p "$WORK/nginx-tmp"
-  cat >"$WORK/nginx.conf" <<EOF
-# A bare reverse proxy: one process (no master), keep-alive to the upstream, no logging.
-daemon off;
-master_process off;
-worker_processes 1;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/nginx-tmp/body;
-  proxy_temp_path $WORK/nginx-tmp/proxy;
-  fastcgi_temp_path $WORK/nginx-tmp/fastcgi;
-  uwsgi_temp_path $WORK/nginx-tmp/uwsgi;
-  scgi_temp_path $WORK/nginx-tmp/scgi;
-  upstream fake { server 127.0.0.1:$P_UP; keepalive 128; }
-  server {
-    listen 127.0.0.1:$P_NG;
-    location / {
-      proxy_pass http://fake;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header x-api-key $UPKEY;
-    }
-  }
-  # The paced SSE upstream, unbuffered: the streaming row's reference for what a bare proxy adds.
-  upstream fake_paced { server 127.0.0.1:$P_UPS; keepalive 16; }
-  server {
-    listen 127.0.0.1:$P_NGS;
-    location / {
-      proxy_pass http://fake_paced;
-      proxy_http_version 1.1;
-      proxy_buffering off;
-      proxy_set_header Connection "";
-      proxy_set_header x-api-key $UPKEY;
-    }
-  }
-}
-EOF
-  start nginx 0 nginx -e "$WORK/nginx-error.log" -p "$WORK" -c "$WORK/nginx.conf"
+  bench_nginx "$WORK/nginx" "$P_NG" "$P_UP" "$P_NGS" "$P_UPS"
+  start nginx 0 nginx -e "$WORK/nginx/error.log" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf"
 fi
 
 if [ "$USE_LITELLM" = 1 ]; then
@@ -859,6 +820,9 @@ if command -v valgrind >/dev/null && [ "${BENCH_PROFILE:-release}" = release ]; 
     --fake-upstream "$BIN/examples/fake_upstream" --json "$RAW/results.jsonl")
   log "hot path: instructions and allocations per request (valgrind)"
   hack/hotpath.sh --bin "$CK" --label claudekey "${HP_ARGS[@]}" || log "hot path: claudekey failed"
+  if [ "$USE_NGINX" = 1 ]; then
+    hack/hotpath.sh --nginx --label nginx "${HP_ARGS[@]}" || log "hot path: nginx failed"
+  fi
   if [ -n "$BASELINE" ]; then
     hack/hotpath.sh --bin "$BASE_BIN" --label baseline "${HP_ARGS[@]}" || log "hot path: baseline failed"
   fi

@@ -368,12 +368,16 @@ def report(args):
             w(f"| {TARGET_NAMES[peer]} CPU per request / claudekey CPU per request, c=64 | **{cp[0] / cc[0]:.1f}x** | | |")
     # hack/hotpath.sh: counted under valgrind (one run, exact to a fraction of a percent).
     hot = {r["target"]: r for r in records if r["row"] == "hotpath"}
-    for t in [t for t in ("claudekey", "baseline") if t in hot]:
+    for t in [t for t in ("claudekey", "baseline", "nginx") if t in hot]:
         h = hot[t]
-        name = "claudekey" if t == "claudekey" else f"claudekey @{args.baseline}"
-        ratio = ""
-        if t == "claudekey" and "baseline" in hot and hot["baseline"]["instructions"] > 0:
-            ratio = f"{h['instructions'] / hot['baseline']['instructions']:.2f}x the baseline build's instructions"
+        name = {"claudekey": "claudekey", "nginx": "nginx (bare proxy, checks nothing)"}.get(
+            t, f"claudekey @{args.baseline}")
+        ratios = []
+        if t == "claudekey":
+            for other, what in (("baseline", "the baseline build's"), ("nginx", "nginx's")):
+                if other in hot and hot[other]["instructions"] > 0:
+                    ratios.append(f"{h['instructions'] / hot[other]['instructions']:.2f}x {what} instructions")
+        ratio = "; ".join(ratios)
         size = "" if h.get("alloc_bytes") is None else f" ({h['alloc_bytes']:,.0f} bytes)"
         misses = ""
         if h.get("l1i_misses") is not None:
@@ -381,8 +385,13 @@ def report(args):
         if h.get("sha256_portable_instructions"):
             misses += (f"; {h['sha256_portable_instructions']:,.0f} of the instructions are SHA-256 blocks run "
                        "portably (valgrind has no SHA extensions; with sha_ni about a tenth)")
+        if h.get("pipeline_instructions"):
+            misses += (f"; {h['pipeline_instructions']:,.0f} inside the request pipeline (`pipeline::handle`, "
+                       "the policy and both messages' handling), the rest in hyper on both sides, tokio and "
+                       "the exchange's end")
         w(
-            f"| hot path: instructions and allocations per request, {name} (valgrind, c=1, full policy) | "
+            f"| hot path: instructions and allocations per request, {name} "
+            f"(valgrind, c=1, {'no policy' if t == 'nginx' else 'full policy'}) | "
             f"**{h['instructions']:,.0f} instructions, {h['allocations']:.1f} allocations{size}**{misses} | {ratio} | |"
         )
     for peer in PEERS:

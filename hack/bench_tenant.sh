@@ -42,6 +42,56 @@ sys.stdout.write(json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 256,
 EOF
 }
 
+# bench_nginx DIR PORT UPSTREAM_PORT [PACED_PORT PACED_UPSTREAM_PORT] — writes DIR/nginx.conf: the
+# suite's bare reverse proxy (one process, no master, keep-alive to the upstream, the upstream key
+# set, no logging) on PORT; with the last two, also the paced SSE upstream, unbuffered, on
+# PACED_PORT (the streaming row's reference for what a bare proxy adds). Start it with
+# `nginx -e DIR/error.log -p DIR -c DIR/nginx.conf`.
+bench_nginx() {
+  local dir=$1 paced=""
+  mkdir -p "$dir/tmp"
+  if [ $# -ge 5 ]; then
+    paced="
+  upstream fake_paced { server 127.0.0.1:$5; keepalive 16; }
+  server {
+    listen 127.0.0.1:$4;
+    location / {
+      proxy_pass http://fake_paced;
+      proxy_http_version 1.1;
+      proxy_buffering off;
+      proxy_set_header Connection \"\";
+      proxy_set_header x-api-key $UPKEY;
+    }
+  }"
+  fi
+  cat >"$dir/nginx.conf" <<EOF
+daemon off;
+master_process off;
+worker_processes 1;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $dir/tmp/body;
+  proxy_temp_path $dir/tmp/proxy;
+  fastcgi_temp_path $dir/tmp/fastcgi;
+  uwsgi_temp_path $dir/tmp/uwsgi;
+  scgi_temp_path $dir/tmp/scgi;
+  upstream fake { server 127.0.0.1:$3; keepalive 128; }
+  server {
+    listen 127.0.0.1:$2;
+    location / {
+      proxy_pass http://fake;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header x-api-key $UPKEY;
+    }
+  }$paced
+}
+EOF
+}
+
 # bench_webhook_pki DIR — a throwaway CA and a serving certificate for 127.0.0.1 in DIR (ca.crt,
 # tls.crt, tls.key): the webhook's TLS for the admission row and hack/pgo.sh's training.
 bench_webhook_pki() {

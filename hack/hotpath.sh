@@ -13,6 +13,9 @@
 #                                        once, cached in ~/.cache/claudekey/bench-baseline, the
 #                                        cache bench.sh --baseline uses)
 #   hack/hotpath.sh --bin PATH           an already built claudekey executable
+#   hack/hotpath.sh --nginx              a bare nginx reverse proxy instead (hack/bench.sh's: keep-alive
+#                                        to the upstream, the key header set, no logging): the floor a
+#                                        proxy that checks nothing reaches on the same request
 #   options: -n N (requests, default 2000)  --warmup W (default 200)  -c C (connections, default 1)
 #            --json FILE   append one record {"row":"hotpath",...} (bench.sh's results.jsonl)
 #            --keep DIR    keep the callgrind and dhat outputs of the 2N runs there (for
@@ -35,7 +38,7 @@ CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/claudekey
 # shellcheck source=oha.sh
 source hack/oha.sh
 
-N=2000 WARMUP=200 CONC=1 REV="" CK="" JSON="" KEEP="" LABEL="" TOP=0 UPSTREAM_BIN=""
+N=2000 WARMUP=200 CONC=1 REV="" CK="" JSON="" KEEP="" LABEL="" TOP=0 UPSTREAM_BIN="" NGINX=0
 while [ $# -gt 0 ]; do
   case $1 in
     -n) N=$2; shift ;;
@@ -43,6 +46,7 @@ while [ $# -gt 0 ]; do
     -c) CONC=$2; shift ;;
     --rev) REV=$2; shift ;;
     --bin) CK=$2; shift ;;
+    --nginx) NGINX=1 ;;
     --json) JSON=$2; shift ;;
     --keep) KEEP=$2; shift ;;
     --label) LABEL=$2; shift ;;
@@ -82,7 +86,12 @@ if [ -n "$REV" ]; then
   fi
   LABEL=${LABEL:-$SHORT}
 fi
-if [ -z "$CK" ]; then
+if [ "$NGINX" = 1 ]; then
+  command -v nginx >/dev/null || { echo "nginx is missing (apt-get install nginx-light)" >&2; exit 1; }
+  CK=$(command -v nginx) LABEL=${LABEL:-nginx}
+  [ -x "$TARGET/release/examples/fake_upstream" ] || [ -n "$UPSTREAM_BIN" ] ||
+    nice cargo build --release --locked --example fake_upstream
+elif [ -z "$CK" ]; then
   log "release build (nice)"
   nice cargo build --release --locked --bin claudekey --example fake_upstream
 elif [ -z "$UPSTREAM_BIN" ] && [ ! -x "$TARGET/release/examples/fake_upstream" ]; then
@@ -186,6 +195,22 @@ for line in sys.stdin:
 print(total)'
 }
 
+# pipeline_instructions CALLGRIND_OUT — instructions inside claudekey's request pipeline (the
+# future of `pipeline::handle`, inclusive): the policy, building the upstream request, reading and
+# scanning the answer. The rest of a request is hyper's HTTP/1 on both sides, tokio, and the
+# exchange's end (settlement, metrics, the audit line). 0 for nginx.
+pipeline_instructions() {
+  callgrind_annotate --show=Ir --inclusive=yes --threshold=100 "$1" 2>/dev/null |
+    python3 -c '
+import re, sys
+total = 0
+for line in sys.stdin:
+    m = re.match(r"\s*([\d,]+) \([ \d.]+%\)\s+(?:\?\?\?:)?claudekey::proxy::pipeline::handle::\{\{closure\}\} ", line)
+    if m:
+        total = max(total, int(m.group(1).replace(",", "")))
+print(total)'
+}
+
 # run TOOL COUNT — the proxy under valgrind TOOL for WARMUP+COUNT requests; prints the tool's
 # total (instructions, or "blocks bytes").
 run() {
@@ -196,10 +221,14 @@ run() {
   # (src/main.rs), the one measured there.
   local sim=()
   [ "$tool" != callgrind ] || sim=(--cache-sim=yes --I1=32768,8,64 --D1=32768,8,64 --LL=8388608,16,64)
+  local proxy=("$CK" proxy --mode gateway --config-dir "$WORK/proxy" --listen "127.0.0.1:$port"
+    --upstream "http://127.0.0.1:$P_UP" --audit-log "$WORK/audit.$tool.$count.log")
+  if [ "$NGINX" = 1 ]; then
+    bench_nginx "$WORK/nginx.$count" "$port" "$P_UP"
+    proxy=("$CK" -e "$WORK/nginx.$count/error.log" -p "$WORK/nginx.$count" -c "$WORK/nginx.$count/nginx.conf")
+  fi
   RUST_LOG=warn taskset -c 0 valgrind --tool="$tool" "${sim[@]}" "--$tool-out-file=$out" --log-file="$WORK/$tool.$count.log" \
-    "$CK" proxy --mode gateway --config-dir "$WORK/proxy" --listen "127.0.0.1:$port" \
-    --upstream "http://127.0.0.1:$P_UP" --audit-log "$WORK/audit.$tool.$count.log" \
-    >"$WORK/proxy.$tool.$count.stdout" 2>&1 &
+    "${proxy[@]}" >"$WORK/proxy.$tool.$count.stdout" 2>&1 &
   pid=$!
   PIDS+=("$pid")
   wait_http "http://127.0.0.1:$port/"
@@ -208,7 +237,7 @@ run() {
   kill -TERM "$pid"
   wait "$pid" || { log "the proxy under $tool exited with $?: $(tail -5 "$WORK/$tool.$count.log")"; return 1; }
   case $tool in
-    callgrind) echo "$(events "$out") $(allocator_calls "$out") $(sha256_instructions "$out")" ;;
+    callgrind) echo "$(events "$out") $(allocator_calls "$out") $(sha256_instructions "$out") $(pipeline_instructions "$out")" ;;
     dhat) sed -n 's/.*Total: *\([0-9,]*\) bytes in \([0-9,]*\) blocks.*/\2 \1/p' "$WORK/$tool.$count.log" | tr -d , ;;
   esac
   if [ -n "$KEEP" ] && [ "$count" = $((2 * N)) ]; then
@@ -217,29 +246,34 @@ run() {
 }
 
 log "$LABEL: $CK, $WARMUP warm-up requests, then $N and $((2 * N)) (c=$CONC)"
-read -r I1 M1 D1 C1 S1 <<<"$(run callgrind "$N")"; read -r I2 M2 D2 C2 S2 <<<"$(run callgrind $((2 * N)))"
-if [ "$JEMALLOC" = 1 ]; then
+read -r I1 M1 D1 C1 S1 P1 <<<"$(run callgrind "$N")"; read -r I2 M2 D2 C2 S2 P2 <<<"$(run callgrind $((2 * N)))"
+if [ "$JEMALLOC" = 1 ] || [ "$NGINX" = 1 ]; then
   B1=$C1 B2=$C2 Y1=-1 Y2=-1
 else
   read -r B1 Y1 <<<"$(run dhat "$N")"; read -r B2 Y2 <<<"$(run dhat $((2 * N)))"
 fi
-python3 - "$LABEL" "$N" "$I1" "$I2" "$B1" "$B2" "$Y1" "$Y2" "$JSON" "$M1" "$M2" "$D1" "$D2" "$S1" "$S2" <<'EOF'
+python3 - "$LABEL" "$N" "$I1" "$I2" "$B1" "$B2" "$Y1" "$Y2" "$JSON" "$M1" "$M2" "$D1" "$D2" "$S1" "$S2" "$P1" "$P2" <<'EOF'
 import json, sys
 label, n = sys.argv[1], int(sys.argv[2])
 i1, i2, b1, b2, y1, y2 = (int(x) for x in sys.argv[3:9])
-m1, m2, d1, d2, s1, s2 = (int(x) for x in sys.argv[10:16])
+m1, m2, d1, d2, s1, s2, p1, p2 = (int(x) for x in sys.argv[10:18])
 rec = {"row": "hotpath", "target": label, "n": n,
        "instructions": (i2 - i1) / n, "allocations": (b2 - b1) / n,
        "alloc_bytes": None if y1 < 0 else (y2 - y1) / n,
        "l1i_misses": (m2 - m1) / n, "l1d_misses": (d2 - d1) / n,
-       "sha256_portable_instructions": (s2 - s1) / n}
-size = "bytes not counted (jemalloc)" if rec["alloc_bytes"] is None else \
+       "sha256_portable_instructions": (s2 - s1) / n,
+       "pipeline_instructions": (p2 - p1) / n if p2 else None}
+size = "bytes not counted (allocator calls, from callgrind)" if rec["alloc_bytes"] is None else \
     f"{rec['alloc_bytes']:,.0f} bytes allocated/request"
 print(f"{label}: {rec['instructions']:,.0f} instructions/request, "
       f"{rec['allocations']:.1f} allocations/request, {size}, "
       f"{rec['l1i_misses']:,.0f} L1i and {rec['l1d_misses']:,.0f} L1d misses/request (32 KiB simulated)")
-print(f"  of which {rec['sha256_portable_instructions']:,.0f} instructions in SHA-256 block functions, run "
-      "portably under valgrind (no SHA extensions there; a CPU with sha_ni needs about a tenth)")
+if rec["sha256_portable_instructions"]:
+    print(f"  of which {rec['sha256_portable_instructions']:,.0f} instructions in SHA-256 block functions, run "
+          "portably under valgrind (no SHA extensions there; a CPU with sha_ni needs about a tenth)")
+if rec["pipeline_instructions"] is not None:
+    print(f"  {rec['pipeline_instructions']:,.0f} of them inside the request pipeline (pipeline::handle, inclusive); "
+          "the rest is hyper on both sides, tokio and the exchange's end")
 if sys.argv[9]:
     with open(sys.argv[9], "a") as f:
         f.write(json.dumps(rec) + "\n")
