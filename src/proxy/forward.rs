@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt as _;
 use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri,
     header::{self, Entry},
@@ -177,11 +178,15 @@ impl Upstream {
     }
 
     /// Sends one request; connection failures are 502, no response headers in time 504.
-    pub async fn send(
+    ///
+    /// A combinator rather than an `async fn`: every request's future holds this one, and an
+    /// `async fn` would add a layer that keeps its own copy of the request and is moved whole
+    /// into its caller (docs/benchmarks-notes.md, "Futures moved whole").
+    pub fn send(
         &self,
         request: Request<ProxyBody>,
-    ) -> Result<Response<UpstreamBody>, ApiError> {
-        match tokio::time::timeout(self.header_timeout, self.pool.send(request)).await {
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, ApiError>> + Send + '_ {
+        tokio::time::timeout(self.header_timeout, self.pool.send(request)).map(|sent| match sent {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "upstream request failed");
@@ -192,7 +197,7 @@ impl Upstream {
             Err(_) => Err(ApiError::GatewayTimeout(
                 "the upstream Anthropic API did not answer in time".into(),
             )),
-        }
+        })
     }
 
     /// A request to the upstream with its `Host`, at the origin-form URI of a client's path.

@@ -7,6 +7,7 @@ use std::{convert::Infallible, sync::Arc};
 
 use bytes::Bytes;
 use chrono::Utc;
+use futures::TryFutureExt as _;
 use http::{HeaderMap, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -82,12 +83,7 @@ pub async fn handle(
         }
     }
     let (parts, body) = req.into_parts();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    let mut exchange = Exchange::new(shared.recorder.clone(), parts.method, path, parts.headers);
+    let mut exchange = exchange(&shared, parts);
     match to_upstream(&shared, &mut exchange, body).await {
         Ok(response) => Ok(respond(exchange, response).await),
         Err(error) => {
@@ -95,6 +91,17 @@ pub async fn handle(
             Ok(error.into_response(exchange.request_id()))
         }
     }
+}
+
+/// The request's exchange, from its head. A function of its own so the rest of the head (its
+/// URI and extensions) is dropped here, not held in the request's future until it ends.
+fn exchange(shared: &Shared, parts: http::request::Parts) -> Exchange {
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    Exchange::new(shared.recorder.clone(), parts.method, path, parts.headers)
 }
 
 /// Everything up to the upstream's response headers.
@@ -381,12 +388,13 @@ fn redact(tenant: &Tenant, ex: &mut Exchange, json: &mut Json<'_>) -> Result<(),
     Ok(())
 }
 
-async fn send(
-    shared: &Shared,
-    tenant: &Tenant,
+/// A combinator, not an `async fn`, for the reason [`Upstream::send`] is one.
+fn send<'a>(
+    shared: &'a Shared,
+    tenant: &'a Tenant,
     request: Request<ProxyBody>,
-) -> Result<Response<UpstreamBody>, ApiError> {
-    shared.upstream.send(request).await.inspect_err(|e| {
+) -> impl Future<Output = Result<Response<UpstreamBody>, ApiError>> + Send + 'a {
+    shared.upstream.send(request).inspect_err(|e| {
         let kind = if e.status() == StatusCode::GATEWAY_TIMEOUT {
             "timeout"
         } else {
@@ -463,52 +471,65 @@ async fn forward_replayable(
 
 /// The client's response: a complete message buffered (to redact it and read its usage), every
 /// other body streamed; both through [`Observed`], which owns the exchange until the body ends.
-async fn respond(mut ex: Exchange, response: Response<UpstreamBody>) -> Response<ProxyBody> {
-    let Some(tenant) = ex.tenant.clone() else {
-        let error = ApiError::Unavailable("request has no ClaudeKey".into());
-        ex.refuse(&error);
-        return error.into_response(ex.request_id());
-    };
-    // The upstream has answered: the request body (kept for a resend) is done with, and so is
-    // its place in the body budget, however long the answer streams.
-    ex.body = Bytes::new();
-    ex.body_held = None;
-    let status = response.status();
-    if status.is_server_error() {
-        ex.metrics().upstream_error(&tenant.label, "status5xx");
-    }
-    let (parts, body) = response.into_parts();
-    ex.audit.status = status.as_u16();
-    ex.audit.upstream_request_id = parts
-        .headers
-        .get("request-id")
-        .and_then(|v| v.to_str().ok())
-        .map(|s| audit::clip(s, 128));
-    let is_sse = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    let buffered = ex.route == Some(Route::Messages) && status.is_success() && !is_sse;
-    // The body first: the response is built once, around it.
-    let body = if buffered {
-        let Ok(collected) = Limited::new(body, MAX_BODY_BYTES).collect().await else {
-            let error = ApiError::BadGateway("the upstream response broke off".into());
+///
+/// An `async` block rather than an `async fn`: an `async fn` keeps its arguments (the exchange
+/// and the response, 960 bytes) twice in its future, and the future is moved whole into the
+/// request's (docs/benchmarks-notes.md, "Futures moved whole").
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+fn respond(
+    mut ex: Exchange,
+    response: Response<UpstreamBody>,
+) -> impl Future<Output = Response<ProxyBody>> + Send {
+    async move {
+        let Some(tenant) = ex.tenant.clone() else {
+            let error = ApiError::Unavailable("request has no ClaudeKey".into());
             ex.refuse(&error);
             return error.into_response(ex.request_id());
         };
-        let (bytes, usage, counts) = read_message(&tenant, collected.to_bytes());
-        ex.usage = usage;
-        ex.response_counts = counts;
-        Observed::buffered(bytes, ex).boxed_unsync()
-    } else {
-        let sse = is_sse.then(|| SseTransformer::new(Some(tenant)));
-        Observed::new(body, sse, ex).boxed_unsync()
-    };
-    let mut out = Response::new(body);
-    *out.status_mut() = status;
-    *out.headers_mut() = client_response_headers(parts.headers, is_sse || buffered);
-    out
+        // The upstream has answered: the request body (kept for a resend) is done with, and so is
+        // its place in the body budget, however long the answer streams.
+        ex.body = Bytes::new();
+        ex.body_held = None;
+        let status = response.status();
+        if status.is_server_error() {
+            ex.metrics().upstream_error(&tenant.label, "status5xx");
+        }
+        let (parts, body) = response.into_parts();
+        ex.audit.status = status.as_u16();
+        ex.audit.upstream_request_id = parts
+            .headers
+            .get("request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(|s| audit::clip(s, 128));
+        let is_sse = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let buffered = ex.route == Some(Route::Messages) && status.is_success() && !is_sse;
+        // The body first: the response is built once, around it.
+        let body = if buffered {
+            let Ok(collected) = Limited::new(body, MAX_BODY_BYTES).collect().await else {
+                let error = ApiError::BadGateway("the upstream response broke off".into());
+                ex.refuse(&error);
+                return error.into_response(ex.request_id());
+            };
+            let (bytes, usage, counts) = read_message(&tenant, collected.to_bytes());
+            ex.usage = usage;
+            ex.response_counts = counts;
+            Observed::buffered(bytes, ex).boxed_unsync()
+        } else {
+            let sse = is_sse.then(|| SseTransformer::new(Some(tenant)));
+            Observed::new(body, sse, ex).boxed_unsync()
+        };
+        let mut out = Response::new(body);
+        *out.status_mut() = status;
+        *out.headers_mut() = client_response_headers(parts.headers, is_sse || buffered);
+        out
+    }
 }
 
 /// A complete, non-streamed message: its usage, and its text (with citations and tool inputs)

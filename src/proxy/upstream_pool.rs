@@ -26,7 +26,10 @@ use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::{
     body::Incoming,
-    client::conn::http1::{self, SendRequest},
+    client::conn::{
+        TrySendError,
+        http1::{self, SendRequest},
+    },
 };
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -89,33 +92,55 @@ impl Pool {
 
     /// Sends `request` (origin-form URI, `Host` set) on an idle connection or a new one. The
     /// response's body hands the connection back when it ends.
-    pub async fn send(
+    ///
+    /// Every request's future holds this one, and futures are moved whole, so the rare paths
+    /// are boxed: a connect (the TCP connect and hyper's handshake, about 2.4 KB) and a resend
+    /// (the failed request, its error and the second send: they tripled this future, 1.3 KB),
+    /// and it is an `async` block, which keeps the request once (an `async fn` keeps its
+    /// arguments twice).
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice"
+    )]
+    pub fn send(
         &self,
         request: Request<ProxyBody>,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        let (mut sender, reused) = match self.shared.checkout(Instant::now()) {
-            Some(sender) => (sender, true),
-            // Boxed, as below: a connect's future (the TCP connect and hyper's handshake, about
-            // 2.4 KB) would otherwise sit inside every request's future, and every request's
-            // future is moved and written whole, though connecting is rare.
-            None => (Box::pin(self.connect()).await?, false),
-        };
-        let response = match sender.try_send_request(request).await {
-            Ok(response) => response,
-            Err(mut failed) => match failed.take_message().filter(|_| reused) {
-                // Never written: the idle connection was closed under it.
-                Some(request) => {
-                    sender = Box::pin(self.connect()).await?;
-                    sender
-                        .send_request(request)
-                        .await
-                        .map_err(SendError::Request)?
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + '_ {
+        async move {
+            let (mut sender, reused) = match self.shared.checkout(Instant::now()) {
+                Some(sender) => (sender, true),
+                None => (Box::pin(self.connect()).await?, false),
+            };
+            let response = match sender.try_send_request(request).await {
+                Ok(response) => response,
+                Err(failed) => {
+                    let (resent_on, response) = Box::pin(self.resend(failed, reused)).await?;
+                    sender = resent_on;
+                    response
                 }
-                None => return Err(SendError::Request(failed.into_error())),
-            },
+            };
+            let home = Some((sender, self.shared.clone()));
+            Ok(response.map(|inner| UpstreamBody { inner, home }))
+        }
+    }
+
+    /// A request hyper handed back unwritten on a pooled connection (the upstream had closed
+    /// it while it sat idle) goes again on a new connection, once. Any other failure, and any
+    /// request that was written, is the caller's error: the upstream may have acted on it.
+    async fn resend(
+        &self,
+        mut failed: TrySendError<Request<ProxyBody>>,
+        reused: bool,
+    ) -> Result<(SendRequest<ProxyBody>, Response<Incoming>), SendError> {
+        let Some(request) = failed.take_message().filter(|_| reused) else {
+            return Err(SendError::Request(failed.into_error()));
         };
-        let home = Some((sender, self.shared.clone()));
-        Ok(response.map(|inner| UpstreamBody { inner, home }))
+        let mut sender = self.connect().await?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(SendError::Request)?;
+        Ok((sender, response))
     }
 
     async fn connect(&self) -> Result<SendRequest<ProxyBody>, SendError> {
