@@ -178,21 +178,27 @@ print(total["Ir"], total["I1mr"], total["D1mr"] + total["D1mw"])
 EOF
 }
 
+# instructions_in CALLGRIND_OUT yes|no PATTERN — instructions of the functions whose name matches
+# PATTERN (a Python regex): their self costs summed (no), or the largest inclusive cost (yes).
+instructions_in() {
+  callgrind_annotate --show=Ir --inclusive="$2" --threshold=100 "$1" 2>/dev/null |
+    python3 -c '
+import re, sys
+inclusive, pattern, costs = sys.argv[1] == "yes", re.compile(sys.argv[2]), []
+for line in sys.stdin:
+    m = re.match(r"\s*([\d,]+) \([ \d.]+%\)\s+(.*)$", line)
+    if m and pattern.search(m.group(2)):
+        costs.append(int(m.group(1).replace(",", "")))
+print(max(costs, default=0) if inclusive else sum(costs))' "$2" "$3"
+}
+
 # sha256_instructions CALLGRIND_OUT — instructions spent in SHA-256 block functions (the sha2
 # crate's and ring's), self cost. Valgrind's virtual CPU has no SHA extensions, so both crates
 # fall back to their portable code there (~2,300 instructions a block); on a CPU with them
 # (sha_ni: this VM has) a block takes about a tenth of that. Printed apart, so the figure can be
 # read both ways.
 sha256_instructions() {
-  callgrind_annotate --show=Ir --inclusive=no --threshold=100 "$1" 2>/dev/null |
-    python3 -c '
-import re, sys
-total = 0
-for line in sys.stdin:
-    m = re.match(r"\s*([\d,]+) \([ \d.]+%\)\s+(.*)$", line)
-    if m and re.search(r"sha256::compress256|sha256_block_data_order", m.group(2)):
-        total += int(m.group(1).replace(",", ""))
-print(total)'
+  instructions_in "$1" no 'sha256::compress256|sha256_block_data_order'
 }
 
 # pipeline_instructions CALLGRIND_OUT — instructions inside claudekey's request pipeline (the
@@ -200,15 +206,7 @@ print(total)'
 # scanning the answer. The rest of a request is hyper's HTTP/1 on both sides, tokio, and the
 # exchange's end (settlement, metrics, the audit line). 0 for nginx.
 pipeline_instructions() {
-  callgrind_annotate --show=Ir --inclusive=yes --threshold=100 "$1" 2>/dev/null |
-    python3 -c '
-import re, sys
-total = 0
-for line in sys.stdin:
-    m = re.match(r"\s*([\d,]+) \([ \d.]+%\)\s+(?:\?\?\?:)?claudekey::proxy::pipeline::handle::\{\{closure\}\} ", line)
-    if m:
-        total = max(total, int(m.group(1).replace(",", "")))
-print(total)'
+  instructions_in "$1" yes '^(\?\?\?:)?claudekey::proxy::pipeline::handle::\{\{closure\}\} '
 }
 
 # run TOOL COUNT — the proxy under valgrind TOOL for WARMUP+COUNT requests; prints the tool's

@@ -318,6 +318,18 @@ mod tests {
         response.into_body().collect().await.unwrap().to_bytes()
     }
 
+    /// What a blocking test server does with one request: reads its head, answers `ok`.
+    fn answer_one(tcp: &mut std::net::TcpStream) {
+        use std::io::{Read, Write};
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && tcp.read(&mut byte).unwrap_or(0) == 1 {
+            head.push(byte[0]);
+        }
+        tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn a_connection_is_taken_again_once_its_body_has_ended() {
         let (pool, accepted) = upstream().await;
@@ -416,44 +428,73 @@ mod tests {
         assert!(pool.shared.checkout(now + IDLE_TIMEOUT).is_some());
     }
 
+    /// An upstream on a plain thread the test can block on: it answers one request on its
+    /// first connection, then, when the test calls [`ClosingUpstream::close`], ends that
+    /// connection (its sending side: the client reads the end) and hands the listener and the
+    /// connection to `after`, whose result `server` returns.
+    struct ClosingUpstream<T> {
+        pool: Pool,
+        close: std::sync::mpsc::Sender<()>,
+        closed: std::sync::mpsc::Receiver<()>,
+        server: std::thread::JoinHandle<T>,
+    }
+
+    impl<T: Send + 'static> ClosingUpstream<T> {
+        /// Returns once the pool holds the first connection, idle.
+        async fn start(
+            after: impl FnOnce(std::net::TcpListener, std::net::TcpStream) -> T + Send + 'static,
+        ) -> Self {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (close, close_rx) = std::sync::mpsc::channel::<()>();
+            let (closed_tx, closed) = std::sync::mpsc::channel::<()>();
+            let server = std::thread::spawn(move || {
+                let (mut first, _) = listener.accept().unwrap();
+                answer_one(&mut first);
+                close_rx.recv().unwrap();
+                first.shutdown(std::net::Shutdown::Write).unwrap();
+                closed_tx.send(()).unwrap();
+                after(listener, first)
+            });
+            let pool = pool_to(&format!("http://{addr}"));
+            assert_eq!(read(pool.send(get()).await.unwrap()).await, "ok");
+            tokio::task::yield_now().await;
+            assert_eq!(pool.idle(), 1);
+            Self {
+                pool,
+                close,
+                closed,
+                server,
+            }
+        }
+
+        /// Ends the idle connection; blocks (the whole runtime) until the upstream has.
+        fn close(&self) {
+            self.close.send(()).unwrap();
+            self.closed.recv().unwrap();
+        }
+    }
+
     /// The upstream closes an idle connection just as a request takes it, before the
     /// connection's task has seen the close: the request is written, its answer never comes,
     /// and it fails. It is not sent again: the upstream may have acted on it (a second
-    /// message would be billed twice). The server is a plain thread the test blocks on, so the
+    /// message would be billed twice). The close blocks the runtime's one thread, so the
     /// runtime cannot run the connection's task in between.
     #[tokio::test]
     async fn a_request_written_on_a_connection_closed_under_it_is_never_sent_twice() {
-        use std::io::{Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (close_tx, close_rx) = std::sync::mpsc::channel::<()>();
-        let (closed_tx, closed_rx) = std::sync::mpsc::channel::<()>();
-        let server = std::thread::spawn(move || {
-            let (mut first, _) = listener.accept().unwrap();
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") && first.read(&mut byte).unwrap_or(0) == 1 {
-                head.push(byte[0]);
-            }
-            first
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                .unwrap();
-            close_rx.recv().unwrap();
+        let upstream = ClosingUpstream::start(|listener, first| {
             drop(first);
-            closed_tx.send(()).unwrap();
             listener.set_nonblocking(true).unwrap();
             std::thread::sleep(Duration::from_millis(200));
             listener.accept().is_ok()
-        });
-        let pool = pool_to(&format!("http://{addr}"));
-        assert_eq!(read(pool.send(get()).await.unwrap()).await, "ok");
-        tokio::task::yield_now().await;
-        assert_eq!(pool.idle(), 1);
-        close_tx.send(()).unwrap();
-        closed_rx.recv().unwrap();
-        let error = pool.send(get()).await.err().expect("its answer never came");
+        })
+        .await;
+        upstream.close();
+        let error = upstream.pool.send(get()).await.err();
+        let error = error.expect("its answer never came");
         assert!(matches!(error, SendError::Request(_)), "{error}");
-        assert!(!server.join().unwrap(), "the request was sent again");
+        let reconnected = upstream.server.join().unwrap();
+        assert!(!reconnected, "the request was sent again");
     }
 
     /// The upstream closes an idle connection, and the runtime has read the close but the
@@ -466,29 +507,10 @@ mod tests {
     /// task) and then polls the test's future again before any queued task.
     #[tokio::test]
     async fn a_request_never_written_goes_again_on_a_new_connection() {
-        use std::io::{Read, Write};
-        fn answer(tcp: &mut std::net::TcpStream) -> usize {
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") && tcp.read(&mut byte).unwrap_or(0) == 1 {
-                head.push(byte[0]);
-            }
-            tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                .unwrap();
-            head.len()
-        }
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (close_tx, close_rx) = std::sync::mpsc::channel::<()>();
-        let (closed_tx, closed_rx) = std::sync::mpsc::channel::<()>();
-        let server = std::thread::spawn(move || {
-            let (mut first, _) = listener.accept().unwrap();
-            answer(&mut first);
-            close_rx.recv().unwrap();
-            first.shutdown(std::net::Shutdown::Write).unwrap();
-            closed_tx.send(()).unwrap();
+        let upstream = ClosingUpstream::start(|listener, mut first| {
+            use std::io::Read;
             let (mut second, _) = listener.accept().unwrap();
-            answer(&mut second);
+            answer_one(&mut second);
             // Anything the first connection received after its answer.
             let mut late = Vec::new();
             first
@@ -496,15 +518,12 @@ mod tests {
                 .unwrap();
             let _ = first.read_to_end(&mut late);
             late
-        });
-        let pool = pool_to(&format!("http://{addr}"));
-        assert_eq!(read(pool.send(get()).await.unwrap()).await, "ok");
-        tokio::task::yield_now().await;
-        assert_eq!(pool.idle(), 1);
-        close_tx.send(()).unwrap();
-        closed_rx.recv().unwrap();
+        })
+        .await;
+        upstream.close();
         std::thread::sleep(Duration::from_millis(20));
         tokio::task::yield_now().await;
+        let pool = &upstream.pool;
         let idle = pool.shared.checkout(Instant::now());
         let idle = idle.expect("the closed connection still looks ready: its task has not run");
         pool.shared.put(idle, Instant::now());
@@ -514,7 +533,7 @@ mod tests {
             .expect("sent again on a new connection");
         assert_eq!(read(response).await, "ok");
         assert_eq!(
-            server.join().unwrap(),
+            upstream.server.join().unwrap(),
             b"",
             "nothing was written on the closed connection"
         );
