@@ -83,7 +83,7 @@ pub async fn handle(
         }
     }
     let (parts, body) = req.into_parts();
-    let mut exchange = exchange(&shared, parts);
+    let mut exchange = exchange_of(&shared, parts);
     match to_upstream(&shared, &mut exchange, body).await {
         Ok(response) => Ok(respond(exchange, response).await),
         Err(error) => {
@@ -95,7 +95,7 @@ pub async fn handle(
 
 /// The request's exchange, from its head. A function of its own so the rest of the head (its
 /// URI and extensions) is dropped here, not held in the request's future until it ends.
-fn exchange(shared: &Shared, parts: http::request::Parts) -> Exchange {
+fn exchange_of(shared: &Shared, parts: http::request::Parts) -> Exchange {
     let path = parts
         .uri
         .path_and_query()

@@ -95,9 +95,9 @@ impl Pool {
     ///
     /// Every request's future holds this one, and futures are moved whole, so the rare paths
     /// are boxed: a connect (the TCP connect and hyper's handshake, about 2.4 KB) and a resend
-    /// (the failed request, its error and the second send: they tripled this future, 1.3 KB),
-    /// and it is an `async` block, which keeps the request once (an `async fn` keeps its
-    /// arguments twice).
+    /// (the failed request, its error and the second send: with them inline this future was
+    /// 1.3 KB, without them 0.8 KB), and it is an `async` block, which keeps the request once
+    /// (an `async fn` keeps its arguments twice).
     #[expect(
         clippy::manual_async_fn,
         reason = "an async fn keeps its arguments twice"
