@@ -36,13 +36,22 @@ struct Args {
     /// (a TCP handshake through the proxy to the upstream is not time-to-first-byte).
     #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// The request's max_tokens. A small one against an upstream that stops there
+    /// (`fake_upstream --stop-at-max-tokens`) makes each stream a few events long, so a run can
+    /// afford the hundreds of streams a TTFB p99 needs.
+    #[arg(long, default_value_t = 1024)]
+    max_tokens: u32,
     /// An extra request header, `NAME: VALUE` (repeatable): a peer gateway that takes its
     /// routing config per request (Portkey's `x-portkey-config`).
     #[arg(long = "header")]
     headers: Vec<String>,
 }
 
-const BODY: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":true,"messages":[{"role":"user","content":"Write a short story about a lighthouse keeper."}]}"#;
+fn request_body(max_tokens: u32) -> Bytes {
+    Bytes::from(format!(
+        r#"{{"model":"claude-sonnet-4-5","max_tokens":{max_tokens},"stream":true,"messages":[{{"role":"user","content":"Write a short story about a lighthouse keeper."}}]}}"#
+    ))
+}
 
 /// What one stream measured.
 struct Sample {
@@ -58,6 +67,7 @@ async fn one(
     url: &str,
     key: &str,
     headers: &[(String, String)],
+    body: Bytes,
 ) -> anyhow::Result<Sample> {
     let mut request = http::Request::post(format!("{url}/v1/messages"))
         .header("x-api-key", key)
@@ -66,7 +76,7 @@ async fn one(
     for (name, value) in headers {
         request = request.header(name, value);
     }
-    let request = request.body(Full::new(Bytes::from_static(BODY.as_bytes())))?;
+    let request = request.body(Full::new(body))?;
     let start = Instant::now();
     let response = client.request(request).await.context("request failed")?;
     if !response.status().is_success() {
@@ -138,11 +148,12 @@ async fn main() -> anyhow::Result<()> {
             Ok((name.trim().to_owned(), value.trim().to_owned()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let body = request_body(args.max_tokens);
     let mut ttfbs = Vec::new();
     let mut gaps = Vec::new();
     let mut deltas = Vec::new();
     for _ in 0..args.warmup {
-        one(&client, &args.url, &args.key, &headers).await?;
+        one(&client, &args.url, &args.key, &headers, body.clone()).await?;
     }
     let mut remaining = args.streams;
     while remaining > 0 {
@@ -151,8 +162,8 @@ async fn main() -> anyhow::Result<()> {
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..batch {
             let (client, url, key) = (client.clone(), args.url.clone(), args.key.clone());
-            let headers = headers.clone();
-            set.spawn(async move { one(&client, &url, &key, &headers).await });
+            let (headers, body) = (headers.clone(), body.clone());
+            set.spawn(async move { one(&client, &url, &key, &headers, body).await });
         }
         while let Some(done) = set.join_next().await {
             let sample = done??;

@@ -30,6 +30,10 @@ struct Args {
     /// Characters per SSE text delta.
     #[arg(long, default_value_t = 8)]
     chunk_chars: usize,
+    /// End replies longer than the request's max_tokens there (stop_reason max_tokens), as the
+    /// API does: one paced upstream then serves the benchmarks' long and short streams.
+    #[arg(long)]
+    stop_at_max_tokens: bool,
     /// Keep received requests in memory (off by default so long runs stay small).
     #[arg(long)]
     record: bool,
@@ -51,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
     }
     fake.set_delta_delay(Duration::from_millis(args.delta_delay_ms));
     fake.set_chunk_chars(args.chunk_chars);
+    fake.set_stop_at_max_tokens(args.stop_at_max_tokens);
     fake.set_recording(args.record);
     eprintln!("fake Anthropic API listening on {}", fake.url());
     tokio::signal::ctrl_c().await?;

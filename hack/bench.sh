@@ -71,10 +71,10 @@ while [ $# -gt 0 ]; do
 done
 if [ "$SMOKE" = 1 ]; then
   REPS=1 SOAK=1
-  CELL=0.5 SWEEP_STEP=0.5 STREAMS=2 ADMISSION_N=3 SCALE_N=20 SCALE_BIG=40 PAIRS=2 PAIR_CELL=0.5
+  CELL=0.5 SWEEP_STEP=0.5 STREAMS=2 TTFB_STREAMS=10 ADMISSION_N=3 SCALE_N=20 SCALE_BIG=40 PAIRS=2 PAIR_CELL=0.5
   CRITERION=(--warm-up-time 0.1 --measurement-time 0.3 --sample-size 10)
 else
-  CELL=3 SWEEP_STEP=3 STREAMS=16 ADMISSION_N=100 SCALE_N=1000 SCALE_BIG=10000 PAIRS=16 PAIR_CELL=2
+  CELL=3 SWEEP_STEP=3 STREAMS=8 TTFB_STREAMS=200 ADMISSION_N=100 SCALE_N=1000 SCALE_BIG=10000 PAIRS=16 PAIR_CELL=2
   CRITERION=(--warm-up-time 1 --measurement-time 4)
 fi
 
@@ -253,11 +253,12 @@ MASTER=sk-bench-litellm-master-key
 P_UP=$(free_port); P_UPS=$(free_port); P_CK=$(free_port); P_CKS=$(free_port)
 P_CKR=$(free_port); P_CKB=$(free_port); P_NG=$(free_port); P_NGS=$(free_port); P_LL=$(free_port)
 
-# 64 deltas of 8 characters.
+# 64 deltas of 8 characters; a request's max_tokens cuts it short (row 2's TTFB streams ask
+# for 2 tokens: one delta), so every target's one streaming config serves both stream lengths.
 PACED_REPLY=$(python3 -c 'print(("The lighthouse keeper counted the ships. " * 13)[:512])')
 start upstream 1 "$BIN/examples/fake_upstream" --listen "127.0.0.1:$P_UP" --key "$UPKEY"
 start upstream-paced 1 "$BIN/examples/fake_upstream" --listen "127.0.0.1:$P_UPS" --key "$UPKEY" \
-  --delta-delay-ms 20 --chunk-chars 8 --reply "$PACED_REPLY"
+  --delta-delay-ms 20 --chunk-chars 8 --reply "$PACED_REPLY" --stop-at-max-tokens
 # A bare echo on the proxy's core: the round trip any extra hop pays here (streaming row).
 P_ECHO=$(free_port)
 start echo 0 "$BIN/examples/bench_wake" serve --listen "127.0.0.1:$P_ECHO"
@@ -620,7 +621,7 @@ done
 # ---------------------------------------------------------------------------
 # row 2: streaming
 # ---------------------------------------------------------------------------
-log "row 2: streaming through a paced upstream (64 deltas, 20 ms apart), with and without response redaction"
+log "row 2: streaming through a paced upstream (64 deltas, 20 ms apart; TTFB from $TTFB_STREAMS one-delta streams), with and without response redaction"
 for rep in $(seq 1 "$REPS"); do
   for t in $(shuffled direct claudekey claudekey-redact bare $([ "$USE_NGINX" = 1 ] && echo nginx) \
       $([ "$USE_AGENTGATEWAY" = 1 ] && echo agentgateway) $([ "$USE_PORTKEY" = 1 ] && echo portkey)); do
@@ -637,6 +638,10 @@ for rep in $(seq 1 "$REPS"); do
     line=$(taskset -c 1 "$BIN/examples/bench_stream" --url "$url" --key "$key" "${extra[@]}" \
       --streams "$STREAMS" --concurrency 1 --warmup 2)
     echo "{\"row\":\"stream\",\"target\":\"$t\",\"rep\":$rep,\"m\":$line}" >>"$RAW/results.jsonl"
+    # The TTFB percentiles: many streams of one delta (60 ms each), so the p99 is not a maximum.
+    line=$(taskset -c 1 "$BIN/examples/bench_stream" --url "$url" --key "$key" "${extra[@]}" \
+      --streams "$TTFB_STREAMS" --concurrency 1 --warmup 5 --max-tokens 2)
+    echo "{\"row\":\"stream_ttfb\",\"target\":\"$t\",\"rep\":$rep,\"m\":$line}" >>"$RAW/results.jsonl"
   done
   # The floor: a round trip to the echo on the proxy's core, back to back and after the pace.
   for idle in 0 20; do

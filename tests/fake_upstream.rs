@@ -116,6 +116,52 @@ async fn stream_has_the_real_event_sequence_and_echo_works() {
 }
 
 #[tokio::test]
+async fn replies_stop_at_max_tokens_only_when_asked() {
+    let fake = FakeUpstream::start(&[KEY]).await.unwrap();
+    fake.set_reply(FakeReply::Text(
+        "The lighthouse keeper counted ships.".into(),
+    ));
+    fake.set_chunk_chars(4);
+    let short = |stream| {
+        let mut m = message("hi", stream);
+        m["max_tokens"] = json!(2);
+        m
+    };
+    // Off (the default): the whole reply whatever max_tokens says.
+    let r = create_message(&fake, short(false)).await;
+    assert_eq!(r.json()["stop_reason"], "end_turn");
+    assert_eq!(
+        r.json()["content"][0]["text"],
+        "The lighthouse keeper counted ships."
+    );
+
+    fake.set_stop_at_max_tokens(true);
+    let r = create_message(&fake, short(false)).await;
+    let body = r.json();
+    assert_eq!(body["content"][0]["text"], "The ligh");
+    assert_eq!(body["stop_reason"], "max_tokens");
+    assert_eq!(body["usage"]["output_tokens"], 2);
+    let r = create_message(&fake, short(true)).await;
+    let events = sse_events(&r.text());
+    let deltas = events
+        .iter()
+        .filter(|(n, _)| n == "content_block_delta")
+        .count();
+    assert_eq!((r.sse_text().as_str(), deltas), ("The ligh", 2));
+    let end = &events[events.len() - 2].1;
+    assert_eq!(end["delta"]["stop_reason"], "max_tokens");
+    assert_eq!(end["usage"]["output_tokens"], 2);
+    // A reply within max_tokens ends its turn.
+    let r = create_message(&fake, message("hi", true)).await;
+    assert_eq!(r.sse_text(), "The lighthouse keeper counted ships.");
+    let events = sse_events(&r.text());
+    assert_eq!(
+        events[events.len() - 2].1["delta"]["stop_reason"],
+        "end_turn"
+    );
+}
+
+#[tokio::test]
 async fn validation_count_tokens_and_models() {
     let fake = FakeUpstream::start(&[KEY]).await.unwrap();
     let c = client();

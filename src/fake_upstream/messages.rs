@@ -21,8 +21,19 @@ const MODELS: &[(&str, &str)] = &[
 ];
 
 /// Roughly four characters a token, as the tokenizer averages on English text.
+const CHARS_PER_TOKEN: u64 = 4;
+
 fn tokens(chars: usize) -> u64 {
-    (chars as u64).div_ceil(4).max(1)
+    (chars as u64).div_ceil(CHARS_PER_TOKEN).max(1)
+}
+
+/// The reply as generation under `max_tokens` leaves it, and why it stopped.
+fn cut_at_max_tokens(text: String, max_tokens: u64) -> (String, &'static str) {
+    let limit = usize::try_from(max_tokens.saturating_mul(CHARS_PER_TOKEN)).unwrap_or(usize::MAX);
+    match text.char_indices().nth(limit) {
+        Some((end, _)) => (text[..end].to_owned(), "max_tokens"),
+        None => (text, "end_turn"),
+    }
 }
 
 fn all_text(body: &Value) -> String {
@@ -167,7 +178,7 @@ pub(super) async fn create(
         Ok(json) => json,
         Err(r) => return *r,
     };
-    let (reply, delay, chunk_chars, stream_error) = {
+    let (reply, delay, chunk_chars, stream_error, stop_at_max_tokens) = {
         let mut b = shared.behavior();
         if let Some((count, status, kind)) = b.fail_next.take() {
             if count > 1 {
@@ -180,11 +191,16 @@ pub(super) async fn create(
             b.delta_delay,
             b.chunk_chars,
             b.stream_error.clone(),
+            b.stop_at_max_tokens,
         )
     };
     let text = match reply {
         Reply::Text(t) => t,
         Reply::Echo => last_user_text(&json),
+    };
+    let (text, stop_reason) = match json.get("max_tokens").and_then(Value::as_u64) {
+        Some(max_tokens) if stop_at_max_tokens => cut_at_max_tokens(text, max_tokens),
+        _ => (text, "end_turn"),
     };
     let n = shared.next_id();
     let id = format!("msg_fake{n:06}");
@@ -199,7 +215,14 @@ pub(super) async fn create(
     shared.record_usage(&key_id, &model, input_tokens, output_tokens);
     let stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let mut response = if stream {
-        let mut events = sse_events(&id, &model, &text, input_tokens, output_tokens, chunk_chars);
+        let mut events = sse_events(
+            &id,
+            &model,
+            &text,
+            (input_tokens, output_tokens),
+            chunk_chars,
+            stop_reason,
+        );
         if let Some((after, kind)) = stream_error {
             // message_start, content_block_start, ping, then `after` deltas.
             events.truncate(3 + after);
@@ -234,7 +257,7 @@ pub(super) async fn create(
             "role": "assistant",
             "model": model,
             "content": [{ "type": "text", "text": text }],
-            "stop_reason": "end_turn",
+            "stop_reason": stop_reason,
             "stop_sequence": null,
             "usage": {
                 "input_tokens": input_tokens,
@@ -254,9 +277,9 @@ pub fn sse_events(
     id: &str,
     model: &str,
     text: &str,
-    input_tokens: u64,
-    output_tokens: u64,
+    (input_tokens, output_tokens): (u64, u64),
     chunk_chars: usize,
+    stop_reason: &str,
 ) -> Vec<String> {
     let event = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
     let mut events = vec![
@@ -289,7 +312,7 @@ pub fn sse_events(
     ));
     events.push(event(
         "message_delta",
-        json!({ "type": "message_delta", "delta": { "stop_reason": "end_turn", "stop_sequence": null },
+        json!({ "type": "message_delta", "delta": { "stop_reason": stop_reason, "stop_sequence": null },
                 "usage": { "output_tokens": output_tokens } }),
     ));
     events.push(event("message_stop", json!({ "type": "message_stop" })));

@@ -91,6 +91,8 @@ struct Behavior {
     recording: bool,
     /// Wait this long before answering any request (after recording it).
     response_delay: Duration,
+    /// Cut a reply longer than the request's `max_tokens` there, as the API does.
+    stop_at_max_tokens: bool,
 }
 
 #[derive(Debug, Default)]
@@ -162,6 +164,7 @@ impl FakeUpstream {
                 stream_error: None,
                 recording: true,
                 response_delay: Duration::ZERO,
+                stop_at_max_tokens: false,
             }),
             oauth: Mutex::default(),
         });
@@ -239,6 +242,13 @@ impl FakeUpstream {
     /// Characters per SSE text delta.
     pub fn set_chunk_chars(&self, chars: usize) {
         self.shared.behavior().chunk_chars = chars.max(1);
+    }
+
+    /// Replies longer than the request's `max_tokens` end there with `stop_reason: max_tokens`,
+    /// as the API's do. Off by default: tests choose their replies and `max_tokens` freely. On,
+    /// one paced upstream serves long streams and short ones (the benchmarks' TTFB phase).
+    pub fn set_stop_at_max_tokens(&self, on: bool) {
+        self.shared.behavior().stop_at_max_tokens = on;
     }
 
     /// The next `count` Messages requests fail with `status` and an error of `kind`.
