@@ -16,6 +16,9 @@
 #   hack/hotpath.sh --nginx              a bare nginx reverse proxy instead (hack/bench.sh's: keep-alive
 #                                        to the upstream, the key header set, no logging): the floor a
 #                                        proxy that checks nothing reaches on the same request
+#   hack/hotpath.sh --stream             the same request streamed (SSE: the fake's reply in 5 text
+#                                        deltas, 10 events), response redaction off as in the
+#                                        streaming row's claudekey column
 #   options: -n N (requests, default 2000)  --warmup W (default 200)  -c C (connections, default 1)
 #            --json FILE   append one record {"row":"hotpath",...} (bench.sh's results.jsonl)
 #            --keep DIR    keep the callgrind and dhat outputs of the 2N runs there (for
@@ -38,7 +41,7 @@ CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/claudekey
 # shellcheck source=oha.sh
 source hack/oha.sh
 
-N=2000 WARMUP=200 CONC=1 REV="" CK="" JSON="" KEEP="" LABEL="" TOP=0 UPSTREAM_BIN="" NGINX=0
+N=2000 WARMUP=200 CONC=1 REV="" CK="" JSON="" KEEP="" LABEL="" TOP=0 UPSTREAM_BIN="" NGINX=0 STREAM=0
 while [ $# -gt 0 ]; do
   case $1 in
     -n) N=$2; shift ;;
@@ -47,6 +50,7 @@ while [ $# -gt 0 ]; do
     --rev) REV=$2; shift ;;
     --bin) CK=$2; shift ;;
     --nginx) NGINX=1 ;;
+    --stream) STREAM=1 ;;
     --json) JSON=$2; shift ;;
     --keep) KEEP=$2; shift ;;
     --label) LABEL=$2; shift ;;
@@ -126,6 +130,15 @@ wait_http() {
 source hack/bench_tenant.sh
 bench_policy "$WORK/proxy"
 bench_body "$WORK/body.json"
+if [ "$STREAM" = 1 ]; then
+  sed -i 's/"redactResponses": true/"redactResponses": false/' "$WORK/proxy/proxy.json"
+  python3 - "$WORK/body.json" <<'EOF'
+import json, sys
+body = json.load(open(sys.argv[1]))
+body["stream"] = True
+json.dump(body, open(sys.argv[1], "w"))
+EOF
+fi
 
 P_UP=$(free_port)
 "$UPSTREAM_BIN" --listen "127.0.0.1:$P_UP" --key "$UPKEY" >"$WORK/upstream.log" 2>&1 &

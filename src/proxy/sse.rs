@@ -195,19 +195,14 @@ fn write_event(out: &mut BytesMut, name: &str, json: &Value) {
 }
 
 /// Index just past the first blank line (`\n\n` or `\r\n\r\n`), i.e. the end of one event.
+/// Every byte of a stream passes here, so the newlines are found with `memchr` (a few per
+/// event) rather than by looking at each byte.
 fn event_end(buf: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    while i < buf.len() {
-        if buf[i] == b'\n' {
-            match buf.get(i + 1) {
-                Some(b'\n') => return Some(i + 2),
-                Some(b'\r') if buf.get(i + 2) == Some(&b'\n') => return Some(i + 3),
-                _ => {}
-            }
-        }
-        i += 1;
-    }
-    None
+    memchr::memchr_iter(b'\n', buf).find_map(|i| match buf.get(i + 1) {
+        Some(b'\n') => Some(i + 2),
+        Some(b'\r') if buf.get(i + 2) == Some(&b'\n') => Some(i + 3),
+        _ => None,
+    })
 }
 
 /// An event's data read into a borrowed tree: a `message_start` is on the stream's first-byte
@@ -225,7 +220,17 @@ fn parse_event(raw: &[u8]) -> (Option<&str>, Option<&str>) {
     };
     let mut name = None;
     let mut data = None;
-    for line in text.lines() {
+    // `str::lines`, with the newlines found by `memchr` (every event passes here).
+    let mut rest = text;
+    while !rest.is_empty() {
+        let (line, next) = match memchr::memchr(b'\n', rest.as_bytes()) {
+            Some(i) => (
+                rest[..i].strip_suffix('\r').unwrap_or(&rest[..i]),
+                &rest[i + 1..],
+            ),
+            None => (rest, ""),
+        };
+        rest = next;
         if let Some(v) = line.strip_prefix("event:") {
             name = Some(v.trim());
         } else if let Some(v) = line.strip_prefix("data:") {
@@ -408,5 +413,47 @@ pub(super) mod tests {
         let mut t = SseTransformer::new(None);
         let out = t.push(b"event: ping\r\ndata: {}\r\n\r\nevent: pi");
         assert_eq!(&out[..], b"event: ping\r\ndata: {}\r\n\r\n");
+    }
+
+    #[test]
+    fn an_event_is_read_as_lines_read_it() {
+        for raw in [
+            &b"event: ping\ndata: {\"a\":1}\n\n"[..],
+            b"event: ping\r\ndata: {\"a\":1}\r\n\r\n",
+            b"data: {\"a\":1}\nevent:ping\ndata: {}\n",
+            b"event: ping\ndata: {\"a\":1}",
+            b"\n\nevent: ping\r\n: comment\ndata:{\"a\":1}\r",
+            b"event: pi\rng\n",
+            b"",
+        ] {
+            let text = std::str::from_utf8(raw).unwrap();
+            let mut name = None;
+            let mut data = None;
+            for line in text.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = Some(v.trim());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data = data.or(Some(v.trim_start()));
+                }
+            }
+            assert_eq!(parse_event(raw), (name, data), "{text:?}");
+        }
+        assert_eq!(parse_event(b"event: a\xff\n"), (None, None));
+    }
+
+    #[test]
+    fn an_event_ends_at_the_first_blank_line() {
+        assert_eq!(event_end(b"event: a\ndata: {}\n\nevent: b\n\n"), Some(19));
+        assert_eq!(event_end(b"event: a\r\ndata: {}\r\n\r\n"), Some(22));
+        assert_eq!(event_end(b"\n\n"), Some(2));
+        // Not yet: a line ended, the blank line not (or only half of it) arrived.
+        for partial in [
+            &b"event: a\ndata: {}\n"[..],
+            b"data: {}\r\n\r",
+            b"data: {}\n\r",
+            b"",
+        ] {
+            assert_eq!(event_end(partial), None, "{partial:?}");
+        }
     }
 }
