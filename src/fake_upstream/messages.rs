@@ -28,10 +28,13 @@ fn tokens(chars: usize) -> u64 {
 }
 
 /// The reply as generation under `max_tokens` leaves it, and why it stopped.
-fn cut_at_max_tokens(text: String, max_tokens: u64) -> (String, &'static str) {
+fn cut_at_max_tokens(mut text: String, max_tokens: u64) -> (String, &'static str) {
     let limit = usize::try_from(max_tokens.saturating_mul(CHARS_PER_TOKEN)).unwrap_or(usize::MAX);
     match text.char_indices().nth(limit) {
-        Some((end, _)) => (text[..end].to_owned(), "max_tokens"),
+        Some((end, _)) => {
+            text.truncate(end);
+            (text, "max_tokens")
+        }
         None => (text, "end_turn"),
     }
 }
@@ -219,7 +222,8 @@ pub(super) async fn create(
             &id,
             &model,
             &text,
-            (input_tokens, output_tokens),
+            input_tokens,
+            output_tokens,
             chunk_chars,
             stop_reason,
         );
@@ -277,7 +281,8 @@ pub fn sse_events(
     id: &str,
     model: &str,
     text: &str,
-    (input_tokens, output_tokens): (u64, u64),
+    input_tokens: u64,
+    output_tokens: u64,
     chunk_chars: usize,
     stop_reason: &str,
 ) -> Vec<String> {
