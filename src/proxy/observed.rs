@@ -128,7 +128,7 @@ where
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => match &mut this.sse {
                         Some(sse) => {
-                            let out = sse.push(&data);
+                            let out = sse.push(data);
                             if !out.is_empty() {
                                 return Poll::Ready(Some(Ok(Frame::data(out))));
                             }

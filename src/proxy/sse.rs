@@ -4,6 +4,9 @@
 //! events pass untouched; text deltas are redacted with a carry-over when the policy asks, and
 //! citations' `cited_text` whole. Thinking deltas pass unchanged: their signature covers them,
 //! and the API refuses a later turn whose thinking was altered.
+//!
+//! Events that pass unchanged (all of them, unless responses are redacted) leave as slices of
+//! the buffer they arrived in: a stream's bytes are not copied on their way through.
 
 use std::sync::Arc;
 
@@ -19,6 +22,7 @@ use super::{
 
 /// Turns upstream SSE bytes into client SSE bytes, event by event.
 pub struct SseTransformer {
+    /// The start of an event whose end has not arrived yet.
     buf: BytesMut,
     /// Set when text deltas are redacted.
     tenant: Option<Arc<Tenant>>,
@@ -28,6 +32,15 @@ pub struct SseTransformer {
     pub counts: Counts,
     /// `error.type` of an `error` event, if one came.
     pub error: Option<String>,
+}
+
+/// What became of one event.
+#[derive(Debug, PartialEq, Eq)]
+enum Event {
+    /// It goes to the client as it came.
+    Passed,
+    /// Its replacement (maybe nothing, maybe more than one event) was written out.
+    Rewritten,
 }
 
 impl SseTransformer {
@@ -45,22 +58,53 @@ impl SseTransformer {
     }
 
     /// Adds upstream bytes; returns every complete event, ready to send (maybe empty).
-    pub fn push(&mut self, chunk: &[u8]) -> Bytes {
-        self.buf.extend_from_slice(chunk);
-        let mut out = BytesMut::new();
-        while let Some(end) = event_end(&self.buf) {
-            let event = self.buf.split_to(end);
-            self.event(&event, &mut out);
+    pub fn push(&mut self, chunk: Bytes) -> Bytes {
+        let data = if self.buf.is_empty() {
+            chunk
+        } else {
+            self.buf.extend_from_slice(&chunk);
+            std::mem::take(&mut self.buf).freeze()
+        };
+        let (out, used) = self.events(&data);
+        if used < data.len() {
+            self.buf.extend_from_slice(&data[used..]);
         }
-        out.freeze()
+        out
+    }
+
+    /// The complete events at the start of `data`, and how many bytes they took. While every
+    /// event passes, what goes out is `data`'s own prefix; from the first rewritten one on, the
+    /// client's bytes are copied together.
+    fn events(&mut self, data: &Bytes) -> (Bytes, usize) {
+        let mut used = 0;
+        let mut copied: Option<BytesMut> = None;
+        let mut rewritten = BytesMut::new();
+        while let Some(len) = event_end(&data[used..]) {
+            let raw = &data[used..used + len];
+            match (self.event(raw, &mut rewritten), &mut copied) {
+                (Event::Passed, Some(out)) => out.extend_from_slice(raw),
+                (Event::Passed, None) => {}
+                (Event::Rewritten, out) => {
+                    let out = out.get_or_insert_with(|| BytesMut::from(&data[..used]));
+                    out.extend_from_slice(&rewritten);
+                    rewritten.clear();
+                }
+            }
+            used += len;
+        }
+        let out = match copied {
+            Some(out) => out.freeze(),
+            None => data.slice(..used),
+        };
+        (out, used)
     }
 
     /// At the end of the stream: whatever partial event and held-back text remain.
     pub fn finish(&mut self) -> Bytes {
         let mut out = BytesMut::new();
         let rest = std::mem::take(&mut self.buf);
-        if !rest.is_empty() {
-            self.event(&rest, &mut out);
+        if !rest.is_empty() && self.event(&rest, &mut out) == Event::Passed {
+            out.extend_from_slice(&rest);
         }
         let indexes: Vec<u64> = self.blocks.iter().map(|(i, _)| *i).collect();
         for index in indexes {
@@ -69,29 +113,32 @@ impl SseTransformer {
         out.freeze()
     }
 
-    fn event(&mut self, raw: &[u8], out: &mut BytesMut) {
+    /// Reads one event; writes to `out` only when it is [`Event::Rewritten`].
+    fn event(&mut self, raw: &[u8], out: &mut BytesMut) -> Event {
         let (name, data) = parse_event(raw);
         match name {
-            Some("message_start") | Some("message_delta") | Some("error") | None => {
+            Some(b"message_start" | b"message_delta" | b"error") | None => {
                 if let Some(json) = data.and_then(read) {
                     self.observe(&json);
                 }
-                out.extend_from_slice(raw);
+                Event::Passed
             }
-            Some("content_block_delta") if self.tenant.is_some() => match data {
-                Some(d) => self.delta(d, raw, out),
-                None => out.extend_from_slice(raw),
+            Some(b"content_block_delta") if self.tenant.is_some() => match data {
+                Some(d) => self.delta(d, out),
+                None => Event::Passed,
             },
-            Some("content_block_stop") if self.tenant.is_some() => {
+            Some(b"content_block_stop") if self.tenant.is_some() => {
                 let index = data
                     .and_then(read)
                     .and_then(|j| j.get("index").and_then(Json::as_u64));
-                if let Some(index) = index {
-                    self.flush_block(index, out);
-                }
+                let Some(index) = index else {
+                    return Event::Passed;
+                };
+                self.flush_block(index, out);
                 out.extend_from_slice(raw);
+                Event::Rewritten
             }
-            _ => out.extend_from_slice(raw),
+            _ => Event::Passed,
         }
     }
 
@@ -120,10 +167,9 @@ impl SseTransformer {
         }
     }
 
-    fn delta(&mut self, data: &str, raw: &[u8], out: &mut BytesMut) {
-        let Ok(mut json) = serde_json::from_str::<Value>(data) else {
-            out.extend_from_slice(raw);
-            return;
+    fn delta(&mut self, data: &[u8], out: &mut BytesMut) -> Event {
+        let Ok(mut json) = serde_json::from_slice::<Value>(data) else {
+            return Event::Passed;
         };
         let index = json.get("index").and_then(Value::as_u64).unwrap_or(0);
         if let Some(Value::String(cited)) = json.pointer_mut("/delta/citation/cited_text") {
@@ -132,22 +178,19 @@ impl SseTransformer {
                 .tenant
                 .as_ref()
                 .and_then(|t| t.redactor.redact(cited, &mut self.counts));
-            match redacted {
-                Some(new) => {
-                    *cited = new;
-                    write_event(out, "content_block_delta", &json);
-                }
-                None => out.extend_from_slice(raw),
-            }
-            return;
+            let Some(new) = redacted else {
+                return Event::Passed;
+            };
+            *cited = new;
+            write_event(out, "content_block_delta", &json);
+            return Event::Rewritten;
         }
         let Some(Value::String(text)) = json.pointer_mut("/delta/text") else {
             // input_json_delta, thinking, signature: not text a person reads back.
-            out.extend_from_slice(raw);
-            return;
+            return Event::Passed;
         };
         let Some(tenant) = self.tenant.clone() else {
-            return;
+            return Event::Passed;
         };
         let block = match self.blocks.iter().position(|(i, _)| *i == index) {
             Some(p) => p,
@@ -159,10 +202,12 @@ impl SseTransformer {
         let safe = self.blocks[block]
             .1
             .push(&tenant.redactor, text, &mut self.counts);
+        // All of it held back (it may be the start of an address): the event is dropped.
         if !safe.is_empty() {
             *text = safe;
             write_event(out, "content_block_delta", &json);
         }
+        Event::Rewritten
     }
 
     /// Sends a block's held-back text as one more delta, before its `content_block_stop`.
@@ -208,33 +253,32 @@ fn event_end(buf: &[u8]) -> Option<usize> {
 /// An event's data read into a borrowed tree: a `message_start` is on the stream's first-byte
 /// path, and a `serde_json::Value` of it allocated every key and copied every string. A key
 /// the upstream repeats keeps its last value, as a `Value` (and a client) reads it.
-fn read(data: &str) -> Option<Json<'_>> {
-    Json::parse(data.as_bytes(), Duplicates::LastWins, usize::MAX).ok()
+fn read(data: &[u8]) -> Option<Json<'_>> {
+    Json::parse(data, Duplicates::LastWins, usize::MAX).ok()
 }
 
-/// The `event:` name and the `data:` payload (multi-line data joined is not needed: the API
-/// sends one data line per event; the first is taken).
-fn parse_event(raw: &[u8]) -> (Option<&str>, Option<&str>) {
-    let Ok(text) = std::str::from_utf8(raw) else {
-        return (None, None);
-    };
+/// The `event:` name and the `data:` payload, read as `str::lines` would read them but on
+/// bytes: an event that nothing reads (a text delta when responses are not redacted) is never
+/// checked for UTF-8, and a name with a byte that is not ASCII matches no name claudekey reads.
+/// Multi-line data joined is not needed: the API sends one data line per event; the first is
+/// taken.
+fn parse_event(raw: &[u8]) -> (Option<&[u8]>, Option<&[u8]>) {
     let mut name = None;
     let mut data = None;
-    // `str::lines`, with the newlines found by `memchr` (every event passes here).
-    let mut rest = text;
+    let mut rest = raw;
     while !rest.is_empty() {
-        let (line, next) = match memchr::memchr(b'\n', rest.as_bytes()) {
+        let (line, next) = match memchr::memchr(b'\n', rest) {
             Some(i) => (
-                rest[..i].strip_suffix('\r').unwrap_or(&rest[..i]),
+                rest[..i].strip_suffix(b"\r").unwrap_or(&rest[..i]),
                 &rest[i + 1..],
             ),
-            None => (rest, ""),
+            None => (rest, &[][..]),
         };
         rest = next;
-        if let Some(v) = line.strip_prefix("event:") {
-            name = Some(v.trim());
-        } else if let Some(v) = line.strip_prefix("data:") {
-            data = data.or(Some(v.trim_start()));
+        if let Some(v) = line.strip_prefix(b"event:") {
+            name = Some(v.trim_ascii());
+        } else if let Some(v) = line.strip_prefix(b"data:") {
+            data = data.or(Some(v.trim_ascii_start()));
         }
     }
     (name, data)
@@ -282,7 +326,7 @@ pub(super) mod tests {
     fn run(t: &mut SseTransformer, chunk_size: usize) -> String {
         let mut out = Vec::new();
         for chunk in STREAM.as_bytes().chunks(chunk_size) {
-            out.extend_from_slice(&t.push(chunk));
+            out.extend_from_slice(&t.push(Bytes::copy_from_slice(chunk)));
         }
         out.extend_from_slice(&t.finish());
         String::from_utf8(out).unwrap()
@@ -322,9 +366,64 @@ pub(super) mod tests {
     fn never_holds_more_than_the_partial_event() {
         let mut t = SseTransformer::new(None);
         let first_event_len = STREAM.find("\n\n").unwrap() + 2;
-        let out = t.push(&STREAM.as_bytes()[..first_event_len + 5]);
+        let out = t.push(Bytes::from_static(
+            &STREAM.as_bytes()[..first_event_len + 5],
+        ));
         assert_eq!(out.len(), first_event_len);
         assert_eq!(t.buf.len(), 5);
+    }
+
+    /// Events that pass leave as the very bytes they came in; a chunk that ends inside an event
+    /// hands on the complete ones and keeps the rest.
+    #[test]
+    fn passed_events_are_not_copied() {
+        for tenant in [None, Some(tenant(false))] {
+            let mut t = SseTransformer::new(tenant);
+            let chunk = Bytes::from_static(STREAM.as_bytes());
+            let out = t.push(chunk.clone());
+            assert_eq!((out.as_ptr(), out.len()), (chunk.as_ptr(), chunk.len()));
+        }
+        let mut t = SseTransformer::new(None);
+        let cut = STREAM.len() - 10;
+        let chunk = Bytes::from_static(&STREAM.as_bytes()[..cut]);
+        let out = t.push(chunk.clone());
+        assert_eq!(out.as_ptr(), chunk.as_ptr());
+        assert!(STREAM[..cut].ends_with(std::str::from_utf8(&t.buf).unwrap()));
+        assert_eq!(out.len() + t.buf.len(), cut);
+    }
+
+    /// A rewritten event between passed ones: everything in its order, nothing lost or repeated.
+    #[test]
+    fn a_rewritten_event_keeps_its_place() {
+        let ping = "event: ping\ndata: {\"type\":\"ping\"}\n\n";
+        let cited = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"citations_delta\",\"citation\":{\"type\":\"char_location\",\"cited_text\":\"jane@example.com\"}}}\n\n";
+        let stream = [ping, cited, ping, cited, ping].concat();
+        let mut t = SseTransformer::new(Some(tenant(true)));
+        let out = t.push(Bytes::from(stream));
+        let out = std::str::from_utf8(&out).unwrap();
+        let events: Vec<&str> = out.split_inclusive("\n\n").collect();
+        assert_eq!(events.len(), 5, "{out}");
+        for i in [0, 2, 4] {
+            assert_eq!(events[i], ping);
+        }
+        for i in [1, 3] {
+            assert!(events[i].contains("[REDACTED:email]"), "{}", events[i]);
+        }
+        assert_eq!(t.counts.total(), 2);
+    }
+
+    /// An event that is not UTF-8 is neither read nor rewritten: it reaches the client as it
+    /// came (a client's own decoder decides what to make of it), and its usage is not counted.
+    #[test]
+    fn an_event_that_is_not_utf8_passes_unread() {
+        let usage = b"event: message_delta\ndata: {\"type\":\"message_delta\",\"x\":\"\xff\",\"usage\":{\"output_tokens\":5}}\n\n";
+        let delta = b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"\xff\"}}\n\n";
+        for event in [&usage[..], &delta[..]] {
+            let mut t = SseTransformer::new(Some(tenant(true)));
+            assert_eq!(&t.push(Bytes::copy_from_slice(event))[..], event);
+            assert_eq!(t.usage, Usage::default());
+            assert!(t.finish().is_empty());
+        }
     }
 
     #[test]
@@ -345,20 +444,26 @@ pub(super) mod tests {
     fn redacts_cited_text_in_citation_deltas() {
         let ev = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"citations_delta\",\"citation\":{\"type\":\"char_location\",\"cited_text\":\"write to jane@example.com\",\"document_index\":0}}}\n\n";
         let mut t = SseTransformer::new(Some(tenant(true)));
-        let out = String::from_utf8(t.push(ev.as_bytes()).to_vec()).unwrap();
+        let out = String::from_utf8(t.push(Bytes::from_static(ev.as_bytes())).to_vec()).unwrap();
         assert!(!out.contains("jane@example.com"), "{out}");
         assert!(out.contains("write to [REDACTED:email]"));
         assert!(out.contains("\"document_index\":0"));
         assert_eq!(t.counts.total(), 1);
         let mut t = SseTransformer::new(Some(tenant(false)));
-        assert_eq!(&t.push(ev.as_bytes())[..], ev.as_bytes());
+        assert_eq!(
+            &t.push(Bytes::from_static(ev.as_bytes()))[..],
+            ev.as_bytes()
+        );
     }
 
     #[test]
     fn thinking_deltas_pass_unchanged() {
         let ev = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"mail jane@example.com\"}}\n\n";
         let mut t = SseTransformer::new(Some(tenant(true)));
-        assert_eq!(&t.push(ev.as_bytes())[..], ev.as_bytes());
+        assert_eq!(
+            &t.push(Bytes::from_static(ev.as_bytes()))[..],
+            ev.as_bytes()
+        );
     }
 
     #[test]
@@ -371,7 +476,10 @@ pub(super) mod tests {
     fn error_event_after_200_is_noted() {
         let mut t = SseTransformer::new(None);
         let ev = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
-        assert_eq!(&t.push(ev.as_bytes())[..], ev.as_bytes());
+        assert_eq!(
+            &t.push(Bytes::from_static(ev.as_bytes()))[..],
+            ev.as_bytes()
+        );
         assert_eq!(t.error.as_deref(), Some("overloaded_error"));
     }
 
@@ -388,7 +496,10 @@ pub(super) mod tests {
             "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":\n\n",
             "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9,\"output_tokens\":11}}\n\n",
         );
-        assert_eq!(&t.push(events.as_bytes())[..], events.as_bytes());
+        assert_eq!(
+            &t.push(Bytes::from_static(events.as_bytes()))[..],
+            events.as_bytes()
+        );
         let mut expected = Usage::default();
         for data in events.lines().filter_map(|l| l.strip_prefix("data: ")) {
             let Ok(value) = serde_json::from_str::<Value>(data) else {
@@ -411,7 +522,9 @@ pub(super) mod tests {
     #[test]
     fn crlf_events_are_split() {
         let mut t = SseTransformer::new(None);
-        let out = t.push(b"event: ping\r\ndata: {}\r\n\r\nevent: pi");
+        let out = t.push(Bytes::from_static(
+            b"event: ping\r\ndata: {}\r\n\r\nevent: pi",
+        ));
         assert_eq!(&out[..], b"event: ping\r\ndata: {}\r\n\r\n");
     }
 
@@ -436,9 +549,9 @@ pub(super) mod tests {
                     data = data.or(Some(v.trim_start()));
                 }
             }
+            let (name, data) = (name.map(str::as_bytes), data.map(str::as_bytes));
             assert_eq!(parse_event(raw), (name, data), "{text:?}");
         }
-        assert_eq!(parse_event(b"event: a\xff\n"), (None, None));
     }
 
     #[test]
