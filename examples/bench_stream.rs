@@ -41,6 +41,10 @@ struct Args {
     /// afford the hundreds of streams a TTFB p99 needs.
     #[arg(long, default_value_t = 1024)]
     max_tokens: u32,
+    /// Milliseconds of quiet before each measured stream (batch): the proxy's core sits idle and
+    /// its caches go cold, as they do before a user's next request after a stream ends.
+    #[arg(long, default_value_t = 0)]
+    pause_ms: u64,
     /// An extra request header, `NAME: VALUE` (repeatable): a peer gateway that takes its
     /// routing config per request (Portkey's `x-portkey-config`).
     #[arg(long = "header")]
@@ -159,6 +163,9 @@ async fn main() -> anyhow::Result<()> {
     while remaining > 0 {
         let batch = remaining.min(args.concurrency.max(1));
         remaining -= batch;
+        if args.pause_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(args.pause_ms)).await;
+        }
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..batch {
             let (client, url, key) = (client.clone(), args.url.clone(), args.key.clone());

@@ -585,7 +585,7 @@ def report(args):
     if ttfb_streams:
         long_streams = sorted({stream[k]["streams"] for k in stream})
         w(f"TTFB from {min(ttfb_streams)} streams of one delta per target and repetition (the request asks "
-          f"for 2 tokens and the upstream stops there); the gaps and delta counts from "
+          f"for 2 tokens and the upstream stops there), each after 60 ms of quiet; the gaps and delta counts from "
           f"{'/'.join(str(n) for n in long_streams)} streams of 64 deltas.")
         w("")
     if s_reps:

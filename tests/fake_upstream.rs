@@ -316,6 +316,61 @@ async fn large_messages_requests_are_read_as_the_api_reads_them() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// A paced stream pauses between its text deltas only: the events before the first delta come
+/// with the answer, and the block's stop and the message's end right after the last delta.
+#[tokio::test]
+async fn a_paced_stream_pauses_between_deltas_only() {
+    use http_body_util::BodyExt;
+    let fake = FakeUpstream::start(&[KEY]).await.unwrap();
+    fake.set_reply(FakeReply::Text("abcdefghijkl".into()));
+    fake.set_chunk_chars(4);
+    let pace = std::time::Duration::from_millis(150);
+    fake.set_delta_delay(pace);
+    let request = http::Request::post(format!("{}/v1/messages", fake.url()))
+        .header("x-api-key", KEY)
+        .header("anthropic-version", "2023-06-01")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            message("hi", true).to_string(),
+        )))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let response = client().request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    // (event name, time it arrived)
+    let mut arrivals = Vec::new();
+    let mut pending = String::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.unwrap().into_data() else {
+            continue;
+        };
+        pending.push_str(std::str::from_utf8(&data).unwrap());
+        while let Some(end) = pending.find("\n\n") {
+            let event: String = pending.drain(..end + 2).collect();
+            let name = event.lines().next().unwrap().trim_start_matches("event: ");
+            arrivals.push((name.to_string(), started.elapsed()));
+        }
+    }
+    let names: Vec<&str> = arrivals.iter().map(|(n, _)| n.as_str()).collect();
+    let first = names
+        .iter()
+        .position(|n| *n == "content_block_delta")
+        .unwrap();
+    let last = names
+        .iter()
+        .rposition(|n| *n == "content_block_delta")
+        .unwrap();
+    assert_eq!(last - first, 2, "{names:?}");
+    let at = |i: usize| arrivals[i].1;
+    // Each later delta waits its pace; nothing else does.
+    for i in first + 1..=last {
+        assert!(at(i) - at(i - 1) >= pace, "{arrivals:?}");
+    }
+    assert!(at(first) < pace, "{arrivals:?}");
+    assert!(at(arrivals.len() - 1) - at(last) < pace / 2, "{arrivals:?}");
+}
+
 /// `POST /v1/messages` to `fake` with [`KEY`].
 async fn create_message(fake: &FakeUpstream, body: serde_json::Value) -> Reply {
     let url = fake.url();

@@ -235,10 +235,16 @@ pub(super) async fn create(
         }
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(4);
         tokio::spawn(async move {
-            for (i, event) in events.into_iter().enumerate() {
-                // Pace the text deltas only (events 3.. up to the block stop).
-                if i > 3 && !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
+            let mut deltas = 0;
+            for event in events {
+                // The pause is between text deltas: the events before the first and after the
+                // last (the block's stop, the message's end) follow at once, as the API sends
+                // them when the text is done.
+                if event.starts_with("event: content_block_delta") {
+                    deltas += 1;
+                    if deltas > 1 && !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
                 }
                 if tx.send(Ok(Bytes::from(event))).await.is_err() {
                     return;
