@@ -639,8 +639,8 @@ for rep in $(seq 1 "$REPS"); do
       --streams "$STREAMS" --concurrency 1 --warmup 2)
     echo "{\"row\":\"stream\",\"target\":\"$t\",\"rep\":$rep,\"m\":$line}" >>"$RAW/results.jsonl"
     # The TTFB percentiles: many streams of one delta, so the p99 is not a maximum. Each starts
-    # after 60 ms of quiet (three 20 ms paces: what these streams took before the fake stopped
-    # pacing the events after the last delta), so a first byte finds the proxy's core idle.
+    # after 60 ms of quiet (three 20 ms paces: what these streams took while the fake still
+    # paced the events after the last delta), so a first byte finds the proxy's core idle.
     line=$(taskset -c 1 "$BIN/examples/bench_stream" --url "$url" --key "$key" "${extra[@]}" \
       --streams "$TTFB_STREAMS" --concurrency 1 --warmup 5 --max-tokens 2 --pause-ms 60)
     echo "{\"row\":\"stream_ttfb\",\"target\":\"$t\",\"rep\":$rep,\"m\":$line}" >>"$RAW/results.jsonl"
