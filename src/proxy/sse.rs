@@ -332,6 +332,11 @@ pub(super) mod tests {
         String::from_utf8(out).unwrap()
     }
 
+    /// One push of a whole test stream.
+    fn push_static(t: &mut SseTransformer, sse: &'static (impl AsRef<[u8]> + ?Sized)) -> Bytes {
+        t.push(Bytes::from_static(sse.as_ref()))
+    }
+
     fn texts(sse: &str) -> String {
         sse.split("\n\n")
             .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
@@ -366,9 +371,7 @@ pub(super) mod tests {
     fn never_holds_more_than_the_partial_event() {
         let mut t = SseTransformer::new(None);
         let first_event_len = STREAM.find("\n\n").unwrap() + 2;
-        let out = t.push(Bytes::from_static(
-            &STREAM.as_bytes()[..first_event_len + 5],
-        ));
+        let out = push_static(&mut t, &STREAM[..first_event_len + 5]);
         assert_eq!(out.len(), first_event_len);
         assert_eq!(t.buf.len(), 5);
     }
@@ -444,26 +447,20 @@ pub(super) mod tests {
     fn redacts_cited_text_in_citation_deltas() {
         let ev = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"citations_delta\",\"citation\":{\"type\":\"char_location\",\"cited_text\":\"write to jane@example.com\",\"document_index\":0}}}\n\n";
         let mut t = SseTransformer::new(Some(tenant(true)));
-        let out = String::from_utf8(t.push(Bytes::from_static(ev.as_bytes())).to_vec()).unwrap();
+        let out = String::from_utf8(push_static(&mut t, ev).to_vec()).unwrap();
         assert!(!out.contains("jane@example.com"), "{out}");
         assert!(out.contains("write to [REDACTED:email]"));
         assert!(out.contains("\"document_index\":0"));
         assert_eq!(t.counts.total(), 1);
         let mut t = SseTransformer::new(Some(tenant(false)));
-        assert_eq!(
-            &t.push(Bytes::from_static(ev.as_bytes()))[..],
-            ev.as_bytes()
-        );
+        assert_eq!(&push_static(&mut t, ev)[..], ev.as_bytes());
     }
 
     #[test]
     fn thinking_deltas_pass_unchanged() {
         let ev = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"mail jane@example.com\"}}\n\n";
         let mut t = SseTransformer::new(Some(tenant(true)));
-        assert_eq!(
-            &t.push(Bytes::from_static(ev.as_bytes()))[..],
-            ev.as_bytes()
-        );
+        assert_eq!(&push_static(&mut t, ev)[..], ev.as_bytes());
     }
 
     #[test]
@@ -476,10 +473,7 @@ pub(super) mod tests {
     fn error_event_after_200_is_noted() {
         let mut t = SseTransformer::new(None);
         let ev = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
-        assert_eq!(
-            &t.push(Bytes::from_static(ev.as_bytes()))[..],
-            ev.as_bytes()
-        );
+        assert_eq!(&push_static(&mut t, ev)[..], ev.as_bytes());
         assert_eq!(t.error.as_deref(), Some("overloaded_error"));
     }
 
@@ -496,10 +490,7 @@ pub(super) mod tests {
             "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":\n\n",
             "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9,\"output_tokens\":11}}\n\n",
         );
-        assert_eq!(
-            &t.push(Bytes::from_static(events.as_bytes()))[..],
-            events.as_bytes()
-        );
+        assert_eq!(&push_static(&mut t, events)[..], events.as_bytes());
         let mut expected = Usage::default();
         for data in events.lines().filter_map(|l| l.strip_prefix("data: ")) {
             let Ok(value) = serde_json::from_str::<Value>(data) else {
@@ -522,9 +513,7 @@ pub(super) mod tests {
     #[test]
     fn crlf_events_are_split() {
         let mut t = SseTransformer::new(None);
-        let out = t.push(Bytes::from_static(
-            b"event: ping\r\ndata: {}\r\n\r\nevent: pi",
-        ));
+        let out = push_static(&mut t, b"event: ping\r\ndata: {}\r\n\r\nevent: pi");
         assert_eq!(&out[..], b"event: ping\r\ndata: {}\r\n\r\n");
     }
 
